@@ -1,0 +1,1 @@
+"""Pallas GPU kernels (Triton lowering) with plain-jnp references; imports jax only."""
