@@ -1,0 +1,93 @@
+"""Loads an HF checkpoint directory (config.json + safetensors, sharded or not) into Params."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+
+from jdecode.config import ConfigError, ModelConfig, model_config_from_hf
+from jdecode.model.params import LayerParams, Params, abstract_params
+
+# Our field <- HF tensor name inside `model.layers.{i}.`; True = stored [out, in], transpose it.
+_LAYER_TENSORS = {
+    "attn_norm": ("input_layernorm.weight", False),
+    "wq": ("self_attn.q_proj.weight", True),
+    "wk": ("self_attn.k_proj.weight", True),
+    "wv": ("self_attn.v_proj.weight", True),
+    "wo": ("self_attn.o_proj.weight", True),
+    "bq": ("self_attn.q_proj.bias", False),
+    "bk": ("self_attn.k_proj.bias", False),
+    "bv": ("self_attn.v_proj.bias", False),
+    "mlp_norm": ("post_attention_layernorm.weight", False),
+    "w_gate": ("mlp.gate_proj.weight", True),
+    "w_up": ("mlp.up_proj.weight", True),
+    "w_down": ("mlp.down_proj.weight", True),
+}
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """Maps every tensor name to the safetensors file holding it."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / fname for name, fname in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}: pass an HF checkpoint "
+                                "directory (config.json + model.safetensors)")
+    out = {}
+    for f in files:
+        with safe_open(f, framework="flax") as sf:
+            out.update({name: f for name in sf.keys()})
+    return out
+
+
+def load_hf_checkpoint(path: str | Path, dtype: str = "float32") -> tuple[ModelConfig, Params]:
+    """Reads config.json and the weights, transposed to [in, out] and cast to `dtype`.
+
+    Raises:
+      FileNotFoundError / ConfigError naming the missing file or tensor.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: pass an HF checkpoint directory")
+    cfg = model_config_from_hf(path / "config.json", dtype=dtype)
+    files = _tensor_files(path)
+    handles: dict[Path, object] = {}
+
+    def get(name: str) -> np.ndarray:
+        if name not in files:
+            raise ConfigError(f"checkpoint {path} is missing tensor {name!r}; it was saved "
+                              "incompletely or for another architecture")
+        f = files[name]
+        if f not in handles:
+            handles[f] = safe_open(f, framework="flax")
+        return np.asarray(handles[f].get_tensor(name)).astype(np.float32)
+
+    abstract = abstract_params(cfg)
+    layers = {}
+    for field, (name, transpose) in _LAYER_TENSORS.items():
+        if getattr(abstract.layers, field) is None:
+            continue
+        per_layer = [get(f"model.layers.{i}.{name}") for i in range(cfg.num_layers)]
+        layers[field] = np.stack([w.T if transpose else w for w in per_layer])
+    lm_head = None if cfg.tie_word_embeddings else get("lm_head.weight").T
+    params = Params(embed=get("model.embed_tokens.weight"), layers=LayerParams(**layers),
+                    final_norm=get("model.norm.weight"), lm_head=lm_head)
+    return cfg, to_device(params, abstract)
+
+
+def to_device(params: Params, abstract: Params) -> Params:
+    """Checks every host array against the abstract shape, then casts and puts it on device."""
+    import jax
+    import jax.numpy as jnp
+
+    def put(x, a):
+        if tuple(x.shape) != tuple(a.shape):
+            raise ConfigError(f"tensor has shape {tuple(x.shape)}, config expects {a.shape}")
+        return jnp.asarray(x, dtype=a.dtype)
+
+    return jax.tree_util.tree_map(put, params, abstract)

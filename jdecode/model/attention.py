@@ -1,0 +1,66 @@
+"""Attention dispatch point: every cache layout calls `attention` here with `impl` chosen.
+
+`impl="xla"` is plain jnp (f32 scores and softmax); `impl="pallas"` routes to the kernels in
+`pallas_kernels/` once they are wired in.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("xla", "pallas", "reference")
+
+# attend(q [B,T,H,D], k [B,T,K,D], v [B,T,K,D], cache, layer int32[], meta)
+#   -> (out [B,T,H,D], cache): writes this layer's new K/V into `cache` and attends.
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+class HasPositions(Protocol):
+    positions: jax.Array  # [B, T]
+
+
+def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
+                  kv_pos: jax.Array, *, sliding_window: int | None = None,
+                  sm_scale: float | None = None) -> jax.Array:
+    """Masked GQA attention over a contiguous K/V buffer, without repeating K/V heads.
+
+    Key s is visible to query t iff 0 <= kv_pos[s] <= q_pos[t] (causal; slots holding a
+    negative position are empty) and, with a sliding window W, q_pos - kv_pos < W (HF Mistral).
+
+    Args:
+      q: [B, T, H, D] queries. k, v: [B, S, K, D] keys/values, H % K == 0.
+      q_pos: [B, T] int32 absolute positions of the queries.
+      kv_pos: [B, S] int32 absolute positions held in each K/V slot (-1 = empty).
+    Returns:
+      [B, T, H, D] in q.dtype; scores and softmax in f32.
+    """
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    scale = d ** -0.5 if sm_scale is None else sm_scale
+    qg = q.reshape(b, t, kvh, h // kvh, d)  # [B, T, K, G, D]: group query heads per KV head
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    visible = (kv_pos[:, None, :] <= q_pos[:, :, None]) & (kv_pos[:, None, :] >= 0)  # [B,T,S]
+    if sliding_window is not None:
+        visible &= (q_pos[:, :, None] - kv_pos[:, None, :]) < sliding_window
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    # A fully masked row (a padding query) would give NaN; zero it instead.
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(visible.any(-1)[:, None, None, :, None], probs, 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, kv_pos: jax.Array,
+              *, impl: str = "xla", sliding_window: int | None = None) -> jax.Array:
+    """Dispatches contiguous-cache attention to an implementation (see `attention_xla`)."""
+    if impl in ("xla", "reference"):
+        return attention_xla(q, k, v, q_pos, kv_pos, sliding_window=sliding_window)
+    if impl == "pallas":
+        from jdecode.model.pallas_dispatch import attention_pallas
+
+        return attention_pallas(q, k, v, q_pos, kv_pos, sliding_window=sliding_window)
+    raise ValueError(f"attention impl={impl!r} is unknown; choose one of {', '.join(IMPLS)}")

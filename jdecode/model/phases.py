@@ -1,0 +1,57 @@
+"""The jitted phases over a dense cache: `prefill`, `decode_step` and `verify`.
+
+Each is a pure function; callers jit it with `cfg`/`impl` static and the cache donated
+(see `jdecode.decoding.generate`), so the cache is updated in place.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jdecode.cache.dense import DenseKVCache, DenseMeta, make_dense_attend
+from jdecode.config import ModelConfig
+from jdecode.model.params import Params
+from jdecode.model.transformer import forward
+
+
+def prefill(params: Params, cache: DenseKVCache, tokens: jax.Array, lengths: jax.Array, *,
+            cfg: ModelConfig, impl: str = "xla") -> tuple[jax.Array, jax.Array, DenseKVCache]:
+    """Fills the cache from right-padded prompts.
+
+    Args:
+      tokens: [B, T] int32, prompt b occupies tokens[b, :lengths[b]] (T is the length bucket).
+      lengths: [B] int32 true prompt lengths (>= 1).
+    Returns:
+      last_logits [B, V] f32 at position lengths-1, last_hidden [B, E], and the cache.
+    """
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    logits, hidden, cache = forward(
+        params, tokens, positions, cache, DenseMeta(positions), cfg=cfg,
+        attend=make_dense_attend(cfg, impl), logits_at=(lengths - 1)[:, None])
+    return logits[:, 0], hidden[:, 0], cache
+
+
+def decode_step(params: Params, cache: DenseKVCache, tokens: jax.Array, positions: jax.Array,
+                *, cfg: ModelConfig, impl: str = "xla"
+                ) -> tuple[jax.Array, jax.Array, DenseKVCache]:
+    """One incremental step: tokens [B] at positions [B] -> logits [B, V], hidden [B, E]."""
+    logits, hidden, cache = verify(params, cache, tokens[:, None], positions[:, None],
+                                   cfg=cfg, impl=impl)
+    return logits[:, 0], hidden[:, 0], cache
+
+
+def verify(params: Params, cache: DenseKVCache, tokens: jax.Array, positions: jax.Array, *,
+           cfg: ModelConfig, impl: str = "xla"
+           ) -> tuple[jax.Array, jax.Array, DenseKVCache]:
+    """Scores T tokens per sequence in one pass (speculative / Medusa verification).
+
+    Args:
+      tokens: [B, T] int32 candidate tokens. positions: [B, T] int32, their positions.
+    Returns:
+      logits [B, T, V] f32, hidden [B, T, E], and the cache with all T slots written (the
+      caller rolls back simply by not advancing its lengths past the accepted tokens).
+    """
+    return forward(params, tokens, positions, cache, DenseMeta(positions), cfg=cfg,
+                   attend=make_dense_attend(cfg, impl))
