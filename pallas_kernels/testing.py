@@ -22,5 +22,10 @@ def tolerance(dtype) -> tuple[float, float]:
 def assert_close(actual, expected, dtype, *, scale: float = 1.0, err_msg: str = "") -> None:
     """Asserts allclose with the table's tolerance for `dtype`, multiplied by `scale`."""
     atol, rtol = tolerance(dtype)
-    np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
-                               atol=atol * scale, rtol=rtol * scale, err_msg=err_msg)
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float32),
+        np.asarray(expected, np.float32),
+        atol=atol * scale,
+        rtol=rtol * scale,
+        err_msg=err_msg,
+    )

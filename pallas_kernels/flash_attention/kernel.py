@@ -1,0 +1,267 @@
+"""Flash attention forward (FlashAttention-2 tiling, online softmax) as a Pallas Triton kernel.
+
+Supports causal/non-causal, GQA through the K/V index map, per-sequence kv lengths and a query
+offset for chunked prefill over cached K/V.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.flash_attention.reference import MASK_VALUE, flash_attention_reference
+from pallas_kernels.flash_attention.tuning import flash_config, resolve_interpret
+
+LOG2E = math.log2(math.e)
+
+
+def scale_logits(s: jax.Array, sm_scale: float, soft_cap: float | None) -> jax.Array:
+    """Raw q.k logits -> base-2 logits (so the softmax can use exp2), with optional soft cap."""
+    if soft_cap is None:
+        return s * (sm_scale * LOG2E)
+    return jnp.tanh(s * (sm_scale / soft_cap)) * (soft_cap * LOG2E)
+
+
+def online_softmax_step(carry, s, v, mask):
+    """One FlashAttention-2 update with base-2 logits s [M, N] and values v [N, D].
+
+    carry = (acc [M, D] f32 unnormalized output, m [M] running max, l [M] running sum).
+    `mask` [M, N] (or None when the whole tile is visible) removes invisible keys; the masked
+    probabilities are zeroed as well so that a row with no visible key keeps l == 0 (output 0)
+    instead of averaging the masked values.
+    """
+    acc, m, l = carry
+    if mask is not None:
+        s = jnp.where(mask, s, MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp2(m - m_new)  # rescales what was accumulated under the old max
+    p = jnp.exp2(s - m_new[:, None])
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+    l = l * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v)
+    return acc, m_new, l
+
+
+def finish_softmax(acc: jax.Array, l: jax.Array) -> jax.Array:
+    """acc / l, with rows that saw no key (l == 0) left at 0."""
+    return acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+
+
+def _flash_kernel(
+    q_offset_ref,  # [] int32
+    kv_len_ref,  # [] int32
+    q_ref,  # [block_q, D]
+    k_ref,  # [S_pad, D]  (one kv head of one sequence)
+    v_ref,  # [S_pad, D]
+    o_ref,  # [block_q, D]
+    *,
+    sm_scale: float,
+    causal: bool,
+    soft_cap: float | None,
+    block_q: int,
+    block_k: int,
+    num_q_blocks: int,
+):
+    # Heaviest causal q blocks first (they see the most keys): better tail balance.
+    qi = num_q_blocks - 1 - pl.program_id(0)
+    q_off = q_offset_ref[()]
+    kv_len = kv_len_ref[()]
+    q = q_ref[...]
+    head_dim = q.shape[-1]
+
+    q_first = q_off + qi * block_q  # absolute position of this block's first query
+    if causal:
+        # The last query (q_first + block_q - 1) sees keys < q_first + block_q.
+        end = jnp.minimum(kv_len, q_first + block_q)
+        # Block j needs no mask when its last key (j+1)*block_k - 1 <= q_first and it ends
+        # inside kv_len: j < (q_first + 1) // block_k and j < kv_len // block_k.
+        num_full = jnp.minimum(kv_len // block_k, (q_first + 1) // block_k)
+    else:
+        end = kv_len
+        num_full = kv_len // block_k
+    num_blocks = (end + block_k - 1) // block_k
+    num_full = jnp.minimum(num_full, num_blocks)
+
+    def body(j, carry, masked):
+        k = k_ref[pl.ds(j * block_k, block_k), :]  # [block_k, D]
+        v = v_ref[pl.ds(j * block_k, block_k), :]
+        s = scale_logits(pl.dot(q, k, trans_b=True), sm_scale, soft_cap)  # [block_q, block_k]
+        mask = None
+        if masked:
+            k_pos = j * block_k + jnp.arange(block_k)
+            mask = k_pos[None, :] < kv_len
+            if causal:
+                q_pos = q_first + jnp.arange(block_q)
+                mask = mask & (k_pos[None, :] <= q_pos[:, None])
+        return online_softmax_step(carry, s, v, mask)
+
+    carry = (
+        jnp.zeros((block_q, head_dim), jnp.float32),
+        jnp.full((block_q,), MASK_VALUE, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
+    carry = jax.lax.fori_loop(0, num_full, functools.partial(body, masked=False), carry)
+    carry = jax.lax.fori_loop(num_full, num_blocks, functools.partial(body, masked=True), carry)
+    acc, _, l = carry
+    o_ref[...] = finish_softmax(acc, l).astype(o_ref.dtype)
+
+
+def _check_inputs(q, k, v, q_offset, kv_lens) -> None:
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(
+            f"expected q [B, T, H, D] and k, v [B, S, K, D] of equal shape; got q {q.shape}, "
+            f"k {k.shape}, v {v.shape}"
+        )
+    b, _, h, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(
+            f"q {q.shape} and k {k.shape} disagree on batch or head_dim: pass K/V of the same "
+            "batch and head_dim as q"
+        )
+    if h % k.shape[2]:
+        raise ValueError(
+            f"q has {h} heads, not a multiple of the {k.shape[2]} kv heads of k {k.shape}"
+        )
+    if d not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head_dim {d} of q {q.shape} is not a power of two in [16, 256]")
+    for name, x in (("q_offset", q_offset), ("kv_lens", kv_lens)):
+        if x is not None and tuple(x.shape) != (b,):
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected ({b},) for q {q.shape}")
+
+
+def _pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+    """Zero-pads `axis` up to a multiple (no copy when already aligned)."""
+    pad = -x.shape[axis] % multiple
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths)
+
+
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    q_offset: jax.Array | None = None,
+    kv_lens: jax.Array | None = None,
+    soft_cap: float | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool | None = None,
+    impl: str = "pallas",
+) -> jax.Array:
+    """Tiled online-softmax attention (forward only), GQA without repeating K/V.
+
+    Query t of sequence b sits at absolute position q_offset[b] + t; key s at position s. A key
+    is visible when s < kv_lens[b] and (if causal) s <= q_offset[b] + t. Chunked prefill over a
+    cache: pass the cache as k/v and the chunk's start position as q_offset.
+
+    Args:
+      q: [B, T, H, D] queries, f32 / bf16 / f16. D a power of two in [16, 256].
+      k: [B, S, K, D] keys, same dtype; H must be a multiple of K.
+      v: [B, S, K, D] values.
+      causal: apply the causal mask at the offset positions.
+      sm_scale: logit scale; defaults to 1/sqrt(D).
+      q_offset: [B] int32 position of each sequence's first query; defaults to 0.
+      kv_lens: [B] int32 valid keys per sequence (the rest is padding); defaults to S.
+      soft_cap: if set, logits become soft_cap * tanh(logits / soft_cap).
+      block_q, block_k, num_warps, num_stages: override `tuning.flash_config`.
+      interpret: run the Pallas interpreter; None = interpret unless the backend is GPU.
+      impl: "pallas" (this kernel), or "reference"/"xla" (plain jnp, `reference.py`).
+
+    Returns:
+      [B, T, H, D] in q.dtype, f32 accumulation. Rows that see no key are 0.
+    """
+    _check_inputs(q, k, v, q_offset, kv_lens)
+    if impl in ("reference", "xla"):
+        return flash_attention_reference(
+            q,
+            k,
+            v,
+            causal=causal,
+            sm_scale=sm_scale,
+            q_offset=q_offset,
+            kv_lens=kv_lens,
+            soft_cap=soft_cap,
+        )
+    if impl != "pallas":
+        raise ValueError(f"impl={impl!r}; expected 'pallas', 'reference' or 'xla'")
+    b, t, _, d = q.shape
+    s = k.shape[1]
+    cfg = flash_config(d, q.dtype)
+    # Blocks never exceed the (power-of-two rounded) problem: small decode/test shapes stay small.
+    block_q = min(block_q or cfg.block_q, max(16, pl.next_power_of_2(t)))
+    block_k = min(block_k or cfg.block_k, max(16, pl.next_power_of_2(s)))
+    q_offset = jnp.zeros((b,), jnp.int32) if q_offset is None else q_offset.astype(jnp.int32)
+    kv_lens = jnp.full((b,), s, jnp.int32) if kv_lens is None else kv_lens.astype(jnp.int32)
+    # Clamp so a too-large length never reads past the (padded) arrays.
+    kv_lens = jnp.minimum(kv_lens, s)
+    return _flash_call(
+        q, k, v, q_offset, kv_lens,
+        sm_scale=d**-0.5 if sm_scale is None else float(sm_scale), causal=causal,
+        soft_cap=soft_cap, block_q=block_q, block_k=block_k,
+        num_warps=num_warps or cfg.num_warps, num_stages=num_stages or cfg.num_stages,
+        interpret=resolve_interpret(interpret),
+    )  # fmt: skip
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "sm_scale", "causal", "soft_cap", "block_q", "block_k", "num_warps", "num_stages",
+        "interpret",
+    ),
+)  # fmt: skip
+def _flash_call(
+    q, k, v, q_offset, kv_lens, *, sm_scale, causal, soft_cap, block_q, block_k, num_warps,
+    num_stages, interpret,
+):  # fmt: skip
+    b, t, h, d = q.shape
+    num_kv = k.shape[2]
+    group = h // num_kv
+    # Ragged tails are zero-padded; padded keys are beyond kv_lens, padded queries are dropped.
+    qp = _pad_axis(q, 1, block_q)  # [B, T_pad, H, D]
+    kp = _pad_axis(k, 1, block_k)  # [B, S_pad, K, D]
+    vp = _pad_axis(v, 1, block_k)
+    num_q_blocks = qp.shape[1] // block_q
+    s_pad = kp.shape[1]
+
+    def q_map(i, bi, hi):
+        return (bi, num_q_blocks - 1 - i, hi, 0)
+
+    def kv_map(i, bi, hi):
+        return (bi, 0, hi // group, 0)  # GQA: query head hi reads kv head hi // group
+
+    kernel = functools.partial(
+        _flash_kernel, sm_scale=sm_scale, causal=causal, soft_cap=soft_cap, block_q=block_q,
+        block_k=block_k, num_q_blocks=num_q_blocks,
+    )  # fmt: skip
+    out = pl.pallas_call(
+        kernel,
+        grid=(num_q_blocks, b, h),
+        in_specs=[
+            pl.BlockSpec((None,), lambda i, bi, hi: (bi,)),
+            pl.BlockSpec((None,), lambda i, bi, hi: (bi,)),
+            pl.BlockSpec((None, block_q, None, d), q_map),
+            pl.BlockSpec((None, s_pad, None, d), kv_map),
+            pl.BlockSpec((None, s_pad, None, d), kv_map),
+        ],
+        out_specs=pl.BlockSpec((None, block_q, None, d), q_map),
+        out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="flash_attention",
+    )(q_offset, kv_lens, qp, kp, vp)
+    return out[:, :t]

@@ -1,0 +1,71 @@
+"""Plain-jnp attention with f32 accumulation: the spec the flash kernel is tested against."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Finite, so a fully masked row gives exp(0 - 0) instead of NaN; such rows are zeroed explicitly.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention_mask(
+    t: int, s: int, *, causal: bool, q_offset: jax.Array, kv_lens: jax.Array
+) -> jax.Array:
+    """Which keys each query may see: bool [B, T, S].
+
+    Query t of sequence b sits at absolute position q_offset[b] + t; key s sits at position s.
+    A key is visible when s < kv_lens[b] and, if causal, s <= q_offset[b] + t.
+    """
+    q_pos = q_offset[:, None, None] + jnp.arange(t)[None, :, None]  # [B, T, 1]
+    k_pos = jnp.arange(s)[None, None, :]  # [1, 1, S]
+    mask = k_pos < kv_lens[:, None, None]  # [B, 1, S]
+    if causal:
+        mask = mask & (k_pos <= q_pos)
+    return jnp.broadcast_to(mask, (q_offset.shape[0], t, s))
+
+
+def flash_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    q_offset: jax.Array | None = None,
+    kv_lens: jax.Array | None = None,
+    soft_cap: float | None = None,
+) -> jax.Array:
+    """Reference multi-head / grouped-query attention. Same contract as `flash_attention`.
+
+    Args:
+      q: [B, T, H, D] queries.
+      k: [B, S, K, D] keys; H must be a multiple of K (GQA).
+      v: [B, S, K, D] values.
+      causal: mask keys after each query's absolute position.
+      sm_scale: logit scale; defaults to 1/sqrt(D).
+      q_offset: [B] int32 absolute position of query 0 (chunked prefill); defaults to 0.
+      kv_lens: [B] int32 number of valid keys; defaults to S.
+      soft_cap: if set, logits become soft_cap * tanh(logits / soft_cap).
+
+    Returns:
+      [B, T, H, D] in q.dtype. Rows that see no key are 0.
+    """
+    b, t, h, d = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    scale = d**-0.5 if sm_scale is None else sm_scale
+    q_offset = jnp.zeros((b,), jnp.int32) if q_offset is None else q_offset
+    kv_lens = jnp.full((b,), s, jnp.int32) if kv_lens is None else kv_lens
+
+    qg = q.astype(jnp.float32).reshape(b, t, kh, h // kh, d)  # [B, T, K, G, D]
+    hp = jax.lax.Precision.HIGHEST  # no TF32 on GPU: this is the spec
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32), precision=hp) * scale
+    if soft_cap is not None:
+        logits = soft_cap * jnp.tanh(logits / soft_cap)
+    mask = attention_mask(t, s, causal=causal, q_offset=q_offset, kv_lens=kv_lens)
+    mask = mask[:, None, None]  # [B, 1, 1, T, S]
+    logits = jnp.where(mask, logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(mask, probs, 0.0)  # a row with no visible key averages nothing: output 0
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32), precision=hp)
+    return out.reshape(b, t, h, d).astype(q.dtype)

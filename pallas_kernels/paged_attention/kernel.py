@@ -1,0 +1,282 @@
+"""Paged decode attention (one query per sequence) as a Pallas Triton kernel.
+
+vLLM's PagedAttention with GQA grouping (all query heads of a kv head share each K/V page read)
+and split-K over the context (flash-decoding) with an XLA combine step.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.flash_attention.kernel import (
+    MASK_VALUE,
+    finish_softmax,
+    online_softmax_step,
+    scale_logits,
+)
+from pallas_kernels.flash_attention.tuning import resolve_interpret
+from pallas_kernels.paged_attention.reference import paged_attention_reference
+from pallas_kernels.paged_attention.tuning import paged_config
+
+
+def load_kv_block(pages_ref, table_ref, j, pages_per_block: int, num_pages: int) -> jax.Array:
+    """Gathers the j-th block of a sequence's tokens for one kv head: [pages_per_block*page, D].
+
+    pages_ref [P, page, D] is the pool seen through one kv head; table_ref [max_pages_pad] the
+    sequence's block table. Entries past the context may be padding (-1, stale ids): clipped
+    into range so the load stays in bounds; the caller masks those tokens.
+    """
+    ids = table_ref[pl.ds(j * pages_per_block, pages_per_block)]  # [pages_per_block]
+    ids = jnp.clip(ids, 0, num_pages - 1)
+    blk = pages_ref[ids]  # [pages_per_block, page, D]
+    return blk.reshape(blk.shape[0] * blk.shape[1], blk.shape[2])
+
+
+def _decode_kernel(
+    ctx_len_ref,  # [] int32
+    table_ref,  # [max_pages_pad] int32
+    q_ref,  # [Gp, D]: the query heads of one kv head, zero-padded to Gp >= 16 rows
+    k_ref,  # [P, page, D]: the pool through this kv head
+    v_ref,  # [P, page, D]
+    *out_refs,  # num_splits == 1: o [Gp, D]; else acc [Gp, D] f32, m [Gp], l [Gp]
+    sm_scale: float,
+    soft_cap: float | None,
+    block_k: int,
+    pages_per_block: int,
+    num_splits: int,
+    group: int,
+):
+    split = pl.program_id(2)
+    ctx = ctx_len_ref[()]
+    q = q_ref[...]
+    num_pages = k_ref.shape[0]
+
+    # This split's blocks: the context's blocks cut into num_splits near-equal runs, so
+    # every sequence is split evenly whatever its length.
+    total = (ctx + block_k - 1) // block_k
+    per_split = (total + num_splits - 1) // num_splits
+    lo = jnp.minimum(split * per_split, total)
+    hi = jnp.minimum(lo + per_split, total)
+    full_hi = jnp.clip(ctx // block_k, lo, hi)  # blocks before this one lie wholly inside ctx
+
+    def body(j, carry, masked):
+        k = load_kv_block(k_ref, table_ref, j, pages_per_block, num_pages)  # [block_k, D]
+        v = load_kv_block(v_ref, table_ref, j, pages_per_block, num_pages)
+        s = scale_logits(pl.dot(q, k, trans_b=True), sm_scale, soft_cap)  # [Gp, block_k]
+        mask = None
+        if masked:
+            valid = j * block_k + jnp.arange(block_k) < ctx  # [block_k]
+            # Tokens past ctx come from padding/stale pages: zero V so 0 * garbage stays 0.
+            v = jnp.where(valid[:, None], v, jnp.zeros_like(v))
+            mask = jnp.broadcast_to(valid[None, :], s.shape)
+        return online_softmax_step(carry, s, v, mask)
+
+    gp, d = q.shape
+    carry = (
+        jnp.zeros((gp, d), jnp.float32),
+        jnp.full((gp,), MASK_VALUE, jnp.float32),
+        jnp.zeros((gp,), jnp.float32),
+    )
+    carry = jax.lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), carry)
+    carry = jax.lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+    acc, m, l = carry
+    if num_splits == 1:
+        (o_ref,) = out_refs
+        o_ref[...] = finish_softmax(acc, l).astype(o_ref.dtype)
+    else:
+        acc_ref, m_ref, l_ref = out_refs
+        # Only the group's real heads are stored; padded rows are sliced off before combining.
+        rows = jnp.arange(gp) < group
+        plgpu.store(acc_ref, acc, mask=rows[:, None])
+        plgpu.store(m_ref, m, mask=rows)
+        plgpu.store(l_ref, l, mask=rows)
+
+
+def check_paged_inputs(q_heads: int, q_dim: int, q_shape, k_pages, v_pages, block_tables,
+                       context_lens, batch: int) -> None:  # fmt: skip
+    """Shape checks shared by the decode and ragged entry points; errors name the shapes."""
+    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
+        raise ValueError(
+            f"k_pages {k_pages.shape} and v_pages {v_pages.shape} must both be "
+            "[num_pages, page_size, num_kv_heads, head_dim]"
+        )
+    _, page_size, num_kv, d = k_pages.shape
+    if d != q_dim:
+        raise ValueError(
+            f"q {tuple(q_shape)} has head_dim {q_dim}; k_pages {k_pages.shape} has {d}"
+        )
+    if q_heads % num_kv:
+        raise ValueError(
+            f"q {tuple(q_shape)} has {q_heads} heads, not a multiple of the {num_kv} kv heads of "
+            f"k_pages {k_pages.shape}"
+        )
+    if page_size & (page_size - 1) or not 1 <= page_size <= 256:
+        raise ValueError(f"page_size {page_size} of k_pages {k_pages.shape} must be a power of 2")
+    if d & (d - 1) or not 16 <= d <= 256:
+        raise ValueError(
+            f"head_dim {d} of k_pages {k_pages.shape} must be a power of 2 in [16, 256]"
+        )
+    if block_tables.ndim != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables {block_tables.shape} must be [{batch}, max_pages]")
+    if tuple(context_lens.shape) != (batch,):
+        raise ValueError(f"context_lens {tuple(context_lens.shape)} must be [{batch}]")
+    if not isinstance(context_lens, jax.core.Tracer):
+        # Only checkable when the lengths are concrete (not under jit): clamped silently otherwise.
+        capacity = block_tables.shape[1] * page_size
+        longest = int(jnp.max(context_lens)) if batch else 0
+        if longest > capacity:
+            raise ValueError(
+                f"a context of {longest} tokens does not fit block_tables {block_tables.shape} "
+                f"of {page_size}-token pages ({capacity} tokens): widen the block table"
+            )
+
+
+def pad_block_tables(block_tables: jax.Array, multiple: int) -> jax.Array:
+    """Pads the table's page axis so every block_k-sized load stays inside it."""
+    pad = -block_tables.shape[1] % multiple
+    bt = block_tables.astype(jnp.int32)
+    return jnp.pad(bt, ((0, 0), (0, pad))) if pad else bt
+
+
+def paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    context_lens: jax.Array,
+    *,
+    sm_scale: float | None = None,
+    soft_cap: float | None = None,
+    num_splits: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool | None = None,
+    impl: str = "pallas",
+) -> jax.Array:
+    """Decode attention: one query token per sequence against its paged K/V.
+
+    Args:
+      q: [B, H, D] queries (f32 / bf16 / f16); H a multiple of K.
+      k_pages, v_pages: [P, page_size, K, D] one layer's page pool, dtype of q.
+      block_tables: [B, max_pages] int32 page ids; entries past a sequence's pages are ignored.
+      context_lens: [B] int32 keys per sequence (including the new token's, already written).
+        Must be <= max_pages * page_size (checked when concrete, clamped under jit).
+      sm_scale: logit scale; defaults to 1/sqrt(D).
+      soft_cap: if set, logits become soft_cap * tanh(logits / soft_cap).
+      num_splits: split-K partitions per sequence (flash-decoding); default from tuning.
+      block_k: tokens per loop step, a power-of-2 multiple of page_size; default from tuning.
+      num_warps, num_stages: Triton launch parameters; default from tuning.
+      interpret: Pallas interpreter; None = interpret unless the backend is GPU.
+      impl: "pallas", or "reference"/"xla" (gather + dense attention in plain jnp).
+
+    Returns:
+      [B, H, D] in q.dtype, f32 accumulation; 0 for a sequence with context_len 0.
+    """
+    if q.ndim != 3:
+        raise ValueError(f"q {q.shape} must be [batch, num_heads, head_dim]")
+    check_paged_inputs(q.shape[1], q.shape[2], q.shape, k_pages, v_pages, block_tables,
+                       context_lens, q.shape[0])  # fmt: skip
+    if impl in ("reference", "xla"):
+        return paged_attention_reference(
+            q, k_pages, v_pages, block_tables, context_lens, sm_scale=sm_scale, soft_cap=soft_cap
+        )
+    if impl != "pallas":
+        raise ValueError(f"impl={impl!r}; expected 'pallas', 'reference' or 'xla'")
+    page_size, d = k_pages.shape[1], k_pages.shape[3]
+    cfg = paged_config(page_size, d, q.dtype)
+    block_k = block_k or cfg.block_k
+    if block_k % page_size or block_k & (block_k - 1):
+        raise ValueError(
+            f"block_k {block_k} must be a power-of-2 multiple of page_size {page_size}"
+        )
+    # No more splits than the table has blocks: the rest would be idle programs.
+    max_blocks = -(-block_tables.shape[1] * page_size // block_k)
+    num_splits = max(1, min(num_splits or cfg.num_splits, max_blocks))
+    return _paged_call(
+        q, k_pages, v_pages, block_tables, context_lens,
+        sm_scale=d**-0.5 if sm_scale is None else float(sm_scale), soft_cap=soft_cap,
+        block_k=block_k, num_splits=num_splits, num_warps=num_warps or cfg.num_warps,
+        num_stages=num_stages or cfg.num_stages, interpret=resolve_interpret(interpret),
+    )  # fmt: skip
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "sm_scale", "soft_cap", "block_k", "num_splits", "num_warps", "num_stages", "interpret"
+    ),
+)  # fmt: skip
+def _paged_call(
+    q, k_pages, v_pages, block_tables, context_lens, *, sm_scale, soft_cap, block_k, num_splits,
+    num_warps, num_stages, interpret,
+):  # fmt: skip
+    b, h, d = q.shape
+    num_pages, page_size, num_kv, _ = k_pages.shape
+    group = h // num_kv
+    gp = max(16, pl.next_power_of_2(group))  # tl.dot needs >= 16 rows
+    pages_per_block = block_k // page_size
+    table = pad_block_tables(block_tables, pages_per_block)  # [B, max_pages_pad]
+    ctx = jnp.clip(context_lens.astype(jnp.int32), 0, block_tables.shape[1] * page_size)
+    qg = q.reshape(b, num_kv, group, d)
+    if gp != group:
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - group), (0, 0)))  # [B, K, Gp, D]
+
+    kernel = functools.partial(
+        _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, block_k=block_k,
+        pages_per_block=pages_per_block, num_splits=num_splits, group=group,
+    )  # fmt: skip
+    pool_spec = pl.BlockSpec((num_pages, page_size, None, d), lambda bi, ki, si: (0, 0, ki, 0))
+    in_specs = [
+        pl.BlockSpec((None,), lambda bi, ki, si: (bi,)),
+        pl.BlockSpec((None, table.shape[1]), lambda bi, ki, si: (bi, 0)),
+        pl.BlockSpec((None, None, gp, d), lambda bi, ki, si: (bi, ki, 0, 0)),
+        pool_spec,
+        pool_spec,
+    ]
+    if num_splits == 1:
+        out_specs = pl.BlockSpec((None, None, gp, d), lambda bi, ki, si: (bi, ki, 0, 0))
+        out_shape = jax.ShapeDtypeStruct((b, num_kv, gp, d), q.dtype)
+    else:
+        out_specs = [
+            pl.BlockSpec((None, None, None, gp, d), lambda bi, ki, si: (bi, ki, si, 0, 0)),
+            pl.BlockSpec((None, None, None, gp), lambda bi, ki, si: (bi, ki, si, 0)),
+            pl.BlockSpec((None, None, None, gp), lambda bi, ki, si: (bi, ki, si, 0)),
+        ]
+        out_shape = [
+            jax.ShapeDtypeStruct((b, num_kv, num_splits, gp, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, num_kv, num_splits, gp), jnp.float32),
+            jax.ShapeDtypeStruct((b, num_kv, num_splits, gp), jnp.float32),
+        ]
+    out = pl.pallas_call(
+        kernel,
+        grid=(b, num_kv, num_splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="paged_attention_decode",
+    )(ctx, table, qg, k_pages, v_pages)
+    if num_splits == 1:
+        return out[:, :, :group].reshape(b, h, d)
+    acc, m, l = (x[:, :, :, :group] for x in out)
+    return combine_splits(acc, m, l).reshape(b, h, d).astype(q.dtype)
+
+
+def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
+    """Merges split-K partials (base-2 running max m, sum l, unnormalized acc) along axis 2.
+
+    acc [B, K, splits, G, D], m and l [B, K, splits, G] -> [B, K, G, D] f32. Empty splits
+    carry m = MASK_VALUE and l = 0, so their weight is 0 unless every split is empty.
+    """
+    m_max = jnp.max(m, axis=2, keepdims=True)
+    w = jnp.exp2(m - m_max)  # [B, K, splits, G]
+    l_tot = jnp.sum(w * l, axis=2)
+    o = jnp.sum(w[..., None] * acc, axis=2)
+    return o / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]

@@ -1,0 +1,132 @@
+"""Plain-jnp paged attention (decode and ragged) and the K/V page write: the spec for the kernels.
+
+Page pool layout (one layer): k_pages, v_pages [P, page_size, K, D]. Token i of sequence b lives
+at k_pages[block_tables[b, i // page_size], i % page_size].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash_attention.reference import flash_attention_reference
+
+
+def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
+    """Dense per-sequence K or V: [P, page, K, D] through [B, max_pages] -> [B, max_pages*page, K, D].
+
+    Table entries beyond a sequence's length may hold anything (padding): they are clipped into
+    range here and masked by the caller's lengths.
+    """
+    num_pages, page_size, num_kv, d = pages.shape
+    b, max_pages = block_tables.shape
+    idx = jnp.clip(block_tables, 0, num_pages - 1)
+    return pages[idx].reshape(b, max_pages * page_size, num_kv, d)
+
+
+def paged_attention_reference(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    context_lens: jax.Array,
+    *,
+    sm_scale: float | None = None,
+    soft_cap: float | None = None,
+) -> jax.Array:
+    """Decode attention (one query per sequence) over paged K/V. Same contract as the kernel.
+
+    Args:
+      q: [B, H, D] the new token's queries.
+      k_pages, v_pages: [P, page_size, K, D] page pool of one layer.
+      block_tables: [B, max_pages] int32 page ids per sequence.
+      context_lens: [B] int32 keys per sequence, including the new token's own key.
+      sm_scale: logit scale; defaults to 1/sqrt(D).
+      soft_cap: optional logit soft cap.
+
+    Returns:
+      [B, H, D] in q.dtype; 0 for a sequence with context_len 0.
+    """
+    k = gather_pages(k_pages, block_tables)
+    v = gather_pages(v_pages, block_tables)
+    out = flash_attention_reference(
+        q[:, None], k, v, causal=False, sm_scale=sm_scale, kv_lens=context_lens, soft_cap=soft_cap
+    )
+    return out[:, 0]
+
+
+def ragged_paged_attention_reference(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    context_lens: jax.Array,
+    query_start_loc: jax.Array,
+    *,
+    sm_scale: float | None = None,
+    soft_cap: float | None = None,
+) -> jax.Array:
+    """Mixed prefill-chunk / decode attention over paged K/V. Same contract as the kernel.
+
+    Sequence b owns flat query rows [query_start_loc[b], query_start_loc[b+1]); its q_len
+    queries are its last q_len tokens, so query i sits at position context_lens[b] - q_len + i
+    and sees keys [0, that position]. Rows past query_start_loc[B] (padding) are 0.
+
+    Args:
+      q: [N, H, D] flat query tokens of all sequences.
+      k_pages, v_pages: [P, page_size, K, D] page pool, already holding this step's K/V.
+      block_tables: [B, max_pages] int32.
+      context_lens: [B] int32 total keys per sequence including this step's tokens.
+      query_start_loc: [B+1] int32 nondecreasing, query_start_loc[0] = 0.
+      sm_scale: logit scale; defaults to 1/sqrt(D).
+      soft_cap: optional logit soft cap.
+
+    Returns:
+      [N, H, D] in q.dtype.
+    """
+    n = q.shape[0]
+    b = block_tables.shape[0]
+    k = gather_pages(k_pages, block_tables)  # [B, S, K, D]
+    v = gather_pages(v_pages, block_tables)
+    # Each flat row: its sequence, and its absolute position inside that sequence.
+    rows = jnp.arange(n)
+    seq = jnp.searchsorted(query_start_loc[1:], rows, side="right")  # [N]
+    valid = seq < b
+    seq = jnp.minimum(seq, b - 1)
+    q_len = query_start_loc[seq + 1] - query_start_loc[seq]
+    pos = context_lens[seq] - q_len + (rows - query_start_loc[seq])
+    # One query per "batch" row: attend to its sequence's keys, causally at its position.
+    out = flash_attention_reference(
+        q[:, None], k[seq], v[seq], causal=True, sm_scale=sm_scale, q_offset=pos,
+        kv_lens=context_lens[seq], soft_cap=soft_cap,
+    )[:, 0]  # fmt: skip
+    return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)
+
+
+def write_kv_pages_reference(
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    slot_mapping: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Scatters new K/V rows into the page pool (XLA scatter; in place when the pool is donated).
+
+    Args:
+      k_pages, v_pages: [P, page_size, K, D] page pool.
+      k_new, v_new: [N, K, D] this step's keys and values.
+      slot_mapping: [N] int32 slot = page * page_size + offset; negative = padding, skipped.
+
+    Returns:
+      The updated (k_pages, v_pages).
+    """
+    num_pages, page_size, num_kv, d = k_pages.shape
+    total = num_pages * page_size
+    # Negative slots go out of bounds, and mode="drop" skips them.
+    slots = jnp.where(slot_mapping < 0, total, slot_mapping)
+
+    def scatter(pages, new):
+        flat = pages.reshape(total, num_kv, d)
+        return flat.at[slots].set(new.astype(pages.dtype), mode="drop").reshape(pages.shape)
+
+    return scatter(k_pages, k_new), scatter(v_pages, v_new)
