@@ -209,25 +209,51 @@ def flash_attention(
     # Clamp so a too-large length never reads past the (padded) arrays.
     kv_lens = jnp.minimum(kv_lens, s)
     return _flash_call(
-        q, k, v, q_offset, kv_lens,
-        sm_scale=d**-0.5 if sm_scale is None else float(sm_scale), causal=causal,
-        soft_cap=soft_cap, block_q=block_q, block_k=block_k,
-        num_warps=num_warps or cfg.num_warps, num_stages=num_stages or cfg.num_stages,
+        q,
+        k,
+        v,
+        q_offset,
+        kv_lens,
+        sm_scale=d**-0.5 if sm_scale is None else float(sm_scale),
+        causal=causal,
+        soft_cap=soft_cap,
+        block_q=block_q,
+        block_k=block_k,
+        num_warps=num_warps or cfg.num_warps,
+        num_stages=num_stages or cfg.num_stages,
         interpret=resolve_interpret(interpret),
-    )  # fmt: skip
+    )
 
 
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "sm_scale", "causal", "soft_cap", "block_q", "block_k", "num_warps", "num_stages",
+        "sm_scale",
+        "causal",
+        "soft_cap",
+        "block_q",
+        "block_k",
+        "num_warps",
+        "num_stages",
         "interpret",
     ),
-)  # fmt: skip
+)
 def _flash_call(
-    q, k, v, q_offset, kv_lens, *, sm_scale, causal, soft_cap, block_q, block_k, num_warps,
-    num_stages, interpret,
-):  # fmt: skip
+    q,
+    k,
+    v,
+    q_offset,
+    kv_lens,
+    *,
+    sm_scale,
+    causal,
+    soft_cap,
+    block_q,
+    block_k,
+    num_warps,
+    num_stages,
+    interpret,
+):
     b, t, h, d = q.shape
     num_kv = k.shape[2]
     group = h // num_kv
@@ -245,9 +271,14 @@ def _flash_call(
         return (bi, 0, hi // group, 0)  # GQA: query head hi reads kv head hi // group
 
     kernel = functools.partial(
-        _flash_kernel, sm_scale=sm_scale, causal=causal, soft_cap=soft_cap, block_q=block_q,
-        block_k=block_k, num_q_blocks=num_q_blocks,
-    )  # fmt: skip
+        _flash_kernel,
+        sm_scale=sm_scale,
+        causal=causal,
+        soft_cap=soft_cap,
+        block_q=block_q,
+        block_k=block_k,
+        num_q_blocks=num_q_blocks,
+    )
     out = pl.pallas_call(
         kernel,
         grid=(num_q_blocks, b, h),

@@ -97,8 +97,9 @@ def _decode_kernel(
         plgpu.store(l_ref, l, mask=rows)
 
 
-def check_paged_inputs(q_heads: int, q_dim: int, q_shape, k_pages, v_pages, block_tables,
-                       context_lens, batch: int) -> None:  # fmt: skip
+def check_paged_inputs(
+    q_heads: int, q_dim: int, q_shape, k_pages, v_pages, block_tables, context_lens, batch: int
+) -> None:
     """Shape checks shared by the decode and ragged entry points; errors name the shapes."""
     if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
         raise ValueError(
@@ -180,8 +181,9 @@ def paged_attention(
     """
     if q.ndim != 3:
         raise ValueError(f"q {q.shape} must be [batch, num_heads, head_dim]")
-    check_paged_inputs(q.shape[1], q.shape[2], q.shape, k_pages, v_pages, block_tables,
-                       context_lens, q.shape[0])  # fmt: skip
+    check_paged_inputs(
+        q.shape[1], q.shape[2], q.shape, k_pages, v_pages, block_tables, context_lens, q.shape[0]
+    )
     if impl in ("reference", "xla"):
         return paged_attention_reference(
             q, k_pages, v_pages, block_tables, context_lens, sm_scale=sm_scale, soft_cap=soft_cap
@@ -199,23 +201,48 @@ def paged_attention(
     max_blocks = -(-block_tables.shape[1] * page_size // block_k)
     num_splits = max(1, min(num_splits or cfg.num_splits, max_blocks))
     return _paged_call(
-        q, k_pages, v_pages, block_tables, context_lens,
-        sm_scale=d**-0.5 if sm_scale is None else float(sm_scale), soft_cap=soft_cap,
-        block_k=block_k, num_splits=num_splits, num_warps=num_warps or cfg.num_warps,
-        num_stages=num_stages or cfg.num_stages, interpret=resolve_interpret(interpret),
-    )  # fmt: skip
+        q,
+        k_pages,
+        v_pages,
+        block_tables,
+        context_lens,
+        sm_scale=d**-0.5 if sm_scale is None else float(sm_scale),
+        soft_cap=soft_cap,
+        block_k=block_k,
+        num_splits=num_splits,
+        num_warps=num_warps or cfg.num_warps,
+        num_stages=num_stages or cfg.num_stages,
+        interpret=resolve_interpret(interpret),
+    )
 
 
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "sm_scale", "soft_cap", "block_k", "num_splits", "num_warps", "num_stages", "interpret"
+        "sm_scale",
+        "soft_cap",
+        "block_k",
+        "num_splits",
+        "num_warps",
+        "num_stages",
+        "interpret",
     ),
-)  # fmt: skip
+)
 def _paged_call(
-    q, k_pages, v_pages, block_tables, context_lens, *, sm_scale, soft_cap, block_k, num_splits,
-    num_warps, num_stages, interpret,
-):  # fmt: skip
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    context_lens,
+    *,
+    sm_scale,
+    soft_cap,
+    block_k,
+    num_splits,
+    num_warps,
+    num_stages,
+    interpret,
+):
     b, h, d = q.shape
     num_pages, page_size, num_kv, _ = k_pages.shape
     group = h // num_kv
@@ -228,9 +255,14 @@ def _paged_call(
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - group), (0, 0)))  # [B, K, Gp, D]
 
     kernel = functools.partial(
-        _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, block_k=block_k,
-        pages_per_block=pages_per_block, num_splits=num_splits, group=group,
-    )  # fmt: skip
+        _decode_kernel,
+        sm_scale=sm_scale,
+        soft_cap=soft_cap,
+        block_k=block_k,
+        pages_per_block=pages_per_block,
+        num_splits=num_splits,
+        group=group,
+    )
     pool_spec = pl.BlockSpec((num_pages, page_size, None, d), lambda bi, ki, si: (0, 0, ki, 0))
     in_specs = [
         pl.BlockSpec((None,), lambda bi, ki, si: (bi,)),

@@ -97,9 +97,15 @@ def ragged_paged_attention_reference(
     pos = context_lens[seq] - q_len + (rows - query_start_loc[seq])
     # One query per "batch" row: attend to its sequence's keys, causally at its position.
     out = flash_attention_reference(
-        q[:, None], k[seq], v[seq], causal=True, sm_scale=sm_scale, q_offset=pos,
-        kv_lens=context_lens[seq], soft_cap=soft_cap,
-    )[:, 0]  # fmt: skip
+        q[:, None],
+        k[seq],
+        v[seq],
+        causal=True,
+        sm_scale=sm_scale,
+        q_offset=pos,
+        kv_lens=context_lens[seq],
+        soft_cap=soft_cap,
+    )[:, 0]
     return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)
 
 

@@ -27,5 +27,6 @@ def paged_config(page_size: int, head_dim: int, dtype, kind: str | None = None) 
         block_k = max(page_size, 64 if head_dim > 64 else 128)
         return PagedConfig(block_k=block_k, num_splits=4, num_warps=4, num_stages=3, block_rows=32)
     # Interpret mode (CPU): fewest loop steps.
-    return PagedConfig(block_k=max(page_size, 64), num_splits=2, num_warps=4, num_stages=2,
-                       block_rows=32)  # fmt: skip
+    return PagedConfig(
+        block_k=max(page_size, 64), num_splits=2, num_warps=4, num_stages=2, block_rows=32
+    )

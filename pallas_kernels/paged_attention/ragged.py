@@ -1,0 +1,284 @@
+"""Ragged paged attention: one kernel for a mixed batch of prefill chunks and decode tokens.
+
+Follows vLLM's unified attention: the flat query axis is cut into per-sequence work items of
+`block_q` tokens, each program serves one item for all query heads of one kv head.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.flash_attention.kernel import (
+    MASK_VALUE,
+    finish_softmax,
+    online_softmax_step,
+    scale_logits,
+)
+from pallas_kernels.flash_attention.tuning import resolve_interpret
+from pallas_kernels.paged_attention.kernel import (
+    check_paged_inputs,
+    load_kv_block,
+    pad_block_tables,
+)
+from pallas_kernels.paged_attention.reference import ragged_paged_attention_reference
+from pallas_kernels.paged_attention.tuning import paged_config
+
+
+def _ragged_kernel(
+    row0_ref,  # [] int32 flat row of the item's first query
+    num_q_ref,  # [] int32 valid queries in the item (0 = idle item)
+    pos0_ref,  # [] int32 absolute position of the item's first query
+    ctx_ref,  # [] int32 keys of the item's sequence (0 for idle items)
+    table_ref,  # [max_pages_pad] int32 the sequence's block table
+    q_ref,  # [N_pad, Gp, D] every query row, seen through this kv head
+    k_ref,  # [P, page, D]
+    v_ref,  # [P, page, D]
+    o_ref,  # [N_pad, Gp, D]
+    *,
+    sm_scale: float,
+    soft_cap: float | None,
+    block_q: int,
+    block_k: int,
+    pages_per_block: int,
+):
+    row0, num_q = row0_ref[()], num_q_ref[()]
+    pos0, ctx = pos0_ref[()], ctx_ref[()]
+    num_pages = k_ref.shape[0]
+    _, gp, d = q_ref.shape
+    rows = block_q * gp
+    # Rows are (token, head) pairs, token-major: row r is token r // gp of the item.
+    q = q_ref[pl.ds(row0, block_q)].reshape(rows, d)  # [block_q * Gp, D]
+    q_pos = pos0 + jnp.arange(rows) // gp  # [rows]
+
+    # The item's last valid query (pos0 + num_q - 1) sees keys < pos0 + num_q.
+    end = jnp.minimum(ctx, pos0 + num_q)
+    num_blocks = (end + block_k - 1) // block_k
+    # Unmasked blocks end at or before the first query's own key and inside ctx.
+    num_full = jnp.minimum(jnp.minimum(ctx // block_k, (pos0 + 1) // block_k), num_blocks)
+
+    def body(j, carry, masked):
+        k = load_kv_block(k_ref, table_ref, j, pages_per_block, num_pages)  # [block_k, D]
+        v = load_kv_block(v_ref, table_ref, j, pages_per_block, num_pages)
+        s = scale_logits(pl.dot(q, k, trans_b=True), sm_scale, soft_cap)  # [rows, block_k]
+        mask = None
+        if masked:
+            k_pos = j * block_k + jnp.arange(block_k)
+            in_ctx = k_pos < ctx
+            # Stale/padding tokens past ctx: zero V so 0-probability * garbage stays 0.
+            v = jnp.where(in_ctx[:, None], v, jnp.zeros_like(v))
+            mask = in_ctx[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        return online_softmax_step(carry, s, v, mask)
+
+    carry = (
+        jnp.zeros((rows, d), jnp.float32),
+        jnp.full((rows,), MASK_VALUE, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+    carry = jax.lax.fori_loop(0, num_full, functools.partial(body, masked=False), carry)
+    carry = jax.lax.fori_loop(num_full, num_blocks, functools.partial(body, masked=True), carry)
+    acc, _, l = carry
+    out = finish_softmax(acc, l).astype(o_ref.dtype).reshape(block_q, gp, d)
+    # Only this item's own tokens are written: the next rows belong to another sequence.
+    token_ok = jnp.arange(block_q) < num_q
+    plgpu.store(o_ref.at[pl.ds(row0, block_q)], out, mask=token_ok[:, None, None])
+
+
+def ragged_schedule(
+    query_start_loc: jax.Array, context_lens: jax.Array, num_tokens: int, block_q: int
+):
+    """Cuts each sequence's queries into items of block_q tokens: per-item (row0, num_q, pos0, seq,
+    ctx), each [W] int32 with W = cdiv(N, block_q) + B a static bound; idle items have num_q 0.
+    """
+    b = context_lens.shape[0]
+    qsl = query_start_loc.astype(jnp.int32)
+    q_lens = qsl[1:] - qsl[:-1]  # [B]
+    blocks = (q_lens + block_q - 1) // block_q  # [B]
+    ends = jnp.cumsum(blocks)  # [B] items up to and including sequence b
+    # sum_b cdiv(q_len_b, block_q) <= sum_b (q_len_b / block_q + 1) <= N / block_q + B.
+    num_items = -(-num_tokens // block_q) + b
+    w = jnp.arange(num_items, dtype=jnp.int32)
+    seq = jnp.searchsorted(ends, w, side="right").astype(jnp.int32)  # first b with ends[b] > w
+    live = seq < b
+    seq = jnp.minimum(seq, b - 1)
+    first = (w - (ends[seq] - blocks[seq])) * block_q  # item's first query within its sequence
+    num_q = jnp.where(live, jnp.clip(q_lens[seq] - first, 0, block_q), 0)
+    row0 = jnp.where(live, qsl[seq] + first, 0)
+    ctx = jnp.where(live, context_lens[seq], 0)
+    pos0 = ctx - q_lens[seq] + first  # the sequence's queries are its last q_len tokens
+    return row0, num_q, pos0, seq, ctx
+
+
+def ragged_paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    context_lens: jax.Array,
+    query_start_loc: jax.Array,
+    *,
+    sm_scale: float | None = None,
+    soft_cap: float | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool | None = None,
+    impl: str = "pallas",
+) -> jax.Array:
+    """Attention for a flat batch mixing prefill chunks and decode tokens over paged K/V.
+
+    Sequence b owns flat rows [query_start_loc[b], query_start_loc[b+1]) (q_len_b >= 0). They are
+    its last q_len_b tokens: query i sits at position context_lens[b] - q_len_b + i and attends
+    causally to keys [0, position]. This step's K/V must already be in the pages
+    (`write_kv_pages`). Rows from query_start_loc[B] to N are padding and come back 0.
+
+    Args:
+      q: [N, H, D] flat queries; H a multiple of K.
+      k_pages, v_pages: [P, page_size, K, D] one layer's page pool.
+      block_tables: [B, max_pages] int32.
+      context_lens: [B] int32 keys per sequence including this step's tokens.
+      query_start_loc: [B+1] int32 nondecreasing row offsets, query_start_loc[0] == 0.
+      sm_scale: logit scale; defaults to 1/sqrt(D).
+      soft_cap: if set, logits become soft_cap * tanh(logits / soft_cap).
+      block_q: query tokens per program (power of 2); default block_rows // next_pow2(H/K).
+      block_k: tokens per loop step, a power-of-2 multiple of page_size; default from tuning.
+      num_warps, num_stages: Triton launch parameters; default from tuning.
+      interpret: Pallas interpreter; None = interpret unless the backend is GPU.
+      impl: "pallas", or "reference"/"xla" (plain jnp; materializes [N, S] logits).
+
+    Returns:
+      [N, H, D] in q.dtype.
+    """
+    if q.ndim != 3:
+        raise ValueError(f"q {q.shape} must be [num_tokens, num_heads, head_dim]")
+    b = block_tables.shape[0] if block_tables.ndim == 2 else -1
+    check_paged_inputs(
+        q.shape[1], q.shape[2], q.shape, k_pages, v_pages, block_tables, context_lens, b
+    )
+    if tuple(query_start_loc.shape) != (b + 1,):
+        raise ValueError(
+            f"query_start_loc {tuple(query_start_loc.shape)} must be [{b + 1}] for block_tables "
+            f"{block_tables.shape}"
+        )
+    if impl in ("reference", "xla"):
+        return ragged_paged_attention_reference(
+            q,
+            k_pages,
+            v_pages,
+            block_tables,
+            context_lens,
+            query_start_loc,
+            sm_scale=sm_scale,
+            soft_cap=soft_cap,
+        )
+    if impl != "pallas":
+        raise ValueError(f"impl={impl!r}; expected 'pallas', 'reference' or 'xla'")
+    page_size, num_kv, d = k_pages.shape[1:]
+    cfg = paged_config(page_size, d, q.dtype)
+    gp = pl.next_power_of_2(q.shape[1] // num_kv)
+    block_q = block_q or max(1, cfg.block_rows // gp)
+    block_k = block_k or cfg.block_k
+    if block_q & (block_q - 1) or block_q * gp < 16:
+        raise ValueError(
+            f"block_q {block_q} must be a power of 2 with block_q * {gp} (padded group) >= 16"
+        )
+    if block_k % page_size or block_k & (block_k - 1):
+        raise ValueError(
+            f"block_k {block_k} must be a power-of-2 multiple of page_size {page_size}"
+        )
+    return _ragged_call(
+        q,
+        k_pages,
+        v_pages,
+        block_tables,
+        context_lens,
+        query_start_loc,
+        sm_scale=d**-0.5 if sm_scale is None else float(sm_scale),
+        soft_cap=soft_cap,
+        block_q=block_q,
+        block_k=block_k,
+        num_warps=num_warps or cfg.num_warps,
+        num_stages=num_stages or cfg.num_stages,
+        interpret=resolve_interpret(interpret),
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "sm_scale",
+        "soft_cap",
+        "block_q",
+        "block_k",
+        "num_warps",
+        "num_stages",
+        "interpret",
+    ),
+)
+def _ragged_call(
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    context_lens,
+    query_start_loc,
+    *,
+    sm_scale,
+    soft_cap,
+    block_q,
+    block_k,
+    num_warps,
+    num_stages,
+    interpret,
+):
+    n, h, d = q.shape
+    num_pages, page_size, num_kv, _ = k_pages.shape
+    group = h // num_kv
+    gp = pl.next_power_of_2(group)
+    pages_per_block = block_k // page_size
+    ctx_lens = jnp.clip(context_lens.astype(jnp.int32), 0, block_tables.shape[1] * page_size)
+    row0, num_q, pos0, seq, ctx = ragged_schedule(query_start_loc, ctx_lens, n, block_q)
+    tables = pad_block_tables(block_tables, pages_per_block)[seq]  # [W, max_pages_pad]
+    # [N, H, D] -> [N + block_q, K, Gp, D]: the tail pad keeps every item's block_q-row load
+    # and store in bounds.
+    qg = jnp.pad(q.reshape(n, num_kv, group, d), ((0, block_q), (0, 0), (0, gp - group), (0, 0)))
+
+    kernel = functools.partial(
+        _ragged_kernel,
+        sm_scale=sm_scale,
+        soft_cap=soft_cap,
+        block_q=block_q,
+        block_k=block_k,
+        pages_per_block=pages_per_block,
+    )
+    item = pl.BlockSpec((None,), lambda wi, ki: (wi,))
+    rows_spec = pl.BlockSpec((qg.shape[0], None, gp, d), lambda wi, ki: (0, ki, 0, 0))
+    pool_spec = pl.BlockSpec((num_pages, page_size, None, d), lambda wi, ki: (0, 0, ki, 0))
+    out = pl.pallas_call(
+        kernel,
+        grid=(row0.shape[0], num_kv),
+        in_specs=[
+            item,
+            item,
+            item,
+            item,
+            pl.BlockSpec((None, tables.shape[1]), lambda wi, ki: (wi, 0)),
+            rows_spec,
+            pool_spec,
+            pool_spec,
+        ],
+        out_specs=rows_spec,
+        out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="ragged_paged_attention",
+    )(row0, num_q, pos0, ctx, tables, qg, k_pages, v_pages)
+    out = out[:n, :, :group].reshape(n, h, d)
+    # Rows no item wrote (padding after query_start_loc[B]) are uninitialized: zero them.
+    used = jnp.arange(n) < query_start_loc[-1]
+    return jnp.where(used[:, None, None], out, jnp.zeros_like(out))
