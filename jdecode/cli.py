@@ -1,0 +1,155 @@
+"""The `jdecode` command line: generate, chat, roofline, serve."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="jdecode: fast LLM decoding in JAX/XLA.")
+err = Console(stderr=True)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="name (smollm2-135m), HF dir or "
+                                       ".gguf path")]
+
+
+def _fail(message: str) -> None:
+    """Prints a one-line error (no traceback) and exits 2."""
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _load(model: str, dtype: str, overrides: list[str]):
+    from jdecode.config import ConfigError, apply_overrides
+    from jdecode.io.registry import load
+
+    try:
+        m = load(model, dtype=dtype)
+        if overrides:
+            import dataclasses
+
+            raw = apply_overrides(dataclasses.asdict(m.cfg), overrides)
+            m.cfg = m.cfg.__class__(**{**raw, "rope_scaling": raw.get("rope_scaling")})
+        return m
+    except (FileNotFoundError, ConfigError, ValueError, TypeError) as e:
+        _fail(str(e))
+
+
+def _sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, max_new_tokens, stop):
+    from jdecode.decoding.sampling import SamplingParams
+
+    try:
+        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              repetition_penalty=repetition_penalty, seed=seed,
+                              max_new_tokens=max_new_tokens, stop=tuple(stop or ()))
+    except ValueError as e:
+        _fail(str(e))
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the prompt text")],
+    model: ModelOpt = "smollm2-135m",
+    chat: Annotated[bool, typer.Option(help="wrap the prompt in the chat template")] = False,
+    max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+    min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
+    dtype: str = "float32", impl: str = "xla",
+    max_seq_len: Annotated[int | None, typer.Option(help="cache slots per sequence")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="config key=value")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Generate text from a prompt, streaming it as it is produced."""
+    from jdecode.decoding.generate import Generator
+
+    sp = _sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, max_new_tokens,
+                   stop)
+    m = _load(model, dtype, set_ or [])
+    try:
+        gen = Generator(m, impl=impl, max_seq_len=max_seq_len)
+        results = None
+        for deltas, results in gen.stream([prompt], sp, chat=chat, chunk_steps=8):
+            if not as_json and deltas[0]:
+                sys.stdout.write(deltas[0])
+                sys.stdout.flush()
+    except ValueError as e:
+        _fail(str(e))
+    r = results[0]
+    if as_json:
+        import jax
+
+        print(json.dumps({"model": model, "text": r.text, "token_ids": r.token_ids,
+                          "finish_reason": r.finish_reason, "stats": r.stats,
+                          "jax_version": jax.__version__,
+                          "device": jax.devices()[0].device_kind}))
+        return
+    s = r.stats
+    err.print(f"\n[dim]prefill {s['prefill_ms']:.1f} ms | decode {s['decode_tok_s']:.1f} tok/s | "
+              f"{s['num_tokens']} tokens | finish: {r.finish_reason} | "
+              f"compile {s['compile_s']:.1f} s[/]")
+
+
+@app.command()
+def chat(model: ModelOpt = "smollm2-135m", max_new_tokens: int = 256,
+         temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+         dtype: str = "float32", system: str | None = None) -> None:
+    """Interactive multi-turn chat with the model's chat template (Ctrl-D or /exit quits)."""
+    from jdecode.decoding.generate import Generator
+
+    sp = _sampling(temperature, 0, top_p, 0.0, 1.0, seed, max_new_tokens, None)
+    m = _load(model, dtype, [])
+    if m.tokenizer is None or not m.tokenizer.chat_template:
+        _fail(f"model {model!r} has no chat template: use `jdecode generate` instead")
+    gen = Generator(m)
+    messages = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            user = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if user.strip() in ("/exit", "/quit"):
+            return
+        if not user.strip():
+            continue
+        messages.append({"role": "user", "content": user})
+        ids = m.tokenizer.encode(m.tokenizer.apply_chat_template(messages))
+        try:
+            for deltas, results in gen.stream([ids], sp, chunk_steps=8):
+                sys.stdout.write(deltas[0])
+                sys.stdout.flush()
+        except ValueError as e:
+            err.print(f"[red]error:[/] {e}")
+            messages.pop()
+            continue
+        print()
+        messages.append({"role": "assistant", "content": results[0].text})
+
+
+def _register_optional() -> None:
+    """Subcommands owned by other packages, registered when they exist."""
+    try:
+        from jdecode.analysis.cli import roofline
+        app.command("roofline")(roofline)
+    except ImportError:
+        pass
+    try:
+        from jdecode.engine.server import serve_command
+        app.command("serve")(serve_command)
+    except ImportError:
+        pass
+
+
+_register_optional()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

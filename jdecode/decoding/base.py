@@ -1,0 +1,70 @@
+"""The Decoder protocol: an optax-style bundle of pure `init` and `step` functions.
+
+Every decoding method (autoregressive, speculative, Medusa, ...) is a `Decoder`; the generate
+loop runs any of them without knowing which. Method state lives in `DecodeState.aux`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jdecode.decoding.sampling import SamplingArrays, sample
+from jdecode.model.params import _register
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """What every method carries between steps; `aux` is the method's own pytree."""
+
+    tokens: jax.Array  # [B] int32 last emitted token, not yet in the cache
+    positions: jax.Array  # [B] int32 position `tokens` will occupy (= tokens in context)
+    keys: jax.Array  # [B] typed PRNG keys, one stream per request
+    sampling: SamplingArrays
+    seen: jax.Array | None  # [B, V] bool tokens in prompt/output (repetition penalty), or None
+    aux: Any  # method-specific: caches, draft state, ...
+
+    def replace(self, **kw) -> DecodeState:
+        return dataclasses.replace(self, **kw)
+
+
+class StepOutput(NamedTuple):
+    tokens: jax.Array  # [B, K] int32 tokens emitted this step (first num_accepted are valid)
+    num_accepted: jax.Array  # [B] int32 in [1, K]
+
+
+class Decoder(NamedTuple):
+    """init(params, prompt [B, T], lengths [B], sampling, keys) -> DecodeState whose `tokens`
+    holds the first generated token; step(params, state) -> (state, StepOutput)."""
+
+    init: Callable[..., DecodeState]
+    step: Callable[[Any, DecodeState], tuple[DecodeState, StepOutput]]
+    max_tokens_per_step: int = 1
+
+
+def split_keys(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-row key split: [B] keys -> (next state keys [B], keys to use now [B])."""
+    pairs = jax.vmap(lambda k: jax.random.split(k, 2))(keys)  # [B, 2]
+    return pairs[:, 0], pairs[:, 1]
+
+
+def mark_seen(seen: jax.Array | None, tokens: jax.Array) -> jax.Array | None:
+    """Adds tokens [B] (or [B, T]) to the per-row seen mask [B, V]."""
+    if seen is None:
+        return None
+    rows = jnp.arange(seen.shape[0])
+    if tokens.ndim == 2:
+        rows = rows[:, None]
+    return seen.at[rows, tokens].set(True, mode="drop")
+
+
+def sample_next(logits: jax.Array, state: DecodeState) -> tuple[jax.Array, DecodeState]:
+    """Samples [B] tokens from logits [B, V] with the state's parameters; advances keys."""
+    keys, now = split_keys(state.keys)
+    tokens = sample(logits, state.sampling, now, state.seen)
+    return tokens, state.replace(keys=keys, seen=mark_seen(state.seen, tokens))

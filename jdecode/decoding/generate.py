@@ -1,0 +1,219 @@
+"""Host-side generation: tokenize, bucket, run the jitted loop in chunks, detokenize.
+
+Shapes are bucketed (prompt length and batch to powers of two, cache length to a multiple of
+256) so a new request of a familiar size reuses the compiled executables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdecode.decoding.autoregressive import autoregressive
+from jdecode.decoding.base import Decoder
+from jdecode.decoding.loop import LoopState, init_loop, run_loop
+from jdecode.decoding.sampling import SamplingArrays, SamplingParams
+from jdecode.io.registry import Model
+from jdecode.io.tokenizer import IncrementalDetokenizer
+
+MIN_PROMPT_BUCKET = 16
+CACHE_ROUND = 256
+
+
+def next_pow2(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (eos / stop id / stop string) or "length"
+    stats: dict
+
+
+@dataclasses.dataclass
+class _Compiled:
+    init: Callable
+    loop: Callable
+    compile_s: float
+
+
+class Generator:
+    """Generates with any `Decoder` factory; caches one executable pair per shape bucket.
+
+    Args:
+      model: a loaded `Model`. decoder_fn(cfg, max_len) -> Decoder (default: autoregressive).
+      impl: attention implementation. max_seq_len: cache slots per sequence (default: the
+        model's max_position_embeddings).
+    """
+
+    def __init__(self, model: Model, decoder_fn: Callable[..., Decoder] | None = None,
+                 impl: str = "xla", max_seq_len: int | None = None):
+        self.model, self.impl = model, impl
+        self.decoder_fn = decoder_fn or partial(autoregressive, impl=impl)
+        self.max_seq_len = max_seq_len or model.cfg.max_position_embeddings
+        self._compiled: dict[tuple, _Compiled] = {}
+
+    # -- host helpers --------------------------------------------------------------------
+    def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
+        if isinstance(prompt, str):
+            tok = self.model.tokenizer
+            if tok is None:
+                raise ValueError("this model has no tokenizer: pass token ids instead of text")
+            if chat:
+                prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
+            return tok.encode(prompt)
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.model.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary "
+                             f"[0, {self.model.cfg.vocab_size})")
+        return ids
+
+    def _stop_ids(self, sp: SamplingParams) -> list[int]:
+        eos = () if (sp.ignore_eos or self.model.tokenizer is None) else \
+            self.model.tokenizer.eos_ids
+        return list(dict.fromkeys([*eos, *sp.stop_token_ids]))
+
+    def _executables(self, batch: int, t_bucket: int, max_len: int, max_out: int,
+                     n_stop: int, track_seen: bool, args) -> _Compiled:
+        key = (batch, t_bucket, max_len, max_out, n_stop, track_seen)
+        if key not in self._compiled:
+            t0 = time.perf_counter()
+            decoder = self.decoder_fn(self.model.cfg, max_len)
+            init = jax.jit(partial(init_loop, decoder, max_out=max_out, track_seen=track_seen))
+            init_c = init.lower(*args).compile()
+            ls_shape = jax.eval_shape(init, *args)
+            # The loop state (cache included) is donated: updated in place every chunk.
+            loop = jax.jit(partial(run_loop, decoder), donate_argnums=(1,))
+            loop_c = loop.lower(self.model.params, ls_shape, jnp.int32(0)).compile()
+            self._compiled[key] = _Compiled(init_c, loop_c, time.perf_counter() - t0)
+        return self._compiled[key]
+
+    # -- the API -----------------------------------------------------------------------
+    def stream(self, prompts: Sequence[str | Sequence[int]],
+               sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+               chat: bool = False, chunk_steps: int = 16
+               ) -> Iterator[tuple[list[str], list[GenerationResult] | None]]:
+        """Yields per-prompt text deltas every `chunk_steps` decoder steps, then the results.
+
+        Each yield is (deltas, None); the last is ([...], results).
+        """
+        if isinstance(sampling, SamplingParams):
+            sampling = [sampling] * len(prompts)
+        if len(sampling) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(sampling)} SamplingParams: pass "
+                             "one SamplingParams or one per prompt")
+        if not prompts:
+            raise ValueError("no prompts given")
+        ids = [self.encode(p, chat) for p in prompts]
+        for i, (p, sp) in enumerate(zip(ids, sampling)):
+            if not p:
+                raise ValueError(f"prompt {i} is empty: give at least one token")
+            if len(p) + sp.max_new_tokens > self.max_seq_len:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens and asks for {sp.max_new_tokens} new ones; "
+                    f"max_seq_len is {self.max_seq_len}: shorten the prompt or lower "
+                    "max_new_tokens")
+        n = len(ids)
+        batch = next_pow2(n)
+        t_bucket = next_pow2(max(map(len, ids)), MIN_PROMPT_BUCKET)
+        max_new = max(sp.max_new_tokens for sp in sampling)
+        max_out = next_pow2(max_new, 16)
+        steps_cap = -(-max_out // 1)
+        max_len = min(-(-(t_bucket + max_out + 1) // CACHE_ROUND) * CACHE_ROUND,
+                      max(self.max_seq_len, t_bucket))
+        stops = [self._stop_ids(sp) for sp in sampling]
+        n_stop = next_pow2(max(1, max(map(len, stops))))
+        track_seen = any(sp.repetition_penalty != 1.0 for sp in sampling)
+
+        prompt = np.zeros((batch, t_bucket), np.int32)
+        lengths = np.ones((batch,), np.int32)
+        for i, p in enumerate(ids):
+            prompt[i, :len(p)], lengths[i] = p, len(p)
+        stop_ids = np.full((batch, n_stop), -1, np.int32)
+        for i, s in enumerate(stops):
+            stop_ids[i, :len(s)] = s
+        # Padding rows ask for one token so they are done right after prefill.
+        max_new_arr = np.array([sp.max_new_tokens for sp in sampling] + [1] * (batch - n),
+                               np.int32)
+        seeds = [sp.seed if sp.seed is not None else np.random.randint(2**31) for sp in sampling]
+        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds + [0] * (batch - n), jnp.uint32))
+        args = (self.model.params, jnp.asarray(prompt), jnp.asarray(lengths),
+                SamplingArrays.from_params(sampling, batch), keys, jnp.asarray(max_new_arr),
+                jnp.asarray(stop_ids))
+        exe = self._executables(batch, t_bucket, max_len, max_out, n_stop, track_seen, args)
+
+        t0 = time.perf_counter()
+        ls: LoopState = exe.init(*args)
+        ls.n_out.block_until_ready()
+        t_prefill = time.perf_counter() - t0
+        detoks = [IncrementalDetokenizer(self.model.tokenizer) if self.model.tokenizer else None
+                  for _ in range(n)]
+        texts, emitted = [""] * n, [0] * n
+        stopped_by_string = [False] * n
+        t1 = time.perf_counter()
+        while True:
+            out, n_out, done = jax.device_get((ls.out, ls.n_out, ls.done))
+            deltas = []
+            for i in range(n):
+                new = out[i, emitted[i]:n_out[i]].tolist()
+                emitted[i] = int(n_out[i])
+                delta = detoks[i].add(new) if detoks[i] and not stopped_by_string[i] else ""
+                texts[i] += delta
+                hit = next((s for s in sampling[i].stop if s in texts[i]), None)
+                if hit is not None and not stopped_by_string[i]:
+                    cut = texts[i].index(hit)
+                    delta = delta[:max(0, len(delta) - (len(texts[i]) - cut))]
+                    texts[i], stopped_by_string[i] = texts[i][:cut], True
+                    done[i] = True
+                deltas.append(delta)
+            if any(stopped_by_string):
+                ls = dataclasses.replace(ls, done=jnp.asarray(done))
+            if done[:n].all() or int(jax.device_get(ls.steps)) >= steps_cap:
+                break
+            yield deltas, None
+            deltas = None
+            ls = exe.loop(self.model.params, ls, jnp.int32(chunk_steps))
+        t_decode = time.perf_counter() - t1
+        results = []
+        steps, accepted, live_steps = jax.device_get((ls.steps, ls.accepted, ls.live_steps))
+        total_new = int(sum(emitted))
+        for i in range(n):
+            toks = out[i, :emitted[i]].tolist()
+            stop_hit = stopped_by_string[i] or (toks and toks[-1] in stops[i])
+            if stop_hit and not stopped_by_string[i]:
+                toks_text = toks[:-1]
+            else:
+                toks_text = toks
+            text = texts[i] if stopped_by_string[i] else (
+                self.model.tokenizer.decode(toks_text) if self.model.tokenizer else "")
+            results.append(GenerationResult(
+                prompt_token_ids=ids[i], token_ids=toks, text=text,
+                finish_reason="stop" if stop_hit else "length",
+                stats=dict(prefill_ms=1e3 * t_prefill, decode_s=t_decode,
+                           num_tokens=len(toks), batch_tokens=total_new,
+                           decode_steps=int(steps),
+                           decode_tok_s=(total_new - n) / t_decode if t_decode > 0 else 0.0,
+                           mean_accepted=float(accepted) / max(int(live_steps), 1),
+                           compile_s=exe.compile_s, batch=n)))
+        yield deltas or [""] * n, results
+
+    def generate(self, prompts, sampling=SamplingParams(), chat: bool = False,
+                 chunk_steps: int | None = None) -> list[GenerationResult]:
+        """Runs to completion. Without streaming, the whole decode is one dispatch per
+        `chunk_steps` (default: all steps at once)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        for _, results in self.stream(prompts, sampling, chat, chunk_steps or 1 << 30):
+            if results is not None:
+                return results
+        raise AssertionError("stream ended without results")

@@ -1,0 +1,81 @@
+"""The jitted generation loop around any `Decoder`: output buffer, stop ids, max tokens.
+
+`run_loop` runs up to `limit` decoder steps inside one `lax.while_loop`, so a whole generation
+(or a streaming chunk of it) is one dispatch.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jdecode.decoding.base import Decoder, DecodeState
+from jdecode.model.params import _register
+
+# Incremented at trace time only: tests use it to prove steady-state decoding never retraces.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class LoopState:
+    dec: DecodeState
+    out: jax.Array  # [B, N] int32 generated tokens (row b valid up to n_out[b])
+    n_out: jax.Array  # [B] int32
+    done: jax.Array  # [B] bool
+    max_new: jax.Array  # [B] int32 per-request max_new_tokens
+    stop_ids: jax.Array  # [B, S] int32 stop token ids, -1 padded
+    steps: jax.Array  # [] int32 decoder steps taken
+    accepted: jax.Array  # [] int32 tokens emitted by live rows' steps
+    live_steps: jax.Array  # [] int32 row-steps of live rows (accepted / this = mean length)
+
+
+def _record(ls: LoopState, tokens: jax.Array, num: jax.Array) -> LoopState:
+    """Appends the first `num[b]` of tokens [B, K] to each live row, stopping at a stop id."""
+    out, n_out, done = ls.out, ls.n_out, ls.done
+    rows = jnp.arange(out.shape[0])
+    for j in range(tokens.shape[1]):  # K is small and static: unrolled
+        tok = tokens[:, j]
+        valid = (j < num) & ~done
+        # Invalid writes go to index N, which mode="drop" discards.
+        out = out.at[rows, jnp.where(valid, n_out, out.shape[1])].set(tok, mode="drop")
+        n_out = n_out + valid
+        is_stop = (tok[:, None] == ls.stop_ids).any(-1)
+        done = done | (valid & (is_stop | (n_out >= ls.max_new)))
+    return dataclasses.replace(ls, out=out, n_out=n_out, done=done)
+
+
+def init_loop(decoder: Decoder, params, prompt, lengths, sampling, keys, max_new, stop_ids,
+              max_out: int, track_seen: bool = False) -> LoopState:
+    """Prefills, samples the first token and records it. prompt: [B, T]; lengths: [B]."""
+    TRACE_COUNTS["init"] += 1
+    dec = decoder.init(params, prompt, lengths, sampling, keys, track_seen=track_seen)
+    b = prompt.shape[0]
+    ls = LoopState(dec=dec, out=jnp.zeros((b, max_out), jnp.int32),
+                   n_out=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool),
+                   max_new=max_new, stop_ids=stop_ids, steps=jnp.zeros((), jnp.int32),
+                   accepted=jnp.zeros((), jnp.int32), live_steps=jnp.zeros((), jnp.int32))
+    return _record(ls, dec.tokens[:, None], jnp.ones((b,), jnp.int32))
+
+
+def run_loop(decoder: Decoder, params, ls: LoopState, limit: jax.Array) -> LoopState:
+    """Runs decoder steps until every row is done or `limit` more steps were taken."""
+    TRACE_COUNTS["loop"] += 1
+    stop_at = ls.steps + limit
+
+    def cond(ls):
+        return (ls.steps < stop_at) & ~jnp.all(ls.done)
+
+    def body(ls):
+        dec, so = decoder.step(params, ls.dec)
+        live = ~ls.done
+        ls = _record(dataclasses.replace(ls, dec=dec), so.tokens, so.num_accepted)
+        return dataclasses.replace(
+            ls, steps=ls.steps + 1,
+            accepted=ls.accepted + jnp.where(live, so.num_accepted, 0).sum(),
+            live_steps=ls.live_steps + live.sum())
+
+    return jax.lax.while_loop(cond, body, ls)

@@ -1,0 +1,43 @@
+"""Orbax cache of converted params, so a second load skips GGUF dequantization."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import jax
+
+from jdecode.config import ModelConfig
+from jdecode.model.params import Params, abstract_params
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("JDECODE_CACHE", Path.home() / ".cache" / "jdecode"))
+
+
+def cache_dir_for(source: Path, dtype: str) -> Path:
+    """One folder per (file path, size, mtime, dtype): a changed source never hits stale params."""
+    st = source.stat()
+    key = f"{source.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}"
+    return cache_root() / "params" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def save_params(path: Path, params: Params) -> None:
+    import orbax.checkpoint as ocp
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path.resolve(), params, force=True)
+
+
+def restore_params(path: Path, cfg: ModelConfig) -> Params:
+    """Restores into the abstract structure of `cfg` (the shapes are checked by orbax)."""
+    import orbax.checkpoint as ocp
+
+    abstract = abstract_params(cfg)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path.resolve(), target)
