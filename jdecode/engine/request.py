@@ -1,0 +1,114 @@
+"""Host-side request state for the engine: tokens, progress and status (no jax)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Any
+
+
+class RequestStatus(enum.Enum):
+    """Lifecycle of a request; the FINISHED_* values are terminal."""
+
+    WAITING = "waiting"  # queued for admission (new, or preempted and waiting to recompute)
+    RUNNING = "running"
+    FORK_PENDING = "fork_pending"  # an n > 1 child waiting for its parent to reach the fork point
+    FINISHED_STOPPED = "stop"  # EOS, a stop token or a stop string
+    FINISHED_LENGTH = "length"  # max_tokens or the context length
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                        RequestStatus.FINISHED_ABORTED)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.value if self.finished else None
+
+
+class Request:
+    """One sequence being generated.
+
+    Progress follows vLLM v1's single rule: `num_computed_tokens` (tokens whose K/V are in the
+    cache) catches up with `num_tokens` (prompt + sampled outputs). A step computes a chunk of
+    the gap; when the chunk closes the gap, the logits at its last token give the next token.
+    A decode is simply a gap of 1. Preemption by recompute resets `num_computed_tokens` to 0 and
+    keeps the outputs, so the recomputed prefix is prompt + outputs.
+
+    Args:
+        request_id: unique id.
+        prompt_token_ids: the prompt.
+        sampling_params: opaque to the scheduler; the runner reads it.
+        arrival_time: seconds (time.monotonic), for FCFS and latency metrics.
+        children: n > 1 siblings. They share the parent's pages (copy-on-write) once the parent
+            has computed all prompt tokens but the last; each then computes that last token
+            itself, so every sibling samples its first token from its own logits row.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: Any = None,
+                 arrival_time: float | None = None, children: list[Request] | None = None,
+                 parent_id: str | None = None, index: int = 0) -> None:
+        if len(prompt_token_ids) == 0:
+            raise ValueError(f"request {request_id!r} has an empty prompt: pass at least one "
+                             "token (e.g. the BOS token)")
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.status = RequestStatus.WAITING
+        self.output_token_ids: list[int] = []
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
+        self.num_preemptions = 0
+        self.children: list[Request] = list(children or [])
+        self.parent_id = parent_id
+        self.index = index  # position among the n siblings
+        for child in self.children:
+            child.status = RequestStatus.FORK_PENDING
+        # Chained hashes of this request's full pages, extended lazily by the block manager.
+        self.page_hashes: list[bytes] = []
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequences this request will occupy once forked (itself + pending children)."""
+        return 1 + len(self.children)
+
+    @property
+    def fork_point(self) -> int:
+        """num_computed_tokens at which pending children fork off (all prompt tokens but one)."""
+        return self.num_prompt_tokens - 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def append_output(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def make_child(self, request_id: str, index: int, sampling_params: Any = None) -> Request:
+        """A sibling for n > 1 with the same prompt; register it in `children` to fork it."""
+        return Request(request_id, self.prompt_token_ids,
+                       self.sampling_params if sampling_params is None else sampling_params,
+                       arrival_time=self.arrival_time, parent_id=self.request_id, index=index)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, status={self.status.value}, "
+                f"tokens={self.num_computed_tokens}/{self.num_tokens}, "
+                f"prompt={self.num_prompt_tokens})")
