@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 # (atol, rtol) against references computed in f32. Anything looser carries a comment at its use.
@@ -29,3 +30,15 @@ def assert_close(actual, expected, dtype, *, scale: float = 1.0, err_msg: str = 
         rtol=rtol * scale,
         err_msg=err_msg,
     )
+
+
+# Interpret-mode kernels unroll into large CPU programs; XLA's CPU optimizations triple their
+# compile time and buy nothing for a test that runs them once.
+_FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def jit_for_tests(fn, **jit_kwargs):
+    """jax.jit(fn), compiled with XLA optimizations off on CPU (the kernels' interpret mode)."""
+    if jax.default_backend() == "cpu":
+        jit_kwargs.setdefault("compiler_options", _FAST_CPU_COMPILE)
+    return jax.jit(fn, **jit_kwargs)

@@ -95,7 +95,10 @@ def _flash_kernel(
         mask = None
         if masked:
             k_pos = j * block_k + jnp.arange(block_k)
-            mask = k_pos[None, :] < kv_len
+            in_len = k_pos < kv_len
+            # Keys past kv_len may be stale cache rows: zero V so 0-probability * NaN stays 0.
+            v = jnp.where(in_len[:, None], v, jnp.zeros_like(v))
+            mask = jnp.broadcast_to(in_len[None, :], (block_q, block_k))
             if causal:
                 q_pos = q_first + jnp.arange(block_q)
                 mask = mask & (k_pos[None, :] <= q_pos[:, None])
@@ -182,7 +185,8 @@ def flash_attention(
       impl: "pallas" (this kernel), or "reference"/"xla" (plain jnp, `reference.py`).
 
     Returns:
-      [B, T, H, D] in q.dtype, f32 accumulation. Rows that see no key are 0.
+      [B, T, H, D] in q.dtype, f32 accumulation. Rows that see no key are 0; K/V rows past
+      kv_lens are never used (they may hold stale data, even NaN).
     """
     _check_inputs(q, k, v, q_offset, kv_lens)
     if impl in ("reference", "xla"):

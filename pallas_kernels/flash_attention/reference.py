@@ -49,7 +49,7 @@ def flash_attention_reference(
       soft_cap: if set, logits become soft_cap * tanh(logits / soft_cap).
 
     Returns:
-      [B, T, H, D] in q.dtype. Rows that see no key are 0.
+      [B, T, H, D] in q.dtype. Rows that see no key are 0. K/V past kv_lens never matter.
     """
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -67,5 +67,8 @@ def flash_attention_reference(
     logits = jnp.where(mask, logits, MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = jnp.where(mask, probs, 0.0)  # a row with no visible key averages nothing: output 0
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32), precision=hp)
+    # Keys past kv_lens may be stale cache rows, even NaN: zero them so 0 * NaN cannot leak.
+    key_ok = jnp.arange(s)[None, :, None, None] < kv_lens[:, None, None, None]  # [B, S, 1, 1]
+    v = jnp.where(key_ok, v.astype(jnp.float32), 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=hp)
     return out.reshape(b, t, h, d).astype(q.dtype)
