@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from jdecode.engine import block_manager
 from jdecode.engine.block_manager import BlockManager, hash_page
 from jdecode.engine.request import Request
 
@@ -23,9 +25,14 @@ def compute(bm: BlockManager, req: Request, n: int, hits=()) -> None:
 
 
 def test_host_modules_import_no_jax():
-    code = ("import sys; import jdecode.engine, jdecode.engine.request, "
-            "jdecode.engine.block_manager, jdecode.engine.scheduler; "
-            "assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)")
+    # jdecode/__init__ imports jax for its convenience API, so an empty package stands in for
+    # it: what is checked is that the engine's host-side modules pull in no jax themselves.
+    package_dir = Path(block_manager.__file__).parents[1]
+    code = ("import sys, types; pkg = types.ModuleType('jdecode'); "
+            f"pkg.__path__ = [{str(package_dir)!r}]; sys.modules['jdecode'] = pkg; "
+            "import jdecode.engine.request, jdecode.engine.block_manager, "
+            "jdecode.engine.scheduler; "
+            "assert 'jax' not in sys.modules, [m for m in sys.modules if m.startswith('jax')]")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -1,0 +1,303 @@
+"""Iteration-level scheduler: token budget, chunked prefill, FCFS, preemption by recompute.
+
+Host side only (no jax). vLLM v1's rule (Orca's continuous batching, Sarathi's chunked prefill):
+every step, each running request contributes its next chunk so computed tokens catch up with
+total tokens, under `max_num_batched_tokens` and `max_num_seqs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+
+from jdecode.engine.block_manager import BlockManager
+from jdecode.engine.request import Request, RequestStatus
+
+POLICIES = ("continuous", "static")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Batch limits and policy.
+
+    Attributes:
+        max_num_seqs: sequences running at once (the runner's batch slots).
+        max_num_batched_tokens: tokens computed per step, over all sequences.
+        max_model_len: longest sequence (prompt + output).
+        policy: "continuous" (iteration-level admission) or "static" (a batch is admitted only
+            when the previous one has finished: the traditional batch inference baseline).
+        enable_chunked_prefill: split prefills into chunks that share steps with decodes. When
+            off, a prompt is computed in one step, in a prefill-only step that runs before
+            decodes (vLLM v0's default), so it must fit max_num_batched_tokens.
+        max_chunk_tokens: optional cap on one request's chunk per step (0 = budget only).
+    """
+
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 2048
+    policy: str = "continuous"
+    enable_chunked_prefill: bool = True
+    max_chunk_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy={self.policy!r}: choose one of {', '.join(POLICIES)}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} < max_model_len="
+                f"{self.max_model_len} without chunked prefill: a long prompt could never be "
+                "scheduled; raise max_num_batched_tokens or enable chunked prefill")
+
+
+@dataclasses.dataclass
+class ScheduledChunk:
+    """`num_tokens` tokens of `request` computed this step, starting at position `start`."""
+
+    request: Request
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the request's last known token, so its logits sample."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    page_copies: list[tuple[int, int]]  # copy-on-write (src, dst) to apply before the forward
+    preempted: list[Request]
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclasses.dataclass
+class SchedulerStats:
+    num_preemptions: int = 0
+    prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache at admission
+    prefix_hit_tokens: int = 0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / max(1, self.prefix_query_tokens)
+
+
+class Scheduler:
+    """Decides, every step, which tokens of which requests run.
+
+    Order within a step: running decodes first (a decode is a gap of one token), then running
+    prefill chunks, then FCFS admission of waiting requests into what is left of the budget.
+    When a request needs a page and none is free, the lowest-priority running request (the
+    latest admitted) is preempted: its pages are freed and it goes back to the front of the
+    queue, to be recomputed from prompt + outputs (the prefix cache usually returns most pages).
+    """
+
+    def __init__(self, cfg: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.cfg = cfg
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.stats = SchedulerStats()
+
+    # ---- queue -----------------------------------------------------------------------------
+
+    def add_request(self, req: Request) -> None:
+        total = req.num_prompt_tokens
+        if total >= self.cfg.max_model_len:
+            raise ValueError(f"request {req.request_id!r}: prompt has {total} tokens; "
+                             f"max_model_len is {self.cfg.max_model_len}: shorten the prompt or "
+                             "raise max_model_len")
+        if req.num_seqs > self.cfg.max_num_seqs:
+            raise ValueError(f"request {req.request_id!r} asks for n={req.num_seqs} sequences; "
+                             f"max_num_seqs is {self.cfg.max_num_seqs}: lower n or raise "
+                             "max_num_seqs")
+        worst = self.block_manager.pages_needed(self.cfg.max_model_len)
+        if worst > self.block_manager.num_pages:
+            # Otherwise one sequence could preempt all others and still not fit: a livelock.
+            raise ValueError(f"request {req.request_id!r} may need {worst} pages; the pool has "
+                             f"{self.block_manager.num_pages}: raise num_pages or lower "
+                             "max_model_len")
+        for r in (req, *req.children):
+            if r.request_id in self.requests:
+                raise ValueError(f"request id {r.request_id!r} is already in use")
+            self.requests[r.request_id] = r
+            r.status = RequestStatus.FORK_PENDING
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """Marks a request finished (stop, length or abort) and frees its pages at once.
+
+        Aborting a parent that has not forked yet also aborts its pending children.
+        """
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status == RequestStatus.WAITING:
+            self.waiting.remove(req)
+        req.status = status
+        self.block_manager.free(req)
+        if status == RequestStatus.FINISHED_ABORTED:
+            for child in req.children:
+                self.finish_request(child.request_id, status)
+        return req
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + sum(len(r.children) for r in self.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- scheduling ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Plans one step. The caller runs it, then calls `update_from_output`."""
+        self._budget = self.cfg.max_num_batched_tokens
+        self._chunks: dict[str, ScheduledChunk] = {}
+        self._preempted: list[Request] = []
+        cfg = self.cfg
+        if cfg.policy == "static":
+            if not self.running:
+                self._admit(allow_chunk=True, max_seqs=cfg.max_num_seqs)
+            else:
+                self._schedule_running()
+        elif cfg.enable_chunked_prefill:
+            self._schedule_running()
+            if not self._preempted:
+                self._admit(allow_chunk=True, max_seqs=cfg.max_num_seqs)
+        else:
+            # Prefill-only step when something can be admitted; decodes wait for it.
+            self._admit(allow_chunk=False, max_seqs=cfg.max_num_seqs)
+            if not self._chunks:
+                self._schedule_running()
+        chunks = list(self._chunks.values())
+        return SchedulerOutput(chunks, self.block_manager.take_copies(), self._preempted)
+
+    def _chunk_size(self, req: Request) -> int:
+        n = min(req.num_tokens - req.num_computed_tokens, self._budget)
+        if self.cfg.max_chunk_tokens:
+            n = min(n, self.cfg.max_chunk_tokens)
+        if req.children:  # stop before the last prompt token: the siblings fork there
+            n = min(n, req.fork_point - req.num_computed_tokens)
+        return max(n, 0)
+
+    def _schedule_running(self) -> None:
+        """Schedules running requests: decodes first, then prefill chunks."""
+        for req in list(self.running):
+            if req.children and req.num_computed_tokens == req.fork_point:
+                self._fork(req)
+        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        for req in decodes + prefills:
+            if self._budget == 0:
+                break
+            if req.status != RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = self._chunk_size(req)
+            if n == 0:
+                continue
+            while not self.block_manager.allocate_slots(req, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is req:
+                    break
+            else:
+                self._chunks[req.request_id] = ScheduledChunk(req, req.num_computed_tokens, n)
+                self._budget -= n
+
+    def _fork(self, parent: Request) -> None:
+        """Turns the parent's pending children into running siblings sharing its pages."""
+        at = self.running.index(parent) + 1
+        for child in parent.children:
+            self.block_manager.fork(parent, child)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.num_cached_tokens = parent.num_cached_tokens
+            child.status = RequestStatus.RUNNING
+        self.running[at:at] = parent.children
+        parent.children = []
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.block_manager.free(req)
+        chunk = self._chunks.pop(req.request_id, None)
+        if chunk is not None:  # a decode scheduled earlier this step: return its budget
+            self._budget += chunk.num_tokens
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        self.waiting.appendleft(req)
+        self._preempted.append(req)
+
+    def _admit(self, allow_chunk: bool, max_seqs: int) -> None:
+        """Moves waiting requests into running, FCFS, while seats, budget and pages last.
+
+        Static batching admits a whole batch even past the budget; the prefills of requests
+        admitted with no budget left run in the following steps.
+        """
+        bm = self.block_manager
+        static = self.cfg.policy == "static"
+        while self.waiting and (self._budget > 0 or static):
+            req = self.waiting[0]
+            if len(self.running) + req.num_seqs > max_seqs:
+                break
+            hits = bm.find_cached_prefix(req)
+            num_cached = len(hits) * bm.page_size
+            req.num_computed_tokens = num_cached
+            n = self._chunk_size(req)
+            if not allow_chunk and num_cached + n < req.num_tokens - (1 if req.children else 0):
+                req.num_computed_tokens = 0
+                break
+            if not bm.allocate_slots(req, n, hits):
+                req.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = num_cached
+                self.stats.prefix_query_tokens += req.num_prompt_tokens
+                self.stats.prefix_hit_tokens += num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            if n:
+                self._chunks[req.request_id] = ScheduledChunk(req, num_cached, n)
+                self._budget -= n
+
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]
+                           ) -> list[Request]:
+        """Advances computed tokens and appends the sampled tokens.
+
+        Args:
+            out: the step that ran.
+            sampled: request id -> token, for every chunk with `samples` true.
+
+        Returns:
+            Requests that received a new token (the caller checks stop conditions).
+        """
+        updated = []
+        for chunk in out.chunks:
+            req = chunk.request
+            if req.status != RequestStatus.RUNNING:  # aborted while the step ran
+                continue
+            req.num_computed_tokens = chunk.start + chunk.num_tokens
+            if req.num_computed_tokens == req.num_tokens:
+                req.append_output(sampled[req.request_id])
+                updated.append(req)
+        return updated
