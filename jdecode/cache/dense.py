@@ -57,6 +57,11 @@ def dense_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: DenseKVCache,
     # mode="drop": a padding query whose position lies past the buffer writes nothing.
     new_k = cache.k.at[layer, rows, meta.positions].set(k.astype(cache.k.dtype), mode="drop")
     new_v = cache.v.at[layer, rows, meta.positions].set(v.astype(cache.v.dtype), mode="drop")
+    if impl == "pallas" and q.shape[1] == 1 and sliding_window is None:
+        from jdecode.model.pallas_dispatch import dense_decode_pallas
+
+        out = dense_decode_pallas(q, new_k, new_v, layer, meta.positions)
+        return out, DenseKVCache(new_k, new_v)
     k_l, v_l = new_k[layer], new_v[layer]  # [B, S, K, D]
     kv_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
     out = attention(q, k_l, v_l, meta.positions, kv_pos, impl=impl,

@@ -1,0 +1,190 @@
+"""Decode throughput of jdecode's jitted generation loop against the HBM ceiling of this run.
+
+GPU (random weights of a real shape):
+  PYTHONPATH=. python3 scripts/bench_decode.py --model llama-3.2-1b --batch 1,64 --out $OUT
+CPU (the real default model, against HF transformers in the same run):
+  python scripts/bench_decode.py --model smollm2-135m --batch 1 --new-tokens 64 --hf --out out/
+Writes bench_decode.json and bench_decode.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdecode.analysis.measure import measure_ceilings
+from jdecode.cache.dense import init_cache
+from jdecode.config import load_model_config_yaml
+from jdecode.decoding.generate import Generator
+from jdecode.decoding.sampling import SamplingParams
+from jdecode.io.registry import KNOWN_MODELS, Model, load
+from jdecode.model import phases
+from jdecode.model.params import init_params, param_bytes
+
+
+def kv_bytes_per_step(cfg, batch: int, context: float, itemsize: int) -> float:
+    """K and V bytes a decode step must read: every layer, every live cached token."""
+    return 2 * cfg.num_layers * batch * context * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+def bare_loop_tok_s(model: Model, batch: int, prompt_len: int, new: int, impl: str) -> float:
+    """Anchor: decode_step in a bare fori_loop (greedy argmax, no stop checks or bookkeeping)."""
+    cfg = model.cfg
+    max_len = -(-(prompt_len + new + 1) // 256) * 256
+    cache = init_cache(cfg, batch, max_len)
+    prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, cfg.vocab_size)
+    lengths = jnp.full((batch,), prompt_len, jnp.int32)
+    logits, _, cache = jax.jit(partial(phases.prefill, cfg=cfg, impl=impl))(
+        model.params, cache, prompt, lengths)
+
+    @partial(jax.jit, donate_argnums=(1,))
+    def loop(params, cache, tok):
+        def body(i, carry):
+            cache, tok = carry
+            lg, _, cache = phases.decode_step(params, cache, tok, lengths + i, cfg=cfg,
+                                              impl=impl)
+            return cache, jnp.argmax(lg, -1).astype(jnp.int32)
+        return jax.lax.fori_loop(0, new, body, (cache, tok))
+
+    tok = jnp.argmax(logits, -1).astype(jnp.int32)
+    cache, out = loop(model.params, cache, tok)  # compile + warm up
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(3):
+        cache = init_cache(cfg, batch, max_len)
+        jax.block_until_ready(cache)
+        t0 = time.perf_counter()
+        cache, out = loop(model.params, cache, tok)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t0)
+    return batch * new / statistics.median(times)
+
+
+def ours_tok_s(model: Model, batch: int, prompt_len: int, new: int, impl: str) -> dict:
+    gen = Generator(model, impl=impl)
+    rng = np.random.default_rng(0)
+    sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
+    runs = []
+    for i in range(4):  # the first run compiles; report the median of the rest
+        prompts = rng.integers(0, model.cfg.vocab_size, (batch, prompt_len)).tolist()
+        res = gen.generate(prompts, sp)
+        assert all(len(r.token_ids) == new for r in res), "a row stopped early"
+        if i:
+            runs.append(res[0].stats)
+    return {"decode_tok_s": statistics.median(s["decode_tok_s"] for s in runs),
+            "prefill_ms": statistics.median(s["prefill_ms"] for s in runs),
+            "compile_s": runs[0]["compile_s"]}
+
+
+def hf_tok_s(model_name: str, prompt_len: int, new: int) -> float:
+    """HF transformers eager `generate` on CPU torch, greedy, same prompt length."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    package, filename, _ = KNOWN_MODELS[model_name]
+    folder = list(importlib.util.find_spec(package).submodule_search_locations)[0]
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename,
+                                              dtype=torch.float32).eval()
+    ids = torch.randint(0, hf.config.vocab_size, (1, prompt_len))
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    with torch.no_grad():
+        hf.generate(ids, max_new_tokens=4, do_sample=False)
+        t0 = time.perf_counter()
+        hf.generate(ids, **kw)
+        t_total = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=1, do_sample=False)
+        t_prefill = time.perf_counter() - t0
+    return (new - 1) / max(t_total - t_prefill, 1e-9)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-3.2-1b")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--batch", default="1,64")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--impl", default="xla")
+    ap.add_argument("--hf", action="store_true", help="also time HF transformers (CPU)")
+    ap.add_argument("--bare", action="store_true", help="also time the bare fori_loop anchor")
+    ap.add_argument("--out", default="out")
+    args = ap.parse_args()
+
+    if args.model in KNOWN_MODELS:
+        model = load(args.model, dtype=args.dtype or "float32")
+        weights = "real"
+    else:
+        cfg = load_model_config_yaml(f"configs/models/{args.model}.yaml")
+        cfg = cfg.replace(dtype=args.dtype or cfg.dtype)
+        model = Model(args.model, cfg, init_params(cfg, jax.random.key(0)), None)
+        weights = "random"
+    cfg = model.cfg
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    hw = measure_ceilings("bfloat16")
+    read_bw = hw.measured["read_bytes_per_s"]
+    rows = []
+    for impl in args.impl.split(","):
+        for batch in map(int, args.batch.split(",")):
+            ours = ours_tok_s(model, batch, args.prompt_len, args.new_tokens, impl)
+            # Mean live context over the decode: prompt + half the new tokens.
+            ctx = args.prompt_len + args.new_tokens / 2
+            step_bytes = param_bytes(cfg) + kv_bytes_per_step(cfg, batch, ctx, itemsize)
+            ceiling = batch * read_bw / step_bytes
+            row = dict(impl=impl, batch=batch, **ours, ceiling_tok_s=ceiling,
+                       pct_of_ceiling=100 * ours["decode_tok_s"] / ceiling,
+                       achieved_tb_s=ours["decode_tok_s"] / batch * step_bytes / 1e12)
+            if args.bare:
+                row["bare_loop_tok_s"] = bare_loop_tok_s(model, batch, args.prompt_len,
+                                                         args.new_tokens, impl)
+            if args.hf and batch == 1:
+                row["hf_transformers_tok_s"] = hf_tok_s(args.model, args.prompt_len,
+                                                        args.new_tokens)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True).stdout.strip()
+    except OSError:
+        sha = ""
+    result = dict(
+        date=datetime.date.today().isoformat(), device=hw.name, jax_version=jax.__version__,
+        command="python scripts/bench_decode.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if not isinstance(v, bool)) + "".join(
+            f" --{k}" for k, v in vars(args).items() if v is True),
+        git_sha=sha, model=args.model, weights=weights, dtype=cfg.dtype,
+        param_bytes=param_bytes(cfg), ceilings=hw.measured, rows=rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_decode.json").write_text(json.dumps(result, indent=2))
+    lines = [f"# Decode throughput: {args.model} ({weights} weights, {cfg.dtype})", "",
+             f"{result['date']} | {hw.name} | jax {jax.__version__} | `{result['command']}`",
+             "", f"Ceiling = batch x read-stream bandwidth ({read_bw / 1e12:.2f} TB/s, measured "
+             "in this run) / (weight bytes + live KV bytes per step).", "",
+             "| impl | batch | tok/s | ceiling tok/s | % of ceiling | TB/s | prefill ms | "
+             "bare loop tok/s | HF tok/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['impl']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['ceiling_tok_s']:.1f} "
+            f"| {r['pct_of_ceiling']:.1f} | {r['achieved_tb_s']:.3f} | {r['prefill_ms']:.1f} | "
+            f"{r.get('bare_loop_tok_s', float('nan')):.1f} | "
+            f"{r.get('hf_transformers_tok_s', float('nan')):.1f} |")
+    (out / "bench_decode.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
