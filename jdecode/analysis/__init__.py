@@ -1,0 +1,1 @@
+"""Efficiency analysis: hardware table, per-operator cost model, roofline, measurement."""

@@ -1,0 +1,230 @@
+"""Measured mode: ceilings measured on the current device (`measure_ceilings`) and the model's
+jitted phases timed beside them, reported as achieved TFLOP/s, TB/s and % of the roofline bound.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdecode.analysis.costs import Phase, kv_cache_bytes, weight_bytes
+from jdecode.analysis.hardware import Hardware
+from jdecode.analysis.roofline import analyze, memory_floor_tokens_per_s
+from jdecode.config import ModelConfig
+
+# Working-set sizes: the GPU figures in GPU.md use >= 4 GiB streams (far beyond L2) and an
+# 8192^3 matmul; on CPU smaller sizes keep a test run to seconds.
+GPU_SIZES = {"read_bytes": 4 << 30, "copy_bytes": 2 << 30, "matmul_n": 8192}
+CPU_SIZES = {"read_bytes": 16 << 20, "copy_bytes": 8 << 20, "matmul_n": 256}
+
+
+def time_fn(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall time in seconds of fn() with block_until_ready, after `warmup` calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _random_array(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """Random data (not zeros: some GPUs compress uniform data in flight)."""
+    return jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0).astype(dtype)
+
+
+def _time_on(fn: Callable[[jax.Array], object], x: jax.Array, repeats: int) -> float:
+    """Median time of fn(x); x is released when this returns."""
+    return time_fn(lambda: fn(x), repeats)
+
+
+def random_params(cfg: ModelConfig, seed: int = 0, dtype: str | None = None):
+    """Random parameters from `abstract_params`, drawn by one jitted function.
+
+    One uniform draw over all parameters, then sliced into leaves, compiles once (a per-leaf
+    eager init compiles a random kernel per shape). Scaled like `init_params`: matrices
+    U(-1, 1) * sqrt(3 / fan_in) (variance 1 / fan_in), norm weights 1 + 0.1 U(-1, 1).
+    """
+    from jdecode.model.params import abstract_params
+
+    abstract = abstract_params(cfg, dtype)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    sizes = [int(np.prod(a.shape)) for _, a in leaves]
+
+    @jax.jit
+    def make(key):
+        flat = jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0)
+        out, start = [], 0
+        for (path, a), n in zip(leaves, sizes, strict=True):
+            x = flat[start:start + n].reshape(a.shape)
+            start += n
+            name = jax.tree_util.keystr(path)
+            if "norm" in name:
+                x = 1.0 + 0.1 * x
+            elif ".embed" not in name and len(a.shape) >= 2:
+                x = x * np.sqrt(3.0 / a.shape[-2])
+            out.append(x.astype(a.dtype))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return make(jax.random.PRNGKey(seed))
+
+
+def device_kind() -> str:
+    d = jax.devices()[0]
+    return f"{d.platform}:{getattr(d, 'device_kind', 'unknown')}"
+
+
+def measure_ceilings(dtype: str = "bfloat16", *, read_bytes: int | None = None,
+                     copy_bytes: int | None = None, matmul_n: int | None = None,
+                     repeats: int = 10) -> Hardware:
+    """Measures bandwidth and matmul FLOP/s on the default device.
+
+    Bandwidth is the read-only stream (sum of a large array), the rate batch-1 decode can
+    reach (GPU.md); the elementwise read+write copy rate is recorded beside it.
+
+    Args:
+      dtype: element type of the streams and the square matmul.
+      read_bytes, copy_bytes, matmul_n: sizes; default by platform (GPU_SIZES / CPU_SIZES).
+    Returns:
+      A Hardware entry "measured:<device>" with peak_flops {dtype: matmul FLOP/s} and
+      `measured` holding every raw figure.
+    """
+    sizes = dict(GPU_SIZES if jax.devices()[0].platform == "gpu" else CPU_SIZES)
+    sizes.update({k: v for k, v in (("read_bytes", read_bytes), ("copy_bytes", copy_bytes),
+                                     ("matmul_n", matmul_n)) if v is not None})
+    dt = jnp.dtype(dtype)
+    key = jax.random.PRNGKey(0)
+
+    n_read = sizes["read_bytes"] // dt.itemsize
+    read_sum = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))  # reads every byte once
+    t_read = _time_on(read_sum, _random_array(key, (n_read,), dt), repeats)
+
+    n_copy = sizes["copy_bytes"] // dt.itemsize
+    scale = jax.jit(lambda a: a * jnp.asarray(1.5, dt))  # reads n, writes n
+    t_copy = _time_on(scale, _random_array(key, (n_copy,), dt), repeats)
+
+    n = sizes["matmul_n"]
+    a, b = _random_array(key, (2, n, n), dt)
+    matmul = jax.jit(jnp.matmul)
+    t_mm = time_fn(lambda: matmul(a, b), repeats)
+
+    read_bw = n_read * dt.itemsize / t_read
+    copy_bw = 2 * n_copy * dt.itemsize / t_copy
+    flops = 2 * n**3 / t_mm
+    kind = device_kind()
+    return Hardware(
+        name=f"measured:{kind}", peak_flops={dtype: flops}, bandwidth_gbps=read_bw / 1e9,
+        memory_gb=0.0, source=f"measured on {kind} with jax {jax.__version__}",
+        measured={"read_bytes_per_s": read_bw, "copy_bytes_per_s": copy_bw,
+                  "matmul_flops_per_s": flops, "dtype": dtype, **sizes})
+
+
+def _random_tokens(key: jax.Array, shape: tuple[int, ...], vocab: int) -> jax.Array:
+    return jax.random.randint(key, shape, 0, vocab, jnp.int32)
+
+
+def time_phase(cfg: ModelConfig, params, phase: Phase, repeats: int = 10, seed: int = 0
+               ) -> dict[str, float]:
+    """Compiles and times one phase of the real model on random tokens.
+
+    The dense cache is sized to phase.kv_len (the model attends over the whole buffer) and
+    donated, so each call updates it in place and hands it to the next. Decode writes the
+    last slot (position kv_len - 1), so every step attends over kv_len keys.
+
+    Returns:
+      {"compile_s", "step_s" (median), "xla_flops", "xla_bytes"} (XLA counts one layer; see
+      xla_check).
+    """
+    from jdecode.analysis.xla_check import cost_analysis_dict, phase_fn
+    from jdecode.cache.dense import init_cache
+
+    b = phase.batch
+    key = jax.random.PRNGKey(seed)
+    cache = init_cache(cfg, b, phase.kv_len)
+    if phase.name == "prefill":
+        inputs = (_random_tokens(key, (b, phase.q_len), cfg.vocab_size),
+                  jnp.full((b,), phase.q_len, jnp.int32))
+    elif phase.name == "decode":
+        inputs = (_random_tokens(key, (b,), cfg.vocab_size),
+                  jnp.full((b,), phase.kv_len - 1, jnp.int32))
+    else:
+        raise ValueError(f"phase {phase.name!r}: measured mode times prefill and decode")
+    fn = jax.jit(phase_fn(cfg, phase.name), donate_argnums=(1,))
+    t0 = time.perf_counter()
+    compiled = fn.lower(params, cache, *inputs).compile()
+    compile_s = time.perf_counter() - t0
+    cost = cost_analysis_dict(compiled)
+    state = {"cache": cache}
+
+    def step():
+        logits, _, state["cache"] = compiled(params, state["cache"], *inputs)
+        return logits
+
+    step_s = time_fn(step, repeats)
+    return {"compile_s": compile_s, "step_s": step_s,
+            "xla_flops_one_layer": float(cost.get("flops", np.nan)),
+            "xla_bytes_one_layer": float(cost.get("bytes accessed", np.nan))}
+
+
+def measure_phase(cfg: ModelConfig, params, phase: Phase, hw: Hardware, *,
+                  convention: str = "full", repeats: int = 10) -> dict:
+    """Times one phase and places it against the roofline of `hw` (measured ceilings).
+
+    Returns:
+      The timing plus predicted step time (sum of per-operator bounds, XLA attention counted
+      as unfused), achieved TFLOP/s and TB/s (our FLOPs and bytes / measured time), % of the
+      bound, and for decode the GPU.md floor (weights + live KV) / read-stream rate.
+    """
+    dtype = cfg.dtype
+    rep = analyze(cfg, phase, hw, dtype=dtype, convention=convention, attention="unfused")
+    timing = time_phase(cfg, params, phase, repeats)
+    t = timing["step_s"]
+    out = {
+        "phase": phase.name, "batch": phase.batch, "q_len": phase.q_len,
+        "kv_len": phase.kv_len, **timing,
+        "model_flops": rep.flops, "model_bytes": rep.bytes, "convention": convention,
+        "predicted_step_s": rep.step_time_s, "predicted_fused_step_s": rep.fused_time_s,
+        "achieved_tflops": rep.flops / t / 1e12, "achieved_tbps": rep.bytes / t / 1e12,
+        "pct_of_bound": 100.0 * rep.step_time_s / t,
+        "pct_of_fused_bound": 100.0 * rep.fused_time_s / t,
+        "tokens_per_s": phase.new_tokens / t, "predicted_tokens_per_s": rep.tokens_per_s,
+        "bound": "compute" if rep.intensity > rep.ridge else "memory",
+    }
+    if phase.name == "decode":
+        floor = memory_floor_tokens_per_s(cfg, phase.batch, phase.kv_len, hw.bandwidth, dtype)
+        unavoidable = weight_bytes(cfg, dtype) + kv_cache_bytes(cfg, phase.batch, phase.kv_len,
+                                                                dtype)
+        out.update({"floor_tokens_per_s": floor,
+                    "pct_of_floor": 100.0 * out["tokens_per_s"] / floor,
+                    "weights_plus_kv_tbps": unavoidable / t / 1e12})
+    return out
+
+
+def run_measured(cfg: ModelConfig, phases: list[Phase], *, hw: Hardware | None = None,
+                 convention: str = "full", repeats: int = 10, seed: int = 0,
+                 progress: Callable[[str], None] | None = None) -> dict:
+    """Measured mode end to end: ceilings (unless given), random params, every phase.
+
+    Returns:
+      {"device", "jax_version", "ceilings": hw.to_dict(), "phases": [measure_phase(...)]}.
+    """
+    say = progress or (lambda _msg: None)
+    if hw is None:
+        say("measuring ceilings (read stream, copy, matmul)")
+        hw = measure_ceilings(cfg.dtype)
+    say(f"initialising random {cfg.dtype} params")
+    params = random_params(cfg, seed)
+    results = []
+    for phase in phases:
+        say(f"timing {phase.name} B={phase.batch} t={phase.q_len} s={phase.kv_len}")
+        results.append(measure_phase(cfg, params, phase, hw, convention=convention,
+                                     repeats=repeats))
+    return {"device": device_kind(), "jax_version": jax.__version__,
+            "ceilings": hw.to_dict(), "phases": results}
