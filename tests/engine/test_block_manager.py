@@ -119,7 +119,7 @@ def test_hit_on_a_used_page_increments_its_ref_count():
     assert bm.page_ids("b") == [0, 1, 3]
     bm.free(a)
     assert bm.ref_counts[:4] == [1, 1, 0, 1]
-    assert list(bm.free_queue)[0] == 2
+    assert next(iter(bm.free_queue)) == 2
 
 
 def test_fork_shares_pages_and_copies_the_partial_page_on_write():

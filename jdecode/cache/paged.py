@@ -1,0 +1,119 @@
+"""Paged KV cache on the device: a page pool per layer plus the metadata of one ragged step.
+
+PagedAttention (Kwon et al., 2023): K/V live in fixed-size pages addressed through block tables;
+the host-side allocator is `jdecode.engine.block_manager`. Attention math is the kernels' own
+(`pallas_kernels.paged_attention`); this module only views the stacked pool per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from jdecode.config import ModelConfig
+from pallas_kernels.paged_attention import (
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+    write_kv_pages,
+)
+
+IMPLS = ("xla", "reference", "pallas")
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=["k_pages", "v_pages"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class PagedKVCache:
+    k_pages: jax.Array  # [L, P, page_size, K, D]
+    v_pages: jax.Array  # [L, P, page_size, K, D]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k_pages.shape[1]
+
+    @property
+    def page_size(self) -> int:
+        return self.k_pages.shape[2]
+
+
+@partial(jax.tree_util.register_dataclass,
+         data_fields=["slot_mapping", "block_tables", "context_lens", "query_start_loc"],
+         meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class PagedMeta:
+    """One step's ragged batch: N flat tokens from B sequence slots (both padded)."""
+
+    slot_mapping: jax.Array  # [N] int32 page * page_size + offset per token; -1 = padding
+    block_tables: jax.Array  # [B, max_pages] int32 page ids per sequence slot
+    context_lens: jax.Array  # [B] int32 keys per sequence after this step; 0 = empty slot
+    query_start_loc: jax.Array  # [B+1] int32 flat row offsets; rows >= [B] are padding
+
+
+def init_paged_cache(cfg: ModelConfig, num_pages: int, page_size: int,
+                     dtype: str | None = None) -> PagedKVCache:
+    """Zeroed page pool (never jnp.empty: on jax 0.11 it returns uninitialized memory).
+
+    Zeros matter: attention masks stale slots, but 0 * NaN from garbage would still be NaN.
+    """
+    shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    dt = jnp.dtype(dtype or cfg.dtype)
+    return PagedKVCache(k_pages=jnp.zeros(shape, dt), v_pages=jnp.zeros(shape, dt))
+
+
+def copy_pages(cache: PagedKVCache, src: jax.Array, dst: jax.Array) -> PagedKVCache:
+    """Copy-on-write: page dst[i] <- page src[i] in every layer; dst < 0 is padding.
+
+    All sources are read before any destination is written, so a page freed and reused as
+    another copy's destination in the same step is still read intact.
+
+    Args:
+      cache: the pool. src, dst: [C] int32 page ids.
+    """
+    num_pages = cache.num_pages
+    # Out-of-range destinations are dropped by the scatter.
+    dst = jnp.where(dst < 0, num_pages, dst)
+    src = jnp.clip(src, 0, num_pages - 1)
+
+    def copy(pages):  # [L, P, page, K, D]
+        return pages.at[:, dst].set(pages[:, src], mode="drop")
+
+    return PagedKVCache(copy(cache.k_pages), copy(cache.v_pages))
+
+
+def paged_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: PagedKVCache,
+                 layer: jax.Array, meta: PagedMeta, *, impl: str = "xla"
+                 ) -> tuple[jax.Array, PagedKVCache]:
+    """The model's AttendFn over a paged cache: write this step's K/V, then ragged attention.
+
+    The stacked pool [L, P, ...] is viewed as one pool of L * P pages (a free reshape), and
+    layer l's pages are ids [l * P, (l + 1) * P): slicing out a layer inside the scan would copy
+    it, while offsetting the slots and block tables costs nothing.
+
+    Args:
+      q: [1, N, H, D]; k, v: [1, N, K, D] flat tokens (RoPE applied). layer: int32 scalar.
+      cache: the stacked pool. meta: this step's ragged batch.
+      impl: "xla"/"reference" (plain jnp) or "pallas" (the kernels).
+    Returns:
+      out [1, N, H, D] (padding rows 0) and the cache with this layer's new K/V.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"paged attention impl={impl!r}; choose one of {', '.join(IMPLS)}")
+    L, P, page, K, D = cache.k_pages.shape
+    offset = layer * P
+    slots = jnp.where(meta.slot_mapping < 0, -1, meta.slot_mapping + offset * page)  # [N]
+    write_impl = "pallas" if impl == "pallas" else "xla"
+    k_pool, v_pool = write_kv_pages(cache.k_pages.reshape(L * P, page, K, D),
+                                    cache.v_pages.reshape(L * P, page, K, D),
+                                    k[0], v[0], slots, impl=write_impl)
+    tables = meta.block_tables + offset  # [B, max_pages]
+    attend = ragged_paged_attention if impl == "pallas" else ragged_paged_attention_reference
+    out = attend(q[0], k_pool, v_pool, tables, meta.context_lens, meta.query_start_loc)
+    cache = PagedKVCache(k_pool.reshape(L, P, page, K, D), v_pool.reshape(L, P, page, K, D))
+    return out[None], cache
+
+
+def make_paged_attend(impl: str = "xla"):
+    """The model's AttendFn for a paged cache with a chosen implementation."""
+    return partial(paged_attend, impl=impl)
