@@ -27,7 +27,7 @@ from jdecode.analysis.textbook import (
     textbook_reports,
     textbook_summary,
 )
-from jdecode.config import ModelConfig, load_model_config_yaml
+from jdecode.config import DTYPES, ModelConfig, load_model_config_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PHASES = ("prefill", "decode", "both")
@@ -104,11 +104,14 @@ def roofline(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Model config override key=value (repeatable).")] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per measurement (median).")] = 10,
+    impl: Annotated[str, typer.Option(
+        help="Attention implementation timed by --measure: xla | pallas.")] = "xla",
 ) -> None:
     """Per-operator FLOPs, bytes, intensity and bound of prefill and decode on a GPU."""
     console = Console()
     _choice("--phase", phase, PHASES)
     _choice("--attention", attention, ("unfused", "flash"))
+    _choice("--impl", impl, ("xla", "pallas"))
     out: dict = {"git_sha": _git_sha()}
     if preset is not None:
         _choice("--preset", preset, ("textbook",))
@@ -117,11 +120,10 @@ def roofline(
     else:
         conv = _choice("--convention", convention or "full", CONVENTIONS)
         label, cfg = resolve_model(model, tuple(set_ or ()))
-        if dtype is not None:
-            cfg = cfg.replace(dtype=dtype) if dtype in ("float32", "bfloat16", "float16") \
-                else cfg
+        if dtype in DTYPES:  # float8/int8 stay analysis-only: the model runs f32/bf16/f16
+            cfg = cfg.replace(dtype=dtype)
         out.update(_run_model(console, label, cfg, dtype or cfg.dtype, conv, attention, phase,
-                              batch, seq, hardware, measure, plot, repeats))
+                              batch, seq, hardware, measure, plot, repeats, impl))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(out, indent=2, default=str))
@@ -150,7 +152,7 @@ def _run_textbook(console: Console, conv: str, attention: str, phase: str,
 
 def _run_model(console: Console, label: str, cfg: ModelConfig, dtype: str, conv: str,
                attention: str, phase: str, batch: int, seq: int, hardware: str, measure: bool,
-               plot: Path | None, repeats: int) -> dict:
+               plot: Path | None, repeats: int, impl: str) -> dict:
     import jax
 
     from jdecode.analysis.measure import device_kind
@@ -176,7 +178,8 @@ def _run_model(console: Console, label: str, cfg: ModelConfig, dtype: str, conv:
 
         with console.status("timing the jitted phases") as status:
             result = run_measured(cfg, phases, hw=measured_hw, convention=conv,
-                                  repeats=repeats, progress=lambda m: status.update(m))
+                                  repeats=repeats, impl=impl,
+                                  progress=lambda m: status.update(m))
         console.print(rpt.measured_table(result))
         console.print("per-operator measured breakdown: not available (the XLA program is "
                       "timed as a whole; see the predicted per-operator table above).")

@@ -130,8 +130,8 @@ def _random_tokens(key: jax.Array, shape: tuple[int, ...], vocab: int) -> jax.Ar
     return jax.random.randint(key, shape, 0, vocab, jnp.int32)
 
 
-def time_phase(cfg: ModelConfig, params, phase: Phase, repeats: int = 10, seed: int = 0
-               ) -> dict[str, float]:
+def time_phase(cfg: ModelConfig, params, phase: Phase, repeats: int = 10, seed: int = 0,
+               impl: str = "xla") -> dict[str, float]:
     """Compiles and times one phase of the real model on random tokens.
 
     The dense cache is sized to phase.kv_len (the model attends over the whole buffer) and
@@ -156,7 +156,7 @@ def time_phase(cfg: ModelConfig, params, phase: Phase, repeats: int = 10, seed: 
                   jnp.full((b,), phase.kv_len - 1, jnp.int32))
     else:
         raise ValueError(f"phase {phase.name!r}: measured mode times prefill and decode")
-    fn = jax.jit(phase_fn(cfg, phase.name), donate_argnums=(1,))
+    fn = jax.jit(phase_fn(cfg, phase.name, impl), donate_argnums=(1,))
     t0 = time.perf_counter()
     compiled = fn.lower(params, cache, *inputs).compile()
     compile_s = time.perf_counter() - t0
@@ -174,20 +174,22 @@ def time_phase(cfg: ModelConfig, params, phase: Phase, repeats: int = 10, seed: 
 
 
 def measure_phase(cfg: ModelConfig, params, phase: Phase, hw: Hardware, *,
-                  convention: str = "full", repeats: int = 10) -> dict:
+                  convention: str = "full", repeats: int = 10, impl: str = "xla") -> dict:
     """Times one phase and places it against the roofline of `hw` (measured ceilings).
 
     Returns:
-      The timing plus predicted step time (sum of per-operator bounds, XLA attention counted
-      as unfused), achieved TFLOP/s and TB/s (our FLOPs and bytes / measured time), % of the
-      bound, and for decode the GPU.md floor (weights + live KV) / read-stream rate.
+      The timing plus predicted step time (sum of per-operator bounds; impl "xla" is costed as
+      unfused attention, "pallas" as flash), achieved TFLOP/s and TB/s (our FLOPs and bytes /
+      measured time; masked scores count as FLOPs, as the seed counts them), % of the bound,
+      and for decode the GPU.md floor (weights + live KV) / read-stream rate.
     """
     dtype = cfg.dtype
-    rep = analyze(cfg, phase, hw, dtype=dtype, convention=convention, attention="unfused")
-    timing = time_phase(cfg, params, phase, repeats)
+    attention = "flash" if impl == "pallas" else "unfused"
+    rep = analyze(cfg, phase, hw, dtype=dtype, convention=convention, attention=attention)
+    timing = time_phase(cfg, params, phase, repeats, impl=impl)
     t = timing["step_s"]
     out = {
-        "phase": phase.name, "batch": phase.batch, "q_len": phase.q_len,
+        "phase": phase.name, "impl": impl, "batch": phase.batch, "q_len": phase.q_len,
         "kv_len": phase.kv_len, **timing,
         "model_flops": rep.flops, "model_bytes": rep.bytes, "convention": convention,
         "predicted_step_s": rep.step_time_s, "predicted_fused_step_s": rep.fused_time_s,
@@ -208,7 +210,7 @@ def measure_phase(cfg: ModelConfig, params, phase: Phase, hw: Hardware, *,
 
 
 def run_measured(cfg: ModelConfig, phases: list[Phase], *, hw: Hardware | None = None,
-                 convention: str = "full", repeats: int = 10, seed: int = 0,
+                 convention: str = "full", repeats: int = 10, seed: int = 0, impl: str = "xla",
                  progress: Callable[[str], None] | None = None) -> dict:
     """Measured mode end to end: ceilings (unless given), random params, every phase.
 
@@ -223,8 +225,8 @@ def run_measured(cfg: ModelConfig, phases: list[Phase], *, hw: Hardware | None =
     params = random_params(cfg, seed)
     results = []
     for phase in phases:
-        say(f"timing {phase.name} B={phase.batch} t={phase.q_len} s={phase.kv_len}")
+        say(f"timing {phase.name} B={phase.batch} t={phase.q_len} s={phase.kv_len} ({impl})")
         results.append(measure_phase(cfg, params, phase, hw, convention=convention,
-                                     repeats=repeats))
+                                     repeats=repeats, impl=impl))
     return {"device": device_kind(), "jax_version": jax.__version__,
             "ceilings": hw.to_dict(), "phases": results}

@@ -48,14 +48,15 @@ def abstract_phase_args(cfg: ModelConfig, phase: Phase, dtype: str | None = None
     raise ValueError(f"phase {phase.name!r}: the XLA cross-check covers prefill and decode")
 
 
-def phase_fn(cfg: ModelConfig, phase_name: str):
-    """The model's pure phase function with cfg bound (jit it; donate the cache to run it)."""
+def phase_fn(cfg: ModelConfig, phase_name: str, impl: str = "xla"):
+    """The model's pure phase function with cfg and the attention impl bound (jit it; donate
+    the cache to run it)."""
     from jdecode.model import phases
 
     fns = {"prefill": phases.prefill, "decode": phases.decode_step}
     if phase_name not in fns:
         raise ValueError(f"phase {phase_name!r}: choose prefill or decode")
-    return partial(fns[phase_name], cfg=cfg)
+    return partial(fns[phase_name], cfg=cfg, impl=impl)
 
 
 def xla_cost(cfg: ModelConfig, phase: Phase, dtype: str | None = None) -> dict[str, float]:

@@ -1,0 +1,31 @@
+"""scripts/bench_roofline.py end to end on the tiny model (CPU): JSON, markdown and plot."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_roofline",
+                                                  ROOT / "scripts" / "bench_roofline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_roofline_writes_its_record(tmp_path):
+    bench = load_script()
+    assert bench.parse_shapes("1x2048,64x1024") == [(1, 2048), (64, 1024)]
+    assert bench.parse_shapes("none") == []
+    result = bench.main(["--model", "tiny", "--prefill", "none", "--decode", "2x32",
+                         "--impls", "xla", "--repeats", "2", "--out", str(tmp_path)])
+    (row,) = result["phases"]
+    assert row["phase"] == "decode" and row["batch"] == 2 and row["kv_len"] == 32
+    assert row["step_s"] > 0 and row["datasheet_step_s"] > 0 and row["pct_of_floor"] > 0
+    saved = json.loads((tmp_path / "bench_roofline.json").read_text())
+    assert saved["ceilings"]["measured"]["read_bytes_per_s"] > 0
+    assert abs(saved["xla_cross_check"]["decode"]["flop_ratio"] - 1) < 0.03
+    assert "| decode | xla | 2 | 1 | 32 |" in (tmp_path / "bench_roofline.md").read_text()
+    assert (tmp_path / "roofline_measured.png").read_bytes()[:4] == b"\x89PNG"
