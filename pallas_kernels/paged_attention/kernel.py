@@ -10,6 +10,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -21,7 +22,7 @@ from pallas_kernels.flash_attention.kernel import (
 )
 from pallas_kernels.flash_attention.tuning import resolve_interpret
 from pallas_kernels.paged_attention.reference import paged_attention_reference
-from pallas_kernels.paged_attention.tuning import paged_config
+from pallas_kernels.paged_attention.tuning import decode_num_splits, paged_config
 
 
 def load_kv_block(pages_ref, table_ref, j, pages_per_block: int, num_pages: int) -> jax.Array:
@@ -126,15 +127,17 @@ def check_paged_inputs(
         raise ValueError(f"block_tables {block_tables.shape} must be [{batch}, max_pages]")
     if tuple(context_lens.shape) != (batch,):
         raise ValueError(f"context_lens {tuple(context_lens.shape)} must be [{batch}]")
-    if not isinstance(context_lens, jax.core.Tracer):
-        # Only checkable when the lengths are concrete (not under jit): clamped silently otherwise.
-        capacity = block_tables.shape[1] * page_size
-        longest = int(jnp.max(context_lens)) if batch else 0
-        if longest > capacity:
-            raise ValueError(
-                f"a context of {longest} tokens does not fit block_tables {block_tables.shape} "
-                f"of {page_size}-token pages ({capacity} tokens): widen the block table"
-            )
+    try:
+        lens = np.asarray(context_lens)
+    except jax.errors.TracerArrayConversionError:
+        return  # traced (under jit): not checkable here, the kernel clamps to the table instead
+    capacity = block_tables.shape[1] * page_size
+    longest = int(lens.max()) if lens.size else 0
+    if longest > capacity:
+        raise ValueError(
+            f"a context of {longest} tokens does not fit block_tables {block_tables.shape} "
+            f"of {page_size}-token pages ({capacity} tokens): widen the block table"
+        )
 
 
 def pad_block_tables(block_tables: jax.Array, multiple: int) -> jax.Array:
@@ -170,7 +173,8 @@ def paged_attention(
         Must be <= max_pages * page_size (checked when concrete, clamped under jit).
       sm_scale: logit scale; defaults to 1/sqrt(D).
       soft_cap: if set, logits become soft_cap * tanh(logits / soft_cap).
-      num_splits: split-K partitions per sequence (flash-decoding); default from tuning.
+      num_splits: split-K partitions per sequence (flash-decoding); default from the grid size
+        (`tuning.decode_num_splits`).
       block_k: tokens per loop step, a power-of-2 multiple of page_size; default from tuning.
       num_warps, num_stages: Triton launch parameters; default from tuning.
       interpret: Pallas interpreter; None = interpret unless the backend is GPU.
@@ -199,7 +203,9 @@ def paged_attention(
         )
     # No more splits than the table has blocks: the rest would be idle programs.
     max_blocks = -(-block_tables.shape[1] * page_size // block_k)
-    num_splits = max(1, min(num_splits or cfg.num_splits, max_blocks))
+    if num_splits is None:
+        num_splits = decode_num_splits(q.shape[0], k_pages.shape[2], max_blocks, cfg)
+    num_splits = max(1, min(num_splits, max_blocks))
     return _paged_call(
         q,
         k_pages,

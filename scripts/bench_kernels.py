@@ -1,0 +1,652 @@
+"""Benchmarks the Pallas attention kernels against their anchors, all timed in one run.
+
+Checks every kernel against its reference first, then times: flash causal prefill vs cuDNN and
+JAX's bundled Pallas mha; paged decode vs JAX's bundled paged attention and an XLA gather;
+a ragged mixed batch vs separate decode and prefill calls; a context x batch sweep (PNG); and
+the memory ceilings (read-only stream, elementwise copy) measured in the same process.
+
+    PYTHONPATH=. python3 scripts/bench_kernels.py --out $OUT
+
+Writes kernels.json, kernels.md and kernels_sweep.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import os
+import statistics
+import subprocess
+import time
+import traceback
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
+from pallas_kernels.paged_attention import (
+    paged_attention,
+    paged_attention_reference,
+    ragged_paged_attention,
+    write_kv_pages,
+)
+from pallas_kernels.paged_attention.reference import gather_pages
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+BF16 = jnp.bfloat16
+GiB = 2**30
+
+
+# ----------------------------------------------------------------------------- timing helpers
+
+
+def compile_time(fn, *args) -> tuple[object, float]:
+    """(compiled executable, seconds to lower + compile)."""
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def time_calls(compiled, *args, inner: int = 10, reps: int = 25) -> float:
+    """Median seconds per call: `inner` back-to-back async calls per sample, `reps` samples."""
+    jax.block_until_ready(compiled(*args))
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = compiled(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples)
+
+
+def time_looped(step, tables, *args, inner: int = 20, reps: int = 15) -> tuple[float, float]:
+    """Median seconds per step, with `inner` steps inside one jitted fori_loop.
+
+    step(table, *args) -> array. Each iteration takes the next of the stacked `tables`
+    [R, ...] (block tables over disjoint pages), so repeated steps do not re-read the L2 and
+    the loop body cannot be hoisted. Returns (seconds per step, compile seconds).
+    """
+    r = tables.shape[0]
+
+    def loop(tables, *args):
+        def body(i, out):
+            return step(tables[i % r], *args)
+
+        first = step(tables[0], *args)
+        return jax.lax.fori_loop(1, inner + 1, body, first)
+
+    compiled, c = compile_time(loop, tables, *args)
+    jax.block_until_ready(compiled(tables, *args))
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(tables, *args))
+        samples.append((time.perf_counter() - t0) / (inner + 1))
+    return statistics.median(samples), c
+
+
+def rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref|| in f32."""
+    out, ref = jnp.asarray(out, jnp.float32), jnp.asarray(ref, jnp.float32)
+    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
+def check(name, out, ref, tol=2e-2) -> dict:
+    err = rel_err(out, ref)
+    finite = bool(jnp.all(jnp.isfinite(jnp.asarray(out, jnp.float32))))
+    ok = finite and err <= tol
+    print(f"  check {name}: rel err {err:.2e} finite={finite} -> {'ok' if ok else 'FAILED'}")
+    if not ok:
+        raise AssertionError(f"{name} disagrees with its reference (rel err {err:.2e})")
+    return {"rel_err": err}
+
+
+# ----------------------------------------------------------------------------- ceilings
+
+
+def bench_ceilings() -> dict:
+    """Read-only stream (sum of 4 GiB bf16) and elementwise copy (2 GiB in, 2 GiB out), XLA."""
+    res = {}
+    x = jnp.ones((2 * GiB,), BF16) * 1.5  # 4 GiB
+    f, _ = compile_time(lambda x: jnp.sum(x, dtype=jnp.float32), x)
+    t = time_calls(f, x, inner=5, reps=15)
+    res["read_stream_TBps"] = 4 * GiB / t / 1e12
+    del x
+    y = jnp.ones((GiB,), BF16) * 1.5  # 2 GiB
+    g, _ = compile_time(lambda y: y * 2, y)
+    t = time_calls(g, y, inner=5, reps=15)
+    res["copy_TBps"] = 4 * GiB / t / 1e12  # bytes read + bytes written
+    del y
+    try:  # PyTorch device-to-device copy, as in GPU.md's anchor table
+        import torch
+
+        a = torch.empty(GiB, dtype=torch.bfloat16, device="cuda")
+        b = torch.empty_like(a)
+        for _ in range(3):
+            b.copy_(a)
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(15):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            b.copy_(a)
+            e1.record()
+            e1.synchronize()
+            ts.append(e0.elapsed_time(e1) / 1e3)
+        res["torch_copy_TBps"] = 4 * GiB / statistics.median(ts) / 1e12
+        del a, b
+        torch.cuda.empty_cache()
+    except Exception as e:  # noqa: BLE001 - the anchor is optional
+        res["torch_copy_error"] = repr(e)
+    print(f"ceilings: {res}")
+    return res
+
+
+# ----------------------------------------------------------------------------- flash
+
+
+FLASH_CONFIGS = [  # (block_q, block_k, num_warps, num_stages)
+    (128, 64, 4, 3),
+    (128, 64, 8, 3),
+    (128, 128, 8, 3),
+    (128, 128, 8, 2),
+    (128, 32, 4, 3),
+    (64, 64, 4, 3),
+    (64, 128, 4, 3),
+    (128, 64, 8, 4),
+]
+
+
+def bench_flash(b=2, t=4096, h=32, kv=8, d=128) -> dict:
+    ks = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(ks[0], (b, t, h, d), BF16)
+    k = jax.random.normal(ks[1], (b, t, kv, d), BF16)
+    v = jax.random.normal(ks[2], (b, t, kv, d), BF16)
+    flops = 4 * b * h * t * t * d / 2  # two matmuls, causal half
+    res = {"shape": {"B": b, "T": t, "H": h, "KV": kv, "D": d, "dtype": "bfloat16", "causal": True}}
+    ref = jax.jit(functools.partial(flash_attention_reference, causal=True))(q, k, v)
+
+    def record(name, fn, *args):
+        try:
+            compiled, c = compile_time(fn, *args)
+            res.setdefault("checks", {})[name] = check(name, compiled(*args), ref)
+            s = time_calls(compiled, *args)
+            res[name] = {"ms": s * 1e3, "TFLOPs": flops / s / 1e12, "compile_s": c}
+            print(f"  {name}: {s * 1e3:.3f} ms  {flops / s / 1e12:.1f} TFLOP/s  (compile {c:.1f}s)")
+        except Exception as e:  # noqa: BLE001 - keep the other variants' numbers
+            res[name] = {"error": repr(e)[:500]}
+            print(f"  {name}: ERROR {e!r}"[:400])
+
+    print("flash causal prefill")
+    for bq, bk, w, st in FLASH_CONFIGS:
+        fn = functools.partial(
+            flash_attention, causal=True, block_q=bq, block_k=bk, num_warps=w, num_stages=st
+        )
+        record(f"ours_bq{bq}_bk{bk}_w{w}_s{st}", fn, q, k, v)
+    record("ours_default", functools.partial(flash_attention, causal=True), q, k, v)
+    record(
+        "cudnn",
+        functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn"),
+        q,
+        k,
+        v,
+    )
+    record(
+        "xla",
+        functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="xla"),
+        q,
+        k,
+        v,
+    )
+    try:
+        from jax.experimental.pallas.ops.gpu import attention as bundled
+
+        # The bundled mha has no GQA: it gets K/V repeated to all heads (same FLOPs).
+        kr, vr = (jnp.repeat(x, h // kv, axis=2) for x in (k, v))
+        record(
+            "jax_bundled_pallas_mha",
+            lambda q, k, v: bundled.mha(q, k, v, None, d**-0.5, True),
+            q,
+            kr,
+            vr,
+        )
+    except Exception as e:  # noqa: BLE001
+        res["jax_bundled_pallas_mha"] = {"error": repr(e)[:500]}
+    ours = {n: r for n, r in res.items() if n.startswith("ours_") and "TFLOPs" in r}
+    if ours:
+        best = max(ours, key=lambda n: ours[n]["TFLOPs"])
+        res["ours_best"] = {"config": best, **ours[best]}
+    return res
+
+
+# ----------------------------------------------------------------------------- paged decode
+
+
+def make_paged(b, ctx, kv, d, page, rotations, key, h=None, dtype=BF16):
+    """A pool holding `rotations` disjoint copies of every sequence's pages, and the stacked
+    block tables [R, B, pages] (random permutation of the pool) that address each copy."""
+    pages_per_seq = ctx // page
+    num_pages = rotations * b * pages_per_seq
+    ks = jax.random.split(key, 3)
+    k_pages = jax.random.normal(ks[0], (num_pages, page, kv, d), dtype)
+    v_pages = jax.random.normal(ks[1], (num_pages, page, kv, d), dtype)
+    perm = jax.random.permutation(ks[2], num_pages).astype(jnp.int32)
+    tables = perm.reshape(rotations, b, pages_per_seq)
+    return k_pages, v_pages, tables
+
+
+def xla_gather_decode(q, k_pages, v_pages, tables, ctx):
+    """The XLA anchor: gather the pages into a dense cache, then bf16 einsum attention."""
+    b, h, d = q.shape
+    k = gather_pages(k_pages, tables)  # [B, S, K, D]
+    v = gather_pages(v_pages, tables)
+    kv = k.shape[2]
+    qg = q.reshape(b, kv, h // kv, d)
+    s = jnp.einsum("bkgd,bskd->bkgs", qg, k, preferred_element_type=jnp.float32) * d**-0.5
+    s = jnp.where(jnp.arange(k.shape[1]) < ctx[:, None, None, None], s, -1e30)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return (
+        jnp.einsum("bkgs,bskd->bkgd", p, v, preferred_element_type=jnp.float32)
+        .reshape(b, h, d)
+        .astype(q.dtype)
+    )
+
+
+def bundled_paged_step(q, k_t, v_t, table, ctx):
+    from jax.experimental.pallas.ops.gpu import paged_attention as bundled
+
+    return bundled.paged_attention(q, k_t, v_t, table, ctx)  # its defaults: block_h 16, 8 pages
+
+
+def bench_decode_point(b, ctx_len, h=32, kv=8, d=128, page=16, variants=None, anchors=True):
+    """One decode shape: every variant's TB/s (K/V bytes actually attended / time)."""
+    kv_bytes = 2 * b * ctx_len * kv * d * 2
+    rotations = max(1, min(32, math.ceil(256e6 / kv_bytes)))  # >= 256 MB touched: beats L2
+    key = jax.random.key(ctx_len + b)
+    k_pages, v_pages, tables = make_paged(b, ctx_len, kv, d, page, rotations, key)
+    q = jax.random.normal(jax.random.key(7), (b, h, d), BF16)
+    ctx = jnp.full((b,), ctx_len, jnp.int32)
+    point = {"B": b, "context": ctx_len, "kv_bytes": kv_bytes, "rotations": rotations}
+    ref = jax.jit(paged_attention_reference)(q, k_pages, v_pages, tables[0], ctx)
+
+    def record(name, step, *pools):
+        try:
+            out = jax.jit(step)(tables[0], *pools)
+            point.setdefault("checks", {})[name] = check(name, out, ref)["rel_err"]
+            s, c = time_looped(step, tables, *pools)
+            point[name] = {"us": s * 1e6, "TBps": kv_bytes / s / 1e12, "compile_s": c}
+            print(f"  B{b} ctx{ctx_len} {name}: {s * 1e6:.1f} us  {kv_bytes / s / 1e12:.2f} TB/s")
+        except Exception as e:  # noqa: BLE001
+            point[name] = {"error": repr(e)[:500]}
+            print(f"  B{b} ctx{ctx_len} {name}: ERROR {e!r}"[:400])
+
+    for name, kwargs in (variants or {"ours": {}}).items():
+        record(
+            name,
+            lambda t, kp, vp, kw=kwargs: paged_attention(q, kp, vp, t, ctx, **kw),
+            k_pages,
+            v_pages,
+        )
+    if anchors:
+        k_t, v_t = (jnp.transpose(x, (2, 0, 1, 3)) for x in (k_pages, v_pages))  # [K, P, page, D]
+        record(
+            "jax_bundled_paged", lambda t, kp, vp: bundled_paged_step(q, kp, vp, t, ctx), k_t, v_t
+        )
+        del k_t, v_t
+        record(
+            "xla_gather", lambda t, kp, vp: xla_gather_decode(q, kp, vp, t, ctx), k_pages, v_pages
+        )
+    return point
+
+
+def bench_decode() -> dict:
+    print("paged decode B32 S4096 H32 KV8 D128 bf16 page 16")
+    variants = {"ours_default": {}}
+    for splits in (1, 2, 4, 8):
+        for bk in (32, 64, 128):
+            variants[f"ours_split{splits}_bk{bk}"] = {"num_splits": splits, "block_k": bk}
+    variants["ours_split2_bk64_s2"] = {"num_splits": 2, "block_k": 64, "num_stages": 2}
+    res = bench_decode_point(32, 4096, variants=variants)
+    ours = {n: r for n, r in res.items() if n.startswith("ours_") and "TBps" in r}
+    if ours:
+        best = max(ours, key=lambda n: ours[n]["TBps"])
+        res["ours_best"] = {"config": best, **ours[best]}
+    for page in (32, 64):
+        p = bench_decode_point(32, 4096, page=page, anchors=False)
+        res[f"ours_page{page}"] = p.get("ours")
+    return res
+
+
+def bench_sweep() -> list[dict]:
+    print("decode sweep (context x batch)")
+    points = []
+    for b in (1, 8, 32):
+        for ctx_len in (1024, 2048, 4096, 8192, 16384, 32768):
+            points.append(bench_decode_point(b, ctx_len, anchors=(b == 32)))
+    return points
+
+
+# ----------------------------------------------------------------------------- ragged
+
+
+def bench_ragged(
+    n_dec=28, n_pre=4, chunk=512, dec_ctx=4096, pre_ctx=2048, h=32, kv=8, d=128, page=16
+) -> dict:
+    """28 decodes at context 4096 + 4 prefill chunks of 512 (positions 1536..2047)."""
+    print(f"ragged: {n_dec} decodes (ctx {dec_ctx}) + {n_pre} chunks of {chunk} (ctx {pre_ctx})")
+    b = n_dec + n_pre
+    lens = [dec_ctx] * n_dec + [pre_ctx] * n_pre
+    q_lens = [1] * n_dec + [chunk] * n_pre
+    max_pages = max(lens) // page
+    need = [c // page for c in lens]
+    num_pages = sum(need)
+    ks = jax.random.split(jax.random.key(3), 4)
+    k_pages = jax.random.normal(ks[0], (num_pages, page, kv, d), BF16)
+    v_pages = jax.random.normal(ks[1], (num_pages, page, kv, d), BF16)
+    perm = np.asarray(jax.random.permutation(ks[2], num_pages))
+    tables = np.zeros((b, max_pages), np.int32)
+    start = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = perm[start : start + n]
+        start += n
+    tables = jnp.asarray(tables)
+    ctx = jnp.asarray(lens, jnp.int32)
+    qsl = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    n_tok = int(qsl[-1])
+    q = jax.random.normal(ks[3], (n_tok, h, d), BF16)
+    res = {
+        "shape": {
+            "decodes": n_dec,
+            "prefill_chunks": n_pre,
+            "chunk": chunk,
+            "decode_context": dec_ctx,
+            "prefill_context": pre_ctx,
+            "tokens": n_tok,
+            "H": h,
+            "KV": kv,
+            "D": d,
+            "page": page,
+        }
+    }
+
+    # Reference in two parts (a flat reference would materialize [N, S] per row):
+    # decode rows vs paged_attention_reference, chunk rows vs flash reference on gathered K/V.
+    ref_dec = paged_attention_reference(q[:n_dec], k_pages, v_pages, tables[:n_dec], ctx[:n_dec])
+    kd = gather_pages(k_pages, tables[n_dec:, : pre_ctx // page])
+    vd = gather_pages(v_pages, tables[n_dec:, : pre_ctx // page])
+    q_pre = q[n_dec:].reshape(n_pre, chunk, h, d)
+    q_off = jnp.full((n_pre,), pre_ctx - chunk, jnp.int32)
+    ref_pre = flash_attention_reference(q_pre, kd, vd, causal=True, q_offset=q_off)
+    ref = jnp.concatenate([ref_dec, ref_pre.reshape(-1, h, d)])
+
+    pre_qsl = qsl[n_dec:] - n_dec
+    dec_tables, pre_tables = tables[:n_dec], tables[n_dec:]
+
+    def separate_ragged(q, kp, vp):
+        dec = paged_attention(q[:n_dec], kp, vp, dec_tables, ctx[:n_dec])
+        pre = ragged_paged_attention(q[n_dec:], kp, vp, pre_tables, ctx[n_dec:], pre_qsl)
+        return jnp.concatenate([dec, pre])
+
+    def separate_flash(q, kp, vp):
+        dec = paged_attention(q[:n_dec], kp, vp, dec_tables, ctx[:n_dec])
+        k = gather_pages(kp, pre_tables[:, : pre_ctx // page])
+        v = gather_pages(vp, pre_tables[:, : pre_ctx // page])
+        pre = flash_attention(q[n_dec:].reshape(n_pre, chunk, h, d), k, v, q_offset=q_off)
+        return jnp.concatenate([dec, pre.reshape(-1, h, d)])
+
+    variants = {
+        "ours_ragged_default": lambda q, kp, vp: ragged_paged_attention(q, kp, vp, tables, ctx, qsl)
+    }
+    for rows in (16, 32, 64, 128):
+        for bk in (32, 64):
+            variants[f"ours_ragged_rows{rows}_bk{bk}"] = functools.partial(
+                lambda q, kp, vp, bq, bk: ragged_paged_attention(
+                    q, kp, vp, tables, ctx, qsl, block_q=bq, block_k=bk
+                ),
+                bq=rows // 4,
+                bk=bk,
+            )
+    variants["separate_decode_plus_ragged_prefill"] = separate_ragged
+    variants["separate_decode_plus_gather_flash"] = separate_flash
+    for name, fn in variants.items():
+        try:
+            compiled, c = compile_time(fn, q, k_pages, v_pages)
+            res.setdefault("checks", {})[name] = check(name, compiled(q, k_pages, v_pages), ref)
+            s = time_calls(compiled, q, k_pages, v_pages)
+            res[name] = {"us": s * 1e6, "tokens_per_s": n_tok / s, "compile_s": c}
+            print(f"  {name}: {s * 1e6:.1f} us  {n_tok / s / 1e6:.2f} M tok/s")
+        except Exception as e:  # noqa: BLE001
+            res[name] = {"error": repr(e)[:500]}
+            print(f"  {name}: ERROR {e!r}"[:400])
+    ours = {n: r for n, r in res.items() if n.startswith("ours_") and "us" in r}
+    if ours:
+        best = min(ours, key=lambda n: ours[n]["us"])
+        res["ours_best"] = {"config": best, **ours[best]}
+
+    # The page write for the same step: 2076 new K/V rows into the pool.
+    slots = jnp.asarray(
+        np.random.default_rng(0).choice(num_pages * page, n_tok, replace=False), jnp.int32
+    )
+    k_new = jax.random.normal(ks[0], (n_tok, kv, d), BF16)
+    for impl in ("pallas", "xla"):
+
+        def step(pools, slots, impl=impl):
+            return write_kv_pages(*pools, k_new, k_new, slots, impl=impl)
+
+        try:
+            loop = jax.jit(
+                lambda pools, slots: jax.lax.fori_loop(0, 20, lambda i, p: step(p, slots), pools),
+                donate_argnums=0,
+            )
+            pools = (k_pages + 0, v_pages + 0)
+            pools = jax.block_until_ready(loop(pools, slots))
+            t0 = time.perf_counter()
+            pools = jax.block_until_ready(loop(pools, slots))
+            s = (time.perf_counter() - t0) / 20
+            res[f"write_kv_pages_{impl}"] = {"us": s * 1e6}
+            print(f"  write_kv_pages[{impl}]: {s * 1e6:.1f} us for {n_tok} rows")
+        except Exception as e:  # noqa: BLE001
+            res[f"write_kv_pages_{impl}"] = {"error": repr(e)[:500]}
+            print(f"  write_kv_pages[{impl}]: ERROR {e!r}"[:400])
+    return res
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def plot_sweep(points, path, ceilings):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for b in sorted({p["B"] for p in points}):
+        pts = [p for p in points if p["B"] == b and "TBps" in p.get("ours", {})]
+        ax.plot(
+            [p["context"] for p in pts],
+            [p["ours"]["TBps"] for p in pts],
+            "o-",
+            label=f"ours, B={b}",
+        )
+        anchor = [p for p in pts if "TBps" in p.get("jax_bundled_paged", {})]
+        if anchor:
+            ax.plot(
+                [p["context"] for p in anchor],
+                [p["jax_bundled_paged"]["TBps"] for p in anchor],
+                "s--",
+                label=f"JAX bundled Pallas paged, B={b}",
+            )
+            ax.plot(
+                [p["context"] for p in anchor],
+                [p["xla_gather"]["TBps"] for p in anchor],
+                "x:",
+                label=f"XLA gather, B={b}",
+            )
+    for name, style in (("read_stream_TBps", "-"), ("copy_TBps", "--")):
+        if name in ceilings:
+            ax.axhline(
+                ceilings[name],
+                color="gray",
+                ls=style,
+                lw=1,
+                label=f"{name.replace('_TBps', '')} {ceilings[name]:.2f} TB/s",
+            )
+    if ax.lines:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("effective K/V read bandwidth (TB/s)")
+    ax.set_title("Paged decode, H32 KV8 D128 bf16, page 16")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def fmt(r, key, spec):
+    return format(r[key], spec) if isinstance(r, dict) and key in r else "error"
+
+
+def markdown(results) -> str:
+    env, ceil = results["env"], results.get("ceilings", {})
+    lines = [
+        "# Kernel benchmarks",
+        "",
+        f"- date: {env['date']}",
+        f"- card: {env['device_kind']}; jax {env['jax']}; git {env['git']}",
+        f"- command: `{env['command']}`",
+        (
+            f"- ceilings (same run): read-only stream {fmt(ceil, 'read_stream_TBps', '.2f')} TB/s, "
+            f"XLA elementwise copy {fmt(ceil, 'copy_TBps', '.2f')} TB/s, "
+            f"PyTorch D2D copy {fmt(ceil, 'torch_copy_TBps', '.2f')} TB/s"
+        ),
+        "",
+    ]
+    fl = results.get("flash", {})
+    if fl:
+        lines += [
+            "## Flash attention, causal prefill B2 T4096 H32 KV8 D128 bf16",
+            "",
+            "| variant | ms | TFLOP/s | compile s |",
+            "|---|---|---|---|",
+        ]
+        for name, r in fl.items():
+            if isinstance(r, dict) and ("ms" in r or "error" in r) and name != "ours_best":
+                lines.append(
+                    f"| {name} | {fmt(r, 'ms', '.3f')} | {fmt(r, 'TFLOPs', '.1f')} | "
+                    f"{fmt(r, 'compile_s', '.1f')} |"
+                )
+        if "ours_best" in fl:
+            lines.append(f"\nbest of ours: {fl['ours_best']['config']}")
+        lines.append("")
+    de = results.get("decode", {})
+    if de:
+        lines += [
+            "## Paged decode B32 S4096 H32 KV8 D128 bf16, page 16",
+            "",
+            "| variant | us | TB/s | compile s |",
+            "|---|---|---|---|",
+        ]
+        for name, r in de.items():
+            if isinstance(r, dict) and ("us" in r or "error" in r):
+                lines.append(
+                    f"| {name} | {fmt(r, 'us', '.1f')} | {fmt(r, 'TBps', '.2f')} | "
+                    f"{fmt(r, 'compile_s', '.1f')} |"
+                )
+        if "ours_best" in de:
+            lines.append(f"\nbest of ours: {de['ours_best']['config']}")
+        lines.append("")
+    ra = results.get("ragged", {})
+    if ra:
+        lines += [
+            f"## Ragged mixed batch: {ra.get('shape')}",
+            "",
+            "| variant | us | tokens/s |",
+            "|---|---|---|",
+        ]
+        for name, r in ra.items():
+            if isinstance(r, dict) and ("us" in r or "error" in r) and name != "ours_best":
+                lines.append(
+                    f"| {name} | {fmt(r, 'us', '.1f')} | {fmt(r, 'tokens_per_s', '.3g')} |"
+                )
+        lines.append("")
+    sw = results.get("sweep", [])
+    if sw:
+        lines += [
+            "## Decode sweep (ours, default tuning), TB/s",
+            "",
+            "| B \\ context | "
+            + " | ".join(str(c) for c in sorted({p["context"] for p in sw}))
+            + " |",
+            "|---" * (1 + len({p["context"] for p in sw})) + "|",
+        ]
+        for b in sorted({p["B"] for p in sw}):
+            row = [fmt(p.get("ours"), "TBps", ".2f") for p in sw if p["B"] == b]
+            lines.append(f"| {b} | " + " | ".join(row) + " |")
+        lines += ["", "![sweep](kernels_sweep.png)", ""]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks"))
+    ap.add_argument("--only", default="ceilings,flash,decode,ragged,sweep")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    try:
+        sha = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+            ).stdout.strip()
+            or "unknown"
+        )
+    except OSError:
+        sha = "unknown"
+    results = {
+        "env": {
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "device_kind": jax.devices()[0].device_kind,
+            "jax": jax.__version__,
+            "git": sha,
+            "command": "PYTHONPATH=. python3 scripts/bench_kernels.py --out $OUT",
+        }
+    }
+    print(results["env"])
+    sections = {
+        "ceilings": bench_ceilings,
+        "flash": bench_flash,
+        "decode": bench_decode,
+        "ragged": bench_ragged,
+        "sweep": bench_sweep,
+    }
+    for name in args.only.split(","):
+        try:
+            results[name] = sections[name]()
+        except Exception:  # noqa: BLE001 - write what we have
+            results[name] = {"error": traceback.format_exc()[-2000:]}
+            print(results[name]["error"])
+        with open(os.path.join(args.out, "kernels.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    if isinstance(results.get("sweep"), list):
+        try:
+            plot_sweep(
+                results["sweep"],
+                os.path.join(args.out, "kernels_sweep.png"),
+                results.get("ceilings", {}),
+            )
+        except Exception:  # noqa: BLE001
+            print(traceback.format_exc())
+    md = markdown(results)
+    with open(os.path.join(args.out, "kernels.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
