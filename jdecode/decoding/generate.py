@@ -21,6 +21,7 @@ from jdecode.decoding.loop import LoopState, init_loop, run_loop
 from jdecode.decoding.sampling import SamplingArrays, SamplingParams
 from jdecode.io.registry import Model
 from jdecode.io.tokenizer import IncrementalDetokenizer
+from jdecode.model.layout import inference_layout
 
 MIN_PROMPT_BUCKET = 16
 CACHE_ROUND = 256
@@ -52,12 +53,18 @@ class Generator:
     Args:
       model: a loaded `Model`. decoder_fn(cfg, max_len) -> Decoder (default: autoregressive).
       impl: attention implementation. max_seq_len: cache slots per sequence (default: the
-        model's max_position_embeddings).
+        model's max_position_embeddings). layout: "inference" (fused, unrolled layers; the
+        GPU default), "stacked" (lax.scan; the CPU default, compiles fastest) or "auto".
     """
 
     def __init__(self, model: Model, decoder_fn: Callable[..., Decoder] | None = None,
-                 impl: str = "xla", max_seq_len: int | None = None):
+                 impl: str = "xla", max_seq_len: int | None = None, layout: str = "auto"):
         self.model, self.impl = model, impl
+        if layout == "auto":  # unrolled + fused is 1.8x faster at batch 1 on the H100
+            layout = "inference" if jax.default_backend() == "gpu" else "stacked"
+        if layout not in ("inference", "stacked"):
+            raise ValueError(f"layout={layout!r}: choose auto, inference or stacked")
+        self.params = inference_layout(model.params) if layout == "inference" else model.params
         self.decoder_fn = decoder_fn or partial(autoregressive, impl=impl)
         self.max_seq_len = max_seq_len or model.cfg.max_position_embeddings
         self._compiled: dict[tuple, _Compiled] = {}
@@ -94,7 +101,7 @@ class Generator:
             ls_shape = jax.eval_shape(init, *args)
             # The loop state (cache included) is donated: updated in place every chunk.
             loop = jax.jit(partial(run_loop, decoder), donate_argnums=(1,))
-            loop_c = loop.lower(self.model.params, ls_shape, jnp.int32(0)).compile()
+            loop_c = loop.lower(self.params, ls_shape, jnp.int32(0)).compile()
             self._compiled[key] = _Compiled(init_c, loop_c, time.perf_counter() - t0)
         return self._compiled[key]
 
@@ -147,7 +154,7 @@ class Generator:
                                np.int32)
         seeds = [sp.seed if sp.seed is not None else np.random.randint(2**31) for sp in sampling]
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds + [0] * (batch - n), jnp.uint32))
-        args = (self.model.params, jnp.asarray(prompt), jnp.asarray(lengths),
+        args = (self.params, jnp.asarray(prompt), jnp.asarray(lengths),
                 SamplingArrays.from_params(sampling, batch), keys, jnp.asarray(max_new_arr),
                 jnp.asarray(stop_ids))
         exe = self._executables(batch, t_bucket, max_len, max_out, n_stop, track_seen, args)
@@ -182,7 +189,7 @@ class Generator:
                 break
             yield deltas, None
             deltas = None
-            ls = exe.loop(self.model.params, ls, jnp.int32(chunk_steps))
+            ls = exe.loop(self.params, ls, jnp.int32(chunk_steps))
         t_decode = time.perf_counter() - t1
         results = []
         steps, accepted, live_steps = jax.device_get((ls.steps, ls.accepted, ls.live_steps))

@@ -27,17 +27,22 @@ class LayerParams:
     """All decoder layers, stacked: every array has a leading L axis."""
 
     attn_norm: jax.Array  # [L, E]
-    wq: jax.Array  # [L, E, H*D]
-    wk: jax.Array  # [L, E, K*D]
-    wv: jax.Array  # [L, E, K*D]
+    wq: jax.Array | None  # [L, E, H*D]
+    wk: jax.Array | None  # [L, E, K*D]
+    wv: jax.Array | None  # [L, E, K*D]
     wo: jax.Array  # [L, H*D, E]
     mlp_norm: jax.Array  # [L, E]
-    w_gate: jax.Array  # [L, E, F]
-    w_up: jax.Array  # [L, E, F]
+    w_gate: jax.Array | None  # [L, E, F]
+    w_up: jax.Array | None  # [L, E, F]
     w_down: jax.Array  # [L, F, E]
     bq: jax.Array | None = None  # [L, H*D] (Qwen2 only)
     bk: jax.Array | None = None  # [L, K*D]
     bv: jax.Array | None = None  # [L, K*D]
+    # Fused inference layout (see `jdecode.model.layout`): when set, wq/wk/wv (and bq/bk/bv)
+    # or w_gate/w_up are None and one wider matmul replaces three (two).
+    wqkv: jax.Array | None = None  # [L, E, (H+2K)*D]
+    bqkv: jax.Array | None = None  # [L, (H+2K)*D]
+    w_gate_up: jax.Array | None = None  # [L, E, 2F]
 
 
 @_register

@@ -29,21 +29,33 @@ def decoder_layer(x: jax.Array, lp: LayerParams, cos: jax.Array, sin: jax.Array,
     H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     with jax.named_scope("attn"):
         h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
-        q = apply_rope(_project(h, lp.wq, lp.bq, H, D), cos, sin)  # [B, T, H, D]
-        k = apply_rope(_project(h, lp.wk, lp.bk, K, D), cos, sin)  # [B, T, K, D]
-        v = _project(h, lp.wv, lp.bv, K, D)  # [B, T, K, D]
+        if lp.wqkv is not None:  # fused layout: one [E, (H+2K)D] matmul
+            qkv = _project(h, lp.wqkv, lp.bqkv, H + 2 * K, D)
+            q, k, v = qkv[:, :, :H], qkv[:, :, H:H + K], qkv[:, :, H + K:]
+        else:
+            q = _project(h, lp.wq, lp.bq, H, D)  # [B, T, H, D]
+            k = _project(h, lp.wk, lp.bk, K, D)  # [B, T, K, D]
+            v = _project(h, lp.wv, lp.bv, K, D)  # [B, T, K, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out, cache = attend(q, k, v, cache, layer, meta)  # [B, T, H, D]
         x = x + jnp.einsum("btf,fe->bte", out.reshape(*out.shape[:2], H * D), lp.wo)
     with jax.named_scope("mlp"):
         h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
-        x = x + swiglu_mlp(h, lp.w_gate, lp.w_up, lp.w_down)
+        if lp.w_gate_up is not None:  # fused layout: gate and up in one [E, 2F] matmul
+            gate, up = jnp.split(jnp.einsum("bte,ef->btf", h, lp.w_gate_up), 2, axis=-1)
+            x = x + jnp.einsum("btf,fe->bte", jax.nn.silu(gate) * up, lp.w_down)
+        else:
+            x = x + swiglu_mlp(h, lp.w_gate, lp.w_up, lp.w_down)
     return x, cache
 
 
 def lm_head(params: Params, hidden: jax.Array) -> jax.Array:
     """[..., E] final-normed hidden -> [..., V] f32 logits (tied or untied head)."""
-    w = params.embed.T if params.lm_head is None else params.lm_head  # [E, V]
-    return jnp.einsum("...e,ev->...v", hidden, w, preferred_element_type=jnp.float32)
+    if params.lm_head is None:  # tied: contract with embed [V, E] directly, no transpose op
+        return jnp.einsum("...e,ve->...v", hidden, params.embed,
+                          preferred_element_type=jnp.float32)
+    return jnp.einsum("...e,ev->...v", hidden, params.lm_head,
+                      preferred_element_type=jnp.float32)
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Any, meta: Any,
@@ -62,14 +74,20 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Any,
     x = params.embed[tokens]  # [B, T, E]
     cos, sin = rope_tables(positions, cfg)  # [B, T, D/2]
 
-    def body(carry, xs):
-        x, cache = carry
-        lp, layer = xs
-        x, cache = decoder_layer(x, lp, cos, sin, cache, layer, meta, cfg=cfg, attend=attend)
-        return (x, cache), None
+    if isinstance(params.layers, tuple):  # unstacked (see `unstack_layers`): unrolled loop
+        for layer, lp in enumerate(params.layers):
+            x, cache = decoder_layer(x, lp, cos, sin, cache, jnp.int32(layer), meta, cfg=cfg,
+                                     attend=attend)
+    else:
+        def body(carry, xs):
+            x, cache = carry
+            lp, layer = xs
+            x, cache = decoder_layer(x, lp, cos, sin, cache, layer, meta, cfg=cfg,
+                                     attend=attend)
+            return (x, cache), None
 
-    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, cache), _ = jax.lax.scan(body, (x, cache), (params.layers, layer_ids))
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (params.layers, layer_ids))
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at[..., None], axis=1)  # [B, N, E]
     hidden = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
