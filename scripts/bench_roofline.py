@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
             label = f"{phase.name} B={phase.batch} t={phase.q_len} s={phase.kv_len} [{impl}]"
             print(f"timing {label}", flush=True)
             try:
-                row = measure_phase(cfg, params, phase, hw, repeats=args.repeats, impl=impl)
+                row = measure_phase(cfg, params, phase, hw, repeats=args.repeats, impl=impl,
+                                    breakdown=True)
             # Any failure (a kernel not lowering, out of memory) is recorded and the run goes on:
             # one GPU call must return every other row.
             except Exception as e:  # noqa: BLE001
@@ -142,6 +143,18 @@ def markdown_table(result: dict) -> str:
             f"{r['tokens_per_s']:,.0f} | {floor} | {r['compile_s']:.1f} s |")
     lines += ["", "XLA cost_analysis vs our FLOPs (one-layer replica): " + ", ".join(
         f"{k} {v['flop_ratio']:.4f}" for k, v in result["xla_cross_check"].items()), ""]
+    for r in result["phases"]:
+        if not r.get("breakdown"):
+            continue
+        lines += [(f"Per-operator breakdown, {r['phase']} B={r['batch']} s={r['kv_len']} "
+                   f"[{r['impl']}] ({r['breakdown_note']}):"), "",
+                  "| category | measured / step | roofline bound | % of bound |",
+                  "|---|---|---|---|"]
+        for b in r["breakdown"]:
+            pct = "-" if b["pct_of_bound"] is None else f"{b['pct_of_bound']:.1f}"
+            lines.append(f"| {b['category']} | {b['measured_s'] * 1e6:.1f} µs | "
+                         f"{b['predicted_s'] * 1e6:.1f} µs | {pct} |")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -58,8 +58,9 @@ def _choice(name: str, value: str, allowed) -> str:
 
 def _git_sha() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or "unknown"
+        return subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=REPO_ROOT,
+                              capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -178,11 +179,11 @@ def _run_model(console: Console, label: str, cfg: ModelConfig, dtype: str, conv:
 
         with console.status("timing the jitted phases") as status:
             result = run_measured(cfg, phases, hw=measured_hw, convention=conv,
-                                  repeats=repeats, impl=impl,
+                                  repeats=repeats, impl=impl, breakdown=True,
                                   progress=lambda m: status.update(m))
         console.print(rpt.measured_table(result))
-        console.print("per-operator measured breakdown: not available (the XLA program is "
-                      "timed as a whole; see the predicted per-operator table above).")
+        for r in result["phases"]:
+            console.print(rpt.breakdown_table(r))
         measured = result["phases"]
         out["measured"] = result
     if plot is not None:

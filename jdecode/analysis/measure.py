@@ -14,7 +14,7 @@ import numpy as np
 
 from jdecode.analysis.costs import Phase, kv_cache_bytes, weight_bytes
 from jdecode.analysis.hardware import Hardware
-from jdecode.analysis.roofline import analyze, memory_floor_tokens_per_s
+from jdecode.analysis.roofline import PhaseReport, analyze, memory_floor_tokens_per_s
 from jdecode.config import ModelConfig
 
 # Working-set sizes: the GPU figures in GPU.md use >= 4 GiB streams (far beyond L2) and an
@@ -131,7 +131,7 @@ def _random_tokens(key: jax.Array, shape: tuple[int, ...], vocab: int) -> jax.Ar
 
 
 def time_phase(cfg: ModelConfig, params, phase: Phase, repeats: int = 10, seed: int = 0,
-               impl: str = "xla") -> dict[str, float]:
+               impl: str = "xla", breakdown_for: PhaseReport | None = None) -> dict:
     """Compiles and times one phase of the real model on random tokens.
 
     The dense cache is sized to phase.kv_len (the model attends over the whole buffer) and
@@ -139,8 +139,9 @@ def time_phase(cfg: ModelConfig, params, phase: Phase, repeats: int = 10, seed: 
     last slot (position kv_len - 1), so every step attends over kv_len keys.
 
     Returns:
-      {"compile_s", "step_s" (median), "xla_flops", "xla_bytes"} (XLA counts one layer; see
-      xla_check).
+      {"compile_s", "step_s" (median), "xla_flops_one_layer", "xla_bytes_one_layer"} (XLA
+      counts a scan body once; see xla_check), plus "breakdown" / "breakdown_note" from a
+      profiler trace when `breakdown_for` (the phase's PhaseReport) is given.
     """
     from jdecode.analysis.xla_check import cost_analysis_dict, phase_fn
     from jdecode.cache.dense import init_cache
@@ -168,25 +169,37 @@ def time_phase(cfg: ModelConfig, params, phase: Phase, repeats: int = 10, seed: 
         return logits
 
     step_s = time_fn(step, repeats)
-    return {"compile_s": compile_s, "step_s": step_s,
-            "xla_flops_one_layer": float(cost.get("flops", np.nan)),
-            "xla_bytes_one_layer": float(cost.get("bytes accessed", np.nan))}
+    out = {"compile_s": compile_s, "step_s": step_s,
+           "xla_flops_one_layer": float(cost.get("flops", np.nan)),
+           "xla_bytes_one_layer": float(cost.get("bytes accessed", np.nan))}
+    if breakdown_for is not None:
+        from jdecode.analysis.profile import profile_breakdown
+
+        try:
+            rows, note = profile_breakdown(compiled, step, breakdown_for)
+        except Exception as e:  # noqa: BLE001  (the profiler is optional: report, never fail)
+            rows, note = None, f"profiler failed: {type(e).__name__}: {e}"
+        out.update({"breakdown": rows, "breakdown_note": note})
+    return out
 
 
 def measure_phase(cfg: ModelConfig, params, phase: Phase, hw: Hardware, *,
-                  convention: str = "full", repeats: int = 10, impl: str = "xla") -> dict:
+                  convention: str = "full", repeats: int = 10, impl: str = "xla",
+                  breakdown: bool = False) -> dict:
     """Times one phase and places it against the roofline of `hw` (measured ceilings).
 
     Returns:
       The timing plus predicted step time (sum of per-operator bounds; impl "xla" is costed as
       unfused attention, "pallas" as flash), achieved TFLOP/s and TB/s (our FLOPs and bytes /
       measured time; masked scores count as FLOPs, as the seed counts them), % of the bound,
-      and for decode the GPU.md floor (weights + live KV) / read-stream rate.
+      and for decode the GPU.md floor (weights + live KV) / read-stream rate. With
+      `breakdown`, per-category measured time from a profiler trace (see profile.py).
     """
     dtype = cfg.dtype
     attention = "flash" if impl == "pallas" else "unfused"
     rep = analyze(cfg, phase, hw, dtype=dtype, convention=convention, attention=attention)
-    timing = time_phase(cfg, params, phase, repeats, impl=impl)
+    timing = time_phase(cfg, params, phase, repeats, impl=impl,
+                        breakdown_for=rep if breakdown else None)
     t = timing["step_s"]
     out = {
         "phase": phase.name, "impl": impl, "batch": phase.batch, "q_len": phase.q_len,
@@ -211,7 +224,8 @@ def measure_phase(cfg: ModelConfig, params, phase: Phase, hw: Hardware, *,
 
 def run_measured(cfg: ModelConfig, phases: list[Phase], *, hw: Hardware | None = None,
                  convention: str = "full", repeats: int = 10, seed: int = 0, impl: str = "xla",
-                 progress: Callable[[str], None] | None = None) -> dict:
+                 breakdown: bool = False, progress: Callable[[str], None] | None = None
+                 ) -> dict:
     """Measured mode end to end: ceilings (unless given), random params, every phase.
 
     Returns:
@@ -227,6 +241,6 @@ def run_measured(cfg: ModelConfig, phases: list[Phase], *, hw: Hardware | None =
     for phase in phases:
         say(f"timing {phase.name} B={phase.batch} t={phase.q_len} s={phase.kv_len} ({impl})")
         results.append(measure_phase(cfg, params, phase, hw, convention=convention,
-                                     repeats=repeats, impl=impl))
+                                     repeats=repeats, impl=impl, breakdown=breakdown))
     return {"device": device_kind(), "jax_version": jax.__version__,
             "ceilings": hw.to_dict(), "phases": results}

@@ -116,6 +116,22 @@ def measured_table(result: dict) -> Table:
     return table
 
 
+def breakdown_table(r: dict) -> Table | str:
+    """Measured time per operator category (profiler trace) beside the roofline bound."""
+    head = f"{r['phase']} B={r['batch']} t={r['q_len']} s={r['kv_len']} [{r.get('impl', 'xla')}]"
+    if not r.get("breakdown"):
+        return f"per-operator breakdown of {head}: not available ({r.get('breakdown_note')})"
+    table = Table(title=f"per-operator breakdown of {head}: {r['breakdown_note']}",
+                  title_justify="left")
+    for col in ("category", "measured / step", "roofline bound", "% of bound"):
+        table.add_column(col, justify="left" if col == "category" else "right")
+    for row in r["breakdown"]:
+        pct = "-" if row["pct_of_bound"] is None else f"{row['pct_of_bound']:.1f}"
+        table.add_row(row["category"], seconds(row["measured_s"]), seconds(row["predicted_s"]),
+                      pct)
+    return table
+
+
 def print_phase(console: Console, rep: PhaseReport) -> None:
     console.print(phase_table(rep))
     console.print(phase_summary(rep))

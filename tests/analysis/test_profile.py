@@ -1,0 +1,89 @@
+"""Attributing profiler-trace time to the cost model's operators."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jdecode.analysis.costs import decode_phase
+from jdecode.analysis.hardware import get_hardware
+from jdecode.analysis.profile import CATEGORIES, categorize, hlo_op_functions, profile_breakdown
+from jdecode.analysis.roofline import analyze
+from jdecode.config import load_model_config_yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The shape of a compiled module's text (jax 0.10): instructions point at stack frames, which
+# point at file locations, which name the innermost function.
+HLO = """HloModule jit_decode_step, entry_computation_layout={()}
+
+ENTRY %main {
+  %ynn_fusion.8 = f32[2,32] fusion(%a), metadata={op_name="j/attn/dot_general" stack_frame_id=3}
+  %wrapped_multiply = f32[2,64] fusion(%c), metadata={op_name="j/attn/mul" stack_frame_id=2}
+  %fusion.1 = f32[2,64]{1,0} fusion(%d), metadata={op_name="j/mlp/add" stack_frame_id=4}
+  ROOT %while.1 = (s32[], f32[2]) while(%t), condition=%cond, body=%body
+}
+
+FileNames
+1 "/work/main/jdecode/model/layers.py"
+2 "/work/main/jdecode/model/transformer.py"
+
+FunctionNames
+1 "rms_norm"
+2 "_project"
+3 "decoder_layer"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=21 end_line=21 column=28 end_column=75}
+2 {file_name_id=2 function_name_id=2 line=19 end_line=19 column=8 end_column=39}
+3 {file_name_id=2 function_name_id=3 line=43 end_line=43 column=12 end_column=54}
+
+StackFrames
+1 {file_location_id=3 parent_frame_id=1}
+2 {file_location_id=1 parent_frame_id=1}
+3 {file_location_id=2 parent_frame_id=1}
+4 {file_location_id=3 parent_frame_id=1}
+"""
+
+
+def test_hlo_ops_map_to_functions_and_categories():
+    ops = hlo_op_functions(HLO)
+    assert ops["ynn_fusion.8"][1] == "_project"
+    assert ops["wrapped_multiply"][1] == "rms_norm"
+    assert ops["fusion.1"] == ("j/mlp/add", "decoder_layer")
+    assert ops["while.1"][1] == "<container>"
+    assert categorize(*ops["ynn_fusion.8"]) == "q/k/v projections"
+    assert categorize(*ops["wrapped_multiply"]) == "norms"
+    assert categorize(*ops["fusion.1"]) == "residual adds"
+    assert categorize("x/attn/btf,fe->bte/dot_general", "decoder_layer") == "o projection"
+    assert categorize("x/mlp/dot_general", "swiglu_mlp") == "gate/up/down projections"
+    assert categorize("x/mlp/logistic", "swiglu_mlp") == "swiglu"
+    assert categorize("x/exp", "attention_xla") == "attention"
+    assert categorize("x/gather", "forward") == "embedding and other"
+    # every cost-model row belongs to exactly one category
+    rep = analyze(load_model_config_yaml(ROOT / "configs/models/tiny.yaml"),
+                  decode_phase(1, 8), get_hardware("h100"))
+    names = [n for names in CATEGORIES.values() for n in names]
+    assert sorted(names) == sorted(r.op.name for r in rep.rows)
+
+
+def test_breakdown_from_a_real_trace_or_a_reason():
+    from jdecode.analysis.measure import random_params
+    from jdecode.analysis.xla_check import phase_fn
+    from jdecode.cache.dense import init_cache
+
+    cfg = load_model_config_yaml(ROOT / "configs/models/tiny.yaml")
+    params = random_params(cfg)
+    cache = init_cache(cfg, 2, 32)
+    args = (params, cache, jnp.array([3, 5], jnp.int32), jnp.array([31, 31], jnp.int32))
+    compiled = jax.jit(phase_fn(cfg, "decode")).lower(*args).compile()
+    rep = analyze(cfg, decode_phase(2, 32), get_hardware("h100"))
+    rows, note = profile_breakdown(compiled, lambda: compiled(*args)[0], rep, repeats=2)
+    if rows is None:  # the profiler path is optional; it must then say why
+        assert note
+        return
+    by_cat = {r["category"]: r for r in rows}
+    assert set(by_cat) == set(CATEGORIES)
+    for cat in ("q/k/v projections", "attention", "gate/up/down projections", "lm head"):
+        assert by_cat[cat]["measured_s"] > 0, cat
+    assert by_cat["attention"]["predicted_s"] == rep.row("attention").time_s * 2
