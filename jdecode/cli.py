@@ -24,17 +24,11 @@ def _fail(message: str) -> None:
 
 
 def _load(model: str, dtype: str, overrides: list[str]):
-    from jdecode.config import ConfigError, apply_overrides
+    from jdecode.config import ConfigError
     from jdecode.io.registry import load
 
     try:
-        m = load(model, dtype=dtype)
-        if overrides:
-            import dataclasses
-
-            raw = apply_overrides(dataclasses.asdict(m.cfg), overrides)
-            m.cfg = m.cfg.__class__(**{**raw, "rope_scaling": raw.get("rope_scaling")})
-        return m
+        return load(model, dtype=dtype, overrides=tuple(overrides))
     except (FileNotFoundError, ConfigError, ValueError, TypeError) as e:
         _fail(str(e))
 

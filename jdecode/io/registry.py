@@ -57,14 +57,50 @@ def resolve_model_path(name_or_path: str) -> Path:
     return path
 
 
-def load(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", use_cache: bool = True
-         ) -> Model:
-    """Loads a model by name (`smollm2-135m`), HF directory or `.gguf` file.
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+
+
+def random_model(config: str | Path, overrides: tuple[str, ...] = (), dtype: str | None = None,
+                 seed: int = 0) -> Model:
+    """A model of a config's shape with random weights (benchmarks, analysis, tests).
+
+    Args:
+      config: a YAML path or a name in configs/models/ (e.g. "llama-3.2-1b").
+    """
+    import jax
+
+    from jdecode.config import load_model_config_yaml
+    from jdecode.model.params import init_params
+
+    path = Path(config)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{config}.yaml"
+    cfg = load_model_config_yaml(path, overrides)
+    if dtype is not None:
+        cfg = cfg.replace(dtype=dtype)
+    log.warning("%s: random weights (a config, not a checkpoint)", config)
+    return Model(str(config), cfg, init_params(cfg, jax.random.key(seed)), None)
+
+
+def load(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", use_cache: bool = True,
+         overrides: tuple[str, ...] = ()) -> Model:
+    """Loads a model by name (`smollm2-135m`), HF directory, `.gguf` file, or a model config
+    (`configs/models/<name>.yaml` or a YAML path: random weights).
 
     GGUF weights are dequantized once and cached with orbax (see `io/checkpoint.py`).
+    `overrides` (`key=value`) apply to YAML configs only; a checkpoint's shape is fixed.
     """
     from jdecode.io import checkpoint
 
+    is_yaml = name_or_path.endswith((".yaml", ".yml"))
+    if is_yaml or (name_or_path.lower() not in KNOWN_MODELS
+                   and (CONFIG_DIR / f"{name_or_path}.yaml").is_file()):
+        return random_model(name_or_path, overrides, dtype)
+    if overrides:
+        from jdecode.config import ConfigError
+
+        raise ConfigError(f"--set {overrides[0]}: overrides apply to YAML model configs only; "
+                          f"{name_or_path!r} is a checkpoint whose shape is fixed")
     path = resolve_model_path(name_or_path)
     if path.is_dir():
         from jdecode.io.safetensors_loader import load_hf_checkpoint
