@@ -57,7 +57,8 @@ def bare_loop_tok_s(model: Model, batch: int, prompt_len: int, new: int, impl: s
     """Anchor: decode_step in a bare fori_loop (greedy argmax, no stop checks or bookkeeping)."""
     cfg = model.cfg
     max_len = -(-(prompt_len + new + 1) // 256) * 256
-    cache = init_cache(cfg, batch, max_len)
+    per_layer = isinstance(model.params.layers, tuple)
+    cache = init_cache(cfg, batch, max_len, per_layer=per_layer)
     prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, cfg.vocab_size)
     lengths = jnp.full((batch,), prompt_len, jnp.int32)
     logits, _, cache = jax.jit(partial(phases.prefill, cfg=cfg, impl=impl))(
@@ -77,7 +78,7 @@ def bare_loop_tok_s(model: Model, batch: int, prompt_len: int, new: int, impl: s
     jax.block_until_ready(out)
     times = []
     for _ in range(3):
-        cache = init_cache(cfg, batch, max_len)
+        cache = init_cache(cfg, batch, max_len, per_layer=per_layer)
         jax.block_until_ready(cache)
         t0 = time.perf_counter()
         cache, out = loop(model.params, cache, tok)

@@ -1,4 +1,5 @@
-"""Dense KV cache: one contiguous [L, B, S, K, D] buffer, slot index = token position."""
+"""Dense KV cache: slot index = token position, one [B, S, K, D] buffer per layer (stacked on
+a leading L axis for `lax.scan`, or a tuple of per-layer buffers for the unrolled layout)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,16 @@ from jdecode.model.params import _register
 @_register
 @dataclasses.dataclass(frozen=True)
 class DenseKVCache:
-    k: jax.Array  # [L, B, S, K, D]
-    v: jax.Array  # [L, B, S, K, D]
+    k: jax.Array | tuple[jax.Array, ...]  # [L, B, S, K, D], or L x [B, S, K, D]
+    v: jax.Array | tuple[jax.Array, ...]
+
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.k, tuple)
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1] if self.per_layer else self.k.shape[2]
 
 
 @_register
@@ -30,16 +35,25 @@ class DenseMeta:
     positions: jax.Array  # [B, T] int32 absolute position of each query token
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None
-               ) -> DenseKVCache:
-    """Zeroed cache (never jnp.empty: on jax 0.11 it returns uninitialized memory)."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None,
+               per_layer: bool = False) -> DenseKVCache:
+    """Zeroed cache (never jnp.empty: on jax 0.11 it returns uninitialized memory).
+
+    per_layer: one buffer per layer (pairs with unstacked params). Then a layer's K/V is
+    written and read in place; slicing layer l out of a stacked buffer would feed attention a
+    copy of [B, S, K, D] per layer per step.
+    """
     dt = jnp.dtype(dtype or cfg.dtype)
-    return DenseKVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt))
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    if per_layer:
+        zeros = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+        return DenseKVCache(k=zeros, v=tuple(jnp.zeros(shape, dt) for _ in zeros))
+    return DenseKVCache(k=jnp.zeros((cfg.num_layers, *shape), dt),
+                        v=jnp.zeros((cfg.num_layers, *shape), dt))
 
 
 def dense_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: DenseKVCache,
-                 layer: jax.Array, meta: DenseMeta, *, impl: str = "xla",
+                 layer: jax.Array | int, meta: DenseMeta, *, impl: str = "xla",
                  sliding_window: int | None = None) -> tuple[jax.Array, DenseKVCache]:
     """Writes K/V of this step at their positions, then attends over the whole buffer.
 
@@ -48,25 +62,36 @@ def dense_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: DenseKVCache,
     by this step or holds an accepted token.
 
     Args:
-      q: [B, T, H, D]; k, v: [B, T, K, D] (RoPE applied). layer: int32 scalar.
+      q: [B, T, H, D]; k, v: [B, T, K, D] (RoPE applied). layer: int32 scalar (a Python int
+        for a per-layer cache).
     Returns:
       out [B, T, H, D] and the cache with this layer updated.
     """
     b = q.shape[0]
     rows = jnp.arange(b)[:, None]  # [B, 1] broadcasts against positions [B, T]
+    pos = meta.positions
     # mode="drop": a padding query whose position lies past the buffer writes nothing.
-    new_k = cache.k.at[layer, rows, meta.positions].set(k.astype(cache.k.dtype), mode="drop")
-    new_v = cache.v.at[layer, rows, meta.positions].set(v.astype(cache.v.dtype), mode="drop")
+    if cache.per_layer:
+        k_l = cache.k[layer].at[rows, pos].set(k.astype(cache.k[layer].dtype), mode="drop")
+        v_l = cache.v[layer].at[rows, pos].set(v.astype(cache.v[layer].dtype), mode="drop")
+        new = DenseKVCache(k=_put(cache.k, layer, k_l), v=_put(cache.v, layer, v_l))
+        k_all, v_all, page_layer = k_l[None], v_l[None], 0  # a free view for the paged kernel
+    else:
+        k_all = cache.k.at[layer, rows, pos].set(k.astype(cache.k.dtype), mode="drop")
+        v_all = cache.v.at[layer, rows, pos].set(v.astype(cache.v.dtype), mode="drop")
+        new = DenseKVCache(k_all, v_all)
+        k_l, v_l, page_layer = k_all[layer], v_all[layer], layer  # [B, S, K, D]
     if impl == "pallas" and q.shape[1] == 1 and sliding_window is None:
         from jdecode.model.pallas_dispatch import dense_decode_pallas
 
-        out = dense_decode_pallas(q, new_k, new_v, layer, meta.positions)
-        return out, DenseKVCache(new_k, new_v)
-    k_l, v_l = new_k[layer], new_v[layer]  # [B, S, K, D]
+        return dense_decode_pallas(q, k_all, v_all, page_layer, pos), new
     kv_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
-    out = attention(q, k_l, v_l, meta.positions, kv_pos, impl=impl,
-                    sliding_window=sliding_window)
-    return out, DenseKVCache(new_k, new_v)
+    out = attention(q, k_l, v_l, pos, kv_pos, impl=impl, sliding_window=sliding_window)
+    return out, new
+
+
+def _put(buffers: tuple, layer: int, value: jax.Array) -> tuple:
+    return buffers[:layer] + (value,) + buffers[layer + 1:]
 
 
 def make_dense_attend(cfg: ModelConfig, impl: str = "xla"):

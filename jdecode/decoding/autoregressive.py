@@ -20,7 +20,7 @@ def autoregressive(cfg: ModelConfig, max_len: int, impl: str = "xla") -> Decoder
 
     def init(params, prompt, lengths, sampling, keys, track_seen=False):
         b = prompt.shape[0]
-        cache = init_cache(cfg, b, max_len)
+        cache = init_cache(cfg, b, max_len, per_layer=isinstance(params.layers, tuple))
         logits, _, cache = phases.prefill(params, cache, prompt, lengths, cfg=cfg, impl=impl)
         seen = None
         if track_seen:

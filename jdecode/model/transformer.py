@@ -65,7 +65,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Any,
 
     Args:
       params: parameter pytree. tokens: [B, T] int32. positions: [B, T] int32 (RoPE angles).
-      cache: any cache pytree with a leading layer axis; meta: what `attend` needs besides it.
+      cache: any cache pytree (a leading layer axis, or per-layer buffers when the layers are
+        unstacked); meta: what `attend` needs besides it.
       logits_at: optional [B, N] indices into T; logits are computed only there (prefill
         needs the last prompt token only, and the LM head is the biggest matmul).
     Returns:
@@ -76,7 +77,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Any,
 
     if isinstance(params.layers, tuple):  # unstacked (see `unstack_layers`): unrolled loop
         for layer, lp in enumerate(params.layers):
-            x, cache = decoder_layer(x, lp, cos, sin, cache, jnp.int32(layer), meta, cfg=cfg,
+            # `layer` stays a Python int: per-layer caches index their tuple with it.
+            x, cache = decoder_layer(x, lp, cos, sin, cache, layer, meta, cfg=cfg,
                                      attend=attend)
     else:
         def body(carry, xs):
