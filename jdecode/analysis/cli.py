@@ -107,12 +107,16 @@ def roofline(
     repeats: Annotated[int, typer.Option(help="Timed runs per measurement (median).")] = 10,
     impl: Annotated[str, typer.Option(
         help="Attention implementation timed by --measure: xla | pallas.")] = "xla",
+    layout: Annotated[str, typer.Option(
+        help="Param layout timed by --measure: auto | inference (fused, unrolled) | "
+             "stacked (scan).")] = "auto",
 ) -> None:
     """Per-operator FLOPs, bytes, intensity and bound of prefill and decode on a GPU."""
     console = Console()
     _choice("--phase", phase, PHASES)
     _choice("--attention", attention, ("unfused", "flash"))
     _choice("--impl", impl, ("xla", "pallas"))
+    _choice("--layout", layout, ("auto", "inference", "stacked"))
     out: dict = {"git_sha": _git_sha()}
     if preset is not None:
         _choice("--preset", preset, ("textbook",))
@@ -124,7 +128,7 @@ def roofline(
         if dtype in DTYPES:  # float8/int8 stay analysis-only: the model runs f32/bf16/f16
             cfg = cfg.replace(dtype=dtype)
         out.update(_run_model(console, label, cfg, dtype or cfg.dtype, conv, attention, phase,
-                              batch, seq, hardware, measure, plot, repeats, impl))
+                              batch, seq, hardware, measure, plot, repeats, impl, layout))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(out, indent=2, default=str))
@@ -153,7 +157,7 @@ def _run_textbook(console: Console, conv: str, attention: str, phase: str,
 
 def _run_model(console: Console, label: str, cfg: ModelConfig, dtype: str, conv: str,
                attention: str, phase: str, batch: int, seq: int, hardware: str, measure: bool,
-               plot: Path | None, repeats: int, impl: str) -> dict:
+               plot: Path | None, repeats: int, impl: str, layout: str) -> dict:
     import jax
 
     from jdecode.analysis.measure import device_kind
@@ -179,7 +183,7 @@ def _run_model(console: Console, label: str, cfg: ModelConfig, dtype: str, conv:
 
         with console.status("timing the jitted phases") as status:
             result = run_measured(cfg, phases, hw=measured_hw, convention=conv,
-                                  repeats=repeats, impl=impl, breakdown=True,
+                                  repeats=repeats, impl=impl, layout=layout, breakdown=True,
                                   progress=lambda m: status.update(m))
         console.print(rpt.measured_table(result))
         for r in result["phases"]:

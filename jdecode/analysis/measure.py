@@ -76,6 +76,24 @@ def random_params(cfg: ModelConfig, seed: int = 0, dtype: str | None = None):
     return make(jax.random.PRNGKey(seed))
 
 
+def model_params(cfg: ModelConfig, seed: int = 0, layout: str = "auto"):
+    """Random params in the layout the benchmarks run (`jdecode.model.layout`).
+
+    layout: "inference" (fused projections, unrolled layers: the fast GPU path), "stacked"
+    (scan over layers), or "auto" (inference on GPU, stacked elsewhere, as the generator does).
+    """
+    if layout == "auto":
+        layout = "inference" if jax.default_backend() == "gpu" else "stacked"
+    params = random_params(cfg, seed)
+    if layout == "inference":
+        from jdecode.model.layout import inference_layout
+
+        return inference_layout(params)
+    if layout != "stacked":
+        raise ValueError(f"layout={layout!r}: choose auto, inference or stacked")
+    return params
+
+
 def device_kind() -> str:
     d = jax.devices()[0]
     return f"{d.platform}:{getattr(d, 'device_kind', 'unknown')}"
@@ -224,8 +242,8 @@ def measure_phase(cfg: ModelConfig, params, phase: Phase, hw: Hardware, *,
 
 def run_measured(cfg: ModelConfig, phases: list[Phase], *, hw: Hardware | None = None,
                  convention: str = "full", repeats: int = 10, seed: int = 0, impl: str = "xla",
-                 breakdown: bool = False, progress: Callable[[str], None] | None = None
-                 ) -> dict:
+                 layout: str = "auto", breakdown: bool = False,
+                 progress: Callable[[str], None] | None = None) -> dict:
     """Measured mode end to end: ceilings (unless given), random params, every phase.
 
     Returns:
@@ -235,12 +253,12 @@ def run_measured(cfg: ModelConfig, phases: list[Phase], *, hw: Hardware | None =
     if hw is None:
         say("measuring ceilings (read stream, copy, matmul)")
         hw = measure_ceilings(cfg.dtype)
-    say(f"initialising random {cfg.dtype} params")
-    params = random_params(cfg, seed)
+    say(f"initialising random {cfg.dtype} params ({layout} layout)")
+    params = model_params(cfg, seed, layout)
     results = []
     for phase in phases:
         say(f"timing {phase.name} B={phase.batch} t={phase.q_len} s={phase.kv_len} ({impl})")
         results.append(measure_phase(cfg, params, phase, hw, convention=convention,
                                      repeats=repeats, impl=impl, breakdown=breakdown))
-    return {"device": device_kind(), "jax_version": jax.__version__,
+    return {"device": device_kind(), "jax_version": jax.__version__, "layout": layout,
             "ceilings": hw.to_dict(), "phases": results}

@@ -81,8 +81,11 @@ def categorize(op_name: str, function: str) -> str:
     is_dot = op_name.endswith("dot_general")
     if function in _FUNCTIONS and _FUNCTIONS[function] is not None:
         return _FUNCTIONS[function]
-    if function == "decoder_layer":  # x + attn_out @ wo, and x + mlp(x)
-        return "o projection" if is_dot else "residual adds"
+    if function == "decoder_layer":  # o projection, residual adds; fused gate/up + SwiGLU
+        mlp = "/mlp/" in op_name
+        if is_dot:
+            return "gate/up/down projections" if mlp else "o projection"
+        return "swiglu" if mlp and not op_name.endswith("/add") else "residual adds"
     if function == "swiglu_mlp":
         return "gate/up/down projections" if is_dot else "swiglu"
     return "embedding and other"

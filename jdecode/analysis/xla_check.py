@@ -1,9 +1,9 @@
 """Cross-check of the cost model against XLA's own count (`compiled.cost_analysis()`) for the
 jitted `prefill` and `decode_step` of `jdecode.model.phases`.
 
-XLA's HloCostAnalysis counts the body of a `while` loop once, and the model runs its layers
-with `lax.scan` (a while loop), so the comparison is made on a one-layer replica of the config;
-`xla_flops_scaled` extrapolates to all layers for reporting.
+XLA's HloCostAnalysis counts the body of a `while` loop once. The stacked layout runs its
+layers with `lax.scan` (a while loop), so it is compared on a one-layer replica; the inference
+layout (`jdecode.model.layout`: fused projections, unrolled layers) is compared whole.
 """
 
 from __future__ import annotations
@@ -27,17 +27,28 @@ def cost_analysis_dict(compiled) -> dict[str, float]:
     return dict(cost or {})
 
 
-def abstract_phase_args(cfg: ModelConfig, phase: Phase, dtype: str | None = None) -> tuple:
+LAYOUTS = ("inference", "stacked")
+
+
+def abstract_phase_args(cfg: ModelConfig, phase: Phase, dtype: str | None = None,
+                        layout: str = "stacked") -> tuple:
     """ShapeDtypeStructs (params, cache, tokens, lengths|positions) for lowering a phase.
 
     The cache is sized to phase.kv_len: the dense cache attends over its whole buffer, so the
-    buffer length is the s the cost model must use.
+    buffer length is the s the cost model must use. layout: "stacked" (scan over layers) or
+    "inference" (fused projections, unrolled layers).
     """
     from jdecode.cache.dense import init_cache
     from jdecode.model.params import abstract_params
 
     b = phase.batch
     params = abstract_params(cfg, dtype)
+    if layout == "inference":
+        from jdecode.model.layout import inference_layout
+
+        params = jax.eval_shape(inference_layout, params)
+    elif layout != "stacked":
+        raise ValueError(f"layout={layout!r}: choose one of {', '.join(LAYOUTS)}")
     cache = jax.eval_shape(lambda: init_cache(cfg, b, phase.kv_len, dtype))
     if phase.name == "prefill":
         return params, cache, jax.ShapeDtypeStruct((b, phase.q_len), jnp.int32), \
@@ -59,27 +70,30 @@ def phase_fn(cfg: ModelConfig, phase_name: str, impl: str = "xla"):
     return partial(fns[phase_name], cfg=cfg, impl=impl)
 
 
-def xla_cost(cfg: ModelConfig, phase: Phase, dtype: str | None = None) -> dict[str, float]:
+def xla_cost(cfg: ModelConfig, phase: Phase, dtype: str | None = None,
+             layout: str = "stacked") -> dict[str, float]:
     """Compiles the phase from abstract shapes (no allocation) and returns XLA's cost dict."""
-    args = abstract_phase_args(cfg, phase, dtype)
+    args = abstract_phase_args(cfg, phase, dtype, layout)
     compiled = jax.jit(phase_fn(cfg, phase.name)).lower(*args).compile()
     return cost_analysis_dict(compiled)
 
 
-def cross_check(cfg: ModelConfig, batch: int, seq: int, dtype: str | None = None) -> dict:
-    """Our FLOPs vs XLA's for prefill (B, T=seq) and decode (B, context=seq), one layer.
+def cross_check(cfg: ModelConfig, batch: int, seq: int, dtype: str | None = None,
+                layout: str = "inference") -> dict:
+    """Our FLOPs vs XLA's for prefill (B, T=seq) and decode (B, context=seq).
 
     Returns:
       {phase: {"model_flops", "xla_flops", "flop_ratio" (xla / model), "model_bytes_full",
-      "xla_bytes", "byte_ratio"}} for the one-layer replica of `cfg`.
+      "xla_bytes", "byte_ratio"}}: for the whole model with layout "inference", for a
+      one-layer replica of `cfg` with layout "stacked".
     """
-    one = cfg.replace(num_layers=1)
+    one = cfg if layout == "inference" else cfg.replace(num_layers=1)
     dtype = dtype or cfg.dtype
     hw = get_hardware("h100-sxm")  # only FLOPs and bytes are compared; the ceilings do not matter
     out = {}
     for phase in (prefill_phase(batch, seq), decode_phase(batch, seq)):
         ours = analyze(one, phase, hw, dtype=dtype, convention="full")
-        xla = xla_cost(one, phase, dtype)
+        xla = xla_cost(one, phase, dtype, layout)
         out[phase.name] = {
             "model_flops": ours.flops, "xla_flops": xla.get("flops", float("nan")),
             "flop_ratio": xla.get("flops", float("nan")) / ours.flops,
@@ -96,7 +110,7 @@ def xla_flops_scaled(cfg: ModelConfig, phase: Phase, dtype: str | None = None) -
     and LM head (the LM head is a plain matmul, counted the same way by both).
     """
     one = cfg.replace(num_layers=1)
-    xla_one = xla_cost(one, phase, dtype).get("flops", float("nan"))
+    xla_one = xla_cost(one, phase, dtype, "stacked").get("flops", float("nan"))
     rep = analyze(one, phase, get_hardware("h100-sxm"), dtype=dtype or cfg.dtype)
     head = sum(r.op.flops for r in rep.rows if not r.op.per_layer)
     return xla_one + (cfg.num_layers - 1) * (xla_one - head)

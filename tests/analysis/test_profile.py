@@ -58,6 +58,11 @@ def test_hlo_ops_map_to_functions_and_categories():
     assert categorize("x/attn/btf,fe->bte/dot_general", "decoder_layer") == "o projection"
     assert categorize("x/mlp/dot_general", "swiglu_mlp") == "gate/up/down projections"
     assert categorize("x/mlp/logistic", "swiglu_mlp") == "swiglu"
+    # the fused inference layout runs gate/up and SwiGLU inside decoder_layer
+    assert categorize("x/mlp/bte,ef->btf/dot_general", "decoder_layer") == (
+        "gate/up/down projections")
+    assert categorize("x/mlp/logistic", "decoder_layer") == "swiglu"
+    assert categorize("x/mlp/add", "decoder_layer") == "residual adds"
     assert categorize("x/exp", "attention_xla") == "attention"
     assert categorize("x/gather", "forward") == "embedding and other"
     # every cost-model row belongs to exactly one category
