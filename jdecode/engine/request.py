@@ -65,6 +65,9 @@ class Request:
         self.children: list[Request] = list(children or [])
         self.parent_id = parent_id
         self.index = index  # position among the n siblings
+        # The sampling key of output token i is fold_in(fold_in(key(seed), index), i): it does
+        # not depend on batch neighbours, chunking or preemption.
+        self.seed = 0
         for child in self.children:
             child.status = RequestStatus.FORK_PENDING
         # Chained hashes of this request's full pages, extended lazily by the block manager.
@@ -104,9 +107,11 @@ class Request:
 
     def make_child(self, request_id: str, index: int, sampling_params: Any = None) -> Request:
         """A sibling for n > 1 with the same prompt; register it in `children` to fork it."""
-        return Request(request_id, self.prompt_token_ids,
-                       self.sampling_params if sampling_params is None else sampling_params,
-                       arrival_time=self.arrival_time, parent_id=self.request_id, index=index)
+        child = Request(request_id, self.prompt_token_ids,
+                        self.sampling_params if sampling_params is None else sampling_params,
+                        arrival_time=self.arrival_time, parent_id=self.request_id, index=index)
+        child.seed = self.seed
+        return child
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.value}, "

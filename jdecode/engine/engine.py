@@ -1,0 +1,271 @@
+"""The engine core: requests in, one scheduled and executed step at a time, streaming deltas out.
+
+Shared by the offline `LLM` API and the server. Stop conditions and detokenization live here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+import time
+from collections.abc import Sequence
+
+from jdecode.decoding.sampling import SamplingParams
+from jdecode.engine.block_manager import BlockManager
+from jdecode.engine.request import Request, RequestStatus
+from jdecode.engine.runner import MAX_LOGPROBS, ModelRunner
+from jdecode.engine.scheduler import Scheduler, SchedulerConfig
+from jdecode.io.registry import Model
+from jdecode.io.tokenizer import IncrementalDetokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineArgs:
+    """Engine limits (vLLM names).
+
+    Attributes:
+        page_size: tokens per KV page.
+        num_pages: pages in the pool; None sizes it from kv_cache_gb.
+        kv_cache_gb: memory for the pool when num_pages is None.
+        max_num_seqs, max_num_batched_tokens, max_model_len, policy, enable_chunked_prefill,
+            max_chunk_tokens: see `SchedulerConfig` (max_model_len None = the model's limit,
+            capped at 4096).
+        enable_prefix_caching: share full KV pages between requests with equal prefixes.
+        impl: attention implementation ("xla" or "pallas").
+    """
+
+    page_size: int = 16
+    num_pages: int | None = None
+    kv_cache_gb: float = 1.0
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    policy: str = "continuous"
+    enable_chunked_prefill: bool = True
+    max_chunk_tokens: int = 0
+    enable_prefix_caching: bool = True
+    impl: str = "xla"
+
+
+@dataclasses.dataclass
+class Logprob:
+    """Log-probability of the sampled token and the top alternatives at one position."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float]
+
+
+@dataclasses.dataclass
+class SequenceOutput:
+    """What one step produced for one sequence (a streaming delta), plus its state so far."""
+
+    request_id: str  # the user's request id (shared by the n siblings)
+    index: int  # which of the n sequences
+    new_token_ids: list[int]
+    delta_text: str
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    logprobs: list[Logprob] | None  # for the new tokens
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+
+class _Seq:
+    """Host-side state of one sequence beyond the scheduler's Request."""
+
+    def __init__(self, req: Request, user_id: str, stop_ids: set[int], logprobs: int | None,
+                 detok: IncrementalDetokenizer | None) -> None:
+        self.req, self.user_id, self.stop_ids = req, user_id, stop_ids
+        self.num_logprobs, self.detok = logprobs, detok
+        self.text = ""  # final text (stop strings cut)
+        self.pending = ""  # text held back while it could still become a stop string
+        self.logprobs: list[Logprob] = []
+
+
+class LLMEngine:
+    """Continuous-batching engine over a paged KV cache.
+
+    Args:
+      model: a loaded model (cfg, params, tokenizer).
+      args: engine limits.
+    """
+
+    def __init__(self, model: Model, args: EngineArgs | None = None, **overrides) -> None:
+        args = dataclasses.replace(args or EngineArgs(), **overrides)
+        cfg = model.cfg
+        max_model_len = args.max_model_len or min(cfg.max_position_embeddings, 4096)
+        if max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
+                             f"max_position_embeddings={cfg.max_position_embeddings}")
+        pages_per_seq = -(-max_model_len // args.page_size)
+        num_pages = args.num_pages
+        if num_pages is None:
+            itemsize = 2 if cfg.dtype in ("bfloat16", "float16") else 4
+            page_bytes = (2 * cfg.num_layers * args.page_size * cfg.num_kv_heads * cfg.head_dim
+                          * itemsize)
+            # No more than every slot at full length needs; at least one full-length sequence.
+            num_pages = min(int(args.kv_cache_gb * 2**30) // page_bytes,
+                            args.max_num_seqs * pages_per_seq)
+            num_pages = max(num_pages, pages_per_seq)
+        self.args, self.model, self.max_model_len = args, model, max_model_len
+        self.block_manager = BlockManager(num_pages, args.page_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                            max_num_batched_tokens=args.max_num_batched_tokens,
+                            max_model_len=max_model_len, policy=args.policy,
+                            enable_chunked_prefill=args.enable_chunked_prefill,
+                            max_chunk_tokens=args.max_chunk_tokens),
+            self.block_manager)
+        self.runner = ModelRunner(cfg, model.params, num_pages=num_pages,
+                                  page_size=args.page_size, max_num_seqs=args.max_num_seqs,
+                                  max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_model_len=max_model_len, impl=args.impl)
+        self._seqs: dict[str, _Seq] = {}  # internal sequence id -> state
+        self._groups: dict[str, list[str]] = {}  # user request id -> sequence ids
+        self._ids = itertools.count()
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
+                    sampling_params: SamplingParams | None = None, *, n: int = 1,
+                    logprobs: int | None = None, arrival_time: float | None = None) -> None:
+        """Queues a request of `n` sequences sampled from one prompt.
+
+        Raises:
+          ValueError naming the problem (empty or too long prompt, token ids out of range, bad
+          n or logprobs, duplicate id).
+        """
+        sp = sampling_params or SamplingParams()
+        cfg = self.model.cfg
+        ids = [int(t) for t in prompt_token_ids]
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, "
+                             f"{cfg.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is "
+                             f"{self.max_model_len}: shorten the prompt or raise max_model_len")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n={n!r}: ask for at least 1 sequence")
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs={logprobs!r}: must lie in [0, {MAX_LOGPROBS}]")
+        tok = self.model.tokenizer
+        stop_ids = set(sp.stop_token_ids)
+        if tok is not None and not sp.ignore_eos:
+            stop_ids |= set(tok.eos_ids)
+        seed = sp.seed if sp.seed is not None else random.getrandbits(31)
+        sid = f"{request_id}#{next(self._ids)}"
+        parent = Request(sid, ids, sp, arrival_time=arrival_time)
+        parent.seed = seed
+        parent.children = [parent.make_child(f"{sid}/{i}", i) for i in range(1, n)]
+        self.scheduler.add_request(parent)
+        self._groups[request_id] = [parent.request_id] + [c.request_id for c in parent.children]
+        for req in (parent, *parent.children):
+            detok = IncrementalDetokenizer(tok) if tok is not None else None
+            self._seqs[req.request_id] = _Seq(req, request_id, stop_ids, logprobs, detok)
+
+    def abort_request(self, request_id: str) -> None:
+        """Frees every sequence of the request at once (client gone, or cancelled)."""
+        for sid in self._groups.pop(request_id, []):
+            self.scheduler.finish_request(sid, RequestStatus.FINISHED_ABORTED)
+            self._seqs.pop(sid, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._groups)
+
+    # ---- the step --------------------------------------------------------------------------
+
+    def step(self) -> list[SequenceOutput]:
+        """Schedules, runs and post-processes one step; returns the sequences that changed."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        page_tables = {c.request.request_id: self.block_manager.page_ids(c.request.request_id)
+                       for c in out.chunks}
+        want = {sid: s.num_logprobs for sid, s in self._seqs.items()
+                if s.num_logprobs is not None}
+        result = self.runner.execute(out, page_tables, want)
+        self.num_steps += 1
+        now = time.monotonic()
+        outputs = []
+        for req in self.scheduler.update_from_output(out, result.tokens):
+            seq = self._seqs[req.request_id]
+            self.num_generated_tokens += 1
+            if req.first_token_time is None:
+                req.first_token_time = now
+            token = req.output_token_ids[-1]
+            if req.request_id in result.logprobs:
+                chosen, top_ids, top_vals = result.logprobs[req.request_id]
+                seq.logprobs.append(Logprob(token, chosen, dict(zip(top_ids, top_vals))))
+            outputs.append(self._postprocess(seq, token, now))
+        return outputs
+
+    def _postprocess(self, seq: _Seq, token: int, now: float) -> SequenceOutput:
+        """Detokenizes the new token and applies the stop conditions."""
+        req = seq.req
+        sp: SamplingParams = req.sampling_params
+        status = None
+        stopped_by_token = token in seq.stop_ids
+        delta = ""
+        if stopped_by_token:
+            status = RequestStatus.FINISHED_STOPPED
+        elif seq.detok is not None:
+            seq.pending += seq.detok.add([token])
+            hit = min(((seq.pending.find(s), s) for s in sp.stop if s in seq.pending),
+                      default=None)
+            if hit is not None:
+                seq.pending = seq.pending[:hit[0]]
+                status = RequestStatus.FINISHED_STOPPED
+        if status is None and (req.num_output_tokens >= sp.max_new_tokens
+                               or req.num_tokens >= self.max_model_len):
+            status = RequestStatus.FINISHED_LENGTH
+        # Hold back the tail that might be the start of a stop string until it is decided.
+        hold = 0 if status is not None else max((len(s) - 1 for s in sp.stop), default=0)
+        cut = max(0, len(seq.pending) - hold)
+        delta, seq.pending = seq.pending[:cut], seq.pending[cut:]
+        seq.text += delta
+        if status is not None:
+            self.scheduler.finish_request(req.request_id, status)
+            req.finish_time = now
+            self._finish_group(seq)
+        n_new = 1
+        logprobs = seq.logprobs[-1:] if seq.num_logprobs is not None else None
+        return SequenceOutput(
+            request_id=seq.user_id, index=req.index, new_token_ids=req.output_token_ids[-n_new:],
+            delta_text=delta, token_ids=list(req.output_token_ids), text=seq.text,
+            finished=status is not None, finish_reason=status.finish_reason if status else None,
+            logprobs=logprobs, num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=req.num_cached_tokens)
+
+    def _finish_group(self, seq: _Seq) -> None:
+        sids = self._groups.get(seq.user_id, [])
+        if all(self._seqs[s].req.is_finished for s in sids):
+            self._groups.pop(seq.user_id, None)
+            for s in sids:
+                self._seqs.pop(s, None)
+
+    # ---- metrics ---------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Gauges and counters for /metrics and benchmarks."""
+        s = self.scheduler
+        return {"num_running": s.num_running, "num_waiting": s.num_waiting,
+                    "kv_usage": self.block_manager.usage, "num_pages": self.block_manager.num_pages,
+                    "num_preemptions": s.stats.num_preemptions,
+                    "prefix_hit_rate": s.stats.prefix_hit_rate,
+                    "prefix_query_tokens": s.stats.prefix_query_tokens,
+                    "prefix_hit_tokens": s.stats.prefix_hit_tokens, "num_steps": self.num_steps}

@@ -1,0 +1,187 @@
+"""Model runner: packs a scheduled step into fixed-size device arrays and runs one jitted step.
+
+The flat token axis is padded to a few buckets and the sequence axis to max_num_seqs, so a new
+mix of prefill chunks and decodes never recompiles (vLLM v1's unified batch).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdecode.cache.paged import (
+    PagedKVCache,
+    PagedMeta,
+    copy_pages,
+    init_paged_cache,
+    make_paged_attend,
+)
+from jdecode.config import ModelConfig
+from jdecode.decoding.sampling import SamplingArrays, SamplingParams, sample
+from jdecode.engine.scheduler import SchedulerOutput
+from jdecode.model.params import Params
+from jdecode.model.transformer import forward
+
+# Incremented at trace time only: a test proves that new batch mixes do not retrace.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+MIN_TOKEN_BUCKET = 16
+MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs
+
+
+def token_buckets(max_num_batched_tokens: int) -> tuple[int, ...]:
+    """Powers of two from MIN_TOKEN_BUCKET, capped by (and always including) the budget."""
+    buckets, b = [], MIN_TOKEN_BUCKET
+    while b < max_num_batched_tokens:
+        buckets.append(b)
+        b *= 2
+    return (*buckets, max_num_batched_tokens)
+
+
+@dataclasses.dataclass
+class StepResult:
+    """Per sampled chunk, in chunk order: token, and logprobs when asked for."""
+
+    tokens: dict[str, int]
+    logprobs: dict[str, tuple[float, list[int], list[float]]]  # chosen, top ids, top values
+
+
+def _step(params: Params, cache: PagedKVCache, tokens, positions, meta: PagedMeta, logits_at,
+          copy_src, copy_dst, sp: SamplingArrays, seeds, indices, counters, seen, *,
+          cfg: ModelConfig, impl: str, num_logprobs: int):
+    """One engine step on device.
+
+    Args:
+      tokens, positions: [N] int32 flat tokens (padding: token 0, slot -1).
+      meta: the ragged batch over B sequence slots. logits_at: [B] flat row of each slot's
+        last token. copy_src, copy_dst: [C] copy-on-write pages (dst -1 = none).
+      sp: [B] sampling parameters. seeds, indices, counters: [B] uint32/int32 key material.
+      seen: [B, V] bool or None (repetition penalty).
+    Returns:
+      sampled [B] int32, (chosen [B], top_ids [B, k], top_vals [B, k]) logprobs or None,
+      and the cache (donated by the caller, so written in place).
+    """
+    TRACE_COUNTS["step"] += 1
+    cache = copy_pages(cache, copy_src, copy_dst)
+    logits, _, cache = forward(params, tokens[None], positions[None], cache, meta, cfg=cfg,
+                               attend=make_paged_attend(impl), logits_at=logits_at[None])
+    logits = logits[0]  # [B, V] f32
+
+    def key(seed, index, count):
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), index), count)
+
+    keys = jax.vmap(key)(seeds, indices, counters)
+    sampled = sample(logits, sp, keys, seen)  # [B]
+    logprobs = None
+    if num_logprobs:
+        lp = jax.nn.log_softmax(logits, axis=-1)  # raw model distribution, as vLLM reports
+        chosen = jnp.take_along_axis(lp, sampled[:, None], axis=-1)[:, 0]
+        top_vals, top_ids = jax.lax.top_k(lp, num_logprobs)
+        logprobs = (chosen, top_ids, top_vals)
+    return sampled, logprobs, cache
+
+
+# One jit for every runner: engines with equal shapes (tests, benchmarks) share executables.
+# The cache (argument 1) is donated: XLA updates the pool in place instead of copying it.
+_step_jit = jax.jit(_step, donate_argnums=(1,), static_argnames=("cfg", "impl", "num_logprobs"))
+
+
+class ModelRunner:
+    """Owns the device state (params, page pool) and the jitted step.
+
+    Args:
+      cfg: model config. params: its parameters. num_pages, page_size: the pool.
+      max_num_seqs: sequence slots per step. max_num_batched_tokens: token budget per step.
+      max_model_len: longest sequence (sets the block-table width). impl: attention impl.
+    """
+
+    def __init__(self, cfg: ModelConfig, params: Params, *, num_pages: int, page_size: int,
+                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 impl: str = "xla") -> None:
+        if cfg.sliding_window is not None:
+            raise ValueError(f"sliding_window={cfg.sliding_window}: the paged engine does not "
+                             "implement sliding-window attention; use `jdecode generate`")
+        self.cfg, self.params = cfg, params
+        self.page_size, self.max_num_seqs = page_size, max_num_seqs
+        self.max_pages = -(-max_model_len // page_size)
+        self.buckets = token_buckets(max_num_batched_tokens)
+        self.cache = init_paged_cache(cfg, num_pages, page_size)
+        self.impl = impl
+
+    def bucket(self, num_tokens: int) -> int:
+        return next(b for b in self.buckets if b >= num_tokens)
+
+    def pack(self, out: SchedulerOutput, page_tables: dict[str, list[int]]) -> dict:
+        """Host arrays for one step (numpy), padded to the token bucket and max_num_seqs."""
+        ps, B = self.page_size, self.max_num_seqs
+        n = self.bucket(out.num_batched_tokens)
+        tokens = np.zeros(n, np.int32)
+        positions = np.zeros(n, np.int32)
+        slots = np.full(n, -1, np.int32)
+        tables = np.zeros((B, self.max_pages), np.int32)
+        context_lens = np.zeros(B, np.int32)
+        qsl = np.zeros(B + 1, np.int32)
+        logits_at = np.zeros(B, np.int32)
+        row = 0
+        for b, chunk in enumerate(out.chunks):
+            req, start, m = chunk.request, chunk.start, chunk.num_tokens
+            pages = np.asarray(page_tables[req.request_id], np.int32)
+            tables[b, :len(pages)] = pages
+            pos = np.arange(start, start + m, dtype=np.int32)
+            tokens[row:row + m] = req.all_token_ids[start:start + m]
+            positions[row:row + m] = pos
+            slots[row:row + m] = pages[pos // ps] * ps + pos % ps
+            context_lens[b] = start + m
+            logits_at[b] = row + m - 1
+            row += m
+            qsl[b + 1] = row
+        qsl[len(out.chunks) + 1:] = row  # empty slots: zero-length query ranges
+        copies = np.full((2, B), -1, np.int32)
+        if out.page_copies:
+            copies[:, :len(out.page_copies)] = np.asarray(out.page_copies, np.int32).T
+        return {"tokens": tokens, "positions": positions,
+                    "meta": PagedMeta(slots, tables, context_lens, qsl), "logits_at": logits_at,
+                    "copy_src": copies[0], "copy_dst": copies[1]}
+
+    def execute(self, out: SchedulerOutput, page_tables: dict[str, list[int]],
+                num_logprobs: dict[str, int] | None = None) -> StepResult:
+        """Runs the step and returns the token sampled for every chunk that samples."""
+        B = self.max_num_seqs
+        arrays = self.pack(out, page_tables)
+        params_list: list[SamplingParams] = [c.request.sampling_params for c in out.chunks]
+        sp = SamplingArrays.from_params(params_list, B)
+        reqs = [c.request for c in out.chunks]
+        seeds = np.zeros(B, np.uint32)
+        indices = np.zeros(B, np.int32)
+        counters = np.zeros(B, np.int32)
+        for b, r in enumerate(reqs):
+            seeds[b], indices[b], counters[b] = r.seed, r.index, r.num_output_tokens
+        seen = None
+        if any(p.repetition_penalty != 1.0 for p in params_list):
+            seen = np.zeros((B, self.cfg.vocab_size), bool)
+            for b, r in enumerate(reqs):
+                seen[b, r.all_token_ids] = True
+        want_lp = num_logprobs and any(num_logprobs.get(r.request_id) is not None for r in reqs)
+        sampled, logprobs, self.cache = _step_jit(
+            self.params, self.cache, arrays["tokens"], arrays["positions"], arrays["meta"],
+            arrays["logits_at"], arrays["copy_src"], arrays["copy_dst"], sp, seeds, indices,
+            counters, seen, cfg=self.cfg, impl=self.impl,
+            num_logprobs=MAX_LOGPROBS if want_lp else 0)
+        sampled = np.asarray(sampled)
+        if logprobs is not None:
+            logprobs = [np.asarray(x) for x in logprobs]
+        result = StepResult({}, {})
+        for b, chunk in enumerate(out.chunks):
+            if not chunk.samples:
+                continue
+            rid = chunk.request.request_id
+            result.tokens[rid] = int(sampled[b])
+            k = (num_logprobs or {}).get(rid)
+            if logprobs is not None and k is not None:
+                chosen, top_ids, top_vals = logprobs
+                result.logprobs[rid] = (float(chosen[b]), top_ids[b, :k].tolist(),
+                                        top_vals[b, :k].tolist())
+        return result
