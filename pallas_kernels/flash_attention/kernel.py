@@ -27,6 +27,16 @@ def scale_logits(s: jax.Array, sm_scale: float, soft_cap: float | None) -> jax.A
     return jnp.tanh(s * (sm_scale / soft_cap)) * (soft_cap * LOG2E)
 
 
+def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a [M, K] . b [N, K] -> [M, N] in f32 (b contracted on its last dim: no transpose copy)."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a [M, K] . b [K, N] -> [M, N] in f32 (f32 inputs run IEEE, not TF32, in Triton)."""
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def online_softmax_step(carry, s, v, mask):
     """One FlashAttention-2 update with base-2 logits s [M, N] and values v [N, D].
 
@@ -44,7 +54,7 @@ def online_softmax_step(carry, s, v, mask):
     if mask is not None:
         p = jnp.where(mask, p, 0.0)
     l = l * alpha + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v)
+    acc = acc * alpha[:, None] + dot_nn(p.astype(v.dtype), v)
     return acc, m_new, l
 
 
@@ -91,7 +101,7 @@ def _flash_kernel(
     def body(j, carry, masked):
         k = k_ref[pl.ds(j * block_k, block_k), :]  # [block_k, D]
         v = v_ref[pl.ds(j * block_k, block_k), :]
-        s = scale_logits(pl.dot(q, k, trans_b=True), sm_scale, soft_cap)  # [block_q, block_k]
+        s = scale_logits(dot_nt(q, k), sm_scale, soft_cap)  # [block_q, block_k]
         mask = None
         if masked:
             k_pos = j * block_k + jnp.arange(block_k)

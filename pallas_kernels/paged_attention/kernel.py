@@ -16,6 +16,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash_attention.kernel import (
     MASK_VALUE,
+    dot_nt,
     finish_softmax,
     online_softmax_step,
     scale_logits,
@@ -68,7 +69,7 @@ def _decode_kernel(
     def body(j, carry, masked):
         k = load_kv_block(k_ref, table_ref, j, pages_per_block, num_pages)  # [block_k, D]
         v = load_kv_block(v_ref, table_ref, j, pages_per_block, num_pages)
-        s = scale_logits(pl.dot(q, k, trans_b=True), sm_scale, soft_cap)  # [Gp, block_k]
+        s = scale_logits(dot_nt(q, k), sm_scale, soft_cap)  # [Gp, block_k]
         mask = None
         if masked:
             valid = j * block_k + jnp.arange(block_k) < ctx  # [block_k]
