@@ -20,6 +20,7 @@ import math
 import os
 import statistics
 import subprocess
+import sys
 import time
 import traceback
 import warnings
@@ -320,11 +321,15 @@ def bench_decode() -> dict:
     return res
 
 
-def bench_sweep() -> list[dict]:
+SWEEP_BATCHES = (1, 8, 32)
+SWEEP_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
+
+
+def bench_sweep(batches=SWEEP_BATCHES, contexts=SWEEP_CONTEXTS) -> list[dict]:
     print("decode sweep (context x batch)")
     points = []
-    for b in (1, 8, 32):
-        for ctx_len in (1024, 2048, 4096, 8192, 16384, 32768):
+    for b in batches:
+        for ctx_len in contexts:
             points.append(bench_decode_point(b, ctx_len, anchors=(b == 32)))
     return points
 
@@ -594,7 +599,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks"))
     ap.add_argument("--only", default="ceilings,flash,decode,ragged,sweep")
+    ap.add_argument("--sweep-batches", default=",".join(map(str, SWEEP_BATCHES)))
+    ap.add_argument("--sweep-contexts", default=",".join(map(str, SWEEP_CONTEXTS)))
     args = ap.parse_args()
+    batches = tuple(int(x) for x in args.sweep_batches.split(","))
+    contexts = tuple(int(x) for x in args.sweep_contexts.split(","))
     os.makedirs(args.out, exist_ok=True)
     # The device machine's copy of the tree has no .git: pass BENCH_GIT_SHA there.
     sha = os.environ.get("BENCH_GIT_SHA", "")
@@ -611,7 +620,7 @@ def main():
             "device_kind": jax.devices()[0].device_kind,
             "jax": jax.__version__,
             "git": sha,
-            "command": "PYTHONPATH=. python3 scripts/bench_kernels.py --out $OUT",
+            "command": "PYTHONPATH=. python3 scripts/bench_kernels.py " + " ".join(sys.argv[1:]),
         }
     }
     print(results["env"])
@@ -620,7 +629,7 @@ def main():
         "flash": bench_flash,
         "decode": bench_decode,
         "ragged": bench_ragged,
-        "sweep": bench_sweep,
+        "sweep": functools.partial(bench_sweep, batches, contexts),
     }
     for name in args.only.split(","):
         try:
@@ -630,6 +639,8 @@ def main():
             print(results[name]["error"])
         with open(os.path.join(args.out, "kernels.json"), "w") as f:
             json.dump(results, f, indent=1, default=str)
+        with open(os.path.join(args.out, "kernels.md"), "w") as f:
+            f.write(markdown(results))  # after every section: a timeout keeps what finished
     if isinstance(results.get("sweep"), list):
         try:
             plot_sweep(
