@@ -35,9 +35,19 @@ def time_fn(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) -> flo
     return statistics.median(times)
 
 
+# Streams are [rows, STREAM_COLS] so no dimension nears 2^31 elements (4 GiB of bf16 is 2^31).
+STREAM_COLS = 8192
+
+
 def _random_array(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
-    """Random data (not zeros: some GPUs compress uniform data in flight)."""
-    return jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0).astype(dtype)
+    """Random data, drawn in `dtype` (not zeros: some GPUs compress uniform data in flight)."""
+    return jax.random.uniform(key, shape, jnp.dtype(dtype), -1.0, 1.0)
+
+
+def _stream(key: jax.Array, nbytes: int, dtype) -> jax.Array:
+    """A random [rows, STREAM_COLS] array of about `nbytes` bytes (at least one row)."""
+    rows = max(1, nbytes // (STREAM_COLS * jnp.dtype(dtype).itemsize))
+    return _random_array(key, (rows, STREAM_COLS), dtype)
 
 
 def _time_on(fn: Callable[[jax.Array], object], x: jax.Array, repeats: int) -> float:
@@ -73,7 +83,7 @@ def random_params(cfg: ModelConfig, seed: int = 0, dtype: str | None = None):
             out.append(x.astype(a.dtype))
         return jax.tree_util.tree_unflatten(treedef, out)
 
-    return make(jax.random.PRNGKey(seed))
+    return make(jax.random.key(seed))
 
 
 def model_params(cfg: ModelConfig, seed: int = 0, layout: str = "auto"):
@@ -118,23 +128,27 @@ def measure_ceilings(dtype: str = "bfloat16", *, read_bytes: int | None = None,
     sizes.update({k: v for k, v in (("read_bytes", read_bytes), ("copy_bytes", copy_bytes),
                                      ("matmul_n", matmul_n)) if v is not None})
     dt = jnp.dtype(dtype)
-    key = jax.random.PRNGKey(0)
+    key = jax.random.key(0)
 
-    n_read = sizes["read_bytes"] // dt.itemsize
+    x = _stream(key, sizes["read_bytes"], dt)
+    read_bytes = x.size * dt.itemsize
     read_sum = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))  # reads every byte once
-    t_read = _time_on(read_sum, _random_array(key, (n_read,), dt), repeats)
+    t_read = _time_on(read_sum, x, repeats)
+    del x  # free the stream before allocating the next one
 
-    n_copy = sizes["copy_bytes"] // dt.itemsize
-    scale = jax.jit(lambda a: a * jnp.asarray(1.5, dt))  # reads n, writes n
-    t_copy = _time_on(scale, _random_array(key, (n_copy,), dt), repeats)
+    y = _stream(key, sizes["copy_bytes"], dt)
+    copy_bytes = 2 * y.size * dt.itemsize  # reads n, writes n
+    scale = jax.jit(lambda a: a * jnp.asarray(1.5, dt))
+    t_copy = _time_on(scale, y, repeats)
+    del y
 
     n = sizes["matmul_n"]
     a, b = _random_array(key, (2, n, n), dt)
     matmul = jax.jit(jnp.matmul)
     t_mm = time_fn(lambda: matmul(a, b), repeats)
 
-    read_bw = n_read * dt.itemsize / t_read
-    copy_bw = 2 * n_copy * dt.itemsize / t_copy
+    read_bw = read_bytes / t_read
+    copy_bw = copy_bytes / t_copy
     flops = 2 * n**3 / t_mm
     kind = device_kind()
     return Hardware(
@@ -165,8 +179,9 @@ def time_phase(cfg: ModelConfig, params, phase: Phase, repeats: int = 10, seed: 
     from jdecode.cache.dense import init_cache
 
     b = phase.batch
-    key = jax.random.PRNGKey(seed)
-    cache = init_cache(cfg, b, phase.kv_len)
+    key = jax.random.key(seed)
+    # unrolled (inference-layout) params pair with one cache buffer per layer
+    cache = init_cache(cfg, b, phase.kv_len, per_layer=isinstance(params.layers, tuple))
     if phase.name == "prefill":
         inputs = (_random_tokens(key, (b, phase.q_len), cfg.vocab_size),
                   jnp.full((b,), phase.q_len, jnp.int32))

@@ -49,7 +49,9 @@ def abstract_phase_args(cfg: ModelConfig, phase: Phase, dtype: str | None = None
         params = jax.eval_shape(inference_layout, params)
     elif layout != "stacked":
         raise ValueError(f"layout={layout!r}: choose one of {', '.join(LAYOUTS)}")
-    cache = jax.eval_shape(lambda: init_cache(cfg, b, phase.kv_len, dtype))
+    # unrolled layers pair with one cache buffer per layer (jdecode.cache.dense)
+    per_layer = layout == "inference"
+    cache = jax.eval_shape(lambda: init_cache(cfg, b, phase.kv_len, dtype, per_layer=per_layer))
     if phase.name == "prefill":
         return params, cache, jax.ShapeDtypeStruct((b, phase.q_len), jnp.int32), \
             jax.ShapeDtypeStruct((b,), jnp.int32)

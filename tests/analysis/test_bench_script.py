@@ -19,11 +19,17 @@ def test_bench_roofline_writes_its_record(tmp_path):
     bench = load_script()
     assert bench.parse_shapes("1x2048,64x1024") == [(1, 2048), (64, 1024)]
     assert bench.parse_shapes("none") == []
+    # the GPU's default layout (fused projections, unrolled layers, per-layer cache), on CPU
     result = bench.main(["--model", "tiny", "--prefill", "none", "--decode", "2x32",
-                         "--impls", "xla", "--repeats", "2", "--out", str(tmp_path)])
+                         "--impls", "xla", "--layout", "inference", "--repeats", "2",
+                         "--out", str(tmp_path)])
+    assert result["layout"] == "inference"
     (row,) = result["phases"]
     assert row["phase"] == "decode" and row["batch"] == 2 and row["kv_len"] == 32
     assert row["step_s"] > 0 and row["datasheet_step_s"] > 0 and row["pct_of_floor"] > 0
+    if row["breakdown"] is not None:  # optional profiler path; with it, matmuls are attributed
+        by_cat = {b["category"]: b["measured_s"] for b in row["breakdown"]}
+        assert by_cat["q/k/v projections"] > 0 and by_cat["gate/up/down projections"] > 0
     saved = json.loads((tmp_path / "bench_roofline.json").read_text())
     assert saved["ceilings"]["measured"]["read_bytes_per_s"] > 0
     assert abs(saved["xla_cross_check"]["decode"]["flop_ratio"] - 1) < 0.03
