@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "error": f"{type(e).__name__}: {e}"})
                 continue
             attention = "flash" if impl == "pallas" else "unfused"
-            pred = analyze(cfg, phase, sheet, convention="full", attention=attention)
+            pred = analyze(cfg, phase, sheet, convention="full", attention=attention,
+                           score_bytes=4 if impl == "xla" else None)
             row["datasheet_step_s"] = pred.step_time_s
             row["datasheet_tokens_per_s"] = pred.tokens_per_s
             rows.append(row)

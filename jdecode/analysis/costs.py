@@ -136,12 +136,15 @@ _SEED_NUMBERS = {
 }
 
 
-def attention_costs(cfg: ModelConfig, phase: Phase, nbytes: int) -> tuple[OpCost, OpCost]:
+def attention_costs(cfg: ModelConfig, phase: Phase, nbytes: int,
+                    score_bytes: int | None = None) -> tuple[OpCost, OpCost]:
     """Unfused and fused (flash) attention for one layer; same FLOPs, different traffic.
 
     FLOPs (seed): QK^T and P.V are 2*b*t*s*h*d each, scaling + softmax 4*b*t*s*h, total
     4*b*t*s*h*(d + 1). Masked-out scores are counted (the seed counts T^2, and XLA computes the
     full masked matrix); a causal flash kernel that skips blocks does about half in prefill.
+    score_bytes: bytes per element of the scores S (default nbytes, as the seed; jdecode's XLA
+    attention keeps S in f32 and casts the probabilities P back to the model dtype).
     """
     b, t, s = phase.batch, phase.q_len, phase.kv_len
     h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -150,18 +153,20 @@ def attention_costs(cfg: ModelConfig, phase: Phase, nbytes: int) -> tuple[OpCost
     flops = 2 * 2 * b * t * s * h * d + SOFTMAX_FLOPS * score_el
     seed = _SEED_NUMBERS["prefill" if phase.name == "prefill" else "decode"]["attention"]
     # Unfused: QK^T reads Q, K, writes S; softmax reads S, writes P; P.V reads P, V, writes O.
+    sb = nbytes if score_bytes is None else score_bytes
+    # textbook (the seed's 2 x O(BTND + BT^2N)): each matmul's K or V and its score matrix
     unfused = _op("attention", "attention", seed, flops,
-                  read=(q_el + 2 * kv_el + 2 * score_el) * nbytes,
-                  written=(2 * score_el + o_el) * nbytes,
-                  textbook=(2 * kv_el + 2 * score_el) * nbytes)  # seed: 2 x O(BTND + BT^2N)
+                  read=(q_el + 2 * kv_el) * nbytes + score_el * (sb + nbytes),
+                  written=o_el * nbytes + score_el * (sb + nbytes),
+                  textbook=2 * kv_el * nbytes + score_el * (sb + nbytes))
     # Flash: scores stay in SRAM; Q, K, V are read once and O written once.
     flash = _op("attention_flash", "attention", seed, flops,
                 read=(q_el + 2 * kv_el) * nbytes, written=o_el * nbytes)
     return unfused, flash
 
 
-def layer_costs(cfg: ModelConfig, phase: Phase, dtype: str, attention: str = "unfused"
-                ) -> list[OpCost]:
+def layer_costs(cfg: ModelConfig, phase: Phase, dtype: str, attention: str = "unfused",
+                score_bytes: int | None = None) -> list[OpCost]:
     """The operators of one decoder layer, in execution order.
 
     Args:
@@ -169,6 +174,7 @@ def layer_costs(cfg: ModelConfig, phase: Phase, dtype: str, attention: str = "un
       dtype: weights, activations and KV cache dtype (sets bytes per element).
       attention: "unfused" or "flash": which attention row is summed; the other is marked
         `alternative`.
+      score_bytes: bytes per attention score in HBM (default: dtype's; see attention_costs).
     Returns:
       One OpCost per operator; per_layer is True for all of them.
     """
@@ -187,7 +193,7 @@ def layer_costs(cfg: ModelConfig, phase: Phase, dtype: str, attention: str = "un
     def residual(name):  # x + y: reads both [m, e], writes [m, e]
         return _elementwise(name, seeds[name], m * e, 2 * m * e, m * e, nb)
 
-    unfused, flash = attention_costs(cfg, phase, nb)
+    unfused, flash = attention_costs(cfg, phase, nb, score_bytes)
     rope_el = m * (hd + kd)  # RoPE rotates q [m, h*d] and k [m, k*d]
     return [
         norm("attn_norm"),
@@ -212,8 +218,8 @@ def layer_costs(cfg: ModelConfig, phase: Phase, dtype: str, attention: str = "un
     ]
 
 
-def model_costs(cfg: ModelConfig, phase: Phase, dtype: str, attention: str = "unfused"
-                ) -> list[OpCost]:
+def model_costs(cfg: ModelConfig, phase: Phase, dtype: str, attention: str = "unfused",
+                score_bytes: int | None = None) -> list[OpCost]:
     """All operators of one step: the layer's rows (x num_layers) plus embedding and head.
 
     The embedding gather reads b*t rows of the table; the final norm and the LM head run on
@@ -226,7 +232,7 @@ def model_costs(cfg: ModelConfig, phase: Phase, dtype: str, attention: str = "un
     e, v = cfg.hidden_size, cfg.vocab_size
     return [
         _op("embed", "other", "", 0, m * e * nb, m * e * nb, per_layer=False),
-        *layer_costs(cfg, phase, dtype, attention),
+        *layer_costs(cfg, phase, dtype, attention, score_bytes),
         _elementwise("final_norm", "", RMSNORM_FLOPS * m_head * e, m_head * e + e, m_head * e,
                      nb, per_layer=False),
         _linear("lm_head", "", m_head, e, v, nb, per_layer=False),

@@ -223,14 +223,16 @@ def measure_phase(cfg: ModelConfig, params, phase: Phase, hw: Hardware, *,
 
     Returns:
       The timing plus predicted step time (sum of per-operator bounds; impl "xla" is costed as
-      unfused attention, "pallas" as flash), achieved TFLOP/s and TB/s (our FLOPs and bytes /
+      unfused attention with f32 scores, "pallas" as flash), achieved TFLOP/s and TB/s (our FLOPs and bytes /
       measured time; masked scores count as FLOPs, as the seed counts them), % of the bound,
       and for decode the GPU.md floor (weights + live KV) / read-stream rate. With
       `breakdown`, per-category measured time from a profiler trace (see profile.py).
     """
     dtype = cfg.dtype
     attention = "flash" if impl == "pallas" else "unfused"
-    rep = analyze(cfg, phase, hw, dtype=dtype, convention=convention, attention=attention)
+    # the XLA attention writes and reads its scores in f32 (jdecode.model.attention)
+    rep = analyze(cfg, phase, hw, dtype=dtype, convention=convention, attention=attention,
+                  score_bytes=4 if impl == "xla" else None)
     timing = time_phase(cfg, params, phase, repeats, impl=impl,
                         breakdown_for=rep if breakdown else None)
     t = timing["step_s"]

@@ -129,7 +129,8 @@ def place(op: OpCost, hw: Hardware, dtype: str, convention: str) -> OpRow:
 
 
 def analyze(cfg: ModelConfig, phase: Phase, hw: Hardware, *, dtype: str | None = None,
-            convention: str = "full", attention: str = "unfused", model: str = "") -> PhaseReport:
+            convention: str = "full", attention: str = "unfused", model: str = "",
+            score_bytes: int | None = None) -> PhaseReport:
     """The per-operator roofline of one phase.
 
     Args:
@@ -138,12 +139,13 @@ def analyze(cfg: ModelConfig, phase: Phase, hw: Hardware, *, dtype: str | None =
       dtype: bytes per element and which peak to use; defaults to cfg.dtype.
       convention: "textbook" (reads only, the seed's) or "full" (reads and writes).
       attention: "unfused" or "flash" (which attention row enters the totals).
+      score_bytes: bytes per attention score in HBM (None: the dtype's, as the seed counts).
     Returns:
       A PhaseReport with one OpRow per operator and model totals.
     """
     dtype = dtype or cfg.dtype
     rows = [place(op, hw, dtype, convention)
-            for op in model_costs(cfg, phase, dtype, attention)]
+            for op in model_costs(cfg, phase, dtype, attention, score_bytes)]
     return PhaseReport(model, phase, hw, dtype, convention, rows, cfg.num_layers)
 
 

@@ -147,3 +147,12 @@ def test_memory_floor_matches_gpu_md():
     assert weight_bytes(cfg, "bfloat16") == pytest.approx(2.47e9, rel=0.01)
     floor = memory_floor_tokens_per_s(cfg, 1, 1, 2.71e12)
     assert 1090 < floor < 1110
+
+
+def test_f32_scores_are_charged_four_bytes():
+    # jdecode's XLA attention writes S in f32 and reads it back; P is cast to the model dtype.
+    bf16 = rows(layer_costs(TINY, prefill_phase(2, 8), "bfloat16"))["attention"]
+    f32s = rows(layer_costs(TINY, prefill_phase(2, 8), "bfloat16", score_bytes=4))["attention"]
+    assert f32s.flops == bf16.flops
+    assert f32s.bytes_read - bf16.bytes_read == 512 * 2  # S read: 512 scores x (4 - 2) bytes
+    assert f32s.bytes_written - bf16.bytes_written == 512 * 2
