@@ -54,7 +54,8 @@ class Phase:
 
     @property
     def new_tokens(self) -> int:
-        """Tokens a step yields (decode: one per sequence; prefill: the whole prompt)."""
+        """Tokens a step handles: prefill the whole prompt, decode one per sequence, verify its
+        k+1 scored positions (an upper bound on the tokens it accepts)."""
         return self.batch * (self.q_len if self.name == "prefill" else self.head_tokens)
 
 

@@ -94,6 +94,10 @@ def textbook_summary(convention: str = "textbook") -> dict:
         return [min(vals), max(vals)]
 
     flash = prefill.row("attention_flash")
+
+    def order(value: float) -> dict:  # the seed's O(1) figure against the same ridge
+        return {"intensity": value, "bound": "compute" if value > prefill.ridge else "memory"}
+
     return {
         "convention": convention,
         "ridge_gib": ridges["GiB"], "ridge_gb": ridges["GB"],
@@ -102,15 +106,13 @@ def textbook_summary(convention: str = "textbook") -> dict:
             "ffn_gate_up": entry(prefill, "gate_proj"), "ffn_down": entry(prefill, "down_proj"),
             "attention": entry(prefill, "attention"),
             "attention_flash": {"intensity": flash.intensity, "bound": flash.bound},
-            "other": {"intensity": seed["prefill"]["⑤"], "bound": "memory",
-                      "model_range": other_range(prefill)},
+            "other": {**order(seed["prefill"]["⑤"]), "model_range": other_range(prefill)},
         },
         "decode": {
             "linear": entry(decode, "q_proj"),
             "ffn_gate_up": entry(decode, "gate_proj"), "ffn_down": entry(decode, "down_proj"),
             "attention": entry(decode, "attention"),
-            "other": {"intensity": seed["decode"]["⑥"], "bound": "memory",
-                      "model_range": other_range(decode)},
+            "other": {**order(seed["decode"]["⑥"]), "model_range": other_range(decode)},
         },
         "seed_formulas": seed,
     }
