@@ -12,6 +12,10 @@ from jdecode.config import ModelConfig
 from jdecode.model.params import Params, abstract_params
 
 
+# Bumped whenever the Params pytree changes, so an old cache is never restored into it.
+PARAMS_FORMAT = 2
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("JDECODE_CACHE", Path.home() / ".cache" / "jdecode"))
 
@@ -19,7 +23,7 @@ def cache_root() -> Path:
 def cache_dir_for(source: Path, dtype: str) -> Path:
     """One folder per (file path, size, mtime, dtype): a changed source never hits stale params."""
     st = source.stat()
-    key = f"{source.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}"
+    key = f"{source.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}|{PARAMS_FORMAT}"
     return cache_root() / "params" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

@@ -115,12 +115,16 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", use_cache: b
     from jdecode.io.gguf_loader import gguf_model_config, load_gguf, read_fields
 
     cache_dir = checkpoint.cache_dir_for(path, dtype)
-    if use_cache and (cache_dir / "params").exists():
+    if use_cache and (cache_dir / "meta.json").exists():
         fields = read_fields(gguf.GGUFReader(str(path)))
         meta = json.loads((cache_dir / "meta.json").read_text())
         cfg = gguf_model_config(fields, dtype).replace(**meta)
-        params = checkpoint.restore_params(cache_dir / "params", cfg)
-        return Model(name_or_path, cfg, params, Tokenizer.from_gguf_fields(fields))
+        try:
+            params = checkpoint.restore_params(cache_dir / "params", cfg)
+            return Model(name_or_path, cfg, params, Tokenizer.from_gguf_fields(fields))
+        except (ValueError, OSError) as e:  # a damaged cache: convert again
+            log.warning("ignoring the param cache in %s (%s); converting %s again",
+                        cache_dir, str(e).splitlines()[0], path)
     cfg, params, tok = load_gguf(path, dtype)
     if use_cache:
         try:
