@@ -17,6 +17,9 @@ VARIANTS = {
                           high_freq_factor=4.0, original_max_position_embeddings=64))),
     "qwen2": ("Qwen2ForCausalLM", dict(tie_word_embeddings=False)),
     "mistral": ("MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=None)),
+    # A window much shorter than the parity sequence (24-token prompt + 32 new), so the mask
+    # that drops old keys is exercised in prefill and in every decode step.
+    "mistral_swa": ("MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=8)),
 }
 
 

