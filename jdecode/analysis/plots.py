@@ -31,8 +31,8 @@ def plot_roofline(reports: list[PhaseReport], path: str | Path,
     hw: Hardware = reports[0].hardware
     dtype = reports[0].dtype
     peak, bw = hw.flops(dtype), hw.bandwidth
-    points = [(r.intensity, r.op.flops / r.time_s, rep.phase.name, r.op.group, r.op.name)
-              for rep in reports for r in rep.rows if r.intensity > 0]
+    points = [(r.intensity, r.op.flops / r.time_s, rep.phase.name, r.op.group, r.op.name,
+               r.op.alternative) for rep in reports for r in rep.rows if r.intensity > 0]
     lo = min(p[0] for p in points) / 3
     hi = max(max(p[0] for p in points) * 3, hw.ridge(dtype) * 10)
     x = np.logspace(np.log10(lo), np.log10(hi), 200)
@@ -42,18 +42,23 @@ def plot_roofline(reports: list[PhaseReport], path: str | Path,
     ridge = hw.ridge(dtype)
     ax.axvline(ridge, color="k", ls=":", lw=1)
     ax.annotate(f"ridge {ridge:.1f} FLOP/B", (ridge, peak / 30), rotation=90, ha="right")
-    ax.annotate(f"peak {peak / 1e12:.4g} TFLOP/s ({dtype})", (hi / 20, peak * 1.15))
-    ax.annotate(f"{hw.bandwidth / 1e12:.3g} TB/s", (lo * 2, bw * lo * 2 * 1.3), rotation=30)
+    ax.annotate(f"peak {peak / 1e12:.4g} TFLOP/s ({dtype})", (ridge * 1.3, peak * 1.3))
+    ax.set_ylim(top=peak * 2.5)
+    ax.annotate(f"{hw.bandwidth_gbps:.4g} {hw.bandwidth_unit}/s = {bw / 1e12:.3g} TB/s",
+                (lo * 2, bw * lo * 2 * 1.5), rotation=30)
     seen = set()
-    for intensity, achieved, phase, group, name in points:
+    for intensity, achieved, phase, group, name, alternative in points:
         label = f"{phase} {group}"
-        ax.scatter(intensity, achieved, marker=_MARKERS.get(phase, "x"),
-                   color=_COLORS.get(group, "k"), s=40, zorder=3,
-                   label=None if label in seen else label)
+        color = _COLORS.get(group, "k")
+        # the attention variant not summed into the step (flash vs unfused) is drawn hollow
+        ax.scatter(intensity, achieved, marker=_MARKERS.get(phase, "x"), s=40, zorder=3,
+                   facecolors="none" if alternative else color, edgecolors=color,
+                   label=None if label in seen or alternative else label)
         seen.add(label)
-        if name in ("q_proj", "attention", "attention_flash"):
+        if name in ("q_proj", "attention") or (name == "attention_flash" and phase == "prefill"):
             ax.annotate(f"{phase} {name}", (intensity, achieved), fontsize=7,
-                        xytext=(4, -10 if phase == "prefill" else 6), textcoords="offset points")
+                        xytext=(-40, -14) if name == "attention_flash" else (4, -10),
+                        textcoords="offset points")
     for m in measured or []:
         ax.scatter(m["model_flops"] / m["model_bytes"], m["achieved_tflops"] * 1e12,
                    marker="*", s=160, color="gold", edgecolor="k", zorder=4,
