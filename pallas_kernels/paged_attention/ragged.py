@@ -183,7 +183,7 @@ def ragged_paged_attention(
     cfg = paged_config(page_size, d, q.dtype)
     gp = pl.next_power_of_2(q.shape[1] // num_kv)
     block_q = block_q or max(1, cfg.block_rows // gp)
-    block_k = block_k or cfg.block_k
+    block_k = block_k or cfg.ragged_block_k
     if block_q & (block_q - 1) or block_q * gp < 16:
         raise ValueError(
             f"block_q {block_q} must be a power of 2 with block_q * {gp} (padded group) >= 16"

@@ -16,21 +16,39 @@ class PagedConfig:
     num_warps: int
     num_stages: int
     block_rows: int  # ragged kernel: query rows (tokens x heads of a group) per program
+    ragged_block_k: int  # ragged kernel: tokens per inner-loop step
 
 
-_HOPPER = ("H100", "H200", "H800", "GH200")
+_HOPPER = ("H100", "H200", "H800")
 
 
 def paged_config(page_size: int, head_dim: int, dtype, kind: str | None = None) -> PagedConfig:
-    """Defaults measured with scripts/bench_kernels.py (decode B32 S4096 GQA 32/8 D128 bf16)."""
+    """Launch parameters for the decode and ragged kernels on this device.
+
+    Hopper values from scripts/bench_kernels.py on an H100, jax 0.11.2 (benchmarks/kernels.md).
+    Decode B32 S4096 GQA 32/8 D128 bf16, page 16: block_k 128 with 2 splits 2.07 TB/s; block_k
+    64 with 1, 2, 4, 8 splits 1.95, 1.49, 1.88, 1.88. Ragged 28 decodes + 4 chunks of 512:
+    64 rows per program 509 us, 32 rows 1246 us, 16 rows 1695 us (block_k 64).
+    """
     kind = device_kind() if kind is None else kind
     del dtype  # same choice for f32/bf16/f16 so far
     if any(h in kind for h in _HOPPER):
-        block_k = max(page_size, 64 if head_dim > 64 else 128)
-        return PagedConfig(block_k=block_k, num_splits=0, num_warps=4, num_stages=3, block_rows=32)
-    # Interpret mode (CPU): fewest loop steps.
+        return PagedConfig(
+            block_k=max(page_size, 128),
+            num_splits=0,
+            num_warps=4,
+            num_stages=3,
+            block_rows=64,
+            ragged_block_k=max(page_size, 64),
+        )
+    # Interpret mode (CPU): few, small loop steps.
     return PagedConfig(
-        block_k=max(page_size, 64), num_splits=2, num_warps=4, num_stages=2, block_rows=32
+        block_k=max(page_size, 64),
+        num_splits=2,
+        num_warps=4,
+        num_stages=2,
+        block_rows=32,
+        ragged_block_k=max(page_size, 64),
     )
 
 
