@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 
 def generate(model: Model | str, prompts, sampling: SamplingParams = SamplingParams(),
-             chat: bool = False, impl: str = "xla"):
+             chat: bool = False, impl: str = "auto"):
     """Generates for one prompt or a list; returns a list of `GenerationResult`
     (text, token ids, finish reason and timing stats)."""
     from jdecode.decoding.generate import Generator

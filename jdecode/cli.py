@@ -52,7 +52,7 @@ def generate(
     max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
     min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
-    dtype: str = "float32", impl: str = "xla",
+    dtype: str = "float32", impl: str = "auto",
     max_seq_len: Annotated[int | None, typer.Option(help="cache slots per sequence")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="config key=value")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
