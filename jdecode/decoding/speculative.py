@@ -1,0 +1,209 @@
+"""Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a drafter proposes k tokens,
+the target scores all k+1 positions in one `verify` pass, and a lossless rule accepts a prefix.
+
+`params` of the resulting Decoder is the pytree `(target_params, draft_params)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jdecode.analysis.spec_cost import expected_tokens
+from jdecode.config import ModelConfig
+from jdecode.decoding.autoregressive import autoregressive
+from jdecode.decoding.base import Decoder, StepOutput, split_keys
+from jdecode.decoding.drafters import Drafter, filtered_probs, model_drafter, ngram_drafter
+from jdecode.decoding.sampling import SamplingArrays
+from jdecode.io.registry import Model
+from jdecode.model import phases
+from jdecode.model.params import _register
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class SpecAux:
+    cache: Any  # target dense cache [L, B, S, K, D]; slots < positions hold accepted tokens
+    draft: Any  # the drafter's own state (draft cache, n-gram context, ...)
+    prev: jax.Array  # [B] int32 token at positions - 1 (the drafter re-feeds it)
+
+
+def greedy_accept(draft: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Longest prefix of the draft that matches the target's argmax, plus the target's next token.
+
+    Args:
+      draft: [B, k] int32. logits: [B, k+1, V] target logits at the k+1 verified positions.
+    Returns:
+      tokens [B, k+1] int32 (the target's argmax: equal to the draft on the accepted prefix)
+      and num_accepted [B] int32 in [1, k+1] (accepted drafts + 1).
+    """
+    target = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, k+1]
+    match = draft == target[:, :-1]  # [B, k]
+    return target, 1 + jnp.cumprod(match, axis=1).sum(1).astype(jnp.int32)
+
+
+def sampled_accept(key: jax.Array, draft: jax.Array, q: jax.Array, p: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+    """The lossless rule for one row: the emitted tokens are distributed exactly as the target's.
+
+    Draft x_i is accepted with probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection
+    the token is drawn from norm(max(0, p_i - q_i)); if all k are accepted, from p_k.
+
+    Args:
+      key: one PRNG key. draft: [k] int32. q: [k, V] draft probabilities the draft was drawn
+        from. p: [k+1, V] target probabilities (after the same temperature/top-k/top-p/min-p).
+    Returns:
+      tokens [k+1] int32 (first num_accepted valid) and num_accepted int32 in [1, k+1].
+    """
+    k = draft.shape[0]
+    k_accept, k_resample = jax.random.split(key)
+    u = jax.random.uniform(k_accept, (k,))
+    idx = jnp.arange(k)
+    # u < p/q written as u * q < p: no division, and q > 0 for any token the draft drew.
+    accept = u * q[idx, draft] < p[idx, draft]  # [k]
+    n = jnp.cumprod(accept).sum().astype(jnp.int32)  # accepted drafts, in [0, k]
+    # Position k has q = 0, so its residual is p_k itself: the bonus token.
+    q_ext = jnp.concatenate([q, jnp.zeros_like(q[:1])], axis=0)  # [k+1, V]
+    residual = jnp.maximum(p[n] - q_ext[n], 0.0)  # [V]
+    # p == q makes the residual all zero, but then rejection has probability 0; guard the
+    # float case where rounding rejected anyway by falling back to p.
+    residual = jnp.where(residual.sum() > 0, residual, p[n])
+    x = jax.random.categorical(k_resample, jnp.log(residual)).astype(jnp.int32)
+    pos = jnp.arange(k + 1)
+    draft_ext = jnp.concatenate([draft, jnp.zeros((1,), jnp.int32)])
+    return jnp.where(pos < n, draft_ext, x), n + 1
+
+
+def accept_tokens(draft: jax.Array, q: jax.Array | None, logits: jax.Array, sp: SamplingArrays,
+                  keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per row: the greedy rule where temperature == 0, the lossless sampling rule elsewhere.
+
+    draft: [B, k]; q: [B, k, V] or None (one-hot on draft); logits: [B, k+1, V] target logits;
+    sp: [B] sampling parameters; keys: [B]. Returns tokens [B, k+1] and num_accepted [B].
+    """
+    greedy = greedy_accept(draft, logits)
+
+    def sampled(_):
+        p = filtered_probs(logits, sp)  # [B, k+1, V]
+        qq = jax.nn.one_hot(draft, logits.shape[-1], dtype=p.dtype) if q is None else q
+        toks, num = jax.vmap(sampled_accept)(keys, draft, qq, p)
+        is_sampled = sp.temperature > 0
+        return (jnp.where(is_sampled[:, None], toks, greedy[0]),
+                jnp.where(is_sampled, num, greedy[1]))
+
+    # An all-greedy batch never sorts the vocabulary (the common benchmark case).
+    return jax.lax.cond(jnp.any(sp.temperature > 0), sampled, lambda _: greedy, None)
+
+
+def speculative(cfg: ModelConfig, drafter: Drafter, k: int, max_len: int, impl: str = "xla"
+                ) -> Decoder:
+    """Speculative decoding of the target `cfg` with `drafter` proposing k tokens per step.
+
+    Both caches roll back for free: `positions` advances only past accepted tokens, and the
+    dense cache never shows a query a slot beyond its own position. Verified slots past the
+    buffer end are dropped by the cache write, and so are the tokens they would predict (they
+    lie past max_new_tokens), so the target cache needs no extra slots.
+
+    Args:
+      cfg: target model config. drafter: see `drafters.Drafter`. k: drafted tokens per step.
+      max_len: cache slots per sequence. impl: attention implementation.
+    Returns:
+      a Decoder whose `params` are `(target_params, draft_params)` and whose steps emit up to
+      k+1 tokens.
+    """
+    if k < 1:
+        raise ValueError(f"k={k}: speculative decoding drafts at least 1 token per step; use "
+                         "the autoregressive method for k = 0")
+    base = autoregressive(cfg, max_len, impl)
+
+    def _split(params):
+        if not (isinstance(params, tuple) and len(params) == 2):
+            raise TypeError("speculative decoding takes params=(target_params, draft_params); "
+                            f"got {type(params).__name__}: build the Model with "
+                            "`speculative_model(...)`")
+        return params
+
+    def init(params, prompt, lengths, sampling, keys, track_seen=False):
+        if track_seen:
+            raise ValueError("repetition_penalty != 1 is not supported by speculative decoding "
+                             "(the penalty would change inside one verified block): set it to "
+                             "1 or use the autoregressive method")
+        target_params, draft_params = _split(params)
+        state = base.init(target_params, prompt, lengths, sampling, keys)
+        prev = prompt[jnp.arange(prompt.shape[0]), lengths - 1]
+        aux = SpecAux(state.aux, drafter.init(draft_params, prompt, lengths), prev)
+        return state.replace(aux=aux)
+
+    def step(params, state):
+        target_params, draft_params = _split(params)
+        aux = state.aux
+        keys, now = split_keys(state.keys)
+        pairs = jax.vmap(lambda key: jax.random.split(key, 2))(now)  # [B, 2]
+        draft, q, draft_aux = drafter.propose(draft_params, aux.draft, state.tokens, aux.prev,
+                                              state.positions, state.sampling, pairs[:, 0], k)
+        seq = jnp.concatenate([state.tokens[:, None], draft], axis=1)  # [B, k+1]
+        pos = state.positions[:, None] + jnp.arange(k + 1)  # [B, k+1]
+        logits, _, cache = phases.verify(target_params, aux.cache, seq, pos, cfg=cfg, impl=impl)
+        tokens, num = accept_tokens(draft, q, logits, state.sampling, pairs[:, 1])
+        rows = jnp.arange(seq.shape[0])
+        # The next token is the last emitted one; the one before it (now the newest context
+        # token) is seq[num - 1]: the input token or the last accepted draft.
+        state = state.replace(tokens=tokens[rows, num - 1], positions=state.positions + num,
+                              keys=keys, aux=SpecAux(cache, draft_aux, seq[rows, num - 1]))
+        return state, StepOutput(tokens, num)
+
+    return Decoder(init=init, step=step, max_tokens_per_step=k + 1)
+
+
+def speculative_model(target: Model, draft_params: Any) -> Model:
+    """The target `Model` with params `(target_params, draft_params)`, for `Generator`."""
+    return dataclasses.replace(target, params=(target.params, draft_params))
+
+
+def build_speculative(target: Model, draft: str | Model, k: int, impl: str = "xla",
+                      max_ngram: int = 3) -> tuple[Model, Callable[[ModelConfig, int], Decoder]]:
+    """What `Generator` needs to decode `target` speculatively.
+
+    Args:
+      target: the loaded target model. draft: "ngram" (prompt lookup), a loaded `Model`, or a
+        name/path: a distilled draft directory (`jdecode train draft`), an HF directory or a
+        .gguf file. k: drafted tokens per step. max_ngram: longest n-gram prompt lookup matches.
+    Returns:
+      (model, decoder_fn): pass both to `Generator(model, decoder_fn=...)`.
+    """
+    if isinstance(draft, str) and draft == "ngram":
+        return speculative_model(target, None), \
+            lambda cfg, max_len: speculative(cfg, ngram_drafter(max_len, max_ngram), k, max_len,
+                                             impl)
+    if isinstance(draft, str):
+        from jdecode.training.distill import load_draft
+
+        draft = load_draft(draft, target)
+    if draft.cfg.vocab_size != target.cfg.vocab_size:
+        raise ValueError(f"draft {draft.name!r} has vocab_size {draft.cfg.vocab_size} but the "
+                         f"target has {target.cfg.vocab_size}: the draft must share the "
+                         "target's tokenizer (distil one with `jdecode train draft`)")
+    dcfg = draft.cfg
+    return speculative_model(target, draft.params), \
+        lambda cfg, max_len: speculative(cfg, model_drafter(dcfg, max_len, impl), k, max_len,
+                                         impl)
+
+
+def acceptance_stats(mean_accepted: float, k: int) -> dict[str, float]:
+    """Acceptance figures from the loop's mean tokens per verify step L (in [1, k+1]).
+
+    Returns:
+      mean_accepted L; acceptance_rate (L - 1) / k, the share of drafts accepted; alpha, the
+      i.i.d. per-token rate whose expected tokens (1 - a^(k+1)) / (1 - a) equal L (Leviathan et
+      al. 2023, eq. 1), inverted by bisection.
+    """
+    lo, hi = 0.0, 1.0
+    for _ in range(50):  # expected_tokens increases with alpha
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if expected_tokens(mid, k) < mean_accepted else (lo, mid)
+    return {"mean_accepted": mean_accepted, "acceptance_rate": (mean_accepted - 1.0) / k,
+            "alpha": 0.5 * (lo + hi)}
