@@ -14,7 +14,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention.reference import MASK_VALUE, flash_attention_reference
+from pallas_kernels.flash_attention.reference import (
+    MASK_VALUE,
+    attention_xla,
+    flash_attention_reference,
+)
 from pallas_kernels.flash_attention.tuning import flash_config, resolve_interpret
 
 LOG2E = math.log2(math.e)
@@ -203,7 +207,8 @@ def flash_attention(
       soft_cap: if set, logits become soft_cap * tanh(logits / soft_cap).
       block_q, block_k, num_warps, num_stages: override `tuning.flash_config`.
       interpret: run the Pallas interpreter; None = interpret unless the backend is GPU.
-      impl: "pallas" (this kernel), or "reference"/"xla" (plain jnp, `reference.py`).
+      impl: "pallas" (this kernel); "xla" (dense jnp in the input dtype, materializes the
+        [B, H, T, S] logits); "reference" (the same in f32 at HIGHEST precision: the spec).
 
     Returns:
       [B, T, H, D] in q.dtype, f32 accumulation. Rows that see no key are 0; K/V rows past
@@ -211,7 +216,8 @@ def flash_attention(
     """
     _check_inputs(q, k, v, q_offset, kv_lens)
     if impl in ("reference", "xla"):
-        return flash_attention_reference(
+        dense = flash_attention_reference if impl == "reference" else attention_xla
+        return dense(
             q,
             k,
             v,

@@ -36,7 +36,7 @@ def flash_attention_reference(
     kv_lens: jax.Array | None = None,
     soft_cap: float | None = None,
 ) -> jax.Array:
-    """Reference multi-head / grouped-query attention. Same contract as `flash_attention`.
+    """Reference multi-head / grouped-query attention in f32. Same contract as `flash_attention`.
 
     Args:
       q: [B, T, H, D] queries.
@@ -51,15 +51,41 @@ def flash_attention_reference(
     Returns:
       [B, T, H, D] in q.dtype. Rows that see no key are 0. K/V past kv_lens never matter.
     """
+    return _dense_attention(q, k, v, causal, sm_scale, q_offset, kv_lens, soft_cap, exact=True)
+
+
+def attention_xla(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    q_offset: jax.Array | None = None,
+    kv_lens: jax.Array | None = None,
+    soft_cap: float | None = None,
+) -> jax.Array:
+    """The same attention as plain XLA in the input dtype (f32 accumulation): the non-Pallas
+    fast path. Materializes [B, K, G, T, S] logits. Arguments as `flash_attention_reference`."""
+    return _dense_attention(q, k, v, causal, sm_scale, q_offset, kv_lens, soft_cap, exact=False)
+
+
+def _dense_attention(q, k, v, causal, sm_scale, q_offset, kv_lens, soft_cap, *, exact: bool):
+    """exact: f32 operands at HIGHEST precision (the spec). Else native-dtype matmuls."""
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
     scale = d**-0.5 if sm_scale is None else sm_scale
     q_offset = jnp.zeros((b,), jnp.int32) if q_offset is None else q_offset
     kv_lens = jnp.full((b,), s, jnp.int32) if kv_lens is None else kv_lens
+    # The spec upcasts and forbids TF32 on GPU; the fast path keeps bf16/f16 operands.
+    hp = jax.lax.Precision.HIGHEST if exact else None
+    if exact:
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    f32 = jnp.float32
 
-    qg = q.astype(jnp.float32).reshape(b, t, kh, h // kh, d)  # [B, T, K, G, D]
-    hp = jax.lax.Precision.HIGHEST  # no TF32 on GPU: this is the spec
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32), precision=hp) * scale
+    qg = q.reshape(b, t, kh, h // kh, d)  # [B, T, K, G, D]
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, precision=hp, preferred_element_type=f32)
+    logits = logits * scale
     if soft_cap is not None:
         logits = soft_cap * jnp.tanh(logits / soft_cap)
     mask = attention_mask(t, s, causal=causal, q_offset=q_offset, kv_lens=kv_lens)
@@ -69,6 +95,8 @@ def flash_attention_reference(
     probs = jnp.where(mask, probs, 0.0)  # a row with no visible key averages nothing: output 0
     # Keys past kv_lens may be stale cache rows, even NaN: zero them so 0 * NaN cannot leak.
     key_ok = jnp.arange(s)[None, :, None, None] < kv_lens[:, None, None, None]  # [B, S, 1, 1]
-    v = jnp.where(key_ok, v.astype(jnp.float32), 0.0)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=hp)
+    v = jnp.where(key_ok, v, jnp.zeros_like(v))
+    out = jnp.einsum(
+        "bkgts,bskd->btkgd", probs.astype(v.dtype), v, precision=hp, preferred_element_type=f32
+    )
     return out.reshape(b, t, h, d).astype(q.dtype)

@@ -7,6 +7,7 @@ from pallas_kernels.paged_attention.kernel import paged_attention
 from pallas_kernels.paged_attention.ragged import ragged_paged_attention
 from pallas_kernels.paged_attention.reference import (
     paged_attention_reference,
+    paged_attention_xla,
     ragged_paged_attention_reference,
     write_kv_pages_reference,
 )
@@ -15,6 +16,7 @@ from pallas_kernels.paged_attention.write import write_kv_pages
 __all__ = [
     "paged_attention",
     "paged_attention_reference",
+    "paged_attention_xla",
     "ragged_paged_attention",
     "ragged_paged_attention_reference",
     "write_kv_pages",

@@ -22,7 +22,10 @@ from pallas_kernels.flash_attention.kernel import (
     scale_logits,
 )
 from pallas_kernels.flash_attention.tuning import resolve_interpret
-from pallas_kernels.paged_attention.reference import paged_attention_reference
+from pallas_kernels.paged_attention.reference import (
+    paged_attention_reference,
+    paged_attention_xla,
+)
 from pallas_kernels.paged_attention.tuning import decode_num_splits, paged_config
 
 
@@ -179,7 +182,8 @@ def paged_attention(
       block_k: tokens per loop step, a power-of-2 multiple of page_size; default from tuning.
       num_warps, num_stages: Triton launch parameters; default from tuning.
       interpret: Pallas interpreter; None = interpret unless the backend is GPU.
-      impl: "pallas", or "reference"/"xla" (gather + dense attention in plain jnp).
+      impl: "pallas"; "xla" (gather the pages, dense attention in the input dtype);
+        "reference" (the same in f32 at HIGHEST precision: the spec).
 
     Returns:
       [B, H, D] in q.dtype, f32 accumulation; 0 for a sequence with context_len 0.
@@ -190,7 +194,8 @@ def paged_attention(
         q.shape[1], q.shape[2], q.shape, k_pages, v_pages, block_tables, context_lens, q.shape[0]
     )
     if impl in ("reference", "xla"):
-        return paged_attention_reference(
+        dense = paged_attention_reference if impl == "reference" else paged_attention_xla
+        return dense(
             q, k_pages, v_pages, block_tables, context_lens, sm_scale=sm_scale, soft_cap=soft_cap
         )
     if impl != "pallas":

@@ -150,7 +150,8 @@ def ragged_paged_attention(
       block_k: tokens per loop step, a power-of-2 multiple of page_size; default from tuning.
       num_warps, num_stages: Triton launch parameters; default from tuning.
       interpret: Pallas interpreter; None = interpret unless the backend is GPU.
-      impl: "pallas", or "reference"/"xla" (plain jnp; materializes [N, S] logits).
+      impl: "pallas", or "reference"/"xla" (both the f32 spec in plain jnp: it gathers a
+        [N, S, K, D] copy of K/V, so only for small batches and tests).
 
     Returns:
       [N, H, D] in q.dtype.

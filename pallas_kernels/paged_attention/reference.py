@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention.reference import flash_attention_reference
+from pallas_kernels.flash_attention.reference import attention_xla, flash_attention_reference
 
 
 def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
@@ -47,12 +47,43 @@ def paged_attention_reference(
     Returns:
       [B, H, D] in q.dtype; 0 for a sequence with context_len 0.
     """
+    return _paged_dense(
+        flash_attention_reference,
+        q,
+        k_pages,
+        v_pages,
+        block_tables,
+        context_lens,
+        sm_scale,
+        soft_cap,
+    )
+
+
+def paged_attention_xla(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    context_lens: jax.Array,
+    *,
+    sm_scale: float | None = None,
+    soft_cap: float | None = None,
+) -> jax.Array:
+    """Decode attention as plain XLA (page gather + dense attention in the input dtype): the
+    non-Pallas fast path. Arguments as `paged_attention_reference`."""
+    return _paged_dense(
+        attention_xla, q, k_pages, v_pages, block_tables, context_lens, sm_scale, soft_cap
+    )
+
+
+def _paged_dense(dense, q, k_pages, v_pages, block_tables, context_lens, sm_scale, soft_cap):
+    """Gathers each sequence's pages into a dense [B, S, K, D] cache and runs `dense` on it."""
     k = gather_pages(k_pages, block_tables)
     v = gather_pages(v_pages, block_tables)
-    out = flash_attention_reference(
+    out = dense(
         q[:, None], k, v, causal=False, sm_scale=sm_scale, kv_lens=context_lens, soft_cap=soft_cap
     )
-    return out[:, 0]
+    return out[:, 0]  # [B, H, D]
 
 
 def ragged_paged_attention_reference(

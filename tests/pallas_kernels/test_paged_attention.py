@@ -88,7 +88,9 @@ def test_paged_decode_default_tuning_and_soft_cap(rng, interpret):
     out = jit_for_tests(lambda *a: paged_attention(*a, soft_cap=2.0, interpret=interpret))(
         q, k_pages, v_pages, tables, ctx
     )
-    ref = paged_attention_reference(q, k_pages, v_pages, tables, ctx, soft_cap=2.0)
+    ref = jit_for_tests(lambda *a: paged_attention_reference(*a, soft_cap=2.0))(
+        q, k_pages, v_pages, tables, ctx
+    )
     assert_close(out, ref, jnp.float32)
 
 

@@ -1,0 +1,62 @@
+"""The non-Pallas paths (impl="xla") against the spec, and the tuning tables' lookups."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import flash_attention, flash_attention_reference, paged_attention
+from pallas_kernels.flash_attention.tuning import FlashConfig, flash_config
+from pallas_kernels.paged_attention.reference import paged_attention_reference
+from pallas_kernels.paged_attention.tuning import decode_num_splits, paged_config
+from pallas_kernels.testing import assert_close, jit_for_tests
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_flash_xla_impl_matches_reference(rng, dtype):
+    q = jnp.asarray(rng.standard_normal((2, 12, 8, 64)), dtype)
+    k, v = (jnp.asarray(rng.standard_normal((2, 30, 2, 64)), dtype) for _ in range(2))
+    q_offset = jnp.asarray(rng.integers(0, 19, 2), jnp.int32)
+    kv_lens = jnp.asarray(rng.integers(1, 31, 2), jnp.int32)
+
+    def both(q, k, v, q_offset, kv_lens):
+        kw = {"q_offset": q_offset, "kv_lens": kv_lens, "soft_cap": 4.0}
+        return flash_attention(q, k, v, impl="xla", **kw), flash_attention_reference(q, k, v, **kw)
+
+    out, ref = jit_for_tests(both)(q, k, v, q_offset, kv_lens)
+    assert_close(out, ref, dtype)
+
+
+def test_paged_xla_impl_matches_reference(rng):
+    k_pages, v_pages = (
+        jnp.asarray(rng.standard_normal((12, 16, 2, 64)), jnp.bfloat16) for _ in "kv"
+    )
+    tables = jnp.asarray(rng.permutation(12)[:9].reshape(3, 3), jnp.int32)
+    q = jnp.asarray(rng.standard_normal((3, 8, 64)), jnp.bfloat16)
+    ctx = jnp.asarray([1, 17, 48], jnp.int32)
+
+    def both(*args):
+        return paged_attention(*args, impl="xla"), paged_attention_reference(*args)
+
+    out, ref = jit_for_tests(both)(q, k_pages, v_pages, tables, ctx)
+    assert_close(out, ref, jnp.bfloat16)
+
+
+def test_unknown_impl_is_rejected():
+    x = jnp.zeros((1, 4, 2, 64))
+    with pytest.raises(ValueError, match="impl='triton'"):
+        flash_attention(x, x, x, impl="triton")
+
+
+def test_tuning_tables():
+    assert flash_config(128, jnp.bfloat16, "NVIDIA H100 80GB HBM3") == FlashConfig(128, 128, 8, 3)
+    assert flash_config(128, np.float32, "cpu").block_q <= 64
+    hopper = paged_config(16, 128, jnp.bfloat16, "NVIDIA H200")
+    assert hopper.block_k % 16 == 0 and hopper.num_splits == 0
+    assert paged_config(64, 128, jnp.bfloat16, "cpu").block_k == 64
+    # Grid-size heuristic: few sequences get many splits, a full grid gets few, never more
+    # than half the blocks.
+    many = decode_num_splits(1, 8, 256, hopper)
+    few = decode_num_splits(32, 8, 256, hopper)
+    assert many > few >= 1 and decode_num_splits(1, 8, 4, hopper) <= 2
