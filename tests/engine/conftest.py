@@ -18,7 +18,7 @@ from jdecode.io.registry import Model
 from jdecode.model.params import init_params
 
 ROOT = __import__("pathlib").Path(__file__).parents[2]
-SHAPES = dict(max_num_seqs=8, max_model_len=64, page_size=4, num_pages=40)
+SHAPES = {"max_num_seqs": 8, "max_model_len": 64, "page_size": 4, "num_pages": 40}
 MAX_NEW = 10
 
 

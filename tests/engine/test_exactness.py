@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from jdecode.decoding.sampling import SamplingParams
-from jdecode.engine.engine import LLMEngine
 
 MAX_NEW = 10
 GREEDY = SamplingParams(max_new_tokens=MAX_NEW)

@@ -1,0 +1,120 @@
+"""Engine behaviour beyond greedy exactness: stops, lengths, seeds, n > 1, logprobs, aborts."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jdecode.cache.dense import DenseMeta, init_cache, make_dense_attend
+from jdecode.decoding.sampling import SamplingParams
+from jdecode.model.transformer import forward
+from pallas_kernels.testing import assert_close
+
+
+def prompts_of(rng, n, lo=17, hi=32):
+    return [rng.integers(0, 256, size=int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
+
+
+def test_stop_token_and_heterogeneous_max_tokens(rng, make_llm, greedy_reference):
+    a, b, c = prompts_of(rng, 3)
+    ref_a = greedy_reference(a)
+    stop = ref_a[3]
+    cut = ref_a.index(stop) + 1  # the first occurrence ends the sequence, stop token included
+    params = [SamplingParams(max_new_tokens=10, stop_token_ids=(stop,)),
+              SamplingParams(max_new_tokens=3), SamplingParams(max_new_tokens=7)]
+    outs = make_llm(max_num_batched_tokens=16).generate([a, b, c], params, use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == ref_a[:cut]
+    assert outs[0].outputs[0].finish_reason == "stop"
+    assert outs[1].outputs[0].token_ids == greedy_reference(b)[:3]
+    assert outs[2].outputs[0].token_ids == greedy_reference(c)[:7]
+    assert [o.outputs[0].finish_reason for o in outs[1:]] == ["length", "length"]
+
+
+def test_seeded_sampling_does_not_depend_on_batch_mix_or_chunking(rng, make_llm):
+    target = prompts_of(rng, 1)[0]
+    sp = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=1234)
+    alone = make_llm(max_num_batched_tokens=64).generate([target], sp, use_tqdm=False)
+    others = prompts_of(rng, 5)
+    mixed = make_llm(max_num_batched_tokens=16, max_chunk_tokens=3).generate(
+        others + [target], [SamplingParams(max_new_tokens=8, temperature=0.7, seed=5)] * 5
+        + [sp], use_tqdm=False)
+    assert mixed[-1].outputs[0].token_ids == alone[0].outputs[0].token_ids
+    other_seed = make_llm(max_num_batched_tokens=64).generate(
+        [target], SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=99),
+        use_tqdm=False)
+    assert other_seed[0].outputs[0].token_ids != alone[0].outputs[0].token_ids
+
+
+def test_n_sampled_siblings_differ_and_reproduce(rng, make_llm):
+    prompt = prompts_of(rng, 1, 18, 18)[0]
+    sp = SamplingParams(max_new_tokens=8, temperature=1.0, seed=7)
+    first = make_llm(max_num_batched_tokens=16).generate(prompt, sp, n=4, use_tqdm=False)[0]
+    seqs = [tuple(o.token_ids) for o in first.outputs]
+    assert [o.index for o in first.outputs] == [0, 1, 2, 3]
+    assert len(set(seqs)) > 1
+    again = make_llm(max_num_batched_tokens=64).generate(prompt, sp, n=4, use_tqdm=False)[0]
+    assert [tuple(o.token_ids) for o in again.outputs] == seqs
+
+
+def test_logprobs_match_the_dense_forward(rng, tiny, make_llm, greedy_reference):
+    prompt = prompts_of(rng, 1)[0]
+    out = make_llm(max_num_batched_tokens=16).generate(
+        prompt, SamplingParams(max_new_tokens=4), logprobs=5, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == greedy_reference(prompt)[:4]
+    assert [lp.token_id for lp in out.logprobs] == out.token_ids
+    # Dense forward over prompt + outputs: logprobs at each generating position.
+    seq = prompt + out.token_ids[:-1]
+    t = len(seq)
+    cache = init_cache(tiny.cfg, 1, 64)
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
+    logits, _, _ = forward(tiny.params, jnp.asarray([seq], jnp.int32), pos, cache,
+                           DenseMeta(pos), cfg=tiny.cfg, attend=make_dense_attend(tiny.cfg))
+    lp = np.asarray(jax.nn.log_softmax(logits[0, len(prompt) - 1:], axis=-1))  # [4, V]
+    for i, got in enumerate(out.logprobs):
+        top = np.argsort(-lp[i])[:5]
+        assert list(got.top) == top.tolist()
+        assert_close(list(got.top.values()), lp[i, top], "float32")
+        assert_close(got.logprob, lp[i, got.token_id], "float32")
+    assert out.cumulative_logprob == pytest.approx(sum(x.logprob for x in out.logprobs))
+
+
+def test_abort_frees_pages_and_leaves_others_exact(rng, make_engine, greedy_reference):
+    a, b = prompts_of(rng, 2)
+    engine = make_engine(max_num_batched_tokens=16, num_pages=40)
+    engine.add_request("a", a, SamplingParams(max_new_tokens=10))
+    engine.add_request("b", b, SamplingParams(max_new_tokens=10))
+    for _ in range(4):
+        engine.step()
+    used = engine.block_manager.num_used_pages
+    held = len(engine.block_manager.page_ids(engine.scheduler.running[0].request_id))
+    engine.abort_request("a")
+    assert engine.block_manager.num_used_pages == used - held
+    tokens = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == "b"
+            tokens = out.token_ids
+    assert tokens == greedy_reference(b)
+    assert engine.block_manager.num_used_pages == 0
+
+
+def test_add_request_errors_name_the_fix(make_engine):
+    engine = make_engine()
+    with pytest.raises(ValueError, match="prompt has 64 tokens; max_model_len is 64"):
+        engine.add_request("x", [1] * 64)
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 256\)"):
+        engine.add_request("x", [1, 999])
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("x", [])
+    with pytest.raises(ValueError, match="n=0"):
+        engine.add_request("x", [1], n=0)
+    engine.add_request("x", [1])
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("x", [2])
+
+
+def test_generate_with_mismatched_params_raises(make_llm):
+    with pytest.raises(ValueError, match="2 prompts but 3 SamplingParams"):
+        make_llm().generate([[1], [2]], [SamplingParams()] * 3, use_tqdm=False)
