@@ -14,11 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jdecode.config import ModelConfig
-from pallas_kernels.paged_attention import (
-    ragged_paged_attention,
-    ragged_paged_attention_reference,
-    write_kv_pages,
-)
+from pallas_kernels.paged_attention import ragged_paged_attention, write_kv_pages
 
 IMPLS = ("xla", "reference", "pallas")
 
@@ -108,8 +104,8 @@ def paged_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: PagedKVCache,
                                     cache.v_pages.reshape(L * P, page, K, D),
                                     k[0], v[0], slots, impl=write_impl)
     tables = meta.block_tables + offset  # [B, max_pages]
-    attend = ragged_paged_attention if impl == "pallas" else ragged_paged_attention_reference
-    out = attend(q[0], k_pool, v_pool, tables, meta.context_lens, meta.query_start_loc)
+    out = ragged_paged_attention(q[0], k_pool, v_pool, tables, meta.context_lens,
+                                 meta.query_start_loc, impl=impl)
     cache = PagedKVCache(k_pool.reshape(L, P, page, K, D), v_pool.reshape(L, P, page, K, D))
     return out[None], cache
 

@@ -11,7 +11,7 @@ from jdecode.cache.paged import PagedKVCache, PagedMeta, copy_pages, paged_atten
 from jdecode.model.attention import attention_xla
 from pallas_kernels.testing import assert_close
 
-L, P, PAGE, K, H, D = 2, 16, 4, 2, 4, 8
+L, P, PAGE, K, H, D = 2, 16, 4, 2, 4, 16
 
 
 def random_case(seed: int, context_lens, q_lens, n_pad: int, b_pad: int):
