@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import flash_attention, flash_attention_reference, paged_attention
+from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
 from pallas_kernels.flash_attention.tuning import FlashConfig, flash_config
+from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.paged_attention.reference import paged_attention_reference
 from pallas_kernels.paged_attention.tuning import decode_num_splits, paged_config
 from pallas_kernels.testing import assert_close, jit_for_tests

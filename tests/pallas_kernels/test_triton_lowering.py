@@ -1,0 +1,84 @@
+"""Lowers every kernel to Triton IR for CUDA on any machine (no GPU needed).
+
+Catches Triton-only failures (non-power-of-2 tiles, unsupported ops) in CPU CI, and pins the
+f32 dots to IEEE: Triton's default for an f32 dot is TF32, which missed the f32 tolerance on
+the H100. Uses a private JAX hook to read the Triton module, so it skips where that moved.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.paged_attention import paged_attention, ragged_paged_attention, write_kv_pages
+
+registration = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
+
+
+@pytest.fixture
+def triton_modules(monkeypatch):
+    """Collects the Triton module text of every pallas_call lowered while the test runs."""
+    lower = getattr(getattr(registration, "lowering", None), "lower_jaxpr_to_triton_module", None)
+    if lower is None:
+        pytest.skip("this jax lowers Pallas Triton kernels differently")
+    modules = []
+
+    def capture(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        modules.append(result.module.operation.get_asm())
+        return result
+
+    monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", capture)
+    jax.clear_caches()  # the wrappers' jit caches would skip the lowering
+    return modules
+
+
+def _lower_for_cuda(fn, *args):
+    jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def _kernels(dtype, *, page=16, block_k=None, rows=None):
+    """(name, fn, args) for each kernel at a small shape; block sizes as the H100 tuning uses."""
+    q4 = jnp.zeros((2, 64, 8, 128), dtype)
+    kv4 = jnp.zeros((2, 96, 2, 128), dtype)
+    pool = jnp.zeros((24, page, 2, 128), dtype)
+    qd = jnp.zeros((3, 8, 128), dtype)
+    tables = jnp.zeros((3, 8), jnp.int32)
+    lens = jnp.ones((3,), jnp.int32)
+    qsl = jnp.asarray([0, 1, 5, 9], jnp.int32)
+    qr = jnp.zeros((12, 8, 128), dtype)
+    new = jnp.zeros((5, 2, 128), dtype)
+    slots = jnp.zeros((5,), jnp.int32)
+    off = {"interpret": False}
+    bk = block_k or 2 * page
+    return [
+        ("flash", functools.partial(flash_attention, block_q=64, block_k=64, **off), (q4, kv4, kv4)),
+        ("decode", functools.partial(paged_attention, num_splits=2, block_k=bk, **off),
+         (qd, pool, pool, tables, lens)),
+        ("ragged", functools.partial(ragged_paged_attention, block_q=(rows or 32) // 4,
+                                     block_k=bk, **off), (qr, pool, pool, tables, lens, qsl)),
+        ("write", functools.partial(write_kv_pages, **off), (pool, pool, new, new, slots)),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernels_lower_to_triton(triton_modules, dtype):
+    for name, fn, args in _kernels(dtype, page=16, block_k=128, rows=64):
+        triton_modules.clear()
+        _lower_for_cuda(fn, *args)
+        assert triton_modules, f"{name}: no Triton module was lowered"
+        dots = [d for m in triton_modules for d in re.findall(r"tt\.dot\b[^\n]*", m)]
+        if dtype == jnp.float32:
+            assert all("tf32" not in d for d in dots), f"{name}: f32 dot lowered as TF32"
+
+
+@pytest.mark.parametrize("page", [32, 64])
+def test_paged_kernels_lower_for_page_sizes(triton_modules, page):
+    for name, fn, args in _kernels(jnp.bfloat16, page=page)[1:3]:
+        _lower_for_cuda(fn, *args)
+        assert triton_modules, f"{name}: no Triton module was lowered"
