@@ -1,0 +1,109 @@
+"""The Generator on a tiny random model (f32): batching is invisible, steady-state decoding never
+retraces, top-k 1 is greedy, and seeds decide sampled tokens row by row."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+from helpers import seed_of, tiny_model
+
+from jdecode.decoding import loop
+from jdecode.decoding.generate import Generator
+from jdecode.decoding.sampling import SamplingParams
+
+MAX_NEW = 12  # output bucket 16
+PROMPT_LENS = (3, 9, 14)  # different lengths, one prompt bucket (16)
+
+
+@pytest.fixture(scope="module")
+def gen() -> Generator:
+    return Generator(tiny_model(seed_of(__name__)), max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def first_request_traces(gen) -> collections.Counter:
+    """Traces added by the generator's very first request (batch 1, prompt bucket 16)."""
+    before = collections.Counter(loop.TRACE_COUNTS)
+    prompt = np.random.default_rng(seed_of("first")).integers(0, 256, 5).tolist()
+    gen.generate([prompt], SamplingParams(max_new_tokens=MAX_NEW))
+    return collections.Counter(loop.TRACE_COUNTS) - before
+
+
+def prompts(rng, lens=PROMPT_LENS) -> list[list[int]]:
+    return [rng.integers(0, 256, n).tolist() for n in lens]
+
+
+def test_second_request_in_the_same_bucket_adds_no_traces(gen, first_request_traces, rng):
+    assert first_request_traces["init"] >= 1 and first_request_traces["loop"] >= 1
+    before = collections.Counter(loop.TRACE_COUNTS)
+    # Another prompt length in the same bucket, sampled with another temperature and seed,
+    # streamed in chunks of a different size: every one of these is a runtime value.
+    (prompt,) = prompts(rng, [11])
+    sp = SamplingParams(max_new_tokens=MAX_NEW - 3, temperature=0.7, top_p=0.9, seed=123)
+    chunks = list(gen.stream([prompt], sp, chunk_steps=3))
+    assert len(chunks) > 2 and len(chunks[-1][1][0].token_ids) == MAX_NEW - 3
+    gen.generate([prompt[:7]], SamplingParams(max_new_tokens=MAX_NEW, temperature=1.3, seed=9))
+    added = collections.Counter(loop.TRACE_COUNTS) - before
+    assert not added, f"steady-state requests retraced: {dict(added)}"
+
+
+def test_batch_gives_each_prompt_its_solo_tokens(gen, rng):
+    ps = prompts(rng)
+    sp = SamplingParams(max_new_tokens=MAX_NEW)
+    batched = gen.generate(ps, sp)
+    for p, r in zip(ps, batched):
+        (alone,) = gen.generate([p], sp)
+        assert r.prompt_token_ids == p
+        assert r.token_ids == alone.token_ids
+        assert len(r.token_ids) == MAX_NEW and r.finish_reason == "length"
+    # The prompts continue differently, so a row mix-up could not pass.
+    assert len({tuple(r.token_ids) for r in batched}) == len(ps)
+
+
+def test_per_row_max_new_tokens(gen, rng):
+    ps = prompts(rng)
+    sps = [SamplingParams(max_new_tokens=n) for n in (2, MAX_NEW, 7)]
+    results = gen.generate(ps, sps)
+    full = gen.generate(ps, SamplingParams(max_new_tokens=MAX_NEW))
+    for r, f, sp in zip(results, full, sps):
+        assert r.token_ids == f.token_ids[:sp.max_new_tokens]
+        assert r.finish_reason == "length"
+
+
+def test_top_k_one_equals_greedy(gen, rng):
+    (p,) = prompts(rng, [8])
+    rows = [SamplingParams(max_new_tokens=MAX_NEW),
+            SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, top_k=1, seed=1),
+            SamplingParams(max_new_tokens=MAX_NEW, temperature=3.0, top_k=1, seed=2)]
+    greedy, k1, k1_hot = gen.generate([p] * 3, rows)
+    assert k1.token_ids == greedy.token_ids and k1_hot.token_ids == greedy.token_ids
+
+
+def test_seeded_sampling_repeats_and_seeds_differ(gen, rng):
+    (p,) = prompts(rng, [6])
+    rows = [SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, seed=s)
+            for s in (7, 7, 8)]
+    a = gen.generate([p] * 3, rows)
+    b = gen.generate([p] * 3, rows)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    # Same seed in two rows of one batch: same tokens (a row's stream ignores its neighbours).
+    assert a[0].token_ids == a[1].token_ids
+    assert a[0].token_ids != a[2].token_ids
+    # A sampled row differs from greedy (a temperature-1 draw over 256 tokens, 12 times).
+    (greedy,) = gen.generate([p], SamplingParams(max_new_tokens=MAX_NEW))
+    assert a[0].token_ids != greedy.token_ids
+
+
+def test_bad_requests_name_the_value(gen, rng):
+    (p,) = prompts(rng, [10])
+    with pytest.raises(ValueError, match="prompt 0 has 10 tokens and asks for 60 new ones; "
+                                         "max_seq_len is 64"):
+        gen.generate([p], SamplingParams(max_new_tokens=60))
+    with pytest.raises(ValueError, match=r"token ids \[256\] are outside the vocabulary"):
+        gen.generate([[1, 256]], SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        gen.generate([[]], SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        gen.generate(["text needs a tokenizer"], SamplingParams(max_new_tokens=2))
