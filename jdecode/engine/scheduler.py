@@ -263,12 +263,13 @@ class Scheduler:
             num_cached = len(hits) * bm.page_size
             req.num_computed_tokens = num_cached
             n = self._chunk_size(req)
+            # allocate_slots counts the hits itself: they are not computed until it succeeds.
+            req.num_computed_tokens = 0
             if not allow_chunk and num_cached + n < req.num_tokens - (1 if req.children else 0):
-                req.num_computed_tokens = 0
                 break
             if not bm.allocate_slots(req, n, hits):
-                req.num_computed_tokens = 0
                 break
+            req.num_computed_tokens = num_cached
             self.waiting.popleft()
             if req.num_preemptions == 0:
                 req.num_cached_tokens = num_cached
