@@ -9,6 +9,7 @@ from pallas_kernels.paged_attention.reference import (
     paged_attention_reference,
     paged_attention_xla,
     ragged_paged_attention_reference,
+    ragged_paged_attention_xla,
     write_kv_pages_reference,
 )
 from pallas_kernels.paged_attention.write import write_kv_pages
@@ -19,6 +20,7 @@ __all__ = [
     "paged_attention_xla",
     "ragged_paged_attention",
     "ragged_paged_attention_reference",
+    "ragged_paged_attention_xla",
     "write_kv_pages",
     "write_kv_pages_reference",
 ]

@@ -26,7 +26,10 @@ from pallas_kernels.paged_attention.kernel import (
     load_kv_block,
     pad_block_tables,
 )
-from pallas_kernels.paged_attention.reference import ragged_paged_attention_reference
+from pallas_kernels.paged_attention.reference import (
+    ragged_paged_attention_reference,
+    ragged_paged_attention_xla,
+)
 from pallas_kernels.paged_attention.tuning import paged_config
 
 
@@ -150,8 +153,8 @@ def ragged_paged_attention(
       block_k: tokens per loop step, a power-of-2 multiple of page_size; default from tuning.
       num_warps, num_stages: Triton launch parameters; default from tuning.
       interpret: Pallas interpreter; None = interpret unless the backend is GPU.
-      impl: "pallas", or "reference"/"xla" (both the f32 spec in plain jnp: it gathers a
-        [N, S, K, D] copy of K/V, so only for small batches and tests).
+      impl: "pallas"; "xla" (plain jnp in the input dtype, 32 rows at a time, each gathering
+        its sequence's K/V); "reference" (the f32 spec: gathers [N, S, K, D] at once, tests only).
 
     Returns:
       [N, H, D] in q.dtype.
@@ -168,7 +171,10 @@ def ragged_paged_attention(
             f"{block_tables.shape}"
         )
     if impl in ("reference", "xla"):
-        return ragged_paged_attention_reference(
+        dense = (
+            ragged_paged_attention_reference if impl == "reference" else ragged_paged_attention_xla
+        )
+        return dense(
             q,
             k_pages,
             v_pages,

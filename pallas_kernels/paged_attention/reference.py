@@ -115,29 +115,93 @@ def ragged_paged_attention_reference(
     Returns:
       [N, H, D] in q.dtype.
     """
-    n = q.shape[0]
-    b = block_tables.shape[0]
-    k = gather_pages(k_pages, block_tables)  # [B, S, K, D]
-    v = gather_pages(v_pages, block_tables)
-    # Each flat row: its sequence, and its absolute position inside that sequence.
+    seq, pos, valid = _ragged_rows(q.shape[0], block_tables.shape[0], context_lens, query_start_loc)
+    out = _ragged_rows_attention(
+        flash_attention_reference,
+        q,
+        k_pages,
+        v_pages,
+        block_tables,
+        context_lens,
+        seq,
+        pos,
+        sm_scale,
+        soft_cap,
+    )
+    return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)
+
+
+def ragged_paged_attention_xla(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    context_lens: jax.Array,
+    query_start_loc: jax.Array,
+    *,
+    sm_scale: float | None = None,
+    soft_cap: float | None = None,
+    rows_per_chunk: int = 32,
+) -> jax.Array:
+    """The ragged attention as plain XLA in the input dtype, `rows_per_chunk` rows at a time.
+
+    Each row gathers its own sequence's K/V, so memory stays at rows_per_chunk x S x K x D
+    instead of the reference's N x S x K x D. Arguments as `ragged_paged_attention_reference`.
+    """
+    n, h, d = q.shape
+    seq, pos, valid = _ragged_rows(n, block_tables.shape[0], context_lens, query_start_loc)
+    pad = -n % rows_per_chunk
+    chunks = [jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in (q, seq, pos)]
+    chunks = [x.reshape(-1, rows_per_chunk, *x.shape[1:]) for x in chunks]
+
+    def one_chunk(args):
+        qc, sc, pc = args  # [R, H, D], [R], [R]
+        return _ragged_rows_attention(
+            attention_xla,
+            qc,
+            k_pages,
+            v_pages,
+            block_tables,
+            context_lens,
+            sc,
+            pc,
+            sm_scale,
+            soft_cap,
+        )
+
+    out = jax.lax.map(one_chunk, chunks).reshape(-1, h, d)[:n]
+    return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)
+
+
+def _ragged_rows(n: int, b: int, context_lens, query_start_loc):
+    """Each flat row's sequence [N], absolute position [N] and whether it is a real row [N]."""
     rows = jnp.arange(n)
-    seq = jnp.searchsorted(query_start_loc[1:], rows, side="right")  # [N]
+    seq = jnp.searchsorted(query_start_loc[1:], rows, side="right")  # first b with end > row
     valid = seq < b
     seq = jnp.minimum(seq, b - 1)
     q_len = query_start_loc[seq + 1] - query_start_loc[seq]
+    # A sequence's q_len queries are its last q_len tokens.
     pos = context_lens[seq] - q_len + (rows - query_start_loc[seq])
-    # One query per "batch" row: attend to its sequence's keys, causally at its position.
-    out = flash_attention_reference(
+    return seq.astype(jnp.int32), pos.astype(jnp.int32), valid
+
+
+def _ragged_rows_attention(
+    dense, q, k_pages, v_pages, block_tables, context_lens, seq, pos, sm_scale, soft_cap
+):
+    """Rows as a batch of one-query sequences: row r attends to seq[r]'s keys causally at pos[r]."""
+    k = gather_pages(k_pages, block_tables[seq])  # [R, S, K, D]
+    v = gather_pages(v_pages, block_tables[seq])
+    out = dense(
         q[:, None],
-        k[seq],
-        v[seq],
+        k,
+        v,
         causal=True,
         sm_scale=sm_scale,
         q_offset=pos,
         kv_lens=context_lens[seq],
         soft_cap=soft_cap,
-    )[:, 0]
-    return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)
+    )
+    return out[:, 0]  # [R, H, D]
 
 
 def write_kv_pages_reference(

@@ -8,7 +8,11 @@ import pytest
 
 from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
 from pallas_kernels.flash_attention.tuning import FlashConfig, flash_config
-from pallas_kernels.paged_attention import paged_attention
+from pallas_kernels.paged_attention import (
+    paged_attention,
+    ragged_paged_attention_reference,
+    ragged_paged_attention_xla,
+)
 from pallas_kernels.paged_attention.reference import paged_attention_reference
 from pallas_kernels.paged_attention.tuning import decode_num_splits, paged_config
 from pallas_kernels.testing import assert_close, jit_for_tests
@@ -42,6 +46,25 @@ def test_paged_xla_impl_matches_reference(rng):
 
     out, ref = jit_for_tests(both)(q, k_pages, v_pages, tables, ctx)
     assert_close(out, ref, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_ragged_xla_impl_matches_reference(rng, dtype):
+    """Chunked rows (5 per chunk, so chunks straddle sequences) vs the one-shot reference."""
+    page, q_lens, lens = 16, [1, 7, 0, 3, 1], [9, 23, 4, 16, 40]
+    qsl = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    k_pages, v_pages = (jnp.asarray(rng.standard_normal((16, page, 2, 64)), dtype) for _ in "kv")
+    tables = jnp.asarray(rng.permutation(16)[:15].reshape(5, 3), jnp.int32)
+    q = jnp.asarray(rng.standard_normal((sum(q_lens) + 2, 8, 64)), dtype)
+    args = (q, k_pages, v_pages, tables, jnp.asarray(lens, jnp.int32), qsl)
+
+    def both(*args):
+        fast = ragged_paged_attention_xla(*args, rows_per_chunk=5)
+        return fast, ragged_paged_attention_reference(*args)
+
+    out, ref = jit_for_tests(both)(*args)
+    assert not jnp.any(out[sum(q_lens) :])
+    assert_close(out, ref, dtype)
 
 
 def test_unknown_impl_is_rejected():
