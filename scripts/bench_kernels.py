@@ -7,7 +7,10 @@ the memory ceilings (read-only stream, elementwise copy) measured in the same pr
 
     PYTHONPATH=. python3 scripts/bench_kernels.py --out $OUT
 
-Writes kernels.json, kernels.md and kernels_sweep.png under --out.
+Writes kernels.json, kernels.md (after every section) and kernels_sweep.png under --out.
+On an H100 the sections before the sweep took about 2 minutes (compiles included); each sweep
+point adds a few seconds, so shorten it with --sweep-batches / --sweep-contexts when device
+time is short.
 """
 
 from __future__ import annotations
