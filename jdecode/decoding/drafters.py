@@ -71,7 +71,8 @@ def model_drafter(cfg: ModelConfig, max_len: int, impl: str = "xla") -> Drafter:
     """
 
     def init(params, prompt, lengths):
-        cache = init_cache(cfg, prompt.shape[0], max_len)
+        cache = init_cache(cfg, prompt.shape[0], max_len,
+                           per_layer=isinstance(params.layers, tuple))  # unstacked layout
         _, _, cache = phases.prefill(params, cache, prompt, lengths, cfg=cfg, impl=impl)
         return cache
 

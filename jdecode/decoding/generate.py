@@ -22,6 +22,7 @@ from jdecode.decoding.sampling import SamplingArrays, SamplingParams
 from jdecode.io.registry import Model
 from jdecode.io.tokenizer import IncrementalDetokenizer
 from jdecode.model.layout import inference_layout
+from jdecode.model.params import Params
 
 MIN_PROMPT_BUCKET = 16
 CACHE_ROUND = 256
@@ -67,7 +68,10 @@ class Generator:
             layout = "inference" if jax.default_backend() == "gpu" else "stacked"
         if layout not in ("inference", "stacked"):
             raise ValueError(f"layout={layout!r}: choose auto, inference or stacked")
-        self.params = inference_layout(model.params) if layout == "inference" else model.params
+        # Every Params in the pytree (speculative decoding passes (target, draft) params).
+        self.params = jax.tree_util.tree_map(
+            inference_layout, model.params, is_leaf=lambda x: isinstance(x, Params)
+        ) if layout == "inference" else model.params
         self.decoder_fn = decoder_fn or partial(autoregressive, impl=impl)
         self.max_seq_len = max_seq_len or model.cfg.max_position_embeddings
         self._compiled: dict[tuple, _Compiled] = {}

@@ -164,7 +164,7 @@ def speculative_model(target: Model, draft_params: Any) -> Model:
     return dataclasses.replace(target, params=(target.params, draft_params))
 
 
-def build_speculative(target: Model, draft: str | Model, k: int, impl: str = "xla",
+def build_speculative(target: Model, draft: str | Model, k: int, impl: str = "auto",
                       max_ngram: int = 3) -> tuple[Model, Callable[[ModelConfig, int], Decoder]]:
     """What `Generator` needs to decode `target` speculatively.
 
@@ -175,6 +175,8 @@ def build_speculative(target: Model, draft: str | Model, k: int, impl: str = "xl
     Returns:
       (model, decoder_fn): pass both to `Generator(model, decoder_fn=...)`.
     """
+    if impl == "auto":  # as `Generator`: Pallas attention on GPU, XLA on CPU
+        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
     if isinstance(draft, str) and draft == "ngram":
         return speculative_model(target, None), \
             lambda cfg, max_len: speculative(cfg, ngram_drafter(max_len, max_ngram), k, max_len,
