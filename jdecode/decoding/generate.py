@@ -48,6 +48,11 @@ class _Compiled:
     compile_s: float
 
 
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
 class Generator:
     """Generates with any `Decoder` factory; caches one executable pair per shape bucket.
 
@@ -172,24 +177,28 @@ class Generator:
         t_prefill = time.perf_counter() - t0
         detoks = [IncrementalDetokenizer(self.model.tokenizer) if self.model.tokenizer else None
                   for _ in range(n)]
-        texts, emitted = [""] * n, [0] * n
+        texts, emitted, sent = [""] * n, [0] * n, [0] * n
         stopped_by_string = [False] * n
         t1 = time.perf_counter()
         while True:
             out, n_out, done = jax.device_get((ls.out, ls.n_out, ls.done))
+            done = np.array(done)  # a writable copy: device_get can return a read-only view
             deltas = []
             for i in range(n):
                 new = out[i, emitted[i]:n_out[i]].tolist()
                 emitted[i] = int(n_out[i])
-                delta = detoks[i].add(new) if detoks[i] and not stopped_by_string[i] else ""
-                texts[i] += delta
+                if detoks[i] and not stopped_by_string[i]:
+                    texts[i] += detoks[i].add(new)
                 hit = next((s for s in sampling[i].stop if s in texts[i]), None)
                 if hit is not None and not stopped_by_string[i]:
-                    cut = texts[i].index(hit)
-                    delta = delta[:max(0, len(delta) - (len(texts[i]) - cut))]
-                    texts[i], stopped_by_string[i] = texts[i][:cut], True
+                    texts[i], stopped_by_string[i] = texts[i][:texts[i].index(hit)], True
                     done[i] = True
-                deltas.append(delta)
+                # Hold back a tail that may be the start of a stop string: once streamed, text
+                # cannot be taken back if the next tokens complete the stop string.
+                end = len(texts[i]) if done[i] else len(texts[i]) - _stop_prefix_len(
+                    texts[i], sampling[i].stop)
+                deltas.append(texts[i][sent[i]:end])
+                sent[i] = max(sent[i], end)
             if any(stopped_by_string):
                 ls = dataclasses.replace(ls, done=jnp.asarray(done))
             if done[:n].all() or int(jax.device_get(ls.steps)) >= steps_cap:
