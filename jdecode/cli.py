@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import sys
 from typing import Annotated
 
@@ -21,6 +22,16 @@ def _fail(message: str) -> None:
     """Prints a one-line error (no traceback) and exits 2."""
     err.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(2)
+
+
+def _git_sha() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def _load(model: str, dtype: str, overrides: list[str]):
@@ -74,11 +85,15 @@ def generate(
         _fail(str(e))
     r = results[0]
     if as_json:
+        import dataclasses
+
         import jax
 
         print(json.dumps({"model": model, "text": r.text, "token_ids": r.token_ids,
                           "finish_reason": r.finish_reason, "stats": r.stats,
-                          "jax_version": jax.__version__,
+                          "config": dataclasses.asdict(m.cfg),
+                          "sampling": dataclasses.asdict(sp), "impl": gen.impl,
+                          "jax_version": jax.__version__, "git_sha": _git_sha(),
                           "device": jax.devices()[0].device_kind}))
         return
     s = r.stats
