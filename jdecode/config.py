@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 DTYPES = ("float32", "bfloat16", "float16")
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -90,7 +92,11 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set num_layers=4")
     key, value = item.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    parsed = yaml.safe_load(value)
+    # PyYAML follows YAML 1.1, which reads exponents without a dot (1e-5) as strings.
+    if isinstance(parsed, str) and _EXPONENT_FLOAT.fullmatch(parsed.strip()):
+        parsed = float(parsed)
+    return key.strip(), parsed
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict:
