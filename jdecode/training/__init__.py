@@ -1,0 +1,1 @@
+"""Training the learned parts of decoding methods (distilled drafts, ...) with optax + orbax."""

@@ -1,0 +1,54 @@
+"""`jdecode train ...`: training commands (registered by `jdecode/cli.py` as the `train` app)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Train the learned parts of decoding methods.")
+
+
+@app.command("draft")
+def train_draft(
+    out: Annotated[str, typer.Option("--out", help="output directory (resumes if it holds "
+                                     "checkpoints)")] = "drafts/smollm2-135m-draft",
+    model: Annotated[str, typer.Option("--model", "-m", help="target: name, HF dir or .gguf")
+                     ] = "smollm2-135m",
+    num_layers: Annotated[int, typer.Option(help="target layers kept, spread over its depth")
+                          ] = 4,
+    steps: int = 200, batch_size: int = 4, seq_len: int = 128, learning_rate: float = 1e-3,
+    warmup_steps: int = 20,
+    new_tokens: Annotated[int, typer.Option(help="tokens the target writes per training "
+                                            "prompt")] = 96,
+    temperature: Annotated[float, typer.Option(help="sampling temperature of that text")] = 0.7,
+    seed: int = 0, checkpoint_every: int = 50, dtype: str = "float32",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Distil a draft model for speculative decoding from the target (KL on its own text)."""
+    from rich.console import Console
+
+    from jdecode.io.registry import load
+    from jdecode.training.distill import DistillConfig, train_draft_model
+
+    err = Console(stderr=True)
+    try:
+        dc = DistillConfig(num_layers=num_layers, steps=steps, batch_size=batch_size,
+                           seq_len=seq_len, learning_rate=learning_rate,
+                           warmup_steps=warmup_steps, new_tokens=new_tokens,
+                           temperature=temperature, seed=seed, checkpoint_every=checkpoint_every)
+        target = load(model, dtype=dtype)
+        draft, losses = train_draft_model(target, out, dc, progress=not as_json)
+    except (FileNotFoundError, ValueError) as e:
+        err.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    summary = {"out": out, "target": model, "draft_layers": draft.cfg.num_layers,
+               "steps_run": len(losses), "first_kl": losses[0] if losses else None,
+               "last_kl": losses[-1] if losses else None}
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        err.print(f"draft saved to {out} | KL {summary['first_kl']} -> {summary['last_kl']} | "
+                  f"use: jdecode generate --method speculative --draft {out}")

@@ -1,0 +1,105 @@
+"""The distilled draft: cut from the target, trained on KL to the target's text (loss falls),
+checkpointed with orbax (restore and resume), and lossless when it drafts for its target."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jdecode.config import ModelConfig
+from jdecode.decoding.generate import Generator
+from jdecode.decoding.sampling import SamplingParams
+from jdecode.decoding.speculative import build_speculative
+from jdecode.io.registry import Model
+from jdecode.model.params import init_params
+from jdecode.training.distill import (
+    DistillConfig,
+    all_logits,
+    draft_from_target,
+    load_draft,
+    select_layers,
+    train_draft_model,
+)
+from pallas_kernels.testing import assert_close
+
+CFG = ModelConfig(vocab_size=64, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+                  head_dim=16, intermediate_size=128, max_position_embeddings=512)
+DC = DistillConfig(num_layers=2, steps=12, batch_size=4, seq_len=32, learning_rate=3e-3,
+                   warmup_steps=2, new_tokens=24, checkpoint_every=6)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return Model("tiny-target", CFG, init_params(CFG, jax.random.key(0)), None)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, CFG.vocab_size, n).tolist() for n in (4, 6, 8, 5, 7, 9, 3, 6)]
+
+
+@pytest.fixture(scope="module")
+def trained(target, prompts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("draft")
+    draft, losses = train_draft_model(target, out, DC, prompts=prompts, progress=False)
+    return out, draft, losses
+
+
+def test_select_layers():
+    assert select_layers(30, 4) == (0, 10, 19, 29)
+    assert select_layers(30, 1) == (0,)
+    assert select_layers(4, 4) == (0, 1, 2, 3)
+    with pytest.raises(ValueError, match="choose 1..4"):
+        select_layers(4, 5)
+
+
+def test_draft_with_every_layer_is_the_target(target, prompts):
+    tokens = jnp.asarray([prompts[2]], jnp.int32)
+    full = draft_from_target(target, select_layers(CFG.num_layers, CFG.num_layers))
+    assert_close(all_logits(full.params, full.cfg, tokens),
+                 all_logits(target.params, CFG, tokens), "float32")
+    cut = draft_from_target(target, (0, 3))
+    assert cut.cfg.num_layers == 2
+    np.testing.assert_array_equal(cut.params.layers.wq[1], target.params.layers.wq[3])
+
+
+def test_training_lowers_kl_and_checkpoints(trained, target):
+    out, draft, losses = trained
+    assert len(losses) == DC.steps
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    meta = json.loads((out / "draft.json").read_text())
+    assert meta["layers"] == [0, 3] and meta["target"] == "tiny-target"
+    assert (out / "loss.png").is_file()
+    restored = load_draft(out, target)
+    for a, b in zip(jax.tree_util.tree_leaves(restored.params),
+                    jax.tree_util.tree_leaves(draft.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Trained layers moved away from the target's; the shared embedding did not.
+    assert not np.allclose(restored.params.layers.wq[1], target.params.layers.wq[3])
+    np.testing.assert_array_equal(restored.params.embed, target.params.embed)
+
+
+def test_resume_continues_from_checkpoint(trained, target, prompts, tmp_path):
+    out, _, _ = trained
+    shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
+    shutil.copy(out / "corpus.npz", tmp_path / "corpus.npz")
+    longer = dataclasses.replace(DC, steps=DC.steps + 2)
+    _, losses = train_draft_model(target, tmp_path, longer, prompts=prompts, progress=False)
+    assert len(losses) == 2  # only the steps after the saved one ran
+
+
+def test_distilled_draft_is_lossless(trained, target, prompts):
+    out, _, _ = trained
+    sp = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    baseline = Generator(target).generate(prompts[:3], sp)
+    model, decoder_fn = build_speculative(target, str(out), k=3)
+    results = Generator(model, decoder_fn).generate(prompts[:3], sp)
+    assert [r.token_ids for r in results] == [b.token_ids for b in baseline]
+    assert results[0].stats["mean_accepted"] > 1.0
