@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,3 +90,24 @@ def test_unknown_impl_names_the_choices():
     cache, meta, q, k, v = random_case(0, [1], [1], n_pad=2, b_pad=1)
     with pytest.raises(ValueError, match="xla, reference, pallas"):
         paged_attend(q, k, v, cache, jnp.int32(0), meta, impl="cuda")
+
+
+def _pallas_vs_xla(seed: int) -> None:
+    context_lens, q_lens = [1, PAGE - 1, PAGE, PAGE + 1, 2 * PAGE + 3], [1, 3, 1, 2, 6]
+    cache, meta, q, k, v = random_case(seed, context_lens, q_lens, n_pad=16, b_pad=7)
+    want, want_cache = jax.jit(paged_attend)(q, k, v, cache, jnp.int32(1), meta)
+    got, got_cache = jax.jit(partial(paged_attend, impl="pallas"))(q, k, v, cache,
+                                                                   jnp.int32(1), meta)
+    assert_close(got, want, "float32")
+    np.testing.assert_array_equal(got_cache.k_pages, want_cache.k_pages)
+
+
+def test_pallas_impl_matches_xla_interpreted():
+    _pallas_vs_xla(4)  # Pallas interpreter on CPU: the same kernels the GPU compiles
+
+
+@pytest.mark.gpu
+def test_pallas_impl_matches_xla_compiled():
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs the GPU")
+    _pallas_vs_xla(5)

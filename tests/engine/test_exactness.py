@@ -125,3 +125,14 @@ def test_trace_count_new_mixes_do_not_recompile(rng, make_engine):
         run_engine(make_engine(max_num_batched_tokens=16, num_pages=80), workload(seed),
                    SamplingParams(max_new_tokens=int(5 + seed), temperature=0.5 * seed))
     assert TRACE_COUNTS["step"] == before
+
+
+@pytest.mark.gpu
+def test_pallas_engine_matches_single_request_greedy(rng, make_llm, greedy_reference):
+    import jax
+
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs the GPU")
+    prompts = random_prompts(rng, 6)
+    llm = make_llm(max_num_batched_tokens=16, max_chunk_tokens=5, num_pages=80, impl="pallas")
+    assert_exact(llm.generate(prompts, GREEDY, use_tqdm=False), prompts, greedy_reference)

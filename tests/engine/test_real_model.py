@@ -8,6 +8,8 @@ import pytest
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.engine.llm import LLM
 
+pytestmark = pytest.mark.slow  # loads the 135M model; shares the session fixture with tests/model
+
 QUESTIONS = ["What is the capital of France?", "Name three primary colors.",
              "Write a haiku about the sea.", "What is 12 times 12?"]
 
