@@ -33,13 +33,19 @@ def smol_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smol(smol_path, tmp_path_factory):
-    """`jdecode.load("smollm2-135m")` in f32, converted into a session-private param cache (a
-    cache left by another version of the code must not decide what the tests see)."""
+def smol_cache(tmp_path_factory) -> Path:
+    """A session-private JDECODE_CACHE: a cache left by another version of the code must not
+    decide what the tests see. `smol` fills it; CLI tests load from it."""
+    return tmp_path_factory.mktemp("jdecode_cache")
+
+
+@pytest.fixture(scope="session")
+def smol(smol_path, smol_cache):
+    """`jdecode.load("smollm2-135m")` in f32, converted once into `smol_cache`."""
     import jdecode
 
     mp = pytest.MonkeyPatch()
-    mp.setenv("JDECODE_CACHE", str(tmp_path_factory.mktemp("jdecode_cache")))
+    mp.setenv("JDECODE_CACHE", str(smol_cache))
     try:
         yield jdecode.load("smollm2-135m", dtype="float32")
     finally:
