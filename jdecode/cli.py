@@ -67,15 +67,21 @@ def generate(
     max_seq_len: Annotated[int | None, typer.Option(help="cache slots per sequence")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="config key=value")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    method: Annotated[str, typer.Option(help="autoregressive or speculative")] = "autoregressive",
+    draft: Annotated[str, typer.Option(help="speculative draft: ngram, a `jdecode train draft` "
+                                       "directory or a model")] = "ngram",
+    k: Annotated[int, typer.Option("--k", help="tokens drafted per speculative step")] = 4,
 ) -> None:
     """Generate text from a prompt, streaming it as it is produced."""
     from jdecode.decoding.generate import Generator
+    from jdecode.decoding.speculative import acceptance_stats, build_decoder_fn
 
     sp = _sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, max_new_tokens,
                    stop)
     m = _load(model, dtype, set_ or [])
     try:
-        gen = Generator(m, impl=impl, max_seq_len=max_seq_len)
+        m, decoder_fn = build_decoder_fn(method, m, draft, k, impl)
+        gen = Generator(m, decoder_fn, impl=impl, max_seq_len=max_seq_len)
         results = None
         for deltas, results in gen.stream([prompt], sp, chat=chat, chunk_steps=8):
             if not as_json and deltas[0]:
@@ -84,6 +90,8 @@ def generate(
     except ValueError as e:
         _fail(str(e))
     r = results[0]
+    if method == "speculative":
+        r.stats.update(acceptance_stats(r.stats["mean_accepted"], k))
     if as_json:
         import dataclasses
 
@@ -100,6 +108,10 @@ def generate(
     err.print(f"\n[dim]prefill {s['prefill_ms']:.1f} ms | decode {s['decode_tok_s']:.1f} tok/s | "
               f"{s['num_tokens']} tokens | finish: {r.finish_reason} | "
               f"compile {s['compile_s']:.1f} s[/]")
+    if method == "speculative":
+        err.print(f"[dim]speculative (draft {draft}, k={k}): acceptance rate "
+                  f"{s['acceptance_rate']:.2f} | mean accepted length {s['mean_accepted']:.2f} "
+                  "tokens per target step[/]")
 
 
 @app.command()
@@ -149,6 +161,11 @@ def _register_optional() -> None:
     try:
         from jdecode.engine.server import serve_command
         app.command("serve")(serve_command)
+    except ImportError:
+        pass
+    try:
+        from jdecode.training.cli import app as train_app
+        app.add_typer(train_app, name="train")
     except ImportError:
         pass
 

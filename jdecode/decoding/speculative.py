@@ -209,3 +209,21 @@ def acceptance_stats(mean_accepted: float, k: int) -> dict[str, float]:
         lo, hi = (mid, hi) if expected_tokens(mid, k) < mean_accepted else (lo, mid)
     return {"mean_accepted": mean_accepted, "acceptance_rate": (mean_accepted - 1.0) / k,
             "alpha": 0.5 * (lo + hi)}
+
+
+def build_decoder_fn(method: str, target: Model, draft: str | Model = "ngram", k: int = 4,
+                     impl: str = "auto") -> tuple[Model, Callable[..., Decoder] | None]:
+    """(model, decoder_fn) for `Generator` by method name, for the command line.
+
+    Args:
+      method: "autoregressive" (decoder_fn None: the Generator's default) or "speculative".
+      target, draft, k, impl: see `build_speculative`.
+    """
+    if method == "autoregressive":
+        return target, None
+    if method != "speculative":
+        raise ValueError(f"method={method!r}: choose autoregressive or speculative")
+    try:
+        return build_speculative(target, draft, k, impl)
+    except FileNotFoundError as e:  # a draft that is neither "ngram" nor a loadable path
+        raise ValueError(f"--draft {draft!r}: {e}") from None
