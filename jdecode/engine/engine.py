@@ -219,9 +219,7 @@ class LLMEngine:
         req = seq.req
         sp: SamplingParams = req.sampling_params
         status = None
-        stopped_by_token = token in seq.stop_ids
-        delta = ""
-        if stopped_by_token:
+        if token in seq.stop_ids:  # the stop token is kept in token_ids but not in the text
             status = RequestStatus.FINISHED_STOPPED
         elif seq.detok is not None:
             seq.pending += seq.detok.add([token])
@@ -242,10 +240,9 @@ class LLMEngine:
             self.scheduler.finish_request(req.request_id, status)
             req.finish_time = now
             self._finish_group(seq)
-        n_new = 1
         logprobs = seq.logprobs[-1:] if seq.num_logprobs is not None else None
         return SequenceOutput(
-            request_id=seq.user_id, index=req.index, new_token_ids=req.output_token_ids[-n_new:],
+            request_id=seq.user_id, index=req.index, new_token_ids=[token],
             delta_text=delta, token_ids=list(req.output_token_ids), text=seq.text,
             finished=status is not None, finish_reason=status.finish_reason if status else None,
             logprobs=logprobs, num_prompt_tokens=req.num_prompt_tokens,

@@ -109,6 +109,10 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.stats = SchedulerStats()
+        # Per-step state, reset by schedule().
+        self._budget = 0
+        self._chunks: dict[str, ScheduledChunk] = {}
+        self._preempted: list[Request] = []
 
     # ---- queue -----------------------------------------------------------------------------
 
@@ -171,8 +175,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Plans one step. The caller runs it, then calls `update_from_output`."""
         self._budget = self.cfg.max_num_batched_tokens
-        self._chunks: dict[str, ScheduledChunk] = {}
-        self._preempted: list[Request] = []
+        self._chunks = {}
+        self._preempted = []
         cfg = self.cfg
         if cfg.policy == "static":
             if not self.running:
