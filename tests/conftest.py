@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import seed_of  # noqa: E402
+from helpers import seed_of
 
 
 @pytest.fixture

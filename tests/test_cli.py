@@ -10,11 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 import jdecode
-import jdecode.decoding.generate as generate_module
-import jdecode.io.registry as registry
 from jdecode.cli import app
 from jdecode.config import ConfigError
 from jdecode.decoding.sampling import SamplingParams
+from jdecode.io import registry
 
 runner = CliRunner()
 
@@ -113,16 +112,6 @@ def test_generate_chat_json_on_the_default_model(smol, smol_generator, smol_cach
     prompt = "What is the capital of France?"
     (expected,) = smol_generator.generate(prompt, SamplingParams(max_new_tokens=8), chat=True)
     monkeypatch.setenv("JDECODE_CACHE", str(smol_cache))  # a real load, from the test cache
-
-    def generator_sharing_executables(model, **kw):
-        # Same shapes as `expected`, so the CLI reuses its executables (params are arguments):
-        # the command runs end to end without a second 135M-parameter compile.
-        gen = real_generator(model, **kw)
-        gen._compiled = smol_generator._compiled
-        return gen
-
-    real_generator = generate_module.Generator
-    monkeypatch.setattr(generate_module, "Generator", generator_sharing_executables)
     result = runner.invoke(app, ["generate", prompt, "--chat", "--max-new-tokens", "8",
                                  "--json"])
     assert result.exit_code == 0, result.output

@@ -9,8 +9,14 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jdecode.config import (ConfigError, ModelConfig, RopeScaling, apply_overrides,
-                            load_model_config_yaml, model_config_from_hf)
+from jdecode.config import (
+    ConfigError,
+    ModelConfig,
+    RopeScaling,
+    apply_overrides,
+    load_model_config_yaml,
+    model_config_from_hf,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
 

@@ -12,8 +12,12 @@ import pytest
 import torch
 from scipy import stats
 
-from jdecode.decoding.sampling import (SamplingArrays, SamplingParams,
-                                       apply_repetition_penalty, sample)
+from jdecode.decoding.sampling import (
+    SamplingArrays,
+    SamplingParams,
+    apply_repetition_penalty,
+    sample,
+)
 
 VOCAB = 8
 N_DRAWS = 20000
@@ -165,13 +169,13 @@ def test_repetition_penalty_matches_hf_processor(rng, penalty):
 
 
 @pytest.mark.parametrize("kw, name", [
-    (dict(temperature=-0.5), "temperature=-0.5"),
-    (dict(top_p=0.0), "top_p=0.0"),
-    (dict(top_p=1.5), "top_p=1.5"),
-    (dict(min_p=-0.1), "min_p=-0.1"),
-    (dict(top_k=-1), "top_k=-1"),
-    (dict(repetition_penalty=0.0), "repetition_penalty=0.0"),
-    (dict(max_new_tokens=0), "max_new_tokens=0"),
+    ({"temperature": -0.5}, "temperature=-0.5"),
+    ({"top_p": 0.0}, "top_p=0.0"),
+    ({"top_p": 1.5}, "top_p=1.5"),
+    ({"min_p": -0.1}, "min_p=-0.1"),
+    ({"top_k": -1}, "top_k=-1"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty=0.0"),
+    ({"max_new_tokens": 0}, "max_new_tokens=0"),
 ])
 def test_sampling_params_reject_out_of_range_values(kw, name):
     with pytest.raises(ValueError, match=f"{name} is out of range"):

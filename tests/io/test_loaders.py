@@ -12,8 +12,8 @@ from helpers import seed_of
 from hf_checkpoints import COMMON, make_checkpoint
 from safetensors.numpy import load_file, save_file
 
-import jdecode.io.gguf_loader as gguf_loader
 from jdecode.config import ConfigError
+from jdecode.io import gguf_loader
 from jdecode.io.gguf_loader import unpermute_qk
 from jdecode.io.registry import load
 from jdecode.io.safetensors_loader import load_hf_checkpoint
