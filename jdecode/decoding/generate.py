@@ -177,7 +177,7 @@ class Generator:
         t_prefill = time.perf_counter() - t0
         detoks = [IncrementalDetokenizer(self.model.tokenizer) if self.model.tokenizer else None
                   for _ in range(n)]
-        texts, emitted, sent = [""] * n, [0] * n, [0] * n
+        texts, emitted, sent, streamed = [""] * n, [0] * n, [0] * n, [0] * n
         stopped_by_string = [False] * n
         t1 = time.perf_counter()
         while True:
@@ -204,7 +204,7 @@ class Generator:
             if done[:n].all() or int(jax.device_get(ls.steps)) >= steps_cap:
                 break
             yield deltas, None
-            deltas = None
+            streamed = [a + len(d) for a, d in zip(streamed, deltas)]
             ls = exe.loop(self.params, ls, jnp.int32(chunk_steps))
         t_decode = time.perf_counter() - t1
         results = []
@@ -228,7 +228,9 @@ class Generator:
                            decode_tok_s=(total_new - n) / t_decode if t_decode > 0 else 0.0,
                            mean_accepted=float(accepted) / max(int(live_steps), 1),
                            compile_s=exe.compile_s, batch=n)))
-        yield deltas or [""] * n, results
+        # The last deltas complete each stream to its final text, including text held back
+        # for a stop string or a character cut at the token budget (U+FFFD, as in `text`).
+        yield [r.text[k:] for r, k in zip(results, streamed)], results
 
     def generate(self, prompts, sampling=SamplingParams(), chat: bool = False,
                  chunk_steps: int | None = None) -> list[GenerationResult]:
