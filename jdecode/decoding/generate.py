@@ -48,6 +48,15 @@ class _Compiled:
     compile_s: float
 
 
+def _tokens_to_stop(tokenizer, toks: list[int], stops: tuple[str, ...]) -> int:
+    """The fewest leading tokens whose text contains a stop string (as vLLM reports them)."""
+    for j in range(1, len(toks) + 1):
+        text = tokenizer.decode(toks[:j])
+        if any(stop in text for stop in stops):
+            return j
+    return len(toks)
+
+
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
     return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
@@ -212,6 +221,8 @@ class Generator:
         total_new = int(sum(emitted))
         for i in range(n):
             toks = out[i, :emitted[i]].tolist()
+            if stopped_by_string[i]:  # keep tokens up to the one completing the stop string
+                toks = toks[:_tokens_to_stop(self.model.tokenizer, toks, sampling[i].stop)]
             stop_hit = stopped_by_string[i] or (toks and toks[-1] in stops[i])
             if stop_hit and not stopped_by_string[i]:
                 toks_text = toks[:-1]

@@ -45,6 +45,10 @@ def test_stop_string_cuts_the_text_before_it(smol_generator, france):
         max_new_tokens=MAX_NEW, ignore_eos=True, stop=("Paris",)), chat=True)
     assert r.finish_reason == "stop"
     assert r.text == france.text[:france.text.index("Paris")]
+    # token_ids end with the token that completes the stop string, as in vLLM.
+    assert r.token_ids == france.token_ids[:len(r.token_ids)]
+    assert "Paris" in smol_generator.model.tokenizer.decode(r.token_ids)
+    assert "Paris" not in smol_generator.model.tokenizer.decode(r.token_ids[:-1])
 
 
 def test_max_new_tokens_ends_with_length(smol_generator, france):
