@@ -54,6 +54,14 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name}={value!r}: must be a positive integer")
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{name}={value!r}: must be a positive number")
+        if self.sliding_window is not None and (
+                not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise ConfigError(f"sliding_window={self.sliding_window!r}: must be a positive "
+                              "integer or null")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads={self.num_heads} is not divisible by num_kv_heads="

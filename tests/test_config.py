@@ -135,3 +135,12 @@ def test_direct_construction_validates():
     with pytest.raises(ConfigError, match="vocab_size=-1"):
         ModelConfig(vocab_size=-1, hidden_size=8, num_layers=1, num_heads=1, num_kv_heads=1,
                     head_dim=8, intermediate_size=8)
+
+
+def test_non_numeric_float_fields_are_named():
+    from jdecode.config import ConfigError, load_model_config_yaml
+
+    with pytest.raises(ConfigError, match="rms_norm_eps='tiny'"):
+        load_model_config_yaml("configs/models/tiny.yaml", ("rms_norm_eps=tiny",))
+    with pytest.raises(ConfigError, match="sliding_window=0"):
+        load_model_config_yaml("configs/models/tiny.yaml", ("sliding_window=0",))
