@@ -1,5 +1,6 @@
-"""Speculative decoding of the real default model (SmolLM2-135M, f32) with prompt lookup: greedy
-output token-identical to plain greedy decoding, in one batch of mixed prompts."""
+"""Speculative decoding of the real default model (SmolLM2-135M, f32) with prompt lookup and
+with a distilled draft: greedy output token-identical to plain greedy decoding, in one batch of
+mixed prompts."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.decoding.speculative import build_speculative
 from jdecode.model import phases
+from jdecode.training.distill import DistillConfig, pack, train_draft_model
 
 NEW_TOKENS = 32
+SP = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
 TIE_GAP = 1e-3  # where paths may part: the baseline's top-2 logit gap is below this (f32 order)
 PASSAGE = ("The river Aare flows through Bern, the capital of Switzerland. The old town of Bern "
            "sits on a narrow hill surrounded on three sides by the Aare.")
@@ -35,17 +38,40 @@ def first_divergence_gap(smol, ids: list[int], tokens: list[int], j: int) -> flo
     return float(top2[1] - top2[0])
 
 
-@pytest.mark.parametrize("k", [4])
-def test_ngram_greedy_matches_autoregressive(smol, smol_generator, k):
-    sp = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    ids = [smol.tokenizer.encode(p) for p in PROMPTS]
-    baseline = smol_generator.generate(ids, sp)
-    model, decoder_fn = build_speculative(smol, "ngram", k)
-    results = Generator(model, decoder_fn=decoder_fn).generate(ids, sp)
+@pytest.fixture(scope="module")
+def prompt_ids(smol):
+    return [smol.tokenizer.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def baseline(smol_generator, prompt_ids):
+    return smol_generator.generate(prompt_ids, SP)
+
+
+def assert_same_greedy(smol, prompt_ids, results, baseline):
     for i, (r, b) in enumerate(zip(results, baseline)):
         if r.token_ids != b.token_ids:
             j = next(j for j, (x, y) in enumerate(zip(r.token_ids, b.token_ids)) if x != y)
-            gap = first_divergence_gap(smol, ids[i], b.token_ids, j)
+            gap = first_divergence_gap(smol, prompt_ids[i], b.token_ids, j)
             assert gap < TIE_GAP, f"prompt {i} differs at token {j} with top-2 gap {gap}"
+
+
+def test_ngram_greedy_matches_autoregressive(smol, prompt_ids, baseline):
+    model, decoder_fn = build_speculative(smol, "ngram", k=4)
+    results = Generator(model, decoder_fn=decoder_fn).generate(prompt_ids, SP)
+    assert_same_greedy(smol, prompt_ids, results, baseline)
     # Prompt lookup finds the summary's and the code's repeats: well above 1 token per step.
     assert results[0].stats["mean_accepted"] > 1.3
+
+
+def test_distilled_greedy_matches_autoregressive(smol, prompt_ids, baseline, tmp_path):
+    """A distilled draft from a tiny training run (2 layers, 3 steps on the target's own
+    greedy text): the test checks exactness, not the draft's quality."""
+    seqs = [ids + b.token_ids for ids, b in zip(prompt_ids, baseline)]
+    tokens, mask = pack(seqs, 32)
+    np.savez(tmp_path / "corpus.npz", tokens=tokens, mask=mask)  # skips corpus generation
+    dc = DistillConfig(num_layers=2, steps=3, batch_size=2, seq_len=32, checkpoint_every=3)
+    train_draft_model(smol, tmp_path, dc, progress=False)
+    model, decoder_fn = build_speculative(smol, str(tmp_path), k=3)
+    results = Generator(model, decoder_fn=decoder_fn).generate(prompt_ids, SP)
+    assert_same_greedy(smol, prompt_ids, results, baseline)

@@ -1,0 +1,259 @@
+"""Speculative decoding against plain greedy decoding on the real default model: acceptance,
+mean accepted length and wall-clock speedup for the n-gram and distilled drafts, per k and
+batch size, beside the cost model's prediction (jdecode.analysis.spec_cost).
+
+CPU (what fits in a few minutes per configuration):
+  python scripts/bench_speculative.py --draft-dir drafts/smollm2-135m-draft --batch 1 \
+      --k 2,3,4,5 --out benchmarks/
+GPU:
+  python scripts/bench_speculative.py --draft-dir DIR --batch 1,4,16,64 --out $OUT
+Writes speculative_<tag>.json, speculative_<tag>.md (and a speedup-vs-batch PNG when several
+batch sizes ran) under --out. Timings are decode-phase wall time with compilation excluded;
+prompts are grouped by kind and run in chunks of the batch size (every method on a chunk
+before the next chunk), greedy, stopping at EOS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jdecode.analysis.measure import time_fn
+from jdecode.analysis.spec_cost import choose_k, expected_speedup
+from jdecode.cache.dense import init_cache
+from jdecode.decoding.generate import Generator
+from jdecode.decoding.sampling import SamplingParams
+from jdecode.decoding.speculative import acceptance_stats, build_speculative
+from jdecode.io.registry import load
+from jdecode.model import phases
+from jdecode.training.distill import load_draft
+from jdecode.training.prompts import eval_prompts
+
+
+def run_interleaved(gens: dict[str, Generator], prompts: list[tuple[str, list[int]]],
+                    batch: int, sp: SamplingParams) -> dict[str, dict]:
+    """Generates every prompt with every Generator in chunks of `batch` (each chunk of one
+    kind), the Generators taking turns chunk by chunk, so background load on a shared machine
+    falls on all of them alike. Returns per name the summed timings and the token ids."""
+    res = {name: {"tokens": [], "by_kind": {}, "summary": {
+        "decode_s": 0.0, "prefill_s": 0.0, "new_tokens": 0, "accepted": 0.0, "steps": 0.0}}
+        for name in gens}
+    for kind in sorted({k for k, _ in prompts}):
+        ids = [p for k, p in prompts if k == kind]
+        for start in range(0, len(ids), batch):
+            chunk = ids[start:start + batch]
+            for name, gen in gens.items():
+                results = gen.generate(chunk, sp)
+                st = results[0].stats  # batch-level figures, equal on every row
+                accepted = st["batch_tokens"] - len(chunk)  # each row's first token: prefill
+                steps = accepted / st["mean_accepted"] if st["mean_accepted"] else 0.0
+                tot, agg = res[name]["summary"], res[name]["by_kind"].setdefault(kind, [0.0, 0.0])
+                tot["decode_s"] += st["decode_s"]
+                tot["prefill_s"] += st["prefill_ms"] / 1e3
+                tot["new_tokens"] += st["batch_tokens"]
+                tot["accepted"] += accepted
+                tot["steps"] += steps
+                agg[0] += accepted
+                agg[1] += steps
+                res[name]["tokens"] += [r.token_ids for r in results]
+        print(f"  [b={batch}] {kind} done", flush=True)
+    for r in res.values():
+        tot = r["summary"]
+        tot["tok_s"] = tot["new_tokens"] / max(tot["decode_s"], 1e-9)
+        tot["mean_accepted"] = tot["accepted"] / max(tot["steps"], 1e-9)
+        tot["mean_accepted_by_kind"] = {k: a / max(n, 1e-9) for k, (a, n) in r["by_kind"].items()}
+    return res
+
+
+def step_costs(cfg, params, impl: str, batch: int, context: int, max_t: int) -> list[float]:
+    """Seconds of one target pass scoring T = 1..max_t tokens per row at this context."""
+    max_len = -(-(context + max_t + 1) // 256) * 256
+    per_layer = isinstance(params.layers, tuple)
+    cache = init_cache(cfg, batch, max_len, per_layer=per_layer)
+    out = []
+    for t in range(1, max_t + 1):
+        tokens = jax.random.randint(jax.random.key(t), (batch, t), 0, cfg.vocab_size)
+        pos = context + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
+        f = jax.jit(partial(phases.verify, cfg=cfg, impl=impl))
+        out.append(time_fn(lambda f=f, tokens=tokens, pos=pos: f(params, cache, tokens, pos)[0],
+                           repeats=5))
+    return out
+
+
+def verify_cost(step_s: list[float], k: int) -> float:
+    """Measured target pass over k+1 tokens / one decode step (step_s[t-1] = time of t)."""
+    return step_s[min(k, len(step_s) - 1)] / step_s[0]
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--draft-dir", default=None, help="distilled draft (`jdecode train draft`)")
+    ap.add_argument("--drafts", default="ngram,distilled")
+    ap.add_argument("--k", default="2,3,4,5")
+    ap.add_argument("--batch", default="1")
+    ap.add_argument("--num-prompts", type=int, default=52)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--impl", default="auto")
+    ap.add_argument("--tag", default=None, help="file suffix (default: cpu or gpu)")
+    ap.add_argument("--out", default="benchmarks")
+    args = ap.parse_args()
+
+    ks = [int(k) for k in args.k.split(",")]
+    batches = [int(b) for b in args.batch.split(",")]
+    drafts = [d for d in args.drafts.split(",") if d]
+    if "distilled" in drafts and not args.draft_dir:
+        raise SystemExit("--drafts includes 'distilled' but no --draft-dir was given: train one "
+                         "with `jdecode train draft --out DIR` or pass --drafts ngram")
+    backend = jax.default_backend()
+    tag = args.tag or backend
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    target = load(args.model)
+    tok = target.tokenizer
+    prompts = [(kind, tok.encode(tok.apply_chat_template([{"role": "user", "content": text}])))
+               for kind, text in eval_prompts()[:args.num_prompts]]
+    sp = SamplingParams(max_new_tokens=args.max_new_tokens)
+    draft_models = {"ngram": "ngram"}
+    if "distilled" in drafts:
+        draft_models["distilled"] = load_draft(args.draft_dir, target)
+
+    ar_gen = Generator(target, impl=args.impl)
+    impl = ar_gen.impl
+    rows, cost_model = [], {}
+    context = sum(len(p) for _, p in prompts) // len(prompts) + args.max_new_tokens // 2
+    for batch in batches:
+        # Cost model inputs measured on this device: verify cost of k+1 tokens and c.
+        t_target = step_costs(target.cfg, ar_gen.params, impl, batch, context, max(ks) + 1)
+        costs = {"verify_cost": {k: verify_cost(t_target, k) for k in ks},
+                 "target_step_s": t_target[0], "c": {"ngram": 0.0}}
+        if "distilled" in draft_models:
+            d = draft_models["distilled"]
+            d_params = Generator(d, impl=args.impl).params  # the same layout as the target's
+            costs["c"]["distilled"] = step_costs(d.cfg, d_params, impl, batch, context,
+                                                 1)[0] / t_target[0]
+        cost_model[batch] = costs
+        gens = {("none", 0): ar_gen}
+        for name in drafts:
+            for k in ks:
+                model, decoder_fn = build_speculative(target, draft_models[name], k, impl)
+                gens[(name, k)] = Generator(model, decoder_fn, impl=impl)
+        t0 = time.perf_counter()
+        res = run_interleaved(gens, prompts, batch, sp)
+        base = res[("none", 0)]
+        print(f"[b={batch}] autoregressive: {base['summary']['tok_s']:.1f} tok/s "
+              f"({time.perf_counter() - t0:.0f} s for all methods)", flush=True)
+        rows.append({"batch": batch, "draft": "none", "k": 0, **base["summary"],
+                     "speedup": 1.0, "exact_prompts": len(prompts)})
+        for (name, k), r in res.items():
+            if name == "none":
+                continue
+            s = r["summary"]
+            acc = acceptance_stats(s["mean_accepted"], k)
+            c, vc = costs["c"][name], costs["verify_cost"][k]
+            row = {"batch": batch, "draft": name, "k": k, **s, **acc,
+                   "speedup": base["summary"]["decode_s"] / s["decode_s"],
+                   "predicted_speedup": expected_speedup(acc["alpha"], k, c, vc),
+                   "exact_prompts": sum(a == b for a, b in zip(r["tokens"], base["tokens"]))}
+            rows.append(row)
+            print(f"[b={batch}] {name} k={k}: L={s['mean_accepted']:.2f} "
+                  f"alpha={acc['alpha']:.2f} speedup={row['speedup']:.2f}x "
+                  f"(predicted {row['predicted_speedup']:.2f}x) exact "
+                  f"{row['exact_prompts']}/{len(prompts)}", flush=True)
+        for name in drafts:  # the cost model's k from the acceptance measured at the largest k
+            last = next(r for r in reversed(rows) if r["draft"] == name and r["batch"] == batch)
+            costs.setdefault("chosen_k", {})[name] = choose_k(
+                last["alpha"], costs["c"][name], max(ks), partial(verify_cost, t_target))
+
+    record = {
+        "benchmark": "speculative", "model": args.model, "draft_dir": args.draft_dir,
+        "num_prompts": len(prompts), "kinds": sorted({k for k, _ in prompts}),
+        "max_new_tokens": args.max_new_tokens, "ks": ks, "batches": batches, "impl": impl,
+        "jax_version": jax.__version__, "device": jax.devices()[0].device_kind,
+        "backend": backend, "git_sha": git_sha(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cost_model": cost_model, "rows": rows,
+    }
+    (out_dir / f"speculative_{tag}.json").write_text(json.dumps(record, indent=1))
+    (out_dir / f"speculative_{tag}.md").write_text(markdown(record))
+    if len(batches) > 1:
+        plot(record, out_dir / f"speculative_{tag}.png")
+    print(markdown(record))
+
+
+def markdown(rec: dict) -> str:
+    lines = [f"# Speculative decoding, {rec['model']} on {rec['device']} ({rec['backend']})", "",
+             (f"{rec['num_prompts']} prompts ({', '.join(rec['kinds'])}), greedy, up to "
+             f"{rec['max_new_tokens']} new tokens, stop at EOS; jax {rec['jax_version']}, git "
+             f"{rec['git_sha']}, {rec['date']}. Speedup = autoregressive decode time / "
+             "speculative decode time on the same prompts (compilation excluded). L = mean "
+             "tokens per target step; alpha = per-token acceptance fitted to L; predicted = "
+             "`expected_speedup(alpha, k, c, verify_cost)` with c and verify_cost measured here."),
+             "", ("| batch | draft | k | L | acc. rate | alpha | tok/s | speedup | predicted | "
+                  "exact | L chat / code / summ |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rec["rows"]:
+        by = r.get("mean_accepted_by_kind", {})
+        kinds = " / ".join(f"{by[k]:.2f}" for k in ("chat", "code", "summarization") if k in by)
+        if r["draft"] == "none":
+            lines.append(f"| {r['batch']} | autoregressive | - | 1 | - | - | {r['tok_s']:.1f} | "
+                         f"1.00 | - | - | - |")
+            continue
+        lines.append(f"| {r['batch']} | {r['draft']} | {r['k']} | {r['mean_accepted']:.2f} | "
+                     f"{r['acceptance_rate']:.2f} | {r['alpha']:.2f} | {r['tok_s']:.1f} | "
+                     f"{r['speedup']:.2f} | {r['predicted_speedup']:.2f} | "
+                     f"{r['exact_prompts']}/{rec['num_prompts']} | {kinds} |")
+    lines += ["", ("Cost model inputs per batch: target step time, c (draft step / target "
+                   "step), verify_cost(k) (target pass over k+1 tokens / one decode step), and "
+                   "the k that `choose_k` picks (0 = speculation off)."), ""]
+    for b, cm in rec["cost_model"].items():
+        vc = ", ".join(f"{k}: {v:.2f}" for k, v in cm["verify_cost"].items())
+        c = ", ".join(f"{k}: {v:.3f}" for k, v in cm["c"].items())
+        lines.append(f"- batch {b}: step {1e3 * cm['target_step_s']:.1f} ms; c {{{c}}}; "
+                     f"verify_cost {{{vc}}}; chosen k {cm.get('chosen_k', {})}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rec: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in sorted({r["draft"] for r in rec["rows"]} - {"none"}):
+        best = {}
+        for r in rec["rows"]:
+            if r["draft"] == name and r["speedup"] > best.get(r["batch"], {}).get("speedup", 0):
+                best[r["batch"]] = r
+        bs = sorted(best)
+        line, = ax.plot(bs, [best[b]["speedup"] for b in bs], "o-", label=f"{name} (best k)")
+        ax.plot(bs, [best[b]["predicted_speedup"] for b in bs], "x--", color=line.get_color(),
+                label=f"{name} predicted")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set(xscale="log", xlabel="batch size", ylabel="speedup over autoregressive",
+           title=f"speculative decoding, {rec['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
