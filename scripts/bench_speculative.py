@@ -139,6 +139,15 @@ def main() -> None:
     impl = ar_gen.impl
     rows, cost_model = [], {}
     context = sum(len(p) for _, p in prompts) // len(prompts) + args.max_new_tokens // 2
+    record = {
+        "benchmark": "speculative", "model": args.model, "draft_dir": args.draft_dir,
+        "num_prompts": len(prompts), "kinds": sorted({k for k, _ in prompts}),
+        "max_new_tokens": args.max_new_tokens, "ks": ks, "batches": batches, "impl": impl,
+        "jax_version": jax.__version__, "device": jax.devices()[0].device_kind,
+        "backend": backend, "git_sha": git_sha(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cost_model": cost_model, "rows": rows,
+    }
     for batch in batches:
         # Cost model inputs measured on this device: verify cost of k+1 tokens and c.
         t_target = step_costs(target.cfg, ar_gen.params, impl, batch, context, max(ks) + 1)
@@ -181,21 +190,18 @@ def main() -> None:
             last = next(r for r in reversed(rows) if r["draft"] == name and r["batch"] == batch)
             costs.setdefault("chosen_k", {})[name] = choose_k(
                 last["alpha"], costs["c"][name], max(ks), partial(verify_cost, t_target))
+        write_results(record, out_dir, tag)
 
-    record = {
-        "benchmark": "speculative", "model": args.model, "draft_dir": args.draft_dir,
-        "num_prompts": len(prompts), "kinds": sorted({k for k, _ in prompts}),
-        "max_new_tokens": args.max_new_tokens, "ks": ks, "batches": batches, "impl": impl,
-        "jax_version": jax.__version__, "device": jax.devices()[0].device_kind,
-        "backend": backend, "git_sha": git_sha(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "cost_model": cost_model, "rows": rows,
-    }
+    print(markdown(record))
+
+
+def write_results(record: dict, out_dir: Path, tag: str) -> None:
+    """JSON, markdown and (with several batch sizes) the plot; called after every batch size,
+    so a run cut short by a time limit keeps what it finished."""
     (out_dir / f"speculative_{tag}.json").write_text(json.dumps(record, indent=1))
     (out_dir / f"speculative_{tag}.md").write_text(markdown(record))
-    if len(batches) > 1:
+    if len({r["batch"] for r in record["rows"]}) > 1:
         plot(record, out_dir / f"speculative_{tag}.png")
-    print(markdown(record))
 
 
 def markdown(rec: dict) -> str:
@@ -247,7 +253,11 @@ def plot(rec: dict, path: Path) -> None:
         ax.plot(bs, [best[b]["predicted_speedup"] for b in bs], "x--", color=line.get_color(),
                 label=f"{name} predicted")
     ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set(xscale="log", xlabel="batch size", ylabel="speedup over autoregressive",
+    batches = sorted({r["batch"] for r in rec["rows"]})
+    ax.set_xscale("log")
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.minorticks_off()
+    ax.set(xlabel="batch size", ylabel="speedup over autoregressive",
            title=f"speculative decoding, {rec['device']}")
     ax.legend()
     fig.tight_layout()
