@@ -1,19 +1,39 @@
-"""jdecode: fast LLM decoding and decoding-method research in JAX/XLA."""
+"""jdecode: fast LLM decoding and decoding-method research in JAX/XLA.
 
-from jdecode.config import ModelConfig
-from jdecode.decoding.sampling import SamplingParams
-from jdecode.io.registry import DEFAULT_MODEL, Model, load
+Top-level names are imported lazily, so `import jdecode.engine.scheduler` (host-side logic)
+does not pull in jax.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __all__ = ["DEFAULT_MODEL", "Model", "ModelConfig", "SamplingParams", "generate", "load"]
 __version__ = "0.1.0"
 
+_LAZY = {
+    "ModelConfig": "jdecode.config",
+    "SamplingParams": "jdecode.decoding.sampling",
+    "DEFAULT_MODEL": "jdecode.io.registry",
+    "Model": "jdecode.io.registry",
+    "load": "jdecode.io.registry",
+}
 
-def generate(model: Model | str, prompts, sampling: SamplingParams = SamplingParams(),
-             chat: bool = False, impl: str = "auto"):
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jdecode' has no attribute {name!r}")
+
+
+def generate(model, prompts, sampling=None, chat: bool = False, impl: str = "auto"):
     """Generates for one prompt or a list; returns a list of `GenerationResult`
-    (text, token ids, finish reason and timing stats)."""
+    (text, token ids, finish reason and timing stats). `model` is a Model or a name/path."""
     from jdecode.decoding.generate import Generator
+    from jdecode.decoding.sampling import SamplingParams
+    from jdecode.io.registry import load
 
     if isinstance(model, str):
         model = load(model)
-    return Generator(model, impl=impl).generate(prompts, sampling, chat=chat)
+    return Generator(model, impl=impl).generate(prompts, sampling or SamplingParams(),
+                                                chat=chat)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -151,16 +151,38 @@ def chat(model: ModelOpt = "smollm2-135m", max_new_tokens: int = 256,
         messages.append({"role": "assistant", "content": results[0].text})
 
 
+@app.command()
+def serve(
+    model: ModelOpt = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000,
+    dtype: str = "float32",
+    served_model_name: Annotated[str | None, typer.Option(help="name clients send")] = None,
+    max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
+    max_model_len: int | None = None, page_size: int = 16,
+    num_pages: int | None = None, kv_cache_gb: float = 1.0,
+    policy: Annotated[str, typer.Option(help="continuous or static")] = "continuous",
+    enable_chunked_prefill: bool = True, enable_prefix_caching: bool = True,
+    impl: str = "xla",
+) -> None:
+    """OpenAI-compatible server (/v1/completions, /v1/chat/completions, /metrics)."""
+    from jdecode.config import ConfigError
+    from jdecode.engine.server import serve as run_server
+
+    try:
+        run_server(model, host, port, dtype=dtype, served_model_name=served_model_name,
+                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                   max_model_len=max_model_len, page_size=page_size, num_pages=num_pages,
+                   kv_cache_gb=kv_cache_gb, policy=policy,
+                   enable_chunked_prefill=enable_chunked_prefill,
+                   enable_prefix_caching=enable_prefix_caching, impl=impl)
+    except (FileNotFoundError, ConfigError, ValueError, TypeError) as e:
+        _fail(str(e))
+
+
 def _register_optional() -> None:
     """Subcommands owned by other packages, registered when they exist."""
     try:
         from jdecode.analysis.cli import roofline
         app.command("roofline")(roofline)
-    except ImportError:
-        pass
-    try:
-        from jdecode.engine.server import serve_command
-        app.command("serve")(serve_command)
     except ImportError:
         pass
     try:

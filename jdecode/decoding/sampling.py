@@ -70,7 +70,8 @@ class SamplingArrays:
     def from_params(params: Sequence[SamplingParams], pad_to: int | None = None
                     ) -> SamplingArrays:
         rows = list(params) + [SamplingParams()] * ((pad_to or len(params)) - len(params))
-        col = lambda f, dt: jnp.asarray(np.array([getattr(p, f) for p in rows], dt))
+        # Host arrays: the jitted step transfers them with its other arguments in one go.
+        col = lambda f, dt: np.array([getattr(p, f) for p in rows], dt)
         return SamplingArrays(col("temperature", np.float32), col("top_k", np.int32),
                               col("top_p", np.float32), col("min_p", np.float32),
                               col("repetition_penalty", np.float32))
