@@ -156,7 +156,6 @@ class Generator:
         t_bucket = next_pow2(max(map(len, ids)), MIN_PROMPT_BUCKET)
         max_new = max(sp.max_new_tokens for sp in sampling)
         max_out = next_pow2(max_new, 16)
-        steps_cap = -(-max_out // 1)
         max_len = min(-(-(t_bucket + max_out + 1) // CACHE_ROUND) * CACHE_ROUND,
                       max(self.max_seq_len, t_bucket))
         stops = [self._stop_ids(sp) for sp in sampling]
@@ -210,7 +209,7 @@ class Generator:
                 sent[i] = max(sent[i], end)
             if any(stopped_by_string):
                 ls = dataclasses.replace(ls, done=jnp.asarray(done))
-            if done[:n].all() or int(jax.device_get(ls.steps)) >= steps_cap:
+            if done[:n].all() or int(jax.device_get(ls.steps)) >= max_out:  # a safety bound
                 break
             yield deltas, None
             streamed = [a + len(d) for a, d in zip(streamed, deltas)]
@@ -224,10 +223,7 @@ class Generator:
             if stopped_by_string[i]:  # keep tokens up to the one completing the stop string
                 toks = toks[:_tokens_to_stop(self.model.tokenizer, toks, sampling[i].stop)]
             stop_hit = stopped_by_string[i] or (toks and toks[-1] in stops[i])
-            if stop_hit and not stopped_by_string[i]:
-                toks_text = toks[:-1]
-            else:
-                toks_text = toks
+            toks_text = toks[:-1] if stop_hit and not stopped_by_string[i] else toks  # no eos text
             text = texts[i] if stopped_by_string[i] else (
                 self.model.tokenizer.decode(toks_text) if self.model.tokenizer else "")
             results.append(GenerationResult(
