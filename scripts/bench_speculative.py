@@ -1,16 +1,20 @@
 """Speculative decoding against plain greedy decoding on the real default model: acceptance,
-mean accepted length and wall-clock speedup for the n-gram and distilled drafts, per k and
-batch size, beside the cost model's prediction (jdecode.analysis.spec_cost).
+mean accepted length and wall-clock speedup for the n-gram and distilled drafts (and a distilled
+draft that gives way to prompt lookup where a 2+-gram matches), per k and batch size, beside the
+cost model's prediction and the k it would choose (jdecode.analysis.spec_cost).
 
 CPU (what fits in a few minutes per configuration):
   python scripts/bench_speculative.py --draft-dir drafts/smollm2-135m-draft --batch 1 \
       --k 2,3,4,5 --out benchmarks/
-GPU:
-  python scripts/bench_speculative.py --draft-dir DIR --batch 1,4,16,64 --out $OUT
-Writes speculative_<tag>.json, speculative_<tag>.md (and a speedup-vs-batch PNG when several
-batch sizes ran) under --out. Timings are decode-phase wall time with compilation excluded;
-prompts are grouped by kind and run in chunks of the batch size (every method on a chunk
-before the next chunk), greedy, stopping at EOS.
+GPU (several drafts, comma-separated; "distilled" expands to each of them):
+  python scripts/bench_speculative.py --draft-dir D2,D4 --drafts ngram,distilled,distilled+ngram \
+      --batch 1,4,16,64 --out $OUT
+Writes speculative_<tag>.json, speculative_<tag>.md and speculative_<tag>.png (speedup against
+batch size, measured and predicted) under --out after every batch size, so a run cut short keeps
+what it finished. Timings are decode-phase wall time with compilation excluded; prompts are
+grouped by kind and run in chunks of the batch size (every method on a chunk before the next
+chunk), greedy (the decoders are specialized for it: no per-step cond or key split), stopping at
+EOS. Every prompt is padded to one length bucket, so each method compiles once per batch size.
 """
 
 from __future__ import annotations
@@ -19,17 +23,20 @@ import argparse
 import datetime
 import json
 import subprocess
+import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdecode.analysis.measure import time_fn
 from jdecode.analysis.spec_cost import choose_k, expected_speedup
 from jdecode.cache.dense import init_cache
-from jdecode.decoding.generate import Generator
+from jdecode.decoding import generate as generate_mod
+from jdecode.decoding.generate import Generator, next_pow2
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.decoding.speculative import acceptance_stats, build_speculative
 from jdecode.io.registry import load
@@ -73,24 +80,27 @@ def run_interleaved(gens: dict[str, Generator], prompts: list[tuple[str, list[in
     return res
 
 
-def step_costs(cfg, params, impl: str, batch: int, context: int, max_t: int) -> list[float]:
-    """Seconds of one target pass scoring T = 1..max_t tokens per row at this context."""
-    max_len = -(-(context + max_t + 1) // 256) * 256
+def step_costs(cfg, params, impl: str, batch: int, context: int, ts: list[int]
+               ) -> dict[int, float]:
+    """Seconds of one target pass scoring t tokens per row at this context, for t in ts."""
+    max_len = -(-(context + max(ts) + 1) // 256) * 256
     per_layer = isinstance(params.layers, tuple)
     cache = init_cache(cfg, batch, max_len, per_layer=per_layer)
-    out = []
-    for t in range(1, max_t + 1):
+    out = {}
+    for t in sorted(set(ts)):
         tokens = jax.random.randint(jax.random.key(t), (batch, t), 0, cfg.vocab_size)
         pos = context + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
         f = jax.jit(partial(phases.verify, cfg=cfg, impl=impl))
-        out.append(time_fn(lambda f=f, tokens=tokens, pos=pos: f(params, cache, tokens, pos)[0],
-                           repeats=5))
+        out[t] = time_fn(lambda f=f, tokens=tokens, pos=pos: f(params, cache, tokens, pos)[0],
+                         repeats=5)
     return out
 
 
-def verify_cost(step_s: list[float], k: int) -> float:
-    """Measured target pass over k+1 tokens / one decode step (step_s[t-1] = time of t)."""
-    return step_s[min(k, len(step_s) - 1)] / step_s[0]
+def verify_cost(step_s: dict[int, float], k: int) -> float:
+    """Target pass over k+1 tokens / one decode step, interpolated linearly between the
+    measured t (step_s[t] = seconds of a t-token pass; t = 1 is the decode step)."""
+    ts = sorted(step_s)
+    return float(np.interp(k + 1, ts, [step_s[t] for t in ts])) / step_s[1]
 
 
 def git_sha() -> str:
@@ -101,26 +111,51 @@ def git_sha() -> str:
         return "unknown"
 
 
+def draft_names(drafts: list[str], draft_dirs: list[str], target) -> dict[str, tuple]:
+    """Bench name -> (draft for `build_speculative`, with_ngram): "distilled" and
+    "distilled+ngram" expand to one entry per draft directory, named by its layer count."""
+    loaded = {d: load_draft(d, target) for d in draft_dirs}
+    out = {}
+    for name in drafts:
+        if name == "ngram":
+            out[name] = ("ngram", False)
+        elif name in ("distilled", "distilled+ngram"):
+            for d, model in loaded.items():
+                label = f"distilled-{model.cfg.num_layers}L"
+                if label in {n.split("+")[0] for n in out} and name == "distilled":
+                    label += f"-{Path(d).name}"  # two drafts of one depth
+                out[label + ("+ngram" if name.endswith("+ngram") else "")] = (
+                    model, name.endswith("+ngram"))
+        else:
+            raise SystemExit(f"--drafts {name!r}: choose from ngram, distilled, distilled+ngram")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--draft-dir", default=None, help="distilled draft (`jdecode train draft`)")
+    ap.add_argument("--draft-dir", default="", help="distilled draft(s) (`jdecode train "
+                    "draft`), comma-separated")
     ap.add_argument("--drafts", default="ngram,distilled")
     ap.add_argument("--k", default="2,3,4,5")
     ap.add_argument("--batch", default="1")
     ap.add_argument("--num-prompts", type=int, default=52)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--impl", default="auto")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds: start no further batch size once the last one would not fit")
     ap.add_argument("--tag", default=None, help="file suffix (default: cpu or gpu)")
     ap.add_argument("--out", default="benchmarks")
     args = ap.parse_args()
+    t_start = time.perf_counter()
 
     ks = [int(k) for k in args.k.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
     drafts = [d for d in args.drafts.split(",") if d]
-    if "distilled" in drafts and not args.draft_dir:
-        raise SystemExit("--drafts includes 'distilled' but no --draft-dir was given: train one "
-                         "with `jdecode train draft --out DIR` or pass --drafts ngram")
+    draft_dirs = [d for d in args.draft_dir.split(",") if d]
+    if any(d.startswith("distilled") for d in drafts) and not draft_dirs:
+        raise SystemExit("--drafts includes a distilled draft but no --draft-dir was given: "
+                         "train one with `jdecode train draft --out DIR` or pass --drafts ngram")
     backend = jax.default_backend()
     tag = args.tag or backend
     out_dir = Path(args.out)
@@ -130,45 +165,66 @@ def main() -> None:
     tok = target.tokenizer
     prompts = [(kind, tok.encode(tok.apply_chat_template([{"role": "user", "content": text}])))
                for kind, text in eval_prompts()[:args.num_prompts]]
+    # One prompt bucket for every chunk: one compile per method and batch size, not one per
+    # length bucket (the bigger prefill is not timed; decode reads a few more masked slots).
+    generate_mod.MIN_PROMPT_BUCKET = next_pow2(max(len(p) for _, p in prompts))
     sp = SamplingParams(max_new_tokens=args.max_new_tokens)
-    draft_models = {"ngram": "ngram"}
-    if "distilled" in drafts:
-        draft_models["distilled"] = load_draft(args.draft_dir, target)
+    draft_models = draft_names(drafts, draft_dirs, target)
 
     ar_gen = Generator(target, impl=args.impl)
     impl = ar_gen.impl
-    rows, cost_model = [], {}
+    rows, cost_model, meta = [], {}, {}
+    for d in draft_dirs:
+        info = json.loads((Path(d) / "draft.json").read_text())
+        meta[d] = {key: info.get(key) for key in ("layers", "steps_done", "last_kl_mean20",
+                                                  "train_seconds", "saved_dtype")}
     context = sum(len(p) for _, p in prompts) // len(prompts) + args.max_new_tokens // 2
     record = {
-        "benchmark": "speculative", "model": args.model, "draft_dir": args.draft_dir,
+        "benchmark": "speculative", "model": args.model, "draft_dirs": meta,
         "num_prompts": len(prompts), "kinds": sorted({k for k, _ in prompts}),
         "max_new_tokens": args.max_new_tokens, "ks": ks, "batches": batches, "impl": impl,
         "jax_version": jax.__version__, "device": jax.devices()[0].device_kind,
         "backend": backend, "git_sha": git_sha(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "cost_model": cost_model, "rows": rows,
+        "command": " ".join(["python", *sys.argv]), "cost_model": cost_model, "rows": rows,
+        "skipped_batches": [],
     }
+    last_batch_s = 0.0
     for batch in batches:
+        elapsed = time.perf_counter() - t_start
+        if args.time_budget is not None and elapsed + last_batch_s > args.time_budget:
+            print(f"[b={batch}] skipped: {elapsed:.0f} s used, the last batch size took "
+                  f"{last_batch_s:.0f} s, budget {args.time_budget:.0f} s", flush=True)
+            record["skipped_batches"].append(batch)
+            write_results(record, out_dir, tag)
+            continue
+        t_batch = time.perf_counter()
         # Cost model inputs measured on this device: verify cost of k+1 tokens and c.
-        t_target = step_costs(target.cfg, ar_gen.params, impl, batch, context, max(ks) + 1)
+        t_target = step_costs(target.cfg, ar_gen.params, impl, batch, context,
+                              [1, *(k + 1 for k in ks)])
         costs = {"verify_cost": {k: verify_cost(t_target, k) for k in ks},
-                 "target_step_s": t_target[0], "c": {"ngram": 0.0}}
-        if "distilled" in draft_models:
-            d = draft_models["distilled"]
-            d_params = Generator(d, impl=args.impl).params  # the same layout as the target's
-            costs["c"]["distilled"] = step_costs(d.cfg, d_params, impl, batch, context,
-                                                 1)[0] / t_target[0]
+                 "target_step_s": t_target[1], "c": {}, "chosen_k": {},
+                 "predicted_at_chosen_k": {}}
+        for name, (draft, _) in draft_models.items():
+            if draft == "ngram":
+                costs["c"][name] = 0.0
+            elif name.endswith("+ngram"):  # the same model (lookup's cost is not counted)
+                costs["c"][name] = costs["c"].get(name.removesuffix("+ngram"))
+            if costs["c"].get(name) is None:
+                d_params = Generator(draft, impl=args.impl).params  # the target's layout
+                costs["c"][name] = step_costs(draft.cfg, d_params, impl, batch, context,
+                                              [1])[1] / t_target[1]
         cost_model[batch] = costs
         gens = {("none", 0): ar_gen}
-        for name in drafts:
+        for name, (draft, with_ngram) in draft_models.items():
             for k in ks:
-                model, decoder_fn = build_speculative(target, draft_models[name], k, impl)
+                model, decoder_fn = build_speculative(target, draft, k, impl, greedy=True,
+                                                      with_ngram=with_ngram)
                 gens[(name, k)] = Generator(model, decoder_fn, impl=impl)
-        t0 = time.perf_counter()
         res = run_interleaved(gens, prompts, batch, sp)
         base = res[("none", 0)]
         print(f"[b={batch}] autoregressive: {base['summary']['tok_s']:.1f} tok/s "
-              f"({time.perf_counter() - t0:.0f} s for all methods)", flush=True)
+              f"({time.perf_counter() - t_batch:.0f} s for all methods)", flush=True)
         rows.append({"batch": batch, "draft": "none", "k": 0, **base["summary"],
                      "speedup": 1.0, "exact_prompts": len(prompts)})
         for (name, k), r in res.items():
@@ -186,10 +242,17 @@ def main() -> None:
                   f"alpha={acc['alpha']:.2f} speedup={row['speedup']:.2f}x "
                   f"(predicted {row['predicted_speedup']:.2f}x) exact "
                   f"{row['exact_prompts']}/{len(prompts)}", flush=True)
-        for name in drafts:  # the cost model's k from the acceptance measured at the largest k
+        # The k the cost model picks at this batch size from the alpha measured at the largest
+        # k (0 = speculation off), and the speedup it predicts there.
+        vfn = partial(verify_cost, t_target)
+        for name in draft_models:
             last = next(r for r in reversed(rows) if r["draft"] == name and r["batch"] == batch)
-            costs.setdefault("chosen_k", {})[name] = choose_k(
-                last["alpha"], costs["c"][name], max(ks), partial(verify_cost, t_target))
+            kc = choose_k(last["alpha"], costs["c"][name], max(ks), vfn)
+            costs["chosen_k"][name] = kc
+            costs["predicted_at_chosen_k"][name] = (
+                expected_speedup(last["alpha"], kc, costs["c"][name], vfn) if kc else 1.0)
+        last_batch_s = time.perf_counter() - t_batch
+        costs["bench_s"] = last_batch_s
         write_results(record, out_dir, tag)
 
     print(markdown(record))
@@ -200,12 +263,14 @@ def write_results(record: dict, out_dir: Path, tag: str) -> None:
     so a run cut short by a time limit keeps what it finished."""
     (out_dir / f"speculative_{tag}.json").write_text(json.dumps(record, indent=1))
     (out_dir / f"speculative_{tag}.md").write_text(markdown(record))
-    if len({r["batch"] for r in record["rows"]}) > 1:
+    if record["rows"]:
         plot(record, out_dir / f"speculative_{tag}.png")
 
 
 def markdown(rec: dict) -> str:
     lines = [f"# Speculative decoding, {rec['model']} on {rec['device']} ({rec['backend']})", "",
+             (f"{rec['date']} | {rec['device']} | jax {rec['jax_version']} | git "
+              f"{rec['git_sha']} | impl {rec['impl']} | `{rec['command']}`"), "",
              (f"{rec['num_prompts']} prompts ({', '.join(rec['kinds'])}), greedy, up to "
              f"{rec['max_new_tokens']} new tokens, stop at EOS; jax {rec['jax_version']}, git "
              f"{rec['git_sha']}, {rec['date']}. Speedup = autoregressive decode time / "
@@ -226,13 +291,27 @@ def markdown(rec: dict) -> str:
                      f"{r['speedup']:.2f} | {r['predicted_speedup']:.2f} | "
                      f"{r['exact_prompts']}/{rec['num_prompts']} | {kinds} |")
     lines += ["", ("Cost model inputs per batch: target step time, c (draft step / target "
-                   "step), verify_cost(k) (target pass over k+1 tokens / one decode step), and "
-                   "the k that `choose_k` picks (0 = speculation off)."), ""]
+                   "step), verify_cost(k) (target pass over k+1 tokens / one decode step)."), ""]
     for b, cm in rec["cost_model"].items():
         vc = ", ".join(f"{k}: {v:.2f}" for k, v in cm["verify_cost"].items())
         c = ", ".join(f"{k}: {v:.3f}" for k, v in cm["c"].items())
-        lines.append(f"- batch {b}: step {1e3 * cm['target_step_s']:.1f} ms; c {{{c}}}; "
-                     f"verify_cost {{{vc}}}; chosen k {cm.get('chosen_k', {})}")
+        lines.append(f"- batch {b}: step {1e3 * cm['target_step_s']:.2f} ms; c {{{c}}}; "
+                     f"verify_cost {{{vc}}}")
+    lines += ["", ("Chosen k: `choose_k(alpha, c, max k, verify_cost)` with alpha measured at the "
+                   "largest k (0 = speculation off), the speedup it predicts, and the speedup "
+                   "measured at that k (best measured k in brackets)."), "",
+              "| batch | draft | chosen k | predicted | measured at chosen k | best measured |",
+              "|---|---|---|---|---|---|"]
+    for b, cm in rec["cost_model"].items():
+        for name, kc in cm.get("chosen_k", {}).items():
+            mine = [r for r in rec["rows"] if r["batch"] == b and r["draft"] == name]
+            at = next((r["speedup"] for r in mine if r["k"] == kc), 1.0 if kc == 0 else None)
+            best = max(mine, key=lambda r: r["speedup"])
+            lines.append(f"| {b} | {name} | {kc} | {cm['predicted_at_chosen_k'][name]:.2f} | "
+                         f"{'-' if at is None else f'{at:.2f}'} | {best['speedup']:.2f} "
+                         f"(k={best['k']}) |")
+    if rec.get("skipped_batches"):
+        lines += ["", f"Skipped for the time budget: batch {rec['skipped_batches']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -251,15 +330,20 @@ def plot(rec: dict, path: Path) -> None:
         bs = sorted(best)
         line, = ax.plot(bs, [best[b]["speedup"] for b in bs], "o-", label=f"{name} (best k)")
         ax.plot(bs, [best[b]["predicted_speedup"] for b in bs], "x--", color=line.get_color(),
-                label=f"{name} predicted")
+                label=f"{name} predicted (same k)")
+        for b in bs:  # the best measured k, and the k the cost model chooses
+            kc = rec["cost_model"].get(b, {}).get("chosen_k", {}).get(name)
+            ax.annotate(f"k={best[b]['k']}" + ("" if kc is None else f" ({kc})"),
+                        (b, best[b]["speedup"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7, color=line.get_color())
     ax.axhline(1.0, color="gray", lw=0.8)
     batches = sorted({r["batch"] for r in rec["rows"]})
     ax.set_xscale("log")
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.minorticks_off()
     ax.set(xlabel="batch size", ylabel="speedup over autoregressive",
-           title=f"speculative decoding, {rec['device']}")
-    ax.legend()
+           title=f"speculative decoding, {rec['device']}\nlabels: best k (cost model's k)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -26,6 +26,7 @@ class Drafter(NamedTuple):
       -> (draft [B, k] int32, q [B, k, V] f32 draft probabilities or None, aux).
     `tokens` is the last emitted token (at `positions`, not yet in any cache) and `prev` the
     token at `positions - 1`. q = None means a deterministic draft (q is one-hot on `draft`).
+    keys = None says the batch is all greedy (static): draft the argmax, return q = None.
     """
 
     init: Callable[..., Any]
@@ -44,14 +45,18 @@ def filtered_probs(logits: jax.Array, sp: SamplingArrays) -> jax.Array:
     return jax.nn.softmax(filter_logits(flat, sp_flat), axis=-1).reshape(logits.shape)
 
 
-def draw(logits: jax.Array, sp: SamplingArrays, keys: jax.Array
+def draw(logits: jax.Array, sp: SamplingArrays, keys: jax.Array | None
          ) -> tuple[jax.Array, jax.Array]:
     """Draft token and its distribution: argmax on greedy rows, a draw from q elsewhere.
 
-    logits: [B, V]; keys: [B] -> tokens [B] int32, q [B, V] (zeros when all rows are greedy:
-    the greedy rule never reads q, and skipping the sort is the common fast path).
+    logits: [B, V]; keys: [B], or None for a batch known to be all greedy (static: no
+    `lax.cond`, whose predicate costs a device-to-host sync on GPU) -> tokens [B] int32, q [B, V]
+    (zeros when all rows are greedy: the greedy rule never reads q, and skipping the sort is the
+    common fast path).
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if keys is None:
+        return greedy, jnp.zeros_like(logits)
 
     def sampled(_):
         q = filtered_probs(logits, sp)
@@ -83,34 +88,33 @@ def model_drafter(cfg: ModelConfig, max_len: int, impl: str = "xla") -> Drafter:
         pos2 = jnp.stack([positions - 1, positions], axis=1)  # [B, 2]
         logits, _, cache = phases.verify(params, cache, jnp.stack([prev, tokens], axis=1), pos2,
                                          cfg=cfg, impl=impl)
-        step_keys = jnp.swapaxes(jax.vmap(lambda key: jax.random.split(key, k))(keys), 0, 1)
-
-        def body(carry, xs):
-            cache, logits = carry
-            i, key = xs
-            tok, q = draw(logits, sampling, key)
-            logits, _, cache = phases.decode_step(params, cache, tok, positions + 1 + i,
-                                                  cfg=cfg, impl=impl)
-            return (cache, logits), (tok, q)
-
-        # k - 1 draw-and-feed steps, then a last draw: the k-th draft is never fed (see above).
-        (cache, logits), (toks, qs) = jax.lax.scan(
-            body, (cache, logits[:, 1]), (jnp.arange(k - 1), step_keys[:k - 1]))
-        last, q_last = draw(logits, sampling, step_keys[k - 1])
-        draft = jnp.concatenate([toks.T, last[:, None]], axis=1)  # [B, k]
-        q = jnp.concatenate([jnp.swapaxes(qs, 0, 1), q_last[:, None]], axis=1)  # [B, k, V]
-        return draft, q, cache
+        logits = logits[:, 1]
+        step_keys = [None] * k if keys is None else list(
+            jnp.swapaxes(jax.vmap(lambda key: jax.random.split(key, k))(keys), 0, 1))
+        toks, qs = [], []
+        # Unrolled (k is small and static): a scan would be a while loop, whose trip test is a
+        # device-to-host sync per draft token on GPU. The k-th draft is never fed (see above).
+        for i in range(k):
+            tok, q = draw(logits, sampling, step_keys[i])
+            toks.append(tok)
+            qs.append(q)
+            if i < k - 1:
+                logits, _, cache = phases.decode_step(params, cache, tok, positions + 1 + i,
+                                                      cfg=cfg, impl=impl)
+        draft = jnp.stack(toks, axis=1)  # [B, k]
+        return draft, (None if keys is None else jnp.stack(qs, axis=1)), cache  # q [B, k, V]
 
     return Drafter(init=init, propose=propose)
 
 
-def ngram_match(ctx: jax.Array, length: jax.Array, k: int, max_ngram: int = 3
-                ) -> tuple[jax.Array, jax.Array]:
+def ngram_match(ctx: jax.Array, length: jax.Array, k: int, max_ngram: int = 3,
+                min_ngram: int = 1) -> tuple[jax.Array, jax.Array]:
     """Prompt lookup for one row: the k tokens after the latest earlier match of the longest
-    suffix n-gram (n = max_ngram down to 1) of ctx[:length].
+    suffix n-gram (n = max_ngram down to min_ngram) of ctx[:length].
 
     Args:
       ctx: [S] int32 context (slots >= length are stale). length: int32 tokens in context.
+      min_ngram: shortest suffix that counts as a match.
     Returns:
       draft [k] int32 (the last token repeated where there is no match or the continuation
       runs out) and found: bool.
@@ -119,7 +123,7 @@ def ngram_match(ctx: jax.Array, length: jax.Array, k: int, max_ngram: int = 3
     starts = jnp.arange(s)
     last = ctx[jnp.maximum(length - 1, 0)]
     draft, found = jnp.full((k,), last, jnp.int32), jnp.bool_(False)
-    for n in range(1, max_ngram + 1):  # later (longer) n-grams override shorter ones
+    for n in range(min_ngram, max_ngram + 1):  # later (longer) n-grams override shorter ones
         suffix = jax.lax.dynamic_slice(ctx, (jnp.maximum(length - n, 0),), (n,))
         match = jnp.ones((s,), bool)
         for j in range(n):
@@ -154,5 +158,57 @@ def ngram_drafter(max_len: int, max_ngram: int = 3) -> Drafter:
         cols = positions[:, None] + 1 + jnp.arange(k)
         ctx = ctx.at[rows[:, None], cols].set(draft, mode="drop")
         return draft, None, ctx
+
+    return Drafter(init=init, propose=propose)
+
+
+def ngram_model_drafter(cfg: ModelConfig, max_len: int, impl: str = "xla", max_ngram: int = 3,
+                        min_ngram: int = 2) -> Drafter:
+    """Prompt lookup where an n-gram of at least `min_ngram` tokens matches, the draft model
+    elsewhere (per row). `aux` is (draft cache, context [B, max_len]).
+
+    The model always drafts (its cost is paid either way; choosing costs no sync). Its cache can
+    then hold the model's tokens where lookup's were accepted, so each step re-feeds the last
+    k context tokens from `ctx` (one (k+1)-token pass, about the cost of the 2-token one).
+
+    Args:
+      cfg: the draft model's config. max_len: cache and context slots. impl: attention.
+      max_ngram, min_ngram: longest and shortest suffix n-gram that lookup matches.
+    """
+    model = model_drafter(cfg, max_len, impl)
+    lookup = ngram_drafter(max_len, max_ngram)
+
+    def init(params, prompt, lengths):
+        return model.init(params, prompt, lengths), lookup.init(params, prompt, lengths)
+
+    def propose(params, aux, tokens, prev, positions, sampling, keys, k):
+        cache, ctx = aux
+        rows = jnp.arange(ctx.shape[0])
+        ctx = ctx.at[rows, positions].set(tokens, mode="drop")
+        # Window [p-k, p]: positions below 0 clamp to 0 and re-feed token 0 there (a duplicate
+        # write of the value slot 0 already holds).
+        win = jnp.maximum(positions[:, None] + jnp.arange(-k, 1), 0)  # [B, k+1]
+        seq = jnp.take_along_axis(ctx, win, axis=1)
+        logits, _, cache = phases.verify(params, cache, seq, win, cfg=cfg, impl=impl)
+        step_keys = [None] * k if keys is None else list(
+            jnp.swapaxes(jax.vmap(lambda key: jax.random.split(key, k))(keys), 0, 1))
+        logits, toks, qs = logits[:, -1], [], []
+        for i in range(k):  # unrolled, as in `model_drafter`
+            tok, q = draw(logits, sampling, step_keys[i])
+            toks.append(tok)
+            qs.append(q)
+            if i < k - 1:
+                logits, _, cache = phases.decode_step(params, cache, tok, positions + 1 + i,
+                                                      cfg=cfg, impl=impl)
+        ng, found = jax.vmap(lambda c, n: ngram_match(c, n, k, max_ngram, min_ngram))(
+            ctx, positions + 1)
+        draft = jnp.where(found[:, None], ng, jnp.stack(toks, axis=1))  # [B, k]
+        q = None
+        if keys is not None:  # a lookup draft is deterministic: q is one-hot on it
+            one_hot = jax.nn.one_hot(ng, cfg.vocab_size, dtype=jnp.float32)
+            q = jnp.where(found[:, None, None], one_hot, jnp.stack(qs, axis=1))  # [B, k, V]
+        cols = positions[:, None] + 1 + jnp.arange(k)
+        ctx = ctx.at[rows[:, None], cols].set(draft, mode="drop")
+        return draft, q, (cache, ctx)
 
     return Drafter(init=init, propose=propose)

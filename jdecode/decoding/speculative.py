@@ -17,7 +17,13 @@ from jdecode.analysis.spec_cost import expected_tokens
 from jdecode.config import ModelConfig
 from jdecode.decoding.autoregressive import autoregressive
 from jdecode.decoding.base import Decoder, StepOutput, split_keys
-from jdecode.decoding.drafters import Drafter, filtered_probs, model_drafter, ngram_drafter
+from jdecode.decoding.drafters import (
+    Drafter,
+    filtered_probs,
+    model_drafter,
+    ngram_drafter,
+    ngram_model_drafter,
+)
 from jdecode.decoding.sampling import SamplingArrays
 from jdecode.io.registry import Model
 from jdecode.model import phases
@@ -99,8 +105,8 @@ def accept_tokens(draft: jax.Array, q: jax.Array | None, logits: jax.Array, sp: 
     return jax.lax.cond(jnp.any(sp.temperature > 0), sampled, lambda _: greedy, None)
 
 
-def speculative(cfg: ModelConfig, drafter: Drafter, k: int, max_len: int, impl: str = "xla"
-                ) -> Decoder:
+def speculative(cfg: ModelConfig, drafter: Drafter, k: int, max_len: int, impl: str = "xla",
+                greedy: bool = False) -> Decoder:
     """Speculative decoding of the target `cfg` with `drafter` proposing k tokens per step.
 
     Both caches roll back for free: `positions` advances only past accepted tokens, and the
@@ -110,7 +116,10 @@ def speculative(cfg: ModelConfig, drafter: Drafter, k: int, max_len: int, impl: 
 
     Args:
       cfg: target model config. drafter: see `drafters.Drafter`. k: drafted tokens per step.
-      max_len: cache slots per sequence. impl: attention implementation.
+      max_len: cache slots per sequence. impl: attention implementation. greedy: promise that
+        every row is greedy (temperature 0), so the step is specialized statically: no key
+        splits and no `lax.cond` (each costs a device-to-host sync on GPU). A `SamplingArrays`
+        marked `all_greedy` (static metadata) specializes the step the same way.
     Returns:
       a Decoder whose `params` are `(target_params, draft_params)` and whose steps emit up to
       k+1 tokens.
@@ -141,14 +150,23 @@ def speculative(cfg: ModelConfig, drafter: Drafter, k: int, max_len: int, impl: 
     def step(params, state):
         target_params, draft_params = _split(params)
         aux = state.aux
-        keys, now = split_keys(state.keys)
-        pairs = jax.vmap(lambda key: jax.random.split(key, 2))(now)  # [B, 2]
+        # Static: the caller's promise, or a batch the Generator marked all greedy.
+        all_greedy = greedy or getattr(state.sampling, "all_greedy", False)
+        if all_greedy:
+            keys, draft_keys = state.keys, None
+        else:
+            keys, now = split_keys(state.keys)
+            pairs = jax.vmap(lambda key: jax.random.split(key, 2))(now)  # [B, 2]
+            draft_keys = pairs[:, 0]
         draft, q, draft_aux = drafter.propose(draft_params, aux.draft, state.tokens, aux.prev,
-                                              state.positions, state.sampling, pairs[:, 0], k)
+                                              state.positions, state.sampling, draft_keys, k)
         seq = jnp.concatenate([state.tokens[:, None], draft], axis=1)  # [B, k+1]
         pos = state.positions[:, None] + jnp.arange(k + 1)  # [B, k+1]
         logits, _, cache = phases.verify(target_params, aux.cache, seq, pos, cfg=cfg, impl=impl)
-        tokens, num = accept_tokens(draft, q, logits, state.sampling, pairs[:, 1])
+        if all_greedy:
+            tokens, num = greedy_accept(draft, logits)
+        else:
+            tokens, num = accept_tokens(draft, q, logits, state.sampling, pairs[:, 1])
         rows = jnp.arange(seq.shape[0])
         # The next token is the last emitted one; the one before it (now the newest context
         # token) is seq[num - 1]: the input token or the last accepted draft.
@@ -165,13 +183,16 @@ def speculative_model(target: Model, draft_params: Any) -> Model:
 
 
 def build_speculative(target: Model, draft: str | Model, k: int, impl: str = "auto",
-                      max_ngram: int = 3) -> tuple[Model, Callable[[ModelConfig, int], Decoder]]:
+                      max_ngram: int = 3, greedy: bool = False, with_ngram: bool = False
+                      ) -> tuple[Model, Callable[[ModelConfig, int], Decoder]]:
     """What `Generator` needs to decode `target` speculatively.
 
     Args:
       target: the loaded target model. draft: "ngram" (prompt lookup), a loaded `Model`, or a
         name/path: a distilled draft directory (`jdecode train draft`), an HF directory or a
         .gguf file. k: drafted tokens per step. max_ngram: longest n-gram prompt lookup matches.
+      greedy: every request will be greedy (see `speculative`). with_ngram: a model draft
+        gives way to prompt lookup where a 2+-gram matches (`ngram_model_drafter`).
     Returns:
       (model, decoder_fn): pass both to `Generator(model, decoder_fn=...)`.
     """
@@ -180,7 +201,7 @@ def build_speculative(target: Model, draft: str | Model, k: int, impl: str = "au
     if isinstance(draft, str) and draft == "ngram":
         return speculative_model(target, None), \
             lambda cfg, max_len: speculative(cfg, ngram_drafter(max_len, max_ngram), k, max_len,
-                                             impl)
+                                             impl, greedy)
     if isinstance(draft, str):
         from jdecode.training.distill import load_draft
 
@@ -190,9 +211,13 @@ def build_speculative(target: Model, draft: str | Model, k: int, impl: str = "au
                          f"target has {target.cfg.vocab_size}: the draft must share the "
                          "target's tokenizer (distil one with `jdecode train draft`)")
     dcfg = draft.cfg
-    return speculative_model(target, draft.params), \
-        lambda cfg, max_len: speculative(cfg, model_drafter(dcfg, max_len, impl), k, max_len,
-                                         impl)
+
+    def decoder_fn(cfg: ModelConfig, max_len: int) -> Decoder:
+        drafter = (ngram_model_drafter(dcfg, max_len, impl, max_ngram) if with_ngram
+                   else model_drafter(dcfg, max_len, impl))
+        return speculative(cfg, drafter, k, max_len, impl, greedy)
+
+    return speculative_model(target, draft.params), decoder_fn
 
 
 def acceptance_stats(mean_accepted: float, k: int) -> dict[str, float]:

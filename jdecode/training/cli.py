@@ -24,6 +24,18 @@ def train_draft(
     new_tokens: Annotated[int, typer.Option(help="tokens the target writes per training "
                                             "prompt")] = 96,
     temperature: Annotated[float, typer.Option(help="sampling temperature of that text")] = 0.7,
+    samples_per_prompt: Annotated[int, typer.Option(help="continuations per training prompt "
+                                                    "(the first greedy, the rest sampled)")] = 1,
+    gen_batch: Annotated[int, typer.Option(help="prompts per generate call for the corpus")
+                         ] = 16,
+    time_budget: Annotated[float | None, typer.Option(
+        "--time-budget", help="seconds of training at most (checkpoints and saves the draft; "
+        "the schedule shrinks to the steps that fit)")] = None,
+    save_dtype: Annotated[str | None, typer.Option(help="dtype of the saved draft layers, "
+                                                   "e.g. bfloat16 (default: the target's)")
+                          ] = None,
+    num_prompts: Annotated[int | None, typer.Option(help="use this many of the training "
+                                                    "prompts, spread over their kinds")] = None,
     seed: int = 0, checkpoint_every: int = 50, dtype: str = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
@@ -32,15 +44,22 @@ def train_draft(
 
     from jdecode.io.registry import load
     from jdecode.training.distill import DistillConfig, train_draft_model
+    from jdecode.training.prompts import train_prompts
 
     err = Console(stderr=True)
     try:
         dc = DistillConfig(num_layers=num_layers, steps=steps, batch_size=batch_size,
                            seq_len=seq_len, learning_rate=learning_rate,
                            warmup_steps=warmup_steps, new_tokens=new_tokens,
-                           temperature=temperature, seed=seed, checkpoint_every=checkpoint_every)
+                           temperature=temperature, seed=seed, checkpoint_every=checkpoint_every,
+                           samples_per_prompt=samples_per_prompt, gen_batch=gen_batch,
+                           time_budget_s=time_budget, save_dtype=save_dtype)
         target = load(model, dtype=dtype)
-        draft, losses = train_draft_model(target, out, dc, progress=not as_json)
+        prompts = train_prompts()
+        if num_prompts is not None:  # an even spread keeps chat, code and summarization
+            prompts = prompts[::max(1, len(prompts) // num_prompts)][:num_prompts]
+        draft, losses = train_draft_model(target, out, dc, prompts=prompts,
+                                          progress=not as_json)
     except (FileNotFoundError, ValueError) as e:
         err.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2) from None

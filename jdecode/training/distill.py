@@ -33,8 +33,14 @@ class DistillConfig:
     """How to build and train the draft (defaults fit a CPU run of a few minutes per 100 steps).
 
     num_layers: target layers kept, spread evenly over its depth (first and last included).
-    steps, batch_size, seq_len, learning_rate, warmup_steps: the optimization (AdamW, cosine).
+    steps, batch_size, seq_len, learning_rate, warmup_steps: the optimization (Adam, cosine).
     new_tokens, temperature: the target's continuation of each training prompt.
+    samples_per_prompt: continuations per prompt: one greedy (what greedy speculative decoding
+      verifies) and the rest sampled at `temperature`. gen_batch: prompts per generate call.
+    time_budget_s: stop after this many seconds of training (checkpointed, cosine schedule
+      shortened to the steps that fit, estimated after the first steps); None = no limit.
+    save_dtype: dtype of the saved draft layers (e.g. "bfloat16" halves the file); None =
+      the target's. Loading casts back to the target's dtype.
     """
 
     num_layers: int = 4
@@ -47,10 +53,14 @@ class DistillConfig:
     temperature: float = 0.7
     seed: int = 0
     checkpoint_every: int = 50
+    samples_per_prompt: int = 1
+    gen_batch: int = 16
+    time_budget_s: float | None = None
+    save_dtype: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "steps", "batch_size", "seq_len", "new_tokens",
-                     "checkpoint_every"):
+                     "checkpoint_every", "samples_per_prompt", "gen_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.learning_rate <= 0:
@@ -107,40 +117,61 @@ def distill_loss(trainable: Trainable, frozen: Params, cfg: ModelConfig,
 
 
 def make_optimizer(dc: DistillConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, dc.learning_rate, min(dc.warmup_steps, dc.steps - 1) if dc.steps > 1 else 0,
-        dc.steps, end_value=0.1 * dc.learning_rate)
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+    """Adam on clipped gradients, without the learning rate: `train_step` scales by
+    `learning_rate_at`, so a time budget can shorten the schedule after training started."""
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam())
+
+
+def learning_rate_at(step: int, dc: DistillConfig, total: int) -> float:
+    """Linear warmup, then cosine decay to 10 % of the peak at step `total`."""
+    warmup = min(dc.warmup_steps, total - 1) if total > 1 else 0
+    if step < warmup:
+        return dc.learning_rate * step / warmup
+    frac = min(1.0, (step - warmup) / max(total - warmup, 1))
+    return dc.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + np.cos(np.pi * frac)))
 
 
 @partial(jax.jit, static_argnames=("tcfg", "dcfg", "opt"), donate_argnums=(0, 1))
 def train_step(trainable: Trainable, opt_state, frozen: Params, target_params: Params,
-               tokens: jax.Array, mask: jax.Array, *, tcfg: ModelConfig, dcfg: ModelConfig,
-               opt: optax.GradientTransformation):
-    """One AdamW step on the KL to the target (whose logits are computed here, not stored:
-    [N, T, V] f32 for a whole corpus would not fit). Returns (trainable, opt_state, loss)."""
+               tokens: jax.Array, mask: jax.Array, lr: jax.Array, *, tcfg: ModelConfig,
+               dcfg: ModelConfig, opt: optax.GradientTransformation):
+    """One Adam step at learning rate `lr` on the KL to the target (whose logits are computed
+    here, not stored: [N, T, V] f32 for a whole corpus would not fit).
+    Returns (trainable, opt_state, loss)."""
     target_logits = jax.lax.stop_gradient(all_logits(target_params, tcfg, tokens))
     loss, grads = jax.value_and_grad(distill_loss)(trainable, frozen, dcfg, target_logits,
                                                    tokens, mask)
     updates, opt_state = opt.update(grads, opt_state, trainable)
+    updates = jax.tree_util.tree_map(lambda u: -lr * u, updates)
     return optax.apply_updates(trainable, updates), opt_state, loss
 
 
-def build_corpus(target: Model, prompts: list[str] | list[list[int]], dc: DistillConfig,
-                 batch: int = 16) -> list[list[int]]:
-    """Prompts (text goes through the chat template), each continued by the target with
-    temperature sampling: prompt + output ids."""
+def build_corpus(target: Model, prompts: list[str] | list[list[int]], dc: DistillConfig
+                 ) -> list[list[int]]:
+    """Prompts (text goes through the chat template), each continued by the target
+    `dc.samples_per_prompt` times (greedily, then sampled at dc.temperature): prompt + output
+    ids."""
     from jdecode.decoding.generate import Generator
     from jdecode.decoding.sampling import SamplingParams
 
-    gen = Generator(target)
+    # Stacked layers compile several times faster than the unrolled GPU layout, and at a
+    # corpus-sized batch the step is not launch-bound.
+    gen = Generator(target, layout="stacked")
+    jobs = [(p, s) for s in range(dc.samples_per_prompt) for p in prompts]
+    # Similar lengths and kinds (greedy or sampled) share a chunk, and every chunk is full: few
+    # shape buckets, so few compiles. The wrapped-around extra jobs are just more samples.
+    jobs.sort(key=lambda j: (j[1] > 0, len(j[0])))
+    jobs += jobs[:-len(jobs) % dc.gen_batch]  # pad to a multiple of gen_batch
     seqs: list[list[int]] = []
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start:start + batch]
-        sps = [SamplingParams(temperature=dc.temperature, top_p=0.95, seed=dc.seed + start + i,
-                              max_new_tokens=dc.new_tokens) for i in range(len(chunk))]
-        chat = target.tokenizer is not None and isinstance(chunk[0], str)
-        for r in gen.generate(chunk, sps, chat=chat):
+    for start in range(0, len(jobs), dc.gen_batch):
+        chunk = jobs[start:start + dc.gen_batch]
+        # Sample 0 is greedy (top_p 1: greedy ignores it anyway); one batch mixes both.
+        sps = [SamplingParams(temperature=dc.temperature if s else 0.0, top_p=0.95 if s else 1.0,
+                              seed=dc.seed + start + i, max_new_tokens=dc.new_tokens)
+               for i, (_, s) in enumerate(chunk)]
+        prompts_chunk = [p for p, _ in chunk]
+        chat = target.tokenizer is not None and isinstance(prompts_chunk[0], str)
+        for r in gen.generate(prompts_chunk, sps, chat=chat):
             seqs.append(r.prompt_token_ids + r.token_ids)
     return seqs
 
@@ -213,28 +244,49 @@ def train_draft_model(target: Model, out_dir: str | Path, dc: DistillConfig = Di
 
     rng = np.random.default_rng(dc.seed)
     losses: list[float] = []
+    total = dc.steps  # shortened once the time budget's step rate is known
     bar = tqdm(range(start, dc.steps), initial=start, total=dc.steps, disable=not progress,
                desc="distil draft", unit="step")
     t0 = time.perf_counter()
+    t_rate = None  # (time, step) after the compiled first steps, to estimate the step rate
     for step in bar:
         idx = rng.choice(len(tokens), size=dc.batch_size, replace=len(tokens) < dc.batch_size)
+        lr = jnp.float32(learning_rate_at(step, dc, total))
         trainable, opt_state, loss = train_step(
             trainable, opt_state, frozen, target.params, jnp.asarray(tokens[idx]),
-            jnp.asarray(mask[idx]), tcfg=target.cfg, dcfg=draft.cfg, opt=opt)
+            jnp.asarray(mask[idx]), lr, tcfg=target.cfg, dcfg=draft.cfg, opt=opt)
         losses.append(float(loss))
         bar.set_postfix(kl=f"{losses[-1]:.3f}")
-        if (step + 1) % dc.checkpoint_every == 0 or step + 1 == dc.steps:
+        now = time.perf_counter()
+        if dc.time_budget_s is not None:
+            if len(losses) == 3:
+                t_rate = (now, step)
+            elif t_rate is not None and len(losses) == 23:  # 20 steps past compilation
+                per_step = (now - t_rate[0]) / (step - t_rate[1])
+                fit = step + 1 + int((dc.time_budget_s - (now - t0)) / per_step)
+                total = max(step + 1, min(dc.steps, fit))
+                bar.total = total
+        last = step + 1 == total or (dc.time_budget_s is not None
+                                     and now - t0 > dc.time_budget_s)
+        if (step + 1) % dc.checkpoint_every == 0 or last:
             mngr.save(step + 1, args=ocp.args.StandardSave(
                 {"trainable": trainable, "opt_state": opt_state}))
+        if last:
+            break
     mngr.wait_until_finished()
     mngr.close()
 
     draft = _merge(draft, trainable)
+    small = _split(draft)
+    if dc.save_dtype is not None:
+        small = jax.tree_util.tree_map(lambda a: a.astype(dc.save_dtype), small)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(out / "draft", _split(draft), force=True)
+        ckptr.save(out / "draft", small, force=True)
     meta = {"target": target.name, "layers": list(layers), "hidden_size": target.cfg.hidden_size,
             "vocab_size": target.cfg.vocab_size, "distill": dataclasses.asdict(dc),
-            "train_seconds": time.perf_counter() - t0}
+            "saved_dtype": str(jax.tree_util.tree_leaves(small)[0].dtype),
+            "steps_done": start + len(losses), "train_seconds": time.perf_counter() - t0,
+            "last_kl_mean20": float(np.mean(losses[-20:])) if losses else None}
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
     history = out / "history.json"
     old = json.loads(history.read_text())["loss"] if history.exists() and start else []
@@ -279,8 +331,11 @@ def load_draft(name_or_path: str | Path, target: Model) -> Model:
                          f"{target.name!r}: pass the target it was trained for")
     draft = draft_from_target(target, tuple(meta["layers"]))
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    saved = meta.get("saved_dtype")  # a draft saved in bf16 is cast back to the target's dtype
     abstract = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), _split(draft))
+        lambda a: jax.ShapeDtypeStruct(a.shape, saved or a.dtype, sharding=sharding),
+        _split(draft))
     with ocp.StandardCheckpointer() as ckptr:
         trainable = ckptr.restore((path / "draft").resolve(), abstract)
+    trainable = jax.tree_util.tree_map(lambda r, a: r.astype(a.dtype), trainable, _split(draft))
     return dataclasses.replace(_merge(draft, trainable), name=str(path))

@@ -32,16 +32,37 @@ _TRAIN_PASSAGES = [
     ("Tides are caused mainly by the gravity of the moon. The side of the earth facing the moon "
     "is pulled most strongly, the far side least, and the oceans bulge on both sides, so most "
     "coasts see two high tides a day."),
+    ("The printing press spread across Europe within fifty years of its invention in Mainz. "
+    "Books became cheaper, more people learned to read, and new ideas travelled faster than "
+    "ever before, from scientific discoveries to religious pamphlets."),
+    ("A vaccine trains the immune system with a harmless piece or copy of a germ. When the real "
+    "germ arrives later, memory cells recognise it and the body responds quickly, often "
+    "before the person feels ill at all."),
+    ("Sourdough bread rises because of wild yeast and lactic acid bacteria living in a starter. "
+    "The bacteria give the bread its sour taste, and the long fermentation makes the crust "
+    "darker and the crumb more open than in bread made with baker's yeast."),
+    ("Binary search finds an item in a sorted list by comparing it with the middle element and "
+    "discarding the half that cannot contain it. Each comparison halves the range, so a "
+    "million items need only about twenty comparisons."),
 ]
 _TRAIN_TOPICS = ["the ocean", "volcanoes", "friendship", "the moon", "bicycles", "coffee",
                  "rainforests", "electricity", "chess", "music", "winter", "robots", "bread",
-                 "the internet", "dinosaurs", "gardening"]
+                 "the internet", "dinosaurs", "gardening", "photography", "the desert",
+                 "airports", "mathematics", "libraries", "running", "the weather", "trains",
+                 "space travel", "recycling", "birds", "cooking pasta", "history", "saving money",
+                 "mountains", "computers", "painting", "honey", "earthquakes", "the human heart"]
 _TRAIN_CHAT = ["Explain {} to a ten-year-old.", "Write a short poem about {}.",
-               "What are three interesting facts about {}?", "Give me some advice about {}."]
+               "What are three interesting facts about {}?", "Give me some advice about {}.",
+               "Write a short story that involves {}.", "What are the pros and cons of {}?",
+               "Describe {} in a few sentences.", "Why do people care about {}?"]
 _TRAIN_CODE = ["reverses a string", "checks whether a number is prime", "sums a list of numbers",
                "counts the vowels in a word", "returns the largest element of a list",
                "converts Celsius to Fahrenheit", "merges two sorted lists",
-               "computes the factorial of n"]
+               "computes the factorial of n", "finds the second largest number in a list",
+               "checks whether two words are anagrams", "counts how often each letter occurs",
+               "returns the even numbers of a list", "joins a list of words with commas",
+               "computes the greatest common divisor of two numbers",
+               "reads a CSV file and prints the first column", "validates an email address"]
 
 _EVAL_CHAT = ["What is the capital of France, and why is it famous?",
               "How do airplanes stay in the air?", "Write a haiku about autumn leaves.",
@@ -77,9 +98,11 @@ def _summarize(passage: str, style: str) -> str:
 
 
 def train_prompts() -> list[str]:
-    """76 user messages for distillation data (disjoint from `eval_prompts`)."""
+    """332 user messages for distillation data (disjoint from `eval_prompts`): 288 chat, 32
+    code, 12 summarization."""
     chat = [t.format(topic) for topic in _TRAIN_TOPICS for t in _TRAIN_CHAT]
-    code = [f"Write a Python function that {task}." for task in _TRAIN_CODE]
+    code = [f"{lead} {task}." for task in _TRAIN_CODE
+            for lead in ("Write a Python function that", "Show me short Python code that")]
     summ = [_summarize(p, s) for p in _TRAIN_PASSAGES
             for s in ("Summarize this text in two sentences:", "Give the main point of this text:")]
     return chat + code + summ

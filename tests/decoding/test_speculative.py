@@ -21,6 +21,7 @@ from jdecode.decoding.drafters import (
     model_drafter,
     ngram_drafter,
     ngram_match,
+    ngram_model_drafter,
 )
 from jdecode.decoding.loop import init_loop, run_loop
 from jdecode.decoding.sampling import SamplingArrays, SamplingParams
@@ -103,27 +104,51 @@ def oracle_drafter(script: jax.Array, wrong_at: jax.Array) -> Drafter:
     return Drafter(init, propose)
 
 
-def spec_setup(models, draft: str):
+def spec_setup(models, draft: str, greedy: bool = False):
     """(decoder, params) for a named draft; the decoder is built per call, compiled once."""
     target, small = models
     drafter, params = {
         "self": (model_drafter(CFG, MAX_LEN), (target, target)),
         "other_model": (model_drafter(DRAFT_CFG, MAX_LEN), (target, small)),
         "ngram": (ngram_drafter(MAX_LEN), (target, None)),
+        "ngram+model": (ngram_model_drafter(DRAFT_CFG, MAX_LEN), (target, small)),
+        "ngram+self": (ngram_model_drafter(CFG, MAX_LEN), (target, target)),
     }[draft]
-    return speculative(CFG, drafter, K, MAX_LEN), params
+    return speculative(CFG, drafter, K, MAX_LEN, greedy=greedy), params
 
 
-@pytest.mark.parametrize("draft", ["self", "other_model", "ngram"])
-def test_greedy_matches_autoregressive(models, prompts, greedy_reference, draft):
-    decoder, params = spec_setup(models, draft)
-    out, ls = generate(draft, decoder, params, *prompts)
+@pytest.mark.parametrize("greedy", [False, True], ids=["dynamic", "static_greedy"])
+@pytest.mark.parametrize("draft", ["self", "other_model", "ngram", "ngram+model", "ngram+self"])
+def test_greedy_matches_autoregressive(models, prompts, greedy_reference, draft, greedy):
+    decoder, params = spec_setup(models, draft, greedy)
+    out, ls = generate(f"{draft}-{greedy}", decoder, params, *prompts)
     np.testing.assert_array_equal(out, greedy_reference)
     accepted, live = int(ls.accepted), int(ls.live_steps)
     if draft == "self":  # the target drafting for itself is always right: alpha = 1 exactly
         assert accepted == (K + 1) * live
     elif draft == "ngram":  # random models repeat themselves: lookup is sometimes right
         assert live < accepted < (K + 1) * live
+    elif draft == "ngram+self":  # lookup takes over somewhere, and is wrong somewhere
+        assert accepted < (K + 1) * live
+
+
+def test_ngram_model_drafter_uses_lookup_where_it_matches(models):
+    """A context whose 2-gram suffix occurred before gets lookup's continuation; one without
+    gets the model's argmax (a repeated unigram is below min_ngram = 2)."""
+    _, small = models
+    ctx = jnp.asarray([[3, 4, 9, 3, 4, 0, 0, 0], [3, 4, 9, 1, 2, 0, 0, 0]], jnp.int32)
+    lengths = jnp.asarray([4, 4], jnp.int32)  # the newest token, 4 resp. 2, is fed below
+    tokens, positions = jnp.asarray([4, 2], jnp.int32), lengths
+    drafter = ngram_model_drafter(DRAFT_CFG, 16)
+    model = model_drafter(DRAFT_CFG, 16)
+    sp = SamplingArrays.from_params([SamplingParams()] * 2)
+    aux = drafter.init(small, ctx, lengths)
+    draft, q, _ = drafter.propose(small, aux, tokens, ctx[:, 3], positions, sp, None, 2)
+    assert q is None
+    assert draft[0].tolist() == [9, 3]  # after the earlier (3, 4)
+    m_draft, _, _ = model.propose(small, model.init(small, ctx, lengths), tokens, ctx[:, 3],
+                                  positions, sp, None, 2)
+    np.testing.assert_array_equal(draft[1], m_draft[1])
 
 
 def test_rows_with_different_acceptance(models, prompts, greedy_reference):
@@ -158,7 +183,7 @@ def test_rollback_matches_fresh_prefill(models, prompts, draft):
     (target, dparams), dcfg = params, DRAFT_CFG if draft == "other_model" else CFG
     prompt, lengths = prompts
     b = prompt.shape[0]
-    ls, loop = start(draft, decoder, params, prompt, lengths)
+    ls, loop = start(f"{draft}-False", decoder, params, prompt, lengths)
     ls = loop(ls, jnp.int32(1))
     state, n_out = ls.dec, np.asarray(ls.n_out)
     num = n_out - 1  # tokens of the one step (the first came from prefill)
@@ -283,9 +308,10 @@ def test_accept_tokens_with_filtering_draws_from_filtered_target():
     assert len(np.unique(np.asarray(num))) > 1
 
 
-def test_sampling_generation_runs(models, prompts):
+@pytest.mark.parametrize("draft", ["other_model", "ngram+model"])
+def test_sampling_generation_runs(models, prompts, draft):
     """End to end with temperature > 0: valid tokens, and rows get their own acceptance."""
-    decoder, params = spec_setup(models, "other_model")
-    out, ls = generate("other_model", decoder, params, *prompts, temperature=1.0)
+    decoder, params = spec_setup(models, draft)
+    out, ls = generate(f"{draft}-False", decoder, params, *prompts, temperature=1.0)
     assert out.min() >= 0 and out.max() < CFG.vocab_size
     assert int(ls.live_steps) < int(ls.accepted)

@@ -103,3 +103,18 @@ def test_distilled_draft_is_lossless(trained, target, prompts):
     results = Generator(model, decoder_fn).generate(prompts[:3], sp)
     assert [r.token_ids for r in results] == [b.token_ids for b in baseline]
     assert results[0].stats["mean_accepted"] > 1.0
+
+
+def test_time_budget_and_bf16_save(target, prompts, tmp_path):
+    """A zero budget stops after one step and still saves; a bf16 draft loads back in the
+    target's dtype, equal to the trained weights up to bf16 rounding."""
+    dc = dataclasses.replace(DC, steps=50, time_budget_s=0.0, save_dtype="bfloat16",
+                             samples_per_prompt=2, gen_batch=4)
+    draft, losses = train_draft_model(target, tmp_path, dc, prompts=prompts[:4], progress=False)
+    assert len(losses) == 1
+    meta = json.loads((tmp_path / "draft.json").read_text())
+    assert meta["saved_dtype"] == "bfloat16" and meta["steps_done"] == 1
+    assert np.load(tmp_path / "corpus.npz")["tokens"].shape[0] == 8  # 4 prompts x 2 samples
+    restored = load_draft(tmp_path, target)
+    assert restored.params.layers.wq.dtype == target.params.layers.wq.dtype
+    assert_close(restored.params.layers.wq, draft.params.layers.wq, "bfloat16")
