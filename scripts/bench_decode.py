@@ -87,8 +87,19 @@ def bare_loop_tok_s(model: Model, batch: int, prompt_len: int, new: int, impl: s
     return batch * new / statistics.median(times)
 
 
-def ours_tok_s(model: Model, batch: int, prompt_len: int, new: int, impl: str) -> dict:
-    gen = Generator(model, impl=impl, layout="stacked")  # keep the layout this script chose
+def parse_loop_variant(name: str) -> dict:
+    """"greedyN" = all-greedy specialization + groups of N steps; "dynN" = the general
+    sampler (a `lax.cond` per step) + groups of N (N=1: the plain checked while_loop)."""
+    for prefix, greedy in (("greedy", True), ("dyn", False)):
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return dict(specialize_greedy=greedy, loop_block=int(name[len(prefix):]))
+    raise SystemExit(f"--loops {name!r}: use greedyN or dynN, e.g. greedy4,dyn1")
+
+
+def ours_tok_s(model: Model, batch: int, prompt_len: int, new: int, impl: str,
+               loop: str = "greedy4") -> dict:
+    gen = Generator(model, impl=impl, layout="stacked",  # keep the layout this script chose
+                    **parse_loop_variant(loop))
     rng = np.random.default_rng(0)
     sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
     runs = []
@@ -137,6 +148,10 @@ def main() -> None:
     ap.add_argument("--impl", default="xla")
     ap.add_argument("--hf", action="store_true", help="also time HF transformers (CPU)")
     ap.add_argument("--bare", action="store_true", help="also time the bare fori_loop anchor")
+    ap.add_argument("--loops", default="greedy4",
+                    help="comma-separated loop variants: greedyN (all-greedy executable, groups "
+                    "of N fixed steps) or dynN (general sampler); the Generator default is "
+                    "greedy4")
     ap.add_argument("--layers", default="stacked",
                     help="comma-separated layouts: stacked (lax.scan), unstacked (unrolled), "
                     "fused-stacked, fused-unstacked (Q/K/V and gate/up concatenated)")
@@ -159,7 +174,8 @@ def main() -> None:
     read_bw = max(hw.measured["read_bytes_per_s"], hw.measured["read_2d_bytes_per_s"])
     rows = []
     stacked = model
-    for layout, impl in itertools.product(args.layers.split(","), args.impl.split(",")):
+    for layout, impl, loop in itertools.product(args.layers.split(","), args.impl.split(","),
+                                                args.loops.split(",")):
         params = stacked.params
         if "fused" in layout:
             params = fuse_projections(params)
@@ -167,15 +183,15 @@ def main() -> None:
             params = unstack_layers(params)
         model = dataclasses.replace(stacked, params=params)
         for batch in map(int, args.batch.split(",")):
-            ours = ours_tok_s(model, batch, args.prompt_len, args.new_tokens, impl)
+            ours = ours_tok_s(model, batch, args.prompt_len, args.new_tokens, impl, loop)
             # Mean live context over the decode: prompt + half the new tokens.
             ctx = args.prompt_len + args.new_tokens / 2
             step_bytes = param_bytes(cfg) + kv_bytes_per_step(cfg, batch, ctx, itemsize)
             ceiling = batch * read_bw / step_bytes
-            row = dict(layers=layout, impl=impl, batch=batch, **ours, ceiling_tok_s=ceiling,
-                       pct_of_ceiling=100 * ours["decode_tok_s"] / ceiling,
+            row = dict(layers=layout, impl=impl, loop=loop, batch=batch, **ours,
+                       ceiling_tok_s=ceiling, pct_of_ceiling=100 * ours["decode_tok_s"] / ceiling,
                        achieved_tb_s=ours["decode_tok_s"] / batch * step_bytes / 1e12)
-            if args.bare:
+            if args.bare and loop == args.loops.split(",")[0]:  # once per layout and impl
                 row["bare_loop_tok_s"] = bare_loop_tok_s(model, batch, args.prompt_len,
                                                          args.new_tokens, impl)
             if args.hf and batch == 1:
@@ -203,11 +219,11 @@ def main() -> None:
              f"{result['date']} | {hw.name} | jax {jax.__version__} | `{result['command']}`",
              "", f"Ceiling = batch x read-stream bandwidth ({read_bw / 1e12:.2f} TB/s, measured "
              "in this run) / (weight bytes + live KV bytes per step).", "",
-             "| layers | impl | batch | tok/s | ceiling tok/s | % of ceiling | TB/s | prefill ms | "
-             "bare loop tok/s | HF tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| layers | impl | loop | batch | tok/s | ceiling tok/s | % of ceiling | TB/s | prefill ms | "
+             "bare loop tok/s | HF tok/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['layers']} | {r['impl']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['ceiling_tok_s']:.1f} "
+            f"| {r['layers']} | {r['impl']} | {r['loop']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['ceiling_tok_s']:.1f} "
             f"| {r['pct_of_ceiling']:.1f} | {r['achieved_tb_s']:.3f} | {r['prefill_ms']:.1f} | "
             f"{r.get('bare_loop_tok_s', float('nan')):.1f} | "
             f"{r.get('hf_transformers_tok_s', float('nan')):.1f} |")

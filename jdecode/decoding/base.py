@@ -65,6 +65,9 @@ def mark_seen(seen: jax.Array | None, tokens: jax.Array) -> jax.Array | None:
 
 def sample_next(logits: jax.Array, state: DecodeState) -> tuple[jax.Array, DecodeState]:
     """Samples [B] tokens from logits [B, V] with the state's parameters; advances keys."""
+    if state.sampling.all_greedy:  # static: greedy rows never use their keys
+        tokens = sample(logits, state.sampling, state.keys, state.seen)
+        return tokens, state.replace(seen=mark_seen(state.seen, tokens))
     keys, now = split_keys(state.keys)
     tokens = sample(logits, state.sampling, now, state.seen)
     return tokens, state.replace(keys=keys, seen=mark_seen(state.seen, tokens))

@@ -26,6 +26,9 @@ from jdecode.model.params import Params
 
 MIN_PROMPT_BUCKET = 16
 CACHE_ROUND = 256
+# Steps per fixed-trip-count group of the decode loop (run_loop's `block`): measured on the
+# H100 in benchmarks/decode.md.
+LOOP_BLOCK = 4
 
 
 def next_pow2(n: int, minimum: int = 1) -> int:
@@ -71,10 +74,14 @@ class Generator:
         where the kernels would run in the interpreter). max_seq_len: cache slots per sequence (default: the
         model's max_position_embeddings). layout: "inference" (fused, unrolled layers; the
         GPU default), "stacked" (lax.scan; the CPU default, compiles fastest) or "auto".
+      specialize_greedy: compile all-greedy batches without the sampling branch (see
+        `SamplingArrays.all_greedy`); a batch with any sampled row uses the general executable.
+      loop_block: decoder steps per fixed-trip-count group in the loop (see `run_loop`).
     """
 
     def __init__(self, model: Model, decoder_fn: Callable[..., Decoder] | None = None,
-                 impl: str = "auto", max_seq_len: int | None = None, layout: str = "auto"):
+                 impl: str = "auto", max_seq_len: int | None = None, layout: str = "auto",
+                 specialize_greedy: bool = True, loop_block: int = LOOP_BLOCK):
         if impl == "auto":  # Pallas attention is faster on the H100 (benchmarks/decode.md)
             impl = "pallas" if jax.default_backend() == "gpu" else "xla"
         self.model, self.impl = model, impl
@@ -88,6 +95,7 @@ class Generator:
         ) if layout == "inference" else model.params
         self.decoder_fn = decoder_fn or partial(autoregressive, impl=impl)
         self.max_seq_len = max_seq_len or model.cfg.max_position_embeddings
+        self.specialize_greedy, self.loop_block = specialize_greedy, loop_block
         self._compiled: dict[tuple, _Compiled] = {}
 
     # -- host helpers --------------------------------------------------------------------
@@ -113,7 +121,7 @@ class Generator:
 
     def _executables(self, batch: int, t_bucket: int, max_len: int, max_out: int,
                      n_stop: int, track_seen: bool, args) -> _Compiled:
-        key = (batch, t_bucket, max_len, max_out, n_stop, track_seen)
+        key = (batch, t_bucket, max_len, max_out, n_stop, track_seen, args[3].all_greedy)
         if key not in self._compiled:
             t0 = time.perf_counter()
             decoder = self.decoder_fn(self.model.cfg, max_len)
@@ -121,7 +129,8 @@ class Generator:
             init_c = init.lower(*args).compile()
             ls_shape = jax.eval_shape(init, *args)
             # The loop state (cache included) is donated: updated in place every chunk.
-            loop = jax.jit(partial(run_loop, decoder), donate_argnums=(1,))
+            loop = jax.jit(partial(run_loop, decoder, block=self.loop_block),
+                           donate_argnums=(1,))
             loop_c = loop.lower(self.params, ls_shape, jnp.int32(0)).compile()
             self._compiled[key] = _Compiled(init_c, loop_c, time.perf_counter() - t0)
         return self._compiled[key]
@@ -175,7 +184,7 @@ class Generator:
         seeds = [sp.seed if sp.seed is not None else np.random.randint(2**31) for sp in sampling]
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds + [0] * (batch - n), jnp.uint32))
         args = (self.params, jnp.asarray(prompt), jnp.asarray(lengths),
-                SamplingArrays.from_params(sampling, batch), keys, jnp.asarray(max_new_arr),
+                SamplingArrays.from_params(sampling, batch, self.specialize_greedy), keys, jnp.asarray(max_new_arr),
                 jnp.asarray(stop_ids))
         exe = self._executables(batch, t_bucket, max_len, max_out, n_stop, track_seen, args)
 

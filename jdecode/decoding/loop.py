@@ -61,8 +61,19 @@ def init_loop(decoder: Decoder, params, prompt, lengths, sampling, keys, max_new
     return _record(ls, dec.tokens[:, None], jnp.ones((b,), jnp.int32))
 
 
-def run_loop(decoder: Decoder, params, ls: LoopState, limit: jax.Array) -> LoopState:
-    """Runs decoder steps until every row is done or `limit` more steps were taken."""
+def run_loop(decoder: Decoder, params, ls: LoopState, limit: jax.Array, block: int = 1
+             ) -> LoopState:
+    """Runs decoder steps until every row is done or `limit` more steps were taken.
+
+    block > 1 runs steps in groups of `block` inside a fixed-trip-count `fori_loop`, and checks
+    "all done" once per group. Why: XLA:GPU runs a `while_loop` whose trip count it cannot
+    prove by copying the predicate to the host and waiting, every iteration; a fixed trip
+    count needs no sync, so the host runs ahead and the GPU never idles between steps. A group
+    starts only while some live row still wants >= block * max_tokens_per_step tokens, so
+    max-token endings waste nothing; a row that stops on EOS mid-group costs at most block - 1
+    idle steps. The remainder runs one checked step at a time. The tokens are identical for
+    every `block` (finished rows record nothing).
+    """
     TRACE_COUNTS["loop"] += 1
     stop_at = ls.steps + limit
 
@@ -78,4 +89,13 @@ def run_loop(decoder: Decoder, params, ls: LoopState, limit: jax.Array) -> LoopS
             accepted=ls.accepted + jnp.where(live, so.num_accepted, 0).sum(),
             live_steps=ls.live_steps + live.sum())
 
+    if block > 1:
+        need = block * decoder.max_tokens_per_step
+
+        def group_cond(ls):
+            wanted = jnp.where(ls.done, 0, ls.max_new - ls.n_out).max()
+            return (ls.steps + block <= stop_at) & (wanted >= need)
+
+        ls = jax.lax.while_loop(
+            group_cond, lambda ls: jax.lax.fori_loop(0, block, lambda _, s: body(s), ls), ls)
     return jax.lax.while_loop(cond, body, ls)

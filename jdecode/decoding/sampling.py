@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdecode.model.params import _register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,26 +55,43 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-@_register
+@partial(jax.tree_util.register_dataclass,
+         data_fields=["temperature", "top_k", "top_p", "min_p", "repetition_penalty"],
+         meta_fields=["all_greedy"])
 @dataclasses.dataclass(frozen=True)
 class SamplingArrays:
-    """Device-side per-row parameters, [B] each."""
+    """Device-side per-row parameters, [B] each.
+
+    `all_greedy` is static (pytree metadata): when the caller knows every row is greedy, the
+    step compiles to a bare argmax with no `lax.cond` and no key split. On XLA:GPU a `cond`
+    copies its predicate to the host and waits, once per decode step; the flag removes that
+    sync. A batch that mixes in sampling uses the dynamic path (all_greedy=False), where a new
+    temperature is just a new array value.
+    """
 
     temperature: jax.Array  # [B] f32, 0 = greedy
     top_k: jax.Array  # [B] int32, 0 = off
     top_p: jax.Array  # [B] f32
     min_p: jax.Array  # [B] f32
     repetition_penalty: jax.Array  # [B] f32
+    all_greedy: bool = False
 
     @staticmethod
-    def from_params(params: Sequence[SamplingParams], pad_to: int | None = None
-                    ) -> SamplingArrays:
+    def from_params(params: Sequence[SamplingParams], pad_to: int | None = None,
+                    specialize_greedy: bool = False) -> SamplingArrays:
+        """Stacks per-request parameters into [pad_to] arrays (padding rows are greedy).
+
+        specialize_greedy: mark the batch `all_greedy` when every request is greedy, so the
+        compiled step drops the sampling branch (one extra executable per shape, compiled the
+        first time a batch of that kind arrives).
+        """
         rows = list(params) + [SamplingParams()] * ((pad_to or len(params)) - len(params))
         # Host arrays: the jitted step transfers them with its other arguments in one go.
         col = lambda f, dt: np.array([getattr(p, f) for p in rows], dt)
         return SamplingArrays(col("temperature", np.float32), col("top_k", np.int32),
                               col("top_p", np.float32), col("min_p", np.float32),
-                              col("repetition_penalty", np.float32))
+                              col("repetition_penalty", np.float32),
+                              all_greedy=specialize_greedy and all(p.greedy for p in rows))
 
 
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array
@@ -131,6 +148,8 @@ def sample(logits: jax.Array, sp: SamplingArrays, keys: jax.Array,
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, sp.repetition_penalty)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if sp.all_greedy:
+        return greedy
 
     def draw(_):
         filtered = filter_logits(logits, sp)

@@ -24,11 +24,17 @@ def gen() -> Generator:
 
 @pytest.fixture(scope="module")
 def first_request_traces(gen) -> collections.Counter:
-    """Traces added by the generator's very first request (batch 1, prompt bucket 16)."""
+    """Traces added by the generator's first requests (batch 1, prompt bucket 16): one greedy
+    and one sampled, since an all-greedy batch has its own executable without the sampler."""
     before = collections.Counter(loop.TRACE_COUNTS)
     prompt = np.random.default_rng(seed_of("first")).integers(0, 256, 5).tolist()
     gen.generate([prompt], SamplingParams(max_new_tokens=MAX_NEW))
-    return collections.Counter(loop.TRACE_COUNTS) - before
+    greedy_only = collections.Counter(loop.TRACE_COUNTS) - before
+    gen.generate([prompt], SamplingParams(max_new_tokens=MAX_NEW, temperature=0.5, seed=1))
+    added = collections.Counter(loop.TRACE_COUNTS) - before
+    # Exactly one executable pair per kind: the sampled request added one of each.
+    assert added == greedy_only + greedy_only, (dict(greedy_only), dict(added))
+    return added
 
 
 def prompts(rng, lens=PROMPT_LENS) -> list[list[int]]:
@@ -45,6 +51,7 @@ def test_second_request_in_the_same_bucket_adds_no_traces(gen, first_request_tra
     chunks = list(gen.stream([prompt], sp, chunk_steps=3))
     assert len(chunks) > 2 and len(chunks[-1][1][0].token_ids) == MAX_NEW - 3
     gen.generate([prompt[:7]], SamplingParams(max_new_tokens=MAX_NEW, temperature=1.3, seed=9))
+    gen.generate([prompt[:13]], SamplingParams(max_new_tokens=MAX_NEW - 1))  # greedy again
     added = collections.Counter(loop.TRACE_COUNTS) - before
     assert not added, f"steady-state requests retraced: {dict(added)}"
 
@@ -107,3 +114,26 @@ def test_bad_requests_name_the_value(gen, rng):
         gen.generate([[]], SamplingParams(max_new_tokens=2))
     with pytest.raises(ValueError, match="has no tokenizer"):
         gen.generate(["text needs a tokenizer"], SamplingParams(max_new_tokens=2))
+
+
+@pytest.mark.parametrize("block", [2, 5])
+def test_grouped_loop_gives_the_per_step_loop_tokens(gen, rng, block):
+    """Fixed-trip-count groups of steps (run_loop's `block`) only change when "done" is checked:
+    tokens, lengths and finish reasons are those of the one-step-at-a-time loop, including a row
+    that stops on a stop id in the middle of a group and streaming chunks that split groups."""
+    ps = prompts(rng)
+    plain = Generator(gen.model, max_seq_len=64, loop_block=1, specialize_greedy=False)
+    grouped = Generator(gen.model, max_seq_len=64, loop_block=block)
+    ref = plain.generate(ps, SamplingParams(max_new_tokens=MAX_NEW))
+    # Stop row 1 on its own 4th token: mid-group for both block sizes.
+    sps = [SamplingParams(max_new_tokens=n, stop_token_ids=stop) for n, stop in
+           ((MAX_NEW, ()), (MAX_NEW, (ref[1].token_ids[3],)), (7, ()))]
+    want = plain.generate(ps, sps)
+    assert len(want[1].token_ids) <= 4 and want[1].finish_reason == "stop"
+    for chunk in (None, 3):
+        got = grouped.generate(ps, sps, chunk_steps=chunk)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        assert [r.finish_reason for r in got] == [r.finish_reason for r in want]
+    sampled = SamplingParams(max_new_tokens=MAX_NEW, temperature=0.9, top_k=20, seed=5)
+    assert (grouped.generate(ps, sampled)[0].token_ids ==
+            plain.generate(ps, sampled)[0].token_ids)
