@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from jdecode.cache.dense import DenseKVCache, DenseMeta, make_dense_attend
 from jdecode.config import ModelConfig
+from jdecode.model.linear import make_linear
 from jdecode.model.params import Params
 from jdecode.model.transformer import forward
 
@@ -29,7 +30,8 @@ def prefill(params: Params, cache: DenseKVCache, tokens: jax.Array, lengths: jax
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     logits, hidden, cache = forward(
         params, tokens, positions, cache, DenseMeta(positions), cfg=cfg,
-        attend=make_dense_attend(cfg, impl), logits_at=(lengths - 1)[:, None])
+        attend=make_dense_attend(cfg, impl), logits_at=(lengths - 1)[:, None],
+        linear=make_linear(impl))
     return logits[:, 0], hidden[:, 0], cache
 
 
@@ -54,4 +56,4 @@ def verify(params: Params, cache: DenseKVCache, tokens: jax.Array, positions: ja
       caller rolls back simply by not advancing its lengths past the accepted tokens).
     """
     return forward(params, tokens, positions, cache, DenseMeta(positions), cfg=cfg,
-                   attend=make_dense_attend(cfg, impl))
+                   attend=make_dense_attend(cfg, impl), linear=make_linear(impl))

@@ -11,34 +11,40 @@ import jax.numpy as jnp
 from jdecode.config import ModelConfig
 from jdecode.model.attention import AttendFn
 from jdecode.model.layers import apply_rope, rms_norm, rope_tables, swiglu_mlp
+from jdecode.model.linear import LinearFn, xla_linear
 from jdecode.model.params import LayerParams, Params
 
 
-def _project(x: jax.Array, w: jax.Array, b: jax.Array | None, heads: int, d: int) -> jax.Array:
+def _project(x: jax.Array, w: jax.Array, b: jax.Array | None, heads: int, d: int,
+             linear: LinearFn = xla_linear) -> jax.Array:
     """[B, T, E] @ [E, N*D] (+ bias) -> [B, T, N, D]."""
-    y = jnp.einsum("bte,ef->btf", x, w)
+    y = linear(x, w)
     if b is not None:
         y = y + b
     return y.reshape(*y.shape[:2], heads, d)
 
 
 def decoder_layer(x: jax.Array, lp: LayerParams, cos: jax.Array, sin: jax.Array, cache: Any,
-                  layer: jax.Array, meta: Any, *, cfg: ModelConfig, attend: AttendFn
-                  ) -> tuple[jax.Array, Any]:
-    """One pre-norm block: x + attn(norm(x)), then + mlp(norm(.)). x: [B, T, E]."""
+                  layer: jax.Array, meta: Any, *, cfg: ModelConfig, attend: AttendFn,
+                  linear: LinearFn = xla_linear) -> tuple[jax.Array, Any]:
+    """One pre-norm block: x + attn(norm(x)), then + mlp(norm(.)). x: [B, T, E].
+
+    `linear` runs the attention projections (see `jdecode.model.linear`); the MLP matrices
+    are big enough that XLA's own GEMM streams them at full rate.
+    """
     H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     with jax.named_scope("attn"):
         h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
         if lp.wqkv is not None:  # fused layout: one [E, (H+2K)D] matmul
-            qkv = _project(h, lp.wqkv, lp.bqkv, H + 2 * K, D)
+            qkv = _project(h, lp.wqkv, lp.bqkv, H + 2 * K, D, linear)
             q, k, v = qkv[:, :, :H], qkv[:, :, H:H + K], qkv[:, :, H + K:]
         else:
-            q = _project(h, lp.wq, lp.bq, H, D)  # [B, T, H, D]
-            k = _project(h, lp.wk, lp.bk, K, D)  # [B, T, K, D]
-            v = _project(h, lp.wv, lp.bv, K, D)  # [B, T, K, D]
+            q = _project(h, lp.wq, lp.bq, H, D, linear)  # [B, T, H, D]
+            k = _project(h, lp.wk, lp.bk, K, D, linear)  # [B, T, K, D]
+            v = _project(h, lp.wv, lp.bv, K, D, linear)  # [B, T, K, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out, cache = attend(q, k, v, cache, layer, meta)  # [B, T, H, D]
-        x = x + jnp.einsum("btf,fe->bte", out.reshape(*out.shape[:2], H * D), lp.wo)
+        x = x + linear(out.reshape(*out.shape[:2], H * D), lp.wo)
     with jax.named_scope("mlp"):
         h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
         if lp.w_gate_up is not None:  # fused layout: gate and up in one [E, 2F] matmul
@@ -59,8 +65,8 @@ def lm_head(params: Params, hidden: jax.Array) -> jax.Array:
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Any, meta: Any,
-            *, cfg: ModelConfig, attend: AttendFn, logits_at: jax.Array | None = None
-            ) -> tuple[jax.Array, jax.Array, Any]:
+            *, cfg: ModelConfig, attend: AttendFn, logits_at: jax.Array | None = None,
+            linear: LinearFn = xla_linear) -> tuple[jax.Array, jax.Array, Any]:
     """Runs the decoder over `tokens`, reading and writing `cache` through `attend`.
 
     Args:
@@ -69,6 +75,7 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Any,
         unstacked); meta: what `attend` needs besides it.
       logits_at: optional [B, N] indices into T; logits are computed only there (prefill
         needs the last prompt token only, and the LM head is the biggest matmul).
+      linear: the attention projections' matmul (`jdecode.model.linear.make_linear`).
     Returns:
       logits [B, T or N, V] f32, hidden [B, T or N, E] (final-normed, pre-head), cache.
     """
@@ -79,13 +86,13 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Any,
         for layer, lp in enumerate(params.layers):
             # `layer` stays a Python int: per-layer caches index their tuple with it.
             x, cache = decoder_layer(x, lp, cos, sin, cache, layer, meta, cfg=cfg,
-                                     attend=attend)
+                                     attend=attend, linear=linear)
     else:
         def body(carry, xs):
             x, cache = carry
             lp, layer = xs
             x, cache = decoder_layer(x, lp, cos, sin, cache, layer, meta, cfg=cfg,
-                                     attend=attend)
+                                     attend=attend, linear=linear)
             return (x, cache), None
 
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)

@@ -60,6 +60,11 @@ def test_pallas_matches_xla_f32(rng):
     _check("float32", rng)
 
 
+def test_pallas_matches_xla_bf16(rng):
+    """bf16 also routes the attention projections through the GEMV kernel at decode."""
+    _check("bfloat16", rng)
+
+
 @pytest.fixture(autouse=True)
 def _exact_f32_matmuls():
     """GPU XLA runs f32 dots as TF32 by default; the f32 tolerance assumes true f32."""
