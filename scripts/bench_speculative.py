@@ -47,14 +47,22 @@ from jdecode.training.prompts import eval_prompts
 
 def run_interleaved(gens: dict[str, Generator], prompts: list[tuple[str, list[int]]],
                     batch: int, sp: SamplingParams) -> dict[str, dict]:
-    """Generates every prompt with every Generator in chunks of `batch` (each chunk of one
-    kind), the Generators taking turns chunk by chunk, so background load on a shared machine
-    falls on all of them alike. Returns per name the summed timings and the token ids."""
+    """Generates every prompt with every Generator in chunks of `batch`, the Generators taking
+    turns chunk by chunk, so background load on a shared machine falls on all of them alike.
+    At batch 1 the prompts run by kind (L per kind); larger batches mix kinds and repeat
+    prompts cyclically to fill the last chunk, so every chunk is a full batch of that size
+    (one compiled shape, and the batch size the row claims). Returns per name the summed
+    timings and the token ids."""
     res = {name: {"tokens": [], "by_kind": {}, "summary": {
         "decode_s": 0.0, "prefill_s": 0.0, "new_tokens": 0, "accepted": 0.0, "steps": 0.0}}
         for name in gens}
-    for kind in sorted({k for k, _ in prompts}):
-        ids = [p for k, p in prompts if k == kind]
+    if batch == 1:
+        groups = [(kind, [p for k, p in prompts if k == kind])
+                  for kind in sorted({k for k, _ in prompts})]
+    else:
+        ids = [p for _, p in prompts]
+        groups = [("mixed", ids + (ids * batch)[:-len(ids) % batch])]
+    for kind, ids in groups:
         for start in range(0, len(ids), batch):
             chunk = ids[start:start + batch]
             for name, gen in gens.items():
@@ -136,7 +144,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--draft-dir", default="", help="distilled draft(s) (`jdecode train "
                     "draft`), comma-separated")
-    ap.add_argument("--drafts", default="ngram,distilled")
+    ap.add_argument("--drafts", default="ngram,distilled",
+                    help="ngram, distilled, distilled+ngram; NAME:K1/K2 overrides --k for one")
     ap.add_argument("--k", default="2,3,4,5")
     ap.add_argument("--batch", default="1")
     ap.add_argument("--num-prompts", type=int, default=52)
@@ -151,7 +160,9 @@ def main() -> None:
 
     ks = [int(k) for k in args.k.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
-    drafts = [d for d in args.drafts.split(",") if d]
+    drafts = [d.split(":")[0] for d in args.drafts.split(",") if d]
+    draft_ks = {d.split(":")[0]: [int(k) for k in d.split(":")[1].split("/")]
+                for d in args.drafts.split(",") if ":" in d}
     draft_dirs = [d for d in args.draft_dir.split(",") if d]
     if any(d.startswith("distilled") for d in drafts) and not draft_dirs:
         raise SystemExit("--drafts includes a distilled draft but no --draft-dir was given: "
@@ -170,6 +181,10 @@ def main() -> None:
     generate_mod.MIN_PROMPT_BUCKET = next_pow2(max(len(p) for _, p in prompts))
     sp = SamplingParams(max_new_tokens=args.max_new_tokens)
     draft_models = draft_names(drafts, draft_dirs, target)
+    # Bench name -> its ks (a distilled entry's override applies to each of its drafts).
+    ks_of = {name: draft_ks.get(name if name == "ngram" else "distilled" + (
+        "+ngram" if name.endswith("+ngram") else ""), ks) for name in draft_models}
+    ks = sorted({k for v in ks_of.values() for k in v})
 
     ar_gen = Generator(target, impl=args.impl)
     impl = ar_gen.impl
@@ -217,7 +232,7 @@ def main() -> None:
         cost_model[batch] = costs
         gens = {("none", 0): ar_gen}
         for name, (draft, with_ngram) in draft_models.items():
-            for k in ks:
+            for k in ks_of[name]:
                 model, decoder_fn = build_speculative(target, draft, k, impl, greedy=True,
                                                       with_ngram=with_ngram)
                 gens[(name, k)] = Generator(model, decoder_fn, impl=impl)
@@ -236,7 +251,9 @@ def main() -> None:
             row = {"batch": batch, "draft": name, "k": k, **s, **acc,
                    "speedup": base["summary"]["decode_s"] / s["decode_s"],
                    "predicted_speedup": expected_speedup(acc["alpha"], k, c, vc),
-                   "exact_prompts": sum(a == b for a, b in zip(r["tokens"], base["tokens"]))}
+                   # The first len(prompts) lists are the prompts; the rest repeat them.
+                   "exact_prompts": sum(a == b for a, b in zip(r["tokens"][:len(prompts)],
+                                                               base["tokens"]))}
             rows.append(row)
             print(f"[b={batch}] {name} k={k}: L={s['mean_accepted']:.2f} "
                   f"alpha={acc['alpha']:.2f} speedup={row['speedup']:.2f}x "
@@ -247,7 +264,7 @@ def main() -> None:
         vfn = partial(verify_cost, t_target)
         for name in draft_models:
             last = next(r for r in reversed(rows) if r["draft"] == name and r["batch"] == batch)
-            kc = choose_k(last["alpha"], costs["c"][name], max(ks), vfn)
+            kc = choose_k(last["alpha"], costs["c"][name], max(ks_of[name]), vfn)
             costs["chosen_k"][name] = kc
             costs["predicted_at_chosen_k"][name] = (
                 expected_speedup(last["alpha"], kc, costs["c"][name], vfn) if kc else 1.0)
