@@ -23,6 +23,7 @@ from jdecode.cache.paged import (
 from jdecode.config import ModelConfig
 from jdecode.decoding.sampling import SamplingArrays, SamplingParams, sample
 from jdecode.engine.scheduler import SchedulerOutput
+from jdecode.model.layout import inference_layout
 from jdecode.model.params import Params
 from jdecode.model.transformer import forward
 
@@ -32,13 +33,28 @@ MIN_TOKEN_BUCKET = 16
 MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs
 
 
-def token_buckets(max_num_batched_tokens: int) -> tuple[int, ...]:
-    """Powers of two from MIN_TOKEN_BUCKET, capped by (and always including) the budget."""
-    buckets, b = [], MIN_TOKEN_BUCKET
-    while b < max_num_batched_tokens:
-        buckets.append(b)
-        b *= 2
-    return (*buckets, max_num_batched_tokens)
+def token_buckets(max_num_batched_tokens: int, sizes: tuple[int, ...] = ()
+                  ) -> tuple[int, ...]:
+    """Padded token counts of a step: `sizes` (default powers of two from MIN_TOKEN_BUCKET) below
+    the budget, then the budget itself. Each bucket is one executable to compile.
+    """
+    if not sizes:
+        sizes, b = [], MIN_TOKEN_BUCKET
+        while b < max_num_batched_tokens:
+            sizes.append(b)
+            b *= 2
+    if any(b <= 0 for b in sizes):
+        raise ValueError(f"token buckets {sizes} must be positive")
+    return (*sorted({b for b in sizes if b < max_num_batched_tokens}), max_num_batched_tokens)
+
+
+def resolve_layout(layout: str) -> str:
+    """Resolves "auto": the inference layout on GPU, stacked elsewhere (faster compiles)."""
+    if layout == "auto":
+        layout = "inference" if jax.default_backend() == "gpu" else "stacked"
+    if layout not in ("inference", "stacked"):
+        raise ValueError(f"layout={layout!r}: choose auto, inference or stacked")
+    return layout
 
 
 @dataclasses.dataclass
@@ -96,18 +112,25 @@ class ModelRunner:
       cfg: model config. params: its parameters. num_pages, page_size: the pool.
       max_num_seqs: sequence slots per step. max_num_batched_tokens: token budget per step.
       max_model_len: longest sequence (sets the block-table width). impl: attention impl.
+      layout: "inference" (fused projections, unrolled layers: ~2x faster decode on the H100,
+        benchmarks/decode.md; compile time grows with depth), "stacked" (`lax.scan`), or
+        "auto" (inference on GPU). token_bucket_sizes: see `token_buckets`.
     """
 
     def __init__(self, cfg: ModelConfig, params: Params, *, num_pages: int, page_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 impl: str = "xla") -> None:
+                 impl: str = "xla", layout: str = "auto",
+                 token_bucket_sizes: tuple[int, ...] = ()) -> None:
         if cfg.sliding_window is not None:
             raise ValueError(f"sliding_window={cfg.sliding_window}: the paged engine does not "
                              "implement sliding-window attention; use `jdecode generate`")
-        self.cfg, self.params = cfg, params
+        layout = resolve_layout(layout)
+        # A no-op on params already in the inference layout (engines can share one copy).
+        self.params = inference_layout(params) if layout == "inference" else params
+        self.cfg = cfg
         self.page_size, self.max_num_seqs = page_size, max_num_seqs
         self.max_pages = -(-max_model_len // page_size)
-        self.buckets = token_buckets(max_num_batched_tokens)
+        self.buckets = token_buckets(max_num_batched_tokens, token_bucket_sizes)
         self.cache = init_paged_cache(cfg, num_pages, page_size)
         self.impl = impl
 
@@ -125,20 +148,26 @@ class ModelRunner:
         context_lens = np.zeros(B, np.int32)
         qsl = np.zeros(B + 1, np.int32)
         logits_at = np.zeros(B, np.int32)
-        row = 0
-        for b, chunk in enumerate(out.chunks):
-            req, start, m = chunk.request, chunk.start, chunk.num_tokens
-            pages = np.asarray(page_tables[req.request_id], np.int32)
+        chunks = out.chunks
+        c = len(chunks)
+        # Per-chunk Python work is kept to list building; the per-token arithmetic is numpy
+        # (at 64 decodes per step, per-chunk numpy calls cost more than the H100's step).
+        starts = np.fromiter((ch.start for ch in chunks), np.int32, c)  # [C]
+        lens = np.fromiter((ch.num_tokens for ch in chunks), np.int32, c)  # [C]
+        total = int(lens.sum())
+        qsl[1:c + 1] = np.cumsum(lens)
+        qsl[c + 1:] = total  # empty slots: zero-length query ranges
+        context_lens[:c] = starts + lens
+        logits_at[:c] = qsl[1:c + 1] - 1
+        owner = np.repeat(np.arange(c), lens)  # [T] chunk of each flat token
+        pos = np.arange(total, dtype=np.int32) - np.repeat(qsl[:c] - starts, lens)  # [T]
+        positions[:total] = pos
+        tokens[:total] = [t for ch in chunks
+                          for t in ch.request.all_token_ids[ch.start:ch.start + ch.num_tokens]]
+        for b, ch in enumerate(chunks):
+            pages = page_tables[ch.request.request_id]
             tables[b, :len(pages)] = pages
-            pos = np.arange(start, start + m, dtype=np.int32)
-            tokens[row:row + m] = req.all_token_ids[start:start + m]
-            positions[row:row + m] = pos
-            slots[row:row + m] = pages[pos // ps] * ps + pos % ps
-            context_lens[b] = start + m
-            logits_at[b] = row + m - 1
-            row += m
-            qsl[b + 1] = row
-        qsl[len(out.chunks) + 1:] = row  # empty slots: zero-length query ranges
+        slots[:total] = tables[owner, pos // ps] * ps + pos % ps
         copies = np.full((2, B), -1, np.int32)
         if out.page_copies:
             copies[:, :len(out.page_copies)] = np.asarray(out.page_copies, np.int32).T
@@ -146,9 +175,9 @@ class ModelRunner:
                     "meta": PagedMeta(slots, tables, context_lens, qsl), "logits_at": logits_at,
                     "copy_src": copies[0], "copy_dst": copies[1]}
 
-    def execute(self, out: SchedulerOutput, page_tables: dict[str, list[int]],
-                num_logprobs: dict[str, int] | None = None) -> StepResult:
-        """Runs the step and returns the token sampled for every chunk that samples."""
+    def step_inputs(self, out: SchedulerOutput, page_tables: dict[str, list[int]],
+                    num_logprobs: dict[str, int] | None = None) -> tuple[tuple, int]:
+        """Host arguments of one step in `launch` order, and how many top logprobs it returns."""
         B = self.max_num_seqs
         arrays = self.pack(out, page_tables)
         params_list: list[SamplingParams] = [c.request.sampling_params for c in out.chunks]
@@ -165,11 +194,20 @@ class ModelRunner:
             for b, r in enumerate(reqs):
                 seen[b, r.all_token_ids] = True
         want_lp = num_logprobs and any(num_logprobs.get(r.request_id) is not None for r in reqs)
-        sampled, logprobs, self.cache = _step_jit(
-            self.params, self.cache, arrays["tokens"], arrays["positions"], arrays["meta"],
-            arrays["logits_at"], arrays["copy_src"], arrays["copy_dst"], sp, seeds, indices,
-            counters, seen, cfg=self.cfg, impl=self.impl,
-            num_logprobs=MAX_LOGPROBS if want_lp else 0)
+        inputs = (arrays["tokens"], arrays["positions"], arrays["meta"], arrays["logits_at"],
+                  arrays["copy_src"], arrays["copy_dst"], sp, seeds, indices, counters, seen)
+        return inputs, MAX_LOGPROBS if want_lp else 0
+
+    def launch(self, inputs: tuple, num_logprobs: int = 0) -> tuple:
+        """Dispatches the jitted step (asynchronously); returns device (sampled, logprobs)."""
+        sampled, logprobs, self.cache = _step_jit(self.params, self.cache, *inputs, cfg=self.cfg,
+                                                  impl=self.impl, num_logprobs=num_logprobs)
+        return sampled, logprobs
+
+    def execute(self, out: SchedulerOutput, page_tables: dict[str, list[int]],
+                num_logprobs: dict[str, int] | None = None) -> StepResult:
+        """Runs the step and returns the token sampled for every chunk that samples."""
+        sampled, logprobs = self.launch(*self.step_inputs(out, page_tables, num_logprobs))
         sampled = np.asarray(sampled)
         if logprobs is not None:
             logprobs = [np.asarray(x) for x in logprobs]

@@ -1,0 +1,37 @@
+"""Engine options that change how the step is compiled, not what it computes: the parameter
+layout, the attention implementation (Pallas in interpret mode on CPU) and the token buckets."""
+
+from __future__ import annotations
+
+import pytest
+
+from jdecode.decoding.sampling import SamplingParams
+from jdecode.engine.runner import token_buckets
+
+MAX_NEW = 10
+GREEDY = SamplingParams(max_new_tokens=MAX_NEW)
+
+
+def random_prompts(rng, n, lo=17, hi=32):
+    return [rng.integers(0, 256, size=int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
+
+
+def test_token_buckets_default_and_custom():
+    assert token_buckets(512) == (16, 32, 64, 128, 256, 512)
+    assert token_buckets(100) == (16, 32, 64, 100)
+    assert token_buckets(512, (256, 64, 1024, 64)) == (64, 256, 512)
+    assert token_buckets(2048, (64, 256, 1024)) == (64, 256, 1024, 2048)
+    with pytest.raises(ValueError, match="positive"):
+        token_buckets(512, (0, 64))
+
+
+@pytest.mark.parametrize(("layout", "impl"), [("inference", "xla"), ("stacked", "pallas")])
+def test_layout_and_impl_match_single_request_greedy(rng, make_llm, greedy_reference, layout,
+                                                     impl):
+    # Chunks of 5 tokens split 4-token pages; two buckets (8 and the budget 16) both run.
+    prompts = random_prompts(rng, 4)
+    llm = make_llm(max_num_batched_tokens=16, max_chunk_tokens=5, num_pages=80, layout=layout,
+                   impl=impl, token_buckets=(8,))
+    assert llm.engine.runner.buckets == (8, 16)
+    for i, out in enumerate(llm.generate(prompts, GREEDY, use_tqdm=False)):
+        assert out.outputs[0].token_ids == greedy_reference(prompts[i]), f"prompt {i}"
