@@ -155,8 +155,13 @@ def main() -> None:
                     help="seconds: start no further batch size once the last one would not fit")
     ap.add_argument("--tag", default=None, help="file suffix (default: cpu or gpu)")
     ap.add_argument("--out", default="benchmarks")
+    ap.add_argument("--merge", default=None, help="comma-separated speculative_*.json of runs "
+                    "on other batch sizes: write one table and plot from them, then exit")
     args = ap.parse_args()
     t_start = time.perf_counter()
+    if args.merge:
+        merge(args.merge.split(","), Path(args.out), args.tag or "gpu")
+        return
 
     ks = [int(k) for k in args.k.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
@@ -273,6 +278,23 @@ def main() -> None:
         write_results(record, out_dir, tag)
 
     print(markdown(record))
+
+
+def merge(files: list[str], out_dir: Path, tag: str) -> None:
+    """One record from runs over different batch sizes (the first run's header, every run's
+    command)."""
+    recs = [json.loads(Path(f).read_text()) for f in files]
+    rec = dict(recs[0])
+    rec["rows"] = [r for x in recs for r in x["rows"]]
+    rec["cost_model"] = {int(b): c for x in recs for b, c in x["cost_model"].items()}
+    rec["batches"] = sorted({r["batch"] for r in rec["rows"]})
+    rec["command"] = " ; ".join(x["command"] for x in recs)
+    rec["date"] = " / ".join(x["date"] for x in recs)
+    rec["skipped_batches"] = [b for x in recs for b in x.get("skipped_batches", [])
+                              if b not in rec["batches"]]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_results(rec, out_dir, tag)
+    print(markdown(rec))
 
 
 def write_results(record: dict, out_dir: Path, tag: str) -> None:
