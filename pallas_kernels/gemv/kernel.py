@@ -30,7 +30,9 @@ def _kernel(x_ref, w_ref, o_ref, *, block_k: int, steps: int):
     def body(i, acc):
         xs = x_ref[:, pl.ds(i * block_k, block_k)]  # [Mp, block_k]
         ws = w_ref[pl.ds(i * block_k, block_k), :]  # [block_k, block_n]
-        return acc + jnp.dot(xs, ws, preferred_element_type=jnp.float32)
+        # f32 inputs ask for true f32 products (Triton would otherwise use TF32).
+        precision = jax.lax.Precision.HIGHEST if xs.dtype == jnp.float32 else None
+        return acc + jnp.dot(xs, ws, preferred_element_type=jnp.float32, precision=precision)
 
     acc = jnp.zeros((x_ref.shape[0], w_ref.shape[1]), jnp.float32)
     o_ref[0] = jax.lax.fori_loop(0, steps, body, acc)
