@@ -155,12 +155,14 @@ def main() -> None:
                     help="seconds: start no further batch size once the last one would not fit")
     ap.add_argument("--tag", default=None, help="file suffix (default: cpu or gpu)")
     ap.add_argument("--out", default="benchmarks")
+    ap.add_argument("--note", default=None, help="a remark recorded with the results (e.g. "
+                    "which code ran when the git field is stale)")
     ap.add_argument("--merge", default=None, help="comma-separated speculative_*.json of runs "
                     "on other batch sizes: write one table and plot from them, then exit")
     args = ap.parse_args()
     t_start = time.perf_counter()
     if args.merge:
-        merge(args.merge.split(","), Path(args.out), args.tag or "gpu")
+        merge(args.merge.split(","), Path(args.out), args.tag or "gpu", args.note)
         return
 
     ks = [int(k) for k in args.k.split(",")]
@@ -207,7 +209,7 @@ def main() -> None:
         "backend": backend, "git_sha": git_sha(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python", *sys.argv]), "cost_model": cost_model, "rows": rows,
-        "skipped_batches": [],
+        "skipped_batches": [], **({"note": args.note} if args.note else {}),
     }
     last_batch_s = 0.0
     for batch in batches:
@@ -280,13 +282,16 @@ def main() -> None:
     print(markdown(record))
 
 
-def merge(files: list[str], out_dir: Path, tag: str) -> None:
+def merge(files: list[str], out_dir: Path, tag: str, note: str | None = None) -> None:
     """One record from runs over different batch sizes (the first run's header, every run's
-    command)."""
+    command), rows and cost model ordered by batch size."""
     recs = [json.loads(Path(f).read_text()) for f in files]
     rec = dict(recs[0])
-    rec["rows"] = [r for x in recs for r in x["rows"]]
-    rec["cost_model"] = {int(b): c for x in recs for b, c in x["cost_model"].items()}
+    rec["rows"] = sorted((r for x in recs for r in x["rows"]), key=lambda r: r["batch"])
+    rec["cost_model"] = dict(sorted((int(b), c) for x in recs for b, c in x["cost_model"].items()))
+    rec["merged_from"] = files
+    if note:
+        rec["note"] = note
     rec["batches"] = sorted({r["batch"] for r in rec["rows"]})
     rec["command"] = " ; ".join(x["command"] for x in recs)
     rec["date"] = " / ".join(x["date"] for x in recs)
@@ -310,6 +315,7 @@ def markdown(rec: dict) -> str:
     lines = [f"# Speculative decoding, {rec['model']} on {rec['device']} ({rec['backend']})", "",
              (f"{rec['date']} | {rec['device']} | jax {rec['jax_version']} | git "
               f"{rec['git_sha']} | impl {rec['impl']} | `{rec['command']}`"), "",
+             *([f"Note: {rec['note']}", ""] if rec.get("note") else []),
              (f"{rec['num_prompts']} prompts ({', '.join(rec['kinds'])}), greedy, up to "
              f"{rec['max_new_tokens']} new tokens, stop at EOS; jax {rec['jax_version']}, git "
              f"{rec['git_sha']}, {rec['date']}. Speedup = autoregressive decode time / "

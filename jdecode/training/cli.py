@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -36,6 +37,12 @@ def train_draft(
                           ] = None,
     num_prompts: Annotated[int | None, typer.Option(help="use this many of the training "
                                                     "prompts, spread over their kinds")] = None,
+    val_fraction: Annotated[float, typer.Option(help="share of the prompts held out: held-out "
+                                               "KL and top-1 agreement every --eval-every "
+                                               "steps (0 = none)")] = 0.1,
+    eval_every: int = 250,
+    max_epochs: Annotated[float, typer.Option(help="warn when the steps pass over the corpus "
+                                              "more often than this")] = 10.0,
     seed: int = 0, checkpoint_every: int = 50, dtype: str = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
@@ -53,7 +60,9 @@ def train_draft(
                            warmup_steps=warmup_steps, new_tokens=new_tokens,
                            temperature=temperature, seed=seed, checkpoint_every=checkpoint_every,
                            samples_per_prompt=samples_per_prompt, gen_batch=gen_batch,
-                           time_budget_s=time_budget, save_dtype=save_dtype)
+                           time_budget_s=time_budget, save_dtype=save_dtype,
+                           val_fraction=val_fraction, eval_every=eval_every,
+                           max_epochs=max_epochs)
         target = load(model, dtype=dtype)
         prompts = train_prompts()
         if num_prompts is not None:  # an even spread keeps chat, code and summarization
@@ -66,8 +75,15 @@ def train_draft(
     summary = {"out": out, "target": model, "draft_layers": draft.cfg.num_layers,
                "steps_run": len(losses), "first_kl": losses[0] if losses else None,
                "last_kl": losses[-1] if losses else None}
+    meta = json.loads((Path(out) / "draft.json").read_text())
+    summary.update({key: meta.get(key) for key in ("train_rows", "val_rows", "epochs_done",
+                                                    "last_eval")})
     if as_json:
         print(json.dumps(summary))
     else:
+        ev = summary["last_eval"]
+        held = (f" | held-out KL {ev['val_kl']:.3f}, top-1 {ev['val_top1']:.3f} (train rows: "
+                f"{ev['train_kl']:.3f}, {ev['train_top1']:.3f})" if ev else "")
         err.print(f"draft saved to {out} | KL {summary['first_kl']} -> {summary['last_kl']} | "
-                  f"use: jdecode generate --method speculative --draft {out}")
+                  f"{summary['epochs_done']:.1f} epochs over {summary['train_rows']} rows{held} "
+                  f"| use: jdecode generate --method speculative --draft {out}")

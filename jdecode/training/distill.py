@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -41,6 +42,11 @@ class DistillConfig:
       shortened to the steps that fit, estimated after the first steps); None = no limit.
     save_dtype: dtype of the saved draft layers (e.g. "bfloat16" halves the file); None =
       the target's. Loading casts back to the target's dtype.
+    val_fraction: share of the prompts held out (all their samples, spread over the prompt
+      list): the draft is evaluated on them (KL and top-1 agreement with the target) every
+      `eval_every` steps, beside the same metrics on as many training rows, so overfitting
+      shows as a gap. 0 (or fewer prompts than 1 / val_fraction) = no held-out evaluation.
+    max_epochs: warn when the planned steps pass over the training rows more often than this.
     """
 
     num_layers: int = 4
@@ -57,14 +63,19 @@ class DistillConfig:
     gen_batch: int = 16
     time_budget_s: float | None = None
     save_dtype: str | None = None
+    val_fraction: float = 0.1
+    eval_every: int = 250
+    max_epochs: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "steps", "batch_size", "seq_len", "new_tokens",
-                     "checkpoint_every", "samples_per_prompt", "gen_batch"):
+                     "checkpoint_every", "samples_per_prompt", "gen_batch", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction={self.val_fraction} must lie in [0, 1)")
 
 
 @_register
@@ -116,6 +127,45 @@ def distill_loss(trainable: Trainable, frozen: Params, cfg: ModelConfig,
     return jnp.sum(kl * mask) / jnp.maximum(mask.sum(), 1.0)
 
 
+@partial(jax.jit, static_argnames=("tcfg", "dcfg"))
+def eval_sums(trainable: Trainable, frozen: Params, target_params: Params, tokens: jax.Array,
+              mask: jax.Array, *, tcfg: ModelConfig, dcfg: ModelConfig) -> jax.Array:
+    """[sum of KL(target || draft), sum of top-1 agreement, valid positions] over a batch.
+
+    Top-1 agreement (draft argmax == target argmax) is what greedy speculative decoding accepts.
+    """
+    params = dataclasses.replace(frozen, layers=trainable.layers, final_norm=trainable.final_norm)
+    lt = all_logits(target_params, tcfg, tokens)
+    ld = all_logits(params, dcfg, tokens)
+    log_pt, log_pd = jax.nn.log_softmax(lt, axis=-1), jax.nn.log_softmax(ld, axis=-1)
+    kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_pd), axis=-1)
+    agree = (jnp.argmax(lt, -1) == jnp.argmax(ld, -1)).astype(jnp.float32)
+    return jnp.stack([jnp.sum(kl * mask), jnp.sum(agree * mask), jnp.sum(mask)])
+
+
+def evaluate(trainable: Trainable, frozen: Params, target: Model, dcfg: ModelConfig,
+             tokens: np.ndarray, mask: np.ndarray, batch_size: int) -> dict[str, float]:
+    """Mean KL and top-1 agreement over rows (batches of one shape; the last is padded)."""
+    sums = np.zeros(3)
+    for start in range(0, len(tokens), batch_size):
+        t, m = tokens[start:start + batch_size], mask[start:start + batch_size]
+        pad = batch_size - len(t)
+        if pad:
+            t = np.concatenate([t, np.zeros((pad, t.shape[1]), t.dtype)])
+            m = np.concatenate([m, np.zeros((pad, m.shape[1]), m.dtype)])
+        sums += np.asarray(eval_sums(trainable, frozen, target.params, jnp.asarray(t),
+                                     jnp.asarray(m), tcfg=target.cfg, dcfg=dcfg))
+    n = max(sums[2], 1.0)
+    return {"kl": float(sums[0] / n), "top1": float(sums[1] / n)}
+
+
+def held_out_prompts(n: int, val_fraction: float) -> set[int]:
+    """int(n * val_fraction) prompt indices spread evenly over [0, n) (the prompt list is
+    grouped by kind, so every kind is represented)."""
+    k = int(n * val_fraction)
+    return {int((i + 0.5) * n / k) for i in range(k)} if k else set()
+
+
 def make_optimizer(dc: DistillConfig) -> optax.GradientTransformation:
     """Adam on clipped gradients, without the learning rate: `train_step` scales by
     `learning_rate_at`, so a time budget can shorten the schedule after training started."""
@@ -146,34 +196,37 @@ def train_step(trainable: Trainable, opt_state, frozen: Params, target_params: P
     return optax.apply_updates(trainable, updates), opt_state, loss
 
 
-def build_corpus(target: Model, prompts: list[str] | list[list[int]], dc: DistillConfig
-                 ) -> list[list[int]]:
+def build_corpus(target: Model, prompts: list[str] | list[list[int]], dc: DistillConfig,
+                 with_index: bool = False
+                 ) -> list[list[int]] | tuple[list[list[int]], list[int]]:
     """Prompts (text goes through the chat template), each continued by the target
     `dc.samples_per_prompt` times (greedily, then sampled at dc.temperature): prompt + output
-    ids."""
+    ids (and, with_index, the index of each sequence's prompt)."""
     from jdecode.decoding.generate import Generator
     from jdecode.decoding.sampling import SamplingParams
 
     # Stacked layers compile several times faster than the unrolled GPU layout, and at a
     # corpus-sized batch the step is not launch-bound.
     gen = Generator(target, layout="stacked")
-    jobs = [(p, s) for s in range(dc.samples_per_prompt) for p in prompts]
+    jobs = [(i, s) for s in range(dc.samples_per_prompt) for i in range(len(prompts))]
     # Similar lengths and kinds (greedy or sampled) share a chunk, and every chunk is full: few
     # shape buckets, so few compiles. The wrapped-around extra jobs are just more samples.
-    jobs.sort(key=lambda j: (j[1] > 0, len(j[0])))
+    jobs.sort(key=lambda j: (j[1] > 0, len(prompts[j[0]])))
     jobs += jobs[:-len(jobs) % dc.gen_batch]  # pad to a multiple of gen_batch
     seqs: list[list[int]] = []
+    index: list[int] = []
     for start in range(0, len(jobs), dc.gen_batch):
         chunk = jobs[start:start + dc.gen_batch]
         # Sample 0 is greedy (top_p 1: greedy ignores it anyway); one batch mixes both.
         sps = [SamplingParams(temperature=dc.temperature if s else 0.0, top_p=0.95 if s else 1.0,
                               seed=dc.seed + start + i, max_new_tokens=dc.new_tokens)
                for i, (_, s) in enumerate(chunk)]
-        prompts_chunk = [p for p, _ in chunk]
+        prompts_chunk = [prompts[i] for i, _ in chunk]
         chat = target.tokenizer is not None and isinstance(prompts_chunk[0], str)
         for r in gen.generate(prompts_chunk, sps, chat=chat):
             seqs.append(r.prompt_token_ids + r.token_ids)
-    return seqs
+        index += [i for i, _ in chunk]
+    return (seqs, index) if with_index else seqs
 
 
 def pack(seqs: list[list[int]], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -207,7 +260,8 @@ def train_draft_model(target: Model, out_dir: str | Path, dc: DistillConfig = Di
       target: the loaded target model. out_dir: where the corpus, orbax checkpoints
         (`checkpoints/`), the final draft (`draft/`, `draft.json`), the loss history and its
         plot go. dc: sizes and optimization. prompts: training user messages (default:
-        `prompts.train_prompts()`). progress: show a tqdm bar.
+        `prompts.train_prompts()`; `dc.val_fraction` of them are held out for evaluation).
+        progress: show a tqdm bar.
     Returns:
       the trained draft `Model` and the per-step losses of this run.
     """
@@ -224,10 +278,27 @@ def train_draft_model(target: Model, out_dir: str | Path, dc: DistillConfig = Di
     if corpus_file.exists():
         data = np.load(corpus_file)
         tokens, mask = data["tokens"], data["mask"]
+        val_tokens, val_mask = ((data["val_tokens"], data["val_mask"]) if "val_tokens" in
+                                data.files else (tokens[:0], mask[:0]))  # an older corpus
     else:
-        seqs = build_corpus(target, prompts or train_prompts(), dc)
-        tokens, mask = pack(seqs, dc.seq_len)
-        np.savez(corpus_file, tokens=tokens, mask=mask)
+        prompts = prompts or train_prompts()
+        seqs, index = build_corpus(target, prompts, dc, with_index=True)
+        held = held_out_prompts(len(prompts), dc.val_fraction)
+        tokens, mask = pack([s for s, i in zip(seqs, index) if i not in held], dc.seq_len)
+        val_tokens, val_mask = pack([s for s, i in zip(seqs, index) if i in held], dc.seq_len)
+        np.savez(corpus_file, tokens=tokens, mask=mask, val_tokens=val_tokens,
+                 val_mask=val_mask)
+    epochs = dc.steps * dc.batch_size / len(tokens)
+    corpus_info = {"train_rows": len(tokens), "train_tokens": int(mask.sum()),
+                   "val_rows": len(val_tokens), "val_tokens": int(val_mask.sum()),
+                   "planned_epochs": epochs}
+    if epochs > dc.max_epochs:
+        warnings.warn(f"{dc.steps} steps x batch {dc.batch_size} pass over the {len(tokens)} "
+                      f"training rows ({int(mask.sum())} tokens) {epochs:.0f} times (> "
+                      f"max_epochs={dc.max_epochs:g}): the draft will memorize its corpus. Use "
+                      "more prompts or samples per prompt, or fewer steps.", stacklevel=2)
+    # Training rows evaluated beside the held-out ones (as many), to show the gap.
+    train_eval = np.random.default_rng(dc.seed + 1).permutation(len(tokens))[:len(val_tokens)]
 
     opt = make_optimizer(dc)
     # A copy: the step donates `trainable`, whose leaves would otherwise alias draft.params.
@@ -244,6 +315,8 @@ def train_draft_model(target: Model, out_dir: str | Path, dc: DistillConfig = Di
 
     rng = np.random.default_rng(dc.seed)
     losses: list[float] = []
+    evals: list[dict] = []
+    shown: dict[str, str] = {}  # the last evaluation, kept on the progress bar
     total = dc.steps  # shortened once the time budget's step rate is known
     bar = tqdm(range(start, dc.steps), initial=start, total=dc.steps, disable=not progress,
                desc="distil draft", unit="step")
@@ -256,7 +329,7 @@ def train_draft_model(target: Model, out_dir: str | Path, dc: DistillConfig = Di
             trainable, opt_state, frozen, target.params, jnp.asarray(tokens[idx]),
             jnp.asarray(mask[idx]), lr, tcfg=target.cfg, dcfg=draft.cfg, opt=opt)
         losses.append(float(loss))
-        bar.set_postfix(kl=f"{losses[-1]:.3f}")
+        bar.set_postfix(kl=f"{losses[-1]:.3f}", **shown)
         now = time.perf_counter()
         if dc.time_budget_s is not None:
             if len(losses) == 3:
@@ -268,6 +341,15 @@ def train_draft_model(target: Model, out_dir: str | Path, dc: DistillConfig = Di
                 bar.total = total
         last = step + 1 == total or (dc.time_budget_s is not None
                                      and now - t0 > dc.time_budget_s)
+        if len(val_tokens) and ((step + 1) % dc.eval_every == 0 or last):
+            ev = {"step": step + 1}
+            for split, (t, m) in {"val": (val_tokens, val_mask),
+                                  "train": (tokens[train_eval], mask[train_eval])}.items():
+                ev.update({f"{split}_{key}": v for key, v in evaluate(
+                    trainable, frozen, target, draft.cfg, t, m, dc.batch_size).items()})
+            evals.append(ev)
+            shown = {key: f"{ev[key]:.3f}" for key in ("val_kl", "val_top1", "train_top1")}
+            bar.set_postfix(kl=f"{losses[-1]:.3f}", **shown)
         if (step + 1) % dc.checkpoint_every == 0 or last:
             mngr.save(step + 1, args=ocp.args.StandardSave(
                 {"trainable": trainable, "opt_state": opt_state}))
@@ -286,23 +368,38 @@ def train_draft_model(target: Model, out_dir: str | Path, dc: DistillConfig = Di
             "vocab_size": target.cfg.vocab_size, "distill": dataclasses.asdict(dc),
             "saved_dtype": str(jax.tree_util.tree_leaves(small)[0].dtype),
             "steps_done": start + len(losses), "train_seconds": time.perf_counter() - t0,
-            "last_kl_mean20": float(np.mean(losses[-20:])) if losses else None}
+            "last_kl_mean20": float(np.mean(losses[-20:])) if losses else None,
+            **corpus_info, "epochs_done": (start + len(losses)) * dc.batch_size / len(tokens),
+            "last_eval": evals[-1] if evals else None}
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
     history = out / "history.json"
-    old = json.loads(history.read_text())["loss"] if history.exists() and start else []
-    (out / "history.json").write_text(json.dumps({"loss": old + losses}))
-    _plot_losses(old + losses, out / "loss.png")
+    old = json.loads(history.read_text()) if history.exists() and start else {}
+    hist = {"loss": old.get("loss", []) + losses, "eval": old.get("eval", []) + evals}
+    history.write_text(json.dumps(hist))
+    _plot_losses(hist["loss"], out / "loss.png", hist["eval"])
     return draft, losses
 
 
-def _plot_losses(losses: list[float], path: Path) -> None:
+def _plot_losses(losses: list[float], path: Path, evals: list[dict] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(np.arange(1, len(losses) + 1), losses)
+    ax.plot(np.arange(1, len(losses) + 1), losses, lw=0.8, label="train batch KL")
+    if evals:
+        steps = [e["step"] for e in evals]
+        ax.plot(steps, [e["train_kl"] for e in evals], "o-", ms=3, label="train rows KL (eval)")
+        ax.plot(steps, [e["val_kl"] for e in evals], "s-", ms=3, label="held-out KL")
+        ax2 = ax.twinx()
+        ax2.plot(steps, [e["val_top1"] for e in evals], "s:", ms=3, color="C3",
+                 label="held-out top-1")
+        ax2.plot(steps, [e["train_top1"] for e in evals], "o:", ms=3, color="C4",
+                 label="train top-1")
+        ax2.set(ylabel="top-1 agreement", ylim=(0, 1))
+        ax2.legend(fontsize=6, loc="center right")
+        ax.legend(fontsize=6, loc="upper right")
     ax.set(xlabel="step", ylabel="KL(target || draft)", title="draft distillation", yscale="log")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -20,8 +20,12 @@ from jdecode.io.registry import Model
 from jdecode.model.params import init_params
 from jdecode.training.distill import (
     DistillConfig,
+    Trainable,
     all_logits,
+    distill_loss,
     draft_from_target,
+    evaluate,
+    held_out_prompts,
     load_draft,
     select_layers,
     train_draft_model,
@@ -118,3 +122,42 @@ def test_time_budget_and_bf16_save(target, prompts, tmp_path):
     restored = load_draft(tmp_path, target)
     assert restored.params.layers.wq.dtype == target.params.layers.wq.dtype
     assert_close(restored.params.layers.wq, draft.params.layers.wq, "bfloat16")
+
+
+def test_held_out_eval_and_epoch_warning(target, prompts, tmp_path):
+    """Held-out prompts (all their samples) stay out of training and are evaluated: KL and top-1
+    agreement beside the same metrics on training rows, in history.json and draft.json; a plan
+    of many epochs over a tiny corpus warns."""
+    dc = dataclasses.replace(DC, steps=8, val_fraction=0.25, eval_every=4, samples_per_prompt=2,
+                             gen_batch=4, max_epochs=2.0)
+    with pytest.warns(UserWarning, match="memorize"):
+        train_draft_model(target, tmp_path, dc, prompts=prompts, progress=False)
+    data = np.load(tmp_path / "corpus.npz")
+    assert data["tokens"].shape[0] == 12 and data["val_tokens"].shape[0] == 4  # 6 + 2 prompts
+    assert held_out_prompts(8, 0.25) == {2, 6} and held_out_prompts(4, 0.1) == set()
+    train_rows = {tuple(r) for r in data["tokens"]}
+    assert not any(tuple(r) in train_rows for r in data["val_tokens"])
+    evals = json.loads((tmp_path / "history.json").read_text())["eval"]
+    assert [e["step"] for e in evals] == [4, 8]
+    for e in evals:
+        assert e["val_kl"] >= 0 and e["train_kl"] >= 0
+        assert 0 <= e["val_top1"] <= 1 and 0 <= e["train_top1"] <= 1
+    meta = json.loads((tmp_path / "draft.json").read_text())
+    assert meta["val_rows"] == 4 and meta["epochs_done"] == pytest.approx(8 * 4 / 12)
+    assert meta["last_eval"] == evals[-1]
+
+
+def test_evaluate_matches_the_training_loss(trained, target):
+    """evaluate's KL is distill_loss's (one batch), and a draft with every layer agrees 100 %."""
+    out, draft, _ = trained
+    tokens, mask = np.load(out / "corpus.npz")["tokens"][:4], np.load(out / "corpus.npz")["mask"][:4]
+    frozen = dataclasses.replace(draft.params, layers=None, final_norm=None)
+    tr = Trainable(draft.params.layers, draft.params.final_norm)
+    ev = evaluate(tr, frozen, target, draft.cfg, tokens, mask, batch_size=3)  # a padded batch
+    loss = distill_loss(tr, frozen, draft.cfg, all_logits(target.params, CFG, jnp.asarray(tokens)),
+                        jnp.asarray(tokens), jnp.asarray(mask))
+    assert ev["kl"] == pytest.approx(float(loss), rel=1e-4)
+    full = draft_from_target(target, select_layers(CFG.num_layers, CFG.num_layers))
+    same = evaluate(Trainable(full.params.layers, full.params.final_norm), frozen, target,
+                    full.cfg, tokens, mask, batch_size=4)
+    assert same["top1"] == 1.0 and same["kl"] == pytest.approx(0.0, abs=1e-5)
