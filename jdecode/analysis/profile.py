@@ -81,6 +81,8 @@ def categorize(op_name: str, function: str) -> str:
     is_dot = op_name.endswith("dot_general")
     if function in _FUNCTIONS and _FUNCTIONS[function] is not None:
         return _FUNCTIONS[function]
+    if function in ("xla_linear", "pallas_linear", "gemv"):  # the projections' matmul helper
+        return "o projection" if "/o_proj/" in op_name else "q/k/v projections"
     if function == "decoder_layer":  # o projection, residual adds; fused gate/up + SwiGLU
         mlp = "/mlp/" in op_name
         if is_dot:

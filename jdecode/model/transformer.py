@@ -44,7 +44,8 @@ def decoder_layer(x: jax.Array, lp: LayerParams, cos: jax.Array, sin: jax.Array,
             v = _project(h, lp.wv, lp.bv, K, D, linear)  # [B, T, K, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out, cache = attend(q, k, v, cache, layer, meta)  # [B, T, H, D]
-        x = x + linear(out.reshape(*out.shape[:2], H * D), lp.wo)
+        with jax.named_scope("o_proj"):  # names the op for the profiler's attribution
+            x = x + linear(out.reshape(*out.shape[:2], H * D), lp.wo)
     with jax.named_scope("mlp"):
         h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
         if lp.w_gate_up is not None:  # fused layout: gate and up in one [E, 2F] matmul
