@@ -10,7 +10,9 @@ the batch makes the step compute-bound, which is when speculation stops paying.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 
 from jdecode.analysis.costs import decode_phase, verify_phase
 from jdecode.analysis.hardware import Hardware
@@ -84,10 +86,16 @@ def choose_k(alpha: float, c: float, max_k: int, verify_cost: VerifyCost = 1.0,
     """
     if max_k < 1:
         raise ValueError(f"max_k={max_k} must be >= 1")
-    best_k = max(range(1, max_k + 1), key=lambda k: expected_speedup(alpha, k, c, verify_cost))
-    if expected_speedup(alpha, best_k, c, verify_cost) <= min_speedup:
-        return 0
-    return best_k
+    speedups = {k: expected_speedup(alpha, k, c, verify_cost) for k in range(1, max_k + 1)}
+    return _best_or_off(speedups, min_speedup)[0]
+
+
+def _best_or_off(speedups: Mapping[int, float], min_speedup: float) -> tuple[int, float]:
+    """(k, speedup) of the best k (the smallest on ties), or (0, 1.0) if none beats min_speedup."""
+    best_k = max(sorted(speedups), key=lambda k: speedups[k])
+    if speedups[best_k] <= min_speedup:
+        return 0, 1.0
+    return best_k, speedups[best_k]
 
 
 def should_speculate(alpha: float, c: float, k: int, verify_cost: VerifyCost = 1.0,
@@ -109,6 +117,109 @@ def break_even_alpha(c: float, k: int, verify_cost: VerifyCost = 1.0,
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if expected_speedup(mid, k, c, verify_cost) <= min_speedup else (lo, mid)
     return hi
+
+
+# -- calibrated from a measured full round ----------------------------------------------------
+# The functions above price a round as k * c + verify_cost, with parts timed in isolation. On
+# the H100 that missed two costs that grow with batch (benchmarks/speculative.md): per-row
+# bookkeeping (n-gram lookup, acceptance, cache writes) and stragglers, since a batch iterates
+# until its slowest row is done. Below, the round is timed whole, as the jitted decoder runs
+# it, and the batch's rounds are E[max over rows] rather than tokens / mean accepted length.
+
+
+def tokens_per_round_pmf(alpha: float, k: int) -> list[float]:
+    """P(one round emits j tokens) for j = 0..k+1, under i.i.d. acceptance at rate alpha.
+
+    j - 1 drafts accepted then one rejected: alpha^(j-1) (1 - alpha) for j <= k; all k accepted:
+    alpha^k. Entry 0 is 0 (the target always adds a token). Its mean is expected_tokens(alpha, k).
+    """
+    expected_tokens(alpha, k)  # validates alpha and k
+    return [0.0, *(alpha ** (j - 1) * (1.0 - alpha) for j in range(1, k + 1)), alpha**k]
+
+
+def rounds_cdf(alpha: float, k: int, num_tokens: int) -> list[float]:
+    """P(a row has emitted >= num_tokens within r rounds), for r = 0..num_tokens.
+
+    A round emits at least one token, so the last entry is 1. Dynamic programming over the
+    tokens emitted so far by rows not yet done: O(num_tokens^2 k).
+    """
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens={num_tokens} must be >= 1")
+    pmf = tokens_per_round_pmf(alpha, k)
+    running = [1.0] + [0.0] * (num_tokens - 1)  # running[n]: P(n emitted, still short)
+    cdf = [0.0]
+    for _ in range(num_tokens):
+        nxt = [0.0] * num_tokens
+        for n, p in enumerate(running):
+            if p:
+                for j in range(1, min(k + 1, num_tokens - 1 - n) + 1):  # n + j stays short
+                    nxt[n + j] += p * pmf[j]
+        running = nxt
+        cdf.append(1.0 - sum(running))
+    cdf[-1] = 1.0  # exact; the sum above leaves rounding
+    return cdf
+
+
+def expected_batch_rounds(row_alphas: Sequence[float], k: int, num_tokens: int) -> float:
+    """E[max over rows of the rounds each needs for num_tokens tokens], rows independent.
+
+    A rectangular batch steps until its slowest row is done: E[max R_i] = sum over r of
+    (1 - prod_i P(R_i <= r)). With one row this is about num_tokens / expected_tokens (a bit
+    more: the last round overshoots); k = 0 gives num_tokens (plain decoding).
+    """
+    if not row_alphas:
+        raise ValueError("row_alphas is empty: give one acceptance rate per row of the batch")
+    counts = Counter(row_alphas)  # a homogeneous batch needs one cdf
+    cdfs = {a: rounds_cdf(a, k, num_tokens) for a in counts}
+    return sum(1.0 - math.prod(cdfs[a][r] ** n for a, n in counts.items())
+               for r in range(num_tokens))
+
+
+def calibrated_speedup(round_s: float, step_s: float, row_alphas: Sequence[float], k: int,
+                       num_tokens: int | None = None) -> float:
+    """Predicted speedup from a measured full speculative round and a measured plain step.
+
+    Args:
+      round_s: seconds of one full speculative iteration at this batch size (k draft steps,
+        verify, acceptance, cache writes and rollback, as the jitted decoder runs it).
+      step_s: seconds of one autoregressive step at the same batch size.
+      row_alphas: per-token acceptance rate of each row of the batch ([alpha] * batch for a
+        homogeneous batch). k: draft length.
+      num_tokens: tokens each row decodes. Given, the batch takes E[max rows' rounds] rounds
+        (stragglers) against num_tokens plain steps; None: the steady state, mean expected
+        tokens per round (no stragglers).
+    Returns:
+      plain decode time / speculative decode time for the same tokens.
+    """
+    if round_s <= 0 or step_s <= 0:
+        raise ValueError(f"round_s={round_s}, step_s={step_s}: both must be measured times > 0")
+    if num_tokens is None:
+        tokens = sum(expected_tokens(a, k) for a in row_alphas) / max(len(row_alphas), 1)
+        return tokens * step_s / round_s
+    return num_tokens * step_s / (expected_batch_rounds(row_alphas, k, num_tokens) * round_s)
+
+
+def choose_k_calibrated(round_s: Mapping[int, float], step_s: float,
+                        row_alphas: Mapping[int, Sequence[float]], num_tokens: int | None = None,
+                        min_speedup: float = 1.0) -> tuple[int, float]:
+    """The draft length with the best `calibrated_speedup`, or 0 (speculation off).
+
+    Args:
+      round_s: k -> measured seconds of one full speculative round at this batch size.
+      step_s: measured seconds of one autoregressive step at the same batch size.
+      row_alphas: k -> per-row acceptance rates measured at that k (acceptance is not i.i.d.
+        in practice: n-gram drafts accept differently at different k).
+      num_tokens, min_speedup: see `calibrated_speedup` and `choose_k`.
+    Returns:
+      (k, predicted speedup); (0, 1.0) when no measured k beats min_speedup.
+    """
+    missing = sorted(set(round_s) - set(row_alphas))
+    if not round_s or missing:
+        raise ValueError(f"round times for k={sorted(round_s)} but acceptance for "
+                         f"k={sorted(row_alphas)}: give both for every candidate k")
+    speedups = {k: calibrated_speedup(round_s[k], step_s, row_alphas[k], k, num_tokens)
+                for k in round_s}
+    return _best_or_off(speedups, min_speedup)
 
 
 def verify_cost_fn(cfg: ModelConfig, hw: Hardware, batch: int, context: int, *,

@@ -1,19 +1,27 @@
 """Speculative-decoding cost model: expected tokens, speedup, choice of k, switch-off rule."""
 
+import itertools
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jdecode.analysis.hardware import get_hardware
 from jdecode.analysis.spec_cost import (
     break_even_alpha,
+    calibrated_speedup,
     choose_k,
+    choose_k_calibrated,
     draft_cost_ratio,
+    expected_batch_rounds,
     expected_speedup,
     expected_tokens,
     expected_tokens_chain,
     plan_speculation,
+    rounds_cdf,
     should_speculate,
+    tokens_per_round_pmf,
     verify_cost_fn,
 )
 from jdecode.config import load_model_config_yaml
@@ -77,3 +85,84 @@ def test_roofline_driven_plan_switches_off_at_large_batch():
     large = plan_speculation(target, draft, hw, 0.6, batch=1024, context=128)
     assert large == {"k": 0, "speedup": 1.0, "c": pytest.approx(large["c"]),
                      "verify_cost": 1.0, "expected_tokens": 1.0}
+
+
+# -- calibrated from measured full rounds -------------------------------------------------------
+def _rounds_brute_force(alpha: float, k: int, n: int) -> dict[int, float]:
+    """P(R = r) by enumerating every sequence of round outcomes (tokens 1..k+1) until >= n."""
+    probs = {j: alpha ** (j - 1) * (1 - alpha) for j in range(1, k + 1)} | {k + 1: alpha**k}
+    dist: dict[int, float] = {}
+    for r in range(1, n + 1):
+        for seq in itertools.product(range(1, k + 2), repeat=r):
+            if sum(seq) >= n and sum(seq[:-1]) < n:  # done exactly at round r
+                dist[r] = dist.get(r, 0.0) + math.prod(probs[j] for j in seq)
+    return dist
+
+
+def test_round_distribution_matches_enumeration():
+    pmf = tokens_per_round_pmf(0.6, 3)
+    assert pmf == pytest.approx([0.0, 0.4, 0.24, 0.144, 0.216])
+    assert sum(j * p for j, p in enumerate(pmf)) == pytest.approx(expected_tokens(0.6, 3))
+    for alpha, k, n in [(0.6, 2, 7), (0.25, 3, 6), (0.9, 1, 5)]:
+        exact = _rounds_brute_force(alpha, k, n)
+        cdf = rounds_cdf(alpha, k, n)
+        assert cdf == pytest.approx([sum(p for r, p in exact.items() if r <= x)
+                                     for x in range(n + 1)], abs=1e-12)
+    assert rounds_cdf(0.0, 4, 5) == [0, 0, 0, 0, 0, 1]  # one token a round
+    assert rounds_cdf(1.0, 2, 7)[2:4] == pytest.approx([0.0, 1.0])  # 3 tokens a round: 3 rounds
+
+
+def test_straggler_rounds_against_brute_force_and_monte_carlo():
+    alphas, k, n = [0.3, 0.6, 0.6], 2, 7
+    exact = [_rounds_brute_force(a, k, n) for a in alphas]
+    brute = sum(max(rs) * math.prod(exact[i][r] for i, r in enumerate(rs))
+                for rs in itertools.product(*(sorted(e) for e in exact)))
+    assert expected_batch_rounds(alphas, k, n) == pytest.approx(brute, abs=1e-12)
+    # Monte Carlo over the decode loop itself: rows draw accepted drafts until n tokens.
+    rng = np.random.default_rng(0)
+    trials, rounds = 20000, np.zeros(20000)
+    emitted = np.zeros((trials, len(alphas)))
+    while (emitted < n).any():
+        live = emitted < n
+        rounds += live.any(1)
+        accepted = (rng.random((trials, len(alphas), k)) < np.asarray(alphas)[:, None])
+        emitted += live * (1 + np.cumprod(accepted, axis=2).sum(2))
+    assert rounds.mean() == pytest.approx(brute, abs=0.03)  # about 4 standard errors
+    # One row is never slower than the batch it joins; plain decoding takes n rounds.
+    assert expected_batch_rounds([0.6], k, n) < expected_batch_rounds([0.6] * 8, k, n)
+    assert expected_batch_rounds([0.6] * 4, 0, n) == pytest.approx(n)
+
+
+def test_calibrated_speedup_reduces_to_the_isolated_model():
+    # One row in the steady state, a round priced as k c + verify_cost: expected_speedup.
+    step = 2e-3
+    for alpha, k, c, vc in [(0.7, 3, 0.1, 1.05), (0.3, 5, 0.0, 1.2)]:
+        assert calibrated_speedup((k * c + vc) * step, step, [alpha], k) == pytest.approx(
+            expected_speedup(alpha, k, c, vc))
+    # Stragglers: the same round costs more tokens' worth of time in a batch of 64.
+    one = calibrated_speedup(2.2e-3, step, [0.5], 4, num_tokens=63)
+    many = calibrated_speedup(2.2e-3, step, [0.5] * 64, 4, num_tokens=63)
+    assert many < 0.9 * one
+    with pytest.raises(ValueError, match="round_s=0"):
+        calibrated_speedup(0, step, [0.5], 4)
+
+
+def test_choose_k_calibrated_switches_off_when_rounds_grow_with_batch():
+    step = 1e-3
+    # Batch 1, cheap rounds: the k of the largest speedup (1.75/1.05, 1.875/1.1, 1.9375/1.2).
+    k, s = choose_k_calibrated({2: 1.05e-3, 3: 1.1e-3, 4: 1.2e-3}, step,
+                               {k: [0.5] for k in (2, 3, 4)})
+    assert (k, s) == (3, pytest.approx(1.875 / 1.1))
+    # Batch 16, rounds cost 1.8-2.2 steps: E[tokens] <= 1.94 cannot pay for them.
+    alphas = {k: [0.5] * 16 for k in (2, 3, 4)}
+    assert choose_k_calibrated({2: 1.8e-3, 3: 2.0e-3, 4: 2.2e-3}, step, alphas) == (0, 1.0)
+    # Rounds of 1.6 steps: the steady state still says 1.75 / 1.6 = 1.09x at k = 2, but the
+    # slowest of 16 rows over 63 tokens needs about 41 rounds, not 36: a loss, so off.
+    rounds = {2: 1.6e-3, 3: 1.8e-3, 4: 2.0e-3}
+    assert choose_k_calibrated(rounds, step, alphas) == (2, pytest.approx(1.75 / 1.6))
+    assert choose_k_calibrated(rounds, step, alphas, num_tokens=63) == (0, 1.0)
+    # Acceptance measured per k: a draft that accepts more at k = 2 is chosen there.
+    per_k = {2: [0.9] * 16, 3: [0.2] * 16, 4: [0.2] * 16}
+    assert choose_k_calibrated({2: 1.05e-3, 3: 1.1e-3, 4: 1.2e-3}, step, per_k)[0] == 2
+    with pytest.raises(ValueError, match="acceptance for"):
+        choose_k_calibrated({2: 1e-3, 3: 1e-3}, step, {2: [0.5]})
