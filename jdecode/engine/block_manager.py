@@ -29,9 +29,9 @@ class BlockManager:
     hands them out again. Free pages without a hash are worth nothing, so they sit at the front
     of the queue and are reused before any cached page is evicted.
 
-    Only pages whose tokens have all been *computed* get a hash. A page filled by the step being
-    scheduled is hashed on the request's next allocation or when it is freed, so a prefix hit
-    never reads a page whose K/V a preempted request never wrote.
+    Only pages whose tokens have all been *computed* (by a launched step) get a hash. A page filled
+    by the step being scheduled is hashed on the request's next allocation or when it is freed,
+    so a prefix hit never reads a page whose K/V a preempted request never wrote.
 
     Args:
         num_pages: pages in the device pool.
@@ -110,7 +110,10 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         pages = self.req_pages[req.request_id]
-        num_full = min(req.num_computed_tokens // self.page_size, len(pages))
+        # A page computed by a step in flight is hashed only once its tokens are on the host; its
+        # K/V is written before any later step can read it (the device runs steps in order).
+        num_full = min(req.num_computed_tokens, req.num_tokens) // self.page_size
+        num_full = min(num_full, len(pages))
         start = self._num_hashed.get(req.request_id, 0)
         if num_full <= start:
             return

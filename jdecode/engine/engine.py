@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.engine.block_manager import BlockManager
 from jdecode.engine.request import Request, RequestStatus
-from jdecode.engine.runner import MAX_LOGPROBS, ModelRunner
+from jdecode.engine.runner import MAX_LOGPROBS, InFlightStep, ModelRunner
 from jdecode.engine.scheduler import Scheduler, SchedulerConfig
 from jdecode.io.registry import Model
 from jdecode.io.tokenizer import IncrementalDetokenizer
@@ -37,6 +37,10 @@ class EngineArgs:
         token_buckets: padded token counts of a step below the budget (each compiles once);
             empty = powers of two from 16. On a GPU a decode step costs about the same at 16 or
             64 tokens, so a few coarse buckets cut compile time at no cost.
+        async_scheduling: plan and dispatch step n+1 before reading back step n, so the host's
+            scheduling, packing and post-processing overlap the device's step instead of
+            following it (vLLM's async scheduling). Outputs are identical either way; a
+            request that stops on EOS or a stop string costs one discarded decode slot.
     """
 
     page_size: int = 16
@@ -52,6 +56,7 @@ class EngineArgs:
     impl: str = "xla"
     layout: str = "auto"
     token_buckets: tuple[int, ...] = ()
+    async_scheduling: bool = True
 
 
 @dataclasses.dataclass
@@ -134,6 +139,7 @@ class LLMEngine:
         self._seqs: dict[str, _Seq] = {}  # internal sequence id -> state
         self._groups: dict[str, list[str]] = {}  # user request id -> sequence ids
         self._ids = itertools.count()
+        self._in_flight: InFlightStep | None = None  # dispatched, not yet read back
         self.num_steps = 0
         self.num_generated_tokens = 0
 
@@ -174,6 +180,7 @@ class LLMEngine:
         sid = f"{request_id}#{next(self._ids)}"
         parent = Request(sid, ids, sp, arrival_time=arrival_time)
         parent.seed = seed
+        parent.max_output_tokens = sp.max_new_tokens
         parent.children = [parent.make_child(f"{sid}/{i}", i) for i in range(1, n)]
         self.scheduler.add_request(parent)
         self._groups[request_id] = [parent.request_id] + [c.request_id for c in parent.children]
@@ -188,7 +195,7 @@ class LLMEngine:
             self._seqs.pop(sid, None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -197,19 +204,31 @@ class LLMEngine:
     # ---- the step --------------------------------------------------------------------------
 
     def step(self) -> list[SequenceOutput]:
-        """Schedules, runs and post-processes one step; returns the sequences that changed."""
+        """Plans and dispatches one step, and returns the sequences that changed.
+
+        With async scheduling the outputs returned are those of the previous step, read back
+        while this one runs on the device; otherwise those of this step.
+        """
         out = self.scheduler.schedule()
-        if out.is_empty:
-            return []
-        page_tables = {c.request.request_id: self.block_manager.page_ids(c.request.request_id)
-                       for c in out.chunks}
-        want = {sid: s.num_logprobs for sid, s in self._seqs.items()
-                if s.num_logprobs is not None}
-        result = self.runner.execute(out, page_tables, want)
-        self.num_steps += 1
+        launched = None
+        if not out.is_empty:
+            page_tables = {c.request.request_id: self.block_manager.page_ids(c.request.request_id)
+                           for c in out.chunks}
+            want = {sid: s.num_logprobs for sid, s in self._seqs.items()
+                    if s.num_logprobs is not None}
+            launched = self.runner.dispatch(out, page_tables, want)
+            self.num_steps += 1
+        done, self._in_flight = self._in_flight, launched
+        if not self.args.async_scheduling:
+            done, self._in_flight = launched, None
+        return [] if done is None else self._complete(done)
+
+    def _complete(self, step: InFlightStep) -> list[SequenceOutput]:
+        """Reads a step's samples back, appends them and applies the stop conditions."""
+        result = self.runner.collect(step)
         now = time.monotonic()
         outputs = []
-        for req in self.scheduler.update_from_output(out, result.tokens):
+        for req in self.scheduler.update_from_output(step.out, result.tokens):
             seq = self._seqs[req.request_id]
             self.num_generated_tokens += 1
             if req.first_token_time is None:

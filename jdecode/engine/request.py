@@ -36,6 +36,11 @@ class Request:
     A decode is simply a gap of 1. Preemption by recompute resets `num_computed_tokens` to 0 and
     keeps the outputs, so the recomputed prefix is prompt + outputs.
 
+    With asynchronous scheduling the next step is planned while the current one runs, before
+    its sampled tokens reach the host: `num_pending` counts those in-flight tokens. They count
+    towards the gap (`num_tokens_with_pending`), and the device feeds them to the next step
+    itself, from row `sample_slot` of the step that sampled them.
+
     Args:
         request_id: unique id.
         prompt_token_ids: the prompt.
@@ -62,6 +67,11 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
         self.num_preemptions = 0
+        self.num_pending = 0  # tokens sampled by launched steps, not yet on the host
+        self.sample_slot = -1  # row of the last launched step that samples for this request
+        # Output cap known to the scheduler (None = none), so that with tokens in flight it does
+        # not schedule a decode whose token would be past max_tokens.
+        self.max_output_tokens: int | None = None
         self.children: list[Request] = list(children or [])
         self.parent_id = parent_id
         self.index = index  # position among the n siblings
@@ -82,6 +92,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        """Tokens once every in-flight sample has landed: what computed tokens catch up with."""
+        return len(self.all_token_ids) + self.num_pending
 
     @property
     def num_output_tokens(self) -> int:
@@ -111,6 +126,7 @@ class Request:
                         self.sampling_params if sampling_params is None else sampling_params,
                         arrival_time=self.arrival_time, parent_id=self.request_id, index=index)
         child.seed = self.seed
+        child.max_output_tokens = self.max_output_tokens
         return child
 
     def __repr__(self) -> str:

@@ -58,6 +58,16 @@ def resolve_layout(layout: str) -> str:
 
 
 @dataclasses.dataclass
+class InFlightStep:
+    """A dispatched step: its plan and its device outputs, not yet read back."""
+
+    out: SchedulerOutput
+    sampled: jax.Array  # [B] int32
+    logprobs: tuple | None  # device (chosen, top ids, top values), or None
+    num_logprobs: dict[str, int]
+
+
+@dataclasses.dataclass
 class StepResult:
     """Per sampled chunk, in chunk order: token, and logprobs when asked for."""
 
@@ -65,22 +75,28 @@ class StepResult:
     logprobs: dict[str, tuple[float, list[int], list[float]]]  # chosen, top ids, top values
 
 
-def _step(params: Params, cache: PagedKVCache, tokens, positions, meta: PagedMeta, logits_at,
-          copy_src, copy_dst, sp: SamplingArrays, seeds, indices, counters, seen, *,
-          cfg: ModelConfig, impl: str, num_logprobs: int):
+def _step(params: Params, cache: PagedKVCache, prev_sampled, tokens, token_src, positions,
+          meta: PagedMeta, logits_at, copy_src, copy_dst, sp: SamplingArrays, seeds, indices,
+          counters, seen, *, cfg: ModelConfig, impl: str, num_logprobs: int):
     """One engine step on device.
 
     Args:
+      prev_sampled: [B] int32 tokens sampled by the previous step.
       tokens, positions: [N] int32 flat tokens (padding: token 0, slot -1).
+      token_src: [N] int32: -1, or the row of `prev_sampled` that holds this token (a token
+        still in flight when the step was planned; its host entry in `tokens` is 0).
       meta: the ragged batch over B sequence slots. logits_at: [B] flat row of each slot's
         last token. copy_src, copy_dst: [C] copy-on-write pages (dst -1 = none).
       sp: [B] sampling parameters. seeds, indices, counters: [B] uint32/int32 key material.
-      seen: [B, V] bool or None (repetition penalty).
+      seen: [B, V] bool or None (repetition penalty), without the tokens still in flight.
     Returns:
       sampled [B] int32, (chosen [B], top_ids [B, k], top_vals [B, k]) logprobs or None,
       and the cache (donated by the caller, so written in place).
     """
     TRACE_COUNTS["step"] += 1
+    tokens = jnp.where(token_src >= 0, prev_sampled[jnp.maximum(token_src, 0)], tokens)
+    if seen is not None:  # each row's last token may have been in flight: mark it here
+        seen = seen.at[jnp.arange(seen.shape[0]), tokens[logits_at]].set(True)
     cache = copy_pages(cache, copy_src, copy_dst)
     logits, _, cache = forward(params, tokens[None], positions[None], cache, meta, cfg=cfg,
                                attend=make_paged_attend(impl), logits_at=logits_at[None])
@@ -132,6 +148,7 @@ class ModelRunner:
         self.max_pages = -(-max_model_len // page_size)
         self.buckets = token_buckets(max_num_batched_tokens, token_bucket_sizes)
         self.cache = init_paged_cache(cfg, num_pages, page_size)
+        self.last_sampled = jnp.zeros(max_num_seqs, jnp.int32)  # [B] the last step's samples
         self.impl = impl
 
     def bucket(self, num_tokens: int) -> int:
@@ -162,8 +179,14 @@ class ModelRunner:
         owner = np.repeat(np.arange(c), lens)  # [T] chunk of each flat token
         pos = np.arange(total, dtype=np.int32) - np.repeat(qsl[:c] - starts, lens)  # [T]
         positions[:total] = pos
-        tokens[:total] = [t for ch in chunks
-                          for t in ch.request.all_token_ids[ch.start:ch.start + ch.num_tokens]]
+        # A chunk whose token is still in flight is a one-token decode: the device fills it in.
+        src = np.fromiter((ch.token_src for ch in chunks), np.int32, c)  # [C]
+        in_flight = src >= 0
+        token_src = np.full(n, -1, np.int32)
+        token_src[qsl[:c][in_flight]] = src[in_flight]
+        tokens[:total][np.repeat(~in_flight, lens)] = [
+            t for ch in chunks if ch.token_src < 0
+            for t in ch.request.all_token_ids[ch.start:ch.start + ch.num_tokens]]
         for b, ch in enumerate(chunks):
             pages = page_tables[ch.request.request_id]
             tables[b, :len(pages)] = pages
@@ -171,7 +194,7 @@ class ModelRunner:
         copies = np.full((2, B), -1, np.int32)
         if out.page_copies:
             copies[:, :len(out.page_copies)] = np.asarray(out.page_copies, np.int32).T
-        return {"tokens": tokens, "positions": positions,
+        return {"tokens": tokens, "token_src": token_src, "positions": positions,
                     "meta": PagedMeta(slots, tables, context_lens, qsl), "logits_at": logits_at,
                     "copy_src": copies[0], "copy_dst": copies[1]}
 
@@ -186,38 +209,45 @@ class ModelRunner:
         seeds = np.zeros(B, np.uint32)
         indices = np.zeros(B, np.int32)
         counters = np.zeros(B, np.int32)
-        for b, r in enumerate(reqs):
-            seeds[b], indices[b], counters[b] = r.seed, r.index, r.num_output_tokens
+        for b, ch in enumerate(out.chunks):
+            seeds[b], indices[b], counters[b] = ch.request.seed, ch.request.index, ch.output_index
         seen = None
         if any(p.repetition_penalty != 1.0 for p in params_list):
             seen = np.zeros((B, self.cfg.vocab_size), bool)
             for b, r in enumerate(reqs):
                 seen[b, r.all_token_ids] = True
         want_lp = num_logprobs and any(num_logprobs.get(r.request_id) is not None for r in reqs)
-        inputs = (arrays["tokens"], arrays["positions"], arrays["meta"], arrays["logits_at"],
+        inputs = (arrays["tokens"], arrays["token_src"], arrays["positions"], arrays["meta"],
+                  arrays["logits_at"],
                   arrays["copy_src"], arrays["copy_dst"], sp, seeds, indices, counters, seen)
         return inputs, MAX_LOGPROBS if want_lp else 0
 
     def launch(self, inputs: tuple, num_logprobs: int = 0) -> tuple:
         """Dispatches the jitted step (asynchronously); returns device (sampled, logprobs)."""
-        sampled, logprobs, self.cache = _step_jit(self.params, self.cache, *inputs, cfg=self.cfg,
-                                                  impl=self.impl, num_logprobs=num_logprobs)
+        sampled, logprobs, self.cache = _step_jit(
+            self.params, self.cache, self.last_sampled, *inputs, cfg=self.cfg, impl=self.impl,
+            num_logprobs=num_logprobs)
+        self.last_sampled = sampled
         return sampled, logprobs
 
-    def execute(self, out: SchedulerOutput, page_tables: dict[str, list[int]],
-                num_logprobs: dict[str, int] | None = None) -> StepResult:
-        """Runs the step and returns the token sampled for every chunk that samples."""
+    def dispatch(self, out: SchedulerOutput, page_tables: dict[str, list[int]],
+                 num_logprobs: dict[str, int] | None = None) -> InFlightStep:
+        """Packs and dispatches a planned step without waiting for it."""
         sampled, logprobs = self.launch(*self.step_inputs(out, page_tables, num_logprobs))
-        sampled = np.asarray(sampled)
-        if logprobs is not None:
-            logprobs = [np.asarray(x) for x in logprobs]
+        return InFlightStep(out, sampled, logprobs, num_logprobs or {})
+
+    @staticmethod
+    def collect(step: InFlightStep) -> StepResult:
+        """Waits for a dispatched step; returns the token sampled for every chunk that samples."""
+        sampled = np.asarray(step.sampled)
+        logprobs = None if step.logprobs is None else [np.asarray(x) for x in step.logprobs]
         result = StepResult({}, {})
-        for b, chunk in enumerate(out.chunks):
+        for b, chunk in enumerate(step.out.chunks):
             if not chunk.samples:
                 continue
             rid = chunk.request.request_id
             result.tokens[rid] = int(sampled[b])
-            k = (num_logprobs or {}).get(rid)
+            k = step.num_logprobs.get(rid)
             if logprobs is not None and k is not None:
                 chosen, top_ids, top_vals = logprobs
                 result.logprobs[rid] = (float(chosen[b]), top_ids[b, :k].tolist(),

@@ -54,16 +54,21 @@ class SchedulerConfig:
 
 @dataclasses.dataclass
 class ScheduledChunk:
-    """`num_tokens` tokens of `request` computed this step, starting at position `start`."""
+    """`num_tokens` tokens of `request` computed this step, starting at position `start`.
+
+    The scheduler fills the rest when it commits the step:
+      samples: the chunk reaches the request's last token, so its logits sample the next one.
+      output_index: which output token that sample is (the key of its random stream).
+      token_src: -1 when every token of the chunk is on the host; else the chunk is the decode
+        of a token still in flight, and this is its row in the previous step's samples.
+    """
 
     request: Request
     start: int
     num_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the request's last known token, so its logits sample."""
-        return self.start + self.num_tokens == self.request.num_tokens
+    samples: bool = False
+    output_index: int = 0
+    token_src: int = -1
 
 
 @dataclasses.dataclass
@@ -193,10 +198,34 @@ class Scheduler:
             if not self._chunks:
                 self._schedule_running()
         chunks = list(self._chunks.values())
+        self._commit(chunks)
         return SchedulerOutput(chunks, self.block_manager.take_copies(), self._preempted)
 
+    def _commit(self, chunks: list[ScheduledChunk]) -> None:
+        """Advances the scheduled requests as if the step had run (vLLM v1 does the same), so the
+        next step can be planned before this one's samples are back. Chunk b runs in row b."""
+        for b, chunk in enumerate(chunks):
+            req = chunk.request
+            end = chunk.start + chunk.num_tokens
+            if end > req.num_tokens:  # the decode of the previous step's in-flight sample
+                chunk.token_src = req.sample_slot
+            req.num_computed_tokens = end
+            chunk.samples = end == req.num_tokens_with_pending
+            if chunk.samples:
+                chunk.output_index = req.num_output_tokens + req.num_pending
+                req.num_pending += 1
+                req.sample_slot = b
+
+    def _done_when_pending_land(self, req: Request) -> bool:
+        """Whether the in-flight samples already take `req` to max tokens or max_model_len; the
+        engine finishes it when they land, so a further decode would be wasted."""
+        return req.num_pending > 0 and (
+            req.num_tokens_with_pending >= self.cfg.max_model_len
+            or (req.max_output_tokens is not None
+                and req.num_output_tokens + req.num_pending >= req.max_output_tokens))
+
     def _chunk_size(self, req: Request) -> int:
-        n = min(req.num_tokens - req.num_computed_tokens, self._budget)
+        n = min(req.num_tokens_with_pending - req.num_computed_tokens, self._budget)
         if self.cfg.max_chunk_tokens:
             n = min(n, self.cfg.max_chunk_tokens)
         if req.children:  # stop before the last prompt token: the siblings fork there
@@ -208,12 +237,15 @@ class Scheduler:
         for req in list(self.running):
             if req.children and req.num_computed_tokens == req.fork_point:
                 self._fork(req)
-        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
-        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        gaps = [r.num_tokens_with_pending - r.num_computed_tokens for r in self.running]
+        decodes = [r for r, g in zip(self.running, gaps) if g == 1]
+        prefills = [r for r, g in zip(self.running, gaps) if g > 1]
         for req in decodes + prefills:
             if self._budget == 0:
                 break
             if req.status != RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            if self._done_when_pending_land(req):
                 continue
             n = self._chunk_size(req)
             if n == 0:
@@ -263,6 +295,8 @@ class Scheduler:
             req = self.waiting[0]
             if len(self.running) + req.num_seqs > max_seqs:
                 break
+            if req.num_pending:  # preempted with a sample in flight: recompute once it lands
+                break
             hits = bm.find_cached_prefix(req)
             num_cached = len(hits) * bm.page_size
             req.num_computed_tokens = num_cached
@@ -287,22 +321,23 @@ class Scheduler:
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]
                            ) -> list[Request]:
-        """Advances computed tokens and appends the sampled tokens.
+        """Appends the tokens a step sampled (its chunks were committed when it was scheduled).
 
         Args:
             out: the step that ran.
             sampled: request id -> token, for every chunk with `samples` true.
 
         Returns:
-            Requests that received a new token (the caller checks stop conditions).
+            Requests that received a new token (the caller checks stop conditions). A request
+            preempted after this step was launched still receives its token: it was computed
+            from pages that were intact then.
         """
         updated = []
         for chunk in out.chunks:
             req = chunk.request
-            if req.status != RequestStatus.RUNNING:  # aborted while the step ran
+            if not chunk.samples or req.is_finished:  # finished or aborted while it ran
                 continue
-            req.num_computed_tokens = chunk.start + chunk.num_tokens
-            if req.num_computed_tokens == req.num_tokens:
-                req.append_output(sampled[req.request_id])
-                updated.append(req)
+            req.num_pending -= 1
+            req.append_output(sampled[req.request_id])
+            updated.append(req)
         return updated
