@@ -15,6 +15,11 @@ what it finished. Timings are decode-phase wall time with compilation excluded; 
 grouped by kind and run in chunks of the batch size (every method on a chunk before the next
 chunk), greedy (the decoders are specialized for it: no per-step cond or key split), stopping at
 EOS. Every prompt is padded to one length bucket, so each method compiles once per batch size.
+
+Before the full run, a calibration probe per batch size (one warm-up chunk, then max(3, batch)
+prompts) times a full speculative round of every draft and k and the autoregressive step, and
+`spec_cost.choose_k_calibrated` picks k from those (`chosen_k_calibrated`), with alpha from the
+probe alone: the choice is made before the full measurement it is judged against.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -33,7 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdecode.analysis.measure import time_fn
-from jdecode.analysis.spec_cost import choose_k, expected_speedup
+from jdecode.analysis.spec_cost import (
+    calibrated_speedup,
+    choose_k,
+    choose_k_calibrated,
+    expected_speedup,
+)
 from jdecode.cache.dense import init_cache
 from jdecode.decoding import generate as generate_mod
 from jdecode.decoding.generate import Generator, next_pow2
@@ -52,10 +63,10 @@ def run_interleaved(gens: dict[str, Generator], prompts: list[tuple[str, list[in
     At batch 1 the prompts run by kind (L per kind); larger batches mix kinds and repeat
     prompts cyclically to fill the last chunk, so every chunk is a full batch of that size
     (one compiled shape, and the batch size the row claims). Returns per name the summed
-    timings and the token ids."""
+    timings and the token ids ("steps": live row-steps; "rounds": loop iterations of the batch)."""
     res = {name: {"tokens": [], "by_kind": {}, "summary": {
-        "decode_s": 0.0, "prefill_s": 0.0, "new_tokens": 0, "accepted": 0.0, "steps": 0.0}}
-        for name in gens}
+        "decode_s": 0.0, "prefill_s": 0.0, "new_tokens": 0, "accepted": 0.0, "steps": 0.0,
+        "rounds": 0}} for name in gens}
     if batch == 1:
         groups = [(kind, [p for k, p in prompts if k == kind])
                   for kind in sorted({k for k, _ in prompts})]
@@ -76,6 +87,7 @@ def run_interleaved(gens: dict[str, Generator], prompts: list[tuple[str, list[in
                 tot["new_tokens"] += st["batch_tokens"]
                 tot["accepted"] += accepted
                 tot["steps"] += steps
+                tot["rounds"] += st["decode_steps"]
                 agg[0] += accepted
                 agg[1] += steps
                 res[name]["tokens"] += [r.token_ids for r in results]
@@ -86,6 +98,55 @@ def run_interleaved(gens: dict[str, Generator], prompts: list[tuple[str, list[in
         tot["mean_accepted"] = tot["accepted"] / max(tot["steps"], 1e-9)
         tot["mean_accepted_by_kind"] = {k: a / max(n, 1e-9) for k, (a, n) in r["by_kind"].items()}
     return res
+
+
+def probe_prompts(prompts: list[tuple[str, list[int]]], batch: int
+                  ) -> list[tuple[str, list[int]]]:
+    """max(3, batch) prompts spread evenly over the list (grouped by kind, so every kind is in),
+    cycling when the batch is larger than the list."""
+    n = max(3, batch)
+    return [prompts[int((i + 0.5) * len(prompts) / n) % len(prompts)] for i in range(n)]
+
+
+def calibrate(gens: dict[tuple[str, int], Generator], prompts: list[tuple[str, list[int]]],
+              batch: int, sp: SamplingParams, workers: int = 1) -> dict:
+    """The calibration probe: seconds of one full round of each method, as its compiled loop
+    runs it (draft, verify, acceptance, cache writes; decode time / loop iterations), and the
+    mean accepted length L, on `probe_prompts`.
+
+    A warm-up generation of one chunk per method comes first. It compiles the executables the
+    full run then reuses (same shapes), in `workers` threads: XLA compiles outside the GIL, and
+    compilation is most of a GPU bench's time. Timing starts after it, one method at a time.
+    """
+    probe = probe_prompts(prompts, batch)
+    first = [p for _, p in probe[:batch]]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(lambda g: g.generate(first, sp), gens.values()))
+    t_warm = time.perf_counter()
+    res = run_interleaved(gens, probe, batch, sp)
+    out = {"probe_prompts": len(probe), "warmup_s": t_warm - t0,
+           "probe_s": time.perf_counter() - t_warm, "round_s": {}, "mean_accepted": {}}
+    for (name, k), r in res.items():
+        s = r["summary"]
+        out["round_s"].setdefault(name, {})[k] = s["decode_s"] / max(s["rounds"], 1)
+        out["mean_accepted"].setdefault(name, {})[k] = s["mean_accepted"]
+    out["ar_step_s"] = out["round_s"].pop("none")[0]
+    out["mean_accepted"].pop("none")
+    return out
+
+
+def calibrated_choice(cal: dict, name: str, batch: int, num_tokens: int) -> dict:
+    """`choose_k_calibrated` for one draft from the probe: round times, the AR step, and alpha
+    per k fitted to the probe's L (the same for every row: per-row rates from a few rounds
+    would be noise). Returns the chosen k, its predicted speedup and the prediction per k."""
+    alphas = {k: [acceptance_stats(L, k)["alpha"]] * batch
+              for k, L in cal["mean_accepted"][name].items()}
+    rounds = cal["round_s"][name]
+    k, pred = choose_k_calibrated(rounds, cal["ar_step_s"], alphas, num_tokens)
+    return {"k": k, "predicted": pred, "by_k": {
+        kk: calibrated_speedup(rounds[kk], cal["ar_step_s"], alphas[kk], kk, num_tokens)
+        for kk in rounds}}
 
 
 def step_costs(cfg, params, impl: str, batch: int, context: int, ts: list[int]
@@ -151,6 +212,8 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=52)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--impl", default="auto")
+    ap.add_argument("--compile-workers", type=int, default=1,
+                    help="threads compiling the methods of one batch size in the warm-up")
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds: start no further batch size once the last one would not fit")
     ap.add_argument("--tag", default=None, help="file suffix (default: cpu or gpu)")
@@ -221,12 +284,15 @@ def main() -> None:
             write_results(record, out_dir, tag)
             continue
         t_batch = time.perf_counter()
-        # Cost model inputs measured on this device: verify cost of k+1 tokens and c.
+        # Cost model inputs measured on this device: verify cost of k+1 tokens and c. Only the
+        # smallest and largest k + 1 are timed, the rest interpolated: each length is a GPU
+        # compile of tens of seconds, and the cost is close to linear in k over 2..5.
         t_target = step_costs(target.cfg, ar_gen.params, impl, batch, context,
-                              [1, *(k + 1 for k in ks)])
+                              [1, min(ks) + 1, max(ks) + 1])
         costs = {"verify_cost": {k: verify_cost(t_target, k) for k in ks},
                  "target_step_s": t_target[1], "c": {}, "chosen_k": {},
-                 "predicted_at_chosen_k": {}}
+                 "predicted_at_chosen_k": {}, "chosen_k_calibrated": {},
+                 "predicted_calibrated": {}}
         for name, (draft, _) in draft_models.items():
             if draft == "ngram":
                 costs["c"][name] = 0.0
@@ -243,6 +309,19 @@ def main() -> None:
                 model, decoder_fn = build_speculative(target, draft, k, impl, greedy=True,
                                                       with_ngram=with_ngram)
                 gens[(name, k)] = Generator(model, decoder_fn, impl=impl)
+        # The first token of each row comes from prefill: the loop decodes the rest.
+        num_tokens = args.max_new_tokens - 1
+        cal = calibrate(gens, prompts, batch, sp, args.compile_workers)
+        costs["calibration"] = cal
+        cal_by_k = {}
+        for name in draft_models:
+            choice = calibrated_choice(cal, name, batch, num_tokens)
+            costs["chosen_k_calibrated"][name] = choice["k"]
+            costs["predicted_calibrated"][name] = choice["predicted"]
+            cal_by_k[name] = choice["by_k"]
+        print(f"[b={batch}] probe ({cal['probe_prompts']} prompts, warm-up "
+              f"{cal['warmup_s']:.0f} s, timed {cal['probe_s']:.1f} s): calibrated k "
+              f"{costs['chosen_k_calibrated']}", flush=True)
         res = run_interleaved(gens, prompts, batch, sp)
         base = res[("none", 0)]
         print(f"[b={batch}] autoregressive: {base['summary']['tok_s']:.1f} tok/s "
@@ -258,13 +337,15 @@ def main() -> None:
             row = {"batch": batch, "draft": name, "k": k, **s, **acc,
                    "speedup": base["summary"]["decode_s"] / s["decode_s"],
                    "predicted_speedup": expected_speedup(acc["alpha"], k, c, vc),
+                   "predicted_calibrated": cal_by_k[name][k],
                    # The first len(prompts) lists are the prompts; the rest repeat them.
                    "exact_prompts": sum(a == b for a, b in zip(r["tokens"][:len(prompts)],
                                                                base["tokens"]))}
             rows.append(row)
             print(f"[b={batch}] {name} k={k}: L={s['mean_accepted']:.2f} "
                   f"alpha={acc['alpha']:.2f} speedup={row['speedup']:.2f}x "
-                  f"(predicted {row['predicted_speedup']:.2f}x) exact "
+                  f"(predicted {row['predicted_speedup']:.2f}x, calibrated "
+                  f"{row['predicted_calibrated']:.2f}x) exact "
                   f"{row['exact_prompts']}/{len(prompts)}", flush=True)
         # The k the cost model picks at this batch size from the alpha measured at the largest
         # k (0 = speculation off), and the speedup it predicts there.
@@ -321,43 +402,71 @@ def markdown(rec: dict) -> str:
              f"{rec['git_sha']}, {rec['date']}. Speedup = autoregressive decode time / "
              "speculative decode time on the same prompts (compilation excluded). L = mean "
              "tokens per target step; alpha = per-token acceptance fitted to L; predicted = "
-             "`expected_speedup(alpha, k, c, verify_cost)` with c and verify_cost measured here."),
+             "`expected_speedup(alpha, k, c, verify_cost)` with c and verify_cost measured here; "
+             "calibrated = `calibrated_speedup` from the probe's full-round time and alpha, "
+             "with stragglers (E[max over rows] rounds)."),
              "", ("| batch | draft | k | L | acc. rate | alpha | tok/s | speedup | predicted | "
-                  "exact | L chat / code / summ |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "calibrated | exact | L chat / code / summ |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rec["rows"]:
         by = r.get("mean_accepted_by_kind", {})
         kinds = " / ".join(f"{by[k]:.2f}" for k in ("chat", "code", "summarization") if k in by)
         if r["draft"] == "none":
             lines.append(f"| {r['batch']} | autoregressive | - | 1 | - | - | {r['tok_s']:.1f} | "
-                         f"1.00 | - | - | - |")
+                         f"1.00 | - | - | - | - |")
             continue
         lines.append(f"| {r['batch']} | {r['draft']} | {r['k']} | {r['mean_accepted']:.2f} | "
                      f"{r['acceptance_rate']:.2f} | {r['alpha']:.2f} | {r['tok_s']:.1f} | "
                      f"{r['speedup']:.2f} | {r['predicted_speedup']:.2f} | "
+                     f"{_fmt(r.get('predicted_calibrated'))} | "
                      f"{r['exact_prompts']}/{rec['num_prompts']} | {kinds} |")
     lines += ["", ("Cost model inputs per batch: target step time, c (draft step / target "
-                   "step), verify_cost(k) (target pass over k+1 tokens / one decode step)."), ""]
+                   "step), verify_cost(k) (target pass over k+1 tokens / one decode step); the "
+                   "probe's full round per k in AR steps (round / AR step) and its L."), ""]
     for b, cm in rec["cost_model"].items():
         vc = ", ".join(f"{k}: {v:.2f}" for k, v in cm["verify_cost"].items())
         c = ", ".join(f"{k}: {v:.3f}" for k, v in cm["c"].items())
         lines.append(f"- batch {b}: step {1e3 * cm['target_step_s']:.2f} ms; c {{{c}}}; "
                      f"verify_cost {{{vc}}}")
-    lines += ["", ("Chosen k: `choose_k(alpha, c, max k, verify_cost)` with alpha measured at the "
-                   "largest k (0 = speculation off), the speedup it predicts, and the speedup "
-                   "measured at that k (best measured k in brackets)."), "",
-              "| batch | draft | chosen k | predicted | measured at chosen k | best measured |",
-              "|---|---|---|---|---|---|"]
+        cal = cm.get("calibration")
+        if cal:
+            per = "; ".join(
+                f"{name} " + ", ".join(f"k={k}: {t / cal['ar_step_s']:.2f} (L "
+                                       f"{cal['mean_accepted'][name][k]:.2f})"
+                                       for k, t in by_k.items())
+                for name, by_k in cal["round_s"].items())
+            lines.append(f"  - probe ({cal['probe_prompts']} prompts): AR step "
+                         f"{1e3 * cal['ar_step_s']:.2f} ms; round in AR steps: {per}")
+    lines += ["", ("Chosen k (0 = speculation off), the speedup predicted there and the speedup "
+                   "measured there. isolated: `choose_k(alpha, c, max k, verify_cost)` with alpha "
+                   "measured at the largest k in the full run. calibrated: `choose_k_calibrated` "
+                   "from the probe alone (full-round times, the AR step, alpha per k, stragglers "
+                   "over max_new_tokens - 1 tokens), chosen before the full run."), "",
+              ("| batch | draft | isolated k | predicted | measured | calibrated k | predicted | "
+               "measured | best measured |"), "|---|---|---|---|---|---|---|---|---|"]
     for b, cm in rec["cost_model"].items():
         for name, kc in cm.get("chosen_k", {}).items():
             mine = [r for r in rec["rows"] if r["batch"] == b and r["draft"] == name]
-            at = next((r["speedup"] for r in mine if r["k"] == kc), 1.0 if kc == 0 else None)
             best = max(mine, key=lambda r: r["speedup"])
+            kcal = cm.get("chosen_k_calibrated", {}).get(name)
+            cal = ("- | - | -" if kcal is None else
+                   f"{kcal} | {cm['predicted_calibrated'][name]:.2f} | "
+                   f"{_fmt(_measured_at(mine, kcal))}")
             lines.append(f"| {b} | {name} | {kc} | {cm['predicted_at_chosen_k'][name]:.2f} | "
-                         f"{'-' if at is None else f'{at:.2f}'} | {best['speedup']:.2f} "
+                         f"{_fmt(_measured_at(mine, kc))} | {cal} | {best['speedup']:.2f} "
                          f"(k={best['k']}) |")
     if rec.get("skipped_batches"):
         lines += ["", f"Skipped for the time budget: batch {rec['skipped_batches']}."]
     return "\n".join(lines) + "\n"
+
+
+def _measured_at(rows: list[dict], k: int) -> float | None:
+    """The measured speedup at k (1.0 for k = 0: plain decoding), None if k was not run."""
+    return next((r["speedup"] for r in rows if r["k"] == k), 1.0 if k == 0 else None)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def plot(rec: dict, path: Path) -> None:
