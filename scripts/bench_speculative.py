@@ -16,7 +16,7 @@ grouped by kind and run in chunks of the batch size (every method on a chunk bef
 chunk), greedy (the decoders are specialized for it: no per-step cond or key split), stopping at
 EOS. Every prompt is padded to one length bucket, so each method compiles once per batch size.
 
-Before the full run, a calibration probe per batch size (one warm-up chunk, then max(3, batch)
+Before the full run, a calibration probe per batch size (one warm-up chunk, then max(6, batch)
 prompts) times a full speculative round of every draft and k and the autoregressive step, and
 `spec_cost.choose_k_calibrated` picks k from those (`chosen_k_calibrated`), with alpha from the
 probe alone: the choice is made before the full measurement it is judged against.
@@ -100,16 +100,16 @@ def run_interleaved(gens: dict[str, Generator], prompts: list[tuple[str, list[in
     return res
 
 
-def probe_prompts(prompts: list[tuple[str, list[int]]], batch: int
+def probe_prompts(prompts: list[tuple[str, list[int]]], batch: int, least: int = 6
                   ) -> list[tuple[str, list[int]]]:
-    """max(3, batch) prompts spread evenly over the list (grouped by kind, so every kind is in),
-    cycling when the batch is larger than the list."""
-    n = max(3, batch)
+    """max(least, batch) prompts spread evenly over the list (grouped by kind, so every kind is
+    in; acceptance differs by kind), cycling when the batch is larger than the list."""
+    n = max(least, batch)
     return [prompts[int((i + 0.5) * len(prompts) / n) % len(prompts)] for i in range(n)]
 
 
 def calibrate(gens: dict[tuple[str, int], Generator], prompts: list[tuple[str, list[int]]],
-              batch: int, sp: SamplingParams, workers: int = 1) -> dict:
+              batch: int, sp: SamplingParams, workers: int = 1, least: int = 6) -> dict:
     """The calibration probe: seconds of one full round of each method, as its compiled loop
     runs it (draft, verify, acceptance, cache writes; decode time / loop iterations), and the
     mean accepted length L, on `probe_prompts`.
@@ -118,7 +118,7 @@ def calibrate(gens: dict[tuple[str, int], Generator], prompts: list[tuple[str, l
     full run then reuses (same shapes), in `workers` threads: XLA compiles outside the GIL, and
     compilation is most of a GPU bench's time. Timing starts after it, one method at a time.
     """
-    probe = probe_prompts(prompts, batch)
+    probe = probe_prompts(prompts, batch, least)
     first = [p for _, p in probe[:batch]]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -212,6 +212,8 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=52)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--impl", default="auto")
+    ap.add_argument("--probe-prompts", type=int, default=6,
+                    help="calibration probe: at least this many prompts (else one full batch)")
     ap.add_argument("--compile-workers", type=int, default=1,
                     help="threads compiling the methods of one batch size in the warm-up")
     ap.add_argument("--time-budget", type=float, default=None,
@@ -311,7 +313,7 @@ def main() -> None:
                 gens[(name, k)] = Generator(model, decoder_fn, impl=impl)
         # The first token of each row comes from prefill: the loop decodes the rest.
         num_tokens = args.max_new_tokens - 1
-        cal = calibrate(gens, prompts, batch, sp, args.compile_workers)
+        cal = calibrate(gens, prompts, batch, sp, args.compile_workers, args.probe_prompts)
         costs["calibration"] = cal
         cal_by_k = {}
         for name in draft_models:
