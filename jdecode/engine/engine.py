@@ -29,8 +29,8 @@ class EngineArgs:
         num_pages: pages in the pool; None sizes it from kv_cache_gb.
         kv_cache_gb: memory for the pool when num_pages is None.
         max_num_seqs, max_num_batched_tokens, max_model_len, policy, enable_chunked_prefill,
-            max_chunk_tokens: see `SchedulerConfig` (max_model_len None = the model's limit,
-            capped at 4096).
+            max_chunk_tokens, min_prefill_batch: see `SchedulerConfig` (max_model_len None =
+            the model's limit, capped at 4096).
         enable_prefix_caching: share full KV pages between requests with equal prefixes.
         impl: attention implementation ("xla" or "pallas").
         layout: parameter layout, "auto", "inference" or "stacked" (see `ModelRunner`).
@@ -52,6 +52,7 @@ class EngineArgs:
     policy: str = "continuous"
     enable_chunked_prefill: bool = True
     max_chunk_tokens: int = 0
+    min_prefill_batch: int | None = None
     enable_prefix_caching: bool = True
     impl: str = "xla"
     layout: str = "auto"
@@ -129,7 +130,8 @@ class LLMEngine:
                             max_num_batched_tokens=args.max_num_batched_tokens,
                             max_model_len=max_model_len, policy=args.policy,
                             enable_chunked_prefill=args.enable_chunked_prefill,
-                            max_chunk_tokens=args.max_chunk_tokens),
+                            max_chunk_tokens=args.max_chunk_tokens,
+                            min_prefill_batch=args.min_prefill_batch),
             self.block_manager)
         self.runner = ModelRunner(cfg, model.params, num_pages=num_pages,
                                   page_size=args.page_size, max_num_seqs=args.max_num_seqs,

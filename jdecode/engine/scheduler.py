@@ -30,6 +30,10 @@ class SchedulerConfig:
             off, a prompt is computed in one step, in a prefill-only step that runs before
             decodes (vLLM v0's default), so it must fit max_num_batched_tokens.
         max_chunk_tokens: optional cap on one request's chunk per step (0 = budget only).
+        min_prefill_batch: without chunked prefill, a prefill-only step stalls every running
+            decode, so one runs only once it can seat this many waiting sequences (or all that
+            wait, or nothing is running): the stall is paid once per group, not per request
+            (vLLM v0's delay factor serves the same end). None = max(1, max_num_seqs // 8).
     """
 
     max_num_seqs: int = 32
@@ -38,6 +42,7 @@ class SchedulerConfig:
     policy: str = "continuous"
     enable_chunked_prefill: bool = True
     max_chunk_tokens: int = 0
+    min_prefill_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -45,6 +50,9 @@ class SchedulerConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.min_prefill_batch is not None and self.min_prefill_batch <= 0:
+            raise ValueError(f"min_prefill_batch={self.min_prefill_batch} must be > 0 (or None "
+                             "for max_num_seqs // 8)")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} < max_model_len="
@@ -193,8 +201,9 @@ class Scheduler:
             if not self._preempted:
                 self._admit(allow_chunk=True, max_seqs=cfg.max_num_seqs)
         else:
-            # Prefill-only step when something can be admitted; decodes wait for it.
-            self._admit(allow_chunk=False, max_seqs=cfg.max_num_seqs)
+            # A prefill-only step when a group can be admitted; decodes wait for it.
+            if self._prefill_step_due():
+                self._admit(allow_chunk=False, max_seqs=cfg.max_num_seqs)
             if not self._chunks:
                 self._schedule_running()
         chunks = list(self._chunks.values())
@@ -223,6 +232,14 @@ class Scheduler:
             req.num_tokens_with_pending >= self.cfg.max_model_len
             or (req.max_output_tokens is not None
                 and req.num_output_tokens + req.num_pending >= req.max_output_tokens))
+
+    def _prefill_step_due(self) -> bool:
+        """Unchunked policy: whether enough seats are free to make a prefill-only step worth
+        stalling the running decodes for (see `SchedulerConfig.min_prefill_batch`)."""
+        cfg = self.cfg
+        group = cfg.min_prefill_batch or max(1, cfg.max_num_seqs // 8)
+        free = cfg.max_num_seqs - len(self.running)
+        return not self.running or free >= min(group, self.num_waiting)
 
     def _chunk_size(self, req: Request) -> int:
         n = min(req.num_tokens_with_pending - req.num_computed_tokens, self._budget)

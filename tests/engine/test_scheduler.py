@@ -155,6 +155,23 @@ def test_without_chunked_prefill_prefills_run_whole_and_alone():
         SchedulerConfig(max_num_batched_tokens=8, max_model_len=64, enable_chunked_prefill=False)
 
 
+def test_without_chunked_prefill_a_prefill_step_waits_for_a_group_of_free_seats():
+    sched = make_scheduler(max_num_batched_tokens=64, max_num_seqs=4, enable_chunked_prefill=False,
+                           min_prefill_batch=2)
+    for rid, n in zip("abcdefg", (3, 3, 3, 3, 4, 4, 4), strict=True):
+        sched.add_request(Request(rid, list(range(n))))
+    assert step(sched)[0] == [(r, 0, 3) for r in "abcd"]  # nothing running: admit at once
+    sched.finish_request("a", RequestStatus.FINISHED_LENGTH)
+    # One seat free, 3 waiting: a prefill step would stall 3 decodes to seat 1; decodes run.
+    assert step(sched)[0] == [("b", 3, 1), ("c", 3, 1), ("d", 3, 1)]
+    sched.finish_request("b", RequestStatus.FINISHED_LENGTH)
+    assert step(sched)[0] == [("e", 0, 4), ("f", 0, 4)]  # two free seats: one prefill step
+    sched.finish_request("c", RequestStatus.FINISHED_LENGTH)
+    assert step(sched)[0] == [("g", 0, 4)]  # one seat and one waiting: no reason to wait
+    with pytest.raises(ValueError, match="min_prefill_batch=0"):
+        SchedulerConfig(min_prefill_batch=0)
+
+
 def test_prefix_hit_skips_cached_pages_and_counts_hit_rate():
     sched = make_scheduler(max_num_batched_tokens=64)
     a = Request("a", list(range(10)))
