@@ -478,6 +478,11 @@ def plot(rec: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    # The calibrated model (probe's full rounds) where the record has it; older records carry
+    # only the isolated one.
+    calibrated = any("predicted_calibrated" in r for r in rec["rows"])
+    pred_key, k_key = (("predicted_calibrated", "chosen_k_calibrated") if calibrated
+                       else ("predicted_speedup", "chosen_k"))
     for name in sorted({r["draft"] for r in rec["rows"]} - {"none"}):
         best = {}
         for r in rec["rows"]:
@@ -485,10 +490,10 @@ def plot(rec: dict, path: Path) -> None:
                 best[r["batch"]] = r
         bs = sorted(best)
         line, = ax.plot(bs, [best[b]["speedup"] for b in bs], "o-", label=f"{name} (best k)")
-        ax.plot(bs, [best[b]["predicted_speedup"] for b in bs], "x--", color=line.get_color(),
-                label=f"{name} predicted (same k)")
+        ax.plot(bs, [best[b][pred_key] for b in bs], "x--", color=line.get_color(),
+                label=f"{name} {'calibrated ' if calibrated else ''}predicted (same k)")
         for b in bs:  # the best measured k, and the k the cost model chooses
-            kc = rec["cost_model"].get(b, {}).get("chosen_k", {}).get(name)
+            kc = rec["cost_model"].get(b, {}).get(k_key, {}).get(name)
             ax.annotate(f"k={best[b]['k']}" + ("" if kc is None else f" ({kc})"),
                         (b, best[b]["speedup"]), textcoords="offset points", xytext=(4, 4),
                         fontsize=7, color=line.get_color())
@@ -498,7 +503,8 @@ def plot(rec: dict, path: Path) -> None:
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.minorticks_off()
     ax.set(xlabel="batch size", ylabel="speedup over autoregressive",
-           title=f"speculative decoding, {rec['device']}\nlabels: best k (cost model's k)")
+           title=f"speculative decoding, {rec['device']}\nlabels: best k (cost model's k"
+                 f"{', calibrated' if calibrated else ''}; 0 = off)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
