@@ -74,8 +74,8 @@ class Generator:
         where the kernels would run in the interpreter). max_seq_len: cache slots per sequence (default: the
         model's max_position_embeddings). layout: "inference" (fused, unrolled layers; the
         GPU default), "stacked" (lax.scan; the CPU default, compiles fastest) or "auto".
-      specialize_greedy: compile all-greedy batches without the sampling branch (see
-        `SamplingArrays.all_greedy`); a batch with any sampled row uses the general executable.
+      specialize_greedy: decide greedy vs sampling on the host (see `SamplingArrays`): an
+        all-greedy batch compiles without the sampling branch, any other without the cond.
       loop_block: decoder steps per fixed-trip-count group in the loop (see `run_loop`).
     """
 

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 
 
-
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding parameters (host side), validated on construction.
@@ -57,16 +56,17 @@ class SamplingParams:
 
 @partial(jax.tree_util.register_dataclass,
          data_fields=["temperature", "top_k", "top_p", "min_p", "repetition_penalty"],
-         meta_fields=["all_greedy"])
+         meta_fields=["all_greedy", "specialized"])
 @dataclasses.dataclass(frozen=True)
 class SamplingArrays:
     """Device-side per-row parameters, [B] each.
 
-    `all_greedy` is static (pytree metadata): when the caller knows every row is greedy, the
-    step compiles to a bare argmax with no `lax.cond` and no key split. On XLA:GPU a `cond`
-    copies its predicate to the host and waits, once per decode step; the flag removes that
-    sync. A batch that mixes in sampling uses the dynamic path (all_greedy=False), where a new
-    temperature is just a new array value.
+    `all_greedy` and `specialized` are static (pytree metadata). On XLA:GPU a `lax.cond` copies
+    its predicate to the host and waits, once per step, so a caller that knows the batch's kind
+    says so: `specialized` batches compile without the cond, to a bare argmax with no key split
+    when `all_greedy`, else to the sampling path (some row samples). Unspecialized batches keep
+    one executable for every mix and branch on the device; either way a new temperature is just
+    a new array value.
     """
 
     temperature: jax.Array  # [B] f32, 0 = greedy
@@ -75,15 +75,16 @@ class SamplingArrays:
     min_p: jax.Array  # [B] f32
     repetition_penalty: jax.Array  # [B] f32
     all_greedy: bool = False
+    specialized: bool = False
 
     @staticmethod
     def from_params(params: Sequence[SamplingParams], pad_to: int | None = None,
                     specialize_greedy: bool = False) -> SamplingArrays:
         """Stacks per-request parameters into [pad_to] arrays (padding rows are greedy).
 
-        specialize_greedy: mark the batch `all_greedy` when every request is greedy, so the
-        compiled step drops the sampling branch (one extra executable per shape, compiled the
-        first time a batch of that kind arrives).
+        specialize_greedy: decide the branch on the host (`specialized`): an all-greedy batch
+        compiles to a bare argmax, any other to the sampling path, neither with a `lax.cond`
+        (two executables per shape, each compiled the first time a batch of its kind arrives).
         """
         rows = list(params) + [SamplingParams()] * ((pad_to or len(params)) - len(params))
         # Host arrays: the jitted step transfers them with its other arguments in one go.
@@ -91,7 +92,8 @@ class SamplingArrays:
         return SamplingArrays(col("temperature", np.float32), col("top_k", np.int32),
                               col("top_p", np.float32), col("min_p", np.float32),
                               col("repetition_penalty", np.float32),
-                              all_greedy=specialize_greedy and all(p.greedy for p in rows))
+                              all_greedy=specialize_greedy and all(p.greedy for p in rows),
+                              specialized=specialize_greedy)
 
 
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array
@@ -156,5 +158,7 @@ def sample(logits: jax.Array, sp: SamplingArrays, keys: jax.Array,
         drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
         return jnp.where(sp.temperature > 0, drawn, greedy)
 
+    if sp.specialized:  # known on the host: some row samples
+        return draw(None)
     # Skip the sort entirely when the whole batch is greedy (the common benchmark case).
     return jax.lax.cond(jnp.any(sp.temperature > 0), draw, lambda _: greedy, None)

@@ -1,7 +1,8 @@
 """Model runner: packs a scheduled step into fixed-size device arrays and runs one jitted step.
 
 The flat token axis is padded to a few buckets and the sequence axis to max_num_seqs, so a new
-mix of prefill chunks and decodes never recompiles (vLLM v1's unified batch).
+mix of prefill chunks and decodes never recompiles (vLLM v1's unified batch). Each bucket
+compiles at most twice: for all-greedy steps and for steps where some request samples.
 """
 
 from __future__ import annotations
@@ -204,7 +205,10 @@ class ModelRunner:
         B = self.max_num_seqs
         arrays = self.pack(out, page_tables)
         params_list: list[SamplingParams] = [c.request.sampling_params for c in out.chunks]
-        sp = SamplingArrays.from_params(params_list, B)
+        # Decided here, not by a lax.cond in the step: on XLA:GPU a cond waits for its
+        # predicate on the host, which would block the launch until the forward is done and
+        # leave nothing for async scheduling to overlap.
+        sp = SamplingArrays.from_params(params_list, B, specialize_greedy=True)
         reqs = [c.request for c in out.chunks]
         seeds = np.zeros(B, np.uint32)
         indices = np.zeros(B, np.int32)

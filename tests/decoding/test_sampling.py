@@ -180,3 +180,35 @@ def test_repetition_penalty_matches_hf_processor(rng, penalty):
 def test_sampling_params_reject_out_of_range_values(kw, name):
     with pytest.raises(ValueError, match=f"{name} is out of range"):
         SamplingParams(**kw)
+
+
+def _primitives(jaxpr) -> set[str]:
+    """Every primitive name in a closed jaxpr, sub-jaxprs included."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for value in eqn.params.values():  # branches and bodies, as (Closed)Jaxprs
+            for item in value if isinstance(value, tuple | list) else (value,):
+                sub = getattr(item, "jaxpr", item)
+                if hasattr(sub, "eqns"):
+                    names |= _primitives(sub)
+    return names
+
+
+def test_specialized_batches_draw_the_same_tokens_without_a_cond(rng):
+    """A host-decided branch (no lax.cond, which waits on the host on XLA:GPU) draws exactly
+    what the device-decided one draws, for a mixed batch and an all-greedy one."""
+    logits = jnp.asarray(rng.standard_normal((6, 50)) * 3, jnp.float32)
+    keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 6)
+    for temps in ([0.0, 0.7, 0.0, 1.3, 0.5, 0.0], [0.0] * 6):
+        params = [SamplingParams(temperature=t, top_k=20, top_p=0.9) for t in temps]
+        dynamic = SamplingArrays.from_params(params)
+        fixed = SamplingArrays.from_params(params, specialize_greedy=True)
+        assert fixed.specialized and fixed.all_greedy == (max(temps) == 0)
+        np.testing.assert_array_equal(sample(logits, fixed, keys), sample(logits, dynamic, keys))
+        assert "cond" in _primitives(jax.make_jaxpr(sample)(logits, dynamic, keys).jaxpr)
+        assert "cond" not in _primitives(jax.make_jaxpr(sample)(logits, fixed, keys).jaxpr)
+    # The mixed batch really samples (a greedy-only answer would pass the equality above).
+    mixed = SamplingArrays.from_params(
+        [SamplingParams(temperature=5.0)] * 6, specialize_greedy=True)
+    assert not np.array_equal(sample(logits, mixed, keys), jnp.argmax(logits, -1))

@@ -119,7 +119,10 @@ def test_trace_count_new_mixes_do_not_recompile(rng, make_engine):
         return arrivals
 
     engine = make_engine(max_num_batched_tokens=16, num_pages=80)
-    run_engine(engine, workload(0))  # warm: the only bucket (16) compiles at most once
+    # Warm: the only bucket (16) compiles at most twice, for all-greedy and sampling steps.
+    run_engine(engine, workload(0))
+    run_engine(make_engine(max_num_batched_tokens=16, num_pages=80), workload(4),
+               SamplingParams(max_new_tokens=3, temperature=0.3))
     before = TRACE_COUNTS["step"]
     for seed in (1, 2, 3):
         run_engine(make_engine(max_num_batched_tokens=16, num_pages=80), workload(seed),
