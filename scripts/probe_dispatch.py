@@ -1,7 +1,7 @@
 """Where the host's time goes when the engine launches one step: argument transfers, pytree
 handling, or the launch itself. Times the jitted engine step at a full decode batch, launched
-without waiting, with its per-step inputs as numpy arrays (as the engine passes them) and
-already on the device, and the transfer alone.
+without waiting, with its per-step inputs as host buffers (as the engine passes them: packed
+by `jdecode.engine.transfer`) and already on the device, and the transfer alone.
 
 GPU (Llama-3.2-1B shape, random weights; about a minute on an H200):
   PYTHONPATH=. python3 scripts/probe_dispatch.py --model configs/models/llama-3.2-1b.yaml \
@@ -61,12 +61,13 @@ def main() -> None:
     tables = {c.request.request_id: engine.block_manager.page_ids(c.request.request_id)
               for c in out.chunks}
     inputs, k = runner.step_inputs(out, tables)
-    on_device = jax.device_put(inputs)
+    on_device = inputs._replace(blobs=jax.device_put(inputs.blobs))
     n = args.steps
     launch = lambda x: runner.launch(x, k)[0]
     jax.block_until_ready([launch(inputs), launch(on_device)])  # compiled, warm
-    leaves = {name: len(jax.tree.leaves(x)) for name, x in
-              (("params", runner.params), ("cache", runner.cache), ("inputs", inputs))}
+    leaves = {"params": len(jax.tree.leaves(runner.params)),
+              "cache": len(jax.tree.leaves(runner.cache)),
+              "input_arrays": len(inputs.spec.leaves), "input_transfers": len(inputs.blobs)}
     res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "model": args.model,
            "impl": args.impl, "layout": resolve_layout(args.layout), "batch": args.batch,
            "leaves": leaves,
@@ -76,7 +77,7 @@ def main() -> None:
     res["launch_device_inputs_ms"] = per_call_ms(lambda: launch(on_device), n)
     jax.block_until_ready(runner.cache)
     res["device_put_inputs_ms"] = per_call_ms(lambda: jax.block_until_ready(
-        jax.device_put(inputs)), n)
+        jax.device_put(inputs.blobs)), n)
     res["host_prep_ms"] = per_call_ms(lambda: runner.step_inputs(out, tables), n)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "probe_dispatch.json").write_text(json.dumps(res, indent=1))

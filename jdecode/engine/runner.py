@@ -24,6 +24,7 @@ from jdecode.cache.paged import (
 from jdecode.config import ModelConfig
 from jdecode.decoding.sampling import SamplingArrays, SamplingParams, sample
 from jdecode.engine.scheduler import SchedulerOutput
+from jdecode.engine.transfer import Packed, PackSpec, pack, unpack
 from jdecode.model.layout import inference_layout
 from jdecode.model.params import Params
 from jdecode.model.transformer import forward
@@ -117,9 +118,17 @@ def _step(params: Params, cache: PagedKVCache, prev_sampled, tokens, token_src, 
     return sampled, logprobs, cache
 
 
+def _packed_step(params: Params, cache: PagedKVCache, prev_sampled, blobs, *, spec: PackSpec,
+                 cfg: ModelConfig, impl: str, num_logprobs: int):
+    """`_step` over its host inputs packed into one or two buffers (`transfer.pack`)."""
+    return _step(params, cache, prev_sampled, *unpack(blobs, spec), cfg=cfg, impl=impl,
+                 num_logprobs=num_logprobs)
+
+
 # One jit for every runner: engines with equal shapes (tests, benchmarks) share executables.
 # The cache (argument 1) is donated: XLA updates the pool in place instead of copying it.
-_step_jit = jax.jit(_step, donate_argnums=(1,), static_argnames=("cfg", "impl", "num_logprobs"))
+_step_jit = jax.jit(_packed_step, donate_argnums=(1,),
+                    static_argnames=("spec", "cfg", "impl", "num_logprobs"))
 
 
 class ModelRunner:
@@ -200,8 +209,9 @@ class ModelRunner:
                     "copy_src": copies[0], "copy_dst": copies[1]}
 
     def step_inputs(self, out: SchedulerOutput, page_tables: dict[str, list[int]],
-                    num_logprobs: dict[str, int] | None = None) -> tuple[tuple, int]:
-        """Host arguments of one step in `launch` order, and how many top logprobs it returns."""
+                    num_logprobs: dict[str, int] | None = None) -> tuple[Packed, int]:
+        """Host arguments of one step, packed for one transfer, and how many top logprobs it
+        returns."""
         B = self.max_num_seqs
         arrays = self.pack(out, page_tables)
         params_list: list[SamplingParams] = [c.request.sampling_params for c in out.chunks]
@@ -224,13 +234,13 @@ class ModelRunner:
         inputs = (arrays["tokens"], arrays["token_src"], arrays["positions"], arrays["meta"],
                   arrays["logits_at"],
                   arrays["copy_src"], arrays["copy_dst"], sp, seeds, indices, counters, seen)
-        return inputs, MAX_LOGPROBS if want_lp else 0
+        return pack(inputs), MAX_LOGPROBS if want_lp else 0
 
-    def launch(self, inputs: tuple, num_logprobs: int = 0) -> tuple:
+    def launch(self, inputs: Packed, num_logprobs: int = 0) -> tuple:
         """Dispatches the jitted step (asynchronously); returns device (sampled, logprobs)."""
         sampled, logprobs, self.cache = _step_jit(
-            self.params, self.cache, self.last_sampled, *inputs, cfg=self.cfg, impl=self.impl,
-            num_logprobs=num_logprobs)
+            self.params, self.cache, self.last_sampled, inputs.blobs, spec=inputs.spec,
+            cfg=self.cfg, impl=self.impl, num_logprobs=num_logprobs)
         self.last_sampled = sampled
         return sampled, logprobs
 
