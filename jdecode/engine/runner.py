@@ -23,8 +23,8 @@ from jdecode.cache.paged import (
 )
 from jdecode.config import ModelConfig
 from jdecode.decoding.sampling import SamplingArrays, SamplingParams, sample
+from jdecode.engine import transfer
 from jdecode.engine.scheduler import SchedulerOutput
-from jdecode.engine.transfer import Packed, PackSpec, pack, unpack
 from jdecode.model.layout import inference_layout
 from jdecode.model.params import Params
 from jdecode.model.transformer import forward
@@ -118,11 +118,11 @@ def _step(params: Params, cache: PagedKVCache, prev_sampled, tokens, token_src, 
     return sampled, logprobs, cache
 
 
-def _packed_step(params: Params, cache: PagedKVCache, prev_sampled, blobs, *, spec: PackSpec,
-                 cfg: ModelConfig, impl: str, num_logprobs: int):
+def _packed_step(params: Params, cache: PagedKVCache, prev_sampled, blobs, *,
+                 spec: transfer.PackSpec, cfg: ModelConfig, impl: str, num_logprobs: int):
     """`_step` over its host inputs packed into one or two buffers (`transfer.pack`)."""
-    return _step(params, cache, prev_sampled, *unpack(blobs, spec), cfg=cfg, impl=impl,
-                 num_logprobs=num_logprobs)
+    return _step(params, cache, prev_sampled, *transfer.unpack(blobs, spec), cfg=cfg,
+                 impl=impl, num_logprobs=num_logprobs)
 
 
 # One jit for every runner: engines with equal shapes (tests, benchmarks) share executables.
@@ -209,7 +209,7 @@ class ModelRunner:
                     "copy_src": copies[0], "copy_dst": copies[1]}
 
     def step_inputs(self, out: SchedulerOutput, page_tables: dict[str, list[int]],
-                    num_logprobs: dict[str, int] | None = None) -> tuple[Packed, int]:
+                    num_logprobs: dict[str, int] | None = None) -> tuple[transfer.Packed, int]:
         """Host arguments of one step, packed for one transfer, and how many top logprobs it
         returns."""
         B = self.max_num_seqs
@@ -232,11 +232,11 @@ class ModelRunner:
                 seen[b, r.all_token_ids] = True
         want_lp = num_logprobs and any(num_logprobs.get(r.request_id) is not None for r in reqs)
         inputs = (arrays["tokens"], arrays["token_src"], arrays["positions"], arrays["meta"],
-                  arrays["logits_at"],
-                  arrays["copy_src"], arrays["copy_dst"], sp, seeds, indices, counters, seen)
-        return pack(inputs), MAX_LOGPROBS if want_lp else 0
+                  arrays["logits_at"], arrays["copy_src"], arrays["copy_dst"], sp, seeds,
+                  indices, counters, seen)
+        return transfer.pack(inputs), MAX_LOGPROBS if want_lp else 0
 
-    def launch(self, inputs: Packed, num_logprobs: int = 0) -> tuple:
+    def launch(self, inputs: transfer.Packed, num_logprobs: int = 0) -> tuple:
         """Dispatches the jitted step (asynchronously); returns device (sampled, logprobs)."""
         sampled, logprobs, self.cache = _step_jit(
             self.params, self.cache, self.last_sampled, inputs.blobs, spec=inputs.spec,
