@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import datetime
+import itertools
 import json
 import statistics
 import subprocess
@@ -27,12 +27,12 @@ import numpy as np
 from jdecode.analysis.measure import measure_ceilings
 from jdecode.cache.dense import init_cache
 from jdecode.config import load_model_config_yaml
+from jdecode.decoding import phases
 from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.io.registry import KNOWN_MODELS, Model, load
-from jdecode.model import phases
-from jdecode.model.params import init_params, param_bytes
 from jdecode.model.layout import fuse_projections, unstack_layers
+from jdecode.model.params import init_params, param_bytes
 
 
 def read_stream_2d(nbytes: int = 4 << 30) -> float:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jdecode.analysis.measure import time_fn
 from pallas_kernels.gemv import gemv, gemv_reference

@@ -47,11 +47,11 @@ from jdecode.analysis.spec_cost import (
 )
 from jdecode.cache.dense import init_cache
 from jdecode.decoding import generate as generate_mod
+from jdecode.decoding import phases
 from jdecode.decoding.generate import Generator, next_pow2
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.decoding.speculative import acceptance_stats, build_speculative
 from jdecode.io.registry import load
-from jdecode.model import phases
 from jdecode.training.distill import load_draft
 from jdecode.training.prompts import eval_prompts
 

@@ -1,5 +1,5 @@
 """Cross-check of the cost model against XLA's own count (`compiled.cost_analysis()`) for the
-jitted `prefill` and `decode_step` of `jdecode.model.phases`.
+jitted `prefill` and `decode_step` of `jdecode.decoding.phases`.
 
 XLA's HloCostAnalysis counts the body of a `while` loop once. The stacked layout runs its
 layers with `lax.scan` (a while loop), so it is compared on a one-layer replica; the inference
@@ -64,7 +64,7 @@ def abstract_phase_args(cfg: ModelConfig, phase: Phase, dtype: str | None = None
 def phase_fn(cfg: ModelConfig, phase_name: str, impl: str = "xla"):
     """The model's pure phase function with cfg and the attention impl bound (jit it; donate
     the cache to run it)."""
-    from jdecode.model import phases
+    from jdecode.decoding import phases
 
     fns = {"prefill": phases.prefill, "decode": phases.decode_step}
     if phase_name not in fns:

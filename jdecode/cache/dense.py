@@ -3,19 +3,18 @@ a leading L axis for `lax.scan`, or a tuple of per-layer buffers for the unrolle
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from jdecode.config import ModelConfig
 from jdecode.model.attention import attention
-from jdecode.model.params import _register
+from jdecode.model.pallas_dispatch import dense_decode_pallas
 
 
-@_register
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class DenseKVCache:
     k: jax.Array | tuple[jax.Array, ...]  # [L, B, S, K, D], or L x [B, S, K, D]
     v: jax.Array | tuple[jax.Array, ...]
@@ -29,8 +28,7 @@ class DenseKVCache:
         return self.k[0].shape[1] if self.per_layer else self.k.shape[2]
 
 
-@_register
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class DenseMeta:
     positions: jax.Array  # [B, T] int32 absolute position of each query token
 
@@ -82,8 +80,6 @@ def dense_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: DenseKVCache,
         new = DenseKVCache(k_all, v_all)
         k_l, v_l, page_layer = k_all[layer], v_all[layer], layer  # [B, S, K, D]
     if impl == "pallas" and q.shape[1] == 1 and sliding_window is None:
-        from jdecode.model.pallas_dispatch import dense_decode_pallas
-
         return dense_decode_pallas(q, k_all, v_all, page_layer, pos), new
     kv_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
     out = attention(q, k_l, v_l, pos, kv_pos, impl=impl, sliding_window=sliding_window)

@@ -7,11 +7,11 @@ the host-side allocator is `jdecode.engine.block_manager`. Attention math is the
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from jdecode.config import ModelConfig
 from pallas_kernels.paged_attention import ragged_paged_attention, write_kv_pages
@@ -19,8 +19,7 @@ from pallas_kernels.paged_attention import ragged_paged_attention, write_kv_page
 IMPLS = ("xla", "reference", "pallas")
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["k_pages", "v_pages"], meta_fields=[])
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class PagedKVCache:
     k_pages: jax.Array  # [L, P, page_size, K, D]
     v_pages: jax.Array  # [L, P, page_size, K, D]
@@ -34,10 +33,7 @@ class PagedKVCache:
         return self.k_pages.shape[2]
 
 
-@partial(jax.tree_util.register_dataclass,
-         data_fields=["slot_mapping", "block_tables", "context_lens", "query_start_loc"],
-         meta_fields=[])
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class PagedMeta:
     """One step's ragged batch: N flat tokens from B sequence slots (both padded)."""
 

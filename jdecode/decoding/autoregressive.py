@@ -6,8 +6,8 @@ import jax.numpy as jnp
 
 from jdecode.cache.dense import init_cache
 from jdecode.config import ModelConfig
+from jdecode.decoding import phases
 from jdecode.decoding.base import Decoder, DecodeState, StepOutput, mark_seen, sample_next
-from jdecode.model import phases
 
 
 def autoregressive(cfg: ModelConfig, max_len: int, impl: str = "xla") -> Decoder:

@@ -6,19 +6,17 @@ loop runs any of them without knowing which. Method state lives in `DecodeState.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from jdecode.decoding.sampling import SamplingArrays, sample
-from jdecode.model.params import _register
 
 
-@_register
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class DecodeState:
     """What every method carries between steps; `aux` is the method's own pytree."""
 
@@ -28,9 +26,6 @@ class DecodeState:
     sampling: SamplingArrays
     seen: jax.Array | None  # [B, V] bool tokens in prompt/output (repetition penalty), or None
     aux: Any  # method-specific: caches, draft state, ...
-
-    def replace(self, **kw) -> DecodeState:
-        return dataclasses.replace(self, **kw)
 
 
 class StepOutput(NamedTuple):

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 
 from jdecode.cache.dense import init_cache
 from jdecode.config import ModelConfig
+from jdecode.decoding import phases
 from jdecode.decoding.sampling import SamplingArrays, filter_logits
-from jdecode.model import phases
 
 
 class Drafter(NamedTuple):

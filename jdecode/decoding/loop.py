@@ -11,16 +11,15 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from jdecode.decoding.base import Decoder, DecodeState
-from jdecode.model.params import _register
 
 # Incremented at trace time only: tests use it to prove steady-state decoding never retraces.
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
-@_register
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class LoopState:
     dec: DecodeState
     out: jax.Array  # [B, N] int32 generated tokens (row b valid up to n_out[b])

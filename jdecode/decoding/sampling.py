@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +54,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-@partial(jax.tree_util.register_dataclass,
-         data_fields=["temperature", "top_k", "top_p", "min_p", "repetition_penalty"],
-         meta_fields=["all_greedy", "specialized"])
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class SamplingArrays:
     """Device-side per-row parameters, [B] each.
 
@@ -74,8 +71,8 @@ class SamplingArrays:
     top_p: jax.Array  # [B] f32
     min_p: jax.Array  # [B] f32
     repetition_penalty: jax.Array  # [B] f32
-    all_greedy: bool = False
-    specialized: bool = False
+    all_greedy: bool = struct.field(pytree_node=False, default=False)
+    specialized: bool = struct.field(pytree_node=False, default=False)
 
     @staticmethod
     def from_params(params: Sequence[SamplingParams], pad_to: int | None = None,

@@ -12,9 +12,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from jdecode.analysis.spec_cost import expected_tokens
 from jdecode.config import ModelConfig
+from jdecode.decoding import phases
 from jdecode.decoding.autoregressive import autoregressive
 from jdecode.decoding.base import Decoder, StepOutput, split_keys
 from jdecode.decoding.drafters import (
@@ -26,12 +28,9 @@ from jdecode.decoding.drafters import (
 )
 from jdecode.decoding.sampling import SamplingArrays
 from jdecode.io.registry import Model
-from jdecode.model import phases
-from jdecode.model.params import _register
 
 
-@_register
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class SpecAux:
     cache: Any  # target dense cache [L, B, S, K, D]; slots < positions hold accepted tokens
     draft: Any  # the drafter's own state (draft cache, n-gram context, ...)

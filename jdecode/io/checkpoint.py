@@ -11,7 +11,6 @@ import jax
 from jdecode.config import ModelConfig
 from jdecode.model.params import Params, abstract_params
 
-
 # Bumped whenever the Params pytree changes, so an old cache is never restored into it.
 PARAMS_FORMAT = 2
 

@@ -1,7 +1,7 @@
 """Attention dispatch point: every cache layout calls `attention` here with `impl` chosen.
 
 `impl="xla"` is plain jnp (f32 scores and softmax); `impl="pallas"` routes to the kernels in
-`pallas_kernels/` once they are wired in.
+`pallas_kernels/` through `jdecode.model.pallas_dispatch`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+
+from jdecode.model.pallas_dispatch import attention_pallas
 
 IMPLS = ("xla", "pallas", "reference")
 
@@ -57,11 +59,13 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, kv_pos: jax.Array,
               *, impl: str = "xla", sliding_window: int | None = None) -> jax.Array:
-    """Dispatches contiguous-cache attention to an implementation (see `attention_xla`)."""
-    if impl in ("xla", "reference"):
+    """Dispatches contiguous-cache attention to an implementation (see `attention_xla`).
+
+    The Pallas path assumes the dense cache's slots (kv_pos[b, s] == s) and has no sliding
+    window, so windowed models stay on XLA.
+    """
+    if impl in ("xla", "reference") or (impl == "pallas" and sliding_window is not None):
         return attention_xla(q, k, v, q_pos, kv_pos, sliding_window=sliding_window)
     if impl == "pallas":
-        from jdecode.model.pallas_dispatch import attention_pallas
-
-        return attention_pallas(q, k, v, q_pos, kv_pos, sliding_window=sliding_window)
+        return attention_pallas(q, k, v, q_pos)
     raise ValueError(f"attention impl={impl!r} is unknown; choose one of {', '.join(IMPLS)}")

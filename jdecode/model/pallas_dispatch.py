@@ -39,19 +39,12 @@ def dense_decode_pallas(q: jax.Array, k_all: jax.Array, v_all: jax.Array, layer:
     return out[:, None]
 
 
-def attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
-                     kv_pos: jax.Array, *, sliding_window: int | None = None) -> jax.Array:
+def attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array
+                     ) -> jax.Array:
     """Flash attention for contiguous positions q_pos[b] = q_pos[b, 0] + t over slots = positions.
 
-    The dense cache guarantees kv_pos[b, s] == s; sliding windows are not in the kernel, so
-    those models stay on the XLA path.
+    Only for the dense cache, where slot s holds position s; sliding windows are not in the
+    kernel (`jdecode.model.attention.attention` keeps those on the XLA path).
     """
-    del kv_pos  # slot s holds position s in the dense cache
-    if sliding_window is not None:
-        from jdecode.model.attention import attention_xla
-
-        s = k.shape[1]
-        kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (k.shape[0], s))
-        return attention_xla(q, k, v, q_pos, kv_pos, sliding_window=sliding_window)
     return flash_attention(q, k, v, causal=True, q_offset=q_pos[:, 0],
                            kv_lens=q_pos[:, -1] + 1)

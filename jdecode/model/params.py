@@ -5,24 +5,17 @@ One abstract description (`abstract_params`) drives random init, loading and byt
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jdecode.config import ModelConfig
 
 
-def _register(cls):
-    """Registers a dataclass as a pytree whose every field is a child (None = empty leaf)."""
-    fields = [f.name for f in dataclasses.fields(cls)]
-    return jax.tree_util.register_dataclass(cls, data_fields=fields, meta_fields=[])
-
-
-@_register
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class LayerParams:
     """All decoder layers, stacked: every array has a leading L axis."""
 
@@ -45,8 +38,7 @@ class LayerParams:
     w_gate_up: jax.Array | None = None  # [L, E, 2F]
 
 
-@_register
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class Params:
     embed: jax.Array  # [V, E]
     layers: LayerParams

@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 
 from jdecode.cache.dense import DenseMeta, init_cache, make_dense_attend
 from jdecode.config import ModelConfig
 from jdecode.io.registry import Model
-from jdecode.model.params import LayerParams, Params, _register
+from jdecode.model.params import LayerParams, Params
 from jdecode.model.transformer import forward
 
 META_FILE = "draft.json"
@@ -78,8 +79,7 @@ class DistillConfig:
             raise ValueError(f"val_fraction={self.val_fraction} must lie in [0, 1)")
 
 
-@_register
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class Trainable:
     layers: LayerParams  # the draft's stacked layers [L_draft, ...]
     final_norm: jax.Array  # [E]

@@ -13,6 +13,7 @@ from scipy import stats
 
 from jdecode.cache.dense import init_cache
 from jdecode.config import ModelConfig
+from jdecode.decoding import phases
 from jdecode.decoding.autoregressive import autoregressive
 from jdecode.decoding.drafters import (
     Drafter,
@@ -26,7 +27,6 @@ from jdecode.decoding.drafters import (
 from jdecode.decoding.loop import init_loop, run_loop
 from jdecode.decoding.sampling import SamplingArrays, SamplingParams
 from jdecode.decoding.speculative import accept_tokens, sampled_accept, speculative
-from jdecode.model import phases
 from jdecode.model.params import init_params
 from pallas_kernels.testing import assert_close, jit_for_tests
 

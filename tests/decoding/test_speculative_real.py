@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from jdecode.cache.dense import init_cache
+from jdecode.decoding import phases
 from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.decoding.speculative import build_speculative
-from jdecode.model import phases
 from jdecode.training.distill import DistillConfig, pack, train_draft_model
 
 NEW_TOKENS = 32

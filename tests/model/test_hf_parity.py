@@ -15,10 +15,10 @@ from helpers import seed_of
 from hf_checkpoints import VARIANTS, make_checkpoint
 
 from jdecode.cache.dense import init_cache
+from jdecode.decoding import phases
 from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.io.registry import load
-from jdecode.model import phases
 
 # HF and we both compute in f32 but in a different op order (einsum vs Linear, fused softmax,
 # RoPE tables): the acceptance bar for logits is 1e-4 absolute, looser than the table's f32 1e-5.

@@ -15,7 +15,7 @@ import pytest
 
 from jdecode.cache.dense import init_cache
 from jdecode.config import load_model_config_yaml
-from jdecode.model import phases
+from jdecode.decoding import phases
 from jdecode.model.layout import inference_layout
 from jdecode.model.params import init_params
 from pallas_kernels.testing import assert_close, jit_for_tests
