@@ -55,6 +55,57 @@ def _sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, max_ne
         _fail(str(e))
 
 
+def read_decode_config(path: str | None) -> dict:
+    """A decoding config (configs/decode/*.yaml): `method` and its `options`."""
+    import yaml
+
+    from jdecode.config import ConfigError
+
+    if path is None:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config {path!r} does not exist: pass a YAML file from "
+                          "configs/decode/")
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    unknown = sorted(set(raw) - {"method", "options"}) if isinstance(raw, dict) else ["?"]
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; a decoding config has keys "
+                          "method and options")
+    return raw
+
+
+def split_set(items: list[str], spec) -> tuple[dict, list[str]]:
+    """Routes `--set key=value` items: the method's options first, then (as before methods
+    had options) the model config's fields; `model.key=value` picks the model explicitly."""
+    import dataclasses
+
+    from jdecode import options
+    from jdecode.config import ConfigError, ModelConfig, parse_override
+
+    method_keys = options.fields_of(spec.options_cls)
+    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    opts, model_items = {}, []
+    for item in items:
+        key, value = parse_override(item)
+        if key.startswith("model."):
+            model_items.append(item.split(".", 1)[1])
+        elif key in method_keys:
+            opts[key] = value
+        elif key.split(".")[0] in model_keys:
+            model_items.append(item)
+        else:
+            valid = ", ".join(sorted(method_keys)) or "none"
+            raise ConfigError(f"--set {item}: unknown key(s) [{key!r}]: method {spec.name!r} "
+                              f"takes {valid}, and model configs (YAML) take ModelConfig "
+                              f"fields; valid keys are: {valid}, "
+                              f"{', '.join(sorted(model_keys))}")
+    return opts, model_items
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="the prompt text")],
@@ -65,23 +116,35 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
     dtype: str = "float32", impl: str = "auto",
     max_seq_len: Annotated[int | None, typer.Option(help="cache slots per sequence")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="config key=value")] = None,
+    method: Annotated[str | None, typer.Option(
+        help="decoding method (`jdecode methods` lists them); default autoregressive")] = None,
+    config: Annotated[str | None, typer.Option(
+        "--config", help="decoding config YAML (configs/decode/*.yaml): method and options")
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="key=value: a method option (e.g. k=4), or a model config field for "
+        "YAML model configs (model.key=value to be explicit); repeatable")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
-    method: Annotated[str, typer.Option(help="autoregressive or speculative")] = "autoregressive",
-    draft: Annotated[str, typer.Option(help="speculative draft: ngram, a `jdecode train draft` "
-                                       "directory or a model")] = "ngram",
-    k: Annotated[int, typer.Option("--k", help="tokens drafted per speculative step")] = 4,
 ) -> None:
     """Generate text from a prompt, streaming it as it is produced."""
+    from jdecode import options
+    from jdecode.config import ConfigError
+    from jdecode.decoding import methods
     from jdecode.decoding.generate import Generator
-    from jdecode.decoding.speculative import acceptance_stats, build_decoder_fn
 
     sp = _sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, max_new_tokens,
                    stop)
-    m = _load(model, dtype, set_ or [])
+    try:  # flags and configs are checked before the model loads
+        raw = read_decode_config(config)
+        spec = methods.get(method or raw.get("method", "autoregressive"))
+        set_opts, model_overrides = split_set(set_ or [], spec)
+        opts = methods.parse_options(spec, {**(raw.get("options") or {}), **set_opts},
+                                     where=config or "--set")
+    except ConfigError as e:
+        _fail(str(e))
+    m = _load(model, dtype, model_overrides)
     try:
-        m, decoder_fn = build_decoder_fn(method, m, draft, k, impl)
-        gen = Generator(m, decoder_fn, impl=impl, max_seq_len=max_seq_len)
+        gen = Generator(m, impl=impl, max_seq_len=max_seq_len, method=spec.name, options=opts)
         results = None
         for deltas, results in gen.stream([prompt], sp, chat=chat, chunk_steps=8):
             if not as_json and deltas[0]:
@@ -90,16 +153,15 @@ def generate(
     except ValueError as e:
         _fail(str(e))
     r = results[0]
-    if method == "speculative":
-        r.stats.update(acceptance_stats(r.stats["mean_accepted"], k))
     if as_json:
         import dataclasses
 
         import jax
 
-        print(json.dumps({"model": model, "text": r.text, "token_ids": r.token_ids,
-                          "finish_reason": r.finish_reason, "stats": r.stats,
-                          "config": dataclasses.asdict(m.cfg),
+        print(json.dumps({"model": model, "method": spec.name,
+                          "options": options.to_dict(opts), "text": r.text,
+                          "token_ids": r.token_ids, "finish_reason": r.finish_reason,
+                          "stats": r.stats, "config": dataclasses.asdict(m.cfg),
                           "sampling": dataclasses.asdict(sp), "impl": gen.impl,
                           "jax_version": jax.__version__, "git_sha": _git_sha(),
                           "device": jax.devices()[0].device_kind}))
@@ -108,10 +170,42 @@ def generate(
     err.print(f"\n[dim]prefill {s['prefill_ms']:.1f} ms | decode {s['decode_tok_s']:.1f} tok/s | "
               f"{s['num_tokens']} tokens | finish: {r.finish_reason} | "
               f"compile {s['compile_s']:.1f} s[/]")
-    if method == "speculative":
-        err.print(f"[dim]speculative (draft {draft}, k={k}): acceptance rate "
-                  f"{s['acceptance_rate']:.2f} | mean accepted length {s['mean_accepted']:.2f} "
-                  "tokens per target step[/]")
+    if spec.name != "autoregressive":
+        extra = " | ".join(f"{k} {v:.3g}" for k, v in gen.describe(s).items()
+                           if k != "mean_accepted")
+        err.print(f"[dim]{spec.name} ({', '.join(f'{k}={v}' for k, v in options.to_dict(opts).items())}): "
+                  f"mean accepted {s['mean_accepted']:.2f} tokens per step"
+                  + (f" | {extra}" if extra else "") + "[/]")
+
+
+@app.command("methods")
+def list_methods(
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """List the decoding methods, whether each is lossless, and their options."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from jdecode import options
+    from jdecode.decoding import methods
+
+    rows = {name: {"lossless": spec.lossless, "summary": spec.summary, "options": {
+        key: {"type": options.type_name(tp), "default": default, "help": help_}
+        for key, (tp, default, help_) in options.fields_of(spec.options_cls).items()}}
+        for name, spec in methods.available().items()}
+    if as_json:
+        print(json.dumps(rows))
+        return
+    table = Table(title="decoding methods: jdecode generate --method NAME --set option=value",
+                  show_lines=True)
+    for col in ("method", "lossless", "what it does", "options: type = default, meaning"):
+        table.add_column(col, overflow="fold")
+    for name, row in rows.items():
+        opts = "\n".join(f"{k}: {o['type']} = {o['default']!r}, {o['help']}"
+                         for k, o in row["options"].items())
+        table.add_row(name, "yes" if row["lossless"] else "no (lossy)", row["summary"],
+                      opts or "(none)")
+    Console().print(table)
 
 
 @app.command()
@@ -186,8 +280,8 @@ def _register_optional() -> None:
     except ImportError:
         pass
     try:
-        from jdecode.training.cli import app as train_app
-        app.add_typer(train_app, name="train")
+        from jdecode.training.cli import train
+        app.command("train")(train)
     except ImportError:
         pass
 

@@ -53,7 +53,7 @@ from jdecode.decoding.sampling import SamplingParams
 from jdecode.decoding.speculative import acceptance_stats, build_speculative
 from jdecode.io.registry import load
 from jdecode.training.distill import load_draft
-from jdecode.training.prompts import eval_prompts
+from jdecode.data.prompts import eval_prompts
 
 
 def run_interleaved(gens: dict[str, Generator], prompts: list[tuple[str, list[int]]],

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
 from jdecode.cache.dense import init_cache
 from jdecode.config import ModelConfig
 from jdecode.decoding import phases
 from jdecode.decoding.base import Decoder, DecodeState, StepOutput, mark_seen, sample_next
+from jdecode.decoding.methods import MethodBuild, register
+from jdecode.io.registry import Model
 
 
 def autoregressive(cfg: ModelConfig, max_len: int, impl: str = "xla") -> Decoder:
@@ -44,3 +48,12 @@ def autoregressive(cfg: ModelConfig, max_len: int, impl: str = "xla") -> Decoder
     return Decoder(init=init, step=step, max_tokens_per_step=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class AutoregressiveOptions:
+    """Plain decoding takes no options."""
+
+
+@register("autoregressive", AutoregressiveOptions, lossless=True,
+          summary="one token per step over the dense KV cache (the baseline)")
+def build_autoregressive(model: Model, opts: AutoregressiveOptions, impl: str) -> MethodBuild:
+    return MethodBuild(model, lambda cfg, max_len: autoregressive(cfg, max_len, impl))

@@ -10,17 +10,19 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdecode.decoding.autoregressive import autoregressive
+from jdecode.decoding import methods
 from jdecode.decoding.base import Decoder
 from jdecode.decoding.loop import LoopState, init_loop, run_loop
 from jdecode.decoding.sampling import SamplingArrays, SamplingParams
 from jdecode.io.registry import Model
 from jdecode.io.tokenizer import IncrementalDetokenizer
+from jdecode.model.attention import resolve_impl
 from jdecode.model.layout import inference_layout
 from jdecode.model.params import Params
 
@@ -66,13 +68,16 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
 
 
 class Generator:
-    """Generates with any `Decoder` factory; caches one executable pair per shape bucket.
+    """Generates with any decoding method; caches one executable pair per shape bucket.
 
     Args:
-      model: a loaded `Model`. decoder_fn(cfg, max_len) -> Decoder (default: autoregressive).
+      model: a loaded `Model`. method, options: a registered method by name
+        (`jdecode.decoding.methods`; `jdecode methods` lists them) and its options (a mapping
+        or the method's options dataclass). decoder_fn(cfg, max_len) -> Decoder: a decoder
+        factory given directly instead of a method (for decoders under development).
       impl: attention implementation: "xla", "pallas" or "auto" (Pallas on GPU, XLA on CPU,
-        where the kernels would run in the interpreter). max_seq_len: cache slots per sequence (default: the
-        model's max_position_embeddings). layout: "inference" (fused, unrolled layers; the
+        where the kernels would run in the interpreter). max_seq_len: cache slots per sequence
+        (default: the model's max_position_embeddings). layout: "inference" (fused, unrolled layers; the
         GPU default), "stacked" (lax.scan; the CPU default, compiles fastest) or "auto".
       specialize_greedy: decide greedy vs sampling on the host (see `SamplingArrays`): an
         all-greedy batch compiles without the sampling branch, any other without the cond.
@@ -81,10 +86,17 @@ class Generator:
 
     def __init__(self, model: Model, decoder_fn: Callable[..., Decoder] | None = None,
                  impl: str = "auto", max_seq_len: int | None = None, layout: str = "auto",
-                 specialize_greedy: bool = True, loop_block: int = LOOP_BLOCK):
-        if impl == "auto":  # Pallas attention is faster on the H100 (benchmarks/decode.md)
-            impl = "pallas" if jax.default_backend() == "gpu" else "xla"
-        self.model, self.impl = model, impl
+                 specialize_greedy: bool = True, loop_block: int = LOOP_BLOCK,
+                 method: str = "autoregressive", options: Any = None):
+        # "auto": Pallas attention is faster on the GPU (benchmarks/decode.md)
+        self.impl = impl = resolve_impl(impl)
+        self.method, self.describe = method, lambda stats: {}
+        if decoder_fn is None:
+            built = methods.build(method, model, options, impl)
+            model, decoder_fn, self.describe = built.model, built.decoder_fn, built.describe
+        elif method != "autoregressive" or options:
+            raise ValueError("pass a method (with its options) or a decoder_fn, not both")
+        self.model = model
         if layout == "auto":  # unrolled + fused is 1.8x faster at batch 1 on the H100
             layout = "inference" if jax.default_backend() == "gpu" else "stacked"
         if layout not in ("inference", "stacked"):
@@ -93,7 +105,7 @@ class Generator:
         self.params = jax.tree_util.tree_map(
             inference_layout, model.params, is_leaf=lambda x: isinstance(x, Params)
         ) if layout == "inference" else model.params
-        self.decoder_fn = decoder_fn or partial(autoregressive, impl=impl)
+        self.decoder_fn = decoder_fn
         self.max_seq_len = max_seq_len or model.cfg.max_position_embeddings
         self.specialize_greedy, self.loop_block = specialize_greedy, loop_block
         self._compiled: dict[tuple, _Compiled] = {}
@@ -244,6 +256,7 @@ class Generator:
                            decode_tok_s=(total_new - n) / t_decode if t_decode > 0 else 0.0,
                            mean_accepted=float(accepted) / max(int(live_steps), 1),
                            compile_s=exe.compile_s, batch=n)))
+            results[-1].stats.update(self.describe(results[-1].stats))
         # The last deltas complete each stream to its final text, including text held back
         # for a stop string or a character cut at the token budget (U+FFFD, as in `text`).
         yield [r.text[k:] for r, k in zip(results, streamed)], results

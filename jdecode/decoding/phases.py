@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jdecode.cache.dense import DenseKVCache, DenseMeta, make_dense_attend
+from jdecode.cache.dense import DenseKVCache, DenseMeta, init_cache, make_dense_attend
 from jdecode.config import ModelConfig
 from jdecode.model.linear import make_linear
 from jdecode.model.params import Params
@@ -57,3 +57,19 @@ def verify(params: Params, cache: DenseKVCache, tokens: jax.Array, positions: ja
     """
     return forward(params, tokens, positions, cache, DenseMeta(positions), cfg=cfg,
                    attend=make_dense_attend(cfg, impl), linear=make_linear(impl))
+
+
+def score(params: Params, tokens: jax.Array, *, cfg: ModelConfig, impl: str = "xla"
+          ) -> tuple[jax.Array, jax.Array]:
+    """Teacher-forced pass over whole sequences with a fresh cache (training, quality metrics).
+
+    Args:
+      tokens: [B, T] int32 (right-padded rows are fine: position t sees only tokens <= t).
+    Returns:
+      logits [B, T, V] f32 (position t predicts token t+1) and hidden [B, T, E].
+    """
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    logits, hidden, _ = verify(params, init_cache(cfg, b, t), tokens, positions, cfg=cfg,
+                               impl=impl)
+    return logits, hidden

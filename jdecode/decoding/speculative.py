@@ -19,6 +19,7 @@ from jdecode.config import ModelConfig
 from jdecode.decoding import phases
 from jdecode.decoding.autoregressive import autoregressive
 from jdecode.decoding.base import Decoder, StepOutput, split_keys
+from jdecode.decoding.draft_model import load_draft
 from jdecode.decoding.drafters import (
     Drafter,
     filtered_probs,
@@ -26,8 +27,11 @@ from jdecode.decoding.drafters import (
     ngram_drafter,
     ngram_model_drafter,
 )
+from jdecode.decoding.methods import MethodBuild, register
 from jdecode.decoding.sampling import SamplingArrays
 from jdecode.io.registry import Model
+from jdecode.model.attention import resolve_impl
+from jdecode.options import option
 
 
 @struct.dataclass
@@ -188,22 +192,19 @@ def build_speculative(target: Model, draft: str | Model, k: int, impl: str = "au
 
     Args:
       target: the loaded target model. draft: "ngram" (prompt lookup), a loaded `Model`, or a
-        name/path: a distilled draft directory (`jdecode train draft`), an HF directory or a
+        name/path: a trained draft artifact (`jdecode train draft`), an HF directory or a
         .gguf file. k: drafted tokens per step. max_ngram: longest n-gram prompt lookup matches.
       greedy: every request will be greedy (see `speculative`). with_ngram: a model draft
         gives way to prompt lookup where a 2+-gram matches (`ngram_model_drafter`).
     Returns:
       (model, decoder_fn): pass both to `Generator(model, decoder_fn=...)`.
     """
-    if impl == "auto":  # as `Generator`: Pallas attention on GPU, XLA on CPU
-        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+    impl = resolve_impl(impl)
     if isinstance(draft, str) and draft == "ngram":
         return speculative_model(target, None), \
             lambda cfg, max_len: speculative(cfg, ngram_drafter(max_len, max_ngram), k, max_len,
                                              impl, greedy)
     if isinstance(draft, str):
-        from jdecode.training.distill import load_draft
-
         draft = load_draft(draft, target)
     if draft.cfg.vocab_size != target.cfg.vocab_size:
         raise ValueError(f"draft {draft.name!r} has vocab_size {draft.cfg.vocab_size} but the "
@@ -235,19 +236,31 @@ def acceptance_stats(mean_accepted: float, k: int) -> dict[str, float]:
             "alpha": 0.5 * (lo + hi)}
 
 
-def build_decoder_fn(method: str, target: Model, draft: str | Model = "ngram", k: int = 4,
-                     impl: str = "auto") -> tuple[Model, Callable[..., Decoder] | None]:
-    """(model, decoder_fn) for `Generator` by method name, for the command line.
+@dataclasses.dataclass(frozen=True)
+class SpeculativeOptions:
+    draft: str = option("ngram", "ngram (prompt lookup), a `jdecode train draft` artifact, an HF "
+                        "directory or a .gguf of a model sharing the target's tokenizer")
+    k: int = option(4, "tokens drafted per step")
+    max_ngram: int = option(3, "longest context suffix prompt lookup matches")
+    with_ngram: bool = option(False, "a model draft gives way to prompt lookup where a 2+-gram "
+                              "matches")
 
-    Args:
-      method: "autoregressive" (decoder_fn None: the Generator's default) or "speculative".
-      target, draft, k, impl: see `build_speculative`.
-    """
-    if method == "autoregressive":
-        return target, None
-    if method != "speculative":
-        raise ValueError(f"method={method!r}: choose autoregressive or speculative")
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k={self.k}: draft at least 1 token per step (k = 0 is the "
+                             "autoregressive method)")
+        if self.max_ngram < 1:
+            raise ValueError(f"max_ngram={self.max_ngram} must be >= 1")
+
+
+@register("speculative", SpeculativeOptions, lossless=True,
+          summary="a draft (prompt lookup or a small model) proposes k tokens, the target "
+                  "verifies them in one pass (Leviathan et al. 2023)")
+def build_speculative_method(model: Model, opts: SpeculativeOptions, impl: str) -> MethodBuild:
     try:
-        return build_speculative(target, draft, k, impl)
-    except FileNotFoundError as e:  # a draft that is neither "ngram" nor a loadable path
-        raise ValueError(f"--draft {draft!r}: {e}") from None
+        model, decoder_fn = build_speculative(model, opts.draft, opts.k, impl, opts.max_ngram,
+                                              with_ngram=opts.with_ngram)
+    except FileNotFoundError as e:  # neither "ngram" nor a loadable path
+        raise ValueError(f"draft={opts.draft!r}: {e}") from None
+    return MethodBuild(model, decoder_fn,
+                       describe=lambda stats: acceptance_stats(stats["mean_accepted"], opts.k))

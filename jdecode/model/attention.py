@@ -16,6 +16,16 @@ from jdecode.model.pallas_dispatch import attention_pallas
 
 IMPLS = ("xla", "pallas", "reference")
 
+
+def resolve_impl(impl: str) -> str:
+    """"auto" -> the Pallas kernels on GPU, XLA elsewhere (where kernels would only run in the
+    interpreter); any other value must be one of IMPLS."""
+    if impl == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is unknown; choose auto or one of {', '.join(IMPLS)}")
+    return impl
+
 # attend(q [B,T,H,D], k [B,T,K,D], v [B,T,K,D], cache, layer int32[], meta)
 #   -> (out [B,T,H,D], cache): writes this layer's new K/V into `cache` and attends.
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any, jax.Array, Any], tuple[jax.Array, Any]]

@@ -1,89 +1,108 @@
-"""`jdecode train ...`: training commands (registered by `jdecode/cli.py` as the `train` app)."""
+"""`jdecode train KIND`: trains any registered part (`jdecode.training.registry`) of a target
+model, with options from a YAML file and `--set key=value` overrides."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import yaml
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Train the learned parts of decoding methods.")
+from jdecode.config import ConfigError
+
+SECTIONS = ("options", "train", "corpus")
 
 
-@app.command("draft")
-def train_draft(
-    out: Annotated[str, typer.Option("--out", help="output directory (resumes if it holds "
-                                     "checkpoints)")] = "drafts/smollm2-135m-draft",
-    model: Annotated[str, typer.Option("--model", "-m", help="target: name, HF dir or .gguf")
-                     ] = "smollm2-135m",
-    num_layers: Annotated[int, typer.Option(help="target layers kept, spread over its depth")
-                          ] = 4,
-    steps: int = 200, batch_size: int = 4, seq_len: int = 128, learning_rate: float = 1e-3,
-    warmup_steps: int = 20,
-    new_tokens: Annotated[int, typer.Option(help="tokens the target writes per training "
-                                            "prompt")] = 96,
-    temperature: Annotated[float, typer.Option(help="sampling temperature of that text")] = 0.7,
-    samples_per_prompt: Annotated[int, typer.Option(help="continuations per training prompt "
-                                                    "(the first greedy, the rest sampled)")] = 1,
-    gen_batch: Annotated[int, typer.Option(help="prompts per generate call for the corpus")
-                         ] = 16,
-    time_budget: Annotated[float | None, typer.Option(
-        "--time-budget", help="seconds of training at most (checkpoints and saves the draft; "
-        "the schedule shrinks to the steps that fit)")] = None,
-    save_dtype: Annotated[str | None, typer.Option(help="dtype of the saved draft layers, "
-                                                   "e.g. bfloat16 (default: the target's)")
-                          ] = None,
-    num_prompts: Annotated[int | None, typer.Option(help="use this many of the training "
-                                                    "prompts, spread over their kinds")] = None,
-    val_fraction: Annotated[float, typer.Option(help="share of the prompts held out: held-out "
-                                               "KL and top-1 agreement every --eval-every "
-                                               "steps (0 = none)")] = 0.1,
-    eval_every: int = 250,
-    max_epochs: Annotated[float, typer.Option(help="warn when the steps pass over the corpus "
-                                              "more often than this")] = 10.0,
-    seed: int = 0, checkpoint_every: int = 50, dtype: str = "float32",
+def read_train_config(path: str | None) -> dict[str, Any]:
+    """A training YAML: optional `kind`, `model`, `dtype` and sections options/train/corpus."""
+    if path is None:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config {path!r} does not exist: pass a YAML file such as "
+                          "configs/train/draft.yaml")
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    valid = {"kind", "model", "dtype", *SECTIONS}
+    unknown = sorted(set(raw) - valid) if isinstance(raw, dict) else ["<not a mapping>"]
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; valid keys are: "
+                          f"{', '.join(sorted(valid))}")
+    return raw
+
+
+def resolve(kind: str, raw: dict[str, Any], overrides: list[str]):
+    """(spec, options, TrainConfig, CorpusConfig) from the YAML sections and `--set` items."""
+    from jdecode import options as opts_lib
+    from jdecode.training.corpus import CorpusConfig
+    from jdecode.training.registry import get_trainer
+    from jdecode.training.trainer import TrainConfig
+
+    spec = get_trainer(kind)
+    groups = {"options": spec.options_cls, "train": TrainConfig, "corpus": CorpusConfig}
+    values = {name: dict(raw.get(name) or {}) for name in groups}
+    for name, items in opts_lib.split_overrides(overrides, groups).items():
+        values[name].update(items)
+    return (spec, opts_lib.parse(spec.options_cls, values["options"], f"train {kind} options"),
+            opts_lib.parse(TrainConfig, values["train"], f"train {kind}: train"),
+            opts_lib.parse(CorpusConfig, values["corpus"], f"train {kind}: corpus"))
+
+
+def train(
+    kind: Annotated[str, typer.Argument(help="what to train: draft (`jdecode train --help` "
+                                        "lists the kinds in the error for an unknown one)")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="target: name, HF dir or "
+                                              ".gguf (default smollm2-135m)")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="artifact directory (resumes from "
+                                            "its checkpoints); default artifacts/<kind>")] = None,
+    config: Annotated[str | None, typer.Option("--config", help="YAML with sections options, "
+                                               "train and corpus")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="key=value for the part's options, train (steps, batch_size, "
+        "learning_rate, time_budget_s, ...) or corpus (new_tokens, samples_per_prompt, "
+        "seq_len, ...); repeatable")] = None,
+    dtype: Annotated[str | None, typer.Option(help="target dtype (default float32)")] = None,
+    num_prompts: Annotated[int | None, typer.Option(help="use this many training prompts, "
+                                                    "spread over their kinds")] = None,
+    corpus: Annotated[str | None, typer.Option(help="corpus cache (.npz) shared between "
+                                               "trained parts of one target")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Distil a draft model for speculative decoding from the target (KL on its own text)."""
+    """Train a part of a decoding method on the target's own text (optax, orbax artifact)."""
     from rich.console import Console
-
-    from jdecode.io.registry import load
-    from jdecode.training.distill import DistillConfig, train_draft_model
-    from jdecode.training.prompts import train_prompts
 
     err = Console(stderr=True)
     try:
-        dc = DistillConfig(num_layers=num_layers, steps=steps, batch_size=batch_size,
-                           seq_len=seq_len, learning_rate=learning_rate,
-                           warmup_steps=warmup_steps, new_tokens=new_tokens,
-                           temperature=temperature, seed=seed, checkpoint_every=checkpoint_every,
-                           samples_per_prompt=samples_per_prompt, gen_batch=gen_batch,
-                           time_budget_s=time_budget, save_dtype=save_dtype,
-                           val_fraction=val_fraction, eval_every=eval_every,
-                           max_epochs=max_epochs)
-        target = load(model, dtype=dtype)
+        raw = read_train_config(config)
+        spec, opts, tc, cc = resolve(raw.get("kind", kind), raw, set_ or [])
+    except ConfigError as e:
+        err.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    from jdecode.data.prompts import train_prompts
+    from jdecode.io.registry import load
+
+    try:
+        target = load(model or raw.get("model", "smollm2-135m"),
+                      dtype=dtype or raw.get("dtype", "float32"))
         prompts = train_prompts()
         if num_prompts is not None:  # an even spread keeps chat, code and summarization
             prompts = prompts[::max(1, len(prompts) // num_prompts)][:num_prompts]
-        draft, losses = train_draft_model(target, out, dc, prompts=prompts,
-                                          progress=not as_json)
+        summary = spec.train(target, opts, tc, cc, out or f"artifacts/{spec.kind}", prompts,
+                             progress=not as_json, corpus_path=corpus)
     except (FileNotFoundError, ValueError) as e:
         err.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2) from None
-    summary = {"out": out, "target": model, "draft_layers": draft.cfg.num_layers,
-               "steps_run": len(losses), "first_kl": losses[0] if losses else None,
-               "last_kl": losses[-1] if losses else None}
-    meta = json.loads((Path(out) / "draft.json").read_text())
-    summary.update({key: meta.get(key) for key in ("train_rows", "val_rows", "epochs_done",
-                                                    "last_eval")})
     if as_json:
         print(json.dumps(summary))
-    else:
-        ev = summary["last_eval"]
-        held = (f" | held-out KL {ev['val_kl']:.3f}, top-1 {ev['val_top1']:.3f} (train rows: "
-                f"{ev['train_kl']:.3f}, {ev['train_top1']:.3f})" if ev else "")
-        err.print(f"draft saved to {out} | KL {summary['first_kl']} -> {summary['last_kl']} | "
-                  f"{summary['epochs_done']:.1f} epochs over {summary['train_rows']} rows{held} "
-                  f"| use: jdecode generate --method speculative --draft {out}")
+        return
+    ev = summary.get("last_eval") or {}
+    held = ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k.startswith("val_"))
+    losses = " -> ".join(f"{summary[k]:.4g}" for k in ("first_loss", "last_loss")
+                         if summary.get(k) is not None)
+    err.print(f"{spec.kind} saved to {summary['artifact']} | loss {losses or 'n/a'} | "
+              f"{summary['epochs_done']:.1f} epochs" + (f" | held-out: {held}" if held else "")
+              + (f"\nuse: {summary['use']}" if summary.get("use") else ""))

@@ -13,7 +13,9 @@ from jdecode.decoding import phases
 from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.decoding.speculative import build_speculative
-from jdecode.training.distill import DistillConfig, pack, train_draft_model
+from jdecode.training.corpus import Corpus
+from jdecode.training.distill import DraftOptions, train_draft_model
+from jdecode.training.trainer import TrainConfig
 
 NEW_TOKENS = 32
 SP = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
@@ -68,10 +70,9 @@ def test_distilled_greedy_matches_autoregressive(smol, prompt_ids, baseline, tmp
     """A distilled draft from a tiny training run (2 layers, 3 steps on the target's own
     greedy text): the test checks exactness, not the draft's quality."""
     seqs = [ids + b.token_ids for ids, b in zip(prompt_ids, baseline)]
-    tokens, mask = pack(seqs, 32)
-    np.savez(tmp_path / "corpus.npz", tokens=tokens, mask=mask)  # skips corpus generation
-    dc = DistillConfig(num_layers=2, steps=3, batch_size=2, seq_len=32, checkpoint_every=3)
-    train_draft_model(smol, tmp_path, dc, progress=False)
+    tc = TrainConfig(steps=3, batch_size=2, checkpoint_every=3)
+    train_draft_model(smol, tmp_path, DraftOptions(num_layers=2), tc, progress=False,
+                      corpus=Corpus.from_sequences(seqs, 32))  # skips corpus generation
     model, decoder_fn = build_speculative(smol, str(tmp_path), k=3)
     results = Generator(model, decoder_fn=decoder_fn).generate(prompt_ids, SP)
     assert_same_greedy(smol, prompt_ids, results, baseline)

@@ -1,5 +1,6 @@
 """The distilled draft: cut from the target, trained on KL to the target's text (loss falls),
-checkpointed with orbax (restore and resume), and lossless when it drafts for its target."""
+checkpointed with orbax (restore and resume), saved as a "draft" artifact, and lossless when it
+drafts for its target."""
 
 from __future__ import annotations
 
@@ -13,29 +14,33 @@ import numpy as np
 import pytest
 
 from jdecode.config import ModelConfig
+from jdecode.decoding import phases
+from jdecode.decoding.draft_model import (
+    DraftWeights,
+    draft_from_target,
+    load_draft,
+    select_layers,
+)
 from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.decoding.speculative import build_speculative
+from jdecode.io.artifacts import read_manifest
 from jdecode.io.registry import Model
 from jdecode.model.params import init_params
-from jdecode.training.distill import (
-    DistillConfig,
-    Trainable,
-    all_logits,
-    distill_loss,
-    draft_from_target,
-    evaluate,
-    held_out_prompts,
-    load_draft,
-    select_layers,
-    train_draft_model,
-)
+from jdecode.training.corpus import CorpusConfig, held_out_prompts
+from jdecode.training.distill import DraftOptions, distill_loss, draft_objective, train_draft_model
+from jdecode.training.trainer import TrainConfig, evaluate
 from pallas_kernels.testing import assert_close
 
 CFG = ModelConfig(vocab_size=64, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
                   head_dim=16, intermediate_size=128, max_position_embeddings=512)
-DC = DistillConfig(num_layers=2, steps=12, batch_size=4, seq_len=32, learning_rate=3e-3,
-                   warmup_steps=2, new_tokens=24, checkpoint_every=6)
+OPTS = DraftOptions(num_layers=2)
+TC = TrainConfig(steps=12, batch_size=4, learning_rate=3e-3, warmup_steps=2, checkpoint_every=6)
+CC = CorpusConfig(seq_len=32, new_tokens=24)
+
+
+def all_logits(params, cfg, tokens):
+    return phases.score(params, tokens, cfg=cfg)[0]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +57,7 @@ def prompts():
 @pytest.fixture(scope="module")
 def trained(target, prompts, tmp_path_factory):
     out = tmp_path_factory.mktemp("draft")
-    draft, losses = train_draft_model(target, out, DC, prompts=prompts, progress=False)
+    draft, losses = train_draft_model(target, out, OPTS, TC, CC, prompts=prompts, progress=False)
     return out, draft, losses
 
 
@@ -76,10 +81,11 @@ def test_draft_with_every_layer_is_the_target(target, prompts):
 
 def test_training_lowers_kl_and_checkpoints(trained, target):
     out, draft, losses = trained
-    assert len(losses) == DC.steps
+    assert len(losses) == TC.steps
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
-    meta = json.loads((out / "draft.json").read_text())
-    assert meta["layers"] == [0, 3] and meta["target"] == "tiny-target"
+    meta = read_manifest(out)
+    assert meta["kind"] == "draft" and meta["options"]["layers"] == [0, 3]
+    assert meta["target"]["name"] == "tiny-target"
     assert (out / "loss.png").is_file()
     restored = load_draft(out, target)
     for a, b in zip(jax.tree_util.tree_leaves(restored.params),
@@ -94,8 +100,9 @@ def test_resume_continues_from_checkpoint(trained, target, prompts, tmp_path):
     out, _, _ = trained
     shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
     shutil.copy(out / "corpus.npz", tmp_path / "corpus.npz")
-    longer = dataclasses.replace(DC, steps=DC.steps + 2)
-    _, losses = train_draft_model(target, tmp_path, longer, prompts=prompts, progress=False)
+    longer = dataclasses.replace(TC, steps=TC.steps + 2)
+    _, losses = train_draft_model(target, tmp_path, OPTS, longer, CC, prompts=prompts,
+                                  progress=False)
     assert len(losses) == 2  # only the steps after the saved one ran
 
 
@@ -112,12 +119,13 @@ def test_distilled_draft_is_lossless(trained, target, prompts):
 def test_time_budget_and_bf16_save(target, prompts, tmp_path):
     """A zero budget stops after one step and still saves; a bf16 draft loads back in the
     target's dtype, equal to the trained weights up to bf16 rounding."""
-    dc = dataclasses.replace(DC, steps=50, time_budget_s=0.0, save_dtype="bfloat16",
-                             samples_per_prompt=2, gen_batch=4)
-    draft, losses = train_draft_model(target, tmp_path, dc, prompts=prompts[:4], progress=False)
+    tc = dataclasses.replace(TC, steps=50, time_budget_s=0.0)
+    cc = dataclasses.replace(CC, samples_per_prompt=2, gen_batch=4)
+    draft, losses = train_draft_model(target, tmp_path, DraftOptions(2, "bfloat16"), tc, cc,
+                                      prompts=prompts[:4], progress=False)
     assert len(losses) == 1
-    meta = json.loads((tmp_path / "draft.json").read_text())
-    assert meta["saved_dtype"] == "bfloat16" and meta["steps_done"] == 1
+    meta = read_manifest(tmp_path)
+    assert meta["saved_dtypes"] == ["bfloat16"] and meta["metrics"]["steps_done"] == 1
     assert np.load(tmp_path / "corpus.npz")["tokens"].shape[0] == 8  # 4 prompts x 2 samples
     restored = load_draft(tmp_path, target)
     assert restored.params.layers.wq.dtype == target.params.layers.wq.dtype
@@ -128,10 +136,10 @@ def test_held_out_eval_and_epoch_warning(target, prompts, tmp_path):
     """Held-out prompts (all their samples) stay out of training and are evaluated: KL and top-1
     agreement beside the same metrics on training rows, in history.json and draft.json; a plan
     of many epochs over a tiny corpus warns."""
-    dc = dataclasses.replace(DC, steps=8, val_fraction=0.25, eval_every=4, samples_per_prompt=2,
-                             gen_batch=4, max_epochs=2.0)
+    tc = dataclasses.replace(TC, steps=8, eval_every=4, max_epochs=2.0)
+    cc = dataclasses.replace(CC, val_fraction=0.25, samples_per_prompt=2, gen_batch=4)
     with pytest.warns(UserWarning, match="memorize"):
-        train_draft_model(target, tmp_path, dc, prompts=prompts, progress=False)
+        train_draft_model(target, tmp_path, OPTS, tc, cc, prompts=prompts, progress=False)
     data = np.load(tmp_path / "corpus.npz")
     assert data["tokens"].shape[0] == 12 and data["val_tokens"].shape[0] == 4  # 6 + 2 prompts
     assert held_out_prompts(8, 0.25) == {2, 6} and held_out_prompts(4, 0.1) == set()
@@ -142,7 +150,7 @@ def test_held_out_eval_and_epoch_warning(target, prompts, tmp_path):
     for e in evals:
         assert e["val_kl"] >= 0 and e["train_kl"] >= 0
         assert 0 <= e["val_top1"] <= 1 and 0 <= e["train_top1"] <= 1
-    meta = json.loads((tmp_path / "draft.json").read_text())
+    meta = read_manifest(tmp_path)["metrics"]
     assert meta["val_rows"] == 4 and meta["epochs_done"] == pytest.approx(8 * 4 / 12)
     assert meta["last_eval"] == evals[-1]
 
@@ -152,12 +160,15 @@ def test_evaluate_matches_the_training_loss(trained, target):
     out, draft, _ = trained
     tokens, mask = np.load(out / "corpus.npz")["tokens"][:4], np.load(out / "corpus.npz")["mask"][:4]
     frozen = dataclasses.replace(draft.params, layers=None, final_norm=None)
-    tr = Trainable(draft.params.layers, draft.params.final_norm)
-    ev = evaluate(tr, frozen, target, draft.cfg, tokens, mask, batch_size=3)  # a padded batch
+    tr = DraftWeights(draft.params.layers, draft.params.final_norm)
+    data = {"tokens": tokens, "mask": mask}
+    eval_fn = jax.jit(draft_objective(CFG, draft.cfg).eval_sums)
+    ev = evaluate(eval_fn, tr, (target.params, frozen), data, batch_size=3)  # a padded batch
     loss = distill_loss(tr, frozen, draft.cfg, all_logits(target.params, CFG, jnp.asarray(tokens)),
                         jnp.asarray(tokens), jnp.asarray(mask))
     assert ev["kl"] == pytest.approx(float(loss), rel=1e-4)
     full = draft_from_target(target, select_layers(CFG.num_layers, CFG.num_layers))
-    same = evaluate(Trainable(full.params.layers, full.params.final_norm), frozen, target,
-                    full.cfg, tokens, mask, batch_size=4)
+    same = evaluate(jax.jit(draft_objective(CFG, full.cfg).eval_sums),
+                    DraftWeights(full.params.layers, full.params.final_norm),
+                    (target.params, frozen), data, batch_size=4)
     assert same["top1"] == 1.0 and same["kl"] == pytest.approx(0.0, abs=1e-5)

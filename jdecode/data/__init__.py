@@ -1,0 +1,1 @@
+"""Built-in data: prompt sets, the checkable task set and held-out natural text."""
