@@ -26,14 +26,19 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'jdecode' has no attribute {name!r}")
 
 
-def generate(model, prompts, sampling=None, chat: bool = False, impl: str = "auto"):
-    """Generates for one prompt or a list; returns a list of `GenerationResult`
-    (text, token ids, finish reason and timing stats). `model` is a Model or a name/path."""
+def generate(model, prompts, sampling=None, chat: bool = False, impl: str = "auto",
+             method: str = "autoregressive", **options):
+    """Generates for one prompt or a list; returns a list of `GenerationResult` (text, token
+    ids, finish reason and timing stats).
+
+    `model` is a Model or a name/path; `method` a registered decoding method (`jdecode
+    methods`) and `options` its options, e.g. `generate(m, p, method="speculative", k=4)`.
+    """
     from jdecode.decoding.generate import Generator
     from jdecode.decoding.sampling import SamplingParams
     from jdecode.io.registry import load
 
     if isinstance(model, str):
         model = load(model)
-    return Generator(model, impl=impl).generate(prompts, sampling or SamplingParams(),
-                                                chat=chat)
+    return Generator(model, impl=impl, method=method, options=options).generate(
+        prompts, sampling or SamplingParams(), chat=chat)

@@ -10,6 +10,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from jdecode.provenance import git_sha
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="jdecode: fast LLM decoding in JAX/XLA.")
 err = Console(stderr=True)
@@ -22,16 +24,6 @@ def _fail(message: str) -> None:
     """Prints a one-line error (no traceback) and exits 2."""
     err.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(2)
-
-
-def _git_sha() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def _load(model: str, dtype: str, overrides: list[str]):
@@ -163,7 +155,7 @@ def generate(
                           "token_ids": r.token_ids, "finish_reason": r.finish_reason,
                           "stats": r.stats, "config": dataclasses.asdict(m.cfg),
                           "sampling": dataclasses.asdict(sp), "impl": gen.impl,
-                          "jax_version": jax.__version__, "git_sha": _git_sha(),
+                          "jax_version": jax.__version__, "git_sha": git_sha(),
                           "device": jax.devices()[0].device_kind}))
         return
     s = r.stats
@@ -206,6 +198,41 @@ def list_methods(
         table.add_row(name, "yes" if row["lossless"] else "no (lossy)", row["summary"],
                       opts or "(none)")
     Console().print(table)
+
+
+@app.command()
+def experiment(
+    config: Annotated[str, typer.Argument(help="experiment YAML (configs/experiments/*.yaml)")],
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="key=value override; dotted keys reach into lists, e.g. "
+        "batch_sizes=[1,4] or methods.0.options.k=3; repeatable")] = None,
+    out: Annotated[str | None, typer.Option(help="output directory (default "
+                                            "experiments/<name>); a rerun resumes")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the rows as JSON lines")
+                       ] = False,
+) -> None:
+    """Run a grid of methods x batch sizes with autoregressive decoding as the same-run
+    baseline; writes results.jsonl, results.md and plots, and skips cells already done."""
+    from jdecode.config import ConfigError
+    from jdecode.experiments.config import load_config
+    from jdecode.experiments.runner import run_experiment
+
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as e:
+        _fail(str(e))
+    out_dir = Path(out or f"experiments/{cfg.name}")
+    command = "jdecode experiment " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else ""
+    try:
+        rows = run_experiment(cfg, out_dir, progress=not as_json, command=command)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    if as_json:
+        for row in rows:
+            print(json.dumps({k: v for k, v in row.items() if k != "config"}))
+        return
+    err.print(f"{len(rows)} cells in {out_dir}/results.jsonl; table: {out_dir}/results.md")
+    print((out_dir / "results.md").read_text())  # plain: a markdown table must not be wrapped
 
 
 @app.command()

@@ -7,7 +7,6 @@ The lead's `jdecode/cli.py` registers it: `app.command("roofline")(roofline)`.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +27,7 @@ from jdecode.analysis.textbook import (
     textbook_summary,
 )
 from jdecode.config import DTYPES, ModelConfig, load_model_config_yaml
+from jdecode.provenance import git_sha
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PHASES = ("prefill", "decode", "both")
@@ -54,15 +54,6 @@ def _choice(name: str, value: str, allowed) -> str:
     if value not in allowed:
         raise typer.BadParameter(f"{name} {value!r}: choose one of {', '.join(allowed)}")
     return value
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=REPO_ROOT,
-                              capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _phases(phase: str, batch: int, seq: int) -> list[Phase]:
@@ -117,7 +108,7 @@ def roofline(
     _choice("--attention", attention, ("unfused", "flash"))
     _choice("--impl", impl, ("xla", "pallas"))
     _choice("--layout", layout, ("auto", "inference", "stacked"))
-    out: dict = {"git_sha": _git_sha()}
+    out: dict = {"git_sha": git_sha(short=False) or "unknown"}
     if preset is not None:
         _choice("--preset", preset, ("textbook",))
         conv = _choice("--convention", convention or "textbook", CONVENTIONS)

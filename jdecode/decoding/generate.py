@@ -90,10 +90,11 @@ class Generator:
                  method: str = "autoregressive", options: Any = None):
         # "auto": Pallas attention is faster on the GPU (benchmarks/decode.md)
         self.impl = impl = resolve_impl(impl)
-        self.method, self.describe = method, lambda stats: {}
+        self.method, self.describe, self.score = method, lambda stats: {}, None
         if decoder_fn is None:
             built = methods.build(method, model, options, impl)
             model, decoder_fn, self.describe = built.model, built.decoder_fn, built.describe
+            self.score = built.score
         elif method != "autoregressive" or options:
             raise ValueError("pass a method (with its options) or a decoder_fn, not both")
         self.model = model
@@ -146,6 +147,11 @@ class Generator:
             loop_c = loop.lower(self.params, ls_shape, jnp.int32(0)).compile()
             self._compiled[key] = _Compiled(init_c, loop_c, time.perf_counter() - t0)
         return self._compiled[key]
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling, over every shape bucket seen so far."""
+        return sum(c.compile_s for c in self._compiled.values())
 
     # -- the API -----------------------------------------------------------------------
     def stream(self, prompts: Sequence[str | Sequence[int]],

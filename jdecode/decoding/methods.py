@@ -33,12 +33,15 @@ class MethodBuild:
     model: the model to decode; its `params` may bundle the method's extra parts, e.g.
       `(target_params, draft_params)`. decoder_fn(cfg, max_len) -> Decoder. describe(stats) ->
       extra per-result stats computed from the loop's (e.g. acceptance rates from the mean
-      accepted length).
+      accepted length). score(params, tokens [B, T]) -> logits [B, T, V]: the method's own
+      next-token distributions on given text, teacher-forced (lossy forward transforms give it,
+      so quality metrics can compare it with the full model's; None for the others).
     """
 
     model: Model
     decoder_fn: Callable[..., Decoder]
     describe: Callable[[dict], dict] = lambda stats: {}
+    score: Callable[[Any, Any], Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,34 @@
+"""What every result records about where it came from: git commit, date, jax version, device."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_sha(short: bool = True) -> str:
+    """The checkout's commit ("" outside git). `JDECODE_GIT_SHA` overrides it: a working tree
+    copied to another machine can carry a stale .git, so the sender names the commit."""
+    if os.environ.get("JDECODE_GIT_SHA"):
+        return os.environ["JDECODE_GIT_SHA"]
+    cmd = ["git", "rev-parse", *(["--short"] if short else []), "HEAD"]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO_ROOT,
+                              timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def environment() -> dict[str, str]:
+    """Date (UTC), git commit, jax version, backend and device kind, Python version."""
+    import jax
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_sha": git_sha(), "jax_version": jax.__version__,
+            "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+            "python": platform.python_version()}
