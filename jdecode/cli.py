@@ -14,7 +14,9 @@ from jdecode.provenance import git_sha
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="jdecode: fast LLM decoding in JAX/XLA.")
-err = Console(stderr=True)
+# soft_wrap: a one-line error or stats line stays one line (rich wraps at 80 columns when
+# stderr is not a terminal, which cuts messages in logs and in tests).
+err = Console(stderr=True, soft_wrap=True)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="name (smollm2-135m), HF dir or "
                                        ".gguf path")]
@@ -130,8 +132,8 @@ def generate(
         raw = read_decode_config(config)
         spec = methods.get(method or raw.get("method", "autoregressive"))
         set_opts, model_overrides = split_set(set_ or [], spec)
-        opts = methods.parse_options(spec, {**(raw.get("options") or {}), **set_opts},
-                                     where=config or "--set")
+        where = " with ".join(filter(None, (config, set_ and "--set")))
+        opts = methods.parse_options(spec, {**(raw.get("options") or {}), **set_opts}, where)
     except ConfigError as e:
         _fail(str(e))
     m = _load(model, dtype, model_overrides)

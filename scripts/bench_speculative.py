@@ -4,7 +4,7 @@ draft that gives way to prompt lookup where a 2+-gram matches), per k and batch 
 cost model's prediction and the k it would choose (jdecode.analysis.spec_cost).
 
 CPU (what fits in a few minutes per configuration):
-  python scripts/bench_speculative.py --draft-dir drafts/smollm2-135m-draft --batch 1 \
+  python scripts/bench_speculative.py --draft-dir artifacts/smollm2-135m-d2.tgz --batch 1 \
       --k 2,3,4,5 --out benchmarks/
 GPU (several drafts, comma-separated; "distilled" expands to each of them):
   python scripts/bench_speculative.py --draft-dir D2,D4 --drafts ngram,distilled,distilled+ngram \
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,14 +45,16 @@ from jdecode.analysis.spec_cost import (
     expected_speedup,
 )
 from jdecode.cache.dense import init_cache
+from jdecode.data.prompts import eval_prompts
 from jdecode.decoding import generate as generate_mod
 from jdecode.decoding import phases
+from jdecode.decoding.draft_model import load_draft
 from jdecode.decoding.generate import Generator, next_pow2
 from jdecode.decoding.sampling import SamplingParams
-from jdecode.decoding.speculative import acceptance_stats, build_speculative
+from jdecode.decoding.speculative import acceptance_stats
+from jdecode.io.artifacts import read_manifest
 from jdecode.io.registry import load
-from jdecode.training.distill import load_draft
-from jdecode.data.prompts import eval_prompts
+from jdecode.provenance import git_sha
 
 
 def run_interleaved(gens: dict[str, Generator], prompts: list[tuple[str, list[int]]],
@@ -172,29 +173,22 @@ def verify_cost(step_s: dict[int, float], k: int) -> float:
     return float(np.interp(k + 1, ts, [step_s[t] for t in ts])) / step_s[1]
 
 
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def draft_names(drafts: list[str], draft_dirs: list[str], target) -> dict[str, tuple]:
-    """Bench name -> (draft for `build_speculative`, with_ngram): "distilled" and
-    "distilled+ngram" expand to one entry per draft directory, named by its layer count."""
+    """Bench name -> (loaded draft or "ngram", with_ngram, the speculative method's `draft`
+    option): "distilled" and "distilled+ngram" expand to one entry per draft artifact, named
+    by its layer count."""
     loaded = {d: load_draft(d, target) for d in draft_dirs}
     out = {}
     for name in drafts:
         if name == "ngram":
-            out[name] = ("ngram", False)
+            out[name] = ("ngram", False, "ngram")
         elif name in ("distilled", "distilled+ngram"):
             for d, model in loaded.items():
                 label = f"distilled-{model.cfg.num_layers}L"
                 if label in {n.split("+")[0] for n in out} and name == "distilled":
                     label += f"-{Path(d).name}"  # two drafts of one depth
                 out[label + ("+ngram" if name.endswith("+ngram") else "")] = (
-                    model, name.endswith("+ngram"))
+                    model, name.endswith("+ngram"), d)
         else:
             raise SystemExit(f"--drafts {name!r}: choose from ngram, distilled, distilled+ngram")
     return out
@@ -262,9 +256,10 @@ def main() -> None:
     impl = ar_gen.impl
     rows, cost_model, meta = [], {}, {}
     for d in draft_dirs:
-        info = json.loads((Path(d) / "draft.json").read_text())
-        meta[d] = {key: info.get(key) for key in ("layers", "steps_done", "last_kl_mean20",
-                                                  "train_seconds", "saved_dtype")}
+        info = read_manifest(d)
+        meta[d] = {"layers": info["options"]["layers"], "saved_dtypes": info["saved_dtypes"],
+                   **{key: info["metrics"].get(key) for key in (
+                       "steps_done", "last_kl_mean20", "train_seconds")}}
     context = sum(len(p) for _, p in prompts) // len(prompts) + args.max_new_tokens // 2
     record = {
         "benchmark": "speculative", "model": args.model, "draft_dirs": meta,
@@ -295,7 +290,7 @@ def main() -> None:
                  "target_step_s": t_target[1], "c": {}, "chosen_k": {},
                  "predicted_at_chosen_k": {}, "chosen_k_calibrated": {},
                  "predicted_calibrated": {}}
-        for name, (draft, _) in draft_models.items():
+        for name, (draft, _, _) in draft_models.items():
             if draft == "ngram":
                 costs["c"][name] = 0.0
             elif name.endswith("+ngram"):  # the same model (lookup's cost is not counted)
@@ -306,11 +301,10 @@ def main() -> None:
                                               [1])[1] / t_target[1]
         cost_model[batch] = costs
         gens = {("none", 0): ar_gen}
-        for name, (draft, with_ngram) in draft_models.items():
-            for k in ks_of[name]:
-                model, decoder_fn = build_speculative(target, draft, k, impl, greedy=True,
-                                                      with_ngram=with_ngram)
-                gens[(name, k)] = Generator(model, decoder_fn, impl=impl)
+        for name, (_, with_ngram, draft_opt) in draft_models.items():
+            for k in ks_of[name]:  # resolved through the method registry, as users do
+                gens[(name, k)] = Generator(target, impl=impl, method="speculative", options={
+                    "draft": draft_opt, "k": k, "with_ngram": with_ngram})
         # The first token of each row comes from prefill: the loop decodes the rest.
         num_tokens = args.max_new_tokens - 1
         cal = calibrate(gens, prompts, batch, sp, args.compile_workers, args.probe_prompts)

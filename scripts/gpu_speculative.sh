@@ -46,32 +46,31 @@ run nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv || true
 dirs=()
 for L in $LAYERS; do
   d="$WORK/d${L}"
-  # Every draft trains on the first draft's corpus (same prompts, samples and held-out split).
-  if [[ ${#dirs[@]} -gt 0 && ! -e "$d/corpus.npz" ]]; then
-    run mkdir -p "$d"
-    run cp "${dirs[0]}/corpus.npz" "$d/corpus.npz"
-  fi
-  run python -u -m jdecode.cli train draft --model "$MODEL" --out "$d" --num-layers "$L" \
-    --steps "$STEPS" --batch-size "$BATCH_SIZE" --seq-len "$SEQ_LEN" \
-    --new-tokens "$NEW_TOKENS" --samples-per-prompt "$SAMPLES" --temperature "$TEMPERATURE" \
-    --gen-batch "$GEN_BATCH" ${TRAIN_PROMPTS:+--num-prompts "$TRAIN_PROMPTS"} \
-    --val-fraction 0.1 --eval-every "$EVAL_EVERY" --max-epochs 10 --time-budget "$TRAIN_S" \
-    --checkpoint-every 100000 --save-dtype bfloat16 --json
+  # Every draft trains on one shared corpus (same prompts, samples and held-out split).
+  run python -u -m jdecode.cli train draft --model "$MODEL" --out "$d" --corpus "$WORK/corpus.npz" \
+    --set num_layers="$L" --set save_dtype=bfloat16 \
+    --set steps="$STEPS" --set batch_size="$BATCH_SIZE" --set seq_len="$SEQ_LEN" \
+    --set new_tokens="$NEW_TOKENS" --set samples_per_prompt="$SAMPLES" \
+    --set temperature="$TEMPERATURE" --set gen_batch="$GEN_BATCH" \
+    ${TRAIN_PROMPTS:+--num-prompts "$TRAIN_PROMPTS"} --set val_fraction=0.1 \
+    --set eval_every="$EVAL_EVERY" --set max_epochs=10 --set time_budget_s="$TRAIN_S" \
+    --set checkpoint_every=100000 --json
   dirs+=("$d")
 done
-# Each draft's metadata and held-out curve in one file, readable without unpacking the tar.
+# Each draft's manifest and held-out curve in one file, readable without unpacking the tar.
 run python -u -c '
 import json, sys
 from pathlib import Path
-out = {Path(d).name: {"draft": json.loads((Path(d) / "draft.json").read_text()),
+out = {Path(d).name: {"manifest": json.loads((Path(d) / "manifest.json").read_text()),
                       "eval": json.loads((Path(d) / "history.json").read_text())["eval"]}
        for d in sys.argv[2:]}
 Path(sys.argv[1]).write_text(json.dumps(out, indent=1))' "$OUT/train.json" "${dirs[@]}"
 
-# The drafts without their corpus and optimizer checkpoints: one file (orbax writes many).
+# The draft artifacts without their corpus and optimizer checkpoints: one file (orbax writes
+# many); each member directory is an artifact that `--set draft=DIR` loads.
 members=()
 for d in "${dirs[@]}"; do
-  members+=("$(basename "$d")/draft" "$(basename "$d")/draft.json" \
+  members+=("$(basename "$d")/params" "$(basename "$d")/manifest.json" \
             "$(basename "$d")/history.json" "$(basename "$d")/loss.png")
 done
 run tar -czf "$OUT/drafts.tgz" -C "$WORK" "${members[@]}"

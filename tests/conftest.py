@@ -14,6 +14,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import seed_of
 
 
+@pytest.fixture(scope="session", autouse=True)
+def jax_compilation_cache(tmp_path_factory):
+    """XLA's persistent compilation cache, private to this session: tests that build their own
+    Generator for the same model and method (the CLI, the Python API and the experiment runner
+    each do) compile identical executables, and only the first compile does the work."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 @pytest.fixture
 def rng(request) -> np.random.Generator:
     """numpy RNG seeded from the test id: fresh data per test, reproducible across runs."""

@@ -141,20 +141,23 @@ def quality_metrics(cell: dict, base: dict, prompts: list[Prompt], gen: Generato
                                               for i in answered]))
     if mine is None:
         return out
-    # The full model's greedy continuations: where it is most confident, as decoding sees it.
-    seqs = [gen.encode(p.text, cfg.chat) if p.token_ids is None else list(p.token_ids)
-            for p in prompts]
-    tokens, mask = padded([s + t for s, t in zip(seqs, base["tokens"])])
-    gen_mask = mask.copy()
-    for i, s in enumerate(seqs):  # count only positions that predict a generated token
-        gen_mask[i, :max(len(s) - 1, 0)] = 0.0
-    gen_mask[:, -1] = 0.0
-    out.update(quality.teacher_forced_metrics(full(tokens), mine(tokens), gen_mask))
+    if mine is not full:
+        # The full model's greedy continuations: where it is most confident, as decoding
+        # sees it. (The baseline would compare the full model with itself: skipped.)
+        seqs = [gen.encode(p.text, cfg.chat) if p.token_ids is None else list(p.token_ids)
+                for p in prompts]
+        tokens, mask = padded([s + t for s, t in zip(seqs, base["tokens"])])
+        gen_mask = mask.copy()
+        for i, s in enumerate(seqs):  # count only positions that predict a generated token
+            gen_mask[i, :max(len(s) - 1, 0)] = 0.0
+        gen_mask[:, -1] = 0.0
+        out.update(quality.teacher_forced_metrics(full(tokens), mine(tokens), gen_mask))
     if held_out:
         tokens, mask = padded(held_out)
         out["perplexity"] = quality.perplexity(*quality.nll_sums(mine(tokens), tokens, mask))
-        out["perplexity_full"] = quality.perplexity(
-            *quality.nll_sums(full(tokens), tokens, mask))
+        if mine is not full:
+            out["perplexity_full"] = quality.perplexity(
+                *quality.nll_sums(full(tokens), tokens, mask))
     return out
 
 
@@ -220,9 +223,10 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
             row["quality"] = quality_metrics(cell, base, prompts, gen, full, mine, cfg, held)
         (out / "outputs" / f"{key}.json").write_text(json.dumps(
             {"tokens": cell["tokens"], "texts": cell["texts"]}))
+        line = json.dumps(row)
         with open(out / RESULTS, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        done[key] = row
+            f.write(line + "\n")
+        done[key] = json.loads(line)  # as a resumed run will read it (tuples become lists)
         report.write(cfg, [done[k] for k in keys if k in done], out, command)
         bar.update(1)
     bar.close()

@@ -5,6 +5,9 @@ its options, its training metrics and the jdecode version.
 
     <dir>/manifest.json   {"format", "kind", "target", "options", "metrics", ...}
     <dir>/params/         orbax StandardCheckpointer tree
+
+An artifact can also be given as a .tgz of such a directory (how small parts for the default
+model are committed, under artifacts/): it is unpacked once into the jdecode cache.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ import jax
 import numpy as np
 
 from jdecode import __version__
+from jdecode.io.checkpoint import cache_root
 from jdecode.io.registry import Model
 
 ARTIFACT_FORMAT = 1
@@ -116,13 +121,29 @@ def save_artifact(path: str | Path, kind: str, target: Model, params: Any,
     return path
 
 
+def artifact_dir(path: str | Path) -> Path:
+    """The directory holding the manifest: `path` itself, or for a .tgz/.tar.gz archive the
+    directory it unpacks to (once, under $JDECODE_CACHE/artifacts/<hash of the archive>)."""
+    path = Path(path)
+    if not (path.is_file() and path.name.endswith((".tgz", ".tar.gz"))):
+        return path
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    dest = cache_root() / "artifacts" / digest
+    if not any(dest.glob(f"**/{MANIFEST}")):
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(path) as tar:
+            tar.extractall(dest, filter="data")  # "data": no absolute paths or links out
+    found = sorted(dest.glob(f"**/{MANIFEST}"))
+    return found[0].parent if found else dest
+
+
 def is_artifact(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    return (artifact_dir(path) / MANIFEST).is_file()
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of an artifact directory; a missing or unreadable one is an ArtifactError."""
-    file = Path(path) / MANIFEST
+    file = artifact_dir(path) / MANIFEST
     if not file.is_file():
         raise ArtifactError(f"{str(path)!r} is not a trained artifact (no {MANIFEST}): pass a "
                             "directory written by `jdecode train ...`")
@@ -178,7 +199,7 @@ def load_artifact(path: str | Path, kind: str, target: Model,
                                        sharding=sharding), like)
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            params = ckptr.restore((Path(path) / PARAMS_DIR).resolve(), restore_as)
+            params = ckptr.restore((artifact_dir(path) / PARAMS_DIR).resolve(), restore_as)
         except (ValueError, FileNotFoundError) as e:
             raise ArtifactError(f"{str(path)!r}: its checkpoint does not match the {kind} it "
                                 f"describes ({str(e).splitlines()[0]}): train it again") from None

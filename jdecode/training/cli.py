@@ -75,7 +75,7 @@ def train(
     """Train a part of a decoding method on the target's own text (optax, orbax artifact)."""
     from rich.console import Console
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)  # one line per message, even when piped
     try:
         raw = read_train_config(config)
         spec, opts, tc, cc = resolve(raw.get("kind", kind), raw, set_ or [])

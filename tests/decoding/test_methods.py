@@ -1,0 +1,118 @@
+"""The method registry: every registered method runs the same way through the Python API, the
+CLI and the experiment runner on the real default model, lossless ones reproducing
+autoregressive greedy tokens exactly; unknown methods, options and values are one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from helpers import tiny_model
+from typer.testing import CliRunner
+
+import jdecode
+from jdecode.cli import app
+from jdecode.config import ConfigError
+from jdecode.decoding import methods
+from jdecode.decoding.draft_model import draft_from_target, draft_weights
+from jdecode.decoding.generate import Generator
+from jdecode.decoding.sampling import SamplingParams
+from jdecode.experiments.config import load_config
+from jdecode.experiments.runner import run_experiment
+from jdecode.io import artifacts, registry
+
+PROMPT = "Write a Python function that returns the square of a number."
+NEW = 12
+# Options that make a method runnable on the default model in CI (a method whose defaults need
+# a trained part points at a committed artifact). A new method without a working default must
+# add its entry here, or test_every_method_has_a_recipe fails.
+RECIPES = {
+    "autoregressive": {},
+    "speculative": {"draft": "artifacts/smollm2-135m-d2.tgz", "k": 2},
+}
+runner = CliRunner()
+
+
+def test_every_method_has_a_recipe():
+    assert set(methods.available()) <= set(RECIPES), \
+        f"add a CI recipe for {sorted(set(methods.available()) - set(RECIPES))}"
+
+
+def test_methods_command_lists_every_method_and_its_options():
+    result = runner.invoke(app, ["methods", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.stdout)
+    assert set(listed) == set(methods.available())
+    assert listed["autoregressive"]["lossless"] and listed["speculative"]["lossless"]
+    assert listed["speculative"]["options"]["k"] == {"type": "int", "default": 4,
+                                                     "help": "tokens drafted per step"}
+    table = runner.invoke(app, ["methods"])
+    assert table.exit_code == 0 and "speculative" in table.output and "k: int = 4" in table.output
+
+
+@pytest.fixture(scope="module")
+def reference(smol_generator):
+    (r,) = smol_generator.generate(PROMPT, SamplingParams(max_new_tokens=NEW, ignore_eos=True),
+                                   chat=True)
+    return r.token_ids
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_method_runs_alike_through_api_cli_and_experiment(name, smol, smol_cache, reference,
+                                                          tmp_path, monkeypatch):
+    opts = RECIPES[name]
+    sp = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+    (api,) = jdecode.generate(smol, PROMPT, sp, chat=True, method=name, **opts)
+
+    monkeypatch.setattr(registry, "load", lambda *a, **k: smol)  # the CLI loads nothing new
+    args = ["generate", PROMPT, "--chat", "--max-new-tokens", str(NEW), "--json",
+            "--method", name] + [f"--set={k}={v}" for k, v in opts.items()]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    cli = json.loads(result.stdout)
+    assert cli["method"] == name and cli["options"].items() >= opts.items()
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPT}))
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "one", "model": "smollm2-135m", "ignore_eos": True,
+                                   "quality": False,
+                                   "prompts": [str(prompts)], "max_new_tokens": NEW,
+                                   "methods": [{"method": name, "label": "m",
+                                                "options": opts}]}))
+    monkeypatch.setattr("jdecode.experiments.runner.load", lambda *a, **k: smol)
+    rows = run_experiment(load_config(cfg), tmp_path / "out", progress=False)
+    row = rows[-1]
+    outputs = json.loads((tmp_path / "out" / "outputs" / f"{row['cell']}.json").read_text())
+
+    assert api.token_ids == cli["token_ids"] == outputs["tokens"][0]
+    if methods.get(name).lossless:
+        assert api.token_ids == reference
+        assert row["exact_prompts"] == 1
+
+
+def test_bad_method_input_is_one_line(smol, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="unknown method 'beam': choose one of "
+                                          "autoregressive, speculative"):
+        Generator(smol, method="beam")
+    with pytest.raises(ConfigError, match="method 'speculative' has no option 'kk'; valid "
+                                          "options are: draft, k, max_ngram, with_ngram"):
+        Generator(smol, method="speculative", options={"kk": 2})
+    with pytest.raises(ConfigError, match="k=2.5 must be int"):
+        jdecode.generate(smol, "hi", method="speculative", k=2.5)
+    with pytest.raises(ValueError, match="pass a method .* or a decoder_fn, not both"):
+        Generator(smol, decoder_fn=lambda cfg, n: None, method="speculative")
+
+    # A draft trained for another model: the artifact check names both and the fix.
+    tiny = tiny_model(3)
+    artifacts.save_artifact(tmp_path / "d", "draft", tiny,
+                            draft_weights(draft_from_target(tiny, (0,))), {"layers": [0]})
+    monkeypatch.setattr(registry, "load", lambda *a, **k: smol)
+    result = runner.invoke(app, ["generate", "hi", "--method", "speculative",
+                                 "--set", f"draft={tmp_path / 'd'}"])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "was trained for target 'tiny'" in out and "jdecode train draft --model" in out
+    result = runner.invoke(app, ["generate", "hi", "--method", "beam"])
+    assert result.exit_code == 2 and "unknown method 'beam'" in result.output
