@@ -16,6 +16,13 @@ Extra slots: a step at root position p writes slots p .. p + N - 1, so a decoder
 slots more than autoregressive decoding of the same requests needs (max_len + N - 1, rounded
 up as the cache requires). A node whose slot fell past the buffer would be dropped from the
 cache and hidden from its descendants.
+
+A step (`pos` = the root's position, `rule` any `acceptance.AcceptFn`):
+    logits, hidden, cache = phases.verify_tree(params, cache, tokens, pos, tree, cfg=cfg)
+    accepted = rule(tree, tokens, logits, draft_probs, sampling, keys)
+    cache = commit_path(cache, pos, accepted.path)
+    # next root accepted.next_token at pos + accepted.num_accepted;
+    # StepOutput(accepted.tokens, accepted.num_accepted)
 """
 
 from __future__ import annotations
