@@ -30,7 +30,11 @@ class DenseKVCache:
 
 @struct.dataclass
 class DenseMeta:
-    positions: jax.Array  # [B, T] int32 absolute position of each query token
+    positions: jax.Array  # [B, T] int32 slot each query token writes and attends from
+    # [B, T, T] bool: query t may see the K/V query u wrote (tree attention), or None: causal.
+    # The slots are positions, except where a caller places tokens elsewhere on purpose (tree
+    # verification writes node i at root + i; see `jdecode.decoding.tree`).
+    mask: jax.Array | None = None
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None,
@@ -57,7 +61,8 @@ def dense_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: DenseKVCache,
 
     Stale slots (padding of a shorter prompt, tokens rolled back by speculative decoding) are
     never visible: a query at position p sees only slots <= p, and every slot <= p was written
-    by this step or holds an accepted token.
+    by this step or holds an accepted token. `meta.mask`, if set, further restricts which of
+    this step's own slots each query sees.
 
     Args:
       q: [B, T, H, D]; k, v: [B, T, K, D] (RoPE applied). layer: int32 scalar (a Python int
@@ -79,11 +84,33 @@ def dense_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: DenseKVCache,
         v_all = cache.v.at[layer, rows, pos].set(v.astype(cache.v.dtype), mode="drop")
         new = DenseKVCache(k_all, v_all)
         k_l, v_l, page_layer = k_all[layer], v_all[layer], layer  # [B, S, K, D]
-    if impl == "pallas" and q.shape[1] == 1 and sliding_window is None:
+    if impl == "pallas" and q.shape[1] == 1 and sliding_window is None and meta.mask is None:
         return dense_decode_pallas(q, k_all, v_all, page_layer, pos), new
     kv_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
-    out = attention(q, k_l, v_l, pos, kv_pos, impl=impl, sliding_window=sliding_window)
+    out = attention(q, k_l, v_l, pos, kv_pos, impl=impl, sliding_window=sliding_window,
+                    mask=meta.mask)
     return out, new
+
+
+def copy_slots(cache: DenseKVCache, src: jax.Array, dst: jax.Array) -> DenseKVCache:
+    """Copies every layer's K/V from slots src[b, j] to slots dst[b, j], per row.
+
+    All slots are read before any is written, so a source may also be a destination.
+
+    Args:
+      src, dst: [B, M] int32 slots (dst past the buffer is dropped; keep src inside it).
+    Returns:
+      the cache with the copies made (in place when the caller donates it).
+    """
+    rows = jnp.arange(src.shape[0])[:, None]  # [B, 1] broadcasts against [B, M]
+    if cache.per_layer:
+        def move(buf):  # [B, S, K, D]
+            return buf.at[rows, dst].set(buf[rows, src], mode="drop")
+        return DenseKVCache(k=tuple(map(move, cache.k)), v=tuple(map(move, cache.v)))
+
+    def move_all(buf):  # [L, B, S, K, D]: all layers in one gather and one scatter
+        return buf.at[:, rows, dst].set(buf[:, rows, src], mode="drop")
+    return DenseKVCache(k=move_all(cache.k), v=move_all(cache.v))
 
 
 def _put(buffers: tuple, layer: int, value: jax.Array) -> tuple:

@@ -1,4 +1,4 @@
-"""The jitted phases over a dense cache: `prefill`, `decode_step` and `verify`.
+"""The jitted phases over a dense cache: `prefill`, `decode_step`, `verify` and `verify_tree`.
 
 Each is a pure function; callers jit it with `cfg`/`impl` static and the cache donated
 (see `jdecode.decoding.generate`), so the cache is updated in place.
@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from jdecode.cache.dense import DenseKVCache, DenseMeta, init_cache, make_dense_attend
 from jdecode.config import ModelConfig
+from jdecode.decoding.tree import Tree
 from jdecode.model.linear import make_linear
 from jdecode.model.params import Params
 from jdecode.model.transformer import forward
@@ -73,3 +74,32 @@ def score(params: Params, tokens: jax.Array, *, cfg: ModelConfig, impl: str = "x
     logits, hidden, _ = verify(params, init_cache(cfg, b, t), tokens, positions, cfg=cfg,
                                impl=impl)
     return logits, hidden
+
+
+def verify_tree(params: Params, cache: DenseKVCache, tokens: jax.Array, positions: jax.Array,
+                tree: Tree, *, cfg: ModelConfig, impl: str = "xla"
+                ) -> tuple[jax.Array, jax.Array, DenseKVCache]:
+    """Scores every node of a candidate tree per row in one pass (tree attention).
+
+    Node i of row b is tokens[b, i] at position positions[b] + depths[b, i]. It attends to the
+    committed cache (slots < positions[b]), its ancestors and itself, so its logits equal those
+    of decoding its root-to-node path one token at a time. Its K/V go to the scratch slot
+    positions[b] + i; `tree.commit_path` moves the accepted path into place (the layout, and
+    the N - 1 extra cache slots it needs, are explained in `jdecode.decoding.tree`).
+
+    Args:
+      tokens: [B, N] int32 node tokens; node 0 is the root, the last emitted token (not yet in
+        the cache). positions: [B] int32 the root's position (= tokens in the cache).
+      tree: the rows' trees (`tree.tree_from_parents`, `tree.StaticTree.arrays`).
+    Returns:
+      logits [B, N, V] f32 (node i's distribution for its children), hidden [B, N, E], and the
+      cache with node i's K/V at slot positions + i.
+    """
+    if cfg.sliding_window is not None:
+        raise ValueError(f"sliding_window={cfg.sliding_window}: tree verification measures "
+                         "the window from scratch slots, not positions, so it is not supported "
+                         "for sliding-window models; verify a chain with `verify` instead")
+    slots = positions[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)  # [B, N]
+    return forward(params, tokens, positions[:, None] + tree.depths, cache,
+                   DenseMeta(slots, mask=tree.ancestors), cfg=cfg,
+                   attend=make_dense_attend(cfg, impl), linear=make_linear(impl))

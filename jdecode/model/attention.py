@@ -35,18 +35,40 @@ class HasPositions(Protocol):
     positions: jax.Array  # [B, T]
 
 
+def restrict_own_keys(visible: jax.Array, mask: jax.Array, q_pos: jax.Array,
+                      kv_pos: jax.Array) -> jax.Array:
+    """Applies a [B, T, T] mask to the keys the T queries wrote themselves.
+
+    The queries' own K/V sit at the slots holding positions q_pos[b, 0] + u (contiguous, as the
+    dense cache writes a step); key u is then visible to query t only if mask[b, t, u]. Slots
+    outside that range keep `visible` as it is.
+
+    Args:
+      visible: [B, T, S] bool. mask: [B, T, T] bool. q_pos: [B, T] int32. kv_pos: [B, S] int32.
+    Returns:
+      [B, T, S] bool.
+    """
+    b, t, s = visible.shape
+    u = kv_pos - q_pos[:, :1]  # [B, S] which query wrote slot s, if any
+    own = (u >= 0) & (u < t)
+    u = jnp.broadcast_to(jnp.clip(u, 0, t - 1)[:, None, :], (b, t, s))
+    return visible & (~own[:, None, :] | jnp.take_along_axis(mask, u, axis=2))
+
+
 def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
                   kv_pos: jax.Array, *, sliding_window: int | None = None,
-                  sm_scale: float | None = None) -> jax.Array:
+                  sm_scale: float | None = None, mask: jax.Array | None = None) -> jax.Array:
     """Masked GQA attention over a contiguous K/V buffer, without repeating K/V heads.
 
     Key s is visible to query t iff 0 <= kv_pos[s] <= q_pos[t] (causal; slots holding a
     negative position are empty) and, with a sliding window W, q_pos - kv_pos < W (HF Mistral).
+    A `mask` further restricts the keys the queries wrote themselves (`restrict_own_keys`).
 
     Args:
       q: [B, T, H, D] queries. k, v: [B, S, K, D] keys/values, H % K == 0.
       q_pos: [B, T] int32 absolute positions of the queries.
       kv_pos: [B, S] int32 absolute positions held in each K/V slot (-1 = empty).
+      mask: optional [B, T, T] bool, query t may see the key of query u (tree attention).
     Returns:
       [B, T, H, D] in q.dtype; scores and softmax in f32.
     """
@@ -58,6 +80,8 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
     visible = (kv_pos[:, None, :] <= q_pos[:, :, None]) & (kv_pos[:, None, :] >= 0)  # [B,T,S]
     if sliding_window is not None:
         visible &= (q_pos[:, :, None] - kv_pos[:, None, :]) < sliding_window
+    if mask is not None:
+        visible = restrict_own_keys(visible, mask, q_pos, kv_pos)
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
     # A fully masked row (a padding query) would give NaN; zero it instead.
     probs = jax.nn.softmax(scores, axis=-1)
@@ -68,14 +92,16 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, kv_pos: jax.Array,
-              *, impl: str = "xla", sliding_window: int | None = None) -> jax.Array:
+              *, impl: str = "xla", sliding_window: int | None = None,
+              mask: jax.Array | None = None) -> jax.Array:
     """Dispatches contiguous-cache attention to an implementation (see `attention_xla`).
 
     The Pallas path assumes the dense cache's slots (kv_pos[b, s] == s) and has no sliding
-    window, so windowed models stay on XLA.
+    window, so windowed models stay on XLA. `mask` ([B, T, T] bool, or None) restricts the
+    keys the queries wrote themselves on either path.
     """
     if impl in ("xla", "reference") or (impl == "pallas" and sliding_window is not None):
-        return attention_xla(q, k, v, q_pos, kv_pos, sliding_window=sliding_window)
+        return attention_xla(q, k, v, q_pos, kv_pos, sliding_window=sliding_window, mask=mask)
     if impl == "pallas":
-        return attention_pallas(q, k, v, q_pos)
+        return attention_pallas(q, k, v, q_pos, mask)
     raise ValueError(f"attention impl={impl!r} is unknown; choose one of {', '.join(IMPLS)}")

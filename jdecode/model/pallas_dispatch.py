@@ -39,12 +39,13 @@ def dense_decode_pallas(q: jax.Array, k_all: jax.Array, v_all: jax.Array, layer:
     return out[:, None]
 
 
-def attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array
-                     ) -> jax.Array:
+def attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
+                     mask: jax.Array | None = None) -> jax.Array:
     """Flash attention for contiguous positions q_pos[b] = q_pos[b, 0] + t over slots = positions.
 
     Only for the dense cache, where slot s holds position s; sliding windows are not in the
-    kernel (`jdecode.model.attention.attention` keeps those on the XLA path).
+    kernel (`jdecode.model.attention.attention` keeps those on the XLA path). mask: optional
+    [B, T, T] bool over the queries' own keys (the kernel's tree-attention specialization).
     """
     return flash_attention(q, k, v, causal=True, q_offset=q_pos[:, 0],
-                           kv_lens=q_pos[:, -1] + 1)
+                           kv_lens=q_pos[:, -1] + 1, mask=mask)

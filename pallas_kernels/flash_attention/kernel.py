@@ -1,7 +1,8 @@
 """Flash attention forward (FlashAttention-2 tiling, online softmax) as a Pallas Triton kernel.
 
-Supports causal/non-causal, GQA through the K/V index map, per-sequence kv lengths and a query
-offset for chunked prefill over cached K/V.
+Supports causal/non-causal, GQA through the K/V index map, per-sequence kv lengths, a query
+offset for chunked prefill over cached K/V, and an optional mask among the queries' own keys
+(tree attention, SpecInfer / Medusa), compiled as a separate static specialization.
 """
 
 from __future__ import annotations
@@ -84,15 +85,17 @@ def _flash_kernel(
     q_ref,  # [block_q, D]
     k_ref,  # [S_pad, D]  (one kv head of one sequence)
     v_ref,  # [S_pad, D]
-    o_ref,  # [block_q, D]
-    *,
+    *refs,  # (mask_ref [block_q, num_mask_tiles * block_k] int32, o_ref) or (o_ref [block_q, D],)
     sm_scale: float,
     causal: bool,
     soft_cap: float | None,
     block_q: int,
     block_k: int,
     num_q_blocks: int,
+    num_mask_tiles: int,
 ):
+    # num_mask_tiles is static: 0 compiles the plain kernel, without a mask operand.
+    mask_ref, o_ref = refs if num_mask_tiles else (None, *refs)
     # Heaviest causal q blocks first (they see the most keys): better tail balance.
     qi = num_q_blocks - 1 - pl.program_id(0)
     q_off = q_offset_ref[()]
@@ -111,6 +114,10 @@ def _flash_kernel(
         end = kv_len
         num_full = kv_len // block_k
     num_blocks = (end + block_k - 1) // block_k
+    if mask_ref is not None:
+        # The queries' own keys start in tile first_tile: only tiles before it skip the mask.
+        first_tile = q_off // block_k
+        num_full = jnp.minimum(num_full, first_tile)
     num_full = jnp.minimum(num_full, num_blocks)
 
     def body(j, carry, masked):
@@ -127,6 +134,13 @@ def _flash_kernel(
             if causal:
                 q_pos = q_first + jnp.arange(block_q)
                 mask = mask & (k_pos[None, :] <= q_pos[:, None])
+            if mask_ref is not None:
+                # Window tile w holds kv tile first_tile + w (see `_mask_window`); tiles outside
+                # the window hold no query's own key, so the mask leaves them alone.
+                w = j - first_tile
+                in_window = (w >= 0) & (w < num_mask_tiles)
+                cols = pl.ds(jnp.clip(w, 0, num_mask_tiles - 1) * block_k, block_k)
+                mask = mask & ((mask_ref[:, cols] != 0) | ~in_window)
         return online_softmax_step(carry, s, v, mask)
 
     carry = (
@@ -140,7 +154,7 @@ def _flash_kernel(
     o_ref[...] = finish_softmax(acc, l).astype(o_ref.dtype)
 
 
-def _check_inputs(q, k, v, q_offset, kv_lens) -> None:
+def _check_inputs(q, k, v, q_offset, kv_lens, mask=None) -> None:
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
         raise ValueError(
             f"expected q [B, T, H, D] and k, v [B, S, K, D] of equal shape; got q {q.shape}, "
@@ -161,6 +175,12 @@ def _check_inputs(q, k, v, q_offset, kv_lens) -> None:
     for name, x in (("q_offset", q_offset), ("kv_lens", kv_lens)):
         if x is not None and tuple(x.shape) != (b,):
             raise ValueError(f"{name} has shape {tuple(x.shape)}; expected ({b},) for q {q.shape}")
+    t = q.shape[1]
+    if mask is not None and tuple(mask.shape) != (b, t, t):
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}; expected ({b}, {t}, {t}) (query t, own key u) "
+            f"for q {q.shape}"
+        )
 
 
 def _pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
@@ -173,6 +193,21 @@ def _pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
     return jnp.pad(x, widths)
 
 
+def _mask_window(mask: jax.Array, q_offset: jax.Array, block_k: int, num_tiles: int) -> jax.Array:
+    """The [B, T, T] mask laid out over the kv tiles that hold the queries' own keys.
+
+    Key q_offset + u sits in column r + u of a window of num_tiles kv tiles starting at tile
+    q_offset // block_k, where r = q_offset % block_k; so the kernel reads whole aligned tiles
+    instead of gathering. Columns outside [r, r + T) hold other keys: 1, unrestricted.
+    Returns [B, T, num_tiles * block_k] int32 (Triton loads no bool refs).
+    """
+    b, t, _ = mask.shape
+    u = jnp.arange(num_tiles * block_k)[None, :] - (q_offset % block_k)[:, None]  # [B, W]
+    own = (u >= 0) & (u < t)
+    u = jnp.broadcast_to(jnp.clip(u, 0, t - 1)[:, None, :], (b, t, u.shape[1]))
+    return jnp.where(own[:, None, :], jnp.take_along_axis(mask, u, axis=2), True).astype(jnp.int32)
+
+
 def flash_attention(
     q: jax.Array,
     k: jax.Array,
@@ -183,6 +218,7 @@ def flash_attention(
     q_offset: jax.Array | None = None,
     kv_lens: jax.Array | None = None,
     soft_cap: float | None = None,
+    mask: jax.Array | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
     num_warps: int | None = None,
@@ -205,6 +241,10 @@ def flash_attention(
       q_offset: [B] int32 position of each sequence's first query; defaults to 0.
       kv_lens: [B] int32 valid keys per sequence (the rest is padding); defaults to S.
       soft_cap: if set, logits become soft_cap * tanh(logits / soft_cap).
+      mask: optional [B, T, T] bool. Key q_offset[b] + u (the one query u wrote into the cache)
+        is visible to query t only if mask[b, t, u]; other keys follow the rules above. With
+        causal=True this is tree attention: each node sees the prefix, its ancestors and itself.
+        None compiles the plain kernel (no mask operand, no extra work).
       block_q, block_k, num_warps, num_stages: override `tuning.flash_config`.
       interpret: run the Pallas interpreter; None = interpret unless the backend is GPU.
       impl: "pallas" (this kernel); "xla" (dense jnp in the input dtype, materializes the
@@ -214,7 +254,7 @@ def flash_attention(
       [B, T, H, D] in q.dtype, f32 accumulation. Rows that see no key are 0; K/V rows past
       kv_lens are never used (they may hold stale data, even NaN).
     """
-    _check_inputs(q, k, v, q_offset, kv_lens)
+    _check_inputs(q, k, v, q_offset, kv_lens, mask)
     if impl in ("reference", "xla"):
         dense = flash_attention_reference if impl == "reference" else attention_xla
         return dense(
@@ -226,6 +266,7 @@ def flash_attention(
             q_offset=q_offset,
             kv_lens=kv_lens,
             soft_cap=soft_cap,
+            mask=mask,
         )
     if impl != "pallas":
         raise ValueError(f"impl={impl!r}; expected 'pallas', 'reference' or 'xla'")
@@ -245,6 +286,7 @@ def flash_attention(
         v,
         q_offset,
         kv_lens,
+        mask,
         sm_scale=d**-0.5 if sm_scale is None else float(sm_scale),
         causal=causal,
         soft_cap=soft_cap,
@@ -275,6 +317,7 @@ def _flash_call(
     v,
     q_offset,
     kv_lens,
+    mask,
     *,
     sm_scale,
     causal,
@@ -301,6 +344,27 @@ def _flash_call(
     def kv_map(i, bi, hi):
         return (bi, 0, hi // group, 0)  # GQA: query head hi reads kv head hi // group
 
+    in_specs = [
+        pl.BlockSpec((None,), lambda i, bi, hi: (bi,)),
+        pl.BlockSpec((None,), lambda i, bi, hi: (bi,)),
+        pl.BlockSpec((None, block_q, None, d), q_map),
+        pl.BlockSpec((None, s_pad, None, d), kv_map),
+        pl.BlockSpec((None, s_pad, None, d), kv_map),
+    ]
+    operands = [q_offset, kv_lens, qp, kp, vp]
+    num_mask_tiles = 0
+    if mask is not None:
+        # The T own keys start anywhere in a tile: they span at most
+        # cdiv(T + block_k - 1, block_k) tiles.
+        num_mask_tiles = pl.cdiv(t + block_k - 1, block_k)
+        window = _pad_axis(_mask_window(mask, q_offset, block_k, num_mask_tiles), 1, block_q)
+        in_specs.append(
+            pl.BlockSpec(
+                (None, block_q, num_mask_tiles * block_k),
+                lambda i, bi, hi: (bi, num_q_blocks - 1 - i, 0),
+            )
+        )
+        operands.append(window)  # [B, T_pad, W] int32
     kernel = functools.partial(
         _flash_kernel,
         sm_scale=sm_scale,
@@ -309,21 +373,16 @@ def _flash_call(
         block_q=block_q,
         block_k=block_k,
         num_q_blocks=num_q_blocks,
+        num_mask_tiles=num_mask_tiles,
     )
     out = pl.pallas_call(
         kernel,
         grid=(num_q_blocks, b, h),
-        in_specs=[
-            pl.BlockSpec((None,), lambda i, bi, hi: (bi,)),
-            pl.BlockSpec((None,), lambda i, bi, hi: (bi,)),
-            pl.BlockSpec((None, block_q, None, d), q_map),
-            pl.BlockSpec((None, s_pad, None, d), kv_map),
-            pl.BlockSpec((None, s_pad, None, d), kv_map),
-        ],
+        in_specs=in_specs,
         out_specs=pl.BlockSpec((None, block_q, None, d), q_map),
         out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="flash_attention",
-    )(q_offset, kv_lens, qp, kp, vp)
+    )(*operands)
     return out[:, :t]

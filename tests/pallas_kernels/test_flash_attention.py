@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
@@ -99,3 +100,55 @@ def test_flash_bad_input_names_shapes(q_shape, k_shape, v_shape, kwargs, needle)
     kwargs = {name: jnp.ones(shape, jnp.int32) for name, shape in kwargs.items()}
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         flash_attention(q, k, v, **kwargs)
+
+
+def _tree_mask(rng, b: int, t: int) -> jnp.ndarray:
+    """[B, T, T] ancestor-or-self masks of random trees in topological order (parent < child)."""
+    mask = np.zeros((b, t, t), bool)
+    for row in mask:
+        for i in range(t):
+            row[i, i] = True
+            if i:
+                row[i] |= row[rng.integers(0, i)]  # a random earlier node is the parent
+    return jnp.asarray(mask)
+
+
+# (T, q_offsets, mask kind, causal, dtype) with 16 x 16 blocks: the own keys start at a tile
+# boundary, one before it, or in the middle, and cover one tile, exactly one, or spill into 2-3.
+MASK_CASES = [
+    (5, (0, 15), "tree", True, jnp.float32),
+    (16, (16, 7), "tree", True, jnp.float32),
+    (17, (31, 40), "tree", True, jnp.bfloat16),
+    (33, (1, 48), "random", True, jnp.float32),
+    (12, (20, 3), "random", False, jnp.float32),
+]
+
+
+@pytest.mark.parametrize("t,offsets,kind,causal,dtype", MASK_CASES)
+def test_flash_mask_matches_reference(rng, interpret, t, offsets, kind, causal, dtype):
+    """Tree attention: each query sees the prefix and the own keys its mask row allows."""
+    b, kv_heads, group, d = len(offsets), 2, 2, 64
+    q_offset = jnp.asarray(offsets, jnp.int32)
+    s = max(offsets) + t + 9  # a stale tail past every row's keys
+    q, k, v = _qkv(rng, b, t, s, group * kv_heads, kv_heads, d, dtype)
+    if kind == "tree":  # verification: the cache holds exactly the prefix and the T new keys
+        mask, kv_lens = _tree_mask(rng, b, t), q_offset + t
+    else:  # any mask, and lengths that cut into (or stop short of) the own keys
+        mask = jnp.asarray(rng.random((b, t, t)) < 0.5)
+        kv_lens = jnp.asarray(rng.integers(1, s + 1, b), jnp.int32)
+    stale = (jnp.arange(s)[None, :] >= kv_lens[:, None])[:, :, None, None]
+    k, v = (jnp.where(stale, jnp.nan, x).astype(dtype) for x in (k, v))
+    kwargs = {"causal": causal, "q_offset": q_offset, "kv_lens": kv_lens, "mask": mask}
+    out = _run(
+        lambda *a: flash_attention(*a, **kwargs, block_q=16, block_k=16, interpret=interpret),
+        q,
+        k,
+        v,
+    )
+    ref = _run(lambda *a: flash_attention_reference(*a, **kwargs), q, k, v)
+    assert_close(out, ref, dtype)
+    if kind == "tree":  # the mask changed the answer: plain causal attention differs
+        plain = _run(
+            lambda *a: flash_attention_reference(*a, causal=True, q_offset=q_offset), q, k, v
+        )
+        assert not np.allclose(np.asarray(plain, np.float32), np.asarray(ref, np.float32))

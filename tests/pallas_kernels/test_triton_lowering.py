@@ -56,8 +56,11 @@ def _kernels(dtype, *, page=16, block_k=None, rows=None):
     slots = jnp.zeros((5,), jnp.int32)
     off = {"interpret": False}
     bk = block_k or 2 * page
+    mask = jnp.zeros((2, 64, 64), bool)
     return [
         ("flash", functools.partial(flash_attention, block_q=64, block_k=64, **off), (q4, kv4, kv4)),
+        ("flash_mask", lambda q, k, v, m: flash_attention(q, k, v, mask=m, block_q=64, block_k=64,
+                                                          **off), (q4, kv4, kv4, mask)),
         ("decode", functools.partial(paged_attention, num_splits=2, block_k=bk, **off),
          (qd, pool, pool, tables, lens)),
         ("ragged", functools.partial(ragged_paged_attention, block_q=(rows or 32) // 4,
@@ -79,6 +82,6 @@ def test_kernels_lower_to_triton(triton_modules, dtype):
 
 @pytest.mark.parametrize("page", [32, 64])
 def test_paged_kernels_lower_for_page_sizes(triton_modules, page):
-    for name, fn, args in _kernels(jnp.bfloat16, page=page)[1:3]:
+    for name, fn, args in _kernels(jnp.bfloat16, page=page)[2:4]:
         _lower_for_cuda(fn, *args)
         assert triton_modules, f"{name}: no Triton module was lowered"
