@@ -188,16 +188,18 @@ def fit(objective: Objective, trainable: Any, frozen: Any, train: Batch, val: Ba
     shown: dict[str, str] = {}  # the last evaluation, kept on the progress bar
     total = tc.steps  # shortened once the time budget's step rate is known
     schedule = lr_schedule(tc, total)
-    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not progress,
-               desc=desc, unit="step")
+    # Updated by hand, not iterated: a loop that breaks out of an iterated bar leaves it at the
+    # count before the last step (tqdm writes its local count back when the iterator dies).
+    bar = tqdm(initial=start, total=tc.steps, disable=not progress, desc=desc, unit="step")
     t0 = time.perf_counter()
     t_rate = None  # (time, step) after the compiled first steps, to estimate the step rate
-    for step in bar:
+    for step in range(start, tc.steps):
         idx = rng.choice(n_rows, size=tc.batch_size, replace=n_rows < tc.batch_size)
         batch = {key: jnp.asarray(arr[idx]) for key, arr in train.items()}
         trainable, opt_state, loss, _ = train_step(trainable, opt_state, frozen, batch,
                                                    jnp.float32(schedule(step)))
         losses.append(float(loss))
+        bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4g}", **shown)
         now = time.perf_counter()
         if tc.time_budget_s is not None:
@@ -225,8 +227,7 @@ def fit(objective: Objective, trainable: Any, frozen: Any, train: Batch, val: Ba
             mngr.save(step + 1, args=ocp.args.StandardSave(
                 {"trainable": trainable, "opt_state": opt_state}))
         if last:
-            bar.n = bar.total  # a budget-shortened run ends the bar full
-            bar.refresh()
+            bar.total = bar.n  # a budget-shortened run ends the bar full
             break
     bar.close()
     mngr.wait_until_finished()
