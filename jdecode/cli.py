@@ -51,21 +51,12 @@ def _sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, max_ne
 
 def read_decode_config(path: str | None) -> dict:
     """A decoding config (configs/decode/*.yaml): `method` and its `options`."""
-    import yaml
-
-    from jdecode.config import ConfigError
+    from jdecode.config import ConfigError, read_yaml_mapping
 
     if path is None:
         return {}
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--config {path!r} does not exist: pass a YAML file from "
-                          "configs/decode/")
-    try:
-        raw = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    unknown = sorted(set(raw) - {"method", "options"}) if isinstance(raw, dict) else ["?"]
+    raw = read_yaml_mapping(path, "decoding config", "pass a YAML file from configs/decode/")
+    unknown = sorted(set(raw) - {"method", "options"})
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r}; a decoding config has keys "
                           "method and options")

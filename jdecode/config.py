@@ -126,18 +126,31 @@ def model_config_from_dict(raw: dict[str, Any], where: str = "model config") -> 
     return _build(ModelConfig, raw, where)
 
 
-def load_model_config_yaml(path: str | Path, overrides: tuple[str, ...] = ()) -> ModelConfig:
-    """Reads `configs/models/*.yaml` (keys are ModelConfig fields) with `--set` overrides."""
+def read_yaml_mapping(path: str | Path, what: str, fix: str) -> dict[str, Any]:
+    """A YAML file holding a mapping (an empty file is {}); a missing file, invalid YAML or
+    another top-level type is a ConfigError naming the file.
+
+    Args:
+      what: names the file in errors ("model config"). fix: where valid ones are, e.g.
+        "pass a YAML file from configs/models/ or a model name".
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"model config {str(path)!r} does not exist: pass a YAML file from "
-                          "configs/models/ or a model name")
+        raise ConfigError(f"{what} {str(path)!r} does not exist: {fix}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of ModelConfig fields, got {type(raw)}")
+        raise ConfigError(f"{path} must hold a mapping of {what} keys, got "
+                          f"{type(raw).__name__}: {fix}")
+    return raw
+
+
+def load_model_config_yaml(path: str | Path, overrides: tuple[str, ...] = ()) -> ModelConfig:
+    """Reads `configs/models/*.yaml` (keys are ModelConfig fields) with `--set` overrides."""
+    raw = read_yaml_mapping(path, "model config",
+                            "pass a YAML file from configs/models/ or a model name")
     return model_config_from_dict(apply_overrides(raw, overrides), str(path))
 
 

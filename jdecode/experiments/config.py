@@ -18,10 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from jdecode import options as opts_lib
-from jdecode.config import ConfigError, parse_override
+from jdecode.config import ConfigError, parse_override, read_yaml_mapping
 from jdecode.data.prompts import eval_prompts
 from jdecode.data.tasks import tasks
 from jdecode.decoding import methods
@@ -133,18 +131,10 @@ def parse_config(raw: dict[str, Any], where: str) -> ExperimentConfig:
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
                 ) -> ExperimentConfig:
     """Reads an experiment YAML and applies `--set key=value` (dotted keys reach into lists)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment config {str(path)!r} does not exist: pass a YAML file "
-                          "such as configs/experiments/all-methods-b1.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    raw = read_yaml_mapping(path, "experiment config",
+                            "pass a YAML file such as configs/experiments/all-methods-b1.yaml")
     for item in overrides:
-        key, value = parse_override(item)
-        if isinstance(raw, dict):
-            set_path(raw, key, value)
+        set_path(raw, *parse_override(item))
     return parse_config(raw, str(path))
 
 

@@ -4,13 +4,11 @@ model, with options from a YAML file and `--set key=value` overrides."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 
-from jdecode.config import ConfigError
+from jdecode.config import ConfigError, read_yaml_mapping
 
 SECTIONS = ("options", "train", "corpus")
 
@@ -19,16 +17,10 @@ def read_train_config(path: str | None) -> dict[str, Any]:
     """A training YAML: optional `kind`, `model`, `dtype` and sections options/train/corpus."""
     if path is None:
         return {}
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--config {path!r} does not exist: pass a YAML file such as "
-                          "configs/train/draft.yaml")
-    try:
-        raw = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    raw = read_yaml_mapping(path, "training config",
+                            "pass a YAML file such as configs/train/draft.yaml")
     valid = {"kind", "model", "dtype", *SECTIONS}
-    unknown = sorted(set(raw) - valid) if isinstance(raw, dict) else ["<not a mapping>"]
+    unknown = sorted(set(raw) - valid)
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r}; valid keys are: "
                           f"{', '.join(sorted(valid))}")
