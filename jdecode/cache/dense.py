@@ -18,6 +18,10 @@ from jdecode.model.pallas_dispatch import dense_decode_pallas
 class DenseKVCache:
     k: jax.Array | tuple[jax.Array, ...]  # [L, B, S, K, D], or L x [B, S, K, D]
     v: jax.Array | tuple[jax.Array, ...]
+    # [L, B, S] bool (or L x [B, S]) per layer: the slot holds K/V its token stored, or None
+    # (every written slot counts). Tracked when a layer may leave tokens out (`write` below:
+    # mixture-of-depths), so later queries do not attend to the stale K/V left in their slots.
+    written: jax.Array | tuple[jax.Array, ...] | None = None
 
     @property
     def per_layer(self) -> bool:
@@ -38,38 +42,50 @@ class DenseMeta:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None,
-               per_layer: bool = False) -> DenseKVCache:
+               per_layer: bool = False, track_writes: bool = False) -> DenseKVCache:
     """Zeroed cache (never jnp.empty: on jax 0.11 it returns uninitialized memory).
 
     per_layer: one buffer per layer (pairs with unstacked params). Then a layer's K/V is
     written and read in place; slicing layer l out of a stacked buffer would feed attention a
     copy of [B, S, K, D] per layer per step.
+    track_writes: keep `written` flags, so a step may store K/V for some of its tokens only
+    (`dense_attend`'s `write`); attention then runs on the XLA path.
     """
     dt = jnp.dtype(dtype or cfg.dtype)
     shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     if per_layer:
         zeros = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
-        return DenseKVCache(k=zeros, v=tuple(jnp.zeros(shape, dt) for _ in zeros))
+        written = tuple(jnp.zeros((batch, max_len), bool) for _ in zeros)
+        return DenseKVCache(k=zeros, v=tuple(jnp.zeros(shape, dt) for _ in zeros),
+                            written=written if track_writes else None)
+    written = jnp.zeros((cfg.num_layers, batch, max_len), bool)
     return DenseKVCache(k=jnp.zeros((cfg.num_layers, *shape), dt),
-                        v=jnp.zeros((cfg.num_layers, *shape), dt))
+                        v=jnp.zeros((cfg.num_layers, *shape), dt),
+                        written=written if track_writes else None)
 
 
 def dense_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: DenseKVCache,
                  layer: jax.Array | int, meta: DenseMeta, *, impl: str = "xla",
-                 sliding_window: int | None = None) -> tuple[jax.Array, DenseKVCache]:
+                 sliding_window: int | None = None, write: jax.Array | None = None
+                 ) -> tuple[jax.Array, DenseKVCache]:
     """Writes K/V of this step at their positions, then attends over the whole buffer.
 
     Stale slots (padding of a shorter prompt, tokens rolled back by speculative decoding) are
     never visible: a query at position p sees only slots <= p, and every slot <= p was written
     by this step or holds an accepted token. `meta.mask`, if set, further restricts which of
-    this step's own slots each query sees.
+    this step's own slots each query sees. A cache that tracks writes also hides every slot
+    whose token did not store its K/V at this layer.
 
     Args:
       q: [B, T, H, D]; k, v: [B, T, K, D] (RoPE applied). layer: int32 scalar (a Python int
-        for a per-layer cache).
+        for a per-layer cache). write: optional [B, T] bool, the tokens that store their K/V
+        (the others' slots are marked unwritten; needs `init_cache(track_writes=True)`).
     Returns:
       out [B, T, H, D] and the cache with this layer updated.
     """
+    if write is not None and cache.written is None:
+        raise ValueError("a layer stored K/V for some tokens only, but this cache does not "
+                         "track writes: build it with init_cache(..., track_writes=True)")
     b = q.shape[0]
     rows = jnp.arange(b)[:, None]  # [B, 1] broadcasts against positions [B, T]
     pos = meta.positions
@@ -84,9 +100,20 @@ def dense_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: DenseKVCache,
         v_all = cache.v.at[layer, rows, pos].set(v.astype(cache.v.dtype), mode="drop")
         new = DenseKVCache(k_all, v_all)
         k_l, v_l, page_layer = k_all[layer], v_all[layer], layer  # [B, S, K, D]
+    kv_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
+    if cache.written is not None:
+        flags = jnp.ones(pos.shape, bool) if write is None else write  # [B, T]
+        if cache.per_layer:
+            written_l = cache.written[layer].at[rows, pos].set(flags, mode="drop")  # [B, S]
+            new = new.replace(written=_put(cache.written, layer, written_l))
+        else:
+            written = cache.written.at[layer, rows, pos].set(flags, mode="drop")
+            new, written_l = new.replace(written=written), written[layer]
+        # An unwritten slot holds -1, the empty-slot position: no query sees it.
+        kv_pos = jnp.where(written_l, kv_pos, -1)
+        impl = "xla"  # the Pallas kernels assume slot s holds position s
     if impl == "pallas" and q.shape[1] == 1 and sliding_window is None and meta.mask is None:
         return dense_decode_pallas(q, k_all, v_all, page_layer, pos), new
-    kv_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
     out = attention(q, k_l, v_l, pos, kv_pos, impl=impl, sliding_window=sliding_window,
                     mask=meta.mask)
     return out, new
@@ -104,13 +131,16 @@ def copy_slots(cache: DenseKVCache, src: jax.Array, dst: jax.Array) -> DenseKVCa
     """
     rows = jnp.arange(src.shape[0])[:, None]  # [B, 1] broadcasts against [B, M]
     if cache.per_layer:
-        def move(buf):  # [B, S, K, D]
+        def move(buf):  # [B, S, K, D] (or [B, S] write flags)
             return buf.at[rows, dst].set(buf[rows, src], mode="drop")
-        return DenseKVCache(k=tuple(map(move, cache.k)), v=tuple(map(move, cache.v)))
+        written = None if cache.written is None else tuple(map(move, cache.written))
+        return DenseKVCache(k=tuple(map(move, cache.k)), v=tuple(map(move, cache.v)),
+                            written=written)
 
-    def move_all(buf):  # [L, B, S, K, D]: all layers in one gather and one scatter
+    def move_all(buf):  # [L, B, S, ...]: all layers in one gather and one scatter
         return buf.at[:, rows, dst].set(buf[:, rows, src], mode="drop")
-    return DenseKVCache(k=move_all(cache.k), v=move_all(cache.v))
+    written = None if cache.written is None else move_all(cache.written)
+    return DenseKVCache(k=move_all(cache.k), v=move_all(cache.v), written=written)
 
 
 def _put(buffers: tuple, layer: int, value: jax.Array) -> tuple:

@@ -1,7 +1,8 @@
 """The jitted phases over a dense cache: `prefill`, `decode_step`, `verify` and `verify_tree`.
 
 Each is a pure function; callers jit it with `cfg`/`impl` static and the cache donated
-(see `jdecode.decoding.generate`), so the cache is updated in place.
+(see `jdecode.decoding.generate`), so the cache is updated in place. Each takes optional layer
+hooks (`jdecode.model.transformer.LayerHooks`) and then also returns their final carry.
 """
 
 from __future__ import annotations
@@ -14,71 +15,77 @@ from jdecode.config import ModelConfig
 from jdecode.decoding.tree import Tree
 from jdecode.model.linear import make_linear
 from jdecode.model.params import Params
-from jdecode.model.transformer import forward
+from jdecode.model.transformer import LayerHooks, forward
 
 
 def prefill(params: Params, cache: DenseKVCache, tokens: jax.Array, lengths: jax.Array, *,
-            cfg: ModelConfig, impl: str = "xla") -> tuple[jax.Array, jax.Array, DenseKVCache]:
+            cfg: ModelConfig, impl: str = "xla", hooks: LayerHooks | None = None) -> tuple:
     """Fills the cache from right-padded prompts.
 
     Args:
       tokens: [B, T] int32, prompt b occupies tokens[b, :lengths[b]] (T is the length bucket).
       lengths: [B] int32 true prompt lengths (>= 1).
     Returns:
-      last_logits [B, V] f32 at position lengths-1, last_hidden [B, E], and the cache.
+      last_logits [B, V] f32 at position lengths-1, last_hidden [B, E], the cache (and, with
+      hooks, their carry).
     """
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    logits, hidden, cache = forward(
+    logits, hidden, *rest = forward(
         params, tokens, positions, cache, DenseMeta(positions), cfg=cfg,
         attend=make_dense_attend(cfg, impl), logits_at=(lengths - 1)[:, None],
-        linear=make_linear(impl))
-    return logits[:, 0], hidden[:, 0], cache
+        linear=make_linear(impl), hooks=hooks)
+    return (logits[:, 0], hidden[:, 0], *rest)
 
 
 def decode_step(params: Params, cache: DenseKVCache, tokens: jax.Array, positions: jax.Array,
-                *, cfg: ModelConfig, impl: str = "xla"
-                ) -> tuple[jax.Array, jax.Array, DenseKVCache]:
-    """One incremental step: tokens [B] at positions [B] -> logits [B, V], hidden [B, E]."""
-    logits, hidden, cache = verify(params, cache, tokens[:, None], positions[:, None],
-                                   cfg=cfg, impl=impl)
-    return logits[:, 0], hidden[:, 0], cache
+                *, cfg: ModelConfig, impl: str = "xla", hooks: LayerHooks | None = None
+                ) -> tuple:
+    """One incremental step: tokens [B] at positions [B] -> logits [B, V], hidden [B, E],
+    the cache (and, with hooks, their carry)."""
+    logits, hidden, *rest = verify(params, cache, tokens[:, None], positions[:, None],
+                                   cfg=cfg, impl=impl, hooks=hooks)
+    return (logits[:, 0], hidden[:, 0], *rest)
 
 
 def verify(params: Params, cache: DenseKVCache, tokens: jax.Array, positions: jax.Array, *,
-           cfg: ModelConfig, impl: str = "xla"
-           ) -> tuple[jax.Array, jax.Array, DenseKVCache]:
+           cfg: ModelConfig, impl: str = "xla", hooks: LayerHooks | None = None) -> tuple:
     """Scores T tokens per sequence in one pass (speculative / Medusa verification).
 
     Args:
       tokens: [B, T] int32 candidate tokens. positions: [B, T] int32, their positions.
     Returns:
       logits [B, T, V] f32, hidden [B, T, E], and the cache with all T slots written (the
-      caller rolls back simply by not advancing its lengths past the accepted tokens).
+      caller rolls back simply by not advancing its lengths past the accepted tokens); with
+      hooks, also their carry.
     """
     return forward(params, tokens, positions, cache, DenseMeta(positions), cfg=cfg,
-                   attend=make_dense_attend(cfg, impl), linear=make_linear(impl))
+                   attend=make_dense_attend(cfg, impl), linear=make_linear(impl), hooks=hooks)
 
 
-def score(params: Params, tokens: jax.Array, *, cfg: ModelConfig, impl: str = "xla"
-          ) -> tuple[jax.Array, jax.Array]:
+def score(params: Params, tokens: jax.Array, *, cfg: ModelConfig, impl: str = "xla",
+          hooks: LayerHooks | None = None, track_writes: bool = False) -> tuple:
     """Teacher-forced pass over whole sequences with a fresh cache (training, quality metrics).
 
     Args:
       tokens: [B, T] int32 (right-padded rows are fine: position t sees only tokens <= t).
+      hooks: optional layer hooks. track_writes: a cache that tracks writes (for hooks that
+        leave tokens' K/V out, see `LayerControl.write_kv`).
     Returns:
-      logits [B, T, V] f32 (position t predicts token t+1) and hidden [B, T, E].
+      logits [B, T, V] f32 (position t predicts token t+1) and hidden [B, T, E] (and, with
+      hooks, their carry).
     """
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    logits, hidden, _ = verify(params, init_cache(cfg, b, t), tokens, positions, cfg=cfg,
-                               impl=impl)
-    return logits, hidden
+    cache = init_cache(cfg, b, t, track_writes=track_writes)
+    logits, hidden, _, *rest = verify(params, cache, tokens, positions, cfg=cfg, impl=impl,
+                                      hooks=hooks)
+    return (logits, hidden, *rest)
 
 
 def verify_tree(params: Params, cache: DenseKVCache, tokens: jax.Array, positions: jax.Array,
-                tree: Tree, *, cfg: ModelConfig, impl: str = "xla"
-                ) -> tuple[jax.Array, jax.Array, DenseKVCache]:
+                tree: Tree, *, cfg: ModelConfig, impl: str = "xla",
+                hooks: LayerHooks | None = None) -> tuple:
     """Scores every node of a candidate tree per row in one pass (tree attention).
 
     Node i of row b is tokens[b, i] at position positions[b] + depths[b, i]. It attends to the
@@ -93,7 +100,7 @@ def verify_tree(params: Params, cache: DenseKVCache, tokens: jax.Array, position
       tree: the rows' trees (`tree.tree_from_parents`, `tree.StaticTree.arrays`).
     Returns:
       logits [B, N, V] f32 (node i's distribution for its children), hidden [B, N, E], and the
-      cache with node i's K/V at slot positions + i.
+      cache with node i's K/V at slot positions + i (and, with hooks, their carry).
     """
     if cfg.sliding_window is not None:
         raise ValueError(f"sliding_window={cfg.sliding_window}: tree verification measures "
@@ -102,4 +109,4 @@ def verify_tree(params: Params, cache: DenseKVCache, tokens: jax.Array, position
     slots = positions[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)  # [B, N]
     return forward(params, tokens, positions[:, None] + tree.depths, cache,
                    DenseMeta(slots, mask=tree.ancestors), cfg=cfg,
-                   attend=make_dense_attend(cfg, impl), linear=make_linear(impl))
+                   attend=make_dense_attend(cfg, impl), linear=make_linear(impl), hooks=hooks)
