@@ -49,12 +49,12 @@ def test_seeded_sampling_does_not_depend_on_batch_mix_or_chunking(rng, make_llm)
 
 def test_n_sampled_siblings_differ_and_reproduce(rng, make_llm):
     prompt = prompts_of(rng, 1, 18, 18)[0]
-    sp = SamplingParams(max_new_tokens=8, temperature=1.0, seed=7)
-    first = make_llm(max_num_batched_tokens=16).generate(prompt, sp, n=4, use_tqdm=False)[0]
+    sp = SamplingParams(max_new_tokens=8, temperature=1.0, seed=7, n=4)
+    first = make_llm(max_num_batched_tokens=16).generate(prompt, sp, use_tqdm=False)[0]
     seqs = [tuple(o.token_ids) for o in first.outputs]
     assert [o.index for o in first.outputs] == [0, 1, 2, 3]
     assert len(set(seqs)) > 1
-    again = make_llm(max_num_batched_tokens=64).generate(prompt, sp, n=4, use_tqdm=False)[0]
+    again = make_llm(max_num_batched_tokens=64).generate(prompt, sp, use_tqdm=False)[0]
     assert [tuple(o.token_ids) for o in again.outputs] == seqs
 
 
@@ -108,8 +108,8 @@ def test_add_request_errors_name_the_fix(make_engine):
         engine.add_request("x", [1, 999])
     with pytest.raises(ValueError, match="empty"):
         engine.add_request("x", [])
-    with pytest.raises(ValueError, match="n=0"):
-        engine.add_request("x", [1], n=0)
+    with pytest.raises(ValueError, match="n=9 sequences do not fit max_num_seqs=8"):
+        engine.add_request("x", [1], SamplingParams(max_new_tokens=1, n=9))
     engine.add_request("x", [1])
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("x", [2])
