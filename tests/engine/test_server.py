@@ -193,7 +193,7 @@ def test_disconnect_mid_stream_aborts_and_frees_pages(server, client, offline):
     ({"model": NAME, "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
     ({"model": NAME, "prompt": 42}, 400, "prompt"),
     ({"model": NAME, "prompt": "word " * 400}, 400, "prompt"),
-    ({"model": NAME, "prompt": "hi", "max_tokens": 300}, 400, "prompt"),
+    ({"model": NAME, "prompt": "hi", "max_tokens": 300}, 400, "max_tokens"),
     ({"model": "gpt-4", "prompt": "hi"}, 404, "model"),
     ({"prompt": "hi"}, 400, "model"),
 ])
