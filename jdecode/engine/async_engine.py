@@ -155,6 +155,10 @@ class AsyncEngine:
                 else:
                     self._send(out.request_id, out)
             self.update_gauges()
+        self._drain_commands()  # the aborts that shutdown sent
+        for rid in list(self._open):  # and whatever no one is waiting for any more
+            self.engine.abort_request(rid)
+        self._open.clear()
 
     def _observe(self, out: SequenceOutput, now: float) -> None:
         m, key = self.metrics, (out.request_id, out.index)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jdecode.cache.dense import DenseMeta, init_cache, make_dense_attend
-from jdecode.decoding.sampling import SamplingParams
+from jdecode.decoding.sampling import SamplingParams, stop_prefix_len
 from jdecode.model.transformer import forward
 from pallas_kernels.testing import assert_close
 
@@ -118,3 +118,50 @@ def test_add_request_errors_name_the_fix(make_engine):
 def test_generate_with_mismatched_params_raises(make_llm):
     with pytest.raises(ValueError, match="2 prompts but 3 SamplingParams"):
         make_llm().generate([[1], [2]], [SamplingParams()] * 3, use_tqdm=False)
+
+
+def test_a_request_failing_in_post_processing_ends_alone(rng, make_engine, greedy_reference,
+                                                         monkeypatch):
+    good, bad = prompts_of(rng, 2)
+    engine = make_engine(max_num_batched_tokens=16)
+    postprocess = engine._postprocess
+
+    def failing(seq, token, now):  # the "bad" request's third token breaks its host code
+        if seq.user_id == "bad" and seq.req.num_output_tokens == 3:
+            raise RuntimeError("broken detokenizer")
+        return postprocess(seq, token, now)
+
+    monkeypatch.setattr(engine, "_postprocess", failing)
+    engine.add_request("good", good, SamplingParams(max_new_tokens=10))
+    engine.add_request("bad", bad, SamplingParams(max_new_tokens=10, n=2, temperature=1.0))
+    outs: dict[str, list] = {"good": [], "bad": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs[out.request_id].append(out)
+    assert outs["good"][-1].token_ids == greedy_reference(good)
+    assert all(o.error is None for o in outs["good"])
+    failed = [o for o in outs["bad"] if o.error is not None]
+    assert len(failed) == 1 and "RuntimeError" in failed[0].error
+    assert failed[0].finished and failed[0].finish_reason == "abort"
+    assert engine.num_unfinished_requests == 0 and engine.block_manager.num_used_pages == 0
+
+
+def test_sampling_params_reject_what_the_engine_cannot_represent():
+    for bad in ({"seed": -1}, {"seed": 2**64}, {"top_k": 10**10}, {"stop": ""},
+                {"temperature": float("nan")}, {"n": 0}, {"top_p": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)
+    sp = SamplingParams(max_tokens=7, n=3)  # vLLM's names
+    assert (sp.max_new_tokens, sp.n) == (7, 3)
+
+
+def test_stop_prefix_len_matches_brute_force(rng):
+    def brute(text, stops):  # the longest suffix that is a proper prefix of a stop string
+        return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])),
+                   default=0)
+
+    for _ in range(300):
+        text = "".join(rng.choice(list("abc"), size=int(rng.integers(0, 12))))
+        stops = ["".join(rng.choice(list("abc"), size=int(rng.integers(1, 8))))
+                 for _ in range(int(rng.integers(1, 4)))]
+        assert stop_prefix_len(text, stops) == brute(text, stops), (text, stops)
