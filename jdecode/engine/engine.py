@@ -35,7 +35,9 @@ class EngineArgs:
             max_chunk_tokens, min_prefill_batch: see `SchedulerConfig` (max_model_len None =
             the model's limit, capped at 4096).
         enable_prefix_caching: share full KV pages between requests with equal prefixes.
-        impl: attention implementation ("xla" or "pallas").
+        impl: attention implementation: "auto" (Pallas on GPU, XLA elsewhere), "xla" or
+            "pallas". With XLA, each step's block tables are cut to a width bucket that holds
+            its longest context (`runner.kv_buckets`).
         layout: parameter layout, "auto", "inference" or "stacked" (see `ModelRunner`).
         token_buckets: padded token counts of a step below the budget (each compiles once);
             empty = powers of two from 16. On a GPU a decode step costs about the same at 16 or
@@ -57,7 +59,7 @@ class EngineArgs:
     max_chunk_tokens: int = 0
     min_prefill_batch: int | None = None
     enable_prefix_caching: bool = True
-    impl: str = "xla"
+    impl: str = "auto"
     layout: str = "auto"
     token_buckets: tuple[int, ...] = ()
     async_scheduling: bool = True
