@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -78,7 +79,7 @@ class BodySizeLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await _error(self._too_large())(scope, receive, send)
         seen = 0
@@ -252,7 +253,7 @@ def build_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None,
         """SamplingParams per prompt, once the engine has accepted each (4xx before output)."""
         sps = []
         for ids in prompts:
-            sp = sampling_params(body, budget(ids, max_tokens) if ids else 1)
+            sp = sampling_params(body, budget(ids, max_tokens))
             try:
                 engine.validate_request(ids, sp, logprobs)
             except InvalidRequest as e:

@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from jdecode.decoding.sampling import SamplingParams
+from jdecode.engine.server import load_chat_template
 
 from .conftest import SERVED_NAME as NAME
 from .conftest import running_server
@@ -244,3 +245,14 @@ def test_shutdown_ends_requests_in_flight_at_once(smol_tiny):
             time.sleep(0.05)
         assert core.engine.num_unfinished_requests == 0
         assert core.engine.block_manager.num_used_pages == 0
+
+
+def test_chat_template_from_a_file_or_inline(tmp_path):
+    inline = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    (tmp_path / "t.jinja").write_text(inline)
+    assert load_chat_template(str(tmp_path / "t.jinja")) == inline
+    assert load_chat_template(inline) == inline
+    with pytest.raises(ValueError, match="no such file"):
+        load_chat_template(str(tmp_path / "missing.jinja"))
+    with pytest.raises(ValueError, match="jinja syntax error on line 1"):
+        load_chat_template("{% for m in messages %}")
