@@ -457,7 +457,7 @@ def make_server(app: FastAPI, core: AsyncEngine, host: str = "127.0.0.1", port: 
 def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8000, *,
           dtype: str = "float32", served_model_name: str | None = None,
           api_key: str | None = None, chat_template: str | None = None,
-          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, **engine_args) -> None:
+          max_request_bytes: int | None = None, **engine_args) -> None:
     """Loads a model and serves it until interrupted (`jdecode serve`).
 
     Args:
@@ -466,7 +466,7 @@ def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8000,
       api_key: bearer token wanted on every /v1 route; None reads $JDECODE_API_KEY (unset or
         empty = no check).
       chat_template: a jinja file or inline template replacing the model's.
-      max_request_bytes: larger request bodies answer 413.
+      max_request_bytes: larger request bodies answer 413 (None = DEFAULT_MAX_REQUEST_BYTES).
       **engine_args: `EngineArgs` fields (max_num_seqs, max_num_batched_tokens, ...).
     """
     template = load_chat_template(chat_template) if chat_template is not None else None
@@ -474,5 +474,7 @@ def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8000,
     engine = LLMEngine(loaded, EngineArgs(**engine_args))
     app, core = build_app(engine, served_model_name or model,
                           api_key=api_key or os.environ.get("JDECODE_API_KEY") or None,
-                          chat_template=template, max_request_bytes=max_request_bytes)
+                          chat_template=template,
+                          max_request_bytes=DEFAULT_MAX_REQUEST_BYTES if max_request_bytes is None
+                          else max_request_bytes)
     make_server(app, core, host, port).run()

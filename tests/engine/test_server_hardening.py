@@ -187,8 +187,11 @@ def _running(url: str) -> float:
 
 def test_non_streaming_disconnect_aborts(server, offline):
     url, core = server
-    before = core.engine.num_generated_tokens
     body = completion(prompt="Count forever:", max_tokens=240, temperature=0, ignore_eos=True)
+    # Once to the end first: the block-table widths it passes compile now, not while the
+    # engine thread should be aborting the request below.
+    assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
+    before = core.engine.num_generated_tokens
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/completions", json=body, timeout=0.5)
     deadline = time.time() + 5
@@ -240,8 +243,9 @@ def test_shutdown_ends_requests_in_flight_at_once(smol_tiny):
             t0 = time.monotonic()
             srv.should_exit = True  # what uvicorn's SIGTERM handler does
             assert_openai_error(pending.result(), 503)
+            assert time.monotonic() - t0 < 5  # not after the 240 tokens
         while core.alive:  # the engine thread stops last, once every connection is closed
-            assert time.monotonic() - t0 < 5, "shutdown is waiting on something"
+            assert time.monotonic() - t0 < 30, "shutdown is waiting on something"
             time.sleep(0.05)
         assert core.engine.num_unfinished_requests == 0
         assert core.engine.block_manager.num_used_pages == 0
