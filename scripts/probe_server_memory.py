@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
              "| hostile request | status |", "|---|---|",
              *[f"| {k} | {v} |" for k, v in statuses.items()], "",
              f"Slowest /health answer while a 3.9 MB prompt was posted: {health_ms:.0f} ms.",
-             f"SIGTERM to exit: {exit_s:.1f} s (exit code {exit_code}).", ""]
+             (f"SIGTERM to exit: {exit_s:.1f} s (exit code {exit_code}: uvicorn shuts down, then "
+              "re-raises the signal)."), ""]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"server_memory_{args.tag}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

@@ -33,8 +33,8 @@ from jdecode.model.transformer import forward
 # Incremented at trace time only: a test proves that new batch mixes do not retrace.
 TRACE_COUNTS: collections.Counter = collections.Counter()
 MIN_TOKEN_BUCKET = 16
-# Narrowest block table (tokens) of an XLA step: on CPU a 64-token table decoded SmolLM2 1.5x
-# faster than a 256-token one; narrower would only add executables.
+# Narrowest block table (tokens) of an XLA step: the gather's cost follows the width, and a
+# table of a few pages costs little next to the rest of the step.
 MIN_KV_BUCKET_TOKENS = 64
 MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs
 
@@ -58,10 +58,11 @@ def kv_buckets(max_pages: int, page_size: int, impl: str) -> tuple[int, ...]:
     """Block-table widths (pages) a step may be padded to; each is one more executable.
 
     The XLA attention gathers every page of the table, so its cost follows the table's width,
-    not the context: with 4096-token tables the CPU engine took ~25x the Generator's time per
-    token (benchmarks/engine_latency_cpu.md). Its steps get the narrowest power of two (from
-    MIN_KV_BUCKET_TOKENS) that holds their longest context. The Pallas kernel reads only the
-    pages within the context, so the width costs it nothing and one executable serves.
+    not the context: with 4096-token tables the CPU engine took 25-37x the Generator's time per
+    token, and 1.4x with these widths (benchmarks/engine_latency_cpu.md). Its steps get the
+    narrowest power of two (from MIN_KV_BUCKET_TOKENS) that holds their longest context. The
+    Pallas kernel reads only the pages within the context, so the width costs it nothing and
+    one executable serves.
     """
     if impl == "pallas":
         return (max_pages,)
