@@ -96,6 +96,14 @@ def health_during_huge_prompt(url: str, model: str) -> float:
         return 1e3 * worst
 
 
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True,
+                              text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -142,14 +150,16 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-        "cores": os.cpu_count(), "command": shlex.join(["python", *sys.argv]),
+        "cores": os.cpu_count(), "git_sha": git_sha(),
+        "command": shlex.join(["python", *sys.argv]),
         "model": args.model, "requests_ok": ok, "requests": args.requests,
         "requests_s": seconds, "rss_mb": rss, "hostile_status": statuses,
         "health_worst_ms_during_huge_prompt": health_ms,
         "sigterm_exit_s": exit_s, "exit_code": exit_code,
     }
     lines = [f"# Server memory and hostile input: {args.model} on {result['device']}", "",
-             f"{result['date']} | {result['cores']} cores | jax {result['jax']}", "",
+             (f"{result['date']} | {result['cores']} cores | jax {result['jax']} | git "
+              f"{result['git_sha'][:10]}"), "",
              f"`{result['command']}`", "",
              (f"{ok}/{args.requests} short completions (8 tokens, {args.workers} clients) in "
               f"{seconds:.0f} s."), "", "| moment | RSS (MB) |", "|---|---|",
