@@ -49,7 +49,7 @@ class SamplingParams:
         finite = lambda x: isinstance(x, numbers.Real) and math.isfinite(x)
         checks = [
             (finite(self.temperature) and self.temperature >= 0, "temperature",
-             "use 0 for greedy or a finite value > 0"),
+             "use 0 for greedy or a value > 0"),
             (is_int(self.top_k) and 0 <= self.top_k <= MAX_TOP_K, "top_k",
              f"use 0 (off) or k in [1, {MAX_TOP_K}]"),
             (finite(self.top_p) and 0 < self.top_p <= 1, "top_p",
