@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["DEFAULT_MODEL", "Model", "ModelConfig", "SamplingParams", "generate", "load"]
+__all__ = ["DEFAULT_MODEL", "LLM", "Model", "ModelConfig", "SamplingParams", "generate", "load"]
 __version__ = "0.1.0"
 
 _LAZY = {
     "ModelConfig": "jdecode.config",
     "SamplingParams": "jdecode.decoding.sampling",
     "DEFAULT_MODEL": "jdecode.io.registry",
+    "LLM": "jdecode.engine.llm",
     "Model": "jdecode.io.registry",
     "load": "jdecode.io.registry",
 }

@@ -6,6 +6,8 @@ Order follows HF `generate`: repetition penalty, temperature, top-k, top-p, min-
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Sequence
 
 import jax
@@ -13,12 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+# Seeds become uint32 PRNG key material; top_k an int32 array entry.
+MAX_SEED = 2**32 - 1
+MAX_TOP_K = 2**31 - 1
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding parameters (host side), validated on construction.
 
     temperature 0 means greedy. top_k 0, top_p 1, min_p 0 and repetition_penalty 1 are "off".
+    `n` is the number of sequences sampled per prompt (the engine's `LLM`; `Generator` makes
+    one). `max_tokens` is vLLM's name for `max_new_tokens`: when given, it sets it.
     """
 
     temperature: float = 0.0
@@ -31,27 +39,62 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    n: int = 1
+    max_tokens: dataclasses.InitVar[int | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, max_tokens: int | None) -> None:
+        if max_tokens is not None:
+            object.__setattr__(self, "max_new_tokens", max_tokens)
+        is_int = lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool)
+        finite = lambda x: isinstance(x, numbers.Real) and math.isfinite(x)
         checks = [
-            (self.temperature >= 0, "temperature", "use 0 for greedy or a value > 0"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "use 0 (off) or k >= 1"),
-            (0 < self.top_p <= 1, "top_p", "it must lie in (0, 1]; 1 turns it off"),
-            (0 <= self.min_p <= 1, "min_p", "it must lie in [0, 1]; 0 turns it off"),
-            (self.repetition_penalty > 0, "repetition_penalty", "it must be > 0; 1 is off"),
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+            (finite(self.temperature) and self.temperature >= 0, "temperature",
+             "use 0 for greedy or a value > 0"),
+            (is_int(self.top_k) and 0 <= self.top_k <= MAX_TOP_K, "top_k",
+             f"use 0 (off) or k in [1, {MAX_TOP_K}]"),
+            (finite(self.top_p) and 0 < self.top_p <= 1, "top_p",
+             "it must lie in (0, 1]; 1 turns it off"),
+            (finite(self.min_p) and 0 <= self.min_p <= 1, "min_p",
+             "it must lie in [0, 1]; 0 turns it off"),
+            (finite(self.repetition_penalty) and self.repetition_penalty > 0,
+             "repetition_penalty", "it must be finite and > 0; 1 is off"),
+            (self.seed is None or (is_int(self.seed) and 0 <= self.seed <= MAX_SEED), "seed",
+             f"use None (random) or an integer in [0, {MAX_SEED}]"),
+            (is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
              "max_new_tokens", "ask for at least 1 token"),
+            (is_int(self.n) and self.n >= 1, "n", "ask for at least 1 sequence"),
         ]
         for ok, name, fix in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range: {fix}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in stop):
+            # "" is in every text: it would end every sequence before its first token.
+            raise ValueError(f"stop={stop!r}: stop strings must be non-empty strings")
         object.__setattr__(self, "stop", stop)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string: the
+    text a stream must hold back, since later tokens may complete the stop string.
+
+    Only suffixes starting with a stop string's first character are compared, so a long stop
+    string costs one `find` per occurrence of that character, not one comparison per length.
+    """
+    best = 0
+    for s in stops:
+        i = text.find(s[0], max(len(text) - len(s) + 1, 0))
+        while i != -1 and len(text) - i > best:
+            if s.startswith(text[i:]):
+                best = len(text) - i  # the earliest match is the longest for this stop
+                break
+            i = text.find(s[0], i + 1)
+    return best
 
 
 @struct.dataclass

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import random
 import time
 from collections.abc import Sequence
 
-from jdecode.decoding.sampling import SamplingParams
+from jdecode.decoding.sampling import SamplingParams, stop_prefix_len
 from jdecode.engine.block_manager import BlockManager
-from jdecode.engine.request import Request, RequestStatus
+from jdecode.engine.request import InvalidRequest, Request, RequestStatus
 from jdecode.engine.runner import MAX_LOGPROBS, InFlightStep, ModelRunner
 from jdecode.engine.scheduler import Scheduler, SchedulerConfig
 from jdecode.io.registry import Model
 from jdecode.io.tokenizer import IncrementalDetokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +35,9 @@ class EngineArgs:
             max_chunk_tokens, min_prefill_batch: see `SchedulerConfig` (max_model_len None =
             the model's limit, capped at 4096).
         enable_prefix_caching: share full KV pages between requests with equal prefixes.
-        impl: attention implementation ("xla" or "pallas").
+        impl: attention implementation: "auto" (Pallas on GPU, XLA elsewhere), "xla" or
+            "pallas". With XLA, each step's block tables are cut to a width bucket that holds
+            its longest context (`runner.kv_buckets`).
         layout: parameter layout, "auto", "inference" or "stacked" (see `ModelRunner`).
         token_buckets: padded token counts of a step below the budget (each compiles once);
             empty = powers of two from 16. On a GPU a decode step costs about the same at 16 or
@@ -54,7 +59,7 @@ class EngineArgs:
     max_chunk_tokens: int = 0
     min_prefill_batch: int | None = None
     enable_prefix_caching: bool = True
-    impl: str = "xla"
+    impl: str = "auto"
     layout: str = "auto"
     token_buckets: tuple[int, ...] = ()
     async_scheduling: bool = True
@@ -84,6 +89,7 @@ class SequenceOutput:
     logprobs: list[Logprob] | None  # for the new tokens
     num_prompt_tokens: int
     num_cached_tokens: int
+    error: str | None = None  # set when the request failed (finish_reason "abort")
 
 
 class _Seq:
@@ -123,6 +129,11 @@ class LLMEngine:
             num_pages = min(int(args.kv_cache_gb * 2**30) // page_bytes,
                             args.max_num_seqs * pages_per_seq)
             num_pages = max(num_pages, pages_per_seq)
+        if num_pages < pages_per_seq:
+            # Otherwise one sequence could preempt all others and still not fit: a livelock.
+            raise ValueError(f"num_pages={num_pages} cannot hold one max_model_len="
+                             f"{max_model_len} sequence ({pages_per_seq} pages of "
+                             f"{args.page_size}): raise num_pages or lower max_model_len")
         self.args, self.model, self.max_model_len = args, model, max_model_len
         self.block_manager = BlockManager(num_pages, args.page_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -147,33 +158,49 @@ class LLMEngine:
 
     # ---- requests --------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
-                    sampling_params: SamplingParams | None = None, *, n: int = 1,
-                    logprobs: int | None = None, arrival_time: float | None = None) -> None:
-        """Queues a request of `n` sequences sampled from one prompt.
+    def validate_request(self, prompt_token_ids: Sequence[int], sampling_params: SamplingParams,
+                         logprobs: int | None = None) -> None:
+        """Checks that a request fits this engine, without queuing it (no engine state read).
 
         Raises:
-          ValueError naming the problem (empty or too long prompt, token ids out of range, bad
-          n or logprobs, duplicate id).
+          InvalidRequest naming the problem and the request field at fault (empty or too long
+          prompt, token ids outside the vocabulary, n above max_num_seqs, bad logprobs).
+        """
+        vocab, sp = self.model.cfg.vocab_size, sampling_params
+        if not prompt_token_ids:
+            raise InvalidRequest("the prompt is empty: give at least one token", "prompt")
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
+                                 "prompt")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequest(
+                f"prompt has {len(prompt_token_ids)} tokens; max_model_len is "
+                f"{self.max_model_len}: shorten the prompt or raise max_model_len", "prompt")
+        bad = [t for t in sp.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"stop token ids {bad[:5]} are outside the vocabulary "
+                                 f"[0, {vocab})", "stop_token_ids")
+        if sp.n > self.args.max_num_seqs:
+            raise InvalidRequest(f"n={sp.n} sequences do not fit max_num_seqs="
+                                 f"{self.args.max_num_seqs}: lower n or raise max_num_seqs", "n")
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"logprobs={logprobs!r}: must lie in [0, {MAX_LOGPROBS}]",
+                                 "logprobs")
+
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
+                    sampling_params: SamplingParams | None = None, *,
+                    logprobs: int | None = None, arrival_time: float | None = None) -> None:
+        """Queues a request of `sampling_params.n` sequences sampled from one prompt.
+
+        Raises:
+          InvalidRequest (a ValueError) as `validate_request` does, or for a duplicate id.
         """
         sp = sampling_params or SamplingParams()
-        cfg = self.model.cfg
         ids = [int(t) for t in prompt_token_ids]
         if request_id in self._groups:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        if not ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, "
-                             f"{cfg.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is "
-                             f"{self.max_model_len}: shorten the prompt or raise max_model_len")
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n={n!r}: ask for at least 1 sequence")
-        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs={logprobs!r}: must lie in [0, {MAX_LOGPROBS}]")
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        self.validate_request(ids, sp, logprobs)
         tok = self.model.tokenizer
         stop_ids = set(sp.stop_token_ids)
         if tok is not None and not sp.ignore_eos:
@@ -183,7 +210,7 @@ class LLMEngine:
         parent = Request(sid, ids, sp, arrival_time=arrival_time)
         parent.seed = seed
         parent.max_output_tokens = sp.max_new_tokens
-        parent.children = [parent.make_child(f"{sid}/{i}", i) for i in range(1, n)]
+        parent.children = [parent.make_child(f"{sid}/{i}", i) for i in range(1, sp.n)]
         self.scheduler.add_request(parent)
         self._groups[request_id] = [parent.request_id] + [c.request_id for c in parent.children]
         for req in (parent, *parent.children):
@@ -231,16 +258,33 @@ class LLMEngine:
         now = time.monotonic()
         outputs = []
         for req in self.scheduler.update_from_output(step.out, result.tokens):
-            seq = self._seqs[req.request_id]
+            seq = self._seqs.get(req.request_id)
+            if seq is None:  # a sibling failed earlier in this loop and took its group along
+                continue
             self.num_generated_tokens += 1
             if req.first_token_time is None:
                 req.first_token_time = now
             token = req.output_token_ids[-1]
-            if req.request_id in result.logprobs:
-                chosen, top_ids, top_vals = result.logprobs[req.request_id]
-                seq.logprobs.append(Logprob(token, chosen, dict(zip(top_ids, top_vals))))
-            outputs.append(self._postprocess(seq, token, now))
+            try:
+                if req.request_id in result.logprobs:
+                    chosen, top_ids, top_vals = result.logprobs[req.request_id]
+                    seq.logprobs.append(Logprob(token, chosen, dict(zip(top_ids, top_vals))))
+                outputs.append(self._postprocess(seq, token, now))
+            except Exception as e:  # this request's failure ends this request only
+                log.exception("request %s failed in post-processing", seq.user_id)
+                outputs.append(self._fail(seq, f"{type(e).__name__}: {e}"))
         return outputs
+
+    def _fail(self, seq: _Seq, error: str) -> SequenceOutput:
+        """Aborts the sequence's whole request; the output carries the error."""
+        self.abort_request(seq.user_id)
+        req = seq.req
+        return SequenceOutput(
+            request_id=seq.user_id, index=req.index, new_token_ids=[], delta_text="",
+            token_ids=list(req.output_token_ids), text=seq.text, finished=True,
+            finish_reason=RequestStatus.FINISHED_ABORTED.finish_reason, logprobs=None,
+            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
+            error=error)
 
     def _postprocess(self, seq: _Seq, token: int, now: float) -> SequenceOutput:
         """Detokenizes the new token and applies the stop conditions."""
@@ -260,7 +304,7 @@ class LLMEngine:
                                or req.num_tokens >= self.max_model_len):
             status = RequestStatus.FINISHED_LENGTH
         # Hold back the tail that might be the start of a stop string until it is decided.
-        hold = 0 if status is not None else max((len(s) - 1 for s in sp.stop), default=0)
+        hold = 0 if status is not None else stop_prefix_len(seq.pending, sp.stop)
         cut = max(0, len(seq.pending) - hold)
         delta, seq.pending = seq.pending[:cut], seq.pending[cut:]
         seq.text += delta

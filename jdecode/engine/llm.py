@@ -1,4 +1,5 @@
-"""Offline batch API in vLLM's shape: `LLM(model, **engine_args).generate(prompts, params)`."""
+"""Offline batch API in vLLM's shape: `LLM(model, **engine_args).generate(prompts, params)` and
+`.chat(messages, params)`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from jdecode.engine.engine import EngineArgs, LLMEngine, Logprob
 from jdecode.io.registry import DEFAULT_MODEL, Model, load
 
 Prompt = str | Sequence[int]
+Conversation = Sequence[dict[str, str]]  # [{"role": "user", "content": "..."}, ...]
 
 
 @dataclasses.dataclass
@@ -67,15 +69,14 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 *, n: int | Sequence[int] = 1, logprobs: int | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 *, logprobs: int | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Generates for every prompt in one continuous batch; outputs keep the input order.
 
         Args:
           prompts: a string, a list of token ids, or a list of either.
           sampling_params: one for all prompts, or one per prompt (heterogeneous requests).
-          n: sequences per prompt (one value or one per prompt); siblings share the prompt's
-            KV pages copy-on-write.
+            Each prompt gets `n` sequences (`SamplingParams.n`); siblings share the prompt's KV
+            pages copy-on-write.
           logprobs: if set, each token carries its logprob and the top `logprobs` alternatives.
           use_tqdm: show a progress bar over finished requests.
         Returns:
@@ -91,19 +92,17 @@ class LLM:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(sampling_params)} "
                              "SamplingParams: pass one, or one per prompt")
-        ns = [n] * len(prompts) if isinstance(n, int) else list(n)
         engine = self.engine
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
         encoded = [self._encode(p) for p in prompts]
         results: dict[str, RequestOutput] = {}
         try:
-            for rid, p, toks, sp, k in zip(ids, prompts, encoded, sampling_params, ns,
-                                          strict=True):
-                engine.add_request(rid, toks, sp, n=k, logprobs=logprobs)
+            for rid, p, toks, sp in zip(ids, prompts, encoded, sampling_params, strict=True):
+                engine.add_request(rid, toks, sp, logprobs=logprobs)
                 results[rid] = RequestOutput(
                     rid, p if isinstance(p, str) else None, toks,
                     [CompletionOutput(i, "", [], None, [] if logprobs is not None else None)
-                     for i in range(k)])
+                     for i in range(sp.n)])
             bar = tqdm(total=len(prompts), desc="generate", unit="req", disable=not use_tqdm)
             with bar:
                 while engine.has_unfinished_requests():
@@ -123,3 +122,22 @@ class LLM:
                 engine.abort_request(rid)
             raise
         return [results[rid] for rid in ids]
+
+    def chat(self, messages: Conversation | Sequence[Conversation],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             *, logprobs: int | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Answers one conversation or a batch of them, rendered with the model's chat template.
+
+        Args:
+          messages: a conversation (a list of {"role", "content"} dicts) or a list of them.
+          sampling_params, logprobs, use_tqdm: as in `generate`.
+        Returns:
+          One RequestOutput per conversation, in input order; `prompt` is the rendered text.
+        """
+        tok = self.model.tokenizer
+        if tok is None or not tok.chat_template:
+            raise ValueError(f"{self.model.name} has no chat template: use LLM.generate with "
+                             "raw text")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [tok.apply_chat_template(list(c)) for c in conversations]
+        return self.generate(prompts, sampling_params, logprobs=logprobs, use_tqdm=use_tqdm)

@@ -133,3 +133,11 @@ class Request:
         return (f"Request({self.request_id!r}, status={self.status.value}, "
                 f"tokens={self.num_computed_tokens}/{self.num_tokens}, "
                 f"prompt={self.num_prompt_tokens})")
+
+
+class InvalidRequest(ValueError):
+    """A request the engine cannot run, with the request field at fault (`param`)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param

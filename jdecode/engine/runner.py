@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdecode.cache.paged import (
+    IMPLS,
     PagedKVCache,
     PagedMeta,
     copy_pages,
@@ -32,6 +33,9 @@ from jdecode.model.transformer import forward
 # Incremented at trace time only: a test proves that new batch mixes do not retrace.
 TRACE_COUNTS: collections.Counter = collections.Counter()
 MIN_TOKEN_BUCKET = 16
+# Narrowest block table (tokens) of an XLA step: the gather's cost follows the width, and a
+# table of a few pages costs little next to the rest of the step.
+MIN_KV_BUCKET_TOKENS = 64
 MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs
 
 
@@ -48,6 +52,34 @@ def token_buckets(max_num_batched_tokens: int, sizes: tuple[int, ...] = ()
     if any(b <= 0 for b in sizes):
         raise ValueError(f"token buckets {sizes} must be positive")
     return (*sorted({b for b in sizes if b < max_num_batched_tokens}), max_num_batched_tokens)
+
+
+def kv_buckets(max_pages: int, page_size: int, impl: str) -> tuple[int, ...]:
+    """Block-table widths (pages) a step may be padded to; each is one more executable.
+
+    The XLA attention gathers every page of the table, so its cost follows the table's width,
+    not the context: with 4096-token tables the CPU engine took 25-37x the Generator's time per
+    token, and 1.4x with these widths (benchmarks/engine_latency_cpu.md). Its steps get the
+    narrowest power of two (from MIN_KV_BUCKET_TOKENS) that holds their longest context. The
+    Pallas kernel reads only the pages within the context, so the width costs it nothing and
+    one executable serves.
+    """
+    if impl == "pallas":
+        return (max_pages,)
+    widths, w = [], max(1, MIN_KV_BUCKET_TOKENS // page_size)
+    while w < max_pages:
+        widths.append(w)
+        w *= 2
+    return (*widths, max_pages)
+
+
+def resolve_impl(impl: str) -> str:
+    """Resolves "auto": the Pallas kernels on GPU, XLA elsewhere (they would be interpreted)."""
+    if impl == "auto":
+        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}: choose auto, {', '.join(IMPLS)}")
+    return impl
 
 
 def resolve_layout(layout: str) -> str:
@@ -137,7 +169,8 @@ class ModelRunner:
     Args:
       cfg: model config. params: its parameters. num_pages, page_size: the pool.
       max_num_seqs: sequence slots per step. max_num_batched_tokens: token budget per step.
-      max_model_len: longest sequence (sets the block-table width). impl: attention impl.
+      max_model_len: longest sequence (the widest block table). impl: attention impl, or
+        "auto" (`resolve_impl`).
       layout: "inference" (fused projections, unrolled layers: ~2x faster decode on the H100,
         benchmarks/decode.md; compile time grows with depth), "stacked" (`lax.scan`), or
         "auto" (inference on GPU). token_bucket_sizes: see `token_buckets`.
@@ -145,18 +178,19 @@ class ModelRunner:
 
     def __init__(self, cfg: ModelConfig, params: Params, *, num_pages: int, page_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 impl: str = "xla", layout: str = "auto",
+                 impl: str = "auto", layout: str = "auto",
                  token_bucket_sizes: tuple[int, ...] = ()) -> None:
         if cfg.sliding_window is not None:
             raise ValueError(f"sliding_window={cfg.sliding_window}: the paged engine does not "
                              "implement sliding-window attention; use `jdecode generate`")
-        layout = resolve_layout(layout)
+        layout, impl = resolve_layout(layout), resolve_impl(impl)
         # A no-op on params already in the inference layout (engines can share one copy).
         self.params = inference_layout(params) if layout == "inference" else params
         self.cfg = cfg
         self.page_size, self.max_num_seqs = page_size, max_num_seqs
         self.max_pages = -(-max_model_len // page_size)
         self.buckets = token_buckets(max_num_batched_tokens, token_bucket_sizes)
+        self.kv_buckets = kv_buckets(self.max_pages, page_size, impl)
         self.cache = init_paged_cache(cfg, num_pages, page_size)
         self.last_sampled = jnp.zeros(max_num_seqs, jnp.int32)  # [B] the last step's samples
         self.impl = impl
@@ -165,18 +199,21 @@ class ModelRunner:
         return next(b for b in self.buckets if b >= num_tokens)
 
     def pack(self, out: SchedulerOutput, page_tables: dict[str, list[int]]) -> dict:
-        """Host arrays for one step (numpy), padded to the token bucket and max_num_seqs."""
+        """Host arrays for one step (numpy), padded to the token bucket, the block-table width
+        bucket and max_num_seqs."""
         ps, B = self.page_size, self.max_num_seqs
         n = self.bucket(out.num_batched_tokens)
         tokens = np.zeros(n, np.int32)
         positions = np.zeros(n, np.int32)
         slots = np.full(n, -1, np.int32)
-        tables = np.zeros((B, self.max_pages), np.int32)
         context_lens = np.zeros(B, np.int32)
         qsl = np.zeros(B + 1, np.int32)
         logits_at = np.zeros(B, np.int32)
         chunks = out.chunks
         c = len(chunks)
+        longest = max(ch.start + ch.num_tokens for ch in chunks)  # keys of the longest context
+        width = next(w for w in self.kv_buckets if w * ps >= longest)
+        tables = np.zeros((B, width), np.int32)  # [B, width] pages past a context are unread
         # Per-chunk Python work is kept to list building; the per-token arithmetic is numpy
         # (at 64 decodes per step, per-chunk numpy calls cost more than the H100's step).
         starts = np.fromiter((ch.start for ch in chunks), np.int32, c)  # [C]
@@ -198,7 +235,7 @@ class ModelRunner:
             t for ch in chunks if ch.token_src < 0
             for t in ch.request.all_token_ids[ch.start:ch.start + ch.num_tokens]]
         for b, ch in enumerate(chunks):
-            pages = page_tables[ch.request.request_id]
+            pages = page_tables[ch.request.request_id][:width]
             tables[b, :len(pages)] = pages
         slots[:total] = tables[owner, pos // ps] * ps + pos % ps
         copies = np.full((2, B), -1, np.int32)

@@ -1,191 +1,57 @@
-"""OpenAI-compatible server: FastAPI + uvicorn, the engine loop in a thread beside the event loop.
+"""OpenAI-compatible server: FastAPI + uvicorn over the engine thread (`AsyncEngine`).
 
 Endpoints: /v1/completions, /v1/chat/completions (SSE streaming or not), /v1/models, /health,
-/metrics (Prometheus). A client that disconnects mid-stream aborts its request.
+/metrics (Prometheus). Every error is an OpenAI error body. A client that disconnects aborts
+its request, streaming or not, and shutdown ends what is in flight at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import json
 import logging
-import queue
-import threading
+import os
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated
 
-from fastapi import FastAPI, Request
+import jinja2
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from jdecode.engine.async_engine import AsyncEngine
 from jdecode.engine.engine import EngineArgs, LLMEngine, SequenceOutput
 from jdecode.engine.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
     sampling_params,
+    validation_error,
 )
-from jdecode.io.registry import DEFAULT_MODEL, Model
+from jdecode.engine.request import InvalidRequest
+from jdecode.io.registry import DEFAULT_MODEL, Model, load
+from jdecode.io.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-
-
-class Metrics:
-    """Prometheus series, in a registry per server (tests start several)."""
-
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self.ttft = Histogram("jdecode_time_to_first_token_seconds", "Time to first token",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("jdecode_inter_token_latency_seconds", "Inter-token latency",
-                             buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("jdecode_e2e_request_latency_seconds", "End-to-end latency",
-                             buckets=LATENCY_BUCKETS, registry=r)
-        self.running = Gauge("jdecode_num_requests_running", "Sequences running", registry=r)
-        self.waiting = Gauge("jdecode_num_requests_waiting", "Sequences waiting", registry=r)
-        self.kv_usage = Gauge("jdecode_kv_cache_usage_ratio", "Fraction of KV pages in use",
-                              registry=r)
-        self.hit_rate = Gauge("jdecode_prefix_cache_hit_rate",
-                              "Prompt tokens served by the prefix cache / prompt tokens",
-                              registry=r)
-        self.preemptions = Gauge("jdecode_num_preemptions_total", "Preemptions so far",
-                                 registry=r)
-        self.generated = Counter("jdecode_generation_tokens", "Generated tokens", registry=r)
-        self.finished = Counter("jdecode_request_success", "Finished requests",
-                                ["finish_reason"], registry=r)
-
-
-class AsyncEngine:
-    """Runs `LLMEngine.step` in a background thread; requests talk to it through queues.
-
-    The event loop never runs model code, so a slow client (or a slow step) never blocks the
-    others' I/O; the engine thread never awaits, so a stalled client never blocks a step.
-    """
-
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self.metrics = Metrics()
-        self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._start: dict[str, float] = {}  # request id -> arrival
-        self._open: dict[str, int] = {}  # request id -> sequences not finished yet
-        self._last_token: dict[tuple[str, int], float] = {}
-        self._wake = threading.Event()
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="jdecode-engine", daemon=True)
-        self._thread.start()
-
-    def shutdown(self) -> None:
-        self._stop = True
-        self._wake.set()
-        self._thread.join(timeout=10)
-
-    # ---- called from the event loop --------------------------------------------------------
-
-    def submit(self, request_id: str, prompt: list[int], sp, n: int, logprobs: int | None
-               ) -> asyncio.Queue:
-        """Queues a request; its SequenceOutputs (or an exception) arrive on the queue."""
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), q)
-        self._commands.put(("add", request_id, prompt, sp, n, logprobs, time.monotonic()))
-        self._wake.set()
-        return q
-
-    def abort(self, request_id: str) -> None:
-        if self._streams.pop(request_id, None) is not None:
-            self._commands.put(("abort", request_id))
-            self._wake.set()
-
-    # ---- the engine thread -----------------------------------------------------------------
-
-    def _send(self, request_id: str, item: Any) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, q = target
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, item)
-            except RuntimeError:  # the event loop is closed: the server is shutting down
-                self._streams.pop(request_id, None)
-
-    def _drain_commands(self) -> None:
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if cmd[0] == "add":
-                _, rid, prompt, sp, n, logprobs, t0 = cmd
-                if rid not in self._streams:  # the client left before admission
-                    continue
-                try:
-                    self.engine.add_request(rid, prompt, sp, n=n, logprobs=logprobs)
-                    self._start[rid], self._open[rid] = t0, n
-                except ValueError as e:
-                    self._send(rid, APIError(str(e)))
-                    self._streams.pop(rid, None)
-            else:
-                self.engine.abort_request(cmd[1])
-                self._start.pop(cmd[1], None)
-                self._open.pop(cmd[1], None)
-
-    def _run(self) -> None:
-        while not self._stop:
-            self._drain_commands()
-            if not self.engine.has_unfinished_requests():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as e:  # keep serving: fail the requests in flight, not the server
-                log.exception("engine step failed")
-                for rid in list(self._streams):
-                    self._send(rid, APIError(f"engine error: {e}", 500, type="server_error"))
-                    self.engine.abort_request(rid)
-                self._streams.clear()
-                continue
-            now = time.monotonic()
-            for out in outputs:
-                self._observe(out, now)
-                self._send(out.request_id, out)
-            self._update_gauges()
-
-    def _observe(self, out: SequenceOutput, now: float) -> None:
-        m, key = self.metrics, (out.request_id, out.index)
-        m.generated.inc(len(out.new_token_ids))
-        last = self._last_token.get(key)
-        if last is None:
-            m.ttft.observe(now - self._start.get(out.request_id, now))
-        else:
-            m.itl.observe(now - last)
-        self._last_token[key] = now
-        if out.finished:
-            self._last_token.pop(key, None)
-            m.finished.labels(out.finish_reason).inc()
-            self._open[out.request_id] = self._open.get(out.request_id, 1) - 1
-            if self._open[out.request_id] == 0:
-                del self._open[out.request_id]
-                m.e2e.observe(now - self._start.pop(out.request_id, now))
-
-    def _update_gauges(self) -> None:
-        s, m = self.engine.stats(), self.metrics
-        m.running.set(s["num_running"])
-        m.waiting.set(s["num_waiting"])
-        m.kv_usage.set(s["kv_usage"])
-        m.hit_rate.set(s["prefix_hit_rate"])
-        m.preemptions.set(s["num_preemptions"])
+# Request bodies above this answer 413. A full 4096-token context is ~20 KB of text or JSON
+# token ids; 4 MiB leaves room for long chat histories and batched prompts.
+DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
+# After shutdown starts, requests get this long to deliver their 503 before being cancelled.
+SHUTDOWN_GRACE_S = 5
+_bearer = HTTPBearer(auto_error=False)  # the /v1 routes' `Authorization: Bearer ...` header
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -196,111 +62,225 @@ def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
-def build_app(engine: LLMEngine, model_name: str) -> tuple[FastAPI, AsyncEngine]:
-    """The FastAPI app over an engine; the AsyncEngine starts its thread immediately."""
+class BodySizeLimit:
+    """ASGI middleware: a request body over `max_bytes` answers 413 with an OpenAI error body,
+    whether the client declares its length or streams it chunked.
+
+    Starlette's own limiter answers in plain text, so it cannot give the OpenAI shape.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self) -> APIError:
+        return APIError(f"the request body is over {self.max_bytes} bytes: send less, or start "
+                        "the server with a larger --max-request-bytes", status=413)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await _error(self._too_large())(scope, receive, send)
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:  # raised inside the body read: the handler answers 413
+                e = self._too_large()
+                raise HTTPException(e.status, e.message)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def load_chat_template(template: str) -> str:
+    """A chat template from a file path or given inline (as vLLM's --chat-template).
+
+    Raises:
+      ValueError naming the file or the jinja syntax error.
+    """
+    path = Path(template)
+    source = template
+    if "{" not in template:  # no jinja markup: it names a file
+        if not path.is_file():
+            raise ValueError(f"--chat-template {template}: no such file (give a jinja file or "
+                             "the template itself)")
+        source = path.read_text()
+    try:
+        jinja2.Environment().parse(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template: jinja syntax error on line {e.lineno}: {e.message}"
+                         ) from None
+    return source
+
+
+def _max_token_chars(tok: Tokenizer) -> int:
+    """Most characters one token can cover: a text longer than max_model_len times this can
+    only be too long, so it is rejected without tokenizing it. Byte-level vocabularies spell
+    each byte as one character, so a token's vocabulary string is never shorter than its text.
+    """
+    return max(len(t) for t in tok.backend.get_vocab(with_added_tokens=True))
+
+
+async def _until_disconnected(raw: Request) -> None:
+    """Returns when the client hangs up (the body was read already: only disconnects arrive)."""
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
+
+
+def build_app(engine: LLMEngine, model_name: str, *, api_key: str | None = None,
+              chat_template: str | None = None,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+              ) -> tuple[FastAPI, AsyncEngine]:
+    """The FastAPI app over an engine; the AsyncEngine starts its thread immediately.
+
+    Args:
+      engine: the engine to serve. model_name: the name clients pass as `model`.
+      api_key: if set, every /v1 route wants `Authorization: Bearer <api_key>`.
+      chat_template: a jinja template replacing the model's (see `load_chat_template`).
+      max_request_bytes: larger request bodies answer 413.
+    """
     core = AsyncEngine(engine)
 
-    @contextlib.asynccontextmanager
+    @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
         core.shutdown()
 
     app = FastAPI(title="jdecode", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
     app.state.core = core
     tok = engine.model.tokenizer
+    if tok is not None and chat_template is not None:
+        tok = dataclasses.replace(tok, chat_template=chat_template)
     max_len = engine.max_model_len
+    max_chars = max_len * _max_token_chars(tok) if tok is not None else 0
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0] if exc.errors() else {}
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        if err.get("type") == "json_invalid":
-            return _error(APIError(f"request body is not valid JSON: {err.get('msg')}"))
-        param = ".".join(loc) or None
-        return _error(APIError(f"{param or 'body'}: {err.get('msg', 'invalid request')}",
-                               param=param))
+        return _error(validation_error(exc.errors()))
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return _error(exc)
 
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        response = _error(APIError(str(exc.detail), status=exc.status_code, type=kind))
+        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        return response
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _error(APIError(f"internal error ({type(exc).__name__}); see the server log",
+                               status=500, type="server_error"))
+
+    async def authorized(
+            cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        if api_key is not None and (cred is None or not secrets.compare_digest(
+                cred.credentials.encode(), api_key.encode())):
+            raise APIError("missing or incorrect API key: send `Authorization: Bearer <key>` "
+                           "with the server's --api-key", status=401, code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+
     @app.get("/health")
     async def health() -> Response:
-        alive = core._thread.is_alive()
-        return Response(status_code=200 if alive else 503)
+        return Response(status_code=200 if core.alive else 503)
 
-    @app.get("/v1/models")
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        core.update_gauges()
+        return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @v1.get("/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": model_name, "object": "model",
                                             "created": 0, "owned_by": "jdecode",
                                             "max_model_len": max_len}]}
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        core._update_gauges()
-        return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def check_model(name: str) -> None:
         if name != model_name:
             raise APIError(f"The model `{name}` does not exist: this server serves "
                            f"`{model_name}`", status=404, param="model", code="model_not_found")
 
-    def encode(prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if tok is None:
-                raise APIError("this model has no tokenizer: send token ids as the prompt",
-                               param="prompt")
-            return tok.encode(prompt)
-        vocab = engine.model.cfg.vocab_size
-        if any(not 0 <= t < vocab for t in prompt):
-            raise APIError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
-        return list(prompt)
+    def too_long(what: str, n: int, unit: str) -> APIError:
+        return APIError(f"This model's maximum context length is {max_len} tokens. However, "
+                        f"{what} has {n} {unit}. Please reduce the prompt.", param=what,
+                        code="context_length_exceeded")
+
+    def encode(text: str) -> list[int]:
+        """Runs in a worker thread: tokenizing a long text must not stall the event loop."""
+        if tok is None:
+            raise APIError("this model has no tokenizer: send token ids as the prompt",
+                           param="prompt")
+        if len(text) > max_chars:  # decided before the work
+            raise too_long("prompt", len(text), "characters")
+        return tok.encode(text)
+
+    def encode_chat(messages: list[dict[str, str]]) -> list[int]:
+        """Renders the chat template and tokenizes, in a worker thread."""
+        if tok is None or not tok.chat_template:
+            raise APIError("this model has no chat template: use /v1/completions, or start "
+                           "the server with --chat-template")
+        if sum(len(m["content"]) for m in messages) > max_chars:
+            raise too_long("messages", sum(len(m["content"]) for m in messages), "characters")
+        try:
+            return tok.encode(tok.apply_chat_template(messages))
+        except jinja2.TemplateError as e:  # the template's own checks (roles, order, ...)
+            raise APIError(f"the chat template rejected the messages: {e}",
+                           param="messages") from None
 
     def budget(prompt: list[int], max_tokens: int | None) -> int:
-        if not prompt:
-            raise APIError("the prompt is empty", param="prompt")
-        if max_tokens is not None and max_tokens <= 0:
-            raise APIError(f"max_tokens={max_tokens}: must be at least 1", param="max_tokens")
+        """The request's output cap: max_tokens, or the room left in the context if None."""
         room = max_len - len(prompt)
         if room <= 0 or (max_tokens is not None and max_tokens > room):
             raise APIError(
                 f"This model's maximum context length is {max_len} tokens. However, you "
                 f"requested {len(prompt) + (max_tokens or 0)} tokens ({len(prompt)} in the "
                 f"prompt, {max_tokens or 0} in the completion). Please reduce the prompt or "
-                "max_tokens.", param="prompt",
+                "max_tokens.", param="prompt" if room <= 0 else "max_tokens",
                 code="context_length_exceeded")
         return room if max_tokens is None else max_tokens
 
-    @app.post("/v1/completions")
+    def checked(prompts: list[list[int]], body, max_tokens: int | None,
+                logprobs: int | None) -> list:
+        """SamplingParams per prompt, once the engine has accepted each (4xx before output)."""
+        sps = []
+        for ids in prompts:
+            sp = sampling_params(body, budget(ids, max_tokens))
+            try:
+                engine.validate_request(ids, sp, logprobs)
+            except InvalidRequest as e:
+                raise APIError(str(e), param=e.param) from None
+            sps.append(sp)
+        return sps
+
+    @v1.post("/completions")
     async def completions(body: CompletionRequest, raw: Request):
         check_model(body.model)
-        p = body.prompt
-        prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
-        if not prompts:
-            raise APIError("the prompt is empty", param="prompt")
-        if body.logprobs is not None and not 0 <= body.logprobs <= 5:
-            raise APIError(f"logprobs={body.logprobs}: must lie in [0, 5]", param="logprobs")
-        encoded = [encode(x) for x in prompts]
-        sps = [sampling_params(body, budget(ids, body.max_tokens)) for ids in encoded]
-        return await _respond(core, raw, "text_completion", model_name, body, encoded, sps,
+        prompts = [await run_in_threadpool(encode, p) if isinstance(p, str) else p
+                   for p in body.prompts()]
+        sps = checked(prompts, body, body.max_tokens, body.logprobs)
+        return await _respond(core, raw, "text_completion", model_name, body, prompts, sps,
                               body.logprobs, tok)
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat(body: ChatCompletionRequest, raw: Request):
         check_model(body.model)
-        if tok is None or not tok.chat_template:
-            raise APIError("this model has no chat template: use /v1/completions")
-        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
-            raise APIError(f"top_logprobs={body.top_logprobs}: must lie in [0, 20]",
-                           param="top_logprobs")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids = tok.encode(tok.apply_chat_template(messages))
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        sp = sampling_params(body, budget(ids, max_tokens))
+        ids = await run_in_threadpool(encode_chat, messages)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return await _respond(core, raw, "chat.completion", model_name, body, [ids], [sp],
+        sps = checked([ids], body, body.completion_limit, logprobs)
+        return await _respond(core, raw, "chat.completion", model_name, body, [ids], sps,
                               logprobs, tok)
 
+    app.include_router(v1)
     return app, core
 
 
@@ -312,15 +292,15 @@ async def _respond(core: AsyncEngine, raw: Request, kind: str, model_name: str, 
     created = int(time.time())
     n = body.n
     sub_ids = [f"{rid}-{i}" for i in range(len(prompts))]
-    queues = [core.submit(s, p, sp, n, logprobs) for s, p, sp in zip(sub_ids, prompts, sps)]
+    queues = [core.submit(s, p, sp, logprobs) for s, p, sp in zip(sub_ids, prompts, sps)]
     fmt = _Formatter(kind, rid, created, model_name, tok)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream(core, raw, fmt, sub_ids, queues, n, include_usage,
-                    sum(len(p) for p in prompts)),
+            _stream(core, fmt, sub_ids, queues, n, include_usage, sum(len(p) for p in prompts)),
             media_type="text/event-stream")
-    try:
+
+    async def collect() -> dict[int, SequenceOutput]:
         finals: dict[int, SequenceOutput] = {}
         for i, q in enumerate(queues):
             done = 0
@@ -332,9 +312,20 @@ async def _respond(core: AsyncEngine, raw: Request, kind: str, model_name: str, 
                 if item.finished:
                     finals[i * n + item.index] = item
                     done += 1
+        return finals
+
+    # A client that hangs up before the answer cancels the work (uvicorn would let it run).
+    work, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(_until_disconnected(raw))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        work.cancel()
+        gone.cancel()
         for s in sub_ids:
-            core.abort(s)  # no-op once finished; frees pages if the handler was cancelled
+            core.abort(s)  # no-op once finished; frees pages if the client left or we failed
+    if not work.done() or work.cancelled():
+        return Response(status_code=499)  # nobody is listening
+    finals = work.result()
     choices = [fmt.choice(k, finals[k]) for k in sorted(finals)]
     completion = sum(len(o.token_ids) for o in finals.values())
     prompt_tokens = sum(len(p) for p in prompts)
@@ -344,7 +335,7 @@ async def _respond(core: AsyncEngine, raw: Request, kind: str, model_name: str, 
                                           "total_tokens": prompt_tokens + completion}}
 
 
-async def _stream(core: AsyncEngine, raw: Request, fmt: _Formatter, sub_ids: list[str],
+async def _stream(core: AsyncEngine, fmt: _Formatter, sub_ids: list[str],
                   queues: list[asyncio.Queue], n: int, include_usage: bool,
                   prompt_tokens: int) -> AsyncIterator[str]:
     """SSE chunks as tokens arrive; an abandoned stream aborts its engine requests."""
@@ -442,21 +433,48 @@ class _Formatter:
         return self.chunk(k, delta, lps, out.finish_reason)
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, but shutdown (SIGTERM, Ctrl-C) first ends every request in flight with
+    a 503: uvicorn alone would wait for each to finish generating."""
+
+    def __init__(self, config: uvicorn.Config, core: AsyncEngine) -> None:
+        super().__init__(config)
+        self.core = core
+
+    async def shutdown(self, sockets=None) -> None:
+        self.core.abort_all(APIError("the server is shutting down: retry the request later",
+                                     status=503, type="server_error"))
+        await super().shutdown(sockets)
+
+
+def make_server(app: FastAPI, core: AsyncEngine, host: str = "127.0.0.1", port: int = 8000,
+                log_level: str = "info") -> Server:
+    """A `Server` for the app of `build_app`; `.run()` serves until shutdown."""
+    return Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S), core)
+
+
 def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8000, *,
           dtype: str = "float32", served_model_name: str | None = None,
-          **engine_args) -> None:
+          api_key: str | None = None, chat_template: str | None = None,
+          max_request_bytes: int | None = None, **engine_args) -> None:
     """Loads a model and serves it until interrupted (`jdecode serve`).
 
     Args:
       model: a known name, HF directory or .gguf file. host, port: where to listen.
       dtype: parameter dtype. served_model_name: the name clients pass as `model`.
+      api_key: bearer token wanted on every /v1 route; None reads $JDECODE_API_KEY (unset or
+        empty = no check).
+      chat_template: a jinja file or inline template replacing the model's.
+      max_request_bytes: larger request bodies answer 413 (None = DEFAULT_MAX_REQUEST_BYTES).
       **engine_args: `EngineArgs` fields (max_num_seqs, max_num_batched_tokens, ...).
     """
-    import uvicorn
-
-    from jdecode.io.registry import load
-
+    template = load_chat_template(chat_template) if chat_template is not None else None
     loaded: Model = load(model, dtype=dtype)
     engine = LLMEngine(loaded, EngineArgs(**engine_args))
-    app, _ = build_app(engine, served_model_name or model)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    app, core = build_app(engine, served_model_name or model,
+                          api_key=api_key or os.environ.get("JDECODE_API_KEY") or None,
+                          chat_template=template,
+                          max_request_bytes=DEFAULT_MAX_REQUEST_BYTES if max_request_bytes is None
+                          else max_request_bytes)
+    make_server(app, core, host, port).run()

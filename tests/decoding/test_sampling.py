@@ -176,6 +176,11 @@ def test_repetition_penalty_matches_hf_processor(rng, penalty):
     ({"top_k": -1}, "top_k=-1"),
     ({"repetition_penalty": 0.0}, "repetition_penalty=0.0"),
     ({"max_new_tokens": 0}, "max_new_tokens=0"),
+    ({"seed": -1}, "seed=-1"),  # seeds are uint32 key material
+    ({"seed": 2**32}, "seed=4294967296"),
+    ({"top_k": 2**31}, "top_k=2147483648"),  # an int32 array entry
+    ({"temperature": float("nan")}, "temperature=nan"),
+    ({"n": 0}, "n=0"),
 ])
 def test_sampling_params_reject_out_of_range_values(kw, name):
     with pytest.raises(ValueError, match=f"{name} is out of range"):

@@ -6,6 +6,11 @@ so the runner's executables are shared across tests and only token buckets compi
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
+
 import jax
 import pytest
 
@@ -14,6 +19,7 @@ from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.engine.engine import EngineArgs, LLMEngine
 from jdecode.engine.llm import LLM
+from jdecode.engine.server import build_app, make_server
 from jdecode.io.registry import Model
 from jdecode.model.params import init_params
 
@@ -62,3 +68,57 @@ def make_llm(tiny):
         return LLM(tiny, **{**SHAPES, **engine_args})
 
     return make
+
+
+# -- the server: the tiny model widened to SmolLM2's vocabulary, with the real tokenizer ------
+SERVED_NAME = "tiny-smol"
+SERVER_ARGS = {"max_num_seqs": 16, "max_num_batched_tokens": 128, "page_size": 16,
+               "max_model_len": 256, "num_pages": 160}
+
+
+@pytest.fixture(scope="session")
+def smol_tiny(smol_path) -> Model:
+    import gguf
+
+    from jdecode.io.gguf_loader import read_fields
+    from jdecode.io.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf_fields(read_fields(gguf.GGUFReader(str(smol_path))))
+    cfg = load_model_config_yaml(ROOT / "configs/models/tiny.yaml").replace(
+        vocab_size=tok.vocab_size)
+    return Model(SERVED_NAME, cfg, init_params(cfg, jax.random.key(3)), tok)
+
+
+@pytest.fixture(scope="session")
+def offline(smol_tiny) -> LLM:
+    """The offline engine the server's outputs are compared with (same shapes, same model)."""
+    return LLM(smol_tiny, **SERVER_ARGS)
+
+
+@contextlib.contextmanager
+def running_server(model: Model, **app_args):
+    """Serves `model` on a free port of 127.0.0.1; yields (base url, AsyncEngine, Server)."""
+    app, core = build_app(LLMEngine(model, EngineArgs(**SERVER_ARGS)), SERVED_NAME, **app_args)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = make_server(app, core, port=port, log_level="warning")
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not srv.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", core, srv
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+        core.shutdown()
+
+
+@pytest.fixture(scope="session")
+def server(smol_tiny):
+    """One server for the server tests: (base url, AsyncEngine)."""
+    with running_server(smol_tiny) as (url, core, _):
+        yield url, core

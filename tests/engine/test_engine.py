@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jdecode.cache.dense import DenseMeta, init_cache, make_dense_attend
-from jdecode.decoding.sampling import SamplingParams
+from jdecode.decoding.sampling import SamplingParams, stop_prefix_len
 from jdecode.model.transformer import forward
 from pallas_kernels.testing import assert_close
 
@@ -49,12 +49,12 @@ def test_seeded_sampling_does_not_depend_on_batch_mix_or_chunking(rng, make_llm)
 
 def test_n_sampled_siblings_differ_and_reproduce(rng, make_llm):
     prompt = prompts_of(rng, 1, 18, 18)[0]
-    sp = SamplingParams(max_new_tokens=8, temperature=1.0, seed=7)
-    first = make_llm(max_num_batched_tokens=16).generate(prompt, sp, n=4, use_tqdm=False)[0]
+    sp = SamplingParams(max_new_tokens=8, temperature=1.0, seed=7, n=4)
+    first = make_llm(max_num_batched_tokens=16).generate(prompt, sp, use_tqdm=False)[0]
     seqs = [tuple(o.token_ids) for o in first.outputs]
     assert [o.index for o in first.outputs] == [0, 1, 2, 3]
     assert len(set(seqs)) > 1
-    again = make_llm(max_num_batched_tokens=64).generate(prompt, sp, n=4, use_tqdm=False)[0]
+    again = make_llm(max_num_batched_tokens=64).generate(prompt, sp, use_tqdm=False)[0]
     assert [tuple(o.token_ids) for o in again.outputs] == seqs
 
 
@@ -108,8 +108,8 @@ def test_add_request_errors_name_the_fix(make_engine):
         engine.add_request("x", [1, 999])
     with pytest.raises(ValueError, match="empty"):
         engine.add_request("x", [])
-    with pytest.raises(ValueError, match="n=0"):
-        engine.add_request("x", [1], n=0)
+    with pytest.raises(ValueError, match="n=9 sequences do not fit max_num_seqs=8"):
+        engine.add_request("x", [1], SamplingParams(max_new_tokens=1, n=9))
     engine.add_request("x", [1])
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("x", [2])
@@ -118,3 +118,48 @@ def test_add_request_errors_name_the_fix(make_engine):
 def test_generate_with_mismatched_params_raises(make_llm):
     with pytest.raises(ValueError, match="2 prompts but 3 SamplingParams"):
         make_llm().generate([[1], [2]], [SamplingParams()] * 3, use_tqdm=False)
+
+
+def test_a_request_failing_in_post_processing_ends_alone(rng, make_engine, greedy_reference,
+                                                         monkeypatch):
+    good, bad = prompts_of(rng, 2)
+    engine = make_engine(max_num_batched_tokens=16)
+    postprocess = engine._postprocess
+
+    def failing(seq, token, now):  # the "bad" request's third token breaks its host code
+        if seq.user_id == "bad" and seq.req.num_output_tokens == 3:
+            raise RuntimeError("broken detokenizer")
+        return postprocess(seq, token, now)
+
+    monkeypatch.setattr(engine, "_postprocess", failing)
+    engine.add_request("good", good, SamplingParams(max_new_tokens=10))
+    engine.add_request("bad", bad, SamplingParams(max_new_tokens=10, n=2, temperature=1.0))
+    outs: dict[str, list] = {"good": [], "bad": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs[out.request_id].append(out)
+    assert outs["good"][-1].token_ids == greedy_reference(good)
+    assert all(o.error is None for o in outs["good"])
+    failed = [o for o in outs["bad"] if o.error is not None]
+    assert len(failed) == 1 and "RuntimeError" in failed[0].error
+    assert failed[0].finished and failed[0].finish_reason == "abort"
+    assert engine.num_unfinished_requests == 0 and engine.block_manager.num_used_pages == 0
+
+
+def test_sampling_params_take_vllm_names_and_refuse_empty_stop_strings():
+    sp = SamplingParams(max_tokens=7, n=3)
+    assert (sp.max_new_tokens, sp.n) == (7, 3)
+    with pytest.raises(ValueError, match="stop strings must be non-empty"):
+        SamplingParams(stop=["ok", ""])  # "" would end every sequence at once
+
+
+def test_stop_prefix_len_matches_brute_force(rng):
+    def brute(text, stops):  # the longest suffix that is a proper prefix of a stop string
+        return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])),
+                   default=0)
+
+    for _ in range(300):
+        text = "".join(rng.choice(list("abc"), size=int(rng.integers(0, 12))))
+        stops = ["".join(rng.choice(list("abc"), size=int(rng.integers(1, 8))))
+                 for _ in range(int(rng.integers(1, 4)))]
+        assert stop_prefix_len(text, stops) == brute(text, stops), (text, stops)

@@ -3,6 +3,8 @@ whatever the arrival order, batch mix, chunk size, prefix-cache hits and preempt
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -100,7 +102,7 @@ def test_requests_arriving_mid_flight(rng, make_engine, greedy_reference):
 def test_n_greedy_siblings_share_pages_and_match(rng, make_llm, greedy_reference):
     prompts = random_prompts(rng, 2, 18, 18)  # 18 tokens: the fork point splits page 4
     llm = make_llm(max_num_batched_tokens=16, num_pages=80)
-    outs = llm.generate(prompts, GREEDY, n=3, use_tqdm=False)
+    outs = llm.generate(prompts, dataclasses.replace(GREEDY, n=3), use_tqdm=False)
     assert [len(o.outputs) for o in outs] == [3, 3]
     assert_exact(outs, prompts, greedy_reference)
     assert llm.engine.block_manager.num_used_pages == 0

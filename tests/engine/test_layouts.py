@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from jdecode.decoding.sampling import SamplingParams
+from jdecode.engine import runner
 from jdecode.engine.runner import token_buckets
 
 MAX_NEW = 10
@@ -33,5 +34,17 @@ def test_layout_and_impl_match_single_request_greedy(rng, make_llm, greedy_refer
     llm = make_llm(max_num_batched_tokens=16, max_chunk_tokens=5, num_pages=80, layout=layout,
                    impl=impl, token_buckets=(8,))
     assert llm.engine.runner.buckets == (8, 16)
+    for i, out in enumerate(llm.generate(prompts, GREEDY, use_tqdm=False)):
+        assert out.outputs[0].token_ids == greedy_reference(prompts[i]), f"prompt {i}"
+
+
+def test_block_table_width_buckets_match_single_request_greedy(rng, make_llm, greedy_reference,
+                                                               monkeypatch):
+    # 16-token width buckets: contexts of 17..42 tokens cross the 32-token boundary mid-decode.
+    monkeypatch.setattr(runner, "MIN_KV_BUCKET_TOKENS", 16)
+    prompts = random_prompts(rng, 4)
+    llm = make_llm(max_num_batched_tokens=16, num_pages=80)
+    assert llm.engine.runner.kv_buckets == (4, 8, 16)  # pages of 4 tokens
+    assert runner.kv_buckets(16, 4, "pallas") == (16,)  # the kernel reads only the context
     for i, out in enumerate(llm.generate(prompts, GREEDY, use_tqdm=False)):
         assert out.outputs[0].token_ids == greedy_reference(prompts[i]), f"prompt {i}"

@@ -7,65 +7,13 @@ chat template apply; the expected outputs come from the offline `LLM` with the s
 from __future__ import annotations
 
 import concurrent.futures
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
-from jdecode.config import load_model_config_yaml
-from jdecode.engine.engine import EngineArgs, LLMEngine
-from jdecode.engine.llm import LLM
-from jdecode.engine.server import build_app
-from jdecode.io.registry import Model
-from jdecode.model.params import init_params
-
-NAME = "tiny-smol"
-ARGS = {"max_num_seqs": 16, "max_num_batched_tokens": 128, "page_size": 16,
-        "max_model_len": 256, "num_pages": 160}
-
-
-@pytest.fixture(scope="module")
-def model(smol_path):
-    import gguf
-    import jax
-
-    from jdecode.io.gguf_loader import read_fields
-    from jdecode.io.tokenizer import Tokenizer
-
-    from .conftest import ROOT
-
-    tok = Tokenizer.from_gguf_fields(read_fields(gguf.GGUFReader(str(smol_path))))
-    cfg = load_model_config_yaml(ROOT / "configs/models/tiny.yaml").replace(
-        vocab_size=tok.vocab_size)
-    return Model(NAME, cfg, init_params(cfg, jax.random.key(3)), tok)
-
-
-@pytest.fixture(scope="module")
-def offline(model):
-    return LLM(model, **ARGS)
-
-
-@pytest.fixture(scope="module")
-def server(model):
-    app, core = build_app(LLMEngine(model, EngineArgs(**ARGS)), NAME)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", core
-    srv.should_exit = True
-    thread.join(timeout=30)
-    core.shutdown()
+from .conftest import SERVED_NAME as NAME
 
 
 @pytest.fixture
@@ -193,7 +141,7 @@ def test_disconnect_mid_stream_aborts_and_frees_pages(server, client, offline):
     ({"model": NAME, "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
     ({"model": NAME, "prompt": 42}, 400, "prompt"),
     ({"model": NAME, "prompt": "word " * 400}, 400, "prompt"),
-    ({"model": NAME, "prompt": "hi", "max_tokens": 300}, 400, "prompt"),
+    ({"model": NAME, "prompt": "hi", "max_tokens": 300}, 400, "max_tokens"),
     ({"model": "gpt-4", "prompt": "hi"}, 404, "model"),
     ({"prompt": "hi"}, 400, "model"),
 ])

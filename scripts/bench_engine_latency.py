@@ -1,0 +1,131 @@
+"""Per-token decode latency of the serving engine (`LLM`, default flags) against `Generator`,
+one request at a time, in the same run. Writes JSON + markdown.
+
+The two are run in alternation, `--repeats` times each, so a shared machine's load falls on
+both alike; the record gives medians and the load average around the run.
+
+  python scripts/bench_engine_latency.py --out benchmarks --tag cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+from jdecode.decoding.generate import Generator
+from jdecode.decoding.sampling import SamplingParams
+from jdecode.engine.engine import EngineArgs, LLMEngine
+from jdecode.io.registry import DEFAULT_MODEL, load
+
+PROMPT = "Tell me about the history of the city of Paris in a few sentences."
+
+
+def generator_run(gen: Generator, prompt: str, new_tokens: int) -> dict:
+    """One request: decode ms per token (prefill excluded) and the request's wall time."""
+    sp = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    stats = gen.generate([prompt], sp, chat=True)[0].stats
+    return {"ms_per_token": 1e3 / stats["decode_tok_s"], "wall_s": time.perf_counter() - t0}
+
+
+def engine_run(engine: LLMEngine, ids: list[int], new_tokens: int) -> dict:
+    """One request through the engine's step loop: the median gap between its tokens."""
+    engine.add_request("r", ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    t0 = time.perf_counter()
+    stamps = []
+    while engine.has_unfinished_requests():
+        stamps.extend(time.perf_counter() for _ in engine.step())
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    return {"ms_per_token": 1e3 * statistics.median(gaps), "wall_s": time.perf_counter() - t0}
+
+
+def machine() -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=5).stdout
+        name = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines()
+                    if line.startswith("Model name"))
+    except (OSError, StopIteration, subprocess.SubprocessError):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True,
+                              text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def markdown(r: dict) -> str:
+    g, e = r["generator"], r["engine"]
+    return "\n".join([
+        f"# Engine vs Generator, per-token decode latency: {r['model']} on {r['device']}", "",
+        f"{r['date']} | {r['machine']} | jax {r['jax']} | git {r['git_sha'][:10]}", "",
+        f"`{r['command']}`", "",
+        (f"One request, a {r['prompt_tokens']}-token chat prompt, {r['new_tokens']} new tokens "
+         f"(greedy, EOS ignored), {r['repeats']} runs of each in alternation; medians. Load "
+         f"average {r['load_before']:.1f} before, {r['load_after']:.1f} after (shared machine)."),
+        "", "| path | ms / token | request wall s |", "|---|---|---|",
+        f"| `Generator` (`jdecode generate`) | {g['ms_per_token']:.1f} | {g['wall_s']:.2f} |",
+        (f"| `LLM` / `serve` engine, default flags | {e['ms_per_token']:.1f} | "
+         f"{e['wall_s']:.2f} |"), "",
+        (f"The engine takes {r['ratio']:.2f}x the Generator's time per token. Engine defaults "
+         f"resolved to: {r['engine_defaults']}."), ""])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks"))
+    ap.add_argument("--tag", default=jax.default_backend())
+    args = ap.parse_args(argv)
+    load_before = os.getloadavg()[0]
+    model = load(args.model)
+    gen = Generator(model)
+    engine = LLMEngine(model, EngineArgs())
+    ids = gen.encode(PROMPT, chat=True)
+    generator_run(gen, PROMPT, args.new_tokens)  # compile both before timing
+    engine_run(engine, ids, args.new_tokens)
+    runs: dict[str, list[dict]] = {"generator": [], "engine": []}
+    for _ in range(args.repeats):
+        runs["generator"].append(generator_run(gen, PROMPT, args.new_tokens))
+        runs["engine"].append(engine_run(engine, ids, args.new_tokens))
+    med = {k: {f: statistics.median(r[f] for r in v) for f in ("ms_per_token", "wall_s")}
+           for k, v in runs.items()}
+    runner = engine.runner
+    result = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+        "git_sha": git_sha(), "command": shlex.join(["python", *sys.argv]),
+        "model": model.name, "prompt_tokens": len(ids), "new_tokens": args.new_tokens,
+        "repeats": args.repeats, "load_before": load_before, "load_after": os.getloadavg()[0],
+        "engine_defaults": (f"impl {runner.impl}, max_num_seqs {runner.max_num_seqs}, "
+                            f"token buckets {runner.buckets}, block-table widths (pages of "
+                            f"{runner.page_size}) {runner.kv_buckets}"),
+        **med, "ratio": med["engine"]["ms_per_token"] / med["generator"]["ms_per_token"],
+        "runs": runs,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"engine_latency_{args.tag}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
