@@ -58,6 +58,32 @@ def expected_tokens_chain(accept_probs: Sequence[float]) -> float:
     return total
 
 
+def expected_tokens_tree(paths: Sequence[Sequence[int]],
+                         rank_accuracy: Sequence[Sequence[float]]) -> float:
+    """Expected tokens per step of a static candidate tree under independent per-head hits.
+
+    Node (r_1, ..., r_d) is on the accepted path iff the rank-r_i candidate of head i was the
+    right token at every depth i, with probability prod_i rank_accuracy[i - 1][r_i] (Medusa's
+    model, sec. 2.3.3; heads are treated as independent). Every node contributes that
+    probability to the accepted length, plus the target's own token.
+
+    Args:
+      paths: the tree's non-root nodes as rank paths (`tree.StaticTree.paths`).
+      rank_accuracy: [depth][rank] probability that the rank-th candidate at that depth is right.
+    Returns:
+      1 + sum over nodes of their path probability; a chain of rank-0 nodes gives
+      `expected_tokens_chain` of the heads' top-1 rates.
+    """
+    total = 1.0
+    for path in paths:
+        if len(path) > len(rank_accuracy) or any(r >= len(rank_accuracy[d])
+                                                 for d, r in enumerate(path)):
+            raise ValueError(f"tree path {tuple(path)} reaches past the {len(rank_accuracy)} "
+                             "depths x ranks of rank_accuracy: measure more heads or ranks")
+        total += math.prod(rank_accuracy[d][r] for d, r in enumerate(path))
+    return total
+
+
 def _verify(verify_cost: VerifyCost, k: int) -> float:
     return verify_cost(k) if callable(verify_cost) else float(verify_cost)
 

@@ -23,6 +23,8 @@ from jdecode.model.attention import resolve_impl
 BUILTIN_METHODS = (
     "jdecode.decoding.autoregressive",
     "jdecode.decoding.speculative",
+    "jdecode.decoding.medusa",
+    "jdecode.decoding.blockwise",
 )
 
 

@@ -1,0 +1,57 @@
+"""Blockwise parallel decoding (Stern, Shazeer and Uszkoreit 2018): k heads propose the next k
+tokens at once, the target verifies the block in one pass and keeps the longest prefix that
+agrees with its own choices, plus its next token.
+
+The heads are the Medusa heads (`jdecode train medusa`); the block is the chain of their top-1
+tokens, so a step is `medusa.heads_decoder` over a chain. As in the paper, the verify pass
+also yields the hidden state the next block is proposed from: one target pass per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jdecode.decoding.acceptance import sampled_tree_accept
+from jdecode.decoding.medusa import (
+    acceptance_describe,
+    chain_tree,
+    heads_decoder,
+    load_for_method,
+    parse_plan,
+)
+from jdecode.decoding.methods import MethodBuild, register
+from jdecode.io.registry import Model
+from jdecode.options import option
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockwiseOptions:
+    heads: str = option("artifacts/medusa", "the proposal heads: a `jdecode train medusa` "
+                        "artifact (directory or .tgz)")
+    k: int = option(0, "tokens proposed per step, one per head; 0 = every head")
+    k_by_batch: dict | None = option(  # noqa: RUF009 (`option` returns a field)
+        None, "batch size -> k from that size up, e.g. {16: 2, 64: 0} (the cost model's "
+        "per-batch choice; 0 = plain decoding)")
+
+    def __post_init__(self) -> None:
+        if self.k < 0:
+            raise ValueError(f"k={self.k}: propose 0 (every head) or a positive count")
+        for batch, k in (self.k_by_batch or {}).items():
+            if not (isinstance(k, int) and k >= 0):
+                raise ValueError(f"k_by_batch={self.k_by_batch}: batch {batch} maps to {k!r}; "
+                                 "give k >= 0 (0 = plain decoding)")
+
+
+@register("blockwise", BlockwiseOptions, lossless=True,
+          summary="blockwise parallel decoding: k heads propose the next k tokens, the target "
+                  "keeps the longest agreeing prefix (Stern et al. 2018)")
+def build_blockwise(model: Model, opts: BlockwiseOptions, impl: str) -> MethodBuild:
+    model, accuracy = load_for_method(model, opts.heads, opts.k, 1)
+    k = len(accuracy)
+    # A chain of depth k verifies k + 1 tokens: the plan speaks in nodes, k_by_batch in k.
+    nodes = parse_plan({b: v + 1 for b, v in (opts.k_by_batch or {}).items()}, k + 1,
+                       "k_by_batch")
+    trees = {batch: chain_tree(min(n - 1, k)) for batch, n in nodes.items()}
+    return MethodBuild(model, lambda cfg, max_len: heads_decoder(cfg, max_len, trees, impl,
+                                                                sampled_tree_accept),
+                       describe=acceptance_describe(trees, accuracy))
