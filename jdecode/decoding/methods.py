@@ -25,6 +25,7 @@ BUILTIN_METHODS = (
     "jdecode.decoding.speculative",
     "jdecode.decoding.medusa",
     "jdecode.decoding.blockwise",
+    "jdecode.decoding.eagle",
 )
 
 

@@ -17,6 +17,7 @@ from jdecode.config import ConfigError
 BUILTIN_TRAINERS = (
     "jdecode.training.distill",
     "jdecode.training.medusa",
+    "jdecode.training.eagle",
 )
 
 

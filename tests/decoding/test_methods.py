@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import pytest
 import yaml
 from helpers import tiny_model
@@ -16,6 +17,7 @@ from jdecode.cli import app
 from jdecode.config import ConfigError
 from jdecode.decoding import methods
 from jdecode.decoding.draft_model import draft_from_target, draft_weights
+from jdecode.decoding.eagle_draft import init_draft
 from jdecode.decoding.generate import Generator
 from jdecode.decoding.heads import init_heads
 from jdecode.decoding.sampling import SamplingParams
@@ -37,6 +39,15 @@ def untrained_heads(smol, tmp_path) -> str:
     return str(path)
 
 
+def untrained_eagle(smol, tmp_path) -> str:
+    """An EAGLE draft as initialized (the target's last layer over its final features)."""
+    path = tmp_path / "eagle-draft"
+    artifacts.save_artifact(path, "eagle", smol, init_draft(smol.params, smol.cfg,
+                                                            jax.random.key(0)),
+                            {"num_features": 1})
+    return str(path)
+
+
 # Options that make a method runnable on the default model in CI: a mapping, or a callable
 # (smol, tmp_path) -> options that first writes the trained part it needs (a method whose
 # defaults need a trained part points at a committed artifact or writes one). A new method
@@ -47,6 +58,8 @@ RECIPES = {
     "medusa": lambda smol, tmp: {"heads": untrained_heads(smol, tmp), "tree_nodes": 5},
     "medusa-typical": lambda smol, tmp: {"heads": untrained_heads(smol, tmp), "tree_nodes": 5},
     "blockwise": lambda smol, tmp: {"heads": untrained_heads(smol, tmp), "k": 2},
+    "eagle": lambda smol, tmp: {"draft": untrained_eagle(smol, tmp), "depth": 2, "width": 2,
+                                "top_k": 2, "tree_nodes": 4},
 }
 runner = CliRunner()
 
