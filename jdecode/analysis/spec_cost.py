@@ -1,6 +1,6 @@
 """Cost model of speculative decoding (Leviathan et al. 2023, "Fast Inference from Transformers
 via Speculative Decoding", sections 3.1-3.4), for the speculative, Medusa and early-exit
-transforms to choose the draft length k or switch speculation off.
+transforms to choose the draft length k, a tree or a chain, or switch speculation off.
 
 Units: all costs are relative to one target decode step (the roofline step time at the same
 batch and context). c is the cost of one draft step; `verify_cost` is the cost of the target
@@ -294,3 +294,52 @@ def plan_speculation(target: ModelConfig, draft: ModelConfig, hw: Hardware, alph
         return {"k": 0, "speedup": 1.0, "c": c, "verify_cost": 1.0, "expected_tokens": 1.0}
     return {"k": k, "speedup": expected_speedup(alpha, k, c, verify), "c": c,
             "verify_cost": verify(k), "expected_tokens": expected_tokens(alpha, k)}
+
+
+# -- tree, chain or no speculation, per batch size ---------------------------------------------
+# A tree verifies more tokens per round than a chain and accepts more of them; once a batch
+# makes the target's pass cost more per verified token, the chain wins, then plain decoding.
+# Each candidate is priced as its tokens per round over its round's cost in plain decode steps
+# at the same batch size: tau / (round_s / step_s), i.e. its speedup.
+
+
+def round_cost(tokens_per_round: float, speedup: float) -> float:
+    """A round's cost in plain decode steps, from a measured tau and speedup (same batch size):
+    speedup = tau * step_s / round_s."""
+    if tokens_per_round < 1.0 or speedup <= 0.0:
+        raise ValueError(f"tau={tokens_per_round}, speedup={speedup}: tau is >= 1 (a round "
+                         "emits at least the target's token) and the speedup is > 0")
+    return tokens_per_round / speedup
+
+
+def choose_shape(tokens_per_round: Mapping[str, float], cost: Mapping[str, float],
+                 min_speedup: float = 1.0) -> tuple[str | None, float]:
+    """The candidate (a tree, a chain, ...) with the best tokens_per_round / cost, or no
+    speculation.
+
+    Args:
+      tokens_per_round: candidate -> expected (or measured) tokens per round per row.
+      cost: candidate -> one round's cost in plain decode steps at this batch size.
+      min_speedup: a candidate must beat this (1.0: break-even; e.g. 1.02 keeps a margin).
+    Returns:
+      (candidate, predicted speedup); (None, 1.0) when none beats min_speedup: decode plainly.
+    """
+    missing = sorted(set(tokens_per_round) ^ set(cost))
+    if missing:
+        raise ValueError(f"candidates {missing} have tokens or a cost but not both")
+    speedups = {c: tokens_per_round[c] / cost[c] for c in sorted(cost)}
+    best = max(speedups, key=lambda c: speedups[c], default=None)
+    if best is None or speedups[best] <= min_speedup:
+        return None, 1.0
+    return best, speedups[best]
+
+
+def plan_by_batch(tokens_per_round: Mapping[int, Mapping[str, float]],
+                  cost: Mapping[int, Mapping[str, float]], min_speedup: float = 1.0
+                  ) -> dict[int, tuple[str | None, float]]:
+    """`choose_shape` at every batch size: batch -> (candidate or None, predicted speedup).
+
+    tokens_per_round and cost are keyed by batch size, then by candidate; a batch size may
+    price a subset of the candidates.
+    """
+    return {b: choose_shape(tokens_per_round[b], cost[b], min_speedup) for b in sorted(cost)}

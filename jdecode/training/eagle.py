@@ -43,7 +43,6 @@ class EagleTrainOptions:
     unroll: int = option(3, "training-time-test steps: step s trains the draft on its own "
                          "features s - 1 levels deep (1 = teacher forcing only)")
     decay: float = option(0.8, "step s's loss weight is decay**(s - 1)")
-    seed: int = option(0, "initializes the draft's input projection")
     save_dtype: str | None = option(None, "dtype of the saved draft, e.g. bfloat16 (default: "
                                     "float32); loading casts to the target's")
 
@@ -153,7 +152,8 @@ def train_eagle_draft(target: Model, out_dir: str | Path, opts: EagleTrainOption
     objective = eagle_objective(target.cfg, opts.unroll, opts.decay)
     train = {"tokens": corpus.tokens, "mask": corpus.mask}
     val = {"tokens": corpus.val_tokens, "mask": corpus.val_mask}
-    draft = init_draft(target.params, target.cfg, jax.random.key(opts.seed))  # f32
+    # f32 whatever the target's dtype; train.seed draws the input projection.
+    draft = init_draft(target.params, target.cfg, jax.random.key(tc.seed))
     res = fit(objective, draft, target.params, train, val if len(corpus.val_tokens) else None,
               out, tc, progress, desc="eagle draft")
     evals = res.history["eval"]

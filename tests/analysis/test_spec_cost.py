@@ -13,12 +13,16 @@ from jdecode.analysis.spec_cost import (
     calibrated_speedup,
     choose_k,
     choose_k_calibrated,
+    choose_shape,
     draft_cost_ratio,
     expected_batch_rounds,
     expected_speedup,
     expected_tokens,
     expected_tokens_chain,
+    expected_tokens_tree,
+    plan_by_batch,
     plan_speculation,
+    round_cost,
     rounds_cdf,
     should_speculate,
     tokens_per_round_pmf,
@@ -166,3 +170,38 @@ def test_choose_k_calibrated_switches_off_when_rounds_grow_with_batch():
     assert choose_k_calibrated({2: 1.05e-3, 3: 1.1e-3, 4: 1.2e-3}, step, per_k)[0] == 2
     with pytest.raises(ValueError, match="acceptance for"):
         choose_k_calibrated({2: 1e-3, 3: 1e-3}, step, {2: [0.5]})
+
+
+# -- tree, chain or off per batch size ----------------------------------------------------------
+def test_tree_expectation_sums_path_probabilities():
+    acc = [[0.5, 0.2], [0.4, 0.1]]
+    # Nodes (0,), (1,), (0, 0), (0, 1): 1 + 0.5 + 0.2 + 0.5 * 0.4 + 0.5 * 0.1.
+    assert expected_tokens_tree([(0,), (1,), (0, 0), (0, 1)], acc) == pytest.approx(1.95)
+    assert expected_tokens_tree([(0,), (0, 0)], acc) == pytest.approx(
+        expected_tokens_chain([0.5, 0.4]))
+
+
+def test_choose_shape_picks_tree_chain_or_off_by_batch():
+    # Tokens per round do not depend on the batch; a round's cost in plain steps grows with it
+    # (a 64-node tree verifies 64 tokens per row, a chain 5). Costs as an H200 might measure.
+    tau = {"tree64": 2.6, "chain4": 1.9}
+    costs = {1: {"tree64": 1.15, "chain4": 0.95},   # 2.26x vs 2.0x: the tree
+             16: {"tree64": 1.6, "chain4": 1.05},   # 1.625x vs 1.81x: the chain
+             64: {"tree64": 3.2, "chain4": 1.6},    # 0.81x vs 1.19x: the chain
+             256: {"tree64": 9.0, "chain4": 2.0}}   # 0.29x vs 0.95x: off
+    plan = plan_by_batch({b: tau for b in costs}, costs)
+    assert {b: c for b, (c, _) in plan.items()} == {1: "tree64", 16: "chain4", 64: "chain4",
+                                                    256: None}
+    assert plan[1][1] == pytest.approx(2.6 / 1.15) and plan[256][1] == 1.0
+    # A margin switches a marginal chain off.
+    assert choose_shape(tau, {"tree64": 3.0, "chain4": 1.85}, min_speedup=1.05) == (None, 1.0)
+    assert choose_shape(tau, {"tree64": 3.0, "chain4": 1.85})[0] == "chain4"
+    with pytest.raises(ValueError, match=r"\['chain4'\] have tokens or a cost"):
+        choose_shape(tau, {"tree64": 1.0})
+
+
+def test_round_cost_from_a_measured_speedup():
+    assert round_cost(2.4, 2.0) == pytest.approx(1.2)  # tau 2.4 at 2x: a round is 1.2 steps
+    assert choose_shape({"t": 2.4}, {"t": round_cost(2.4, 2.0)}) == ("t", pytest.approx(2.0))
+    with pytest.raises(ValueError, match="tau=0.5"):
+        round_cost(0.5, 1.0)
