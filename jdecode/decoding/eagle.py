@@ -33,6 +33,7 @@ from jdecode.decoding.eagle_draft import (
     draft_config,
     draft_layer,
     draft_logits,
+    features_of,
     fuse,
     load_draft,
     slot_attend,
@@ -43,6 +44,7 @@ from jdecode.decoding.methods import MethodBuild, register
 from jdecode.decoding.tree import commit_path, tree_from_parents
 from jdecode.io.registry import Model
 from jdecode.model.params import Params
+from jdecode.model.transformer import collect_hidden
 from jdecode.options import option
 
 
@@ -167,32 +169,37 @@ def expand_tree(draft: EagleDraft, target: Params, aux: EagleAux, root: jax.Arra
 
 
 def eagle_decoder(cfg: ModelConfig, max_len: int, shapes: Mapping[int, TreeShape],
-                  impl: str = "xla", rule: AcceptFn = sampled_tree_accept) -> Decoder:
+                  feature_layers: tuple[int, ...], impl: str = "xla",
+                  rule: AcceptFn = sampled_tree_accept) -> Decoder:
     """EAGLE-2 decoding; params = the target bundled with its `EagleDraft` (`with_draft`).
 
     Args:
       cfg: the target's config. max_len: cache slots before the trees' scratch slots.
       shapes: batch size -> the TreeShape used from that size up (chosen when traced).
-      impl: attention. rule: the `AcceptFn` for batches that sample.
+      feature_layers: the target layers whose residual streams the draft reads (collected by
+        layer hooks during the target's own passes). impl: attention. rule: the `AcceptFn`
+        for batches that sample.
     """
     dcfg = draft_config(cfg)
+    hooks = collect_hidden(tuple(feature_layers))
 
     def init(params, prompt, lengths, sampling, keys, track_seen=False):
         if track_seen:
             raise ValueError("repetition_penalty != 1 is not supported by tree decoding (the "
                              "penalty would change inside one verified path): set it to 1 or "
                              "use the autoregressive method")
-        (b, t), shape = prompt.shape, plan_lookup(shapes, prompt.shape[0])
+        b, shape = prompt.shape[0], plan_lookup(shapes, prompt.shape[0])
         rows = jnp.arange(b)
         cache = init_cache(cfg, b, max_len + shape.nodes - 1,
                            per_layer=isinstance(params.layers, tuple))
-        # Every prompt position's features feed the draft (prefill keeps only the last one).
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        logits, hidden, cache = phases.verify(params, cache, prompt, positions, cfg=cfg,
-                                              impl=impl)
+        if shape.nodes == 1:
+            logits, _, cache = phases.prefill(params, cache, prompt, lengths, cfg=cfg, impl=impl)
+        else:  # every prompt position's features feed the draft
+            logits, _, cache, carry = phases.prefill(params, cache, prompt, lengths, cfg=cfg,
+                                                     impl=impl, hooks=hooks)
         state = DecodeState(tokens=jnp.zeros((b,), jnp.int32), positions=lengths, keys=keys,
                             sampling=sampling, seen=None, aux=None)
-        first, state = sample_next(logits[rows, lengths - 1], state)
+        first, state = sample_next(logits, state)
         aux = EagleAux(cache, None, None, None, None)
         if shape.nodes > 1:
             kv_shape = (b, max_len + shape.scratch, cfg.num_kv_heads, cfg.head_dim)
@@ -200,7 +207,7 @@ def eagle_decoder(cfg: ModelConfig, max_len: int, shapes: Mapping[int, TreeShape
                          jnp.zeros(kv_shape, params.embed.dtype))
             nxt = jnp.concatenate([prompt[:, 1:], prompt[:, :1]], axis=1).at[
                 rows, lengths - 1].set(first)  # x_{j+1}: the prompt shifted, then `first`
-            aux = EagleAux(cache, *catch_up(params.extra, params, kv, hidden, nxt,
+            aux = EagleAux(cache, *catch_up(params.extra, params, kv, features_of(carry), nxt,
                                             jnp.zeros_like(lengths), lengths, dcfg=dcfg,
                                             max_len=max_len, top_k=shape.top_k))
         return state.replace(tokens=first, aux=aux)
@@ -209,29 +216,33 @@ def eagle_decoder(cfg: ModelConfig, max_len: int, shapes: Mapping[int, TreeShape
         aux, b = state.aux, state.tokens.shape[0]
         shape = plan_lookup(shapes, b)
         pos = jnp.minimum(state.positions, max_len - 1)  # finished rows stay in the buffer
-        if shape.nodes > 1:
+        drafting = shape.nodes > 1
+        if drafting:
             tokens, parents, _, kv = expand_tree(params.extra, params, aux, state.tokens, pos,
                                                  shape, dcfg=dcfg, max_len=max_len)
         else:
             tokens, parents, kv = state.tokens[:, None], jnp.full((b, 1), -1, jnp.int32), None
-        tree = tree_from_parents(parents, shape.depth if shape.nodes > 1 else 0)
-        if shape.chain or shape.nodes == 1:  # slot = position already: no mask, no commit
+        tree = tree_from_parents(parents, shape.depth if drafting else 0)
+        step_hooks = hooks if drafting else None
+        if shape.chain or not drafting:  # slot = position already: no mask, no commit
             seq_pos = pos[:, None] + jnp.arange(shape.nodes)
-            logits, hidden, cache = phases.verify(params, aux.cache, tokens, seq_pos, cfg=cfg,
-                                                  impl=impl)
+            out = phases.verify(params, aux.cache, tokens, seq_pos, cfg=cfg, impl=impl,
+                                hooks=step_hooks)
         else:
-            logits, hidden, cache = phases.verify_tree(params, aux.cache, tokens, pos, tree,
-                                                       cfg=cfg, impl=impl)
+            out = phases.verify_tree(params, aux.cache, tokens, pos, tree, cfg=cfg, impl=impl,
+                                     hooks=step_hooks)
+        logits, cache = out[0], out[2]
         if state.sampling.all_greedy:  # static: no keys, no sort of the vocabulary
             keys, accepted = state.keys, greedy_tree_accept(tree, tokens, logits)
         else:
             keys, now = split_keys(state.keys)
             accepted = rule(tree, tokens, logits, None, state.sampling, now)
-        if not (shape.chain or shape.nodes == 1):
+        if not (shape.chain or not drafting):
             cache = commit_path(cache, pos, accepted.path)
         new_aux = EagleAux(cache, None, None, None, None)
-        if shape.nodes > 1:
-            feats = jnp.take_along_axis(hidden, accepted.path[..., None], axis=1)  # [B, D+1, F]
+        if drafting:
+            # The accepted path's features: [B, D + 1, F] from the hooks' [n, B, N, E].
+            feats = jnp.take_along_axis(features_of(out[3]), accepted.path[..., None], axis=1)
             new_aux = EagleAux(cache, *catch_up(params.extra, params, kv, feats,
                                                 accepted.tokens, pos, accepted.num_accepted,
                                                 dcfg=dcfg, max_len=max_len, top_k=shape.top_k))
@@ -276,7 +287,8 @@ class EagleOptions:
           summary="EAGLE-2: a one-layer feature draft grows a dynamic tree by confidence, the "
                   "target verifies the top nodes in one pass (Li et al. 2024)")
 def build_eagle(model: Model, opts: EagleOptions, impl: str) -> MethodBuild:
-    draft, _ = load_draft(opts.draft, model)
+    draft, manifest = load_draft(opts.draft, model)
+    layers = tuple(manifest["options"]["feature_layers"])
     shapes = {batch: TreeShape(opts.depth, opts.width, opts.top_k, nodes) for batch, nodes in
               parse_plan(opts.nodes_by_batch, opts.tree_nodes, "nodes_by_batch").items()}
 
@@ -286,5 +298,5 @@ def build_eagle(model: Model, opts: EagleOptions, impl: str) -> MethodBuild:
                 "depth": shape.depth if shape.nodes > 1 else 0}
 
     return MethodBuild(with_draft(model, draft),
-                       lambda cfg, max_len: eagle_decoder(cfg, max_len, shapes, impl),
+                       lambda cfg, max_len: eagle_decoder(cfg, max_len, shapes, layers, impl),
                        describe=describe)

@@ -7,9 +7,10 @@ and predicts x_{j+2}. Decoding (`jdecode.decoding.eagle`) expands a tree with it
 (`jdecode.training.eagle`) unrolls that feedback a few steps (EAGLE-3's training-time test)
 with the same layer and the same attention.
 
-Features: the target's final-normed hidden state (EAGLE-1's choice). EAGLE-3 fuses a low, a
-middle and a high layer instead; that needs the forward's layer hooks and changes only
-`fuse`'s input width (`EagleDraft.num_features`).
+Features (EAGLE-3): the target's residual stream after a low, a middle and a high layer,
+collected by the forward's layer hooks in the same pass that scores the tokens, side by side
+([B, T, 3E]) and fused to the draft's width. One layer, the last, is EAGLE-1's feature (its
+final-normed hidden state up to the norm, which the draft's own RMSNorm absorbs).
 """
 
 from __future__ import annotations
@@ -49,6 +50,18 @@ class EagleDraft:
         return self.fuse.shape[0] // self.fuse.shape[1]
 
 
+def eagle3_layers(num_layers: int) -> tuple[int, ...]:
+    """EAGLE-3's low, middle and high layers (its reference code: 2, L // 2 and L - 3), kept
+    inside a shallow model."""
+    return (min(2, num_layers - 1), num_layers // 2, max(num_layers - 3, 0))
+
+
+def features_of(carry: jax.Array) -> jax.Array:
+    """`collect_hidden(layers)`'s carry [n, B, T, E] -> features [B, T, n * E], the layers
+    side by side."""
+    return jnp.concatenate(list(carry), axis=-1)
+
+
 def draft_config(cfg: ModelConfig) -> ModelConfig:
     """The draft layer's shape: one of the target's layers."""
     return cfg.replace(num_layers=1)
@@ -61,7 +74,7 @@ def init_draft(target: Params, cfg: ModelConfig, key: jax.Array, num_features: i
 
     Args:
       target: the target's params (stacked or unstacked layers). cfg: its config. key: PRNG
-        key for w_in. num_features: target features fused (1: the final hidden state).
+        key for w_in. num_features: target layers whose features are fused.
     """
     e = cfg.hidden_size
     layers = target.layers
@@ -179,14 +192,16 @@ def abstract_draft(cfg: ModelConfig, num_features: int, dtype: Any) -> EagleDraf
 
 
 def load_draft(path: str, target: Model) -> tuple[EagleDraft, dict]:
-    """An EAGLE draft trained for `target` (`jdecode train eagle`), in the target's dtype."""
+    """An EAGLE draft trained for `target` (`jdecode train eagle`), in the target's dtype;
+    manifest["options"]["feature_layers"] names the target layers it reads."""
     if not artifacts.is_artifact(path):
         raise ValueError(f"no EAGLE draft at {path!r}: train one with `jdecode train eagle "
                          f"--out {path}` or pass draft=<artifact directory or .tgz>")
     dtype = target.params.embed.dtype
     return artifacts.load_artifact(
         path, ARTIFACT_KIND, target,
-        lambda manifest: abstract_draft(target.cfg, manifest["options"]["num_features"], dtype))
+        lambda manifest: abstract_draft(target.cfg, len(manifest["options"]["feature_layers"]),
+                                        dtype))
 
 
 def with_draft(model: Model, draft: EagleDraft) -> Model:

@@ -25,12 +25,15 @@ from jdecode.decoding.eagle_draft import (
     draft_config,
     draft_layer,
     draft_logits,
+    eagle3_layers,
+    features_of,
     fuse,
     init_draft,
 )
 from jdecode.io import artifacts
 from jdecode.io.registry import Model
 from jdecode.model.params import Params
+from jdecode.model.transformer import collect_hidden
 from jdecode.options import option, to_dict
 from jdecode.training import corpus as corpus_lib
 from jdecode.training.corpus import Corpus, CorpusConfig
@@ -40,6 +43,9 @@ from jdecode.training.trainer import Objective, TrainConfig, evaluate, fit
 
 @dataclasses.dataclass(frozen=True)
 class EagleTrainOptions:
+    features: str = option("eagle3", "target features the draft reads: eagle3 (the residual "
+                           "stream after a low, a middle and a high layer, fused) or final (the "
+                           "last layer's, EAGLE-1)")
     unroll: int = option(3, "training-time-test steps: step s trains the draft on its own "
                          "features s - 1 levels deep (1 = teacher forcing only)")
     decay: float = option(0.8, "step s's loss weight is decay**(s - 1)")
@@ -47,6 +53,8 @@ class EagleTrainOptions:
                                     "float32); loading casts to the target's")
 
     def __post_init__(self) -> None:
+        if self.features not in ("eagle3", "final"):
+            raise ValueError(f"features={self.features!r}: choose eagle3 or final")
         if self.unroll < 1:
             raise ValueError(f"unroll={self.unroll} must be >= 1")
         if not 0.0 < self.decay <= 1.0:
@@ -87,15 +95,24 @@ def unrolled_outputs(draft: EagleDraft, target: Params, tokens: jax.Array,
     return outs
 
 
-def eagle_objective(cfg: ModelConfig, unroll: int, decay: float) -> Objective:
-    """frozen = the target's params; batch = {"tokens" [B, T] int32, "mask" [B, T] f32}."""
+def feature_layers(cfg: ModelConfig, features: str) -> tuple[int, ...]:
+    """The target layers an EAGLE draft reads: EAGLE-3's three, or the last one."""
+    return eagle3_layers(cfg.num_layers) if features == "eagle3" else (cfg.num_layers - 1,)
+
+
+def eagle_objective(cfg: ModelConfig, layers: tuple[int, ...], unroll: int, decay: float
+                    ) -> Objective:
+    """frozen = the target's params; batch = {"tokens" [B, T] int32, "mask" [B, T] f32};
+    the draft reads the residual stream after each of `layers`."""
     dcfg = draft_config(cfg)
     eps = cfg.rms_norm_eps
+    hooks = collect_hidden(tuple(layers))
 
     def teacher(target, tokens):
         # Computed in the step, not stored: [N, T, V] f32 logits for a corpus would not fit.
-        logits, hidden = phases.score(target, tokens, cfg=cfg)
-        return jax.lax.stop_gradient(logits[:, 1:]), jax.lax.stop_gradient(hidden)
+        logits, _, carry = phases.score(target, tokens, cfg=cfg, hooks=hooks)
+        return (jax.lax.stop_gradient(logits[:, 1:]),
+                jax.lax.stop_gradient(features_of(carry)))
 
     def masks(mask, s):
         """Input j counts when x_j and x_{j+1} are real and step s has s - 1 positions back."""
@@ -103,8 +120,8 @@ def eagle_objective(cfg: ModelConfig, unroll: int, decay: float) -> Objective:
         return base * (jnp.arange(base.shape[1]) >= s - 1)
 
     def loss(draft, target, batch):
-        want, hidden = teacher(target, batch["tokens"])
-        outs = unrolled_outputs(draft, target, batch["tokens"], hidden, unroll, dcfg)
+        want, features = teacher(target, batch["tokens"])
+        outs = unrolled_outputs(draft, target, batch["tokens"], features, unroll, dcfg)
         total, metrics = 0.0, {}
         for s, out in enumerate(outs, start=1):
             valid = masks(batch["mask"], s)
@@ -115,8 +132,8 @@ def eagle_objective(cfg: ModelConfig, unroll: int, decay: float) -> Objective:
         return total, metrics
 
     def eval_sums(draft, target, batch):
-        want, hidden = teacher(target, batch["tokens"])
-        outs = unrolled_outputs(draft, target, batch["tokens"], hidden, unroll, dcfg)
+        want, features = teacher(target, batch["tokens"])
+        outs = unrolled_outputs(draft, target, batch["tokens"], features, unroll, dcfg)
         valid = masks(batch["mask"], unroll)  # one set of positions for every step
         out = {"count": valid.sum()}
         for s, o in enumerate(outs, start=1):
@@ -149,11 +166,12 @@ def train_eagle_draft(target: Model, out_dir: str | Path, opts: EagleTrainOption
     if corpus is None:
         corpus = corpus_lib.load_or_build(target, prompts or train_prompts(), cc,
                                           corpus_path or out / "corpus.npz", seed=tc.seed)
-    objective = eagle_objective(target.cfg, opts.unroll, opts.decay)
+    layers = feature_layers(target.cfg, opts.features)
+    objective = eagle_objective(target.cfg, layers, opts.unroll, opts.decay)
     train = {"tokens": corpus.tokens, "mask": corpus.mask}
     val = {"tokens": corpus.val_tokens, "mask": corpus.val_mask}
     # f32 whatever the target's dtype; train.seed draws the input projection.
-    draft = init_draft(target.params, target.cfg, jax.random.key(tc.seed))
+    draft = init_draft(target.params, target.cfg, jax.random.key(tc.seed), len(layers))
     res = fit(objective, draft, target.params, train, val if len(corpus.val_tokens) else None,
               out, tc, progress, desc="eagle draft")
     evals = res.history["eval"]
@@ -170,8 +188,8 @@ def train_eagle_draft(target: Model, out_dir: str | Path, opts: EagleTrainOption
                "last_loss_mean20": float(np.mean(res.history["loss"][-20:]))
                if res.history["loss"] else None, **corpus.info(), "epochs_done": res.epochs_done}
     artifacts.save_artifact(out, ARTIFACT_KIND, target, res.trainable,
-                            {"num_features": res.trainable.num_features, "features": "final",
-                             **to_dict(opts), "train": to_dict(tc), "corpus": to_dict(cc)},
+                            {"feature_layers": list(layers), **to_dict(opts),
+                             "train": to_dict(tc), "corpus": to_dict(cc)},
                             metrics, save_dtype=opts.save_dtype)
     return res.trainable, res.losses, metrics
 

@@ -17,11 +17,19 @@ from jdecode.config import ModelConfig
 from jdecode.decoding import phases
 from jdecode.decoding.autoregressive import autoregressive
 from jdecode.decoding.eagle import EagleAux, TreeShape, catch_up, eagle_decoder, expand_tree
-from jdecode.decoding.eagle_draft import DraftKV, draft_config, draft_logits, init_draft
+from jdecode.decoding.eagle_draft import (
+    DraftKV,
+    draft_config,
+    draft_logits,
+    eagle3_layers,
+    features_of,
+    init_draft,
+)
 from jdecode.decoding.heads import bundle
 from jdecode.decoding.loop import init_loop, run_loop
 from jdecode.decoding.sampling import SamplingArrays, SamplingParams
 from jdecode.model.params import init_params
+from jdecode.model.transformer import collect_hidden
 from jdecode.training.eagle import unrolled_outputs
 from pallas_kernels.testing import assert_close, jit_for_tests
 
@@ -31,6 +39,7 @@ DCFG = draft_config(CFG)
 MAX_LEN, T_BUCKET, MAX_NEW = 64, 24, 24
 SHAPE = TreeShape(depth=3, width=2, top_k=3, nodes=13)  # 12 of the 15 drafted nodes
 PLAN = {1: SHAPE, 2: TreeShape(depth=3, width=1, top_k=1, nodes=4)}  # batch >= 2: a chain
+LAYERS = eagle3_layers(CFG.num_layers)
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +47,14 @@ def target():
     return init_params(CFG, jax.random.key(31))
 
 
-@pytest.fixture(scope="module")
-def params():
+def oracle(layers: tuple[int, ...]):
     """A one-layer target and a draft that copies it: the draft reads the embedding of
     x_{j+1} (its feature input zeroed) through the target's only layer and final norm, so at
     input position j it computes about what the target computes at j + 1 (it lacks x_0 and
     normalizes the embedding first). A strong draft, so trees are accepted deep."""
     cfg = CFG.replace(num_layers=1)
     target = init_params(cfg, jax.random.key(34))
-    draft = init_draft(target, cfg, jax.random.key(35))
+    draft = init_draft(target, cfg, jax.random.key(35), num_features=len(layers))
     e = CFG.hidden_size
     draft = draft.replace(w_in=jnp.concatenate([jnp.eye(e), jnp.zeros((e, e))]),
                           final_norm=target.final_norm)
@@ -55,8 +63,9 @@ def params():
 
 @pytest.fixture(scope="module")
 def noisy(target):
-    """The target and a random draft, far from the target's layers."""
-    draft = init_draft(target, CFG, jax.random.key(32))
+    """The target and a random EAGLE-3 draft (three fused features), far from the target's
+    layers."""
+    draft = init_draft(target, CFG, jax.random.key(32), num_features=3)
     leaves, treedef = jax.tree_util.tree_flatten(draft)
     keys = jax.random.split(jax.random.key(33), len(leaves))
     return bundle(target, treedef.unflatten([x + 0.05 * jax.random.normal(k, x.shape)
@@ -76,7 +85,8 @@ def test_drafted_tree_matches_the_training_unroll(noisy, rng):
     b, p = 2, 9  # root at position p: the draft has read input positions < p
     seq = jnp.asarray(rng.integers(0, CFG.vocab_size, (b, p + 1)), jnp.int32)
     params = noisy
-    _, hidden = phases.score(params, seq, cfg=CFG)
+    _, _, carry = phases.score(params, seq, cfg=CFG, hooks=collect_hidden(LAYERS))
+    hidden = features_of(carry)  # [B, p + 1, 3E]
     kv = DraftKV(*(jnp.zeros((b, MAX_LEN + SHAPE.scratch, CFG.num_kv_heads, CFG.head_dim)),) * 2)
     pos = jnp.full((b,), p, jnp.int32)
     kv, out, scores, tokens = jit_for_tests(partial(
@@ -97,7 +107,7 @@ def test_drafted_tree_matches_the_training_unroll(noisy, rng):
             nodes.append((row, path))
             toks = tree_tokens[row, path].tolist() + [0] * (SHAPE.depth - len(path))
             ext.append(np.asarray(seq[row]).tolist() + toks)
-    feats = np.zeros((len(ext), p + 1 + SHAPE.depth, CFG.hidden_size), np.float32)
+    feats = np.zeros((len(ext), p + 1 + SHAPE.depth, hidden.shape[-1]), np.float32)
     feats[:, :p] = np.asarray(hidden)[[row for row, _ in nodes], :p]  # only these are read
     outs = jit_for_tests(partial(unrolled_outputs, unroll=SHAPE.depth, dcfg=DCFG))(
         params.extra, params, jnp.asarray(ext, jnp.int32), jnp.asarray(feats))
@@ -124,14 +134,17 @@ def run(decoder, params, prompt, lengths, max_new=MAX_NEW):
     return np.asarray(ls.out), ls
 
 
-@pytest.mark.parametrize("lens", [(9,), (5, 11, 17)], ids=["batch1-tree", "batch3-chain"])
-def test_greedy_is_autoregressive_greedy(params, rng, lens):
+@pytest.mark.parametrize("layers, lens", [((0, 0, 0), (9,)), ((0,), (5, 11, 17))],
+                         ids=["eagle3-batch1-tree", "final-batch3-chain"])
+def test_greedy_is_autoregressive_greedy(rng, layers, lens):
+    """Three fused feature layers at batch 1 (a tree), one at batch 3 (the plan's chain)."""
+    params = oracle(layers)
     prompt = np.zeros((len(lens), T_BUCKET), np.int32)
     for i, n in enumerate(lens):
         prompt[i, :n] = rng.integers(0, CFG.vocab_size, n)
     prompt, lengths = jnp.asarray(prompt), jnp.asarray(lens, jnp.int32)
     cfg = CFG.replace(num_layers=1)
     want, _ = run(autoregressive(cfg, MAX_LEN), params, prompt, lengths)
-    got, ls = run(eagle_decoder(cfg, MAX_LEN, PLAN), params, prompt, lengths)
+    got, ls = run(eagle_decoder(cfg, MAX_LEN, PLAN, layers), params, prompt, lengths)
     np.testing.assert_array_equal(got, want)
     assert int(ls.accepted) > 1.5 * int(ls.live_steps), "the draft barely helped: weak test"

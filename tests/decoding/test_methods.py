@@ -40,11 +40,10 @@ def untrained_heads(smol, tmp_path) -> str:
 
 
 def untrained_eagle(smol, tmp_path) -> str:
-    """An EAGLE draft as initialized (the target's last layer over its final features)."""
+    """An EAGLE-3 draft as initialized (the target's last layer over three fused layers)."""
     path = tmp_path / "eagle-draft"
-    artifacts.save_artifact(path, "eagle", smol, init_draft(smol.params, smol.cfg,
-                                                            jax.random.key(0)),
-                            {"num_features": 1})
+    draft = init_draft(smol.params, smol.cfg, jax.random.key(0), num_features=3)
+    artifacts.save_artifact(path, "eagle", smol, draft, {"feature_layers": [2, 15, 27]})
     return str(path)
 
 

@@ -13,10 +13,11 @@ import pytest
 
 from jdecode.config import ModelConfig
 from jdecode.decoding import phases
-from jdecode.decoding.eagle_draft import draft_config, load_draft
+from jdecode.decoding.eagle_draft import draft_config, eagle3_layers, features_of, load_draft
 from jdecode.io import artifacts
 from jdecode.io.registry import Model
 from jdecode.model.params import init_params
+from jdecode.model.transformer import collect_hidden
 from jdecode.training.corpus import Corpus
 from jdecode.training.eagle import EagleTrainOptions, train_eagle_draft, unrolled_outputs
 from jdecode.training.trainer import TrainConfig
@@ -53,7 +54,8 @@ def test_loss_falls_and_the_step_table_is_recorded(trained):
     assert [s["step"] for s in steps] == [1, 2, 3] and metrics["accuracy_split"] == "held_out"
     assert all(0.0 <= s["top1"] <= 1.0 and s["kl"] >= 0.0 for s in steps)
     manifest = artifacts.read_manifest(out)
-    assert manifest["kind"] == "eagle" and manifest["options"]["num_features"] == 1
+    assert manifest["kind"] == "eagle"
+    assert manifest["options"]["feature_layers"] == list(eagle3_layers(CFG.num_layers))
     assert manifest["metrics"]["steps"] == steps
 
 
@@ -64,8 +66,9 @@ def test_restored_draft_gives_identical_drafts(trained, target):
         np.testing.assert_array_equal(a, b)
     tokens = jnp.asarray(np.random.default_rng(8).integers(0, CFG.vocab_size, (1, 12)),
                          jnp.int32)
-    _, hidden = phases.score(target.params, tokens, cfg=CFG)
+    hooks = collect_hidden(eagle3_layers(CFG.num_layers))
+    features = features_of(phases.score(target.params, tokens, cfg=CFG, hooks=hooks)[2])
     unroll = jit_for_tests(partial(unrolled_outputs, unroll=2, dcfg=draft_config(CFG)))
-    outs = [unroll(d, target.params, tokens, hidden) for d in (draft, restored)]
+    outs = [unroll(d, target.params, tokens, features) for d in (draft, restored)]
     for a, b in zip(*outs):
         np.testing.assert_array_equal(a, b)
