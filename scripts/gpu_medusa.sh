@@ -9,7 +9,8 @@
 # Stages (STAGES, in this order; each a separate experiment invocation that resumes):
 #   b1       bf16, batch 1, every method (the bars: Medusa >= 2.0x, EAGLE >= 2.5x)
 #   batches  bf16, batch BATCHES, the tree methods at two sizes each (the >= 0.98x bar)
-#   f32      f32, batch 1, medusa-64, blockwise-4, eagle-60
+#   f32      f32, batch 1, medusa-64, eagle-60, blockwise-4
+# (B1_METHODS, BATCH_METHODS, F32_METHODS: each stage's labels, in the order they run.)
 # A stage that does not fit in what is left of TOTAL_S stops at its budget; the cells it
 # finished are kept. A second call with PARTS=<an earlier OUT>/parts.tgz skips training and
 # resumes nothing else: e.g. PARTS=... STAGES="batches f32" TOTAL_S=600 for the rest.
@@ -39,6 +40,10 @@ EVAL_EVERY=${EVAL_EVERY:-500}
 PROMPTS_PER_SET=${PROMPTS_PER_SET:-6}  # bench prompts of each of chat, code, summarization
 MAX_NEW=${MAX_NEW:-64}
 BATCHES=${BATCHES:-64,16,4}          # the batches stage (batch 1 is the b1 stage)
+# Each stage's methods (labels of configs/experiments/medusa-eagle.yaml), the bars' first.
+B1_METHODS=${B1_METHODS:-medusa-64,eagle-60,blockwise-4,ngram-k4,draft-d2-k2,medusa-16,eagle-chain-4}
+BATCH_METHODS=${BATCH_METHODS:-medusa-64,blockwise-4,eagle-60,eagle-chain-4,medusa-16}
+F32_METHODS=${F32_METHODS:-medusa-64,eagle-60,blockwise-4}
 
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 # Identical executables (e.g. greedy medusa and medusa-typical) compile once across stages.
@@ -118,11 +123,9 @@ experiment() {  # STAGE DTYPE BATCHES LABELS
 }
 for stage in $STAGES; do
   case $stage in
-    b1) experiment b1 bfloat16 1 \
-          medusa-64,eagle-60,blockwise-4,ngram-k4,draft-d2-k2,medusa-16,eagle-chain-4 ;;
-    batches) experiment batches bfloat16 "$BATCHES" \
-          medusa-64,blockwise-4,eagle-60,eagle-chain-4,medusa-16 ;;
-    f32) experiment f32 float32 1 medusa-64,eagle-60,blockwise-4 ;;
+    b1) experiment b1 bfloat16 1 "$B1_METHODS" ;;
+    batches) experiment batches bfloat16 "$BATCHES" "$BATCH_METHODS" ;;
+    f32) experiment f32 float32 1 "$F32_METHODS" ;;
     *) echo "unknown stage $stage: choose b1, batches, f32"; exit 2 ;;
   esac
 done
@@ -143,14 +146,17 @@ import json, sys
 from pathlib import Path
 out, work = Path(sys.argv[1]), Path(sys.argv[2])
 train = json.loads((out / "train.json").read_text())
-lines = ["# Medusa / blockwise / EAGLE on the GPU", "", "## Medusa heads (held-out)", "",
+split = {"held_out": "held-out rows", "train": "training rows: nothing was held out"}
+medusa, eagle = (train[k]["manifest"]["metrics"] for k in ("medusa", "eagle"))
+lines = ["# Medusa / blockwise / EAGLE on the GPU", "",
+         f"## Medusa heads ({split[medusa['accuracy_split']]})", "",
          "| head | predicts | top-1 | top-5 | KL |", "|---|---|---|---|---|"]
-for h in train["medusa"]["manifest"]["metrics"]["heads"]:
+for h in medusa["heads"]:
     lines.append(f"| {h['head']} | t+{h['head'] + 2} | {h['top1']:.3f} | {h['top5']:.3f} | "
                  f"{h['kl']:.3f} |")
-lines += ["", "## EAGLE draft, training-time-test steps (held-out)", "",
-          "| step (tree depth) | top-1 | KL |", "|---|---|---|"]
-for s in train["eagle"]["manifest"]["metrics"]["steps"]:
+lines += ["", f"## EAGLE draft, training-time-test steps ({split[eagle['accuracy_split']]})",
+          "", "| step (tree depth) | top-1 | KL |", "|---|---|---|"]
+for s in eagle["steps"]:
     lines.append(f"| {s['step']} | {s['top1']:.3f} | {s['kl']:.3f} |")
 for dtype in ("bfloat16", "float32"):
     md = work / f"exp_{dtype}" / "results.md"
