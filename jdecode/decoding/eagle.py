@@ -224,7 +224,8 @@ def eagle_decoder(cfg: ModelConfig, max_len: int, shapes: Mapping[int, TreeShape
             tokens, parents, kv = state.tokens[:, None], jnp.full((b, 1), -1, jnp.int32), None
         tree = tree_from_parents(parents, shape.depth if drafting else 0)
         step_hooks = hooks if drafting else None
-        if shape.chain or not drafting:  # slot = position already: no mask, no commit
+        in_place = shape.chain or not drafting  # slot = position already: no mask, no commit
+        if in_place:
             seq_pos = pos[:, None] + jnp.arange(shape.nodes)
             out = phases.verify(params, aux.cache, tokens, seq_pos, cfg=cfg, impl=impl,
                                 hooks=step_hooks)
@@ -237,7 +238,7 @@ def eagle_decoder(cfg: ModelConfig, max_len: int, shapes: Mapping[int, TreeShape
         else:
             keys, now = split_keys(state.keys)
             accepted = rule(tree, tokens, logits, None, state.sampling, now)
-        if not (shape.chain or not drafting):
+        if not in_place:
             cache = commit_path(cache, pos, accepted.path)
         new_aux = EagleAux(cache, None, None, None, None)
         if drafting:
