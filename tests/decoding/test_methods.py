@@ -43,7 +43,8 @@ def untrained_eagle(smol, tmp_path) -> str:
     """An EAGLE-3 draft as initialized (the target's last layer over three fused layers)."""
     path = tmp_path / "eagle-draft"
     draft = init_draft(smol.params, smol.cfg, jax.random.key(0), num_features=3)
-    artifacts.save_artifact(path, "eagle", smol, draft, {"feature_layers": [2, 15, 27]})
+    artifacts.save_artifact(path, "eagle", smol, draft, {"feature_layers": [2, 15, 27]},
+                            save_dtype="bfloat16")
     return str(path)
 
 
@@ -57,8 +58,8 @@ RECIPES = {
     "medusa": lambda smol, tmp: {"heads": untrained_heads(smol, tmp), "tree_nodes": 5},
     "medusa-typical": lambda smol, tmp: {"heads": untrained_heads(smol, tmp), "tree_nodes": 5},
     "blockwise": lambda smol, tmp: {"heads": untrained_heads(smol, tmp), "k": 2},
-    "eagle": lambda smol, tmp: {"draft": untrained_eagle(smol, tmp), "depth": 2, "width": 2,
-                                "top_k": 2, "tree_nodes": 4},
+    "eagle": lambda smol, tmp: {"draft": untrained_eagle(smol, tmp), "depth": 1, "width": 1,
+                                "top_k": 3, "tree_nodes": 4},
 }
 runner = CliRunner()
 
