@@ -24,6 +24,7 @@ BUILTIN_METHODS = (
     "jdecode.decoding.autoregressive",
     "jdecode.decoding.speculative",
     "jdecode.decoding.jacobi",
+    "jdecode.decoding.lookahead",
 )
 
 
