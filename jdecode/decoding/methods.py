@@ -25,6 +25,7 @@ BUILTIN_METHODS = (
     "jdecode.decoding.speculative",
     "jdecode.decoding.jacobi",
     "jdecode.decoding.lookahead",
+    "jdecode.decoding.cllm",
 )
 
 
