@@ -15,6 +15,7 @@ import jdecode
 from jdecode.cli import app
 from jdecode.config import ConfigError
 from jdecode.decoding import methods
+from jdecode.decoding.cllm import consistency_weights
 from jdecode.decoding.draft_model import draft_from_target, draft_weights
 from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
@@ -24,12 +25,26 @@ from jdecode.io import artifacts, registry
 
 PROMPT = "Write a Python function that returns the square of a number."
 NEW = 12
+
+
+def untrained_consistency(smol, tmp_path) -> dict:
+    """A "consistency" artifact that fine-tuned nothing (no layers; the target's final norm):
+    a few KB, so the recipe checks the plumbing, not training (tests/training covers that)."""
+    artifacts.save_artifact(tmp_path / "consistency", "consistency", smol,
+                            consistency_weights(smol.params, ()), {"layers": []})
+    return {"weights": str(tmp_path / "consistency"), "block_size": 3, "init": "ngram"}
+
+
 # Options that make a method runnable on the default model in CI (a method whose defaults need
-# a trained part points at a committed artifact). A new method without a working default must
-# add its entry here, or test_every_method_has_a_recipe fails.
+# a trained part points at a committed artifact, or is a callable (smol, tmp_path) -> options
+# that writes one). A new method without a working default must add its entry here, or
+# test_every_method_has_a_recipe fails.
 RECIPES = {
     "autoregressive": {},
     "speculative": {"draft": "artifacts/smollm2-135m-d2.tgz", "k": 2},
+    "jacobi": {"block_size": 3, "init": "ngram"},
+    "lookahead": {"window": 3, "ngram": 3, "guesses": 2},
+    "cllm": untrained_consistency,
 }
 runner = CliRunner()
 
@@ -61,7 +76,7 @@ def reference(smol_generator):
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_method_runs_alike_through_api_cli_and_experiment(name, smol, smol_cache, reference,
                                                           tmp_path, monkeypatch):
-    opts = RECIPES[name]
+    opts = RECIPES[name](smol, tmp_path) if callable(RECIPES[name]) else RECIPES[name]
     sp = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
     (api,) = jdecode.generate(smol, PROMPT, sp, chat=True, method=name, **opts)
 
@@ -94,7 +109,7 @@ def test_method_runs_alike_through_api_cli_and_experiment(name, smol, smol_cache
 
 def test_bad_method_input_is_one_line(smol, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="unknown method 'beam': choose one of "
-                                          "autoregressive, speculative"):
+                                          "autoregressive, .*speculative"):
         Generator(smol, method="beam")
     with pytest.raises(ConfigError, match="method 'speculative' has no option 'kk'; valid "
                                           "options are: draft, k, max_ngram, with_ngram"):
