@@ -32,6 +32,8 @@ from jdecode.options import option
 
 # -- the n-gram pool ------------------------------------------------------------------------
 
+FILL_CHUNK = 64  # prompt n-grams inserted per vectorized update at init ([B, 64, G + 64] work)
+
 
 @struct.dataclass
 class NgramPool:
@@ -53,24 +55,55 @@ def empty_pool(batch: int, vocab: int, guesses: int, ngram: int) -> NgramPool:
     return NgramPool(entries, jnp.zeros((batch,), jnp.int32))
 
 
-def pool_insert(pool: NgramPool, key: jax.Array, gram: jax.Array, valid: jax.Array
+def pool_insert(pool: NgramPool, keys: jax.Array, grams: jax.Array, valid: jax.Array
                 ) -> NgramPool:
-    """Inserts one n-gram per row: (key, gram) with key [B] and gram [B, N - 1] int32.
+    """Inserts M n-grams per row, in order, in one vectorized update: the pool that M
+    sequential LRU inserts would leave.
 
-    A continuation already pooled under `key` is refreshed (it becomes the most recent);
-    otherwise it takes an empty slot, or evicts the least recently inserted one. Rows with
-    valid [B] False are left alone (their write goes to key V, which the scatter drops).
+    An LRU pool of capacity G holds, per key, the G distinct continuations touched last, so
+    the update needs no loop: per key, the pooled continuations (re-stamped when the batch
+    touches them again) and the batch's new ones compete by stamp, the top G stay. Insert m
+    of a row gets stamp clock + (valid inserts before it); only the last insert of each key
+    writes that key's slots, so no two writes meet.
+
+    Args:
+      keys: [B, M] int32 first tokens. grams: [B, M, N - 1] int32 continuations.
+      valid: [B, M] bool; invalid inserts are skipped.
+    Returns:
+      the updated pool (in place when donated).
     """
-    rows = jnp.arange(key.shape[0])
-    slots = pool.entries[rows, key]  # [B, G, N]
-    stamp = slots[..., -1]  # [B, G]
-    same = jnp.all(slots[..., :-1] == gram[:, None, :], axis=-1) & (stamp >= 0)
-    # argmin of the stamps: an empty slot (-1) first, else the least recently used.
-    slot = jnp.where(same.any(-1), jnp.argmax(same, -1), jnp.argmin(stamp, -1))
-    entry = jnp.concatenate([gram, pool.clock[:, None]], axis=1)  # [B, N]
-    key = jnp.where(valid, key, pool.entries.shape[1])
-    return NgramPool(pool.entries.at[rows, key, slot].set(entry, mode="drop"),
-                     pool.clock + valid.astype(jnp.int32))
+    b, m = keys.shape
+    g, v = pool.entries.shape[2], pool.entries.shape[1]
+    rows = jnp.arange(b)[:, None]
+    stamps = pool.clock[:, None] + jnp.cumsum(valid, axis=1) - 1  # [B, M]
+    old = pool.entries[rows, keys]  # [B, M, G, N] the slots of each insert's key
+    old_grams, old_stamp = old[..., :-1], old[..., -1]
+    # pair[b, i, j]: insert j is valid and has insert i's key; later: j comes after i.
+    pair = (keys[:, :, None] == keys[:, None, :]) & valid[:, None, :]  # [B, M, M]
+    later = jnp.arange(m)[None, :] > jnp.arange(m)[:, None]  # [M, M]
+    same_gram = jnp.all(grams[:, :, None] == grams[:, None, :], axis=-1)  # [B, M, M]
+    # An existing continuation touched again takes its latest touch's stamp.
+    touch = pair[:, :, None, :] & jnp.all(
+        old_grams[:, :, :, None, :] == grams[:, None, None, :, :], axis=-1)  # [B, M, G, M]
+    touch &= (old_stamp >= 0)[..., None]
+    old_stamp = jnp.maximum(old_stamp, jnp.max(
+        jnp.where(touch, stamps[:, None, None, :], -1), axis=-1))
+    # A batch continuation is new unless pooled already or inserted again later in the batch.
+    pooled = jnp.any(jnp.all(old_grams == grams[:, :, None, :], axis=-1)
+                     & (old[..., -1] >= 0), axis=-1)  # [B, M]
+    again = jnp.any(pair & same_gram & later[None], axis=-1)  # [B, M]
+    new = valid & ~pooled & ~again
+    new_stamp = jnp.where(pair & new[:, None, :], stamps[:, None, :], -1)  # [B, M, M]
+    cand_stamp = jnp.concatenate([old_stamp, new_stamp], axis=-1)  # [B, M, G + M]
+    cand_grams = jnp.concatenate(
+        [old_grams, jnp.broadcast_to(grams[:, None], (b, m, *grams.shape[1:]))], axis=2)
+    top_stamp, top = jax.lax.top_k(cand_stamp, g)  # [B, M, G]; stamps are unique but -1
+    top_grams = jnp.take_along_axis(cand_grams, top[..., None], axis=2)  # [B, M, G, N - 1]
+    slots = jnp.concatenate([top_grams, top_stamp[..., None]], axis=-1)  # [B, M, G, N]
+    last = valid & ~jnp.any(pair & later[None], axis=-1)  # the key's last insert writes
+    keys = jnp.where(last, keys, v)  # key V is past the table: the scatter drops it
+    return NgramPool(pool.entries.at[rows, keys].set(slots, mode="drop"),
+                     pool.clock + valid.sum(axis=1, dtype=jnp.int32))
 
 
 def pool_lookup(pool: NgramPool, key: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -79,14 +112,14 @@ def pool_lookup(pool: NgramPool, key: jax.Array) -> tuple[jax.Array, jax.Array]:
     return slots[..., :-1], slots[..., -1] >= 0
 
 
-def insert_context_ngram(pool: NgramPool, ctx: jax.Array, end: jax.Array, valid: jax.Array
-                         ) -> NgramPool:
-    """Inserts the context n-gram ctx[end - N + 1 .. end] per row (ctx [B, S], end [B]); rows
-    whose n-gram would start before position 0, or with valid False, insert nothing."""
-    n = pool.ngram
-    cols = end[:, None] - n + 1 + jnp.arange(n)  # [B, N]
-    toks = jnp.take_along_axis(ctx, jnp.clip(cols, 0, ctx.shape[1] - 1), axis=1)
-    return pool_insert(pool, toks[:, 0], toks[:, 1:], valid & (cols[:, 0] >= 0))
+def context_ngrams(ctx: jax.Array, ends: jax.Array, valid: jax.Array, n: int
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The context n-grams ctx[e - n + 1 .. e] for every e in ends [B, M] (ctx [B, S]): keys
+    [B, M], grams [B, M, n - 1] and valid [B, M] (False where the n-gram would start before
+    position 0), ready for `pool_insert`."""
+    cols = ends[..., None] - n + 1 + jnp.arange(n)  # [B, M, N]
+    toks = jnp.take_along_axis(ctx[:, None, :], jnp.clip(cols, 0, ctx.shape[1] - 1), axis=2)
+    return toks[..., 0], toks[..., 1:], valid & (cols[..., 0] >= 0)
 
 
 # -- the static layout of one step's tree ---------------------------------------------------
@@ -229,10 +262,13 @@ def lookahead(cfg: ModelConfig, max_len: int, window: int, ngram: int, guesses: 
             ctx = jnp.zeros((b, max_len), jnp.int32).at[:, :t].set(prompt, mode="drop")
             ctx = ctx.at[rows, lengths].set(state.tokens, mode="drop")
 
-            def fill(end, pool):  # every n-gram of the prompt and the first token, in order
-                return insert_context_ngram(pool, ctx, jnp.full((b,), end), end <= lengths)
+            def fill(chunk, pool):  # the n-grams ending at the prompt's tokens and the first
+                ends = chunk * FILL_CHUNK + jnp.arange(FILL_CHUNK)
+                ends = jnp.broadcast_to(ends, (b, FILL_CHUNK))
+                return pool_insert(pool, *context_ngrams(ctx, ends, ends <= lengths[:, None],
+                                                         ngram))
 
-            pool = jax.lax.fori_loop(ngram - 1, t + 1, fill, pool)
+            pool = jax.lax.fori_loop(0, -(-(t + 1) // FILL_CHUNK), fill, pool)
         aux = LookaheadAux(state.aux, win, pool, ctx, jnp.zeros((), jnp.int32))
         return state.replace(aux=aux)
 
@@ -258,17 +294,18 @@ def lookahead(cfg: ModelConfig, max_len: int, window: int, ngram: int, guesses: 
         cache = commit_path(cache, pos, verify_nodes[accepted.path])
 
         out = jnp.argmax(logits[:, layout.last_level], axis=-1).astype(jnp.int32)  # [B, W]
-        keys_w, grams_w, next_window = window_ngrams(win, out)
-        pool, warm = aux.pool, jnp.broadcast_to(aux.steps >= ngram - 2, (b,))
-        for col in range(window):  # small and static: unrolled, in the reference's order
-            pool = pool_insert(pool, keys_w[:, col], grams_w[:, col], warm)
+        # The reference's order: the window's column n-grams (once warm), then the context's.
+        first, grams_w, next_window = window_ngrams(win, out)
+        valid = jnp.broadcast_to(aux.steps >= ngram - 2, first.shape)
         num, ctx = accepted.num_accepted, aux.ctx
         if pool_from_context:
             rows = jnp.arange(b)
-            cols = pos[:, None] + 1 + jnp.arange(ngram)  # stale past num: rewritten later
-            ctx = ctx.at[rows[:, None], cols].set(accepted.tokens, mode="drop")
-            for j in range(ngram):  # the n-grams ending at each accepted token, in order
-                pool = insert_context_ngram(pool, ctx, pos + 1 + j, j < num)
+            ends = pos[:, None] + 1 + jnp.arange(ngram)  # [B, N]; stale past num: rewritten
+            ctx = ctx.at[rows[:, None], ends].set(accepted.tokens, mode="drop")
+            ck, cg, cv = context_ngrams(ctx, ends, jnp.arange(ngram) < num[:, None], ngram)
+            first, grams_w = jnp.concatenate([first, ck], 1), jnp.concatenate([grams_w, cg], 1)
+            valid = jnp.concatenate([valid, cv], 1)
+        pool = pool_insert(aux.pool, first, grams_w, valid)
         state = state.replace(tokens=accepted.next_token, positions=pos + num, keys=keys,
                               aux=LookaheadAux(cache, next_window, pool, ctx, aux.steps + 1))
         return state, StepOutput(accepted.tokens, num)

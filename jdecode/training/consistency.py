@@ -164,26 +164,26 @@ def consistency_objective(cfg: ModelConfig, layers: tuple[int, ...], ar_weight: 
                           ) -> Objective:
     """frozen = the target's params (teacher, and the base the trained weights go into)."""
 
-    def teacher_and_student(weights, target, batch):
-        student = with_weights(target, weights, layers)
+    def forward(weights, target, batch):
+        """Teacher logits on the fixed rows; the student's on the noisy and the fixed rows (one
+        pass over both: a forward and a backward instead of two of each)."""
         teacher = jax.lax.stop_gradient(phases.score(target, batch["fixed"], cfg=cfg)[0])
-        return teacher, student
+        rows = jnp.concatenate([batch["noisy"], batch["fixed"]], axis=0)  # [2B, T]
+        student = phases.score(with_weights(target, weights, layers), rows, cfg=cfg)[0]
+        noisy, fixed = jnp.split(student, 2, axis=0)
+        return teacher, noisy, fixed
 
     def masked_kl(teacher, logits, mask):
         return jnp.sum(kl_per_position(teacher, logits) * mask) / jnp.maximum(mask.sum(), 1.0)
 
     def loss(weights, target, batch):
-        teacher, student = teacher_and_student(weights, target, batch)
-        cons = masked_kl(teacher, phases.score(student, batch["noisy"], cfg=cfg)[0],
-                         batch["cmask"])
-        ar = masked_kl(teacher, phases.score(student, batch["fixed"], cfg=cfg)[0],
-                       batch["mask"])
+        teacher, noisy, fixed = forward(weights, target, batch)
+        cons = masked_kl(teacher, noisy, batch["cmask"])
+        ar = masked_kl(teacher, fixed, batch["mask"])
         return cons + ar_weight * ar, {"consistency": cons, "ar_kl": ar}
 
     def eval_sums(weights, target, batch):
-        teacher, student = teacher_and_student(weights, target, batch)
-        noisy = phases.score(student, batch["noisy"], cfg=cfg)[0]
-        fixed = phases.score(student, batch["fixed"], cfg=cfg)[0]
+        teacher, noisy, fixed = forward(weights, target, batch)
         m = batch["cmask"]
         # The fixed point's next token: what Jacobi needs predicted from the noisy context.
         nxt = jnp.roll(batch["fixed"], -1, axis=1)

@@ -1,6 +1,7 @@
 """Jacobi decoding on tiny random models (f32): the iteration reaches greedy decoding's fixed
 point and stays there, and the sliding-block decoder reproduces greedy decoding exactly at
-batch 1 and with rows that accept different lengths, for every initialization."""
+batch 1 (the whole answer as the block) and with rows that accept different lengths, for every
+initialization of the guesses."""
 
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ def params():
     return init_params(CFG, jax.random.key(3))
 
 
-@pytest.mark.parametrize("init", ["repeat", "ngram", "pad"])
+@pytest.mark.parametrize("init", ["repeat", "ngram"])
 def test_greedy_matches_autoregressive_batch3(params, rng, init):
     """Rows of different prompt lengths accept different numbers of tokens in one step, and
-    every row's output is greedy decoding's, for every initialization of the guesses."""
+    every row's output is greedy decoding's (padding guesses: the whole-answer test)."""
     prompt, lengths = make_prompts(rng)
     want = greedy_reference(params, prompt, lengths)
     got, emitted = decode_stepwise(f"jacobi-{init}", jacobi(CFG, MAX_LEN, N, init),
@@ -47,11 +48,11 @@ def test_greedy_matches_autoregressive_batch3(params, rng, init):
 
 
 def test_greedy_matches_autoregressive_batch1_whole_answer(params, rng):
-    """The fully non-autoregressive case: the block is the whole answer."""
+    """The fully non-autoregressive case: the block is the whole answer (padding guesses)."""
     answer = 16
     prompt, lengths = make_prompts(rng, lens=(9,))
     want = greedy_reference(params, prompt, lengths)[:, :answer]
-    got, emitted = decode_stepwise("jacobi-whole", jacobi(CFG, MAX_LEN, answer, "repeat"),
+    got, emitted = decode_stepwise("jacobi-whole", jacobi(CFG, MAX_LEN, answer, "pad", 7),
                                    params, prompt, lengths, max_new=answer)
     np.testing.assert_array_equal(got, want)
     assert len(emitted) <= answer - 1  # never more iterations than tokens after the first
