@@ -275,7 +275,7 @@ def lookahead(cfg: ModelConfig, max_len: int, window: int, ngram: int, guesses: 
     def step(params, state):
         aux, root, pos = state.aux, state.tokens, state.positions
         b = root.shape[0]
-        grams, valid = pool_lookup(aux.pool, root)  # [B, G, N - 1], [B, G]
+        grams, pooled = pool_lookup(aux.pool, root)  # [B, G, N - 1], [B, G]
         win = aux.window.at[:, 0, 0].set(root)
         tokens = jnp.concatenate([win.reshape(b, -1), grams.reshape(b, -1)], axis=1)  # [B, T]
         logits, _, cache = phases.verify_tree(params, aux.cache, tokens, pos,
@@ -285,7 +285,7 @@ def lookahead(cfg: ModelConfig, max_len: int, window: int, ngram: int, guesses: 
         if state.sampling.all_greedy:  # static: no key split, no cond
             keys = state.keys
             # -1 matches no choice of the model: empty slots are never accepted.
-            live = jnp.concatenate([jnp.ones((b, 1), bool), valid[:, guess_of]], axis=1)
+            live = jnp.concatenate([jnp.ones((b, 1), bool), pooled[:, guess_of]], axis=1)
             accepted = greedy_tree_accept(vtree, jnp.where(live, v_tokens, -1), v_logits)
         else:
             # Any candidate fixed before the rule runs keeps it lossless, empty slots included.
