@@ -26,6 +26,9 @@ BUILTIN_METHODS = (
     "jdecode.decoding.medusa",
     "jdecode.decoding.blockwise",
     "jdecode.decoding.eagle",
+    "jdecode.decoding.jacobi",
+    "jdecode.decoding.lookahead",
+    "jdecode.decoding.cllm",
 )
 
 

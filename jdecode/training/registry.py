@@ -18,6 +18,7 @@ BUILTIN_TRAINERS = (
     "jdecode.training.distill",
     "jdecode.training.medusa",
     "jdecode.training.eagle",
+    "jdecode.training.consistency",
 )
 
 

@@ -16,6 +16,7 @@ import jdecode
 from jdecode.cli import app
 from jdecode.config import ConfigError
 from jdecode.decoding import methods
+from jdecode.decoding.cllm import consistency_weights
 from jdecode.decoding.draft_model import draft_from_target, draft_weights
 from jdecode.decoding.eagle_draft import init_draft
 from jdecode.decoding.generate import Generator
@@ -48,6 +49,15 @@ def untrained_eagle(smol, tmp_path) -> str:
     return str(path)
 
 
+
+def untrained_consistency(smol, tmp_path) -> dict:
+    """A "consistency" artifact that fine-tuned nothing (no layers; the target's final norm):
+    a few KB, so the recipe checks the plumbing, not training (tests/training covers that)."""
+    artifacts.save_artifact(tmp_path / "consistency", "consistency", smol,
+                            consistency_weights(smol.params, ()), {"layers": []})
+    return {"weights": str(tmp_path / "consistency"), "block_size": 3, "init": "ngram"}
+
+
 # Options that make a method runnable on the default model in CI: a mapping, or a callable
 # (smol, tmp_path) -> options that first writes the trained part it needs (a method whose
 # defaults need a trained part points at a committed artifact or writes one). A new method
@@ -60,6 +70,9 @@ RECIPES = {
     "blockwise": lambda smol, tmp: {"heads": untrained_heads(smol, tmp), "k": 2},
     "eagle": lambda smol, tmp: {"draft": untrained_eagle(smol, tmp), "depth": 1, "width": 1,
                                 "top_k": 3, "tree_nodes": 4},
+    "jacobi": {"block_size": 3, "init": "ngram"},
+    "lookahead": {"window": 3, "ngram": 3, "guesses": 2},
+    "cllm": untrained_consistency,
 }
 runner = CliRunner()
 
