@@ -7,6 +7,7 @@ Shapes are bucketed (prompt length and batch to powers of two, cache length to a
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -27,7 +28,13 @@ from jdecode.model.layout import inference_layout
 from jdecode.model.params import Params
 
 MIN_PROMPT_BUCKET = 16
+# Past this length prompt buckets grow in steps of it, not to the next power of two: a
+# 2049-token prompt pads to 3072, not 4096 (prefill cost grows faster than linearly in T).
+LONG_PROMPT_STEP = 1024
 CACHE_ROUND = 256
+# While a prefill runs, `stream(on_prefill=...)` is told the elapsed time this often.
+PREFILL_POLL_S = 0.25
+GREEDY = SamplingParams()  # the default: greedy, 64 new tokens
 # Steps per fixed-trip-count group of the decode loop (run_loop's `block`): measured on the
 # H100 in benchmarks/decode.md.
 LOOP_BLOCK = 4
@@ -35,6 +42,14 @@ LOOP_BLOCK = 4
 
 def next_pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def prompt_bucket(n: int) -> int:
+    """The padded prompt length for n tokens: a power of two up to LONG_PROMPT_STEP, then a
+    multiple of it."""
+    if n <= LONG_PROMPT_STEP:
+        return next_pow2(n, MIN_PROMPT_BUCKET)
+    return -(-n // LONG_PROMPT_STEP) * LONG_PROMPT_STEP
 
 
 @dataclasses.dataclass
@@ -65,6 +80,22 @@ def _tokens_to_stop(tokenizer, toks: list[int], stops: tuple[str, ...]) -> int:
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
     return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def _wait_reporting(x: jax.Array, report: Callable[[float], None]) -> None:
+    """Waits for x, calling report(elapsed_s) every PREFILL_POLL_S until it is ready."""
+    done = threading.Event()
+
+    def wait():
+        try:
+            x.block_until_ready()
+        finally:  # an error is raised again by the caller's own block_until_ready
+            done.set()
+
+    threading.Thread(target=wait, daemon=True).start()
+    t0 = time.perf_counter()
+    while not done.wait(PREFILL_POLL_S):
+        report(time.perf_counter() - t0)
 
 
 class Generator:
@@ -155,12 +186,15 @@ class Generator:
 
     # -- the API -----------------------------------------------------------------------
     def stream(self, prompts: Sequence[str | Sequence[int]],
-               sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
-               chat: bool = False, chunk_steps: int = 16
+               sampling: SamplingParams | Sequence[SamplingParams] = GREEDY,
+               chat: bool = False, chunk_steps: int = 16,
+               on_prefill: Callable[[int, float], None] | None = None
                ) -> Iterator[tuple[list[str], list[GenerationResult] | None]]:
         """Yields per-prompt text deltas every `chunk_steps` decoder steps, then the results.
 
-        Each yield is (deltas, None); the last is ([...], results).
+        Each yield is (deltas, None); the last is ([...], results). on_prefill(prompt_tokens,
+        elapsed_s), if given, is called every PREFILL_POLL_S while the prefill runs (a long
+        prompt on CPU takes seconds to minutes), so a caller can show progress.
         """
         if isinstance(sampling, SamplingParams):
             sampling = [sampling] * len(prompts)
@@ -180,7 +214,7 @@ class Generator:
                     "max_new_tokens")
         n = len(ids)
         batch = next_pow2(n)
-        t_bucket = next_pow2(max(map(len, ids)), MIN_PROMPT_BUCKET)
+        t_bucket = prompt_bucket(max(map(len, ids)))
         max_new = max(sp.max_new_tokens for sp in sampling)
         max_out = next_pow2(max_new, 16)
         max_len = min(-(-(t_bucket + max_out + 1) // CACHE_ROUND) * CACHE_ROUND,
@@ -207,7 +241,9 @@ class Generator:
         exe = self._executables(batch, t_bucket, max_len, max_out, n_stop, track_seen, args)
 
         t0 = time.perf_counter()
-        ls: LoopState = exe.init(*args)
+        ls: LoopState = exe.init(*args)  # dispatched asynchronously
+        if on_prefill is not None:
+            _wait_reporting(ls.n_out, lambda s: on_prefill(int(lengths[:n].sum()), s))
         ls.n_out.block_until_ready()
         t_prefill = time.perf_counter() - t0
         detoks = [IncrementalDetokenizer(self.model.tokenizer) if self.model.tokenizer else None
@@ -256,18 +292,18 @@ class Generator:
             results.append(GenerationResult(
                 prompt_token_ids=ids[i], token_ids=toks, text=text,
                 finish_reason="stop" if stop_hit else "length",
-                stats=dict(prefill_ms=1e3 * t_prefill, decode_s=t_decode,
-                           num_tokens=len(toks), batch_tokens=total_new,
-                           decode_steps=int(steps),
-                           decode_tok_s=(total_new - n) / t_decode if t_decode > 0 else 0.0,
-                           mean_accepted=float(accepted) / max(int(live_steps), 1),
-                           compile_s=exe.compile_s, batch=n)))
+                stats={"prefill_ms": 1e3 * t_prefill, "decode_s": t_decode,
+                       "num_tokens": len(toks), "batch_tokens": total_new,
+                       "decode_steps": int(steps),
+                       "decode_tok_s": (total_new - n) / t_decode if t_decode > 0 else 0.0,
+                       "mean_accepted": float(accepted) / max(int(live_steps), 1),
+                       "compile_s": exe.compile_s, "batch": n}))
             results[-1].stats.update(self.describe(results[-1].stats))
         # The last deltas complete each stream to its final text, including text held back
         # for a stop string or a character cut at the token budget (U+FFFD, as in `text`).
         yield [r.text[k:] for r, k in zip(results, streamed)], results
 
-    def generate(self, prompts, sampling=SamplingParams(), chat: bool = False,
+    def generate(self, prompts, sampling=GREEDY, chat: bool = False,
                  chunk_steps: int | None = None) -> list[GenerationResult]:
         """Runs to completion. Without streaming, the whole decode is one dispatch per
         `chunk_steps` (default: all steps at once)."""
