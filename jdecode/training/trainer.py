@@ -188,11 +188,12 @@ def fit(objective: Objective, trainable: Any, frozen: Any, train: Batch, val: Ba
     shown: dict[str, str] = {}  # the last evaluation, kept on the progress bar
     total = tc.steps  # shortened once the time budget's step rate is known
     schedule = lr_schedule(tc, total)
-    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not progress,
-               desc=desc, unit="step")
+    # Updated by hand, not iterated: a bar left by `break` is closed later by its iterator's
+    # cleanup, which writes back the count before the last step (the bar stopped at 97%).
+    bar = tqdm(initial=start, total=tc.steps, disable=not progress, desc=desc, unit="step")
     t0 = time.perf_counter()
     t_rate = None  # (time, step) after the compiled first steps, to estimate the step rate
-    for step in bar:
+    for step in range(start, tc.steps):
         idx = rng.choice(n_rows, size=tc.batch_size, replace=n_rows < tc.batch_size)
         batch = {key: jnp.asarray(arr[idx]) for key, arr in train.items()}
         trainable, opt_state, loss, _ = train_step(trainable, opt_state, frozen, batch,
@@ -224,8 +225,9 @@ def fit(objective: Objective, trainable: Any, frozen: Any, train: Batch, val: Ba
         if (step + 1) % tc.checkpoint_every == 0 or last:
             mngr.save(step + 1, args=ocp.args.StandardSave(
                 {"trainable": trainable, "opt_state": opt_state}))
+        bar.update(1)
         if last:
-            bar.n = bar.total  # a budget-shortened run ends the bar full
+            bar.total = step + 1  # a budget-shortened run ends the bar full
             bar.refresh()
             break
     bar.close()
