@@ -108,8 +108,9 @@ class Generator:
         factory given directly instead of a method (for decoders under development).
       impl: attention implementation: "xla", "pallas" or "auto" (Pallas on GPU, XLA on CPU,
         where the kernels would run in the interpreter). max_seq_len: cache slots per sequence
-        (default: the model's max_position_embeddings). layout: "inference" (fused, unrolled layers; the
-        GPU default), "stacked" (lax.scan; the CPU default, compiles fastest) or "auto".
+        (default: the model's max_position_embeddings). layout: "inference" (fused, unrolled
+        layers; the GPU default), "stacked" (lax.scan; the CPU default, compiles fastest) or
+        "auto".
       specialize_greedy: decide greedy vs sampling on the host (see `SamplingArrays`): an
         all-greedy batch compiles without the sampling branch, any other without the cond.
       loop_block: decoder steps per fixed-trip-count group in the loop (see `run_loop`).
@@ -236,8 +237,8 @@ class Generator:
         seeds = [sp.seed if sp.seed is not None else np.random.randint(2**31) for sp in sampling]
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds + [0] * (batch - n), jnp.uint32))
         args = (self.params, jnp.asarray(prompt), jnp.asarray(lengths),
-                SamplingArrays.from_params(sampling, batch, self.specialize_greedy), keys, jnp.asarray(max_new_arr),
-                jnp.asarray(stop_ids))
+                SamplingArrays.from_params(sampling, batch, self.specialize_greedy), keys,
+                jnp.asarray(max_new_arr), jnp.asarray(stop_ids))
         exe = self._executables(batch, t_bucket, max_len, max_out, n_stop, track_seen, args)
 
         t0 = time.perf_counter()

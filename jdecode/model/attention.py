@@ -128,35 +128,35 @@ def causal_attention_tiled(q: jax.Array, k: jax.Array, v: jax.Array, *,
     vt = v.reshape(b, n, tile, kvh, d).transpose(1, 0, 3, 2, 4)
     offs = jnp.arange(tile)
 
-    def visible(i, j):  # [tile, tile] bool: query tile i may see key tile j
+    def tile_mask(i, j):  # [tile, tile] bool: query tile i may see key tile j
         dist = (i - j) * tile + offs[:, None] - offs[None, :]  # query pos - key pos
         vis = dist >= 0
         return vis if sliding_window is None else vis & (dist < sliding_window)
 
-    def scores(qi, j):  # [B, K, G, tile, tile] f32
+    def tile_scores(qi, j):  # [B, K, G, tile, tile] f32
         return jnp.einsum("bkgqd,bksd->bkgqs", qi, kt[j], preferred_element_type=f32) * scale
 
-    def weigh(p, j):  # probabilities [B, K, G, tile, tile] x values -> [B, K, G, tile, D] f32
+    def tile_values(p, j):  # probabilities [B, K, G, tile, tile] x values -> [B, K, G, tile, D] f32
         return jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), vt[j],
                           preferred_element_type=f32)
 
-    def one_query_tile(i):
+    def query_tile(i):
         qi = qt[i]
         # The diagonal tile first: every query sees itself, so the running max is finite.
-        s = jnp.where(visible(i, i), scores(qi, i), -jnp.inf)
+        s = jnp.where(tile_mask(i, i), tile_scores(qi, i), -jnp.inf)
         m = s.max(-1)  # [B, K, G, tile]
         p = jnp.exp(s - m[..., None])
-        acc = weigh(p, i)
+        acc = tile_values(p, i)
 
         def key_tile(j, carry):  # online softmax: rescale what was summed under the old max
             m, l, acc = carry
-            s = scores(qi, j)
+            s = tile_scores(qi, j)
             if sliding_window is not None:
-                s = jnp.where(visible(i, j), s, -jnp.inf)
+                s = jnp.where(tile_mask(i, j), s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(-1))
             shrink = jnp.exp(m - m_new)
             p = jnp.exp(s - m_new[..., None])
-            return m_new, l * shrink + p.sum(-1), acc * shrink[..., None] + weigh(p, j)
+            return m_new, l * shrink + p.sum(-1), acc * shrink[..., None] + tile_values(p, j)
 
         # Key tiles wholly outside the window are skipped; tiles before the diagonal need no
         # causal mask.
@@ -165,7 +165,7 @@ def causal_attention_tiled(q: jax.Array, k: jax.Array, v: jax.Array, *,
         _, l, acc = jax.lax.fori_loop(first, i, key_tile, (m, p.sum(-1), acc))
         return acc / l[..., None]
 
-    out = jax.lax.map(one_query_tile, jnp.arange(n))  # [N, B, K, G, tile, D]
+    out = jax.lax.map(query_tile, jnp.arange(n))  # [N, B, K, G, tile, D]
     out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, n * tile, h, d)
     return out[:, :t].astype(q.dtype)
 
