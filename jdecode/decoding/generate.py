@@ -1,7 +1,8 @@
 """Host-side generation: tokenize, bucket, run the jitted loop in chunks, detokenize.
 
-Shapes are bucketed (prompt length and batch to powers of two, cache length to a multiple of
-256) so a new request of a familiar size reuses the compiled executables.
+Shapes are bucketed (prompt length and batch to powers of two, prompts past 1024 tokens to a
+multiple of 1024, cache length to a multiple of 256) so a new request of a familiar size reuses
+the compiled executables.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
     return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
-def _wait_reporting(x: jax.Array, report: Callable[[float], None]) -> None:
+def wait_reporting(x: jax.Array, report: Callable[[float], None]) -> None:
     """Waits for x, calling report(elapsed_s) every PREFILL_POLL_S until it is ready."""
     done = threading.Event()
 
@@ -244,7 +245,7 @@ class Generator:
         t0 = time.perf_counter()
         ls: LoopState = exe.init(*args)  # dispatched asynchronously
         if on_prefill is not None:
-            _wait_reporting(ls.n_out, lambda s: on_prefill(int(lengths[:n].sum()), s))
+            wait_reporting(ls.n_out, lambda s: on_prefill(int(lengths[:n].sum()), s))
         ls.n_out.block_until_ready()
         t_prefill = time.perf_counter() - t0
         detoks = [IncrementalDetokenizer(self.model.tokenizer) if self.model.tokenizer else None
@@ -293,24 +294,27 @@ class Generator:
             results.append(GenerationResult(
                 prompt_token_ids=ids[i], token_ids=toks, text=text,
                 finish_reason="stop" if stop_hit else "length",
-                stats={"prefill_ms": 1e3 * t_prefill, "decode_s": t_decode,
-                       "num_tokens": len(toks), "batch_tokens": total_new,
-                       "decode_steps": int(steps),
-                       "decode_tok_s": (total_new - n) / t_decode if t_decode > 0 else 0.0,
-                       "mean_accepted": float(accepted) / max(int(live_steps), 1),
-                       "compile_s": exe.compile_s, "batch": n}))
+                stats=dict(prefill_ms=1e3 * t_prefill, decode_s=t_decode,
+                           num_tokens=len(toks), batch_tokens=total_new,
+                           decode_steps=int(steps),
+                           decode_tok_s=(total_new - n) / t_decode if t_decode > 0 else 0.0,
+                           mean_accepted=float(accepted) / max(int(live_steps), 1),
+                           compile_s=exe.compile_s, batch=n)))
             results[-1].stats.update(self.describe(results[-1].stats))
         # The last deltas complete each stream to its final text, including text held back
         # for a stop string or a character cut at the token budget (U+FFFD, as in `text`).
         yield [r.text[k:] for r, k in zip(results, streamed)], results
 
     def generate(self, prompts, sampling=GREEDY, chat: bool = False,
-                 chunk_steps: int | None = None) -> list[GenerationResult]:
+                 chunk_steps: int | None = None,
+                 on_prefill: Callable[[int, float], None] | None = None
+                 ) -> list[GenerationResult]:
         """Runs to completion. Without streaming, the whole decode is one dispatch per
-        `chunk_steps` (default: all steps at once)."""
+        `chunk_steps` (default: all steps at once). on_prefill: see `stream`."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        for _, results in self.stream(prompts, sampling, chat, chunk_steps or 1 << 30):
+        for _, results in self.stream(prompts, sampling, chat, chunk_steps or 1 << 30,
+                                      on_prefill):
             if results is not None:
                 return results
         raise AssertionError("stream ended without results")
