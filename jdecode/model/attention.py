@@ -133,19 +133,21 @@ def causal_attention_tiled(q: jax.Array, k: jax.Array, v: jax.Array, *,
         vis = dist >= 0
         return vis if sliding_window is None else vis & (dist < sliding_window)
 
-    def tile_scores(qi, j):  # [B, K, G, tile, tile] f32
-        return jnp.einsum("bkgqd,bksd->bkgqs", qi, kt[j], preferred_element_type=f32) * scale
+    def tile_scores(qi, j):  # [B, K, G, tile, tile] f32, unscaled
+        return jnp.einsum("bkgqd,bksd->bkgqs", qi, kt[j], preferred_element_type=f32)
 
     def tile_values(p, j):  # probabilities [B, K, G, tile, tile] x values -> [B, K, G, tile, D] f32
         return jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), vt[j],
                           preferred_element_type=f32)
 
+    # The running max m is of the unscaled scores; softmax(scale * s) = exp(scale * (s - m)) /
+    # sum, so the scale rides in the exp (one pass over a tile) instead of a pass of its own.
     def query_tile(i):
         qi = qt[i]
         # The diagonal tile first: every query sees itself, so the running max is finite.
         s = jnp.where(tile_mask(i, i), tile_scores(qi, i), -jnp.inf)
         m = s.max(-1)  # [B, K, G, tile]
-        p = jnp.exp(s - m[..., None])
+        p = jnp.exp((s - m[..., None]) * scale)
         acc = tile_values(p, i)
 
         def key_tile(j, carry):  # online softmax: rescale what was summed under the old max
@@ -154,8 +156,8 @@ def causal_attention_tiled(q: jax.Array, k: jax.Array, v: jax.Array, *,
             if sliding_window is not None:
                 s = jnp.where(tile_mask(i, j), s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(-1))
-            shrink = jnp.exp(m - m_new)
-            p = jnp.exp(s - m_new[..., None])
+            shrink = jnp.exp((m - m_new) * scale)
+            p = jnp.exp((s - m_new[..., None]) * scale)
             return m_new, l * shrink + p.sum(-1), acc * shrink[..., None] + tile_values(p, j)
 
         # Key tiles wholly outside the window are skipped; tiles before the diagonal need no
