@@ -55,9 +55,9 @@ def test_prefill_matches_whole_buffer_attention(rng, window):
     the same last logits and the same cache, for ragged prompts longer than one tile."""
     cfg = load_model_config_yaml("configs/models/tiny.yaml").replace(sliding_window=window)
     params = init_params(cfg, jax.random.key(int(rng.integers(1 << 30))))
-    t, max_len = 256, 384
+    t, max_len = 512, 640  # two tiles of PROMPT_TILE
     prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, t)), jnp.int32)
-    lengths = jnp.asarray([t, 131], jnp.int32)
+    lengths = jnp.asarray([t, 301], jnp.int32)
     logits, _, cache = jax.jit(partial(phases.prefill, cfg=cfg))(
         params, init_cache(cfg, 2, max_len), prompt, lengths)
 
