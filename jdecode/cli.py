@@ -143,7 +143,11 @@ def read_prompt(prompt: str | None, file: Path | None) -> str:
     if sys.stdin is None or sys.stdin.isatty():
         fail('no prompt: pass it as an argument (jdecode generate "..."), with --file PATH, '
              "or on stdin (echo ... | jdecode generate)")
-    return sys.stdin.read().rstrip("\n")
+    text = sys.stdin.read().rstrip("\n")
+    if not text:
+        fail("the prompt read from stdin is empty: pipe some text in, or pass the prompt as an "
+             "argument or with --file PATH")
+    return text
 
 
 def read_decode_config(path: str | None) -> dict:

@@ -283,6 +283,7 @@ def test_prompt_from_stdin_file_and_system(fake_generate, tmp_path):
     ids, chat = fake_generate[3]
     assert "".join(map(chr, ids)) == "system:be brief|user:hi" and chat
     run_fails(["generate", "hi", "--file", str(prompt_file)], "give the prompt once")
+    run_fails(["generate"], "the prompt read from stdin is empty", input="")
     run_fails(["generate", "--file", str(tmp_path / "none.txt")], "'--file'")
 
 
