@@ -15,39 +15,47 @@ from rich.console import Console
 
 from jdecode.analysis import report as rpt
 from jdecode.analysis.costs import CONVENTIONS, Phase, decode_phase, prefill_phase
-from jdecode.analysis.hardware import HARDWARE, get_hardware
+from jdecode.analysis.hardware import ALIASES, HARDWARE, get_hardware
 from jdecode.analysis.roofline import PhaseReport, analyze, decode_tokens_per_s_vs_batch
 from jdecode.analysis.textbook import (
+    NUMBERING_NOTE,
     TEXTBOOK_BATCH,
     TEXTBOOK_CONFIG,
     TEXTBOOK_SEQ,
+    formula_checks,
     seed_formulas,
     textbook_conclusions,
     textbook_reports,
     textbook_summary,
 )
-from jdecode.config import DTYPES, ModelConfig, load_model_config_yaml
+from jdecode.config import DTYPES, ConfigError, ModelConfig
+from jdecode.console import fail, stdout
+from jdecode.io import registry
 from jdecode.provenance import git_sha
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PHASES = ("prefill", "decode", "both")
 BATCH_SWEEP = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 
 
 def resolve_model(model: str, overrides: tuple[str, ...] = ()) -> tuple[str, ModelConfig]:
-    """A model name (configs/models/<name>.yaml) or a YAML path -> (label, ModelConfig)."""
+    """--model -> (label, shape): a model config (name in configs/models/ or YAML path), an HF
+    checkpoint directory (its config.json) or a .gguf file (its metadata); no weights load."""
+    try:
+        cfg = registry.load_config(model, overrides)
+    except (FileNotFoundError, ConfigError) as e:
+        fail(str(e))
     path = Path(model)
-    if not path.is_file():
-        for root in (Path.cwd(), REPO_ROOT):
-            candidate = root / "configs" / "models" / f"{model}.yaml"
-            if candidate.is_file():
-                path = candidate
-                break
-        else:
-            known = sorted(p.stem for p in (REPO_ROOT / "configs" / "models").glob("*.yaml"))
-            raise typer.BadParameter(f"--model {model!r} is neither a YAML file nor a known "
-                                     f"name; known names: {', '.join(known)}")
-    return path.stem, load_model_config_yaml(path, overrides)
+    return (path.stem if path.suffix in (".gguf", ".yaml", ".yml") else path.name), cfg
+
+
+def check_hardware(value: str) -> str:
+    """--hardware: a table entry (or alias) or `measured`, checked before anything runs."""
+    if value != "measured":
+        try:
+            get_hardware(value)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+    return value
 
 
 def _choice(name: str, value: str, allowed) -> str:
@@ -66,8 +74,9 @@ def _phases(phase: str, batch: int, seq: int) -> list[Phase]:
 
 
 def roofline(
-    model: Annotated[str, typer.Option(help="Model name in configs/models/ or a YAML path.")]
-    = "smollm2-135m",
+    model: Annotated[str, typer.Option(
+        help="Model name in configs/models/, a YAML path, an HF checkpoint directory or a "
+             ".gguf file (the shape is read from it; no weights load).")] = "smollm2-135m",
     preset: Annotated[str | None, typer.Option(
         help="'textbook': the seed's B=8 T=1024 H=4096 D=128 table on an A100-80G.")] = None,
     phase: Annotated[str, typer.Option(help="prefill | decode | both")] = "both",
@@ -75,8 +84,9 @@ def roofline(
     seq: Annotated[int, typer.Option(
         help="Prompt length for prefill; cached context length for decode.")] = 1024,
     hardware: Annotated[str, typer.Option(
-        help=f"{' | '.join(HARDWARE)} | measured (ceilings measured on this device).")]
-    = "h100-sxm",
+        callback=check_hardware,
+        help=f"{' | '.join(HARDWARE)} (aliases {', '.join(ALIASES)}) | measured (ceilings "
+             "measured on this device).")] = "h100-sxm",
     dtype: Annotated[str | None, typer.Option(help="Element type; default: the model's.")]
     = None,
     convention: Annotated[str | None, typer.Option(
@@ -103,7 +113,7 @@ def roofline(
              "stacked (scan).")] = "auto",
 ) -> None:
     """Per-operator FLOPs, bytes, intensity and bound of prefill and decode on a GPU."""
-    console = Console()
+    console = stdout()
     _choice("--phase", phase, PHASES)
     _choice("--attention", attention, ("unfused", "flash"))
     _choice("--impl", impl, ("xla", "pallas"))
@@ -130,7 +140,7 @@ def _run_textbook(console: Console, conv: str, attention: str, phase: str,
                   plot: Path | None) -> dict:
     summary = textbook_summary(conv)
     console.print(rpt.seed_table(summary))
-    console.print(rpt.seed_formula_table(seed_formulas()))
+    console.print(rpt.seed_formula_table(seed_formulas(), formula_checks()))
     for line in textbook_conclusions(summary):
         console.print("• " + line)
     reports = [r for r in textbook_reports(conv, attention)
@@ -167,6 +177,8 @@ def _run_model(console: Console, label: str, cfg: ModelConfig, dtype: str, conv:
                        model=label) for p in phases]
     for rep in reports:
         rpt.print_phase(console, rep)
+    if len(reports) > 1:
+        console.print(NUMBERING_NOTE, highlight=False)
     out["reports"] = [r.to_dict() for r in reports]
     measured = None
     if measure:

@@ -209,7 +209,7 @@ def time_phase(cfg: ModelConfig, params, phase: Phase, repeats: int = 10, seed: 
         from jdecode.analysis.profile import profile_breakdown
 
         try:
-            rows, note = profile_breakdown(compiled, step, breakdown_for)
+            rows, note = profile_breakdown(compiled, step, breakdown_for, cfg=cfg)
         except Exception as e:  # noqa: BLE001  (the profiler is optional: report, never fail)
             rows, note = None, f"profiler failed: {type(e).__name__}: {e}"
         out.update({"breakdown": rows, "breakdown_note": note})
@@ -222,17 +222,21 @@ def measure_phase(cfg: ModelConfig, params, phase: Phase, hw: Hardware, *,
     """Times one phase and places it against the roofline of `hw` (measured ceilings).
 
     Returns:
-      The timing plus predicted step time (sum of per-operator bounds; impl "xla" is costed as
-      unfused attention with f32 scores, "pallas" as flash), achieved TFLOP/s and TB/s (our FLOPs and bytes /
-      measured time; masked scores count as FLOPs, as the seed counts them), % of the bound,
+      The timing plus predicted step time (sum of per-operator bounds; attention is costed as
+      flash in prefill and with impl "pallas", else as unfused with f32 scores), achieved
+      TFLOP/s and TB/s (our FLOPs and bytes / measured time; masked scores count as FLOPs, as
+      the seed counts them), % of the bound,
       and for decode the GPU.md floor (weights + live KV) / read-stream rate. With
       `breakdown`, per-category measured time from a profiler trace (see profile.py).
     """
     dtype = cfg.dtype
-    attention = "flash" if impl == "pallas" else "unfused"
-    # the XLA attention writes and reads its scores in f32 (jdecode.model.attention)
-    rep = analyze(cfg, phase, hw, dtype=dtype, convention=convention, attention=attention,
-                  score_bytes=4 if impl == "xla" else None)
+    # Prefill attends tile by tile on either path (the Pallas kernel, or the XLA path's
+    # `causal_attention_tiled`): scores never reach memory. XLA decode writes and reads its
+    # [B, H, 1, S] scores in f32 (jdecode.model.attention).
+    tiled = impl == "pallas" or phase.name == "prefill"
+    rep = analyze(cfg, phase, hw, dtype=dtype, convention=convention,
+                  attention="flash" if tiled else "unfused",
+                  score_bytes=None if tiled else 4)
     timing = time_phase(cfg, params, phase, repeats, impl=impl,
                         breakdown_for=rep if breakdown else None)
     t = timing["step_s"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -9,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # the backend is chosen above
 import numpy as np
+from matplotlib.text import Text
 
 from jdecode.analysis.hardware import Hardware
 from jdecode.analysis.roofline import PhaseReport
@@ -18,13 +20,74 @@ _COLORS = {"linear": "tab:blue", "attention": "tab:red", "other": "tab:green",
            "cache": "tab:gray"}
 
 
+def _line_angle(ax, x0: float, y0: float, x1: float, y1: float) -> float:
+    """The on-screen angle (degrees) of the segment (x0, y0)-(x1, y1) in data coordinates."""
+    (a, b), (c, d) = ax.transData.transform([(x0, y0), (x1, y1)])
+    return float(np.degrees(np.arctan2(d - b, c - a)))
+
+
+def _place_labels(ax, items: list[tuple[float, float, str]]) -> None:
+    """Labels points (x, y, text) below them, to the right or else to the left, with a leader
+    line, each moved down until it overlaps no other text (labels, annotations already on
+    the axes, the legend), no marker and no axis edge."""
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    markers = [ax.transData.transform((x, y)) for x, y, _ in items]  # display px
+    marker_r = 6.0
+    for text in ax.texts:
+        text.update_positions(renderer)
+    boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]
+    if ax.get_legend() is not None:
+        boxes.append(ax.get_legend().get_window_extent(renderer))
+    for x, y, text in sorted(items, key=lambda it: (-it[1], it[0])):
+        for dy, dx in ((dy, dx) for dy in range(-14, -400, -12) for dx in (10, -10)):
+            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points",
+                              fontsize=7, va="top", ha="left" if dx > 0 else "right",
+                              bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
+                                    "alpha": 0.85},
+                              arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.4"})
+            # the text alone (an Annotation's own extent includes its leader line), once its
+            # offset is applied
+            ann.update_positions(renderer)
+            box = Text.get_window_extent(ann, renderer).expanded(1.05, 1.15)
+            inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
+            clear = not any(box.overlaps(b) for b in boxes) and not any(
+                box.x0 - marker_r < px < box.x1 + marker_r
+                and box.y0 - marker_r < py < box.y1 + marker_r for px, py in markers)
+            if inside and clear:
+                boxes.append(box)
+                break
+            ann.remove()
+        else:  # no clear place: keep the nearest one rather than drop the label
+            ax.annotate(text, (x, y), xytext=(10, -14), textcoords="offset points",
+                        fontsize=7, va="top", ha="left")
+
+
+def _label(names_by_phase: dict[str, list[str]]) -> str:
+    """'prefill q/k/v/o/down_proj' per phase, one line each."""
+    lines = []
+    for phase, names in names_by_phase.items():
+        names = list(dict.fromkeys(names))
+        if len(names) > 1 and all(n.endswith("_proj") for n in names):
+            names = ["/".join(n.removesuffix("_proj") for n in names) + "_proj"]
+        lines.append(f"{phase} {' / '.join(names)}")
+    return "\n".join(lines)
+
+
 def plot_roofline(reports: list[PhaseReport], path: str | Path,
                   measured: list[dict] | None = None) -> Path:
+    """Writes `roofline_figure` as a PNG."""
+    return _save(roofline_figure(reports, measured), path, layout=False)
+
+
+def roofline_figure(reports: list[PhaseReport], measured: list[dict] | None = None):
     """Log-log roofline with every operator of every report as a point.
 
     Prefill and decode use different markers; colour is the operator group. The slanted line is
     bandwidth x intensity, the flat one the peak; the ridge is marked. Pure data moves
-    (intensity 0) are left out. `measured` adds achieved (intensity, FLOP/s) per phase.
+    (intensity 0) are left out. Matmuls and attention are labelled (operators at the same
+    point share a label), below the roofline where no point can be; `measured` adds achieved
+    (intensity, FLOP/s) per phase.
     """
     if not reports:
         raise ValueError("plot_roofline needs at least one PhaseReport")
@@ -37,16 +100,27 @@ def plot_roofline(reports: list[PhaseReport], path: str | Path,
     hi = max(max(p[0] for p in points) * 3, hw.ridge(dtype) * 10)
     x = np.logspace(np.log10(lo), np.log10(hi), 200)
 
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(10, 6.5))
     ax.loglog(x, np.minimum(peak, bw * x), "k-", lw=2)
     ridge = hw.ridge(dtype)
     ax.axvline(ridge, color="k", ls=":", lw=1)
-    ax.annotate(f"ridge {ridge:.1f} FLOP/B", (ridge, peak / 30), rotation=90, ha="right")
-    ax.annotate(f"peak {peak / 1e12:.4g} TFLOP/s ({dtype})", (ridge * 1.3, peak * 1.3))
-    ax.set_ylim(top=peak * 2.5)
+    stars = [(m["model_flops"] / m["model_bytes"], m["achieved_tflops"] * 1e12)
+             for m in measured or []]
+    ax.set_xlim(min([lo] + [x / 2 for x, _ in stars]), max([hi] + [x * 2 for x, _ in stars]))
+    ax.set_ylim(min([bw * lo / 2] + [y / 3 for _, y in stars]), peak * 4)
+    ax.annotate(f"ridge {ridge:.1f} FLOP/B", (ridge, peak * 2.5), xytext=(-4, 0),
+                textcoords="offset points", ha="right", va="center", fontsize=8)
+    ax.annotate(f"peak {peak / 1e12:.4g} TFLOP/s ({dtype})", (ridge, peak), xytext=(6, 8),
+                textcoords="offset points", ha="left", va="bottom", fontsize=9)
+    # The bandwidth label runs along the slanted line, above it (no point is above the line).
+    x_bw = lo * 3
+    angle = _line_angle(ax, x_bw, bw * x_bw, x_bw * 10, bw * x_bw * 10)
     ax.annotate(f"{hw.bandwidth_gbps:.4g} {hw.bandwidth_unit}/s = {bw / 1e12:.3g} TB/s",
-                (lo * 2, bw * lo * 2 * 1.5), rotation=30)
+                (x_bw, bw * x_bw), xytext=(0, 10), textcoords="offset points",
+                rotation=angle, rotation_mode="anchor", ha="left", va="bottom", fontsize=9)
     seen = set()
+    # matmul and attention points, by position (operators at one point share a label)
+    labels: dict[tuple[float, float], dict[str, list[str]]] = {}
     for intensity, achieved, phase, group, name, alternative in points:
         label = f"{phase} {group}"
         color = _COLORS.get(group, "k")
@@ -55,20 +129,21 @@ def plot_roofline(reports: list[PhaseReport], path: str | Path,
                    facecolors="none" if alternative else color, edgecolors=color,
                    label=None if label in seen or alternative else label)
         seen.add(label)
-        if name in ("q_proj", "attention") or (name == "attention_flash" and phase == "prefill"):
-            ax.annotate(f"{phase} {name}", (intensity, achieved), fontsize=7,
-                        xytext=(-40, -14) if name == "attention_flash" else (4, -10),
-                        textcoords="offset points")
-    for m in measured or []:
-        ax.scatter(m["model_flops"] / m["model_bytes"], m["achieved_tflops"] * 1e12,
-                   marker="*", s=160, color="gold", edgecolor="k", zorder=4,
+        if group in ("linear", "attention"):
+            key = (float(f"{intensity:.3g}"), float(f"{achieved:.3g}"))
+            labels.setdefault(key, {}).setdefault(phase, []).append(name)
+    items = [(i, a, _label(by_phase)) for (i, a), by_phase in labels.items()]
+    for m, (x_m, y_m) in zip(measured or [], stars):  # achieved here, whatever the roofline
+        ax.scatter(x_m, y_m, marker="*", s=160, color="gold", edgecolor="k", zorder=4,
                    label=f"measured {m['phase']} B={m['batch']}")
     ax.set_xlabel("arithmetic intensity (FLOP/byte)")
     ax.set_ylabel("attainable FLOP/s")
     ax.set_title(f"Roofline on {hw.name}: operators at their bound ({reports[0].convention} bytes)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     ax.grid(True, which="both", alpha=0.3)
-    return _save(fig, path)
+    fig.tight_layout()
+    _place_labels(ax, items)
+    return fig
 
 
 def plot_tokens_vs_batch(curve: list[dict], path: str | Path, title: str = "") -> Path:
@@ -95,16 +170,20 @@ def plot_tokens_vs_batch(curve: list[dict], path: str | Path, title: str = "") -
         ax.plot([], [], " ", label="whole step stays bandwidth-bound (KV reads grow with B)")
     ax.set_xlabel("batch size")
     ax.set_ylabel("tokens / s")
-    ax.set_title(title or "Decode throughput vs batch (roofline prediction)")
+    # wrapped, so a long title is never cut at the figure's edge
+    ax.set_title(textwrap.fill(title or "Decode throughput vs batch (roofline prediction)", 70),
+                 fontsize=10)
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     return _save(fig, path)
 
 
-def _save(fig, path: str | Path) -> Path:
+def _save(fig, path: str | Path, layout: bool = True) -> Path:
+    """Writes the PNG; layout=False keeps a layout already fixed (labels placed against it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

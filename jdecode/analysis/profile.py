@@ -1,22 +1,24 @@
 """Per-operator measured time from a profiler trace, matched to the cost model's rows.
 
-Each XLA op (kernel or fusion) in the trace carries its HLO name; the compiled HLO text maps
-that name to the innermost Python function that produced it (`rms_norm`, `_project`,
-`attention_xla`, `swiglu_mlp`, ...), which maps to the cost model's operators. A fusion is
-attributed by its root instruction, so a residual add fused into a matmul's epilogue counts
-as the matmul. Where the trace or the metadata is missing, `profile_breakdown` returns None
-and a reason instead of guessing.
+Each XLA op (kernel or fusion) in the trace carries its HLO name. A matmul is attributed by
+its shapes (contracted size, output width: [E, H*D] is a Q projection, [E, V] the LM head, a
+batched dot over head_dim is attention), because XLA's backends rewrite dots and often drop
+their source metadata (on CPU every weight matmul loses it). Any other op is attributed by
+the innermost Python function that produced it (`rms_norm`, `attention_xla`, `swiglu_mlp`,
+...), read from the compiled HLO text; a fusion by its root instruction, so a residual add
+fused into a matmul's epilogue counts as the matmul. What has neither shape nor metadata is
+reported as unattributed, never guessed. Where the trace itself is missing,
+`profile_breakdown` returns None and a reason.
 """
 
 from __future__ import annotations
 
 import collections
 import glob
+import math
 import re
 import tempfile
 from collections.abc import Callable
-
-import jax
 
 from jdecode.analysis.roofline import PhaseReport
 
@@ -33,7 +35,12 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "swiglu": ("swiglu",),
     "lm head": ("lm_head",),
     "embedding and other": ("embed",),
+    # Not in the cost model: the stacked layout's scan slices every layer's weights out of
+    # the [L, ...] stacks (on CPU a copy per layer per step).
+    "per-layer weight slices (scan)": (),
+    "unattributed (no shape, no source metadata)": (),
 }
+UNATTRIBUTED = "unattributed (no shape, no source metadata)"
 
 # Innermost model function -> category (None: decided by whether the op is a matmul).
 _FUNCTIONS = {
@@ -41,6 +48,9 @@ _FUNCTIONS = {
     "dense_attend": "kv append", "attention_xla": "attention", "attention": "attention",
     "attention_pallas": "attention", "dense_decode_pallas": "attention",
     "flash_attention": "attention", "paged_attention": "attention", "lm_head": "lm head",
+    # causal_attention_tiled and its per-tile helpers (prefill on the XLA path)
+    "causal_attention_tiled": "attention", "query_tile": "attention", "key_tile": "attention",
+    "tile_scores": "attention", "tile_values": "attention", "tile_mask": "attention",
     "decoder_layer": None, "swiglu_mlp": None,
 }
 _CONTAINERS = ("while", "conditional", "call", "async-start", "async-done")
@@ -79,6 +89,10 @@ def hlo_op_functions(hlo_text: str) -> dict[str, tuple[str, str]]:
 def categorize(op_name: str, function: str) -> str:
     """The cost-model category of one XLA op from its op_name and innermost function."""
     is_dot = op_name.endswith("dot_general")
+    if "dynamic_index_in_dim" in op_name:  # lax.scan slicing a layer out of stacked params
+        return "per-layer weight slices (scan)"
+    if not function and not op_name:
+        return UNATTRIBUTED
     if function in _FUNCTIONS and _FUNCTIONS[function] is not None:
         return _FUNCTIONS[function]
     if function in ("xla_linear", "pallas_linear", "gemv"):  # the projections' matmul helper
@@ -93,9 +107,107 @@ def categorize(op_name: str, function: str) -> str:
     return "embedding and other"
 
 
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]\S* ([\w\-]+)\((.*?)\)")
+
+
+def _dims(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _attr(line: str, name: str) -> list[int]:
+    m = re.search(rf"{name}={{([\d,]*)}}", line)
+    return _dims(m.group(1)) if m else []
+
+
+def hlo_matmuls(hlo_text: str) -> dict[str, dict]:
+    """Every op that runs a matmul: a dot, or a fusion whose computation holds one.
+
+    Returns:
+      op name -> {"k": contracted size, "m", "n": the lhs's and rhs's free sizes, "batched":
+      whether the dot has batch dimensions (attention's do, a weight's do not), "inputs": the
+      ops feeding it (for a fusion, the fusion's operands)}.
+    """
+    shapes: dict[str, list[int]] = {}
+    comp_dot: dict[str, tuple[str, list[str], dict[str, int]]] = {}  # computation -> its dot
+    calls: dict[str, tuple[str, list[str]]] = {}  # op -> (called computation, operands)
+    dots: dict[str, tuple[str, list[str]]] = {}
+    comp, params = None, {}
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head and " = " not in line:
+            comp, params = head.group(1), {}
+            continue
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        name, _, dims, opcode, args = m.groups()
+        shapes[name] = _dims(dims)
+        operands = re.findall(r"%([\w.\-]+)", args)
+        if opcode == "parameter":
+            params[name] = int(args)
+        elif opcode == "dot":
+            dots[name] = (line, operands)
+            if comp is not None:
+                comp_dot[comp] = (line, operands, dict(params))
+        elif opcode in ("fusion", "call") and (callee := re.search(r"calls=%([\w.\-]+)", line)):
+            calls[name] = (callee.group(1), operands)
+
+    def info(line: str, lhs: list[int], rhs: list[int], inputs: list[str]) -> dict:
+        def free(shape, side):
+            skip = set(_attr(line, f"{side}_contracting_dims")) | set(
+                _attr(line, f"{side}_batch_dims"))
+            return int(math.prod([d for i, d in enumerate(shape) if i not in skip]))
+
+        k = int(math.prod([lhs[i] for i in _attr(line, "lhs_contracting_dims")]))
+        return {"k": k, "m": free(lhs, "lhs"), "n": free(rhs, "rhs"),
+                "batched": bool(_attr(line, "rhs_batch_dims")), "inputs": inputs}
+
+    out = {}
+    for name, (line, operands) in dots.items():
+        if len(operands) >= 2 and all(o in shapes for o in operands[:2]):
+            out[name] = info(line, shapes[operands[0]], shapes[operands[1]], operands[:2])
+    for name, (callee, operands) in calls.items():
+        if callee not in comp_dot:
+            continue
+        line, inner, params = comp_dot[callee]
+        if len(inner) < 2 or any(x not in shapes for x in inner[:2]):
+            continue
+        # a dot operand that is the fusion's parameter i is the fusion's operand i
+        inputs = [operands[params[x]] if x in params and params[x] < len(operands) else x
+                  for x in inner[:2]]
+        out[name] = info(line, shapes[inner[0]], shapes[inner[1]], inputs)
+    return out
+
+
+def matmul_category(cfg, mm: dict, shares_input: bool) -> str | None:
+    """The category of a matmul from its shapes (see `hlo_matmuls`), or None if its shape is
+    none of the model's. shares_input: another matmul reads one of its inputs (Q, K and V
+    read the normed activations together; O reads attention's output alone), which tells Q
+    from O when H*D == E."""
+    e, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    h, kv, d = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
+    if mm["batched"]:
+        return "attention" if d in (mm["k"], mm["m"], mm["n"]) else None
+    kinds = [((e, h), "q/k/v projections"), ((e, kv), "q/k/v projections"),
+             ((e, h + 2 * kv), "q/k/v projections"), ((h, e), "o projection"),
+             ((e, f), "gate/up/down projections"), ((e, 2 * f), "gate/up/down projections"),
+             ((f, e), "gate/up/down projections"), ((e, v), "lm head")]
+    for width in (mm["n"], mm["m"]):  # the weight may be either operand
+        if h == e and (mm["k"], width) == (e, e):
+            return "q/k/v projections" if shares_input else "o projection"
+        found = {cat for shape, cat in kinds if shape == (mm["k"], width)}
+        if len(found) == 1:
+            return found.pop()
+        if found:  # two operators of this shape (a small model): let the metadata decide
+            return None
+    return None
+
+
 def _trace_events(run: Callable[[], object], repeats: int, module: str
                   ) -> dict[str, float] | str:
     """Total device (else host) time per HLO op name over `repeats` runs, or a reason."""
+    import jax  # here, not at the top: the command line reads CATEGORIES without jax
+
     try:
         from jax.profiler import ProfileData
     except ImportError:
@@ -134,18 +246,21 @@ def _trace_events(run: Callable[[], object], repeats: int, module: str
 
 
 def profile_breakdown(compiled, run: Callable[[], object], rep: PhaseReport,
-                      repeats: int = 5) -> tuple[list[dict] | None, str]:
+                      repeats: int = 5, cfg=None) -> tuple[list[dict] | None, str]:
     """Measured seconds per step per category beside the roofline prediction.
 
     Args:
       compiled: the `jax.stages.Compiled` being timed. run: one call of it.
       rep: the cost model's PhaseReport for the same phase (the predicted times).
+      cfg: the model's config, to attribute matmuls by shape (without it, by metadata only).
     Returns:
       (rows, note): rows of {"category", "measured_s", "predicted_s", "pct_of_bound"} per step,
       or (None, reason) when the trace cannot be attributed.
     """
     text = compiled.as_text()
     ops = hlo_op_functions(text)
+    matmuls = hlo_matmuls(text) if cfg is not None else {}
+    readers = collections.Counter(x for mm in matmuls.values() for x in set(mm["inputs"]))
     if not any(fn not in ("", "<container>") for _, fn in ops.values()):
         return None, "the compiled HLO carries no stack-frame metadata to attribute ops"
     module = re.search(r"^HloModule ([\w.\-]+)", text, re.MULTILINE)
@@ -160,7 +275,9 @@ def profile_breakdown(compiled, run: Callable[[], object], rep: PhaseReport,
             continue  # a while loop's own span contains its body's ops
         if hlo_op not in ops:
             unmatched += seconds
-        measured[categorize(op_name, function)] += seconds / repeats
+        mm = matmuls.get(hlo_op)
+        by_shape = mm and matmul_category(cfg, mm, any(readers[x] > 1 for x in mm["inputs"]))
+        measured[by_shape or categorize(op_name, function)] += seconds / repeats
     predicted = collections.Counter()
     for r in rep.rows:
         if r.op.alternative:
@@ -169,7 +286,8 @@ def profile_breakdown(compiled, run: Callable[[], object], rep: PhaseReport,
         cat = next(c for c, names in CATEGORIES.items() if r.op.name in names)
         predicted[cat] += r.time_s * n
     rows = [{"category": c, "measured_s": measured[c], "predicted_s": predicted[c],
-             "pct_of_bound": 100.0 * predicted[c] / measured[c] if measured[c] else None}
+             "pct_of_bound": (100.0 * predicted[c] / measured[c]
+                              if measured[c] and predicted[c] else None)}
             for c in CATEGORIES]
     note = f"{sum(measured.values()):.3g} s/step attributed from the trace"
     if unmatched:

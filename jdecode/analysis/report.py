@@ -5,7 +5,9 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from jdecode.analysis.profile import UNATTRIBUTED
 from jdecode.analysis.roofline import PhaseReport
+from jdecode.analysis.textbook import CONVENTION_WORDS, NUMBERING_NOTE
 
 
 def si(x: float, unit: str = "") -> str:
@@ -67,7 +69,13 @@ def phase_summary(rep: PhaseReport) -> str:
 def seed_table(summary: dict) -> Table:
     """The seed's headline numbers with our cost model's values and bounds."""
     table = Table(title=f"The seed's table (B=8 T=1024 H=4096 D=128, A100-80G, "
-                        f"{summary['convention']} bytes)", title_justify="left")
+                        f"{summary['convention']} bytes: what each operator reads)",
+                  title_justify="left",
+                  caption="FFN rows: the seed's formulas 6 and 8 also count the output "
+                          "written, which gives "
+                          f"{summary['prefill']['ffn_with_writes']['intensity']:.1f} for both "
+                          "(see the formulas table and --convention full).",
+                  caption_justify="left")
     for col in ("phase", "operators", "FLOP/byte", "bound"):
         table.add_column(col)
     rows = [("prefill", "linear (① Q/K/V, ④ O)", summary["prefill"]["linear"]),
@@ -84,14 +92,20 @@ def seed_table(summary: dict) -> Table:
     return table
 
 
-def seed_formula_table(formulas: dict) -> Table:
-    """The seed's intensity formulas, evaluated (constants of the O(.) set to 1)."""
-    table = Table(title="The seed's formulas, evaluated", title_justify="left")
-    for col in ("phase", "#", "operation", "intensity formula", "value"):
+def seed_formula_table(formulas: dict, checks: dict | None = None) -> Table:
+    """The seed's intensity formulas, evaluated (constants of the O(.) set to 1), beside the
+    cost model's value for the same operator under the bytes the formula counts (`checks`,
+    from `textbook.formula_checks`)."""
+    table = Table(title="The seed's formulas, evaluated", title_justify="left",
+                  caption=NUMBERING_NOTE, caption_justify="left")
+    for col in ("phase", "#", "operation", "intensity formula", "value", "cost model"):
         table.add_column(col)
     for phase, rows in formulas.items():
         for number, op, formula, value in rows:
-            table.add_row(phase, number, op, formula, f"{value:.1f}")
+            check = (checks or {}).get(phase, {}).get(number)
+            model = "" if check is None else (
+                f"{check[0]:.1f} ({CONVENTION_WORDS[check[1]]})")
+            table.add_row(phase, number, op, formula, f"{value:.1f}", model)
     return table
 
 
@@ -121,12 +135,32 @@ def breakdown_table(r: dict) -> Table | str:
     head = f"{r['phase']} B={r['batch']} t={r['q_len']} s={r['kv_len']} [{r.get('impl', 'xla')}]"
     if not r.get("breakdown"):
         return f"per-operator breakdown of {head}: not available ({r.get('breakdown_note')})"
+    measured = {row["category"]: row["measured_s"] for row in r["breakdown"]}
+    notes = ["% of bound = roofline bound / measured time, per category."]
+    if measured.get("per-layer weight slices (scan)"):
+        notes.append("Weight slices: the stacked layout's lax.scan copies each layer's weights "
+                     "out of the [L, ...] stacks; the roofline does not model this "
+                     "(--layout inference unrolls the layers).")
+    if measured.get(UNATTRIBUTED):
+        notes.append("Unattributed: ops that are not matmuls and carry no source metadata "
+                     "(XLA dropped it), so no category can be named for them.")
+    if any((row["pct_of_bound"] or 0) > 100 for row in r["breakdown"]):
+        notes.append("Above 100%: the op ran faster than the ceilings this bound assumes "
+                     "(on CPU the measured ceilings come from a small matmul and stream).")
+    if any(row["predicted_s"] and not row["measured_s"] for row in r["breakdown"]):
+        notes.append("'not seen': no op of the trace was attributed to that category (XLA "
+                     "fused it into another category's kernel).")
     table = Table(title=f"per-operator breakdown of {head}: {r['breakdown_note']}",
-                  title_justify="left")
+                  title_justify="left", caption=" ".join(notes), caption_justify="left")
     for col in ("category", "measured / step", "roofline bound", "% of bound"):
         table.add_column(col, justify="left" if col == "category" else "right")
     for row in r["breakdown"]:
-        pct = "-" if row["pct_of_bound"] is None else f"{row['pct_of_bound']:.1f}"
+        if not row["predicted_s"]:
+            pct = "not modelled" if row["measured_s"] else "-"
+        elif not row["measured_s"]:
+            pct = "not seen"
+        else:
+            pct = f"{row['pct_of_bound']:.1f}"
         table.add_row(row["category"], seconds(row["measured_s"]), seconds(row["predicted_s"]),
                       pct)
     return table

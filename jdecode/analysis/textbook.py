@@ -63,6 +63,36 @@ def seed_formulas(b: int = TEXTBOOK_BATCH, t: int = TEXTBOOK_SEQ, h: int = 4096,
     }
 
 
+# Which cost-model row each seed formula describes, and the bytes the formula counts: ①③④
+# count what the operator reads (the "textbook" convention), while the FFN formulas ⑥⑧ follow
+# the seed's general matmul rule 1/(1/n + 1/m + 1/p), which also counts the output written
+# (the "full" convention). The steps in between are O(1).
+FORMULA_ROWS = {
+    "prefill": {"①": ("q_proj", "textbook"), "③": ("attention", "textbook"),
+                "④": ("o_proj", "textbook"), "⑥": ("gate_proj", "full"),
+                "⑧": ("down_proj", "full")},
+    "decode": {"①": ("q_proj", "textbook"), "④": ("attention", "textbook"),
+               "⑤": ("o_proj", "textbook"), "⑦": ("gate_proj", "full"),
+               "⑨": ("down_proj", "full")},
+}
+CONVENTION_WORDS = {"textbook": "reads only", "full": "reads + writes"}
+NUMBERING_NOTE = (
+    "Circled numbers are the seed's step numbers, one list per phase: decode inserts step ③ "
+    "(K, V = Cache(k, v), the cache append), so from attention on every decode step is one "
+    "higher than the same step in prefill (attention is ③ in prefill, ④ in decode). A layer's "
+    "input norm is the previous layer's last Add&Norm (⑨ in prefill, ⑩ in decode).")
+
+
+def formula_checks() -> dict[str, dict[str, tuple[float, str]]]:
+    """The cost model's intensity for each seed formula that names one operator, under the
+    byte convention the formula uses: {phase: {number: (intensity, convention)}}."""
+    reports = {conv: dict(zip(("prefill", "decode"), textbook_reports(conv)))
+               for conv in ("textbook", "full")}
+    return {phase: {number: (reports[conv][phase].row(row).intensity, conv)
+                    for number, (row, conv) in rows.items()}
+            for phase, rows in FORMULA_ROWS.items()}
+
+
 def textbook_reports(convention: str = "textbook", attention: str = "unfused"
                      ) -> tuple[PhaseReport, PhaseReport]:
     """Prefill (B=8, T=1024) and decode (B=8, context 1024) on the seed's A100 reading."""
@@ -104,6 +134,8 @@ def textbook_summary(convention: str = "textbook") -> dict:
         "prefill": {
             "linear": entry(prefill, "q_proj"),
             "ffn_gate_up": entry(prefill, "gate_proj"), "ffn_down": entry(prefill, "down_proj"),
+            # counting the output too, as the seed's formulas ⑥⑧ do
+            "ffn_with_writes": entry(textbook_reports("full")[0], "gate_proj"),
             "attention": entry(prefill, "attention"),
             "attention_flash": {"intensity": flash.intensity, "bound": flash.bound},
             "other": {**order(seed["prefill"]["⑤"]), "model_range": other_range(prefill)},
@@ -131,6 +163,11 @@ def textbook_conclusions(summary: dict) -> list[str]:
          "attention is mildly memory-bound even in prefill, which is why FlashAttention helps: "
          "fused, the scores never reach HBM and its intensity rises to "
          f"{p['attention_flash']['intensity']:.1f} (compute-bound)."),
+        (f"FFN gate/up reads X [BT, H] and W [H, H'] and writes G, U [BT, H']: counting what it "
+         f"reads, as for the linear layers, gives {p['ffn_gate_up']['intensity']:.1f}; the "
+         "seed's formulas 6 and 8, 1/(1/H + 1/H' + 1/BT), also count the output written, which "
+         f"gives {p['ffn_with_writes']['intensity']:.1f} (--convention full). Either way far "
+         "above the ridge: compute-bound."),
         (f"Other operators (RoPE, Add&Norm, SwiGLU) are O(1) ~ {p['other']['intensity']:.1f} "
          "FLOP/byte: always memory-bound."),
         (f"Decode linear at {d['linear']['intensity']:.1f} and attention at "

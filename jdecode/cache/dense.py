@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jdecode.config import ModelConfig
-from jdecode.model.attention import attention
+from jdecode.model.attention import attention, causal_attention_tiled
 from jdecode.model.pallas_dispatch import dense_decode_pallas
 
 
@@ -66,7 +66,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = N
 
 def dense_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: DenseKVCache,
                  layer: jax.Array | int, meta: DenseMeta, *, impl: str = "xla",
-                 sliding_window: int | None = None, write: jax.Array | None = None
+                 sliding_window: int | None = None, write: jax.Array | None = None,
+                 prompt: bool = False
                  ) -> tuple[jax.Array, DenseKVCache]:
     """Writes K/V of this step at their positions, then attends over the whole buffer.
 
@@ -80,6 +81,9 @@ def dense_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: DenseKVCache,
       q: [B, T, H, D]; k, v: [B, T, K, D] (RoPE applied). layer: int32 scalar (a Python int
         for a per-layer cache). write: optional [B, T] bool, the tokens that store their K/V
         (the others' slots are marked unwritten; needs `init_cache(track_writes=True)`).
+      prompt: the step is a whole prompt at positions 0..T-1 (prefill). Each query then sees
+        only keys this step wrote, so the XLA path attends over them alone, tile by tile
+        (`causal_attention_tiled`), instead of over the whole buffer.
     Returns:
       out [B, T, H, D] and the cache with this layer updated.
     """
@@ -114,6 +118,11 @@ def dense_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: DenseKVCache,
         impl = "xla"  # the Pallas kernels assume slot s holds position s
     if impl == "pallas" and q.shape[1] == 1 and sliding_window is None and meta.mask is None:
         return dense_decode_pallas(q, k_all, v_all, page_layer, pos), new
+    if prompt and impl == "xla" and meta.mask is None and cache.written is None:
+        # The keys as the cache stores them (its dtype may be narrower than the compute's).
+        kv_dtype = k_l.dtype
+        return causal_attention_tiled(q, k.astype(kv_dtype), v.astype(kv_dtype),
+                                      sliding_window=sliding_window), new
     out = attention(q, k_l, v_l, pos, kv_pos, impl=impl, sliding_window=sliding_window,
                     mask=meta.mask)
     return out, new
@@ -147,6 +156,7 @@ def _put(buffers: tuple, layer: int, value: jax.Array) -> tuple:
     return buffers[:layer] + (value,) + buffers[layer + 1:]
 
 
-def make_dense_attend(cfg: ModelConfig, impl: str = "xla"):
-    """The model's AttendFn for a dense cache with a chosen attention implementation."""
-    return partial(dense_attend, impl=impl, sliding_window=cfg.sliding_window)
+def make_dense_attend(cfg: ModelConfig, impl: str = "xla", prompt: bool = False):
+    """The model's AttendFn for a dense cache with a chosen attention implementation
+    (`prompt`: the step is a whole prompt from position 0, see `dense_attend`)."""
+    return partial(dense_attend, impl=impl, sliding_window=cfg.sliding_window, prompt=prompt)

@@ -1,12 +1,14 @@
 """Host-side generation: tokenize, bucket, run the jitted loop in chunks, detokenize.
 
-Shapes are bucketed (prompt length and batch to powers of two, cache length to a multiple of
-256) so a new request of a familiar size reuses the compiled executables.
+Shapes are bucketed (prompt length and batch to powers of two, prompts past 1024 tokens to a
+multiple of 1024, cache length to a multiple of 256) so a new request of a familiar size reuses
+the compiled executables.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -27,7 +29,13 @@ from jdecode.model.layout import inference_layout
 from jdecode.model.params import Params
 
 MIN_PROMPT_BUCKET = 16
+# Past this length prompt buckets grow in steps of it, not to the next power of two: a
+# 2049-token prompt pads to 3072, not 4096 (prefill cost grows faster than linearly in T).
+LONG_PROMPT_STEP = 1024
 CACHE_ROUND = 256
+# While a prefill runs, `stream(on_prefill=...)` is told the elapsed time this often.
+PREFILL_POLL_S = 0.25
+GREEDY = SamplingParams()  # the default: greedy, 64 new tokens
 # Steps per fixed-trip-count group of the decode loop (run_loop's `block`): measured on the
 # H100 in benchmarks/decode.md.
 LOOP_BLOCK = 4
@@ -35,6 +43,14 @@ LOOP_BLOCK = 4
 
 def next_pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def prompt_bucket(n: int) -> int:
+    """The padded prompt length for n tokens: a power of two up to LONG_PROMPT_STEP, then a
+    multiple of it."""
+    if n <= LONG_PROMPT_STEP:
+        return next_pow2(n, MIN_PROMPT_BUCKET)
+    return -(-n // LONG_PROMPT_STEP) * LONG_PROMPT_STEP
 
 
 @dataclasses.dataclass
@@ -67,6 +83,22 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
     return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
+def wait_reporting(x: jax.Array, report: Callable[[float], None]) -> None:
+    """Waits for x, calling report(elapsed_s) every PREFILL_POLL_S until it is ready."""
+    done = threading.Event()
+
+    def wait():
+        try:
+            x.block_until_ready()
+        finally:  # an error is raised again by the caller's own block_until_ready
+            done.set()
+
+    threading.Thread(target=wait, daemon=True).start()
+    t0 = time.perf_counter()
+    while not done.wait(PREFILL_POLL_S):
+        report(time.perf_counter() - t0)
+
+
 class Generator:
     """Generates with any decoding method; caches one executable pair per shape bucket.
 
@@ -77,8 +109,9 @@ class Generator:
         factory given directly instead of a method (for decoders under development).
       impl: attention implementation: "xla", "pallas" or "auto" (Pallas on GPU, XLA on CPU,
         where the kernels would run in the interpreter). max_seq_len: cache slots per sequence
-        (default: the model's max_position_embeddings). layout: "inference" (fused, unrolled layers; the
-        GPU default), "stacked" (lax.scan; the CPU default, compiles fastest) or "auto".
+        (default: the model's max_position_embeddings). layout: "inference" (fused, unrolled
+        layers; the GPU default), "stacked" (lax.scan; the CPU default, compiles fastest) or
+        "auto".
       specialize_greedy: decide greedy vs sampling on the host (see `SamplingArrays`): an
         all-greedy batch compiles without the sampling branch, any other without the cond.
       loop_block: decoder steps per fixed-trip-count group in the loop (see `run_loop`).
@@ -155,12 +188,15 @@ class Generator:
 
     # -- the API -----------------------------------------------------------------------
     def stream(self, prompts: Sequence[str | Sequence[int]],
-               sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
-               chat: bool = False, chunk_steps: int = 16
+               sampling: SamplingParams | Sequence[SamplingParams] = GREEDY,
+               chat: bool = False, chunk_steps: int = 16,
+               on_prefill: Callable[[int, float], None] | None = None
                ) -> Iterator[tuple[list[str], list[GenerationResult] | None]]:
         """Yields per-prompt text deltas every `chunk_steps` decoder steps, then the results.
 
-        Each yield is (deltas, None); the last is ([...], results).
+        Each yield is (deltas, None); the last is ([...], results). on_prefill(prompt_tokens,
+        elapsed_s), if given, is called every PREFILL_POLL_S while the prefill runs (a long
+        prompt on CPU takes seconds to minutes), so a caller can show progress.
         """
         if isinstance(sampling, SamplingParams):
             sampling = [sampling] * len(prompts)
@@ -180,7 +216,7 @@ class Generator:
                     "max_new_tokens")
         n = len(ids)
         batch = next_pow2(n)
-        t_bucket = next_pow2(max(map(len, ids)), MIN_PROMPT_BUCKET)
+        t_bucket = prompt_bucket(max(map(len, ids)))
         max_new = max(sp.max_new_tokens for sp in sampling)
         max_out = next_pow2(max_new, 16)
         max_len = min(-(-(t_bucket + max_out + 1) // CACHE_ROUND) * CACHE_ROUND,
@@ -202,12 +238,14 @@ class Generator:
         seeds = [sp.seed if sp.seed is not None else np.random.randint(2**31) for sp in sampling]
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds + [0] * (batch - n), jnp.uint32))
         args = (self.params, jnp.asarray(prompt), jnp.asarray(lengths),
-                SamplingArrays.from_params(sampling, batch, self.specialize_greedy), keys, jnp.asarray(max_new_arr),
-                jnp.asarray(stop_ids))
+                SamplingArrays.from_params(sampling, batch, self.specialize_greedy), keys,
+                jnp.asarray(max_new_arr), jnp.asarray(stop_ids))
         exe = self._executables(batch, t_bucket, max_len, max_out, n_stop, track_seen, args)
 
         t0 = time.perf_counter()
-        ls: LoopState = exe.init(*args)
+        ls: LoopState = exe.init(*args)  # dispatched asynchronously
+        if on_prefill is not None:
+            wait_reporting(ls.n_out, lambda s: on_prefill(int(lengths[:n].sum()), s))
         ls.n_out.block_until_ready()
         t_prefill = time.perf_counter() - t0
         detoks = [IncrementalDetokenizer(self.model.tokenizer) if self.model.tokenizer else None
@@ -267,13 +305,16 @@ class Generator:
         # for a stop string or a character cut at the token budget (U+FFFD, as in `text`).
         yield [r.text[k:] for r, k in zip(results, streamed)], results
 
-    def generate(self, prompts, sampling=SamplingParams(), chat: bool = False,
-                 chunk_steps: int | None = None) -> list[GenerationResult]:
+    def generate(self, prompts, sampling=GREEDY, chat: bool = False,
+                 chunk_steps: int | None = None,
+                 on_prefill: Callable[[int, float], None] | None = None
+                 ) -> list[GenerationResult]:
         """Runs to completion. Without streaming, the whole decode is one dispatch per
-        `chunk_steps` (default: all steps at once)."""
+        `chunk_steps` (default: all steps at once). on_prefill: see `stream`."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        for _, results in self.stream(prompts, sampling, chat, chunk_steps or 1 << 30):
+        for _, results in self.stream(prompts, sampling, chat, chunk_steps or 1 << 30,
+                                      on_prefill):
             if results is not None:
                 return results
         raise AssertionError("stream ended without results")

@@ -28,12 +28,15 @@ def prefill(params: Params, cache: DenseKVCache, tokens: jax.Array, lengths: jax
     Returns:
       last_logits [B, V] f32 at position lengths-1, last_hidden [B, E], the cache (and, with
       hooks, their carry).
+
+    The prompt starts at position 0, so with impl="xla" attention runs over the prompt's own
+    keys in causal tiles (`causal_attention_tiled`): memory stays O(T), not O(T x cache).
     """
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     logits, hidden, *rest = forward(
         params, tokens, positions, cache, DenseMeta(positions), cfg=cfg,
-        attend=make_dense_attend(cfg, impl), logits_at=(lengths - 1)[:, None],
+        attend=make_dense_attend(cfg, impl, prompt=True), logits_at=(lengths - 1)[:, None],
         linear=make_linear(impl), hooks=hooks)
     return (logits[:, 0], hidden[:, 0], *rest)
 

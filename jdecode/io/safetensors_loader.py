@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from jdecode.config import ConfigError, ModelConfig, model_config_from_hf
 from jdecode.model.params import LayerParams, Params, abstract_params
@@ -28,11 +28,41 @@ _LAYER_TENSORS = {
 }
 
 
+def read_json(file: Path) -> dict:
+    """A JSON file's contents; invalid JSON is a ConfigError naming the file."""
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file} is not valid JSON ({e}): the checkpoint is truncated or "
+                          "corrupt; download or save it again") from None
+
+
+def read_hf_config(path: Path, dtype: str = "float32") -> ModelConfig:
+    """The ModelConfig of an HF checkpoint directory's config.json."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: pass an HF checkpoint directory")
+    try:
+        return model_config_from_hf(read_json(file), dtype=dtype)
+    except KeyError as e:
+        raise ConfigError(f"{file} lacks {e.args[0]!r}: it is not the config of a Llama-family "
+                          "model") from None
+
+
+def open_safetensors(file: Path):
+    """A safe_open handle; a truncated or corrupt file is a ConfigError naming it."""
+    try:
+        return safe_open(file, framework="flax")
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{file} is not a readable safetensors file: it is truncated or "
+                          f"corrupt ({e}); download or save it again") from None
+
+
 def _tensor_files(path: Path) -> dict[str, Path]:
     """Maps every tensor name to the safetensors file holding it."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index)["weight_map"]
         return {name: path / fname for name, fname in weight_map.items()}
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -40,8 +70,8 @@ def _tensor_files(path: Path) -> dict[str, Path]:
                                 "directory (config.json + model.safetensors)")
     out = {}
     for f in files:
-        with safe_open(f, framework="flax") as sf:
-            out.update({name: f for name in sf.keys()})
+        with open_safetensors(f) as sf:
+            out.update({name: f for name in sf.keys()})  # noqa: SIM118 (not a dict)
     return out
 
 
@@ -52,9 +82,7 @@ def load_hf_checkpoint(path: str | Path, dtype: str = "float32") -> tuple[ModelC
       FileNotFoundError / ConfigError naming the missing file or tensor.
     """
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json: pass an HF checkpoint directory")
-    cfg = model_config_from_hf(path / "config.json", dtype=dtype)
+    cfg = read_hf_config(path, dtype)
     files = _tensor_files(path)
     handles: dict[Path, object] = {}
 
@@ -64,8 +92,12 @@ def load_hf_checkpoint(path: str | Path, dtype: str = "float32") -> tuple[ModelC
                               "incompletely or for another architecture")
         f = files[name]
         if f not in handles:
-            handles[f] = safe_open(f, framework="flax")
-        return np.asarray(handles[f].get_tensor(name)).astype(np.float32)
+            handles[f] = open_safetensors(f)
+        try:
+            return np.asarray(handles[f].get_tensor(name)).astype(np.float32)
+        except SafetensorError as e:
+            raise ConfigError(f"{f}: tensor {name!r} cannot be read ({e}); the file is "
+                              "truncated or corrupt: download or save it again") from None
 
     abstract = abstract_params(cfg)
     layers = {}

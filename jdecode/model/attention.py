@@ -91,6 +91,88 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
+# Query and key tile of `causal_attention_tiled`. Measured on a 2-core CPU (SmolLM2 shape,
+# CPU time per layer): 256 beats 128 by ~5-8% at 8k tokens and ties at 2k; smaller tiles pay
+# XLA's per-op overhead, and non-square ones (128x512, 256x1024) were slower.
+PROMPT_TILE = 256
+
+
+def causal_attention_tiled(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                           sliding_window: int | None = None, tile: int = PROMPT_TILE
+                           ) -> jax.Array:
+    """Causal self-attention of a prompt at positions 0..T-1, tile by tile (flash-style).
+
+    Query tile i attends to key tiles 0..i with an online softmax, so only a [tile, tile] score
+    block per KV head exists at a time (the unfused path materializes [T, S] scores in f32,
+    which on CPU costs more in page faults and memory traffic than in FLOPs), and tiles above
+    the diagonal are never computed. Both loops are `lax` loops: compile time does not grow
+    with T. The key loop's trip count depends on the query tile, which XLA:GPU would sync on
+    every iteration; the GPU prefill runs the Pallas flash kernel instead.
+
+    Args:
+      q: [B, T, H, D]; k, v: [B, T, K, D] (H % K == 0), the prompt's own keys and values.
+      sliding_window: query t sees keys s with t - s < sliding_window (HF Mistral), or None.
+    Returns:
+      [B, T, H, D] in q.dtype; scores, softmax and accumulation in f32.
+    """
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    tile = min(tile, t)
+    pad = -t % tile  # padded keys lie after every real query (causally invisible)
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+    n = (t + pad) // tile
+    f32, scale = jnp.float32, d ** -0.5
+    qt = q.reshape(b, n, tile, kvh, g, d).transpose(1, 0, 3, 4, 2, 5)  # [N, B, K, G, tile, D]
+    kt = k.reshape(b, n, tile, kvh, d).transpose(1, 0, 3, 2, 4)  # [N, B, K, tile, D]
+    vt = v.reshape(b, n, tile, kvh, d).transpose(1, 0, 3, 2, 4)
+    offs = jnp.arange(tile)
+
+    def tile_mask(i, j):  # [tile, tile] bool: query tile i may see key tile j
+        dist = (i - j) * tile + offs[:, None] - offs[None, :]  # query pos - key pos
+        vis = dist >= 0
+        return vis if sliding_window is None else vis & (dist < sliding_window)
+
+    def tile_scores(qi, j):  # [B, K, G, tile, tile] f32, unscaled
+        return jnp.einsum("bkgqd,bksd->bkgqs", qi, kt[j], preferred_element_type=f32)
+
+    def tile_values(p, j):  # probabilities [B, K, G, tile, tile] x values -> [B, K, G, tile, D] f32
+        return jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), vt[j],
+                          preferred_element_type=f32)
+
+    # The running max m is of the unscaled scores; softmax(scale * s) = exp(scale * (s - m)) /
+    # sum, so the scale rides in the exp (one pass over a tile) instead of a pass of its own.
+    def query_tile(i):
+        qi = qt[i]
+        # The diagonal tile first: every query sees itself, so the running max is finite.
+        s = jnp.where(tile_mask(i, i), tile_scores(qi, i), -jnp.inf)
+        m = s.max(-1)  # [B, K, G, tile]
+        p = jnp.exp((s - m[..., None]) * scale)
+        acc = tile_values(p, i)
+
+        def key_tile(j, carry):  # online softmax: rescale what was summed under the old max
+            m, l, acc = carry
+            s = tile_scores(qi, j)
+            if sliding_window is not None:
+                s = jnp.where(tile_mask(i, j), s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(-1))
+            shrink = jnp.exp((m - m_new) * scale)
+            p = jnp.exp((s - m_new[..., None]) * scale)
+            return m_new, l * shrink + p.sum(-1), acc * shrink[..., None] + tile_values(p, j)
+
+        # Key tiles wholly outside the window are skipped; tiles before the diagonal need no
+        # causal mask.
+        first = 0 if sliding_window is None else jnp.maximum(
+            0, (i * tile - sliding_window + 1) // tile)
+        _, l, acc = jax.lax.fori_loop(first, i, key_tile, (m, p.sum(-1), acc))
+        return acc / l[..., None]
+
+    out = jax.lax.map(query_tile, jnp.arange(n))  # [N, B, K, G, tile, D]
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, n * tile, h, d)
+    return out[:, :t].astype(q.dtype)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, kv_pos: jax.Array,
               *, impl: str = "xla", sliding_window: int | None = None,
               mask: jax.Array | None = None) -> jax.Array:

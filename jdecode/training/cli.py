@@ -9,6 +9,8 @@ from typing import Annotated, Any
 import typer
 
 from jdecode.config import ConfigError, read_yaml_mapping
+from jdecode.console import fail, stderr
+from jdecode.io import registry
 
 SECTIONS = ("options", "train", "corpus")
 
@@ -65,36 +67,33 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Train a part of a decoding method on the target's own text (optax, orbax artifact)."""
-    from rich.console import Console
-
-    err = Console(stderr=True, soft_wrap=True)  # one line per message, even when piped
     try:
         raw = read_train_config(config)
         spec, opts, tc, cc = resolve(raw.get("kind", kind), raw, set_ or [])
-    except ConfigError as e:
-        err.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(2) from None
+        model = model or raw.get("model", "smollm2-135m")
+        registry.check_model(model)  # a bad name fails before anything loads
+    except (ConfigError, FileNotFoundError) as e:
+        fail(str(e))
     from jdecode.data.prompts import train_prompts
-    from jdecode.io.registry import load
 
     try:
-        target = load(model or raw.get("model", "smollm2-135m"),
-                      dtype=dtype or raw.get("dtype", "float32"))
+        target = registry.load(model, dtype=dtype or raw.get("dtype", "float32"))
         prompts = train_prompts()
         if num_prompts is not None:  # an even spread keeps chat, code and summarization
             prompts = prompts[::max(1, len(prompts) // num_prompts)][:num_prompts]
         summary = spec.train(target, opts, tc, cc, out or f"artifacts/{spec.kind}", prompts,
                              progress=not as_json, corpus_path=corpus)
     except (FileNotFoundError, ValueError) as e:
-        err.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(2) from None
+        fail(str(e))
     if as_json:
         print(json.dumps(summary))
         return
     ev = summary.get("last_eval") or {}
-    held = ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k.startswith("val_"))
+    held = ", ".join(f"{k} {v:.4g}" for k, v in ev.items() if k.startswith("val_"))
     losses = " -> ".join(f"{summary[k]:.4g}" for k in ("first_loss", "last_loss")
                          if summary.get(k) is not None)
-    err.print(f"{spec.kind} saved to {summary['artifact']} | loss {losses or 'n/a'} | "
-              f"{summary['epochs_done']:.1f} epochs" + (f" | held-out: {held}" if held else "")
-              + (f"\nuse: {summary['use']}" if summary.get("use") else ""))
+    stderr().print(f"{spec.kind} saved to {summary['artifact']} | loss {losses or 'n/a'} | "
+                   f"{summary['epochs_done']:.1f} epochs"
+                   + (f" | held-out: {held}" if held else "")
+                   + (f"\nuse: {summary['use']}" if summary.get("use") else ""),
+                   highlight=False)

@@ -188,8 +188,8 @@ def fit(objective: Objective, trainable: Any, frozen: Any, train: Batch, val: Ba
     shown: dict[str, str] = {}  # the last evaluation, kept on the progress bar
     total = tc.steps  # shortened once the time budget's step rate is known
     schedule = lr_schedule(tc, total)
-    # Updated by hand, not iterated: a loop that breaks out of an iterated bar leaves it at the
-    # count before the last step (tqdm writes its local count back when the iterator dies).
+    # Updated by hand, not iterated: a bar left by `break` is closed later by its iterator's
+    # cleanup, which writes back the count before the last step (the bar stopped at 97%).
     bar = tqdm(initial=start, total=tc.steps, disable=not progress, desc=desc, unit="step")
     t0 = time.perf_counter()
     t_rate = None  # (time, step) after the compiled first steps, to estimate the step rate
@@ -226,8 +226,10 @@ def fit(objective: Objective, trainable: Any, frozen: Any, train: Batch, val: Ba
         if (step + 1) % tc.checkpoint_every == 0 or last:
             mngr.save(step + 1, args=ocp.args.StandardSave(
                 {"trainable": trainable, "opt_state": opt_state}))
+        bar.update(1)
         if last:
-            bar.total = bar.n  # a budget-shortened run ends the bar full
+            bar.total = step + 1  # a budget-shortened run ends the bar full
+            bar.refresh()
             break
     bar.close()
     mngr.wait_until_finished()

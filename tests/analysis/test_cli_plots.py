@@ -89,3 +89,27 @@ def test_plot_functions_write_pngs(tmp_path):
     curve = decode_tokens_per_s_vs_batch(TEXTBOOK_CONFIG, hw, 512, [1, 16, 256])
     path = plot_tokens_vs_batch(curve, tmp_path / "batch.png")
     assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_roofline_labels_do_not_overlap_and_stay_inside():
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from jdecode.analysis.plots import roofline_figure
+    from jdecode.analysis.textbook import textbook_reports
+
+    fig = roofline_figure(list(textbook_reports()))
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    boxes = []
+    for t in ax.texts:
+        t.update_positions(renderer)
+        boxes.append((t.get_text(), Text.get_window_extent(t, renderer)))
+    plt.close(fig)
+    labels = [(s, b) for s, b in boxes if "proj" in s or "attention" in s or "lm_head" in s]
+    assert len(labels) >= 6
+    for i, (s, b) in enumerate(boxes):
+        assert frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1, s
+        for s2, b2 in boxes[i + 1:]:
+            assert not b.overlaps(b2), (s, s2)

@@ -7,7 +7,14 @@ import jax.numpy as jnp
 
 from jdecode.analysis.costs import decode_phase
 from jdecode.analysis.hardware import get_hardware
-from jdecode.analysis.profile import CATEGORIES, categorize, hlo_op_functions, profile_breakdown
+from jdecode.analysis.profile import (
+    CATEGORIES,
+    categorize,
+    hlo_matmuls,
+    hlo_op_functions,
+    matmul_category,
+    profile_breakdown,
+)
 from jdecode.analysis.roofline import analyze
 from jdecode.config import load_model_config_yaml
 
@@ -83,7 +90,8 @@ def test_breakdown_from_a_real_trace_or_a_reason():
     args = (params, cache, jnp.array([3, 5], jnp.int32), jnp.array([31, 31], jnp.int32))
     compiled = jax.jit(phase_fn(cfg, "decode")).lower(*args).compile()
     rep = analyze(cfg, decode_phase(2, 32), get_hardware("h100"))
-    rows, note = profile_breakdown(compiled, lambda: compiled(*args)[0], rep, repeats=2)
+    rows, note = profile_breakdown(compiled, lambda: compiled(*args)[0], rep, repeats=2,
+                                   cfg=cfg)
     if rows is None:  # the profiler path is optional; it must then say why
         assert note
         return
@@ -92,3 +100,52 @@ def test_breakdown_from_a_real_trace_or_a_reason():
     for cat in ("q/k/v projections", "attention", "gate/up/down projections", "lm head"):
         assert by_cat[cat]["measured_s"] > 0, cat
     assert by_cat["attention"]["predicted_s"] == rep.row("attention").time_s * 2
+
+
+# Weight matmuls as XLA:CPU leaves them: plain dots with no metadata (E=8, H*D=8, K*D=4,
+# F=16, V=40), one inside a fusion, the weights sliced from scan stacks.
+DOTS = """HloModule jit_decode_step
+
+%fused_computation (p0: f32[1,16], p1: f32[16,8]) -> f32[1,8] {
+  %p0 = f32[1,16]{1,0} parameter(0)
+  %p1 = f32[16,8]{1,0} parameter(1)
+  ROOT %dot.9 = f32[1,8]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main {
+  %x = f32[1,8]{1,0} parameter(0)
+  %attn = f32[1,8]{1,0} parameter(1)
+  %act = f32[1,16]{1,0} parameter(2)
+  %wq = f32[8,8]{1,0} fusion(%s), calls=%c, metadata={op_name="j/dynamic_index_in_dim/slice"}
+  %wk = f32[8,4]{1,0} parameter(3)
+  %wo = f32[8,8]{1,0} parameter(4)
+  %wd = f32[16,8]{1,0} parameter(5)
+  %emb = f32[40,8]{1,0} parameter(6)
+  %dot.1 = f32[1,8]{1,0} dot(%x, %wq), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %dot.2 = f32[1,4]{1,0} dot(%x, %wk), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %dot.3 = f32[1,8]{1,0} dot(%attn, %wo), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %fusion.4 = f32[1,8]{1,0} fusion(%act, %wd), kind=kOutput, calls=%fused_computation
+  ROOT %dot.5 = f32[1,40]{1,0} dot(%x, %emb), lhs_contracting_dims={1}, rhs_contracting_dims={1}
+}
+"""
+
+
+def test_matmuls_are_attributed_by_shape():
+    import collections
+
+    from jdecode.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=40, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1,
+                      head_dim=4, intermediate_size=16)
+    mms = hlo_matmuls(DOTS)
+    assert mms["fusion.4"]["inputs"] == ["act", "wd"]  # through the fusion's parameters
+    readers = collections.Counter(x for mm in mms.values() for x in set(mm["inputs"]))
+    cats = {name: matmul_category(cfg, mm, any(readers[x] > 1 for x in mm["inputs"]))
+            for name, mm in mms.items() if name.startswith(("dot.", "fusion."))}
+    # Q and O have the same [8, 8] shape: Q shares its input with K, O reads attention alone
+    assert cats == {"dot.1": "q/k/v projections", "dot.2": "q/k/v projections",
+                    "dot.3": "o projection", "dot.9": "gate/up/down projections",
+                    "fusion.4": "gate/up/down projections", "dot.5": "lm head"}
+    ops = hlo_op_functions(DOTS)
+    assert categorize(*ops["wq"]) == "per-layer weight slices (scan)"
+    assert categorize(*ops["dot.1"]) == "unattributed (no shape, no source metadata)"

@@ -137,3 +137,33 @@ def test_grouped_loop_gives_the_per_step_loop_tokens(gen, rng, block):
     sampled = SamplingParams(max_new_tokens=MAX_NEW, temperature=0.9, top_k=20, seed=5)
     assert (grouped.generate(ps, sampled)[0].token_ids ==
             plain.generate(ps, sampled)[0].token_ids)
+
+
+def test_prompt_buckets_grow_linearly_past_1024():
+    from jdecode.decoding.generate import prompt_bucket
+
+    assert [prompt_bucket(n) for n in (1, 16, 17, 1000, 1024, 1025, 2048, 2049, 8000)] == [
+        16, 16, 32, 1024, 1024, 2048, 2048, 3072, 8192]
+
+
+def test_a_long_wait_is_reported_while_it_runs(monkeypatch):
+    import time
+
+    from jdecode.decoding import generate as generate_mod
+
+    class Slow:  # an array whose computation takes 0.3 s
+        def block_until_ready(self):
+            time.sleep(0.3)
+
+    monkeypatch.setattr(generate_mod, "PREFILL_POLL_S", 0.05)
+    seen = []
+    generate_mod.wait_reporting(Slow(), seen.append)
+    assert len(seen) >= 3 and seen == sorted(seen) and seen[-1] < 0.5
+
+
+def test_on_prefill_hook_gets_the_prompt_tokens(gen, rng):
+    calls = []
+    prompt = rng.integers(0, gen.model.cfg.vocab_size, 9).tolist()
+    gen.generate([prompt], SamplingParams(max_new_tokens=2),
+                 on_prefill=lambda n, s: calls.append((n, s)))
+    assert all(n == 9 and s >= 0 for n, s in calls)  # a tiny prefill may finish at once

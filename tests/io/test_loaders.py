@@ -180,3 +180,31 @@ def test_orbax_cache_second_load_is_identical(gguf_file, monkeypatch, tmp_path):
     second = load(str(gguf_file))
     assert second.cfg == first.cfg
     assert_same_params(second.params, first.params)
+
+
+def test_load_config_reads_the_shape_without_weights(llama_dir, gguf_file, monkeypatch):
+    from jdecode.io import registry
+
+    def no_weights(*a, **k):
+        raise AssertionError("load_config read the weights")
+
+    monkeypatch.setattr(gguf_loader, "load_gguf", no_weights)
+    cfg, _ = load_hf_checkpoint(llama_dir[0])
+    assert registry.load_config(str(llama_dir[0])) == cfg
+    from_gguf = registry.load_config(str(gguf_file))
+    assert from_gguf.hidden_size == cfg.hidden_size and from_gguf.num_layers == cfg.num_layers
+    assert from_gguf.tie_word_embeddings == cfg.tie_word_embeddings
+    assert registry.load_config("llama-3.2-1b").num_layers == 16  # a dotted config name
+
+
+def test_param_cache_is_announced_once(gguf_file, monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("JDECODE_CACHE", str(tmp_path))
+    with caplog.at_level("WARNING"):
+        load(str(gguf_file))
+    said = [r.getMessage() for r in caplog.records if "cached the converted params" in r.msg]
+    assert len(said) == 1 and f"rm -rf {tmp_path / 'params'}" in said[0]
+    assert "JDECODE_CACHE" in (tmp_path / "README.txt").read_text()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load(str(gguf_file), dtype="bfloat16")  # a second cache entry: not said again
+    assert not [r for r in caplog.records if "cached the converted params" in r.msg]

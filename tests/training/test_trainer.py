@@ -77,3 +77,14 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert float(sched(60)) == pytest.approx(0.1 * TC.end_lr_ratio)
     with pytest.raises(ValueError, match="learning_rate=0 must be > 0"):
         TrainConfig(learning_rate=0)
+
+
+@pytest.mark.parametrize("budget", [None, 0.0])
+def test_progress_bar_ends_full(data, tmp_path, capsys, budget):
+    """The bar reads 100% when training ends, at its last step or cut short by the time
+    budget (a bar stopped with `break` used to be closed one step short)."""
+    train, val = data
+    fit(regression(), {"w": jnp.zeros(4)}, {"b": jnp.float32(0.5)}, train, val, tmp_path,
+        dataclasses.replace(TC, steps=12, time_budget_s=budget), progress=True)
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "100%" in last, last
