@@ -23,6 +23,7 @@ from jdecode.model.attention import resolve_impl
 BUILTIN_METHODS = (
     "jdecode.decoding.autoregressive",
     "jdecode.decoding.speculative",
+    "jdecode.decoding.early_exit",
 )
 
 
