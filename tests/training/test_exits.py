@@ -1,0 +1,95 @@
+"""Exit heads trained on the frozen target: the KL and classifier losses fall, held-out
+agreement rises over the untrained exits, thresholds are calibrated into the manifest, the
+checkpoint restores and resumes, and the early_exit method loads the artifact."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jdecode.config import ModelConfig
+from jdecode.decoding import methods
+from jdecode.decoding.early_exit import load_exits
+from jdecode.io.artifacts import read_manifest
+from jdecode.io.registry import Model
+from jdecode.model.params import init_params
+from jdecode.training.corpus import Corpus
+from jdecode.training.exits import CALIBRATION_QUANTILES, ExitOptions, train_exits
+from jdecode.training.trainer import TrainConfig
+
+CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=6, num_heads=4, num_kv_heads=2,
+                  head_dim=8, intermediate_size=64, max_position_embeddings=128)
+OPTS = ExitOptions(every=2, rank=4, calibration_rows=4, criteria=("margin", "classifier"))
+TC = TrainConfig(steps=16, batch_size=4, learning_rate=1e-2, warmup_steps=2,
+                 checkpoint_every=8, eval_every=8)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return Model("tiny-exits", CFG, init_params(CFG, jax.random.key(3)), None)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(0, CFG.vocab_size, int(rng.integers(16, 33))).tolist()
+            for _ in range(28)]
+    return Corpus.from_sequences(seqs[:24], 32, seqs[24:])
+
+
+@pytest.fixture(scope="module")
+def trained(target, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exits")
+    heads, losses, metrics = train_exits(target, out, OPTS, TC, corpus=corpus, progress=False)
+    return out, heads, losses, metrics
+
+
+def test_losses_fall_and_agreement_rises(trained):
+    _, heads, losses, metrics = trained
+    assert heads.layers == (1, 3) and len(losses) == TC.steps
+    # The loss adds the classifiers' cross-entropy, which cannot fall far on random text.
+    assert np.mean(losses[-3:]) < 0.95 * np.mean(losses[:3])
+    before, after = metrics["exits_untrained"], metrics["exits_trained"]
+    assert set(before["kl"]) == {"layer_1", "layer_3"}
+    for layer in before["kl"]:  # held out: every exit's KL to the full model falls
+        assert after["kl"][layer] < 0.9 * before["kl"][layer], layer
+    assert np.mean(list(after["top1"].values())) > np.mean(list(before["top1"].values()))
+
+
+def test_calibration_and_artifact(trained, target):
+    out, heads, _, _ = trained
+    meta = read_manifest(out)
+    assert meta["kind"] == "exits" and meta["options"]["layers"] == [1, 3]
+    curve = meta["metrics"]["calibration"]["margin"]
+    assert set(meta["metrics"]["calibration"]) == {"margin", "classifier"}
+    assert len(curve) == len(CALIBRATION_QUANTILES)
+    thresholds = [p["threshold"] for p in curve]
+    assert thresholds == sorted(thresholds)  # looser to stricter
+    shares = [p["layer_share"] for p in curve]
+    assert all(0 < s <= 1 for s in shares) and shares[-1] >= shares[0]
+    restored, _ = load_exits(out, target)
+    for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(heads)):
+        np.testing.assert_array_equal(a, b)
+    # The method takes the calibrated threshold for its agreement target.
+    built = methods.build("early_exit", target, {"exits": str(out), "criterion": "margin",
+                                                 "agreement": 1e-6, "share_tokens": 0})
+    # Every point reaches that agreement: the cheapest (loosest) threshold is taken.
+    assert float(built.model.params[2]) == pytest.approx(min(thresholds))
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    assert built.score(built.model.params, tokens).shape == (1, 8, CFG.vocab_size)
+    with pytest.raises(ValueError, match="no calibrated entropy threshold"):
+        methods.build("early_exit", target, {"exits": str(out), "criterion": "entropy"})
+
+
+def test_resume_continues_from_checkpoint(trained, target, corpus, tmp_path):
+    out, _, _, _ = trained
+    shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
+    longer = dataclasses.replace(TC, steps=TC.steps + 2)
+    opts = dataclasses.replace(OPTS, criteria=("margin",))
+    _, losses, _ = train_exits(target, tmp_path, opts, longer, corpus=corpus, progress=False)
+    assert len(losses) == 2  # only the steps after the saved one ran
