@@ -24,6 +24,7 @@ BUILTIN_METHODS = (
     "jdecode.decoding.autoregressive",
     "jdecode.decoding.speculative",
     "jdecode.decoding.early_exit",
+    "jdecode.decoding.mixture_of_depths",
 )
 
 
