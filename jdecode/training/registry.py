@@ -17,6 +17,7 @@ from jdecode.config import ConfigError
 BUILTIN_TRAINERS = (
     "jdecode.training.distill",
     "jdecode.training.exits",
+    "jdecode.training.router",
 )
 
 

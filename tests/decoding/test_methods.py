@@ -32,6 +32,7 @@ RECIPES = {
     "speculative": {"draft": "artifacts/smollm2-135m-d2.tgz", "k": 2},
     "early_exit": {"exits": "untrained:6", "criterion": "saturation", "threshold": 0.99,
                    "share_tokens": 0},
+    "mixture_of_depths": {"routers": "untrained", "capacity": 0.5, "mode": "sequence"},
 }
 runner = CliRunner()
 
