@@ -121,59 +121,67 @@ def score_threshold(criterion: str, threshold: float | jax.Array) -> float | jax
     return -threshold if criterion == "entropy" else threshold
 
 
-@struct.dataclass
-class ExitCarry:
-    exited: jax.Array  # [B, T] bool: the token left at an earlier exit
-    exit_id: jax.Array  # [B, T] int32 the exit it left at (N: none, the model's own head)
-    computed: jax.Array  # [B, T] int32 layers the token computed
+def layers_computed(heads: ExitHeads, exit_id: jax.Array, num_layers: int) -> jax.Array:
+    """Layers each token ran [B, T] int32: through its exit's layer, or all of them (N)."""
+    depth = jnp.asarray([*(layer + 1 for layer in heads.layers), num_layers], jnp.int32)
+    return depth[exit_id]
 
 
-def row_exit_hooks(params: Params, heads: ExitHeads, threshold: jax.Array, *, cfg: ModelConfig,
-                   criterion: str) -> LayerHooks:
-    """Per-token exits with masked compute: a token whose confidence passes the threshold at an
-    exit keeps its residual stream unchanged through the remaining layers, which still store
-    K/V projections of it (CALM's propagation).
+def segments(heads: ExitHeads, num_layers: int) -> tuple[int, ...]:
+    """Layer bounds of the runs between exits: segment s is layers [b[s], b[s+1]), and exit
+    s follows segment s."""
+    return (0, *(layer + 1 for layer in heads.layers), num_layers)
 
-    Args:
-      threshold: f32 scalar in the criterion's own units (see `CRITERIA`).
+
+# The hooks of a segment: masked compute for exited tokens ([B, T] bool carry), and the input
+# of the segment's last layer kept for the saturation measure.
+_MASK_EXITED = LayerHooks(
+    before=lambda c, x, layer: (c, x, LayerControl(compute=~c[0])),
+    after=lambda c, x_in, x_out, layer: ((c[0], x_in), x_out))
+
+
+def row_exit_layers(params: Params, heads: ExitHeads, threshold: jax.Array, x: jax.Array,
+                    cos: jax.Array, sin: jax.Array, cache: Any, meta: Any, *,
+                    cfg: ModelConfig, attend: Any, linear: Any, criterion: str
+                    ) -> tuple[jax.Array, Any, jax.Array]:
+    """Per-token exits with masked compute over the residual stream x [B, T, E].
+
+    The layers run in segments between exits; after each, every token still running checks its
+    confidence, and one that passes keeps its residual stream unchanged through the remaining
+    layers, which still store K/V projections of it (CALM's propagation).
+
+    Returns:
+      the final residual stream x (exited tokens: their exit's), the cache, and exit_id
+      [B, T] int32 (N: no exit).
     """
-    n = len(heads.layers)
-    index_of = {layer: j for j, layer in enumerate(heads.layers)}
-    table = np.full(cfg.num_layers, -1, np.int32)
-    table[list(heads.layers)] = np.arange(n)
-    thr = score_threshold(criterion, threshold)
-
-    def init(x):
-        b, t = x.shape[:2]
-        return ExitCarry(jnp.zeros((b, t), bool), jnp.full((b, t), n, jnp.int32),
-                         jnp.zeros((b, t), jnp.int32))
-
-    def before(c, x, layer):
-        live = ~c.exited
-        return c.replace(computed=c.computed + live), x, LayerControl(compute=live)
-
-    def after(c, x_in, x_out, layer):
-        if isinstance(layer, int):  # unrolled: only exit layers check, at no cost elsewhere
-            if layer not in index_of:
-                return c, x_out
-            j, at_exit = index_of[layer], True
-        else:  # scanned: every layer checks, masked where it is no exit
-            j = jnp.asarray(table)[layer]
-            at_exit, j = j >= 0, jnp.maximum(j, 0)
-        conf = exit_score(criterion, params, heads, j, x_in, x_out, cfg.rms_norm_eps)
-        leave = ~c.exited & at_exit & (conf >= thr)
-        return c.replace(exited=c.exited | leave, exit_id=jnp.where(leave, j, c.exit_id)), x_out
-
-    return LayerHooks(init=init, before=before, after=after)
+    n, thr = len(heads.layers), score_threshold(criterion, threshold)
+    bounds = segments(heads, cfg.num_layers)
+    exited = jnp.zeros(x.shape[:2], bool)
+    exit_id = jnp.full(x.shape[:2], n, jnp.int32)
+    for s in range(n + 1):
+        x, cache, (_, x_in) = run_layers(params, x, cos, sin, cache, meta, hooks=_MASK_EXITED,
+                                         carry=(exited, x), start=bounds[s],
+                                         stop=bounds[s + 1], cfg=cfg, attend=attend,
+                                         linear=linear)
+        if s < n:
+            conf = exit_score(criterion, params, heads, s, x_in, x, cfg.rms_norm_eps)
+            leave = ~exited & (conf >= thr)
+            exited, exit_id = exited | leave, jnp.where(leave, s, exit_id)
+    return x, cache, exit_id
 
 
 def exit_output(params: Params, heads: ExitHeads, x: jax.Array, exit_id: jax.Array,
                 eps: float) -> jax.Array:
     """Logits [B, T, V] f32: each token's exit head on its (frozen) residual stream x [B, T, E],
     or the model's final norm and head where exit_id [B, T] is N (no exit)."""
-    hidden = rms_norm(x, params.final_norm, eps)
-    for j in range(len(heads.layers)):  # N small adapters, then one head for every token
-        hidden = jnp.where((exit_id == j)[..., None], exit_hidden(heads, j, x, eps), hidden)
+    # Every exit's head input at once ([N+1, B, T, E], the final norm as exit N: a few
+    # kernels whatever N is), then one LM head for every token.
+    norms = jnp.concatenate([heads.norm, params.final_norm[None]])  # [N+1, E]
+    h = rms_norm(x[None], norms[:, None, None, :], eps)
+    down = jnp.concatenate([heads.down, jnp.zeros_like(heads.down[:1])])  # [N+1, E, R]
+    up = jnp.concatenate([heads.up, jnp.zeros_like(heads.up[:1])])
+    h = h + jnp.einsum("nbtr,nre->nbte", jnp.einsum("nbte,ner->nbtr", h, down), up)
+    hidden = jnp.take_along_axis(h, exit_id[None, :, :, None], axis=0)[0]  # [B, T, E]
     return lm_head(params, hidden)
 
 
@@ -205,14 +213,14 @@ def early_exit(params: Params, heads: ExitHeads, threshold: jax.Array, tokens: j
         return (exit_logits(params, heads, exit_index, x, eps), cache,
                 jnp.full(tokens.shape, depth, jnp.int32))
     if batching == "row":
-        hooks = row_exit_hooks(params, heads, threshold, cfg=cfg, criterion=criterion)
-        x, cache, c = run_layers(params, x, cos, sin, cache, meta, hooks=hooks,
-                                 carry=hooks.init(x), **kw)
-        return exit_output(params, heads, x, c.exit_id, eps), cache, c.computed
+        x, cache, exit_id = row_exit_layers(params, heads, threshold, x, cos, sin, cache, meta,
+                                            criterion=criterion, **kw)
+        return (exit_output(params, heads, x, exit_id, eps), cache,
+                layers_computed(heads, exit_id, cfg.num_layers))
     if batching != "batch":
         raise ValueError(f"batching={batching!r}: choose one of {', '.join(BATCHING)}")
     n, thr = len(heads.layers), score_threshold(criterion, threshold)
-    bounds = (0, *(layer + 1 for layer in heads.layers), cfg.num_layers)
+    bounds = segments(heads, cfg.num_layers)
     # The input of each segment's last layer, for the saturation measure.
     keep_in = LayerHooks(after=lambda c, x_in, x_out, layer: (x_in, x_out))
 
@@ -235,10 +243,9 @@ def early_exit(params: Params, heads: ExitHeads, threshold: jax.Array, tokens: j
             return segment(s, op[0], op[1])
 
         x, cache, exit_id = jax.lax.cond(exit_id < n, skip, compute, (x, cache, exit_id))
-    b, t = tokens.shape
-    exit_ids = jnp.full((b, t), exit_id)
-    computed = jnp.asarray(bounds)[jnp.minimum(exit_ids + 1, n + 1)]
-    return exit_output(params, heads, x, exit_ids, eps), cache, computed
+    exit_ids = jnp.full(tokens.shape, exit_id)
+    return (exit_output(params, heads, x, exit_ids, eps), cache,
+            layers_computed(heads, exit_ids, cfg.num_layers))
 
 
 def score_early_exit(params: Params, heads: ExitHeads, threshold: jax.Array, tokens: jax.Array,

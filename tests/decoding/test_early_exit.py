@@ -23,7 +23,8 @@ from jdecode.decoding.early_exit import (
     early_exit_decoder,
     exit_score,
     init_exits,
-    row_exit_hooks,
+    layers_computed,
+    row_exit_layers,
     score_early_exit,
 )
 from jdecode.decoding.generate import Generator
@@ -123,17 +124,18 @@ def test_propagated_kv_equals_direct_computation(setup, tokens):
                                      DenseMeta(positions), hooks=feats, carry=feats.init(x0),
                                      stop=LAYERS[0] + 1, **kw)
     thr = jnp.median(exit_score("saturation", params, heads, 0, x_in, x_out, CFG.rms_norm_eps))
-    hooks = row_exit_hooks(params, heads, thr, cfg=CFG, criterion="saturation")
-    x, cache, carry = run_layers(params, x0, cos, sin, init_cache(CFG, B, T),
-                                 DenseMeta(positions), hooks=hooks, carry=hooks.init(x0), **kw)
-    exit_layer = np.asarray(jnp.asarray((*LAYERS, CFG.num_layers - 1))[carry.exit_id])  # [B, T]
+    x, cache, exit_id = row_exit_layers(params, heads, thr, x0, cos, sin, init_cache(CFG, B, T),
+                                        DenseMeta(positions), criterion="saturation",
+                                        linear=xla_linear, **kw)
+    exit_layer = np.asarray(jnp.asarray((*LAYERS, CFG.num_layers - 1))[exit_id])  # [B, T]
     assert 0 < (exit_layer == LAYERS[0]).sum() < B * T  # some leave at exit 0, some go on
     for layer in range(LAYERS[0] + 1, CFG.num_layers):
         k, v = exited_state_kv(params, x, layer)
         skipped = exit_layer < layer  # [B, T] tokens that left before this layer
         assert_close(np.asarray(cache.k[layer])[skipped], np.asarray(k)[skipped], "float32")
         assert_close(np.asarray(cache.v[layer])[skipped], np.asarray(v)[skipped], "float32")
-    np.testing.assert_array_equal(carry.computed, exit_layer + 1)
+    np.testing.assert_array_equal(layers_computed(heads, exit_id, CFG.num_layers),
+                                  exit_layer + 1)
 
 
 _EXECUTABLES: dict = {}
