@@ -134,6 +134,11 @@ def per_exit_metrics(heads: ExitHeads, target: Params, data: Batch, cfg: ModelCo
                   for layer, v in zip(heads.layers, sums)} for key, sums in totals.items()}
 
 
+@partial(jax.jit, static_argnames=("cfg",))
+def _full_logits(target: Params, tokens: jax.Array, *, cfg: ModelConfig) -> jax.Array:
+    return phases.score(target, tokens, cfg=cfg)[0]
+
+
 def calibration_curve(target: Params, heads: ExitHeads, cfg: ModelConfig, tokens: np.ndarray,
                       mask: np.ndarray, criterion: str, batch_size: int) -> list[dict]:
     """Held-out top-1 agreement with the full model and the share of layers computed, per
@@ -158,9 +163,10 @@ def calibration_curve(target: Params, heads: ExitHeads, cfg: ModelConfig, tokens
     scores = np.quantile(pooled, CALIBRATION_QUANTILES)
     thresholds = -scores if criterion == "entropy" else scores  # the user's units
 
+    full = [_full_logits(target, t, cfg=cfg) for t, _ in batches]  # once for all thresholds
+
     @jax.jit
-    def measure(p, h, thr, toks, m):
-        full = phases.score(p, toks, cfg=cfg)[0]
+    def measure(p, h, thr, toks, m, full):
         logits, computed = score_early_exit(p, h, thr, toks, cfg=cfg, criterion=criterion)
         agree = jnp.argmax(logits, -1) == jnp.argmax(full, -1)
         return (jnp.sum(agree * m), jnp.sum(kl_per_position(full, logits) * m),
@@ -169,8 +175,8 @@ def calibration_curve(target: Params, heads: ExitHeads, cfg: ModelConfig, tokens
     curve = []
     for thr in thresholds:
         sums = np.zeros(3)
-        for t, m in batches:
-            sums += np.asarray(measure(target, heads, jnp.float32(thr), t, m), np.float64)
+        for (t, m), f in zip(batches, full):
+            sums += np.asarray(measure(target, heads, jnp.float32(thr), t, m, f), np.float64)
         n = float(mask.sum())
         curve.append({"threshold": float(thr), "top1": sums[0] / n, "kl": sums[1] / n,
                       "layer_share": sums[2] / n / cfg.num_layers})

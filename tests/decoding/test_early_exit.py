@@ -32,10 +32,11 @@ from jdecode.decoding.loop import init_loop, run_loop
 from jdecode.decoding.sampling import SamplingArrays, SamplingParams
 from jdecode.io.registry import Model
 from jdecode.model.layers import apply_rope, rms_norm, rope_tables
+from jdecode.model.layout import unstack_layers
 from jdecode.model.linear import xla_linear
 from jdecode.model.params import init_params
 from jdecode.model.transformer import collect_hidden, run_layers
-from pallas_kernels.testing import assert_close
+from pallas_kernels.testing import assert_close, jit_for_tests
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=6, num_heads=4, num_kv_heads=2,
                   head_dim=8, intermediate_size=64, max_position_embeddings=256)
@@ -68,16 +69,21 @@ def tokens(rng):
 
 def test_unreachable_threshold_is_the_full_model(setup, tokens):
     params, heads = setup
-    full = phases.score(params, tokens, cfg=CFG)[0]
-    for criterion in CRITERIA[:-1]:
-        logits, computed = score_early_exit(params, heads, jnp.float32(NEVER[criterion]), tokens,
-                                            cfg=CFG, criterion=criterion)
+
+    @jit_for_tests  # one program for the full model and every criterion
+    def scores(params, heads, tokens):
+        return phases.score(params, tokens, cfg=CFG)[0], [
+            score_early_exit(params, heads, jnp.float32(NEVER[c]), tokens, cfg=CFG, criterion=c)
+            for c in CRITERIA[:-1]]
+
+    full, outs = scores(params, heads, tokens)
+    for criterion, (logits, computed) in zip(CRITERIA, outs):
         np.testing.assert_array_equal(logits, full, err_msg=criterion)
         assert (computed == CFG.num_layers).all()
 
 
 def test_exit_after_the_last_layer_is_the_full_model(setup, tokens):
-    params, _ = setup
+    params = unstack_layers(setup[0])
     last = init_exits(params, (CFG.num_layers - 1,), 0, jax.random.key(0))
     logits, computed = score_early_exit(params, last, jnp.float32(0), tokens, cfg=CFG,
                                         criterion="fixed")
