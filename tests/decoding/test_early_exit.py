@@ -4,7 +4,6 @@ per-batch exits agree at batch 1; the Generator runs both layouts alike."""
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 
 import jax
@@ -15,6 +14,7 @@ import pytest
 from jdecode.cache.dense import DenseMeta, init_cache, make_dense_attend
 from jdecode.config import ModelConfig
 from jdecode.decoding import phases
+from jdecode.decoding.autoregressive import autoregressive
 from jdecode.decoding.early_exit import (
     CRITERIA,
     NEVER,
@@ -32,7 +32,6 @@ from jdecode.decoding.loop import init_loop, run_loop
 from jdecode.decoding.sampling import SamplingArrays, SamplingParams
 from jdecode.io.registry import Model
 from jdecode.model.layers import apply_rope, rms_norm, rope_tables
-from jdecode.model.layout import unstack_layers
 from jdecode.model.linear import xla_linear
 from jdecode.model.params import init_params
 from jdecode.model.transformer import collect_hidden, run_layers
@@ -83,11 +82,12 @@ def test_unreachable_threshold_is_the_full_model(setup, tokens):
 
 
 def test_exit_after_the_last_layer_is_the_full_model(setup, tokens):
-    params = unstack_layers(setup[0])
+    params = setup[0]
     last = init_exits(params, (CFG.num_layers - 1,), 0, jax.random.key(0))
-    logits, computed = score_early_exit(params, last, jnp.float32(0), tokens, cfg=CFG,
-                                        criterion="fixed")
-    np.testing.assert_array_equal(logits, phases.score(params, tokens, cfg=CFG)[0])
+    logits, computed, full = jit_for_tests(lambda p, h, t: (
+        *score_early_exit(p, h, jnp.float32(0), t, cfg=CFG, criterion="fixed"),
+        phases.score(p, t, cfg=CFG)[0]))(params, last, tokens)
+    np.testing.assert_array_equal(logits, full)
     assert (computed == CFG.num_layers).all()
 
 
@@ -130,9 +130,9 @@ def test_propagated_kv_equals_direct_computation(setup, tokens):
                                      DenseMeta(positions), hooks=feats, carry=feats.init(x0),
                                      stop=LAYERS[0] + 1, **kw)
     thr = jnp.median(exit_score("saturation", params, heads, 0, x_in, x_out, CFG.rms_norm_eps))
-    x, cache, exit_id = row_exit_layers(params, heads, thr, x0, cos, sin, init_cache(CFG, B, T),
-                                        DenseMeta(positions), criterion="saturation",
-                                        linear=xla_linear, **kw)
+    x, cache, exit_id = jit_for_tests(lambda p, h, thr, x0: row_exit_layers(
+        p, h, thr, x0, cos, sin, init_cache(CFG, B, T), DenseMeta(positions),
+        criterion="saturation", linear=xla_linear, **kw))(params, heads, thr, x0)
     exit_layer = np.asarray(jnp.asarray((*LAYERS, CFG.num_layers - 1))[exit_id])  # [B, T]
     assert 0 < (exit_layer == LAYERS[0]).sum() < B * T  # some leave at exit 0, some go on
     for layer in range(LAYERS[0] + 1, CFG.num_layers):
@@ -144,58 +144,48 @@ def test_propagated_kv_equals_direct_computation(setup, tokens):
                                   exit_layer + 1)
 
 
-_EXECUTABLES: dict = {}
-
-
-def decode(name, decoder, params, prompt, lengths, max_new=16):
-    """Greedy tokens [B, max_new] and the final LoopState through the jitted loop (compiled
-    once per name)."""
-    if name not in _EXECUTABLES:
-        _EXECUTABLES[name] = (jax.jit(partial(init_loop, decoder, max_out=max_new)),
-                              jax.jit(partial(run_loop, decoder)))
-    init, loop = _EXECUTABLES[name]
+def decode(decoder, params, prompt, lengths, max_new=12):
+    """Greedy tokens [B, max_new] and the final LoopState through the jitted loop."""
     b = prompt.shape[0]
+    init = jit_for_tests(partial(init_loop, decoder, max_out=max_new))
     ls = init(params, prompt, lengths, SamplingArrays.from_params([SamplingParams()] * b),
               jax.vmap(jax.random.key)(jnp.arange(b)), jnp.full((b,), max_new, jnp.int32),
               jnp.full((b, 1), -1, jnp.int32))
-    ls = loop(params, ls, jnp.int32(1 << 20))
+    ls = jit_for_tests(partial(run_loop, decoder))(params, ls, jnp.int32(1 << 20))
     return np.asarray(ls.out), ls
 
 
-def test_row_and_batch_exits_agree_at_batch_1(setup, rng):
-    """At batch 1 a row is the batch: masked compute and the lax.cond skip give the same tokens,
-    layer counts and caches (the skip branch propagates K/V like the masked layers do)."""
+def test_decoding_rows_and_batch(setup, rng):
+    """A batch of different prompts: an unreachable threshold decodes plain greedy decoding's
+    tokens; a reachable one exits (fewer layers, other tokens). At batch 1 a row is the batch:
+    the lax.cond skip gives the tokens, layer counts and caches of masked compute (the skip
+    branch propagates K/V like the masked layers do)."""
     params, heads = setup
-    prompt = jnp.asarray(rng.integers(0, CFG.vocab_size, (1, 16)), jnp.int32)
-    lengths = jnp.asarray([11], jnp.int32)
+    lens = (5, 9, 13)
+    prompt = np.zeros((3, 16), np.int32)
+    for i, n in enumerate(lens):
+        prompt[i, :n] = rng.integers(0, CFG.vocab_size, n)
+    prompt, lengths = jnp.asarray(prompt), jnp.asarray(lens, jnp.int32)
+    greedy, _ = decode(autoregressive(CFG, 64), params, prompt, lengths)
+    row = early_exit_decoder(CFG, 64, criterion="margin")
+    never, _ = decode(row, (params, heads, jnp.float32(NEVER["margin"])), prompt, lengths)
+    np.testing.assert_array_equal(never, greedy)
     thr = jnp.float32(0.05)  # a margin most tokens of a random model pass at some exit
-    out = {}
-    for batching in ("row", "batch"):
-        dec = early_exit_decoder(CFG, 64, criterion="margin", batching=batching)
-        out[batching] = decode(f"margin-{batching}", dec, (params, heads, thr), prompt, lengths)
-    (row_tokens, row), (batch_tokens, batch) = out["row"], out["batch"]
-    np.testing.assert_array_equal(row_tokens, batch_tokens)
-    np.testing.assert_array_equal(row.dec.aux.computed, batch.dec.aux.computed)
-    assert int(row.dec.aux.computed[0]) < int(row.dec.aux.steps[0]) * CFG.num_layers
-    assert_close(row.dec.aux.cache.k, batch.dec.aux.cache.k, "float32")
+    exited, ls = decode(row, (params, heads, thr), prompt, lengths)
+    assert (np.asarray(ls.dec.aux.computed) < np.asarray(ls.dec.aux.steps) * CFG.num_layers).all()
+    assert (exited != greedy).any()
+    # The Generator's GPU layout (fused, unrolled layers, per-layer cache) decodes the same.
+    bundled = Model("tiny", CFG, (params, heads, thr), None)
+    gen = Generator(bundled, decoder_fn=lambda cfg, n: early_exit_decoder(
+        cfg, n, criterion="margin"), layout="inference")
+    results = gen.generate([prompt[i, :n].tolist() for i, n in enumerate(lens)],
+                           SamplingParams(max_new_tokens=exited.shape[1], ignore_eos=True))
+    assert [r.token_ids for r in results] == exited.tolist()
 
-
-def test_generator_layouts_and_batches(setup, rng):
-    """The Generator (stacked and unrolled layouts) decodes a batch of different prompts with
-    exits alike; with an unreachable threshold it gives plain greedy decoding's tokens."""
-    params, heads = setup
-    model = Model("tiny", CFG, params, None)
-    prompts = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (5, 9, 13)]
-    sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
-    greedy = [r.token_ids for r in Generator(model).generate(prompts, sp)]
-
-    def run(threshold, layout):
-        bundled = dataclasses.replace(model, params=(params, heads, jnp.float32(threshold)))
-        gen = Generator(bundled, decoder_fn=lambda cfg, n: early_exit_decoder(
-            cfg, n, criterion="entropy"), layout=layout)
-        return [r.token_ids for r in gen.generate(prompts, sp)]
-
-    assert run(NEVER["entropy"], "stacked") == greedy
-    exited = run(2.0, "stacked")
-    assert exited != greedy  # the exits change some tokens
-    assert run(2.0, "inference") == exited
+    # Row 1 decoded alone with per-batch exits: what it decoded as one row of the batch.
+    dec = early_exit_decoder(CFG, 64, criterion="margin", batching="batch")
+    alone, one = decode(dec, (params, heads, thr), prompt[1:2], lengths[1:2])
+    np.testing.assert_array_equal(alone, exited[1:2])
+    np.testing.assert_array_equal(one.dec.aux.computed, ls.dec.aux.computed[1:2])
+    assert_close(one.dec.aux.cache.k, ls.dec.aux.cache.k[:, 1:2], "float32")
+    assert_close(one.dec.aux.cache.v, ls.dec.aux.cache.v[:, 1:2], "float32")

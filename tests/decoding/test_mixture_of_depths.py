@@ -4,7 +4,7 @@ decodes what masked compute of the same layers decodes."""
 
 from __future__ import annotations
 
-import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +14,8 @@ import pytest
 from jdecode.cache.dense import init_cache
 from jdecode.config import ModelConfig
 from jdecode.decoding import phases
-from jdecode.decoding.generate import Generator
+from jdecode.decoding.autoregressive import autoregressive
+from jdecode.decoding.loop import init_loop, run_loop
 from jdecode.decoding.mixture_of_depths import (
     QUANTILE_LEVELS,
     Routers,
@@ -25,10 +26,9 @@ from jdecode.decoding.mixture_of_depths import (
     top_rows,
 )
 from jdecode.decoding.sampling import SamplingArrays, SamplingParams
-from jdecode.io.registry import Model
 from jdecode.model.params import init_params
 from jdecode.model.transformer import LayerControl, LayerHooks
-from pallas_kernels.testing import assert_close
+from pallas_kernels.testing import assert_close, jit_for_tests
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=6, num_heads=4, num_kv_heads=2,
                   head_dim=8, intermediate_size=64, max_position_embeddings=256)
@@ -58,22 +58,38 @@ def test_top_rows_is_a_rank_cut(rng):
             assert set(np.flatnonzero(got[:, t])) == set(order[:c])
 
 
+def decode(decoder, params, prompt, lengths, max_new=10):
+    """Greedy tokens [B, max_new] through the jitted loop."""
+    b = prompt.shape[0]
+    ls = jit_for_tests(partial(init_loop, decoder, max_out=max_new))(
+        params, prompt, lengths, SamplingArrays.from_params([SamplingParams()] * b),
+        jax.vmap(jax.random.key)(jnp.arange(b)), jnp.full((b,), max_new, jnp.int32),
+        jnp.full((b, 1), -1, jnp.int32))
+    return np.asarray(jit_for_tests(partial(run_loop, decoder))(params, ls, jnp.int32(99)).out)
+
+
 def test_capacity_one_is_the_full_model(setup, rng):
     params, routers = setup
-    model = Model("tiny", CFG, params, None)
-    prompts = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (5, 9, 13)]
-    sp = SamplingParams(max_new_tokens=10, ignore_eos=True)
-    greedy = [r.token_ids for r in Generator(model).generate(prompts, sp)]
-    bundled = dataclasses.replace(model, params=(params, routers, jnp.float32(1.0)))
-    for mode, rule in (("token", "top_c"), ("token", "threshold"), ("sequence", "top_c")):
-        gen = Generator(bundled, decoder_fn=lambda cfg, n, m=mode, r=rule: mod_decoder(
-            cfg, n, mode=m, rule=r, capacity=1.0))
-        assert [r.token_ids for r in gen.generate(prompts, sp)] == greedy, (mode, rule)
+    lens = (5, 9, 13)
+    prompt = np.zeros((3, 16), np.int32)
+    for i, n in enumerate(lens):
+        prompt[i, :n] = rng.integers(0, CFG.vocab_size, n)
+    prompt, lengths = jnp.asarray(prompt), jnp.asarray(lens, jnp.int32)
+    greedy = decode(autoregressive(CFG, 64), params, prompt, lengths)
+    bundle = (params, routers, jnp.float32(1.0))
+    for mode in ("token", "sequence"):  # top-C rows of the batch; all layers of the sequence
+        got = decode(mod_decoder(CFG, 64, mode=mode, capacity=1.0), bundle, prompt, lengths)
+        np.testing.assert_array_equal(got, greedy, err_msg=mode)
     tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (2, 12)), jnp.int32)
-    full = phases.score(params, tokens, cfg=CFG)[0]
-    for mode in ("token", "sequence"):
-        logits, computed = score_mod(params, routers, jnp.float32(1.0), tokens, cfg=CFG,
-                                     mode=mode, keep=CFG.num_layers)
+
+    @jit_for_tests
+    def scores(params, routers, tokens):
+        return phases.score(params, tokens, cfg=CFG)[0], [
+            score_mod(params, routers, jnp.float32(1.0), tokens, cfg=CFG, mode=mode,
+                      keep=CFG.num_layers) for mode in ("token", "sequence")]
+
+    full, outs = scores(params, routers, tokens)
+    for mode, (logits, computed) in zip(("token", "sequence"), outs):
         assert_close(logits, full, "float32", err_msg=mode)
         assert (computed == CFG.num_layers).all()
 
@@ -84,8 +100,6 @@ def test_routed_out_tokens_store_no_kv(setup, rng):
     params, routers = setup
     b, t = 4, 8
     prompt = jnp.asarray(rng.integers(0, CFG.vocab_size, (b, t)), jnp.int32)
-    cache = init_cache(CFG, b, 32, track_writes=True)
-    _, _, cache = phases.prefill(params, cache, prompt, jnp.full((b,), t, jnp.int32), cfg=CFG)
     routed = token_hooks(routers, jnp.float32(0.5), "top_c")
 
     def before(carry, x, layer):  # routes as the decoder does, and logs scores and choices
@@ -98,8 +112,16 @@ def test_routed_out_tokens_store_no_kv(setup, rng):
     hooks = LayerHooks(init=lambda x: (jnp.zeros((b, 1), jnp.int32),
                                        jnp.zeros((CFG.num_layers, 2, b))), before=before)
     token = jnp.asarray(rng.integers(0, CFG.vocab_size, b), jnp.int32)
-    _, _, cache, (computed, log) = phases.decode_step(
-        params, cache, token, jnp.full((b,), t, jnp.int32), cfg=CFG, hooks=hooks)
+
+    @jit_for_tests
+    def prefill_and_step(params, prompt, token):
+        cache = init_cache(CFG, b, 32, track_writes=True)
+        _, _, cache = phases.prefill(params, cache, prompt, jnp.full((b,), t, jnp.int32),
+                                     cfg=CFG)
+        return phases.decode_step(params, cache, token, jnp.full((b,), t, jnp.int32), cfg=CFG,
+                                  hooks=hooks)
+
+    _, _, cache, (computed, log) = prefill_and_step(params, prompt, token)
     log = np.asarray(log)
     for layer in range(CFG.num_layers):
         scores, chosen = log[layer, 0], log[layer, 1].astype(bool)
@@ -118,12 +140,12 @@ def test_sequence_mode_equals_masked_compute_of_its_layers(setup, rng):
     dec = mod_decoder(CFG, 64, mode="sequence", capacity=0.5)
     bundle = (params, routers, jnp.float32(0.5))
     sampling = SamplingArrays.from_params([SamplingParams()])
-    state = jax.jit(dec.init)(bundle, prompt, lengths, sampling,
-                              jax.vmap(jax.random.key)(jnp.arange(1)))
+    state = jit_for_tests(dec.init)(bundle, prompt, lengths, sampling,
+                                    jax.vmap(jax.random.key)(jnp.arange(1)))
     chosen = np.asarray(state.aux.chosen)
     assert chosen.shape == (3,) and (np.diff(chosen) > 0).all()
     assert state.aux.cache.k.shape[0] == 3  # the compact cache: chosen layers only
-    step = jax.jit(dec.step)
+    step = jit_for_tests(dec.step)
     got = [int(state.tokens[0])]
     for _ in range(8):
         state, _ = step(bundle, state)
@@ -135,8 +157,8 @@ def test_sequence_mode_equals_masked_compute_of_its_layers(setup, rng):
     cache = init_cache(CFG, 1, 64)
     logits, _, cache = phases.prefill(params, cache, prompt, lengths, cfg=CFG)
     want, pos = [int(jnp.argmax(logits[0]))], int(lengths[0])
-    ref_step = jax.jit(lambda c, tok, p: phases.decode_step(params, c, tok, p, cfg=CFG,
-                                                            hooks=masked))
+    ref_step = jit_for_tests(lambda c, tok, p: phases.decode_step(params, c, tok, p, cfg=CFG,
+                                                                  hooks=masked))
     for _ in range(8):
         logits, _, cache, _ = ref_step(cache, jnp.asarray([want[-1]]), jnp.asarray([pos]))
         want.append(int(jnp.argmax(logits[0])))

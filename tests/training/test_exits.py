@@ -14,17 +14,22 @@ import pytest
 
 from jdecode.config import ModelConfig
 from jdecode.decoding import methods
-from jdecode.decoding.early_exit import load_exits
+from jdecode.decoding.early_exit import init_exits, load_exits
 from jdecode.io.artifacts import read_manifest
 from jdecode.io.registry import Model
 from jdecode.model.params import init_params
 from jdecode.training.corpus import Corpus
-from jdecode.training.exits import CALIBRATION_QUANTILES, ExitOptions, train_exits
-from jdecode.training.trainer import TrainConfig
+from jdecode.training.exits import (
+    CALIBRATION_QUANTILES,
+    ExitOptions,
+    exits_objective,
+    train_exits,
+)
+from jdecode.training.trainer import TrainConfig, fit
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=6, num_heads=4, num_kv_heads=2,
                   head_dim=8, intermediate_size=64, max_position_embeddings=128)
-OPTS = ExitOptions(every=2, rank=4, calibration_rows=4, criteria=("margin", "classifier"))
+OPTS = ExitOptions(every=2, rank=4, calibration_rows=4, criteria=("margin",))
 TC = TrainConfig(steps=16, batch_size=4, learning_rate=1e-2, warmup_steps=2,
                  checkpoint_every=8, eval_every=8)
 
@@ -66,7 +71,7 @@ def test_calibration_and_artifact(trained, target):
     meta = read_manifest(out)
     assert meta["kind"] == "exits" and meta["options"]["layers"] == [1, 3]
     curve = meta["metrics"]["calibration"]["margin"]
-    assert set(meta["metrics"]["calibration"]) == {"margin", "classifier"}
+    assert set(meta["metrics"]["calibration"]) == {"margin"}
     assert len(curve) == len(CALIBRATION_QUANTILES)
     thresholds = [p["threshold"] for p in curve]
     assert thresholds == sorted(thresholds)  # looser to stricter
@@ -86,10 +91,11 @@ def test_calibration_and_artifact(trained, target):
         methods.build("early_exit", target, {"exits": str(out), "criterion": "entropy"})
 
 
-def test_resume_continues_from_checkpoint(trained, target, corpus, tmp_path):
-    out, _, _, _ = trained
+def test_training_resumes_from_its_checkpoint(trained, target, corpus, tmp_path):
+    out, heads, _, _ = trained
     shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
-    longer = dataclasses.replace(TC, steps=TC.steps + 2)
-    opts = dataclasses.replace(OPTS, criteria=("margin",))
-    _, losses, _ = train_exits(target, tmp_path, opts, longer, corpus=corpus, progress=False)
-    assert len(losses) == 2  # only the steps after the saved one ran
+    fresh = init_exits(target.params, heads.layers, OPTS.rank, jax.random.key(9))
+    res = fit(exits_objective(CFG, OPTS.classifier_weight), fresh, target.params,
+              {"tokens": corpus.tokens, "mask": corpus.mask}, None, tmp_path,
+              dataclasses.replace(TC, steps=TC.steps + 2), progress=False)
+    assert len(res.losses) == 2 and res.steps_done == TC.steps + 2  # only the new steps ran

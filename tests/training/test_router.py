@@ -4,9 +4,6 @@ mixture_of_depths method loads the artifact."""
 
 from __future__ import annotations
 
-import dataclasses
-import shutil
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,11 +72,3 @@ def test_artifact_restores_and_the_method_loads_it(trained, target):
     assert built.describe({"batch": 8}) == {}  # no tokenizer: no held-out share
     top_c = methods.build("mixture_of_depths", target, {"routers": str(out), "capacity": 0.3})
     assert top_c.describe({"batch": 8}) == {"layer_share": 3 / 8}
-
-
-def test_resume_continues_from_checkpoint(trained, target, corpus, tmp_path):
-    out, _, _, _ = trained
-    shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
-    longer = dataclasses.replace(TC, steps=TC.steps + 2)
-    _, losses, _ = train_routers(target, tmp_path, OPTS, longer, corpus=corpus, progress=False)
-    assert len(losses) == 2
