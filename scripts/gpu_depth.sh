@@ -83,6 +83,7 @@ for f in depth depth-b32; do
 done
 exp_args=(--set model="$MODEL" --set dtype="$DTYPE" --set prompts_per_set="$PROMPTS_PER_SET"
           --set max_new_tokens="$MAX_NEW")
+for item in ${EXP_SET:-}; do exp_args+=(--set "$item"); done  # e.g. perplexity_paragraphs=2
 left=$((TOTAL_S - SECONDS - B32_S - CMDBUF_S))
 if [[ $left -gt 30 ]]; then
   # Results are written after every cell: a run cut by the timeout keeps its finished rows.
