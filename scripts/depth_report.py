@@ -2,8 +2,8 @@
 threshold and mixture-of-depths capacity, self-speculation against autoregressive, and the
 issue's bars, from the experiment runner's results and the trained parts' manifests.
 
-    python scripts/depth_report.py --runs OUT/depth_b1,OUT/depth_b32 --exits EXITS_DIR \
-        --router ROUTER_DIR --out OUT [--tag h200]
+    python scripts/depth_report.py --runs OUT/depth_b1,OUT/depth_b32,OUT/depth_cmdbuf \
+        --exits EXITS_DIR --router ROUTER_DIR --out OUT [--tag h200]
 
 Writes depth_<tag>.json (rows, calibration curves, bar verdicts), depth_<tag>.md and
 depth_<tag>.png (top-1 agreement and perplexity against the share of layer computations).
@@ -23,11 +23,13 @@ BARS = {
 
 
 def load_rows(runs: list[Path]) -> list[dict]:
+    """Every cell of the runs, each tagged with its run's directory name."""
     rows = []
     for run in runs:
         file = run / "results.jsonl"
         if file.is_file():
-            rows += [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+            rows += [{**json.loads(line), "run": run.name}
+                     for line in file.read_text().splitlines() if line.strip()]
     return rows
 
 
@@ -36,8 +38,9 @@ def summarize(row: dict, base_ppl: dict) -> dict:
     q = row.get("quality") or {}
     stats = row.get("method_stats") or {}
     share = stats.get("layer_share", 1.0 if row["method"] == "autoregressive" else None)
-    ppl, ppl0 = q.get("perplexity"), base_ppl.get(row["batch"])
-    return {"label": row["label"], "method": row["method"], "batch": row["batch"],
+    ppl, ppl0 = q.get("perplexity"), base_ppl.get((row["run"], row["batch"]))
+    return {"run": row["run"], "label": row["label"], "method": row["method"],
+            "batch": row["batch"],
             "tok_s": row["tok_s"], "speedup": row["speedup"], "tau": row["mean_accepted"],
             "exact": row["exact"], "layer_share": share, "agreement": q.get("agreement"),
             "top1": q.get("top1"), "kl": q.get("kl"), "perplexity": ppl,
@@ -52,22 +55,30 @@ def verdicts(table: list[dict]) -> dict:
     best_spec = max(spec, key=lambda r: r["speedup"], default=None)
     exits = [r for r in table if r["method"] == "early_exit" and r["layer_share"] is not None
              and r["top1"] is not None]
-    ok_exit = [r for r in exits if r["layer_share"] <= 0.7 and r["top1"] >= 0.95]
     mods = [r for r in table if r["method"] == "mixture_of_depths"
             and r["ppl_ratio"] is not None and r["layer_share"] is not None]
-    ok_mod = [r for r in mods if r["layer_share"] <= 0.75 and r["ppl_ratio"] <= 1.05]
 
-    def pick(ok, pool, key):
-        return (min(ok, key=key) if ok else min(pool, key=key, default=None))
+    def closest(rows, share, quality_ok, quality_key):
+        """The cheapest row of good quality; if it costs too much, still the one to show; with
+        no row of good quality, the best quality among the cheap enough rows."""
+        good = [r for r in rows if quality_ok(r)]
+        if good:
+            best = min(good, key=lambda r: r["layer_share"])
+            return best["layer_share"] <= share, best
+        cheap = [r for r in rows if r["layer_share"] <= share]
+        return False, min(cheap, key=quality_key, default=None)
 
+    met_exit, best_exit = closest(exits, 0.7, lambda r: r["top1"] >= 0.95,
+                                  lambda r: -r["top1"])
+    met_mod, best_mod = closest(mods, 0.75, lambda r: r["ppl_ratio"] <= 1.05,
+                                lambda r: r["ppl_ratio"])
     return {
         "self_speculation": {"bar": BARS["self_speculation"], "met": bool(
             best_spec and best_spec["speedup"] >= 1.3 and best_spec["exact"] == 1.0),
             "best": best_spec},
-        "early_exit": {"bar": BARS["early_exit"], "met": bool(ok_exit),
-                       "best": pick(ok_exit, exits, lambda r: (r["layer_share"], -r["top1"]))},
-        "mixture_of_depths": {"bar": BARS["mixture_of_depths"], "met": bool(ok_mod),
-                              "best": pick(ok_mod, mods, lambda r: r["ppl_ratio"])},
+        "early_exit": {"bar": BARS["early_exit"], "met": met_exit, "best": best_exit},
+        "mixture_of_depths": {"bar": BARS["mixture_of_depths"], "met": met_mod,
+                              "best": best_mod},
     }
 
 
@@ -77,14 +88,16 @@ def fmt(v, spec=".3f") -> str:
 
 def markdown(table: list[dict], curves: dict, bars: dict, manifests: dict) -> str:
     lines = ["# Dynamic depth: quality against cost", "",
-             "layer share: layer computations per token / L (early exit: teacher-forced on "
+             ("layer share: layer computations per token / L (early exit: teacher-forced on "
              "held-out prose; mixture-of-depths: exact). top-1 and KL: teacher-forced against the "
              "full model on its own greedy outputs. ppl ratio: held-out perplexity over the "
-             "full model's.", "",
-             "| method | batch | tok/s | speedup | tau | layer share | exact | agreement | top-1 "
-             "| KL | ppl ratio | task acc. |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "full model's."), "",
+             ("| run | method | batch | tok/s | speedup | tau | layer share | exact | agreement "
+             "| top-1 | KL | ppl ratio | task acc. |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
-        lines.append(f"| {r['label']} | {r['batch']} | {r['tok_s']:.1f} | {r['speedup']:.2f}x | "
+        lines.append(f"| {r['run']} | {r['label']} | {r['batch']} | {r['tok_s']:.1f} | "
+                     f"{r['speedup']:.2f}x | "
                      f"{r['tau']:.2f} | {fmt(r['layer_share'])} | {fmt(r['exact'], '.2f')} | "
                      f"{fmt(r['agreement'])} | {fmt(r['top1'])} | {fmt(r['kl'], '.4f')} | "
                      f"{fmt(r['ppl_ratio'])} | {fmt(r['task_accuracy'])} |")
@@ -92,7 +105,8 @@ def markdown(table: list[dict], curves: dict, bars: dict, manifests: dict) -> st
     for name, v in bars.items():
         best = v["best"]
         detail = "no row" if best is None else (
-            f"closest: {best['label']} b={best['batch']}: speedup {best['speedup']:.2f}x, "
+            f"closest: {best['label']} b={best['batch']} ({best['run']}): speedup "
+            f"{best['speedup']:.2f}x, "
             f"layer share {fmt(best['layer_share'])}, top-1 {fmt(best['top1'])}, "
             f"ppl ratio {fmt(best['ppl_ratio'])}, exact {fmt(best['exact'], '.2f')}")
         lines.append(f"- **{name}** ({v['bar']}): {'met' if v['met'] else 'missed'}; {detail}")
@@ -156,8 +170,8 @@ def main() -> None:
     ap.add_argument("--tag", default="gpu")
     args = ap.parse_args()
     rows = load_rows([Path(p) for p in args.runs.split(",")])
-    base_ppl = {r["batch"]: (r.get("quality") or {}).get("perplexity") for r in rows
-                if r["method"] == "autoregressive"}
+    base_ppl = {(r["run"], r["batch"]): (r.get("quality") or {}).get("perplexity")
+                for r in rows if r["method"] == "autoregressive"}
     table = [summarize(r, base_ppl) for r in rows]
     manifests = {name: json.loads((Path(d) / "manifest.json").read_text())
                  for name, d in (("exits", args.exits), ("router", args.router))

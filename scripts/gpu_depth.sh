@@ -107,7 +107,7 @@ if [[ $CMDBUF_S -gt 0 && $left -gt 20 ]]; then
       {label: exit-classifier-batch, $ee, batching: batch}}]" \
     --out "$OUT/depth_cmdbuf" || echo "command-buffer run failed or stopped at its budget"
 fi
-run python -u scripts/depth_report.py --runs "$OUT/depth_b1,$OUT/depth_b32" \
+run python -u scripts/depth_report.py --runs "$OUT/depth_b1,$OUT/depth_b32,$OUT/depth_cmdbuf" \
   --exits "$WORK/exits" --router "$WORK/router" --out "$OUT" --tag "$TAG"
 echo "done in ${SECONDS}s"
 ls -l "$OUT"
