@@ -25,9 +25,9 @@ from jdecode.decoding.early_exit import (
     classifier_logit,
     exit_hidden,
     exit_layers,
+    exit_logits,
     exit_score,
     init_exits,
-    score_early_exit,
 )
 from jdecode.io import artifacts
 from jdecode.io.registry import Model
@@ -40,7 +40,9 @@ from jdecode.training.registry import register_trainer
 from jdecode.training.trainer import Batch, Objective, TrainConfig, fit
 
 # Quantiles of each criterion's held-out confidence tried as thresholds (high = strict).
-CALIBRATION_QUANTILES = (0.2, 0.4, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+CALIBRATION_QUANTILES = (0.2, 0.4, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995,
+                         0.998, 0.999)
+THRESHOLD_CRITERIA = tuple(c for c in CRITERIA if c != "fixed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,19 +50,14 @@ class ExitOptions:
     every: int = option(3, "an exit after every N-th layer")
     rank: int = option(32, "rank of each exit's adapter (0: the norm only, as LayerSkip)")
     classifier_weight: float = option(1.0, "weight of the exit classifiers' loss")
-    calibration_rows: int = option(64, "held-out windows the thresholds are calibrated on")
-    criteria: tuple[str, ...] = option(("entropy", "margin", "saturation", "classifier"),
-                                       "criteria whose thresholds are calibrated")
+    calibration_rows: int = option(64, "held-out windows the per-exit figures and the "
+                                   "thresholds are measured on")
     save_dtype: str | None = option(None, "dtype of the saved heads (default: the target's)")
 
     def __post_init__(self) -> None:
         if self.every < 1 or self.rank < 0 or self.calibration_rows < 1:
             raise ValueError(f"every={self.every} and calibration_rows="
                              f"{self.calibration_rows} must be >= 1, rank={self.rank} >= 0")
-        bad = [c for c in self.criteria if c not in CRITERIA or c == "fixed"]
-        if bad:
-            raise ValueError(f"criteria: {bad[0]!r} has no threshold; choose from "
-                             f"{', '.join(c for c in CRITERIA if c != 'fixed')}")
 
 
 def exit_terms(heads: ExitHeads, target: Params, tokens: jax.Array, mask: jax.Array,
@@ -112,75 +109,81 @@ def exits_objective(cfg: ModelConfig, classifier_weight: float) -> Objective:
 
 
 @partial(jax.jit, static_argnames=("cfg",))
-def _exit_sums(heads: ExitHeads, target: Params, tokens: jax.Array, mask: jax.Array, *,
-               cfg: ModelConfig) -> dict[str, jax.Array]:
-    t = exit_terms(heads, target, tokens, mask, cfg)
-    return {"top1": t["top1"], "kl": t["kl"], "count": t["count"]}
+def exit_statistics(heads: ExitHeads, target: Params, tokens: jax.Array, *, cfg: ModelConfig
+                    ) -> dict[str, jax.Array]:
+    """Per exit and token, on the full model's residual stream: whether the exit's argmax is
+    the full model's ("agree"), the KL to the full model ("kl") and every criterion's
+    confidence (`exit_score`), each [N, B, T] f32."""
+    hooks = collect_hidden(tuple(x for layer in heads.layers for x in (layer - 1, layer)))
+    full, _, feats = phases.score(target, tokens, cfg=cfg, hooks=hooks)
+    full_top = jnp.argmax(full, -1)
+    eps = cfg.rms_norm_eps
+
+    def one(j):  # static j: one exit's [B, T, V] logits live at a time
+        x_in, x = feats[2 * j], feats[2 * j + 1]
+        logits = exit_logits(target, heads, j, x, eps)
+        out = {"agree": (jnp.argmax(logits, -1) == full_top).astype(jnp.float32),
+               "kl": kl_per_position(full, logits)}
+        for c in THRESHOLD_CRITERIA:
+            out[c] = exit_score(c, target, heads, j, x_in, x, eps)
+        return out
+
+    per_exit = [one(j) for j in range(len(heads.layers))]
+    return {k: jnp.stack([o[k] for o in per_exit]) for k in per_exit[0]}
 
 
-def per_exit_metrics(heads: ExitHeads, target: Params, data: Batch, cfg: ModelConfig,
-                     batch_size: int) -> dict[str, dict[str, float]]:
-    """Held-out top-1 agreement and KL of each exit against the full model:
-    {"top1": {"layer_<l>": ...}, "kl": {...}}."""
-    totals = {"top1": np.zeros(len(heads.layers)), "kl": np.zeros(len(heads.layers))}
-    count = 0.0
+def gather_statistics(heads: ExitHeads, target: Params, data: Batch, cfg: ModelConfig,
+                      batch_size: int) -> dict[str, np.ndarray]:
+    """`exit_statistics` of every valid token of `data`: [N, tokens] f32 each."""
+    parts: dict[str, list] = {}
     for start in range(0, len(data["tokens"]), batch_size):
-        out = _exit_sums(heads, target, jnp.asarray(data["tokens"][start:start + batch_size]),
-                         jnp.asarray(data["mask"][start:start + batch_size]), cfg=cfg)
-        for key in totals:
-            totals[key] += np.asarray(out[key])
-        count += float(out["count"])
-    return {key: {f"layer_{layer}": float(v / max(count, 1.0))
-                  for layer, v in zip(heads.layers, sums)} for key, sums in totals.items()}
+        mask = np.asarray(data["mask"][start:start + batch_size]) > 0
+        stats = exit_statistics(heads, target, jnp.asarray(data["tokens"][start:start +
+                                                                          batch_size]), cfg=cfg)
+        for key, value in stats.items():
+            parts.setdefault(key, []).append(np.asarray(value)[:, mask])
+    return {key: np.concatenate(v, axis=1) for key, v in parts.items()}
 
 
-@partial(jax.jit, static_argnames=("cfg",))
-def _full_logits(target: Params, tokens: jax.Array, *, cfg: ModelConfig) -> jax.Array:
-    return phases.score(target, tokens, cfg=cfg)[0]
+def per_exit_metrics(heads: ExitHeads, stats: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Mean top-1 agreement and KL of each exit: {"top1": {"layer_<l>": ...}, "kl": {...}}."""
+    return {name: {f"layer_{layer}": float(v) for layer, v in zip(heads.layers,
+                                                                  stats[key].mean(1))}
+            for name, key in (("top1", "agree"), ("kl", "kl"))}
 
 
-def calibration_curve(target: Params, heads: ExitHeads, cfg: ModelConfig, tokens: np.ndarray,
-                      mask: np.ndarray, criterion: str, batch_size: int) -> list[dict]:
-    """Held-out top-1 agreement with the full model and the share of layers computed, per
-    candidate threshold: quantiles of the criterion's confidence over every exit and token.
+def calibration_curve(heads: ExitHeads, stats: dict[str, np.ndarray], criterion: str,
+                      num_layers: int) -> list[dict]:
+    """Top-1 agreement with the full model, KL and the share of layers computed, per candidate
+    threshold: quantiles of the criterion's confidence over every exit and token.
+
+    A token leaves at the first exit whose confidence passes; its agreement and KL are that
+    exit's on the full model's residual stream. That ignores how propagated K/V shift the
+    states of later tokens (the early_exit method's own score measures it, teacher-forced).
 
     Returns:
       [{"threshold", "top1", "kl", "layer_share"}, ...], the threshold in the criterion's own
       units (`early_exit.CRITERIA`), from the loosest to the strictest.
     """
-    batches = [(jnp.asarray(tokens[i:i + batch_size]), jnp.asarray(mask[i:i + batch_size]))
-               for i in range(0, len(tokens), batch_size)]
+    scores = np.quantile(stats[criterion], CALIBRATION_QUANTILES)
+    return [{"threshold": float(-score if criterion == "entropy" else score),
+             **curve_point(heads, stats, criterion, float(score), num_layers)}
+            for score in scores]
 
-    @jax.jit
-    def confidences(p, h, toks):  # [N, B, T] at every exit, on the full model's states
-        hooks = collect_hidden(tuple(x for layer in h.layers for x in (layer - 1, layer)))
-        _, _, feats = phases.score(p, toks, cfg=cfg, hooks=hooks)
-        return jnp.stack([exit_score(criterion, p, h, j, feats[2 * j], feats[2 * j + 1],
-                                     cfg.rms_norm_eps) for j in range(len(h.layers))])
 
-    pooled = np.concatenate([np.asarray(confidences(target, heads, t))[:, np.asarray(m) > 0]
-                             .ravel() for t, m in batches])
-    scores = np.quantile(pooled, CALIBRATION_QUANTILES)
-    thresholds = -scores if criterion == "entropy" else scores  # the user's units
-
-    full = [_full_logits(target, t, cfg=cfg) for t, _ in batches]  # once for all thresholds
-
-    @jax.jit
-    def measure(p, h, thr, toks, m, full):
-        logits, computed = score_early_exit(p, h, thr, toks, cfg=cfg, criterion=criterion)
-        agree = jnp.argmax(logits, -1) == jnp.argmax(full, -1)
-        return (jnp.sum(agree * m), jnp.sum(kl_per_position(full, logits) * m),
-                jnp.sum(computed * m))
-
-    curve = []
-    for thr in thresholds:
-        sums = np.zeros(3)
-        for (t, m), f in zip(batches, full):
-            sums += np.asarray(measure(target, heads, jnp.float32(thr), t, m, f), np.float64)
-        n = float(mask.sum())
-        curve.append({"threshold": float(thr), "top1": sums[0] / n, "kl": sums[1] / n,
-                      "layer_share": sums[2] / n / cfg.num_layers})
-    return curve
+def curve_point(heads: ExitHeads, stats: dict[str, np.ndarray], criterion: str, score: float,
+                num_layers: int) -> dict[str, float]:
+    """top1, kl and layer_share when tokens leave where the confidence reaches `score` (in
+    `exit_score`'s units), from `exit_statistics` [N, M]."""
+    passed = stats[criterion] >= score  # [N, M]
+    leaves = passed.any(0)
+    first = np.argmax(passed, axis=0)  # the first exit passing (0 where none does)
+    cols = np.arange(passed.shape[1])
+    depth = np.asarray([layer + 1 for layer in heads.layers], np.float64)
+    return {"top1": float(np.where(leaves, stats["agree"][first, cols], 1.0).mean()),
+            "kl": float(np.where(leaves, stats["kl"][first, cols], 0.0).mean()),
+            "layer_share": float((np.where(leaves, depth[first], num_layers)
+                                  / num_layers).mean())}
 
 
 def train_exits(target: Model, out_dir: str | Path, opts: ExitOptions | None = None,
@@ -210,25 +213,26 @@ def train_exits(target: Model, out_dir: str | Path, opts: ExitOptions | None = N
     heads = init_exits(target.params, layers, opts.rank, jax.random.key(tc.seed))
     val = {"tokens": corpus.val_tokens, "mask": corpus.val_mask}
     has_val = len(corpus.val_tokens) > 0
-    before = per_exit_metrics(heads, target.params, val, cfg, tc.batch_size) if has_val else {}
+    # Held-out windows (training ones if none are held out) for the per-exit figures and the
+    # calibration.
+    held = {k: v[:opts.calibration_rows] for k, v in (
+        val if has_val else {"tokens": corpus.tokens, "mask": corpus.mask}).items()}
+    before = per_exit_metrics(heads, gather_statistics(heads, target.params, held, cfg,
+                                                       tc.batch_size))
     res = fit(exits_objective(cfg, opts.classifier_weight), heads, target.params,
               {"tokens": corpus.tokens, "mask": corpus.mask}, val if has_val else None, out,
               tc, progress, desc="train exits")
     heads = res.trainable
-    cal_tokens, cal_mask = (corpus.val_tokens, corpus.val_mask) if has_val else (
-        corpus.tokens, corpus.mask)
-    cal_tokens, cal_mask = cal_tokens[:opts.calibration_rows], cal_mask[:opts.calibration_rows]
+    stats = gather_statistics(heads, target.params, held, cfg, tc.batch_size)
     evals = res.history["eval"]
     metrics = {
         "steps_done": res.steps_done, "train_seconds": res.train_seconds,
         "epochs_done": res.epochs_done, **corpus.info(),
         "last_eval": evals[-1] if evals else None,
-        "exits_untrained": before,
-        "exits_trained": per_exit_metrics(heads, target.params, val, cfg, tc.batch_size)
-        if has_val else {},
-        "calibration_rows": len(cal_tokens),
-        "calibration": {c: calibration_curve(target.params, heads, cfg, cal_tokens, cal_mask, c,
-                                             tc.batch_size) for c in opts.criteria},
+        "calibration_rows": len(held["tokens"]), "held_out": has_val,
+        "exits_untrained": before, "exits_trained": per_exit_metrics(heads, stats),
+        "calibration": {c: calibration_curve(heads, stats, c, cfg.num_layers)
+                        for c in THRESHOLD_CRITERIA},
     }
     artifacts.save_artifact(out, ARTIFACT_KIND, target, heads,
                             {"layers": list(layers), **to_dict(opts), "train": to_dict(tc),

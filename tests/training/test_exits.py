@@ -22,6 +22,7 @@ from jdecode.training.corpus import Corpus
 from jdecode.training.exits import (
     CALIBRATION_QUANTILES,
     ExitOptions,
+    curve_point,
     exits_objective,
     train_exits,
 )
@@ -29,7 +30,7 @@ from jdecode.training.trainer import TrainConfig, fit
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=6, num_heads=4, num_kv_heads=2,
                   head_dim=8, intermediate_size=64, max_position_embeddings=128)
-OPTS = ExitOptions(every=2, rank=4, calibration_rows=4, criteria=("margin",))
+OPTS = ExitOptions(every=2, rank=4, calibration_rows=4)
 TC = TrainConfig(steps=16, batch_size=4, learning_rate=1e-2, warmup_steps=2,
                  checkpoint_every=8, eval_every=8)
 
@@ -71,7 +72,8 @@ def test_calibration_and_artifact(trained, target):
     meta = read_manifest(out)
     assert meta["kind"] == "exits" and meta["options"]["layers"] == [1, 3]
     curve = meta["metrics"]["calibration"]["margin"]
-    assert set(meta["metrics"]["calibration"]) == {"margin"}
+    assert set(meta["metrics"]["calibration"]) == {"entropy", "margin", "saturation",
+                                                   "classifier"}
     assert len(curve) == len(CALIBRATION_QUANTILES)
     thresholds = [p["threshold"] for p in curve]
     assert thresholds == sorted(thresholds)  # looser to stricter
@@ -87,8 +89,6 @@ def test_calibration_and_artifact(trained, target):
     assert float(built.model.params[2]) == pytest.approx(min(thresholds))
     tokens = jnp.zeros((1, 8), jnp.int32)
     assert built.score(built.model.params, tokens).shape == (1, 8, CFG.vocab_size)
-    with pytest.raises(ValueError, match="no calibrated entropy threshold"):
-        methods.build("early_exit", target, {"exits": str(out), "criterion": "entropy"})
 
 
 def test_training_resumes_from_its_checkpoint(trained, target, corpus, tmp_path):
@@ -99,3 +99,17 @@ def test_training_resumes_from_its_checkpoint(trained, target, corpus, tmp_path)
               {"tokens": corpus.tokens, "mask": corpus.mask}, None, tmp_path,
               dataclasses.replace(TC, steps=TC.steps + 2), progress=False)
     assert len(res.losses) == 2 and res.steps_done == TC.steps + 2  # only the new steps ran
+
+
+def test_calibration_point_exits_at_the_first_passing_exit():
+    """A token leaves at the first exit whose confidence passes; its agreement, KL and depth
+    are that exit's; a token no exit lets go runs the full model (exits after layers 1, 3 of
+    6, four tokens)."""
+    heads = init_exits(init_params(CFG, jax.random.key(0)), (1, 3), 0, jax.random.key(0))
+    stats = {"margin": np.array([[0.9, 0.1, 0.1, 0.6], [0.95, 0.8, 0.2, 0.7]]),
+             "agree": np.array([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0]]),
+             "kl": np.array([[0.1, 2.0, 2.0, 1.0], [0.0, 0.2, 1.0, 0.3]])}
+    for score, want in ((0.65, (1.0, 0.15, 16 / 24)), (0.85, (1.0, 0.025, 20 / 24)),
+                        (0.05, (0.25, 1.275, 8 / 24))):
+        got = curve_point(heads, stats, "margin", score, CFG.num_layers)
+        assert (got["top1"], got["kl"], got["layer_share"]) == pytest.approx(want), score
