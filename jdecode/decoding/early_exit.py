@@ -71,21 +71,26 @@ def init_exits(params: Params, layers: tuple[int, ...], rank: int, key: jax.Arra
                      cls_b=jnp.zeros((n,), dt), layers=tuple(layers))
 
 
-def exit_hidden(heads: ExitHeads, j: int | jax.Array, x: jax.Array, eps: float) -> jax.Array:
-    """The head input of exit j (a static int or an int32 scalar) for x [B, T, E]."""
-    h = rms_norm(x, heads.norm[j], eps)
-    return h + jnp.einsum("btr,re->bte", jnp.einsum("bte,er->btr", h, heads.down[j]),
-                          heads.up[j])
+def adapted(x: jax.Array, norm: jax.Array, down: jax.Array, up: jax.Array, eps: float
+            ) -> jax.Array:
+    """An exit's head input: the norm, then the low-rank adapter. x [B, T, E] -> [B, T, E]."""
+    h = rms_norm(x, norm, eps)
+    return h + jnp.einsum("btr,re->bte", jnp.einsum("bte,er->btr", h, down), up)
 
 
-def exit_logits(params: Params, heads: ExitHeads, j: int | jax.Array, x: jax.Array,
-                eps: float) -> jax.Array:
+def exit_hidden(heads: ExitHeads, j: int, x: jax.Array, eps: float) -> jax.Array:
+    """The head input of exit j for x [B, T, E]."""
+    return adapted(x, heads.norm[j], heads.down[j], heads.up[j], eps)
+
+
+def exit_logits(params: Params, heads: ExitHeads, j: int, x: jax.Array, eps: float
+                ) -> jax.Array:
     """Logits [B, T, V] f32 of exit j for the residual stream x [B, T, E]."""
     return lm_head(params, exit_hidden(heads, j, x, eps))
 
 
-def exit_score(criterion: str, params: Params, heads: ExitHeads, j: int | jax.Array,
-               x_in: jax.Array, x_out: jax.Array, eps: float) -> jax.Array:
+def exit_score(criterion: str, params: Params, heads: ExitHeads, j: int, x_in: jax.Array,
+               x_out: jax.Array, eps: float) -> jax.Array:
     """Confidence [B, T] f32 at exit j (after the layer mapping x_in to x_out), higher is more
     confident; compared with `score_threshold(criterion, threshold)`.
 
@@ -110,7 +115,7 @@ def exit_score(criterion: str, params: Params, heads: ExitHeads, j: int | jax.Ar
     raise ValueError(f"criterion={criterion!r}: choose one of {', '.join(CRITERIA)}")
 
 
-def classifier_logit(heads: ExitHeads, j: int | jax.Array, h: jax.Array) -> jax.Array:
+def classifier_logit(heads: ExitHeads, j: int, h: jax.Array) -> jax.Array:
     """CALM's exit classifier: logit [B, T] f32 that exit j's token is the full model's."""
     return (jnp.einsum("bte,e->bt", h, heads.cls_w[j], preferred_element_type=jnp.float32)
             + heads.cls_b[j].astype(jnp.float32))
@@ -177,10 +182,9 @@ def exit_output(params: Params, heads: ExitHeads, x: jax.Array, exit_id: jax.Arr
     # Every exit's head input at once ([N+1, B, T, E], the final norm as exit N: a few
     # kernels whatever N is), then one LM head for every token.
     norms = jnp.concatenate([heads.norm, params.final_norm[None]])  # [N+1, E]
-    h = rms_norm(x[None], norms[:, None, None, :], eps)
     down = jnp.concatenate([heads.down, jnp.zeros_like(heads.down[:1])])  # [N+1, E, R]
     up = jnp.concatenate([heads.up, jnp.zeros_like(heads.up[:1])])
-    h = h + jnp.einsum("nbtr,nre->nbte", jnp.einsum("nbte,ner->nbtr", h, down), up)
+    h = jax.vmap(lambda n, d, u: adapted(x, n, d, u, eps))(norms, down, up)
     hidden = jnp.take_along_axis(h, exit_id[None, :, :, None], axis=0)[0]  # [B, T, E]
     return lm_head(params, hidden)
 
@@ -219,8 +223,27 @@ def early_exit(params: Params, heads: ExitHeads, threshold: jax.Array, tokens: j
                 layers_computed(heads, exit_id, cfg.num_layers))
     if batching != "batch":
         raise ValueError(f"batching={batching!r}: choose one of {', '.join(BATCHING)}")
+    x, cache, exit_id = batch_exit_layers(params, heads, threshold, x, cos, sin, cache, meta,
+                                          criterion=criterion, **kw)
+    exit_ids = jnp.full(tokens.shape, exit_id)
+    return (exit_output(params, heads, x, exit_ids, eps), cache,
+            layers_computed(heads, exit_ids, cfg.num_layers))
+
+
+def batch_exit_layers(params: Params, heads: ExitHeads, threshold: jax.Array, x: jax.Array,
+                      cos: jax.Array, sin: jax.Array, cache: Any, meta: Any, *,
+                      cfg: ModelConfig, attend: Any, linear: Any, criterion: str
+                      ) -> tuple[jax.Array, Any, jax.Array]:
+    """Per-batch exits over the residual stream x [B, T, E]: the batch leaves at the first exit
+    where every token passes, and each later segment runs under `lax.cond` as K/V propagation
+    only (`run_layers(kv_only=True)`: the layers' norms and K/V columns are read, nothing else).
+
+    Returns:
+      the final residual stream, the cache and the exit, an int32 scalar (N: no exit).
+    """
     n, thr = len(heads.layers), score_threshold(criterion, threshold)
     bounds = segments(heads, cfg.num_layers)
+    kw = {"cfg": cfg, "attend": attend, "linear": linear}
     # The input of each segment's last layer, for the saturation measure.
     keep_in = LayerHooks(after=lambda c, x_in, x_out, layer: (x_in, x_out))
 
@@ -229,7 +252,7 @@ def early_exit(params: Params, heads: ExitHeads, threshold: jax.Array, tokens: j
                                     start=bounds[s], stop=bounds[s + 1], **kw)
         if s == n:
             return x, cache, jnp.int32(n)
-        ok = jnp.all(exit_score(criterion, params, heads, s, x_in, x, eps) >= thr)
+        ok = jnp.all(exit_score(criterion, params, heads, s, x_in, x, cfg.rms_norm_eps) >= thr)
         return x, cache, jnp.where(ok, jnp.int32(s), jnp.int32(n))
 
     x, cache, exit_id = segment(0, x, cache)
@@ -242,10 +265,10 @@ def early_exit(params: Params, heads: ExitHeads, threshold: jax.Array, tokens: j
         def compute(op, s=s):
             return segment(s, op[0], op[1])
 
+        # On XLA:GPU the predicate goes to the host, once per exit, unless command buffers
+        # run the conditional on the device.
         x, cache, exit_id = jax.lax.cond(exit_id < n, skip, compute, (x, cache, exit_id))
-    exit_ids = jnp.full(tokens.shape, exit_id)
-    return (exit_output(params, heads, x, exit_ids, eps), cache,
-            layers_computed(heads, exit_ids, cfg.num_layers))
+    return x, cache, exit_id
 
 
 def score_early_exit(params: Params, heads: ExitHeads, threshold: jax.Array, tokens: jax.Array,
