@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from jdecode.cache.dense import init_cache
@@ -14,27 +15,43 @@ from jdecode.decoding.methods import MethodBuild, register
 from jdecode.io.registry import Model
 
 
-def autoregressive(cfg: ModelConfig, max_len: int, impl: str = "xla") -> Decoder:
+def start_state(logits: jax.Array, prompt: jax.Array, lengths: jax.Array, sampling, keys,
+                aux, track_seen: bool, vocab_size: int) -> DecodeState:
+    """The state after prefill: the first token sampled from the prefill's logits [B, V].
+
+    Args:
+      prompt: [B, T] int32 (marks the seen tokens when track_seen). lengths: [B] int32.
+      aux: the method's state (e.g. the prefilled cache).
+    """
+    b = prompt.shape[0]
+    seen = None
+    if track_seen:
+        valid = jnp.arange(prompt.shape[1])[None] < lengths[:, None]
+        seen = mark_seen(jnp.zeros((b, vocab_size), bool),
+                         jnp.where(valid, prompt, vocab_size))  # padding is dropped
+    state = DecodeState(tokens=jnp.zeros((b,), jnp.int32), positions=lengths, keys=keys,
+                        sampling=sampling, seen=seen, aux=aux)
+    first, state = sample_next(logits, state)
+    return state.replace(tokens=first)
+
+
+def autoregressive(cfg: ModelConfig, max_len: int, impl: str = "xla",
+                   track_writes: bool = False) -> Decoder:
     """One token per step. `aux` is the dense cache [L, B, max_len, K, D].
 
     Args:
       cfg: model config. max_len: cache slots per sequence (prompt bucket + new tokens).
-      impl: attention implementation ("xla" or "pallas").
+      impl: attention implementation ("xla" or "pallas"). track_writes: a cache that tracks
+        which tokens stored K/V (for methods built on this one whose layers leave tokens out).
     """
 
     def init(params, prompt, lengths, sampling, keys, track_seen=False):
         b = prompt.shape[0]
-        cache = init_cache(cfg, b, max_len, per_layer=isinstance(params.layers, tuple))
+        cache = init_cache(cfg, b, max_len, per_layer=isinstance(params.layers, tuple),
+                           track_writes=track_writes)
         logits, _, cache = phases.prefill(params, cache, prompt, lengths, cfg=cfg, impl=impl)
-        seen = None
-        if track_seen:
-            valid = jnp.arange(prompt.shape[1])[None] < lengths[:, None]
-            seen = mark_seen(jnp.zeros((b, cfg.vocab_size), bool),
-                             jnp.where(valid, prompt, cfg.vocab_size))  # padding is dropped
-        state = DecodeState(tokens=jnp.zeros((b,), jnp.int32), positions=lengths, keys=keys,
-                            sampling=sampling, seen=seen, aux=cache)
-        first, state = sample_next(logits, state)
-        return state.replace(tokens=first)
+        return start_state(logits, prompt, lengths, sampling, keys, cache, track_seen,
+                           cfg.vocab_size)
 
     def step(params, state):
         # Clamp so rows that finished long ago keep writing inside the buffer.

@@ -27,10 +27,17 @@ class Drafter(NamedTuple):
     `tokens` is the last emitted token (at `positions`, not yet in any cache) and `prev` the
     token at `positions - 1`. q = None means a deterministic draft (q is one-hot on `draft`).
     keys = None says the batch is all greedy (static): draft the argmax, return q = None.
+
+    draft_and_score, for a drafter that shares the target's cache (self-speculation, which
+    writes the early layers' K/V there while drafting): (target_params, draft_params, aux,
+    cache, tokens, prev, positions, sampling, keys, k) -> (draft, q, logits [B, k+1, V] f32 of
+    the target at the k+1 verified positions, cache, aux). It replaces propose (then None)
+    and the target's own verify pass.
     """
 
     init: Callable[..., Any]
-    propose: Callable[..., tuple[jax.Array, jax.Array | None, Any]]
+    propose: Callable[..., tuple[jax.Array, jax.Array | None, Any]] | None
+    draft_and_score: Callable[..., tuple] | None = None
 
 
 def filtered_probs(logits: jax.Array, sp: SamplingArrays) -> jax.Array:

@@ -137,8 +137,8 @@ class Generator:
             raise ValueError(f"layout={layout!r}: choose auto, inference or stacked")
         # Every Params in the pytree (speculative decoding passes (target, draft) params).
         self.params = jax.tree_util.tree_map(
-            inference_layout, model.params, is_leaf=lambda x: isinstance(x, Params)
-        ) if layout == "inference" else model.params
+            lambda x: inference_layout(x) if isinstance(x, Params) else x, model.params,
+            is_leaf=lambda x: isinstance(x, Params)) if layout == "inference" else model.params
         self.decoder_fn = decoder_fn
         self.max_seq_len = max_seq_len or model.cfg.max_position_embeddings
         self.specialize_greedy, self.loop_block = specialize_greedy, loop_block

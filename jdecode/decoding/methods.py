@@ -29,6 +29,8 @@ BUILTIN_METHODS = (
     "jdecode.decoding.jacobi",
     "jdecode.decoding.lookahead",
     "jdecode.decoding.cllm",
+    "jdecode.decoding.early_exit",
+    "jdecode.decoding.mixture_of_depths",
 )
 
 

@@ -29,6 +29,7 @@ from jdecode.decoding.drafters import (
 )
 from jdecode.decoding.methods import MethodBuild, register
 from jdecode.decoding.sampling import SamplingArrays
+from jdecode.decoding.self_speculative import build_self_draft
 from jdecode.io.registry import Model
 from jdecode.model.attention import resolve_impl
 from jdecode.options import option
@@ -161,11 +162,19 @@ def speculative(cfg: ModelConfig, drafter: Drafter, k: int, max_len: int, impl: 
             keys, now = split_keys(state.keys)
             pairs = jax.vmap(lambda key: jax.random.split(key, 2))(now)  # [B, 2]
             draft_keys = pairs[:, 0]
-        draft, q, draft_aux = drafter.propose(draft_params, aux.draft, state.tokens, aux.prev,
-                                              state.positions, state.sampling, draft_keys, k)
-        seq = jnp.concatenate([state.tokens[:, None], draft], axis=1)  # [B, k+1]
         pos = state.positions[:, None] + jnp.arange(k + 1)  # [B, k+1]
-        logits, _, cache = phases.verify(target_params, aux.cache, seq, pos, cfg=cfg, impl=impl)
+        if drafter.draft_and_score is None:
+            draft, q, draft_aux = drafter.propose(draft_params, aux.draft, state.tokens,
+                                                  aux.prev, state.positions, state.sampling,
+                                                  draft_keys, k)
+            seq = jnp.concatenate([state.tokens[:, None], draft], axis=1)  # [B, k+1]
+            logits, _, cache = phases.verify(target_params, aux.cache, seq, pos, cfg=cfg,
+                                             impl=impl)
+        else:  # self-speculation: the drafter shares the target's cache and scores the block
+            draft, q, logits, cache, draft_aux = drafter.draft_and_score(
+                target_params, draft_params, aux.draft, aux.cache, state.tokens, aux.prev,
+                state.positions, state.sampling, draft_keys, k)
+            seq = jnp.concatenate([state.tokens[:, None], draft], axis=1)
         if all_greedy:
             tokens, num = greedy_accept(draft, logits)
         else:
@@ -191,15 +200,21 @@ def build_speculative(target: Model, draft: str | Model, k: int, impl: str = "au
     """What `Generator` needs to decode `target` speculatively.
 
     Args:
-      target: the loaded target model. draft: "ngram" (prompt lookup), a loaded `Model`, or a
-        name/path: a trained draft artifact (`jdecode train draft`), an HF directory or a
-        .gguf file. k: drafted tokens per step. max_ngram: longest n-gram prompt lookup matches.
+      target: the loaded target model. draft: "ngram" (prompt lookup), "self:E[:EXITS]"
+        (the target's first E layers and an exit head, `self_speculative`), a loaded `Model`,
+        or a name/path: a trained draft artifact (`jdecode train draft`), an HF directory or
+        a .gguf file. k: drafted tokens per step. max_ngram: longest n-gram prompt lookup matches.
       greedy: every request will be greedy (see `speculative`). with_ngram: a model draft
         gives way to prompt lookup where a 2+-gram matches (`ngram_model_drafter`).
     Returns:
       (model, decoder_fn): pass both to `Generator(model, decoder_fn=...)`.
     """
     impl = resolve_impl(impl)
+    if isinstance(draft, str) and draft.startswith("self:"):
+        heads, drafter_fn = build_self_draft(target, draft, impl)
+        return speculative_model(target, heads), \
+            lambda cfg, max_len: speculative(cfg, drafter_fn(cfg, max_len), k, max_len, impl,
+                                             greedy)
     if isinstance(draft, str) and draft == "ngram":
         return speculative_model(target, None), \
             lambda cfg, max_len: speculative(cfg, ngram_drafter(max_len, max_ngram), k, max_len,
@@ -238,8 +253,9 @@ def acceptance_stats(mean_accepted: float, k: int) -> dict[str, float]:
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeOptions:
-    draft: str = option("ngram", "ngram (prompt lookup), a `jdecode train draft` artifact, an HF "
-                        "directory or a .gguf of a model sharing the target's tokenizer")
+    draft: str = option("ngram", "ngram (prompt lookup), self:E[:EXITS] (the target's first E "
+                        "layers + an exit head, LayerSkip), a `jdecode train draft` artifact, "
+                        "an HF directory or a .gguf of a model sharing the target's tokenizer")
     k: int = option(4, "tokens drafted per step")
     max_ngram: int = option(3, "longest context suffix prompt lookup matches")
     with_ngram: bool = option(False, "a model draft gives way to prompt lookup where a 2+-gram "

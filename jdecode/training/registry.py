@@ -19,6 +19,8 @@ BUILTIN_TRAINERS = (
     "jdecode.training.medusa",
     "jdecode.training.eagle",
     "jdecode.training.consistency",
+    "jdecode.training.exits",
+    "jdecode.training.router",
 )
 
 

@@ -73,6 +73,9 @@ RECIPES = {
     "jacobi": {"block_size": 3, "init": "ngram"},
     "lookahead": {"window": 3, "ngram": 3, "guesses": 2},
     "cllm": untrained_consistency,
+    "early_exit": {"exits": "untrained:6", "criterion": "saturation", "threshold": 0.99,
+                   "share_tokens": 0},
+    "mixture_of_depths": {"routers": "untrained", "capacity": 0.5, "mode": "sequence"},
 }
 runner = CliRunner()
 

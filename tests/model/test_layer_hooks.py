@@ -24,7 +24,7 @@ from jdecode.model.transformer import (
     lm_head,
     run_layers,
 )
-from pallas_kernels.testing import assert_close
+from pallas_kernels.testing import assert_close, jit_for_tests
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
                   head_dim=8, intermediate_size=64, max_position_embeddings=128)
@@ -103,33 +103,41 @@ def all_true_hooks(write_kv: bool):
 @pytest.mark.parametrize("name", ["stacked", "fused_unrolled"])
 def test_no_hook_and_idle_hooks_are_bit_identical(params, tokens, name):
     p = layout(params, name)
-    ref_logits, ref_hidden, ref_cache = jax.jit(reference_forward)(p, tokens)
-    logits, hidden, cache = jax.jit(run)(p, tokens)
+    ref_logits, ref_hidden, ref_cache = jit_for_tests(reference_forward)(p, tokens)
+    logits, hidden, cache = jit_for_tests(run)(p, tokens)
     np.testing.assert_array_equal(logits, ref_logits)
     np.testing.assert_array_equal(hidden, ref_hidden)
     for a, b in zip(jax.tree_util.tree_leaves(cache), jax.tree_util.tree_leaves(ref_cache)):
         np.testing.assert_array_equal(a, b)
-    logits, _, _, count = jax.jit(lambda p, t: run(p, t, do_nothing_hooks()))(p, tokens)
+
+    @jit_for_tests
+    def idle(p, t):
+        return (run(p, t, do_nothing_hooks()), run(p, t, all_true_hooks(False))[0],
+                run(p, t, all_true_hooks(True), track_writes=True)[0])
+
+    (logits, _, _, count), masked, tracked = idle(p, tokens)
     np.testing.assert_array_equal(logits, ref_logits)
     assert int(count) == CFG.num_layers  # `before` ran once per layer
-    logits, *_ = jax.jit(lambda p, t: run(p, t, all_true_hooks(False)))(p, tokens)
-    np.testing.assert_array_equal(logits, ref_logits)
-    # Tracked writes compute the same visibility in another program, fused differently by XLA.
-    logits, *_ = jax.jit(lambda p, t: run(p, t, all_true_hooks(True), track_writes=True))(
-        p, tokens)
-    assert_close(logits, ref_logits, "float32")
+    np.testing.assert_array_equal(masked, ref_logits)
+    # Tracked writes compute the same visibility with other ops, fused differently by XLA.
+    assert_close(tracked, ref_logits, "float32")
 
 
 def test_phases_pass_hooks_through(params, tokens):
-    params = unstack_layers(params)  # eager and unrolled: nothing to compile
     lengths = jnp.asarray([T, T - 3], jnp.int32)
-    cache = init_cache(CFG, B, 16, per_layer=True)
-    plain = phases.prefill(params, cache, tokens, lengths, cfg=CFG)
-    hooked = phases.prefill(params, cache, tokens, lengths, cfg=CFG, hooks=do_nothing_hooks())
+
+    @jit_for_tests
+    def both(p, t):
+        cache = init_cache(CFG, B, 16)
+        return (phases.prefill(p, cache, t, lengths, cfg=CFG),
+                phases.prefill(p, cache, t, lengths, cfg=CFG, hooks=do_nothing_hooks()),
+                phases.score(p, t, cfg=CFG), phases.score(p, t, cfg=CFG, hooks=do_nothing_hooks()))
+
+    plain, hooked, score, score_hooked = both(params, tokens)
     assert len(plain) == 3 and len(hooked) == 4 and int(hooked[3]) == CFG.num_layers
+    assert len(score) == 2 and len(score_hooked) == 3
     np.testing.assert_array_equal(plain[0], hooked[0])
-    logits, _, _ = phases.score(params, tokens, cfg=CFG, hooks=do_nothing_hooks())
-    np.testing.assert_array_equal(logits, phases.score(params, tokens, cfg=CFG)[0])
+    np.testing.assert_array_equal(score[0], score_hooked[0])
 
 
 @pytest.mark.parametrize("name", ["stacked", "fused_unrolled"])
@@ -138,30 +146,36 @@ def test_collect_hidden_and_layer_ranges(params, tokens, name):
     [0, m) then [m, L) equals running them all."""
     p = layout(params, name)
     want = (-1, 0, 2, 3)
-    _, _, _, feats = run(p, tokens, collect_hidden(want))
-    assert feats.shape == (len(want), B, T, CFG.hidden_size)
     positions = positions_of(tokens)
     cos, sin = rope_tables(positions, CFG)
     kw = {"cfg": CFG, "attend": make_dense_attend(CFG)}
     per_layer = isinstance(p.layers, tuple)
-    x0 = p.embed[tokens]
+
+    def fresh():
+        return init_cache(CFG, B, 16, per_layer=per_layer)
+
+    @jit_for_tests
+    def outputs(p, tokens):
+        feats = run(p, tokens, collect_hidden(want))[3]
+        x0 = p.embed[tokens]
+        alone = [run_layers(p, x0, cos, sin, fresh(), DenseMeta(positions), stop=layer + 1,
+                            **kw)[0] for layer in want[1:]]
+        x, cache, _ = run_layers(p, x0, cos, sin, fresh(), DenseMeta(positions), stop=1, **kw)
+        split = run_layers(p, x, cos, sin, cache, DenseMeta(positions), start=1, **kw)[0]
+        return feats, x0, alone, split
+
+    feats, x0, alone, split = outputs(p, tokens)
+    assert feats.shape == (len(want), B, T, CFG.hidden_size)
     assert_close(feats[0], x0, "float32")
-    for i, layer in enumerate(want[1:], 1):
-        x, _, _ = run_layers(p, x0, cos, sin, init_cache(CFG, B, 16, per_layer=per_layer),
-                             DenseMeta(positions), stop=layer + 1, **kw)
+    for i, x in enumerate(alone, 1):
         assert_close(feats[i], x, "float32")
-    cache = init_cache(CFG, B, 16, per_layer=per_layer)
-    x, cache, _ = run_layers(p, x0, cos, sin, cache, DenseMeta(positions), stop=1, **kw)
-    x, cache, _ = run_layers(p, x, cos, sin, cache, DenseMeta(positions), start=1, **kw)
-    assert_close(x, feats[-1], "float32")
+    assert_close(split, feats[-1], "float32")
     with pytest.raises(ValueError, match=r"layer range \[3, 5\) is outside"):
-        run_layers(p, x0, cos, sin, cache, DenseMeta(positions), start=3, stop=5, **kw)
+        run_layers(p, x0, cos, sin, fresh(), DenseMeta(positions), start=3, stop=5, **kw)
 
 
-@pytest.mark.parametrize("name", ["stacked", "unrolled"])
-def test_compute_mask_passes_the_residual_through(params, tokens, rng, name):
-    """A token masked out of layer l leaves it with the x it came in with; the layouts agree."""
-    p = layout(params, name)
+def test_compute_mask_passes_the_residual_through(params, tokens, rng):
+    """A token masked out of layer l leaves it with the x it came in with, in both layouts."""
     skip = jnp.asarray(rng.random((CFG.num_layers, B, T)) < 0.4)  # [L, B, T]
 
     def before(carry, x, layer):
@@ -173,15 +187,22 @@ def test_compute_mask_passes_the_residual_through(params, tokens, rng, name):
 
     hooks = LayerHooks(init=lambda x: jnp.zeros((CFG.num_layers, B, T), bool), before=before,
                        after=after)
-    logits, _, _, changed = run(p, tokens, hooks)
-    np.testing.assert_array_equal(changed, ~skip)
-    other = layout(params, "unrolled" if name == "stacked" else "stacked")
-    assert_close(logits, run(other, tokens, hooks)[0], "float32")
     # A hook may also replace x: zeroing the residual stream before layer 0 is that model.
     zero = LayerHooks(before=lambda c, x, layer: (c, jnp.where(jnp.equal(layer, 0), 0.0, x),
                                                   LayerControl()))
-    p0 = p.replace(embed=jnp.zeros_like(p.embed))
-    assert_close(run(p, tokens, zero)[0], run(p0, tokens)[0], "float32")
+
+    @jit_for_tests
+    def outputs(p, pu, tokens):
+        p0 = p.replace(embed=jnp.zeros_like(p.embed))
+        return run(p, tokens, hooks), run(pu, tokens, hooks), run(p, tokens, zero)[0], \
+            run(p0, tokens)[0]
+
+    (logits, _, _, changed), (logits_u, _, _, changed_u), zeroed, ref = outputs(
+        params, unstack_layers(params), tokens)
+    np.testing.assert_array_equal(changed, ~skip)
+    np.testing.assert_array_equal(changed_u, ~skip)
+    assert_close(logits, logits_u, "float32")
+    assert_close(zeroed, ref, "float32")
 
 
 @pytest.mark.parametrize("name", ["stacked", "unrolled"])
@@ -191,14 +212,18 @@ def test_unwritten_tokens_are_invisible(params, tokens, rng, name):
     p = layout(params, name)
     j = int(rng.integers(1, T - 2))
     absent = (jnp.arange(T) == j)[None].repeat(B, 0)  # [B, T]
+    keep = np.arange(T) != j
 
     def before(carry, x, layer):
         return carry, x, LayerControl(compute=~absent, write_kv=~absent)
 
-    logits, _, cache, _ = run(p, tokens, LayerHooks(before=before), track_writes=True)
-    keep = np.arange(T) != j
-    ref, _, _ = run(p, tokens[:, keep], track_writes=True,
-                    positions=positions_of(tokens)[:, keep])
+    @jit_for_tests
+    def outputs(p, tokens):
+        return (run(p, tokens, LayerHooks(before=before), track_writes=True),
+                run(p, tokens[:, keep], track_writes=True,
+                    positions=positions_of(tokens)[:, keep])[0])
+
+    (logits, _, cache, _), ref = outputs(p, tokens)
     assert_close(logits[:, keep], ref, "float32")
     written = np.stack(cache.written) if isinstance(cache.written, tuple) else cache.written
     assert not written[:, :, j].any() and written[:, :, :T][:, :, keep].all()
