@@ -30,6 +30,9 @@ NEW = 12
 RECIPES = {
     "autoregressive": {},
     "speculative": {"draft": "artifacts/smollm2-135m-d2.tgz", "k": 2},
+    "cascade": {"models": ["artifacts/smollm2-135m-d2.tgz", "target"], "threshold": -1.0},
+    "speculative-cascade": {"draft": "artifacts/smollm2-135m-d2.tgz", "k": 2, "rule": "opt",
+                            "alpha": 0.3},
 }
 runner = CliRunner()
 
@@ -94,7 +97,7 @@ def test_method_runs_alike_through_api_cli_and_experiment(name, smol, smol_cache
 
 def test_bad_method_input_is_one_line(smol, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="unknown method 'beam': choose one of "
-                                          "autoregressive, speculative"):
+                                          "autoregressive, cascade, speculative"):
         Generator(smol, method="beam")
     with pytest.raises(ConfigError, match="method 'speculative' has no option 'kk'; valid "
                                           "options are: draft, k, max_ngram, with_ngram"):
