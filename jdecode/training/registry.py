@@ -16,6 +16,7 @@ from jdecode.config import ConfigError
 
 BUILTIN_TRAINERS = (
     "jdecode.training.distill",
+    "jdecode.training.deferral",
 )
 
 
