@@ -141,12 +141,14 @@ def answer_features(stats: AnswerStats) -> jax.Array:
     m = stats.mask
     n = jnp.maximum(m.sum(1), 1.0)
     big = jnp.finfo(jnp.float32).max
+    # Length is a count, not a share of N: N is a bucket, and a row's features must not
+    # depend on the batch it came in.
     cols = [stats.logprob.sum(1) / n, stats.logprob.sum(1),
             jnp.where(m > 0, stats.logprob, big).min(1),
             masked_quantile(stats.logprob, m, 0.1), masked_quantile(stats.logprob, m, 0.25),
             masked_quantile(stats.logprob, m, 0.5),
             stats.max_prob.sum(1) / n, jnp.where(m > 0, stats.max_prob, big).min(1),
-            stats.entropy.sum(1) / n, stats.entropy.max(1), m.sum(1) / m.shape[1]]
+            stats.entropy.sum(1) / n, stats.entropy.max(1), m.sum(1)]
     return jnp.concatenate([jnp.stack(cols, axis=1), stats.pooled], axis=1)
 
 

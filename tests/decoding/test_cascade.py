@@ -152,13 +152,12 @@ def test_calibrated_thresholds(rng):
     assert dr.threshold_for_quality(tied, np.array([0, 1, 1, 1.0]), np.ones(4), 0.8) == 2.0
 
 
-def test_the_method_runs_through_generator_and_checks_its_options(prompts):
-    model = tiny_model(35)
-    ref = tokens(Generator(model).generate(prompts, SP))
-    opts = {"models": ["target@bfloat16", "target"], "threshold": INF}
+def test_the_method_runs_through_generator_and_checks_its_options(ladder, prompts):
+    model = ladder[2].model
+    opts = {"models": ["target", "target"], "rule": "quantile", "threshold": -INF}
     res = Generator(model, method="cascade", options=opts).generate(prompts, SP)
-    assert tokens(res) == ref  # every row deferred to the target in f32
-    assert res[0].stats["cascade"]["stage"] == 1
+    assert tokens(res) == tokens(ladder[2].generate(prompts, SP))
+    assert [r.stats["cascade"]["stage"] for r in res] == [0, 0, 0]
     with pytest.raises(ConfigError, match="threshold and defer_rate are both set"):
         methods.build("cascade", model, {"threshold": 1.0, "defer_rate": 0.5})
     with pytest.raises(ConfigError, match="need calibration="):
