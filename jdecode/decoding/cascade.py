@@ -316,9 +316,10 @@ class CascadeOptions:
     methods: tuple[str | dict, ...] = option(
         (), "each model's decoding method: a registered name or {method: NAME, options: {...}}"
         " (default autoregressive)")
-    rule: Literal["max-prob", "mean-logprob", "quantile", "classifier"] = option("mean-logprob", "deferral score: max-prob (Chow on the answer's "
-                        "probability), mean-logprob (Chow, length-normalized), quantile (of "
-                        "token log-probs, Gupta et al. 2024) or classifier (trained)")
+    rule: Literal["max-prob", "mean-logprob", "quantile", "classifier"] = option(
+        "mean-logprob", "deferral score: max-prob (Chow on the answer's probability), "
+        "mean-logprob (Chow, length-normalized), quantile (of token log-probs, Gupta et al. "
+        "2024) or classifier (trained)")
     threshold: float | tuple[float, ...] | None = option(
         None, "defer when the score is below this (one value, or one per model but the "
         "last; .inf defers every row); default: the rule's own")

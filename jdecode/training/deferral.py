@@ -9,6 +9,7 @@ deferral rate or a quality (`jdecode.decoding.cascade`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from pathlib import Path
 from typing import Literal
@@ -116,24 +117,25 @@ def ladder_answers(target: Model, opts: DeferralOptions, prompts: list, gen_batc
     return records
 
 
-def step_table(records: list[dict], step: int, answers: list[str | None], held: set[int],
-               min_agreement: float) -> tuple[dict, np.ndarray]:
-    """Step i -> i + 1's calibration table (see `deferral.Calibration`) and features [N, F]."""
-    match = [float(token_agreement([r["tokens"][step]], [r["tokens"][step + 1]])["agreement"]
+def step_table(records: list[dict], cheap: int, dear: int, answers: list[str | None],
+               held: set[int], min_agreement: float) -> tuple[dict, np.ndarray]:
+    """The step from model `cheap` to model `dear` of the ladder: its calibration table (see
+    `deferral.Calibration`) and the cheap model's answer features [N, F]."""
+    match = [float(token_agreement([r["tokens"][cheap]], [r["tokens"][dear]])["agreement"]
                    >= min_agreement) for r in records]
     nan = float("nan")
-    correct = [nan if a is None else float(is_correct(a, r["texts"][step]))
+    correct = [nan if a is None else float(is_correct(a, r["texts"][cheap]))
                for a, r in zip(answers, records)]
-    correct_next = [nan if a is None else float(is_correct(a, r["texts"][step + 1]))
+    correct_next = [nan if a is None else float(is_correct(a, r["texts"][dear]))
                     for a, r in zip(answers, records)]
     checkable = any(a is not None for a in answers)
-    table = {"scores": {rule: [r["scores"][rule][step] for r in records]
+    table = {"scores": {rule: [r["scores"][rule][cheap] for r in records]
                         for rule in records[0]["scores"]},
              "held_out": [i in held for i in range(len(records))],
              "keep": {"match": match, "correct": correct if checkable else None},
              "defer": {"match": [1.0] * len(records),
                        "correct": correct_next if checkable else None}}
-    return table, np.stack([r["features"][step] for r in records]).astype(np.float32)
+    return table, np.stack([r["features"][cheap] for r in records]).astype(np.float32)
 
 
 def classifier_objective() -> Objective:
@@ -176,8 +178,8 @@ def train_deferral_model(target: Model, out_dir: str | Path, opts: DeferralOptio
                          tc: TrainConfig, cc: CorpusConfig,
                          prompts: list[str] | list[list[int]] | None = None,
                          progress: bool = True) -> dict:
-    """Answers, features and labels for every step of the ladder, one classifier per step, and
-    the "deferral" artifact at out_dir (resumes from each step's checkpoints).
+    """Answers, features and labels for every step (pair of models) of the ladder, one
+    classifier per step, and the "deferral" artifact at out_dir (resumes from checkpoints).
 
     Args:
       target: the ladder's last model ("target" in its specs). out_dir: the artifact, with a
@@ -202,12 +204,15 @@ def train_deferral_model(target: Model, out_dir: str | Path, opts: DeferralOptio
                          "num_tasks > 0")
     records = ladder_answers(target, opts, prompts, cc.gen_batch, progress)
     held = held_out_prompts(len(records), cc.val_fraction)
-    steps = [dr.transition(a, b) for a, b in zip(opts.models, opts.models[1:])]
+    # Every model answered every row, so every pair of the ladder is a step some sub-ladder
+    # takes (d2 -> f32 as well as d2 -> bf16 -> f32): each gets its table and classifier.
+    pairs = list(itertools.combinations(range(len(opts.models)), 2))
+    steps = [dr.transition(opts.models[a], opts.models[b]) for a, b in pairs]
     budget = None if tc.time_budget_s is None else tc.time_budget_s / len(steps)
     step_tc = dataclasses.replace(tc, time_budget_s=budget)
     tables, classifiers, metrics, losses = {}, [], {}, []
-    for i, step in enumerate(steps):
-        table, x = step_table(records, i, answers, held, opts.min_agreement)
+    for i, (step, (cheap, dear)) in enumerate(zip(steps, pairs)):
+        table, x = step_table(records, cheap, dear, answers, held, opts.min_agreement)
         y = np.asarray(table["keep"][opts.label], np.float32)
         rows = np.flatnonzero(~np.isnan(y))  # "correct": the checkable rows only
         val = np.asarray([r for r in rows if r in held], np.int64)
@@ -232,8 +237,8 @@ def train_deferral_model(target: Model, out_dir: str | Path, opts: DeferralOptio
             "steps_done": res.steps_done, "epochs_done": res.epochs_done}
     num_features = classifiers[0].w1.shape[0]
     artifacts.save_artifact(out, dr.ARTIFACT_KIND, target, tuple(classifiers), {
-        **to_dict(opts), "transitions": steps, "num_features": num_features, "tables": tables, "train": to_dict(tc), "corpus": to_dict(cc)},
-        metrics)
+        **to_dict(opts), "transitions": steps, "num_features": num_features, "tables": tables,
+        "train": to_dict(tc), "corpus": to_dict(cc)}, metrics)
     flat = [v for run in losses for v in run]
     return {"artifact": str(out), "steps": metrics, "rows": len(records),
             "first_loss": losses[0][0] if losses[0] else None,
