@@ -14,6 +14,7 @@ from helpers import tiny_model
 
 from jdecode.data.tasks import is_correct, tasks
 from jdecode.decoding import deferral as dr
+from jdecode.decoding.cascade import CascadeOptions, thresholds_for
 from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.io import artifacts
@@ -105,3 +106,12 @@ def test_trained_artifact_calibrates_a_cascade(rng, tmp_path):
         t = dr.threshold_for_rate(cal.scores(step, rule), 0.5)
         assert [r.stats["cascade"]["stage"] for r in res] == [int(s < t) for s in scores]
         assert math.isfinite(t)
+    # A target quality: the fewest deferrals with which 90% of calibration rows match.
+    opts90 = CascadeOptions(models=opts.models, rule="quantile", target_quality=0.9,
+                            calibration=str(tmp_path / "d"))
+    (t,) = thresholds_for(opts90, cal)
+    scores, keep, defer = cal.qualities(step, "quantile", "match")
+    assert np.where(scores < t, defer, keep).mean() >= 0.9
+    below = scores[scores < t]
+    if len(below):  # keeping one more group of equal scores misses the target
+        assert np.where(scores < below.max(), defer, keep).mean() < 0.9
