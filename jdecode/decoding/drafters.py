@@ -74,12 +74,14 @@ def draw(logits: jax.Array, sp: SamplingArrays, keys: jax.Array | None
                         lambda _: (greedy, jnp.zeros_like(logits)), None)
 
 
-def model_drafter(cfg: ModelConfig, max_len: int, impl: str = "xla") -> Drafter:
+def model_drafter(cfg: ModelConfig, max_len: int, impl: str = "xla", with_probs: bool = False
+                  ) -> Drafter:
     """A smaller model with the target's tokenizer drafts autoregressively from its own cache.
 
     Args:
       cfg: the draft model's config (vocab must equal the target's). max_len: cache slots.
-      impl: attention implementation.
+      impl: attention implementation. with_probs: q on greedy rows too, their unscaled softmax
+        (the greedy draw ignores it; a speculative cascade's deferral rule reads it).
     """
 
     def init(params, prompt, lengths):
@@ -103,13 +105,18 @@ def model_drafter(cfg: ModelConfig, max_len: int, impl: str = "xla") -> Drafter:
         # device-to-host sync per draft token on GPU. The k-th draft is never fed (see above).
         for i in range(k):
             tok, q = draw(logits, sampling, step_keys[i])
+            if with_probs:  # `draw` leaves q empty on greedy rows
+                soft = jax.nn.softmax(logits, axis=-1)
+                q = soft if keys is None else jnp.where(sampling.temperature[:, None] > 0, q,
+                                                        soft)
             toks.append(tok)
             qs.append(q)
             if i < k - 1:
                 logits, _, cache = phases.decode_step(params, cache, tok, positions + 1 + i,
                                                       cfg=cfg, impl=impl)
         draft = jnp.stack(toks, axis=1)  # [B, k]
-        return draft, (None if keys is None else jnp.stack(qs, axis=1)), cache  # q [B, k, V]
+        no_q = keys is None and not with_probs
+        return draft, (None if no_q else jnp.stack(qs, axis=1)), cache  # q [B, k, V]
 
     return Drafter(init=init, propose=propose)
 

@@ -123,11 +123,11 @@ class Generator:
                  method: str = "autoregressive", options: Any = None):
         # "auto": Pallas attention is faster on the GPU (benchmarks/decode.md)
         self.impl = impl = resolve_impl(impl)
-        self.method, self.describe, self.score = method, lambda stats: {}, None
+        self.method, self.describe, self.score, self.run = method, lambda stats: {}, None, None
         if decoder_fn is None:
             built = methods.build(method, model, options, impl)
             model, decoder_fn, self.describe = built.model, built.decoder_fn, built.describe
-            self.score = built.score
+            self.score, self.run = built.score, built.run
         elif method != "autoregressive" or options:
             raise ValueError("pass a method (with its options) or a decoder_fn, not both")
         self.model = model
@@ -135,6 +135,7 @@ class Generator:
             layout = "inference" if jax.default_backend() == "gpu" else "stacked"
         if layout not in ("inference", "stacked"):
             raise ValueError(f"layout={layout!r}: choose auto, inference or stacked")
+        self.layout = layout
         # Every Params in the pytree (speculative decoding passes (target, draft) params).
         self.params = jax.tree_util.tree_map(
             lambda x: inference_layout(x) if isinstance(x, Params) else x, model.params,
@@ -214,6 +215,10 @@ class Generator:
                     f"prompt {i} has {len(p)} tokens and asks for {sp.max_new_tokens} new ones; "
                     f"max_seq_len is {self.max_seq_len}: shorten the prompt or lower "
                     "max_new_tokens")
+        if self.run is not None:  # a method that runs whole generations itself (MethodBuild)
+            results = self.run(self, ids, list(sampling))
+            yield [r.text for r in results], results
+            return
         n = len(ids)
         batch = next_pow2(n)
         t_bucket = prompt_bucket(max(map(len, ids)))

@@ -31,6 +31,7 @@ BUILTIN_METHODS = (
     "jdecode.decoding.cllm",
     "jdecode.decoding.early_exit",
     "jdecode.decoding.mixture_of_depths",
+    "jdecode.decoding.cascade",
 )
 
 
@@ -44,12 +45,17 @@ class MethodBuild:
       accepted length). score(params, tokens [B, T]) -> logits [B, T, V]: the method's own
       next-token distributions on given text, teacher-forced (lossy forward transforms give it,
       so quality metrics can compare it with the full model's; None for the others).
+      run(generator, prompt_ids, sampling) -> list[GenerationResult]: for a method that is not
+      one `Decoder` in one loop but drives whole generations of several models (the sequence-
+      level cascade); `Generator` hands it the encoded, validated prompts instead of running
+      its own loop (None for one-loop methods).
     """
 
     model: Model
     decoder_fn: Callable[..., Decoder]
     describe: Callable[[dict], dict] = lambda stats: {}
     score: Callable[[Any, Any], Any] | None = None
+    run: Callable[..., list] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

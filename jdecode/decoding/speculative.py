@@ -1,6 +1,9 @@
 """Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a drafter proposes k tokens,
-the target scores all k+1 positions in one `verify` pass, and a lossless rule accepts a prefix.
+the target scores all k+1 positions in one `verify` pass, and an acceptance rule keeps a prefix.
 
+The rule is pluggable (`ChainAcceptFn`): `exact_accept` is the lossless one; `deferral_accept`
+turns the same step into a token-level speculative cascade (Narasimhan et al. 2025), whose
+target is the mixture of draft and target distributions that a deferral rule picks per token.
 `params` of the resulting Decoder is the pytree `(target_params, draft_params)`.
 """
 
@@ -109,8 +112,83 @@ def accept_tokens(draft: jax.Array, q: jax.Array | None, logits: jax.Array, sp: 
     return jax.lax.cond(jnp.any(sp.temperature > 0), sampled, lambda _: greedy, None)
 
 
+# rule(draft [B, k], q [B, k, V] | None, logits [B, k+1, V], sampling, keys [B] | None)
+#   -> (tokens [B, k+1] int32, num_accepted [B] int32 in [1, k+1]); keys None: every row is
+#   greedy (static), so the rule must not branch on the device.
+ChainAcceptFn = Callable[[jax.Array, jax.Array | None, jax.Array, SamplingArrays,
+                          jax.Array | None], tuple[jax.Array, jax.Array]]
+
+
+def exact_accept(draft: jax.Array, q: jax.Array | None, logits: jax.Array, sp: SamplingArrays,
+                 keys: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """The lossless rule (a `ChainAcceptFn`): `greedy_accept` for a batch known to be greedy
+    (keys None), else `accept_tokens` (greedy rows greedy, sampled rows by rejection)."""
+    if keys is None:
+        return greedy_accept(draft, logits)
+    return accept_tokens(draft, q, logits, sp, keys)
+
+
+def deferral_accept(defer: Callable[[jax.Array, jax.Array], jax.Array]) -> ChainAcceptFn:
+    """The token-level speculative cascade (Narasimhan et al. 2025, Algorithm "SpecCascade").
+
+    At drafted position i the target of verification is pi_i = q_i where defer(q_i, p_i) is
+    False (the draft model's answer stands: its token is always accepted) and p_i where it is
+    True (plain speculative decoding there); the bonus position has no draft and uses p. Then
+    the usual rule runs on pi: greedy rows emit argmax pi, sampled rows keep the draft with
+    probability min(1, pi/q) and resample from norm(max(0, pi - q)), so the output follows pi
+    exactly. A rule that always defers gives exactly `exact_accept`. LOSSY otherwise.
+
+    q and p are the distributions each row samples from (`filtered_probs`); greedy rows use
+    the unscaled softmax, so the rule still sees each model's confidence.
+
+    Args:
+      defer: delta(q [..., V], p [..., V]) -> [...] bool (`deferral.token_deferral`).
+    Returns:
+      a `ChainAcceptFn`; it needs q on every row (`model_drafter(..., with_probs=True)`).
+    """
+
+    def accept(draft, q, logits, sp, keys):
+        if q is None:
+            raise ValueError("a speculative cascade's deferral rule reads the draft model's "
+                             "distribution, and this drafter gives none (prompt lookup, or a "
+                             "model drafter built without with_probs=True): draft with a model")
+        soft = jax.nn.softmax(logits, axis=-1)  # [B, k+1, V] what greedy rows' rules read
+
+        def mixture(p):  # p [B, k+1, V] -> (pi [B, k+1, V], defer [B, k])
+            d = defer(q, p[:, :-1])
+            pi = jnp.concatenate([jnp.where(d[..., None], p[:, :-1], q), p[:, -1:]], axis=1)
+            return pi, d
+
+        def greedy_rows(_):
+            # argmax pi: the target's argmax where deferring, else the draft itself (the
+            # draft's argmax, without trusting a softmax to keep its ties).
+            _, d = mixture(soft)
+            target = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, k+1]
+            choice = jnp.where(d, target[:, :-1], draft)  # [B, k]
+            tokens = jnp.concatenate([choice, target[:, -1:]], axis=1)
+            return tokens, 1 + jnp.cumprod(choice == draft, axis=1).sum(1).astype(jnp.int32)
+
+        if keys is None:
+            return greedy_rows(None)
+
+        def sampled(_):
+            is_sampled = sp.temperature > 0
+            p = jnp.where(is_sampled[:, None, None], filtered_probs(logits, sp), soft)
+            pi, _ = mixture(p)
+            toks, num = jax.vmap(sampled_accept)(keys, draft, q, pi)
+            g_toks, g_num = greedy_rows(None)
+            return (jnp.where(is_sampled[:, None], toks, g_toks),
+                    jnp.where(is_sampled, num, g_num))
+
+        if sp.specialized:  # known on the host: some row samples
+            return sampled(None)
+        return jax.lax.cond(jnp.any(sp.temperature > 0), sampled, greedy_rows, None)
+
+    return accept
+
+
 def speculative(cfg: ModelConfig, drafter: Drafter, k: int, max_len: int, impl: str = "xla",
-                greedy: bool = False) -> Decoder:
+                greedy: bool = False, accept: ChainAcceptFn = exact_accept) -> Decoder:
     """Speculative decoding of the target `cfg` with `drafter` proposing k tokens per step.
 
     Both caches roll back for free: `positions` advances only past accepted tokens, and the
@@ -124,6 +202,7 @@ def speculative(cfg: ModelConfig, drafter: Drafter, k: int, max_len: int, impl: 
         every row is greedy (temperature 0), so the step is specialized statically: no key
         splits and no `lax.cond` (each costs a device-to-host sync on GPU). A `SamplingArrays`
         marked `all_greedy` (static metadata) specializes the step the same way.
+      accept: the acceptance rule (`exact_accept`: lossless; `deferral_accept`: a cascade).
     Returns:
       a Decoder whose `params` are `(target_params, draft_params)` and whose steps emit up to
       k+1 tokens.
@@ -175,10 +254,8 @@ def speculative(cfg: ModelConfig, drafter: Drafter, k: int, max_len: int, impl: 
                 target_params, draft_params, aux.draft, aux.cache, state.tokens, aux.prev,
                 state.positions, state.sampling, draft_keys, k)
             seq = jnp.concatenate([state.tokens[:, None], draft], axis=1)
-        if all_greedy:
-            tokens, num = greedy_accept(draft, logits)
-        else:
-            tokens, num = accept_tokens(draft, q, logits, state.sampling, pairs[:, 1])
+        tokens, num = accept(draft, q, logits, state.sampling,
+                             None if all_greedy else pairs[:, 1])
         rows = jnp.arange(seq.shape[0])
         # The next token is the last emitted one; the one before it (now the newest context
         # token) is seq[num - 1]: the input token or the last accepted draft.
@@ -195,7 +272,8 @@ def speculative_model(target: Model, draft_params: Any) -> Model:
 
 
 def build_speculative(target: Model, draft: str | Model, k: int, impl: str = "auto",
-                      max_ngram: int = 3, greedy: bool = False, with_ngram: bool = False
+                      max_ngram: int = 3, greedy: bool = False, with_ngram: bool = False,
+                      accept: ChainAcceptFn = exact_accept, draft_probs: bool = False
                       ) -> tuple[Model, Callable[[ModelConfig, int], Decoder]]:
     """What `Generator` needs to decode `target` speculatively.
 
@@ -206,6 +284,8 @@ def build_speculative(target: Model, draft: str | Model, k: int, impl: str = "au
         a .gguf file. k: drafted tokens per step. max_ngram: longest n-gram prompt lookup matches.
       greedy: every request will be greedy (see `speculative`). with_ngram: a model draft
         gives way to prompt lookup where a 2+-gram matches (`ngram_model_drafter`).
+      accept: the acceptance rule (see `speculative`). draft_probs: the draft model reports
+        its distribution on greedy rows too (a `deferral_accept` rule reads it).
     Returns:
       (model, decoder_fn): pass both to `Generator(model, decoder_fn=...)`.
     """
@@ -216,21 +296,28 @@ def build_speculative(target: Model, draft: str | Model, k: int, impl: str = "au
             lambda cfg, max_len: speculative(cfg, drafter_fn(cfg, max_len), k, max_len, impl,
                                              greedy)
     if isinstance(draft, str) and draft == "ngram":
+        if draft_probs:
+            raise ValueError("draft=ngram: prompt lookup has no distribution for a deferral "
+                             "rule to read; draft with a model (a `jdecode train draft` "
+                             "artifact, an HF directory or a .gguf)")
         return speculative_model(target, None), \
             lambda cfg, max_len: speculative(cfg, ngram_drafter(max_len, max_ngram), k, max_len,
-                                             impl, greedy)
+                                             impl, greedy, accept)
     if isinstance(draft, str):
         draft = load_draft(draft, target)
     if draft.cfg.vocab_size != target.cfg.vocab_size:
         raise ValueError(f"draft {draft.name!r} has vocab_size {draft.cfg.vocab_size} but the "
                          f"target has {target.cfg.vocab_size}: the draft must share the "
                          "target's tokenizer (distil one with `jdecode train draft`)")
+    if with_ngram and draft_probs:
+        raise ValueError("with_ngram: a prompt-lookup draft has no distribution for a deferral "
+                         "rule to read; turn with_ngram off")
     dcfg = draft.cfg
 
     def decoder_fn(cfg: ModelConfig, max_len: int) -> Decoder:
         drafter = (ngram_model_drafter(dcfg, max_len, impl, max_ngram) if with_ngram
-                   else model_drafter(dcfg, max_len, impl))
-        return speculative(cfg, drafter, k, max_len, impl, greedy)
+                   else model_drafter(dcfg, max_len, impl, draft_probs))
+        return speculative(cfg, drafter, k, max_len, impl, greedy, accept)
 
     return speculative_model(target, draft.params), decoder_fn
 

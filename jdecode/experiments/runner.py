@@ -65,6 +65,7 @@ def run_cell(gen: Generator, prompts: list[Prompt], batch: int, cfg: ExperimentC
            for i in range(len(prompts))]
     tokens: list[list[int] | None] = [None] * len(prompts)
     texts: list[str] = [""] * len(prompts)
+    row_stats: list[dict] = [{}] * len(prompts)  # each prompt's own result stats
     kinds: dict[str, list[float]] = {}  # kind -> [decode_s, tokens, steps]
     total = {"decode_s": 0.0, "prefill_s": 0.0, "tokens": 0.0, "steps": 0.0, "calls": 0}
     for chunk in chunks(prompts, batch):
@@ -86,7 +87,7 @@ def run_cell(gen: Generator, prompts: list[Prompt], batch: int, cfg: ExperimentC
         total["calls"] += 1
         for i, r in zip(chunk, results):
             if tokens[i] is None:  # the first time a prompt runs (cycled rows repeat it)
-                tokens[i], texts[i] = r.token_ids, r.text
+                tokens[i], texts[i], row_stats[i] = r.token_ids, r.text, r.stats
     tok_s = total["tokens"] / max(total["decode_s"], 1e-9)
     mean_accepted = total["tokens"] / max(total["steps"], 1e-9)
     return {
@@ -95,11 +96,12 @@ def run_cell(gen: Generator, prompts: list[Prompt], batch: int, cfg: ExperimentC
         "mean_accepted": mean_accepted,
         "by_kind": {k: {"tok_s": t / max(s, 1e-9), "mean_accepted": t / max(n, 1e-9)}
                     for k, (s, t, n) in kinds.items()},
-        # The method's own figures, from the whole cell's (e.g. acceptance from tau).
+        # The method's own figures, from the whole cell's (e.g. acceptance from tau) and each
+        # prompt's result stats (e.g. a cascade's per-row calls).
         "method_stats": {k: float(v) for k, v in gen.describe(
-            {"mean_accepted": mean_accepted, "decode_tok_s": tok_s, "batch": batch}).items()
-            if k != "mean_accepted"},
-        "tokens": tokens, "texts": texts,
+            {"mean_accepted": mean_accepted, "decode_tok_s": tok_s, "batch": batch,
+             "rows": row_stats}).items() if k != "mean_accepted"},
+        "tokens": tokens, "texts": texts, "stats": row_stats,
     }
 
 
@@ -222,7 +224,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
             held = held_out_ids(model, cfg) if mine is not None else []
             row["quality"] = quality_metrics(cell, base, prompts, gen, full, mine, cfg, held)
         (out / "outputs" / f"{key}.json").write_text(json.dumps(
-            {"tokens": cell["tokens"], "texts": cell["texts"]}))
+            {"tokens": cell["tokens"], "texts": cell["texts"], "stats": cell["stats"]}))
         line = json.dumps(row)
         with open(out / RESULTS, "a") as f:
             f.write(line + "\n")

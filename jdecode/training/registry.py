@@ -21,6 +21,7 @@ BUILTIN_TRAINERS = (
     "jdecode.training.consistency",
     "jdecode.training.exits",
     "jdecode.training.router",
+    "jdecode.training.deferral",
 )
 
 

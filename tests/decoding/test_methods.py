@@ -76,6 +76,9 @@ RECIPES = {
     "early_exit": {"exits": "untrained:6", "criterion": "saturation", "threshold": 0.99,
                    "share_tokens": 0},
     "mixture_of_depths": {"routers": "untrained", "capacity": 0.5, "mode": "sequence"},
+    "cascade": {"models": ["artifacts/smollm2-135m-d2.tgz", "target"], "threshold": -1.0},
+    "speculative-cascade": {"draft": "artifacts/smollm2-135m-d2.tgz", "k": 2, "rule": "opt",
+                            "alpha": 0.3},
 }
 runner = CliRunner()
 
