@@ -424,8 +424,18 @@ def serve(
         help="cut long prompts into chunks that share steps with decodes")] = True,
     enable_prefix_caching: Annotated[bool, typer.Option(
         help="reuse the KV pages of a prompt prefix seen before")] = True,
-    impl: Annotated[str, typer.Option(callback=choice("xla", "pallas"),
-                                      help="attention implementation: xla or pallas")] = "xla",
+    impl: Annotated[str, typer.Option(
+        callback=choice("auto", "xla", "pallas"),
+        help="attention implementation: auto (pallas on a GPU, else xla), xla or pallas")
+    ] = "auto",
+    api_key: Annotated[str | None, typer.Option(
+        help="bearer token every /v1 request must send (default: $JDECODE_API_KEY; unset = "
+             "no check)")] = None,
+    chat_template: Annotated[str | None, typer.Option(
+        help="a jinja file or inline template that replaces the model's chat template")
+    ] = None,
+    max_request_bytes: Annotated[int | None, typer.Option(
+        min=1, help="request bodies larger than this answer 413 (default: 4 MiB)")] = None,
 ) -> None:
     """OpenAI-compatible server (/v1/completions, /v1/chat/completions, /metrics)."""
     check_model(model)
@@ -437,7 +447,9 @@ def serve(
                    max_model_len=max_model_len, page_size=page_size, num_pages=num_pages,
                    kv_cache_gb=kv_cache_gb, policy=policy,
                    enable_chunked_prefill=enable_chunked_prefill,
-                   enable_prefix_caching=enable_prefix_caching, impl=impl)
+                   enable_prefix_caching=enable_prefix_caching, impl=impl,
+                   api_key=api_key, chat_template=chat_template,
+                   max_request_bytes=max_request_bytes)
     except (FileNotFoundError, ConfigError, ValueError, TypeError) as e:
         fail(str(e))
 

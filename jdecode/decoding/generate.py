@@ -21,7 +21,7 @@ import numpy as np
 from jdecode.decoding import methods
 from jdecode.decoding.base import Decoder
 from jdecode.decoding.loop import LoopState, init_loop, run_loop
-from jdecode.decoding.sampling import SamplingArrays, SamplingParams
+from jdecode.decoding.sampling import SamplingArrays, SamplingParams, stop_prefix_len
 from jdecode.io.registry import Model
 from jdecode.io.tokenizer import IncrementalDetokenizer
 from jdecode.model.attention import resolve_impl
@@ -76,11 +76,6 @@ def _tokens_to_stop(tokenizer, toks: list[int], stops: tuple[str, ...]) -> int:
         if any(stop in text for stop in stops):
             return j
     return len(toks)
-
-
-def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 def wait_reporting(x: jax.Array, report: Callable[[float], None]) -> None:
@@ -273,7 +268,7 @@ class Generator:
                     done[i] = True
                 # Hold back a tail that may be the start of a stop string: once streamed, text
                 # cannot be taken back if the next tokens complete the stop string.
-                end = len(texts[i]) if done[i] else len(texts[i]) - _stop_prefix_len(
+                end = len(texts[i]) if done[i] else len(texts[i]) - stop_prefix_len(
                     texts[i], sampling[i].stop)
                 deltas.append(texts[i][sent[i]:end])
                 sent[i] = max(sent[i], end)
