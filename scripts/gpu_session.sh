@@ -77,7 +77,7 @@ if n is not None:  # as `jdecode train --num-prompts`
 corpus = load_or_build(load(model, dtype="float32"), prompts, cc, path, seed=tc.seed)
 print("corpus", path, corpus.tokens.shape, corpus.val_tokens.shape)
 PY
-  local kinds=(medusa eagle exits router deferral) pids=() kind
+  local kinds=(${KINDS:-medusa eagle exits router deferral}) pids=() kind
   for kind in "${kinds[@]}"; do
     local extra=()
     [[ $kind != deferral ]] && extra=(--corpus "$WORK/corpus.npz")
@@ -95,7 +95,7 @@ PY
       echo "train ${kinds[$i]} failed:"; tail -20 "$WORK/train_${kinds[$i]}.err"; rc=1
     fi
   done
-  python - "$WORK" "$OUT/train.json" "${kinds[@]}" <<'PY'
+  python - "$WORK" "$OUT/train.json" medusa eagle exits router deferral <<'PY'
 import json, sys
 from pathlib import Path
 work, out, kinds = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
@@ -111,7 +111,7 @@ for kind in kinds:
 out.write_text(json.dumps(rows, indent=1))
 PY
   local parts=()
-  for kind in "${kinds[@]}"; do
+  for kind in medusa eagle exits router deferral; do
     [[ -f $WORK/artifacts/$kind/manifest.json ]] && parts+=("$kind/manifest.json" "$kind/params")
   done
   run tar -czf "$OUT/parts.tgz" -C "$WORK/artifacts" "${parts[@]}"
@@ -156,7 +156,7 @@ app(prog_name="jdecode")' "$BUCKET" experiment "$name.yaml" "${sets[@]}" --out "
 case $PHASE in
   train) train_phase ;;
   b1)
-    experiment all-methods-b1 configs/experiments/all-methods-b1.yaml bfloat16 1 all
+    experiment all-methods-b1 configs/experiments/all-methods-b1.yaml bfloat16 1 "${B1_LABELS:-all}"
     run tar -czf "$OUT/b1.tgz" -C "$WORK/exp" all-methods-b1 ;;
   sweep)
     experiment medusa-eagle-batches configs/experiments/medusa-eagle.yaml bfloat16 4,16,64 \

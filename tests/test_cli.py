@@ -199,7 +199,7 @@ def test_model_names_may_hold_dots(tmp_path, monkeypatch):
     (["--dtype", "f8"], "Invalid value for '--dtype': 'f8': choose one of float32"),
     (["--impl", "cuda"], "Invalid value for '--impl'"),
     (["--max-new-tokens", "0"], "Invalid value for '--max-new-tokens'"),
-    (["--config", "no-such.yaml"], "--config 'no-such.yaml' does not exist"),
+    (["--config", "no-such.yaml"], "decoding config 'no-such.yaml' does not exist"),
     (["--no-such-flag"], "No such option: --no-such-flag"),
 ])
 def test_flags_fail_before_the_model_loads(args, message, no_loading):

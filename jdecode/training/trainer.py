@@ -33,8 +33,10 @@ class TrainConfig:
       end_lr_ratio: linear warmup to the peak, then cosine decay to end_lr_ratio x peak.
     clip_norm: global gradient-norm clip. weight_decay: decoupled (AdamW) when > 0.
     checkpoint_every, eval_every: steps between checkpoints / held-out evaluations (both also
-      run at the last step). time_budget_s: stop after this many seconds of training; the
-      schedule shrinks to the steps that fit, estimated after the first steps. max_epochs:
+      run at the last step). time_budget_s: stop after this many seconds of training, counted
+      from the end of the first step (its compilation is not training: under a loaded GPU it
+      took longer than the budget); the schedule shrinks to the steps that fit, estimated
+      after the first steps. max_epochs:
       warn when the planned steps pass over the training rows more often than this.
     """
 
@@ -211,8 +213,10 @@ def fit(objective: Objective, trainable: Any, frozen: Any, train: Batch, val: Ba
                 total = max(step + 1, min(tc.steps, fit_steps))
                 schedule = lr_schedule(tc, total)
                 bar.total = total
+        if step == start:  # the budget counts training, not the first step's compilation
+            t0 = now
         last = step + 1 == total or (tc.time_budget_s is not None
-                                     and now - t0 > tc.time_budget_s)
+                                     and now - t0 >= tc.time_budget_s)
         if n_val and ((step + 1) % tc.eval_every == 0 or last):
             ev: dict[str, Any] = {"step": step + 1}
             for split, data in {"val": val, "train": {k: a[train_eval]
@@ -226,7 +230,6 @@ def fit(objective: Objective, trainable: Any, frozen: Any, train: Batch, val: Ba
         if (step + 1) % tc.checkpoint_every == 0 or last:
             mngr.save(step + 1, args=ocp.args.StandardSave(
                 {"trainable": trainable, "opt_state": opt_state}))
-        bar.update(1)
         if last:
             bar.total = step + 1  # a budget-shortened run ends the bar full
             bar.refresh()
