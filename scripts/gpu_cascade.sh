@@ -51,7 +51,7 @@ run python -u -m jdecode.cli train deferral --model "$MODEL" --out "$WORK/deferr
 run tar -czf "$OUT/deferral.tgz" -C "$WORK" deferral/manifest.json deferral/params
 
 # The experiment reads the freshly trained artifact in place of the committed one.
-sed "s#artifacts/deferral#$WORK/deferral#g" \
+sed "s#artifacts/smollm2-135m-deferral.tgz#$WORK/deferral#g" \
   configs/experiments/cascade.yaml > "$WORK/cascade.yaml"
 left=$((TOTAL_S - SECONDS))
 if [[ $left -lt 60 ]]; then

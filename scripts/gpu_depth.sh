@@ -82,7 +82,9 @@ done
 
 # The experiment configs with the artifact paths of this run.
 for f in depth depth-b32; do
-  sed -e "s#artifacts/exits#$WORK/exits#g" -e "s#artifacts/router#$WORK/router#g" "configs/experiments/$f.yaml" > "$WORK/$f.yaml"
+  sed -e "s#artifacts/smollm2-135m-exits.tgz#$WORK/exits#g" \
+    -e "s#artifacts/smollm2-135m-router.tgz#$WORK/router#g" "configs/experiments/$f.yaml" \
+    > "$WORK/$f.yaml"
 done
 exp_args=(--set model="$MODEL" --set dtype="$DTYPE" --set prompts_per_set="$PROMPTS_PER_SET"
           --set max_new_tokens="$MAX_NEW")

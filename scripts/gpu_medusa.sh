@@ -98,7 +98,7 @@ for m in cfg["methods"]:
     if keep is None or m["label"] in keep:
         opts = m.get("options") or {}
         for key, part in (("heads", "medusa"), ("draft", "eagle")):
-            if opts.get(key) == f"artifacts/{part}":
+            if opts.get(key) == f"artifacts/smollm2-135m-{part}.tgz":
                 opts[key] = f"{work}/{part}"
         methods.append(m)
 if keep is not None:  # the bars' methods first: a stage cut by its budget keeps them

@@ -4,15 +4,22 @@
 #
 #   PHASE=train  the shared self-distillation corpus, then every trained part at once (Medusa
 #                heads, the EAGLE draft, exit heads, routers, the deferral classifier), each
-#                into WORK/artifacts/KIND (the trainers' default outputs, so the committed
-#                experiment YAMLs find them). OUT gets parts.tgz and train.json.
+#                into WORK/artifacts/KIND, where later phases use them in place of the
+#                committed artifacts/smollm2-135m-KIND.tgz. KINDS picks some. OUT gets
+#                parts.tgz (manifests and params, to commit) and train.json.
 #   PHASE=b1     configs/experiments/all-methods-b1.yaml in bf16 at batch 1, its executables
-#                compiled in parallel first (scripts/warm_experiment.py). OUT gets b1.tgz.
+#                compiled in parallel first (scripts/warm_experiment.py); B1_LABELS picks
+#                rows. OUT gets b1.tgz.
 #   PHASE=sweep  the batch sweeps within the budget, in order: medusa-eagle.yaml and nar.yaml
 #                at batch 4/16/64, depth.yaml (quality against cost, batch 1), cascade.yaml at
 #                batch 32. OUT gets sweep.tgz.
 #
 #   MODEL=/tmp/m/model.gguf OUT=$OUT PHASE=train bash scripts/gpu_session.sh
+#
+# Bringing the model: a device call carries at most 64 MiB with the tree (~26 MB with the
+# committed artifacts), so split the 98 MB GGUF in three (`split -n 3`), carry one part per
+# call and `cat` them into /tmp/m/model.gguf on the warm machine. The 2026-12-02 run:
+# benchmarks/all_methods_b1_gpu.md.
 #
 # CPU smoke test: SMOKE=1 shrinks every size (a few steps, 1 prompt per set, 4 new tokens).
 set -euo pipefail
@@ -40,8 +47,9 @@ left() { echo $((TOTAL_S - SECONDS)); }
 echo "gpu_session $PHASE: model $MODEL, work $WORK, budget ${TOTAL_S}s, sha $JDECODE_GIT_SHA"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>/dev/null || true
 
-# The committed artifacts (the distilled draft) are read from the checkout; trained ones from
-# WORK/artifacts: the experiments run from a directory where artifacts/ joins both.
+# The committed artifacts are read from the checkout and parts trained in this session from
+# WORK/artifacts (they replace the committed ones): the experiments run from a directory
+# where artifacts/ joins both.
 RUN_DIR=$WORK/run
 mkdir -p "$RUN_DIR"
 ln -sfn "$PWD/configs" "$RUN_DIR/configs"
@@ -102,7 +110,8 @@ work, out, kinds = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
 rows = {}
 for kind in kinds:
     art = work / "artifacts" / kind
-    text = (work / f"train_{kind}.json").read_text().strip()
+    log = work / f"train_{kind}.json"
+    text = log.read_text().strip() if log.exists() else ""
     rows[kind] = {"summary": json.loads(text.splitlines()[-1]) if text else None,
                   "manifest": json.loads((art / "manifest.json").read_text())
                   if (art / "manifest.json").exists() else None,
@@ -127,12 +136,18 @@ experiment() {  # NAME CONFIG DTYPE BATCHES LABELS(all|a,b,c) [extra --set items
   if [[ $budget -lt 40 ]]; then
     echo "experiment $name skipped: ${budget}s of the ${TOTAL_S}s budget left"; return 0
   fi
-  python - "$config" "$RUN_DIR/$name.yaml" "$labels" <<'PY'
+  python - "$config" "$RUN_DIR/$name.yaml" "$labels" "$WORK/artifacts" <<'PY'
 import sys
 from pathlib import Path
 import yaml
-src, dst, labels = sys.argv[1:]
+src, dst, labels, trained = sys.argv[1:]
 cfg = yaml.safe_load(Path(src).read_text())
+# Parts trained in this session (WORK/artifacts/KIND) replace the committed ones.
+for kind in ("medusa", "eagle", "exits", "router", "deferral"):
+    if (Path(trained) / kind / "manifest.json").exists():
+        text = yaml.safe_dump(cfg, sort_keys=False).replace(
+            f"artifacts/smollm2-135m-{kind}.tgz", f"artifacts/{kind}")
+        cfg = yaml.safe_load(text)
 if labels != "all":
     keep = labels.split(",")
     cfg["methods"] = sorted((m for m in cfg["methods"] if m["label"] in keep),

@@ -35,7 +35,7 @@ _LOOKUP = [
     ("Mara keeps three cats named Pepper, Olive and Biscuit in her flat in Lisbon.",
      "In which city is Mara's flat?", "Lisbon"),
     ("Mara keeps three cats named Pepper, Olive and Biscuit in her flat in Lisbon.",
-     "How many cats does Mara keep?", "three"),
+     "How many cats does Mara keep?", "three|3"),
     ("The train to Oslo leaves from platform 6 at a quarter past nine.",
      "From which platform does the train leave?", "6"),
     ("The train to Oslo leaves from platform 6 at a quarter past nine.",

@@ -26,8 +26,8 @@ from jdecode.options import option
 
 @dataclasses.dataclass(frozen=True)
 class BlockwiseOptions:
-    heads: str = option("artifacts/medusa", "the proposal heads: a `jdecode train medusa` "
-                        "artifact (directory or .tgz)")
+    heads: str = option("artifacts/smollm2-135m-medusa.tgz", "the proposal heads: a "
+                        "`jdecode train medusa` artifact (directory or .tgz)")
     k: int = option(0, "tokens proposed per step, one per head; 0 = every head")
     k_by_batch: dict | None = option(  # noqa: RUF009 (`option` returns a field)
         None, "batch size -> k from that size up, e.g. {16: 2, 64: 0} (the cost model's "

@@ -258,8 +258,9 @@ def eagle_decoder(cfg: ModelConfig, max_len: int, shapes: Mapping[int, TreeShape
 
 @dataclasses.dataclass(frozen=True)
 class EagleOptions:
-    draft: str = option("artifacts/eagle", "the feature draft: a `jdecode train eagle` artifact "
-                        "(directory or .tgz)")
+    draft: str = option("artifacts/smollm2-135m-eagle.tgz", "the feature draft: a `jdecode "
+                        "train eagle` artifact (directory or .tgz; the default model's is "
+                        "committed)")
     depth: int = option(5, "draft levels per step (the tree's depth)")
     width: int = option(8, "nodes expanded per level (the most likely so far)")
     top_k: int = option(8, "children drafted per expanded node")

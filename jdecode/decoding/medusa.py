@@ -183,8 +183,9 @@ def acceptance_describe(trees: Mapping[int, StaticTree], accuracy: Sequence[Sequ
 
 @dataclasses.dataclass(frozen=True)
 class MedusaOptions:
-    heads: str = option("artifacts/medusa", "Medusa heads: a `jdecode train medusa` artifact "
-                        "(directory or .tgz)")
+    heads: str = option("artifacts/smollm2-135m-medusa.tgz", "Medusa heads: a `jdecode "
+                        "train medusa` artifact (directory or .tgz; the default model's are "
+                        "committed)")
     tree_nodes: int = option(64, "nodes verified per step, root included: the tree of largest "
                              "expected accepted length from the heads' held-out accuracies "
                              "(Medusa's greedy construction); 1 = plain decoding")
