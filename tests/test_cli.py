@@ -327,3 +327,18 @@ def test_roofline_textbook_explains_its_numbers():
     out = result.output
     assert "4696.7" in out and "2187.9 (reads + writes)" in out
     assert "decode inserts step ③" in out
+
+
+def test_serve_passes_access_template_and_size_flags_to_the_server(monkeypatch, tmp_path):
+    """Item 8: `serve --api-key/--chat-template/--max-request-bytes` reach the server."""
+    import jdecode.engine.server as server
+
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda model, host, port, **kw: seen.update(kw))
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages[0]['content'] }}")
+    result = runner.invoke(app, ["serve", "--api-key", "s3cret", "--chat-template",
+                                 str(template), "--max-request-bytes", "4096"])
+    assert result.exit_code == 0, result.output
+    assert (seen["api_key"], seen["chat_template"], seen["max_request_bytes"],
+            seen["impl"]) == ("s3cret", str(template), 4096, "auto")
