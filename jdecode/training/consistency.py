@@ -51,8 +51,9 @@ class ConsistencyOptions:
         "repeat", "initial guesses of a block, as Jacobi's `init`")
     pad_token: int = option(0, "the token init=pad guesses")
     max_ngram: int = option(3, "longest context suffix init=ngram matches")
-    ar_weight: float = option(1.0, "weight of the KL to the target on the fixed point (keeps "
-                              "the new model's outputs close to the target's)")
+    ar_weight: float = option(10.0, "weight of the KL to the target on the fixed point (keeps "
+                              "the new model's outputs close to the target's; CLLM weighs its "
+                              "AR loss 10)")
     layers: tuple[int, ...] | None = option(None, "layers fine-tuned (default: all); the "
                                             "embeddings and LM head stay the target's")
     save_dtype: str | None = option(None, "dtype of the saved weights, e.g. bfloat16 "
