@@ -71,6 +71,17 @@ def sweep(recs: list[dict], ladder: tuple[int, ...], rule: str, base_cost: float
     return out
 
 
+
+def large_share(row: dict, models: list | None) -> float:
+    """Share of prompts the largest model (the run's target) answered in a cell. A cascade's
+    stats count its own last rung, which for a one-model ladder of a smaller model is not
+    the largest; a speculative cascade runs the largest model on every prompt."""
+    if row["method"] == "autoregressive" or row["method"] == "speculative-cascade":
+        return 1.0
+    if models and models[-1] != "target":
+        return 0.0
+    return row["method_stats"].get("large_share", 0.0)
+
 def analyse(run: Path) -> dict:
     rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()
             if line.strip()]
@@ -100,9 +111,7 @@ def analyse(run: Path) -> dict:
             points.append({"label": "f32 (largest)" if r["method"] == "autoregressive"
                            else r["label"], "kind": kind, "method": r["method"],
                            "rel_cost": cell_cost(r) / base_cost,
-                           "large_share": r["method_stats"].get(
-                               "large_share", 1.0 if r["method"] == "autoregressive" else 0.0)
-                           if r["method"] != "speculative-cascade" else 1.0,
+                           "large_share": large_share(r, models),
                            "agreement": q.get("agreement"),
                            "task_accuracy": q.get("task_accuracy")})
         curves = {}
