@@ -234,8 +234,7 @@ def train_consistency_model(target: Model, out_dir: str | Path,
     res = fit(objective, initial, target.params, train_rows, val_rows or None, out, tc,
               progress, desc="consistency")
     tuned = tuned_model(target, res.trainable, layers)
-    metrics = {"steps_done": res.steps_done, "train_seconds": res.train_seconds,
-               "epochs_done": res.epochs_done, **corpus.info(),
+    metrics = {**res.counts(), **corpus.info(),
                "train_trajectories": train_stats, "val_before": before,
                "last_eval": res.history["eval"][-1] if res.history["eval"] else None}
     if val_rows:  # the same held-out blocks, iterated by the fine-tune

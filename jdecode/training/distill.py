@@ -117,10 +117,8 @@ def train_draft_model(target: Model, out_dir: str | Path, opts: DraftOptions = D
               desc="distil draft")
     draft = with_weights(draft, res.trainable)
     evals = res.history["eval"]
-    metrics = {"steps_done": res.steps_done, "train_seconds": res.train_seconds,
-               "last_kl_mean20": float(np.mean(res.history["loss"][-20:]))
-               if res.history["loss"] else None,
-               **corpus.info(), "epochs_done": res.epochs_done,
+    metrics = {**res.counts(), "last_kl_mean20": float(np.mean(res.history["loss"][-20:]))
+               if res.history["loss"] else None, **corpus.info(),
                "last_eval": evals[-1] if evals else None}
     artifacts.save_artifact(out, ARTIFACT_KIND, target, res.trainable,
                             {"layers": list(layers), **to_dict(opts), "train": to_dict(tc),

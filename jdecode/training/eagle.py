@@ -183,10 +183,9 @@ def train_eagle_draft(target: Model, out_dir: str | Path, opts: EagleTrainOption
                       tc.batch_size)
     steps = [{"step": s, "top1": ev[f"step{s}_top1"], "kl": ev[f"step{s}_kl"]}
              for s in range(1, opts.unroll + 1)]
-    metrics = {"steps": steps, "accuracy_split": split, "steps_done": res.steps_done,
-               "train_seconds": res.train_seconds,
+    metrics = {"steps": steps, "accuracy_split": split, **res.counts(),
                "last_loss_mean20": float(np.mean(res.history["loss"][-20:]))
-               if res.history["loss"] else None, **corpus.info(), "epochs_done": res.epochs_done}
+               if res.history["loss"] else None, **corpus.info()}
     artifacts.save_artifact(out, ARTIFACT_KIND, target, res.trainable,
                             {"feature_layers": list(layers), **to_dict(opts),
                              "train": to_dict(tc), "corpus": to_dict(cc)},

@@ -226,8 +226,7 @@ def train_exits(target: Model, out_dir: str | Path, opts: ExitOptions | None = N
     stats = gather_statistics(heads, target.params, held, cfg, tc.batch_size)
     evals = res.history["eval"]
     metrics = {
-        "steps_done": res.steps_done, "train_seconds": res.train_seconds,
-        "epochs_done": res.epochs_done, **corpus.info(),
+        **res.counts(), **corpus.info(),
         "last_eval": evals[-1] if evals else None,
         "calibration_rows": len(held["tokens"]), "held_out": has_val,
         "exits_untrained": before, "exits_trained": per_exit_metrics(heads, stats),

@@ -149,10 +149,8 @@ def train_medusa_heads(target: Model, out_dir: str | Path,
                       tc.batch_size)
     accuracy, per_head = head_table(ev, opts.num_heads, opts.eval_ranks)
     metrics = {"rank_accuracy": accuracy, "heads": per_head, "accuracy_split": split,
-               "steps_done": res.steps_done, "train_seconds": res.train_seconds,
-               "last_loss_mean20": float(np.mean(res.history["loss"][-20:]))
-               if res.history["loss"] else None,
-               **corpus.info(), "epochs_done": res.epochs_done}
+               **res.counts(), "last_loss_mean20": float(np.mean(res.history["loss"][-20:]))
+               if res.history["loss"] else None, **corpus.info()}
     artifacts.save_artifact(out, ARTIFACT_KIND, target, res.trainable,
                             {**to_dict(opts), "train": to_dict(tc), "corpus": to_dict(cc)},
                             metrics, save_dtype=opts.save_dtype)

@@ -154,8 +154,7 @@ def train_routers(target: Model, out_dir: str | Path, opts: RouterOptions | None
                                                             "mask": corpus.mask},
         cfg, tc.batch_size))
     evals = res.history["eval"]
-    metrics = {"steps_done": res.steps_done, "train_seconds": res.train_seconds,
-               "epochs_done": res.epochs_done, **corpus.info(),
+    metrics = {**res.counts(), **corpus.info(),
                "last_eval": evals[-1] if evals else None}
     artifacts.save_artifact(out, ARTIFACT_KIND, target, routers,
                             {**to_dict(opts), "train": to_dict(tc), "corpus": to_dict(cc)},

@@ -84,6 +84,11 @@ class TrainResult:
     train_seconds: float
     epochs_done: float
 
+    def counts(self) -> dict[str, float]:
+        """How far the run got, as every trainer's manifest metrics record it."""
+        return {"steps_done": self.steps_done, "train_seconds": self.train_seconds,
+                "epochs_done": self.epochs_done}
+
 
 def lr_schedule(tc: TrainConfig, total: int) -> optax.Schedule:
     """Linear warmup, then cosine decay to end_lr_ratio x peak at step `total`."""
