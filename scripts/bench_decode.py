@@ -10,10 +10,12 @@ Writes bench_decode.json and bench_decode.md under --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import itertools
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -31,21 +33,9 @@ from jdecode.decoding import phases
 from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.io.registry import KNOWN_MODELS, Model, load
+from jdecode.model.fused_decode import ENV_SWITCH
 from jdecode.model.layout import fuse_projections, unstack_layers
 from jdecode.model.params import init_params, param_bytes
-
-
-def read_stream_2d(nbytes: int = 4 << 30) -> float:
-    """Read-only stream as a row reduction [N/8192, 8192] -> [N/8192] (bytes/s).
-
-    A 1-D full reduction can leave XLA with too few blocks in flight; the row form is how
-    GPU.md's 2.71 TB/s anchor is reached. The larger of the two is the ceiling.
-    """
-    from jdecode.analysis.measure import time_fn
-
-    x = jax.random.normal(jax.random.key(0), (nbytes // 2 // 8192, 8192), jnp.bfloat16)
-    f = jax.jit(lambda a: jnp.sum(a, axis=1, dtype=jnp.float32))
-    return nbytes / time_fn(lambda: f(x), 20)
 
 
 def kv_bytes_per_step(cfg, batch: int, context: float, itemsize: int) -> float:
@@ -92,14 +82,34 @@ def parse_loop_variant(name: str) -> dict:
     sampler (a `lax.cond` per step) + groups of N (N=1: the plain checked while_loop)."""
     for prefix, greedy in (("greedy", True), ("dyn", False)):
         if name.startswith(prefix) and name[len(prefix):].isdigit():
-            return dict(specialize_greedy=greedy, loop_block=int(name[len(prefix):]))
+            return {"specialize_greedy": greedy, "loop_block": int(name[len(prefix):])}
     raise SystemExit(f"--loops {name!r}: use greedyN or dynN, e.g. greedy4,dyn1")
+
+
+@contextlib.contextmanager
+def impl_variant(impl: str):
+    """"pallas-unfused" is impl="pallas" with the fused decode step turned off (the path
+    before issue 16), so both are timed in one run; any other impl passes through."""
+    if impl != "pallas-unfused":
+        yield impl
+        return
+    os.environ[ENV_SWITCH] = "0"
+    try:
+        yield "pallas"
+    finally:
+        del os.environ[ENV_SWITCH]
 
 
 def ours_tok_s(model: Model, batch: int, prompt_len: int, new: int, impl: str,
                loop: str = "greedy4") -> dict:
-    gen = Generator(model, impl=impl, layout="stacked",  # keep the layout this script chose
-                    **parse_loop_variant(loop))
+    with impl_variant(impl) as run_impl:  # the variant holds while the generator traces
+        gen = Generator(model, impl=run_impl, layout="stacked",  # keep the layout chosen here
+                        **parse_loop_variant(loop))
+        return _time_generator(gen, model, batch, prompt_len, new)
+
+
+def _time_generator(gen: Generator, model: Model, batch: int, prompt_len: int, new: int
+                    ) -> dict:
     rng = np.random.default_rng(0)
     sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
     runs = []
@@ -122,11 +132,11 @@ def hf_tok_s(model_name: str, prompt_len: int, new: int) -> float:
     from transformers import AutoModelForCausalLM
 
     package, filename, _ = KNOWN_MODELS[model_name]
-    folder = list(importlib.util.find_spec(package).submodule_search_locations)[0]
+    folder = next(iter(importlib.util.find_spec(package).submodule_search_locations))
     hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename,
                                               dtype=torch.float32).eval()
     ids = torch.randint(0, hf.config.vocab_size, (1, prompt_len))
-    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    kw = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False}
     with torch.no_grad():
         hf.generate(ids, max_new_tokens=4, do_sample=False)
         t0 = time.perf_counter()
@@ -168,10 +178,8 @@ def main() -> None:
         weights = "random"
     cfg = model.cfg
     itemsize = jnp.dtype(cfg.dtype).itemsize
-    hw = measure_ceilings("bfloat16")
-    hw.measured["read_2d_bytes_per_s"] = read_stream_2d(
-        (4 << 30) if jax.devices()[0].platform == "gpu" else (16 << 20))
-    read_bw = max(hw.measured["read_bytes_per_s"], hw.measured["read_2d_bytes_per_s"])
+    hw = measure_ceilings("bfloat16")  # the one ceiling every benchmark uses
+    read_bw = hw.measured["read_bytes_per_s"]
     rows = []
     stacked = model
     for layout, impl, loop in itertools.product(args.layers.split(","), args.impl.split(","),
@@ -192,8 +200,9 @@ def main() -> None:
                        ceiling_tok_s=ceiling, pct_of_ceiling=100 * ours["decode_tok_s"] / ceiling,
                        achieved_tb_s=ours["decode_tok_s"] / batch * step_bytes / 1e12)
             if args.bare and loop == args.loops.split(",")[0]:  # once per layout and impl
-                row["bare_loop_tok_s"] = bare_loop_tok_s(model, batch, args.prompt_len,
-                                                         args.new_tokens, impl)
+                with impl_variant(impl) as bare_impl:
+                    row["bare_loop_tok_s"] = bare_loop_tok_s(model, batch, args.prompt_len,
+                                                             args.new_tokens, bare_impl)
             if args.hf and batch == 1:
                 row["hf_transformers_tok_s"] = hf_tok_s(args.model, args.prompt_len,
                                                         args.new_tokens)
@@ -201,26 +210,26 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True).stdout.strip()
+                             text=True, check=False).stdout.strip()
     except OSError:
         sha = ""
-    result = dict(
-        date=datetime.date.today().isoformat(), device=hw.name, jax_version=jax.__version__,
-        command="python scripts/bench_decode.py " + " ".join(
+    result = {
+        "date": datetime.date.today().isoformat(), "device": hw.name, "jax_version": jax.__version__,
+        "command": "python scripts/bench_decode.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
             if not isinstance(v, bool)) + "".join(
             f" --{k}" for k, v in vars(args).items() if v is True),
-        git_sha=sha, model=args.model, weights=weights, dtype=cfg.dtype,
-        param_bytes=param_bytes(cfg), ceilings=hw.measured, rows=rows)
+        "git_sha": sha, "model": args.model, "weights": weights, "dtype": cfg.dtype,
+        "param_bytes": param_bytes(cfg), "ceilings": hw.measured, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_decode.json").write_text(json.dumps(result, indent=2))
     lines = [f"# Decode throughput: {args.model} ({weights} weights, {cfg.dtype})", "",
              f"{result['date']} | {hw.name} | jax {jax.__version__} | `{result['command']}`",
-             "", f"Ceiling = batch x read-stream bandwidth ({read_bw / 1e12:.2f} TB/s, measured "
-             "in this run) / (weight bytes + live KV bytes per step).", "",
-             "| layers | impl | loop | batch | tok/s | ceiling tok/s | % of ceiling | TB/s | prefill ms | "
-             "bare loop tok/s | HF tok/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", (f"Ceiling = batch x read-stream bandwidth ({read_bw / 1e12:.2f} TB/s, measured "
+             "in this run) / (weight bytes + live KV bytes per step)."), "",
+             ("| layers | impl | loop | batch | tok/s | ceiling tok/s | % of ceiling | TB/s | prefill ms | "
+             "bare loop tok/s | HF tok/s |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['layers']} | {r['impl']} | {r['loop']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['ceiling_tok_s']:.1f} "

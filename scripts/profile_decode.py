@@ -14,6 +14,7 @@ import argparse
 import collections
 import glob
 import json
+import os
 import re
 import tempfile
 import time
@@ -27,6 +28,7 @@ from jdecode.config import load_model_config_yaml
 from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.io.registry import Model
+from jdecode.model.fused_decode import ENV_SWITCH
 from jdecode.model.params import init_params
 
 
@@ -66,14 +68,21 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--impl", default="pallas")
+    ap.add_argument("--impl", default="pallas",
+                    help="xla, pallas, or pallas-unfused (pallas without the fused decode step)")
+    ap.add_argument("--dtype", default=None, help="override the config's dtype")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--out", default="out")
     args = ap.parse_args()
 
     cfg = load_model_config_yaml(f"configs/models/{args.model}.yaml")
+    cfg = cfg.replace(dtype=args.dtype or cfg.dtype)
+    impl = args.impl
+    if impl == "pallas-unfused":  # the same process traces once: set before the generator
+        os.environ[ENV_SWITCH] = "0"
+        impl = "pallas"
     model = Model(args.model, cfg, init_params(cfg, jax.random.key(0)), None)
-    gen = Generator(model, impl=args.impl, layout="inference")
+    gen = Generator(model, impl=impl, layout="inference")
     sp = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size,
                                                 (args.batch, args.prompt_len)).tolist()
@@ -109,7 +118,7 @@ def main() -> None:
         g[1] += t
     result = dict(
         device=str(jax.devices()[0].device_kind), jax_version=jax.__version__,
-        model=args.model, batch=args.batch, impl=args.impl, steps=steps,
+        model=args.model, dtype=cfg.dtype, batch=args.batch, impl=args.impl, steps=steps,
         generate_wall_s=wall, loop_span_s=span,
         per_step=dict(kernels=len(events) / steps, busy_ms=1e3 * busy / steps,
                       span_ms=1e3 * span / steps, idle_ms=1e3 * (span - busy) / steps),
@@ -121,7 +130,7 @@ def main() -> None:
                       us_per_call=1e6 * t / c) for k, (c, t) in top])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"profile_decode_b{args.batch}.json").write_text(json.dumps(result, indent=2))
+    (out / f"profile_decode_{args.model}_{cfg.dtype}_{args.impl}_b{args.batch}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result["per_step"]))
     for r in result["groups"][:args.top]:
         print(f"{r['us_per_step']:8.1f} us/step {r['calls_per_step']:6.1f}x {r['us_per_call']:7.1f} us"

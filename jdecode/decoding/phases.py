@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jdecode.cache.dense import DenseKVCache, DenseMeta, init_cache, make_dense_attend
 from jdecode.config import ModelConfig
 from jdecode.decoding.tree import Tree
+from jdecode.model.fused_decode import fused_decode_reason, fused_decode_step
 from jdecode.model.linear import make_linear
 from jdecode.model.params import Params
 from jdecode.model.transformer import LayerHooks, forward
@@ -45,7 +46,14 @@ def decode_step(params: Params, cache: DenseKVCache, tokens: jax.Array, position
                 *, cfg: ModelConfig, impl: str = "xla", hooks: LayerHooks | None = None
                 ) -> tuple:
     """One incremental step: tokens [B] at positions [B] -> logits [B, V], hidden [B, E],
-    the cache (and, with hooks, their carry)."""
+    the cache (and, with hooks, their carry).
+
+    With impl="pallas" and no hooks, a few rows over a per-layer dense cache in the inference
+    layout run as three fused kernels per layer (`jdecode.model.fused_decode`).
+    """
+    if (impl == "pallas" and hooks is None
+            and fused_decode_reason(params, cache, cfg, tokens.shape[0]) is None):
+        return fused_decode_step(params, cache, tokens, positions, cfg=cfg)
     logits, hidden, *rest = verify(params, cache, tokens[:, None], positions[:, None],
                                    cfg=cfg, impl=impl, hooks=hooks)
     return (logits[:, 0], hidden[:, 0], *rest)
