@@ -88,12 +88,12 @@ def parse_loop_variant(name: str) -> dict:
 
 @contextlib.contextmanager
 def impl_variant(impl: str):
-    """"pallas-unfused" is impl="pallas" with the fused decode step turned off (the path
-    before issue 16), so both are timed in one run; any other impl passes through."""
-    if impl != "pallas-unfused":
+    """"pallas-fused" is impl="pallas" with the opt-in fused decode step turned on, so both
+    are timed in one run; any other impl passes through."""
+    if impl != "pallas-fused":
         yield impl
         return
-    os.environ[ENV_SWITCH] = "0"
+    os.environ[ENV_SWITCH] = "1"
     try:
         yield "pallas"
     finally:

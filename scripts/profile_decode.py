@@ -62,6 +62,26 @@ def loop_events(trace_dir: str, module: str) -> list[tuple[str, int, int]]:
                      f"{seen.most_common(15)}")
 
 
+def device_kernels(trace_dir: str) -> list[tuple[str, int, int]]:
+    """(kernel name, start_ns, duration_ns) of every kernel on the device's stream lines.
+
+    Unlike `loop_events`, this includes kernels that carry no HLO op (Pallas custom calls),
+    named by the kernel itself (e.g. fused_qkv), and kernels of every module.
+    """
+    from jax.profiler import ProfileData
+
+    data = ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
+    out = []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            out += [(ev.name, ev.start_ns, ev.duration_ns) for ev in line.events]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-3.2-1b")
@@ -69,7 +89,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--impl", default="pallas",
-                    help="xla, pallas, or pallas-unfused (pallas without the fused decode step)")
+                    help="xla, pallas, or pallas-fused (pallas with the opt-in fused decode step)")
     ap.add_argument("--dtype", default=None, help="override the config's dtype")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--out", default="out")
@@ -78,8 +98,8 @@ def main() -> None:
     cfg = load_model_config_yaml(f"configs/models/{args.model}.yaml")
     cfg = cfg.replace(dtype=args.dtype or cfg.dtype)
     impl = args.impl
-    if impl == "pallas-unfused":  # the same process traces once: set before the generator
-        os.environ[ENV_SWITCH] = "0"
+    if impl == "pallas-fused":  # the same process traces once: set before the generator
+        os.environ[ENV_SWITCH] = "1"
         impl = "pallas"
     model = Model(args.model, cfg, init_params(cfg, jax.random.key(0)), None)
     gen = Generator(model, impl=impl, layout="inference")
@@ -98,7 +118,19 @@ def main() -> None:
         # A while loop's own span contains its body's kernels: count the kernels only.
         events = [e for e in loop_events(tmp, "run_loop")
                   if ops.get(e[0], ("", ""))[1] != "<container>"]
+        try:
+            kernels = device_kernels(tmp)
+        except Exception as e:  # noqa: BLE001 - the per-kernel view is an addition
+            print(f"device_kernels: {e!r}")
+            kernels = []
     steps = res[0].stats["decode_steps"]
+    by_kernel = collections.defaultdict(lambda: [0, 0.0])
+    for name, _, dur in kernels:
+        by_kernel[name[:60]][0] += 1
+        by_kernel[name[:60]][1] += dur * 1e-9
+    kernel_rows = [dict(kernel=k, calls_per_step=c / steps, us_per_step=1e6 * t / steps,
+                        us_per_call=1e6 * t / c)
+                   for k, (c, t) in sorted(by_kernel.items(), key=lambda kv: -kv[1][1])]
     per_op = collections.defaultdict(lambda: [0, 0.0])
     for name, _, dur in events:
         per_op[name][0] += 1
@@ -122,6 +154,9 @@ def main() -> None:
         generate_wall_s=wall, loop_span_s=span,
         per_step=dict(kernels=len(events) / steps, busy_ms=1e3 * busy / steps,
                       span_ms=1e3 * span / steps, idle_ms=1e3 * (span - busy) / steps),
+        device_kernels_per_step=sum(r["calls_per_step"] for r in kernel_rows),
+        device_busy_ms_per_step=sum(r["us_per_step"] for r in kernel_rows) / 1e3,
+        kernels=kernel_rows,
         groups=[dict(function=f, kind=kind, last_op=last, calls_per_step=c / steps,
                      us_per_step=1e6 * t / steps, us_per_call=1e6 * t / c)
                 for (f, kind, last), (c, t) in sorted(groups.items(), key=lambda kv: -kv[1][1])],
@@ -135,6 +170,11 @@ def main() -> None:
     for r in result["groups"][:args.top]:
         print(f"{r['us_per_step']:8.1f} us/step {r['calls_per_step']:6.1f}x {r['us_per_call']:7.1f} us"
               f"  {r['function']:<22} {r['kind']:<36} {r['last_op']}")
+    print(f"device stream kernels: {result['device_kernels_per_step']:.1f}/step, "
+          f"{result['device_busy_ms_per_step']:.3f} ms busy/step")
+    for r in kernel_rows[:args.top]:
+        print(f"{r['us_per_step']:8.1f} us/step {r['calls_per_step']:6.1f}x "
+              f"{r['us_per_call']:7.2f} us  {r['kernel']}")
     print("top single ops:")
     for r in result["top_ops"][:10]:
         print(f"{r['us_per_step']:8.1f} us/step {r['calls_per_step']:5.1f}x {r['us_per_call']:7.1f} us"

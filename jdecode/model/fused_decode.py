@@ -1,7 +1,10 @@
 """The decode step of a few rows as three fused Pallas kernels per layer.
 
-`decode_step` (jdecode.decoding.phases) takes this path when impl="pallas" (the GPU default)
-and `fused_decode_reason` finds nothing against it; otherwise the general forward runs. Both
+`decode_step` (jdecode.decoding.phases) takes this path when impl="pallas" (the GPU default),
+JDECODE_FUSED_DECODE=1 is set, and `fused_decode_reason` finds nothing against it; otherwise
+the general forward runs. It is opt-in because it measured slower than the general path on
+the H200 (2026-12-02, benchmarks/fused_decode_h200.md): its kernels run 11-21 us each
+against the general path's ~2.3 us, so 115 kernels per step took longer than 535. Both
 compute the same function: the kernels keep the model's roundings (projections rounded to the
 model dtype before each residual add, HF's RMSNorm, RoPE in f32 on the rounded projections),
 and tests compare them on random weights (tests/model/test_fused_decode.py).
@@ -26,7 +29,7 @@ from pallas_kernels.fused_decode.kernel import ATTN_BLOCK
 from pallas_kernels.fused_decode.reference import merge_residual
 
 DTYPES = ("float32", "bfloat16", "float16")
-# "0" turns the fused path off (the general forward runs): for A/B timing and bisecting.
+# "1" turns the fused path on (see the module docstring for why it is not the default).
 ENV_SWITCH = "JDECODE_FUSED_DECODE"
 # Past this many down-projection partials, XLA sums them once instead of every program of the
 # next layer's first kernel summing them again (the 1B shape's 8192 features make 128).
@@ -36,8 +39,8 @@ MAX_PROLOGUE_PARTS = 32
 def fused_decode_reason(params: Params, cache, cfg: ModelConfig, rows: int) -> str | None:
     """Why the fused decode step cannot run here, or None when it can (all static checks)."""
     layers = params.layers
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return f"turned off by {ENV_SWITCH}=0"
+    if os.environ.get(ENV_SWITCH, "0") != "1":
+        return f"off: set {ENV_SWITCH}=1 to use it"
     if not isinstance(cache, DenseKVCache) or not cache.per_layer:
         return "needs a dense cache with per-layer buffers (init_cache(per_layer=True))"
     if cache.written is not None:

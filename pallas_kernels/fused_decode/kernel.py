@@ -79,14 +79,18 @@ def _rms_normed(pieces: list[jax.Array], norm_ref, chunk: int, eps: float, dtype
 def _matvec(rows: list[list[jax.Array]], w_ref, col0, width: int, chunk: int) -> list[jax.Array]:
     """For each row (a list of [chunk] pieces of h): sum_e h[e] * w[e, col0:col0+width], f32.
 
-    Each weight tile is loaded once and used by every row.
+    Every weight tile is loaded before any is used, and products accumulate in a
+    [chunk, width] tile reduced once at the end: a reduction between loads puts a barrier
+    there, and the loads behind it would each wait out the full memory latency in turn.
     """
-    acc = [jnp.zeros((width,), f32) for _ in rows]
-    for i in range(len(rows[0])):
-        w = w_ref[pl.ds(i * chunk, chunk), pl.ds(col0, width)].astype(f32)  # [chunk, width]
-        for r, h in enumerate(rows):
-            acc[r] = acc[r] + jnp.sum(h[i][:, None] * w, axis=0)
-    return acc
+    tiles = [w_ref[pl.ds(i * chunk, chunk), pl.ds(col0, width)] for i in range(len(rows[0]))]
+    out = []
+    for h in rows:
+        acc = h[0][:, None] * tiles[0].astype(f32)  # [chunk, width]
+        for hi, w in zip(h[1:], tiles[1:]):
+            acc = acc + hi[:, None] * w.astype(f32)
+        out.append(jnp.sum(acc, axis=0))
+    return out
 
 
 # --- stage 1: residual merge, RMSNorm, QKV, RoPE, cache write --------------------------------

@@ -18,7 +18,7 @@ import pytest
 from jdecode.cache.dense import init_cache
 from jdecode.config import load_model_config_yaml
 from jdecode.decoding import phases
-from jdecode.model.fused_decode import fused_decode_reason
+from jdecode.model.fused_decode import ENV_SWITCH, fused_decode_reason
 from jdecode.model.layout import inference_layout
 from jdecode.model.params import init_params
 from pallas_kernels.fused_decode import fused_attn, fused_mlp, fused_qkv
@@ -26,6 +26,12 @@ from pallas_kernels.fused_decode import reference as ref
 from pallas_kernels.testing import assert_close, jit_for_tests
 
 TINY = "configs/models/tiny.yaml"
+
+
+@pytest.fixture
+def fused_on(monkeypatch):
+    """The fused step is opt-in (see jdecode.model.fused_decode)."""
+    monkeypatch.setenv(ENV_SWITCH, "1")
 
 
 @pytest.fixture(autouse=True)
@@ -112,7 +118,7 @@ def _steps(params, cfg, impl, prompt, lengths, next_tokens):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_fused_step_matches_xla_step(rng, dtype, rows):
+def test_fused_step_matches_xla_step(rng, dtype, rows, fused_on):
     cfg = load_model_config_yaml(TINY).replace(dtype=dtype)
     params = inference_layout(init_params(cfg, jax.random.key(int(rng.integers(1 << 30)))))
     cache = init_cache(cfg, rows, 256, per_layer=True)
@@ -128,8 +134,14 @@ def test_fused_step_matches_xla_step(rng, dtype, rows):
     assert_close(jnp.stack(got_cache.v), jnp.stack(want_cache.v), dtype)
 
 
-def test_fused_step_declines_what_it_does_not_cover():
+def test_fused_step_declines_what_it_does_not_cover(monkeypatch):
     cfg = load_model_config_yaml(TINY)
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    ready = (inference_layout(init_params(cfg, jax.random.key(0))),
+             init_cache(cfg, 1, 256, per_layer=True), cfg, 1)
+    assert ENV_SWITCH in fused_decode_reason(*ready)  # opt-in
+    monkeypatch.setenv(ENV_SWITCH, "1")
+    assert fused_decode_reason(*ready) is None
     params = init_params(cfg, jax.random.key(0))
     fast = inference_layout(params)
     per_layer = init_cache(cfg, 1, 256, per_layer=True)
@@ -144,10 +156,11 @@ def test_fused_step_declines_what_it_does_not_cover():
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_fused_greedy_equals_xla_on_the_real_model_f32(smol):
+def test_fused_greedy_equals_xla_on_the_real_model_f32(request, fused_on):
     """Acceptance of issue 16: f32 greedy tokens of the fast path equal the XLA path's."""
     if jax.default_backend() != "gpu":
         pytest.skip("needs the GPU")
+    smol = request.getfixturevalue("smol")
     from jdecode.decoding.generate import Generator
     from jdecode.decoding.sampling import SamplingParams
 
