@@ -174,8 +174,10 @@ case $PHASE in
     experiment all-methods-b1 configs/experiments/all-methods-b1.yaml bfloat16 1 "${B1_LABELS:-all}"
     run tar -czf "$OUT/b1.tgz" -C "$WORK/exp" all-methods-b1 ;;
   sweep)
+    # 4/16/64 of medusa-64, eagle-60 and blockwise-4 ran on 2026-12-02
+    # (benchmarks/medusa_eagle_batches_h200.md); the planned rows check the >= 0.98x bar.
     experiment medusa-eagle-batches configs/experiments/medusa-eagle.yaml bfloat16 4,16,64 \
-      medusa-64,eagle-60,blockwise-4
+      medusa-64-planned,eagle-60-planned,blockwise-4-planned
     experiment nar-batches configs/experiments/nar.yaml bfloat16 4,16 lookahead-w7-n5-g7,jacobi-n16
     experiment depth configs/experiments/depth.yaml bfloat16 1 all
     experiment cascade configs/experiments/cascade.yaml bfloat16 32 all \
