@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jdecode.decoding.base import split_keys
 from jdecode.decoding.drafters import filtered_probs
 from jdecode.decoding.sampling import SamplingArrays
 from jdecode.decoding.tree import Tree, path_to
@@ -215,6 +216,17 @@ def typical_tree_accept(tree: Tree, tokens: jax.Array, logits: jax.Array,
         return Accepted(emitted_tokens(tokens, path, num, bonus.astype(jnp.int32)), num, path)
 
     return _with_greedy_rows(sampling, keys, greedy, typical)
+
+
+def accept_step(rule: AcceptFn, tree: Tree, tokens: jax.Array, logits: jax.Array,
+                sampling: SamplingArrays, keys: jax.Array) -> tuple[jax.Array, Accepted]:
+    """A tree method's acceptance for one step: `greedy_tree_accept` for an all-greedy batch
+    (static: no key is consumed and no vocabulary sorted), else `rule` with a fresh key per
+    row. Returns the keys the state carries on, and what was accepted."""
+    if sampling.all_greedy:
+        return keys, greedy_tree_accept(tree, tokens, logits)
+    keys, now = split_keys(keys)
+    return keys, rule(tree, tokens, logits, None, sampling, now)
 
 
 def _with_greedy_rows(sampling: SamplingArrays | None, keys: jax.Array | None,

@@ -24,8 +24,8 @@ from flax import struct
 from jdecode.cache.dense import init_cache
 from jdecode.config import ModelConfig
 from jdecode.decoding import phases
-from jdecode.decoding.acceptance import AcceptFn, greedy_tree_accept, sampled_tree_accept
-from jdecode.decoding.base import Decoder, DecodeState, StepOutput, sample_next, split_keys
+from jdecode.decoding.acceptance import AcceptFn, accept_step, sampled_tree_accept
+from jdecode.decoding.base import Decoder, DecodeState, StepOutput, sample_next
 from jdecode.decoding.eagle_draft import (
     DraftKV,
     DraftMeta,
@@ -233,11 +233,7 @@ def eagle_decoder(cfg: ModelConfig, max_len: int, shapes: Mapping[int, TreeShape
             out = phases.verify_tree(params, aux.cache, tokens, pos, tree, cfg=cfg, impl=impl,
                                      hooks=step_hooks)
         logits, cache = out[0], out[2]
-        if state.sampling.all_greedy:  # static: no keys, no sort of the vocabulary
-            keys, accepted = state.keys, greedy_tree_accept(tree, tokens, logits)
-        else:
-            keys, now = split_keys(state.keys)
-            accepted = rule(tree, tokens, logits, None, state.sampling, now)
+        keys, accepted = accept_step(rule, tree, tokens, logits, state.sampling, state.keys)
         if not in_place:
             cache = commit_path(cache, pos, accepted.path)
         new_aux = EagleAux(cache, None, None, None, None)

@@ -24,11 +24,11 @@ from jdecode.config import ModelConfig
 from jdecode.decoding import phases
 from jdecode.decoding.acceptance import (
     AcceptFn,
-    greedy_tree_accept,
+    accept_step,
     sampled_tree_accept,
     typical_tree_accept,
 )
-from jdecode.decoding.base import Decoder, DecodeState, StepOutput, sample_next, split_keys
+from jdecode.decoding.base import Decoder, DecodeState, StepOutput, sample_next
 from jdecode.decoding.heads import bundle, head_logits, load_heads, rank_accuracy
 from jdecode.decoding.methods import MethodBuild, register
 from jdecode.decoding.tree import StaticTree, commit_path
@@ -135,11 +135,7 @@ def heads_decoder(cfg: ModelConfig, max_len: int, trees: Mapping[int, StaticTree
         else:
             logits, hidden, cache = phases.verify_tree(params, aux.cache, tokens, pos, tree,
                                                        cfg=cfg, impl=impl)
-        if state.sampling.all_greedy:  # static: no keys, no sort of the vocabulary
-            keys, accepted = state.keys, greedy_tree_accept(tree, tokens, logits)
-        else:
-            keys, now = split_keys(state.keys)
-            accepted = rule(tree, tokens, logits, None, state.sampling, now)
+        keys, accepted = accept_step(rule, tree, tokens, logits, state.sampling, state.keys)
         if not chain:
             cache = commit_path(cache, pos, accepted.path)
         rows = jnp.arange(b)
