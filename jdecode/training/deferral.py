@@ -234,7 +234,7 @@ def train_deferral_model(target: Model, out_dir: str | Path, opts: DeferralOptio
             # The untrained rules on the same held-out rows, for comparison.
             **{f"val_auc_{rule}": auc(np.asarray(table["scores"][rule])[val], y[val])
                for rule in ("max-prob", "mean-logprob", "quantile") if len(val)},
-            "steps_done": res.steps_done, "epochs_done": res.epochs_done}
+            **res.counts()}
     num_features = classifiers[0].w1.shape[0]
     artifacts.save_artifact(out, dr.ARTIFACT_KIND, target, tuple(classifiers), {
         **to_dict(opts), "transitions": steps, "num_features": num_features, "tables": tables,
@@ -244,6 +244,7 @@ def train_deferral_model(target: Model, out_dir: str | Path, opts: DeferralOptio
             "first_loss": losses[0][0] if losses[0] else None,
             "last_loss": flat[-1] if flat else None,
             "epochs_done": float(np.mean([m["epochs_done"] for m in metrics.values()])),
+            "train_seconds": float(sum(m["train_seconds"] for m in metrics.values())),
             "use": f"jdecode generate --method cascade --set rule=classifier "
                    f"--set calibration={out}"}
 
