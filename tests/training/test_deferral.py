@@ -92,6 +92,7 @@ def test_trained_artifact_calibrates_a_cascade(rng, tmp_path):
         CorpusConfig(gen_batch=8, val_fraction=0.25), prompts, progress=False)
     step = "target@bfloat16 -> target"
     assert summary["steps"][step]["val_rows"] == 6 and summary["rows"] == 24
+    assert summary["steps"][step]["steps_done"] == 20 and summary["train_seconds"] > 0
     cal = dr.load_calibration(tmp_path / "d", model)
     table = cal.table(step)
     assert set(table["scores"]) == {"max-prob", "mean-logprob", "quantile", "classifier"}
