@@ -356,8 +356,15 @@ def load_exits(spec: str | Path, target: Model) -> tuple[ExitHeads, dict]:
 def calibrated_threshold(manifest: dict, criterion: str, agreement: float) -> float:
     """The artifact's calibrated threshold for `criterion`: of the thresholds whose held-out
     top-1 agreement with the full model reaches `agreement`, the one computing fewest layers
-    (the most conservative one when none does)."""
-    curve = manifest.get("metrics", {}).get("calibration", {}).get(criterion)
+    (the most conservative one when none does).
+
+    The curve measured with the method itself (K/V propagated, "calibration_propagated") is
+    used when the artifact has it; older artifacts have only the curve read off the full
+    model's states ("calibration"), which overstates agreement.
+    """
+    metrics = manifest.get("metrics", {})
+    curve = (metrics.get("calibration_propagated", {}).get(criterion)
+             or metrics.get("calibration", {}).get(criterion))
     if not curve:
         raise ValueError(f"no calibrated {criterion} threshold in these exits: set threshold "
                          "explicitly, or train the exits with `jdecode train exits`")

@@ -24,6 +24,7 @@ from jdecode.training.exits import (
     ExitOptions,
     curve_point,
     exits_objective,
+    propagated_curve,
     train_exits,
 )
 from jdecode.training.trainer import TrainConfig, fit
@@ -82,13 +83,31 @@ def test_calibration_and_artifact(trained, target):
     restored, _ = load_exits(out, target)
     for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(heads)):
         np.testing.assert_array_equal(a, b)
-    # The method takes the calibrated threshold for its agreement target.
+    # The same thresholds measured with the method itself (K/V propagated).
+    propagated = meta["metrics"]["calibration_propagated"]["margin"]
+    assert [p["threshold"] for p in propagated] == thresholds
+    assert all(0 < p["layer_share"] <= 1 and 0 <= p["top1"] <= 1 for p in propagated)
+    # The method takes the calibrated threshold for its agreement target, from the
+    # propagated curve: every point reaches 1e-6, so the one computing fewest layers.
     built = methods.build("early_exit", target, {"exits": str(out), "criterion": "margin",
                                                  "agreement": 1e-6, "share_tokens": 0})
-    # Every point reaches that agreement: the cheapest (loosest) threshold is taken.
-    assert float(built.model.params[2]) == pytest.approx(min(thresholds))
+    cheapest = min(propagated, key=lambda p: p["layer_share"])
+    assert float(built.model.params[2]) == pytest.approx(cheapest["threshold"])
     tokens = jnp.zeros((1, 8), jnp.int32)
     assert built.score(built.model.params, tokens).shape == (1, 8, CFG.vocab_size)
+
+
+def test_propagated_curve_at_the_extremes(trained, target, corpus):
+    """Entropy <= -1 never holds: every token runs the whole model, agreeing with it. Entropy
+    <= 1e9 always holds: every token leaves at the first exit (layer 1 of 6: 2 layers)."""
+    _, heads, _, _ = trained
+    data = {"tokens": corpus.val_tokens, "mask": corpus.val_mask}
+    never, always = propagated_curve(heads, target.params, data, CFG, "entropy", [-1.0, 1e9],
+                                     batch_size=2)
+    assert never["top1"] == 1.0 and never["layer_share"] == 1.0
+    assert never["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert always["layer_share"] == pytest.approx((heads.layers[0] + 1) / CFG.num_layers)
+    assert always["kl"] > 0
 
 
 def test_training_resumes_from_its_checkpoint(trained, target, corpus, tmp_path):
