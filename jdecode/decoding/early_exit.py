@@ -110,9 +110,19 @@ def exit_score(criterion: str, params: Params, heads: ExitHeads, j: int, x_in: j
     if criterion == "entropy":
         return jnp.sum(jnp.exp(logp) * logp, axis=-1)
     if criterion == "margin":
-        top2 = jax.lax.top_k(jnp.exp(logp), 2)[0]
-        return top2[..., 0] - top2[..., 1]
+        return top2_margin(jnp.exp(logp))
     raise ValueError(f"criterion={criterion!r}: choose one of {', '.join(CRITERIA)}")
+
+
+def top2_margin(p: jax.Array) -> jax.Array:
+    """Largest minus second-largest of p [..., V] along V (0 on a tie for the top).
+
+    Two max reductions rather than `lax.top_k`, which XLA:CPU lowers to a sort of the whole
+    vocabulary per token and exit (minutes per calibration pass on the default model).
+    """
+    first = jnp.argmax(p, axis=-1)[..., None]
+    others = jnp.where(jnp.arange(p.shape[-1]) == first, -jnp.inf, p)
+    return jnp.max(p, axis=-1) - jnp.max(others, axis=-1)
 
 
 def classifier_logit(heads: ExitHeads, j: int, h: jax.Array) -> jax.Array:

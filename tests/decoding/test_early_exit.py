@@ -26,6 +26,7 @@ from jdecode.decoding.early_exit import (
     layers_computed,
     row_exit_layers,
     score_early_exit,
+    top2_margin,
 )
 from jdecode.decoding.generate import Generator
 from jdecode.decoding.loop import init_loop, run_loop
@@ -102,6 +103,11 @@ def test_scores_and_calibration_pick():
     manifest = {"metrics": {"calibration": {"margin": curve}}}
     assert calibrated_threshold(manifest, "margin", 0.95) == 0.5
     assert calibrated_threshold(manifest, "margin", 0.999) == 0.9  # none reaches: safest
+    # The curve measured with K/V propagated wins where the artifact has it.
+    propagated = [dict(p, top1=p["top1"] - 0.05) for p in curve]
+    both = {"metrics": {"calibration": {"margin": curve},
+                        "calibration_propagated": {"margin": propagated}}}
+    assert calibrated_threshold(both, "margin", 0.95) == 0.9
     with pytest.raises(ValueError, match="no calibrated entropy threshold"):
         calibrated_threshold(manifest, "entropy", 0.95)
 
@@ -189,3 +195,11 @@ def test_decoding_rows_and_batch(setup, rng):
     np.testing.assert_array_equal(one.dec.aux.computed, ls.dec.aux.computed[1:2])
     assert_close(one.dec.aux.cache.k, ls.dec.aux.cache.k[:, 1:2], "float32")
     assert_close(one.dec.aux.cache.v, ls.dec.aux.cache.v[:, 1:2], "float32")
+
+
+def test_top2_margin_matches_top_k(rng):
+    p = jax.nn.softmax(jnp.asarray(rng.standard_normal((3, 5, 40)) * 3, jnp.float32), -1)
+    top2 = jax.lax.top_k(p, 2)[0]
+    np.testing.assert_allclose(top2_margin(p), top2[..., 0] - top2[..., 1], rtol=0, atol=0)
+    tie = jnp.asarray([[0.4, 0.1, 0.4, 0.1]])
+    assert float(top2_margin(tie)[0]) == 0.0
