@@ -10,12 +10,10 @@ Writes bench_decode.json and bench_decode.md under --out.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import itertools
 import json
-import os
 import statistics
 import subprocess
 import time
@@ -33,7 +31,7 @@ from jdecode.decoding import phases
 from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.io.registry import KNOWN_MODELS, Model, load
-from jdecode.model.fused_decode import ENV_SWITCH
+from jdecode.model.fused_decode import impl_variant
 from jdecode.model.layout import fuse_projections, unstack_layers
 from jdecode.model.params import init_params, param_bytes
 
@@ -84,20 +82,6 @@ def parse_loop_variant(name: str) -> dict:
         if name.startswith(prefix) and name[len(prefix):].isdigit():
             return {"specialize_greedy": greedy, "loop_block": int(name[len(prefix):])}
     raise SystemExit(f"--loops {name!r}: use greedyN or dynN, e.g. greedy4,dyn1")
-
-
-@contextlib.contextmanager
-def impl_variant(impl: str):
-    """"pallas-fused" is impl="pallas" with the opt-in fused decode step turned on, so both
-    are timed in one run; any other impl passes through."""
-    if impl != "pallas-fused":
-        yield impl
-        return
-    os.environ[ENV_SWITCH] = "1"
-    try:
-        yield "pallas"
-    finally:
-        del os.environ[ENV_SWITCH]
 
 
 def ours_tok_s(model: Model, batch: int, prompt_len: int, new: int, impl: str,

@@ -14,7 +14,6 @@ import argparse
 import collections
 import glob
 import json
-import os
 import re
 import tempfile
 import time
@@ -28,19 +27,32 @@ from jdecode.config import load_model_config_yaml
 from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.io.registry import Model
-from jdecode.model.fused_decode import ENV_SWITCH
+from jdecode.model.fused_decode import impl_variant
 from jdecode.model.params import init_params
 
 
-def loop_events(trace_dir: str, module: str) -> list[tuple[str, int, int]]:
+def load_trace(trace_dir: str):
+    """The profiler's XSpace of a trace directory (`jax.profiler.ProfileData`)."""
+    from jax.profiler import ProfileData
+
+    return ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
+
+
+def tally(events: list[tuple[str, int, int]]) -> dict[str, list]:
+    """name -> [calls, summed seconds] over (name, start_ns, duration_ns) events."""
+    out: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    for name, _, dur in events:
+        out[name][0] += 1
+        out[name][1] += dur * 1e-9
+    return out
+
+
+def loop_events(data, module: str) -> list[tuple[str, int, int]]:
     """(hlo_op, start_ns, duration_ns) of every kernel of `module` on the device.
 
     A device plane may list a kernel on its stream line and again on a derived "XLA Ops" line;
     the derived line is used when present. CPU runs have host-side op events only.
     """
-    from jax.profiler import ProfileData
-
-    data = ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
     lines: dict[tuple[bool, str], list] = collections.defaultdict(list)
     seen = collections.Counter()
     for plane in data.planes:
@@ -62,15 +74,12 @@ def loop_events(trace_dir: str, module: str) -> list[tuple[str, int, int]]:
                      f"{seen.most_common(15)}")
 
 
-def device_kernels(trace_dir: str) -> list[tuple[str, int, int]]:
+def device_kernels(data) -> list[tuple[str, int, int]]:
     """(kernel name, start_ns, duration_ns) of every kernel on the device's stream lines.
 
     Unlike `loop_events`, this includes kernels that carry no HLO op (Pallas custom calls),
     named by the kernel itself (e.g. fused_qkv), and kernels of every module.
     """
-    from jax.profiler import ProfileData
-
-    data = ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
     out = []
     for plane in data.planes:
         if not plane.name.startswith("/device:"):
@@ -97,16 +106,13 @@ def main() -> None:
 
     cfg = load_model_config_yaml(f"configs/models/{args.model}.yaml")
     cfg = cfg.replace(dtype=args.dtype or cfg.dtype)
-    impl = args.impl
-    if impl == "pallas-fused":  # the same process traces once: set before the generator
-        os.environ[ENV_SWITCH] = "1"
-        impl = "pallas"
     model = Model(args.model, cfg, init_params(cfg, jax.random.key(0)), None)
-    gen = Generator(model, impl=impl, layout="inference")
     sp = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size,
                                                 (args.batch, args.prompt_len)).tolist()
-    gen.generate(prompts, sp)  # compile and warm up
+    with impl_variant(args.impl) as impl:  # holds while the first generate traces
+        gen = Generator(model, impl=impl, layout="inference")
+        gen.generate(prompts, sp)  # compile and warm up
     (exe,) = gen._compiled.values()
     ops = hlo_op_functions(exe.loop.as_text())
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,25 +122,20 @@ def main() -> None:
         wall = time.perf_counter() - t0
         jax.profiler.stop_trace()
         # A while loop's own span contains its body's kernels: count the kernels only.
-        events = [e for e in loop_events(tmp, "run_loop")
+        trace = load_trace(tmp)
+        events = [e for e in loop_events(trace, "run_loop")
                   if ops.get(e[0], ("", ""))[1] != "<container>"]
         try:
-            kernels = device_kernels(tmp)
+            kernels = device_kernels(trace)
         except Exception as e:  # noqa: BLE001 - the per-kernel view is an addition
             print(f"device_kernels: {e!r}")
             kernels = []
     steps = res[0].stats["decode_steps"]
-    by_kernel = collections.defaultdict(lambda: [0, 0.0])
-    for name, _, dur in kernels:
-        by_kernel[name[:60]][0] += 1
-        by_kernel[name[:60]][1] += dur * 1e-9
+    by_kernel = tally([(name[:60], start, dur) for name, start, dur in kernels])
     kernel_rows = [dict(kernel=k, calls_per_step=c / steps, us_per_step=1e6 * t / steps,
                         us_per_call=1e6 * t / c)
                    for k, (c, t) in sorted(by_kernel.items(), key=lambda kv: -kv[1][1])]
-    per_op = collections.defaultdict(lambda: [0, 0.0])
-    for name, _, dur in events:
-        per_op[name][0] += 1
-        per_op[name][1] += dur * 1e-9
+    per_op = tally(events)
     busy = sum(d for _, _, d in events) * 1e-9
     first = min(s for _, s, _ in events)
     last = max(s + d for _, s, d in events)

@@ -15,7 +15,9 @@ its bytes (pallas_kernels/fused_decode/kernel.py says how many and why three per
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import jax
 
@@ -34,6 +36,25 @@ ENV_SWITCH = "JDECODE_FUSED_DECODE"
 # Past this many down-projection partials, XLA sums them once instead of every program of the
 # next layer's first kernel summing them again (the 1B shape's 8192 features make 128).
 MAX_PROLOGUE_PARTS = 32
+
+
+@contextlib.contextmanager
+def impl_variant(impl: str) -> Iterator[str]:
+    """Benchmarks' impl names: "pallas-fused" is impl="pallas" with the fused step switched on
+    while the context holds (traces made inside it take the fused path), so both are timed in
+    one run; any other impl passes through unchanged."""
+    if impl != "pallas-fused":
+        yield impl
+        return
+    before = os.environ.get(ENV_SWITCH)
+    os.environ[ENV_SWITCH] = "1"
+    try:
+        yield "pallas"
+    finally:
+        if before is None:
+            del os.environ[ENV_SWITCH]
+        else:
+            os.environ[ENV_SWITCH] = before
 
 
 def fused_decode_reason(params: Params, cache, cfg: ModelConfig, rows: int) -> str | None:

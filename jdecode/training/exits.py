@@ -206,22 +206,24 @@ def propagated_curve(heads: ExitHeads, target: Params, data: Batch, cfg: ModelCo
     """
     score = jax.jit(partial(score_early_exit, cfg=cfg, criterion=criterion))
     full_fn = jax.jit(lambda p, t: phases.score(p, t, cfg=cfg)[0])
-    batches = []
+    # Batches outside, thresholds inside: one batch's full-model logits [B, T, V] are live at
+    # a time (every window's would be gigabytes on the default model).
+    sums = np.zeros((len(thresholds), 3))  # per threshold: agreeing, KL, layers computed
+    count = 0.0
     for start in range(0, len(data["tokens"]), batch_size):
         tokens = jnp.asarray(data["tokens"][start:start + batch_size])
         mask = jnp.asarray(data["mask"][start:start + batch_size], jnp.float32)
-        batches.append((tokens, mask, full_fn(target, tokens)))
-    count = float(sum(m.sum() for _, m, _ in batches))
-    points = []
-    for threshold in thresholds:
-        sums = np.zeros(3)
-        for tokens, mask, full in batches:
+        full = full_fn(target, tokens)
+        count += float(mask.sum())
+        for i, threshold in enumerate(thresholds):
             logits, computed = score(target, heads, jnp.float32(threshold), tokens)
             agree = (jnp.argmax(logits, -1) == jnp.argmax(full, -1)).astype(jnp.float32)
-            sums += np.asarray([(agree * mask).sum(), (kl_per_position(full, logits) * mask).sum(),
-                                (computed * mask).sum()], np.float64)
-        top1, kl, layers = sums / max(count, 1.0)
-        points.append({"threshold": float(threshold), "top1": float(top1), "kl": float(kl),
+            sums[i] += np.asarray([(agree * mask).sum(),
+                                   (kl_per_position(full, logits) * mask).sum(),
+                                   (computed * mask).sum()], np.float64)
+    points = []
+    for threshold, (agreed, kl, layers) in zip(thresholds, sums / max(count, 1.0)):
+        points.append({"threshold": float(threshold), "top1": float(agreed), "kl": float(kl),
                        "layer_share": float(layers / cfg.num_layers)})
     return points
 
