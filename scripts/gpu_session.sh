@@ -10,9 +10,11 @@
 #   PHASE=b1     configs/experiments/all-methods-b1.yaml in bf16 at batch 1, its executables
 #                compiled in parallel first (scripts/warm_experiment.py); B1_LABELS picks
 #                rows. OUT gets b1.tgz.
-#   PHASE=sweep  the batch sweeps within the budget, in order: medusa-eagle.yaml and nar.yaml
-#                at batch 4/16/64, depth.yaml (quality against cost, batch 1), cascade.yaml at
-#                batch 32. OUT gets sweep.tgz.
+#   PHASE=sweep  the batch sweeps within the budget, in the order SWEEP gives (default: all):
+#                medusa (medusa-eagle.yaml's planned rows at 4/16/64), nar (nar.yaml at 4/16),
+#                depth and depth-b32 (quality against cost at batch 1 and 32), cascade-b1 and
+#                cascade-b32 (cascade.yaml in f32, the largest model's dtype). OUT gets
+#                sweep.tgz.
 #
 #   MODEL=/tmp/m/model.gguf OUT=$OUT PHASE=train bash scripts/gpu_session.sh
 #
@@ -31,6 +33,7 @@ WORK=${WORK:-/tmp/jd_session}
 TOTAL_S=${TOTAL_S:-540}          # this call's wall budget (a device call stops at 600 s)
 TRAIN_S=${TRAIN_S:-50}           # seconds of optimizer steps per trained part (compile on top)
 PROMPTS_PER_SET=${PROMPTS_PER_SET:-8}
+CASCADE_PROMPTS=${CASCADE_PROMPTS:-24}  # per set in the cascade experiments
 MAX_NEW=${MAX_NEW:-64}
 BUCKET=${BUCKET:-128}            # smallest prompt bucket: fewer compiles per method
 WORKERS=${WORKERS:-12}           # parallel compiles
@@ -59,7 +62,7 @@ ln -sfn "$WORK/artifacts" "$RUN_DIR/artifacts"
 if [[ $SMOKE == 1 ]]; then
   small=(--num-prompts 4 --set samples_per_prompt=1 --set new_tokens=8 --set seq_len=32
          --set gen_batch=4 --set steps=2 --set batch_size=2 --set eval_every=100000)
-  PROMPTS_PER_SET=1 MAX_NEW=4
+  PROMPTS_PER_SET=1 MAX_NEW=4 CASCADE_PROMPTS=1
 else
   small=()
 fi
@@ -174,15 +177,30 @@ case $PHASE in
     experiment all-methods-b1 configs/experiments/all-methods-b1.yaml bfloat16 1 "${B1_LABELS:-all}"
     run tar -czf "$OUT/b1.tgz" -C "$WORK/exp" all-methods-b1 ;;
   sweep)
-    # 4/16/64 of medusa-64, eagle-60 and blockwise-4 ran on 2026-12-02
-    # (benchmarks/medusa_eagle_batches_h200.md); the planned rows check the >= 0.98x bar.
-    experiment medusa-eagle-batches configs/experiments/medusa-eagle.yaml bfloat16 4,16,64 \
-      medusa-64-planned,eagle-60-planned,blockwise-4-planned
-    experiment nar-batches configs/experiments/nar.yaml bfloat16 4,16 lookahead-w7-n5-g7,jacobi-n16
-    experiment depth configs/experiments/depth.yaml bfloat16 1 all
-    experiment cascade configs/experiments/cascade.yaml bfloat16 32 all \
-      --set prompts="[tasks,chat,code]"
-    run tar -czf "$OUT/sweep.tgz" -C "$WORK/exp" . ;;
+    # SWEEP picks experiments, in order; each call resumes the cells an earlier call finished
+    # (WORK survives on a warm machine) and OUT gets sweep.tgz after every experiment, so a
+    # call cut at its limit still returns what ran. 4/16/64 of medusa-64, eagle-60 and
+    # blockwise-4 ran on 2026-12-02 (benchmarks/medusa_eagle_batches_h200.md); the planned
+    # rows check the >= 0.98x bar.
+    for item in ${SWEEP:-medusa nar depth depth-b32 cascade-b1 cascade-b32}; do
+      case $item in
+        medusa) experiment medusa-eagle-batches configs/experiments/medusa-eagle.yaml bfloat16 \
+                  4,16,64 medusa-64-planned,eagle-60-planned,blockwise-4-planned ;;
+        nar) experiment nar-batches configs/experiments/nar.yaml bfloat16 4,16 \
+               lookahead-w7-n5-g7,jacobi-n16 ;;
+        depth) experiment depth configs/experiments/depth.yaml bfloat16 1 all ;;
+        depth-b32) experiment depth-b32 configs/experiments/depth-b32.yaml bfloat16 32 all ;;
+        # Every task of the checkable set the prompt count allows (24 by default, 3x the
+        # other experiments' 8): the cascade bar is read off task accuracy.
+        cascade-b1) experiment cascade-b1 configs/experiments/cascade.yaml float32 1 all \
+                      --set prompts="[tasks,chat]" --set prompts_per_set="$CASCADE_PROMPTS" ;;
+        cascade-b32) experiment cascade-b32 configs/experiments/cascade.yaml float32 32 all \
+                       --set prompts="[tasks,chat]" --set prompts_per_set="$CASCADE_PROMPTS" ;;
+        *) echo "unknown SWEEP item $item: choose medusa, nar, depth, depth-b32, cascade-b1" \
+                "or cascade-b32"; exit 2 ;;
+      esac
+      run tar -czf "$OUT/sweep.tgz" -C "$WORK/exp" .
+    done ;;
   *) echo "unknown PHASE $PHASE: choose train, b1 or sweep"; exit 2 ;;
 esac
 echo "gpu_session $PHASE done in ${SECONDS}s"
