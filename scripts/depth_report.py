@@ -86,7 +86,8 @@ def fmt(v, spec=".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def markdown(table: list[dict], curves: dict, bars: dict, manifests: dict) -> str:
+def markdown(table: list[dict], curves: dict, bars: dict, manifests: dict,
+             curve_note: str) -> str:
     lines = ["# Dynamic depth: quality against cost", "",
              ("layer share: layer computations per token / L (early exit: teacher-forced on "
              "held-out prose; mixture-of-depths: exact). top-1 and KL: teacher-forced against the "
@@ -111,7 +112,7 @@ def markdown(table: list[dict], curves: dict, bars: dict, manifests: dict) -> st
             f"ppl ratio {fmt(best['ppl_ratio'])}, exact {fmt(best['exact'], '.2f')}")
         lines.append(f"- **{name}** ({v['bar']}): {'met' if v['met'] else 'missed'}; {detail}")
     for name, curve in curves.items():
-        lines += ["", f"## Calibration: {name} (held-out, teacher-forced)", "",
+        lines += ["", f"## Calibration: {name} (held-out, teacher-forced, {curve_note})", "",
                   "| threshold | top-1 | KL | layer share |", "|---|---|---|---|"]
         lines += [f"| {p['threshold']:.4g} | {p['top1']:.3f} | {p['kl']:.4f} | "
                   f"{p['layer_share']:.3f} |" for p in curve]
@@ -178,13 +179,18 @@ def main() -> None:
                  if d and (Path(d) / "manifest.json").is_file()}
     for m in manifests.values():
         m["target"].pop("probe", None)  # hundreds of floats nobody reads here
-    curves = manifests.get("exits", {}).get("metrics", {}).get("calibration", {})
+    # The curve measured with the early-exit method itself (skipped layers' K/V propagated)
+    # where the artifact has one: it is what the calibrated thresholds are read from.
+    metrics = manifests.get("exits", {}).get("metrics", {})
+    curves = metrics.get("calibration_propagated") or metrics.get("calibration", {})
+    curve_note = ("skipped layers' K/V propagated, as the method runs"
+                  if metrics.get("calibration_propagated") else "full-model states")
     bars = verdicts(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"depth_{args.tag}.json").write_text(json.dumps(
         {"rows": table, "bars": bars, "manifests": manifests}, indent=1))
-    (out / f"depth_{args.tag}.md").write_text(markdown(table, curves, bars, manifests))
+    (out / f"depth_{args.tag}.md").write_text(markdown(table, curves, bars, manifests, curve_note))
     plot(table, curves, out / f"depth_{args.tag}.png")
     print((out / f"depth_{args.tag}.md").read_text())
 
