@@ -1,9 +1,9 @@
 """How many whole layers can the frozen model lose before held-out perplexity rises 5%?
 
 The mixture-of-depths bar of issue 14 asks for >= 25% fewer layer computations at <= 5% higher
-held-out perplexity. A per-sequence router can do no better than the best fixed set of layers
-for the text at hand, so this script estimates that ceiling directly: greedy backward
-elimination (drop the layer whose removal hurts perplexity least, repeat), each choice made on
+held-out perplexity. A per-sequence router fixes one set of layers per text; this script shows
+how much room there is for such choices, with the best set for a whole corpus, found by greedy
+backward elimination (drop the layer whose removal hurts perplexity least, repeat), each choice made on
 one set of prose paragraphs and reported on another, the experiments' own held-out paragraphs
 (`prose_paragraphs()[:8]`, cut to the runner's PPL_TOKENS). A dropped layer is skipped whole:
 its residual passes through, as a routed-out token's does.
