@@ -86,9 +86,27 @@ def fmt(v, spec=".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def provenance(rows: list[dict], runs: list[Path]) -> list[str]:
+    """One line per run: when, where and how it ran (its results.md holds the command), and
+    its same-run baseline."""
+    lines = []
+    for run in runs:
+        mine = [r for r in rows if r["run"] == run.name]
+        if not mine:
+            continue
+        r = mine[0]
+        md = run / "results.md"
+        cmd = next((line.removeprefix("Command: ") for line in md.read_text().splitlines()
+                    if line.startswith("Command: ")), "-") if md.is_file() else "-"
+        lines.append(f"- {run.name}: {r['date']} | {r['device']} | jax {r['jax_version']} | "
+                     f"git {r['git_sha']} | {r['dtype']} | {r['prompts']} prompts | baseline: "
+                     f"autoregressive in the same run | command {cmd}")
+    return lines
+
+
 def markdown(table: list[dict], curves: dict, bars: dict, manifests: dict,
-             curve_note: str) -> str:
-    lines = ["# Dynamic depth: quality against cost", "",
+             curve_note: str, runs_lines: list[str]) -> str:
+    lines = ["# Dynamic depth: quality against cost", "", *runs_lines, "",
              ("layer share: layer computations per token / L (early exit: teacher-forced on "
              "held-out prose; mixture-of-depths: exact). top-1 and KL: teacher-forced against the "
              "full model on its own greedy outputs. ppl ratio: held-out perplexity over the "
@@ -170,7 +188,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--tag", default="gpu")
     args = ap.parse_args()
-    rows = load_rows([Path(p) for p in args.runs.split(",")])
+    runs = [Path(p) for p in args.runs.split(",")]
+    rows = load_rows(runs)
     base_ppl = {(r["run"], r["batch"]): (r.get("quality") or {}).get("perplexity")
                 for r in rows if r["method"] == "autoregressive"}
     table = [summarize(r, base_ppl) for r in rows]
@@ -190,7 +209,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"depth_{args.tag}.json").write_text(json.dumps(
         {"rows": table, "bars": bars, "manifests": manifests}, indent=1))
-    (out / f"depth_{args.tag}.md").write_text(markdown(table, curves, bars, manifests, curve_note))
+    (out / f"depth_{args.tag}.md").write_text(markdown(table, curves, bars, manifests, curve_note,
+                 provenance(rows, runs)))
     plot(table, curves, out / f"depth_{args.tag}.png")
     print((out / f"depth_{args.tag}.md").read_text())
 
