@@ -9,8 +9,8 @@ accuracy on the checkable set and token agreement with the largest model. Points
   curve       every rule's threshold sweep over the "all-stages" cell (every model answered
               every prompt, every rule scored every answer), for each sub-ladder ending in
               the largest model; a row's cost is the time its models took on it (its share
-              of each batch), so at batch > 1 the curve ignores re-batching, which the
-              measured points include
+              of each batch) over the time the largest model took in that same cell, so at
+              batch > 1 the curve ignores re-batching, which the measured points include
 The bar (issue 15): task accuracy within 1 point of the largest model at <= 60% of its cost.
 
     python scripts/cascade_report.py experiments/cascade --out benchmarks --tag cpu
@@ -114,7 +114,7 @@ def analyse(run: Path) -> dict:
                            "large_share": large_share(r, models),
                            "agreement": q.get("agreement"),
                            "task_accuracy": q.get("task_accuracy")})
-        curves = {}
+        curves, own_bases = {}, {}
         for r in cells:
             opts = r["options"]
             if r["method"] != "cascade" or not isinstance(opts.get("threshold"), float) \
@@ -122,16 +122,22 @@ def analyse(run: Path) -> dict:
                 continue
             recs = [s["cascade"] for s in outputs(r)["stats"]]
             n = len(opts["models"])
+            # The curve's costs are over the largest model's seconds in this same cell, not
+            # the autoregressive cell's: at batch 32 on the H200 a whole cell lasts ~0.4 s, and
+            # the same f32 model measured up to 28% apart in two cells of one run.
+            own_base = sum(c["seconds"][n - 1] for c in recs)
+            own_bases[r["label"]] = own_base
             for size in range(2, n + 1):
                 for ladder in itertools.combinations(range(n), size):
                     if ladder[-1] != n - 1:
                         continue
                     name = " > ".join(opts["models"][s].rsplit("/", 1)[-1] for s in ladder)
                     for rule in recs[0]["scores"]:
-                        curves[f"{rule}: {name}"] = sweep(recs, ladder, rule, base_cost,
+                        curves[f"{rule}: {name}"] = sweep(recs, ladder, rule, own_base,
                                                           base_out["tokens"], answers)
         base_acc = next(p["task_accuracy"] for p in points if p["label"] == "f32 (largest)")
         report["batches"][str(batch)] = {"base_seconds": base_cost, "base_accuracy": base_acc,
+                                         "curve_base_seconds": own_bases,
                                          "points": points, "curves": curves,
                                          "bar": bar(points, curves, base_acc)}
     return report
@@ -159,6 +165,7 @@ def markdown(report: dict) -> str:
              (f"{report['date'][:10]} | jax {report['jax_version']} | git {report['git_sha']} | "
              f"{report['prompts']} prompts ({', '.join(report['sets'])}), "
              f"{report['max_new_tokens']} new tokens, greedy | run `{report['run']}`"), "",
+             *[f"{n}\n" for n in report.get("notes", [])],
              ("Cost: measured seconds (prefill + decode + deferral scoring) over the largest "
              "model's (SmolLM2-135M f32, autoregressive) in the same run; large: share of "
              "prompts the largest model answered. Quality: task accuracy on the checkable set, "
@@ -182,8 +189,11 @@ def markdown(report: dict) -> str:
                       + "; curve " + (f"{c['curve']} at rate {c['rate']:.2f}, cost "
                                       f"{c['rel_cost']:.2f}" if c else "none") + "."]
         if b["curves"]:
+            own = ", ".join(f"{k}: {v:.2f} s" for k, v in b.get("curve_base_seconds", {}).items())
             lines += ["", ("Curves (deferral rate at each step -> cost / task acc. / "
-                      "agreement), every 5th point:"), ""]
+                      "agreement), every 5th point. A curve's cost is over the largest model's "
+                      f"seconds inside the swept cell ({own}), not the autoregressive cell's."),
+                      ""]
             for name, ps in b["curves"].items():
                 pts = ", ".join(f"{p['rate']:.2f}: {p['rel_cost']:.2f}/"
                                 f"{_f(p['task_accuracy'], '.2f')}/{_f(p['agreement'], '.2f')}"
@@ -239,8 +249,11 @@ def main() -> None:
     ap.add_argument("run", help="the experiment's output directory")
     ap.add_argument("--out", default="benchmarks")
     ap.add_argument("--tag", default="cpu")
+    ap.add_argument("--note", action="append", default=[],
+                    help="a line for the table's header (how the run was made); repeatable")
     args = ap.parse_args()
     report = analyse(Path(args.run))
+    report["notes"] = args.note
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"cascade_{args.tag}.json").write_text(json.dumps(report, indent=1))
