@@ -124,7 +124,8 @@ def analyse(run: Path) -> dict:
             n = len(opts["models"])
             # The curve's costs are over the largest model's seconds in this same cell, not
             # the autoregressive cell's: at batch 32 on the H200 a whole cell lasts ~0.4 s, and
-            # the same f32 model measured up to 28% apart in two cells of one run.
+            # the same f32 model took 0.40 s as its own cell and 0.21 s inside all-stages in
+            # one run (benchmarks/cascade_h200.md).
             own_base = sum(c["seconds"][n - 1] for c in recs)
             own_bases[r["label"]] = own_base
             for size in range(2, n + 1):

@@ -3,10 +3,11 @@
 The mixture-of-depths bar of issue 14 asks for >= 25% fewer layer computations at <= 5% higher
 held-out perplexity. A per-sequence router fixes one set of layers per text; this script shows
 how much room there is for such choices, with the best set for a whole corpus, found by greedy
-backward elimination (drop the layer whose removal hurts perplexity least, repeat), each choice made on
-one set of prose paragraphs and reported on another, the experiments' own held-out paragraphs
-(`prose_paragraphs()[:8]`, cut to the runner's PPL_TOKENS). A dropped layer is skipped whole:
-its residual passes through, as a routed-out token's does.
+backward elimination (drop the layer whose removal hurts perplexity least, repeat), each choice
+made on one set of prose paragraphs and reported on another, the experiments' own held-out
+paragraphs (`prose_paragraphs()[:8]`, cut to the runner's PPL_TOKENS), with the runner's
+perplexity (`quality.nll_sums`). A dropped layer is skipped whole: its residual passes
+through, as a routed-out token's does.
 
     python scripts/layer_drop_search.py --max-drop 10 --out benchmarks/layer_drop_cpu
 
@@ -37,25 +38,18 @@ from jdecode.provenance import git_sha
 def make_ppl(model):
     """ppl(idx, tokens, mask): perplexity of the model that keeps only layers idx [C] (sorted);
     compiled once per C."""
-    layered = isinstance(model.params.layers, tuple)
+    layers = model.params.layers
+    if isinstance(layers, tuple):  # per-layer buffers: stacked once, gathered per call
+        layers = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *layers)
 
     @jax.jit
-    def nll(params, idx, tokens, mask):
-        if layered:  # per-layer buffers: gather them into one stack first
-            stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *params.layers)
-        else:
-            stacked = params.layers
+    def logits(params, stacked, idx, tokens):
         sub = params.replace(layers=jax.tree_util.tree_map(lambda a: a[idx], stacked))
-        cfg = model.cfg.replace(num_layers=idx.shape[0])
-        logits = phases.score(sub, tokens, cfg=cfg)[0]
-        lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        tok_lp = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
-        m = mask[:, 1:]
-        return -(tok_lp * m).sum(), m.sum()
+        return phases.score(sub, tokens, cfg=model.cfg.replace(num_layers=idx.shape[0]))[0]
 
     def ppl(idx: list[int], tokens, mask) -> float:
-        total, count = nll(model.params, jnp.asarray(idx, jnp.int32), tokens, mask)
-        return quality.perplexity(float(total), float(count))
+        out = logits(model.params, layers, jnp.asarray(idx, jnp.int32), tokens)
+        return quality.perplexity(*quality.nll_sums(out, tokens, mask))
 
     return ppl
 
