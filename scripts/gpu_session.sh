@@ -192,10 +192,9 @@ case $PHASE in
         depth-b32) experiment depth-b32 configs/experiments/depth-b32.yaml bfloat16 32 all ;;
         # Every task of the checkable set the prompt count allows (24 by default, 3x the
         # other experiments' 8): the cascade bar is read off task accuracy.
-        cascade-b1) experiment cascade-b1 configs/experiments/cascade.yaml float32 1 all \
-                      --set prompts="[tasks,chat]" --set prompts_per_set="$CASCADE_PROMPTS" ;;
-        cascade-b32) experiment cascade-b32 configs/experiments/cascade.yaml float32 32 all \
-                       --set prompts="[tasks,chat]" --set prompts_per_set="$CASCADE_PROMPTS" ;;
+        cascade-b1|cascade-b32)
+          experiment "$item" configs/experiments/cascade.yaml float32 "${item#cascade-b}" all \
+            --set prompts="[tasks,chat]" --set prompts_per_set="$CASCADE_PROMPTS" ;;
         *) echo "unknown SWEEP item $item: choose medusa, nar, depth, depth-b32, cascade-b1" \
                 "or cascade-b32"; exit 2 ;;
       esac
