@@ -12,7 +12,8 @@
 # STEPS=4 BATCH_SIZE=2 NUM_PROMPTS=12 NEW_TOKENS=24 SEQ_LEN=48 BLOCK=6 LAYERS=[29] LENGTHS=6
 # CONV_PROMPTS=1 TOTAL_S=100000.
 # The corpus settings are left at their defaults unless set, so a shared $CORPUS is reused.
-# Files under OUT (7): run.log, nar.md, nar-cllm.md, train_consistency.json, convergence.json,
+# STAGES picks stages: nar (the experiment), cllm (training and before/after), whole.
+# Files under OUT (7 with every stage): run.log, nar.md, nar-cllm.md, train_consistency.json, convergence.json,
 # convergence.png, results.tgz (both experiment directories: results.jsonl, results.md, plots,
 # outputs; and the fine-tune's manifest, history.json and loss.png, without its weights).
 set -euo pipefail
@@ -38,6 +39,8 @@ LENGTHS=${LENGTHS:-16,32,64}        # whole-answer lengths of the fully non-auto
 CONV_PROMPTS=${CONV_PROMPTS:-4}     # per prompt set, for the whole-answer runs
 WORKERS=${WORKERS:-8}               # parallel compiles
 TOTAL_S=${TOTAL_S:-340}             # later steps are skipped when this budget runs out
+STAGES=${STAGES:-nar cllm whole}    # some of them: one device call each when the machine is
+                                    # warm (WORK, with the fine-tune, survives between calls)
 
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 # Executables compiled once are reused by later commands (XLA's persistent cache).
@@ -55,6 +58,7 @@ from jdecode.cli import app
 app(prog_name="jdecode")' "$BUCKET" "$@"
 }
 left() { echo $((TOTAL_S - SECONDS)); }
+stage() { [[ " $STAGES " == *" $1 "* ]]; }
 
 echo "gpu_nar: model $MODEL, out $OUT, corpus $CORPUS, budget ${TOTAL_S}s"
 run nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv || true
@@ -63,14 +67,18 @@ run nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv || true
 # Every executable is compiled first, in parallel threads, into the persistent cache.
 nar_set=(--set model="$MODEL" --set batch_sizes="$BATCHES" --set max_new_tokens="$MAX_NEW")
 [[ -n "$PROMPTS_PER_SET" ]] && nar_set+=(--set prompts_per_set="$PROMPTS_PER_SET")
-run python -u scripts/warm_experiment.py configs/experiments/nar.yaml "${nar_set[@]}" \
-  --bucket "$BUCKET" --workers "$WORKERS"
-run jdecode_bucketed experiment configs/experiments/nar.yaml --out "$OUT/nar" "${nar_set[@]}"
-cp "$OUT/nar/results.md" "$OUT/nar.md"
+if stage nar; then
+  run python -u scripts/warm_experiment.py configs/experiments/nar.yaml "${nar_set[@]}" \
+    --bucket "$BUCKET" --workers "$WORKERS"
+  run jdecode_bucketed experiment configs/experiments/nar.yaml --out "$OUT/nar" "${nar_set[@]}"
+  cp "$OUT/nar/results.md" "$OUT/nar.md"
+fi
 
 # 2. Consistency training: a full fine-tune on the target's own Jacobi trajectories.
 ft="$WORK/consistency"
-if [[ $(left) -lt 100 ]]; then
+if ! stage cllm; then
+  echo "stage cllm not in STAGES=$STAGES"
+elif [[ $(left) -lt 100 ]]; then
   echo "only $(left)s of ${TOTAL_S}s left: consistency training and its comparison skipped"
 else
   run python -u -m jdecode.cli train consistency --model "$MODEL" --out "$ft" \
@@ -90,7 +98,9 @@ else
 fi
 
 # 4. The fully non-autoregressive case: iterations to converge the whole answer vs its length.
-if [[ $(left) -lt 30 ]]; then
+if ! stage whole; then
+  echo "stage whole not in STAGES=$STAGES"
+elif [[ $(left) -lt 30 ]]; then
   echo "only $(left)s of ${TOTAL_S}s left: the whole-answer runs are skipped"
 else
   run timeout $(($(left) + 30)) python -u scripts/nar_convergence.py --model "$MODEL" \
@@ -98,14 +108,17 @@ else
     $([[ -f "$ft/manifest.json" ]] && echo --weights "$ft") || echo "whole-answer runs cut short"
 fi
 
-members=(nar)
+members=()
+[[ -d "$OUT/nar" ]] && members+=(nar)
 [[ -d "$OUT/nar-cllm" ]] && members+=(nar-cllm)
 if [[ -f "$ft/manifest.json" ]]; then
   mkdir -p "$OUT/consistency"
   cp "$ft/manifest.json" "$ft/history.json" "$ft/loss.png" "$OUT/consistency/"
   members+=(consistency)
 fi
-run tar -czf "$OUT/results.tgz" -C "$OUT" "${members[@]}"
-rm -rf "${members[@]/#/$OUT/}"
+if ((${#members[@]})); then
+  run tar -czf "$OUT/results.tgz" -C "$OUT" "${members[@]}"
+  rm -rf "${members[@]/#/$OUT/}"
+fi
 echo "done in ${SECONDS}s"
 ls -l "$OUT"

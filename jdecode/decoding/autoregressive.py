@@ -62,7 +62,7 @@ def autoregressive(cfg: ModelConfig, max_len: int, impl: str = "xla",
         state = state.replace(tokens=nxt, positions=state.positions + 1, aux=cache)
         return state, StepOutput(nxt[:, None], jnp.ones_like(nxt))
 
-    return Decoder(init=init, step=step, max_tokens_per_step=1)
+    return Decoder(init=init, step=step)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,11 +35,32 @@ class StepOutput(NamedTuple):
 
 class Decoder(NamedTuple):
     """init(params, prompt [B, T], lengths [B], sampling, keys) -> DecodeState whose `tokens`
-    holds the first generated token; step(params, state) -> (state, StepOutput)."""
+    holds the first generated token; step(params, state) -> (state, StepOutput).
+
+    The most tokens a step can emit is the static width K of its `StepOutput.tokens`; the loop
+    reads it from the traced step, so it may differ by batch size (see `by_batch`).
+    """
 
     init: Callable[..., DecodeState]
     step: Callable[[Any, DecodeState], tuple[DecodeState, StepOutput]]
-    max_tokens_per_step: int = 1
+
+
+def by_batch(choose: Callable[[int], Decoder]) -> Decoder:
+    """A decoder that is `choose(batch size)`, picked when init and step are traced.
+
+    Why: a per-batch plan (`analysis/spec_cost.plan_by_batch`) may switch speculation off at
+    large batch sizes; that branch must then cost exactly what plain decoding costs, state and
+    all, which delegating the whole decoder guarantees. The batch size is static under jit, so
+    init and step always pick the same decoder and the state's structure stays consistent.
+    """
+
+    def init(params, prompt, *args, **kwargs):
+        return choose(prompt.shape[0]).init(params, prompt, *args, **kwargs)
+
+    def step(params, state):
+        return choose(state.tokens.shape[0]).step(params, state)
+
+    return Decoder(init=init, step=step)
 
 
 def split_keys(keys: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -25,7 +25,8 @@ from jdecode.cache.dense import init_cache
 from jdecode.config import ModelConfig
 from jdecode.decoding import phases
 from jdecode.decoding.acceptance import AcceptFn, accept_step, sampled_tree_accept
-from jdecode.decoding.base import Decoder, DecodeState, StepOutput, sample_next
+from jdecode.decoding.autoregressive import autoregressive
+from jdecode.decoding.base import Decoder, DecodeState, StepOutput, by_batch, sample_next
 from jdecode.decoding.eagle_draft import (
     DraftKV,
     DraftMeta,
@@ -39,7 +40,7 @@ from jdecode.decoding.eagle_draft import (
     slot_attend,
     with_draft,
 )
-from jdecode.decoding.medusa import parse_plan, plan_lookup
+from jdecode.decoding.medusa import MEASURED_PLAN, parse_plan, plan_lookup
 from jdecode.decoding.methods import MethodBuild, register
 from jdecode.decoding.tree import commit_path, tree_from_parents
 from jdecode.io.registry import Model
@@ -192,64 +193,55 @@ def eagle_decoder(cfg: ModelConfig, max_len: int, shapes: Mapping[int, TreeShape
         rows = jnp.arange(b)
         cache = init_cache(cfg, b, max_len + shape.nodes - 1,
                            per_layer=isinstance(params.layers, tuple))
-        if shape.nodes == 1:
-            logits, _, cache = phases.prefill(params, cache, prompt, lengths, cfg=cfg, impl=impl)
-        else:  # every prompt position's features feed the draft
-            logits, _, cache, carry = phases.prefill(params, cache, prompt, lengths, cfg=cfg,
-                                                     impl=impl, hooks=hooks)
+        # Every prompt position's features feed the draft.
+        logits, _, cache, carry = phases.prefill(params, cache, prompt, lengths, cfg=cfg,
+                                                 impl=impl, hooks=hooks)
         state = DecodeState(tokens=jnp.zeros((b,), jnp.int32), positions=lengths, keys=keys,
                             sampling=sampling, seen=None, aux=None)
         first, state = sample_next(logits, state)
-        aux = EagleAux(cache, None, None, None, None)
-        if shape.nodes > 1:
-            kv_shape = (b, max_len + shape.scratch, cfg.num_kv_heads, cfg.head_dim)
-            kv = DraftKV(jnp.zeros(kv_shape, params.embed.dtype),
-                         jnp.zeros(kv_shape, params.embed.dtype))
-            nxt = jnp.concatenate([prompt[:, 1:], prompt[:, :1]], axis=1).at[
-                rows, lengths - 1].set(first)  # x_{j+1}: the prompt shifted, then `first`
-            aux = EagleAux(cache, *catch_up(params.extra, params, kv, features_of(carry), nxt,
-                                            jnp.zeros_like(lengths), lengths, dcfg=dcfg,
-                                            max_len=max_len, top_k=shape.top_k))
+        kv_shape = (b, max_len + shape.scratch, cfg.num_kv_heads, cfg.head_dim)
+        kv = DraftKV(jnp.zeros(kv_shape, params.embed.dtype),
+                     jnp.zeros(kv_shape, params.embed.dtype))
+        nxt = jnp.concatenate([prompt[:, 1:], prompt[:, :1]], axis=1).at[
+            rows, lengths - 1].set(first)  # x_{j+1}: the prompt shifted, then `first`
+        aux = EagleAux(cache, *catch_up(params.extra, params, kv, features_of(carry), nxt,
+                                        jnp.zeros_like(lengths), lengths, dcfg=dcfg,
+                                        max_len=max_len, top_k=shape.top_k))
         return state.replace(tokens=first, aux=aux)
 
     def step(params, state):
         aux, b = state.aux, state.tokens.shape[0]
         shape = plan_lookup(shapes, b)
         pos = jnp.minimum(state.positions, max_len - 1)  # finished rows stay in the buffer
-        drafting = shape.nodes > 1
-        if drafting:
-            tokens, parents, _, kv = expand_tree(params.extra, params, aux, state.tokens, pos,
-                                                 shape, dcfg=dcfg, max_len=max_len)
-        else:
-            tokens, parents, kv = state.tokens[:, None], jnp.full((b, 1), -1, jnp.int32), None
-        tree = tree_from_parents(parents, shape.depth if drafting else 0)
-        step_hooks = hooks if drafting else None
-        in_place = shape.chain or not drafting  # slot = position already: no mask, no commit
-        if in_place:
+        tokens, parents, _, kv = expand_tree(params.extra, params, aux, state.tokens, pos,
+                                             shape, dcfg=dcfg, max_len=max_len)
+        tree = tree_from_parents(parents, shape.depth)
+        if shape.chain:  # slot = position already: no mask, no commit
             seq_pos = pos[:, None] + jnp.arange(shape.nodes)
             out = phases.verify(params, aux.cache, tokens, seq_pos, cfg=cfg, impl=impl,
-                                hooks=step_hooks)
+                                hooks=hooks)
         else:
             out = phases.verify_tree(params, aux.cache, tokens, pos, tree, cfg=cfg, impl=impl,
-                                     hooks=step_hooks)
+                                     hooks=hooks)
         logits, cache = out[0], out[2]
         keys, accepted = accept_step(rule, tree, tokens, logits, state.sampling, state.keys)
-        if not in_place:
+        if not shape.chain:
             cache = commit_path(cache, pos, accepted.path)
-        new_aux = EagleAux(cache, None, None, None, None)
-        if drafting:
-            # The accepted path's features: [B, D + 1, F] from the hooks' [n, B, N, E].
-            feats = jnp.take_along_axis(features_of(out[3]), accepted.path[..., None], axis=1)
-            new_aux = EagleAux(cache, *catch_up(params.extra, params, kv, feats,
-                                                accepted.tokens, pos, accepted.num_accepted,
-                                                dcfg=dcfg, max_len=max_len, top_k=shape.top_k))
+        # The accepted path's features: [B, D + 1, F] from the hooks' [n, B, N, E].
+        feats = jnp.take_along_axis(features_of(out[3]), accepted.path[..., None], axis=1)
+        new_aux = EagleAux(cache, *catch_up(params.extra, params, kv, feats, accepted.tokens,
+                                            pos, accepted.num_accepted, dcfg=dcfg,
+                                            max_len=max_len, top_k=shape.top_k))
         state = state.replace(tokens=accepted.next_token,
                               positions=state.positions + accepted.num_accepted, keys=keys,
                               aux=new_aux)
         return state, StepOutput(accepted.tokens, accepted.num_accepted)
 
-    most = max(s.depth + 1 if s.nodes > 1 else 1 for s in shapes.values())
-    return Decoder(init=init, step=step, max_tokens_per_step=most)
+    # A batch size whose plan verifies the root alone decodes plainly: the autoregressive
+    # decoder itself, with no draft state, so switching speculation off costs nothing extra.
+    tree_decoder = Decoder(init=init, step=step)
+    plain = autoregressive(cfg, max_len, impl)
+    return by_batch(lambda b: plain if plan_lookup(shapes, b).nodes == 1 else tree_decoder)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,9 +256,12 @@ class EagleOptions:
                              "likely (EAGLE-2's rerank); 1 = plain decoding")
     nodes_by_batch: dict | None = option(  # noqa: RUF009 (`option` returns a field)
         None, "batch size -> tree_nodes from that size up, e.g. {16: 8, 64: 1} (the cost "
-        "model's per-batch choice; 1 = plain decoding)")
+        "model's per-batch choice; 1 = plain decoding); null = the plan measured for the "
+        "default model, plain decoding from batch 4 ({4: 1}); {} = the tree at every size")
 
     def __post_init__(self) -> None:
+        if self.nodes_by_batch is None:
+            object.__setattr__(self, "nodes_by_batch", dict(MEASURED_PLAN))
         for name in ("depth", "width", "top_k", "tree_nodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")

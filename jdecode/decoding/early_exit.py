@@ -337,7 +337,7 @@ def early_exit_decoder(cfg: ModelConfig, max_len: int, impl: str = "xla",
         state = state.replace(tokens=nxt, positions=state.positions + 1, aux=aux)
         return state, StepOutput(nxt[:, None], jnp.ones_like(nxt))
 
-    return Decoder(init=init, step=step, max_tokens_per_step=1)
+    return Decoder(init=init, step=step)
 
 
 def load_exits(spec: str | Path, target: Model) -> tuple[ExitHeads, dict]:

@@ -149,7 +149,7 @@ def jacobi(cfg: ModelConfig, max_len: int, n: int, init: str = "repeat", pad_tok
                               aux=JacobiAux(cache, block, ctx))
         return state, StepOutput(tokens, num)
 
-    return Decoder(init=init_fn, step=step, max_tokens_per_step=n + 1)
+    return Decoder(init=init_fn, step=step)
 
 
 def iteration_stats(stats: dict) -> dict[str, float]:

@@ -310,7 +310,7 @@ def lookahead(cfg: ModelConfig, max_len: int, window: int, ngram: int, guesses: 
                               aux=LookaheadAux(cache, next_window, pool, ctx, aux.steps + 1))
         return state, StepOutput(accepted.tokens, num)
 
-    return Decoder(init=init, step=step, max_tokens_per_step=ngram)
+    return Decoder(init=init, step=step)
 
 
 @dataclasses.dataclass(frozen=True)

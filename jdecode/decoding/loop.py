@@ -68,9 +68,9 @@ def run_loop(decoder: Decoder, params, ls: LoopState, limit: jax.Array, block: i
     "all done" once per group. Why: XLA:GPU runs a `while_loop` whose trip count it cannot
     prove by copying the predicate to the host and waiting, every iteration; a fixed trip
     count needs no sync, so the host runs ahead and the GPU never idles between steps. A group
-    starts only while some live row still wants >= block * max_tokens_per_step tokens, so
-    max-token endings waste nothing; a row that stops on EOS mid-group costs at most block - 1
-    idle steps. The remainder runs one checked step at a time. The tokens are identical for
+    starts only while some live row still wants >= block * K tokens (K: the most one step
+    emits, the static width of its output at this batch size), so max-token endings waste
+    nothing; a row that stops on EOS mid-group costs at most block - 1 idle steps. The remainder runs one checked step at a time. The tokens are identical for
     every `block` (finished rows record nothing).
     """
     TRACE_COUNTS["loop"] += 1
@@ -89,7 +89,8 @@ def run_loop(decoder: Decoder, params, ls: LoopState, limit: jax.Array, block: i
             live_steps=ls.live_steps + live.sum())
 
     if block > 1:
-        need = block * decoder.max_tokens_per_step
+        width = jax.eval_shape(decoder.step, params, ls.dec)[1].tokens.shape[1]
+        need = block * width
 
         def group_cond(ls):
             wanted = jnp.where(ls.done, 0, ls.max_new - ls.n_out).max()

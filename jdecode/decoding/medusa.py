@@ -28,7 +28,8 @@ from jdecode.decoding.acceptance import (
     sampled_tree_accept,
     typical_tree_accept,
 )
-from jdecode.decoding.base import Decoder, DecodeState, StepOutput, sample_next
+from jdecode.decoding.autoregressive import autoregressive
+from jdecode.decoding.base import Decoder, DecodeState, StepOutput, by_batch, sample_next
 from jdecode.decoding.heads import bundle, head_logits, load_heads, rank_accuracy
 from jdecode.decoding.methods import MethodBuild, register
 from jdecode.decoding.tree import StaticTree, commit_path
@@ -88,7 +89,8 @@ def heads_decoder(cfg: ModelConfig, max_len: int, trees: Mapping[int, StaticTree
 
     The tree is chosen when the step is traced, from the (static) batch size: `trees` maps a
     batch size to the tree used from that size up, so a large batch can verify a smaller tree,
-    a chain, or the root alone (plain decoding, the heads skipped).
+    a chain, or the root alone: that is the `autoregressive` decoder itself (heads skipped, no
+    tree bookkeeping), so a plan that switches speculation off costs what plain decoding does.
 
     Args:
       cfg: the target's config. max_len: cache slots per sequence before the tree's scratch
@@ -96,7 +98,7 @@ def heads_decoder(cfg: ModelConfig, max_len: int, trees: Mapping[int, StaticTree
       rule: the `AcceptFn` for batches that sample (greedy ones take `greedy_tree_accept`,
         statically).
     Returns:
-      a Decoder emitting up to max depth + 1 tokens per step.
+      a Decoder emitting up to the batch size's tree depth + 1 tokens per step.
     """
 
     def init(params, prompt, lengths, sampling, keys, track_seen=False):
@@ -117,12 +119,9 @@ def heads_decoder(cfg: ModelConfig, max_len: int, trees: Mapping[int, StaticTree
     def step(params, state):
         aux, b = state.aux, state.tokens.shape[0]
         spec = plan_lookup(trees, b)
-        if spec.max_depth:
-            cand_logits = head_logits(params, params.extra, aux.hidden)[:, :spec.max_depth]
-            top_k = max(spec.ranks) + 1
-            cands = jax.lax.top_k(cand_logits, top_k)[1].astype(jnp.int32)  # [B, D, top_k]
-        else:
-            cands = jnp.zeros((b, 0, 1), jnp.int32)
+        cand_logits = head_logits(params, params.extra, aux.hidden)[:, :spec.max_depth]
+        top_k = max(spec.ranks) + 1
+        cands = jax.lax.top_k(cand_logits, top_k)[1].astype(jnp.int32)  # [B, D, top_k]
         tokens = spec.fill(state.tokens, cands)  # [B, N]
         tree = spec.arrays(b)
         # Rows that finished long ago keep stepping: clamp them inside the buffer.
@@ -144,8 +143,18 @@ def heads_decoder(cfg: ModelConfig, max_len: int, trees: Mapping[int, StaticTree
                               aux=HeadsAux(cache, hidden[rows, accepted.last_node]))
         return state, StepOutput(accepted.tokens, accepted.num_accepted)
 
-    most = max(t.max_depth for t in trees.values()) + 1
-    return Decoder(init=init, step=step, max_tokens_per_step=most)
+    tree_decoder = Decoder(init=init, step=step)
+    plain = autoregressive(cfg, max_len, impl)
+    return by_batch(lambda b: plain if plan_lookup(trees, b).num_nodes == 1 else tree_decoder)
+
+
+# The per-batch plan a head-tree method follows unless told otherwise: verify the root alone
+# (plain decoding) from batch 4 up. `scripts/spec_plan.py` chose it from the H200 sweep of the
+# default model (benchmarks/medusa_eagle_batches_h200.md -> benchmarks/spec_plan_h200.json):
+# every tree ran at 0.39-0.81x of plain decoding from batch 4 on. A larger model, whose step is
+# bound by bytes rather than launches, keeps trees paying to larger batches: measure it and
+# pass its own plan (or {} for the tree at every batch size).
+MEASURED_PLAN = {4: 1}
 
 
 def parse_plan(plan: Mapping | None, default: int, what: str) -> dict[int, int]:
@@ -188,8 +197,9 @@ class MedusaOptions:
     top_k: int = option(10, "candidates per head the tree may draw on")
     num_heads: int = option(0, "heads used (the tree's depth); 0 = all")
     nodes_by_batch: dict | None = option(  # noqa: RUF009 (`option` returns a field)
-        None, "batch size -> tree_nodes from that size up, "
-        "e.g. {16: 8, 64: 1} (the cost model's per-batch choice; 1 = plain decoding)")
+        None, "batch size -> tree_nodes from that size up, e.g. {16: 8, 64: 1} (the cost "
+        "model's per-batch choice; 1 = plain decoding); null = the plan measured for the "
+        "default model, plain decoding from batch 4 ({4: 1}); {} = the tree at every size")
 
     def __post_init__(self) -> None:
         if self.tree_nodes < 1:
@@ -199,6 +209,8 @@ class MedusaOptions:
             raise ValueError(f"top_k={self.top_k} must be >= 1")
         if self.num_heads < 0:
             raise ValueError(f"num_heads={self.num_heads}: 0 (all) or a positive count")
+        if self.nodes_by_batch is None:
+            object.__setattr__(self, "nodes_by_batch", dict(MEASURED_PLAN))
         parse_plan(self.nodes_by_batch, self.tree_nodes, "nodes_by_batch")
 
 

@@ -263,7 +263,7 @@ def speculative(cfg: ModelConfig, drafter: Drafter, k: int, max_len: int, impl: 
                               keys=keys, aux=SpecAux(cache, draft_aux, seq[rows, num - 1]))
         return state, StepOutput(tokens, num)
 
-    return Decoder(init=init, step=step, max_tokens_per_step=k + 1)
+    return Decoder(init=init, step=step)
 
 
 def speculative_model(target: Model, draft_params: Any) -> Model:

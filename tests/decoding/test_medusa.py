@@ -19,9 +19,13 @@ from jdecode.analysis.spec_cost import expected_tokens_chain, expected_tokens_tr
 from jdecode.config import ModelConfig
 from jdecode.decoding import phases
 from jdecode.decoding.autoregressive import autoregressive
+from jdecode.decoding.blockwise import MEASURED_K_PLAN, BlockwiseOptions
+from jdecode.decoding.eagle import EagleOptions
 from jdecode.decoding.heads import MedusaHeads, bundle, head_logits, init_heads
 from jdecode.decoding.loop import init_loop, run_loop
 from jdecode.decoding.medusa import (
+    MEASURED_PLAN,
+    MedusaOptions,
     chain_tree,
     heads_decoder,
     medusa_tree,
@@ -152,6 +156,38 @@ def test_greedy_is_autoregressive_greedy(params, rng, lens):
                   *greedy(len(lens)))
     np.testing.assert_array_equal(got, want)
     assert int(ls.accepted) > int(ls.live_steps), "the heads never helped: the test is weak"
+
+
+def test_a_root_only_plan_is_the_autoregressive_decoder(params, rng):
+    """Where the plan verifies the root alone, the traced init and step are plain decoding's,
+    op for op (no heads, no tree bookkeeping, no scratch slots): speculation switched off by
+    the plan costs exactly what autoregressive decoding costs. Below that batch size the tree
+    still runs."""
+    prompt, lengths = prompts(rng)  # batch 3
+    sampling, keys = greedy(3)
+    plain = autoregressive(CFG, MAX_LEN)
+    planned = heads_decoder(CFG, MAX_LEN, {1: TREE, 3: medusa_tree(ACCURACY, 1)})
+    args = (params, prompt, lengths, sampling, keys)
+    assert str(jax.make_jaxpr(planned.init)(*args)) == str(jax.make_jaxpr(plain.init)(*args))
+    state = jax.jit(plain.init)(*args)
+    assert str(jax.make_jaxpr(planned.step)(params, state)) == str(
+        jax.make_jaxpr(plain.step)(params, state))
+    want, _ = run(plain, params, prompt, lengths, sampling, keys)
+    got, ls = run(planned, params, prompt, lengths, sampling, keys)
+    np.testing.assert_array_equal(got, want)
+    assert int(ls.accepted) == int(ls.live_steps)  # one token per row-step
+    one, _ = prompts(rng, (9,))
+    tree_init = jax.make_jaxpr(planned.init)(params, one, lengths[:1], *greedy(1))
+    assert str(tree_init) != str(jax.make_jaxpr(plain.init)(params, one, lengths[:1],
+                                                            *greedy(1)))
+
+
+def test_default_plans_switch_trees_off_where_they_were_measured_to_lose():
+    assert MedusaOptions().nodes_by_batch == MEASURED_PLAN == {4: 1}
+    assert MedusaOptions(nodes_by_batch={}).nodes_by_batch == {}  # the tree at every size
+    assert EagleOptions().nodes_by_batch == MEASURED_PLAN
+    assert BlockwiseOptions().k_by_batch == MEASURED_K_PLAN == {16: 0}
+    assert BlockwiseOptions(k_by_batch={}).k_by_batch == {}
 
 
 def pooled_chi2_pvalue(samples: np.ndarray, probs: np.ndarray, min_expected: float = 5.0

@@ -433,7 +433,7 @@ def tree_speculative(draft_cfg: ModelConfig) -> Decoder:
                               aux=(cache, ctx, off_chain))
         return state, StepOutput(accepted.tokens, accepted.num_accepted)
 
-    return Decoder(init=init, step=step, max_tokens_per_step=spec.max_depth + 1)
+    return Decoder(init=init, step=step)
 
 
 def run_greedy(decoder, params, prompt, lengths):
