@@ -187,7 +187,7 @@ case $PHASE in
         medusa) experiment medusa-eagle-batches configs/experiments/medusa-eagle.yaml bfloat16 \
                   4,16,64 medusa-64-planned,eagle-60-planned,blockwise-4-planned ;;
         nar) experiment nar-batches configs/experiments/nar.yaml bfloat16 4,16 \
-               lookahead-w7-n5-g7,jacobi-n16 ;;
+               lookahead-w3-n3-g3,lookahead-w7-n5-g7,jacobi-n16 ;;
         depth) experiment depth configs/experiments/depth.yaml bfloat16 1 all ;;
         depth-b32) experiment depth-b32 configs/experiments/depth-b32.yaml bfloat16 32 all ;;
         # Every task of the checkable set the prompt count allows (24 by default, 3x the
