@@ -44,7 +44,7 @@ class BlockwiseOptions:
             object.__setattr__(self, "k_by_batch", dict(MEASURED_K_PLAN))
         if self.k < 0:
             raise ValueError(f"k={self.k}: propose 0 (every head) or a positive count")
-        for batch, k in (self.k_by_batch or {}).items():
+        for batch, k in self.k_by_batch.items():
             if not (isinstance(k, int) and k >= 0):
                 raise ValueError(f"k_by_batch={self.k_by_batch}: batch {batch} maps to {k!r}; "
                                  "give k >= 0 (0 = plain decoding)")

@@ -70,8 +70,9 @@ def run_loop(decoder: Decoder, params, ls: LoopState, limit: jax.Array, block: i
     count needs no sync, so the host runs ahead and the GPU never idles between steps. A group
     starts only while some live row still wants >= block * K tokens (K: the most one step
     emits, the static width of its output at this batch size), so max-token endings waste
-    nothing; a row that stops on EOS mid-group costs at most block - 1 idle steps. The remainder runs one checked step at a time. The tokens are identical for
-    every `block` (finished rows record nothing).
+    nothing; a row that stops on EOS mid-group costs at most block - 1 idle steps. The
+    remainder runs one checked step at a time. The tokens are identical for every `block`
+    (finished rows record nothing).
     """
     TRACE_COUNTS["loop"] += 1
     stop_at = ls.steps + limit
