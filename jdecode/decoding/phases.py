@@ -48,9 +48,9 @@ def decode_step(params: Params, cache: DenseKVCache, tokens: jax.Array, position
     """One incremental step: tokens [B] at positions [B] -> logits [B, V], hidden [B, E],
     the cache (and, with hooks, their carry).
 
-    With impl="pallas", no hooks and JDECODE_FUSED_DECODE=1, a few rows over a per-layer dense
-    cache in the inference layout run as three fused kernels per layer
-    (`jdecode.model.fused_decode`, opt-in: slower than the general path so far).
+    With impl="pallas" and no hooks, up to 16 rows over a per-layer dense cache in the inference
+    layout run as fused kernels, five per layer (`jdecode.model.fused_decode`, which says when
+    it is on).
     """
     if (impl == "pallas" and hooks is None
             and fused_decode_reason(params, cache, cfg, tokens.shape[0]) is None):

@@ -1,36 +1,41 @@
-"""A decoder layer's decode step in three Pallas Triton kernels, for a few rows (batch <= 8).
+"""A decoder layer's decode-step matmuls with their neighbours fused in, as Pallas Triton GEMVs.
 
 Why: at batch 1 the default model (SmolLM2-135M, 30 layers, 7 MB of weights per layer) spends
-its step in ~530 XLA kernels of 1-3.5 us each, about 13x what its bytes cost (issue 16,
-../shared/GPU.md). A layer's weights stream in ~2 us at the HBM rate, so what a layer costs
-is its number of launches. Here a layer is three:
+its step in ~530 XLA kernels of 1-5 us each, about 13x what its bytes cost (issue 16). A
+layer's weights stream in ~2 us at the HBM rate, so what a layer costs is its number of
+kernels and each one's latency. The general path runs RMSNorm, RoPE, SwiGLU and each residual
+add as XLA fusions of their own, and the MLP matmuls as XLA multiply+reduce fusions. Here the
+layer's four projections are four kernels, and everything elementwise rides along:
 
-  qkv:  merge the previous layer's MLP partials into the residual, RMSNorm, the QKV
-        projection (one program per head), RoPE, and the K/V cache write in place.
-  attn: decode attention of each kv head's query group over its cache slots, then that
-        group's rows of the O projection, as a per-kv-head partial sum.
-  mlp:  merge the O partials, RMSNorm, gate/up, SwiGLU, and the down projection's rows of
-        this program's F block, as a per-block partial sum.
+  qkv_rope:        RMSNorm (prologue) -> x @ wqkv -> RoPE on the Q and K heads (epilogue)
+  gate_up_swiglu:  RMSNorm (prologue) -> x @ [w_gate | w_up] -> silu(gate) * up (epilogue)
+  gemv_residual:   a @ w -> + residual (epilogue); the O and the down projection
 
-A projection whose output every program of the next stage needs in full (O, down) is left as
-split-K partial sums in f32, and the next kernel adds them in its prologue: no kernel of its
-own, and no grid-wide barrier inside one. Matmuls are multiply + reduce on CUDA cores: with
-one to eight rows, tensor-core tiles (16 rows at least) would be mostly padding, and the
-weights, not the FLOPs, set the time. Every loaded or stored block has power-of-two shape
-(Triton's rule); rows and hidden-size chunks are static Python loops for that reason.
+Attention between them stays the paged decode kernel (`pallas_kernels.paged_attention`).
 
-References: `pallas_kernels.fused_decode.reference`, one per kernel.
+How each kernel is laid out, and why (the first fused attempt, three kernels per layer with
+15-27 programs and multiply+reduce on CUDA cores, ran 5-9x longer per kernel than the general
+path's: benchmarks/fused_decode_h200.md):
 
-Status (H200, benchmarks/fused_decode_h200.md): exact, but slower than the general path. Each
-kernel runs 11-21 us against ~2.3 us for the general path's average: with 15-27 programs on
-132 SMs, and each program a serial chain of loads and reductions, a kernel streams ~100 GB/s.
-Hence opt-in (jdecode.model.fused_decode). The next version wants ~128+ programs per kernel
-(split K) and 16-row tensor-core tiles.
+- Every program owns a narrow column tile (16 columns by default) over the whole K, so a
+  576x960 QKV matrix is 30 programs and the 1B model's 2048x8192 gate/up is 256: no split-K
+  partials, hence no reduction kernel after.
+- Rows are one 16-row tile, the smallest tensor-core `dot`; a step of B <= 16 rows loads
+  its rows with a mask (nothing is padded in XLA), and the K loop is a `fori_loop` over
+  power-of-two chunks, which Triton software-pipelines (`num_stages`).
+- The norm's statistics take a first pass over x (B x E values, from L2), so no program
+  holds a whole row in registers.
+
+Roundings follow the model's (see `reference`): projections are rounded to the model dtype
+before RoPE, SwiGLU or the residual add; RMSNorm is HF's (f32 statistics, rounded, scaled in
+the model dtype). f32 inputs ask for true f32 products (Triton would otherwise use TF32).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,17 +45,47 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.flash_attention.tuning import resolve_interpret
 
 f32 = jnp.float32
-MAX_ROWS = 8  # rows are unrolled; past this the XLA GEMMs' path is the better one
-ATTN_BLOCK = 64  # cache slots per attention step; the dense cache's S is a multiple of 256
-NEG = -1e30  # finite "minus infinity": exp(NEG - m) is 0 without inf - inf = NaN
+ROWS = 16  # one tensor-core tile of rows: every kernel handles a step of 1..ROWS rows
+MAX_ROWS = ROWS
 
 
-def hidden_chunk(e: int) -> int:
-    """The widest power of two <= 128 that divides e (the hidden-size tile)."""
-    c = 128
-    while e % c:
-        c //= 2
-    return c
+@dataclasses.dataclass(frozen=True)
+class GemvTiles:
+    """Launch parameters of one fused GEMV: columns per program, K per loop step, warps,
+    pipeline stages, and whether the K loop is unrolled in Python (all loads issued up front)
+    instead of a pipelined `fori_loop`."""
+
+    block_n: int = 16
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+    unroll: bool = False
+
+
+def pick_block_k(k: int, widest: int = 128) -> int:
+    """The widest power of two <= `widest` (and >= 16) that divides k; 0 if none does."""
+    bk = widest
+    while bk >= 16 and k % bk:
+        bk //= 2
+    return bk if bk >= 16 else 0
+
+
+def default_tiles(k: int) -> GemvTiles:
+    return GemvTiles(block_k=pick_block_k(k))
+
+
+def _row_mask(rows: int) -> jax.Array:
+    return jnp.arange(ROWS) < rows  # [ROWS]
+
+
+def _load_rows(ref, rows: int, cols) -> jax.Array:
+    """ref [B, N]: the ROWS-row tile of columns `cols`, zero past row B (nothing is padded)."""
+    return plgpu.load(ref.at[pl.ds(0, ROWS), cols], mask=_row_mask(rows)[:, None], other=0)
+
+
+def _store_rows(ref, rows: int, cols, value: jax.Array) -> None:
+    plgpu.store(ref.at[pl.ds(0, ROWS), cols], value.astype(ref.dtype),
+                mask=_row_mask(rows)[:, None])
 
 
 def _round(x: jax.Array, dtype) -> jax.Array:
@@ -58,279 +93,201 @@ def _round(x: jax.Array, dtype) -> jax.Array:
     return x.astype(dtype).astype(f32)
 
 
-def _merged_rows(x_ref, parts_ref, b: int, e: int, chunk: int, dtype) -> list[jax.Array]:
-    """Row b of x plus its pending partial sums, as [chunk] f32 pieces (see `merge_residual`)."""
-    pieces = []
-    for i in range(e // chunk):
-        cols = pl.ds(i * chunk, chunk)
-        xi = x_ref[b, cols].astype(f32)
-        if parts_ref is not None:
-            proj = parts_ref[0, b, cols]
-            for p in range(1, parts_ref.shape[0]):
-                proj = proj + parts_ref[p, b, cols]
-            xi = _round(xi + _round(proj, dtype), dtype)
-        pieces.append(xi)
-    return pieces
+def _dot(a: jax.Array, w: jax.Array) -> jax.Array:
+    precision = jax.lax.Precision.HIGHEST if a.dtype == f32 else None
+    return jnp.dot(a, w, preferred_element_type=f32, precision=precision)
 
 
-def _rms_normed(pieces: list[jax.Array], norm_ref, chunk: int, eps: float, dtype
-                ) -> list[jax.Array]:
-    """HF RMSNorm of one row given as f32 pieces: f32 statistics, rounded, scaled in dtype."""
-    ss = sum(jnp.sum(p * p) for p in pieces)
-    r = jax.lax.rsqrt(ss / (len(pieces) * chunk) + eps)
-    return [_round(norm_ref[pl.ds(i * chunk, chunk)].astype(f32) * _round(p * r, dtype), dtype)
-            for i, p in enumerate(pieces)]
+def _k_loop(load_a: Callable[[jax.Array], jax.Array], w_ref, cols: list, k: int,
+            tiles: GemvTiles) -> list[jax.Array]:
+    """sum over K chunks of load_a(k0) [ROWS, bk] @ w_ref[k0:k0+bk, c] for each c in cols.
 
-
-def _matvec(rows: list[list[jax.Array]], w_ref, col0, width: int, chunk: int) -> list[jax.Array]:
-    """For each row (a list of [chunk] pieces of h): sum_e h[e] * w[e, col0:col0+width], f32.
-
-    Every weight tile is loaded before any is used, and products accumulate in a
-    [chunk, width] tile reduced once at the end: a reduction between loads puts a barrier
-    there, and the loads behind it would each wait out the full memory latency in turn.
+    Returns one [ROWS, bn] f32 accumulator per column tile (two tiles share each a-chunk:
+    RoPE's halves, or gate and up).
     """
-    tiles = [w_ref[pl.ds(i * chunk, chunk), pl.ds(col0, width)] for i in range(len(rows[0]))]
-    out = []
-    for h in rows:
-        acc = h[0][:, None] * tiles[0].astype(f32)  # [chunk, width]
-        for hi, w in zip(h[1:], tiles[1:]):
-            acc = acc + hi[:, None] * w.astype(f32)
-        out.append(jnp.sum(acc, axis=0))
-    return out
+    bk = tiles.block_k
+
+    def body(i, accs):
+        a = load_a(i * bk)
+        return tuple(acc + _dot(a, w_ref[pl.ds(i * bk, bk), c]) for acc, c in zip(accs, cols))
+
+    accs = tuple(jnp.zeros((ROWS, tiles.block_n), f32) for _ in cols)
+    if tiles.unroll:
+        for i in range(k // bk):
+            accs = body(i, accs)
+        return list(accs)
+    return list(jax.lax.fori_loop(0, k // bk, body, accs))
 
 
-# --- stage 1: residual merge, RMSNorm, QKV, RoPE, cache write --------------------------------
+def _normed_loader(x_ref, norm_ref, rows: int, eps: float, bk: int
+                   ) -> Callable[[jax.Array], jax.Array]:
+    """A loader of RMSNorm(x)[:, k0:k0+bk] in x's dtype, HF's arithmetic (see `_k_loop`).
 
-def _qkv_kernel(pos_ref, cos_ref, sin_ref, x_ref, *refs, rows: int, heads: int,
-                kv_heads: int, head_dim: int, chunk: int, eps: float, has_parts: bool):
-    if has_parts:
-        parts_ref, *refs = refs
-    else:
-        parts_ref = None
-    norm_ref, w_ref, _, _, q_ref, kc_ref, vc_ref, *x_out = refs
-    H, K, D, half = heads, kv_heads, head_dim, head_dim // 2
-    j = pl.program_id(0)  # head j of the fused [q heads | k heads | v heads] columns
-    dtype = x_ref.dtype
-    e = x_ref.shape[1]
-    slots = kc_ref.shape[1]
-
-    merged = [_merged_rows(x_ref, parts_ref, b, e, chunk, dtype) for b in range(rows)]
-    if x_out:
-        @pl.when(j == 0)
-        def _():
-            for b in range(rows):
-                for i, xi in enumerate(merged[b]):
-                    x_out[0][b, pl.ds(i * chunk, chunk)] = xi.astype(dtype)
-
-    normed = [_rms_normed(m, norm_ref, chunk, eps, dtype) for m in merged]
-    # The head's two halves as separate products: RoPE pairs element d with d + D/2, and a
-    # register tensor cannot be sliced in Triton.
-    lo = _matvec(normed, w_ref, j * D, half, chunk)
-    hi = _matvec(normed, w_ref, j * D + half, half, chunk)
-    is_q, is_k = j < H, (j >= H) & (j < H + K)
-    for b in range(rows):
-        y1, y2 = _round(lo[b], dtype), _round(hi[b], dtype)
-        c, s = cos_ref[b, :], sin_ref[b, :]  # [D/2] f32
-        r1 = jnp.where(j < H + K, y1 * c - y2 * s, y1)  # V is not rotated
-        r2 = jnp.where(j < H + K, y2 * c + y1 * s, y2)
-        pos = pos_ref[b]
-        # A position past the buffer writes nothing (the XLA path's mode="drop").
-        fits = pos < slots
-        pl.when(is_q)(functools.partial(
-            _store_halves, q_ref, (b, jnp.minimum(j, H - 1)), r1, r2))
-        pl.when(is_k & fits)(functools.partial(
-            _store_halves, kc_ref, (b, pos, jnp.clip(j - H, 0, K - 1)), r1, r2))
-        pl.when((j >= H + K) & fits)(functools.partial(
-            _store_halves, vc_ref, (b, pos, jnp.clip(j - H - K, 0, K - 1)), r1, r2))
-
-
-def _store_halves(ref, index: tuple, r1: jax.Array, r2: jax.Array) -> None:
-    """ref[*index, :D/2] = r1 and ref[*index, D/2:] = r2, in ref's dtype."""
-    half = r1.shape[0]
-    ref[(*index, pl.ds(0, half))] = r1.astype(ref.dtype)
-    ref[(*index, pl.ds(half, half))] = r2.astype(ref.dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "eps", "num_warps",
-                                             "interpret"))
-def fused_qkv(x, parts, norm_w, wqkv, cos, sin, positions, k_cache, v_cache, *,
-              num_heads: int, num_kv_heads: int, eps: float, num_warps: int = 4,
-              interpret: bool | None = None):
-    """Stage 1 (see `reference.qkv_stage_reference` for the arguments and results).
-
-    The cache buffers are aliased to the outputs: donate them in the enclosing jit or XLA
-    copies them first. Returns (q, k_cache, v_cache, x_merged); x_merged is x itself when
-    parts is None.
+    The row statistics take one pass over x first: x is B x E values that stay in L2, and no
+    program then needs a whole row in registers.
     """
-    b, e = x.shape
-    H, K = num_heads, num_kv_heads
-    D = wqkv.shape[1] // (H + 2 * K)
-    has_parts = parts is not None
-    inputs = [positions.astype(jnp.int32), cos.astype(f32), sin.astype(f32), x]
-    inputs += [parts] if has_parts else []
-    inputs += [norm_w, wqkv, k_cache, v_cache]
-    out_shape = [jax.ShapeDtypeStruct((b, H, D), x.dtype),
-                 jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
-    if has_parts:
-        out_shape.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
-    n_in = len(inputs)
-    outs = pl.pallas_call(
-        functools.partial(_qkv_kernel, rows=b, heads=H, kv_heads=K, head_dim=D,
-                          chunk=hidden_chunk(e), eps=eps, has_parts=has_parts),
-        grid=(H + 2 * K,),
-        in_specs=[_whole(a) for a in inputs],
-        out_specs=[_whole(s) for s in out_shape],
-        out_shape=out_shape,
-        input_output_aliases={n_in - 2: 1, n_in - 1: 2},
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=resolve_interpret(interpret),
-        name="fused_qkv",
-    )(*inputs)
-    q, k_cache, v_cache = outs[:3]
-    return q, k_cache, v_cache, (outs[3] if has_parts else x)
-
-
-# --- stage 2: decode attention and the O projection's rows of one kv head --------------------
-
-def _attn_kernel(pos_ref, q_ref, kc_ref, vc_ref, wo_ref, o_ref, *, rows: int, group: int,
-                 block_e: int):
-    kh, c = pl.program_id(0), pl.program_id(1)  # kv head, O-projection column block
-    D = q_ref.shape[2]
-    slots = kc_ref.shape[1]
-    dtype = q_ref.dtype
-    scale = D ** -0.5
-    cols = pl.ds(c * block_e, block_e)
-    for b in range(rows):
-        pos = jnp.minimum(pos_ref[b], slots - 1)
-        qs = [q_ref[b, kh * group + g, :].astype(f32) * scale for g in range(group)]
-
-        def step(t, carry, b=b, pos=pos, qs=qs):
-            span = pl.ds(t * ATTN_BLOCK, ATTN_BLOCK)
-            k = kc_ref[b, span, kh, :].astype(f32)  # [block, D]
-            v = vc_ref[b, span, kh, :].astype(f32)
-            visible = t * ATTN_BLOCK + jnp.arange(ATTN_BLOCK) <= pos
-            out = []
-            for g, (m, l, acc) in enumerate(carry):
-                s = jnp.where(visible, jnp.sum(k * qs[g][None, :], axis=1), NEG)  # [block]
-                m_new = jnp.maximum(m, jnp.max(s))
-                alpha = jnp.exp(m - m_new)
-                p = jnp.exp(s - m_new)
-                out.append((m_new, l * alpha + jnp.sum(p),
-                            acc * alpha + jnp.sum(p[:, None] * v, axis=0)))
-            return tuple(out)
-
-        init = tuple((jnp.full((), NEG, f32), jnp.zeros((), f32), jnp.zeros((D,), f32))
-                     for _ in range(group))
-        final = jax.lax.fori_loop(0, pos // ATTN_BLOCK + 1, step, init)
-        part = jnp.zeros((block_e,), f32)
-        for g, (_, l, acc) in enumerate(final):
-            out = _round(acc / l, dtype)  # [D]: the attention output as the model holds it
-            w = wo_ref[pl.ds((kh * group + g) * D, D), cols].astype(f32)  # [D, block_e]
-            part = part + jnp.sum(out[:, None] * w, axis=0)
-        o_ref[kh, b, cols] = part
-
-
-def attn_block_e(e: int, kv_heads: int, target_programs: int = 64) -> int:
-    """O-projection columns per program: each program re-reads its kv head's cache, so the
-    column split stops once kv_heads x (e / block) reaches about `target_programs`."""
-    block = hidden_chunk(e)
-    while kv_heads * (e // block) > target_programs and e % (2 * block) == 0:
-        block *= 2
-    return block
-
-
-@functools.partial(jax.jit, static_argnames=("block_e", "num_warps", "interpret"))
-def fused_attn(q, k_cache, v_cache, positions, wo, *, block_e: int | None = None,
-               num_warps: int = 4, interpret: bool | None = None):
-    """Stage 2 (see `reference.attn_stage_reference`): -> [K, B, E] f32 partials."""
-    b, H, _D = q.shape
-    K = k_cache.shape[2]
-    e = wo.shape[1]
-    block_e = block_e or attn_block_e(e, K)
-    if k_cache.shape[1] % ATTN_BLOCK:
-        raise ValueError(f"fused_attn: cache length {k_cache.shape[1]} must be a multiple of "
-                         f"{ATTN_BLOCK}; the dense cache rounds it to 256")
-    inputs = [positions.astype(jnp.int32), q, k_cache, v_cache, wo]
-    out_shape = jax.ShapeDtypeStruct((K, b, e), f32)
-    return pl.pallas_call(
-        functools.partial(_attn_kernel, rows=b, group=H // K, block_e=block_e),
-        grid=(K, e // block_e),
-        in_specs=[_whole(a, 2) for a in inputs],
-        out_specs=_whole(out_shape, 2),
-        out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=resolve_interpret(interpret),
-        name="fused_attn",
-    )(*inputs)
-
-
-# --- stage 3: residual merge, RMSNorm, SwiGLU, down projection partials ----------------------
-
-def _mlp_kernel(x_ref, parts_ref, norm_ref, wgu_ref, wd_ref, o_ref, x_out_ref, *, rows: int,
-                block_f: int, chunk: int, eps: float):
-    j = pl.program_id(0)  # this program's block of the F intermediate features
-    dtype = x_ref.dtype
     e = x_ref.shape[1]
-    F = wd_ref.shape[0]
-    merged = [_merged_rows(x_ref, parts_ref, b, e, chunk, dtype) for b in range(rows)]
+    dtype = x_ref.dtype
 
-    @pl.when(j == 0)
-    def _():
-        for b in range(rows):
-            for i, xi in enumerate(merged[b]):
-                x_out_ref[b, pl.ds(i * chunk, chunk)] = xi.astype(dtype)
+    def sumsq(i, ss):
+        xs = _load_rows(x_ref, rows, pl.ds(i * bk, bk)).astype(f32)
+        return ss + jnp.sum(xs * xs, axis=1)
 
-    normed = [_rms_normed(m, norm_ref, chunk, eps, dtype) for m in merged]
-    gate = _matvec(normed, wgu_ref, j * block_f, block_f, chunk)
-    up = _matvec(normed, wgu_ref, F + j * block_f, block_f, chunk)
-    # silu(gate) * up with the model's roundings: projections, then silu, then the product.
-    act = [_round(_round(jax.nn.silu(_round(g, dtype)), dtype) * _round(u, dtype), dtype)
-           for g, u in zip(gate, up)]
-    for i in range(e // chunk):
-        cols = pl.ds(i * chunk, chunk)
-        w = wd_ref[pl.ds(j * block_f, block_f), cols].astype(f32)  # [block_f, chunk]
-        for b in range(rows):
-            o_ref[j, b, cols] = jnp.sum(act[b][:, None] * w, axis=0)
+    ss = jax.lax.fori_loop(0, e // bk, sumsq, jnp.zeros((ROWS,), f32))
+    inv = jax.lax.rsqrt(ss / e + eps)[:, None]  # [ROWS, 1]
+
+    def load(k0):
+        xs = _load_rows(x_ref, rows, pl.ds(k0, bk)).astype(f32)
+        w = norm_ref[pl.ds(k0, bk)].astype(f32)
+        return (w[None, :] * _round(xs * inv, dtype)).astype(dtype)
+
+    return load
 
 
-def mlp_block_f(f: int) -> int:
-    """F features per program: 64 (24 programs for SmolLM2's 1536), or the widest power of
-    two below it that divides f."""
-    block = 64
-    while f % block:
-        block //= 2
-    return block
+def _params(tiles: GemvTiles) -> plgpu.CompilerParams:
+    return plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "block_f", "num_warps", "interpret"))
-def fused_mlp(x, parts, norm_w, w_gate_up, w_down, *, eps: float, block_f: int | None = None,
-              num_warps: int = 4, interpret: bool | None = None):
-    """Stage 3 (see `reference.mlp_stage_reference`): -> ([F/block_f, B, E] f32, x merged)."""
-    b, e = x.shape
-    F = w_down.shape[0]
-    block_f = block_f or mlp_block_f(F)
-    if F % block_f:
-        raise ValueError(f"fused_mlp: intermediate size {F} does not divide by {block_f}")
-    inputs = [x, parts, norm_w, w_gate_up, w_down]
-    out_shape = [jax.ShapeDtypeStruct((F // block_f, b, e), f32),
-                 jax.ShapeDtypeStruct(x.shape, x.dtype)]
-    return pl.pallas_call(
-        functools.partial(_mlp_kernel, rows=b, block_f=block_f, chunk=hidden_chunk(e),
-                          eps=eps),
-        grid=(F // block_f,),
-        in_specs=[_whole(a) for a in inputs],
-        out_specs=[_whole(s) for s in out_shape],
-        out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=resolve_interpret(interpret),
-        name="fused_mlp",
-    )(*inputs)
-
-
-def _whole(a, grid_rank: int = 1) -> pl.BlockSpec:
-    """The whole array as every program's block: kernels index into it themselves."""
+def _whole(a) -> pl.BlockSpec:
+    """The whole array as every program's block: programs index into it themselves."""
     zeros = (0,) * len(a.shape)
-    if grid_rank == 1:
-        return pl.BlockSpec(a.shape, lambda i: zeros)
-    return pl.BlockSpec(a.shape, lambda i, j: zeros)
+    return pl.BlockSpec(a.shape, lambda i: zeros)
+
+
+def _check(name: str, x, k: int, n: int, tiles: GemvTiles) -> None:
+    if not 1 <= x.shape[0] <= ROWS:
+        raise ValueError(f"{name}: {x.shape[0]} rows; the kernel handles 1..{ROWS} (one "
+                         "tensor-core tile): run larger batches through the general forward")
+    if not tiles.block_k or k % tiles.block_k or n % tiles.block_n:
+        raise ValueError(f"{name}: K {k} and N {n} do not tile by block_k={tiles.block_k}, "
+                         f"block_n={tiles.block_n}: pick tiles that divide them")
+
+
+# --- RMSNorm -> QKV -> RoPE -----------------------------------------------------------------
+
+def _qkv_kernel(x_ref, norm_ref, w_ref, cos_ref, sin_ref, o_ref, *, rows: int, rotated: int,
+                head_dim: int, eps: float, tiles: GemvTiles):
+    bh = tiles.block_n
+    half = head_dim // 2
+    p = pl.program_id(0)
+    head, sub = p // (half // bh), p % (half // bh)
+    lo = head * head_dim + sub * bh  # this program's columns of the head's first half
+    # RoPE pairs column d with d + D/2 (HF's rotate_half): both halves' tiles in one program.
+    cols = [pl.ds(lo, bh), pl.ds(lo + half, bh)]
+    load = _normed_loader(x_ref, norm_ref, rows, eps, tiles.block_k)
+    y1, y2 = (_round(y, x_ref.dtype) for y in _k_loop(load, w_ref, cols, x_ref.shape[1], tiles))
+    c = _load_rows(cos_ref, rows, pl.ds(sub * bh, bh))  # [ROWS, bh] f32
+    s = _load_rows(sin_ref, rows, pl.ds(sub * bh, bh))
+    rot = head < rotated  # Q and K heads turn; V heads pass through
+    _store_rows(o_ref, rows, cols[0], jnp.where(rot, y1 * c - y2 * s, y1))
+    _store_rows(o_ref, rows, cols[1], jnp.where(rot, y2 * c + y1 * s, y2))
+
+
+@functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "eps", "tiles",
+                                             "interpret"))
+def qkv_rope(x, norm_w, wqkv, cos, sin, *, num_heads: int, num_kv_heads: int, eps: float,
+             tiles: GemvTiles | None = None, interpret: bool | None = None) -> jax.Array:
+    """RMSNorm(x) @ wqkv with RoPE applied to the Q and K heads.
+
+    Args:
+      x: [B, E] residual stream (B <= 16). norm_w: [E]. wqkv: [E, (H + 2K) * D], columns
+        [Q heads | K heads | V heads]. cos, sin: [B, D/2] f32 tables of the rows' positions.
+    Returns:
+      [B, (H + 2K) * D] in x.dtype (see `reference.qkv_rope_reference`).
+    """
+    b, e = x.shape
+    n = wqkv.shape[1]
+    D = n // (num_heads + 2 * num_kv_heads)
+    tiles = tiles or default_tiles(e)
+    _check("qkv_rope", x, e, D // 2, tiles)
+    grid = (n // tiles.block_n // 2,)  # a program per (head, tile of its first half)
+    inputs = (x, norm_w, wqkv, cos.astype(f32), sin.astype(f32))
+    return pl.pallas_call(
+        functools.partial(_qkv_kernel, rows=b, rotated=num_heads + num_kv_heads, head_dim=D,
+                          eps=eps, tiles=tiles),
+        grid=grid,
+        in_specs=[_whole(a) for a in inputs],
+        out_specs=pl.BlockSpec((b, n), lambda i: (0, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, n), x.dtype),
+        compiler_params=_params(tiles),
+        interpret=resolve_interpret(interpret),
+        name="qkv_rope",
+    )(*inputs)
+
+
+# --- RMSNorm -> gate/up -> SwiGLU -----------------------------------------------------------
+
+def _swiglu_kernel(x_ref, norm_ref, w_ref, o_ref, *, rows: int, eps: float, tiles: GemvTiles):
+    bn = tiles.block_n
+    F = o_ref.shape[1]
+    j = pl.program_id(0)
+    cols = [pl.ds(j * bn, bn), pl.ds(F + j * bn, bn)]  # gate and up columns of the same features
+    load = _normed_loader(x_ref, norm_ref, rows, eps, tiles.block_k)
+    dtype = x_ref.dtype
+    gate, up = (_round(y, dtype) for y in _k_loop(load, w_ref, cols, x_ref.shape[1], tiles))
+    _store_rows(o_ref, rows, cols[0], _round(jax.nn.silu(gate), dtype) * up)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "tiles", "interpret"))
+def gate_up_swiglu(x, norm_w, w_gate_up, *, eps: float, tiles: GemvTiles | None = None,
+                   interpret: bool | None = None) -> jax.Array:
+    """silu(RMSNorm(x) @ w_gate) * (RMSNorm(x) @ w_up).
+
+    Args:
+      x: [B, E] (B <= 16). norm_w: [E]. w_gate_up: [E, 2F], gate columns first.
+    Returns:
+      [B, F] in x.dtype (see `reference.gate_up_swiglu_reference`).
+    """
+    b, e = x.shape
+    F = w_gate_up.shape[1] // 2
+    tiles = tiles or default_tiles(e)
+    _check("gate_up_swiglu", x, e, F, tiles)
+    inputs = (x, norm_w, w_gate_up)
+    return pl.pallas_call(
+        functools.partial(_swiglu_kernel, rows=b, eps=eps, tiles=tiles),
+        grid=(F // tiles.block_n,),
+        in_specs=[_whole(a) for a in inputs],
+        out_specs=pl.BlockSpec((b, F), lambda i: (0, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, F), x.dtype),
+        compiler_params=_params(tiles),
+        interpret=resolve_interpret(interpret),
+        name="gate_up_swiglu",
+    )(*inputs)
+
+
+# --- a @ w + residual -----------------------------------------------------------------------
+
+def _residual_kernel(a_ref, w_ref, res_ref, o_ref, *, rows: int, tiles: GemvTiles):
+    col = pl.ds(pl.program_id(0) * tiles.block_n, tiles.block_n)
+    (y,) = _k_loop(lambda k0: _load_rows(a_ref, rows, pl.ds(k0, tiles.block_k)), w_ref, [col],
+                   a_ref.shape[1], tiles)
+    dtype = res_ref.dtype
+    res = _load_rows(res_ref, rows, col).astype(f32)
+    _store_rows(o_ref, rows, col, _round(res + _round(y, dtype), dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
+def gemv_residual(a, w, residual, *, tiles: GemvTiles | None = None,
+                  interpret: bool | None = None) -> jax.Array:
+    """residual + a @ w, the product rounded to the model dtype before the add.
+
+    Args:
+      a: [B, K] (B <= 16). w: [K, N]. residual: [B, N], a's dtype.
+    Returns:
+      [B, N] in residual.dtype (see `reference.gemv_residual_reference`).
+    """
+    b, k = a.shape
+    n = w.shape[1]
+    tiles = tiles or default_tiles(k)
+    _check("gemv_residual", a, k, n, tiles)
+    inputs = (a, w, residual)
+    return pl.pallas_call(
+        functools.partial(_residual_kernel, rows=b, tiles=tiles),
+        grid=(n // tiles.block_n,),
+        in_specs=[_whole(v) for v in inputs],
+        out_specs=pl.BlockSpec((b, n), lambda i: (0, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, n), residual.dtype),
+        compiler_params=_params(tiles),
+        interpret=resolve_interpret(interpret),
+        name="gemv_residual",
+    )(*inputs)

@@ -1,8 +1,9 @@
-"""The fused decode step (three Pallas kernels per layer) against its references.
+"""The fused decode step (five kernels per layer) against its references.
 
-Each kernel is checked against its plain-jnp stage on random data, in the Pallas interpreter
-on CPU; the whole step against the general forward's `decode_step` with impl="xla"; and, on
-the GPU, greedy tokens of the real model in f32 against the XLA path.
+Each fused GEMV is checked against its plain-jnp reference on random data, in the Pallas
+interpreter on CPU (compiled on the GPU); the whole step against the general forward's
+`decode_step` with impl="xla"; and, on the GPU, greedy tokens of the real model in f32 against
+the XLA path.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from jdecode.decoding import phases
 from jdecode.model.fused_decode import ENV_SWITCH, fused_decode_reason
 from jdecode.model.layout import inference_layout
 from jdecode.model.params import init_params
-from pallas_kernels.fused_decode import fused_attn, fused_mlp, fused_qkv
+from pallas_kernels.fused_decode import GemvTiles, gate_up_swiglu, gemv_residual, qkv_rope
 from pallas_kernels.fused_decode import reference as ref
 from pallas_kernels.testing import assert_close, jit_for_tests
 
@@ -30,7 +31,7 @@ TINY = "configs/models/tiny.yaml"
 
 @pytest.fixture
 def fused_on(monkeypatch):
-    """The fused step is opt-in (see jdecode.model.fused_decode)."""
+    """Switches the fused step on whatever the default (see jdecode.model.fused_decode)."""
     monkeypatch.setenv(ENV_SWITCH, "1")
 
 
@@ -41,65 +42,74 @@ def _exact_f32_matmuls():
         yield
 
 
-def _stage_inputs(rng, dtype, rows, *, E=128, H=6, K=2, D=32, F=192, S=192, P=5):
-    """Random inputs of all three stages (GQA group 3, like SmolLM2's 9/3 heads)."""
-    def normal(*shape, scale=1.0, dt=dtype):
-        return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32).astype(dt)
+def _inputs(rng, dtype, rows, *, E=192, H=6, K=2, D=64, F=320):
+    """Random inputs of the three kernels (GQA group 3 like SmolLM2's 9/3 heads; E and F not
+    powers of two, like its 576 and 1536)."""
+    def normal(*shape, scale=1.0):
+        return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32).astype(dtype)
 
-    pos = jnp.asarray(rng.integers(0, S, rows), jnp.int32).at[0].set(S - 1)  # the last slot too
+    pos = jnp.asarray(rng.integers(0, 4096, rows), jnp.int32)
     ang = pos[:, None].astype(jnp.float32) * jnp.linspace(0.01, 1.0, D // 2)
-    return {
-        "x": normal(rows, E), "parts": normal(P, rows, E, scale=0.1, dt=jnp.float32),
-        "norm": (1 + normal(E, scale=0.1)).astype(dtype), "wqkv": normal(E, (H + 2 * K) * D,
-                                                                    scale=E ** -0.5),
-        "cos": jnp.cos(ang), "sin": jnp.sin(ang), "pos": pos,
-        "kc": normal(rows, S, K, D), "vc": normal(rows, S, K, D),
-        "wo": normal(H * D, E, scale=(H * D) ** -0.5), "wgu": normal(E, 2 * F, scale=E ** -0.5),
-        "wd": normal(F, E, scale=F ** -0.5), "H": H, "K": K, "D": D, "F": F, "E": E}
+    return {"x": normal(rows, E), "norm": (1 + normal(E, scale=0.1)).astype(dtype),
+            "wqkv": normal(E, (H + 2 * K) * D, scale=E ** -0.5), "cos": jnp.cos(ang),
+            "sin": jnp.sin(ang), "wo": normal(H * D, E, scale=(H * D) ** -0.5),
+            "a": normal(rows, H * D), "wgu": normal(E, 2 * F, scale=E ** -0.5),
+            "act": normal(rows, F), "wd": normal(F, E, scale=F ** -0.5), "H": H, "K": K, "D": D}
+
+
+# Default tiles, wider columns with an unrolled K loop, and the narrowest K step.
+TILES = [None, GemvTiles(block_n=32, block_k=64, unroll=True), GemvTiles(block_k=16)]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("rows", [1, 3])
-@pytest.mark.parametrize("with_parts", [True, False])
-def test_qkv_stage_matches_reference(rng, dtype, rows, with_parts):
-    a = _stage_inputs(rng, dtype, rows)
-    parts = a["parts"] if with_parts else None
-    args = (a["x"], parts, a["norm"], a["wqkv"], a["cos"], a["sin"], a["pos"], a["kc"], a["vc"])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("tiles", TILES, ids=["default", "wide-unrolled", "bk16"])
+def test_qkv_rope_matches_reference(rng, dtype, rows, tiles):
+    a = _inputs(rng, dtype, rows)
+    args = (a["x"], a["norm"], a["wqkv"], a["cos"], a["sin"])
     kw = {"num_heads": a["H"], "num_kv_heads": a["K"], "eps": 1e-5}
-    got = fused_qkv(*args, **kw)
-    want = ref.qkv_stage_reference(*args, **kw)
+    got = qkv_rope(*args, **kw, tiles=tiles)
+    want = ref.qkv_rope_reference(*args, **kw)
     chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
-    for g, w in zip(got, want):
-        assert_close(g, w, dtype)
-    # Only slot pos[b] of row b changed in the cache.
-    changed = np.asarray(jnp.any(got[1] != a["kc"], axis=(2, 3)))  # [B, S]
-    assert all(set(np.flatnonzero(changed[b])) <= {int(a["pos"][b])} for b in range(rows))
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("rows", [1, 3])
-def test_attn_stage_matches_reference(rng, dtype, rows):
-    a = _stage_inputs(rng, dtype, rows)
-    q = jnp.asarray(rng.standard_normal((rows, a["H"], a["D"])), jnp.float32).astype(dtype)
-    got = fused_attn(q, a["kc"], a["vc"], a["pos"], a["wo"])
-    want = ref.attn_stage_reference(q, a["kc"], a["vc"], a["pos"], a["wo"])
-    chex.assert_shape(got, (a["K"], rows, a["E"]))
     assert_close(got, want, dtype)
-    # Two column blocks per kv head must give the same partials as one.
-    assert_close(fused_attn(q, a["kc"], a["vc"], a["pos"], a["wo"], block_e=64), got, "float32")
+    # The V heads are not rotated: with positions 0 (cos 1, sin 0) nothing turns at all.
+    zero = ref.qkv_rope_reference(a["x"], a["norm"], a["wqkv"], jnp.ones_like(a["cos"]),
+                                  jnp.zeros_like(a["sin"]), **kw)
+    v_cols = slice((a["H"] + a["K"]) * a["D"], None)
+    assert_close(got[:, v_cols], zero[:, v_cols], dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("rows", [1, 3])
-def test_mlp_stage_matches_reference(rng, dtype, rows):
-    a = _stage_inputs(rng, dtype, rows)
-    got = fused_mlp(a["x"], a["parts"], a["norm"], a["wgu"], a["wd"], eps=1e-5, block_f=64)
-    want = ref.mlp_stage_reference(a["x"], a["parts"], a["norm"], a["wgu"], a["wd"], eps=1e-5,
-                                   block_f=64)
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("tiles", TILES, ids=["default", "wide-unrolled", "bk16"])
+def test_gate_up_swiglu_matches_reference(rng, dtype, rows, tiles):
+    a = _inputs(rng, dtype, rows)
+    got = gate_up_swiglu(a["x"], a["norm"], a["wgu"], eps=1e-5, tiles=tiles)
+    want = ref.gate_up_swiglu_reference(a["x"], a["norm"], a["wgu"], eps=1e-5)
     chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
     # bf16: the kernel's silu runs in f32 and is rounded once; XLA's may round inside it.
-    assert_close(got[0], want[0], dtype, scale=2.0 if dtype == "bfloat16" else 1.0)
-    assert_close(got[1], want[1], dtype)
+    assert_close(got, want, dtype, scale=2.0 if dtype == "bfloat16" else 1.0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("tiles", TILES, ids=["default", "wide-unrolled", "bk16"])
+def test_gemv_residual_matches_reference(rng, dtype, rows, tiles):
+    a = _inputs(rng, dtype, rows)
+    for lhs, w in ((a["a"], a["wo"]), (a["act"], a["wd"])):  # the O and down projections
+        got = gemv_residual(lhs, w, a["x"], tiles=tiles)
+        want = ref.gemv_residual_reference(lhs, w, a["x"])
+        chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+        assert_close(got, want, dtype)
+
+
+def test_fused_gemvs_name_what_does_not_tile(rng):
+    a = _inputs(rng, "float32", 17)
+    with pytest.raises(ValueError, match="17 rows"):
+        gemv_residual(a["a"], a["wo"], a["x"])
+    a = _inputs(rng, "float32", 1)
+    with pytest.raises(ValueError, match="block_n=128"):  # E is 192
+        gemv_residual(a["a"], a["wo"], a["x"], tiles=GemvTiles(block_n=128))
 
 
 def _steps(params, cfg, impl, prompt, lengths, next_tokens):
@@ -119,7 +129,7 @@ def _steps(params, cfg, impl, prompt, lengths, next_tokens):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_fused_step_matches_xla_step(rng, dtype, rows, fused_on):
-    cfg = load_model_config_yaml(TINY).replace(dtype=dtype)
+    cfg = _fusable_tiny().replace(dtype=dtype)
     params = inference_layout(init_params(cfg, jax.random.key(int(rng.integers(1 << 30)))))
     cache = init_cache(cfg, rows, 256, per_layer=True)
     assert fused_decode_reason(params, cache, cfg, rows) is None
@@ -134,12 +144,17 @@ def test_fused_step_matches_xla_step(rng, dtype, rows, fused_on):
     assert_close(jnp.stack(got_cache.v), jnp.stack(want_cache.v), dtype)
 
 
+def _fusable_tiny():
+    """The tiny test model with 32-wide heads: RoPE's halves are then one 16-column tile."""
+    return load_model_config_yaml(TINY).replace(head_dim=32)
+
+
 def test_fused_step_declines_what_it_does_not_cover(monkeypatch):
-    cfg = load_model_config_yaml(TINY)
-    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    cfg = _fusable_tiny()
     ready = (inference_layout(init_params(cfg, jax.random.key(0))),
              init_cache(cfg, 1, 256, per_layer=True), cfg, 1)
-    assert ENV_SWITCH in fused_decode_reason(*ready)  # opt-in
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    assert ENV_SWITCH in fused_decode_reason(*ready)  # switched off
     monkeypatch.setenv(ENV_SWITCH, "1")
     assert fused_decode_reason(*ready) is None
     params = init_params(cfg, jax.random.key(0))
@@ -149,7 +164,12 @@ def test_fused_step_declines_what_it_does_not_cover(monkeypatch):
     assert "per-layer" in fused_decode_reason(fast, init_cache(cfg, 1, 256), cfg, 1)
     assert "tracks writes" in fused_decode_reason(
         fast, init_cache(cfg, 1, 256, per_layer=True, track_writes=True), cfg, 1)
-    assert "rows" in fused_decode_reason(fast, init_cache(cfg, 9, 256, per_layer=True), cfg, 9)
+    assert "rows" in fused_decode_reason(fast, init_cache(cfg, 17, 256, per_layer=True), cfg,
+                                         17)
+    narrow = load_model_config_yaml(TINY)  # 16-wide heads
+    assert "head_dim" in fused_decode_reason(
+        inference_layout(init_params(narrow, jax.random.key(0))),
+        init_cache(narrow, 1, 256, per_layer=True), narrow, 1)
     windowed = cfg.replace(sliding_window=64)
     assert "sliding" in fused_decode_reason(fast, per_layer, windowed, 1)
 
