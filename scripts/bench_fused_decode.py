@@ -106,14 +106,17 @@ def main() -> None:
             try:
                 assert_close(jax.jit(partial(run, t=tiles))(ws[0]), expect, dt.name,
                              scale=2.0)
-                fn = jax.jit(lambda ws, tiles=tiles: [run(w, tiles) for w in ws])
+                fn = jax.jit(lambda ws, tiles=tiles, run=run: [run(w, tiles) for w in ws])
                 us = per_call_us(fn, (ws,), L)
-            except Exception as e:  # a tiling Triton rejects: recorded, not fatal
-                rows.append(dict(kernel=name, tiles=dataclasses.asdict(tiles), error=str(e)[:300]))
+            # A tiling Triton rejects, or a wrong result: recorded, not fatal.
+            except (jax.errors.JaxRuntimeError, ValueError, AssertionError) as e:
+                rows.append({"kernel": name, "tiles": dataclasses.asdict(tiles),
+                             "error": str(e)[:300]})
                 print(f"{name:15s} {tiles} ERROR {str(e)[:120]}")
                 continue
             gbs = ws[0].nbytes / us / 1e3
-            rows.append(dict(kernel=name, tiles=dataclasses.asdict(tiles), us=us, gb_s=gbs))
+            rows.append({"kernel": name, "tiles": dataclasses.asdict(tiles), "us": us,
+                         "gb_s": gbs})
             print(f"{name:15s} {tiles} {us:7.2f} us {gbs:7.1f} GB/s", flush=True)
             if name not in best or us < best[name]["us"]:
                 best[name] = rows[-1]
@@ -146,9 +149,9 @@ def main() -> None:
     for k, v in general.items():
         print(f"{k:30s} {v:7.2f} us")
     print("best:", {k: (v["tiles"], round(v["us"], 2)) for k, v in best.items()})
-    result = dict(device=jax.devices()[0].device_kind, jax_version=jax.__version__,
-                  model=args.model, batch=B, dtype=dt.name, layers=L, rows=rows, best=best,
-                  general_us=general)
+    result = {"device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+              "model": args.model, "batch": B, "dtype": dt.name, "layers": L, "rows": rows,
+              "best": best, "general_us": general}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"bench_fused_decode_{args.model}_b{B}.json").write_text(json.dumps(result, indent=2))

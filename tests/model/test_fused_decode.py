@@ -13,7 +13,6 @@ from functools import partial
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from jdecode.cache.dense import init_cache
