@@ -25,12 +25,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 
 from jdecode.config import load_model_config_yaml
 from jdecode.model.layers import rms_norm
 from pallas_kernels.fused_decode import GemvTiles, gate_up_swiglu, gemv_residual, qkv_rope
 from pallas_kernels.fused_decode import reference as ref
-from pallas_kernels.fused_decode.kernel import pick_block_k
 from pallas_kernels.testing import assert_close
 
 
@@ -45,17 +45,15 @@ def per_call_us(fn, args, calls: int, reps: int = 15) -> float:
     return statistics.median(times) / calls * 1e6
 
 
-def tile_sweep(k: int, n: int) -> list[GemvTiles]:
-    """Tilings of a [k, n]-column problem: columns x K step x unroll at 4 warps / 3 stages,
-    then warps and stages around the default."""
-    out = []
-    for bn, bk, unroll in itertools.product((16, 32), (64, 128, 256), (False, True)):
-        if n % bn == 0 and k % bk == 0 and (not unroll or k // bk <= 16):
-            out.append(GemvTiles(block_n=bn, block_k=bk, unroll=unroll))
-    base = GemvTiles(block_k=pick_block_k(k))
-    out += [dataclasses.replace(base, num_warps=w) for w in (2, 8)]
-    out += [dataclasses.replace(base, num_stages=s) for s in (2, 4)]
-    return list(dict.fromkeys(out))
+def tile_sweep(k: int, n: int) -> list[tuple[GemvTiles, bool]]:
+    """(tiles, transposed) variants of a [k, n]-column problem: weights as stored ([K, N]) at
+    two tilings, then [N, K] weights over columns x K step, and warps around one of them."""
+    out = [(GemvTiles(block_n=bn, block_k=256), False) for bn in (16, 32)]
+    for bn, bk in itertools.product((16, 32, 64), (256, 512, 1024)):
+        if n % bn == 0 and bk <= max(256, pl.next_power_of_2(k)):
+            out.append((GemvTiles(block_n=bn, block_k=bk), True))
+    out += [(GemvTiles(block_n=32, block_k=512, num_warps=w), True) for w in (2, 8)]
+    return [(t, tr) for t, tr in dict.fromkeys(out) if n % t.block_n == 0]
 
 
 def main() -> None:
@@ -84,17 +82,20 @@ def main() -> None:
     wd = [rnd(F, E, scale=F ** -0.5) for _ in range(L)]
     a_o, a_d = rnd(B, H * D), rnd(B, F)
     eps = cfg.rms_norm_eps
-    kernels = {
+    kernels = {  # name: (K, N to tile, weights, run(w, tiles, transposed), reference(w))
         "qkv_rope": (E, D // 2, wqkv,
-                     lambda w, t: qkv_rope(x, norm, w, cos, sin, num_heads=H, num_kv_heads=K,
-                                           eps=eps, tiles=t),
+                     lambda w, t, tr: qkv_rope(x, norm, w, cos, sin, num_heads=H,
+                                               num_kv_heads=K, eps=eps, tiles=t, transposed=tr),
                      lambda w: ref.qkv_rope_reference(x, norm, w, cos, sin, num_heads=H,
                                                       num_kv_heads=K, eps=eps)),
-        "gate_up_swiglu": (E, F, wgu, lambda w, t: gate_up_swiglu(x, norm, w, eps=eps, tiles=t),
+        "gate_up_swiglu": (E, F, wgu, lambda w, t, tr: gate_up_swiglu(x, norm, w, eps=eps,
+                                                                      tiles=t, transposed=tr),
                            lambda w: ref.gate_up_swiglu_reference(x, norm, w, eps=eps)),
-        "o_residual": (H * D, E, wo, lambda w, t: gemv_residual(a_o, w, x, tiles=t),
+        "o_residual": (H * D, E, wo,
+                       lambda w, t, tr: gemv_residual(a_o, w, x, tiles=t, transposed=tr),
                        lambda w: ref.gemv_residual_reference(a_o, w, x)),
-        "down_residual": (F, E, wd, lambda w, t: gemv_residual(a_d, w, x, tiles=t),
+        "down_residual": (F, E, wd,
+                          lambda w, t, tr: gemv_residual(a_d, w, x, tiles=t, transposed=tr),
                           lambda w: ref.gemv_residual_reference(a_d, w, x)),
     }
     rows = []
@@ -102,22 +103,28 @@ def main() -> None:
     for name, (k, n, ws, run, want) in kernels.items():
         with jax.default_matmul_precision("highest"):
             expect = jax.jit(want)(ws[0])
-        for tiles in tile_sweep(k, n):
+        ws_t = None
+        for tiles, tr in tile_sweep(k, n):
+            if tr and ws_t is None:
+                ws_t = [w.T.copy() for w in ws]  # [N, K] copies, made once
+            layer_ws = ws_t if tr else ws
+            label = f"{tiles} transposed={tr}"
             try:
-                assert_close(jax.jit(partial(run, t=tiles))(ws[0]), expect, dt.name,
-                             scale=2.0)
-                fn = jax.jit(lambda ws, tiles=tiles, run=run: [run(w, tiles) for w in ws])
-                us = per_call_us(fn, (ws,), L)
+                assert_close(jax.jit(partial(run, t=tiles, tr=tr))(layer_ws[0]), expect,
+                             dt.name, scale=2.0)
+                fn = jax.jit(lambda ws, tiles=tiles, tr=tr, run=run: [run(w, tiles, tr)
+                                                                       for w in ws])
+                us = per_call_us(fn, (layer_ws,), L)
             # A tiling Triton rejects, or a wrong result: recorded, not fatal.
             except (jax.errors.JaxRuntimeError, ValueError, AssertionError) as e:
                 rows.append({"kernel": name, "tiles": dataclasses.asdict(tiles),
-                             "error": str(e)[:300]})
-                print(f"{name:15s} {tiles} ERROR {str(e)[:120]}")
+                             "transposed": tr, "error": str(e)[:300]})
+                print(f"{name:15s} {label} ERROR {str(e)[:120]}")
                 continue
             gbs = ws[0].nbytes / us / 1e3
-            rows.append({"kernel": name, "tiles": dataclasses.asdict(tiles), "us": us,
-                         "gb_s": gbs})
-            print(f"{name:15s} {tiles} {us:7.2f} us {gbs:7.1f} GB/s", flush=True)
+            rows.append({"kernel": name, "tiles": dataclasses.asdict(tiles), "transposed": tr,
+                         "us": us, "gb_s": gbs})
+            print(f"{name:15s} {label} {us:7.2f} us {gbs:7.1f} GB/s", flush=True)
             if name not in best or us < best[name]["us"]:
                 best[name] = rows[-1]
 
@@ -148,7 +155,8 @@ def main() -> None:
     }
     for k, v in general.items():
         print(f"{k:30s} {v:7.2f} us")
-    print("best:", {k: (v["tiles"], round(v["us"], 2)) for k, v in best.items()})
+    for k, v in best.items():
+        print(f"best {k}: {v['tiles']} transposed={v['transposed']} {v['us']:.2f} us")
     result = {"device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
               "model": args.model, "batch": B, "dtype": dt.name, "layers": L, "rows": rows,
               "best": best, "general_us": general}

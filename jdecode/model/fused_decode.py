@@ -27,7 +27,6 @@ from jdecode.model.pallas_dispatch import DENSE_PAGE, dense_decode_pallas
 from jdecode.model.params import Params
 from jdecode.model.transformer import lm_head
 from pallas_kernels.fused_decode import MAX_ROWS, gate_up_swiglu, gemv_residual, qkv_rope
-from pallas_kernels.fused_decode.kernel import pick_block_k
 
 DTYPES = ("float32", "bfloat16", "float16")
 # "0" turns the fused step off, "1" on; unset means ON_BY_DEFAULT.
@@ -77,7 +76,7 @@ def fused_decode_reason(params: Params, cache, cfg: ModelConfig, rows: int) -> s
     if layers[0].wqkv.dtype.name not in DTYPES or params.embed.dtype != layers[0].wqkv.dtype:
         return f"dtype {layers[0].wqkv.dtype.name} is not one of {DTYPES}"
     D, E, F = cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
-    if D < 32 or D & (D - 1) or E % 16 or F % 16 or not pick_block_k(cfg.num_heads * D):
+    if D < 32 or D & (D - 1) or E % 16 or F % 16:
         return ("head_dim must be a power of two >= 32, hidden and intermediate sizes "
                 "multiples of 16")
     if cache.max_len % DENSE_PAGE:

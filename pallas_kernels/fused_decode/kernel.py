@@ -56,31 +56,41 @@ class GemvTiles:
     instead of a pipelined `fori_loop`."""
 
     block_n: int = 16
-    block_k: int = 128
+    block_k: int = 128  # may exceed K (or not divide it): the tail is masked
     num_warps: int = 4
     num_stages: int = 3
     unroll: bool = False
 
 
-def pick_block_k(k: int, widest: int = 128) -> int:
-    """The widest power of two <= `widest` (and >= 16) that divides k; 0 if none does."""
-    bk = widest
-    while bk >= 16 and k % bk:
-        bk //= 2
-    return bk if bk >= 16 else 0
-
-
 def default_tiles(k: int) -> GemvTiles:
-    return GemvTiles(block_k=pick_block_k(k))
+    """Tiles for a K of k: K steps of up to 256 (a shorter K is one masked step)."""
+    return GemvTiles(block_k=min(256, max(16, pl.next_power_of_2(k))))
 
 
 def _row_mask(rows: int) -> jax.Array:
     return jnp.arange(ROWS) < rows  # [ROWS]
 
 
-def _load_rows(ref, rows: int, cols) -> jax.Array:
-    """ref [B, N]: the ROWS-row tile of columns `cols`, zero past row B (nothing is padded)."""
-    return plgpu.load(ref.at[pl.ds(0, ROWS), cols], mask=_row_mask(rows)[:, None], other=0)
+def _load_rows(ref, rows: int, cols, limit: int | None = None) -> jax.Array:
+    """ref [B, N]: the ROWS-row tile of columns `cols`, zero past row B (nothing is padded)
+    and, with `limit`, zero from column `limit` on (a K tail)."""
+    mask = _row_mask(rows)[:, None]
+    if limit is not None:
+        mask = mask & (cols.start + jnp.arange(cols.size) < limit)[None, :]
+    return plgpu.load(ref.at[pl.ds(0, ROWS), cols], mask=mask, other=0)
+
+
+def _load_weights(w_ref, k0, bk: int, cols, k: int, transposed: bool) -> jax.Array:
+    """The [bk, bn] weight tile at K offset k0 of column tile `cols`, zero past K.
+
+    transposed: w_ref is [N, K] (each output column's weights contiguous), the tile is read as
+    [bn, bk] rows of bk contiguous elements and returned as such (see `_dot`).
+    """
+    ks = pl.ds(k0, bk)
+    kmask = k0 + jnp.arange(bk) < k  # [bk]
+    if transposed:
+        return plgpu.load(w_ref.at[cols, ks], mask=kmask[None, :], other=0)
+    return plgpu.load(w_ref.at[ks, cols], mask=kmask[:, None], other=0)
 
 
 def _store_rows(ref, rows: int, cols, value: jax.Array) -> None:
@@ -93,30 +103,34 @@ def _round(x: jax.Array, dtype) -> jax.Array:
     return x.astype(dtype).astype(f32)
 
 
-def _dot(a: jax.Array, w: jax.Array) -> jax.Array:
+def _dot(a: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
+    """a [ROWS, bk] times the tile w ([bk, bn], or [bn, bk] when transposed) -> [ROWS, bn]."""
     precision = jax.lax.Precision.HIGHEST if a.dtype == f32 else None
-    return jnp.dot(a, w, preferred_element_type=f32, precision=precision)
+    dims = (((1,), (1 if transposed else 0,)), ((), ()))
+    return jax.lax.dot_general(a, w, dims, precision=precision, preferred_element_type=f32)
 
 
 def _k_loop(load_a: Callable[[jax.Array], jax.Array], w_ref, cols: list, k: int,
-            tiles: GemvTiles) -> list[jax.Array]:
-    """sum over K chunks of load_a(k0) [ROWS, bk] @ w_ref[k0:k0+bk, c] for each c in cols.
+            tiles: GemvTiles, transposed: bool) -> list[jax.Array]:
+    """sum over K chunks of load_a(k0) [ROWS, bk] @ w[k0:k0+bk, c] for each column tile c.
 
-    Returns one [ROWS, bn] f32 accumulator per column tile (two tiles share each a-chunk:
-    RoPE's halves, or gate and up).
+    w_ref is [K, N], or [N, K] when transposed. Returns one [ROWS, bn] f32 accumulator per
+    column tile (two tiles share each a-chunk: RoPE's halves, or gate and up).
     """
     bk = tiles.block_k
 
     def body(i, accs):
         a = load_a(i * bk)
-        return tuple(acc + _dot(a, w_ref[pl.ds(i * bk, bk), c]) for acc, c in zip(accs, cols))
+        return tuple(acc + _dot(a, _load_weights(w_ref, i * bk, bk, c, k, transposed),
+                                transposed) for acc, c in zip(accs, cols))
 
     accs = tuple(jnp.zeros((ROWS, tiles.block_n), f32) for _ in cols)
+    steps = -(-k // bk)
     if tiles.unroll:
-        for i in range(k // bk):
+        for i in range(steps):
             accs = body(i, accs)
         return list(accs)
-    return list(jax.lax.fori_loop(0, k // bk, body, accs))
+    return list(jax.lax.fori_loop(0, steps, body, accs))
 
 
 def _normed_loader(x_ref, norm_ref, rows: int, eps: float, bk: int
@@ -130,16 +144,16 @@ def _normed_loader(x_ref, norm_ref, rows: int, eps: float, bk: int
     dtype = x_ref.dtype
 
     def sumsq(i, ss):
-        xs = _load_rows(x_ref, rows, pl.ds(i * bk, bk)).astype(f32)
+        xs = _load_rows(x_ref, rows, pl.ds(i * bk, bk), e).astype(f32)
         return ss + jnp.sum(xs * xs, axis=1)
 
-    ss = jax.lax.fori_loop(0, e // bk, sumsq, jnp.zeros((ROWS,), f32))
+    ss = jax.lax.fori_loop(0, -(-e // bk), sumsq, jnp.zeros((ROWS,), f32))
     inv = jax.lax.rsqrt(ss / e + eps)[:, None]  # [ROWS, 1]
 
     def load(k0):
-        xs = _load_rows(x_ref, rows, pl.ds(k0, bk)).astype(f32)
-        w = norm_ref[pl.ds(k0, bk)].astype(f32)
-        return (w[None, :] * _round(xs * inv, dtype)).astype(dtype)
+        xs = _load_rows(x_ref, rows, pl.ds(k0, bk), e).astype(f32)
+        w = plgpu.load(norm_ref.at[pl.ds(k0, bk)], mask=k0 + jnp.arange(bk) < e, other=0)
+        return (w.astype(f32)[None, :] * _round(xs * inv, dtype)).astype(dtype)
 
     return load
 
@@ -158,15 +172,16 @@ def _check(name: str, x, k: int, n: int, tiles: GemvTiles) -> None:
     if not 1 <= x.shape[0] <= ROWS:
         raise ValueError(f"{name}: {x.shape[0]} rows; the kernel handles 1..{ROWS} (one "
                          "tensor-core tile): run larger batches through the general forward")
-    if not tiles.block_k or k % tiles.block_k or n % tiles.block_n:
-        raise ValueError(f"{name}: K {k} and N {n} do not tile by block_k={tiles.block_k}, "
-                         f"block_n={tiles.block_n}: pick tiles that divide them")
+    bk, bn = tiles.block_k, tiles.block_n
+    if bk < 16 or bk & (bk - 1) or n % bn:
+        raise ValueError(f"{name}: N {n} does not tile by block_n={bn}, or block_k={bk} is not "
+                         "a power of two >= 16: pick a block_n that divides N")
 
 
 # --- RMSNorm -> QKV -> RoPE -----------------------------------------------------------------
 
 def _qkv_kernel(x_ref, norm_ref, w_ref, cos_ref, sin_ref, o_ref, *, rows: int, rotated: int,
-                head_dim: int, eps: float, tiles: GemvTiles):
+                head_dim: int, eps: float, tiles: GemvTiles, transposed: bool):
     bh = tiles.block_n
     half = head_dim // 2
     p = pl.program_id(0)
@@ -175,7 +190,8 @@ def _qkv_kernel(x_ref, norm_ref, w_ref, cos_ref, sin_ref, o_ref, *, rows: int, r
     # RoPE pairs column d with d + D/2 (HF's rotate_half): both halves' tiles in one program.
     cols = [pl.ds(lo, bh), pl.ds(lo + half, bh)]
     load = _normed_loader(x_ref, norm_ref, rows, eps, tiles.block_k)
-    y1, y2 = (_round(y, x_ref.dtype) for y in _k_loop(load, w_ref, cols, x_ref.shape[1], tiles))
+    y1, y2 = (_round(y, x_ref.dtype)
+              for y in _k_loop(load, w_ref, cols, x_ref.shape[1], tiles, transposed))
     c = _load_rows(cos_ref, rows, pl.ds(sub * bh, bh))  # [ROWS, bh] f32
     s = _load_rows(sin_ref, rows, pl.ds(sub * bh, bh))
     rot = head < rotated  # Q and K heads turn; V heads pass through
@@ -184,19 +200,21 @@ def _qkv_kernel(x_ref, norm_ref, w_ref, cos_ref, sin_ref, o_ref, *, rows: int, r
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "eps", "tiles",
-                                             "interpret"))
+                                             "transposed", "interpret"))
 def qkv_rope(x, norm_w, wqkv, cos, sin, *, num_heads: int, num_kv_heads: int, eps: float,
-             tiles: GemvTiles | None = None, interpret: bool | None = None) -> jax.Array:
+             tiles: GemvTiles | None = None, transposed: bool = False,
+             interpret: bool | None = None) -> jax.Array:
     """RMSNorm(x) @ wqkv with RoPE applied to the Q and K heads.
 
     Args:
       x: [B, E] residual stream (B <= 16). norm_w: [E]. wqkv: [E, (H + 2K) * D], columns
-        [Q heads | K heads | V heads]. cos, sin: [B, D/2] f32 tables of the rows' positions.
+        [Q heads | K heads | V heads] ([(H + 2K) * D, E] when transposed). cos, sin: [B, D/2]
+        f32 tables of the rows' positions.
     Returns:
       [B, (H + 2K) * D] in x.dtype (see `reference.qkv_rope_reference`).
     """
     b, e = x.shape
-    n = wqkv.shape[1]
+    n = wqkv.shape[0 if transposed else 1]
     D = n // (num_heads + 2 * num_kv_heads)
     tiles = tiles or default_tiles(e)
     _check("qkv_rope", x, e, D // 2, tiles)
@@ -204,7 +222,7 @@ def qkv_rope(x, norm_w, wqkv, cos, sin, *, num_heads: int, num_kv_heads: int, ep
     inputs = (x, norm_w, wqkv, cos.astype(f32), sin.astype(f32))
     return pl.pallas_call(
         functools.partial(_qkv_kernel, rows=b, rotated=num_heads + num_kv_heads, head_dim=D,
-                          eps=eps, tiles=tiles),
+                          eps=eps, tiles=tiles, transposed=transposed),
         grid=grid,
         in_specs=[_whole(a) for a in inputs],
         out_specs=pl.BlockSpec((b, n), lambda i: (0, 0)),
@@ -217,34 +235,37 @@ def qkv_rope(x, norm_w, wqkv, cos, sin, *, num_heads: int, num_kv_heads: int, ep
 
 # --- RMSNorm -> gate/up -> SwiGLU -----------------------------------------------------------
 
-def _swiglu_kernel(x_ref, norm_ref, w_ref, o_ref, *, rows: int, eps: float, tiles: GemvTiles):
+def _swiglu_kernel(x_ref, norm_ref, w_ref, o_ref, *, rows: int, eps: float, tiles: GemvTiles,
+                   transposed: bool):
     bn = tiles.block_n
     F = o_ref.shape[1]
     j = pl.program_id(0)
     cols = [pl.ds(j * bn, bn), pl.ds(F + j * bn, bn)]  # gate and up columns of the same features
     load = _normed_loader(x_ref, norm_ref, rows, eps, tiles.block_k)
     dtype = x_ref.dtype
-    gate, up = (_round(y, dtype) for y in _k_loop(load, w_ref, cols, x_ref.shape[1], tiles))
+    gate, up = (_round(y, dtype)
+                for y in _k_loop(load, w_ref, cols, x_ref.shape[1], tiles, transposed))
     _store_rows(o_ref, rows, cols[0], _round(jax.nn.silu(gate), dtype) * up)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "tiles", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "tiles", "transposed", "interpret"))
 def gate_up_swiglu(x, norm_w, w_gate_up, *, eps: float, tiles: GemvTiles | None = None,
-                   interpret: bool | None = None) -> jax.Array:
+                   transposed: bool = False, interpret: bool | None = None) -> jax.Array:
     """silu(RMSNorm(x) @ w_gate) * (RMSNorm(x) @ w_up).
 
     Args:
-      x: [B, E] (B <= 16). norm_w: [E]. w_gate_up: [E, 2F], gate columns first.
+      x: [B, E] (B <= 16). norm_w: [E]. w_gate_up: [E, 2F], gate columns first ([2F, E]
+        when transposed).
     Returns:
       [B, F] in x.dtype (see `reference.gate_up_swiglu_reference`).
     """
     b, e = x.shape
-    F = w_gate_up.shape[1] // 2
+    F = w_gate_up.shape[0 if transposed else 1] // 2
     tiles = tiles or default_tiles(e)
     _check("gate_up_swiglu", x, e, F, tiles)
     inputs = (x, norm_w, w_gate_up)
     return pl.pallas_call(
-        functools.partial(_swiglu_kernel, rows=b, eps=eps, tiles=tiles),
+        functools.partial(_swiglu_kernel, rows=b, eps=eps, tiles=tiles, transposed=transposed),
         grid=(F // tiles.block_n,),
         in_specs=[_whole(a) for a in inputs],
         out_specs=pl.BlockSpec((b, F), lambda i: (0, 0)),
@@ -257,32 +278,34 @@ def gate_up_swiglu(x, norm_w, w_gate_up, *, eps: float, tiles: GemvTiles | None 
 
 # --- a @ w + residual -----------------------------------------------------------------------
 
-def _residual_kernel(a_ref, w_ref, res_ref, o_ref, *, rows: int, tiles: GemvTiles):
+def _residual_kernel(a_ref, w_ref, res_ref, o_ref, *, rows: int, tiles: GemvTiles,
+                     transposed: bool):
     col = pl.ds(pl.program_id(0) * tiles.block_n, tiles.block_n)
-    (y,) = _k_loop(lambda k0: _load_rows(a_ref, rows, pl.ds(k0, tiles.block_k)), w_ref, [col],
-                   a_ref.shape[1], tiles)
+    k = a_ref.shape[1]
+    (y,) = _k_loop(lambda k0: _load_rows(a_ref, rows, pl.ds(k0, tiles.block_k), k), w_ref,
+                   [col], k, tiles, transposed)
     dtype = res_ref.dtype
     res = _load_rows(res_ref, rows, col).astype(f32)
     _store_rows(o_ref, rows, col, _round(res + _round(y, dtype), dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
-def gemv_residual(a, w, residual, *, tiles: GemvTiles | None = None,
+@functools.partial(jax.jit, static_argnames=("tiles", "transposed", "interpret"))
+def gemv_residual(a, w, residual, *, tiles: GemvTiles | None = None, transposed: bool = False,
                   interpret: bool | None = None) -> jax.Array:
     """residual + a @ w, the product rounded to the model dtype before the add.
 
     Args:
-      a: [B, K] (B <= 16). w: [K, N]. residual: [B, N], a's dtype.
+      a: [B, K] (B <= 16). w: [K, N] ([N, K] when transposed). residual: [B, N], a's dtype.
     Returns:
       [B, N] in residual.dtype (see `reference.gemv_residual_reference`).
     """
     b, k = a.shape
-    n = w.shape[1]
+    n = w.shape[0 if transposed else 1]
     tiles = tiles or default_tiles(k)
     _check("gemv_residual", a, k, n, tiles)
     inputs = (a, w, residual)
     return pl.pallas_call(
-        functools.partial(_residual_kernel, rows=b, tiles=tiles),
+        functools.partial(_residual_kernel, rows=b, tiles=tiles, transposed=transposed),
         grid=(n // tiles.block_n,),
         in_specs=[_whole(v) for v in inputs],
         out_specs=pl.BlockSpec((b, n), lambda i: (0, 0)),

@@ -56,18 +56,26 @@ def _inputs(rng, dtype, rows, *, E=192, H=6, K=2, D=64, F=320):
             "act": normal(rows, F), "wd": normal(F, E, scale=F ** -0.5), "H": H, "K": K, "D": D}
 
 
-# Default tiles, wider columns with an unrolled K loop, and the narrowest K step.
-TILES = [None, GemvTiles(block_n=32, block_k=64, unroll=True), GemvTiles(block_k=16)]
+# (tiles, weights given [N, K]): the defaults; wider columns with an unrolled K loop; the
+# narrowest K step; and transposed weights, with a K step wider than K (one masked step).
+TILES = [(None, False), (GemvTiles(block_n=32, block_k=64, unroll=True), False),
+         (GemvTiles(block_k=16), False), (None, True), (GemvTiles(block_k=256), True)]
+TILE_IDS = ["default", "wide-unrolled", "bk16", "transposed", "transposed-bk256"]
+
+
+def _w(w, transposed):
+    return w.T if transposed else w
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("rows", [1, 3, 16])
-@pytest.mark.parametrize("tiles", TILES, ids=["default", "wide-unrolled", "bk16"])
-def test_qkv_rope_matches_reference(rng, dtype, rows, tiles):
+@pytest.mark.parametrize("tiles,transposed", TILES, ids=TILE_IDS)
+def test_qkv_rope_matches_reference(rng, dtype, rows, tiles, transposed):
     a = _inputs(rng, dtype, rows)
     args = (a["x"], a["norm"], a["wqkv"], a["cos"], a["sin"])
     kw = {"num_heads": a["H"], "num_kv_heads": a["K"], "eps": 1e-5}
-    got = qkv_rope(*args, **kw, tiles=tiles)
+    got = qkv_rope(a["x"], a["norm"], _w(a["wqkv"], transposed), a["cos"], a["sin"], **kw,
+                   tiles=tiles, transposed=transposed)
     want = ref.qkv_rope_reference(*args, **kw)
     chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
     assert_close(got, want, dtype)
@@ -80,10 +88,11 @@ def test_qkv_rope_matches_reference(rng, dtype, rows, tiles):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("rows", [1, 3, 16])
-@pytest.mark.parametrize("tiles", TILES, ids=["default", "wide-unrolled", "bk16"])
-def test_gate_up_swiglu_matches_reference(rng, dtype, rows, tiles):
+@pytest.mark.parametrize("tiles,transposed", TILES, ids=TILE_IDS)
+def test_gate_up_swiglu_matches_reference(rng, dtype, rows, tiles, transposed):
     a = _inputs(rng, dtype, rows)
-    got = gate_up_swiglu(a["x"], a["norm"], a["wgu"], eps=1e-5, tiles=tiles)
+    got = gate_up_swiglu(a["x"], a["norm"], _w(a["wgu"], transposed), eps=1e-5, tiles=tiles,
+                         transposed=transposed)
     want = ref.gate_up_swiglu_reference(a["x"], a["norm"], a["wgu"], eps=1e-5)
     chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
     # bf16: the kernel's silu runs in f32 and is rounded once; XLA's may round inside it.
@@ -92,11 +101,11 @@ def test_gate_up_swiglu_matches_reference(rng, dtype, rows, tiles):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("rows", [1, 3, 16])
-@pytest.mark.parametrize("tiles", TILES, ids=["default", "wide-unrolled", "bk16"])
-def test_gemv_residual_matches_reference(rng, dtype, rows, tiles):
+@pytest.mark.parametrize("tiles,transposed", TILES, ids=TILE_IDS)
+def test_gemv_residual_matches_reference(rng, dtype, rows, tiles, transposed):
     a = _inputs(rng, dtype, rows)
     for lhs, w in ((a["a"], a["wo"]), (a["act"], a["wd"])):  # the O and down projections
-        got = gemv_residual(lhs, w, a["x"], tiles=tiles)
+        got = gemv_residual(lhs, _w(w, transposed), a["x"], tiles=tiles, transposed=transposed)
         want = ref.gemv_residual_reference(lhs, w, a["x"])
         chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
         assert_close(got, want, dtype)
@@ -109,6 +118,8 @@ def test_fused_gemvs_name_what_does_not_tile(rng):
     a = _inputs(rng, "float32", 1)
     with pytest.raises(ValueError, match="block_n=128"):  # E is 192
         gemv_residual(a["a"], a["wo"], a["x"], tiles=GemvTiles(block_n=128))
+    with pytest.raises(ValueError, match="block_k=48"):
+        gemv_residual(a["a"], a["wo"], a["x"], tiles=GemvTiles(block_k=48))
 
 
 def _steps(params, cfg, impl, prompt, lengths, next_tokens):
