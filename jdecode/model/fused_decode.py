@@ -1,10 +1,14 @@
 """The decode step of a few rows as fused Pallas GEMVs: five kernels per layer.
 
 `decode_step` (jdecode.decoding.phases) takes this path when impl="pallas" (the GPU default),
-`fused_decode_reason` finds nothing against it, and JDECODE_FUSED_DECODE is not "0". A layer
+`fused_decode_reason` finds nothing against it, and JDECODE_FUSED_DECODE=1 is set. A layer
 is: RMSNorm+QKV+RoPE, the K/V cache write (XLA), paged decode attention, O projection +
 residual, RMSNorm+gate/up+SwiGLU, down projection + residual (`pallas_kernels.fused_decode`).
 The general forward runs the same layer as ~18 kernels at batch 1.
+
+Why it is off by default: on the H200 (2026-12-02, benchmarks/fused_decode_h200.md) it has
+28-31% fewer kernels per step, but its GEMVs stream at under 1 TB/s. So it is slower at
+batch 1 (SmolLM2 0.92x, Llama-3.2-1B 0.54x) and ahead only for SmolLM2 at batch 4 (1.07x).
 
 It computes the same function as the general path: the kernels keep the model's roundings,
 the attention is the very kernel the general path calls, and tests compare the two on random
@@ -29,7 +33,7 @@ from jdecode.model.transformer import lm_head
 from pallas_kernels.fused_decode import MAX_ROWS, gate_up_swiglu, gemv_residual, qkv_rope
 
 DTYPES = ("float32", "bfloat16", "float16")
-# "0" turns the fused step off, "1" on; unset means ON_BY_DEFAULT.
+# "0" turns the fused step off, "1" on; unset means ON_BY_DEFAULT (off: see the docstring).
 ENV_SWITCH = "JDECODE_FUSED_DECODE"
 ON_BY_DEFAULT = False
 # Benchmarks' impl names for the two decode paths under impl="pallas" (see `impl_variant`).

@@ -56,11 +56,14 @@ def _inputs(rng, dtype, rows, *, E=192, H=6, K=2, D=64, F=320):
             "act": normal(rows, F), "wd": normal(F, E, scale=F ** -0.5), "H": H, "K": K, "D": D}
 
 
-# (tiles, weights given [N, K]): the defaults; wider columns with an unrolled K loop; the
-# narrowest K step; and transposed weights, with a K step wider than K (one masked step).
-TILES = [(None, False), (GemvTiles(block_n=32, block_k=64, unroll=True), False),
-         (GemvTiles(block_k=16), False), (None, True), (GemvTiles(block_k=256), True)]
-TILE_IDS = ["default", "wide-unrolled", "bk16", "transposed", "transposed-bk256"]
+# (tiles, weights given [N, K], rows): the defaults at 1, 3 and 16 rows; then at 3 rows, wider
+# columns with an unrolled K loop, the narrowest K step, and transposed weights, with a K step
+# wider than K (one masked step).
+CASES = [(None, False, 1), (None, False, 3), (None, False, 16),
+         (GemvTiles(block_n=32, block_k=64, unroll=True), False, 3),
+         (GemvTiles(block_k=16), False, 3), (None, True, 3), (GemvTiles(block_k=256), True, 3)]
+CASE_IDS = ["default-1", "default-3", "default-16", "wide-unrolled-3", "bk16-3", "transposed-3",
+            "transposed-bk256-3"]
 
 
 def _w(w, transposed):
@@ -68,9 +71,8 @@ def _w(w, transposed):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("rows", [1, 3, 16])
-@pytest.mark.parametrize("tiles,transposed", TILES, ids=TILE_IDS)
-def test_qkv_rope_matches_reference(rng, dtype, rows, tiles, transposed):
+@pytest.mark.parametrize("tiles,transposed,rows", CASES, ids=CASE_IDS)
+def test_qkv_rope_matches_reference(rng, dtype, tiles, transposed, rows):
     a = _inputs(rng, dtype, rows)
     args = (a["x"], a["norm"], a["wqkv"], a["cos"], a["sin"])
     kw = {"num_heads": a["H"], "num_kv_heads": a["K"], "eps": 1e-5}
@@ -87,9 +89,8 @@ def test_qkv_rope_matches_reference(rng, dtype, rows, tiles, transposed):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("rows", [1, 3, 16])
-@pytest.mark.parametrize("tiles,transposed", TILES, ids=TILE_IDS)
-def test_gate_up_swiglu_matches_reference(rng, dtype, rows, tiles, transposed):
+@pytest.mark.parametrize("tiles,transposed,rows", CASES, ids=CASE_IDS)
+def test_gate_up_swiglu_matches_reference(rng, dtype, tiles, transposed, rows):
     a = _inputs(rng, dtype, rows)
     got = gate_up_swiglu(a["x"], a["norm"], _w(a["wgu"], transposed), eps=1e-5, tiles=tiles,
                          transposed=transposed)
@@ -100,9 +101,8 @@ def test_gate_up_swiglu_matches_reference(rng, dtype, rows, tiles, transposed):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("rows", [1, 3, 16])
-@pytest.mark.parametrize("tiles,transposed", TILES, ids=TILE_IDS)
-def test_gemv_residual_matches_reference(rng, dtype, rows, tiles, transposed):
+@pytest.mark.parametrize("tiles,transposed,rows", CASES, ids=CASE_IDS)
+def test_gemv_residual_matches_reference(rng, dtype, tiles, transposed, rows):
     a = _inputs(rng, dtype, rows)
     for lhs, w in ((a["a"], a["wo"]), (a["act"], a["wd"])):  # the O and down projections
         got = gemv_residual(lhs, _w(w, transposed), a["x"], tiles=tiles, transposed=transposed)

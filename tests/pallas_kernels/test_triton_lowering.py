@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.flash_attention import flash_attention
-from pallas_kernels.fused_decode import fused_attn, fused_mlp, fused_qkv
+from pallas_kernels.fused_decode import gate_up_swiglu, gemv_residual, qkv_rope
 from pallas_kernels.paged_attention import paged_attention, ragged_paged_attention, write_kv_pages
 
 registration = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
@@ -81,27 +81,33 @@ def test_kernels_lower_to_triton(triton_modules, dtype):
             assert all("tf32" not in d for d in dots), f"{name}: f32 dot lowered as TF32"
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_fused_decode_kernels_lower_to_triton(triton_modules, rows):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fused_decode_kernels_lower_to_triton(triton_modules, dtype, transposed):
     """SmolLM2's shape: hidden 576 and 9/3 heads are not powers of two; only the tiles are."""
-    E, H, K, D, F, S, dt = 576, 9, 3, 64, 1536, 256, jnp.bfloat16
-    f32, pos = jnp.float32, jnp.zeros((rows,), jnp.int32)
-    cache = jnp.zeros((rows, S, K, D), dt)
-    half = jnp.zeros((rows, D // 2), f32)
-    qkv = functools.partial(fused_qkv, num_heads=H, num_kv_heads=K, eps=1e-5, interpret=False)
+    E, H, K, D, F, rows = 576, 9, 3, 64, 1536, 3
+
+    def w(k, n):  # a weight as the kernels take it
+        return jnp.zeros((n, k) if transposed else (k, n), dtype)
+
+    x, norm, half = jnp.zeros((rows, E), dtype), jnp.zeros(E, dtype), jnp.zeros((rows, D // 2))
+    kw = {"transposed": transposed, "interpret": False}
     kernels = [
-        ("qkv", qkv, (jnp.zeros((rows, E), dt), jnp.zeros((24, rows, E), f32), jnp.zeros(E, dt),
-                      jnp.zeros((E, (H + 2 * K) * D), dt), half, half, pos, cache, cache)),
-        ("attn", functools.partial(fused_attn, interpret=False),
-         (jnp.zeros((rows, H, D), dt), cache, cache, pos, jnp.zeros((H * D, E), dt))),
-        ("mlp", functools.partial(fused_mlp, eps=1e-5, interpret=False),
-         (jnp.zeros((rows, E), dt), jnp.zeros((K, rows, E), f32), jnp.zeros(E, dt),
-          jnp.zeros((E, 2 * F), dt), jnp.zeros((F, E), dt))),
+        ("qkv_rope", functools.partial(qkv_rope, num_heads=H, num_kv_heads=K, eps=1e-5, **kw),
+         (x, norm, w(E, (H + 2 * K) * D), half, half)),
+        ("gate_up_swiglu", functools.partial(gate_up_swiglu, eps=1e-5, **kw),
+         (x, norm, w(E, 2 * F))),
+        ("gemv_residual", functools.partial(gemv_residual, **kw),
+         (jnp.zeros((rows, F), dtype), w(F, E), x)),
     ]
     for name, fn, args in kernels:
         triton_modules.clear()
         _lower_for_cuda(fn, *args)
         assert triton_modules, f"{name}: no Triton module was lowered"
+        dots = [d for m in triton_modules for d in re.findall(r"tt\.dot\b[^\n]*", m)]
+        assert dots, f"{name}: no tensor-core dot"
+        if dtype == jnp.float32:
+            assert all("tf32" not in d for d in dots), f"{name}: f32 dot lowered as TF32"
 
 
 @pytest.mark.parametrize("page", [32, 64])
