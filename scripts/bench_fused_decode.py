@@ -46,13 +46,15 @@ def per_call_us(fn, args, calls: int, reps: int = 15) -> float:
 
 
 def tile_sweep(k: int, n: int) -> list[tuple[GemvTiles, bool]]:
-    """(tiles, transposed) variants of a [k, n]-column problem: weights as stored ([K, N]) at
-    two tilings, then [N, K] weights over columns x K step, and warps around one of them."""
-    out = [(GemvTiles(block_n=bn, block_k=256), False) for bn in (16, 32)]
-    for bn, bk in itertools.product((16, 32, 64), (256, 512, 1024)):
-        if n % bn == 0 and bk <= max(256, pl.next_power_of_2(k)):
-            out.append((GemvTiles(block_n=bn, block_k=bk), True))
-    out += [(GemvTiles(block_n=32, block_k=512, num_warps=w), True) for w in (2, 8)]
+    """(tiles, transposed) variants of a [k, n]-column problem: tensor-core tiles on weights as
+    stored ([K, N]) and on [N, K] weights, then the CUDA-core (fma) path on [N, K] weights
+    over columns x K step x warps (its K loop unrolled when it is short)."""
+    out = [(GemvTiles(block_n=32, block_k=256), False), (GemvTiles(block_k=256), True)]
+    widest = max(512, pl.next_power_of_2(k))
+    for bn, bk, warps in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8)):
+        if bk <= widest:
+            out.append((GemvTiles(block_n=bn, block_k=bk, num_warps=warps, fma=True,
+                                  unroll=-(-k // bk) <= 4), True))
     return [(t, tr) for t, tr in dict.fromkeys(out) if n % t.block_n == 0]
 
 

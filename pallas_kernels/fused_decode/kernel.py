@@ -66,6 +66,10 @@ class GemvTiles:
     num_warps: int = 4
     num_stages: int = 3
     unroll: bool = False
+    # Multiply + reduce on CUDA cores, row by row, instead of 16-row tensor-core dots: no
+    # shared-memory staging, so a whole [block_n, block_k] tile is in flight at once. Needs
+    # weights given [N, K] (contiguous along the reduction) and few rows.
+    fma: bool = False
 
 
 def default_tiles(k: int) -> GemvTiles:
@@ -133,8 +137,8 @@ def _k_loop(load_a: Callable[[jax.Array], jax.Array], w_ref, cols: list, k: int,
     accs = tuple(jnp.zeros((ROWS, tiles.block_n), f32) for _ in cols)
     steps = -(-k // bk)
     if tiles.unroll:
-        for i in range(steps):
-            accs = body(i, accs)
+        for i in range(steps):  # a traced step: Pallas rejects static slices past the end
+            accs = body(jnp.int32(i), accs)
         return list(accs)
     return list(jax.lax.fori_loop(0, steps, body, accs))
 
@@ -164,6 +168,90 @@ def _normed_loader(x_ref, norm_ref, rows: int, eps: float, bk: int
     return load
 
 
+def _fma_loop(load_rows: Callable[[jax.Array], list], w_ref, cols: list, k: int,
+              tiles: GemvTiles, rows: int) -> list[jax.Array]:
+    """`_k_loop` on CUDA cores: w_ref [N, K]; load_rows(k0) gives the B rows' [bk] f32 chunks.
+
+    Each weight tile [bn, bk] is multiplied by every row and reduced along K (contiguous, so
+    within a thread and then a warp). Returns [ROWS, bn] f32 per column tile, zero past row B.
+    """
+    bk, bn = tiles.block_k, tiles.block_n
+
+    def body(i, accs):
+        xs = load_rows(i * bk)
+        out = []
+        for acc, c in zip(accs, cols):
+            w = _load_weights(w_ref, i * bk, bk, c, k, True).astype(f32)  # [bn, bk]
+            out.append(tuple(a + jnp.sum(w * x[None, :], axis=1) for a, x in zip(acc, xs)))
+        return tuple(out)
+
+    accs = tuple(tuple(jnp.zeros((bn,), f32) for _ in range(rows)) for _ in cols)
+    steps = -(-k // bk)
+    if tiles.unroll:
+        for i in range(steps):  # a traced step: Pallas rejects static slices past the end
+            accs = body(jnp.int32(i), accs)
+    else:
+        accs = jax.lax.fori_loop(0, steps, body, accs)
+    rid = jnp.arange(ROWS)[:, None]
+    tiles_out = []
+    for acc in accs:  # rows into one [ROWS, bn] tile, for the shared epilogues
+        t = jnp.zeros((ROWS, bn), f32)
+        for b, a in enumerate(acc):
+            t = jnp.where(rid == b, a[None, :], t)
+        tiles_out.append(t)
+    return tiles_out
+
+
+def _row_chunk(ref, b: int, k0, bk: int) -> jax.Array:
+    """Row b of ref [B, K] at [k0, k0 + bk) as f32, zero past K."""
+    k = ref.shape[1]
+    row = jnp.asarray(b, jnp.int32)  # a traced index: Pallas' masked load wants an array
+    return plgpu.load(ref.at[row, pl.ds(k0, bk)], mask=k0 + jnp.arange(bk) < k,
+                      other=0).astype(f32)
+
+
+def _normed_rows_loader(x_ref, norm_ref, rows: int, eps: float, bk: int
+                        ) -> Callable[[jax.Array], list]:
+    """`_normed_loader` for `_fma_loop`: a list of the rows' normed [bk] chunks, f32."""
+    e = x_ref.shape[1]
+    dtype = x_ref.dtype
+    steps = -(-e // bk)
+    invs = []
+    for b in range(rows):
+        chunks = (_row_chunk(x_ref, b, jnp.int32(i * bk), bk) for i in range(steps))
+        ss = sum(jnp.sum(c * c) for c in chunks)
+        invs.append(jax.lax.rsqrt(ss / e + eps))
+
+    def load(k0):
+        w = plgpu.load(norm_ref.at[pl.ds(k0, bk)], mask=k0 + jnp.arange(bk) < e,
+                       other=0).astype(f32)
+        return [_round(w * _round(_row_chunk(x_ref, b, k0, bk) * inv, dtype), dtype)
+                for b, inv in enumerate(invs)]
+
+    return load
+
+
+def _matmul(a_ref, norm_ref, w_ref, cols: list, *, rows: int, tiles: GemvTiles,
+            transposed: bool, eps: float = 0.0) -> list[jax.Array]:
+    """[ROWS, bn] f32 products of a (RMSNorm(a) when norm_ref is given) with each column
+    tile of w, on tensor cores or (tiles.fma) on CUDA cores."""
+    k = a_ref.shape[1]
+    bk = tiles.block_k
+    if tiles.fma:
+        if norm_ref is None:
+            def load_rows(k0):
+                return [_row_chunk(a_ref, b, k0, bk) for b in range(rows)]
+        else:
+            load_rows = _normed_rows_loader(a_ref, norm_ref, rows, eps, bk)
+        return _fma_loop(load_rows, w_ref, cols, k, tiles, rows)
+    if norm_ref is None:
+        def load(k0):
+            return _load_rows(a_ref, rows, pl.ds(k0, bk), k)
+    else:
+        load = _normed_loader(a_ref, norm_ref, rows, eps, bk)
+    return _k_loop(load, w_ref, cols, k, tiles, transposed)
+
+
 def _params(tiles: GemvTiles) -> plgpu.CompilerParams:
     return plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
@@ -174,11 +262,14 @@ def _whole(a) -> pl.BlockSpec:
     return pl.BlockSpec(a.shape, lambda i: zeros)
 
 
-def _check(name: str, x, k: int, n: int, tiles: GemvTiles) -> None:
+def _check(name: str, x, k: int, n: int, tiles: GemvTiles, transposed: bool) -> None:
     if not 1 <= x.shape[0] <= ROWS:
         raise ValueError(f"{name}: {x.shape[0]} rows; the kernel handles 1..{ROWS} (one "
                          "tensor-core tile): run larger batches through the general forward")
     bk, bn = tiles.block_k, tiles.block_n
+    if tiles.fma and not transposed:
+        raise ValueError(f"{name}: tiles.fma reads weights along K: give them [N, K] "
+                         "(transposed=True)")
     if bk < 16 or bk & (bk - 1) or n % bn:
         raise ValueError(f"{name}: N {n} does not tile by block_n={bn}, or block_k={bk} is not "
                          "a power of two >= 16: pick a block_n that divides N")
@@ -195,9 +286,8 @@ def _qkv_kernel(x_ref, norm_ref, w_ref, cos_ref, sin_ref, o_ref, *, rows: int, r
     lo = head * head_dim + sub * bh  # this program's columns of the head's first half
     # RoPE pairs column d with d + D/2 (HF's rotate_half): both halves' tiles in one program.
     cols = [pl.ds(lo, bh), pl.ds(lo + half, bh)]
-    load = _normed_loader(x_ref, norm_ref, rows, eps, tiles.block_k)
-    y1, y2 = (_round(y, x_ref.dtype)
-              for y in _k_loop(load, w_ref, cols, x_ref.shape[1], tiles, transposed))
+    y1, y2 = (_round(y, x_ref.dtype) for y in _matmul(
+        x_ref, norm_ref, w_ref, cols, rows=rows, tiles=tiles, transposed=transposed, eps=eps))
     c = _load_rows(cos_ref, rows, pl.ds(sub * bh, bh))  # [ROWS, bh] f32
     s = _load_rows(sin_ref, rows, pl.ds(sub * bh, bh))
     rot = head < rotated  # Q and K heads turn; V heads pass through
@@ -223,7 +313,7 @@ def qkv_rope(x, norm_w, wqkv, cos, sin, *, num_heads: int, num_kv_heads: int, ep
     n = wqkv.shape[0 if transposed else 1]
     D = n // (num_heads + 2 * num_kv_heads)
     tiles = tiles or default_tiles(e)
-    _check("qkv_rope", x, e, D // 2, tiles)
+    _check("qkv_rope", x, e, D // 2, tiles, transposed)
     grid = (n // tiles.block_n // 2,)  # a program per (head, tile of its first half)
     inputs = (x, norm_w, wqkv, cos.astype(f32), sin.astype(f32))
     return pl.pallas_call(
@@ -247,10 +337,9 @@ def _swiglu_kernel(x_ref, norm_ref, w_ref, o_ref, *, rows: int, eps: float, tile
     F = o_ref.shape[1]
     j = pl.program_id(0)
     cols = [pl.ds(j * bn, bn), pl.ds(F + j * bn, bn)]  # gate and up columns of the same features
-    load = _normed_loader(x_ref, norm_ref, rows, eps, tiles.block_k)
     dtype = x_ref.dtype
-    gate, up = (_round(y, dtype)
-                for y in _k_loop(load, w_ref, cols, x_ref.shape[1], tiles, transposed))
+    gate, up = (_round(y, dtype) for y in _matmul(
+        x_ref, norm_ref, w_ref, cols, rows=rows, tiles=tiles, transposed=transposed, eps=eps))
     _store_rows(o_ref, rows, cols[0], _round(jax.nn.silu(gate), dtype) * up)
 
 
@@ -268,7 +357,7 @@ def gate_up_swiglu(x, norm_w, w_gate_up, *, eps: float, tiles: GemvTiles | None 
     b, e = x.shape
     F = w_gate_up.shape[0 if transposed else 1] // 2
     tiles = tiles or default_tiles(e)
-    _check("gate_up_swiglu", x, e, F, tiles)
+    _check("gate_up_swiglu", x, e, F, tiles, transposed)
     inputs = (x, norm_w, w_gate_up)
     return pl.pallas_call(
         functools.partial(_swiglu_kernel, rows=b, eps=eps, tiles=tiles, transposed=transposed),
@@ -287,9 +376,7 @@ def gate_up_swiglu(x, norm_w, w_gate_up, *, eps: float, tiles: GemvTiles | None 
 def _residual_kernel(a_ref, w_ref, res_ref, o_ref, *, rows: int, tiles: GemvTiles,
                      transposed: bool):
     col = pl.ds(pl.program_id(0) * tiles.block_n, tiles.block_n)
-    k = a_ref.shape[1]
-    (y,) = _k_loop(lambda k0: _load_rows(a_ref, rows, pl.ds(k0, tiles.block_k), k), w_ref,
-                   [col], k, tiles, transposed)
+    (y,) = _matmul(a_ref, None, w_ref, [col], rows=rows, tiles=tiles, transposed=transposed)
     dtype = res_ref.dtype
     res = _load_rows(res_ref, rows, col).astype(f32)
     _store_rows(o_ref, rows, col, _round(res + _round(y, dtype), dtype))
@@ -308,7 +395,7 @@ def gemv_residual(a, w, residual, *, tiles: GemvTiles | None = None, transposed:
     b, k = a.shape
     n = w.shape[0 if transposed else 1]
     tiles = tiles or default_tiles(k)
-    _check("gemv_residual", a, k, n, tiles)
+    _check("gemv_residual", a, k, n, tiles, transposed)
     inputs = (a, w, residual)
     return pl.pallas_call(
         functools.partial(_residual_kernel, rows=b, tiles=tiles, transposed=transposed),

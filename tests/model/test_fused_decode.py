@@ -56,14 +56,16 @@ def _inputs(rng, dtype, rows, *, E=192, H=6, K=2, D=64, F=320):
             "act": normal(rows, F), "wd": normal(F, E, scale=F ** -0.5), "H": H, "K": K, "D": D}
 
 
-# (tiles, weights given [N, K], rows): the defaults at 1, 3 and 16 rows; then at 3 rows, wider
-# columns with an unrolled K loop, the narrowest K step, and transposed weights, with a K step
-# wider than K (one masked step).
+# (tiles, weights given [N, K], rows): the defaults at 1, 3 and 16 rows; then wider columns
+# with an unrolled K loop, the narrowest K step, transposed weights (with a K step wider than
+# K: one masked step), and the CUDA-core (fma) path.
 CASES = [(None, False, 1), (None, False, 3), (None, False, 16),
          (GemvTiles(block_n=32, block_k=64, unroll=True), False, 3),
-         (GemvTiles(block_k=16), False, 3), (None, True, 3), (GemvTiles(block_k=256), True, 3)]
+         (GemvTiles(block_k=16), False, 3), (None, True, 3), (GemvTiles(block_k=256), True, 3),
+         (GemvTiles(block_n=8, block_k=64, fma=True), True, 3),
+         (GemvTiles(block_n=8, block_k=256, fma=True, unroll=True), True, 1)]
 CASE_IDS = ["default-1", "default-3", "default-16", "wide-unrolled-3", "bk16-3", "transposed-3",
-            "transposed-bk256-3"]
+            "transposed-bk256-3", "fma-3", "fma-bk256-unrolled-1"]
 
 
 def _w(w, transposed):
@@ -120,6 +122,8 @@ def test_fused_gemvs_name_what_does_not_tile(rng):
         gemv_residual(a["a"], a["wo"], a["x"], tiles=GemvTiles(block_n=128))
     with pytest.raises(ValueError, match="block_k=48"):
         gemv_residual(a["a"], a["wo"], a["x"], tiles=GemvTiles(block_k=48))
+    with pytest.raises(ValueError, match="transposed=True"):
+        gemv_residual(a["a"], a["wo"], a["x"], tiles=GemvTiles(block_n=8, fma=True))
 
 
 def _steps(params, cfg, impl, prompt, lengths, next_tokens):
