@@ -18,6 +18,7 @@ weights (tests/model/test_fused_decode.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 
@@ -59,12 +60,31 @@ def impl_variant(impl: str) -> Iterator[str]:
             os.environ[ENV_SWITCH] = before
 
 
+def fused_decode_on() -> bool:
+    """Whether the switch (JDECODE_FUSED_DECODE, else ON_BY_DEFAULT) asks for the fused step."""
+    return os.environ.get(ENV_SWITCH, "1" if ON_BY_DEFAULT else "0") == "1"
+
+
+def with_decode_copies(params: Params) -> Params:
+    """The inference layout plus [N, K] copies of each layer's four matrices (`decode_t`).
+
+    The fused GEMVs' CUDA-core path reads a weight along K, which the [K, N] layout has
+    strided. The copies cost a second copy of those matrices (about the model's size);
+    params in another layout are returned unchanged.
+    """
+    layers = params.layers
+    if not isinstance(layers, tuple) or layers[0].wqkv is None or layers[0].w_gate_up is None:
+        return params
+    layers = tuple(dataclasses.replace(lp, decode_t=tuple(
+        jnp.transpose(w) for w in (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))) for lp in layers)
+    return dataclasses.replace(params, layers=layers)
+
+
 def fused_decode_reason(params: Params, cache, cfg: ModelConfig, rows: int) -> str | None:
     """Why the fused decode step cannot run here, or None when it can (all static checks)."""
     layers = params.layers
-    switch = os.environ.get(ENV_SWITCH, "1" if ON_BY_DEFAULT else "0")
-    if switch != "1":
-        return f"off: {ENV_SWITCH}={switch!r} (set it to 1 to use it)"
+    if not fused_decode_on():
+        return f"off: set {ENV_SWITCH}=1 to use it"
     if not isinstance(cache, DenseKVCache) or not cache.per_layer:
         return "needs a dense cache with per-layer buffers (init_cache(per_layer=True))"
     if cache.written is not None:
@@ -105,8 +125,11 @@ def fused_decode_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
     rows = jnp.arange(b)
     ks, vs = list(cache.k), list(cache.v)
     for layer, lp in enumerate(params.layers):
-        qkv = qkv_rope(x, lp.attn_norm, lp.wqkv, cos, sin, num_heads=H, num_kv_heads=K,
-                       eps=eps)  # [B, (H + 2K) * D]
+        # [N, K] copies when made (`with_decode_copies`): the CUDA-core GEMVs read along K.
+        t = lp.decode_t is not None
+        wqkv, wo, w_gate_up, w_down = lp.decode_t or (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down)
+        qkv = qkv_rope(x, lp.attn_norm, wqkv, cos, sin, num_heads=H, num_kv_heads=K, eps=eps,
+                       transposed=t)  # [B, (H + 2K) * D]
         q = qkv[:, :H * D].reshape(b, 1, H, D)
         k = qkv[:, H * D:(H + K) * D].reshape(b, K, D)
         v = qkv[:, (H + K) * D:].reshape(b, K, D)
@@ -115,7 +138,8 @@ def fused_decode_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
         vs[layer] = vs[layer].at[rows, positions].set(v.astype(vs[layer].dtype), mode="drop")
         attn = dense_decode_pallas(q, ks[layer][None], vs[layer][None], 0,
                                    positions[:, None])  # [B, 1, H, D]
-        x = gemv_residual(attn.reshape(b, H * D), lp.wo, x)
-        x = gemv_residual(gate_up_swiglu(x, lp.mlp_norm, lp.w_gate_up, eps=eps), lp.w_down, x)
+        x = gemv_residual(attn.reshape(b, H * D), wo, x, transposed=t)
+        act = gate_up_swiglu(x, lp.mlp_norm, w_gate_up, eps=eps, transposed=t)  # [B, F]
+        x = gemv_residual(act, w_down, x, transposed=t)
     hidden = rms_norm(x, params.final_norm, eps)
     return lm_head(params, hidden), hidden, DenseKVCache(k=tuple(ks), v=tuple(vs))

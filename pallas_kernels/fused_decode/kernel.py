@@ -72,8 +72,19 @@ class GemvTiles:
     fma: bool = False
 
 
-def default_tiles(k: int) -> GemvTiles:
-    """Tiles for a K of k: K steps of up to 256 (a shorter K is one masked step)."""
+FMA_MAX_ROWS = 4  # past this many rows the CUDA-core path's per-row work outgrows its gain
+
+
+def default_tiles(k: int, rows: int = ROWS, transposed: bool = False) -> GemvTiles:
+    """Tiles for a K of k and a step of `rows` rows.
+
+    [N, K] weights at <= FMA_MAX_ROWS rows take the CUDA-core path, 4 columns x 1024 of K per
+    program, 8 warps: among the best of every kernel of both model shapes in the H200 sweep
+    (benchmarks/fused_decode_h200.md). Otherwise tensor-core tiles, K steps of up to 256.
+    """
+    if transposed and rows <= FMA_MAX_ROWS:
+        bk = min(1024, max(16, pl.next_power_of_2(k)))
+        return GemvTiles(block_n=4, block_k=bk, num_warps=8, fma=True, unroll=-(-k // bk) <= 4)
     return GemvTiles(block_k=min(256, max(16, pl.next_power_of_2(k))))
 
 
@@ -312,7 +323,7 @@ def qkv_rope(x, norm_w, wqkv, cos, sin, *, num_heads: int, num_kv_heads: int, ep
     b, e = x.shape
     n = wqkv.shape[0 if transposed else 1]
     D = n // (num_heads + 2 * num_kv_heads)
-    tiles = tiles or default_tiles(e)
+    tiles = tiles or default_tiles(e, b, transposed)
     _check("qkv_rope", x, e, D // 2, tiles, transposed)
     grid = (n // tiles.block_n // 2,)  # a program per (head, tile of its first half)
     inputs = (x, norm_w, wqkv, cos.astype(f32), sin.astype(f32))
@@ -356,7 +367,7 @@ def gate_up_swiglu(x, norm_w, w_gate_up, *, eps: float, tiles: GemvTiles | None 
     """
     b, e = x.shape
     F = w_gate_up.shape[0 if transposed else 1] // 2
-    tiles = tiles or default_tiles(e)
+    tiles = tiles or default_tiles(e, b, transposed)
     _check("gate_up_swiglu", x, e, F, tiles, transposed)
     inputs = (x, norm_w, w_gate_up)
     return pl.pallas_call(
@@ -394,7 +405,7 @@ def gemv_residual(a, w, residual, *, tiles: GemvTiles | None = None, transposed:
     """
     b, k = a.shape
     n = w.shape[0 if transposed else 1]
-    tiles = tiles or default_tiles(k)
+    tiles = tiles or default_tiles(k, b, transposed)
     _check("gemv_residual", a, k, n, tiles, transposed)
     inputs = (a, w, residual)
     return pl.pallas_call(

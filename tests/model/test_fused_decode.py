@@ -18,7 +18,7 @@ import pytest
 from jdecode.cache.dense import init_cache
 from jdecode.config import load_model_config_yaml
 from jdecode.decoding import phases
-from jdecode.model.fused_decode import ENV_SWITCH, fused_decode_reason
+from jdecode.model.fused_decode import ENV_SWITCH, fused_decode_reason, with_decode_copies
 from jdecode.model.layout import inference_layout
 from jdecode.model.params import init_params
 from pallas_kernels.fused_decode import GemvTiles, gate_up_swiglu, gemv_residual, qkv_rope
@@ -141,8 +141,9 @@ def _steps(params, cfg, impl, prompt, lengths, next_tokens):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("rows", [1, 3])
-def test_fused_step_matches_xla_step(rng, dtype, rows, fused_on):
+@pytest.mark.parametrize("rows,copies", [(1, False), (3, False), (1, True), (3, True)])
+def test_fused_step_matches_xla_step(rng, dtype, rows, copies, fused_on):
+    """copies: the [N, K] weight copies, with which up to 4 rows take the CUDA-core GEMVs."""
     cfg = _fusable_tiny().replace(dtype=dtype)
     params = inference_layout(init_params(cfg, jax.random.key(int(rng.integers(1 << 30)))))
     cache = init_cache(cfg, rows, 256, per_layer=True)
@@ -150,7 +151,12 @@ def test_fused_step_matches_xla_step(rng, dtype, rows, fused_on):
     prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (rows, 32)), jnp.int32)
     lengths = jnp.asarray(rng.integers(1, 33, rows), jnp.int32)
     nxt = jnp.asarray(rng.integers(0, cfg.vocab_size, (rows, 3)), jnp.int32)
-    got, got_cache = _steps(params, cfg, "pallas", prompt, lengths, nxt)
+    fused = with_decode_copies(params) if copies else params
+    if copies:
+        lp = params.layers[0]
+        chex.assert_trees_all_equal(tuple(w.T for w in fused.layers[0].decode_t),
+                                    (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))
+    got, got_cache = _steps(fused, cfg, "pallas", prompt, lengths, nxt)
     want, want_cache = _steps(params, cfg, "xla", prompt, lengths, nxt)
     # Logits sum over the hidden size of values within tolerance (as test_pallas_integration).
     assert_close(got, want, dtype, scale=4.0)
