@@ -25,7 +25,7 @@ from jdecode.decoding.sampling import SamplingArrays, SamplingParams, stop_prefi
 from jdecode.io.registry import Model
 from jdecode.io.tokenizer import IncrementalDetokenizer
 from jdecode.model.attention import resolve_impl
-from jdecode.model.fused_decode import fused_decode_on, with_decode_copies
+from jdecode.model.fused_decode import wants_decode_copies, with_decode_copies
 from jdecode.model.layout import inference_layout
 from jdecode.model.params import Params
 
@@ -136,10 +136,11 @@ class Generator:
         self.params = jax.tree_util.tree_map(
             lambda x: inference_layout(x) if isinstance(x, Params) else x, model.params,
             is_leaf=lambda x: isinstance(x, Params)) if layout == "inference" else model.params
-        if fused_decode_on() and self.impl == "pallas":  # the fused step's [N, K] copies
+        if self.impl == "pallas":  # the fused decode step's [N, K] weight copies
             self.params = jax.tree_util.tree_map(
-                lambda x: with_decode_copies(x) if isinstance(x, Params) else x, self.params,
-                is_leaf=lambda x: isinstance(x, Params))
+                lambda x: with_decode_copies(x)
+                if isinstance(x, Params) and wants_decode_copies(x) else x,
+                self.params, is_leaf=lambda x: isinstance(x, Params))
         self.decoder_fn = decoder_fn
         self.max_seq_len = max_seq_len or model.cfg.max_position_embeddings
         self.specialize_greedy, self.loop_block = specialize_greedy, loop_block

@@ -1,14 +1,17 @@
 """The decode step of a few rows as fused Pallas GEMVs: five kernels per layer.
 
-`decode_step` (jdecode.decoding.phases) takes this path when impl="pallas" (the GPU default),
-`fused_decode_reason` finds nothing against it, and JDECODE_FUSED_DECODE=1 is set. A layer
-is: RMSNorm+QKV+RoPE, the K/V cache write (XLA), paged decode attention, O projection +
-residual, RMSNorm+gate/up+SwiGLU, down projection + residual (`pallas_kernels.fused_decode`).
-The general forward runs the same layer as ~18 kernels at batch 1.
+`decode_step` (jdecode.decoding.phases) takes this path when impl="pallas" (the GPU default)
+and `fused_decode_reason` finds nothing against it. A layer is: RMSNorm+QKV+RoPE, the K/V
+cache write (XLA), paged decode attention, O projection + residual, RMSNorm+gate/up+SwiGLU,
+down projection + residual (`pallas_kernels.fused_decode`). The general forward runs the same
+layer as ~18 kernels at batch 1.
 
-Why it is off by default: on the H200 (2026-12-02, benchmarks/fused_decode_h200.md) it has
-28-31% fewer kernels per step, but its GEMVs stream at under 1 TB/s. So it is slower at
-batch 1 (SmolLM2 0.92x, Llama-3.2-1B 0.54x) and ahead only for SmolLM2 at batch 4 (1.07x).
+When it is on: by default for steps of up to 4 rows over params that carry [N, K] copies of
+the four matrices (`with_decode_copies`; the Generator adds them on the GPU for models up to
+4 GiB). There the GEMVs run on CUDA cores and the step measured 1.49x the general path on the
+real SmolLM2 (bf16, batch 1) and 1.04x on the Llama-3.2-1B shape, on the H200
+(benchmarks/fused_decode_h200.md). At more rows its tensor-core tiles measured slower, so
+JDECODE_FUSED_DECODE=1 forces it on for 1-16 rows (experiments), and 0 turns it off.
 
 It computes the same function as the general path: the kernels keep the model's roundings,
 the attention is the very kernel the general path calls, and tests compare the two on random
@@ -32,11 +35,15 @@ from jdecode.model.pallas_dispatch import DENSE_PAGE, dense_decode_pallas
 from jdecode.model.params import Params
 from jdecode.model.transformer import lm_head
 from pallas_kernels.fused_decode import MAX_ROWS, gate_up_swiglu, gemv_residual, qkv_rope
+from pallas_kernels.fused_decode.kernel import FMA_MAX_ROWS
 
 DTYPES = ("float32", "bfloat16", "float16")
-# "0" turns the fused step off, "1" on; unset means ON_BY_DEFAULT (off: see the docstring).
+# "1" turns the fused step on for 1..16 rows, "0" off. Unset ("auto"): on where it measured
+# faster, i.e. steps of <= FMA_MAX_ROWS rows over params carrying the [N, K] copies, which the
+# Generator makes by default for models of up to DEFAULT_COPY_LIMIT bytes of parameters.
 ENV_SWITCH = "JDECODE_FUSED_DECODE"
-ON_BY_DEFAULT = False
+# The copies double the four matrices' memory: past this size the default leaves them out.
+DEFAULT_COPY_LIMIT = 4 << 30
 # Benchmarks' impl names for the two decode paths under impl="pallas" (see `impl_variant`).
 VARIANTS = {"pallas-fused": "1", "pallas-general": "0"}
 
@@ -60,9 +67,23 @@ def impl_variant(impl: str) -> Iterator[str]:
             os.environ[ENV_SWITCH] = before
 
 
-def fused_decode_on() -> bool:
-    """Whether the switch (JDECODE_FUSED_DECODE, else ON_BY_DEFAULT) asks for the fused step."""
-    return os.environ.get(ENV_SWITCH, "1" if ON_BY_DEFAULT else "0") == "1"
+def fused_decode_switch() -> str:
+    """JDECODE_FUSED_DECODE as "on", "off" or "auto" (unset); other values are an error."""
+    value = os.environ.get(ENV_SWITCH)
+    modes = {None: "auto", "": "auto", "1": "on", "0": "off"}
+    if value not in modes:
+        raise ValueError(f"{ENV_SWITCH}={value!r}: set it to 1 (on), 0 (off), or leave it unset "
+                         "(on where it measured faster)")
+    return modes[value]
+
+
+def wants_decode_copies(params: Params) -> bool:
+    """Whether a Generator on the GPU should add `with_decode_copies` to these params."""
+    mode = fused_decode_switch()
+    if mode != "auto":
+        return mode == "on"
+    size = sum(a.nbytes for a in jax.tree_util.tree_leaves(params))
+    return size <= DEFAULT_COPY_LIMIT
 
 
 def with_decode_copies(params: Params) -> Params:
@@ -83,8 +104,15 @@ def with_decode_copies(params: Params) -> Params:
 def fused_decode_reason(params: Params, cache, cfg: ModelConfig, rows: int) -> str | None:
     """Why the fused decode step cannot run here, or None when it can (all static checks)."""
     layers = params.layers
-    if not fused_decode_on():
-        return f"off: set {ENV_SWITCH}=1 to use it"
+    mode = fused_decode_switch()
+    if mode == "off":
+        return f"off: {ENV_SWITCH}=0"
+    if mode == "auto" and (not isinstance(layers, tuple) or layers[0].decode_t is None):
+        return (f"no [N, K] weight copies (with_decode_copies): the step is on by default only "
+                f"with them; set {ENV_SWITCH}=1 to force it")
+    if mode == "auto" and rows > FMA_MAX_ROWS:
+        return (f"{rows} rows: by default only steps of <= {FMA_MAX_ROWS} rows, where it "
+                f"measured faster; set {ENV_SWITCH}=1 to force it")
     if not isinstance(cache, DenseKVCache) or not cache.per_layer:
         return "needs a dense cache with per-layer buffers (init_cache(per_layer=True))"
     if cache.written is not None:

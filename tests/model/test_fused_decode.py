@@ -18,7 +18,12 @@ import pytest
 from jdecode.cache.dense import init_cache
 from jdecode.config import load_model_config_yaml
 from jdecode.decoding import phases
-from jdecode.model.fused_decode import ENV_SWITCH, fused_decode_reason, with_decode_copies
+from jdecode.model.fused_decode import (
+    ENV_SWITCH,
+    fused_decode_reason,
+    wants_decode_copies,
+    with_decode_copies,
+)
 from jdecode.model.layout import inference_layout
 from jdecode.model.params import init_params
 from pallas_kernels.fused_decode import GemvTiles, gate_up_swiglu, gemv_residual, qkv_rope
@@ -175,8 +180,22 @@ def test_fused_step_declines_what_it_does_not_cover(monkeypatch):
              init_cache(cfg, 1, 256, per_layer=True), cfg, 1)
     monkeypatch.setenv(ENV_SWITCH, "0")
     assert ENV_SWITCH in fused_decode_reason(*ready)  # switched off
+    monkeypatch.setenv(ENV_SWITCH, "yes")
+    with pytest.raises(ValueError, match="'yes'"):
+        fused_decode_reason(*ready)
+    # Unset: on only where it measured faster, <= 4 rows over the [N, K] copies.
+    monkeypatch.delenv(ENV_SWITCH)
+    assert "copies" in fused_decode_reason(*ready)
+    copied = with_decode_copies(ready[0])
+    assert fused_decode_reason(copied, *ready[1:]) is None
+    assert "rows" in fused_decode_reason(copied, init_cache(cfg, 8, 256, per_layer=True), cfg, 8)
+    assert wants_decode_copies(ready[0])  # a tiny model is far under the default size limit
     monkeypatch.setenv(ENV_SWITCH, "1")
     assert fused_decode_reason(*ready) is None
+    assert fused_decode_reason(copied, init_cache(cfg, 8, 256, per_layer=True), cfg, 8) is None
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    assert not wants_decode_copies(ready[0])
+    monkeypatch.setenv(ENV_SWITCH, "1")
     params = init_params(cfg, jax.random.key(0))
     fast = inference_layout(params)
     per_layer = init_cache(cfg, 1, 256, per_layer=True)
