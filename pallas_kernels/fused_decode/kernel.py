@@ -13,24 +13,26 @@ layer's four projections are four kernels, and everything elementwise rides alon
 
 Attention between them stays the paged decode kernel (`pallas_kernels.paged_attention`).
 
-How each kernel is laid out, and why (the first fused attempt, three kernels per layer with
-15-27 programs and multiply+reduce on CUDA cores, ran 5-9x longer per kernel than the general
-path's: benchmarks/fused_decode_h200.md):
+How the work is laid out, and why. The first fused attempt had three kernels per layer with
+15-27 programs, and ran 5-9x longer per kernel than the general path's
+(benchmarks/fused_decode_h200.md).
 
-- Every program owns a narrow column tile (16 columns by default) over the whole K, so a
-  576x960 QKV matrix is 30 programs and the 1B model's 2048x8192 gate/up is 256: no split-K
-  partials, hence no reduction kernel after.
-- Rows are one 16-row tile, the smallest tensor-core `dot`; a step of B <= 16 rows loads
-  its rows with a mask (nothing is padded in XLA), and the K loop is a `fori_loop` over
-  power-of-two chunks, which Triton software-pipelines (`num_stages`).
-- The norm's statistics take a first pass over x (B x E values, from L2), so no program
-  holds a whole row in registers.
+- Every program owns a narrow column tile over the whole K: no split-K partials, hence no
+  reduction kernel after.
+- Two ways to multiply, chosen by `GemvTiles.fma` (`default_tiles` picks):
+  - **CUDA cores** (the default for <= 4 rows over [N, K] weights): each program multiplies
+    a [4, 1024] tile of weights, contiguous along K, by every row and reduces along K. The
+    tile goes from HBM to registers without shared-memory staging, so all of it is in
+    flight at once.
+  - **Tensor cores** (more rows, or [K, N] weights): rows form one 16-row `dot` tile, and the
+    K loop is a `fori_loop` that Triton software-pipelines.
+- Rows are loaded with a mask (nothing is padded in XLA), and so is a K tail that does not
+  fill a step.
 
-Status (H200, benchmarks/fused_decode_h200.md): exact, and 28-31% fewer kernels per step than
-the general path, but these GEMVs stream at under 1 TB/s (the 1B model's gate/up: 38.8 us
-against XLA's GEMM at 17.9), so the step stays opt-in. Weights given [N, K] (`transposed`)
-did not change that. The record names the next things to try: the norm statistics out of the
-serial prologue, and split K for the big matrices.
+Status (H200, benchmarks/fused_decode_h200.md). With the CUDA-core path, the GEMVs take
+2-3.5 us each on SmolLM2, against 3.7-5.2 for the general path's pieces. The step runs 1.49x
+the general path at batch 1 on the real model. On tensor cores these kernels streamed at
+under 1 TB/s, slower than the general path.
 
 Roundings follow the model's (see `reference`): projections are rounded to the model dtype
 before RoPE, SwiGLU or the residual add; RMSNorm is HF's (f32 statistics, rounded, scaled in
