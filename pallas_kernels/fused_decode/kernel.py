@@ -275,6 +275,21 @@ def _whole(a) -> pl.BlockSpec:
     return pl.BlockSpec(a.shape, lambda i: zeros)
 
 
+def _launch(kernel, inputs: tuple, out_shape: jax.ShapeDtypeStruct, tiles: GemvTiles,
+            grid: int, interpret: bool | None, name: str) -> jax.Array:
+    """A 1-D grid of `kernel` over whole-array inputs, writing disjoint columns of one output."""
+    return pl.pallas_call(
+        kernel,
+        grid=(grid,),
+        in_specs=[_whole(a) for a in inputs],
+        out_specs=_whole(out_shape),
+        out_shape=out_shape,
+        compiler_params=_params(tiles),
+        interpret=resolve_interpret(interpret),
+        name=name,
+    )(*inputs)
+
+
 def _check(name: str, x, k: int, n: int, tiles: GemvTiles, transposed: bool) -> None:
     if not 1 <= x.shape[0] <= ROWS:
         raise ValueError(f"{name}: {x.shape[0]} rows; the kernel handles 1..{ROWS} (one "
@@ -327,19 +342,12 @@ def qkv_rope(x, norm_w, wqkv, cos, sin, *, num_heads: int, num_kv_heads: int, ep
     D = n // (num_heads + 2 * num_kv_heads)
     tiles = tiles or default_tiles(e, b, transposed)
     _check("qkv_rope", x, e, D // 2, tiles, transposed)
-    grid = (n // tiles.block_n // 2,)  # a program per (head, tile of its first half)
-    inputs = (x, norm_w, wqkv, cos.astype(f32), sin.astype(f32))
-    return pl.pallas_call(
-        functools.partial(_qkv_kernel, rows=b, rotated=num_heads + num_kv_heads, head_dim=D,
-                          eps=eps, tiles=tiles, transposed=transposed),
-        grid=grid,
-        in_specs=[_whole(a) for a in inputs],
-        out_specs=pl.BlockSpec((b, n), lambda i: (0, 0)),
-        out_shape=jax.ShapeDtypeStruct((b, n), x.dtype),
-        compiler_params=_params(tiles),
-        interpret=resolve_interpret(interpret),
-        name="qkv_rope",
-    )(*inputs)
+    kernel = functools.partial(_qkv_kernel, rows=b, rotated=num_heads + num_kv_heads,
+                               head_dim=D, eps=eps, tiles=tiles, transposed=transposed)
+    # A program per (head, column tile of its first half): it also owns the second half's.
+    return _launch(kernel, (x, norm_w, wqkv, cos.astype(f32), sin.astype(f32)),
+                   jax.ShapeDtypeStruct((b, n), x.dtype), tiles, n // tiles.block_n // 2,
+                   interpret, "qkv_rope")
 
 
 # --- RMSNorm -> gate/up -> SwiGLU -----------------------------------------------------------
@@ -371,17 +379,10 @@ def gate_up_swiglu(x, norm_w, w_gate_up, *, eps: float, tiles: GemvTiles | None 
     F = w_gate_up.shape[0 if transposed else 1] // 2
     tiles = tiles or default_tiles(e, b, transposed)
     _check("gate_up_swiglu", x, e, F, tiles, transposed)
-    inputs = (x, norm_w, w_gate_up)
-    return pl.pallas_call(
-        functools.partial(_swiglu_kernel, rows=b, eps=eps, tiles=tiles, transposed=transposed),
-        grid=(F // tiles.block_n,),
-        in_specs=[_whole(a) for a in inputs],
-        out_specs=pl.BlockSpec((b, F), lambda i: (0, 0)),
-        out_shape=jax.ShapeDtypeStruct((b, F), x.dtype),
-        compiler_params=_params(tiles),
-        interpret=resolve_interpret(interpret),
-        name="gate_up_swiglu",
-    )(*inputs)
+    kernel = functools.partial(_swiglu_kernel, rows=b, eps=eps, tiles=tiles,
+                               transposed=transposed)
+    return _launch(kernel, (x, norm_w, w_gate_up), jax.ShapeDtypeStruct((b, F), x.dtype), tiles,
+                   F // tiles.block_n, interpret, "gate_up_swiglu")
 
 
 # --- a @ w + residual -----------------------------------------------------------------------
@@ -409,14 +410,6 @@ def gemv_residual(a, w, residual, *, tiles: GemvTiles | None = None, transposed:
     n = w.shape[0 if transposed else 1]
     tiles = tiles or default_tiles(k, b, transposed)
     _check("gemv_residual", a, k, n, tiles, transposed)
-    inputs = (a, w, residual)
-    return pl.pallas_call(
-        functools.partial(_residual_kernel, rows=b, tiles=tiles, transposed=transposed),
-        grid=(n // tiles.block_n,),
-        in_specs=[_whole(v) for v in inputs],
-        out_specs=pl.BlockSpec((b, n), lambda i: (0, 0)),
-        out_shape=jax.ShapeDtypeStruct((b, n), residual.dtype),
-        compiler_params=_params(tiles),
-        interpret=resolve_interpret(interpret),
-        name="gemv_residual",
-    )(*inputs)
+    kernel = functools.partial(_residual_kernel, rows=b, tiles=tiles, transposed=transposed)
+    return _launch(kernel, (a, w, residual), jax.ShapeDtypeStruct((b, n), residual.dtype),
+                   tiles, n // tiles.block_n, interpret, "gemv_residual")
