@@ -27,6 +27,7 @@ from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from jdecode.cache.dense import DenseKVCache
 from jdecode.config import ModelConfig
@@ -86,19 +87,34 @@ def wants_decode_copies(params: Params) -> bool:
     return size <= DEFAULT_COPY_LIMIT
 
 
+@struct.dataclass
+class DecodeParams(Params):
+    """Params plus [N, K] copies of each layer's four matrices, for the fused decode step.
+
+    A subclass rather than a new field of `Params` or `LayerParams`: checkpoints (orbax) are
+    saved and restored as plain Params, and an extra field would change their tree structure.
+    Everything that takes Params takes these; rebuilding a plain Params drops the copies, and
+    the step then falls back to the general path (see `fused_decode_reason`).
+    """
+
+    decode_t: tuple = ()  # per layer: (wqkv, wo, w_gate_up, w_down) transposed to [N, K]
+
+
 def with_decode_copies(params: Params) -> Params:
-    """The inference layout plus [N, K] copies of each layer's four matrices (`decode_t`).
+    """The inference layout plus its [N, K] copies (`DecodeParams`).
 
     The fused GEMVs' CUDA-core path reads a weight along K, which the [K, N] layout has
     strided. The copies cost a second copy of those matrices (about the model's size);
     params in another layout are returned unchanged.
     """
     layers = params.layers
-    if not isinstance(layers, tuple) or layers[0].wqkv is None or layers[0].w_gate_up is None:
+    if (isinstance(params, DecodeParams) or not isinstance(layers, tuple)
+            or layers[0].wqkv is None or layers[0].w_gate_up is None):
         return params
-    layers = tuple(dataclasses.replace(lp, decode_t=tuple(
-        jnp.transpose(w) for w in (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))) for lp in layers)
-    return dataclasses.replace(params, layers=layers)
+    copies = tuple(tuple(jnp.transpose(w) for w in (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))
+                   for lp in layers)
+    fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(Params)}
+    return DecodeParams(**fields, decode_t=copies)
 
 
 def fused_decode_reason(params: Params, cache, cfg: ModelConfig, rows: int) -> str | None:
@@ -107,7 +123,7 @@ def fused_decode_reason(params: Params, cache, cfg: ModelConfig, rows: int) -> s
     mode = fused_decode_switch()
     if mode == "off":
         return f"off: {ENV_SWITCH}=0"
-    if mode == "auto" and (not isinstance(layers, tuple) or layers[0].decode_t is None):
+    if mode == "auto" and not isinstance(params, DecodeParams):
         return (f"no [N, K] weight copies (with_decode_copies): the step is on by default only "
                 f"with them; set {ENV_SWITCH}=1 to force it")
     if mode == "auto" and rows > FMA_MAX_ROWS:
@@ -154,8 +170,9 @@ def fused_decode_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
     ks, vs = list(cache.k), list(cache.v)
     for layer, lp in enumerate(params.layers):
         # [N, K] copies when made (`with_decode_copies`): the CUDA-core GEMVs read along K.
-        t = lp.decode_t is not None
-        wqkv, wo, w_gate_up, w_down = lp.decode_t or (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down)
+        t = isinstance(params, DecodeParams)
+        wqkv, wo, w_gate_up, w_down = (params.decode_t[layer] if t else
+                                       (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))
         qkv = qkv_rope(x, lp.attn_norm, wqkv, cos, sin, num_heads=H, num_kv_heads=K, eps=eps,
                        transposed=t)  # [B, (H + 2K) * D]
         q = qkv[:, :H * D].reshape(b, 1, H, D)

@@ -36,9 +36,6 @@ class LayerParams:
     wqkv: jax.Array | None = None  # [L, E, (H+2K)*D]
     bqkv: jax.Array | None = None  # [L, (H+2K)*D]
     w_gate_up: jax.Array | None = None  # [L, E, 2F]
-    # [N, K] copies of (wqkv, wo, w_gate_up, w_down) for the fused decode step's GEMVs, which
-    # read weights along K (`jdecode.model.fused_decode.with_decode_copies`); None otherwise.
-    decode_t: tuple | None = None
 
 
 @struct.dataclass

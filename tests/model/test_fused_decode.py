@@ -159,7 +159,7 @@ def test_fused_step_matches_xla_step(rng, dtype, rows, copies, fused_on):
     fused = with_decode_copies(params) if copies else params
     if copies:
         lp = params.layers[0]
-        chex.assert_trees_all_equal(tuple(w.T for w in fused.layers[0].decode_t),
+        chex.assert_trees_all_equal(tuple(w.T for w in fused.decode_t[0]),
                                     (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))
     got, got_cache = _steps(fused, cfg, "pallas", prompt, lengths, nxt)
     want, want_cache = _steps(params, cfg, "xla", prompt, lengths, nxt)
