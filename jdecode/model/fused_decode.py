@@ -94,7 +94,9 @@ class DecodeParams(Params):
     A subclass rather than a new field of `Params` or `LayerParams`: checkpoints (orbax) are
     saved and restored as plain Params, and an extra field would change their tree structure.
     Everything that takes Params takes these; rebuilding a plain Params drops the copies, and
-    the step then falls back to the general path (see `fused_decode_reason`).
+    the step then falls back to the general path (see `fused_decode_reason`). Code that
+    replaces the layers of a DecodeParams must call `with_decode_copies` on a plain Params
+    again: copies of another layer count are ignored, but same-count copies are trusted.
     """
 
     decode_t: tuple = ()  # per layer: (wqkv, wo, w_gate_up, w_down) transposed to [N, K]
@@ -117,13 +119,19 @@ def with_decode_copies(params: Params) -> Params:
     return DecodeParams(**fields, decode_t=copies)
 
 
+def _has_copies(params: Params) -> bool:
+    """Params carrying [N, K] copies, one per layer (a layer subset's stale copies do not)."""
+    return (isinstance(params, DecodeParams) and isinstance(params.layers, tuple)
+            and len(params.decode_t) == len(params.layers))
+
+
 def fused_decode_reason(params: Params, cache, cfg: ModelConfig, rows: int) -> str | None:
     """Why the fused decode step cannot run here, or None when it can (all static checks)."""
     layers = params.layers
     mode = fused_decode_switch()
     if mode == "off":
         return f"off: {ENV_SWITCH}=0"
-    if mode == "auto" and not isinstance(params, DecodeParams):
+    if mode == "auto" and not _has_copies(params):
         return (f"no [N, K] weight copies (with_decode_copies): the step is on by default only "
                 f"with them; set {ENV_SWITCH}=1 to force it")
     if mode == "auto" and rows > FMA_MAX_ROWS:
@@ -170,7 +178,7 @@ def fused_decode_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
     ks, vs = list(cache.k), list(cache.v)
     for layer, lp in enumerate(params.layers):
         # [N, K] copies when made (`with_decode_copies`): the CUDA-core GEMVs read along K.
-        t = isinstance(params, DecodeParams)
+        t = _has_copies(params)
         wqkv, wo, w_gate_up, w_down = (params.decode_t[layer] if t else
                                        (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))
         qkv = qkv_rope(x, lp.attn_norm, wqkv, cos, sin, num_heads=H, num_kv_heads=K, eps=eps,

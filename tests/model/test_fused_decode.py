@@ -8,6 +8,7 @@ the XLA path.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import chex
@@ -189,6 +190,8 @@ def test_fused_step_declines_what_it_does_not_cover(monkeypatch):
     copied = with_decode_copies(ready[0])
     assert fused_decode_reason(copied, *ready[1:]) is None
     assert "rows" in fused_decode_reason(copied, init_cache(cfg, 8, 256, per_layer=True), cfg, 8)
+    subset = dataclasses.replace(copied, layers=copied.layers[:1])  # stale copies: ignored
+    assert "copies" in fused_decode_reason(subset, *ready[1:])
     assert wants_decode_copies(ready[0])  # a tiny model is far under the default size limit
     monkeypatch.setenv(ENV_SWITCH, "1")
     assert fused_decode_reason(*ready) is None
