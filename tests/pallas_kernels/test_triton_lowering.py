@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.flash_attention import flash_attention
-from pallas_kernels.fused_decode import gate_up_swiglu, gemv_residual, qkv_rope
+from pallas_kernels.fused_decode import GemvTiles, gate_up_swiglu, gemv_residual, qkv_rope
 from pallas_kernels.paged_attention import paged_attention, ragged_paged_attention, write_kv_pages
 
 registration = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
@@ -81,17 +81,24 @@ def test_kernels_lower_to_triton(triton_modules, dtype):
             assert all("tf32" not in d for d in dots), f"{name}: f32 dot lowered as TF32"
 
 
+# (weights given [N, K], tiles): tensor-core tiles on either layout, and the CUDA-core path.
+FUSED_PATHS = {"kn-tensor": (False, GemvTiles()), "nk-tensor": (True, GemvTiles()),
+               "nk-fma": (True, GemvTiles(block_n=4, block_k=1024, num_warps=8, fma=True,
+                                          unroll=True))}
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("transposed", [False, True])
-def test_fused_decode_kernels_lower_to_triton(triton_modules, dtype, transposed):
+@pytest.mark.parametrize("path", list(FUSED_PATHS))
+def test_fused_decode_kernels_lower_to_triton(triton_modules, dtype, path):
     """SmolLM2's shape: hidden 576 and 9/3 heads are not powers of two; only the tiles are."""
+    transposed, tiles = FUSED_PATHS[path]
     E, H, K, D, F, rows = 576, 9, 3, 64, 1536, 3
 
     def w(k, n):  # a weight as the kernels take it
         return jnp.zeros((n, k) if transposed else (k, n), dtype)
 
     x, norm, half = jnp.zeros((rows, E), dtype), jnp.zeros(E, dtype), jnp.zeros((rows, D // 2))
-    kw = {"transposed": transposed, "interpret": False}
+    kw = {"transposed": transposed, "tiles": tiles, "interpret": False}
     kernels = [
         ("qkv_rope", functools.partial(qkv_rope, num_heads=H, num_kv_heads=K, eps=1e-5, **kw),
          (x, norm, w(E, (H + 2 * K) * D), half, half)),
@@ -105,7 +112,7 @@ def test_fused_decode_kernels_lower_to_triton(triton_modules, dtype, transposed)
         _lower_for_cuda(fn, *args)
         assert triton_modules, f"{name}: no Triton module was lowered"
         dots = [d for m in triton_modules for d in re.findall(r"tt\.dot\b[^\n]*", m)]
-        assert dots, f"{name}: no tensor-core dot"
+        assert bool(dots) != tiles.fma, f"{name}: tensor-core dots {dots} on the {path} path"
         if dtype == jnp.float32:
             assert all("tf32" not in d for d in dots), f"{name}: f32 dot lowered as TF32"
 
