@@ -17,8 +17,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import statistics
-import time
 from functools import partial
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from jdecode.analysis.measure import time_fn
 from jdecode.config import load_model_config_yaml
 from jdecode.model.layers import rms_norm
 from pallas_kernels.fused_decode import GemvTiles, gate_up_swiglu, gemv_residual, qkv_rope
@@ -36,13 +35,7 @@ from pallas_kernels.testing import assert_close
 
 def per_call_us(fn, args, calls: int, reps: int = 15) -> float:
     """Median microseconds per call of a jitted fn(*args) that makes `calls` kernel calls."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / calls * 1e6
+    return time_fn(lambda: fn(*args), repeats=reps, warmup=1) / calls * 1e6
 
 
 def tile_sweep(k: int, n: int) -> list[tuple[GemvTiles, bool]]:

@@ -14,8 +14,9 @@
 # The corpus settings are left at their defaults unless set, so a shared $CORPUS is reused.
 # STAGES picks stages: nar (the experiment), cllm (training and before/after), whole.
 # Files under OUT (7 with every stage): run.log, nar.md, nar-cllm.md, train_consistency.json,
-# convergence.json, convergence.png, results.tgz (both experiment directories: results.jsonl, results.md, plots,
-# outputs; and the fine-tune's manifest, history.json and loss.png, without its weights).
+# convergence.json, convergence.png, results.tgz (both experiment directories: results.jsonl,
+# results.md, plots, outputs; and the fine-tune's manifest, history.json and loss.png, without
+# its weights).
 set -euo pipefail
 
 MODEL=${MODEL:?set MODEL to the model file (e.g. /tmp/m/model.gguf) or name}

@@ -102,6 +102,13 @@ class DecodeParams(Params):
     decode_t: tuple = ()  # per layer: (wqkv, wo, w_gate_up, w_down) transposed to [N, K]
 
 
+def _fused_unstacked(params: Params) -> bool:
+    """The inference layout the step reads: unstacked layers with fused QKV and gate/up."""
+    layers = params.layers
+    return (isinstance(layers, tuple) and layers[0].wqkv is not None
+            and layers[0].w_gate_up is not None)
+
+
 def with_decode_copies(params: Params) -> Params:
     """The inference layout plus its [N, K] copies (`DecodeParams`).
 
@@ -109,12 +116,10 @@ def with_decode_copies(params: Params) -> Params:
     strided. The copies cost a second copy of those matrices (about the model's size);
     params in another layout are returned unchanged.
     """
-    layers = params.layers
-    if (isinstance(params, DecodeParams) or not isinstance(layers, tuple)
-            or layers[0].wqkv is None or layers[0].w_gate_up is None):
+    if isinstance(params, DecodeParams) or not _fused_unstacked(params):
         return params
     copies = tuple(tuple(jnp.transpose(w) for w in (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))
-                   for lp in layers)
+                   for lp in params.layers)
     fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(Params)}
     return DecodeParams(**fields, decode_t=copies)
 
@@ -141,7 +146,7 @@ def fused_decode_reason(params: Params, cache, cfg: ModelConfig, rows: int) -> s
         return "needs a dense cache with per-layer buffers (init_cache(per_layer=True))"
     if cache.written is not None:
         return "the cache tracks writes (a method leaves some tokens' K/V out)"
-    if not isinstance(layers, tuple) or layers[0].wqkv is None or layers[0].w_gate_up is None:
+    if not _fused_unstacked(params):
         return "needs the fused, unstacked inference layout (layout.inference_layout)"
     if layers[0].bqkv is not None:
         return "QKV biases are not in the kernels"
@@ -176,9 +181,8 @@ def fused_decode_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
     cos, sin = cos[:, 0], sin[:, 0]
     rows = jnp.arange(b)
     ks, vs = list(cache.k), list(cache.v)
+    t = _has_copies(params)  # [N, K] copies (`with_decode_copies`): the CUDA-core GEMVs
     for layer, lp in enumerate(params.layers):
-        # [N, K] copies when made (`with_decode_copies`): the CUDA-core GEMVs read along K.
-        t = _has_copies(params)
         wqkv, wo, w_gate_up, w_down = (params.decode_t[layer] if t else
                                        (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))
         qkv = qkv_rope(x, lp.attn_norm, wqkv, cos, sin, num_heads=H, num_kv_heads=K, eps=eps,

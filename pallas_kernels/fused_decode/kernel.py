@@ -116,6 +116,27 @@ def _load_weights(w_ref, k0, bk: int, cols, k: int, transposed: bool) -> jax.Arr
     return plgpu.load(w_ref.at[ks, cols], mask=kmask[:, None], other=0)
 
 
+def _load_k(ref, k0, bk: int, *lead) -> jax.Array:
+    """ref[*lead, k0:k0 + bk] (ref's last axis is K) as f32, zero past K.
+
+    `lead` indexes the axes before K in the same indexer: Triton lowers one indexer per load,
+    not a chain of `.at` views.
+    """
+    k = ref.shape[-1]
+    return plgpu.load(ref.at[(*lead, pl.ds(k0, bk))], mask=k0 + jnp.arange(bk) < k,
+                      other=0).astype(f32)
+
+
+def _run_k_steps(body, accs, k: int, tiles: GemvTiles):
+    """body(i, accs) over the ceil(k / block_k) K steps: unrolled, or a pipelined fori_loop."""
+    steps = -(-k // tiles.block_k)
+    if not tiles.unroll:
+        return jax.lax.fori_loop(0, steps, body, accs)
+    for i in range(steps):  # a traced step: Pallas rejects static slices past the end
+        accs = body(jnp.int32(i), accs)
+    return accs
+
+
 def _store_rows(ref, rows: int, cols, value: jax.Array) -> None:
     plgpu.store(ref.at[pl.ds(0, ROWS), cols], value.astype(ref.dtype),
                 mask=_row_mask(rows)[:, None])
@@ -148,12 +169,7 @@ def _k_loop(load_a: Callable[[jax.Array], jax.Array], w_ref, cols: list, k: int,
                                 transposed) for acc, c in zip(accs, cols))
 
     accs = tuple(jnp.zeros((ROWS, tiles.block_n), f32) for _ in cols)
-    steps = -(-k // bk)
-    if tiles.unroll:
-        for i in range(steps):  # a traced step: Pallas rejects static slices past the end
-            accs = body(jnp.int32(i), accs)
-        return list(accs)
-    return list(jax.lax.fori_loop(0, steps, body, accs))
+    return list(_run_k_steps(body, accs, k, tiles))
 
 
 def _normed_loader(x_ref, norm_ref, rows: int, eps: float, bk: int
@@ -175,8 +191,8 @@ def _normed_loader(x_ref, norm_ref, rows: int, eps: float, bk: int
 
     def load(k0):
         xs = _load_rows(x_ref, rows, pl.ds(k0, bk), e).astype(f32)
-        w = plgpu.load(norm_ref.at[pl.ds(k0, bk)], mask=k0 + jnp.arange(bk) < e, other=0)
-        return (w.astype(f32)[None, :] * _round(xs * inv, dtype)).astype(dtype)
+        w = _load_k(norm_ref, k0, bk)
+        return (w[None, :] * _round(xs * inv, dtype)).astype(dtype)
 
     return load
 
@@ -199,12 +215,7 @@ def _fma_loop(load_rows: Callable[[jax.Array], list], w_ref, cols: list, k: int,
         return tuple(out)
 
     accs = tuple(tuple(jnp.zeros((bn,), f32) for _ in range(rows)) for _ in cols)
-    steps = -(-k // bk)
-    if tiles.unroll:
-        for i in range(steps):  # a traced step: Pallas rejects static slices past the end
-            accs = body(jnp.int32(i), accs)
-    else:
-        accs = jax.lax.fori_loop(0, steps, body, accs)
+    accs = _run_k_steps(body, accs, k, tiles)
     rid = jnp.arange(ROWS)[:, None]
     tiles_out = []
     for acc in accs:  # rows into one [ROWS, bn] tile, for the shared epilogues
@@ -217,10 +228,8 @@ def _fma_loop(load_rows: Callable[[jax.Array], list], w_ref, cols: list, k: int,
 
 def _row_chunk(ref, b: int, k0, bk: int) -> jax.Array:
     """Row b of ref [B, K] at [k0, k0 + bk) as f32, zero past K."""
-    k = ref.shape[1]
     row = jnp.asarray(b, jnp.int32)  # a traced index: Pallas' masked load wants an array
-    return plgpu.load(ref.at[row, pl.ds(k0, bk)], mask=k0 + jnp.arange(bk) < k,
-                      other=0).astype(f32)
+    return _load_k(ref, k0, bk, row)
 
 
 def _normed_rows_loader(x_ref, norm_ref, rows: int, eps: float, bk: int
@@ -236,8 +245,7 @@ def _normed_rows_loader(x_ref, norm_ref, rows: int, eps: float, bk: int
         invs.append(jax.lax.rsqrt(ss / e + eps))
 
     def load(k0):
-        w = plgpu.load(norm_ref.at[pl.ds(k0, bk)], mask=k0 + jnp.arange(bk) < e,
-                       other=0).astype(f32)
+        w = _load_k(norm_ref, k0, bk)
         return [_round(w * _round(_row_chunk(x_ref, b, k0, bk) * inv, dtype), dtype)
                 for b, inv in enumerate(invs)]
 
