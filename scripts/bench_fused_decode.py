@@ -7,8 +7,14 @@ median over repetitions of the whole jit divided by the layer count. Back-to-bac
 the stream are what the model's step pays for them; host dispatch is paid once per repetition.
 Every variant is checked against the reference before it is timed.
 
+`--part attention` times the fused step's attention instead: `decode_attention` (cache write
++ split-K partials) with `attn_o_residual` (merge + O + residual) at each split count, beside
+the path it replaced (XLA scatters, the paged decode kernel over the dense cache, O +
+residual). Caches are donated and threaded through the calls, so no copy is timed.
+
 GPU: PYTHONPATH=. python3 scripts/bench_fused_decode.py --model smollm2-135m --out $OUT
-Writes bench_fused_decode_<model>_b<B>.json and prints the best tiles of each kernel.
+Writes bench_fused_decode_<model>_b<B>.json (or ..._attention_b<B>.json) and prints the best
+tiles of each kernel (or each split count's time).
 """
 
 from __future__ import annotations
@@ -28,7 +34,15 @@ from jax.experimental import pallas as pl
 from jdecode.analysis.measure import time_fn
 from jdecode.config import load_model_config_yaml
 from jdecode.model.layers import rms_norm
-from pallas_kernels.fused_decode import GemvTiles, gate_up_swiglu, gemv_residual, qkv_rope
+from jdecode.model.pallas_dispatch import dense_decode_pallas
+from pallas_kernels.fused_decode import (
+    GemvTiles,
+    attn_o_residual,
+    decode_attention,
+    gate_up_swiglu,
+    gemv_residual,
+    qkv_rope,
+)
 from pallas_kernels.fused_decode import reference as ref
 from pallas_kernels.testing import assert_close
 
@@ -51,6 +65,60 @@ def tile_sweep(k: int, n: int) -> list[tuple[GemvTiles, bool]]:
     return [(t, tr) for t, tr in dict.fromkeys(out) if n % t.block_n == 0]
 
 
+def attention_sweep(cfg, B: int, dt, L: int, max_len: int, context: int, splits: list[int],
+                    rnd) -> dict:
+    """Microseconds per layer of the fused attention pair at each split count, and of the
+    general path's pieces, for one step at `context` past tokens in a max_len-slot cache."""
+    E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    x = rnd(B, E)
+    qkvs = [rnd(B, (H + 2 * K) * D) for _ in range(L)]
+    wo_t = [rnd(E, H * D, scale=(H * D) ** -0.5) for _ in range(L)]  # [N, K] copies
+    pos = jnp.full((B,), context, jnp.int32)
+    rows = jnp.arange(B)
+    caches = [(rnd(B, max_len, K, D), rnd(B, max_len, K, D)) for _ in range(L)]
+
+    def fused(caches, ns):
+        out, new = [], []
+        for qkv, w, (kc, vc) in zip(qkvs, wo_t, caches):
+            parts, lse, kc, vc = decode_attention(qkv, kc, vc, pos, num_heads=H,
+                                                  num_kv_heads=K, num_splits=ns)
+            out.append(attn_o_residual(parts, lse, w, x, transposed=True))
+            new.append((kc, vc))
+        return new, out
+
+    def general(caches):
+        out, new = [], []
+        for qkv, w, (kc, vc) in zip(qkvs, wo_t, caches):
+            y = qkv.reshape(B, H + 2 * K, D)
+            kc = kc.at[rows, pos].set(y[:, H:H + K], mode="drop")
+            vc = vc.at[rows, pos].set(y[:, H + K:], mode="drop")
+            attn = dense_decode_pallas(y[:, None, :H], kc[None], vc[None], 0, pos[:, None])
+            out.append(gemv_residual(attn.reshape(B, H * D), w, x, transposed=True))
+            new.append((kc, vc))
+        return new, out
+
+    def timed(fn) -> float:
+        step = jax.jit(fn, donate_argnums=0)
+        state = [[(jnp.copy(k), jnp.copy(v)) for k, v in caches]]
+
+        def call():
+            state[0], out = step(state[0])
+            return out
+        return per_call_us(call, (), L)
+
+    # The reference answer: the merged output of every split count must agree with it.
+    want = jax.jit(lambda c: general(c)[1])(caches)
+    result = {"context": context, "max_len": max_len, "splits_us": {}}
+    for ns in splits:
+        got = jax.jit(lambda c, ns=ns: fused(c, ns)[1])(caches)
+        assert_close(got, want, dt.name, scale=2.0)
+        result["splits_us"][ns] = us = timed(partial(fused, ns=ns))
+        print(f"fused attention + o, {ns:2d} splits  {us:7.2f} us", flush=True)
+    result["general_us"] = us = timed(general)
+    print(f"general scatter + paged + o      {us:7.2f} us", flush=True)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -58,6 +126,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--layers", type=int, default=0, help="calls per jit (default: the model's)")
     ap.add_argument("--out", default="out")
+    ap.add_argument("--part", choices=("gemv", "attention"), default="gemv")
+    ap.add_argument("--max-len", type=int, default=1024, help="attention: cache slots")
+    ap.add_argument("--context", type=int, default=600, help="attention: past tokens")
+    ap.add_argument("--splits", default="1,2,4,8,16", help="attention: split counts")
     args = ap.parse_args()
     cfg = load_model_config_yaml(f"configs/models/{args.model}.yaml")
     dt = jnp.dtype(args.dtype)
@@ -68,6 +140,16 @@ def main() -> None:
     def rnd(*shape, scale=1.0, dtype=dt):
         return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32).astype(dtype)
 
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+            "model": args.model, "batch": B, "dtype": dt.name, "layers": L}
+    if args.part == "attention":
+        splits = [int(s) for s in args.splits.split(",")]
+        res = attention_sweep(cfg, B, dt, L, args.max_len, args.context, splits, rnd)
+        (out / f"bench_fused_decode_{args.model}_attention_b{B}.json").write_text(
+            json.dumps({**meta, **res}, indent=2))
+        return
     x, norm = rnd(B, E), rnd(E, scale=0.1) + 1
     ang = jnp.arange(B, dtype=jnp.float32)[:, None] * 600 * jnp.linspace(0.01, 1, D // 2)
     cos, sin = jnp.cos(ang), jnp.sin(ang)
@@ -152,11 +234,7 @@ def main() -> None:
         print(f"{k:30s} {v:7.2f} us")
     for k, v in best.items():
         print(f"best {k}: {v['tiles']} transposed={v['transposed']} {v['us']:.2f} us")
-    result = {"device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
-              "model": args.model, "batch": B, "dtype": dt.name, "layers": L, "rows": rows,
-              "best": best, "general_us": general}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    result = {**meta, "rows": rows, "best": best, "general_us": general}
     (out / f"bench_fused_decode_{args.model}_b{B}.json").write_text(json.dumps(result, indent=2))
 
 

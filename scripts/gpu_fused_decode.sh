@@ -3,7 +3,8 @@
 # throughput and per-step kernel counts with the fused step (pallas-fused) and without it
 # (pallas-general), in one run, for the default model's shape and the Llama-3.2-1B shape
 # (random weights).
-#   device: OUT=$OUT STAGE=tests,kernels,bench,profile bash scripts/gpu_fused_decode.sh
+#   device: OUT=$OUT STAGE=tests,kernels,attention,bench,profile bash scripts/gpu_fused_decode.sh
+#   attention: the fused step's attention at each split count (ATTN_BATCH, default 1).
 #   SMOL_BATCH / LLAMA_BATCH: batch sizes of the bench stage (default 1).
 # Each stage has its own timeout so one slow stage cannot take the others' results with it.
 set -u
@@ -15,12 +16,19 @@ cp configs/models/smollm2-135m.yaml configs/models/smollm2-135m-shape.yaml
 stage() { [[ ",$STAGE," == *",$1,"* ]]; }
 if stage tests; then
   timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/model/test_fused_decode.py \
-    tests/model/test_pallas_integration.py 2>&1 | tail -8
+    tests/model/test_pallas_integration.py tests/pallas_kernels/test_triton_lowering.py 2>&1 \
+    | tail -8
 fi
 if stage kernels; then
   for m in smollm2-135m llama-3.2-1b; do
     timeout 240 python3 scripts/bench_fused_decode.py --model $m --dtype $DTYPE \
       --out "$OUT/kernels" 2>&1 | tail -7
+  done
+fi
+if stage attention; then
+  for m in smollm2-135m llama-3.2-1b; do
+    timeout 240 python3 scripts/bench_fused_decode.py --model $m --dtype $DTYPE --part attention \
+      --batch "${ATTN_BATCH:-1}" --out "$OUT/attention" 2>&1 | tail -7
   done
 fi
 if stage bench; then

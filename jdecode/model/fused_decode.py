@@ -1,10 +1,15 @@
-"""The decode step of a few rows as fused Pallas GEMVs: five kernels per layer.
+"""The decode step of a few rows as five fused Pallas kernels per layer, and nothing else.
 
 `decode_step` (jdecode.decoding.phases) takes this path when impl="pallas" (the GPU default)
-and `fused_decode_reason` finds nothing against it. A layer is: RMSNorm+QKV+RoPE, the K/V
-cache write (XLA), paged decode attention, O projection + residual, RMSNorm+gate/up+SwiGLU,
-down projection + residual (`pallas_kernels.fused_decode`). The general forward runs the same
-layer as ~18 kernels at batch 1.
+and `fused_decode_reason` finds nothing against it. A layer is (`pallas_kernels.fused_decode`):
+
+  qkv_rope          RMSNorm + QKV + RoPE
+  decode_attention  the K/V cache write + attention, split-K partials
+  attn_o_residual   the partials' merge + O projection + residual
+  gate_up_swiglu    RMSNorm + gate/up + SwiGLU
+  gemv_residual     down projection + residual
+
+The general forward runs the same layer as ~18 kernels at batch 1.
 
 When it is on: by default for steps of up to 4 rows over params that carry [N, K] copies of
 the four matrices (`with_decode_copies`; the Generator adds them on the GPU for models up to
@@ -13,9 +18,9 @@ real SmolLM2 (bf16, batch 1) and 1.04x on the Llama-3.2-1B shape, on the H200
 (benchmarks/fused_decode_h200.md). At more rows its tensor-core tiles measured slower, so
 JDECODE_FUSED_DECODE=1 forces it on for 1-16 rows (experiments), and 0 turns it off.
 
-It computes the same function as the general path: the kernels keep the model's roundings,
-the attention is the very kernel the general path calls, and tests compare the two on random
-weights (tests/model/test_fused_decode.py).
+It computes the same function as the general path: the kernels keep the model's roundings
+(the attention output is rounded to the model dtype, as the general path stores it), and tests
+compare the two on random weights (tests/model/test_fused_decode.py).
 """
 
 from __future__ import annotations
@@ -32,10 +37,17 @@ from flax import struct
 from jdecode.cache.dense import DenseKVCache
 from jdecode.config import ModelConfig
 from jdecode.model.layers import rms_norm, rope_tables
-from jdecode.model.pallas_dispatch import DENSE_PAGE, dense_decode_pallas
 from jdecode.model.params import Params
 from jdecode.model.transformer import lm_head
-from pallas_kernels.fused_decode import MAX_ROWS, gate_up_swiglu, gemv_residual, qkv_rope
+from pallas_kernels.fused_decode import (
+    MAX_ROWS,
+    attn_o_residual,
+    decode_attention,
+    gate_up_swiglu,
+    gemv_residual,
+    qkv_rope,
+)
+from pallas_kernels.fused_decode.attention import BLOCK_K, default_splits
 from pallas_kernels.fused_decode.kernel import FMA_MAX_ROWS
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -160,8 +172,11 @@ def fused_decode_reason(params: Params, cache, cfg: ModelConfig, rows: int) -> s
     if D < 32 or D & (D - 1) or E % 16 or F % 16:
         return ("head_dim must be a power of two >= 32, hidden and intermediate sizes "
                 "multiples of 16")
-    if cache.max_len % DENSE_PAGE:
-        return f"cache length {cache.max_len} is not a multiple of {DENSE_PAGE}"
+    if cache.max_len % BLOCK_K:
+        return f"cache length {cache.max_len} is not a multiple of {BLOCK_K}"
+    if cache.k[0].dtype != layers[0].wqkv.dtype:
+        return (f"cache dtype {cache.k[0].dtype} differs from the model's "
+                f"{layers[0].wqkv.dtype}: the attention kernel reads both as one")
     return None
 
 
@@ -174,28 +189,24 @@ def fused_decode_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
       logits [B, V] f32, hidden [B, E] (final-normed), and the cache with this step written.
     """
     eps = cfg.rms_norm_eps
-    H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    b = tokens.shape[0]
+    H, K = cfg.num_heads, cfg.num_kv_heads
     x = params.embed[tokens]  # [B, E]
     cos, sin = rope_tables(positions[:, None], cfg)  # [B, 1, D/2]
     cos, sin = cos[:, 0], sin[:, 0]
-    rows = jnp.arange(b)
     ks, vs = list(cache.k), list(cache.v)
+    splits = default_splits(cache.max_len, tokens.shape[0], cfg.hidden_size, H * cfg.head_dim)
     t = _has_copies(params)  # [N, K] copies (`with_decode_copies`): the CUDA-core GEMVs
     for layer, lp in enumerate(params.layers):
         wqkv, wo, w_gate_up, w_down = (params.decode_t[layer] if t else
                                        (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))
         qkv = qkv_rope(x, lp.attn_norm, wqkv, cos, sin, num_heads=H, num_kv_heads=K, eps=eps,
                        transposed=t)  # [B, (H + 2K) * D]
-        q = qkv[:, :H * D].reshape(b, 1, H, D)
-        k = qkv[:, H * D:(H + K) * D].reshape(b, K, D)
-        v = qkv[:, (H + K) * D:].reshape(b, K, D)
-        # mode="drop": a position past the buffer writes nothing (as the general path).
-        ks[layer] = ks[layer].at[rows, positions].set(k.astype(ks[layer].dtype), mode="drop")
-        vs[layer] = vs[layer].at[rows, positions].set(v.astype(vs[layer].dtype), mode="drop")
-        attn = dense_decode_pallas(q, ks[layer][None], vs[layer][None], 0,
-                                   positions[:, None])  # [B, 1, H, D]
-        x = gemv_residual(attn.reshape(b, H * D), wo, x, transposed=t)
+        # The token's K/V go to slot `position` (nothing past the buffer, as the general
+        # path's mode="drop"); parts, lse [B, splits, H * D] f32.
+        parts, lse, ks[layer], vs[layer] = decode_attention(
+            qkv, ks[layer], vs[layer], positions, num_heads=H, num_kv_heads=K,
+            num_splits=splits)
+        x = attn_o_residual(parts, lse, wo, x, transposed=t)
         act = gate_up_swiglu(x, lp.mlp_norm, w_gate_up, eps=eps, transposed=t)  # [B, F]
         x = gemv_residual(act, w_down, x, transposed=t)
     hidden = rms_norm(x, params.final_norm, eps)

@@ -1,12 +1,15 @@
-"""A decoder layer's decode-step matmuls with RMSNorm, RoPE, SwiGLU and the residual adds
-fused in (see `kernel`)."""
+"""A decoder layer's decode step as fused Pallas kernels: the GEMVs with RMSNorm, RoPE, SwiGLU
+and the residual adds fused in (`kernel`), and attention with the cache write (`attention`)."""
 
+from pallas_kernels.fused_decode.attention import decode_attention
 from pallas_kernels.fused_decode.kernel import (
     MAX_ROWS,
     GemvTiles,
+    attn_o_residual,
     gate_up_swiglu,
     gemv_residual,
     qkv_rope,
 )
 
-__all__ = ["MAX_ROWS", "GemvTiles", "gate_up_swiglu", "gemv_residual", "qkv_rope"]
+__all__ = ["MAX_ROWS", "GemvTiles", "attn_o_residual", "decode_attention", "gate_up_swiglu",
+           "gemv_residual", "qkv_rope"]

@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -252,25 +253,78 @@ def _normed_rows_loader(x_ref, norm_ref, rows: int, eps: float, bk: int
     return load
 
 
-def _matmul(a_ref, norm_ref, w_ref, cols: list, *, rows: int, tiles: GemvTiles,
-            transposed: bool, eps: float = 0.0) -> list[jax.Array]:
-    """[ROWS, bn] f32 products of a (RMSNorm(a) when norm_ref is given) with each column
-    tile of w, on tensor cores or (tiles.fma) on CUDA cores."""
+# A source of a GEMV's left operand: source(fma, bk) gives load(k0), the B rows' [bk] f32
+# chunks at K offset k0 (the CUDA-core path) or their [ROWS, bk] tile (the tensor-core path).
+Source = Callable[[bool, int], Callable[[jax.Array], Any]]
+
+
+def _plain(a_ref, rows: int) -> Source:
+    """a_ref [B, K] as it is."""
     k = a_ref.shape[1]
-    bk = tiles.block_k
-    if tiles.fma:
-        if norm_ref is None:
-            def load_rows(k0):
-                return [_row_chunk(a_ref, b, k0, bk) for b in range(rows)]
-        else:
-            load_rows = _normed_rows_loader(a_ref, norm_ref, rows, eps, bk)
-        return _fma_loop(load_rows, w_ref, cols, k, tiles, rows)
-    if norm_ref is None:
+
+    def source(fma: bool, bk: int):
+        if fma:
+            return lambda k0: [_row_chunk(a_ref, b, k0, bk) for b in range(rows)]
+        return lambda k0: _load_rows(a_ref, rows, pl.ds(k0, bk), k)
+
+    return source
+
+
+def _normed(x_ref, norm_ref, rows: int, eps: float) -> Source:
+    """RMSNorm(x) of x_ref [B, E], HF's arithmetic."""
+    def source(fma: bool, bk: int):
+        make = _normed_rows_loader if fma else _normed_loader
+        return make(x_ref, norm_ref, rows, eps, bk)
+
+    return source
+
+
+def _merge(num_splits: int, load_split, dtype) -> jax.Array:
+    """Split-K attention partials merged: load_split(s) gives split s's (output, base-2
+    log-sum-exp) of one shape; the result is rounded to the model dtype, as the attention
+    output the general path stores. An online merge: one split's pair live at a time."""
+    num, m = load_split(0)
+    den = jnp.ones_like(m)
+    for s in range(1, num_splits):
+        o, lse = load_split(s)
+        m_new = jnp.maximum(m, lse)
+        keep, w = jnp.exp2(m - m_new), jnp.exp2(lse - m_new)
+        num, den, m = num * keep + w * o, den * keep + w, m_new
+    return _round(num / den, dtype)
+
+
+def _merged(parts_ref, lse_ref, rows: int, dtype) -> Source:
+    """The attention output merged from parts_ref, lse_ref [B, splits, H * D] (see
+    `attention.decode_attention`), in the model dtype."""
+    ns, k = parts_ref.shape[1], parts_ref.shape[2]
+
+    def source(fma: bool, bk: int):
+        if fma:
+            def load(k0):
+                def row(b):
+                    r = jnp.asarray(b, jnp.int32)
+                    return _merge(ns, lambda s: tuple(_load_k(ref, k0, bk, r, jnp.int32(s))
+                                                      for ref in (parts_ref, lse_ref)), dtype)
+                return [row(b) for b in range(rows)]
+            return load
+
         def load(k0):
-            return _load_rows(a_ref, rows, pl.ds(k0, bk), k)
-    else:
-        load = _normed_loader(a_ref, norm_ref, rows, eps, bk)
-    return _k_loop(load, w_ref, cols, k, tiles, transposed)
+            mask = _row_mask(rows)[:, None] & (k0 + jnp.arange(bk) < k)[None, :]
+            return _merge(ns, lambda s: tuple(
+                plgpu.load(ref.at[pl.ds(0, ROWS), jnp.int32(s), pl.ds(k0, bk)], mask=mask,
+                           other=0) for ref in (parts_ref, lse_ref)), dtype).astype(dtype)
+        return load
+
+    return source
+
+
+def _matmul(source: Source, w_ref, cols: list, *, k: int, rows: int, tiles: GemvTiles,
+            transposed: bool) -> list[jax.Array]:
+    """[ROWS, bn] f32 products of the source's [B, k] operand with each column tile of w, on
+    tensor cores or (tiles.fma) on CUDA cores."""
+    if tiles.fma:
+        return _fma_loop(source(True, tiles.block_k), w_ref, cols, k, tiles, rows)
+    return _k_loop(source(False, tiles.block_k), w_ref, cols, k, tiles, transposed)
 
 
 def _params(tiles: GemvTiles) -> plgpu.CompilerParams:
@@ -323,7 +377,8 @@ def _qkv_kernel(x_ref, norm_ref, w_ref, cos_ref, sin_ref, o_ref, *, rows: int, r
     # RoPE pairs column d with d + D/2 (HF's rotate_half): both halves' tiles in one program.
     cols = [pl.ds(lo, bh), pl.ds(lo + half, bh)]
     y1, y2 = (_round(y, x_ref.dtype) for y in _matmul(
-        x_ref, norm_ref, w_ref, cols, rows=rows, tiles=tiles, transposed=transposed, eps=eps))
+        _normed(x_ref, norm_ref, rows, eps), w_ref, cols, k=x_ref.shape[1], rows=rows,
+        tiles=tiles, transposed=transposed))
     c = _load_rows(cos_ref, rows, pl.ds(sub * bh, bh))  # [ROWS, bh] f32
     s = _load_rows(sin_ref, rows, pl.ds(sub * bh, bh))
     rot = head < rotated  # Q and K heads turn; V heads pass through
@@ -368,7 +423,8 @@ def _swiglu_kernel(x_ref, norm_ref, w_ref, o_ref, *, rows: int, eps: float, tile
     cols = [pl.ds(j * bn, bn), pl.ds(F + j * bn, bn)]  # gate and up columns of the same features
     dtype = x_ref.dtype
     gate, up = (_round(y, dtype) for y in _matmul(
-        x_ref, norm_ref, w_ref, cols, rows=rows, tiles=tiles, transposed=transposed, eps=eps))
+        _normed(x_ref, norm_ref, rows, eps), w_ref, cols, k=x_ref.shape[1], rows=rows,
+        tiles=tiles, transposed=transposed))
     _store_rows(o_ref, rows, cols[0], _round(jax.nn.silu(gate), dtype) * up)
 
 
@@ -395,10 +451,15 @@ def gate_up_swiglu(x, norm_w, w_gate_up, *, eps: float, tiles: GemvTiles | None 
 
 # --- a @ w + residual -----------------------------------------------------------------------
 
-def _residual_kernel(a_ref, w_ref, res_ref, o_ref, *, rows: int, tiles: GemvTiles,
-                     transposed: bool):
+def _residual_kernel(*refs, rows: int, tiles: GemvTiles, transposed: bool, merged: bool):
+    if merged:  # the attention's split partials, merged in the prologue
+        parts_ref, lse_ref, w_ref, res_ref, o_ref = refs
+        source, k = _merged(parts_ref, lse_ref, rows, res_ref.dtype), parts_ref.shape[2]
+    else:
+        a_ref, w_ref, res_ref, o_ref = refs
+        source, k = _plain(a_ref, rows), a_ref.shape[1]
     col = pl.ds(pl.program_id(0) * tiles.block_n, tiles.block_n)
-    (y,) = _matmul(a_ref, None, w_ref, [col], rows=rows, tiles=tiles, transposed=transposed)
+    (y,) = _matmul(source, w_ref, [col], k=k, rows=rows, tiles=tiles, transposed=transposed)
     dtype = res_ref.dtype
     res = _load_rows(res_ref, rows, col).astype(f32)
     _store_rows(o_ref, rows, col, _round(res + _round(y, dtype), dtype))
@@ -418,6 +479,38 @@ def gemv_residual(a, w, residual, *, tiles: GemvTiles | None = None, transposed:
     n = w.shape[0 if transposed else 1]
     tiles = tiles or default_tiles(k, b, transposed)
     _check("gemv_residual", a, k, n, tiles, transposed)
-    kernel = functools.partial(_residual_kernel, rows=b, tiles=tiles, transposed=transposed)
+    kernel = functools.partial(_residual_kernel, rows=b, tiles=tiles, transposed=transposed,
+                               merged=False)
     return _launch(kernel, (a, w, residual), jax.ShapeDtypeStruct((b, n), residual.dtype),
                    tiles, n // tiles.block_n, interpret, "gemv_residual")
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "transposed", "interpret"))
+def attn_o_residual(parts, lse, w, residual, *, tiles: GemvTiles | None = None,
+                    transposed: bool = False, interpret: bool | None = None) -> jax.Array:
+    """residual + merge(parts, lse) @ w: the O projection with attention's split-K merge as its
+    prologue, so the merge costs no kernel of its own.
+
+    Every program merges the whole [B, splits, K] partials it multiplies: a few KB per split
+    from L2, against the weight tile it streams.
+
+    Args:
+      parts, lse: [B, splits, K] f32 from `attention.decode_attention` (B <= 16).
+      w: [K, N] ([N, K] when transposed). residual: [B, N] in the model dtype.
+    Returns:
+      [B, N] in residual.dtype (see `reference.attn_o_residual_reference`).
+    """
+    b, _, k = parts.shape
+    n = w.shape[0 if transposed else 1]
+    if lse.shape != parts.shape:
+        raise ValueError(f"attn_o_residual: lse {lse.shape} must match parts {parts.shape}")
+    if tiles is None:
+        tiles = default_tiles(k, b, transposed)
+        if not tiles.fma:  # each split's f32 [16, block_k] pair, per pipeline stage, would
+            tiles = dataclasses.replace(tiles, num_stages=1)  # overflow shared memory
+    _check("attn_o_residual", parts, k, n, tiles, transposed)
+    kernel = functools.partial(_residual_kernel, rows=b, tiles=tiles, transposed=transposed,
+                               merged=True)
+    return _launch(kernel, (parts, lse, w, residual),
+                   jax.ShapeDtypeStruct((b, n), residual.dtype), tiles, n // tiles.block_n,
+                   interpret, "attn_o_residual")

@@ -55,3 +55,46 @@ def gate_up_swiglu_reference(x, norm_w, w_gate_up, *, eps: float) -> jax.Array:
 def gemv_residual_reference(a, w, residual) -> jax.Array:
     """residual + a @ w with the product rounded first: a [B, K], w [K, N] -> [B, N]."""
     return residual + _project(a, w).astype(residual.dtype)
+
+
+def merge_splits(parts: jax.Array, lse: jax.Array) -> jax.Array:
+    """Split-K attention partials [B, splits, N] (normalized outputs and their base-2
+    log-sum-exps) merged into [B, N] f32."""
+    w = jnp.exp2(lse - jnp.max(lse, axis=1, keepdims=True))
+    return jnp.sum(w * parts, axis=1) / jnp.sum(w, axis=1)
+
+
+def attn_o_residual_reference(parts, lse, w, residual) -> jax.Array:
+    """residual + merge(parts, lse) @ w, the merged attention rounded to the model dtype."""
+    return gemv_residual_reference(merge_splits(parts, lse).astype(residual.dtype), w, residual)
+
+
+def decode_attention_reference(qkv, k_cache, v_cache, positions, *, num_heads: int,
+                               num_kv_heads: int):
+    """Each row's query against its past slots [0, position) and its own new K/V, in f32.
+
+    Args:
+      qkv: [B, (H + 2K) * D] RoPE'd. k_cache, v_cache: [B, S, K, D]. positions: [B] int32.
+    Returns:
+      (out [B, H * D] f32, k_cache, v_cache) with the new K/V stored at each row's position
+      (nothing where it is past the buffer, as the XLA path's mode="drop").
+    """
+    b = qkv.shape[0]
+    _, S, K, D = k_cache.shape
+    H, G = num_heads, num_heads // num_kv_heads
+    y = qkv.reshape(b, H + 2 * K, D)
+    q, k_new, v_new = y[:, :H], y[:, H:H + K], y[:, H + K:]
+    rows = jnp.arange(b)
+    k_out = k_cache.at[rows, positions].set(k_new.astype(k_cache.dtype), mode="drop")
+    v_out = v_cache.at[rows, positions].set(v_new.astype(v_cache.dtype), mode="drop")
+    keys = jnp.concatenate([k_cache, k_new[:, None].astype(k_cache.dtype)], 1)  # [B, S+1, K, D]
+    vals = jnp.concatenate([v_cache, v_new[:, None].astype(v_cache.dtype)], 1)
+    visible = jnp.concatenate([jnp.arange(S)[None] < positions[:, None],
+                               jnp.ones((b, 1), bool)], 1)  # [B, S+1]
+    qg = q.reshape(b, K, G, D).astype(f32)
+    s = jnp.einsum("bkgd,bskd->bkgs", qg, keys.astype(f32),
+                   precision=jax.lax.Precision.HIGHEST) * D ** -0.5
+    s = jnp.where(visible[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    out = jnp.einsum("bkgs,bskd->bkgd", p, vals.astype(f32), precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(b, H * D), k_out, v_out

@@ -27,8 +27,17 @@ from jdecode.model.fused_decode import (
 )
 from jdecode.model.layout import inference_layout
 from jdecode.model.params import init_params
-from pallas_kernels.fused_decode import GemvTiles, gate_up_swiglu, gemv_residual, qkv_rope
+from pallas_kernels.flash_attention.reference import MASK_VALUE
+from pallas_kernels.fused_decode import (
+    GemvTiles,
+    attn_o_residual,
+    decode_attention,
+    gate_up_swiglu,
+    gemv_residual,
+    qkv_rope,
+)
 from pallas_kernels.fused_decode import reference as ref
+from pallas_kernels.fused_decode.attention import default_splits
 from pallas_kernels.testing import assert_close, jit_for_tests
 
 TINY = "configs/models/tiny.yaml"
@@ -117,6 +126,51 @@ def test_gemv_residual_matches_reference(rng, dtype, tiles, transposed, rows):
         want = ref.gemv_residual_reference(lhs, w, a["x"])
         chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
         assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("tiles,transposed,rows", CASES, ids=CASE_IDS)
+def test_attn_o_residual_matches_reference(rng, dtype, tiles, transposed, rows):
+    a = _inputs(rng, dtype, rows)
+    n = a["H"] * a["D"]
+    parts = jnp.asarray(rng.standard_normal((rows, 3, n)), jnp.float32)
+    lse = jnp.asarray(rng.standard_normal((rows, 3, n)) * 4, jnp.float32)
+    lse = lse.at[:, 1].set(MASK_VALUE)  # an empty split weighs nothing
+    got = attn_o_residual(parts, lse, _w(a["wo"], transposed), a["x"], tiles=tiles,
+                          transposed=transposed)
+    want = ref.attn_o_residual_reference(parts, lse, a["wo"], a["x"])
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+    assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows,splits", [(1, None), (2, 1), (4, 3)])
+def test_decode_attention_matches_reference(rng, dtype, rows, splits):
+    """Against f32 attention over [past | new token], at positions mid-cache, 0 (the new token
+    alone), past the buffer (attends, writes nothing) and at a block boundary."""
+    H, K, D, S = 6, 2, 64, 256
+
+    def normal(*shape):
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+
+    qkv, kc, vc = normal(rows, (H + 2 * K) * D), normal(rows, S, K, D), normal(rows, S, K, D)
+    positions = jnp.asarray([130, 0, S + 5, 64][:rows], jnp.int32)
+    parts, lse, k_out, v_out = decode_attention(qkv, kc, vc, positions, num_heads=H,
+                                                num_kv_heads=K, num_splits=splits)
+    want, k_want, v_want = ref.decode_attention_reference(qkv, kc, vc, positions,
+                                                          num_heads=H, num_kv_heads=K)
+    chex.assert_shape([parts, lse], (rows, splits or default_splits(S), H * D))
+    assert_close(ref.merge_splits(parts, lse), want, dtype)
+    chex.assert_trees_all_equal((k_out, v_out), (k_want, v_want))  # the write is a copy
+
+
+def test_decode_attention_names_bad_shapes():
+    qkv, cache = jnp.zeros((1, 10 * 64)), jnp.zeros((1, 256, 2, 64))
+    pos = jnp.zeros((1,), jnp.int32)
+    with pytest.raises(ValueError, match="H=4 heads"):
+        decode_attention(qkv, cache, cache, pos, num_heads=4, num_kv_heads=2)
+    with pytest.raises(ValueError, match="block_k=64 divides"):
+        decode_attention(qkv, cache[:, :100], cache[:, :100], pos, num_heads=6, num_kv_heads=2)
 
 
 def test_fused_gemvs_name_what_does_not_tile(rng):

@@ -15,7 +15,14 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.flash_attention import flash_attention
-from pallas_kernels.fused_decode import GemvTiles, gate_up_swiglu, gemv_residual, qkv_rope
+from pallas_kernels.fused_decode import (
+    GemvTiles,
+    attn_o_residual,
+    decode_attention,
+    gate_up_swiglu,
+    gemv_residual,
+    qkv_rope,
+)
 from pallas_kernels.paged_attention import paged_attention, ragged_paged_attention, write_kv_pages
 
 registration = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
@@ -98,6 +105,7 @@ def test_fused_decode_kernels_lower_to_triton(triton_modules, dtype, path):
         return jnp.zeros((n, k) if transposed else (k, n), dtype)
 
     x, norm, half = jnp.zeros((rows, E), dtype), jnp.zeros(E, dtype), jnp.zeros((rows, D // 2))
+    parts = jnp.zeros((rows, 4, H * D))  # attention's split partials, f32
     kw = {"transposed": transposed, "tiles": tiles, "interpret": False}
     kernels = [
         ("qkv_rope", functools.partial(qkv_rope, num_heads=H, num_kv_heads=K, eps=1e-5, **kw),
@@ -106,6 +114,8 @@ def test_fused_decode_kernels_lower_to_triton(triton_modules, dtype, path):
          (x, norm, w(E, 2 * F))),
         ("gemv_residual", functools.partial(gemv_residual, **kw),
          (jnp.zeros((rows, F), dtype), w(F, E), x)),
+        ("attn_o_residual", functools.partial(attn_o_residual, **kw),
+         (parts, parts, w(H * D, E), x)),
     ]
     for name, fn, args in kernels:
         triton_modules.clear()
@@ -122,3 +132,20 @@ def test_paged_kernels_lower_for_page_sizes(triton_modules, page):
     for name, fn, args in _kernels(jnp.bfloat16, page=page)[2:4]:
         _lower_for_cuda(fn, *args)
         assert triton_modules, f"{name}: no Triton module was lowered"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("splits", [1, 8])
+def test_decode_attention_lowers_to_triton(triton_modules, dtype, splits):
+    """The fused step's attention at SmolLM2's heads (9/3, D 64) over a 1024-slot cache."""
+    rows, H, K, D, S = 3, 9, 3, 64, 1024
+    cache = jnp.zeros((rows, S, K, D), dtype)
+    fn = functools.partial(decode_attention, num_heads=H, num_kv_heads=K, num_splits=splits,
+                           interpret=False)
+    _lower_for_cuda(fn, jnp.zeros((rows, (H + 2 * K) * D), dtype), cache, cache,
+                    jnp.zeros((rows,), jnp.int32))
+    assert triton_modules, "decode_attention: no Triton module was lowered"
+    dots = [d for m in triton_modules for d in re.findall(r"tt\.dot\b[^\n]*", m)]
+    assert dots, "decode_attention: the scores and values should be tensor-core dots"
+    if dtype == jnp.float32:
+        assert all("tf32" not in d for d in dots), "decode_attention: f32 dot lowered as TF32"

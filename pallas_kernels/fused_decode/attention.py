@@ -1,0 +1,190 @@
+"""Decode attention for the fused step: one kernel writes the new K/V and attends, split-K.
+
+Why a kernel of its own. The fused step first called the general path's paged decode kernel
+over the dense cache. Around that kernel XLA ran ~7 more per layer: the K and V scatters (with
+their selects), q's pad to 16 rows, the block-table iota, a convert, and the split combine.
+On the SmolLM2 shape those neighbours cost about as much as the attention itself, ~6.5 us per
+layer (benchmarks/fused_decode_h200.md). Here one kernel takes the step's qkv straight from
+`qkv_rope`:
+
+- the program of split 0 stores the token's K and V into its cache slot (the cache is aliased
+  to the output, so nothing else moves);
+- every program attends over its share of the past slots [0, position), read where they lie in
+  the [B, S, K, D] cache: no block table, no gather;
+- the new token takes part from registers (split 0 seeds its softmax with it), so no program
+  reads the slot being written;
+- each split leaves a normalized partial and its log-sum-exp; the O projection's prologue
+  (`kernel.attn_o_residual`) merges them, so the combine costs no kernel of its own.
+
+Grid: (rows, kv heads, splits). A program holds its kv head's G query heads as one
+16-row tensor-core tile (rows past G masked) and walks blocks of `block_k` slots. The splits
+share the row's past slots evenly whatever its length, as the paged kernel's do.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.flash_attention.kernel import (
+    MASK_VALUE,
+    dot_nt,
+    online_softmax_step,
+    scale_logits,
+)
+from pallas_kernels.flash_attention.tuning import resolve_interpret
+
+f32 = jnp.float32
+BLOCK_K = 64  # cache slots per loop step; the dense cache's length is a multiple of 64
+MAX_SPLITS = 16
+# Bytes of partials the O projection's programs re-read in all, at most (see default_splits).
+MERGE_BUDGET = 40 << 20
+
+
+def default_splits(max_len: int, rows: int = 1, hidden: int = 0, heads_dim: int = 0,
+                   block_k: int = BLOCK_K) -> int:
+    """Splits per (row, kv head), a power of two: as many as pay, by two costs.
+
+    - Few programs: a step of a few rows has only rows x kv heads programs without splits
+      (3 for SmolLM2 at batch 1), each walking the whole context alone. Each split should
+      still have about two blocks of a full cache.
+    - The merge: every program of the O projection (`kernel.attn_o_residual`, hidden / 4
+      of them on the CUDA-core path) re-reads every row's partials, 8 bytes x heads_dim per
+      split. MERGE_BUDGET bounds that traffic (hidden and heads_dim 0: unbounded).
+
+    On the H200 at 600 tokens of context (benchmarks/fused_decode_h200.md, run 7), attention
+    + O per layer took 27.2/22.1/23.4/20.6/19.7 us at 1/2/4/8/16 splits on the SmolLM2 shape
+    (0.66 MB of merge per split; at those 1024 slots the two-block rule gives 8) and
+    44.4/34.1/26.0/31.1/52.7 us on the Llama-3.2-1B shape (8.4 MB per split: 4 chosen).
+    """
+    ns = min(MAX_SPLITS, max(1, max_len // block_k // 2))
+    merge_per_split = 2 * hidden * heads_dim * rows
+    if merge_per_split:
+        ns = min(ns, max(1, MERGE_BUDGET // merge_per_split))
+    return 1 << (ns.bit_length() - 1)
+
+
+def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_out, *,
+                 num_heads: int, group: int, block_k: int, num_splits: int, sm_scale: float):
+    b, kv, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    H = num_heads
+    K = kc_ref.shape[2]
+    S = kc_ref.shape[1]
+    gp = max(16, pl.next_power_of_2(group))  # tl.dot needs >= 16 rows
+    heads = jnp.arange(gp) < group  # [Gp]: the group's real query heads
+    pos = pos_ref[b]
+    past = jnp.minimum(pos, S)  # slots [0, past) hold the row's earlier tokens
+
+    q = plgpu.load(qkv_ref.at[b, pl.ds(kv * group, gp), :], mask=heads[:, None],
+                   other=0)  # [Gp, D] (RoPE applied)
+    k_new = qkv_ref[b, H + kv, :].astype(kc_ref.dtype)  # [D]: as the cache will hold it
+    v_new = qkv_ref[b, H + K + kv, :].astype(vc_ref.dtype)
+
+    # A position past the buffer writes nothing (the XLA path's mode="drop").
+    @pl.when((split == 0) & (pos < S))
+    def _():
+        kc_out[b, pos, kv, :] = k_new
+        vc_out[b, pos, kv, :] = v_new
+
+    # Split 0 starts from the new token alone (m = its logit, l = 1, acc = its value); the
+    # others from nothing. The logit is q . k_new in f32, like the dot's accumulation.
+    s_new = scale_logits(jnp.sum(q.astype(f32) * k_new.astype(f32)[None, :], axis=1),
+                         sm_scale, None)  # [Gp]
+    first = jnp.full(s_new.shape, split == 0)  # [Gp]
+    acc0 = jnp.broadcast_to(v_new.astype(f32)[None, :], q.shape)  # [Gp, D]
+    carry = (jnp.where(first[:, None], acc0, jnp.zeros_like(acc0)),
+             jnp.where(first, s_new, jnp.full_like(s_new, MASK_VALUE)),
+             jnp.where(first, jnp.ones_like(s_new), jnp.zeros_like(s_new)))
+
+    total = (past + block_k - 1) // block_k
+    per_split = (total + num_splits - 1) // num_splits
+    lo = jnp.minimum(split * per_split, total)
+    hi = jnp.minimum(lo + per_split, total)
+    full_hi = jnp.clip(past // block_k, lo, hi)  # blocks before this lie wholly in the past
+
+    def body(j, carry, masked):
+        slots = pl.ds(j * block_k, block_k)
+        if masked:
+            valid = j * block_k + jnp.arange(block_k) < past  # [block_k]
+            # Masked lanes are not read: the slot being written (pos) is never loaded.
+            k = plgpu.load(kc_ref.at[b, slots, kv, :], mask=valid[:, None], other=0)
+            v = plgpu.load(vc_ref.at[b, slots, kv, :], mask=valid[:, None], other=0)
+        else:
+            k = kc_ref[b, slots, kv, :]  # [block_k, D]
+            v = vc_ref[b, slots, kv, :]
+        s = scale_logits(dot_nt(q, k), sm_scale, None)  # [Gp, block_k]
+        mask = jnp.broadcast_to(valid[None, :], s.shape) if masked else None
+        return online_softmax_step(carry, s, v, mask)
+
+    carry = jax.lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), carry)
+    acc, m, l = jax.lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+
+    seen = l > 0  # [Gp]: an empty split leaves o = 0 and lse = MASK_VALUE (weight 0)
+    o = acc / jnp.where(seen, l, 1.0)[:, None]
+    lse = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), MASK_VALUE)
+    idx = (b, split, pl.ds(kv * group, gp), slice(None))
+    plgpu.store(o_ref.at[idx], o, mask=heads[:, None])
+    plgpu.store(lse_ref.at[idx], jnp.broadcast_to(lse[:, None], o.shape), mask=heads[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "num_splits",
+                                             "block_k", "num_warps", "num_stages", "interpret"))
+def decode_attention(qkv, k_cache, v_cache, positions, *, num_heads: int, num_kv_heads: int,
+                     num_splits: int | None = None, block_k: int = BLOCK_K, num_warps: int = 4,
+                     num_stages: int = 2, interpret: bool | None = None):
+    """One query per row against its dense cache, with the row's new K/V written in place.
+
+    Args:
+      qkv: [B, (H + 2K) * D] this step's queries, keys and values, RoPE applied (`qkv_rope`).
+      k_cache, v_cache: [B, S, K, D] one layer's cache, qkv's dtype; S a multiple of block_k.
+        Aliased to the outputs: inside a jit that owns them (the decode step does) the update
+        is in place, otherwise XLA copies them first.
+      positions: [B] int32 slot of each row's token; slots [0, position) are its past.
+      num_splits: split-K partitions per (row, kv head); default `default_splits(S, B)`
+        (the fused step passes the model's sizes too).
+
+    Returns:
+      (parts, lse, k_cache, v_cache): parts [B, splits, H * D] f32, each split's normalized
+      output; lse [B, splits, H * D] f32, its base-2 log-sum-exp broadcast over D (MASK_VALUE
+      where a split saw no key). Merge with `reference.merge_splits` or, fused with the O
+      projection, `kernel.attn_o_residual`.
+    """
+    b, n = qkv.shape
+    _, S, K, D = k_cache.shape
+    H = num_heads
+    if K != num_kv_heads or n != (H + 2 * K) * D or k_cache.shape != v_cache.shape:
+        raise ValueError(f"qkv {qkv.shape} must be [B, (H + 2K) * D] for H={H} heads and the "
+                         f"cache's K={K}, D={D} (k_cache {k_cache.shape}, v_cache "
+                         f"{v_cache.shape}, num_kv_heads={num_kv_heads})")
+    if H % K or S % block_k or k_cache.shape[0] != b or k_cache.dtype != qkv.dtype:
+        raise ValueError(f"decode_attention: heads {H} must be a multiple of kv heads {K}, the "
+                         f"cache {k_cache.shape} {k_cache.dtype} must have qkv's rows {b} and "
+                         f"dtype {qkv.dtype} and a length that block_k={block_k} divides")
+    splits = num_splits or default_splits(S, b, block_k=block_k)
+    kernel = functools.partial(_attn_kernel, num_heads=H, group=H // K, block_k=block_k,
+                               num_splits=splits, sm_scale=D ** -0.5)
+    inputs = (positions.astype(jnp.int32), qkv.reshape(b, H + 2 * K, D), k_cache, v_cache)
+    part = jax.ShapeDtypeStruct((b, splits, H, D), f32)
+    out_shape = (part, part, jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
+
+    def whole(shape):
+        zeros = (0,) * len(shape)
+        return pl.BlockSpec(shape, lambda *_: zeros)
+
+    parts, lse, k_cache, v_cache = pl.pallas_call(
+        kernel,
+        grid=(b, K, splits),
+        in_specs=[whole(a.shape) for a in inputs],
+        out_specs=[whole(s.shape) for s in out_shape],
+        out_shape=out_shape,
+        input_output_aliases={2: 2, 3: 3},
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=resolve_interpret(interpret),
+        name="decode_attention",
+    )(*inputs)
+    return parts.reshape(b, splits, H * D), lse.reshape(b, splits, H * D), k_cache, v_cache
