@@ -44,6 +44,7 @@ from pallas_kernels.fused_decode import (
     qkv_rope,
 )
 from pallas_kernels.fused_decode import reference as ref
+from pallas_kernels.fused_decode.kernel import default_tiles
 from pallas_kernels.testing import assert_close
 
 
@@ -66,9 +67,10 @@ def tile_sweep(k: int, n: int) -> list[tuple[GemvTiles, bool]]:
 
 
 def attention_sweep(cfg, B: int, dt, L: int, max_len: int, context: int, splits: list[int],
-                    rnd) -> dict:
-    """Microseconds per layer of the fused attention pair at each split count, and of the
-    general path's pieces, for one step at `context` past tokens in a max_len-slot cache."""
+                    o_block_n: list[int], rnd) -> dict:
+    """Microseconds per layer of the fused attention pair at each split count and O column
+    tile (0: the default tiles), and of the general path's pieces, for one step at `context`
+    past tokens in a max_len-slot cache."""
     E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     x = rnd(B, E)
     qkvs = [rnd(B, (H + 2 * K) * D) for _ in range(L)]
@@ -77,12 +79,12 @@ def attention_sweep(cfg, B: int, dt, L: int, max_len: int, context: int, splits:
     rows = jnp.arange(B)
     caches = [(rnd(B, max_len, K, D), rnd(B, max_len, K, D)) for _ in range(L)]
 
-    def fused(caches, ns):
+    def fused(caches, ns, tiles):
         out, new = [], []
         for qkv, w, (kc, vc) in zip(qkvs, wo_t, caches):
             parts, lse, kc, vc = decode_attention(qkv, kc, vc, pos, num_heads=H,
                                                   num_kv_heads=K, num_splits=ns)
-            out.append(attn_o_residual(parts, lse, w, x, transposed=True))
+            out.append(attn_o_residual(parts, lse, w, x, tiles=tiles, transposed=True))
             new.append((kc, vc))
         return new, out
 
@@ -108,12 +110,20 @@ def attention_sweep(cfg, B: int, dt, L: int, max_len: int, context: int, splits:
 
     # The reference answer: the merged output of every split count must agree with it.
     want = jax.jit(lambda c: general(c)[1])(caches)
-    result = {"context": context, "max_len": max_len, "splits_us": {}}
+    result = {"context": context, "max_len": max_len, "splits_us": {}, "variants": []}
     for ns in splits:
-        got = jax.jit(lambda c, ns=ns: fused(c, ns)[1])(caches)
-        assert_close(got, want, dt.name, scale=2.0)
-        result["splits_us"][ns] = us = timed(partial(fused, ns=ns))
-        print(f"fused attention + o, {ns:2d} splits  {us:7.2f} us", flush=True)
+        for bn in o_block_n:  # the O projection's columns per program: each merges all
+            tiles = None if bn == 0 else dataclasses.replace(
+                default_tiles(H * D, B, True), block_n=bn)
+            got = jax.jit(lambda c, ns=ns, t=tiles: fused(c, ns, t)[1])(caches)
+            assert_close(got, want, dt.name, scale=2.0)
+            us = timed(partial(fused, ns=ns, tiles=tiles))
+            result["variants"].append({"splits": ns, "o_tiles": None if tiles is None else
+                                       dataclasses.asdict(tiles), "us": us})
+            if bn == 0:
+                result["splits_us"][ns] = us
+            print(f"fused attention + o, {ns:2d} splits, o block_n {bn or 'default'}: "
+                  f"{us:7.2f} us", flush=True)
     result["general_us"] = us = timed(general)
     print(f"general scatter + paged + o      {us:7.2f} us", flush=True)
     return result
@@ -130,6 +140,8 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=1024, help="attention: cache slots")
     ap.add_argument("--context", type=int, default=600, help="attention: past tokens")
     ap.add_argument("--splits", default="1,2,4,8,16", help="attention: split counts")
+    ap.add_argument("--o-block-n", default="0",
+                    help="attention: the O projection's block_n values (0: default tiles)")
     args = ap.parse_args()
     cfg = load_model_config_yaml(f"configs/models/{args.model}.yaml")
     dt = jnp.dtype(args.dtype)
@@ -146,7 +158,8 @@ def main() -> None:
             "model": args.model, "batch": B, "dtype": dt.name, "layers": L}
     if args.part == "attention":
         splits = [int(s) for s in args.splits.split(",")]
-        res = attention_sweep(cfg, B, dt, L, args.max_len, args.context, splits, rnd)
+        o_bn = [int(s) for s in args.o_block_n.split(",")]
+        res = attention_sweep(cfg, B, dt, L, args.max_len, args.context, splits, o_bn, rnd)
         (out / f"bench_fused_decode_{args.model}_attention_b{B}.json").write_text(
             json.dumps({**meta, **res}, indent=2))
         return

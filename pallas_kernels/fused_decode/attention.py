@@ -42,7 +42,7 @@ f32 = jnp.float32
 BLOCK_K = 64  # cache slots per loop step; the dense cache's length is a multiple of 64
 MAX_SPLITS = 16
 # Bytes of partials the O projection's programs re-read in all, at most (see default_splits).
-MERGE_BUDGET = 40 << 20
+MERGE_BUDGET = 20 << 20
 
 
 def default_splits(max_len: int, rows: int = 1, hidden: int = 0, heads_dim: int = 0,
@@ -53,7 +53,7 @@ def default_splits(max_len: int, rows: int = 1, hidden: int = 0, heads_dim: int 
       (3 for SmolLM2 at batch 1), each walking the whole context alone. Each split should
       still have about two blocks of a full cache.
     - The merge: every program of the O projection (`kernel.attn_o_residual`, hidden / 4
-      of them on the CUDA-core path) re-reads every row's partials, 8 bytes x heads_dim per
+      of them on the CUDA-core path) re-reads every row's partials, ~4 bytes x heads_dim per
       split. MERGE_BUDGET bounds that traffic (hidden and heads_dim 0: unbounded).
 
     On the H200 at 600 tokens of context (benchmarks/fused_decode_h200.md, run 7), attention
@@ -62,7 +62,7 @@ def default_splits(max_len: int, rows: int = 1, hidden: int = 0, heads_dim: int 
     44.4/34.1/26.0/31.1/52.7 us on the Llama-3.2-1B shape (8.4 MB per split: 4 chosen).
     """
     ns = min(MAX_SPLITS, max(1, max_len // block_k // 2))
-    merge_per_split = 2 * hidden * heads_dim * rows
+    merge_per_split = hidden * heads_dim * rows
     if merge_per_split:
         ns = min(ns, max(1, MERGE_BUDGET // merge_per_split))
     return 1 << (ns.bit_length() - 1)
@@ -126,9 +126,9 @@ def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_ou
     seen = l > 0  # [Gp]: an empty split leaves o = 0 and lse = MASK_VALUE (weight 0)
     o = acc / jnp.where(seen, l, 1.0)[:, None]
     lse = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), MASK_VALUE)
-    idx = (b, split, pl.ds(kv * group, gp), slice(None))
-    plgpu.store(o_ref.at[idx], o, mask=heads[:, None])
-    plgpu.store(lse_ref.at[idx], jnp.broadcast_to(lse[:, None], o.shape), mask=heads[:, None])
+    rows = pl.ds(kv * group, gp)
+    plgpu.store(o_ref.at[b, split, rows, :], o, mask=heads[:, None])
+    plgpu.store(lse_ref.at[b, split, rows], lse, mask=heads)
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "num_splits",
@@ -149,7 +149,7 @@ def decode_attention(qkv, k_cache, v_cache, positions, *, num_heads: int, num_kv
 
     Returns:
       (parts, lse, k_cache, v_cache): parts [B, splits, H * D] f32, each split's normalized
-      output; lse [B, splits, H * D] f32, its base-2 log-sum-exp broadcast over D (MASK_VALUE
+      output; lse [B, splits, H] f32, each head's base-2 log-sum-exp in it (MASK_VALUE
       where a split saw no key). Merge with `reference.merge_splits` or, fused with the O
       projection, `kernel.attn_o_residual`.
     """
@@ -168,8 +168,8 @@ def decode_attention(qkv, k_cache, v_cache, positions, *, num_heads: int, num_kv
     kernel = functools.partial(_attn_kernel, num_heads=H, group=H // K, block_k=block_k,
                                num_splits=splits, sm_scale=D ** -0.5)
     inputs = (positions.astype(jnp.int32), qkv.reshape(b, H + 2 * K, D), k_cache, v_cache)
-    part = jax.ShapeDtypeStruct((b, splits, H, D), f32)
-    out_shape = (part, part, jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+    out_shape = (jax.ShapeDtypeStruct((b, splits, H, D), f32),
+                 jax.ShapeDtypeStruct((b, splits, H), f32), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
 
     def whole(shape):
@@ -187,4 +187,4 @@ def decode_attention(qkv, k_cache, v_cache, positions, *, num_heads: int, num_kv
         interpret=resolve_interpret(interpret),
         name="decode_attention",
     )(*inputs)
-    return parts.reshape(b, splits, H * D), lse.reshape(b, splits, H * D), k_cache, v_cache
+    return parts.reshape(b, splits, H * D), lse, k_cache, v_cache

@@ -293,26 +293,36 @@ def _merge(num_splits: int, load_split, dtype) -> jax.Array:
     return _round(num / den, dtype)
 
 
-def _merged(parts_ref, lse_ref, rows: int, dtype) -> Source:
-    """The attention output merged from parts_ref, lse_ref [B, splits, H * D] (see
-    `attention.decode_attention`), in the model dtype."""
+def _merged(parts_ref, lse_ref, rows: int, num_heads: int, dtype) -> Source:
+    """The attention output merged from parts_ref [B, splits, H * D] and lse_ref, the
+    [B, splits, H] log-sum-exps flattened (see `attention.decode_attention`), in the model
+    dtype. Each element's head's lse is gathered by address (Triton lowers one array index on
+    a flat ref): one f32 per head is stored, not one per element."""
     ns, k = parts_ref.shape[1], parts_ref.shape[2]
+    head_dim = k // num_heads
+
+    def lse_index(b, s, k0, bk):  # b: int or [ROWS, 1]; flat index of each element's lse
+        h = jnp.minimum((k0 + jnp.arange(bk)) // head_dim, num_heads - 1)  # [bk] (K tail)
+        return (b * ns + s) * num_heads + h
 
     def source(fma: bool, bk: int):
         if fma:
             def load(k0):
                 def row(b):
                     r = jnp.asarray(b, jnp.int32)
-                    return _merge(ns, lambda s: tuple(_load_k(ref, k0, bk, r, jnp.int32(s))
-                                                      for ref in (parts_ref, lse_ref)), dtype)
+                    return _merge(ns, lambda s: (
+                        _load_k(parts_ref, k0, bk, r, jnp.int32(s)),
+                        lse_ref[lse_index(b, s, k0, bk)]), dtype)
                 return [row(b) for b in range(rows)]
             return load
 
         def load(k0):
             mask = _row_mask(rows)[:, None] & (k0 + jnp.arange(bk) < k)[None, :]
-            return _merge(ns, lambda s: tuple(
-                plgpu.load(ref.at[pl.ds(0, ROWS), jnp.int32(s), pl.ds(k0, bk)], mask=mask,
-                           other=0) for ref in (parts_ref, lse_ref)), dtype).astype(dtype)
+            rid = jnp.minimum(jnp.arange(ROWS), rows - 1)[:, None]  # rows past B: zero parts
+            return _merge(ns, lambda s: (
+                plgpu.load(parts_ref.at[pl.ds(0, ROWS), jnp.int32(s), pl.ds(k0, bk)],
+                           mask=mask, other=0),
+                lse_ref[lse_index(rid, s, k0, bk)]), dtype).astype(dtype)
         return load
 
     return source
@@ -451,10 +461,11 @@ def gate_up_swiglu(x, norm_w, w_gate_up, *, eps: float, tiles: GemvTiles | None 
 
 # --- a @ w + residual -----------------------------------------------------------------------
 
-def _residual_kernel(*refs, rows: int, tiles: GemvTiles, transposed: bool, merged: bool):
-    if merged:  # the attention's split partials, merged in the prologue
+def _residual_kernel(*refs, rows: int, tiles: GemvTiles, transposed: bool, num_heads: int = 0):
+    if num_heads:  # `attn_o_residual`: the attention's split partials, merged in the prologue
         parts_ref, lse_ref, w_ref, res_ref, o_ref = refs
-        source, k = _merged(parts_ref, lse_ref, rows, res_ref.dtype), parts_ref.shape[2]
+        source = _merged(parts_ref, lse_ref, rows, num_heads, res_ref.dtype)
+        k = parts_ref.shape[2]
     else:
         a_ref, w_ref, res_ref, o_ref = refs
         source, k = _plain(a_ref, rows), a_ref.shape[1]
@@ -479,8 +490,7 @@ def gemv_residual(a, w, residual, *, tiles: GemvTiles | None = None, transposed:
     n = w.shape[0 if transposed else 1]
     tiles = tiles or default_tiles(k, b, transposed)
     _check("gemv_residual", a, k, n, tiles, transposed)
-    kernel = functools.partial(_residual_kernel, rows=b, tiles=tiles, transposed=transposed,
-                               merged=False)
+    kernel = functools.partial(_residual_kernel, rows=b, tiles=tiles, transposed=transposed)
     return _launch(kernel, (a, w, residual), jax.ShapeDtypeStruct((b, n), residual.dtype),
                    tiles, n // tiles.block_n, interpret, "gemv_residual")
 
@@ -495,22 +505,24 @@ def attn_o_residual(parts, lse, w, residual, *, tiles: GemvTiles | None = None,
     from L2, against the weight tile it streams.
 
     Args:
-      parts, lse: [B, splits, K] f32 from `attention.decode_attention` (B <= 16).
+      parts: [B, splits, K] f32 and lse [B, splits, H] f32 from `attention.decode_attention`
+        (B <= 16), K = H x head_dim.
       w: [K, N] ([N, K] when transposed). residual: [B, N] in the model dtype.
     Returns:
       [B, N] in residual.dtype (see `reference.attn_o_residual_reference`).
     """
     b, _, k = parts.shape
     n = w.shape[0 if transposed else 1]
-    if lse.shape != parts.shape:
-        raise ValueError(f"attn_o_residual: lse {lse.shape} must match parts {parts.shape}")
+    if lse.shape[:2] != parts.shape[:2] or k % lse.shape[2]:
+        raise ValueError(f"attn_o_residual: lse {lse.shape} must be [B, splits, heads] for "
+                         f"parts {parts.shape} [B, splits, heads x head_dim]")
     if tiles is None:
         tiles = default_tiles(k, b, transposed)
         if not tiles.fma:  # each split's f32 [16, block_k] pair, per pipeline stage, would
             tiles = dataclasses.replace(tiles, num_stages=1)  # overflow shared memory
     _check("attn_o_residual", parts, k, n, tiles, transposed)
     kernel = functools.partial(_residual_kernel, rows=b, tiles=tiles, transposed=transposed,
-                               merged=True)
-    return _launch(kernel, (parts, lse, w, residual),
+                               num_heads=lse.shape[2])
+    return _launch(kernel, (parts, lse.reshape(-1), w, residual),
                    jax.ShapeDtypeStruct((b, n), residual.dtype), tiles, n // tiles.block_n,
                    interpret, "attn_o_residual")

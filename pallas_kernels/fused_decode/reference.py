@@ -58,8 +58,9 @@ def gemv_residual_reference(a, w, residual) -> jax.Array:
 
 
 def merge_splits(parts: jax.Array, lse: jax.Array) -> jax.Array:
-    """Split-K attention partials [B, splits, N] (normalized outputs and their base-2
-    log-sum-exps) merged into [B, N] f32."""
+    """Split-K attention partials merged: parts [B, splits, H * D] (each split's normalized
+    output) with lse [B, splits, H] (their heads' base-2 log-sum-exps) -> [B, H * D] f32."""
+    lse = jnp.repeat(lse, parts.shape[2] // lse.shape[2], axis=2)  # [B, splits, H * D]
     w = jnp.exp2(lse - jnp.max(lse, axis=1, keepdims=True))
     return jnp.sum(w * parts, axis=1) / jnp.sum(w, axis=1)
 

@@ -134,7 +134,7 @@ def test_attn_o_residual_matches_reference(rng, dtype, tiles, transposed, rows):
     a = _inputs(rng, dtype, rows)
     n = a["H"] * a["D"]
     parts = jnp.asarray(rng.standard_normal((rows, 3, n)), jnp.float32)
-    lse = jnp.asarray(rng.standard_normal((rows, 3, n)) * 4, jnp.float32)
+    lse = jnp.asarray(rng.standard_normal((rows, 3, a["H"])) * 4, jnp.float32)
     lse = lse.at[:, 1].set(MASK_VALUE)  # an empty split weighs nothing
     got = attn_o_residual(parts, lse, _w(a["wo"], transposed), a["x"], tiles=tiles,
                           transposed=transposed)
@@ -159,7 +159,9 @@ def test_decode_attention_matches_reference(rng, dtype, rows, splits):
                                                 num_kv_heads=K, num_splits=splits)
     want, k_want, v_want = ref.decode_attention_reference(qkv, kc, vc, positions,
                                                           num_heads=H, num_kv_heads=K)
-    chex.assert_shape([parts, lse], (rows, splits or default_splits(S), H * D))
+    ns = splits or default_splits(S, rows)
+    chex.assert_shape(parts, (rows, ns, H * D))
+    chex.assert_shape(lse, (rows, ns, H))
     assert_close(ref.merge_splits(parts, lse), want, dtype)
     chex.assert_trees_all_equal((k_out, v_out), (k_want, v_want))  # the write is a copy
 
