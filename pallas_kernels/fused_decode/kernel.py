@@ -9,9 +9,10 @@ layer's four projections are four kernels, and everything elementwise rides alon
 
   qkv_rope:        RMSNorm (prologue) -> x @ wqkv -> RoPE on the Q and K heads (epilogue)
   gate_up_swiglu:  RMSNorm (prologue) -> x @ [w_gate | w_up] -> silu(gate) * up (epilogue)
-  gemv_residual:   a @ w -> + residual (epilogue); the O and the down projection
+  gemv_residual:   a @ w -> + residual (epilogue); the down projection
+  attn_o_residual: merge of attention's split-K partials (prologue) -> a @ wo -> + residual
 
-Attention between them stays the paged decode kernel (`pallas_kernels.paged_attention`).
+Attention between them, with the cache write, is `attention.decode_attention`.
 
 How the work is laid out, and why. The first fused attempt had three kernels per layer with
 15-27 programs, and ran 5-9x longer per kernel than the general path's
