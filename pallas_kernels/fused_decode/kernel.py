@@ -517,10 +517,9 @@ def attn_o_residual(parts, lse, w, residual, *, tiles: GemvTiles | None = None,
     if lse.shape[:2] != parts.shape[:2] or k % lse.shape[2]:
         raise ValueError(f"attn_o_residual: lse {lse.shape} must be [B, splits, heads] for "
                          f"parts {parts.shape} [B, splits, heads x head_dim]")
-    if tiles is None:
-        tiles = default_tiles(k, b, transposed)
-        if not tiles.fma:  # each split's f32 [16, block_k] pair, per pipeline stage, would
-            tiles = dataclasses.replace(tiles, num_stages=1)  # overflow shared memory
+    tiles = tiles or default_tiles(k, b, transposed)
+    if not tiles.fma:  # pipelined, each split's f32 [16, block_k] partials per stage overflow
+        tiles = dataclasses.replace(tiles, num_stages=1)  # shared memory (seen on the H200)
     _check("attn_o_residual", parts, k, n, tiles, transposed)
     kernel = functools.partial(_residual_kernel, rows=b, tiles=tiles, transposed=transposed,
                                num_heads=lse.shape[2])
