@@ -13,9 +13,10 @@ The general forward runs the same layer as ~18 kernels at batch 1.
 
 When it is on: by default for steps of up to 4 rows over params that carry [N, K] copies of
 the four matrices (`with_decode_copies`; the Generator adds them on the GPU for models up to
-4 GiB). There the GEMVs run on CUDA cores and the step measured 1.49x the general path on the
-real SmolLM2 (bf16, batch 1) and 1.04x on the Llama-3.2-1B shape, on the H200
-(benchmarks/fused_decode_h200.md). At more rows its tensor-core tiles measured slower, so
+4 GiB). There the GEMVs run on CUDA cores and the step measured 2.15x the general path on the
+real SmolLM2 (bf16, batch 1; 1.29x at batch 4 on its shape) and 1.15x on the Llama-3.2-1B
+shape, on the H200 (benchmarks/fused_decode_h200.md, run 9). At more rows its tensor-core
+tiles measured slower (before the attention was fused; not re-measured), so
 JDECODE_FUSED_DECODE=1 forces it on for 1-16 rows (experiments), and 0 turns it off.
 
 It computes the same function as the general path: the kernels keep the model's roundings

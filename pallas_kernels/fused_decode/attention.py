@@ -56,10 +56,10 @@ def default_splits(max_len: int, rows: int = 1, hidden: int = 0, heads_dim: int 
       of them on the CUDA-core path) re-reads every row's partials, ~4 bytes x heads_dim per
       split. MERGE_BUDGET bounds that traffic (hidden and heads_dim 0: unbounded).
 
-    On the H200 at 600 tokens of context (benchmarks/fused_decode_h200.md, run 7), attention
-    + O per layer took 27.2/22.1/23.4/20.6/19.7 us at 1/2/4/8/16 splits on the SmolLM2 shape
-    (0.66 MB of merge per split; at those 1024 slots the two-block rule gives 8) and
-    44.4/34.1/26.0/31.1/52.7 us on the Llama-3.2-1B shape (8.4 MB per split: 4 chosen).
+    On the H200 at 600 tokens of context in 1024 slots (benchmarks/fused_decode_h200.md, run
+    8), attention + O per layer ranked 8 splits best on the SmolLM2 shape (15.6 us against
+    21.6 at 4 and 19.8 at 16) and left 2-16 within 29-33 us on the Llama-3.2-1B shape, where
+    run 7 (lse per element, twice the merge traffic) had 4 best: this picks 8 and 4.
     """
     ns = min(MAX_SPLITS, max(1, max_len // block_k // 2))
     merge_per_split = hidden * heads_dim * rows
