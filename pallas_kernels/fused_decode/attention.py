@@ -37,6 +37,7 @@ from pallas_kernels.flash_attention.kernel import (
     scale_logits,
 )
 from pallas_kernels.flash_attention.tuning import resolve_interpret
+from pallas_kernels.paged_attention.kernel import split_blocks
 
 f32 = jnp.float32
 BLOCK_K = 64  # cache slots per loop step; the dense cache's length is a multiple of 64
@@ -100,11 +101,7 @@ def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_ou
              jnp.where(first, s_new, jnp.full_like(s_new, MASK_VALUE)),
              jnp.where(first, jnp.ones_like(s_new), jnp.zeros_like(s_new)))
 
-    total = (past + block_k - 1) // block_k
-    per_split = (total + num_splits - 1) // num_splits
-    lo = jnp.minimum(split * per_split, total)
-    hi = jnp.minimum(lo + per_split, total)
-    full_hi = jnp.clip(past // block_k, lo, hi)  # blocks before this lie wholly in the past
+    lo, full_hi, hi = split_blocks(past, block_k, split, num_splits)
 
     def body(j, carry, masked):
         slots = pl.ds(j * block_k, block_k)

@@ -42,6 +42,17 @@ def load_kv_block(pages_ref, table_ref, j, pages_per_block: int, num_pages: int)
     return blk.reshape(blk.shape[0] * blk.shape[1], blk.shape[2])
 
 
+def split_blocks(ctx, block_k: int, split, num_splits: int):
+    """Split `split`'s blocks of a ctx-token context: (lo, full_hi, hi), blocks [lo, full_hi)
+    lying wholly inside ctx and [full_hi, hi) the masked rest. The context's blocks are cut
+    into num_splits near-equal runs, so every sequence is split evenly whatever its length."""
+    total = (ctx + block_k - 1) // block_k
+    per_split = (total + num_splits - 1) // num_splits
+    lo = jnp.minimum(split * per_split, total)
+    hi = jnp.minimum(lo + per_split, total)
+    return lo, jnp.clip(ctx // block_k, lo, hi), hi
+
+
 def _decode_kernel(
     ctx_len_ref,  # [] int32
     table_ref,  # [max_pages_pad] int32
@@ -61,13 +72,7 @@ def _decode_kernel(
     q = q_ref[...]
     num_pages = k_ref.shape[0]
 
-    # This split's blocks: the context's blocks cut into num_splits near-equal runs, so
-    # every sequence is split evenly whatever its length.
-    total = (ctx + block_k - 1) // block_k
-    per_split = (total + num_splits - 1) // num_splits
-    lo = jnp.minimum(split * per_split, total)
-    hi = jnp.minimum(lo + per_split, total)
-    full_hi = jnp.clip(ctx // block_k, lo, hi)  # blocks before this one lie wholly inside ctx
+    lo, full_hi, hi = split_blocks(ctx, block_k, split, num_splits)
 
     def body(j, carry, masked):
         k = load_kv_block(k_ref, table_ref, j, pages_per_block, num_pages)  # [block_k, D]
