@@ -203,7 +203,7 @@ def fused_decode_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
         qkv = qkv_rope(x, lp.attn_norm, wqkv, cos, sin, num_heads=H, num_kv_heads=K, eps=eps,
                        transposed=t)  # [B, (H + 2K) * D]
         # The token's K/V go to slot `position` (nothing past the buffer, as the general
-        # path's mode="drop"); parts, lse [B, splits, H * D] f32.
+        # path's mode="drop"); parts [B, splits, H * D] and lse [B, splits, H], f32.
         parts, lse, ks[layer], vs[layer] = decode_attention(
             qkv, ks[layer], vs[layer], positions, num_heads=H, num_kv_heads=K,
             num_splits=splits)

@@ -37,6 +37,7 @@ from pallas_kernels.flash_attention.kernel import (
     scale_logits,
 )
 from pallas_kernels.flash_attention.tuning import resolve_interpret
+from pallas_kernels.fused_decode.kernel import whole_block
 from pallas_kernels.paged_attention.kernel import split_blocks
 
 f32 = jnp.float32
@@ -166,18 +167,14 @@ def decode_attention(qkv, k_cache, v_cache, positions, *, num_heads: int, num_kv
                                num_splits=splits, sm_scale=D ** -0.5)
     inputs = (positions.astype(jnp.int32), qkv.reshape(b, H + 2 * K, D), k_cache, v_cache)
     out_shape = (jax.ShapeDtypeStruct((b, splits, H, D), f32),
-                 jax.ShapeDtypeStruct((b, splits, H), f32), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                 jax.ShapeDtypeStruct((b, splits, H), f32),
+                 jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
-
-    def whole(shape):
-        zeros = (0,) * len(shape)
-        return pl.BlockSpec(shape, lambda *_: zeros)
-
     parts, lse, k_cache, v_cache = pl.pallas_call(
         kernel,
         grid=(b, K, splits),
-        in_specs=[whole(a.shape) for a in inputs],
-        out_specs=[whole(s.shape) for s in out_shape],
+        in_specs=[whole_block(a) for a in inputs],
+        out_specs=[whole_block(s) for s in out_shape],
         out_shape=out_shape,
         input_output_aliases={2: 2, 3: 3},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),

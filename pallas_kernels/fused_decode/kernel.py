@@ -342,10 +342,11 @@ def _params(tiles: GemvTiles) -> plgpu.CompilerParams:
     return plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
-def _whole(a) -> pl.BlockSpec:
-    """The whole array as every program's block: programs index into it themselves."""
+def whole_block(a) -> pl.BlockSpec:
+    """The whole array as every program's block, on a grid of any rank: programs index into
+    it themselves."""
     zeros = (0,) * len(a.shape)
-    return pl.BlockSpec(a.shape, lambda i: zeros)
+    return pl.BlockSpec(a.shape, lambda *_: zeros)
 
 
 def _launch(kernel, inputs: tuple, out_shape: jax.ShapeDtypeStruct, tiles: GemvTiles,
@@ -354,8 +355,8 @@ def _launch(kernel, inputs: tuple, out_shape: jax.ShapeDtypeStruct, tiles: GemvT
     return pl.pallas_call(
         kernel,
         grid=(grid,),
-        in_specs=[_whole(a) for a in inputs],
-        out_specs=_whole(out_shape),
+        in_specs=[whole_block(a) for a in inputs],
+        out_specs=whole_block(out_shape),
         out_shape=out_shape,
         compiler_params=_params(tiles),
         interpret=resolve_interpret(interpret),
