@@ -29,17 +29,34 @@ from pallas_kernels.paged_attention.reference import (
 from pallas_kernels.paged_attention.tuning import decode_num_splits, paged_config
 
 
-def load_kv_block(pages_ref, table_ref, j, pages_per_block: int, num_pages: int) -> jax.Array:
-    """Gathers the j-th block of a sequence's tokens for one kv head: [pages_per_block*page, D].
+def load_kv_block(pages_ref, table_ref, j, block_k: int, page_size: int) -> jax.Array:
+    """Gathers the j-th block of a sequence's tokens for one kv head: [block_k, D].
 
-    pages_ref [P, page, D] is the pool seen through one kv head; table_ref [max_pages_pad] the
-    sequence's block table. Entries past the context may be padding (-1, stale ids): clipped
+    pages_ref [P * page, D] is the pool seen through one kv head, one row per token slot;
+    table_ref [max_pages_pad] the sequence's block table. Token t of the block lies in row
+    table[t // page] * page + t % page: one 2-D gather of whole rows, which Triton can
+    pipeline like a plain load (a [pages, page, D] gather reshaped to rows could not be
+    vectorised as well). Entries past the context may be padding (-1, stale ids): clipped
     into range so the load stays in bounds; the caller masks those tokens.
     """
-    ids = table_ref[pl.ds(j * pages_per_block, pages_per_block)]  # [pages_per_block]
+    pages_per_block = block_k // page_size
+    num_pages = pages_ref.shape[0] // page_size
+    tok = jnp.arange(block_k)
+    ids = table_ref[j * pages_per_block + tok // page_size]  # [block_k], page of each token
+    rows = jnp.clip(ids, 0, num_pages - 1) * page_size + tok % page_size
+    return pages_ref[rows]
+
+
+def load_kv_block_pages(pages_ref, table_ref, j, block_k: int, page_size: int) -> jax.Array:
+    """The former gather ([pages, page, D], reshaped): kept only to be timed against."""
+    pages_per_block = block_k // page_size
+    num_pages = pages_ref.shape[0] // page_size
+    ids = table_ref[pl.ds(j * pages_per_block, pages_per_block)]
     ids = jnp.clip(ids, 0, num_pages - 1)
-    blk = pages_ref[ids]  # [pages_per_block, page, D]
-    return blk.reshape(blk.shape[0] * blk.shape[1], blk.shape[2])
+    tok = jnp.arange(page_size)
+    rows = ids[:, None] * page_size + tok[None, :]  # [pages, page]
+    blk = pages_ref[rows]  # [pages, page, D]
+    return blk.reshape(block_k, blk.shape[2])
 
 
 def split_blocks(ctx, block_k: int, split, num_splits: int):
@@ -54,29 +71,35 @@ def split_blocks(ctx, block_k: int, split, num_splits: int):
 
 
 def _decode_kernel(
-    ctx_len_ref,  # [] int32
-    table_ref,  # [max_pages_pad] int32
-    q_ref,  # [Gp, D]: the query heads of one kv head, zero-padded to Gp >= 16 rows
-    k_ref,  # [P, page, D]: the pool through this kv head
-    v_ref,  # [P, page, D]
-    *out_refs,  # num_splits == 1: o [Gp, D]; else acc [Gp, D] f32, m [Gp], l [Gp]
+    ctx_ref,  # [B] int32
+    table_ref,  # [max_pages_pad] int32: this sequence's block table
+    q_ref,  # [H, D]: this sequence's queries
+    k_ref,  # [P * page, D]: the pool through this kv head, a row per token slot
+    v_ref,  # [P * page, D]
+    *out_refs,  # num_splits == 1: o [H, D]; else acc [splits, H, D] f32, m and l [splits, H]
     sm_scale: float,
     soft_cap: float | None,
     block_k: int,
-    pages_per_block: int,
+    page_size: int,
     num_splits: int,
     group: int,
+    gather: str,
 ):
-    split = pl.program_id(2)
-    ctx = ctx_len_ref[()]
-    q = q_ref[...]
-    num_pages = k_ref.shape[0]
+    b, kv, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    ctx = ctx_ref[b]
+    # The kv head's G query heads as one tensor-core tile of Gp >= 16 rows; the rows past G
+    # are masked on load and store, so q needs no padded copy and the output no slice.
+    gp = max(16, pl.next_power_of_2(group))  # tl.dot needs >= 16 rows
+    heads = jnp.arange(gp) < group  # [Gp]
+    rows = pl.ds(kv * group, gp)
+    q = plgpu.load(q_ref.at[rows, :], mask=heads[:, None], other=0)  # [Gp, D]
+    load = load_kv_block if gather == "rows" else load_kv_block_pages
 
     lo, full_hi, hi = split_blocks(ctx, block_k, split, num_splits)
 
     def body(j, carry, masked):
-        k = load_kv_block(k_ref, table_ref, j, pages_per_block, num_pages)  # [block_k, D]
-        v = load_kv_block(v_ref, table_ref, j, pages_per_block, num_pages)
+        k = load(k_ref, table_ref, j, block_k, page_size)  # [block_k, D]
+        v = load(v_ref, table_ref, j, block_k, page_size)
         s = scale_logits(dot_nt(q, k), sm_scale, soft_cap)  # [Gp, block_k]
         mask = None
         if masked:
@@ -86,25 +109,23 @@ def _decode_kernel(
             mask = jnp.broadcast_to(valid[None, :], s.shape)
         return online_softmax_step(carry, s, v, mask)
 
-    gp, d = q.shape
+    d = q.shape[1]
     carry = (
         jnp.zeros((gp, d), jnp.float32),
         jnp.full((gp,), MASK_VALUE, jnp.float32),
         jnp.zeros((gp,), jnp.float32),
     )
     carry = jax.lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), carry)
-    carry = jax.lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
-    acc, m, l = carry
+    acc, m, l = jax.lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
     if num_splits == 1:
         (o_ref,) = out_refs
-        o_ref[...] = finish_softmax(acc, l).astype(o_ref.dtype)
+        plgpu.store(o_ref.at[rows, :], finish_softmax(acc, l).astype(o_ref.dtype),
+                    mask=heads[:, None])
     else:
         acc_ref, m_ref, l_ref = out_refs
-        # Only the group's real heads are stored; padded rows are sliced off before combining.
-        rows = jnp.arange(gp) < group
-        plgpu.store(acc_ref, acc, mask=rows[:, None])
-        plgpu.store(m_ref, m, mask=rows)
-        plgpu.store(l_ref, l, mask=rows)
+        plgpu.store(acc_ref.at[split, rows, :], acc, mask=heads[:, None])
+        plgpu.store(m_ref.at[split, rows], m, mask=heads)
+        plgpu.store(l_ref.at[split, rows], l, mask=heads)
 
 
 def check_paged_inputs(
@@ -171,6 +192,7 @@ def paged_attention(
     num_stages: int | None = None,
     interpret: bool | None = None,
     impl: str = "pallas",
+    gather: str = "rows",
 ) -> jax.Array:
     """Decode attention: one query token per sequence against its paged K/V.
 
@@ -230,6 +252,7 @@ def paged_attention(
         num_warps=num_warps or cfg.num_warps,
         num_stages=num_stages or cfg.num_stages,
         interpret=resolve_interpret(interpret),
+        gather=gather,
     )
 
 
@@ -243,6 +266,7 @@ def paged_attention(
         "num_warps",
         "num_stages",
         "interpret",
+        "gather",
     ),
 )
 def _paged_call(
@@ -259,48 +283,43 @@ def _paged_call(
     num_warps,
     num_stages,
     interpret,
+    gather="rows",
 ):
     b, h, d = q.shape
     num_pages, page_size, num_kv, _ = k_pages.shape
-    group = h // num_kv
-    gp = max(16, pl.next_power_of_2(group))  # tl.dot needs >= 16 rows
-    pages_per_block = block_k // page_size
-    table = pad_block_tables(block_tables, pages_per_block)  # [B, max_pages_pad]
+    table = pad_block_tables(block_tables, block_k // page_size)  # [B, max_pages_pad]
     ctx = jnp.clip(context_lens.astype(jnp.int32), 0, block_tables.shape[1] * page_size)
-    qg = q.reshape(b, num_kv, group, d)
-    if gp != group:
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - group), (0, 0)))  # [B, K, Gp, D]
-
     kernel = functools.partial(
         _decode_kernel,
         sm_scale=sm_scale,
         soft_cap=soft_cap,
         block_k=block_k,
-        pages_per_block=pages_per_block,
+        page_size=page_size,
         num_splits=num_splits,
-        group=group,
+        group=h // num_kv,
+        gather=gather,
     )
-    pool_spec = pl.BlockSpec((num_pages, page_size, None, d), lambda bi, ki, si: (0, 0, ki, 0))
+    # [P, page, K, D] -> [P * page, K, D] is free (same bytes): a token slot per row.
+    k_rows, v_rows = (x.reshape(num_pages * page_size, num_kv, d) for x in (k_pages, v_pages))
+    pool_spec = pl.BlockSpec((num_pages * page_size, None, d), lambda bi, ki, si: (0, ki, 0))
     in_specs = [
-        pl.BlockSpec((None,), lambda bi, ki, si: (bi,)),
+        pl.BlockSpec((b,), lambda bi, ki, si: (0,)),
         pl.BlockSpec((None, table.shape[1]), lambda bi, ki, si: (bi, 0)),
-        pl.BlockSpec((None, None, gp, d), lambda bi, ki, si: (bi, ki, 0, 0)),
+        pl.BlockSpec((None, h, d), lambda bi, ki, si: (bi, 0, 0)),
         pool_spec,
         pool_spec,
     ]
     if num_splits == 1:
-        out_specs = pl.BlockSpec((None, None, gp, d), lambda bi, ki, si: (bi, ki, 0, 0))
-        out_shape = jax.ShapeDtypeStruct((b, num_kv, gp, d), q.dtype)
+        out_specs = pl.BlockSpec((None, h, d), lambda bi, ki, si: (bi, 0, 0))
+        out_shape = jax.ShapeDtypeStruct((b, h, d), q.dtype)
     else:
-        out_specs = [
-            pl.BlockSpec((None, None, None, gp, d), lambda bi, ki, si: (bi, ki, si, 0, 0)),
-            pl.BlockSpec((None, None, None, gp), lambda bi, ki, si: (bi, ki, si, 0)),
-            pl.BlockSpec((None, None, None, gp), lambda bi, ki, si: (bi, ki, si, 0)),
-        ]
+        stats = pl.BlockSpec((None, num_splits, h), lambda bi, ki, si: (bi, 0, 0))
+        out_specs = [pl.BlockSpec((None, num_splits, h, d), lambda bi, ki, si: (bi, 0, 0, 0)),
+                     stats, stats]
         out_shape = [
-            jax.ShapeDtypeStruct((b, num_kv, num_splits, gp, d), jnp.float32),
-            jax.ShapeDtypeStruct((b, num_kv, num_splits, gp), jnp.float32),
-            jax.ShapeDtypeStruct((b, num_kv, num_splits, gp), jnp.float32),
+            jax.ShapeDtypeStruct((b, num_splits, h, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, num_splits, h), jnp.float32),
+            jax.ShapeDtypeStruct((b, num_splits, h), jnp.float32),
         ]
     out = pl.pallas_call(
         kernel,
@@ -311,21 +330,20 @@ def _paged_call(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="paged_attention_decode",
-    )(ctx, table, qg, k_pages, v_pages)
+    )(ctx, table, q, k_rows, v_rows)
     if num_splits == 1:
-        return out[:, :, :group].reshape(b, h, d)
-    acc, m, l = (x[:, :, :, :group] for x in out)
-    return combine_splits(acc, m, l).reshape(b, h, d).astype(q.dtype)
+        return out
+    return combine_splits(*out).astype(q.dtype)
 
 
 def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
-    """Merges split-K partials (base-2 running max m, sum l, unnormalized acc) along axis 2.
+    """Merges split-K partials (base-2 running max m, sum l, unnormalized acc) along axis 1.
 
-    acc [B, K, splits, G, D], m and l [B, K, splits, G] -> [B, K, G, D] f32. Empty splits
-    carry m = MASK_VALUE and l = 0, so their weight is 0 unless every split is empty.
+    acc [B, splits, H, D], m and l [B, splits, H] -> [B, H, D] f32. Empty splits carry
+    m = MASK_VALUE and l = 0, so their weight is 0 unless every split is empty.
     """
-    m_max = jnp.max(m, axis=2, keepdims=True)
-    w = jnp.exp2(m - m_max)  # [B, K, splits, G]
-    l_tot = jnp.sum(w * l, axis=2)
-    o = jnp.sum(w[..., None] * acc, axis=2)
+    m_max = jnp.max(m, axis=1, keepdims=True)
+    w = jnp.exp2(m - m_max)  # [B, splits, H]
+    l_tot = jnp.sum(w * l, axis=1)
+    o = jnp.sum(w[..., None] * acc, axis=1)
     return o / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]

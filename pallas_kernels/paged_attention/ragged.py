@@ -40,19 +40,18 @@ def _ragged_kernel(
     ctx_ref,  # [] int32 keys of the item's sequence (0 for idle items)
     table_ref,  # [max_pages_pad] int32 the sequence's block table
     q_ref,  # [N_pad, Gp, D] every query row, seen through this kv head
-    k_ref,  # [P, page, D]
-    v_ref,  # [P, page, D]
+    k_ref,  # [P * page, D]: the pool through this kv head, a row per token slot
+    v_ref,  # [P * page, D]
     o_ref,  # [N_pad, Gp, D]
     *,
     sm_scale: float,
     soft_cap: float | None,
     block_q: int,
     block_k: int,
-    pages_per_block: int,
+    page_size: int,
 ):
     row0, num_q = row0_ref[()], num_q_ref[()]
     pos0, ctx = pos0_ref[()], ctx_ref[()]
-    num_pages = k_ref.shape[0]
     _, gp, d = q_ref.shape
     rows = block_q * gp
     # Rows are (token, head) pairs, token-major: row r is token r // gp of the item.
@@ -66,8 +65,8 @@ def _ragged_kernel(
     num_full = jnp.minimum(jnp.minimum(ctx // block_k, (pos0 + 1) // block_k), num_blocks)
 
     def body(j, carry, masked):
-        k = load_kv_block(k_ref, table_ref, j, pages_per_block, num_pages)  # [block_k, D]
-        v = load_kv_block(v_ref, table_ref, j, pages_per_block, num_pages)
+        k = load_kv_block(k_ref, table_ref, j, block_k, page_size)  # [block_k, D]
+        v = load_kv_block(v_ref, table_ref, j, block_k, page_size)
         s = scale_logits(dot_nt(q, k), sm_scale, soft_cap)  # [rows, block_k]
         mask = None
         if masked:
@@ -248,10 +247,9 @@ def _ragged_call(
     num_pages, page_size, num_kv, _ = k_pages.shape
     group = h // num_kv
     gp = pl.next_power_of_2(group)
-    pages_per_block = block_k // page_size
     ctx_lens = jnp.clip(context_lens.astype(jnp.int32), 0, block_tables.shape[1] * page_size)
     row0, num_q, pos0, seq, ctx = ragged_schedule(query_start_loc, ctx_lens, n, block_q)
-    tables = pad_block_tables(block_tables, pages_per_block)[seq]  # [W, max_pages_pad]
+    tables = pad_block_tables(block_tables, block_k // page_size)[seq]  # [W, max_pages_pad]
     # [N, H, D] -> [N + block_q, K, Gp, D]: the tail pad keeps every item's block_q-row load
     # and store in bounds.
     qg = jnp.pad(q.reshape(n, num_kv, group, d), ((0, block_q), (0, 0), (0, gp - group), (0, 0)))
@@ -262,11 +260,11 @@ def _ragged_call(
         soft_cap=soft_cap,
         block_q=block_q,
         block_k=block_k,
-        pages_per_block=pages_per_block,
+        page_size=page_size,
     )
     item = pl.BlockSpec((None,), lambda wi, ki: (wi,))
     rows_spec = pl.BlockSpec((qg.shape[0], None, gp, d), lambda wi, ki: (0, ki, 0, 0))
-    pool_spec = pl.BlockSpec((num_pages, page_size, None, d), lambda wi, ki: (0, 0, ki, 0))
+    pool_spec = pl.BlockSpec((num_pages * page_size, None, d), lambda wi, ki: (0, ki, 0))
     out = pl.pallas_call(
         kernel,
         grid=(row0.shape[0], num_kv),
@@ -285,7 +283,8 @@ def _ragged_call(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="ragged_paged_attention",
-    )(row0, num_q, pos0, ctx, tables, qg, k_pages, v_pages)
+    )(row0, num_q, pos0, ctx, tables, qg, *(x.reshape(num_pages * page_size, num_kv, d)
+                                            for x in (k_pages, v_pages)))
     out = out[:n, :, :group].reshape(n, h, d)
     # Rows no item wrote (padding after query_start_loc[B]) are uninitialized: zero them.
     used = jnp.arange(n) < query_start_loc[-1]
