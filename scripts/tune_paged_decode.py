@@ -3,9 +3,8 @@ configurations across batch and context, every anchor timed in the same run.
 
     PYTHONPATH=. python3 scripts/tune_paged_decode.py --out $OUT
 
-Stage 1 times every (gather, block_k, num_warps, num_stages, num_splits) of the grid at
-B32 S4096 (GQA 32/8, D128, bf16, page 16). Stage 2 takes the best few (gather, block_k,
-warps, stages) and tries each with several split counts and the default heuristic at the
+Stage 1 times every (block_k, num_warps, num_stages, num_splits) of the grid at B32 S4096
+(GQA 32/8, D128, bf16, page 16). Stage 2 takes the best few (block_k, warps, stages) and tries each with several split counts and the default heuristic at the
 points of --points. Each variant is checked against the f32 reference before it is timed
 (scripts/bench_kernels.py: rotating block tables over >= 256 MB, so the L2 never serves K/V).
 Writes paged_decode_tuning.json and .md under --out after every point.
@@ -25,25 +24,25 @@ import jax
 from scripts.bench_kernels import bench_ceilings, bench_decode_point
 
 GRID = {
-    "rows": {"block_k": (64, 128, 256), "warps_stages": ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3)),
-                 "num_splits": (1, 2, 4)},
-    "pages": {"block_k": (128,), "warps_stages": ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3)),
-                  "num_splits": (1, 2)},
+    "block_k": (64, 128, 256),
+    "warps_stages": ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3)),
+    "num_splits": (1, 2, 4),
 }
 
 
 def name_of(kw: dict) -> str:
     s = kw.get("num_splits")
-    return (f"{kw['gather']}_bk{kw['block_k']}_w{kw['num_warps']}_s{kw['num_stages']}"
+    return (f"bk{kw['block_k']}_w{kw['num_warps']}_s{kw['num_stages']}"
             f"_split{'auto' if s is None else s}")
 
 
 def grid_variants() -> dict:
     out = {}
-    for gather, g in GRID.items():
-        for bk, (w, st), ns in itertools.product(g["block_k"], g["warps_stages"], g["num_splits"]):
-            kw = {"gather": gather, "block_k": bk, "num_warps": w, "num_stages": st, "num_splits": ns}
-            out[name_of(kw)] = kw
+    for bk, (w, st), ns in itertools.product(
+        GRID["block_k"], GRID["warps_stages"], GRID["num_splits"]
+    ):
+        kw = {"block_k": bk, "num_warps": w, "num_stages": st, "num_splits": ns}
+        out[name_of(kw)] = kw
     return out
 
 

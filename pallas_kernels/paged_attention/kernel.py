@@ -34,10 +34,11 @@ def load_kv_block(pages_ref, table_ref, j, block_k: int, page_size: int) -> jax.
 
     pages_ref [P * page, D] is the pool seen through one kv head, one row per token slot;
     table_ref [max_pages_pad] the sequence's block table. Token t of the block lies in row
-    table[t // page] * page + t % page: one 2-D gather of whole rows, which Triton can
-    pipeline like a plain load (a [pages, page, D] gather reshaped to rows could not be
-    vectorised as well). Entries past the context may be padding (-1, stale ids): clipped
-    into range so the load stays in bounds; the caller masks those tokens.
+    table[t // page] * page + t % page: one 2-D gather of whole rows. Measured on an H200
+    (benchmarks/paged_decode_tuning.md) it streams at 3.83 TB/s at B32 S4096 where the former
+    [pages, page, D] gather reshaped to [block_k, D] reached 2.20 with the same launch
+    parameters. Entries past the context may be padding (-1, stale ids): clipped into range so
+    the load stays in bounds; the caller masks those tokens.
     """
     pages_per_block = block_k // page_size
     num_pages = pages_ref.shape[0] // page_size
@@ -45,18 +46,6 @@ def load_kv_block(pages_ref, table_ref, j, block_k: int, page_size: int) -> jax.
     ids = table_ref[j * pages_per_block + tok // page_size]  # [block_k], page of each token
     rows = jnp.clip(ids, 0, num_pages - 1) * page_size + tok % page_size
     return pages_ref[rows]
-
-
-def load_kv_block_pages(pages_ref, table_ref, j, block_k: int, page_size: int) -> jax.Array:
-    """The former gather ([pages, page, D], reshaped): kept only to be timed against."""
-    pages_per_block = block_k // page_size
-    num_pages = pages_ref.shape[0] // page_size
-    ids = table_ref[pl.ds(j * pages_per_block, pages_per_block)]
-    ids = jnp.clip(ids, 0, num_pages - 1)
-    tok = jnp.arange(page_size)
-    rows = ids[:, None] * page_size + tok[None, :]  # [pages, page]
-    blk = pages_ref[rows]  # [pages, page, D]
-    return blk.reshape(block_k, blk.shape[2])
 
 
 def split_blocks(ctx, block_k: int, split, num_splits: int):
@@ -83,7 +72,6 @@ def _decode_kernel(
     page_size: int,
     num_splits: int,
     group: int,
-    gather: str,
 ):
     b, kv, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     ctx = ctx_ref[b]
@@ -93,13 +81,12 @@ def _decode_kernel(
     heads = jnp.arange(gp) < group  # [Gp]
     rows = pl.ds(kv * group, gp)
     q = plgpu.load(q_ref.at[rows, :], mask=heads[:, None], other=0)  # [Gp, D]
-    load = load_kv_block if gather == "rows" else load_kv_block_pages
 
     lo, full_hi, hi = split_blocks(ctx, block_k, split, num_splits)
 
     def body(j, carry, masked):
-        k = load(k_ref, table_ref, j, block_k, page_size)  # [block_k, D]
-        v = load(v_ref, table_ref, j, block_k, page_size)
+        k = load_kv_block(k_ref, table_ref, j, block_k, page_size)  # [block_k, D]
+        v = load_kv_block(v_ref, table_ref, j, block_k, page_size)
         s = scale_logits(dot_nt(q, k), sm_scale, soft_cap)  # [Gp, block_k]
         mask = None
         if masked:
@@ -192,7 +179,6 @@ def paged_attention(
     num_stages: int | None = None,
     interpret: bool | None = None,
     impl: str = "pallas",
-    gather: str = "rows",
 ) -> jax.Array:
     """Decode attention: one query token per sequence against its paged K/V.
 
@@ -252,7 +238,6 @@ def paged_attention(
         num_warps=num_warps or cfg.num_warps,
         num_stages=num_stages or cfg.num_stages,
         interpret=resolve_interpret(interpret),
-        gather=gather,
     )
 
 
@@ -266,7 +251,6 @@ def paged_attention(
         "num_warps",
         "num_stages",
         "interpret",
-        "gather",
     ),
 )
 def _paged_call(
@@ -283,7 +267,6 @@ def _paged_call(
     num_warps,
     num_stages,
     interpret,
-    gather="rows",
 ):
     b, h, d = q.shape
     num_pages, page_size, num_kv, _ = k_pages.shape
@@ -297,7 +280,6 @@ def _paged_call(
         page_size=page_size,
         num_splits=num_splits,
         group=h // num_kv,
-        gather=gather,
     )
     # [P, page, K, D] -> [P * page, K, D] is free (same bytes): a token slot per row.
     k_rows, v_rows = (x.reshape(num_pages * page_size, num_kv, d) for x in (k_pages, v_pages))

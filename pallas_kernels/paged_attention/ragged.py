@@ -25,6 +25,7 @@ from pallas_kernels.paged_attention.kernel import (
     check_paged_inputs,
     load_kv_block,
     pad_block_tables,
+    paged_attention,
 )
 from pallas_kernels.paged_attention.reference import (
     ragged_paged_attention_reference,
@@ -92,14 +93,21 @@ def _ragged_kernel(
 
 
 def ragged_schedule(
-    query_start_loc: jax.Array, context_lens: jax.Array, num_tokens: int, block_q: int
+    query_start_loc: jax.Array,
+    context_lens: jax.Array,
+    num_tokens: int,
+    block_q: int,
+    skip: jax.Array | None = None,
 ):
     """Cuts each sequence's queries into items of block_q tokens: per-item (row0, num_q, pos0, seq,
     ctx), each [W] int32 with W = cdiv(N, block_q) + B a static bound; idle items have num_q 0.
+    Sequences where skip [B] bool is set get no items (another kernel serves them).
     """
     b = context_lens.shape[0]
     qsl = query_start_loc.astype(jnp.int32)
     q_lens = qsl[1:] - qsl[:-1]  # [B]
+    if skip is not None:
+        q_lens = jnp.where(skip, 0, q_lens)
     blocks = (q_lens + block_q - 1) // block_q  # [B]
     ends = jnp.cumsum(blocks)  # [B] items up to and including sequence b
     # sum_b cdiv(q_len_b, block_q) <= sum_b (q_len_b / block_q + 1) <= N / block_q + B.
@@ -130,6 +138,8 @@ def ragged_paged_attention(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    num_splits: int | None = None,
+    split_decodes: bool = True,
     interpret: bool | None = None,
     impl: str = "pallas",
 ) -> jax.Array:
@@ -151,6 +161,11 @@ def ragged_paged_attention(
       block_q: query tokens per program (power of 2); default block_rows // next_pow2(H/K).
       block_k: tokens per loop step, a power-of-2 multiple of page_size; default from tuning.
       num_warps, num_stages: Triton launch parameters; default from tuning.
+      num_splits: split-K partitions of the decode kernel; default `tuning.decode_num_splits`.
+      split_decodes: serve the sequences with q_len 1 by the split-K decode kernel (one launch
+        over all B slots) and only the longer ones by the ragged kernel. Off, one ragged launch
+        serves all: a decode then reads its whole context in one program, with block_q - 1 of
+        its rows idle.
       interpret: Pallas interpreter; None = interpret unless the backend is GPU.
       impl: "pallas"; "xla" (plain jnp in the input dtype, 32 rows at a time, each gathering
         its sequence's K/V); "reference" (the f32 spec: gathers [N, S, K, D] at once, tests only).
@@ -211,6 +226,8 @@ def ragged_paged_attention(
         block_k=block_k,
         num_warps=num_warps or cfg.num_warps,
         num_stages=num_stages or cfg.num_stages,
+        split_decodes=split_decodes,
+        num_splits=num_splits,
         interpret=resolve_interpret(interpret),
     )
 
@@ -224,6 +241,8 @@ def ragged_paged_attention(
         "block_k",
         "num_warps",
         "num_stages",
+        "split_decodes",
+        "num_splits",
         "interpret",
     ),
 )
@@ -241,6 +260,8 @@ def _ragged_call(
     block_k,
     num_warps,
     num_stages,
+    split_decodes,
+    num_splits,
     interpret,
 ):
     n, h, d = q.shape
@@ -248,7 +269,11 @@ def _ragged_call(
     group = h // num_kv
     gp = pl.next_power_of_2(group)
     ctx_lens = jnp.clip(context_lens.astype(jnp.int32), 0, block_tables.shape[1] * page_size)
-    row0, num_q, pos0, seq, ctx = ragged_schedule(query_start_loc, ctx_lens, n, block_q)
+    qsl = query_start_loc.astype(jnp.int32)
+    is_decode = None
+    if split_decodes:
+        is_decode = qsl[1:] - qsl[:-1] == 1  # [B]
+    row0, num_q, pos0, seq, ctx = ragged_schedule(qsl, ctx_lens, n, block_q, skip=is_decode)
     tables = pad_block_tables(block_tables, block_k // page_size)[seq]  # [W, max_pages_pad]
     # [N, H, D] -> [N + block_q, K, Gp, D]: the tail pad keeps every item's block_q-row load
     # and store in bounds.
@@ -287,5 +312,15 @@ def _ragged_call(
                                             for x in (k_pages, v_pages)))
     out = out[:n, :, :group].reshape(n, h, d)
     # Rows no item wrote (padding after query_start_loc[B]) are uninitialized: zero them.
-    used = jnp.arange(n) < query_start_loc[-1]
-    return jnp.where(used[:, None, None], out, jnp.zeros_like(out))
+    used = jnp.arange(n) < qsl[-1]
+    out = jnp.where(used[:, None, None], out, jnp.zeros_like(out))
+    if not split_decodes:
+        return out
+    # Decode rows: one split-K launch over all B slots, the others given context 0 (no reads).
+    q_dec = q[jnp.clip(qsl[:-1], 0, n - 1)]  # [B, H, D] each slot's first (only) query
+    o_dec = paged_attention(
+        q_dec, k_pages, v_pages, block_tables, jnp.where(is_decode, ctx_lens, 0),
+        sm_scale=sm_scale, soft_cap=soft_cap, num_splits=num_splits, interpret=interpret,
+    )  # [B, H, D]
+    # Non-decode slots scatter to row n: out of range, dropped.
+    return out.at[jnp.where(is_decode, qsl[:-1], n)].set(o_dec, mode="drop")

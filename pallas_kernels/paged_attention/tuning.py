@@ -25,10 +25,12 @@ _HOPPER = ("H100", "H200", "H800")
 def paged_config(page_size: int, head_dim: int, dtype, kind: str | None = None) -> PagedConfig:
     """Launch parameters for the decode and ragged kernels on this device.
 
-    Hopper values from scripts/bench_kernels.py on an H100, jax 0.11.2 (benchmarks/kernels.md).
-    Decode B32 S4096 GQA 32/8 D128 bf16, page 16: block_k 128 with 2 splits 2.07 TB/s; block_k
-    64 with 1, 2, 4, 8 splits 1.95, 1.49, 1.88, 1.88. Ragged 28 decodes + 4 chunks of 512:
-    64 rows per program 509 us, 32 rows 1246 us, 16 rows 1695 us (block_k 64).
+    Hopper decode values from scripts/tune_paged_decode.py on an H200, jax 0.11.2
+    (benchmarks/paged_decode_tuning.md; GQA 32/8 D128 bf16, page 16): block_k 128, 4 warps,
+    2 stages is within 3% of the best of 75 launch configurations at B32 S4096 (3.83 TB/s,
+    read stream 4.36) and the best or near it at B8/B64 and S16k. 8 warps lose 4-20%;
+    block_k 256 loses 9%. Ragged 28 decodes + 4 chunks of 512 (H100): 64 rows per program
+    509 us, 32 rows 1246 us, 16 rows 1695 us (block_k 64).
     """
     kind = device_kind() if kind is None else kind
     del dtype  # same choice for f32/bf16/f16 so far
@@ -37,7 +39,7 @@ def paged_config(page_size: int, head_dim: int, dtype, kind: str | None = None) 
             block_k=max(page_size, 128),
             num_splits=0,
             num_warps=4,
-            num_stages=3,
+            num_stages=2,
             block_rows=64,
             ragged_block_k=max(page_size, 64),
         )
@@ -56,10 +58,15 @@ def decode_num_splits(batch: int, num_kv_heads: int, num_blocks: int, cfg: Paged
     """Split-K partitions for the decode grid (batch, kv_heads, splits).
 
     With few sequences the grid is too small to keep every SM streaming: split each context
-    until there are about two programs per SM, but keep >= 2 blocks of work per split.
+    into the largest power of 2 that keeps the grid at or below about two programs per SM,
+    but keep >= 2 blocks of work per split. On an H200 (132 SMs; tune_paged_decode.py) this
+    is 1 at B32 (3.83 TB/s; 2 splits 3.70), 4 at B8 (2.61 at S4096, 3.81 at S16k; 5 splits,
+    the former rule, 3.13) and 32 at B1 (S32k); a power of 2 also divides the context's
+    power-of-2 block count evenly.
     """
     if cfg.num_splits:
         return max(1, min(cfg.num_splits, num_blocks))
     num_sms = getattr(jax.devices()[0], "core_count", None) or 132
-    want = -(-2 * num_sms // max(1, batch * num_kv_heads))
+    want = max(1, 2 * num_sms // max(1, batch * num_kv_heads))
+    want = 1 << (want.bit_length() - 1)  # largest power of 2 <= want
     return max(1, min(want, num_blocks // 2, 64))

@@ -112,8 +112,9 @@ RAGGED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("split_decodes", [True, False])
 @pytest.mark.parametrize("page,group,d,dtype", RAGGED_CASES)
-def test_ragged_matches_reference(rng, interpret, page, group, d, dtype):
+def test_ragged_matches_reference(rng, interpret, page, group, d, dtype, split_decodes):
     kv_heads, max_pages = 2 if group < 8 else 1, 3
     lens, qsl, n = _ragged_batch(rng, page, max_pages)
     num_pages = 2 * max_pages * len(lens)
@@ -124,9 +125,11 @@ def test_ragged_matches_reference(rng, interpret, page, group, d, dtype):
     q = jnp.asarray(rng.standard_normal((n, group * kv_heads, d)), dtype)
     ctx = jnp.asarray(lens, jnp.int32)
     args = (q, k_pages, v_pages, tables, ctx, qsl)
-    out = jit_for_tests(lambda *a: ragged_paged_attention(*a, block_k=page, interpret=interpret))(
-        *args
-    )
+    out = jit_for_tests(
+        lambda *a: ragged_paged_attention(
+            *a, block_k=page, split_decodes=split_decodes, interpret=interpret
+        )
+    )(*args)
     ref = jit_for_tests(ragged_paged_attention_reference)(*args)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert not jnp.any(out[int(qsl[-1]) :]), "padding rows must come back 0"
