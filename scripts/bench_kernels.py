@@ -349,10 +349,17 @@ def bench_sweep(batches=SWEEP_BATCHES, contexts=SWEEP_CONTEXTS) -> list[dict]:
 # ----------------------------------------------------------------------------- ragged
 
 
+RAGGED_CONFIGS = ((64, 64, 4, 3), (128, 64, 4, 2), (128, 128, 8, 3), (256, 64, 8, 2))
+
+
 def bench_ragged(
-    n_dec=28, n_pre=4, chunk=512, dec_ctx=4096, pre_ctx=2048, h=32, kv=8, d=128, page=16
+    n_dec=28, n_pre=4, chunk=512, dec_ctx=4096, pre_ctx=2048, h=32, kv=8, d=128, page=16,
+    configs=RAGGED_CONFIGS,
 ) -> dict:
-    """28 decodes at context 4096 + 4 prefill chunks of 512 (positions 1536..2047)."""
+    """28 decodes at context 4096 + 4 prefill chunks of 512 (positions 1536..2047).
+
+    configs: (query rows per program, block_k, warps, stages) of the chunk items' launch.
+    """
     print(f"ragged: {n_dec} decodes (ctx {dec_ctx}) + {n_pre} chunks of {chunk} (ctx {pre_ctx})")
     b = n_dec + n_pre
     lens = [dec_ctx] * n_dec + [pre_ctx] * n_pre
@@ -423,8 +430,7 @@ def bench_ragged(
     variants = {"ours_ragged_default": ours()}
     # (query rows per program, block_k, warps, stages): the chunk items' launch; decodes go to
     # the split-K decode kernel unless split_decodes=False (one launch serves all, as before).
-    for rows, bk, w, st in ((64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 3),
-                            (256, 32, 8, 2), (256, 64, 8, 2)):  # fmt: skip
+    for rows, bk, w, st in configs:
         variants[f"ours_ragged_rows{rows}_bk{bk}_w{w}_s{st}"] = ours(
             block_q=rows // gp, block_k=bk, num_warps=w, num_stages=st
         )

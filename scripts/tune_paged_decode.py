@@ -21,7 +21,15 @@ import sys
 
 import jax
 
-from scripts.bench_kernels import bench_ceilings, bench_decode_point
+from scripts.bench_kernels import bench_ceilings, bench_decode_point, bench_ragged
+
+# The ragged kernel's chunk items: (query rows per program, block_k, warps, stages).
+RAGGED_GRID = [
+    (rows, bk, w, st)
+    for rows in (64, 128, 256)
+    for bk in (64, 128)
+    for w, st in ((4, 2), (4, 3), (8, 2), (8, 3))
+]
 
 GRID = {
     "block_k": (64, 128, 256),
@@ -75,6 +83,8 @@ def main():
     ap.add_argument("--points", default="8x4096,64x4096,8x16384,32x16384,1x32768")
     ap.add_argument("--top", type=int, default=3)
     ap.add_argument("--splits", default="1,2,4,8")
+    ap.add_argument("--ragged", action="store_true",
+                    help="instead: the ragged mixed batch over RAGGED_GRID (ragged_tuning.*)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     res = {"env": {
@@ -90,6 +100,21 @@ def main():
         with open(os.path.join(args.out, "paged_decode_tuning.md"), "w") as f:
             f.write(markdown(res))
 
+    if args.ragged:
+        res["ragged"] = bench_ragged(configs=RAGGED_GRID)
+        rows = [(n, r) for n, r in res["ragged"].items() if isinstance(r, dict) and "us" in r]
+        env = res["env"]
+        md = ["# Ragged mixed-batch tuning", "",
+              f"- date: {env['date']}; card: {env['device_kind']}; jax {env['jax']}; git {env['git']}",
+              f"- command: `{env['command']}`", f"- shape: {res['ragged']['shape']}", "",
+              "| variant | us |", "|---|---|"]
+        md += [f"| {n} | {r['us']:.1f} |" for n, r in sorted(rows, key=lambda nr: nr[1]["us"])]
+        with open(os.path.join(args.out, "ragged_tuning.json"), "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        with open(os.path.join(args.out, "ragged_tuning.md"), "w") as f:
+            f.write("\n".join(md) + "\n")
+        print("\n".join(md))
+        return
     res["ceilings"] = bench_ceilings()
     variants = grid_variants()
     first = bench_decode_point(32, 4096, variants=variants)
