@@ -113,7 +113,10 @@ def ragged_schedule(
     # sum_b cdiv(q_len_b, block_q) <= sum_b (q_len_b / block_q + 1) <= N / block_q + B.
     num_items = -(-num_tokens // block_q) + b
     w = jnp.arange(num_items, dtype=jnp.int32)
-    seq = jnp.searchsorted(ends, w, side="right").astype(jnp.int32)  # first b with ends[b] > w
+    # first b with ends[b] > w. compare_all, not the default scan: a scan is an XLA while loop,
+    # whose per-iteration control cost ~90 us per call on an H200 (tune_paged_decode --ragged:
+    # an all-decode step 221 us vs 129 for the direct decode call), once per layer.
+    seq = jnp.searchsorted(ends, w, side="right", method="compare_all").astype(jnp.int32)
     live = seq < b
     seq = jnp.minimum(seq, b - 1)
     first = (w - (ends[seq] - blocks[seq])) * block_q  # item's first query within its sequence

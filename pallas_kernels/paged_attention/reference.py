@@ -176,7 +176,9 @@ def ragged_paged_attention_xla(
 def _ragged_rows(n: int, b: int, context_lens, query_start_loc):
     """Each flat row's sequence [N], absolute position [N] and whether it is a real row [N]."""
     rows = jnp.arange(n)
-    seq = jnp.searchsorted(query_start_loc[1:], rows, side="right")  # first b with end > row
+    # First b with end > row; compare_all avoids the default scan's XLA while loop (see
+    # ragged.ragged_schedule).
+    seq = jnp.searchsorted(query_start_loc[1:], rows, side="right", method="compare_all")
     valid = seq < b
     seq = jnp.minimum(seq, b - 1)
     q_len = query_start_loc[seq + 1] - query_start_loc[seq]
