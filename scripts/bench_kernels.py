@@ -353,12 +353,16 @@ SWEEP_BATCHES = (1, 8, 32, 64)
 SWEEP_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
 
 
-def bench_sweep(batches=SWEEP_BATCHES, contexts=SWEEP_CONTEXTS) -> list[dict]:
+def bench_sweep(batches=SWEEP_BATCHES, contexts=SWEEP_CONTEXTS, points=None,
+                on_point=None) -> list[dict]:
+    """Appends each point to `points` and calls on_point() after it (a timeout keeps those)."""
     print("decode sweep (context x batch)")
-    points = []
+    points = [] if points is None else points
     for b in batches:
         for ctx_len in contexts:
             points.append(bench_decode_point(b, ctx_len, anchors=(b == 32)))
+            if on_point:
+                on_point()
     return points
 
 
@@ -708,27 +712,32 @@ def main():
         "flash": bench_flash,
         "decode": bench_decode,
         "ragged": bench_ragged,
-        "sweep": functools.partial(bench_sweep, batches, contexts),
     }
+
+    def save():  # after every section and sweep point: a timeout keeps what finished
+        with open(os.path.join(args.out, "kernels.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        with open(os.path.join(args.out, "kernels.md"), "w") as f:
+            f.write(markdown(results))
+        if isinstance(results.get("sweep"), list) and results["sweep"]:
+            try:
+                plot_sweep(
+                    results["sweep"],
+                    os.path.join(args.out, "kernels_sweep.png"),
+                    results.get("ceilings", {}),
+                )
+            except Exception:  # noqa: BLE001
+                print(traceback.format_exc())
+
+    results["sweep"] = []
+    sections["sweep"] = functools.partial(bench_sweep, batches, contexts, results["sweep"], save)
     for name in args.only.split(","):
         try:
             results[name] = sections[name]()
         except Exception:  # noqa: BLE001 - write what we have
             results[name] = {"error": traceback.format_exc()[-2000:]}
             print(results[name]["error"])
-        with open(os.path.join(args.out, "kernels.json"), "w") as f:
-            json.dump(results, f, indent=1, default=str)
-        with open(os.path.join(args.out, "kernels.md"), "w") as f:
-            f.write(markdown(results))  # after every section: a timeout keeps what finished
-    if isinstance(results.get("sweep"), list):
-        try:
-            plot_sweep(
-                results["sweep"],
-                os.path.join(args.out, "kernels_sweep.png"),
-                results.get("ceilings", {}),
-            )
-        except Exception:  # noqa: BLE001
-            print(traceback.format_exc())
+        save()
     md = markdown(results)
     with open(os.path.join(args.out, "kernels.md"), "w") as f:
         f.write(md)
