@@ -501,7 +501,7 @@ def bench_ragged(
             t0 = time.perf_counter()
             pools = jax.block_until_ready(loop(pools, slots))
             s = (time.perf_counter() - t0) / 20
-            res[f"write_kv_pages_{impl}"] = {"us": s * 1e6}
+            res[f"write_kv_pages_{impl}"] = {"us": s * 1e6, "tokens_per_s": n_tok / s}
             print(f"  write_kv_pages[{impl}]: {s * 1e6:.1f} us for {n_tok} rows")
         except Exception as e:  # noqa: BLE001
             res[f"write_kv_pages_{impl}"] = {"error": repr(e)[:500]}
@@ -607,9 +607,9 @@ def markdown(results) -> str:
         ]
         for name, r in de.items():
             if isinstance(r, dict) and ("us" in r or "error" in r):
+                compile_s = fmt(r, "compile_s", ".1f") if "compile_s" in r or "error" in r else "-"
                 lines.append(
-                    f"| {name} | {fmt(r, 'us', '.1f')} | {fmt(r, 'TBps', '.2f')} | "
-                    f"{fmt(r, 'compile_s', '.1f')} |"
+                    f"| {name} | {fmt(r, 'us', '.1f')} | {fmt(r, 'TBps', '.2f')} | {compile_s} |"
                 )
         if "ours_best" in de:
             lines.append(f"\nbest of ours: {de['ours_best']['config']}")
