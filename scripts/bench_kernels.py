@@ -719,10 +719,7 @@ def main():
             results[name] = {"error": traceback.format_exc()[-2000:]}
             print(results[name]["error"])
         save()
-    md = markdown(results)
-    with open(os.path.join(args.out, "kernels.md"), "w") as f:
-        f.write(md)
-    print(md)
+    print(markdown(results))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ configurations across batch and context, every anchor timed in the same run.
     PYTHONPATH=. python3 scripts/tune_paged_decode.py --out $OUT
 
 Stage 1 times every (block_k, num_warps, num_stages, num_splits) of the grid at B32 S4096
-(GQA 32/8, D128, bf16, page 16). Stage 2 takes the best few (block_k, warps, stages) and tries each with several split counts and the default heuristic at the
-points of --points. Each variant is checked against the f32 reference before it is timed
+(GQA 32/8, D128, bf16, page 16). Stage 2 takes the best few (block_k, warps, stages) and
+tries each with several split counts and the default heuristic at the points of --points. Each variant is checked against the f32 reference before it is timed
 (scripts/bench_kernels.py: rotating block tables over >= 256 MB, so the L2 never serves K/V).
 Writes paged_decode_tuning.json and .md under --out after every point.
 """
@@ -54,13 +54,32 @@ def grid_variants() -> dict:
     return out
 
 
-def markdown(res: dict) -> str:
-    env = res["env"]
-    lines = [
-        "# Paged decode tuning",
+def header(title: str, env: dict) -> list[str]:
+    return [
+        f"# {title}",
         "",
         f"- date: {env['date']}; card: {env['device_kind']}; jax {env['jax']}; git {env['git']}",
         f"- command: `{env['command']}`",
+    ]
+
+
+def write(out: str, stem: str, res: dict, md: str) -> None:
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(md)
+
+
+def ragged_markdown(res: dict) -> str:
+    rows = [(n, r) for n, r in res["ragged"].items() if isinstance(r, dict) and "us" in r]
+    lines = header("Ragged mixed-batch tuning", res["env"])
+    lines += [f"- shape: {res['ragged']['shape']}", "", "| variant | us |", "|---|---|"]
+    lines += [f"| {n} | {r['us']:.1f} |" for n, r in sorted(rows, key=lambda nr: nr[1]["us"])]
+    return "\n".join(lines) + "\n"
+
+
+def markdown(res: dict) -> str:
+    lines = header("Paged decode tuning", res["env"]) + [
         f"- read stream (same run, `measure_ceilings`): {res.get('ceilings', {}).get('read_stream_TBps', float('nan')):.2f} TB/s",
         "",
     ]
@@ -95,25 +114,12 @@ def main():
     }, "points": []}
 
     def save():
-        with open(os.path.join(args.out, "paged_decode_tuning.json"), "w") as f:
-            json.dump(res, f, indent=1, default=str)
-        with open(os.path.join(args.out, "paged_decode_tuning.md"), "w") as f:
-            f.write(markdown(res))
+        write(args.out, "paged_decode_tuning", res, markdown(res))
 
     if args.ragged:
         res["ragged"] = bench_ragged(configs=RAGGED_GRID)
-        rows = [(n, r) for n, r in res["ragged"].items() if isinstance(r, dict) and "us" in r]
-        env = res["env"]
-        md = ["# Ragged mixed-batch tuning", "",
-              f"- date: {env['date']}; card: {env['device_kind']}; jax {env['jax']}; git {env['git']}",
-              f"- command: `{env['command']}`", f"- shape: {res['ragged']['shape']}", "",
-              "| variant | us |", "|---|---|"]
-        md += [f"| {n} | {r['us']:.1f} |" for n, r in sorted(rows, key=lambda nr: nr[1]["us"])]
-        with open(os.path.join(args.out, "ragged_tuning.json"), "w") as f:
-            json.dump(res, f, indent=1, default=str)
-        with open(os.path.join(args.out, "ragged_tuning.md"), "w") as f:
-            f.write("\n".join(md) + "\n")
-        print("\n".join(md))
+        write(args.out, "ragged_tuning", res, ragged_markdown(res))
+        print(ragged_markdown(res))
         return
     res["ceilings"] = bench_ceilings()
     variants = grid_variants()

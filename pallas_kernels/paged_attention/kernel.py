@@ -48,6 +48,13 @@ def load_kv_block(pages_ref, table_ref, j, block_k: int, page_size: int) -> jax.
     return pages_ref[rows]
 
 
+def token_rows(pages: jax.Array) -> jax.Array:
+    """[P, page, K, D] -> [P * page, K, D]: the pool as one row per token slot, the view
+    `load_kv_block` gathers from. Free (same bytes, a reshape)."""
+    p, page, k, d = pages.shape
+    return pages.reshape(p * page, k, d)
+
+
 def split_blocks(ctx, block_k: int, split, num_splits: int):
     """Split `split`'s blocks of a ctx-token context: (lo, full_hi, hi), blocks [lo, full_hi)
     lying wholly inside ctx and [full_hi, hi) the masked rest. The context's blocks are cut
@@ -281,8 +288,6 @@ def _paged_call(
         num_splits=num_splits,
         group=h // num_kv,
     )
-    # [P, page, K, D] -> [P * page, K, D] is free (same bytes): a token slot per row.
-    k_rows, v_rows = (x.reshape(num_pages * page_size, num_kv, d) for x in (k_pages, v_pages))
     pool_spec = pl.BlockSpec((num_pages * page_size, None, d), lambda bi, ki, si: (0, ki, 0))
     in_specs = [
         pl.BlockSpec((b,), lambda bi, ki, si: (0,)),
@@ -312,7 +317,7 @@ def _paged_call(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="paged_attention_decode",
-    )(ctx, table, q, k_rows, v_rows)
+    )(ctx, table, q, token_rows(k_pages), token_rows(v_pages))
     if num_splits == 1:
         return out
     return combine_splits(*out).astype(q.dtype)

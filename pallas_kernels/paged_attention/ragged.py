@@ -26,6 +26,7 @@ from pallas_kernels.paged_attention.kernel import (
     load_kv_block,
     pad_block_tables,
     paged_attention,
+    token_rows,
 )
 from pallas_kernels.paged_attention.reference import (
     ragged_paged_attention_reference,
@@ -113,9 +114,10 @@ def ragged_schedule(
     # sum_b cdiv(q_len_b, block_q) <= sum_b (q_len_b / block_q + 1) <= N / block_q + B.
     num_items = -(-num_tokens // block_q) + b
     w = jnp.arange(num_items, dtype=jnp.int32)
-    # first b with ends[b] > w. compare_all, not the default scan: a scan is an XLA while loop,
-    # whose per-iteration control cost ~90 us per call on an H200 (tune_paged_decode --ragged:
-    # an all-decode step 221 us vs 129 for the direct decode call), once per layer.
+    # first b with ends[b] > w. compare_all, not the default scan: a scan is an XLA while loop
+    # with per-iteration control costs, paid once per layer. On an H200 an all-decode step
+    # through this entry point took 221 us with the scan and 154 with compare_all, against
+    # 129-135 for the direct decode call (benchmarks/paged_attention_h200.md).
     seq = jnp.searchsorted(ends, w, side="right", method="compare_all").astype(jnp.int32)
     live = seq < b
     seq = jnp.minimum(seq, b - 1)
@@ -311,8 +313,7 @@ def _ragged_call(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="ragged_paged_attention",
-    )(row0, num_q, pos0, ctx, tables, qg, *(x.reshape(num_pages * page_size, num_kv, d)
-                                            for x in (k_pages, v_pages)))
+    )(row0, num_q, pos0, ctx, tables, qg, token_rows(k_pages), token_rows(v_pages))
     out = out[:n, :, :group].reshape(n, h, d)
     # Rows no item wrote (padding after query_start_loc[B]) are uninitialized: zero them.
     used = jnp.arange(n) < qsl[-1]
