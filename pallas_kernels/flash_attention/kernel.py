@@ -3,6 +3,9 @@
 Supports causal/non-causal, GQA through the K/V index map, per-sequence kv lengths, a query
 offset for chunked prefill over cached K/V, and an optional mask among the queries' own keys
 (tree attention, SpecInfer / Medusa), compiled as a separate static specialization.
+
+On Hopper, `flash_attention` can route unmasked bf16/f16 calls to the Mosaic GPU kernel of
+`hopper.py` (same signature and features); `tuning.flash_backend` says when it does.
 """
 
 from __future__ import annotations
@@ -15,12 +18,18 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.flash_attention.hopper import hopper_flash_call, mosaic_gpu_available
 from pallas_kernels.flash_attention.reference import (
     MASK_VALUE,
     attention_xla,
     flash_attention_reference,
 )
-from pallas_kernels.flash_attention.tuning import flash_config, resolve_interpret
+from pallas_kernels.flash_attention.tuning import (
+    flash_backend,
+    flash_config,
+    hopper_config,
+    resolve_interpret,
+)
 
 LOG2E = math.log2(math.e)
 
@@ -225,6 +234,7 @@ def flash_attention(
     num_stages: int | None = None,
     interpret: bool | None = None,
     impl: str = "pallas",
+    backend: str = "auto",
 ) -> jax.Array:
     """Tiled online-softmax attention (forward only), GQA without repeating K/V.
 
@@ -249,6 +259,10 @@ def flash_attention(
       interpret: run the Pallas interpreter; None = interpret unless the backend is GPU.
       impl: "pallas" (this kernel); "xla" (dense jnp in the input dtype, materializes the
         [B, H, T, S] logits); "reference" (the same in f32 at HIGHEST precision: the spec).
+      backend: which Pallas kernel serves impl="pallas": "triton", "mosaic" (the Hopper
+        kernel of `hopper.py`: bf16/f16, D a multiple of 64, no mask; interpret=True runs the
+        Mosaic GPU interpreter) or "auto" (`tuning.flash_backend`: mosaic on Hopper where it
+        measured faster, else triton). The block and launch overrides above are Triton's.
 
     Returns:
       [B, T, H, D] in q.dtype, f32 accumulation. Rows that see no key are 0; K/V rows past
@@ -270,8 +284,20 @@ def flash_attention(
         )
     if impl != "pallas":
         raise ValueError(f"impl={impl!r}; expected 'pallas', 'reference' or 'xla'")
+    if backend not in ("auto", "triton", "mosaic"):
+        raise ValueError(f"backend={backend!r}; expected 'auto', 'triton' or 'mosaic'")
     b, t, _, d = q.shape
     s = k.shape[1]
+    interpret = resolve_interpret(interpret)
+    why_not = _mosaic_unsupported(q, mask)
+    if backend == "mosaic" and why_not:
+        raise ValueError(f"backend='mosaic' cannot run this call: {why_not}; use "
+                         "backend='triton' (or 'auto', which picks it)")
+    if backend == "auto":
+        backend = "triton" if why_not or interpret else flash_backend(d, t, q.dtype)
+    if backend == "mosaic":
+        return hopper_flash_attention(q, k, v, q_offset, kv_lens, sm_scale=sm_scale,
+                                      causal=causal, soft_cap=soft_cap, interpret=interpret)
     cfg = flash_config(d, q.dtype)
     # Blocks never exceed the (power-of-two rounded) problem: small decode/test shapes stay small.
     block_q = min(block_q or cfg.block_q, max(16, pl.next_power_of_2(t)))
@@ -294,8 +320,58 @@ def flash_attention(
         block_k=block_k,
         num_warps=num_warps or cfg.num_warps,
         num_stages=num_stages or cfg.num_stages,
-        interpret=resolve_interpret(interpret),
+        interpret=interpret,
     )
+
+
+def _mosaic_unsupported(q: jax.Array, mask: jax.Array | None) -> str | None:
+    """Why the Hopper kernel cannot take this call, or None."""
+    if mask is not None:
+        return "it has no tree mask"
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"dtype {q.dtype} (wgmma takes bf16/f16)"
+    if q.shape[-1] % 64 or q.shape[-1] > 256:
+        return f"head_dim {q.shape[-1]} (it needs a multiple of 64, at most 256)"
+    if not mosaic_gpu_available():
+        return "this jax has no Pallas Mosaic GPU"
+    return None
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("sm_scale", "causal", "soft_cap", "interpret", "block_kv", "stages",
+                     "pingpong"),
+)
+def hopper_flash_attention(q, k, v, q_offset=None, kv_lens=None, *, sm_scale=None, causal=True,
+                           soft_cap=None, interpret=False, block_kv=None, stages=None,
+                           pingpong=None):
+    """`flash_attention`'s contract on the Hopper kernel (no mask): pads T and S to its tiles,
+    zeroes V past kv_lens, calls it. block_kv / stages / pingpong override `hopper_config`."""
+    b, t, _, d = q.shape
+    s = k.shape[1]
+    cfg = hopper_config(d)
+    block_q = cfg.block_q
+    block_kv = min(block_kv or cfg.block_kv, max(64, pl.next_power_of_2(s)))
+    stages = stages or cfg.stages
+    pingpong = cfg.pingpong if pingpong is None else pingpong
+    q_offset = jnp.zeros((b,), jnp.int32) if q_offset is None else q_offset.astype(jnp.int32)
+    if kv_lens is None:
+        kv_lens = jnp.full((b,), s, jnp.int32)
+    else:
+        kv_lens = jnp.minimum(kv_lens.astype(jnp.int32), s)
+        # p = 0 times a stale NaN is NaN inside the wgmma: the kernel needs finite V rows.
+        live = jnp.arange(s)[None, :] < kv_lens[:, None]  # [B, S]
+        v = jnp.where(live[:, :, None, None], v, jnp.zeros((), v.dtype))
+    qp = _pad_axis(q, 1, 2 * block_q)
+    kp = _pad_axis(k, 1, block_kv)
+    vp = _pad_axis(v, 1, block_kv)
+    out = hopper_flash_call(
+        qp, kp, vp, q_offset, kv_lens,
+        sm_scale=d**-0.5 if sm_scale is None else float(sm_scale), causal=causal,
+        soft_cap=soft_cap, block_q=block_q, block_kv=block_kv, stages=min(stages,
+        kp.shape[1] // block_kv), pingpong=pingpong, interpret=interpret,
+    )
+    return out[:, :t]
 
 
 @functools.partial(

@@ -55,3 +55,33 @@ def flash_config(head_dim: int, dtype, kind: str | None = None) -> FlashConfig:
         if not kinds and d == head_dim and dt == name:
             return cfg
     return _DEFAULT
+
+
+@dataclasses.dataclass(frozen=True)
+class HopperConfig:
+    """The Mosaic GPU kernel's tiles: block_q rows per compute warpgroup (two per CTA)."""
+    block_q: int
+    block_kv: int
+    stages: int
+    pingpong: bool
+
+
+def hopper_config(head_dim: int) -> HopperConfig:
+    """Tiles of `hopper.py` by head_dim: K and V rings of `stages` [block_kv, D] slots plus two
+    [block_q, D] query tiles must fit the 227 KB of shared memory."""
+    if head_dim <= 128:
+        return HopperConfig(64, 128, 2, True)
+    return HopperConfig(64, 64, 2, True)
+
+
+# Where "auto" sends a call on Hopper: (head_dim, dtype name) -> backend. Empty until a
+# same-run comparison on the card says the Mosaic kernel wins (benchmarks/flash_h200.md).
+_HOPPER_BACKEND: dict[tuple[int, str], str] = {}
+
+
+def flash_backend(head_dim: int, t: int, dtype, kind: str | None = None) -> str:
+    """"mosaic" or "triton" for an unmasked call of T queries on this device."""
+    kind = device_kind() if kind is None else kind
+    if not any(k in kind for k in _HOPPER) or t < 128:
+        return "triton"
+    return _HOPPER_BACKEND.get((head_dim, np.dtype(dtype).name), "triton")

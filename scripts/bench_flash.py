@@ -1,0 +1,153 @@
+"""Flash attention against cuDNN over issue 17's grid: D 64/128, causal and not, T 1k-16k.
+
+Each point times, in one process and with one harness (`bench_kernels.time_calls`):
+our Triton kernel, our Hopper (Mosaic GPU) kernel, cuDNN through
+`jax.nn.dot_product_attention`, and, at one point, a grid of the Hopper kernel's tiles.
+Every variant is first checked against the f32 reference. Batch is 16384 // T so each point
+does the same number of query tokens; GQA 32/8, bf16.
+
+    device: BENCH_GIT_SHA=<sha> PYTHONPATH=. python3 scripts/bench_flash.py --out $OUT
+Writes flash.json and flash.md under --out after every point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import sys
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash_attention import (
+    flash_attention,
+    flash_attention_reference,
+    hopper_flash_attention,
+)
+from scripts.bench_kernels import check, compile_time, time_calls
+
+BF16 = jnp.bfloat16
+TOKENS = 16384
+HEADS, KV_HEADS = 32, 8
+GRID_POINT = (128, 4096, True)  # (D, T, causal) where the Hopper tile grid runs
+TILE_GRID = [(bkv, st, pp) for bkv in (64, 128) for st in (2, 3) for pp in (True, False)]
+
+
+def bench_point(d: int, t: int, causal: bool, tiles: bool = False) -> dict:
+    b = max(1, TOKENS // t)
+    ks = jax.random.split(jax.random.key(t + d), 3)
+    q = jax.random.normal(ks[0], (b, t, HEADS, d), BF16)
+    k = jax.random.normal(ks[1], (b, t, KV_HEADS, d), BF16)
+    v = jax.random.normal(ks[2], (b, t, KV_HEADS, d), BF16)
+    flops = 4 * b * HEADS * t * t * d / (2 if causal else 1)
+    res = {"D": d, "T": t, "B": b, "causal": causal}
+    # The f32 reference materializes [B, H, T, T]: check the first two kv heads' groups only.
+    hq = 2 * HEADS // KV_HEADS
+    ref = jax.jit(functools.partial(flash_attention_reference, causal=causal))(
+        q[:, :, :hq], k[:, :, :2], v[:, :, :2])
+    print(f"flash D{d} T{t} B{b} causal={causal}")
+
+    def record(name, fn):
+        try:
+            compiled, c = compile_time(fn, q, k, v)
+            check(name, compiled(q, k, v)[:, :, :hq], ref)
+            s = time_calls(compiled, q, k, v, inner=5, reps=15)
+            res[name] = {"ms": s * 1e3, "TFLOPs": flops / s / 1e12, "compile_s": c}
+            print(f"  {name}: {s * 1e3:.3f} ms  {flops / s / 1e12:.1f} TFLOP/s")
+        except Exception as e:  # noqa: BLE001 - keep the other variants' numbers
+            res[name] = {"error": repr(e)[:600]}
+            print(f"  {name}: ERROR {e!r}"[:600])
+
+    record("triton", functools.partial(flash_attention, causal=causal, backend="triton"))
+    record("mosaic", functools.partial(hopper_flash_attention, causal=causal))
+    record("cudnn", functools.partial(jax.nn.dot_product_attention, is_causal=causal,
+                                      implementation="cudnn"))
+    if tiles:
+        for bkv, st, pp in TILE_GRID:
+            record(f"mosaic_bkv{bkv}_s{st}_pp{int(pp)}", functools.partial(
+                hopper_flash_attention, causal=causal, block_kv=bkv, stages=st, pingpong=pp))
+    return res
+
+
+def markdown(results: dict) -> str:
+    env = results["env"]
+    lines = [
+        "# Flash attention vs cuDNN (issue 17)",
+        "",
+        f"- date: {env['date']}; card: {env['device_kind']}; jax {env['jax']}; git {env['git']}",
+        f"- command: `{env['command']}`",
+        (f"- shapes: B = {TOKENS} // T, H {HEADS}, KV {KV_HEADS}, bf16; TFLOP/s counts the "
+         "causal half only"),
+        "",
+        "| D | causal | T | B | triton | mosaic (Hopper) | cuDNN | mosaic / cuDNN |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def tf(p, name):
+        r = p.get(name, {})
+        return f"{r['TFLOPs']:.0f}" if "TFLOPs" in r else "error"
+
+    for p in results["points"]:
+        m, c = p.get("mosaic", {}), p.get("cudnn", {})
+        ratio = f"{m['TFLOPs'] / c['TFLOPs']:.2f}" if "TFLOPs" in m and "TFLOPs" in c else "-"
+        lines.append(f"| {p['D']} | {p['causal']} | {p['T']} | {p['B']} | {tf(p, 'triton')} | "
+                     f"{tf(p, 'mosaic')} | {tf(p, 'cudnn')} | {ratio} |")
+    grid = [p for p in results["points"] if any(n.startswith("mosaic_bkv") for n in p)]
+    for p in grid:
+        lines += ["", f"Hopper tiles at D{p['D']} T{p['T']} causal={p['causal']} (TFLOP/s):", "",
+                  "| block_kv | stages | pingpong | TFLOP/s |", "|---|---|---|---|"]
+        for bkv, st, pp in TILE_GRID:
+            lines.append(f"| {bkv} | {st} | {pp} | {tf(p, f'mosaic_bkv{bkv}_s{st}_pp{int(pp)}')} |")
+    errors = {f"D{p['D']} T{p['T']} causal={p['causal']} {n}": r["error"]
+              for p in results["points"] for n, r in p.items()
+              if isinstance(r, dict) and "error" in r}
+    if errors:
+        lines += ["", "Errors:", ""] + [f"- {k}: `{v[:300]}`" for k, v in errors.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks"))
+    ap.add_argument("--dims", default="128,64")
+    ap.add_argument("--seqs", default="1024,2048,4096,8192,16384")
+    ap.add_argument("--causal", default="1,0")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    results = {
+        "env": {
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "device_kind": jax.devices()[0].device_kind,
+            "jax": jax.__version__,
+            "git": os.environ.get("BENCH_GIT_SHA", "unknown"),
+            "command": "PYTHONPATH=. python3 scripts/bench_flash.py " + " ".join(sys.argv[1:]),
+        },
+        "points": [],
+    }
+    print(results["env"])
+
+    def save():
+        with open(os.path.join(args.out, "flash.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        with open(os.path.join(args.out, "flash.md"), "w") as f:
+            f.write(markdown(results))
+
+    for d in map(int, args.dims.split(",")):
+        for causal in (c == "1" for c in args.causal.split(",")):
+            for t in map(int, args.seqs.split(",")):
+                try:
+                    point = bench_point(d, t, causal, tiles=(d, t, causal) == GRID_POINT)
+                except Exception:  # noqa: BLE001 - e.g. out of memory: keep the rest
+                    point = {"D": d, "T": t, "causal": causal,
+                             "point": {"error": traceback.format_exc()[-1500:]}}
+                results["points"].append(point)
+                save()
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

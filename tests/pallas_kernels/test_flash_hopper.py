@@ -1,0 +1,77 @@
+"""The Hopper (Mosaic GPU) flash kernel vs the f32 reference on random data.
+
+On CPU it runs in the Mosaic GPU interpreter (threads, barriers and TMA copies simulated; the
+two matmuls as plain dots, see `hopper.py`). Compiled, it needs a Hopper GPU. Each interpreted
+call costs seconds, so the cases are few and small; each mixes the features (GQA, ragged T
+and S, q_offset, kv_lens with NaN past them, soft cap, both schedules).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.flash_attention import (
+    flash_attention,
+    flash_attention_reference,
+    hopper_flash_attention,
+)
+from pallas_kernels.flash_attention.hopper import mosaic_gpu_available
+from pallas_kernels.flash_attention.tuning import flash_backend
+from pallas_kernels.testing import assert_close
+
+pytestmark = pytest.mark.skipif(not mosaic_gpu_available(), reason="no Pallas Mosaic GPU")
+
+# (group, D, dtype, causal, T, S, soft_cap, pingpong, block_kv)
+CASES = [
+    (4, 64, jnp.bfloat16, True, 100, 300, None, True, 64),
+    (2, 128, jnp.float16, False, 70, 129, 20.0, False, 64),
+]
+
+
+@pytest.fixture
+def mode(interpret):
+    if not interpret and "H100" not in jax.devices()[0].device_kind and (
+            "H200" not in jax.devices()[0].device_kind):
+        pytest.skip("the compiled Mosaic kernel needs a Hopper GPU")
+    return interpret
+
+
+@pytest.mark.parametrize("group,d,dtype,causal,t,s,cap,pingpong,block_kv", CASES)
+def test_hopper_matches_reference(rng, mode, group, d, dtype, causal, t, s, cap, pingpong,
+                                  block_kv):
+    b, kv = 2, 2
+    shapes = [(b, t, group * kv, d), (b, s, kv, d), (b, s, kv, d)]
+    q, k, v = (jnp.asarray(rng.standard_normal(x), dtype) for x in shapes)
+    q_offset = jnp.asarray(rng.integers(0, s - t + 1, b), jnp.int32)
+    kv_lens = jnp.asarray(rng.integers(1, s + 1, b), jnp.int32)
+    stale = (jnp.arange(s)[None, :] >= kv_lens[:, None])[:, :, None, None]
+    k, v = (jnp.where(stale, jnp.nan, x).astype(dtype) for x in (k, v))
+    out = hopper_flash_attention(q, k, v, q_offset, kv_lens, causal=causal, soft_cap=cap,
+                                 interpret=mode, block_kv=block_kv, pingpong=pingpong)
+    ref = flash_attention_reference(q, k, v, causal=causal, q_offset=q_offset, kv_lens=kv_lens,
+                                    soft_cap=cap)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert_close(out, ref, dtype)
+
+
+def test_hopper_empty_sequence_gives_zeros(mode):
+    """kv_len 0 (a padded batch slot) gives 0, not NaN, as the Triton kernel does."""
+    q = jnp.ones((2, 8, 2, 64), jnp.bfloat16)
+    k = jnp.full((2, 64, 1, 64), jnp.nan, jnp.bfloat16)
+    kv_lens = jnp.asarray([0, 64], jnp.int32)
+    k = k.at[1].set(1.0)
+    out = hopper_flash_attention(q, k, k, None, kv_lens, causal=False, interpret=mode)
+    assert bool(jnp.all(out[0] == 0)) and bool(jnp.all(out[1] == 1))
+
+
+def test_backend_choice_and_errors():
+    q = jnp.zeros((1, 256, 4, 64), jnp.float32)
+    with pytest.raises(ValueError, match="backend='triton'"):
+        flash_attention(q, q, q, backend="mosaic")
+    with pytest.raises(ValueError, match="expected 'auto'"):
+        flash_attention(q, q, q, backend="cuda")
+    # Off Hopper, and for short query blocks, auto keeps the Triton kernel.
+    assert flash_backend(64, 4096, jnp.bfloat16, kind="NVIDIA A100-SXM4-80GB") == "triton"
+    assert flash_backend(64, 16, jnp.bfloat16, kind="NVIDIA H200") == "triton"
