@@ -33,8 +33,13 @@ from scripts.bench_kernels import check, compile_time, time_calls
 BF16 = jnp.bfloat16
 TOKENS = 16384
 HEADS, KV_HEADS = 32, 8
-GRID_POINT = (128, 4096, True)  # (D, T, causal) where the Hopper tile grid runs
-TILE_GRID = [(bkv, st, pp) for bkv in (64, 128) for st in (2, 3) for pp in (True, False)]
+# (block_q per compute warpgroup, block_kv, stages, pingpong) of the Hopper kernel's tile grid.
+TILE_GRID = [(bq, bkv, st, pp) for bq in (64, 128) for bkv in (64, 128) for st in (2, 3)
+             for pp in (True, False)]
+
+
+def tile_name(bq, bkv, st, pp) -> str:
+    return f"mosaic_bq{bq}_bkv{bkv}_s{st}_pp{int(pp)}"
 
 
 def bench_point(d: int, t: int, causal: bool, tiles: bool = False) -> dict:
@@ -67,9 +72,12 @@ def bench_point(d: int, t: int, causal: bool, tiles: bool = False) -> dict:
     record("cudnn", functools.partial(jax.nn.dot_product_attention, is_causal=causal,
                                       implementation="cudnn"))
     if tiles:
-        for bkv, st, pp in TILE_GRID:
-            record(f"mosaic_bkv{bkv}_s{st}_pp{int(pp)}", functools.partial(
-                hopper_flash_attention, causal=causal, block_kv=bkv, stages=st, pingpong=pp))
+        for bq, bkv, st, pp in TILE_GRID:
+            if bq * max(bkv, d) > 128 * 64:
+                continue  # [bq, bkv] scores and [bq, D] f32 accumulator: past the registers
+            record(tile_name(bq, bkv, st, pp), functools.partial(
+                hopper_flash_attention, causal=causal, block_q=bq, block_kv=bkv, stages=st,
+                pingpong=pp))
     return res
 
 
@@ -96,12 +104,13 @@ def markdown(results: dict) -> str:
         ratio = f"{m['TFLOPs'] / c['TFLOPs']:.2f}" if "TFLOPs" in m and "TFLOPs" in c else "-"
         lines.append(f"| {p['D']} | {p['causal']} | {p['T']} | {p['B']} | {tf(p, 'triton')} | "
                      f"{tf(p, 'mosaic')} | {tf(p, 'cudnn')} | {ratio} |")
-    grid = [p for p in results["points"] if any(n.startswith("mosaic_bkv") for n in p)]
+    grid = [p for p in results["points"] if any(n.startswith("mosaic_bq") for n in p)]
     for p in grid:
         lines += ["", f"Hopper tiles at D{p['D']} T{p['T']} causal={p['causal']} (TFLOP/s):", "",
-                  "| block_kv | stages | pingpong | TFLOP/s |", "|---|---|---|---|"]
-        for bkv, st, pp in TILE_GRID:
-            lines.append(f"| {bkv} | {st} | {pp} | {tf(p, f'mosaic_bkv{bkv}_s{st}_pp{int(pp)}')} |")
+                  "| block_q | block_kv | stages | pingpong | TFLOP/s |", "|---|---|---|---|---|"]
+        for tile in TILE_GRID:
+            if tile_name(*tile) in p:
+                lines.append("| " + " | ".join(map(str, tile)) + f" | {tf(p, tile_name(*tile))} |")
     errors = {f"D{p['D']} T{p['T']} causal={p['causal']} {n}": r["error"]
               for p in results["points"] for n, r in p.items()
               if isinstance(r, dict) and "error" in r}
@@ -116,6 +125,8 @@ def main():
     ap.add_argument("--dims", default="128,64")
     ap.add_argument("--seqs", default="1024,2048,4096,8192,16384")
     ap.add_argument("--causal", default="1,0")
+    ap.add_argument("--grid", default="128:4096:1",
+                    help="D:T:causal points (comma-separated) that also run the tile grid")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     results = {
@@ -136,11 +147,12 @@ def main():
         with open(os.path.join(args.out, "flash.md"), "w") as f:
             f.write(markdown(results))
 
+    grid = {tuple(int(x) for x in g.split(":")) for g in args.grid.split(",") if g}
     for d in map(int, args.dims.split(",")):
         for causal in (c == "1" for c in args.causal.split(",")):
             for t in map(int, args.seqs.split(",")):
                 try:
-                    point = bench_point(d, t, causal, tiles=(d, t, causal) == GRID_POINT)
+                    point = bench_point(d, t, causal, tiles=(d, t, int(causal)) in grid)
                 except Exception:  # noqa: BLE001 - e.g. out of memory: keep the rest
                     point = {"D": d, "T": t, "causal": causal,
                              "point": {"error": traceback.format_exc()[-1500:]}}

@@ -339,18 +339,19 @@ def _mosaic_unsupported(q: jax.Array, mask: jax.Array | None) -> str | None:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sm_scale", "causal", "soft_cap", "interpret", "block_kv", "stages",
-                     "pingpong"),
+    static_argnames=("sm_scale", "causal", "soft_cap", "interpret", "block_q", "block_kv",
+                     "stages", "pingpong"),
 )
 def hopper_flash_attention(q, k, v, q_offset=None, kv_lens=None, *, sm_scale=None, causal=True,
-                           soft_cap=None, interpret=False, block_kv=None, stages=None,
-                           pingpong=None):
+                           soft_cap=None, interpret=False, block_q=None, block_kv=None,
+                           stages=None, pingpong=None):
     """`flash_attention`'s contract on the Hopper kernel (no mask): pads T and S to its tiles,
-    zeroes V past kv_lens, calls it. block_kv / stages / pingpong override `hopper_config`."""
+    zeroes V past kv_lens, calls it. block_q (rows per compute warpgroup) / block_kv / stages /
+    pingpong override `hopper_config`."""
     b, t, _, d = q.shape
     s = k.shape[1]
     cfg = hopper_config(d)
-    block_q = cfg.block_q
+    block_q = block_q or cfg.block_q
     block_kv = min(block_kv or cfg.block_kv, max(64, pl.next_power_of_2(s)))
     stages = stages or cfg.stages
     pingpong = cfg.pingpong if pingpong is None else pingpong

@@ -75,3 +75,4 @@ def test_backend_choice_and_errors():
     # Off Hopper, and for short query blocks, auto keeps the Triton kernel.
     assert flash_backend(64, 4096, jnp.bfloat16, kind="NVIDIA A100-SXM4-80GB") == "triton"
     assert flash_backend(64, 16, jnp.bfloat16, kind="NVIDIA H200") == "triton"
+    assert flash_backend(128, 4096, jnp.bfloat16, kind="NVIDIA H200") == "mosaic"
