@@ -94,14 +94,19 @@ def dense_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: DenseKVCache,
     rows = jnp.arange(b)[:, None]  # [B, 1] broadcasts against positions [B, T]
     pos = meta.positions
     # mode="drop": a padding query whose position lies past the buffer writes nothing.
+    # One token per row (decode) writes one slot per row: the indices are unique, and saying
+    # so lets XLA:GPU store without atomics. Before, each scatter took ~7 us at 64 rows of the
+    # 1B shape on an H200 (2 x 16 per step: 230 us of a 1.58 ms step).
+    one = q.shape[1] == 1
+    scatter = dict(mode="drop", unique_indices=one, indices_are_sorted=one)
     if cache.per_layer:
-        k_l = cache.k[layer].at[rows, pos].set(k.astype(cache.k[layer].dtype), mode="drop")
-        v_l = cache.v[layer].at[rows, pos].set(v.astype(cache.v[layer].dtype), mode="drop")
+        k_l = cache.k[layer].at[rows, pos].set(k.astype(cache.k[layer].dtype), **scatter)
+        v_l = cache.v[layer].at[rows, pos].set(v.astype(cache.v[layer].dtype), **scatter)
         new = DenseKVCache(k=_put(cache.k, layer, k_l), v=_put(cache.v, layer, v_l))
         k_all, v_all, page_layer = k_l[None], v_l[None], 0  # a free view for the paged kernel
     else:
-        k_all = cache.k.at[layer, rows, pos].set(k.astype(cache.k.dtype), mode="drop")
-        v_all = cache.v.at[layer, rows, pos].set(v.astype(cache.v.dtype), mode="drop")
+        k_all = cache.k.at[layer, rows, pos].set(k.astype(cache.k.dtype), **scatter)
+        v_all = cache.v.at[layer, rows, pos].set(v.astype(cache.v.dtype), **scatter)
         new = DenseKVCache(k_all, v_all)
         k_l, v_l, page_layer = k_all[layer], v_all[layer], layer  # [B, S, K, D]
     kv_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
