@@ -94,9 +94,9 @@ def dense_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: DenseKVCache,
     rows = jnp.arange(b)[:, None]  # [B, 1] broadcasts against positions [B, T]
     pos = meta.positions
     # mode="drop": a padding query whose position lies past the buffer writes nothing.
-    # One token per row (decode) writes one slot per row: the indices are unique, and saying
-    # so lets XLA:GPU store without atomics. Before, each scatter took ~7 us at 64 rows of the
-    # 1B shape on an H200 (2 x 16 per step: 230 us of a 1.58 ms step).
+    # One token per row (decode) writes one slot per row: the indices are unique and sorted,
+    # and saying so lets XLA:GPU store without atomics. Before, each scatter took 2.9 us at
+    # 64 rows of the 1B shape on an H200 (2 x 16 per step: 94 us of a 1.58 ms step).
     one = q.shape[1] == 1
     scatter = {"mode": "drop", "unique_indices": one, "indices_are_sorted": one}
     if cache.per_layer:
