@@ -54,6 +54,11 @@ def _plgpu():
 def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, sm_scale, causal,
             soft_cap, block_q, block_kv, stages, group, num_q_tiles, num_kv_blocks, pingpong,
             interpret):
+    """One CTA: query rows [tile * 2 * block_q, +2 * block_q) of head h of sequence b.
+
+    q_off_ref, kv_len_ref: [B] int32 in GMEM. q_ref/o_ref: [B, T_pad, H, D]; k_ref, v_ref:
+    [B, S_pad, K, D]. scoped: the shared-memory tiles and mbarriers of `hopper_flash_call`.
+    """
     plgpu = _plgpu()
 
     def with_layout(x, layout):
@@ -65,6 +70,7 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, sm_sca
         if interpret:
             return lax.broadcasted_iota(jnp.int32, shape, dim)
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
     (q_smem2, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), sched = scoped
     b = lax.axis_index("batch")
     h = lax.axis_index("heads")
