@@ -4,7 +4,8 @@ configurations across batch and context, every anchor timed in the same run.
     PYTHONPATH=. python3 scripts/tune_paged_decode.py --out $OUT
 
 Stage 1 times every (block_k, num_warps, num_stages, num_splits) of the grid at B32 S4096
-(GQA 32/8, D128, bf16, page 16). Stage 2 takes the best few (block_k, warps, stages) and
+(GQA 32/8, D128, bf16, page 16; --first, --head-dim and --page change the shape: the 1B
+model's batch-64 decode over the dense cache is `--head-dim 64 --page 64 --first 64x640`). Stage 2 takes the best few (block_k, warps, stages) and
 tries each with several split counts and the default heuristic at the points of --points. Each variant is checked against the f32 reference before it is timed
 (scripts/bench_kernels.py: rotating block tables over >= 256 MB, so the L2 never serves K/V).
 Writes paged_decode_tuning.json and .md under --out after every point.
@@ -102,6 +103,9 @@ def main():
     ap.add_argument("--points", default="8x4096,64x4096,8x16384,32x16384,1x32768")
     ap.add_argument("--top", type=int, default=3)
     ap.add_argument("--splits", default="1,2,4,8")
+    ap.add_argument("--first", default="32x4096", help="BxS of the stage-1 grid")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--page", type=int, default=16)
     ap.add_argument("--ragged", action="store_true",
                     help="instead: the ragged mixed batch over RAGGED_GRID (ragged_tuning.*)")
     args = ap.parse_args()
@@ -123,7 +127,9 @@ def main():
         return
     res["ceilings"] = bench_ceilings()
     variants = grid_variants()
-    first = bench_decode_point(32, 4096, variants=variants)
+    shape = {"d": args.head_dim, "page": args.page}
+    b0, s0 = (int(x) for x in args.first.split("x"))
+    first = bench_decode_point(b0, s0, variants=variants, **shape)
     res["points"].append(first)
     save()
     timed = {n: first[n]["TBps"] for n in variants if "TBps" in first.get(n, {})}
@@ -142,7 +148,7 @@ def main():
             for ns in [None, *(int(s) for s in args.splits.split(","))]:
                 v = dict(kw, num_splits=ns)
                 pv[name_of(v)] = v
-        res["points"].append(bench_decode_point(b, ctx, variants=pv))
+        res["points"].append(bench_decode_point(b, ctx, variants=pv, **shape))
         save()
     print(markdown(res))
 
