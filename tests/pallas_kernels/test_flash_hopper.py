@@ -23,9 +23,11 @@ from pallas_kernels.testing import assert_close
 
 pytestmark = pytest.mark.skipif(not mosaic_gpu_available(), reason="no Pallas Mosaic GPU")
 
-# (group, D, dtype, causal, T, S, soft_cap, pingpong, block_kv)
+# (group, D, dtype, causal, T, S, soft_cap, pingpong, block_kv); 2 kv heads each. The
+# interpreter runs every CTA's three warpgroups as threads: group 2 keeps the GQA mapping
+# checked at about half the interpreter time of group 4 (43 s here).
 CASES = [
-    (4, 64, jnp.bfloat16, True, 100, 300, None, True, 64),
+    (2, 64, jnp.bfloat16, True, 100, 300, None, True, 64),
     (2, 128, jnp.float16, False, 70, 129, 20.0, False, 64),
 ]
 
