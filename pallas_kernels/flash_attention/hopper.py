@@ -23,16 +23,15 @@ past kv_lens; padded queries are dropped). bf16 / f16 only (wgmma), D a multiple
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-LOG2E = math.log2(math.e)
-# Finite "minus infinity": exp2(MASK - m) is 0 for any real m, and MASK - MASK stays finite.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from pallas_kernels.flash_attention.logits import scale_logits
+from pallas_kernels.flash_attention.reference import MASK_VALUE
+
 COMPUTE_WGS = 2
 
 
@@ -138,10 +137,7 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, sm_sca
             else:
                 s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
-            if soft_cap is None:
-                s = s * (sm_scale * LOG2E)
-            else:
-                s = jnp.tanh(s * (sm_scale / soft_cap)) * (soft_cap * LOG2E)
+            s = scale_logits(s, sm_scale, soft_cap)
             if masked:
                 shape = (block_q, block_kv)
                 k_pos = j * block_kv + iota(shape, 1)
@@ -205,22 +201,21 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, sm_sca
         plgpu.set_max_registers(40, action="decrease")
         kv_head = lax.div(h, group)
 
-        def load(j, slot):
+        def load(j, slot, reuse=False):
+            """K then V of block j into `slot`; a reused slot waits for both warpgroups' release."""
             rows = (b, pl.ds(j * block_kv, block_kv), kv_head)
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+            for ref, smem, ready, free in ((k_ref, k_smem, k_ready, k_free),
+                                           (v_ref, v_smem, v_ready, v_free)):
+                if reuse:
+                    plgpu.barrier_wait(free.at[slot])
+                plgpu.copy_gmem_to_smem(ref.at[rows], smem.at[slot], ready.at[slot])
 
         for i in range(min(stages, num_kv_blocks)):
             pl.when(i < cta_steps)(functools.partial(load, i, i))
 
         @pl.loop(stages, jnp.maximum(cta_steps, stages))
         def _stream(j):
-            slot = lax.rem(j, stages)
-            rows = (b, pl.ds(j * block_kv, block_kv), kv_head)
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+            load(j, lax.rem(j, stages), reuse=True)
 
         @pl.loop(jnp.maximum(cta_steps - stages, 0), cta_steps)
         def _drain(j):

@@ -11,7 +11,6 @@ On Hopper, `flash_attention` can route unmasked bf16/f16 calls to the Mosaic GPU
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash_attention.hopper import hopper_flash_call, mosaic_gpu_available
+from pallas_kernels.flash_attention.logits import scale_logits
 from pallas_kernels.flash_attention.reference import (
     MASK_VALUE,
     attention_xla,
@@ -30,15 +30,6 @@ from pallas_kernels.flash_attention.tuning import (
     hopper_config,
     resolve_interpret,
 )
-
-LOG2E = math.log2(math.e)
-
-
-def scale_logits(s: jax.Array, sm_scale: float, soft_cap: float | None) -> jax.Array:
-    """Raw q.k logits -> base-2 logits (so the softmax can use exp2), with optional soft cap."""
-    if soft_cap is None:
-        return s * (sm_scale * LOG2E)
-    return jnp.tanh(s * (sm_scale / soft_cap)) * (soft_cap * LOG2E)
 
 
 def _precision(x: jax.Array):
