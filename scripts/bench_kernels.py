@@ -419,7 +419,8 @@ def bench_ragged(
     def separate_ragged(q, kp, vp):
         dec = paged_attention(q[:n_dec], kp, vp, dec_tables, ctx[:n_dec])
         pre = ragged_paged_attention(
-            q[n_dec:], kp, vp, pre_tables, ctx[n_dec:], pre_qsl, split_decodes=False
+            q[n_dec:], kp, vp, pre_tables, ctx[n_dec:], pre_qsl, split_decodes=False,
+            backend="triton",
         )
         return jnp.concatenate([dec, pre])
 
@@ -439,10 +440,15 @@ def bench_ragged(
     # the split-K decode kernel unless split_decodes=False (one launch serves all, as before).
     for rows, bk, w, st in configs:
         variants[f"ours_ragged_rows{rows}_bk{bk}_w{w}_s{st}"] = ours(
-            block_q=rows // gp, block_k=bk, num_warps=w, num_stages=st
+            block_q=rows // gp, block_k=bk, num_warps=w, num_stages=st, backend="triton"
         )
     variants["ours_one_launch_rows64_bk64"] = ours(block_q=64 // gp, block_k=64,
-                                                   split_decodes=False)
+                                                   split_decodes=False, backend="triton")
+    # The Hopper (Mosaic GPU) kernel on the chunk items, the decodes split out or inside it.
+    for bk in (64, 128):
+        for split in (True, False):
+            name = f"ours_mosaic_bk{bk}_{'split' if split else 'one_launch'}"
+            variants[name] = ours(backend="mosaic", block_k=bk, split_decodes=split)
     variants["separate_decode_plus_ragged_prefill"] = separate_ragged
     variants["separate_decode_plus_gather_flash"] = separate_flash
     def record(name, fn, q, ref):

@@ -23,6 +23,7 @@ past kv_lens; padded queries are dropped). bf16 / f16 only (wgmma), D a multiple
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,21 +45,68 @@ def mosaic_gpu_available() -> bool:
     return True
 
 
-def _plgpu():
+def plgpu_module():
+    """jax.experimental.pallas.mosaic_gpu, imported late: CPU-only or old jax wheels lack it."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     return plgpu
 
 
-def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, sm_scale, causal,
-            soft_cap, block_q, block_kv, stages, group, num_q_tiles, num_kv_blocks, pingpong,
-            interpret):
-    """One CTA: query rows [tile * 2 * block_q, +2 * block_q) of head h of sequence b.
+class Scratch(NamedTuple):
+    """A CTA's shared memory and mbarriers (`scratch_shapes` allocates them)."""
 
-    q_off_ref, kv_len_ref: [B] int32 in GMEM. q_ref/o_ref: [B, T_pad, H, D]; k_ref, v_ref:
-    [B, S_pad, K, D]. scoped: the shared-memory tiles and mbarriers of `hopper_flash_call`.
+    q: Any  # [COMPUTE_WGS, block_q, D] each compute warpgroup's query tile, then its output
+    k: Any  # [stages, block_kv, D] the K ring
+    v: Any  # [stages, block_kv, D] the V ring
+    k_ready: Any  # [stages] a K slot's copies landed
+    v_ready: Any  # [stages]
+    q_ready: Any  # [COMPUTE_WGS]
+    k_free: Any  # [stages] both compute warpgroups are done with a K slot
+    v_free: Any  # [stages]
+    sched: Any  # the ping-pong rendezvous of the two compute warpgroups
+
+
+def scratch_shapes(dtype, d: int, *, block_q: int, block_kv: int, stages: int,
+                   copies_per_block: int = 1, interpret: bool = False):
+    """`pl.run_scoped` arguments for a `Scratch`: tiles in the wgmma's swizzled layout; a slot's
+    ready barrier completes after `copies_per_block` TMA copies (one per page when K/V are
+    paged) and all their bytes."""
+    plgpu = plgpu_module()
+    swizzle = 128
+    transforms = () if interpret else (plgpu.TilingTransform((8, swizzle // dtype.itemsize)),
+                                       plgpu.SwizzleTransform(swizzle))
+    ring = plgpu.Barrier(num_arrivals=copies_per_block, num_barriers=stages)
+    free = plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)
+    return (
+        plgpu.SMEM((COMPUTE_WGS, block_q, d), dtype, transforms=transforms),
+        plgpu.SMEM((stages, block_kv, d), dtype, transforms=transforms),
+        plgpu.SMEM((stages, block_kv, d), dtype, transforms=transforms),
+        ring, ring, plgpu.Barrier(num_barriers=COMPUTE_WGS), free, free,
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+    )
+
+
+def block_steps(end, full_end, block_kv: int):
+    """(kv blocks to read, blocks needing no mask) for rows that see keys [0, end) and whose
+    every row sees at least keys [0, full_end)."""
+    n = (jnp.maximum(end, 0) + block_kv - 1) // block_kv
+    return n, jnp.clip(full_end // block_kv, 0, n)
+
+
+def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q_pos,
+            sm_scale: float, soft_cap: float | None, block_kv: int, stages: int,
+            pingpong: bool, interpret: bool):
+    """A compute warpgroup: loads its [block_q, D] query tile from q_src (GMEM), runs the online
+    softmax over kv blocks [0, n_steps) of the ring (blocks [0, n_full) unmasked), hands back
+    the slots of blocks [n_steps, cta_steps) that only the other warpgroup reads, and stores
+    the normalized output to o_dst.
+
+    q_pos(shape) -> int32 positions of the rows broadcast over `shape`, or None (non-causal):
+    key k is visible to a row at position p when k < kv_len and k <= p.
     """
-    plgpu = _plgpu()
+    plgpu = plgpu_module()
+    wg = lax.axis_index("wg")
+    plgpu.set_max_registers(232, action="increase")
 
     def with_layout(x, layout):
         # The GPU interpreter evaluates layout casts through XLA:CPU, which has no rule for them;
@@ -70,7 +118,140 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, sm_sca
             return lax.broadcasted_iota(jnp.int32, shape, dim)
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
-    (q_smem2, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), sched = scoped
+    def rendezvous():
+        plgpu.barrier_arrive(scr.sched)
+        plgpu.barrier_wait(scr.sched)
+
+    q_smem = scr.q.at[wg]
+    block_q, d = q_smem.shape
+    plgpu.copy_gmem_to_smem(q_src, q_smem, scr.q_ready.at[wg])
+    plgpu.barrier_wait(scr.q_ready.at[wg])
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    m = with_layout(jnp.full((block_q,), MASK_VALUE, jnp.float32), row_layout)
+    l = with_layout(jnp.zeros((block_q,), jnp.float32), row_layout)
+    acc = with_layout(jnp.zeros((block_q, d), jnp.float32), plgpu.Layout.WGMMA)
+    if pingpong:
+        # Warpgroup 1 starts one rendezvous behind: from then on one warpgroup's softmax
+        # runs while the other's matmuls hold the tensor cores.
+        pl.when(wg == 1)(rendezvous)
+
+    def step(j, carry, masked):
+        acc, m, l = carry
+        slot = lax.rem(j, stages)
+        plgpu.barrier_wait(scr.k_ready.at[slot])
+
+        def qk(s_ref):
+            plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(scr.k.at[slot], (1, 0)))
+            if pingpong:
+                rendezvous()
+            return s_ref[...]
+
+        if interpret:
+            # The interpreter (jax 0.10) has no transposed wgmma operand nor run_state: it
+            # checks the pipeline, masks and softmax with plain dots of the same tiles.
+            s = jnp.dot(q_smem[...], scr.k[slot].T, preferred_element_type=jnp.float32)
+            if pingpong:
+                rendezvous()
+        else:
+            s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
+        plgpu.barrier_arrive(scr.k_free.at[slot])
+        s = scale_logits(s, sm_scale, soft_cap)
+        if masked:
+            shape = (block_q, block_kv)
+            k_pos = j * block_kv + iota(shape, 1)
+            visible = k_pos < kv_len
+            if q_pos is not None:
+                visible = visible & (k_pos <= q_pos(shape, iota))
+            s = jnp.where(visible, s, MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        l = l * alpha + p.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        p = p.astype(scr.k.dtype)
+        if pingpong:
+            plgpu.barrier_arrive(scr.sched)  # this softmax is done
+        plgpu.barrier_wait(scr.v_ready.at[slot])
+        if pingpong:
+            plgpu.barrier_wait(scr.sched)  # the other warpgroup's matmuls are done
+
+        if interpret:
+            acc = acc + jnp.dot(p, scr.v[slot], preferred_element_type=jnp.float32)
+        else:
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p, scr.v.at[slot])
+
+            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(scr.v_free.at[slot])
+        return acc, m_new, l
+
+    carry = (acc, m, l)
+    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+    carry = lax.fori_loop(n_full, n_steps, functools.partial(step, masked=True), carry)
+    acc, m, l = carry
+
+    @pl.loop(n_steps, cta_steps)
+    def _release(j):
+        # Blocks only the other warpgroup needs: hand their slots back in step (each arrival
+        # waits for the load, so this warpgroup never counts twice in one phase).
+        slot = lax.rem(j, stages)
+        plgpu.barrier_wait(scr.k_ready.at[slot])
+        plgpu.barrier_arrive(scr.k_free.at[slot])
+        if pingpong:
+            rendezvous()
+        plgpu.barrier_wait(scr.v_ready.at[slot])
+        plgpu.barrier_arrive(scr.v_free.at[slot])
+        if pingpong:
+            rendezvous()
+
+    if pingpong:
+        pl.when(wg == 0)(rendezvous)
+    l_safe = jnp.where(l == 0.0, 1.0, l)  # a row that saw no key is 0, not NaN
+    out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+    q_smem[...] = out.astype(q_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, o_dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def produce(scr: Scratch, issue, *, cta_steps, num_kv_blocks: int, stages: int):
+    """The producer warpgroup: kv blocks [0, cta_steps) into the ring, block j in slot
+    j % stages. issue(j, slot, which) starts the TMA copies of block j's K (which 0) or V
+    (which 1) into that slot, arriving on its ready barrier; a reused slot first waits for
+    both compute warpgroups' release."""
+    plgpu = plgpu_module()
+    plgpu.set_max_registers(40, action="decrease")
+
+    def load(j, slot, reuse=False):
+        for which, free in enumerate((scr.k_free, scr.v_free)):
+            if reuse:
+                plgpu.barrier_wait(free.at[slot])
+            issue(j, slot, which)
+
+    for i in range(min(stages, num_kv_blocks)):
+        pl.when(i < cta_steps)(functools.partial(load, i, i))
+
+    @pl.loop(stages, jnp.maximum(cta_steps, stages))
+    def _stream(j):
+        load(j, lax.rem(j, stages), reuse=True)
+
+    @pl.loop(jnp.maximum(cta_steps - stages, 0), cta_steps)
+    def _drain(j):
+        # Observe the last releases too: every completed barrier phase is waited for once
+        # (the GPU interpreter checks it; on the card it costs the idle producer nothing).
+        slot = lax.rem(j, stages)
+        plgpu.barrier_wait(scr.k_free.at[slot])
+        plgpu.barrier_wait(scr.v_free.at[slot])
+
+
+def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scr: Scratch, *, sm_scale,
+            causal, soft_cap, block_q, block_kv, stages, group, num_q_tiles, num_kv_blocks,
+            pingpong, interpret):
+    """One CTA: query rows [tile * 2 * block_q, +2 * block_q) of head h of sequence b.
+
+    q_off_ref, kv_len_ref: [B] int32 in GMEM. q_ref/o_ref: [B, T_pad, H, D]; k_ref, v_ref:
+    [B, S_pad, K, D].
+    """
     b = lax.axis_index("batch")
     h = lax.axis_index("heads")
     # Heaviest causal tiles (most keys) first: the grid's tail is then the cheap tiles.
@@ -80,150 +261,41 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scoped, *, sm_sca
     kv_len = kv_len_ref[b]
 
     def steps_of(q_first):
-        """(kv blocks this query block reads, blocks needing no mask) for rows from q_first."""
+        """(kv blocks, unmasked blocks) of the query rows [q_first, q_first + block_q)."""
         if causal:
-            end = jnp.minimum(kv_len, q_off + q_first + block_q)
-            full = jnp.minimum(kv_len // block_kv, (q_off + q_first + 1) // block_kv)
-        else:
-            end = kv_len
-            full = kv_len // block_kv
-        n = (jnp.maximum(end, 0) + block_kv - 1) // block_kv
-        return n, jnp.clip(full, 0, n)
+            return block_steps(jnp.minimum(kv_len, q_off + q_first + block_q),
+                               jnp.minimum(kv_len, q_off + q_first + 1), block_kv)
+        return block_steps(kv_len, kv_len, block_kv)
 
     tile_first = tile * (COMPUTE_WGS * block_q)
     # The second compute warpgroup's rows are later: it reads the most blocks of the CTA.
     cta_steps, _ = steps_of(tile_first + (COMPUTE_WGS - 1) * block_q)
 
-    def rendezvous():
-        plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(sched)
-
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
-        plgpu.set_max_registers(232, action="increase")
-        q_smem = q_smem2.at[wg]
         q_first = tile_first + wg * block_q
         n_steps, n_full = steps_of(q_first)
-        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_first, block_q), h], q_smem,
-                                q_ready.at[wg])
-        plgpu.barrier_wait(q_ready.at[wg])
-        row_layout = plgpu.Layout.WGMMA.reduce(1)
-        m = with_layout(jnp.full((block_q,), MASK_VALUE, jnp.float32), row_layout)
-        l = with_layout(jnp.zeros((block_q,), jnp.float32), row_layout)
-        acc = with_layout(jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32),
-                          plgpu.Layout.WGMMA)
-        if pingpong:
-            # Warpgroup 1 starts one rendezvous behind: from then on one warpgroup's softmax
-            # runs while the other's matmuls hold the tensor cores.
-            pl.when(wg == 1)(rendezvous)
+        rows = (b, pl.ds(q_first, block_q), h)
 
-        def step(j, carry, masked):
-            acc, m, l = carry
-            slot = lax.rem(j, stages)
-            plgpu.barrier_wait(k_ready.at[slot])
+        def q_pos(shape, iota):
+            return q_off + q_first + iota(shape, 0)
 
-            def qk(s_ref):
-                plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                if pingpong:
-                    rendezvous()
-                return s_ref[...]
-
-            if interpret:
-                # The interpreter (jax 0.10) has no transposed wgmma operand nor run_state: it
-                # checks the pipeline, masks and softmax with plain dots of the same tiles.
-                s = jnp.dot(q_smem[...], k_smem[slot].T, preferred_element_type=jnp.float32)
-                if pingpong:
-                    rendezvous()
-            else:
-                s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
-            s = scale_logits(s, sm_scale, soft_cap)
-            if masked:
-                shape = (block_q, block_kv)
-                k_pos = j * block_kv + iota(shape, 1)
-                visible = k_pos < kv_len
-                if causal:
-                    q_pos = q_off + q_first + iota(shape, 0)
-                    visible = visible & (k_pos <= q_pos)
-                s = jnp.where(visible, s, MASK_VALUE)
-            m_new = jnp.maximum(m, s.max(axis=1))
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            l = l * alpha + p.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            p = p.astype(k_smem.dtype)
-            if pingpong:
-                plgpu.barrier_arrive(sched)  # this softmax is done
-            plgpu.barrier_wait(v_ready.at[slot])
-            if pingpong:
-                plgpu.barrier_wait(sched)  # the other warpgroup's matmuls are done
-
-            if interpret:
-                acc = acc + jnp.dot(p, v_smem[slot], preferred_element_type=jnp.float32)
-            else:
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p, v_smem.at[slot])
-
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_free.at[slot])
-            return acc, m_new, l
-
-        carry = (acc, m, l)
-        carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-        carry = lax.fori_loop(n_full, n_steps, functools.partial(step, masked=True), carry)
-        acc, m, l = carry
-
-        @pl.loop(n_steps, cta_steps)
-        def _release(j):
-            # Blocks only the other warpgroup needs: hand their slots back in step (each arrival
-            # waits for the load, so this warpgroup never counts twice in one phase).
-            slot = lax.rem(j, stages)
-            plgpu.barrier_wait(k_ready.at[slot])
-            plgpu.barrier_arrive(k_free.at[slot])
-            if pingpong:
-                rendezvous()
-            plgpu.barrier_wait(v_ready.at[slot])
-            plgpu.barrier_arrive(v_free.at[slot])
-            if pingpong:
-                rendezvous()
-
-        if pingpong:
-            pl.when(wg == 0)(rendezvous)
-        l_safe = jnp.where(l == 0.0, 1.0, l)  # a row that saw no key is 0, not NaN
-        out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-        q_smem[...] = out.astype(q_smem.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, pl.ds(q_first, block_q), h])
-        plgpu.wait_smem_to_gmem(0)
+        consume(scr, q_ref.at[rows], o_ref.at[rows], n_steps=n_steps, n_full=n_full,
+                cta_steps=cta_steps, kv_len=kv_len, q_pos=q_pos if causal else None,
+                sm_scale=sm_scale, soft_cap=soft_cap, block_kv=block_kv, stages=stages,
+                pingpong=pingpong, interpret=interpret)
 
     @pl.when(wg == COMPUTE_WGS)
     def _producer():
-        plgpu.set_max_registers(40, action="decrease")
         kv_head = lax.div(h, group)
+        plgpu = plgpu_module()
 
-        def load(j, slot, reuse=False):
-            """K then V of block j into `slot`; a reused slot waits for both warpgroups' release."""
-            rows = (b, pl.ds(j * block_kv, block_kv), kv_head)
-            for ref, smem, ready, free in ((k_ref, k_smem, k_ready, k_free),
-                                           (v_ref, v_smem, v_ready, v_free)):
-                if reuse:
-                    plgpu.barrier_wait(free.at[slot])
-                plgpu.copy_gmem_to_smem(ref.at[rows], smem.at[slot], ready.at[slot])
+        def issue(j, slot, which):
+            ref, smem, ready = ((k_ref, scr.k, scr.k_ready), (v_ref, scr.v, scr.v_ready))[which]
+            plgpu.copy_gmem_to_smem(ref.at[b, pl.ds(j * block_kv, block_kv), kv_head],
+                                    smem.at[slot], ready.at[slot])
 
-        for i in range(min(stages, num_kv_blocks)):
-            pl.when(i < cta_steps)(functools.partial(load, i, i))
-
-        @pl.loop(stages, jnp.maximum(cta_steps, stages))
-        def _stream(j):
-            load(j, lax.rem(j, stages), reuse=True)
-
-        @pl.loop(jnp.maximum(cta_steps - stages, 0), cta_steps)
-        def _drain(j):
-            # Observe the last releases too: every completed barrier phase is waited for once
-            # (the GPU interpreter checks it; on the card it costs the idle producer nothing).
-            slot = lax.rem(j, stages)
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
+        produce(scr, issue, cta_steps=cta_steps, num_kv_blocks=num_kv_blocks, stages=stages)
 
 
 def hopper_flash_call(q, k, v, q_offset, kv_lens, *, sm_scale: float, causal: bool,
@@ -232,38 +304,31 @@ def hopper_flash_call(q, k, v, q_offset, kv_lens, *, sm_scale: float, causal: bo
     """q [B, T_pad, H, D] (T_pad % (2 * block_q) == 0), k/v [B, S_pad, K, D] (S_pad % block_kv
     == 0), q_offset/kv_lens [B] int32 -> [B, T_pad, H, D]. V rows past kv_lens must be finite
     (`flash_attention` zeroes them): a probability of 0 times NaN is NaN inside the wgmma."""
-    plgpu = _plgpu()
     bsz, t_pad, h, d = q.shape
     group = h // k.shape[2]
     num_q_tiles = t_pad // (COMPUTE_WGS * block_q)
-    dtype = q.dtype
-    swizzle = 128
-    transforms = () if interpret else (plgpu.TilingTransform((8, swizzle // dtype.itemsize)),
-                  plgpu.SwizzleTransform(swizzle))
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, causal=causal, soft_cap=soft_cap, block_q=block_q,
         block_kv=block_kv, stages=stages, group=group, num_q_tiles=num_q_tiles,
-        num_kv_blocks=k.shape[1] // block_kv,
-        pingpong=pingpong, interpret=interpret)
+        num_kv_blocks=k.shape[1] // block_kv, pingpong=pingpong, interpret=interpret)
+    scratch = scratch_shapes(q.dtype, d, block_q=block_q, block_kv=block_kv, stages=stages,
+                             interpret=interpret)
 
     def entry(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref):
         pl.run_scoped(
-            lambda *scoped: kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scoped),
-            (
-                plgpu.SMEM((COMPUTE_WGS, block_q, d), dtype, transforms=transforms),
-                plgpu.SMEM((stages, block_kv, d), dtype, transforms=transforms),
-                plgpu.SMEM((stages, block_kv, d), dtype, transforms=transforms),
-            ),
-            (
-                plgpu.Barrier(num_barriers=stages),
-                plgpu.Barrier(num_barriers=stages),
-                plgpu.Barrier(num_barriers=COMPUTE_WGS),
-            ),
-            (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
-            plgpu.Barrier(num_arrivals=COMPUTE_WGS),
-            collective_axes="wg",
-        )
+            lambda *refs: kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref,
+                                 Scratch(*refs)),
+            *scratch, collective_axes="wg")
 
+    return launch(entry, jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(h, num_q_tiles, bsz),
+                  grid_names=("heads", "q_seq", "batch"), interpret=interpret)(
+        q_offset, kv_lens, q, k, v)
+
+
+def launch(entry, out_type, *, grid, grid_names, interpret: bool):
+    """`plgpu.kernel` with two compute warpgroups plus the producer, in the GPU interpreter
+    when asked."""
+    plgpu = plgpu_module()
     kw = {}
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
@@ -271,11 +336,11 @@ def hopper_flash_call(q, k, v, q_offset, kv_lens, *, sm_scale: float, causal: bo
         kw["interpret"] = InterpretGPUParams()
     return plgpu.kernel(
         entry,
-        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-        grid=(h, num_q_tiles, bsz),
-        grid_names=("heads", "q_seq", "batch"),
+        out_type=out_type,
+        grid=grid,
+        grid_names=grid_names,
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **kw,
-    )(q_offset, kv_lens, q, k, v)
+    )

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.flash_attention.hopper import mosaic_gpu_available
 from pallas_kernels.flash_attention.kernel import (
     MASK_VALUE,
     dot_nt,
@@ -20,7 +21,8 @@ from pallas_kernels.flash_attention.kernel import (
     online_softmax_step,
     scale_logits,
 )
-from pallas_kernels.flash_attention.tuning import resolve_interpret
+from pallas_kernels.flash_attention.tuning import hopper_config, resolve_interpret
+from pallas_kernels.paged_attention.hopper import hopper_ragged_rows, hopper_tokens_per_item
 from pallas_kernels.paged_attention.kernel import (
     check_paged_inputs,
     load_kv_block,
@@ -32,7 +34,7 @@ from pallas_kernels.paged_attention.reference import (
     ragged_paged_attention_reference,
     ragged_paged_attention_xla,
 )
-from pallas_kernels.paged_attention.tuning import paged_config
+from pallas_kernels.paged_attention.tuning import paged_config, ragged_backend
 
 
 def _ragged_kernel(
@@ -147,6 +149,7 @@ def ragged_paged_attention(
     split_decodes: bool = True,
     interpret: bool | None = None,
     impl: str = "pallas",
+    backend: str = "auto",
 ) -> jax.Array:
     """Attention for a flat batch mixing prefill chunks and decode tokens over paged K/V.
 
@@ -174,6 +177,11 @@ def ragged_paged_attention(
       interpret: Pallas interpreter; None = interpret unless the backend is GPU.
       impl: "pallas"; "xla" (plain jnp in the input dtype, 32 rows at a time, each gathering
         its sequence's K/V); "reference" (the f32 spec: gathers [N, S, K, D] at once, tests only).
+      backend: which kernel serves the items of impl="pallas": "triton" (`_ragged_kernel`),
+        "mosaic" (the Hopper kernel of `hopper.py`: bf16/f16, D a multiple of 64 up to 256,
+        pages a multiple of 8 tokens; interpret=True runs the Mosaic GPU interpreter; block_q,
+        num_warps, num_stages do not apply, block_k is its block_kv) or "auto"
+        (`tuning.ragged_backend`).
 
     Returns:
       [N, H, D] in q.dtype.
@@ -206,6 +214,24 @@ def ragged_paged_attention(
     if impl != "pallas":
         raise ValueError(f"impl={impl!r}; expected 'pallas', 'reference' or 'xla'")
     page_size, num_kv, d = k_pages.shape[1:]
+    if backend not in ("auto", "triton", "mosaic"):
+        raise ValueError(f"backend={backend!r}; expected 'auto', 'triton' or 'mosaic'")
+    why_not = _mosaic_unsupported(q, k_pages)
+    if backend == "mosaic" and why_not:
+        raise ValueError(f"backend='mosaic' cannot run this call: {why_not}; use "
+                         "backend='triton' (or 'auto', which picks it)")
+    interpret = resolve_interpret(interpret)
+    if backend == "auto":
+        backend = "triton" if why_not or interpret else ragged_backend(d, q.dtype)
+    if backend == "mosaic":
+        hopper = hopper_config(d)
+        return _ragged_call(
+            q, k_pages, v_pages, block_tables, context_lens, query_start_loc,
+            sm_scale=d**-0.5 if sm_scale is None else float(sm_scale), soft_cap=soft_cap,
+            block_q=hopper_tokens_per_item(q.shape[1], num_kv), block_k=block_k or hopper.block_kv,
+            num_warps=0, num_stages=num_stages or hopper.stages, split_decodes=split_decodes,
+            num_splits=num_splits, interpret=interpret, backend="mosaic",
+        )
     cfg = paged_config(page_size, d, q.dtype)
     gp = pl.next_power_of_2(q.shape[1] // num_kv)
     block_q = block_q or max(1, cfg.block_rows // gp)
@@ -233,8 +259,26 @@ def ragged_paged_attention(
         num_stages=num_stages or cfg.num_stages,
         split_decodes=split_decodes,
         num_splits=num_splits,
-        interpret=resolve_interpret(interpret),
+        interpret=interpret,
+        backend="triton",
     )
+
+
+def _mosaic_unsupported(q: jax.Array, k_pages: jax.Array) -> str | None:
+    """Why the Hopper ragged kernel cannot take this call, or None."""
+    d = q.shape[-1]
+    page_size, num_kv = k_pages.shape[1:3]
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"dtype {q.dtype} (wgmma takes bf16/f16)"
+    if d % 64 or d > 256:
+        return f"head_dim {d} (it needs a multiple of 64, at most 256)"
+    if page_size % 8 or page_size & (page_size - 1):
+        return f"page_size {page_size} (it needs a power of 2 of at least 8 tokens)"
+    if pl.next_power_of_2(q.shape[1] // num_kv) > 64:
+        return f"{q.shape[1] // num_kv} query heads per kv head (at most 64)"
+    if not mosaic_gpu_available():
+        return "this jax has no Pallas Mosaic GPU"
+    return None
 
 
 @functools.partial(
@@ -249,6 +293,7 @@ def ragged_paged_attention(
         "split_decodes",
         "num_splits",
         "interpret",
+        "backend",
     ),
 )
 def _ragged_call(
@@ -268,17 +313,49 @@ def _ragged_call(
     split_decodes,
     num_splits,
     interpret,
+    backend,
 ):
-    n, h, d = q.shape
-    num_pages, page_size, num_kv, _ = k_pages.shape
-    group = h // num_kv
-    gp = pl.next_power_of_2(group)
+    """block_q: tokens per item; for backend "mosaic" block_k is the kernel's block_kv and
+    num_stages its ring depth."""
+    n, _, d = q.shape
+    page_size = k_pages.shape[1]
     ctx_lens = jnp.clip(context_lens.astype(jnp.int32), 0, block_tables.shape[1] * page_size)
     qsl = query_start_loc.astype(jnp.int32)
     is_decode = None
     if split_decodes:
         is_decode = qsl[1:] - qsl[:-1] == 1  # [B]
     row0, num_q, pos0, seq, ctx = ragged_schedule(qsl, ctx_lens, n, block_q, skip=is_decode)
+    if backend == "mosaic":
+        out = hopper_ragged_rows(
+            q, k_pages, v_pages, block_tables, (row0, num_q, pos0, seq, ctx), sm_scale=sm_scale,
+            soft_cap=soft_cap, block_kv=block_k, stages=num_stages,
+            pingpong=hopper_config(d).pingpong, interpret=interpret)
+    else:
+        out = _triton_rows(
+            q, k_pages, v_pages, block_tables, (row0, num_q, pos0, seq, ctx), qsl[-1],
+            sm_scale=sm_scale, soft_cap=soft_cap, block_q=block_q, block_k=block_k,
+            num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    if not split_decodes:
+        return out
+    # Decode rows: one split-K launch over all B slots, the others given context 0 (no reads).
+    q_dec = q[jnp.clip(qsl[:-1], 0, n - 1)]  # [B, H, D] each slot's first (only) query
+    o_dec = paged_attention(
+        q_dec, k_pages, v_pages, block_tables, jnp.where(is_decode, ctx_lens, 0),
+        sm_scale=sm_scale, soft_cap=soft_cap, num_splits=num_splits, interpret=interpret,
+    )  # [B, H, D]
+    # Non-decode slots scatter to row n: out of range, dropped.
+    return out.at[jnp.where(is_decode, qsl[:-1], n)].set(o_dec, mode="drop")
+
+
+def _triton_rows(q, k_pages, v_pages, block_tables, items, num_rows, *, sm_scale, soft_cap,
+                 block_q, block_k, num_warps, num_stages, interpret):
+    """The rows of `items` (`ragged_schedule`'s tuple) through `_ragged_kernel`: q [N, H, D] ->
+    [N, H, D], rows from num_rows on 0."""
+    row0, num_q, pos0, seq, ctx = items
+    n, h, d = q.shape
+    num_pages, page_size, num_kv, _ = k_pages.shape
+    group = h // num_kv
+    gp = pl.next_power_of_2(group)
     tables = pad_block_tables(block_tables, block_k // page_size)[seq]  # [W, max_pages_pad]
     # [N, H, D] -> [N + block_q, K, Gp, D]: the tail pad keeps every item's block_q-row load
     # and store in bounds.
@@ -316,15 +393,5 @@ def _ragged_call(
     )(row0, num_q, pos0, ctx, tables, qg, token_rows(k_pages), token_rows(v_pages))
     out = out[:n, :, :group].reshape(n, h, d)
     # Rows no item wrote (padding after query_start_loc[B]) are uninitialized: zero them.
-    used = jnp.arange(n) < qsl[-1]
-    out = jnp.where(used[:, None, None], out, jnp.zeros_like(out))
-    if not split_decodes:
-        return out
-    # Decode rows: one split-K launch over all B slots, the others given context 0 (no reads).
-    q_dec = q[jnp.clip(qsl[:-1], 0, n - 1)]  # [B, H, D] each slot's first (only) query
-    o_dec = paged_attention(
-        q_dec, k_pages, v_pages, block_tables, jnp.where(is_decode, ctx_lens, 0),
-        sm_scale=sm_scale, soft_cap=soft_cap, num_splits=num_splits, interpret=interpret,
-    )  # [B, H, D]
-    # Non-decode slots scatter to row n: out of range, dropped.
-    return out.at[jnp.where(is_decode, qsl[:-1], n)].set(o_dec, mode="drop")
+    used = jnp.arange(n) < num_rows
+    return jnp.where(used[:, None, None], out, jnp.zeros_like(out))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import numpy as np
 
 from pallas_kernels.flash_attention.tuning import device_kind
 
@@ -70,3 +71,16 @@ def decode_num_splits(batch: int, num_kv_heads: int, num_blocks: int, cfg: Paged
     want = max(1, 2 * num_sms // max(1, batch * num_kv_heads))
     want = 1 << (want.bit_length() - 1)  # largest power of 2 <= want
     return max(1, min(want, num_blocks // 2, 64))
+
+
+# Where "auto" sends a ragged call's items on Hopper, by (head_dim, dtype name). Empty until
+# the Mosaic kernel is measured against the Triton one (scripts/bench_kernels.py --only ragged).
+_HOPPER_RAGGED: dict[tuple[int, str], str] = {}
+
+
+def ragged_backend(head_dim: int, dtype, kind: str | None = None) -> str:
+    """"mosaic" or "triton" for the ragged items of a call the Hopper kernel can take."""
+    kind = device_kind() if kind is None else kind
+    if not any(k in kind for k in _HOPPER):
+        return "triton"
+    return _HOPPER_RAGGED.get((head_dim, np.dtype(dtype).name), "triton")
