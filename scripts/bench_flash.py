@@ -28,6 +28,7 @@ from pallas_kernels.flash_attention import (
     flash_attention_reference,
     hopper_flash_attention,
 )
+from pallas_kernels.flash_attention.hopper import Tweaks
 from scripts.bench_kernels import check, compile_time, time_calls
 
 BF16 = jnp.bfloat16
@@ -38,11 +39,20 @@ TILE_GRID = [(bq, bkv, st, pp) for bq in (64, 128) for bkv in (64, 128) for st i
              for pp in (True, False)]
 
 
+# Instruction-order variants of the Hopper kernel (`hopper.Tweaks`), run with --tweaks.
+TWEAKS = {
+    "mosaic_fma": Tweaks(fma=True),
+    "mosaic_fence": Tweaks(fence=True),
+    "mosaic_early_k": Tweaks(early_k=True),
+    "mosaic_all_tweaks": Tweaks(fma=True, fence=True, early_k=True),
+}
+
+
 def tile_name(bq, bkv, st, pp) -> str:
     return f"mosaic_bq{bq}_bkv{bkv}_s{st}_pp{int(pp)}"
 
 
-def bench_point(d: int, t: int, causal: bool, tiles: bool = False) -> dict:
+def bench_point(d: int, t: int, causal: bool, tiles: bool = False, tweaks: bool = False) -> dict:
     b = max(1, TOKENS // t)
     ks = jax.random.split(jax.random.key(t + d), 3)
     q = jax.random.normal(ks[0], (b, t, HEADS, d), BF16)
@@ -71,6 +81,9 @@ def bench_point(d: int, t: int, causal: bool, tiles: bool = False) -> dict:
     record("mosaic", functools.partial(hopper_flash_attention, causal=causal))
     record("cudnn", functools.partial(jax.nn.dot_product_attention, is_causal=causal,
                                       implementation="cudnn"))
+    if tweaks:
+        for name, tw in TWEAKS.items():
+            record(name, functools.partial(hopper_flash_attention, causal=causal, tweaks=tw))
     if tiles:
         for bq, bkv, st, pp in TILE_GRID:
             if bq * max(bkv, d) > 128 * 64:
@@ -104,6 +117,14 @@ def markdown(results: dict) -> str:
         ratio = f"{m['TFLOPs'] / c['TFLOPs']:.2f}" if "TFLOPs" in m and "TFLOPs" in c else "-"
         lines.append(f"| {p['D']} | {p['causal']} | {p['T']} | {p['B']} | {tf(p, 'triton')} | "
                      f"{tf(p, 'mosaic')} | {tf(p, 'cudnn')} | {ratio} |")
+    tweaked = [p for p in results["points"] if any(n in TWEAKS for n in p)]
+    if tweaked:
+        lines += ["", "Hopper instruction-order variants (TFLOP/s; `hopper.Tweaks`):", "",
+                  "| D | causal | T | mosaic | " + " | ".join(TWEAKS) + " |",
+                  "|---|---|---|---|" + "---|" * len(TWEAKS)]
+        for p in tweaked:
+            lines.append(f"| {p['D']} | {p['causal']} | {p['T']} | {tf(p, 'mosaic')} | "
+                         + " | ".join(tf(p, n) for n in TWEAKS) + " |")
     grid = [p for p in results["points"] if any(n.startswith("mosaic_bq") for n in p)]
     for p in grid:
         lines += ["", f"Hopper tiles at D{p['D']} T{p['T']} causal={p['causal']} (TFLOP/s):", "",
@@ -127,6 +148,8 @@ def main():
     ap.add_argument("--causal", default="1,0")
     ap.add_argument("--grid", default="128:4096:1",
                     help="D:T:causal points (comma-separated) that also run the tile grid")
+    ap.add_argument("--tweaks", action="store_true",
+                    help="also time the Hopper kernel's instruction-order variants at every point")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     results = {
@@ -152,7 +175,8 @@ def main():
         for causal in (c == "1" for c in args.causal.split(",")):
             for t in map(int, args.seqs.split(",")):
                 try:
-                    point = bench_point(d, t, causal, tiles=(d, t, int(causal)) in grid)
+                    point = bench_point(d, t, causal, tiles=(d, t, int(causal)) in grid,
+                                        tweaks=args.tweaks)
                 except Exception:  # noqa: BLE001 - e.g. out of memory: keep the rest
                     point = {"D": d, "T": t, "causal": causal,
                              "point": {"error": traceback.format_exc()[-1500:]}}

@@ -22,6 +22,7 @@ past kv_lens; padded queries are dropped). bf16 / f16 only (wgmma), D a multiple
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash_attention.logits import scale_logits
+from pallas_kernels.flash_attention.logits import LOG2E, scale_logits
 from pallas_kernels.flash_attention.reference import MASK_VALUE
 
 COMPUTE_WGS = 2
@@ -50,6 +51,16 @@ def plgpu_module():
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     return plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class Tweaks:
+    """Instruction-order options of the compute warpgroups, each off by default until measured
+    (scripts/bench_flash.py --tweaks); none changes the result beyond rounding."""
+
+    fma: bool = False  # scale the logits inside exp2's argument (one FMA), not in a pass of its own
+    fence: bool = False  # an optimization barrier: the softmax is done before the ping-pong hand-off
+    early_k: bool = False  # wait for the next K block while this block's P V wgmma runs
 
 
 class Scratch(NamedTuple):
@@ -95,7 +106,7 @@ def block_steps(end, full_end, block_kv: int):
 
 def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q_pos,
             sm_scale: float, soft_cap: float | None, block_kv: int, stages: int,
-            pingpong: bool, interpret: bool):
+            pingpong: bool, interpret: bool, tweaks: Tweaks = Tweaks()):
     """A compute warpgroup: loads its [block_q, D] query tile from q_src (GMEM), runs the online
     softmax over kv blocks [0, n_steps) of the ring (blocks [0, n_full) unmasked), hands back
     the slots of blocks [n_steps, cta_steps) that only the other warpgroup reads, and stores
@@ -134,11 +145,16 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
         # Warpgroup 1 starts one rendezvous behind: from then on one warpgroup's softmax
         # runs while the other's matmuls hold the tensor cores.
         pl.when(wg == 1)(rendezvous)
+    fma = tweaks.fma and soft_cap is None
+    if tweaks.early_k:
+        # Block j's K is waited for during block j - 1's P V (wait_next_k); block 0's here.
+        pl.when(n_steps > 0)(lambda: plgpu.barrier_wait(scr.k_ready.at[0]))
 
     def step(j, carry, masked):
         acc, m, l = carry
         slot = lax.rem(j, stages)
-        plgpu.barrier_wait(scr.k_ready.at[slot])
+        if not tweaks.early_k:
+            plgpu.barrier_wait(scr.k_ready.at[slot])
 
         def qk(s_ref):
             plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(scr.k.at[slot], (1, 0)))
@@ -155,7 +171,10 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
         else:
             s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
         plgpu.barrier_arrive(scr.k_free.at[slot])
-        s = scale_logits(s, sm_scale, soft_cap)
+        # fma: s stays raw; the row max is scaled instead and exp2 takes s * c - m in one FMA.
+        c = sm_scale * LOG2E
+        if not fma:
+            s = scale_logits(s, sm_scale, soft_cap)
         if masked:
             shape = (block_q, block_kv)
             k_pos = j * block_kv + iota(shape, 1)
@@ -163,23 +182,39 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
             if q_pos is not None:
                 visible = visible & (k_pos <= q_pos(shape, iota))
             s = jnp.where(visible, s, MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=1))
+        if fma:
+            m_new = jnp.maximum(m, s.max(axis=1) * c)
+            p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        else:
+            m_new = jnp.maximum(m, s.max(axis=1))
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
         alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
         l = l * alpha + p.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         p = p.astype(scr.k.dtype)
+        if tweaks.fence:
+            # Keep the compiler from sinking softmax work past the hand-off below, into the
+            # window where the other warpgroup's matmuls should be overlapping it.
+            acc, l, m_new, p = lax.optimization_barrier((acc, l, m_new, p))
         if pingpong:
             plgpu.barrier_arrive(scr.sched)  # this softmax is done
         plgpu.barrier_wait(scr.v_ready.at[slot])
         if pingpong:
             plgpu.barrier_wait(scr.sched)  # the other warpgroup's matmuls are done
 
+        def wait_next_k():
+            if tweaks.early_k:
+                nxt = j + 1
+                pl.when(nxt < n_steps)(
+                    lambda: plgpu.barrier_wait(scr.k_ready.at[lax.rem(nxt, stages)]))
+
         if interpret:
             acc = acc + jnp.dot(p, scr.v[slot], preferred_element_type=jnp.float32)
+            wait_next_k()
         else:
             def pv(acc_ref):
                 plgpu.wgmma(acc_ref, p, scr.v.at[slot])
+                wait_next_k()  # while the wgmma runs
 
             acc = pl.run_state(pv)(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(scr.v_free.at[slot])
@@ -246,7 +281,7 @@ def produce(scr: Scratch, issue, *, cta_steps, num_kv_blocks: int, stages: int):
 
 def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scr: Scratch, *, sm_scale,
             causal, soft_cap, block_q, block_kv, stages, group, num_q_tiles, num_kv_blocks,
-            pingpong, interpret):
+            pingpong, interpret, tweaks):
     """One CTA: query rows [tile * 2 * block_q, +2 * block_q) of head h of sequence b.
 
     q_off_ref, kv_len_ref: [B] int32 in GMEM. q_ref/o_ref: [B, T_pad, H, D]; k_ref, v_ref:
@@ -283,7 +318,7 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scr: Scratch, *, 
         consume(scr, q_ref.at[rows], o_ref.at[rows], n_steps=n_steps, n_full=n_full,
                 cta_steps=cta_steps, kv_len=kv_len, q_pos=q_pos if causal else None,
                 sm_scale=sm_scale, soft_cap=soft_cap, block_kv=block_kv, stages=stages,
-                pingpong=pingpong, interpret=interpret)
+                pingpong=pingpong, interpret=interpret, tweaks=tweaks)
 
     @pl.when(wg == COMPUTE_WGS)
     def _producer():
@@ -300,7 +335,7 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scr: Scratch, *, 
 
 def hopper_flash_call(q, k, v, q_offset, kv_lens, *, sm_scale: float, causal: bool,
                       soft_cap: float | None, block_q: int, block_kv: int, stages: int,
-                      pingpong: bool, interpret: bool):
+                      pingpong: bool, interpret: bool, tweaks: Tweaks = Tweaks()):
     """q [B, T_pad, H, D] (T_pad % (2 * block_q) == 0), k/v [B, S_pad, K, D] (S_pad % block_kv
     == 0), q_offset/kv_lens [B] int32 -> [B, T_pad, H, D]. V rows past kv_lens must be finite
     (`flash_attention` zeroes them): a probability of 0 times NaN is NaN inside the wgmma."""
@@ -310,7 +345,8 @@ def hopper_flash_call(q, k, v, q_offset, kv_lens, *, sm_scale: float, causal: bo
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, causal=causal, soft_cap=soft_cap, block_q=block_q,
         block_kv=block_kv, stages=stages, group=group, num_q_tiles=num_q_tiles,
-        num_kv_blocks=k.shape[1] // block_kv, pingpong=pingpong, interpret=interpret)
+        num_kv_blocks=k.shape[1] // block_kv, pingpong=pingpong, interpret=interpret,
+        tweaks=tweaks)
     scratch = scratch_shapes(q.dtype, d, block_q=block_q, block_kv=block_kv, stages=stages,
                              interpret=interpret)
 

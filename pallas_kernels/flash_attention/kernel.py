@@ -331,14 +331,14 @@ def _mosaic_unsupported(q: jax.Array, mask: jax.Array | None) -> str | None:
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "causal", "soft_cap", "interpret", "block_q", "block_kv",
-                     "stages", "pingpong"),
+                     "stages", "pingpong", "tweaks"),
 )
 def hopper_flash_attention(q, k, v, q_offset=None, kv_lens=None, *, sm_scale=None, causal=True,
                            soft_cap=None, interpret=False, block_q=None, block_kv=None,
-                           stages=None, pingpong=None):
+                           stages=None, pingpong=None, tweaks=None):
     """`flash_attention`'s contract on the Hopper kernel (no mask): pads T and S to its tiles,
     zeroes V past kv_lens, calls it. block_q (rows per compute warpgroup) / block_kv / stages /
-    pingpong override `hopper_config`."""
+    pingpong / tweaks (`hopper.Tweaks`) override `hopper_config`."""
     b, t, _, d = q.shape
     s = k.shape[1]
     cfg = hopper_config(d)
@@ -362,6 +362,7 @@ def hopper_flash_attention(q, k, v, q_offset=None, kv_lens=None, *, sm_scale=Non
         sm_scale=d**-0.5 if sm_scale is None else float(sm_scale), causal=causal,
         soft_cap=soft_cap, block_q=block_q, block_kv=block_kv, stages=min(stages,
         kp.shape[1] // block_kv), pingpong=pingpong, interpret=interpret,
+        tweaks=cfg.tweaks if tweaks is None else tweaks,
     )
     return out[:, :t]
 

@@ -7,6 +7,8 @@ import dataclasses
 import jax
 import numpy as np
 
+from pallas_kernels.flash_attention.hopper import Tweaks
+
 
 def resolve_interpret(interpret: bool | None) -> bool:
     """None means: interpret on backends without a GPU (CPU CI), compile on GPU."""
@@ -64,6 +66,7 @@ class HopperConfig:
     block_kv: int
     stages: int
     pingpong: bool
+    tweaks: Tweaks = dataclasses.field(default_factory=Tweaks)
 
 
 def hopper_config(head_dim: int) -> HopperConfig:

@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.flash_attention.hopper import (
     COMPUTE_WGS,
     Scratch,
+    Tweaks,
     block_steps,
     consume,
     launch,
@@ -43,7 +44,7 @@ from pallas_kernels.paged_attention.kernel import pad_block_tables
 
 def _kernel(num_q_ref, pos0_ref, seq_ref, ctx_ref, table_ref, q_ref, k_ref, v_ref, o_ref,
             scr: Scratch, *, sm_scale, soft_cap, block_q, block_kv, stages, gp, page_size,
-            pingpong, interpret):
+            pingpong, interpret, tweaks):
     """One CTA: item w for kv head kh.
 
     num_q/pos0/seq/ctx_ref: [W] int32 (GMEM) the item's valid tokens, the position of its first
@@ -78,7 +79,7 @@ def _kernel(num_q_ref, pos0_ref, seq_ref, ctx_ref, table_ref, q_ref, k_ref, v_re
         consume(scr, q_ref.at[rows], o_ref.at[rows], n_steps=n_steps, n_full=n_full,
                 cta_steps=cta_steps, kv_len=ctx, q_pos=q_pos, sm_scale=sm_scale,
                 soft_cap=soft_cap, block_kv=block_kv, stages=stages, pingpong=pingpong,
-                interpret=interpret)
+                interpret=interpret, tweaks=tweaks)
 
     @pl.when(wg == COMPUTE_WGS)
     def _producer():
@@ -108,7 +109,8 @@ def _kernel(num_q_ref, pos0_ref, seq_ref, ctx_ref, table_ref, q_ref, k_ref, v_re
 
 def hopper_ragged_call(q_items, k_pages, v_pages, tables, num_q, pos0, seq, ctx, *, gp: int,
                        sm_scale: float, soft_cap: float | None, block_q: int, block_kv: int,
-                       stages: int, pingpong: bool, interpret: bool):
+                       stages: int, pingpong: bool, interpret: bool,
+                       tweaks: Tweaks | None = None):
     """q_items [W, K, 2 * block_q, D] (row r: token r // gp of the item, head r % gp of the kv
     head's group), pools [P, page, K, D], tables [B, max_pages_pad] (max_pages_pad * page a
     multiple of block_kv), item vectors [W] int32 -> [W, K, 2 * block_q, D]."""
@@ -116,7 +118,8 @@ def hopper_ragged_call(q_items, k_pages, v_pages, tables, num_q, pos0, seq, ctx,
     page_size = k_pages.shape[1]
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, block_q=block_q, block_kv=block_kv,
-        stages=stages, gp=gp, page_size=page_size, pingpong=pingpong, interpret=interpret)
+        stages=stages, gp=gp, page_size=page_size, pingpong=pingpong, interpret=interpret,
+        tweaks=tweaks or Tweaks())
     scratch = scratch_shapes(q_items.dtype, d, block_q=block_q, block_kv=block_kv,
                              stages=stages, copies_per_block=max(1, block_kv // page_size),
                              interpret=interpret)
@@ -139,7 +142,7 @@ def hopper_tokens_per_item(num_heads: int, num_kv_heads: int, block_q: int = 64)
 
 def hopper_ragged_rows(q, k_pages, v_pages, block_tables, items, *, sm_scale: float,
                        soft_cap: float | None, block_kv: int, stages: int, pingpong: bool,
-                       interpret: bool, block_q: int = 64):
+                       interpret: bool, tweaks: Tweaks | None = None, block_q: int = 64):
     """The rows of `items` (`ragged_schedule`'s (row0, num_q, pos0, seq, ctx), cut at
     `hopper_tokens_per_item` tokens) through the Hopper kernel: q [N, H, D] -> [N, H, D], rows
     no item covers 0."""
@@ -163,7 +166,7 @@ def hopper_ragged_rows(q, k_pages, v_pages, block_tables, items, *, sm_scale: fl
     out = hopper_ragged_call(
         q_items, k_pages, v_pages, tables, num_q, pos0, seq, ctx, gp=gp, sm_scale=sm_scale,
         soft_cap=soft_cap, block_q=block_q, block_kv=block_kv, stages=stages, pingpong=pingpong,
-        interpret=interpret)  # [W, K, tokens * Gp, D]
+        interpret=interpret, tweaks=tweaks)  # [W, K, tokens * Gp, D]
     out = out.reshape(w, num_kv, tokens, gp, d)[:, :, :, :group]
     out = out.transpose(0, 2, 1, 3, 4).reshape(w * tokens, h, d)
     dest = jnp.where(t[None, :] < num_q[:, None], row0[:, None] + t, n).reshape(-1)  # n: dropped

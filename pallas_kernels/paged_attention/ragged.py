@@ -329,7 +329,7 @@ def _ragged_call(
         out = hopper_ragged_rows(
             q, k_pages, v_pages, block_tables, (row0, num_q, pos0, seq, ctx), sm_scale=sm_scale,
             soft_cap=soft_cap, block_kv=block_k, stages=num_stages,
-            pingpong=hopper_config(d).pingpong, interpret=interpret)
+            pingpong=hopper_config(d).pingpong, interpret=interpret, tweaks=hopper_config(d).tweaks)
     else:
         out = _triton_rows(
             q, k_pages, v_pages, block_tables, (row0, num_q, pos0, seq, ctx), qsl[-1],

@@ -17,18 +17,20 @@ from pallas_kernels.flash_attention import (
     flash_attention_reference,
     hopper_flash_attention,
 )
-from pallas_kernels.flash_attention.hopper import mosaic_gpu_available
+from pallas_kernels.flash_attention.hopper import Tweaks, mosaic_gpu_available
 from pallas_kernels.flash_attention.tuning import flash_backend
 from pallas_kernels.testing import assert_close
 
 pytestmark = pytest.mark.skipif(not mosaic_gpu_available(), reason="no Pallas Mosaic GPU")
 
-# (group, D, dtype, causal, T, S, soft_cap, pingpong, block_kv); 2 kv heads each. The
+# (group, D, dtype, causal, T, S, soft_cap, pingpong, block_kv, tweaks); 2 kv heads each. The
 # interpreter runs every CTA's three warpgroups as threads: group 2 keeps the GQA mapping
-# checked at about half the interpreter time of group 4 (43 s here).
+# checked at about half the interpreter time of group 4 (43 s here). The first case turns
+# every instruction-order tweak on, the second none (its soft cap would bypass `fma`).
+ALL_TWEAKS = Tweaks(fma=True, fence=True, early_k=True)
 CASES = [
-    (2, 64, jnp.bfloat16, True, 100, 300, None, True, 64),
-    (2, 128, jnp.float16, False, 70, 129, 20.0, False, 64),
+    (2, 64, jnp.bfloat16, True, 100, 300, None, True, 64, ALL_TWEAKS),
+    (2, 128, jnp.float16, False, 70, 129, 20.0, False, 64, Tweaks()),
 ]
 
 
@@ -40,9 +42,9 @@ def mode(interpret):
     return interpret
 
 
-@pytest.mark.parametrize("group,d,dtype,causal,t,s,cap,pingpong,block_kv", CASES)
+@pytest.mark.parametrize("group,d,dtype,causal,t,s,cap,pingpong,block_kv,tweaks", CASES)
 def test_hopper_matches_reference(rng, mode, group, d, dtype, causal, t, s, cap, pingpong,
-                                  block_kv):
+                                  block_kv, tweaks):
     b, kv = 2, 2
     shapes = [(b, t, group * kv, d), (b, s, kv, d), (b, s, kv, d)]
     q, k, v = (jnp.asarray(rng.standard_normal(x), dtype) for x in shapes)
@@ -51,7 +53,8 @@ def test_hopper_matches_reference(rng, mode, group, d, dtype, causal, t, s, cap,
     stale = (jnp.arange(s)[None, :] >= kv_lens[:, None])[:, :, None, None]
     k, v = (jnp.where(stale, jnp.nan, x).astype(dtype) for x in (k, v))
     out = hopper_flash_attention(q, k, v, q_offset, kv_lens, causal=causal, soft_cap=cap,
-                                 interpret=mode, block_kv=block_kv, pingpong=pingpong)
+                                 interpret=mode, block_kv=block_kv, pingpong=pingpong,
+                                 tweaks=tweaks)
     ref = flash_attention_reference(q, k, v, causal=causal, q_offset=q_offset, kv_lens=kv_lens,
                                     soft_cap=cap)
     assert out.shape == q.shape and out.dtype == q.dtype
