@@ -478,6 +478,9 @@ def bench_ragged(
             q, kp, vp, dec_tables, ctx[:n_dec], dec_qsl
         ),
         "all_decode_paged": lambda q, kp, vp: paged_attention(q, kp, vp, dec_tables, ctx[:n_dec]),
+        "all_decode_mosaic_one_launch": lambda q, kp, vp: ragged_paged_attention(
+            q, kp, vp, dec_tables, ctx[:n_dec], dec_qsl, backend="mosaic", split_decodes=False
+        ),
     }
     for name, fn in all_decode.items():
         record(name, fn, q[:n_dec], ref_dec)

@@ -38,6 +38,8 @@ def mode(interpret):
 def test_hopper_ragged_matches_reference(rng, mode, page, block_kv, group, kv_heads,
                                          split_decodes):
     d, dtype = 64, jnp.bfloat16
+    if not mode:  # compiled: the P V wgmma takes block_kv in multiples of 64
+        page, block_kv = 2 * page, 2 * block_kv
     # (q_len, context incl. this step's tokens): a decode one past a page boundary, a chunk
     # of page + 3 over a cached prefix of page tokens, an idle sequence; then 2 padding rows.
     q_lens, lens = (1, page + 3, 0), (page + 1, 2 * page + 3, 7)
