@@ -6,12 +6,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import seed_of
+
+# CPU computations run inline on the calling thread. With async dispatch, XLA:CPU queues them on
+# a pool as large as the machine's cores (2 in CI). The Mosaic GPU interpreter runs each
+# warpgroup as its own computation and blocks inside them on simulated barriers. On 2 cores,
+# the outer kernel's callback and one warpgroup filled the pool while another warpgroup waited
+# in its queue: a deadlock seen once in a full-suite run. Read when the CPU client is made, so
+# it is set here, before any test touches a device.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -34,7 +34,11 @@ from pallas_kernels.paged_attention.reference import (
     ragged_paged_attention_reference,
     ragged_paged_attention_xla,
 )
-from pallas_kernels.paged_attention.tuning import paged_config, ragged_backend
+from pallas_kernels.paged_attention.tuning import (
+    UNIFIED_DECODE_MAX_CONTEXT,
+    paged_config,
+    ragged_backend,
+)
 
 
 def _ragged_kernel(
@@ -146,10 +150,11 @@ def ragged_paged_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     num_splits: int | None = None,
-    split_decodes: bool = True,
+    split_decodes: bool | str = "auto",
     interpret: bool | None = None,
     impl: str = "pallas",
     backend: str = "auto",
+    unified_max_context: int | None = None,
 ) -> jax.Array:
     """Attention for a flat batch mixing prefill chunks and decode tokens over paged K/V.
 
@@ -170,10 +175,12 @@ def ragged_paged_attention(
       block_k: tokens per loop step, a power-of-2 multiple of page_size; default from tuning.
       num_warps, num_stages: Triton launch parameters; default from tuning.
       num_splits: split-K partitions of the decode kernel; default `tuning.decode_num_splits`.
-      split_decodes: serve the sequences with q_len 1 by the split-K decode kernel (one launch
-        over all B slots) and only the longer ones by the ragged kernel. Off, one ragged launch
-        serves all: a decode then reads its whole context in one program, with block_q - 1 of
-        its rows idle.
+      split_decodes: True: serve the sequences with q_len 1 by the split-K decode kernel (one
+        launch over all B slots) and only the longer ones by the ragged kernel. False: one
+        ragged launch serves all; a decode then reads its whole context in one program. "auto":
+        True on the Triton backend; on the Mosaic one, decodes join the ragged launch when the
+        step has a chunk (q_len > 1) to overlap them with and their context is at most
+        `unified_max_context` (default `tuning.UNIFIED_DECODE_MAX_CONTEXT`), else split.
       interpret: Pallas interpreter; None = interpret unless the backend is GPU.
       impl: "pallas"; "xla" (plain jnp in the input dtype, 32 rows at a time, each gathering
         its sequence's K/V); "reference" (the f32 spec: gathers [N, S, K, D] at once, tests only).
@@ -220,11 +227,18 @@ def ragged_paged_attention(
     if backend == "mosaic" and why_not:
         raise ValueError(f"backend='mosaic' cannot run this call: {why_not}; use "
                          "backend='triton' (or 'auto', which picks it)")
+    if split_decodes not in (True, False, "auto"):
+        raise ValueError(f"split_decodes={split_decodes!r}; expected True, False or 'auto'")
     interpret = resolve_interpret(interpret)
     if backend == "auto":
         backend = "triton" if why_not or interpret else ragged_backend(d, q.dtype)
     if backend == "mosaic":
         hopper = hopper_config(d)
+        if block_k is not None and (block_k % 64 and not interpret):
+            raise ValueError(f"block_k {block_k}: the Hopper kernel's P V wgmma needs a "
+                             "multiple of 64")
+        if split_decodes == "auto":
+            split_decodes = ("auto", unified_max_context or UNIFIED_DECODE_MAX_CONTEXT)
         return _ragged_call(
             q, k_pages, v_pages, block_tables, context_lens, query_start_loc,
             sm_scale=d**-0.5 if sm_scale is None else float(sm_scale), soft_cap=soft_cap,
@@ -257,7 +271,7 @@ def ragged_paged_attention(
         block_k=block_k,
         num_warps=num_warps or cfg.num_warps,
         num_stages=num_stages or cfg.num_stages,
-        split_decodes=split_decodes,
+        split_decodes=split_decodes is not False,  # "auto" splits on Triton
         num_splits=num_splits,
         interpret=interpret,
         backend="triton",
@@ -316,14 +330,20 @@ def _ragged_call(
     backend,
 ):
     """block_q: tokens per item; for backend "mosaic" block_k is the kernel's block_kv and
-    num_stages its ring depth."""
+    num_stages its ring depth. split_decodes: True, False or ("auto", max_context)."""
     n, _, d = q.shape
     page_size = k_pages.shape[1]
     ctx_lens = jnp.clip(context_lens.astype(jnp.int32), 0, block_tables.shape[1] * page_size)
     qsl = query_start_loc.astype(jnp.int32)
-    is_decode = None
-    if split_decodes:
-        is_decode = qsl[1:] - qsl[:-1] == 1  # [B]
+    q_lens = qsl[1:] - qsl[:-1]  # [B]
+    is_decode = None  # [B] the sequences the split-K decode kernel serves
+    if isinstance(split_decodes, tuple):
+        # Decodes overlap the chunks' compute inside one launch, but unsplit: a long context
+        # would be one program's serial read, so those still go to the split-K kernel.
+        has_chunk = jnp.any(q_lens > 1)
+        is_decode = (q_lens == 1) & (~has_chunk | (ctx_lens > split_decodes[1]))
+    elif split_decodes:
+        is_decode = q_lens == 1
     row0, num_q, pos0, seq, ctx = ragged_schedule(qsl, ctx_lens, n, block_q, skip=is_decode)
     if backend == "mosaic":
         out = hopper_ragged_rows(
@@ -335,7 +355,7 @@ def _ragged_call(
             q, k_pages, v_pages, block_tables, (row0, num_q, pos0, seq, ctx), qsl[-1],
             sm_scale=sm_scale, soft_cap=soft_cap, block_q=block_q, block_k=block_k,
             num_warps=num_warps, num_stages=num_stages, interpret=interpret)
-    if not split_decodes:
+    if is_decode is None:
         return out
     # Decode rows: one split-K launch over all B slots, the others given context 0 (no reads).
     q_dec = q[jnp.clip(qsl[:-1], 0, n - 1)]  # [B, H, D] each slot's first (only) query

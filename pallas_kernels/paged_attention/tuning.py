@@ -73,9 +73,16 @@ def decode_num_splits(batch: int, num_kv_heads: int, num_blocks: int, cfg: Paged
     return max(1, min(want, num_blocks // 2, 64))
 
 
-# Where "auto" sends a ragged call's items on Hopper, by (head_dim, dtype name). Empty until
-# the Mosaic kernel is measured against the Triton one (scripts/bench_kernels.py --only ragged).
-_HOPPER_RAGGED: dict[tuple[int, str], str] = {}
+# Where "auto" sends a ragged call's items on Hopper, by (head_dim, dtype name). H200, jax
+# 0.11.2 (benchmarks/paged_attention_h200.md, runs 4-5; 28 decodes at 4096 + 4 chunks of 512,
+# GQA 32/8, page 16): the Mosaic kernel 289.6-324.5 us against the Triton one's 387.1. D64 and
+# f16 run the same kernel but are not measured.
+_HOPPER_RAGGED: dict[tuple[int, str], str] = {(128, "bfloat16"): "mosaic"}
+
+# The longest context a decode may have to join the Mosaic ragged launch (split_decodes="auto"):
+# there it is one CTA's serial read, where the split-K decode kernel spreads it over SMs. At 4096
+# joining was faster (289.6 vs 324.5 us in the mixed batch); 8192 is a guess, not measured.
+UNIFIED_DECODE_MAX_CONTEXT = 8192
 
 
 def ragged_backend(head_dim: int, dtype, kind: str | None = None) -> str:

@@ -39,3 +39,12 @@ def interpret(request) -> bool:
     if request.param and jax.default_backend() == "gpu":
         pytest.skip("interpret mode is covered by CPU CI; on the GPU run the compiled kernels")
     return request.param
+
+
+@pytest.fixture
+def fresh_gpu_interpreter():
+    """A clean Mosaic GPU interpreter state: it keeps simulated memories in a global, and after
+    an exception inside a kernel that state must be reset before the next one (its docs)."""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+    gpu_callbacks.reset_gpu_interpret_mode_state()

@@ -35,7 +35,7 @@ CASES = [
 
 
 @pytest.fixture
-def mode(interpret):
+def mode(interpret, fresh_gpu_interpreter):
     if not interpret and "H100" not in jax.devices()[0].device_kind and (
             "H200" not in jax.devices()[0].device_kind):
         pytest.skip("the compiled Mosaic kernel needs a Hopper GPU")

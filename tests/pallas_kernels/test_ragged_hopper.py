@@ -4,8 +4,9 @@ On CPU it runs in the Mosaic GPU interpreter, whose cost grows with the CTAs (it
 heads), so the batches are small: a decode, a chunk over a cached prefix that ends inside a
 page, and an idle sequence. Pages no sequence owns are NaN (stale pages): the kernel must not
 read them. The two cases cover a ring slot filled by several page copies (page < block_kv) and
-a slot cut from inside one page (page >= block_kv), with decodes inside the kernel and split
-out to the decode kernel.
+a slot cut from inside one page (page >= block_kv). Both run split_decodes="auto": in the first
+the decode joins the chunk's launch, in the second its context is past unified_max_context and
+it goes to the split-K decode kernel.
 """
 
 from __future__ import annotations
@@ -22,21 +23,21 @@ from pallas_kernels.testing import assert_close
 
 pytestmark = pytest.mark.skipif(not mosaic_gpu_available(), reason="no Pallas Mosaic GPU")
 
-# (page, block_kv, group, kv heads, split_decodes)
-CASES = [(16, 32, 2, 2, False), (64, 32, 4, 1, True)]
+# (page, block_kv, group, kv heads, unified_max_context)
+CASES = [(16, 32, 2, 2, 4096), (64, 32, 4, 1, 1)]
 
 
 @pytest.fixture
-def mode(interpret):
+def mode(interpret, fresh_gpu_interpreter):
     kind = jax.devices()[0].device_kind
     if not interpret and "H100" not in kind and "H200" not in kind:
         pytest.skip("the compiled Mosaic kernel needs a Hopper GPU")
     return interpret
 
 
-@pytest.mark.parametrize("page,block_kv,group,kv_heads,split_decodes", CASES)
+@pytest.mark.parametrize("page,block_kv,group,kv_heads,unified_max_context", CASES)
 def test_hopper_ragged_matches_reference(rng, mode, page, block_kv, group, kv_heads,
-                                         split_decodes):
+                                         unified_max_context):
     d, dtype = 64, jnp.bfloat16
     if not mode:  # compiled: the P V wgmma takes block_kv in multiples of 64
         page, block_kv = 2 * page, 2 * block_kv
@@ -63,8 +64,8 @@ def test_hopper_ragged_matches_reference(rng, mode, page, block_kv, group, kv_he
         pools.append(jnp.asarray(np.where(keep[:, None, None, None], x, np.nan), dtype))
     q = jnp.asarray(rng.standard_normal((n, group * kv_heads, d)), dtype)
     args = (q, *pools, jnp.asarray(tables), jnp.asarray(lens, jnp.int32), jnp.asarray(qsl))
-    out = ragged_paged_attention(*args, block_k=block_kv, split_decodes=split_decodes,
-                                 interpret=mode, backend="mosaic")
+    out = ragged_paged_attention(*args, block_k=block_kv, interpret=mode, backend="mosaic",
+                                 unified_max_context=unified_max_context)
     ref = ragged_paged_attention_reference(*args)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert not jnp.any(out[int(qsl[-1]) :]), "padding rows must come back 0"
@@ -83,4 +84,6 @@ def test_ragged_backend_choice_and_errors():
         ragged_paged_attention(q.astype(jnp.bfloat16), bad, bad, *args[3:], backend="mosaic")
     with pytest.raises(ValueError, match="expected 'auto'"):
         ragged_paged_attention(*args, backend="cuda")
+    with pytest.raises(ValueError, match="expected True, False or 'auto'"):
+        ragged_paged_attention(*args, split_decodes="yes")
     assert ragged_backend(128, jnp.bfloat16, kind="NVIDIA A100-SXM4-80GB") == "triton"
