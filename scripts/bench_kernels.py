@@ -618,8 +618,9 @@ def markdown(results) -> str:
         if "ours_best" in de:
             lines.append(f"\nbest of ours: {de['ours_best']['config']}")
         lines.append("")
-    ra = results.get("ragged", {})
-    if ra:
+    for ra in (results.get("ragged", {}), results.get("ragged_d64", {})):
+        if not ra:
+            continue
         lines += [
             f"## Ragged mixed batch: {ra.get('shape')}",
             "",
@@ -702,6 +703,8 @@ def main():
         "flash": bench_flash,
         "decode": bench_decode,
         "ragged": bench_ragged,
+        # The default models' head size (Llama-3.2-1B, SmolLM2: D64), without the Triton grid.
+        "ragged_d64": functools.partial(bench_ragged, d=64, configs=()),
     }
 
     def save():  # after every section and sweep point: a timeout keeps what finished
