@@ -3,10 +3,10 @@ default model (SmolLM2-135M) plus its HF transformers twin, each loaded once per
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -14,13 +14,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import seed_of
 
-# CPU computations run inline on the calling thread. With async dispatch, XLA:CPU queues them on
-# a pool as large as the machine's cores (2 in CI). The Mosaic GPU interpreter runs each
-# warpgroup as its own computation and blocks inside them on simulated barriers. On 2 cores,
-# the outer kernel's callback and one warpgroup filled the pool while another warpgroup waited
-# in its queue: a deadlock seen once in a full-suite run. Read when the CPU client is made, so
-# it is set here, before any test touches a device.
-jax.config.update("jax_cpu_enable_async_dispatch", False)
+# XLA:CPU's thread pools get 8 threads (their default is the core count: 2 in CI). The
+# Mosaic GPU interpreter runs a CTA's three warpgroups as separate computations that block on
+# simulated barriers inside host callbacks, and the kernel's own callback waits for them. On a
+# 2-thread pool, the kernel's callback and one blocked warpgroup held both threads while the
+# warpgroup that would release it waited in the queue: two full-suite runs hung there. The
+# pool size is read when the CPU client is made, so it is set here, before any test runs.
+os.environ.setdefault("PJRT_NPROC", "8")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -106,7 +106,7 @@ def block_steps(end, full_end, block_kv: int):
 
 def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q_pos,
             sm_scale: float, soft_cap: float | None, block_kv: int, stages: int,
-            pingpong: bool, interpret: bool, tweaks: Tweaks = Tweaks()):
+            pingpong: bool, interpret: bool, tweaks: Tweaks = Tweaks(), has_rows=None):
     """A compute warpgroup: loads its [block_q, D] query tile from q_src (GMEM), runs the online
     softmax over kv blocks [0, n_steps) of the ring (blocks [0, n_full) unmasked), hands back
     the slots of blocks [n_steps, cta_steps) that only the other warpgroup reads, and stores
@@ -114,6 +114,8 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
 
     q_pos(shape) -> int32 positions of the rows broadcast over `shape`, or None (non-causal):
     key k is visible to a row at position p when k < kv_len and k <= p.
+    has_rows: a bool scalar; where false (a tile past a ragged item's tokens, with n_steps 0),
+    the query tile is neither loaded nor its output stored: the caller drops those rows.
     """
     plgpu = plgpu_module()
     wg = lax.axis_index("wg")
@@ -135,8 +137,14 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
 
     q_smem = scr.q.at[wg]
     block_q, d = q_smem.shape
-    plgpu.copy_gmem_to_smem(q_src, q_smem, scr.q_ready.at[wg])
-    plgpu.barrier_wait(scr.q_ready.at[wg])
+    def only_with_rows(f):
+        return f() if has_rows is None else pl.when(has_rows)(f)
+
+    @only_with_rows
+    def _load_q():
+        plgpu.copy_gmem_to_smem(q_src, q_smem, scr.q_ready.at[wg])
+        plgpu.barrier_wait(scr.q_ready.at[wg])
+
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     m = with_layout(jnp.full((block_q,), MASK_VALUE, jnp.float32), row_layout)
     l = with_layout(jnp.zeros((block_q,), jnp.float32), row_layout)
@@ -243,10 +251,13 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
         pl.when(wg == 0)(rendezvous)
     l_safe = jnp.where(l == 0.0, 1.0, l)  # a row that saw no key is 0, not NaN
     out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-    q_smem[...] = out.astype(q_smem.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, o_dst)
-    plgpu.wait_smem_to_gmem(0)
+
+    @only_with_rows
+    def _store():
+        q_smem[...] = out.astype(q_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, o_dst)
+        plgpu.wait_smem_to_gmem(0)
 
 
 def produce(scr: Scratch, issue, *, cta_steps, num_kv_blocks: int, stages: int):
@@ -335,7 +346,7 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scr: Scratch, *, 
 
 def hopper_flash_call(q, k, v, q_offset, kv_lens, *, sm_scale: float, causal: bool,
                       soft_cap: float | None, block_q: int, block_kv: int, stages: int,
-                      pingpong: bool, interpret: bool, tweaks: Tweaks = Tweaks()):
+                      pingpong: bool, interpret: bool, tweaks: Tweaks = Tweaks(), has_rows=None):
     """q [B, T_pad, H, D] (T_pad % (2 * block_q) == 0), k/v [B, S_pad, K, D] (S_pad % block_kv
     == 0), q_offset/kv_lens [B] int32 -> [B, T_pad, H, D]. V rows past kv_lens must be finite
     (`flash_attention` zeroes them): a probability of 0 times NaN is NaN inside the wgmma."""

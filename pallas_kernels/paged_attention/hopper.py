@@ -79,7 +79,10 @@ def _kernel(num_q_ref, pos0_ref, seq_ref, ctx_ref, table_ref, q_ref, k_ref, v_re
         consume(scr, q_ref.at[rows], o_ref.at[rows], n_steps=n_steps, n_full=n_full,
                 cta_steps=cta_steps, kv_len=ctx, q_pos=q_pos, sm_scale=sm_scale,
                 soft_cap=soft_cap, block_kv=block_kv, stages=stages, pingpong=pingpong,
-                interpret=interpret, tweaks=tweaks)
+                interpret=interpret, tweaks=tweaks,
+                # Idle items (and a decode item's second warpgroup) move no query rows: an
+                # all-decode step still launches this kernel over every item slot.
+                has_rows=first < num_q)
 
     @pl.when(wg == COMPUTE_WGS)
     def _producer():
