@@ -18,6 +18,11 @@ cap. A tree mask is not here: `flash_attention` keeps masked calls on the Triton
 
 Shapes: T is padded to a multiple of 2 * block_q, S to a multiple of block_kv (padded keys are
 past kv_lens; padded queries are dropped). bf16 / f16 only (wgmma), D a multiple of 64.
+
+interpret=True runs the Mosaic GPU interpreter on CPU. It runs the three warpgroups as separate
+XLA:CPU computations that block on simulated barriers, so XLA's CPU thread pool needs at least
+4 threads: on a machine with fewer cores, set PJRT_NPROC (tests/conftest.py sets 8), or a
+kernel can deadlock.
 """
 
 from __future__ import annotations
