@@ -51,6 +51,17 @@ def mosaic_gpu_available() -> bool:
     return True
 
 
+def wgmma_unsupported(dtype, head_dim: int) -> str | None:
+    """Why no Hopper kernel here can take this dtype and head size on this jax, or None."""
+    if dtype not in (jnp.bfloat16, jnp.float16):
+        return f"dtype {dtype} (wgmma takes bf16/f16)"
+    if head_dim % 64 or head_dim > 256:
+        return f"head_dim {head_dim} (it needs a multiple of 64, at most 256)"
+    if not mosaic_gpu_available():
+        return "this jax has no Pallas Mosaic GPU"
+    return None
+
+
 def plgpu_module():
     """jax.experimental.pallas.mosaic_gpu, imported late: CPU-only or old jax wheels lack it."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -351,7 +362,7 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scr: Scratch, *, 
 
 def hopper_flash_call(q, k, v, q_offset, kv_lens, *, sm_scale: float, causal: bool,
                       soft_cap: float | None, block_q: int, block_kv: int, stages: int,
-                      pingpong: bool, interpret: bool, tweaks: Tweaks = Tweaks(), has_rows=None):
+                      pingpong: bool, interpret: bool, tweaks: Tweaks = Tweaks()):
     """q [B, T_pad, H, D] (T_pad % (2 * block_q) == 0), k/v [B, S_pad, K, D] (S_pad % block_kv
     == 0), q_offset/kv_lens [B] int32 -> [B, T_pad, H, D]. V rows past kv_lens must be finite
     (`flash_attention` zeroes them): a probability of 0 times NaN is NaN inside the wgmma."""

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention.hopper import hopper_flash_call, mosaic_gpu_available
+from pallas_kernels.flash_attention.hopper import hopper_flash_call, wgmma_unsupported
 from pallas_kernels.flash_attention.logits import scale_logits
 from pallas_kernels.flash_attention.reference import (
     MASK_VALUE,
@@ -319,13 +319,7 @@ def _mosaic_unsupported(q: jax.Array, mask: jax.Array | None) -> str | None:
     """Why the Hopper kernel cannot take this call, or None."""
     if mask is not None:
         return "it has no tree mask"
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
-        return f"dtype {q.dtype} (wgmma takes bf16/f16)"
-    if q.shape[-1] % 64 or q.shape[-1] > 256:
-        return f"head_dim {q.shape[-1]} (it needs a multiple of 64, at most 256)"
-    if not mosaic_gpu_available():
-        return "this jax has no Pallas Mosaic GPU"
-    return None
+    return wgmma_unsupported(q.dtype, q.shape[-1])
 
 
 @functools.partial(

@@ -87,8 +87,9 @@ def _kernel(num_q_ref, pos0_ref, seq_ref, ctx_ref, table_ref, q_ref, k_ref, v_re
     @pl.when(wg == COMPUTE_WGS)
     def _producer():
         seq = seq_ref[w]
-        first_page = table_ref[seq, 0]
-        owned = (ctx + page_size - 1) // page_size  # the sequence's pages
+        if block_kv > page_size:  # several pages per block: the ones past ctx read page 0's
+            first_page = table_ref[seq, 0]
+            owned = (ctx + page_size - 1) // page_size  # the sequence's pages
 
         def issue(j, slot, which):
             pool, smem, ready = ((k_ref, scr.k, scr.k_ready), (v_ref, scr.v, scr.v_ready))[which]

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention.hopper import mosaic_gpu_available
+from pallas_kernels.flash_attention.hopper import wgmma_unsupported
 from pallas_kernels.flash_attention.kernel import (
     MASK_VALUE,
     dot_nt,
@@ -280,18 +280,13 @@ def ragged_paged_attention(
 
 def _mosaic_unsupported(q: jax.Array, k_pages: jax.Array) -> str | None:
     """Why the Hopper ragged kernel cannot take this call, or None."""
-    d = q.shape[-1]
     page_size, num_kv = k_pages.shape[1:3]
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
-        return f"dtype {q.dtype} (wgmma takes bf16/f16)"
-    if d % 64 or d > 256:
-        return f"head_dim {d} (it needs a multiple of 64, at most 256)"
+    if why := wgmma_unsupported(q.dtype, q.shape[-1]):
+        return why
     if page_size % 8 or page_size & (page_size - 1):
         return f"page_size {page_size} (it needs a power of 2 of at least 8 tokens)"
     if pl.next_power_of_2(q.shape[1] // num_kv) > 64:
         return f"{q.shape[1] // num_kv} query heads per kv head (at most 64)"
-    if not mosaic_gpu_available():
-        return "this jax has no Pallas Mosaic GPU"
     return None
 
 
@@ -346,10 +341,11 @@ def _ragged_call(
         is_decode = q_lens == 1
     row0, num_q, pos0, seq, ctx = ragged_schedule(qsl, ctx_lens, n, block_q, skip=is_decode)
     if backend == "mosaic":
+        hopper = hopper_config(d)
         out = hopper_ragged_rows(
             q, k_pages, v_pages, block_tables, (row0, num_q, pos0, seq, ctx), sm_scale=sm_scale,
-            soft_cap=soft_cap, block_kv=block_k, stages=num_stages,
-            pingpong=hopper_config(d).pingpong, interpret=interpret, tweaks=hopper_config(d).tweaks)
+            soft_cap=soft_cap, block_kv=block_k, stages=num_stages, pingpong=hopper.pingpong,
+            interpret=interpret, tweaks=hopper.tweaks)
     else:
         out = _triton_rows(
             q, k_pages, v_pages, block_tables, (row0, num_q, pos0, seq, ctx), qsl[-1],
