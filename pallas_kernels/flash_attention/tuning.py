@@ -72,8 +72,8 @@ class HopperConfig:
 def hopper_config(head_dim: int) -> HopperConfig:
     """Tiles of `hopper.py` by head_dim: K and V rings of `stages` [block_kv, D] slots plus two
     [block_q, D] query tiles must fit the 227 KB of shared memory."""
-    # All three Tweaks on: on an H200 (bench_flash --tweaks, 92a1056) +6-16% at D64, 0-5% at
-    # D128 over none, and the best or within 1-3% of the best single tweak at 8 points.
+    # All three Tweaks on: on an H200 (bench_flash --tweaks, 92a1056) +3-16% at D64, 0-6% at
+    # D128 over none, and the best or within 2% of the best single tweak at 8 points.
     tweaks = Tweaks(fma=True, fence=True, early_k=True)
     if head_dim <= 128:
         return HopperConfig(64, 128, 2, True, tweaks)
