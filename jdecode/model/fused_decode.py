@@ -19,6 +19,10 @@ shape, on the H200 (benchmarks/fused_decode_h200.md, run 9). At more rows its te
 tiles measured slower (before the attention was fused; not re-measured), so
 JDECODE_FUSED_DECODE=1 forces it on for 1-16 rows (experiments), and 0 turns it off.
 
+JDECODE_FUSED_DECODE=layer runs each layer as one persistent kernel instead of five
+(`pallas_kernels.fused_decode.layer`: the five kernels' code as phases between grid-wide
+barriers), for steps of up to 4 rows over the [N, K] copies. It is opt-in until measured.
+
 It computes the same function as the general path: the kernels keep the model's roundings
 (the attention output is rounded to the model dtype, as the general path stores it), and tests
 compare the two on random weights (tests/model/test_fused_decode.py).
@@ -50,16 +54,18 @@ from pallas_kernels.fused_decode import (
 )
 from pallas_kernels.fused_decode.attention import BLOCK_K, default_splits
 from pallas_kernels.fused_decode.kernel import FMA_MAX_ROWS
+from pallas_kernels.fused_decode.layer import decode_layer, new_counters
 
 DTYPES = ("float32", "bfloat16", "float16")
-# "1" turns the fused step on for 1..16 rows, "0" off. Unset ("auto"): on where it measured
-# faster, i.e. steps of <= FMA_MAX_ROWS rows over params carrying the [N, K] copies, which the
-# Generator makes by default for models of up to DEFAULT_COPY_LIMIT bytes of parameters.
+# "1" turns the fused step on for 1..16 rows, "0" off, "layer" on with one persistent kernel
+# per layer. Unset ("auto"): on where it measured faster, i.e. steps of <= FMA_MAX_ROWS rows
+# over params carrying the [N, K] copies, which the Generator makes by default for models of
+# up to DEFAULT_COPY_LIMIT bytes of parameters.
 ENV_SWITCH = "JDECODE_FUSED_DECODE"
 # The copies double the four matrices' memory: past this size the default leaves them out.
 DEFAULT_COPY_LIMIT = 4 << 30
 # Benchmarks' impl names for the two decode paths under impl="pallas" (see `impl_variant`).
-VARIANTS = {"pallas-fused": "1", "pallas-general": "0"}
+VARIANTS = {"pallas-fused": "1", "pallas-general": "0", "pallas-layer": "layer"}
 
 
 @contextlib.contextmanager
@@ -82,12 +88,13 @@ def impl_variant(impl: str) -> Iterator[str]:
 
 
 def fused_decode_switch() -> str:
-    """JDECODE_FUSED_DECODE as "on", "off" or "auto" (unset); other values are an error."""
+    """JDECODE_FUSED_DECODE as "on", "off", "layer" or "auto" (unset); other values are an
+    error."""
     value = os.environ.get(ENV_SWITCH)
-    modes = {None: "auto", "": "auto", "1": "on", "0": "off"}
+    modes = {None: "auto", "": "auto", "1": "on", "0": "off", "layer": "layer"}
     if value not in modes:
-        raise ValueError(f"{ENV_SWITCH}={value!r}: set it to 1 (on), 0 (off), or leave it unset "
-                         "(on where it measured faster)")
+        raise ValueError(f"{ENV_SWITCH}={value!r}: set it to 1 (on), 0 (off), layer (on, one "
+                         "kernel per layer), or leave it unset (on where it measured faster)")
     return modes[value]
 
 
@@ -95,7 +102,7 @@ def wants_decode_copies(params: Params) -> bool:
     """Whether a Generator on the GPU should add `with_decode_copies` to these params."""
     mode = fused_decode_switch()
     if mode != "auto":
-        return mode == "on"
+        return mode != "off"
     size = sum(a.nbytes for a in jax.tree_util.tree_leaves(params))
     return size <= DEFAULT_COPY_LIMIT
 
@@ -155,6 +162,9 @@ def fused_decode_reason(params: Params, cache, cfg: ModelConfig, rows: int) -> s
     if mode == "auto" and rows > FMA_MAX_ROWS:
         return (f"{rows} rows: by default only steps of <= {FMA_MAX_ROWS} rows, where it "
                 f"measured faster; set {ENV_SWITCH}=1 to force it")
+    if mode == "layer" and (not _has_copies(params) or rows > FMA_MAX_ROWS):
+        return (f"{ENV_SWITCH}=layer needs the [N, K] weight copies (with_decode_copies) and "
+                f"<= {FMA_MAX_ROWS} rows (got {rows}); set {ENV_SWITCH}=1 for five kernels")
     if not isinstance(cache, DenseKVCache) or not cache.per_layer:
         return "needs a dense cache with per-layer buffers (init_cache(per_layer=True))"
     if cache.written is not None:
@@ -197,6 +207,16 @@ def fused_decode_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
     ks, vs = list(cache.k), list(cache.v)
     splits = default_splits(cache.max_len, tokens.shape[0], cfg.hidden_size, H * cfg.head_dim)
     t = _has_copies(params)  # [N, K] copies (`with_decode_copies`): the CUDA-core GEMVs
+    if fused_decode_switch() == "layer":  # `fused_decode_reason` checked copies and rows
+        counters = new_counters(len(params.layers))  # the step's grid-barrier counters
+        for layer, lp in enumerate(params.layers):
+            wqkv, wo, w_gate_up, w_down = params.decode_t[layer]
+            x, ks[layer], vs[layer], counters = decode_layer(
+                x, positions, cos, sin, ks[layer], vs[layer], counters, layer, lp.attn_norm,
+                wqkv, wo, lp.mlp_norm, w_gate_up, w_down, num_heads=H, num_kv_heads=K,
+                eps=eps, num_splits=splits)
+        hidden = rms_norm(x, params.final_norm, eps)
+        return lm_head(params, hidden), hidden, DenseKVCache(k=tuple(ks), v=tuple(vs))
     for layer, lp in enumerate(params.layers):
         wqkv, wo, w_gate_up, w_down = (params.decode_t[layer] if t else
                                        (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))

@@ -71,8 +71,15 @@ def default_splits(max_len: int, rows: int = 1, hidden: int = 0, heads_dim: int 
 
 
 def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_out, *,
-                 num_heads: int, group: int, block_k: int, num_splits: int, sm_scale: float):
-    b, kv, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+                 num_heads: int, group: int, block_k: int, num_splits: int, sm_scale: float,
+                 item=None):
+    """qkv_ref [B, H + 2K, D]; o_ref [B, splits, H * D] and lse_ref [B * splits * H] f32,
+    the layouts the O projection's merge reads. item: (row, kv head, split) when a persistent
+    kernel runs this (`layer`), else the program's ids."""
+    if item is None:
+        b, kv, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    else:
+        b, kv, split = item
     H = num_heads
     K = kc_ref.shape[2]
     S = kc_ref.shape[1]
@@ -124,9 +131,11 @@ def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_ou
     seen = l > 0  # [Gp]: an empty split leaves o = 0 and lse = MASK_VALUE (weight 0)
     o = acc / jnp.where(seen, l, 1.0)[:, None]
     lse = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), MASK_VALUE)
-    rows = pl.ds(kv * group, gp)
-    plgpu.store(o_ref.at[b, split, rows, :], o, mask=heads[:, None])
-    plgpu.store(lse_ref.at[b, split, rows], lse, mask=heads)
+    D = q.shape[1]
+    head = kv * group + jnp.arange(gp)  # [Gp]
+    cols = head[:, None] * D + jnp.arange(D)[None, :]  # [Gp, D]: each row's head's columns
+    plgpu.store(o_ref.at[b, split, cols], o, mask=jnp.broadcast_to(heads[:, None], o.shape))
+    plgpu.store(lse_ref.at[(b * num_splits + split) * H + head], lse, mask=heads)
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "num_splits",
@@ -166,8 +175,8 @@ def decode_attention(qkv, k_cache, v_cache, positions, *, num_heads: int, num_kv
     kernel = functools.partial(_attn_kernel, num_heads=H, group=H // K, block_k=block_k,
                                num_splits=splits, sm_scale=D ** -0.5)
     inputs = (positions.astype(jnp.int32), qkv.reshape(b, H + 2 * K, D), k_cache, v_cache)
-    out_shape = (jax.ShapeDtypeStruct((b, splits, H, D), f32),
-                 jax.ShapeDtypeStruct((b, splits, H), f32),
+    out_shape = (jax.ShapeDtypeStruct((b, splits, H * D), f32),
+                 jax.ShapeDtypeStruct((b * splits * H,), f32),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
     parts, lse, k_cache, v_cache = pl.pallas_call(
@@ -181,4 +190,4 @@ def decode_attention(qkv, k_cache, v_cache, positions, *, num_heads: int, num_kv
         interpret=resolve_interpret(interpret),
         name="decode_attention",
     )(*inputs)
-    return parts.reshape(b, splits, H * D), lse, k_cache, v_cache
+    return parts, lse.reshape(b, splits, H), k_cache, v_cache

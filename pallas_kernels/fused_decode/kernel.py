@@ -380,10 +380,12 @@ def _check(name: str, x, k: int, n: int, tiles: GemvTiles, transposed: bool) -> 
 # --- RMSNorm -> QKV -> RoPE -----------------------------------------------------------------
 
 def _qkv_kernel(x_ref, norm_ref, w_ref, cos_ref, sin_ref, o_ref, *, rows: int, rotated: int,
-                head_dim: int, eps: float, tiles: GemvTiles, transposed: bool):
+                head_dim: int, eps: float, tiles: GemvTiles, transposed: bool, item=None):
+    """o_ref [B, H + 2K, D]; item: the work item when a persistent kernel runs this (`layer`),
+    else the program's id."""
     bh = tiles.block_n
     half = head_dim // 2
-    p = pl.program_id(0)
+    p = pl.program_id(0) if item is None else item
     head, sub = p // (half // bh), p % (half // bh)
     lo = head * head_dim + sub * bh  # this program's columns of the head's first half
     # RoPE pairs column d with d + D/2 (HF's rotate_half): both halves' tiles in one program.
@@ -394,8 +396,11 @@ def _qkv_kernel(x_ref, norm_ref, w_ref, cos_ref, sin_ref, o_ref, *, rows: int, r
     c = _load_rows(cos_ref, rows, pl.ds(sub * bh, bh))  # [ROWS, bh] f32
     s = _load_rows(sin_ref, rows, pl.ds(sub * bh, bh))
     rot = head < rotated  # Q and K heads turn; V heads pass through
-    _store_rows(o_ref, rows, cols[0], jnp.where(rot, y1 * c - y2 * s, y1))
-    _store_rows(o_ref, rows, cols[1], jnp.where(rot, y2 * c + y1 * s, y2))
+    mask = _row_mask(rows)[:, None]
+    for d0, y in ((sub * bh, jnp.where(rot, y1 * c - y2 * s, y1)),
+                  (half + sub * bh, jnp.where(rot, y2 * c + y1 * s, y2))):
+        plgpu.store(o_ref.at[pl.ds(0, ROWS), head, pl.ds(d0, bh)], y.astype(o_ref.dtype),
+                    mask=mask)
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "eps", "tiles",
@@ -420,18 +425,20 @@ def qkv_rope(x, norm_w, wqkv, cos, sin, *, num_heads: int, num_kv_heads: int, ep
     kernel = functools.partial(_qkv_kernel, rows=b, rotated=num_heads + num_kv_heads,
                                head_dim=D, eps=eps, tiles=tiles, transposed=transposed)
     # A program per (head, column tile of its first half): it also owns the second half's.
-    return _launch(kernel, (x, norm_w, wqkv, cos.astype(f32), sin.astype(f32)),
-                   jax.ShapeDtypeStruct((b, n), x.dtype), tiles, n // tiles.block_n // 2,
-                   interpret, "qkv_rope")
+    # Written [B, heads, D] (what attention indexes), returned [B, heads x D]: the same bytes.
+    out = _launch(kernel, (x, norm_w, wqkv, cos.astype(f32), sin.astype(f32)),
+                  jax.ShapeDtypeStruct((b, n // D, D), x.dtype), tiles, n // tiles.block_n // 2,
+                  interpret, "qkv_rope")
+    return out.reshape(b, n)
 
 
 # --- RMSNorm -> gate/up -> SwiGLU -----------------------------------------------------------
 
 def _swiglu_kernel(x_ref, norm_ref, w_ref, o_ref, *, rows: int, eps: float, tiles: GemvTiles,
-                   transposed: bool):
+                   transposed: bool, item=None):
     bn = tiles.block_n
     F = o_ref.shape[1]
-    j = pl.program_id(0)
+    j = pl.program_id(0) if item is None else item
     cols = [pl.ds(j * bn, bn), pl.ds(F + j * bn, bn)]  # gate and up columns of the same features
     dtype = x_ref.dtype
     gate, up = (_round(y, dtype) for y in _matmul(
@@ -463,7 +470,8 @@ def gate_up_swiglu(x, norm_w, w_gate_up, *, eps: float, tiles: GemvTiles | None 
 
 # --- a @ w + residual -----------------------------------------------------------------------
 
-def _residual_kernel(*refs, rows: int, tiles: GemvTiles, transposed: bool, num_heads: int = 0):
+def _residual_kernel(*refs, rows: int, tiles: GemvTiles, transposed: bool, num_heads: int = 0,
+                     item=None):
     if num_heads:  # `attn_o_residual`: the attention's split partials, merged in the prologue
         parts_ref, lse_ref, w_ref, res_ref, o_ref = refs
         source = _merged(parts_ref, lse_ref, rows, num_heads, res_ref.dtype)
@@ -471,7 +479,7 @@ def _residual_kernel(*refs, rows: int, tiles: GemvTiles, transposed: bool, num_h
     else:
         a_ref, w_ref, res_ref, o_ref = refs
         source, k = _plain(a_ref, rows), a_ref.shape[1]
-    col = pl.ds(pl.program_id(0) * tiles.block_n, tiles.block_n)
+    col = pl.ds((pl.program_id(0) if item is None else item) * tiles.block_n, tiles.block_n)
     (y,) = _matmul(source, w_ref, [col], k=k, rows=rows, tiles=tiles, transposed=transposed)
     dtype = res_ref.dtype
     res = _load_rows(res_ref, rows, col).astype(f32)

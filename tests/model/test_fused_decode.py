@@ -226,6 +226,25 @@ def test_fused_step_matches_xla_step(rng, dtype, rows, copies, fused_on):
     assert_close(jnp.stack(got_cache.v), jnp.stack(want_cache.v), dtype)
 
 
+@pytest.mark.parametrize("dtype,rows", [("float32", 3), ("bfloat16", 1)])
+def test_layer_kernel_step_matches_xla_step(rng, dtype, rows, monkeypatch):
+    """JDECODE_FUSED_DECODE=layer: each layer as one persistent kernel, over the copies."""
+    monkeypatch.setenv(ENV_SWITCH, "layer")
+    cfg = _fusable_tiny().replace(dtype=dtype)
+    params = inference_layout(init_params(cfg, jax.random.key(int(rng.integers(1 << 30)))))
+    cache = init_cache(cfg, rows, 256, per_layer=True)
+    assert "with_decode_copies" in fused_decode_reason(params, cache, cfg, rows)
+    fused = with_decode_copies(params)
+    assert fused_decode_reason(fused, cache, cfg, rows) is None
+    prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (rows, 32)), jnp.int32)
+    lengths = jnp.asarray(rng.integers(1, 33, rows), jnp.int32)
+    nxt = jnp.asarray(rng.integers(0, cfg.vocab_size, (rows, 2)), jnp.int32)
+    got, got_cache = _steps(fused, cfg, "pallas", prompt, lengths, nxt)
+    want, want_cache = _steps(params, cfg, "xla", prompt, lengths, nxt)
+    assert_close(got, want, dtype, scale=4.0)
+    assert_close(jnp.stack(got_cache.k), jnp.stack(want_cache.k), dtype)
+
+
 def _fusable_tiny():
     """The tiny test model with 32-wide heads: RoPE's halves are then one 16-column tile."""
     return load_model_config_yaml(TINY).replace(head_dim=32)
@@ -294,3 +313,41 @@ def test_fused_greedy_equals_xla_on_the_real_model_f32(request, fused_on):
             [r.token_ids for r in slow.generate(batch, sp)]
     assert [r.token_ids for r in fast.generate(prompts, sp)] == \
         [r.token_ids for r in slow.generate(prompts, sp)]
+
+
+@pytest.mark.parametrize("dtype,rows", [("float32", 3), ("bfloat16", 1)])
+def test_decode_layer_matches_the_five_kernels(rng, dtype, rows):
+    """The persistent layer kernel (interpreter: its phases in order, no barriers) against the
+    five kernels run one after another, on the same random layer; the cache write too. The
+    same arithmetic in one XLA program instead of five may contract differently (1e-7 in f32),
+    hence a tolerance, also for the cache (the written K/V are computed)."""
+    from pallas_kernels.fused_decode.layer import barrier_timeouts, decode_layer, new_counters
+
+    a = _inputs(rng, dtype, rows)
+    H, K, D, S = a["H"], a["K"], a["D"], 256
+    E, F = a["x"].shape[1], a["wd"].shape[0]
+    mlp_norm = a["norm"][::-1]
+    kc = jnp.asarray(rng.standard_normal((rows, S, K, D)), jnp.float32).astype(dtype)
+    vc = jnp.asarray(rng.standard_normal((rows, S, K, D)), jnp.float32).astype(dtype)
+    positions = jnp.asarray([130, 0, 64][:rows], jnp.int32)
+    ns = 2
+    w = dict(wqkv=a["wqkv"].T, wo=a["wo"].T, wgu=a["wgu"].T, wd=a["wd"].T)
+
+    qkv = qkv_rope(a["x"], a["norm"], w["wqkv"], a["cos"], a["sin"], num_heads=H,
+                   num_kv_heads=K, eps=1e-5, transposed=True)
+    parts, lse, k_want, v_want = decode_attention(qkv, kc, vc, positions, num_heads=H,
+                                                  num_kv_heads=K, num_splits=ns)
+    mid = attn_o_residual(parts, lse, w["wo"], a["x"], transposed=True)
+    act = gate_up_swiglu(mid, mlp_norm, w["wgu"], eps=1e-5, transposed=True)
+    want = gemv_residual(act, w["wd"], mid, transposed=True)
+
+    counters = new_counters(2)
+    got, k_got, v_got, counters = jit_for_tests(partial(
+        decode_layer, num_heads=H, num_kv_heads=K, eps=1e-5, num_splits=ns))(
+        a["x"], positions, a["cos"], a["sin"], kc, vc, counters, 1, a["norm"], w["wqkv"],
+        w["wo"], mlp_norm, w["wgu"], w["wd"])
+    chex.assert_shape(got, (rows, E))
+    assert F == act.shape[1]
+    for out, expected in ((got, want), (k_got, k_want), (v_got, v_want)):
+        assert_close(out, expected, dtype)
+    assert int(barrier_timeouts(counters)) == 0

@@ -1,0 +1,216 @@
+"""A decoder layer's decode step as one persistent Pallas kernel: five phases, grid barriers.
+
+Why. At batch 1 the fused step is five kernels per layer (`kernel`, `attention`), ~175 per
+step on SmolLM2-135M, and a dependent kernel costs ~1.4 us on the H200 however little it does
+(scripts/probe_pdl.py). XLA does not launch Pallas kernels with programmatic dependent launch
+(same probe), so the way below that floor is fewer kernels. Here the layer's five kernels are
+the phases of one:
+
+  0  qkv_rope         RMSNorm + QKV + RoPE                   -> qkv   [B, H + 2K, D]
+  1  decode_attention the K/V cache write + split-K attention -> parts, lse
+  2  attn_o_residual  the splits' merge + O + residual        -> mid   [B, E]
+  3  gate_up_swiglu   RMSNorm + gate/up + SwiGLU              -> act   [B, F]
+  4  gemv_residual    down + residual                         -> out   [B, E]
+
+Each phase runs the same per-program code as its kernel, over its work items (a column tile,
+or a (row, kv head, split) of attention): program p takes items p, p + P, p + 2P, ... The
+grid is one program per SM (all resident at once), and between phases every program waits at
+a grid-wide barrier: an atomic counter per barrier that each program bumps once its stores
+are issued, then polls until all P have arrived (the CUTLASS grid-barrier pattern: a CTA
+barrier, one release atomic, acquire polls, a CTA barrier). The phases hand over through
+scratch buffers in HBM that are outputs of the call; each is written in one phase and read
+only in later ones, so no program reads a line it may hold stale.
+
+Counters: `new_counters(layers)` is zeroed once per step, one row per layer (a kernel never
+reuses a row, so nothing resets them). A poll gives up after MAX_SPIN tries and bumps the
+row's last slot instead of hanging the GPU; `barrier_timeouts` reads it (tests assert 0).
+
+In the interpreter (CPU tests) programs run one after another, so a barrier would wait
+forever: there the grid is (phases, P) and the interpreter's phase-major order stands in for
+the barriers. The phases' code is the same; the barriers themselves are exercised only on the
+GPU (tests marked gpu).
+
+Scope: steps of <= FMA_MAX_ROWS rows over the [N, K] weight copies (the CUDA-core GEMVs), the
+fused step's default.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.flash_attention.tuning import resolve_interpret
+from pallas_kernels.fused_decode.attention import BLOCK_K, _attn_kernel
+from pallas_kernels.fused_decode.kernel import (
+    FMA_MAX_ROWS,
+    _qkv_kernel,
+    _residual_kernel,
+    _swiglu_kernel,
+    default_tiles,
+    whole_block,
+)
+
+f32, i32 = jnp.float32, jnp.int32
+PHASES = 5
+ERROR_SLOT = PHASES - 1  # counters[layer, :ERROR_SLOT] are the barriers; this slot, timeouts
+MAX_SPIN = 1 << 22  # polls before a barrier gives up (seconds of polling: a bug, not a wait)
+INTERPRET_PROGRAMS = 3  # the interpreter's P: enough to leave programs with unequal items
+
+
+def new_counters(num_layers: int) -> jax.Array:
+    """[layers, PHASES] int32 zeros: the barrier counters of one step's layer kernels."""
+    return jnp.zeros((num_layers, PHASES), i32)
+
+
+def barrier_timeouts(counters: jax.Array) -> jax.Array:
+    """How many barrier waits gave up (0 unless the grid was not all resident: a bug)."""
+    return counters[:, ERROR_SLOT].sum()
+
+
+def default_programs(interpret: bool) -> int:
+    """One program per SM: all resident at once, which the barriers need."""
+    if interpret:
+        return INTERPRET_PROGRAMS
+    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
+
+
+def _grid_barrier(cnt_ref, layer, k: int, num_programs: int) -> None:
+    """Wait until all programs have arrived at barrier k of this layer."""
+    plgpu.debug_barrier()  # every thread's stores of the phase are issued before the arrival
+    arrived = plgpu.atomic_add(cnt_ref, (layer, k), 1) + 1  # acq_rel at GPU scope
+
+    def waiting(c):
+        return (c[0] < num_programs) & (c[1] < MAX_SPIN)
+
+    def poll(c):
+        return plgpu.atomic_add(cnt_ref, (layer, k), 0), c[1] + 1
+
+    seen, _ = jax.lax.while_loop(waiting, poll, (arrived, jnp.int32(0)))
+
+    @pl.when(seen < num_programs)
+    def _():
+        plgpu.atomic_add(cnt_ref, (layer, ERROR_SLOT), 1)
+
+    plgpu.debug_barrier()  # no thread reads the next phase's inputs before the poll is done
+
+
+def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, sin_ref, kc_ref,
+                  vc_ref, wo_ref, mlp_norm_ref, wgu_ref, wd_ref, cnt_ref,
+                  out_ref, kc_out, vc_out, cnt_out, qkv_s, parts_s, lse_s, mid_s, act_s, *,
+                  rows: int, num_heads: int, num_kv_heads: int, eps: float, num_splits: int,
+                  num_programs: int, phased: bool):
+    del cnt_ref  # aliased to cnt_out, which the barriers use
+    # The layer (its counter row) is data, not a constant: every layer is then the same
+    # kernel, compiled once.
+    layer = layer_ref[0]
+    H, K, ns, P = num_heads, num_kv_heads, num_splits, num_programs
+    D = qkv_s.shape[2]
+    E, F = x_ref.shape[1], act_s.shape[1]
+    pid = pl.program_id(1 if phased else 0)
+
+    def phase(k: int, n_items: int, run_item) -> None:
+        def items():
+            @pl.loop(pid, n_items, step=P)
+            def _(i):
+                run_item(i)
+
+        if phased:
+            pl.when(pl.program_id(0) == k)(items)
+        else:
+            if k:
+                _grid_barrier(cnt_out, layer, k - 1, P)
+            items()
+
+    t_e, t_a, t_f = (default_tiles(n, rows, True) for n in (E, H * D, F))
+    qkv_items = qkv_s.shape[1] * (D // 2 // t_e.block_n)
+    phase(0, qkv_items, lambda i: _qkv_kernel(
+        x_ref, attn_norm_ref, wqkv_ref, cos_ref, sin_ref, qkv_s, rows=rows, rotated=H + K,
+        head_dim=D, eps=eps, tiles=t_e, transposed=True, item=i))
+    phase(1, rows * K * ns, lambda i: _attn_kernel(
+        pos_ref, qkv_s, kc_ref, vc_ref, parts_s, lse_s, kc_out, vc_out, num_heads=H,
+        group=H // K, block_k=BLOCK_K, num_splits=ns, sm_scale=D ** -0.5,
+        item=(i // (K * ns), i // ns % K, i % ns)))
+    phase(2, E // t_a.block_n, lambda i: _residual_kernel(
+        parts_s, lse_s, wo_ref, x_ref, mid_s, rows=rows, tiles=t_a, transposed=True,
+        num_heads=H, item=i))
+    phase(3, F // t_e.block_n, lambda i: _swiglu_kernel(
+        mid_s, mlp_norm_ref, wgu_ref, act_s, rows=rows, eps=eps, tiles=t_e, transposed=True,
+        item=i))
+    phase(4, E // t_f.block_n, lambda i: _residual_kernel(
+        act_s, wd_ref, mid_s, out_ref, rows=rows, tiles=t_f, transposed=True, item=i))
+
+
+@functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "eps",
+                                             "num_splits", "num_programs", "interpret"))
+def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn_norm, wqkv_t,
+                 wo_t, mlp_norm, w_gate_up_t, w_down_t, *, num_heads: int,
+                 num_kv_heads: int, eps: float, num_splits: int, num_programs: int | None = None,
+                 interpret: bool | None = None):
+    """One layer of the decode step (the five fused kernels' function) in one launch.
+
+    Args:
+      x: [B, E] residual stream, B <= FMA_MAX_ROWS. positions: [B] int32 cache slots.
+      cos, sin: [B, D/2] RoPE tables of the positions.
+      k_cache, v_cache: [B, S, K, D] this layer's cache (aliased: updated in place in a jit
+        that owns them).
+      counters: `new_counters(L)`, this step's; row `layer` (an int32 scalar, L > layer >= 0)
+        is this kernel's.
+      attn_norm, mlp_norm: [E]. wqkv_t [(H + 2K) D, E], wo_t [E, H D], w_gate_up_t [2F, E],
+        w_down_t [E, F]: the [N, K] copies (`jdecode.model.fused_decode.with_decode_copies`).
+      num_splits: attention's split-K partitions (`attention.default_splits`).
+      num_programs: the persistent grid; default one per SM (3 in the interpreter).
+
+    Returns:
+      (x_out [B, E], k_cache, v_cache, counters), as the five kernels in sequence give them.
+    """
+    b, E = x.shape
+    H, K = num_heads, num_kv_heads
+    D = k_cache.shape[3]
+    F = w_down_t.shape[1]
+    if not 1 <= b <= FMA_MAX_ROWS:
+        raise ValueError(f"decode_layer: {b} rows; it covers 1..{FMA_MAX_ROWS} (the CUDA-core "
+                         "GEMVs): run more rows through the five-kernel step")
+    if (wqkv_t.shape != ((H + 2 * K) * D, E) or wo_t.shape != (E, H * D)
+            or w_gate_up_t.shape != (2 * F, E) or k_cache.shape[2] != K
+            or k_cache.shape[1] % BLOCK_K):
+        raise ValueError(f"decode_layer: weights wqkv_t {wqkv_t.shape}, wo_t {wo_t.shape}, "
+                         f"w_gate_up_t {w_gate_up_t.shape}, w_down_t {w_down_t.shape} must be "
+                         f"the [N, K] copies for E={E}, H={H}, K={K}, D={D}, F={F}, and the "
+                         f"cache {k_cache.shape} [B, S, K, D] with S a multiple of {BLOCK_K}")
+    if counters.shape[1:] != (PHASES,) or counters.dtype != i32:
+        raise ValueError(f"decode_layer: counters {counters.shape} {counters.dtype} must be "
+                         "new_counters(L)")
+    interpret = resolve_interpret(interpret)
+    P = num_programs or default_programs(interpret)
+    kernel = functools.partial(
+        _layer_kernel, rows=b, num_heads=H, num_kv_heads=K, eps=eps, num_splits=num_splits,
+        num_programs=P, phased=interpret)
+    inputs = (jnp.asarray(layer, i32).reshape(1), positions.astype(i32), x, attn_norm, wqkv_t, cos.astype(f32), sin.astype(f32),
+              k_cache, v_cache, wo_t, mlp_norm, w_gate_up_t, w_down_t, counters)
+    out_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype),
+                 jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
+                 jax.ShapeDtypeStruct(counters.shape, i32),
+                 # scratch: the phases' hand-overs
+                 jax.ShapeDtypeStruct((b, H + 2 * K, D), x.dtype),
+                 jax.ShapeDtypeStruct((b, num_splits, H * D), f32),
+                 jax.ShapeDtypeStruct((b * num_splits * H,), f32),
+                 jax.ShapeDtypeStruct((b, E), x.dtype),
+                 jax.ShapeDtypeStruct((b, F), x.dtype))
+    grid = (PHASES, P) if interpret else (P,)
+    out, k_cache, v_cache, counters, *_ = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[whole_block(a) for a in inputs],
+        out_specs=[whole_block(s) for s in out_shape],
+        out_shape=out_shape,
+        input_output_aliases={7: 1, 8: 2, 13: 3},
+        compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=2),
+        interpret=interpret,
+        name="decode_layer",
+    )(*inputs)
+    return out, k_cache, v_cache, counters
