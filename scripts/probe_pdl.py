@@ -119,7 +119,8 @@ def child(out: str) -> dict:
 def ptx_counts(dump: str) -> dict:
     counts = {}
     for path in glob.glob(os.path.join(dump, "*.ptx")):
-        text = open(path).read()
+        with open(path) as f:
+            text = f.read()
         n_wait = text.count("griddepcontrol.wait")
         n_launch = text.count("griddepcontrol.launch_dependents")
         if n_wait or n_launch:
@@ -141,7 +142,7 @@ def main() -> None:
         dump = tempfile.mkdtemp()
         env = dict(os.environ, XLA_FLAGS=f"{flag} --xla_dump_to={dump}".strip())
         p = subprocess.run([sys.executable, __file__, "--child", "--out", args.out], env=env,
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=300, check=False)
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         r = json.loads(line[0][7:]) if line else {"xla_flags": flag, "error": p.stderr[-3000:]}
         r["ptx_griddepcontrol_wait_launch"] = ptx_counts(dump)

@@ -331,7 +331,7 @@ def test_decode_layer_matches_the_five_kernels(rng, dtype, rows):
     vc = jnp.asarray(rng.standard_normal((rows, S, K, D)), jnp.float32).astype(dtype)
     positions = jnp.asarray([130, 0, 64][:rows], jnp.int32)
     ns = 2
-    w = dict(wqkv=a["wqkv"].T, wo=a["wo"].T, wgu=a["wgu"].T, wd=a["wd"].T)
+    w = {"wqkv": a["wqkv"].T, "wo": a["wo"].T, "wgu": a["wgu"].T, "wd": a["wd"].T}
 
     qkv = qkv_rope(a["x"], a["norm"], w["wqkv"], a["cos"], a["sin"], num_heads=H,
                    num_kv_heads=K, eps=1e-5, transposed=True)
