@@ -57,7 +57,7 @@ from pallas_kernels.fused_decode.kernel import (
 f32, i32 = jnp.float32, jnp.int32
 PHASES = 5
 ERROR_SLOT = PHASES - 1  # counters[layer, :ERROR_SLOT] are the barriers; this slot, timeouts
-MAX_SPIN = 1 << 22  # polls before a barrier gives up (seconds of polling: a bug, not a wait)
+MAX_SPIN = 1 << 18  # polls before a barrier gives up (~0.2 s: thousands of phases, so a bug)
 INTERPRET_PROGRAMS = 3  # the interpreter's P: enough to leave programs with unequal items
 
 
@@ -145,11 +145,12 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "eps",
-                                             "num_splits", "num_programs", "interpret"))
+                                             "num_splits", "num_programs", "num_warps",
+                                             "interpret"))
 def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn_norm, wqkv_t,
                  wo_t, mlp_norm, w_gate_up_t, w_down_t, *, num_heads: int,
                  num_kv_heads: int, eps: float, num_splits: int, num_programs: int | None = None,
-                 interpret: bool | None = None):
+                 num_warps: int = 8, interpret: bool | None = None):
     """One layer of the decode step (the five fused kernels' function) in one launch.
 
     Args:
@@ -162,7 +163,9 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
       attn_norm, mlp_norm: [E]. wqkv_t [(H + 2K) D, E], wo_t [E, H D], w_gate_up_t [2F, E],
         w_down_t [E, F]: the [N, K] copies (`jdecode.model.fused_decode.with_decode_copies`).
       num_splits: attention's split-K partitions (`attention.default_splits`).
-      num_programs: the persistent grid; default one per SM (3 in the interpreter).
+      num_programs: the persistent grid; default one per SM (3 in the interpreter). More
+        than fit on the device at once would leave the barriers waiting on programs that
+        cannot start: they give up after MAX_SPIN polls and count it (`barrier_timeouts`).
 
     Returns:
       (x_out [B, E], k_cache, v_cache, counters), as the five kernels in sequence give them.
@@ -209,7 +212,7 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
         out_specs=[whole_block(s) for s in out_shape],
         out_shape=out_shape,
         input_output_aliases={7: 1, 8: 2, 13: 3},
-        compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret,
         name="decode_layer",
     )(*inputs)

@@ -1,0 +1,138 @@
+"""The persistent layer kernel (`pallas_kernels.fused_decode.layer`) against the five fused
+kernels it replaces, per layer of one batch-1 decode step, at several grid sizes and warps.
+
+Every layer of the model's shape gets its own random weights and cache (so weights stream
+from HBM, as in the model); one jit runs all layers, caches donated and threaded through, and
+the time per layer is the median over repetitions divided by the layer count. Each variant is
+first run once and checked: its output against the five kernels' and its barrier timeouts at
+0 (a grid larger than fits on the device shows up there, and is not timed).
+
+GPU: PYTHONPATH=. python3 scripts/bench_layer_kernel.py --model smollm2-135m --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdecode.analysis.measure import time_fn
+from jdecode.config import load_model_config_yaml
+from jdecode.model.layers import rope_tables
+from jdecode.provenance import environment
+from pallas_kernels.fused_decode import (
+    attn_o_residual,
+    decode_attention,
+    gate_up_swiglu,
+    gemv_residual,
+    qkv_rope,
+)
+from pallas_kernels.fused_decode.attention import default_splits
+from pallas_kernels.fused_decode.layer import barrier_timeouts, decode_layer, new_counters
+from pallas_kernels.testing import assert_close
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--context", type=int, default=600)
+    ap.add_argument("--variants", default="1x8,2x8,2x4,4x4,8x2",
+                    help="programs per SM x warps, comma-separated")
+    ap.add_argument("--out", default="out")
+    args = ap.parse_args()
+    cfg = load_model_config_yaml(args.model if args.model.endswith(".yaml")
+                                 else f"configs/models/{args.model}.yaml")
+    dt = jnp.dtype(args.dtype)
+    E, H, K, D, F = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                     cfg.intermediate_size)
+    L, S, B, eps = cfg.num_layers, args.max_len, 1, cfg.rms_norm_eps
+    keys = iter(jax.random.split(jax.random.key(0), 16 * L + 8))
+
+    def rnd(*shape, scale=1.0):
+        return (jax.random.normal(next(keys), shape, jnp.float32) * scale).astype(dt)
+
+    layers = [{"attn_norm": 1 + rnd(E, scale=0.1), "mlp_norm": 1 + rnd(E, scale=0.1),
+               "wqkv": rnd((H + 2 * K) * D, E, scale=E ** -0.5),
+               "wo": rnd(E, H * D, scale=(H * D) ** -0.5), "wgu": rnd(2 * F, E, scale=E ** -0.5),
+               "wd": rnd(E, F, scale=F ** -0.5)} for _ in range(L)]
+    caches = [(rnd(B, S, K, D), rnd(B, S, K, D)) for _ in range(L)]
+    x0 = rnd(B, E)
+    pos = jnp.full((B,), args.context, jnp.int32)
+    cos, sin = (t[:, 0] for t in rope_tables(pos[:, None], cfg))
+    ns = default_splits(S, B, E, H * D)
+
+    def five(caches, x):
+        new = []
+        for w, (kc, vc) in zip(layers, caches):
+            qkv = qkv_rope(x, w["attn_norm"], w["wqkv"], cos, sin, num_heads=H, num_kv_heads=K,
+                           eps=eps, transposed=True)
+            parts, lse, kc, vc = decode_attention(qkv, kc, vc, pos, num_heads=H,
+                                                  num_kv_heads=K, num_splits=ns)
+            x = attn_o_residual(parts, lse, w["wo"], x, transposed=True)
+            act = gate_up_swiglu(x, w["mlp_norm"], w["wgu"], eps=eps, transposed=True)
+            x = gemv_residual(act, w["wd"], x, transposed=True)
+            new.append((kc, vc))
+        return new, (x, jnp.zeros((), jnp.int32))
+
+    def persistent(caches, x, programs, warps):
+        counters, new = new_counters(L), []
+        for i, (w, (kc, vc)) in enumerate(zip(layers, caches)):
+            x, kc, vc, counters = decode_layer(
+                x, pos, cos, sin, kc, vc, counters, i, w["attn_norm"], w["wqkv"], w["wo"],
+                w["mlp_norm"], w["wgu"], w["wd"], num_heads=H, num_kv_heads=K, eps=eps,
+                num_splits=ns, num_programs=programs, num_warps=warps)
+            new.append((kc, vc))
+        return new, (x, barrier_timeouts(counters))
+
+    def timed(fn) -> float:
+        step = jax.jit(fn, donate_argnums=0)
+        state = [[(jnp.copy(k), jnp.copy(v)) for k, v in caches]]
+
+        def call():
+            state[0], out = step(state[0], x0)
+            return out
+        return time_fn(call, repeats=15, warmup=1) / L * 1e6
+
+    sms = int(getattr(jax.devices()[0], "core_count", 0) or 132)
+    want, _ = jax.jit(lambda c: five(c, x0)[1])(caches)
+    rows = [{"variant": "five kernels", "us_per_layer": timed(five)}]
+    print(f"five kernels: {rows[0]['us_per_layer']:.2f} us/layer", flush=True)
+    for v in args.variants.split(","):
+        per_sm, warps = (int(t) for t in v.split("x"))
+        programs = per_sm * sms
+        got, timeouts = jax.jit(lambda c, p=programs, w=warps: persistent(c, x0, p, w)[1])(
+            caches)
+        row = {"variant": f"layer kernel, {programs} programs x {warps} warps",
+               "barrier_timeouts": int(timeouts)}
+        try:
+            assert_close(got, want, dt.name, scale=2.0)
+            row["matches_five_kernels"] = True
+        except AssertionError as e:
+            row["matches_five_kernels"] = False
+            row["mismatch"] = str(e)[:300]
+        if row["barrier_timeouts"] == 0 and row["matches_five_kernels"]:
+            row["us_per_layer"] = timed(lambda c, x, p=programs, w=warps: persistent(c, x, p, w))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    weight_mb = sum(int(np.prod(a.shape)) * dt.itemsize for a in layers[0].values()) / 1e6
+    result = {**environment(), "model": args.model, "dtype": args.dtype, "layers": L,
+              "max_len": S, "context": args.context, "splits": ns, "sms": sms,
+              "weight_mb_per_layer": weight_mb, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"bench_layer_kernel_{Path(args.model).stem}.json").write_text(json.dumps(result, indent=1))
+    print(f"\n{args.model}: {weight_mb:.1f} MB of weights per layer, {ns} splits")
+    print("| variant | us / layer | timeouts | matches |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r.get('us_per_layer', float('nan')):.2f} | "
+              f"{r.get('barrier_timeouts', '')} | {r.get('matches_five_kernels', '')} |")
+
+
+if __name__ == "__main__":
+    main()
