@@ -202,8 +202,10 @@ def _steps(params, cfg, impl, prompt, lengths, next_tokens):
     return jnp.stack(out), cache
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("rows,copies", [(1, False), (3, False), (1, True), (3, True)])
+# Each dtype meets each row count and each weight layout once (the full product repeated
+# the same kernels at ~10 s a case in CI).
+@pytest.mark.parametrize("dtype,rows,copies", [("float32", 1, False), ("bfloat16", 3, False),
+                                               ("float32", 3, True), ("bfloat16", 1, True)])
 def test_fused_step_matches_xla_step(rng, dtype, rows, copies, fused_on):
     """copies: the [N, K] weight copies, with which up to 4 rows take the CUDA-core GEMVs."""
     cfg = _fusable_tiny().replace(dtype=dtype)
@@ -226,7 +228,7 @@ def test_fused_step_matches_xla_step(rng, dtype, rows, copies, fused_on):
     assert_close(jnp.stack(got_cache.v), jnp.stack(want_cache.v), dtype)
 
 
-@pytest.mark.parametrize("dtype,rows", [("float32", 3), ("bfloat16", 1)])
+@pytest.mark.parametrize("dtype,rows", [("bfloat16", 1)])
 def test_layer_kernel_step_matches_xla_step(rng, dtype, rows, monkeypatch):
     """JDECODE_FUSED_DECODE=layer: each layer as one persistent kernel, over the copies."""
     monkeypatch.setenv(ENV_SWITCH, "layer")
@@ -315,7 +317,7 @@ def test_fused_greedy_equals_xla_on_the_real_model_f32(request, fused_on):
         [r.token_ids for r in slow.generate(prompts, sp)]
 
 
-@pytest.mark.parametrize("dtype,rows", [("float32", 3), ("bfloat16", 1)])
+@pytest.mark.parametrize("dtype,rows", [("float32", 3)])
 def test_decode_layer_matches_the_five_kernels(rng, dtype, rows):
     """The persistent layer kernel (interpreter: its phases in order, no barriers) against the
     five kernels run one after another, on the same random layer; the cache write too. The
