@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -42,8 +43,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--context", type=int, default=600)
-    ap.add_argument("--variants", default="1x8,2x8,2x4,4x4,8x2",
-                    help="programs per SM x warps, comma-separated")
+    ap.add_argument("--variants", default="1x8,2x8,4x4,1x8b8,2x8b8,2x4b8",
+                    help="programs per SM x warps [b GEMV rows per item], comma-separated")
     ap.add_argument("--out", default="out")
     args = ap.parse_args()
     cfg = load_model_config_yaml(args.model if args.model.endswith(".yaml")
@@ -80,13 +81,13 @@ def main() -> None:
             new.append((kc, vc))
         return new, (x, jnp.zeros((), jnp.int32))
 
-    def persistent(caches, x, programs, warps):
+    def persistent(caches, x, programs, warps, bn):
         counters, new = new_counters(L), []
         for i, (w, (kc, vc)) in enumerate(zip(layers, caches)):
             x, kc, vc, counters = decode_layer(
                 x, pos, cos, sin, kc, vc, counters, i, w["attn_norm"], w["wqkv"], w["wo"],
                 w["mlp_norm"], w["wgu"], w["wd"], num_heads=H, num_kv_heads=K, eps=eps,
-                num_splits=ns, num_programs=programs, num_warps=warps)
+                num_splits=ns, num_programs=programs, num_warps=warps, block_n=bn)
             new.append((kc, vc))
         return new, (x, barrier_timeouts(counters))
 
@@ -104,11 +105,12 @@ def main() -> None:
     rows = [{"variant": "five kernels", "us_per_layer": timed(five)}]
     print(f"five kernels: {rows[0]['us_per_layer']:.2f} us/layer", flush=True)
     for v in args.variants.split(","):
-        per_sm, warps = (int(t) for t in v.split("x"))
-        programs = per_sm * sms
-        got, timeouts = jax.jit(lambda c, p=programs, w=warps: persistent(c, x0, p, w)[1])(
-            caches)
-        row = {"variant": f"layer kernel, {programs} programs x {warps} warps",
+        per_sm, rest = v.split("x")
+        warps, bn = (int(t) for t in (rest.split("b") + ["4"])[:2])
+        programs = int(per_sm) * sms
+        run = partial(persistent, programs=programs, warps=warps, bn=bn)
+        got, timeouts = jax.jit(lambda c, run=run: run(c, x0)[1])(caches)
+        row = {"variant": f"layer kernel, {programs} programs x {warps} warps, {bn} rows/item",
                "barrier_timeouts": int(timeouts)}
         try:
             assert_close(got, want, dt.name, scale=2.0)
@@ -117,7 +119,7 @@ def main() -> None:
             row["matches_five_kernels"] = False
             row["mismatch"] = str(e)[:300]
         if row["barrier_timeouts"] == 0 and row["matches_five_kernels"]:
-            row["us_per_layer"] = timed(lambda c, x, p=programs, w=warps: persistent(c, x, p, w))
+            row["us_per_layer"] = timed(run)
         print(json.dumps(row), flush=True)
         rows.append(row)
     weight_mb = sum(int(np.prod(a.shape)) * dt.itemsize for a in layers[0].values()) / 1e6

@@ -36,6 +36,7 @@ fused step's default.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -102,7 +103,7 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
                   vc_ref, wo_ref, mlp_norm_ref, wgu_ref, wd_ref, cnt_ref,
                   out_ref, kc_out, vc_out, cnt_out, qkv_s, parts_s, lse_s, mid_s, act_s, *,
                   rows: int, num_heads: int, num_kv_heads: int, eps: float, num_splits: int,
-                  num_programs: int, phased: bool):
+                  num_programs: int, block_n: int, phased: bool):
     del cnt_ref  # aliased to cnt_out, which the barriers use
     # The layer (its counter row) is data, not a constant: every layer is then the same
     # kernel, compiled once.
@@ -125,7 +126,8 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
                 _grid_barrier(cnt_out, layer, k - 1, P)
             items()
 
-    t_e, t_a, t_f = (default_tiles(n, rows, True) for n in (E, H * D, F))
+    t_e, t_a, t_f = (dataclasses.replace(default_tiles(n, rows, True), block_n=block_n)
+                     for n in (E, H * D, F))
     qkv_items = qkv_s.shape[1] * (D // 2 // t_e.block_n)
     phase(0, qkv_items, lambda i: _qkv_kernel(
         x_ref, attn_norm_ref, wqkv_ref, cos_ref, sin_ref, qkv_s, rows=rows, rotated=H + K,
@@ -146,11 +148,11 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "eps",
                                              "num_splits", "num_programs", "num_warps",
-                                             "interpret"))
+                                             "block_n", "interpret"))
 def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn_norm, wqkv_t,
                  wo_t, mlp_norm, w_gate_up_t, w_down_t, *, num_heads: int,
                  num_kv_heads: int, eps: float, num_splits: int, num_programs: int | None = None,
-                 num_warps: int = 8, interpret: bool | None = None):
+                 num_warps: int = 8, block_n: int = 4, interpret: bool | None = None):
     """One layer of the decode step (the five fused kernels' function) in one launch.
 
     Args:
@@ -163,6 +165,8 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
       attn_norm, mlp_norm: [E]. wqkv_t [(H + 2K) D, E], wo_t [E, H D], w_gate_up_t [2F, E],
         w_down_t [E, F]: the [N, K] copies (`jdecode.model.fused_decode.with_decode_copies`).
       num_splits: attention's split-K partitions (`attention.default_splits`).
+      block_n: weight rows per GEMV work item (the five kernels' default is 4); it must
+        divide D/2, E and F.
       num_programs: the persistent grid; default one per SM (3 in the interpreter). More
         than fit on the device at once would leave the barriers waiting on programs that
         cannot start: they give up after MAX_SPIN polls and count it (`barrier_timeouts`).
@@ -187,11 +191,14 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
     if counters.shape[1:] != (PHASES,) or counters.dtype != i32:
         raise ValueError(f"decode_layer: counters {counters.shape} {counters.dtype} must be "
                          "new_counters(L)")
+    if (D // 2) % block_n or E % block_n or F % block_n:
+        raise ValueError(f"decode_layer: block_n={block_n} must divide D/2={D // 2}, E={E} "
+                         f"and F={F}: pick a power of two that does (4 always does)")
     interpret = resolve_interpret(interpret)
     P = num_programs or default_programs(interpret)
     kernel = functools.partial(
         _layer_kernel, rows=b, num_heads=H, num_kv_heads=K, eps=eps, num_splits=num_splits,
-        num_programs=P, phased=interpret)
+        num_programs=P, block_n=block_n, phased=interpret)
     inputs = (jnp.asarray(layer, i32).reshape(1), positions.astype(i32), x, attn_norm, wqkv_t, cos.astype(f32), sin.astype(f32),
               k_cache, v_cache, wo_t, mlp_norm, w_gate_up_t, w_down_t, counters)
     out_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype),
