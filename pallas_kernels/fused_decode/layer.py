@@ -32,6 +32,14 @@ GPU (tests marked gpu).
 
 Scope: steps of <= FMA_MAX_ROWS rows over the [N, K] weight copies (the CUDA-core GEMVs), the
 fused step's default.
+
+Status (H200, benchmarks/fused_decode_h200.md): correct on the card, not faster. With one
+program per SM the step ran 1194 tok/s against the five kernels' 1778 on the SmolLM2 shape
+(493 vs 1031 on the Llama-3.2-1B shape): a program walks its items one at a time, so its
+next item's weights are not in flight while it reduces the current one. Four programs of 4
+warps per SM drew level with the five kernels, no better. What would make it pay is a GEMV
+item split into a load stage and a compute stage, so the next item's (and across a barrier,
+the next phase's) weight loads are issued first.
 """
 
 from __future__ import annotations
