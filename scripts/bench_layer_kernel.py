@@ -43,8 +43,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--context", type=int, default=600)
-    ap.add_argument("--variants", default="1x8,2x8,4x4,1x8b8,2x8b8,2x4b8",
-                    help="programs per SM x warps [b GEMV rows per item], comma-separated")
+    ap.add_argument("--variants", default="1x8n,1x8,4x4n,4x4,2x8",
+                    help="programs per SM x warps [b GEMV rows per item] [n: no prefetch], "
+                    "comma-separated")
     ap.add_argument("--out", default="out")
     args = ap.parse_args()
     cfg = load_model_config_yaml(args.model if args.model.endswith(".yaml")
@@ -81,13 +82,14 @@ def main() -> None:
             new.append((kc, vc))
         return new, (x, jnp.zeros((), jnp.int32))
 
-    def persistent(caches, x, programs, warps, bn):
+    def persistent(caches, x, programs, warps, bn, prefetch):
         counters, new = new_counters(L), []
         for i, (w, (kc, vc)) in enumerate(zip(layers, caches)):
             x, kc, vc, counters = decode_layer(
                 x, pos, cos, sin, kc, vc, counters, i, w["attn_norm"], w["wqkv"], w["wo"],
                 w["mlp_norm"], w["wgu"], w["wd"], num_heads=H, num_kv_heads=K, eps=eps,
-                num_splits=ns, num_programs=programs, num_warps=warps, block_n=bn)
+                num_splits=ns, num_programs=programs, num_warps=warps, block_n=bn,
+                prefetch=prefetch)
             new.append((kc, vc))
         return new, (x, barrier_timeouts(counters))
 
@@ -105,12 +107,14 @@ def main() -> None:
     rows = [{"variant": "five kernels", "us_per_layer": timed(five)}]
     print(f"five kernels: {rows[0]['us_per_layer']:.2f} us/layer", flush=True)
     for v in args.variants.split(","):
-        per_sm, rest = v.split("x")
+        prefetch = not v.endswith("n")
+        per_sm, rest = v.rstrip("n").split("x")
         warps, bn = (int(t) for t in (rest.split("b") + ["4"])[:2])
         programs = int(per_sm) * sms
-        run = partial(persistent, programs=programs, warps=warps, bn=bn)
+        run = partial(persistent, programs=programs, warps=warps, bn=bn, prefetch=prefetch)
         got, timeouts = jax.jit(lambda c, run=run: run(c, x0)[1])(caches)
-        row = {"variant": f"layer kernel, {programs} programs x {warps} warps, {bn} rows/item",
+        row = {"variant": f"layer kernel, {programs} programs x {warps} warps, {bn} rows/item"
+                          f", prefetch {'on' if prefetch else 'off'}",
                "barrier_timeouts": int(timeouts)}
         try:
             assert_close(got, want, dt.name, scale=2.0)

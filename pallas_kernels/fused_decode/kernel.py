@@ -199,25 +199,45 @@ def _normed_loader(x_ref, norm_ref, rows: int, eps: float, bk: int
     return load
 
 
+def prefetch_steps(k: int, tiles: GemvTiles) -> int:
+    """K steps of an item whose weights `fma_weights` loads ahead: all of them when the K loop
+    is unrolled, none when it is a `fori_loop` (its steps are traced once)."""
+    return -(-k // tiles.block_k) if tiles.fma and tiles.unroll else 0
+
+
+def fma_weights(w_ref, cols: list, k: int, tiles: GemvTiles) -> tuple:
+    """The [bn, bk] weight tiles of an item's columns, per K step (`prefetch_steps`) and
+    column tile: loads issued ahead of the item's arithmetic (`layer` prefetches the next
+    item's, and the next phase's first, while it computes or waits)."""
+    bk = tiles.block_k
+    return tuple(tuple(_load_weights(w_ref, jnp.int32(i * bk), bk, c, k, True) for c in cols)
+                 for i in range(prefetch_steps(k, tiles)))
+
+
 def _fma_loop(load_rows: Callable[[jax.Array], list], w_ref, cols: list, k: int,
-              tiles: GemvTiles, rows: int) -> list[jax.Array]:
+              tiles: GemvTiles, rows: int, weights: tuple | None = None) -> list[jax.Array]:
     """`_k_loop` on CUDA cores: w_ref [N, K]; load_rows(k0) gives the B rows' [bk] f32 chunks.
 
     Each weight tile [bn, bk] is multiplied by every row and reduced along K (contiguous, so
-    within a thread and then a warp). Returns [ROWS, bn] f32 per column tile, zero past row B.
+    within a thread and then a warp). weights: the tiles `fma_weights` loaded ahead (else
+    each step loads its own). Returns [ROWS, bn] f32 per column tile, zero past row B.
     """
     bk, bn = tiles.block_k, tiles.block_n
 
-    def body(i, accs):
+    def step(i, accs, ws=None):
         xs = load_rows(i * bk)
         out = []
-        for acc, c in zip(accs, cols):
-            w = _load_weights(w_ref, i * bk, bk, c, k, True).astype(f32)  # [bn, bk]
+        for j, (acc, c) in enumerate(zip(accs, cols)):
+            w = (ws[j] if ws else _load_weights(w_ref, i * bk, bk, c, k, True)).astype(f32)
             out.append(tuple(a + jnp.sum(w * x[None, :], axis=1) for a, x in zip(acc, xs)))
-        return tuple(out)
+        return tuple(out)  # w above: [bn, bk]
 
     accs = tuple(tuple(jnp.zeros((bn,), f32) for _ in range(rows)) for _ in cols)
-    accs = _run_k_steps(body, accs, k, tiles)
+    if weights:  # loaded ahead, one entry per (unrolled) K step
+        for i, ws in enumerate(weights):
+            accs = step(jnp.int32(i), accs, ws)
+    else:
+        accs = _run_k_steps(step, accs, k, tiles)
     rid = jnp.arange(ROWS)[:, None]
     tiles_out = []
     for acc in accs:  # rows into one [ROWS, bn] tile, for the shared epilogues
@@ -330,11 +350,11 @@ def _merged(parts_ref, lse_ref, rows: int, num_heads: int, dtype) -> Source:
 
 
 def _matmul(source: Source, w_ref, cols: list, *, k: int, rows: int, tiles: GemvTiles,
-            transposed: bool) -> list[jax.Array]:
+            transposed: bool, weights: tuple | None = None) -> list[jax.Array]:
     """[ROWS, bn] f32 products of the source's [B, k] operand with each column tile of w, on
-    tensor cores or (tiles.fma) on CUDA cores."""
+    tensor cores or (tiles.fma) on CUDA cores, there with `fma_weights` tiles if given."""
     if tiles.fma:
-        return _fma_loop(source(True, tiles.block_k), w_ref, cols, k, tiles, rows)
+        return _fma_loop(source(True, tiles.block_k), w_ref, cols, k, tiles, rows, weights)
     return _k_loop(source(False, tiles.block_k), w_ref, cols, k, tiles, transposed)
 
 
@@ -379,20 +399,28 @@ def _check(name: str, x, k: int, n: int, tiles: GemvTiles, transposed: bool) -> 
 
 # --- RMSNorm -> QKV -> RoPE -----------------------------------------------------------------
 
+def qkv_cols(item, tiles: GemvTiles, head_dim: int) -> list:
+    """Item `item`'s weight columns: a tile of a head's first half and its RoPE partner in
+    the second half (HF's rotate_half pairs d with d + D/2)."""
+    bh, half = tiles.block_n, head_dim // 2
+    head, sub = item // (half // bh), item % (half // bh)
+    lo = head * head_dim + sub * bh
+    return [pl.ds(lo, bh), pl.ds(lo + half, bh)]
+
+
 def _qkv_kernel(x_ref, norm_ref, w_ref, cos_ref, sin_ref, o_ref, *, rows: int, rotated: int,
-                head_dim: int, eps: float, tiles: GemvTiles, transposed: bool, item=None):
+                head_dim: int, eps: float, tiles: GemvTiles, transposed: bool, item=None,
+                weights=None):
     """o_ref [B, H + 2K, D]; item: the work item when a persistent kernel runs this (`layer`),
-    else the program's id."""
+    else the program's id; weights: its tiles loaded ahead (`fma_weights`)."""
     bh = tiles.block_n
     half = head_dim // 2
     p = pl.program_id(0) if item is None else item
     head, sub = p // (half // bh), p % (half // bh)
-    lo = head * head_dim + sub * bh  # this program's columns of the head's first half
-    # RoPE pairs column d with d + D/2 (HF's rotate_half): both halves' tiles in one program.
-    cols = [pl.ds(lo, bh), pl.ds(lo + half, bh)]
+    cols = qkv_cols(p, tiles, head_dim)
     y1, y2 = (_round(y, x_ref.dtype) for y in _matmul(
         _normed(x_ref, norm_ref, rows, eps), w_ref, cols, k=x_ref.shape[1], rows=rows,
-        tiles=tiles, transposed=transposed))
+        tiles=tiles, transposed=transposed, weights=weights))
     c = _load_rows(cos_ref, rows, pl.ds(sub * bh, bh))  # [ROWS, bh] f32
     s = _load_rows(sin_ref, rows, pl.ds(sub * bh, bh))
     rot = head < rotated  # Q and K heads turn; V heads pass through
@@ -434,16 +462,20 @@ def qkv_rope(x, norm_w, wqkv, cos, sin, *, num_heads: int, num_kv_heads: int, ep
 
 # --- RMSNorm -> gate/up -> SwiGLU -----------------------------------------------------------
 
-def _swiglu_kernel(x_ref, norm_ref, w_ref, o_ref, *, rows: int, eps: float, tiles: GemvTiles,
-                   transposed: bool, item=None):
+def swiglu_cols(item, tiles: GemvTiles, F: int) -> list:
+    """Item `item`'s gate and up columns of the same features."""
     bn = tiles.block_n
-    F = o_ref.shape[1]
+    return [pl.ds(item * bn, bn), pl.ds(F + item * bn, bn)]
+
+
+def _swiglu_kernel(x_ref, norm_ref, w_ref, o_ref, *, rows: int, eps: float, tiles: GemvTiles,
+                   transposed: bool, item=None, weights=None):
     j = pl.program_id(0) if item is None else item
-    cols = [pl.ds(j * bn, bn), pl.ds(F + j * bn, bn)]  # gate and up columns of the same features
+    cols = swiglu_cols(j, tiles, o_ref.shape[1])
     dtype = x_ref.dtype
     gate, up = (_round(y, dtype) for y in _matmul(
         _normed(x_ref, norm_ref, rows, eps), w_ref, cols, k=x_ref.shape[1], rows=rows,
-        tiles=tiles, transposed=transposed))
+        tiles=tiles, transposed=transposed, weights=weights))
     _store_rows(o_ref, rows, cols[0], _round(jax.nn.silu(gate), dtype) * up)
 
 
@@ -470,8 +502,13 @@ def gate_up_swiglu(x, norm_w, w_gate_up, *, eps: float, tiles: GemvTiles | None 
 
 # --- a @ w + residual -----------------------------------------------------------------------
 
+def residual_cols(item, tiles: GemvTiles) -> list:
+    """Item `item`'s output columns."""
+    return [pl.ds(item * tiles.block_n, tiles.block_n)]
+
+
 def _residual_kernel(*refs, rows: int, tiles: GemvTiles, transposed: bool, num_heads: int = 0,
-                     item=None):
+                     item=None, weights=None):
     if num_heads:  # `attn_o_residual`: the attention's split partials, merged in the prologue
         parts_ref, lse_ref, w_ref, res_ref, o_ref = refs
         source = _merged(parts_ref, lse_ref, rows, num_heads, res_ref.dtype)
@@ -479,8 +516,9 @@ def _residual_kernel(*refs, rows: int, tiles: GemvTiles, transposed: bool, num_h
     else:
         a_ref, w_ref, res_ref, o_ref = refs
         source, k = _plain(a_ref, rows), a_ref.shape[1]
-    col = pl.ds((pl.program_id(0) if item is None else item) * tiles.block_n, tiles.block_n)
-    (y,) = _matmul(source, w_ref, [col], k=k, rows=rows, tiles=tiles, transposed=transposed)
+    (col,) = residual_cols(pl.program_id(0) if item is None else item, tiles)
+    (y,) = _matmul(source, w_ref, [col], k=k, rows=rows, tiles=tiles, transposed=transposed,
+                   weights=weights)
     dtype = res_ref.dtype
     res = _load_rows(res_ref, rows, col).astype(f32)
     _store_rows(o_ref, rows, col, _round(res + _round(y, dtype), dtype))

@@ -60,6 +60,11 @@ from pallas_kernels.fused_decode.kernel import (
     _residual_kernel,
     _swiglu_kernel,
     default_tiles,
+    fma_weights,
+    prefetch_steps,
+    qkv_cols,
+    residual_cols,
+    swiglu_cols,
     whole_block,
 )
 
@@ -111,7 +116,7 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
                   vc_ref, wo_ref, mlp_norm_ref, wgu_ref, wd_ref, cnt_ref,
                   out_ref, kc_out, vc_out, cnt_out, qkv_s, parts_s, lse_s, mid_s, act_s, *,
                   rows: int, num_heads: int, num_kv_heads: int, eps: float, num_splits: int,
-                  num_programs: int, block_n: int, phased: bool):
+                  num_programs: int, block_n: int, prefetch: bool, phased: bool):
     del cnt_ref  # aliased to cnt_out, which the barriers use
     # The layer (its counter row) is data, not a constant: every layer is then the same
     # kernel, compiled once.
@@ -121,46 +126,75 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
     E, F = x_ref.shape[1], act_s.shape[1]
     pid = pl.program_id(1 if phased else 0)
 
-    def phase(k: int, n_items: int, run_item) -> None:
+    def phase(k: int, n_items: int, run_item, load_ahead=None) -> None:
+        """Program pid's items of phase k: pid, pid + P, ... < n_items, after barrier k - 1.
+
+        load_ahead(item) issues an item's weight loads (`fma_weights`): the first item's go
+        out before the barrier, and each next item's before the current one's arithmetic.
+        """
+        ahead = load_ahead if prefetch else None
+        first = ahead(jnp.minimum(pid, n_items - 1)) if ahead else None  # weights: read-only
+        if k and not phased:
+            _grid_barrier(cnt_out, layer, k - 1, P)
+
         def items():
-            @pl.loop(pid, n_items, step=P)
-            def _(i):
-                run_item(i)
+            if ahead is None:
+                @pl.loop(pid, n_items, step=P)
+                def _(i):
+                    run_item(i, None)
+                return
+
+            def body(j, weights):
+                i = pid + j * P
+                nxt = ahead(jnp.minimum(i + P, n_items - 1))  # clamped: a spare load at the end
+                run_item(i, weights)
+                return nxt
+
+            jax.lax.fori_loop(0, (n_items - pid + P - 1) // P, body, first)
 
         if phased:
             pl.when(pl.program_id(0) == k)(items)
         else:
-            if k:
-                _grid_barrier(cnt_out, layer, k - 1, P)
             items()
+
+    def gemv_ahead(w_ref, cols_of, kdim: int, tiles):
+        if not prefetch_steps(kdim, tiles):
+            return None
+        return lambda i: fma_weights(w_ref, cols_of(i), kdim, tiles)
 
     t_e, t_a, t_f = (dataclasses.replace(default_tiles(n, rows, True), block_n=block_n)
                      for n in (E, H * D, F))
     qkv_items = qkv_s.shape[1] * (D // 2 // t_e.block_n)
-    phase(0, qkv_items, lambda i: _qkv_kernel(
+    phase(0, qkv_items, lambda i, w: _qkv_kernel(
         x_ref, attn_norm_ref, wqkv_ref, cos_ref, sin_ref, qkv_s, rows=rows, rotated=H + K,
-        head_dim=D, eps=eps, tiles=t_e, transposed=True, item=i))
-    phase(1, rows * K * ns, lambda i: _attn_kernel(
+        head_dim=D, eps=eps, tiles=t_e, transposed=True, item=i, weights=w),
+        gemv_ahead(wqkv_ref, lambda i: qkv_cols(i, t_e, D), E, t_e))
+    phase(1, rows * K * ns, lambda i, w: _attn_kernel(
         pos_ref, qkv_s, kc_ref, vc_ref, parts_s, lse_s, kc_out, vc_out, num_heads=H,
         group=H // K, block_k=BLOCK_K, num_splits=ns, sm_scale=D ** -0.5,
         item=(i // (K * ns), i // ns % K, i % ns)))
-    phase(2, E // t_a.block_n, lambda i: _residual_kernel(
+    phase(2, E // t_a.block_n, lambda i, w: _residual_kernel(
         parts_s, lse_s, wo_ref, x_ref, mid_s, rows=rows, tiles=t_a, transposed=True,
-        num_heads=H, item=i))
-    phase(3, F // t_e.block_n, lambda i: _swiglu_kernel(
+        num_heads=H, item=i, weights=w),
+        gemv_ahead(wo_ref, lambda i: residual_cols(i, t_a), H * D, t_a))
+    phase(3, F // t_e.block_n, lambda i, w: _swiglu_kernel(
         mid_s, mlp_norm_ref, wgu_ref, act_s, rows=rows, eps=eps, tiles=t_e, transposed=True,
-        item=i))
-    phase(4, E // t_f.block_n, lambda i: _residual_kernel(
-        act_s, wd_ref, mid_s, out_ref, rows=rows, tiles=t_f, transposed=True, item=i))
+        item=i, weights=w),
+        gemv_ahead(wgu_ref, lambda i: swiglu_cols(i, t_e, F), E, t_e))
+    phase(4, E // t_f.block_n, lambda i, w: _residual_kernel(
+        act_s, wd_ref, mid_s, out_ref, rows=rows, tiles=t_f, transposed=True, item=i,
+        weights=w),
+        gemv_ahead(wd_ref, lambda i: residual_cols(i, t_f), F, t_f))
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "eps",
                                              "num_splits", "num_programs", "num_warps",
-                                             "block_n", "interpret"))
+                                             "block_n", "prefetch", "interpret"))
 def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn_norm, wqkv_t,
                  wo_t, mlp_norm, w_gate_up_t, w_down_t, *, num_heads: int,
                  num_kv_heads: int, eps: float, num_splits: int, num_programs: int | None = None,
-                 num_warps: int = 8, block_n: int = 4, interpret: bool | None = None):
+                 num_warps: int = 8, block_n: int = 4, prefetch: bool = True,
+                 interpret: bool | None = None):
     """One layer of the decode step (the five fused kernels' function) in one launch.
 
     Args:
@@ -175,6 +209,8 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
       num_splits: attention's split-K partitions (`attention.default_splits`).
       block_n: weight rows per GEMV work item (the five kernels' default is 4); it must
         divide D/2, E and F.
+      prefetch: issue each GEMV item's weight loads one item ahead, and each phase's first
+        item's before the barrier that precedes it (K loops of up to 4 steps).
       num_programs: the persistent grid; default one per SM (3 in the interpreter). More
         than fit on the device at once would leave the barriers waiting on programs that
         cannot start: they give up after MAX_SPIN polls and count it (`barrier_timeouts`).
@@ -206,7 +242,7 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
     P = num_programs or default_programs(interpret)
     kernel = functools.partial(
         _layer_kernel, rows=b, num_heads=H, num_kv_heads=K, eps=eps, num_splits=num_splits,
-        num_programs=P, block_n=block_n, phased=interpret)
+        num_programs=P, block_n=block_n, prefetch=prefetch, phased=interpret)
     inputs = (jnp.asarray(layer, i32).reshape(1), positions.astype(i32), x, attn_norm, wqkv_t, cos.astype(f32), sin.astype(f32),
               k_cache, v_cache, wo_t, mlp_norm, w_gate_up_t, w_down_t, counters)
     out_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype),
