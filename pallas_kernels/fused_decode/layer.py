@@ -37,9 +37,10 @@ Status (H200, benchmarks/fused_decode_h200.md): correct on the card, not faster.
 program per SM the step ran 1194 tok/s against the five kernels' 1778 on the SmolLM2 shape
 (493 vs 1031 on the Llama-3.2-1B shape): a program walks its items one at a time, so its
 next item's weights are not in flight while it reduces the current one. Four programs of 4
-warps per SM drew level with the five kernels, no better. What would make it pay is a GEMV
-item split into a load stage and a compute stage, so the next item's (and across a barrier,
-the next phase's) weight loads are issued first.
+warps per SM drew level with the five kernels, no better. Loading each GEMV item's weights
+one item ahead (`prefetch`, and each phase's first item before its barrier) showed no gain
+beyond the benchmark's run-to-run spread. A win would need deeper pipelining (several items
+in flight per program) tuned by device time per kernel.
 """
 
 from __future__ import annotations
