@@ -28,7 +28,7 @@ row's last slot instead of hanging the GPU; `barrier_timeouts` reads it (tests a
 In the interpreter (CPU tests) programs run one after another, so a barrier would wait
 forever: there the grid is (phases, P) and the interpreter's phase-major order stands in for
 the barriers. The phases' code is the same; the barriers themselves are exercised only on the
-GPU (tests marked gpu).
+GPU, where the same tests compile the kernel with them.
 
 Scope: steps of <= FMA_MAX_ROWS rows over the [N, K] weight copies (the CUDA-core GEMVs), the
 fused step's default.
