@@ -15,7 +15,6 @@ import datetime
 import itertools
 import json
 import statistics
-import subprocess
 import time
 from functools import partial
 from pathlib import Path
@@ -34,6 +33,7 @@ from jdecode.io.registry import KNOWN_MODELS, Model, load
 from jdecode.model.fused_decode import impl_variant
 from jdecode.model.layout import fuse_projections, unstack_layers
 from jdecode.model.params import init_params, param_bytes
+from jdecode.provenance import git_sha
 
 
 def kv_bytes_per_step(cfg, batch: int, context: float, itemsize: int) -> float:
@@ -192,11 +192,7 @@ def main() -> None:
                                                         args.new_tokens)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=False).stdout.strip()
-    except OSError:
-        sha = ""
+    sha = git_sha()  # JDECODE_GIT_SHA when the device copy's .git is stale
     result = {
         "date": datetime.date.today().isoformat(), "device": hw.name, "jax_version": jax.__version__,
         "command": "python scripts/bench_decode.py " + " ".join(
