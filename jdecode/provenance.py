@@ -12,10 +12,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def git_sha(short: bool = True) -> str:
-    """The checkout's commit ("" outside git). `JDECODE_GIT_SHA` overrides it: a working tree
-    copied to another machine can carry a stale .git, so the sender names the commit."""
-    if os.environ.get("JDECODE_GIT_SHA"):
-        return os.environ["JDECODE_GIT_SHA"]
+    """The checkout's commit ("" outside git). `JDECODE_GIT_SHA` (or the older
+    `BENCH_GIT_SHA`) overrides it: a working tree copied to another machine can carry a stale
+    .git, so the sender names the commit."""
+    for name in ("JDECODE_GIT_SHA", "BENCH_GIT_SHA"):
+        if os.environ.get(name):
+            return os.environ[name]
     cmd = ["git", "rev-parse", *(["--short"] if short else []), "HEAD"]
     try:
         return subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO_ROOT,

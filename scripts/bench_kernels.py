@@ -22,7 +22,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -32,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdecode.provenance import git_sha
 from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
 from pallas_kernels.paged_attention import (
     paged_attention,
@@ -679,15 +679,8 @@ def main():
     batches = tuple(int(x) for x in args.sweep_batches.split(","))
     contexts = tuple(int(x) for x in args.sweep_contexts.split(","))
     os.makedirs(args.out, exist_ok=True)
-    # The device machine's copy of the tree has no .git: pass BENCH_GIT_SHA there.
-    sha = os.environ.get("BENCH_GIT_SHA", "")
-    if not sha:
-        try:
-            git = ["git", "rev-parse", "--short", "HEAD"]
-            sha = subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
-        except OSError:
-            pass
-    sha = sha or "unknown"
+    # The device machine's copy of the tree may carry a stale .git: pass JDECODE_GIT_SHA there.
+    sha = git_sha() or "unknown"
     results = {
         "env": {
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
