@@ -56,7 +56,7 @@ from pallas_kernels.fused_decode import (
 )
 from pallas_kernels.fused_decode.attention import BLOCK_K, default_splits
 from pallas_kernels.fused_decode.kernel import FMA_MAX_ROWS
-from pallas_kernels.fused_decode.layer import decode_layer, new_counters
+from pallas_kernels.fused_decode.layer import barrier_timeouts, decode_layer, new_counters
 
 DTYPES = ("float32", "bfloat16", "float16")
 # "1" turns the fused step on for 1..16 rows, "0" off, "layer" on with one persistent kernel
@@ -217,6 +217,9 @@ def fused_decode_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
                 x, positions, cos, sin, ks[layer], vs[layer], counters, layer, lp.attn_norm,
                 wqkv, wo, lp.mlp_norm, w_gate_up, w_down, num_heads=H, num_kv_heads=K,
                 eps=eps, num_splits=splits)
+        # A barrier that gave up (a grid not all resident, e.g. a GPU shared through MPS) left
+        # the step's output wrong: make that visible as NaN logits, not plausible tokens.
+        x = jnp.where(barrier_timeouts(counters) > 0, jnp.nan, x)
         hidden = rms_norm(x, params.final_norm, eps)
         return lm_head(params, hidden), hidden, DenseKVCache(k=tuple(ks), v=tuple(vs))
     for layer, lp in enumerate(params.layers):
