@@ -201,27 +201,25 @@ def fused_decode_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
     Returns:
       logits [B, V] f32, hidden [B, E] (final-normed), and the cache with this step written.
     """
-    eps = cfg.rms_norm_eps
-    H, K = cfg.num_heads, cfg.num_kv_heads
     x = params.embed[tokens]  # [B, E]
     cos, sin = rope_tables(positions[:, None], cfg)  # [B, 1, D/2]
     cos, sin = cos[:, 0], sin[:, 0]
     ks, vs = list(cache.k), list(cache.v)
-    splits = default_splits(cache.max_len, tokens.shape[0], cfg.hidden_size, H * cfg.head_dim)
-    t = _has_copies(params)  # [N, K] copies (`with_decode_copies`): the CUDA-core GEMVs
+    splits = default_splits(cache.max_len, tokens.shape[0], cfg.hidden_size,
+                            cfg.num_heads * cfg.head_dim)
     if fused_decode_switch() == "layer":  # `fused_decode_reason` checked copies and rows
-        counters = new_counters(len(params.layers))  # the step's grid-barrier counters
-        for layer, lp in enumerate(params.layers):
-            wqkv, wo, w_gate_up, w_down = params.decode_t[layer]
-            x, ks[layer], vs[layer], counters = decode_layer(
-                x, positions, cos, sin, ks[layer], vs[layer], counters, layer, lp.attn_norm,
-                wqkv, wo, lp.mlp_norm, w_gate_up, w_down, num_heads=H, num_kv_heads=K,
-                eps=eps, num_splits=splits)
-        # A barrier that gave up (a grid not all resident, e.g. a GPU shared through MPS) left
-        # the step's output wrong: make that visible as NaN logits, not plausible tokens.
-        x = jnp.where(barrier_timeouts(counters) > 0, jnp.nan, x)
-        hidden = rms_norm(x, params.final_norm, eps)
-        return lm_head(params, hidden), hidden, DenseKVCache(k=tuple(ks), v=tuple(vs))
+        x = _persistent_layers(params, x, ks, vs, positions, cos, sin, cfg=cfg, splits=splits)
+    else:
+        x = _five_kernel_layers(params, x, ks, vs, positions, cos, sin, cfg=cfg, splits=splits)
+    hidden = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    return lm_head(params, hidden), hidden, DenseKVCache(k=tuple(ks), v=tuple(vs))
+
+
+def _five_kernel_layers(params: Params, x, ks: list, vs: list, positions, cos, sin, *,
+                        cfg: ModelConfig, splits: int) -> jax.Array:
+    """The layers as five kernels each; ks / vs (per-layer caches) are updated in place."""
+    eps, H, K = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads
+    t = _has_copies(params)  # [N, K] copies (`with_decode_copies`): the CUDA-core GEMVs
     for layer, lp in enumerate(params.layers):
         wqkv, wo, w_gate_up, w_down = (params.decode_t[layer] if t else
                                        (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))
@@ -235,5 +233,19 @@ def fused_decode_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
         x = attn_o_residual(parts, lse, wo, x, transposed=t)
         act = gate_up_swiglu(x, lp.mlp_norm, w_gate_up, eps=eps, transposed=t)  # [B, F]
         x = gemv_residual(act, w_down, x, transposed=t)
-    hidden = rms_norm(x, params.final_norm, eps)
-    return lm_head(params, hidden), hidden, DenseKVCache(k=tuple(ks), v=tuple(vs))
+    return x
+
+
+def _persistent_layers(params: Params, x, ks: list, vs: list, positions, cos, sin, *,
+                       cfg: ModelConfig, splits: int) -> jax.Array:
+    """The layers as one persistent kernel each (`decode_layer`); ks / vs updated in place."""
+    counters = new_counters(len(params.layers))  # the step's grid-barrier counters
+    for layer, lp in enumerate(params.layers):
+        wqkv, wo, w_gate_up, w_down = params.decode_t[layer]
+        x, ks[layer], vs[layer], counters = decode_layer(
+            x, positions, cos, sin, ks[layer], vs[layer], counters, layer, lp.attn_norm, wqkv,
+            wo, lp.mlp_norm, w_gate_up, w_down, num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads, eps=cfg.rms_norm_eps, num_splits=splits)
+    # A barrier that gave up (a grid not all resident, e.g. a GPU shared through MPS) left the
+    # step's output wrong: make that visible as NaN logits, not plausible tokens.
+    return jnp.where(barrier_timeouts(counters) > 0, jnp.nan, x)

@@ -228,9 +228,10 @@ def _fma_loop(load_rows: Callable[[jax.Array], list], w_ref, cols: list, k: int,
         xs = load_rows(i * bk)
         out = []
         for j, (acc, c) in enumerate(zip(accs, cols)):
+            # [bn, bk]: loaded ahead, or here
             w = (ws[j] if ws else _load_weights(w_ref, i * bk, bk, c, k, True)).astype(f32)
             out.append(tuple(a + jnp.sum(w * x[None, :], axis=1) for a, x in zip(acc, xs)))
-        return tuple(out)  # w above: [bn, bk]
+        return tuple(out)
 
     accs = tuple(tuple(jnp.zeros((bn,), f32) for _ in range(rows)) for _ in cols)
     if weights:  # loaded ahead, one entry per (unrolled) K step
@@ -399,13 +400,18 @@ def _check(name: str, x, k: int, n: int, tiles: GemvTiles, transposed: bool) -> 
 
 # --- RMSNorm -> QKV -> RoPE -----------------------------------------------------------------
 
+def _qkv_head_sub(item, tiles: GemvTiles, head_dim: int):
+    """Item `item`'s head and its column tile within the head's first half."""
+    per_head = head_dim // 2 // tiles.block_n
+    return item // per_head, item % per_head
+
+
 def qkv_cols(item, tiles: GemvTiles, head_dim: int) -> list:
     """Item `item`'s weight columns: a tile of a head's first half and its RoPE partner in
     the second half (HF's rotate_half pairs d with d + D/2)."""
-    bh, half = tiles.block_n, head_dim // 2
-    head, sub = item // (half // bh), item % (half // bh)
-    lo = head * head_dim + sub * bh
-    return [pl.ds(lo, bh), pl.ds(lo + half, bh)]
+    head, sub = _qkv_head_sub(item, tiles, head_dim)
+    lo = head * head_dim + sub * tiles.block_n
+    return [pl.ds(lo, tiles.block_n), pl.ds(lo + head_dim // 2, tiles.block_n)]
 
 
 def _qkv_kernel(x_ref, norm_ref, w_ref, cos_ref, sin_ref, o_ref, *, rows: int, rotated: int,
@@ -416,7 +422,7 @@ def _qkv_kernel(x_ref, norm_ref, w_ref, cos_ref, sin_ref, o_ref, *, rows: int, r
     bh = tiles.block_n
     half = head_dim // 2
     p = pl.program_id(0) if item is None else item
-    head, sub = p // (half // bh), p % (half // bh)
+    head, sub = _qkv_head_sub(p, tiles, head_dim)
     cols = qkv_cols(p, tiles, head_dim)
     y1, y2 = (_round(y, x_ref.dtype) for y in _matmul(
         _normed(x_ref, norm_ref, rows, eps), w_ref, cols, k=x_ref.shape[1], rows=rows,

@@ -134,11 +134,11 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
         out before the barrier, and each next item's before the current one's arithmetic.
         """
         ahead = load_ahead if prefetch else None
-        first = ahead(jnp.minimum(pid, n_items - 1)) if ahead else None  # weights: read-only
-        if k and not phased:
-            _grid_barrier(cnt_out, layer, k - 1, P)
 
-        def items():
+        def run():
+            first = ahead(jnp.minimum(pid, n_items - 1)) if ahead else None  # read-only
+            if k and not phased:
+                _grid_barrier(cnt_out, layer, k - 1, P)
             if ahead is None:
                 @pl.loop(pid, n_items, step=P)
                 def _(i):
@@ -154,9 +154,9 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
             jax.lax.fori_loop(0, (n_items - pid + P - 1) // P, body, first)
 
         if phased:
-            pl.when(pl.program_id(0) == k)(items)
+            pl.when(pl.program_id(0) == k)(run)
         else:
-            items()
+            run()
 
     def gemv_ahead(w_ref, cols_of, kdim: int, tiles):
         if not prefetch_steps(kdim, tiles):
@@ -244,8 +244,9 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
     kernel = functools.partial(
         _layer_kernel, rows=b, num_heads=H, num_kv_heads=K, eps=eps, num_splits=num_splits,
         num_programs=P, block_n=block_n, prefetch=prefetch, phased=interpret)
-    inputs = (jnp.asarray(layer, i32).reshape(1), positions.astype(i32), x, attn_norm, wqkv_t, cos.astype(f32), sin.astype(f32),
-              k_cache, v_cache, wo_t, mlp_norm, w_gate_up_t, w_down_t, counters)
+    inputs = (jnp.asarray(layer, i32).reshape(1), positions.astype(i32), x, attn_norm, wqkv_t,
+              cos.astype(f32), sin.astype(f32), k_cache, v_cache, wo_t, mlp_norm, w_gate_up_t,
+              w_down_t, counters)
     out_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
