@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from jdecode.analysis.measure import time_fn
 from jdecode.config import load_model_config_yaml
 from jdecode.model.layers import rms_norm
 from jdecode.model.pallas_dispatch import dense_decode_pallas
+from jdecode.provenance import environment
 from pallas_kernels.fused_decode import (
     GemvTiles,
     attn_o_residual,
@@ -53,10 +55,21 @@ def per_call_us(fn, args, calls: int, reps: int = 15) -> float:
     return time_fn(lambda: fn(*args), repeats=reps, warmup=1) / calls * 1e6
 
 
-def tile_sweep(k: int, n: int) -> list[tuple[GemvTiles, bool]]:
-    """(tiles, transposed) variants of a [k, n]-column problem: tensor-core tiles on weights as
-    stored ([K, N]) and on [N, K] weights, then the CUDA-core (fma) path on [N, K] weights
-    over columns x K step x warps (its K loop unrolled when it is short)."""
+def tile_sweep(k: int, n: int, rows: int, sweep: str = "full") -> list[tuple[GemvTiles, bool]]:
+    """(tiles, transposed) variants of a [k, n]-column problem.
+
+    full: tensor-core tiles on weights as stored ([K, N]) and on [N, K] weights, then the
+    CUDA-core (fma) path on [N, K] weights over columns x K step x warps (its K loop unrolled
+    when it is short). weights-first: the default tiles with and without `weights_first`, and
+    that flag on over columns x warps around them.
+    """
+    if sweep == "weights-first":
+        base = default_tiles(k, rows, True)
+        out = [(base, True), (dataclasses.replace(base, weights_first=True), True)]
+        for bn, warps in itertools.product((4, 8), (4, 8)):
+            out.append((dataclasses.replace(base, block_n=bn, num_warps=warps,
+                                            weights_first=True), True))
+        return [(t, tr) for t, tr in dict.fromkeys(out) if n % t.block_n == 0]
     out = [(GemvTiles(block_n=32, block_k=256), False), (GemvTiles(block_k=256), True)]
     widest = max(512, pl.next_power_of_2(k))
     for bn, bk, warps in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8)):
@@ -137,6 +150,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=0, help="calls per jit (default: the model's)")
     ap.add_argument("--out", default="out")
     ap.add_argument("--part", choices=("gemv", "attention"), default="gemv")
+    ap.add_argument("--sweep", choices=("full", "weights-first"), default="full",
+                    help="gemv: which tiles (see tile_sweep)")
     ap.add_argument("--max-len", type=int, default=1024, help="attention: cache slots")
     ap.add_argument("--context", type=int, default=600, help="attention: past tokens")
     ap.add_argument("--splits", default="1,2,4,8,16", help="attention: split counts")
@@ -154,8 +169,8 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
-            "model": args.model, "batch": B, "dtype": dt.name, "layers": L}
+    meta = {**environment(), "command": " ".join(sys.argv), "model": args.model, "batch": B,
+            "dtype": dt.name, "layers": L}
     if args.part == "attention":
         splits = [int(s) for s in args.splits.split(",")]
         o_bn = [int(s) for s in args.o_block_n.split(",")]
@@ -194,7 +209,7 @@ def main() -> None:
         with jax.default_matmul_precision("highest"):
             expect = jax.jit(want)(ws[0])
         ws_t = None
-        for tiles, tr in tile_sweep(k, n):
+        for tiles, tr in tile_sweep(k, n, B, args.sweep):
             if tr and ws_t is None:
                 ws_t = [w.T.copy() for w in ws]  # [N, K] copies, made once
             layer_ws = ws_t if tr else ws
@@ -248,7 +263,9 @@ def main() -> None:
     for k, v in best.items():
         print(f"best {k}: {v['tiles']} transposed={v['transposed']} {v['us']:.2f} us")
     result = {**meta, "rows": rows, "best": best, "general_us": general}
-    (out / f"bench_fused_decode_{args.model}_b{B}.json").write_text(json.dumps(result, indent=2))
+    tag = "" if args.sweep == "full" else f"_{args.sweep}"
+    (out / f"bench_fused_decode_{args.model}_b{B}{tag}.json").write_text(
+        json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -74,6 +74,10 @@ class GemvTiles:
     # shared-memory staging, so a whole [block_n, block_k] tile is in flight at once. Needs
     # weights given [N, K] (contiguous along the reduction) and few rows.
     fma: bool = False
+    # fma with an unrolled K loop: issue the weight loads before the prologue's (the RMSNorm
+    # statistics, the split merge), so the HBM latency of the weights overlaps that chain
+    # instead of following it. Costs registers: the whole tile is live from the start.
+    weights_first: bool = False
 
 
 FMA_MAX_ROWS = 4  # past this many rows the CUDA-core path's per-row work outgrows its gain
@@ -355,6 +359,8 @@ def _matmul(source: Source, w_ref, cols: list, *, k: int, rows: int, tiles: Gemv
     """[ROWS, bn] f32 products of the source's [B, k] operand with each column tile of w, on
     tensor cores or (tiles.fma) on CUDA cores, there with `fma_weights` tiles if given."""
     if tiles.fma:
+        if weights is None and tiles.weights_first:
+            weights = fma_weights(w_ref, cols, k, tiles)  # before source() issues its loads
         return _fma_loop(source(True, tiles.block_k), w_ref, cols, k, tiles, rows, weights)
     return _k_loop(source(False, tiles.block_k), w_ref, cols, k, tiles, transposed)
 
