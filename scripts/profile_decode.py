@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jdecode.analysis.profile import hlo_op_functions
+from jdecode.analysis.profile import hlo_op_functions, stream_kernels
 from jdecode.config import load_model_config_yaml
 from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
@@ -74,23 +74,6 @@ def loop_events(data, module: str) -> list[tuple[str, int, int]]:
                      f"{seen.most_common(15)}")
 
 
-def device_kernels(data) -> list[tuple[str, int, int]]:
-    """(kernel name, start_ns, duration_ns) of every kernel on the device's stream lines.
-
-    Unlike `loop_events`, this includes kernels that carry no HLO op (Pallas custom calls),
-    named by the kernel itself (e.g. fused_qkv), and kernels of every module.
-    """
-    out = []
-    for plane in data.planes:
-        if not plane.name.startswith("/device:"):
-            continue
-        for line in plane.lines:
-            if not line.name.startswith("Stream"):
-                continue
-            out += [(ev.name, ev.start_ns, ev.duration_ns) for ev in line.events]
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-3.2-1b")
@@ -126,7 +109,7 @@ def main() -> None:
         events = [e for e in loop_events(trace, "run_loop")
                   if ops.get(e[0], ("", ""))[1] != "<container>"]
         try:
-            kernels = device_kernels(trace)
+            kernels = stream_kernels(trace)
         except Exception as e:  # noqa: BLE001 - the per-kernel view is an addition
             print(f"device_kernels: {e!r}")
             kernels = []

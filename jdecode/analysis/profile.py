@@ -203,6 +203,53 @@ def matmul_category(cfg, mm: dict, shares_input: bool) -> str | None:
     return None
 
 
+def stream_kernels(data) -> list[tuple[str, int, int]]:
+    """(kernel name, start_ns, duration_ns) of every kernel on a trace's device stream lines.
+
+    Unlike the HLO-op view of `_trace_events`, this includes kernels that carry no HLO op
+    (Pallas custom calls, named by the kernel itself, e.g. gate_up_swiglu), of every module.
+    """
+    out = []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            if line.name.startswith("Stream"):
+                out += [(ev.name, ev.start_ns, ev.duration_ns) for ev in line.events]
+    return out
+
+
+def kernel_device_us(run: Callable[[], object], names: tuple[str, ...], repeats: int = 10
+                     ) -> dict[str, float]:
+    """Median device microseconds per launch of each kernel whose name contains one of
+    `names`, over `repeats` runs of `run` under the profiler (GPU only: on CPU nothing runs
+    on a device stream, and the result is empty).
+
+    Why device time: a kernel of 2-5 us is smaller than a jit's dispatch, so wall time per
+    call ranks such kernels by noise (benchmarks/fused_decode_h200.md)."""
+    import jax
+    import numpy as np
+    from jax.profiler import ProfileData
+
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        try:
+            for _ in range(repeats):
+                jax.block_until_ready(run())
+        finally:
+            jax.profiler.stop_trace()
+        paths = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
+        if not paths:
+            return {}
+        kernels = stream_kernels(ProfileData.from_file(paths[0]))
+    out = {}
+    for name in names:
+        durs = [d for k, _, d in kernels if name in k]
+        if durs:
+            out[name] = float(np.median(durs)) * 1e-3
+    return out
+
+
 def _trace_events(run: Callable[[], object], repeats: int, module: str
                   ) -> dict[str, float] | str:
     """Total device (else host) time per HLO op name over `repeats` runs, or a reason."""
