@@ -9,7 +9,8 @@ Every variant is checked against the reference before it is timed. On the GPU ea
 also gets its device time per launch from a profile (`kernel_device_us`), which ranks the
 variants: a 2-5 us kernel is smaller than the jit's dispatch that the wall time includes.
 
-`--part attention` times the fused step's attention instead: `decode_attention` (cache write
+`--part attention` times (device time of all kernels per layer on the GPU, else wall) the
+fused step's attention instead: `decode_attention` (cache write
 + split-K partials) with `attn_o_residual` (merge + O + residual) at each split count, beside
 the path it replaced (XLA scatters, the paged decode kernel over the dense cache, O +
 residual). Caches are donated and threaded through the calls, so no copy is timed.
@@ -35,7 +36,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from jdecode.analysis.measure import time_fn
-from jdecode.analysis.profile import kernel_device_us
+from jdecode.analysis.profile import device_busy_us, kernel_device_us
 from jdecode.config import load_model_config_yaml
 from jdecode.model.layers import rms_norm
 from jdecode.model.pallas_dispatch import dense_decode_pallas
@@ -64,8 +65,16 @@ def tile_sweep(k: int, n: int, rows: int, sweep: str = "full") -> list[tuple[Gem
     full: tensor-core tiles on weights as stored ([K, N]) and on [N, K] weights, then the
     CUDA-core (fma) path on [N, K] weights over columns x K step x warps (its K loop unrolled
     when it is short). weights-first: the default tiles with and without `weights_first`, and
-    that flag on over columns x warps around them.
+    that flag on over columns x warps around them. tc: tensor-core tiles over columns x K step
+    x warps on [K, N] weights, a few with 4 stages or on [N, K] weights (steps of many rows).
     """
+    if sweep == "tc":  # tensor-core tiles for steps of many rows
+        out = [(GemvTiles(block_n=bn, block_k=bk, num_warps=w), False)
+               for bn, bk, w in itertools.product((16, 32, 64), (64, 128, 256), (4, 8))]
+        out += [(GemvTiles(block_n=bn, block_k=128, num_warps=4, num_stages=4), False)
+                for bn in (16, 32)]
+        out += [(GemvTiles(block_n=bn, block_k=128), True) for bn in (16, 32)]
+        return [(t, tr) for t, tr in dict.fromkeys(out) if n % t.block_n == 0]
     if sweep == "weights-first":
         base = default_tiles(k, rows, True)
         out = [(base, True), (dataclasses.replace(base, weights_first=True), True)]
@@ -122,7 +131,9 @@ def attention_sweep(cfg, B: int, dt, L: int, max_len: int, context: int, splits:
         def call():
             state[0], out = step(state[0])
             return out
-        return per_call_us(call, (), L)
+        us = per_call_us(call, (), L)
+        busy = device_busy_us(call, 3)  # all kernels of a call, on the GPU
+        return us if busy is None else busy / L
 
     # The reference answer: the merged output of every split count must agree with it.
     want = jax.jit(lambda c: general(c)[1])(caches)
@@ -153,7 +164,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=0, help="calls per jit (default: the model's)")
     ap.add_argument("--out", default="out")
     ap.add_argument("--part", choices=("gemv", "attention"), default="gemv")
-    ap.add_argument("--sweep", choices=("full", "weights-first"), default="full",
+    ap.add_argument("--sweep", choices=("full", "weights-first", "tc"), default="full",
                     help="gemv: which tiles (see tile_sweep)")
     ap.add_argument("--max-len", type=int, default=1024, help="attention: cache slots")
     ap.add_argument("--context", type=int, default=600, help="attention: past tokens")
@@ -263,18 +274,24 @@ def main() -> None:
             out.append(x + (jax.nn.silu(gate) * up) @ d)
         return out
 
-    general = {
-        "general norm+qkv+rope": per_call_us(jax.jit(general_attn_in), (wqkv,), L),
-        "general o+residual": per_call_us(
-            jax.jit(lambda ws: [x + pallas_linear(a_o, w) for w in ws]), (wo,), L),
-        "general norm+mlp+residual": per_call_us(jax.jit(general_mlp), (wgu, wd), L),
+    pieces = {
+        "general norm+qkv+rope": (jax.jit(general_attn_in), (wqkv,)),
+        "general o+residual": (jax.jit(lambda ws: [x + pallas_linear(a_o, w) for w in ws]),
+                               (wo,)),
+        "general norm+mlp+residual": (jax.jit(general_mlp), (wgu, wd)),
     }
-    for k, v in general.items():
-        print(f"{k:30s} {v:7.2f} us")
+    general, general_device = {}, {}
+    for k, (fn, fn_args) in pieces.items():
+        general[k] = per_call_us(fn, fn_args, L)
+        busy = device_busy_us(lambda fn=fn, fn_args=fn_args: fn(*fn_args), 3)
+        general_device[k] = None if busy is None else busy / L  # all its kernels, per layer
+        print(f"{k:30s} {general[k]:7.2f} us wall, {general_device[k] or float('nan'):6.2f} us "
+              "device (all kernels)")
     for k, v in best.items():
         print(f"best {k}: {v['tiles']} transposed={v['transposed']} {v['us']:.2f} us wall, "
               f"{v['device_us']} us device")
-    result = {**meta, "rows": rows, "best": best, "general_us": general}
+    result = {**meta, "rows": rows, "best": best, "general_us": general,
+              "general_device_us": general_device}
     tag = "" if args.sweep == "full" else f"_{args.sweep}"
     (out / f"bench_fused_decode_{args.model}_b{B}{tag}.json").write_text(
         json.dumps(result, indent=2))

@@ -219,16 +219,9 @@ def stream_kernels(data) -> list[tuple[str, int, int]]:
     return out
 
 
-def kernel_device_us(run: Callable[[], object], names: tuple[str, ...], repeats: int = 10
-                     ) -> dict[str, float]:
-    """Median device microseconds per launch of each kernel whose name contains one of
-    `names`, over `repeats` runs of `run` under the profiler (GPU only: on CPU nothing runs
-    on a device stream, and the result is empty).
-
-    Why device time: a kernel of 2-5 us is smaller than a jit's dispatch, so wall time per
-    call ranks such kernels by noise (benchmarks/fused_decode_h200.md)."""
+def _stream_trace(run: Callable[[], object], repeats: int) -> list[tuple[str, int, int]]:
+    """`stream_kernels` of `repeats` runs of `run` under the profiler ([] where no trace)."""
     import jax
-    import numpy as np
     from jax.profiler import ProfileData
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,15 +232,33 @@ def kernel_device_us(run: Callable[[], object], names: tuple[str, ...], repeats:
         finally:
             jax.profiler.stop_trace()
         paths = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
-        if not paths:
-            return {}
-        kernels = stream_kernels(ProfileData.from_file(paths[0]))
+        return stream_kernels(ProfileData.from_file(paths[0])) if paths else []
+
+
+def kernel_device_us(run: Callable[[], object], names: tuple[str, ...], repeats: int = 10
+                     ) -> dict[str, float]:
+    """Median device microseconds per launch of each kernel whose name contains one of
+    `names`, over `repeats` runs of `run` under the profiler (GPU only: on CPU nothing runs
+    on a device stream, and the result is empty).
+
+    Why device time: a kernel of 2-5 us is smaller than a jit's dispatch, so wall time per
+    call ranks such kernels by noise (benchmarks/fused_decode_h200.md)."""
+    import numpy as np
+
+    kernels = _stream_trace(run, repeats)
     out = {}
     for name in names:
         durs = [d for k, _, d in kernels if name in k]
         if durs:
             out[name] = float(np.median(durs)) * 1e-3
     return out
+
+
+def device_busy_us(run: Callable[[], object], repeats: int = 10) -> float | None:
+    """Device microseconds per run of `run`: all its kernels' durations summed (None where no
+    kernel ran on a device stream, e.g. on CPU). Gaps between kernels are not counted."""
+    kernels = _stream_trace(run, repeats)
+    return sum(d for _, _, d in kernels) * 1e-3 / repeats if kernels else None
 
 
 def _trace_events(run: Callable[[], object], repeats: int, module: str

@@ -25,8 +25,8 @@ How the work is laid out, and why. The first fused attempt had three kernels per
     a [4, 1024] tile of weights, contiguous along K, by every row and reduces along K. The
     tile goes from HBM to registers without shared-memory staging, so all of it is in
     flight at once.
-  - **Tensor cores** (more rows, or [K, N] weights): rows form one 16-row `dot` tile, and the
-    K loop is a `fori_loop` that Triton software-pipelines.
+  - **Tensor cores** (more rows, or [K, N] weights): rows form one `dot` tile of 16, 32 or
+    64 rows (`tile_rows`), and the K loop is a `fori_loop` that Triton software-pipelines.
 - Rows are loaded with a mask (nothing is padded in XLA), and so is a K tail that does not
   fill a step.
 
@@ -55,8 +55,17 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.flash_attention.tuning import resolve_interpret
 
 f32 = jnp.float32
-ROWS = 16  # one tensor-core tile of rows: every kernel handles a step of 1..ROWS rows
-MAX_ROWS = ROWS
+ROWS = 16  # the smallest tensor-core tile of rows (tl.dot needs >= 16)
+MAX_ROWS = 64  # a step's rows form one tile of ROWS..MAX_ROWS rows (`tile_rows`)
+
+
+def tile_rows(rows: int) -> int:
+    """Rows of the one tile a step of `rows` rows is held in: a power of two >= ROWS. Rows
+    past `rows` are masked on load and store (nothing is padded in XLA)."""
+    if not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"{rows} rows: the fused kernels take 1..{MAX_ROWS} rows (one tile): "
+                         "run larger batches through the general forward")
+    return max(ROWS, pl.next_power_of_2(rows))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,16 +106,16 @@ def default_tiles(k: int, rows: int = ROWS, transposed: bool = False) -> GemvTil
 
 
 def _row_mask(rows: int) -> jax.Array:
-    return jnp.arange(ROWS) < rows  # [ROWS]
+    return jnp.arange(tile_rows(rows)) < rows  # [R]
 
 
 def _load_rows(ref, rows: int, cols, limit: int | None = None) -> jax.Array:
-    """ref [B, N]: the ROWS-row tile of columns `cols`, zero past row B (nothing is padded)
+    """ref [B, N]: the R-row tile (`tile_rows`) of columns `cols`, zero past row B
     and, with `limit`, zero from column `limit` on (a K tail)."""
     mask = _row_mask(rows)[:, None]
     if limit is not None:
         mask = mask & (cols.start + jnp.arange(cols.size) < limit)[None, :]
-    return plgpu.load(ref.at[pl.ds(0, ROWS), cols], mask=mask, other=0)
+    return plgpu.load(ref.at[pl.ds(0, tile_rows(rows)), cols], mask=mask, other=0)
 
 
 def _load_weights(w_ref, k0, bk: int, cols, k: int, transposed: bool) -> jax.Array:
@@ -144,7 +153,7 @@ def _run_k_steps(body, accs, k: int, tiles: GemvTiles):
 
 
 def _store_rows(ref, rows: int, cols, value: jax.Array) -> None:
-    plgpu.store(ref.at[pl.ds(0, ROWS), cols], value.astype(ref.dtype),
+    plgpu.store(ref.at[pl.ds(0, tile_rows(rows)), cols], value.astype(ref.dtype),
                 mask=_row_mask(rows)[:, None])
 
 
@@ -154,17 +163,17 @@ def _round(x: jax.Array, dtype) -> jax.Array:
 
 
 def _dot(a: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
-    """a [ROWS, bk] times the tile w ([bk, bn], or [bn, bk] when transposed) -> [ROWS, bn]."""
+    """a [R, bk] times the tile w ([bk, bn], or [bn, bk] when transposed) -> [R, bn]."""
     precision = jax.lax.Precision.HIGHEST if a.dtype == f32 else None
     dims = (((1,), (1 if transposed else 0,)), ((), ()))
     return jax.lax.dot_general(a, w, dims, precision=precision, preferred_element_type=f32)
 
 
 def _k_loop(load_a: Callable[[jax.Array], jax.Array], w_ref, cols: list, k: int,
-            tiles: GemvTiles, transposed: bool) -> list[jax.Array]:
-    """sum over K chunks of load_a(k0) [ROWS, bk] @ w[k0:k0+bk, c] for each column tile c.
+            tiles: GemvTiles, transposed: bool, rows: int) -> list[jax.Array]:
+    """sum over K chunks of load_a(k0) [R, bk] @ w[k0:k0+bk, c] for each column tile c.
 
-    w_ref is [K, N], or [N, K] when transposed. Returns one [ROWS, bn] f32 accumulator per
+    w_ref is [K, N], or [N, K] when transposed. Returns one [R, bn] f32 accumulator per
     column tile (two tiles share each a-chunk: RoPE's halves, or gate and up).
     """
     bk = tiles.block_k
@@ -174,7 +183,7 @@ def _k_loop(load_a: Callable[[jax.Array], jax.Array], w_ref, cols: list, k: int,
         return tuple(acc + _dot(a, _load_weights(w_ref, i * bk, bk, c, k, transposed),
                                 transposed) for acc, c in zip(accs, cols))
 
-    accs = tuple(jnp.zeros((ROWS, tiles.block_n), f32) for _ in cols)
+    accs = tuple(jnp.zeros((tile_rows(rows), tiles.block_n), f32) for _ in cols)
     return list(_run_k_steps(body, accs, k, tiles))
 
 
@@ -192,8 +201,8 @@ def _normed_loader(x_ref, norm_ref, rows: int, eps: float, bk: int
         xs = _load_rows(x_ref, rows, pl.ds(i * bk, bk), e).astype(f32)
         return ss + jnp.sum(xs * xs, axis=1)
 
-    ss = jax.lax.fori_loop(0, -(-e // bk), sumsq, jnp.zeros((ROWS,), f32))
-    inv = jax.lax.rsqrt(ss / e + eps)[:, None]  # [ROWS, 1]
+    ss = jax.lax.fori_loop(0, -(-e // bk), sumsq, jnp.zeros((tile_rows(rows),), f32))
+    inv = jax.lax.rsqrt(ss / e + eps)[:, None]  # [R, 1]
 
     def load(k0):
         xs = _load_rows(x_ref, rows, pl.ds(k0, bk), e).astype(f32)
@@ -224,7 +233,7 @@ def _fma_loop(load_rows: Callable[[jax.Array], list], w_ref, cols: list, k: int,
 
     Each weight tile [bn, bk] is multiplied by every row and reduced along K (contiguous, so
     within a thread and then a warp). weights: the tiles `fma_weights` loaded ahead (else
-    each step loads its own). Returns [ROWS, bn] f32 per column tile, zero past row B.
+    each step loads its own). Returns [R, bn] f32 per column tile, zero past row B.
     """
     bk, bn = tiles.block_k, tiles.block_n
 
@@ -243,10 +252,10 @@ def _fma_loop(load_rows: Callable[[jax.Array], list], w_ref, cols: list, k: int,
             accs = step(jnp.int32(i), accs, ws)
     else:
         accs = _run_k_steps(step, accs, k, tiles)
-    rid = jnp.arange(ROWS)[:, None]
+    rid = jnp.arange(tile_rows(rows))[:, None]
     tiles_out = []
-    for acc in accs:  # rows into one [ROWS, bn] tile, for the shared epilogues
-        t = jnp.zeros((ROWS, bn), f32)
+    for acc in accs:  # rows into one [R, bn] tile, for the shared epilogues
+        t = jnp.zeros((tile_rows(rows), bn), f32)
         for b, a in enumerate(acc):
             t = jnp.where(rid == b, a[None, :], t)
         tiles_out.append(t)
@@ -280,7 +289,7 @@ def _normed_rows_loader(x_ref, norm_ref, rows: int, eps: float, bk: int
 
 
 # A source of a GEMV's left operand: source(fma, bk) gives load(k0), the B rows' [bk] f32
-# chunks at K offset k0 (the CUDA-core path) or their [ROWS, bk] tile (the tensor-core path).
+# chunks at K offset k0 (the CUDA-core path) or their [R, bk] tile (the tensor-core path).
 Source = Callable[[bool, int], Callable[[jax.Array], Any]]
 
 
@@ -327,7 +336,7 @@ def _merged(parts_ref, lse_ref, rows: int, num_heads: int, dtype) -> Source:
     ns, k = parts_ref.shape[1], parts_ref.shape[2]
     head_dim = k // num_heads
 
-    def lse_index(b, s, k0, bk):  # b: int or [ROWS, 1]; flat index of each element's lse
+    def lse_index(b, s, k0, bk):  # b: int or [R, 1]; flat index of each element's lse
         h = jnp.minimum((k0 + jnp.arange(bk)) // head_dim, num_heads - 1)  # [bk] (K tail)
         return (b * ns + s) * num_heads + h
 
@@ -344,9 +353,10 @@ def _merged(parts_ref, lse_ref, rows: int, num_heads: int, dtype) -> Source:
 
         def load(k0):
             mask = _row_mask(rows)[:, None] & (k0 + jnp.arange(bk) < k)[None, :]
-            rid = jnp.minimum(jnp.arange(ROWS), rows - 1)[:, None]  # rows past B: zero parts
+            r = tile_rows(rows)
+            rid = jnp.minimum(jnp.arange(r), rows - 1)[:, None]  # rows past B: zero parts
             return _merge(ns, lambda s: (
-                plgpu.load(parts_ref.at[pl.ds(0, ROWS), jnp.int32(s), pl.ds(k0, bk)],
+                plgpu.load(parts_ref.at[pl.ds(0, r), jnp.int32(s), pl.ds(k0, bk)],
                            mask=mask, other=0),
                 lse_ref[lse_index(rid, s, k0, bk)]), dtype).astype(dtype)
         return load
@@ -356,13 +366,13 @@ def _merged(parts_ref, lse_ref, rows: int, num_heads: int, dtype) -> Source:
 
 def _matmul(source: Source, w_ref, cols: list, *, k: int, rows: int, tiles: GemvTiles,
             transposed: bool, weights: tuple | None = None) -> list[jax.Array]:
-    """[ROWS, bn] f32 products of the source's [B, k] operand with each column tile of w, on
+    """[R, bn] f32 products of the source's [B, k] operand with each column tile of w, on
     tensor cores or (tiles.fma) on CUDA cores, there with `fma_weights` tiles if given."""
     if tiles.fma:
         if weights is None and tiles.weights_first:
             weights = fma_weights(w_ref, cols, k, tiles)  # before source() issues its loads
         return _fma_loop(source(True, tiles.block_k), w_ref, cols, k, tiles, rows, weights)
-    return _k_loop(source(False, tiles.block_k), w_ref, cols, k, tiles, transposed)
+    return _k_loop(source(False, tiles.block_k), w_ref, cols, k, tiles, transposed, rows)
 
 
 def _params(tiles: GemvTiles) -> plgpu.CompilerParams:
@@ -392,9 +402,9 @@ def _launch(kernel, inputs: tuple, out_shape: jax.ShapeDtypeStruct, tiles: GemvT
 
 
 def _check(name: str, x, k: int, n: int, tiles: GemvTiles, transposed: bool) -> None:
-    if not 1 <= x.shape[0] <= ROWS:
-        raise ValueError(f"{name}: {x.shape[0]} rows; the kernel handles 1..{ROWS} (one "
-                         "tensor-core tile): run larger batches through the general forward")
+    if not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"{name}: {x.shape[0]} rows; the kernel handles 1..{MAX_ROWS} (one "
+                         "tile of rows): run larger batches through the general forward")
     bk, bn = tiles.block_k, tiles.block_n
     if tiles.fma and not transposed:
         raise ValueError(f"{name}: tiles.fma reads weights along K: give them [N, K] "
@@ -433,13 +443,14 @@ def _qkv_kernel(x_ref, norm_ref, w_ref, cos_ref, sin_ref, o_ref, *, rows: int, r
     y1, y2 = (_round(y, x_ref.dtype) for y in _matmul(
         _normed(x_ref, norm_ref, rows, eps), w_ref, cols, k=x_ref.shape[1], rows=rows,
         tiles=tiles, transposed=transposed, weights=weights))
-    c = _load_rows(cos_ref, rows, pl.ds(sub * bh, bh))  # [ROWS, bh] f32
+    c = _load_rows(cos_ref, rows, pl.ds(sub * bh, bh))  # [R, bh] f32
     s = _load_rows(sin_ref, rows, pl.ds(sub * bh, bh))
     rot = head < rotated  # Q and K heads turn; V heads pass through
     mask = _row_mask(rows)[:, None]
     for d0, y in ((sub * bh, jnp.where(rot, y1 * c - y2 * s, y1)),
                   (half + sub * bh, jnp.where(rot, y2 * c + y1 * s, y2))):
-        plgpu.store(o_ref.at[pl.ds(0, ROWS), head, pl.ds(d0, bh)], y.astype(o_ref.dtype),
+        plgpu.store(o_ref.at[pl.ds(0, tile_rows(rows)), head, pl.ds(d0, bh)],
+                    y.astype(o_ref.dtype),
                     mask=mask)
 
 
@@ -451,7 +462,7 @@ def qkv_rope(x, norm_w, wqkv, cos, sin, *, num_heads: int, num_kv_heads: int, ep
     """RMSNorm(x) @ wqkv with RoPE applied to the Q and K heads.
 
     Args:
-      x: [B, E] residual stream (B <= 16). norm_w: [E]. wqkv: [E, (H + 2K) * D], columns
+      x: [B, E] residual stream (B <= MAX_ROWS). norm_w: [E]. wqkv: [E, (H + 2K) * D], columns
         [Q heads | K heads | V heads] ([(H + 2K) * D, E] when transposed). cos, sin: [B, D/2]
         f32 tables of the rows' positions.
     Returns:
@@ -497,7 +508,7 @@ def gate_up_swiglu(x, norm_w, w_gate_up, *, eps: float, tiles: GemvTiles | None 
     """silu(RMSNorm(x) @ w_gate) * (RMSNorm(x) @ w_up).
 
     Args:
-      x: [B, E] (B <= 16). norm_w: [E]. w_gate_up: [E, 2F], gate columns first ([2F, E]
+      x: [B, E] (B <= MAX_ROWS). norm_w: [E]. w_gate_up: [E, 2F], gate columns first ([2F, E]
         when transposed).
     Returns:
       [B, F] in x.dtype (see `reference.gate_up_swiglu_reference`).
@@ -542,7 +553,8 @@ def gemv_residual(a, w, residual, *, tiles: GemvTiles | None = None, transposed:
     """residual + a @ w, the product rounded to the model dtype before the add.
 
     Args:
-      a: [B, K] (B <= 16). w: [K, N] ([N, K] when transposed). residual: [B, N], a's dtype.
+      a: [B, K] (B <= MAX_ROWS). w: [K, N] ([N, K] when transposed). residual: [B, N], a's
+        dtype.
     Returns:
       [B, N] in residual.dtype (see `reference.gemv_residual_reference`).
     """
@@ -566,7 +578,7 @@ def attn_o_residual(parts, lse, w, residual, *, tiles: GemvTiles | None = None,
 
     Args:
       parts: [B, splits, K] f32 and lse [B, splits, H] f32 from `attention.decode_attention`
-        (B <= 16), K = H x head_dim.
+        (B <= MAX_ROWS), K = H x head_dim.
       w: [K, N] ([N, K] when transposed). residual: [B, N] in the model dtype.
     Returns:
       [B, N] in residual.dtype (see `reference.attn_o_residual_reference`).

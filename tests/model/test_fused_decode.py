@@ -71,16 +71,17 @@ def _inputs(rng, dtype, rows, *, E=192, H=6, K=2, D=64, F=320):
             "act": normal(rows, F), "wd": normal(F, E, scale=F ** -0.5), "H": H, "K": K, "D": D}
 
 
-# (tiles, weights given [N, K], rows): the defaults at 1, 3 and 16 rows; then wider columns
-# with an unrolled K loop, the narrowest K step, transposed weights (with a K step wider than
-# K: one masked step), and the CUDA-core (fma) path (unrolled, its weights loaded first).
-CASES = [(None, False, 1), (None, False, 3), (None, False, 16),
+# (tiles, weights given [N, K], rows): the defaults at 1, 3 and 40 rows (a 64-row tile); then
+# wider columns with an unrolled K loop, the narrowest K step, transposed weights (with a K
+# step wider than K: one masked step), and the CUDA-core (fma) path (unrolled, its weights
+# loaded first).
+CASES = [(None, False, 1), (None, False, 3), (None, False, 40),
          (GemvTiles(block_n=32, block_k=64, unroll=True), False, 3),
          (GemvTiles(block_k=16), False, 3), (None, True, 3), (GemvTiles(block_k=256), True, 3),
          (GemvTiles(block_n=8, block_k=64, fma=True), True, 3),
          (GemvTiles(block_n=8, block_k=256, fma=True, unroll=True, weights_first=True), True,
           1)]
-CASE_IDS = ["default-1", "default-3", "default-16", "wide-unrolled-3", "bk16-3", "transposed-3",
+CASE_IDS = ["default-1", "default-3", "default-40", "wide-unrolled-3", "bk16-3", "transposed-3",
             "transposed-bk256-3", "fma-3", "fma-bk256-unrolled-weights-first-1"]
 
 
@@ -205,7 +206,7 @@ def _steps(params, cfg, impl, prompt, lengths, next_tokens):
 
 # Each dtype meets each row count and each weight layout once (the full product repeated
 # the same kernels at ~10 s a case in CI).
-@pytest.mark.parametrize("dtype,rows,copies", [("float32", 1, False), ("bfloat16", 3, False),
+@pytest.mark.parametrize("dtype,rows,copies", [("float32", 1, False), ("bfloat16", 40, False),
                                                ("float32", 3, True), ("bfloat16", 1, True)])
 def test_fused_step_matches_xla_step(rng, dtype, rows, copies, fused_on):
     """copies: the [N, K] weight copies, with which up to 4 rows take the CUDA-core GEMVs."""
@@ -225,8 +226,11 @@ def test_fused_step_matches_xla_step(rng, dtype, rows, copies, fused_on):
     want, want_cache = _steps(params, cfg, "xla", prompt, lengths, nxt)
     # Logits sum over the hidden size of values within tolerance (as test_pallas_integration).
     assert_close(got, want, dtype, scale=4.0)
-    assert_close(jnp.stack(got_cache.k), jnp.stack(want_cache.k), dtype)
-    assert_close(jnp.stack(got_cache.v), jnp.stack(want_cache.v), dtype)
+    # Past layer 0 the K/V come from activations that both paths round to bf16 after sums in
+    # different orders; over 40 rows x 3 steps one element in a million lands ~1.2x past the
+    # table's bf16 tolerance (seen once), hence 2x for the caches as for the logits' 4x.
+    assert_close(jnp.stack(got_cache.k), jnp.stack(want_cache.k), dtype, scale=2.0)
+    assert_close(jnp.stack(got_cache.v), jnp.stack(want_cache.v), dtype, scale=2.0)
 
 
 @pytest.mark.parametrize("dtype,rows", [("bfloat16", 1)])
@@ -284,8 +288,8 @@ def test_fused_step_declines_what_it_does_not_cover(monkeypatch):
     assert "per-layer" in fused_decode_reason(fast, init_cache(cfg, 1, 256), cfg, 1)
     assert "tracks writes" in fused_decode_reason(
         fast, init_cache(cfg, 1, 256, per_layer=True, track_writes=True), cfg, 1)
-    assert "rows" in fused_decode_reason(fast, init_cache(cfg, 17, 256, per_layer=True), cfg,
-                                         17)
+    assert "rows" in fused_decode_reason(fast, init_cache(cfg, 65, 256, per_layer=True), cfg,
+                                         65)
     narrow = load_model_config_yaml(TINY)  # 16-wide heads
     assert "head_dim" in fused_decode_reason(
         inference_layout(init_params(narrow, jax.random.key(0))),
