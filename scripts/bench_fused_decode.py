@@ -76,7 +76,7 @@ def tile_sweep(k: int, n: int, rows: int, sweep: str = "full") -> list[tuple[Gem
         out += [(GemvTiles(block_n=bn, block_k=128), True) for bn in (16, 32)]
         return [(t, tr) for t, tr in dict.fromkeys(out) if n % t.block_n == 0]
     if sweep == "weights-first":
-        base = default_tiles(k, rows, True)
+        base = dataclasses.replace(default_tiles(k, rows, True), weights_first=False)
         out = [(base, True), (dataclasses.replace(base, weights_first=True), True)]
         for bn, warps in itertools.product((4, 8), (4, 8)):
             out.append((dataclasses.replace(base, block_n=bn, num_warps=warps,

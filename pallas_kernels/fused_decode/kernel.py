@@ -90,18 +90,27 @@ class GemvTiles:
 
 
 FMA_MAX_ROWS = 4  # past this many rows the CUDA-core path's per-row work outgrows its gain
+# Weights of at most this many elements get `weights_first` by default. On the H200 (device
+# time per launch, benchmarks/fused_decode_h200.md) it took 0.2-0.3 us off SmolLM2's qkv
+# (0.55M) and down (0.88M), ~0 off o (0.33M) and gate/up (1.8M), and added 0.3-3 us to the
+# 1B shape's qkv (6.3M) and gate/up (34M): the early tile's registers cost occupancy.
+WEIGHTS_FIRST_MAX = 1 << 20
 
 
-def default_tiles(k: int, rows: int = ROWS, transposed: bool = False) -> GemvTiles:
-    """Tiles for a K of k and a step of `rows` rows.
+def default_tiles(k: int, rows: int = ROWS, transposed: bool = False, n: int = 0
+                  ) -> GemvTiles:
+    """Tiles for a K of k, N of n (0: unknown) and a step of `rows` rows.
 
     [N, K] weights at <= FMA_MAX_ROWS rows take the CUDA-core path, 4 columns x 1024 of K per
     program, 8 warps: among the best of every kernel of both model shapes in the H200 sweep
-    (benchmarks/fused_decode_h200.md). Otherwise tensor-core tiles, K steps of up to 256.
+    (benchmarks/fused_decode_h200.md), with `weights_first` for small matrices (see
+    WEIGHTS_FIRST_MAX). Otherwise tensor-core tiles, K steps of up to 256.
     """
     if transposed and rows <= FMA_MAX_ROWS:
         bk = min(1024, max(16, pl.next_power_of_2(k)))
-        return GemvTiles(block_n=4, block_k=bk, num_warps=8, fma=True, unroll=-(-k // bk) <= 4)
+        unroll = -(-k // bk) <= 4
+        return GemvTiles(block_n=4, block_k=bk, num_warps=8, fma=True, unroll=unroll,
+                         weights_first=unroll and 0 < n * k <= WEIGHTS_FIRST_MAX)
     return GemvTiles(block_k=min(256, max(16, pl.next_power_of_2(k))))
 
 
@@ -471,7 +480,7 @@ def qkv_rope(x, norm_w, wqkv, cos, sin, *, num_heads: int, num_kv_heads: int, ep
     b, e = x.shape
     n = wqkv.shape[0 if transposed else 1]
     D = n // (num_heads + 2 * num_kv_heads)
-    tiles = tiles or default_tiles(e, b, transposed)
+    tiles = tiles or default_tiles(e, b, transposed, n)
     _check("qkv_rope", x, e, D // 2, tiles, transposed)
     kernel = functools.partial(_qkv_kernel, rows=b, rotated=num_heads + num_kv_heads,
                                head_dim=D, eps=eps, tiles=tiles, transposed=transposed)
@@ -515,7 +524,7 @@ def gate_up_swiglu(x, norm_w, w_gate_up, *, eps: float, tiles: GemvTiles | None 
     """
     b, e = x.shape
     F = w_gate_up.shape[0 if transposed else 1] // 2
-    tiles = tiles or default_tiles(e, b, transposed)
+    tiles = tiles or default_tiles(e, b, transposed, 2 * F)
     _check("gate_up_swiglu", x, e, F, tiles, transposed)
     kernel = functools.partial(_swiglu_kernel, rows=b, eps=eps, tiles=tiles,
                                transposed=transposed)
@@ -560,7 +569,7 @@ def gemv_residual(a, w, residual, *, tiles: GemvTiles | None = None, transposed:
     """
     b, k = a.shape
     n = w.shape[0 if transposed else 1]
-    tiles = tiles or default_tiles(k, b, transposed)
+    tiles = tiles or default_tiles(k, b, transposed, n)
     _check("gemv_residual", a, k, n, tiles, transposed)
     kernel = functools.partial(_residual_kernel, rows=b, tiles=tiles, transposed=transposed)
     return _launch(kernel, (a, w, residual), jax.ShapeDtypeStruct((b, n), residual.dtype),
@@ -588,7 +597,7 @@ def attn_o_residual(parts, lse, w, residual, *, tiles: GemvTiles | None = None,
     if lse.shape[:2] != parts.shape[:2] or k % lse.shape[2]:
         raise ValueError(f"attn_o_residual: lse {lse.shape} must be [B, splits, heads] for "
                          f"parts {parts.shape} [B, splits, heads x head_dim]")
-    tiles = tiles or default_tiles(k, b, transposed)
+    tiles = tiles or default_tiles(k, b, transposed, n)
     if not tiles.fma:  # pipelined, each split's f32 [16, block_k] partials per stage overflow
         tiles = dataclasses.replace(tiles, num_stages=1)  # shared memory (seen on the H200)
     _check("attn_o_residual", parts, k, n, tiles, transposed)
