@@ -230,8 +230,10 @@ def ragged_paged_attention(
     if split_decodes not in (True, False, "auto"):
         raise ValueError(f"split_decodes={split_decodes!r}; expected True, False or 'auto'")
     interpret = resolve_interpret(interpret)
-    if backend == "auto":
-        backend = "triton" if why_not or interpret else ragged_backend(d, q.dtype)
+    if backend == "auto":  # a block_k the Hopper kernel cannot take picks Triton, no error
+        hopper_block = block_k is None or block_k % 64 == 0
+        backend = ("triton" if why_not or interpret or not hopper_block
+                   else ragged_backend(d, q.dtype))
     if backend == "mosaic":
         hopper = hopper_config(d)
         if block_k is not None and (block_k % 64 and not interpret):
