@@ -16,8 +16,10 @@ the four matrices (`with_decode_copies`; the Generator adds them on the GPU for 
 4 GiB). There the GEMVs run on CUDA cores and the step measured 2.15x the general path on the
 real SmolLM2 (bf16, batch 1; 1.29x at batch 4 on its shape) and 1.15x on the Llama-3.2-1B
 shape, on the H200 (benchmarks/fused_decode_h200.md, run 9). At more rows its tensor-core
-tiles measured slower (before the attention was fused; not re-measured), so
-JDECODE_FUSED_DECODE=1 forces it on for 1-16 rows (experiments), and 0 turns it off.
+tiles measured slower: at 64 rows of the 1B shape the best tiles of each kernel summed to
+~121 us of device time per layer against ~89 for the general path's kernels (XLA's GEMMs
+and the paged kernel; fused_decode_h200.md, 2026-12-03). So JDECODE_FUSED_DECODE=1 forces it
+on for 1-64 rows (experiments), and 0 turns it off.
 
 JDECODE_FUSED_DECODE=layer runs each layer as one persistent kernel instead of five
 (`pallas_kernels.fused_decode.layer`: the five kernels' code as phases between grid-wide
@@ -59,7 +61,7 @@ from pallas_kernels.fused_decode.kernel import FMA_MAX_ROWS
 from pallas_kernels.fused_decode.layer import barrier_timeouts, decode_layer, new_counters
 
 DTYPES = ("float32", "bfloat16", "float16")
-# "1" turns the fused step on for 1..16 rows, "0" off, "layer" on with one persistent kernel
+# "1" turns the fused step on for 1..MAX_ROWS (64) rows, "0" off, "layer" on with one persistent kernel
 # per layer. Unset ("auto"): on where it measured faster, i.e. steps of <= FMA_MAX_ROWS rows
 # over params carrying the [N, K] copies, which the Generator makes by default for models of
 # up to DEFAULT_COPY_LIMIT bytes of parameters.

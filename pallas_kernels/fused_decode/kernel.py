@@ -31,9 +31,11 @@ How the work is laid out, and why. The first fused attempt had three kernels per
   fill a step.
 
 Status (H200, benchmarks/fused_decode_h200.md). With the CUDA-core path, the GEMVs take
-2-3.5 us each on SmolLM2, against 3.7-5.2 for the general path's pieces. The step runs 1.49x
-the general path at batch 1 on the real model. On tensor cores these kernels streamed at
-under 1 TB/s, slower than the general path.
+1.7-3.4 us each on SmolLM2 (device time per launch), against 3.7-5.2 for the general path's
+pieces; the fused step runs 2.15x the general path at batch 1 on the real model. On tensor
+cores these kernels stream at 0.5-2 TB/s at 64 rows of the 1B shape (best tiles of a sweep),
+against 2.7-3.5 for XLA's GEMMs there: slower than the general path, so steps of more than 4
+rows keep it by default.
 
 Roundings follow the model's (see `reference`): projections are rounded to the model dtype
 before RoPE, SwiGLU or the residual add; RMSNorm is HF's (f32 statistics, rounded, scaled in
