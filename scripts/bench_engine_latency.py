@@ -28,6 +28,7 @@ from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.engine.engine import EngineArgs, LLMEngine
 from jdecode.io.registry import DEFAULT_MODEL, load
+from jdecode.provenance import git_sha
 
 PROMPT = "Tell me about the history of the city of Paris in a few sentences."
 
@@ -59,14 +60,6 @@ def machine() -> str:
     except (OSError, StopIteration, subprocess.SubprocessError):
         name = platform.processor() or platform.machine()
     return f"{name}, {os.cpu_count()} cores"
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True,
-                              text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def markdown(r: dict) -> str:
@@ -111,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-        "git_sha": git_sha(), "command": shlex.join(["python", *sys.argv]),
+        "git_sha": git_sha(short=False), "command": shlex.join(["python", *sys.argv]),
         "model": model.name, "prompt_tokens": len(ids), "new_tokens": args.new_tokens,
         "repeats": args.repeats, "load_before": load_before, "load_after": os.getloadavg()[0],
         "engine_defaults": (f"impl {runner.impl}, max_num_seqs {runner.max_num_seqs}, "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from jdecode.analysis.plots import plot_roofline
 from jdecode.analysis.roofline import analyze
 from jdecode.analysis.xla_check import cross_check
 from jdecode.config import load_model_config_yaml
+from jdecode.provenance import git_sha
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": device_kind(), "jax_version": jax.__version__, "git_sha": _git_sha(),
+        "device": device_kind(), "jax_version": jax.__version__, "git_sha": git_sha(short=False) or "unknown",
         "command": "PYTHONPATH=. python3 scripts/bench_roofline.py "
                    + " ".join(sys.argv[1:] if argv is None else argv),
         "model": args.model, "layout": layout, "config": cfg.__dict__, "ceilings": hw.to_dict(),
@@ -162,14 +162,6 @@ def markdown_table(result: dict) -> str:
                          f"{b['predicted_s'] * 1e6:.1f} µs | {pct} |")
         lines.append("")
     return "\n".join(lines)
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=ROOT,
-                              capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import itertools
 import json
 import math
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from jdecode.decoding.sampling import SamplingParams
 from jdecode.engine.engine import EngineArgs, LLMEngine
 from jdecode.engine.runner import resolve_layout
 from jdecode.io.registry import Model
+from jdecode.provenance import git_sha
 
 POLICIES = {
     "static": {"policy": "static"},
@@ -361,14 +361,6 @@ def write(result: dict, stem: Path) -> None:
         plot(result, stem.with_suffix(".png"))
 
 
-def git_sha() -> str:
-    try:  # the GPU machine's copy of the checkout may have no .git
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, check=False,
-                              text=True).stdout.strip()
-    except OSError:
-        return ""
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -458,7 +450,7 @@ def main() -> None:
     vocab = model.cfg.vocab_size
     result = {
         "model": model.name, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-        "git_sha": git_sha(),
+        "git_sha": git_sha(short=False),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["python", *sys.argv]), "layout": layout, "args": vars(args),
         "engine_args": {p: engine_args(p) for p in policies}, "setup": {},

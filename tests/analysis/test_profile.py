@@ -1,19 +1,23 @@
 """Attributing profiler-trace time to the cost model's operators."""
 
 from pathlib import Path
+from types import SimpleNamespace as NS
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from jdecode.analysis.costs import decode_phase
 from jdecode.analysis.hardware import get_hardware
 from jdecode.analysis.profile import (
     CATEGORIES,
     categorize,
+    device_busy_us,
     hlo_matmuls,
     hlo_op_functions,
     matmul_category,
     profile_breakdown,
+    stream_kernels,
 )
 from jdecode.analysis.roofline import analyze
 from jdecode.config import load_model_config_yaml
@@ -149,3 +153,29 @@ def test_matmuls_are_attributed_by_shape():
     ops = hlo_op_functions(DOTS)
     assert categorize(*ops["wq"]) == "per-layer weight slices (scan)"
     assert categorize(*ops["dot.1"]) == "unattributed (no shape, no source metadata)"
+
+
+def test_stream_kernels_reads_device_streams_only():
+    """Kernels come from the device planes' stream lines: not the host plane, and not a
+    device plane's derived lines (which repeat the stream's kernels)."""
+    def ev(name, start, dur):
+        return NS(name=name, start_ns=start, duration_ns=dur, stats=[])
+
+    data = NS(planes=[
+        NS(name="/host:CPU", lines=[NS(name="Stream #1", events=[ev("host_op", 0, 5)])]),
+        NS(name="/device:GPU:0", lines=[
+            NS(name="Stream #13(Compute)", events=[ev("gate_up_swiglu", 10, 3000),
+                                                    ev("fusion.4", 20, 700)]),
+            NS(name="XLA Ops", events=[ev("fusion.4", 20, 700)]),
+        ]),
+    ])
+    assert stream_kernels(data) == [("gate_up_swiglu", 10, 3000), ("fusion.4", 20, 700)]
+
+
+def test_device_busy_is_none_without_device_streams():
+    """On CPU no kernel runs on a device stream: no figure rather than a zero."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("a device backend has streams")
+    f = jax.jit(lambda x: x * 2)
+    x = jnp.ones(8)
+    assert device_busy_us(lambda: f(x), repeats=2) is None
