@@ -8,12 +8,11 @@ layer (benchmarks/fused_decode_h200.md). Here one kernel takes the step's qkv st
 `qkv_rope`:
 
 - the program of split 0 stores the token's K and V into its cache slot (the cache is aliased
-  to the output, so nothing else moves), after its loop: a store waits for its data, and
-  issued first it would hold back the loop's first loads;
+  to the output, so nothing else moves);
 - every program attends over its share of the past slots [0, position), read where they lie in
   the [B, S, K, D] cache: no block table, no gather;
-- the new token takes part from registers (split 0 adds it to its softmax after the loop), so
-  no program reads the slot being written;
+- the new token takes part from registers (split 0 seeds its softmax with it), so no program
+  reads the slot being written;
 - each split leaves a normalized partial and its log-sum-exp; the O projection's prologue
   (`kernel.attn_o_residual`) merges them, so the combine costs no kernel of its own.
 
@@ -89,15 +88,26 @@ def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_ou
     pos = pos_ref[b]
     past = jnp.minimum(pos, S)  # slots [0, past) hold the row's earlier tokens
 
-    # Loads in the order that keeps latencies overlapped: nothing below waits on q or the new
-    # K/V before the loop has issued its first cache block's loads (the new token joins the
-    # softmax and is written to the cache after the loop; no program reads its slot).
     q = plgpu.load(qkv_ref.at[b, pl.ds(kv * group, gp), :], mask=heads[:, None],
                    other=0)  # [Gp, D] (RoPE applied)
     k_new = qkv_ref[b, H + kv, :].astype(kc_ref.dtype)  # [D]: as the cache will hold it
     v_new = qkv_ref[b, H + K + kv, :].astype(vc_ref.dtype)
-    D = q.shape[1]
-    carry = (jnp.zeros((gp, D), f32), jnp.full((gp,), MASK_VALUE, f32), jnp.zeros((gp,), f32))
+
+    # A position past the buffer writes nothing (the XLA path's mode="drop").
+    @pl.when((split == 0) & (pos < S))
+    def _():
+        kc_out[b, pos, kv, :] = k_new
+        vc_out[b, pos, kv, :] = v_new
+
+    # Split 0 starts from the new token alone (m = its logit, l = 1, acc = its value); the
+    # others from nothing. The logit is q . k_new in f32, like the dot's accumulation.
+    s_new = scale_logits(jnp.sum(q.astype(f32) * k_new.astype(f32)[None, :], axis=1),
+                         sm_scale, None)  # [Gp]
+    first = jnp.full(s_new.shape, split == 0)  # [Gp]
+    acc0 = jnp.broadcast_to(v_new.astype(f32)[None, :], q.shape)  # [Gp, D]
+    carry = (jnp.where(first[:, None], acc0, jnp.zeros_like(acc0)),
+             jnp.where(first, s_new, jnp.full_like(s_new, MASK_VALUE)),
+             jnp.where(first, jnp.ones_like(s_new), jnp.zeros_like(s_new)))
 
     lo, full_hi, hi = split_blocks(past, block_k, split, num_splits)
 
@@ -118,26 +128,10 @@ def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_ou
     carry = jax.lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), carry)
     acc, m, l = jax.lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
 
-    # Split 0 adds the new token from registers: its logit q . k_new in f32 (like the dot's
-    # accumulation), one more online-softmax element. The other splits add nothing.
-    first = split == 0
-    s_new = scale_logits(jnp.sum(q.astype(f32) * k_new.astype(f32)[None, :], axis=1),
-                         sm_scale, None)  # [Gp]
-    m_new = jnp.where(first, jnp.maximum(m, s_new), m)
-    alpha = jnp.exp2(m - m_new)
-    p_new = jnp.where(first, jnp.exp2(s_new - m_new), 0.0)  # [Gp]
-    acc = acc * alpha[:, None] + p_new[:, None] * v_new.astype(f32)[None, :]
-    l, m = l * alpha + p_new, m_new
-
-    # A position past the buffer writes nothing (the XLA path's mode="drop").
-    @pl.when(first & (pos < S))
-    def _():
-        kc_out[b, pos, kv, :] = k_new
-        vc_out[b, pos, kv, :] = v_new
-
     seen = l > 0  # [Gp]: an empty split leaves o = 0 and lse = MASK_VALUE (weight 0)
     o = acc / jnp.where(seen, l, 1.0)[:, None]
     lse = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), MASK_VALUE)
+    D = q.shape[1]
     head = kv * group + jnp.arange(gp)  # [Gp]
     cols = head[:, None] * D + jnp.arange(D)[None, :]  # [Gp, D]: each row's head's columns
     plgpu.store(o_ref.at[b, split, cols], o, mask=jnp.broadcast_to(heads[:, None], o.shape))
