@@ -219,9 +219,10 @@ def stream_kernels(data) -> list[tuple[str, int, int]]:
     return out
 
 
-def _stream_trace(run: Callable[[], object], repeats: int) -> list[tuple[str, int, int]]:
-    """`stream_kernels` of `repeats` runs of `run` under the profiler ([] where no trace)."""
-    import jax
+def _profiled(run: Callable[[], object], repeats: int):
+    """The profiler's trace (`jax.profiler.ProfileData`) of `repeats` runs of `run`, or None
+    when it wrote none. Raises ImportError where this jax has no ProfileData."""
+    import jax  # here, not at the top: the command line reads CATEGORIES without jax
     from jax.profiler import ProfileData
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,7 +233,13 @@ def _stream_trace(run: Callable[[], object], repeats: int) -> list[tuple[str, in
         finally:
             jax.profiler.stop_trace()
         paths = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
-        return stream_kernels(ProfileData.from_file(paths[0])) if paths else []
+        return ProfileData.from_file(paths[0]) if paths else None
+
+
+def _stream_trace(run: Callable[[], object], repeats: int) -> list[tuple[str, int, int]]:
+    """`stream_kernels` of `repeats` runs of `run` under the profiler ([] where no trace)."""
+    data = _profiled(run, repeats)
+    return stream_kernels(data) if data is not None else []
 
 
 def kernel_device_us(run: Callable[[], object], names: tuple[str, ...], repeats: int = 10
@@ -264,23 +271,12 @@ def device_busy_us(run: Callable[[], object], repeats: int = 10) -> float | None
 def _trace_events(run: Callable[[], object], repeats: int, module: str
                   ) -> dict[str, float] | str:
     """Total device (else host) time per HLO op name over `repeats` runs, or a reason."""
-    import jax  # here, not at the top: the command line reads CATEGORIES without jax
-
     try:
-        from jax.profiler import ProfileData
+        data = _profiled(run, repeats)
     except ImportError:
         return "jax.profiler.ProfileData is not available in this jax"
-    with tempfile.TemporaryDirectory() as tmp:
-        jax.profiler.start_trace(tmp)
-        try:
-            for _ in range(repeats):
-                jax.block_until_ready(run())
-        finally:
-            jax.profiler.stop_trace()
-        paths = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
-        if not paths:
-            return "the profiler wrote no xplane.pb trace"
-        data = ProfileData.from_file(paths[0])
+    if data is None:
+        return "the profiler wrote no xplane.pb trace"
     per_line: dict[tuple[str, str], dict[str, float]] = {}
     for plane in data.planes:
         for line in plane.lines:
