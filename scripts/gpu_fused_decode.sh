@@ -4,6 +4,9 @@
 # (pallas-general), in one run, for the default model's shape and the Llama-3.2-1B shape
 # (random weights).
 #   device: OUT=$OUT STAGE=tests,kernels,attention,bench,profile bash scripts/gpu_fused_decode.sh
+#   kernels: the full tile sweep at batch 1; weights: the default tiles with and without
+#   `weights_first` (device time per launch); b64: the tensor-core tiles and the attention at
+#   64 rows of the 1B shape (benchmarks/fused_decode_h200.md, 2026-12-03 evening).
 #   attention: the fused step's attention at each split count (ATTN_BATCH, default 1).
 #   SMOL_BATCH / LLAMA_BATCH: batch sizes of the bench stage (default 1).
 # Each stage has its own timeout so one slow stage cannot take the others' results with it.
@@ -24,6 +27,18 @@ if stage kernels; then
     timeout 240 python3 scripts/bench_fused_decode.py --model $m --dtype $DTYPE \
       --out "$OUT/kernels" 2>&1 | tail -7
   done
+fi
+if stage weights; then
+  for m in smollm2-135m llama-3.2-1b; do
+    timeout 120 python3 scripts/bench_fused_decode.py --model $m --dtype $DTYPE \
+      --sweep weights-first --out "$OUT/weights_first" 2>&1 | grep -E "^best"
+  done
+fi
+if stage b64; then
+  timeout 240 python3 scripts/bench_fused_decode.py --model llama-3.2-1b --dtype $DTYPE \
+    --batch 64 --sweep tc --out "$OUT/b64" 2>&1 | grep -E "^best|^general"
+  timeout 120 python3 scripts/bench_fused_decode.py --model llama-3.2-1b --dtype $DTYPE \
+    --part attention --batch 64 --splits 1,2,4 --out "$OUT/b64" 2>&1 | tail -4
 fi
 if stage attention; then
   for m in smollm2-135m llama-3.2-1b; do

@@ -20,7 +20,9 @@
 #
 # Bringing the model: a device call carries at most 64 MiB with the tree (~26 MB with the
 # committed artifacts), so split the 98 MB GGUF in three (`split -n 3`), carry one part per
-# call and `cat` them into /tmp/m/model.gguf on the warm machine. The 2026-12-02 run:
+# call and `cat` them into /tmp/m/model.gguf on the warm machine. The machine is handed back
+# about 30 s after a call ends (status: idle_release_s), taking /tmp with it: make the three
+# carrying calls back to back, and give the last one the work. The 2026-12-02 run:
 # benchmarks/all_methods_b1_gpu.md.
 #
 # CPU smoke test: SMOKE=1 shrinks every size (a few steps, 1 prompt per set, 4 new tokens).
