@@ -74,20 +74,19 @@ def tile_sweep(k: int, n: int, rows: int, sweep: str = "full") -> list[tuple[Gem
         out += [(GemvTiles(block_n=bn, block_k=128, num_warps=4, num_stages=4), False)
                 for bn in (16, 32)]
         out += [(GemvTiles(block_n=bn, block_k=128), True) for bn in (16, 32)]
-        return [(t, tr) for t, tr in dict.fromkeys(out) if n % t.block_n == 0]
-    if sweep == "weights-first":
+    elif sweep == "weights-first":
         base = dataclasses.replace(default_tiles(k, rows, True), weights_first=False)
         out = [(base, True), (dataclasses.replace(base, weights_first=True), True)]
         for bn, warps in itertools.product((4, 8), (4, 8)):
             out.append((dataclasses.replace(base, block_n=bn, num_warps=warps,
                                             weights_first=True), True))
-        return [(t, tr) for t, tr in dict.fromkeys(out) if n % t.block_n == 0]
-    out = [(GemvTiles(block_n=32, block_k=256), False), (GemvTiles(block_k=256), True)]
-    widest = max(512, pl.next_power_of_2(k))
-    for bn, bk, warps in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8)):
-        if bk <= widest:
-            out.append((GemvTiles(block_n=bn, block_k=bk, num_warps=warps, fma=True,
-                                  unroll=-(-k // bk) <= 4), True))
+    else:
+        out = [(GemvTiles(block_n=32, block_k=256), False), (GemvTiles(block_k=256), True)]
+        widest = max(512, pl.next_power_of_2(k))
+        for bn, bk, warps in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8)):
+            if bk <= widest:
+                out.append((GemvTiles(block_n=bn, block_k=bk, num_warps=warps, fma=True,
+                                      unroll=-(-k // bk) <= 4), True))
     return [(t, tr) for t, tr in dict.fromkeys(out) if n % t.block_n == 0]
 
 

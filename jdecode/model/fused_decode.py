@@ -61,8 +61,8 @@ from pallas_kernels.fused_decode.kernel import FMA_MAX_ROWS
 from pallas_kernels.fused_decode.layer import barrier_timeouts, decode_layer, new_counters
 
 DTYPES = ("float32", "bfloat16", "float16")
-# "1" turns the fused step on for 1..MAX_ROWS (64) rows, "0" off, "layer" on with one persistent kernel
-# per layer. Unset ("auto"): on where it measured faster, i.e. steps of <= FMA_MAX_ROWS rows
+# "1" turns the fused step on for 1..MAX_ROWS (64) rows, "0" off, "layer" on with one
+# persistent kernel per layer. Unset ("auto"): on where it measured faster, i.e. steps of <= FMA_MAX_ROWS rows
 # over params carrying the [N, K] copies, which the Generator makes by default for models of
 # up to DEFAULT_COPY_LIMIT bytes of parameters.
 ENV_SWITCH = "JDECODE_FUSED_DECODE"

@@ -62,11 +62,9 @@ MAX_ROWS = 64  # a step's rows form one tile of ROWS..MAX_ROWS rows (`tile_rows`
 
 
 def tile_rows(rows: int) -> int:
-    """Rows of the one tile a step of `rows` rows is held in: a power of two >= ROWS. Rows
-    past `rows` are masked on load and store (nothing is padded in XLA)."""
-    if not 1 <= rows <= MAX_ROWS:
-        raise ValueError(f"{rows} rows: the fused kernels take 1..{MAX_ROWS} rows (one tile): "
-                         "run larger batches through the general forward")
+    """Rows of the one tile a step of `rows` (1..MAX_ROWS, which `_check` enforces) rows is
+    held in: a power of two >= ROWS. Rows past `rows` are masked on load and store (nothing
+    is padded in XLA)."""
     return max(ROWS, pl.next_power_of_2(rows))
 
 
@@ -461,8 +459,7 @@ def _qkv_kernel(x_ref, norm_ref, w_ref, cos_ref, sin_ref, o_ref, *, rows: int, r
     for d0, y in ((sub * bh, jnp.where(rot, y1 * c - y2 * s, y1)),
                   (half + sub * bh, jnp.where(rot, y2 * c + y1 * s, y2))):
         plgpu.store(o_ref.at[pl.ds(0, tile_rows(rows)), head, pl.ds(d0, bh)],
-                    y.astype(o_ref.dtype),
-                    mask=mask)
+                    y.astype(o_ref.dtype), mask=mask)
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "eps", "tiles",
@@ -600,7 +597,7 @@ def attn_o_residual(parts, lse, w, residual, *, tiles: GemvTiles | None = None,
         raise ValueError(f"attn_o_residual: lse {lse.shape} must be [B, splits, heads] for "
                          f"parts {parts.shape} [B, splits, heads x head_dim]")
     tiles = tiles or default_tiles(k, b, transposed, n)
-    if not tiles.fma:  # pipelined, each split's f32 [16, block_k] partials per stage overflow
+    if not tiles.fma:  # pipelined, each split's f32 [R, block_k] partials per stage overflow
         tiles = dataclasses.replace(tiles, num_stages=1)  # shared memory (seen on the H200)
     _check("attn_o_residual", parts, k, n, tiles, transposed)
     kernel = functools.partial(_residual_kernel, rows=b, tiles=tiles, transposed=transposed,
