@@ -67,10 +67,17 @@ def decode_num_splits(batch: int, num_kv_heads: int, num_blocks: int, cfg: Paged
     """
     if cfg.num_splits:
         return max(1, min(cfg.num_splits, num_blocks))
+    return grid_splits(batch * num_kv_heads, num_blocks)
+
+
+def grid_splits(programs: int, num_blocks: int, max_splits: int = 64) -> int:
+    """The rule of `decode_num_splits` for any grid of (programs x splits) over num_blocks
+    blocks of context: the largest power of 2 keeping it at about two programs per SM or
+    fewer, with >= 2 blocks per split."""
     num_sms = getattr(jax.devices()[0], "core_count", None) or 132
-    want = max(1, 2 * num_sms // max(1, batch * num_kv_heads))
+    want = max(1, 2 * num_sms // max(1, programs))
     want = 1 << (want.bit_length() - 1)  # largest power of 2 <= want
-    return max(1, min(want, num_blocks // 2, 64))
+    return max(1, min(want, num_blocks // 2, max_splits))
 
 
 # Where "auto" sends a ragged call's items on Hopper, by (head_dim, dtype name). H200, jax

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from functools import partial
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdecode.cache.dense import init_cache
+from jdecode.cache.dense import DenseMeta, dense_attend, init_cache
 from jdecode.config import load_model_config_yaml
 from jdecode.decoding import phases
 from jdecode.model.layout import inference_layout
@@ -63,6 +64,38 @@ def test_pallas_matches_xla_f32(rng):
 def test_pallas_matches_xla_bf16(rng):
     """bf16 also routes the attention projections through the GEMV kernel at decode."""
     _check("bfloat16", rng)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_decode_writes_kv_in_kernel(batch, rng):
+    """A per-layer cache's Pallas decode stores K/V inside the attention kernel: the output and
+    both caches equal the XLA path's (scatter, then attend). A row past the buffer (a padding
+    query) writes nothing, as the scatter's mode="drop"; its output is not compared (the
+    kernel lets it see its own K/V, the XLA path does not, and nothing reads it)."""
+    cfg = load_model_config_yaml(TINY)
+    H, K, D, S = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 128
+    cache = init_cache(cfg, batch, S, per_layer=True)
+    keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 5)
+    fill = [jax.random.normal(keys[i], (batch, S, K, D), jnp.float32) for i in (0, 1)]
+    cache = cache.replace(k=(fill[0],) + cache.k[1:], v=(fill[1],) + cache.v[1:])
+    q = jax.random.normal(keys[2], (batch, 1, H, D), jnp.float32)
+    k = jax.random.normal(keys[3], (batch, 1, K, D), jnp.float32)
+    v = jax.random.normal(keys[4], (batch, 1, K, D), jnp.float32)
+    pos = rng.integers(0, S, (batch, 1))
+    pos[-1] = S if batch > 1 else pos[-1]  # past the buffer: attends, writes nothing
+    meta = DenseMeta(positions=jnp.asarray(pos, jnp.int32))
+
+    def run(impl):
+        out, new = jit_for_tests(partial(dense_attend, layer=0, impl=impl))(q, k, v, cache,
+                                                                             meta=meta)
+        return out, new.k[0], new.v[0]
+
+    got, want = run("pallas"), run("xla")
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+    live = slice(None, batch - 1) if batch > 1 else slice(None)
+    assert_close(got[0][live], want[0][live], "float32")
+    np.testing.assert_array_equal(got[1], want[1])  # the stores are exact copies
+    np.testing.assert_array_equal(got[2], want[2])
 
 
 @pytest.fixture(autouse=True)
