@@ -39,6 +39,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from jdecode.analysis.profile import kernel_tally
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.engine.engine import EngineArgs, LLMEngine
 from jdecode.engine.runner import resolve_layout
@@ -149,12 +150,15 @@ def probe_decode(engine: LLMEngine, vocab: int, steps: int, prompt_len: int = 12
     dispatch_ms = 1e3 * (time.perf_counter() - t) / steps
     jax.block_until_ready(sampled)
     pipelined_ms = 1e3 * (time.perf_counter() - t) / steps
+    # Where the device's step goes, kernel by kernel (GPU only; empty on CPU).
+    kernels = kernel_tally(lambda: engine.runner.launch(inputs, k)[0], repeats=10)
     for i in range(B):
         engine.abort_request(f"probe{i}")
     engine.block_manager.reset_prefix_cache()
     return {"batch": B, "context": prompt_len + steps, "engine_step_ms": engine_ms,
             "async_scheduling": engine.args.async_scheduling, "dispatch_ms": dispatch_ms,
-            "pipelined_step_ms": pipelined_ms,
+            "pipelined_step_ms": pipelined_ms, "kernels": kernels,
+            "device_busy_ms": sum(r["us_per_run"] for r in kernels) * 1e-3 if kernels else None,
             "jitted_step_ms": device_ms, "engine_tok_s": 1e3 * B / engine_ms,
             "jitted_tok_s": 1e3 * B / device_ms}
 
@@ -300,6 +304,11 @@ def markdown(result: dict) -> str:
             lines += [(f"Launching the jitted step without waiting costs the host "
                        f"{pr['dispatch_ms']:.2f} ms per step; back-to-back launches run at "
                        f"{pr['pipelined_step_ms']:.2f} ms per step.")]
+        if pr.get("kernels"):
+            top = ", ".join(f"{r['kernel'][:40]} {r['us_per_run']:.0f} us ({r['calls_per_run']:.0f}x)"
+                            for r in pr["kernels"][:6])
+            lines += [(f"Device time of the jitted step, its kernels summed: "
+                       f"{pr['device_busy_ms']:.2f} ms; the largest: {top}.")]
         if "H100" in result["device"]:
             lines += [f"Figure compared: {DECODE_REFERENCE}."]
         lines += [""]
@@ -477,6 +486,9 @@ def main() -> None:
         pr = result["probe"]
         print(clock(), f"probe: engine {pr['engine_step_ms']:.2f} ms/step, jitted step alone "
               f"{pr['jitted_step_ms']:.2f} ms at batch {pr['batch']}", flush=True)
+        for r in pr["kernels"][:25]:
+            print(f"  {r['us_per_run']:8.1f} us/step {r['calls_per_run']:6.1f}x "
+                  f"{r['us_per_call']:8.2f} us  {r['kernel'][:70]}")
 
     def record(row: dict, where: str) -> None:
         brief = row.get("skipped") or (

@@ -268,6 +268,21 @@ def device_busy_us(run: Callable[[], object], repeats: int = 10) -> float | None
     return sum(d for _, _, d in kernels) * 1e-3 / repeats if kernels else None
 
 
+def kernel_tally(run: Callable[[], object], repeats: int = 10, top: int | None = None
+                 ) -> list[dict]:
+    """The kernels (the `top` ones, or all) by device time per run of `run`, most first:
+    name, launches per run, device us per run and per launch (GPU only; empty on CPU). Kernel names, not HLO ops: Pallas
+    kernels appear under their own names (see `stream_kernels`)."""
+    calls: collections.Counter = collections.Counter()
+    ns: collections.Counter = collections.Counter()
+    for name, _, dur in _stream_trace(run, repeats):
+        calls[name] += 1
+        ns[name] += dur
+    return [{"kernel": k, "calls_per_run": calls[k] / repeats,
+             "us_per_run": ns[k] * 1e-3 / repeats, "us_per_call": ns[k] * 1e-3 / calls[k]}
+            for k, _ in ns.most_common(top)]
+
+
 def _trace_events(run: Callable[[], object], repeats: int, module: str
                   ) -> dict[str, float] | str:
     """Total device (else host) time per HLO op name over `repeats` runs, or a reason."""
