@@ -41,6 +41,9 @@ class PagedMeta:
     block_tables: jax.Array  # [B, max_pages] int32 page ids per sequence slot
     context_lens: jax.Array  # [B] int32 keys per sequence after this step; 0 = empty slot
     query_start_loc: jax.Array  # [B+1] int32 flat row offsets; rows >= [B] are padding
+    # Static: every sequence has at most one query token (the host knows it when it plans the
+    # step). Attention then skips the ragged kernel's launch and its glue (`split_decodes`).
+    decodes_only: bool = struct.field(pytree_node=False, default=False)
 
 
 def init_paged_cache(cfg: ModelConfig, num_pages: int, page_size: int,
@@ -101,7 +104,8 @@ def paged_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: PagedKVCache,
                                     k[0], v[0], slots, impl=write_impl)
     tables = meta.block_tables + offset  # [B, max_pages]
     out = ragged_paged_attention(q[0], k_pool, v_pool, tables, meta.context_lens,
-                                 meta.query_start_loc, impl=impl)
+                                 meta.query_start_loc, impl=impl,
+                                 split_decodes="only" if meta.decodes_only else "auto")
     cache = PagedKVCache(k_pool.reshape(L, P, page, K, D), v_pool.reshape(L, P, page, K, D))
     return out[None], cache
 

@@ -242,7 +242,11 @@ class ModelRunner:
         if out.page_copies:
             copies[:, :len(out.page_copies)] = np.asarray(out.page_copies, np.int32).T
         return {"tokens": tokens, "token_src": token_src, "positions": positions,
-                    "meta": PagedMeta(slots, tables, context_lens, qsl), "logits_at": logits_at,
+                    # Only the kernels tell decode-only steps apart (a static field: its own
+                    # executable per bucket), so the XLA path does not compile twice.
+                    "meta": PagedMeta(slots, tables, context_lens, qsl, decodes_only=(
+                        self.impl == "pallas" and bool((lens == 1).all()))),
+                    "logits_at": logits_at,
                     "copy_src": copies[0], "copy_dst": copies[1]}
 
     def step_inputs(self, out: SchedulerOutput, page_tables: dict[str, list[int]],

@@ -181,6 +181,10 @@ def ragged_paged_attention(
         True on the Triton backend; on the Mosaic one, decodes join the ragged launch when the
         step has a chunk (q_len > 1) to overlap them with and their context is at most
         `unified_max_context` (default `tuning.UNIFIED_DECODE_MAX_CONTEXT`), else split.
+        "only": the caller promises every sequence has at most one query token (a step of
+        decodes only); the decode kernel serves them and the ragged kernel is not launched.
+        A longer sequence's rows would come back wrong, so only a caller that knows its batch
+        (the engine's host plan) may say so.
       interpret: Pallas interpreter; None = interpret unless the backend is GPU.
       impl: "pallas"; "xla" (plain jnp in the input dtype, 32 rows at a time, each gathering
         its sequence's K/V); "reference" (the f32 spec: gathers [N, S, K, D] at once, tests only).
@@ -227,8 +231,9 @@ def ragged_paged_attention(
     if backend == "mosaic" and why_not:
         raise ValueError(f"backend='mosaic' cannot run this call: {why_not}; use "
                          "backend='triton' (or 'auto', which picks it)")
-    if split_decodes not in (True, False, "auto"):
-        raise ValueError(f"split_decodes={split_decodes!r}; expected True, False or 'auto'")
+    if split_decodes not in (True, False, "auto", "only"):
+        raise ValueError(f"split_decodes={split_decodes!r}; expected True, False, 'auto' or "
+                         "'only'")
     interpret = resolve_interpret(interpret)
     if backend == "auto":  # a block_k the Hopper kernel cannot take picks Triton, no error
         hopper_block = block_k is None or block_k % 64 == 0
@@ -273,7 +278,8 @@ def ragged_paged_attention(
         block_k=block_k,
         num_warps=num_warps or cfg.num_warps,
         num_stages=num_stages or cfg.num_stages,
-        split_decodes=split_decodes is not False,  # "auto" splits on Triton
+        # "auto" splits on Triton; "only" passes through.
+        split_decodes=split_decodes if split_decodes == "only" else split_decodes is not False,
         num_splits=num_splits,
         interpret=interpret,
         backend="triton",
@@ -327,12 +333,16 @@ def _ragged_call(
     backend,
 ):
     """block_q: tokens per item; for backend "mosaic" block_k is the kernel's block_kv and
-    num_stages its ring depth. split_decodes: True, False or ("auto", max_context)."""
+    num_stages its ring depth. split_decodes: True, False, "only" or ("auto", max_context)."""
     n, _, d = q.shape
     page_size = k_pages.shape[1]
     ctx_lens = jnp.clip(context_lens.astype(jnp.int32), 0, block_tables.shape[1] * page_size)
     qsl = query_start_loc.astype(jnp.int32)
     q_lens = qsl[1:] - qsl[:-1]  # [B]
+    if split_decodes == "only":  # no ragged launch, and none of its padding or masking
+        return _decode_rows(q, k_pages, v_pages, block_tables, ctx_lens, qsl, q_lens == 1,
+                            jnp.zeros_like(q), sm_scale=sm_scale, soft_cap=soft_cap,
+                            num_splits=num_splits, interpret=interpret)
     is_decode = None  # [B] the sequences the split-K decode kernel serves
     if isinstance(split_decodes, tuple):
         # Decodes overlap the chunks' compute inside one launch, but unsplit: a long context
@@ -355,7 +365,16 @@ def _ragged_call(
             num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     if is_decode is None:
         return out
-    # Decode rows: one split-K launch over all B slots, the others given context 0 (no reads).
+    return _decode_rows(q, k_pages, v_pages, block_tables, ctx_lens, qsl, is_decode, out,
+                        sm_scale=sm_scale, soft_cap=soft_cap, num_splits=num_splits,
+                        interpret=interpret)
+
+
+def _decode_rows(q, k_pages, v_pages, block_tables, ctx_lens, qsl, is_decode, out, *,
+                 sm_scale, soft_cap, num_splits, interpret):
+    """out [N, H, D] with the rows of the is_decode [B] slots replaced by the split-K decode
+    kernel's answer: one launch over all B slots, the others given context 0 (no reads)."""
+    n = q.shape[0]
     q_dec = q[jnp.clip(qsl[:-1], 0, n - 1)]  # [B, H, D] each slot's first (only) query
     o_dec = paged_attention(
         q_dec, k_pages, v_pages, block_tables, jnp.where(is_decode, ctx_lens, 0),

@@ -136,6 +136,31 @@ def test_ragged_matches_reference(rng, interpret, page, group, d, dtype, split_d
     assert_close(out, ref, dtype)
 
 
+@pytest.mark.parametrize("page,group,d,dtype", RAGGED_CASES[:2])
+def test_ragged_decodes_only_matches_reference(rng, interpret, page, group, d, dtype):
+    """split_decodes="only" (the engine's all-decode steps): no ragged launch, the same rows as
+    the reference, an idle slot (q_len 0) and the padding rows included."""
+    kv_heads, max_pages = 2, 3
+    seqs = [(1, 1), (1, page - 1), (0, 7), (1, page + 1), (1, max_pages * page)]
+    q_lens, lens = zip(*seqs)
+    qsl = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    n = int(qsl[-1]) + 3
+    num_pages = 2 * max_pages * len(lens)
+    tables, used = _tables(rng, list(lens), page, max_pages, num_pages)
+    k_pages, v_pages = (
+        _poison_unused(x, used) for x in _pool(rng, num_pages, page, kv_heads, d, dtype)
+    )
+    q = jnp.asarray(rng.standard_normal((n, group * kv_heads, d)), dtype)
+    args = (q, k_pages, v_pages, tables, jnp.asarray(lens, jnp.int32), qsl)
+    out = jit_for_tests(
+        lambda *a: ragged_paged_attention(*a, split_decodes="only", interpret=interpret)
+    )(*args)
+    ref = jit_for_tests(ragged_paged_attention_reference)(*args)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert not jnp.any(out[int(qsl[-1]) :]), "padding rows must come back 0"
+    assert_close(out, ref, dtype)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_write_kv_pages_matches_scatter(rng, interpret, dtype):
     num_pages, page, kv, d, n = 6, 16, 2, 64, 9
