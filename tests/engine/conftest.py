@@ -19,7 +19,6 @@ from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.engine.engine import EngineArgs, LLMEngine
 from jdecode.engine.llm import LLM
-from jdecode.engine.server import build_app, make_server
 from jdecode.io.registry import Model
 from jdecode.model.params import init_params
 
@@ -98,6 +97,9 @@ def offline(smol_tiny) -> LLM:
 @contextlib.contextmanager
 def running_server(model: Model, **app_args):
     """Serves `model` on a free port of 127.0.0.1; yields (base url, AsyncEngine, Server)."""
+    # Imported here: the GPU machine has no uvicorn, and its engine tests need no server.
+    from jdecode.engine.server import build_app, make_server
+
     app, core = build_app(LLMEngine(model, EngineArgs(**SERVER_ARGS)), SERVED_NAME, **app_args)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
