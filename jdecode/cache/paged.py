@@ -41,8 +41,9 @@ class PagedMeta:
     block_tables: jax.Array  # [B, max_pages] int32 page ids per sequence slot
     context_lens: jax.Array  # [B] int32 keys per sequence after this step; 0 = empty slot
     query_start_loc: jax.Array  # [B+1] int32 flat row offsets; rows >= [B] are padding
-    # Static: every sequence has at most one query token (the host knows it when it plans the
-    # step). Attention then skips the ragged kernel's launch and its glue (`split_decodes`).
+    # Static: a step of decodes only, the first k slots one token each in rows 0..k-1 and the
+    # other slots none (the runner's packing). Attention then runs the decode kernel on the
+    # rows as they lie, with no ragged launch and no glue (`split_decodes="only"`).
     decodes_only: bool = struct.field(pytree_node=False, default=False)
 
 

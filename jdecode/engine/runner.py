@@ -242,8 +242,9 @@ class ModelRunner:
         if out.page_copies:
             copies[:, :len(out.page_copies)] = np.asarray(out.page_copies, np.int32).T
         return {"tokens": tokens, "token_src": token_src, "positions": positions,
-                    # Only the kernels tell decode-only steps apart (a static field: its own
-                    # executable per bucket), so the XLA path does not compile twice.
+                    # Chunks sit in rows in slot order, so a step of one-token chunks has
+                    # the layout decodes_only promises. Only the kernels use it (a static
+                    # field: its own executable per bucket), so the XLA path compiles once.
                     "meta": PagedMeta(slots, tables, context_lens, qsl, decodes_only=(
                         self.impl == "pallas" and bool((lens == 1).all()))),
                     "logits_at": logits_at,

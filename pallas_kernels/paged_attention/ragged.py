@@ -181,10 +181,11 @@ def ragged_paged_attention(
         True on the Triton backend; on the Mosaic one, decodes join the ragged launch when the
         step has a chunk (q_len > 1) to overlap them with and their context is at most
         `unified_max_context` (default `tuning.UNIFIED_DECODE_MAX_CONTEXT`), else split.
-        "only": the caller promises every sequence has at most one query token (a step of
-        decodes only); the decode kernel serves them and the ragged kernel is not launched.
-        A longer sequence's rows would come back wrong, so only a caller that knows its batch
-        (the engine's host plan) may say so.
+        "only": the caller promises a step of decodes only, laid out as the engine packs
+        them: the first k slots have one query each, in rows 0..k-1 (query_start_loc[b] =
+        min(b, k)), the other slots none. The decode kernel then reads q's rows as its slots
+        and writes the output in place: no ragged launch, no gather or scatter of rows. Any
+        other layout comes back wrong, so only a caller that planned the batch may say so.
       interpret: Pallas interpreter; None = interpret unless the backend is GPU.
       impl: "pallas"; "xla" (plain jnp in the input dtype, 32 rows at a time, each gathering
         its sequence's K/V); "reference" (the f32 spec: gathers [N, S, K, D] at once, tests only).
@@ -339,10 +340,13 @@ def _ragged_call(
     ctx_lens = jnp.clip(context_lens.astype(jnp.int32), 0, block_tables.shape[1] * page_size)
     qsl = query_start_loc.astype(jnp.int32)
     q_lens = qsl[1:] - qsl[:-1]  # [B]
-    if split_decodes == "only":  # no ragged launch, and none of its padding or masking
-        return _decode_rows(q, k_pages, v_pages, block_tables, ctx_lens, qsl, q_lens == 1,
-                            jnp.zeros_like(q), sm_scale=sm_scale, soft_cap=soft_cap,
-                            num_splits=num_splits, interpret=interpret)
+    if split_decodes == "only":  # rows are slots: no ragged launch, no row gather or scatter
+        m = min(n, block_tables.shape[0])
+        out = paged_attention(
+            q[:m], k_pages, v_pages, block_tables[:m], jnp.where(q_lens[:m] == 1, ctx_lens[:m], 0),
+            sm_scale=sm_scale, soft_cap=soft_cap, num_splits=num_splits, interpret=interpret,
+        )  # [m, H, D]; a slot with context 0 (no query) comes back 0
+        return jnp.pad(out, ((0, n - m), (0, 0), (0, 0))) if n > m else out
     is_decode = None  # [B] the sequences the split-K decode kernel serves
     if isinstance(split_decodes, tuple):
         # Decodes overlap the chunks' compute inside one launch, but unsplit: a long context

@@ -136,12 +136,15 @@ def test_ragged_matches_reference(rng, interpret, page, group, d, dtype, split_d
     assert_close(out, ref, dtype)
 
 
+@pytest.mark.parametrize("idle", [2, 5])  # rows past the slots (7 rows, 6 slots), or fewer
 @pytest.mark.parametrize("page,group,d,dtype", RAGGED_CASES[:2])
-def test_ragged_decodes_only_matches_reference(rng, interpret, page, group, d, dtype):
-    """split_decodes="only" (the engine's all-decode steps): no ragged launch, the same rows as
-    the reference, an idle slot (q_len 0) and the padding rows included."""
+def test_ragged_decodes_only_matches_reference(rng, interpret, page, group, d, dtype, idle):
+    """split_decodes="only" (the engine's all-decode steps, its layout: decodes in the first
+    slots, row b = slot b): the reference's rows, idle slots (q_len 0, one with a context) and
+    padding rows included."""
     kv_heads, max_pages = 2, 3
-    seqs = [(1, 1), (1, page - 1), (0, 7), (1, page + 1), (1, max_pages * page)]
+    seqs = [(1, 1), (1, page - 1), (1, page + 1), (1, max_pages * page)]
+    seqs += [(0, 7), (0, 0), (0, 3), (0, 0), (0, 5)][:idle]
     q_lens, lens = zip(*seqs)
     qsl = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
     n = int(qsl[-1]) + 3
