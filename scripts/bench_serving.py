@@ -305,8 +305,8 @@ def markdown(result: dict) -> str:
                        f"{pr['dispatch_ms']:.2f} ms per step; back-to-back launches run at "
                        f"{pr['pipelined_step_ms']:.2f} ms per step.")]
         if pr.get("kernels"):
-            top = ", ".join(f"{r['kernel'][:40]} {r['us_per_run']:.0f} us ({r['calls_per_run']:.0f}x)"
-                            for r in pr["kernels"][:6])
+            top = ", ".join(f"{r['kernel'][:40]} {r['us_per_run']:.0f} us "
+                            f"({r['calls_per_run']:.0f}x)" for r in pr["kernels"][:6])
             lines += [(f"Device time of the jitted step, its kernels summed: "
                        f"{pr['device_busy_ms']:.2f} ms; the largest: {top}.")]
         if "H100" in result["device"]:

@@ -271,11 +271,16 @@ def device_busy_us(run: Callable[[], object], repeats: int = 10) -> float | None
 def kernel_tally(run: Callable[[], object], repeats: int = 10, top: int | None = None
                  ) -> list[dict]:
     """The kernels (the `top` ones, or all) by device time per run of `run`, most first:
-    name, launches per run, device us per run and per launch (GPU only; empty on CPU). Kernel names, not HLO ops: Pallas
+    name, launches per run, device us per run and per launch. Empty where nothing runs on a
+    device stream (CPU) or this jax cannot read traces. Kernel names, not HLO ops: Pallas
     kernels appear under their own names (see `stream_kernels`)."""
+    try:
+        kernels = _stream_trace(run, repeats)
+    except ImportError:  # no jax.profiler.ProfileData
+        return []
     calls: collections.Counter = collections.Counter()
     ns: collections.Counter = collections.Counter()
-    for name, _, dur in _stream_trace(run, repeats):
+    for name, _, dur in kernels:
         calls[name] += 1
         ns[name] += dur
     return [{"kernel": k, "calls_per_run": calls[k] / repeats,

@@ -369,16 +369,7 @@ def _ragged_call(
             num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     if is_decode is None:
         return out
-    return _decode_rows(q, k_pages, v_pages, block_tables, ctx_lens, qsl, is_decode, out,
-                        sm_scale=sm_scale, soft_cap=soft_cap, num_splits=num_splits,
-                        interpret=interpret)
-
-
-def _decode_rows(q, k_pages, v_pages, block_tables, ctx_lens, qsl, is_decode, out, *,
-                 sm_scale, soft_cap, num_splits, interpret):
-    """out [N, H, D] with the rows of the is_decode [B] slots replaced by the split-K decode
-    kernel's answer: one launch over all B slots, the others given context 0 (no reads)."""
-    n = q.shape[0]
+    # Decode rows: one split-K launch over all B slots, the others given context 0 (no reads).
     q_dec = q[jnp.clip(qsl[:-1], 0, n - 1)]  # [B, H, D] each slot's first (only) query
     o_dec = paged_attention(
         q_dec, k_pages, v_pages, block_tables, jnp.where(is_decode, ctx_lens, 0),
