@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from jdecode.analysis import profile as profile_module
 from jdecode.analysis.costs import decode_phase
 from jdecode.analysis.hardware import get_hardware
 from jdecode.analysis.profile import (
@@ -15,6 +16,7 @@ from jdecode.analysis.profile import (
     device_busy_us,
     hlo_matmuls,
     hlo_op_functions,
+    kernel_tally,
     matmul_category,
     profile_breakdown,
     stream_kernels,
@@ -179,3 +181,17 @@ def test_device_busy_is_none_without_device_streams():
     f = jax.jit(lambda x: x * 2)
     x = jnp.ones(8)
     assert device_busy_us(lambda: f(x), repeats=2) is None
+
+
+def test_kernel_tally_sums_per_kernel_name(monkeypatch):
+    """Launches and device time per run, by kernel name, the largest first; `top` keeps the
+    first ones."""
+    trace = [("gemm", 0, 4000), ("norm", 5, 1000), ("gemm", 9, 6000), ("norm", 12, 1000),
+             ("attn", 20, 3000)]
+    monkeypatch.setattr(profile_module, "_stream_trace", lambda run, repeats: trace)
+    rows = kernel_tally(lambda: None, repeats=2)
+    assert [r["kernel"] for r in rows] == ["gemm", "attn", "norm"]
+    assert rows[0] == {"kernel": "gemm", "calls_per_run": 1.0, "us_per_run": 5.0,
+                       "us_per_call": 5.0}
+    assert rows[2]["us_per_call"] == 1.0 and rows[2]["calls_per_run"] == 1.0
+    assert [r["kernel"] for r in kernel_tally(lambda: None, repeats=2, top=1)] == ["gemm"]
