@@ -84,6 +84,6 @@ def test_ragged_backend_choice_and_errors():
         ragged_paged_attention(q.astype(jnp.bfloat16), bad, bad, *args[3:], backend="mosaic")
     with pytest.raises(ValueError, match="expected 'auto'"):
         ragged_paged_attention(*args, backend="cuda")
-    with pytest.raises(ValueError, match="expected True, False or 'auto'"):
+    with pytest.raises(ValueError, match="expected True, False, 'auto' or 'only'"):
         ragged_paged_attention(*args, split_decodes="yes")
     assert ragged_backend(128, jnp.bfloat16, kind="NVIDIA A100-SXM4-80GB") == "triton"
