@@ -62,9 +62,9 @@ from pallas_kernels.fused_decode.layer import barrier_timeouts, decode_layer, ne
 
 DTYPES = ("float32", "bfloat16", "float16")
 # "1" turns the fused step on for 1..MAX_ROWS (64) rows, "0" off, "layer" on with one
-# persistent kernel per layer. Unset ("auto"): on where it measured faster, i.e. steps of <= FMA_MAX_ROWS rows
-# over params carrying the [N, K] copies, which the Generator makes by default for models of
-# up to DEFAULT_COPY_LIMIT bytes of parameters.
+# persistent kernel per layer. Unset ("auto"): on where it measured faster, i.e. steps of
+# <= FMA_MAX_ROWS rows over params carrying the [N, K] copies, which the Generator makes by
+# default for models of up to DEFAULT_COPY_LIMIT bytes of parameters.
 ENV_SWITCH = "JDECODE_FUSED_DECODE"
 # The copies double the four matrices' memory: past this size the default leaves them out.
 DEFAULT_COPY_LIMIT = 4 << 30
