@@ -436,6 +436,9 @@ def serve(
     ] = None,
     max_request_bytes: Annotated[int | None, typer.Option(
         min=1, help="request bodies larger than this answer 413 (default: 4 MiB)")] = None,
+    num_scheduler_steps: Annotated[int, typer.Option(
+        min=1, help="decodes per launch when a step is all decodes (vLLM's multi-step "
+                    "scheduling): less host time per token, tokens stream in bursts")] = 1,
 ) -> None:
     """OpenAI-compatible server (/v1/completions, /v1/chat/completions, /metrics)."""
     check_model(model)
@@ -449,7 +452,7 @@ def serve(
                    enable_chunked_prefill=enable_chunked_prefill,
                    enable_prefix_caching=enable_prefix_caching, impl=impl,
                    api_key=api_key, chat_template=chat_template,
-                   max_request_bytes=max_request_bytes)
+                   max_request_bytes=max_request_bytes, num_scheduler_steps=num_scheduler_steps)
     except (FileNotFoundError, ConfigError, ValueError, TypeError) as e:
         fail(str(e))
 

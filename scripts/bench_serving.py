@@ -116,50 +116,63 @@ def warmup(engine: LLMEngine) -> None:
 def probe_decode(engine: LLMEngine, vocab: int, steps: int, prompt_len: int = 128) -> dict:
     """Full-batch decode: the engine's step (schedule, pack, dispatch, read back, postprocess)
     against the jitted step alone on the same batch. Without async scheduling the difference is
-    the host's work per step; with it, the part of that work the device's step does not hide."""
+    the host's work per step; with it, the part of that work the device's step does not hide.
+
+    Times are per decode step (one token per sequence): with multi-step scheduling an engine
+    step runs up to num_scheduler_steps of them.
+    """
     rng = np.random.default_rng(1)
     B = engine.runner.max_num_seqs
+    burst = engine.args.num_scheduler_steps
     prompt_len = min(prompt_len, engine.max_model_len // 4)
-    if prompt_len + 2 * steps + 8 > engine.max_model_len:
+    max_new = (burst + 1) * steps + 8
+    if prompt_len + max_new > engine.max_model_len:
         raise SystemExit(f"--probe-steps {steps} needs max_model_len >= "
-                         f"{prompt_len + 2 * steps + 8}: lower --probe-steps")
+                         f"{prompt_len + max_new}: lower --probe-steps")
     for i in range(B):
         engine.add_request(f"probe{i}", rng.integers(0, vocab, prompt_len).tolist(),
-                           SamplingParams(max_new_tokens=2 * steps + 8, ignore_eos=True))
+                           SamplingParams(max_new_tokens=max_new, ignore_eos=True))
     sched = engine.scheduler
     while sched.waiting or any(r.num_tokens_with_pending - r.num_computed_tokens > 1
                                for r in sched.running):
         engine.step()
     engine.step()
+    tokens0 = engine.num_generated_tokens
     t = time.perf_counter()
     for _ in range(steps):
         engine.step()
-    engine_ms = 1e3 * (time.perf_counter() - t) / steps
+    elapsed = time.perf_counter() - t
+    engine_tok_s = (engine.num_generated_tokens - tokens0) / elapsed
+    engine_ms = 1e3 * B / engine_tok_s  # per decode step
     out = sched.schedule()  # run over and over below; the probe requests are aborted after
     tables = {c.request.request_id: engine.block_manager.page_ids(c.request.request_id)
               for c in out.chunks}
     inputs, k = engine.runner.step_inputs(out, tables)
+    launch = lambda: engine.runner.launch(inputs, k, num_steps=out.num_steps)[0]
+    per = out.num_steps  # decode steps per launch
     t = time.perf_counter()
     for _ in range(steps):
-        np.asarray(engine.runner.launch(inputs, k)[0])  # synced every step, as the engine is
-    device_ms = 1e3 * (time.perf_counter() - t) / steps
+        np.asarray(launch())  # synced every step, as the engine is
+    device_ms = 1e3 * (time.perf_counter() - t) / (steps * per)
     # The same launches without waiting: the host's share of a step (argument transfers and
     # kernel launches). When it is close to the synced step, the step is bound by the host.
     t = time.perf_counter()
-    sampled = [engine.runner.launch(inputs, k)[0] for _ in range(steps)]
-    dispatch_ms = 1e3 * (time.perf_counter() - t) / steps
+    sampled = [launch() for _ in range(steps)]
+    dispatch_ms = 1e3 * (time.perf_counter() - t) / (steps * per)
     jax.block_until_ready(sampled)
-    pipelined_ms = 1e3 * (time.perf_counter() - t) / steps
-    # Where the device's step goes, kernel by kernel (GPU only; empty on CPU).
-    kernels = kernel_tally(lambda: engine.runner.launch(inputs, k)[0], repeats=10)
+    pipelined_ms = 1e3 * (time.perf_counter() - t) / (steps * per)
+    # Where the device's step goes, kernel by kernel (GPU only; empty on CPU), per launch.
+    kernels = kernel_tally(launch, repeats=10)
     for i in range(B):
         engine.abort_request(f"probe{i}")
     engine.block_manager.reset_prefix_cache()
-    return {"batch": B, "context": prompt_len + steps, "engine_step_ms": engine_ms,
+    return {"batch": B, "context": prompt_len + steps * burst, "engine_step_ms": engine_ms,
+            "num_scheduler_steps": burst, "decodes_per_launch": per,
             "async_scheduling": engine.args.async_scheduling, "dispatch_ms": dispatch_ms,
             "pipelined_step_ms": pipelined_ms, "kernels": kernels,
-            "device_busy_ms": sum(r["us_per_run"] for r in kernels) * 1e-3 if kernels else None,
-            "jitted_step_ms": device_ms, "engine_tok_s": 1e3 * B / engine_ms,
+            "device_busy_ms": (sum(r["us_per_run"] for r in kernels) * 1e-3 / per
+                               if kernels else None),
+            "jitted_step_ms": device_ms, "engine_tok_s": engine_tok_s,
             "jitted_tok_s": 1e3 * B / device_ms}
 
 
@@ -299,7 +312,9 @@ def markdown(result: dict) -> str:
                   f"tok/s), the jitted step alone {pr['jitted_step_ms']:.2f} ms "
                   f"({pr['jitted_tok_s']:.0f} tok/s): the engine adds "
                   f"{pr['engine_step_ms'] - pr['jitted_step_ms']:.2f} ms per step "
-                  f"({'async' if pr.get('async_scheduling') else 'sync'} scheduling).")]
+                  f"({'async' if pr.get('async_scheduling') else 'sync'} scheduling, "
+                  f"{pr.get('num_scheduler_steps', 1)} decode(s) per launch at most; "
+                  "times per decode step).")]
         if "dispatch_ms" in pr:
             lines += [(f"Launching the jitted step without waiting costs the host "
                        f"{pr['dispatch_ms']:.2f} ms per step; back-to-back launches run at "
@@ -307,7 +322,7 @@ def markdown(result: dict) -> str:
         if pr.get("kernels"):
             top = ", ".join(f"{r['kernel'][:40]} {r['us_per_run']:.0f} us "
                             f"({r['calls_per_run']:.0f}x)" for r in pr["kernels"][:6])
-            lines += [(f"Device time of the jitted step, its kernels summed: "
+            lines += [(f"Device time of one decode step, its kernels summed: "
                        f"{pr['device_busy_ms']:.2f} ms; the largest: {top}.")]
         if "H100" in result["device"]:
             lines += [f"Figure compared: {DECODE_REFERENCE}."]
@@ -396,6 +411,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--num-scheduler-steps", type=int, default=1,
+                    help="decodes per launch of an all-decode step (multi-step scheduling)")
     ap.add_argument("--num-pages", type=int, default=None)
     ap.add_argument("--policies", default="continuous,static,continuous+chunked",
                     help="run order within each part")
@@ -442,7 +459,8 @@ def main() -> None:
     buckets = tuple(int(b) for b in args.token_buckets.split(",") if b)
     base = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
             "page_size": args.page_size, "num_pages": args.num_pages, "impl": args.impl,
-            "layout": layout, "token_buckets": buckets}
+            "layout": layout, "token_buckets": buckets,
+            "num_scheduler_steps": args.num_scheduler_steps}
 
     def engine_args(policy: str) -> dict:
         name = policy.removesuffix(SYNC_SUFFIX)

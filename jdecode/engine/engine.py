@@ -5,6 +5,7 @@ Shared by the offline `LLM` API and the server. Stop conditions and detokenizati
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -46,6 +47,8 @@ class EngineArgs:
             scheduling, packing and post-processing overlap the device's step instead of
             following it (vLLM's async scheduling). Outputs are identical either way; a
             request that stops on EOS or a stop string costs one discarded decode slot.
+        num_scheduler_steps: decodes per launch when a step is all decodes (vLLM's multi-step
+            scheduling; `SchedulerConfig`). Outputs are identical; tokens land in bursts.
     """
 
     page_size: int = 16
@@ -63,6 +66,7 @@ class EngineArgs:
     layout: str = "auto"
     token_buckets: tuple[int, ...] = ()
     async_scheduling: bool = True
+    num_scheduler_steps: int = 1
 
 
 @dataclasses.dataclass
@@ -142,13 +146,15 @@ class LLMEngine:
                             max_model_len=max_model_len, policy=args.policy,
                             enable_chunked_prefill=args.enable_chunked_prefill,
                             max_chunk_tokens=args.max_chunk_tokens,
-                            min_prefill_batch=args.min_prefill_batch),
+                            min_prefill_batch=args.min_prefill_batch,
+                            num_scheduler_steps=args.num_scheduler_steps),
             self.block_manager)
         self.runner = ModelRunner(cfg, model.params, num_pages=num_pages,
                                   page_size=args.page_size, max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=max_model_len, impl=args.impl,
-                                  layout=args.layout, token_bucket_sizes=args.token_buckets)
+                                  layout=args.layout, token_bucket_sizes=args.token_buckets,
+                                  num_scheduler_steps=args.num_scheduler_steps)
         self._seqs: dict[str, _Seq] = {}  # internal sequence id -> state
         self._groups: dict[str, list[str]] = {}  # user request id -> sequence ids
         self._ids = itertools.count()
@@ -253,11 +259,16 @@ class LLMEngine:
         return [] if done is None else self._complete(done)
 
     def _complete(self, step: InFlightStep) -> list[SequenceOutput]:
-        """Reads a step's samples back, appends them and applies the stop conditions."""
+        """Reads a step's samples back, appends them and applies the stop conditions.
+
+        A multi-step step lands several tokens per sequence: each gets its own output, in
+        order, and a sequence that stops takes none of the rest of its burst.
+        """
         result = self.runner.collect(step)
         now = time.monotonic()
         outputs = []
-        for req in self.scheduler.update_from_output(step.out, result.tokens):
+        landed: collections.Counter[str] = collections.Counter()  # tokens landed per sequence
+        for req in self.scheduler.land(step.out, result.tokens):
             seq = self._seqs.get(req.request_id)
             if seq is None:  # a sibling failed earlier in this loop and took its group along
                 continue
@@ -265,9 +276,11 @@ class LLMEngine:
             if req.first_token_time is None:
                 req.first_token_time = now
             token = req.output_token_ids[-1]
+            i = landed[req.request_id]
+            landed[req.request_id] += 1
             try:
                 if req.request_id in result.logprobs:
-                    chosen, top_ids, top_vals = result.logprobs[req.request_id]
+                    chosen, top_ids, top_vals = result.logprobs[req.request_id][i]
                     seq.logprobs.append(Logprob(token, chosen, dict(zip(top_ids, top_vals))))
                 outputs.append(self._postprocess(seq, token, now))
             except Exception as e:  # this request's failure ends this request only

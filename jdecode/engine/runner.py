@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -96,42 +97,30 @@ class InFlightStep:
     """A dispatched step: its plan and its device outputs, not yet read back."""
 
     out: SchedulerOutput
-    sampled: jax.Array  # [B] int32
-    logprobs: tuple | None  # device (chosen, top ids, top values), or None
+    sampled: jax.Array  # [W, B] int32: row j < chunk.steps is a row's j-th sample
+    logprobs: tuple | None  # device (chosen [S, B], top ids [S, B, k], top values), or None
     num_logprobs: dict[str, int]
 
 
 @dataclasses.dataclass
 class StepResult:
-    """Per sampled chunk, in chunk order: token, and logprobs when asked for."""
+    """Per sampled chunk: its tokens (`chunk.steps` of them), and their logprobs when asked."""
 
-    tokens: dict[str, int]
-    logprobs: dict[str, tuple[float, list[int], list[float]]]  # chosen, top ids, top values
+    tokens: dict[str, list[int]]
+    # Per token: chosen, top ids, top values.
+    logprobs: dict[str, list[tuple[float, list[int], list[float]]]]
 
 
-def _step(params: Params, cache: PagedKVCache, prev_sampled, tokens, token_src, positions,
-          meta: PagedMeta, logits_at, copy_src, copy_dst, sp: SamplingArrays, seeds, indices,
-          counters, seen, *, cfg: ModelConfig, impl: str, num_logprobs: int):
-    """One engine step on device.
+def _forward_sample(params: Params, cache: PagedKVCache, tokens, positions, meta: PagedMeta,
+                    logits_at, sp: SamplingArrays, seeds, indices, counters, seen, *,
+                    cfg: ModelConfig, impl: str, num_logprobs: int):
+    """One forward over the flat tokens, and one sample per sequence slot.
 
-    Args:
-      prev_sampled: [B] int32 tokens sampled by the previous step.
-      tokens, positions: [N] int32 flat tokens (padding: token 0, slot -1).
-      token_src: [N] int32: -1, or the row of `prev_sampled` that holds this token (a token
-        still in flight when the step was planned; its host entry in `tokens` is 0).
-      meta: the ragged batch over B sequence slots. logits_at: [B] flat row of each slot's
-        last token. copy_src, copy_dst: [C] copy-on-write pages (dst -1 = none).
-      sp: [B] sampling parameters. seeds, indices, counters: [B] uint32/int32 key material.
-      seen: [B, V] bool or None (repetition penalty), without the tokens still in flight.
-    Returns:
-      sampled [B] int32, (chosen [B], top_ids [B, k], top_vals [B, k]) logprobs or None,
-      and the cache (donated by the caller, so written in place).
+    Returns sampled [B] int32, logprobs (chosen [B], top ids [B, k], top values [B, k]) or
+    None, the cache, and `seen` with each row's input token marked.
     """
-    TRACE_COUNTS["step"] += 1
-    tokens = jnp.where(token_src >= 0, prev_sampled[jnp.maximum(token_src, 0)], tokens)
     if seen is not None:  # each row's last token may have been in flight: mark it here
         seen = seen.at[jnp.arange(seen.shape[0]), tokens[logits_at]].set(True)
-    cache = copy_pages(cache, copy_src, copy_dst)
     logits, _, cache = forward(params, tokens[None], positions[None], cache, meta, cfg=cfg,
                                attend=make_paged_attend(impl), logits_at=logits_at[None])
     logits = logits[0]  # [B, V] f32
@@ -147,20 +136,92 @@ def _step(params: Params, cache: PagedKVCache, prev_sampled, tokens, token_src, 
         chosen = jnp.take_along_axis(lp, sampled[:, None], axis=-1)[:, 0]
         top_vals, top_ids = jax.lax.top_k(lp, num_logprobs)
         logprobs = (chosen, top_ids, top_vals)
-    return sampled, logprobs, cache
+    return sampled, logprobs, cache, seen
 
 
-def _packed_step(params: Params, cache: PagedKVCache, prev_sampled, blobs, *,
-                 spec: transfer.PackSpec, cfg: ModelConfig, impl: str, num_logprobs: int):
+def _step(params: Params, cache: PagedKVCache, prev_burst, tokens, token_src, positions,
+          meta: PagedMeta, logits_at, copy_src, copy_dst, sp: SamplingArrays, seeds, indices,
+          counters, seen, steps, *, cfg: ModelConfig, impl: str, num_logprobs: int,
+          num_steps: int):
+    """One engine step on device: one forward, or `num_steps` decodes of a decode-only batch.
+
+    Args:
+      prev_burst: [W, B] int32 the previous step's samples per row, the row's last sample
+        repeated past its count (W = the runner's num_scheduler_steps).
+      tokens, positions: [N] int32 flat tokens (padding: token 0, slot -1).
+      token_src: [N] int32: -1, or the row of `prev_burst` whose last sample is this token (a
+        token still in flight when the step was planned; its host entry in `tokens` is 0).
+      meta: the ragged batch over B sequence slots. logits_at: [B] flat row of each slot's
+        last token. copy_src, copy_dst: [C] copy-on-write pages (dst -1 = none).
+      sp: [B] sampling parameters. seeds, indices, counters: [B] uint32/int32 key material
+        (counters: the output index of each row's first sample).
+      seen: [B, V] bool or None (repetition penalty), without the tokens still in flight: all
+        of `prev_burst`'s row for a slot whose input token is in flight.
+      steps: None (one forward), or [B] int32 decodes per row (0 = empty slot) when the batch
+        is decodes only, slot b's token in row b (`PagedMeta.decodes_only`'s layout).
+    Returns:
+      this step's burst [W, B] (rows past num_steps repeat the last), logprobs stacked
+      [num_steps, B, ...] or None, and the cache (donated by the caller, so written in place).
+    """
+    TRACE_COUNTS["step"] += 1
+    width, b = prev_burst.shape
+    tokens = jnp.where(token_src >= 0, prev_burst[-1, jnp.maximum(token_src, 0)], tokens)
+    if seen is not None:  # the in-flight samples the host could not mark
+        src = token_src[logits_at]  # [B]
+        burst = prev_burst[:, jnp.maximum(src, 0)].T  # [B, W]
+        vocab = seen.shape[1]  # out of range: dropped
+        seen = seen.at[jnp.arange(b)[:, None], jnp.where(src[:, None] >= 0, burst, vocab)
+                       ].set(True, mode="drop")
+    cache = copy_pages(cache, copy_src, copy_dst)
+    run = functools.partial(_forward_sample, params, sp=sp, seeds=seeds, indices=indices,
+                            logits_at=logits_at, cfg=cfg, impl=impl, num_logprobs=num_logprobs)
+    if steps is None:
+        sampled, logprobs, cache, _ = run(cache, tokens, positions, meta, counters=counters,
+                                          seen=seen)
+        logprobs = None if logprobs is None else jax.tree.map(lambda x: x[None], logprobs)
+        return jnp.broadcast_to(sampled, (width, b)), logprobs, cache
+
+    n = tokens.shape[0]
+    page_size = cache.page_size
+    live = steps > 0  # [B]
+
+    def token_rows(x):  # [B] per slot -> [N] per flat row (slot b's token is row b)
+        return jnp.zeros(n, x.dtype).at[jnp.arange(b)].set(x, mode="drop")
+
+    def decode(carry, j):
+        cache, toks, seen, last = carry
+        # A row past its count recomputes its last position without writing it (slot -1).
+        active = j < steps  # [B]
+        advance = jnp.where(live, jnp.minimum(j, steps - 1), 0)  # [B]
+        pos = positions + token_rows(advance)  # [N]
+        page = meta.block_tables[jnp.minimum(jnp.arange(n), b - 1), pos // page_size]  # [N]
+        slots = jnp.where(token_rows(active), page * page_size + pos % page_size, -1)
+        m = meta.replace(slot_mapping=slots, context_lens=meta.context_lens + advance)
+        sampled, logprobs, cache, seen = run(cache, toks, pos, m, counters=counters + j,
+                                             seen=seen)
+        # Each live row's sample is its next input token; out of range (n) drops the rest.
+        toks = toks.at[jnp.where(live, logits_at, n)].set(sampled, mode="drop")
+        last = jnp.where(active, sampled, last)
+        return (cache, toks, seen, last), (last, logprobs)
+
+    (cache, _, _, last), (burst, logprobs) = jax.lax.scan(
+        decode, (cache, tokens, seen, prev_burst[-1]), jnp.arange(num_steps))
+    burst = jnp.concatenate([burst, jnp.broadcast_to(last, (width - num_steps, b))])
+    return burst, logprobs, cache
+
+
+def _packed_step(params: Params, cache: PagedKVCache, prev_burst, blobs, *,
+                 spec: transfer.PackSpec, cfg: ModelConfig, impl: str, num_logprobs: int,
+                 num_steps: int):
     """`_step` over its host inputs packed into one or two buffers (`transfer.pack`)."""
-    return _step(params, cache, prev_sampled, *transfer.unpack(blobs, spec), cfg=cfg,
-                 impl=impl, num_logprobs=num_logprobs)
+    return _step(params, cache, prev_burst, *transfer.unpack(blobs, spec), cfg=cfg,
+                 impl=impl, num_logprobs=num_logprobs, num_steps=num_steps)
 
 
 # One jit for every runner: engines with equal shapes (tests, benchmarks) share executables.
 # The cache (argument 1) is donated: XLA updates the pool in place instead of copying it.
 _step_jit = jax.jit(_packed_step, donate_argnums=(1,),
-                    static_argnames=("spec", "cfg", "impl", "num_logprobs"))
+                    static_argnames=("spec", "cfg", "impl", "num_logprobs", "num_steps"))
 
 
 class ModelRunner:
@@ -174,12 +235,13 @@ class ModelRunner:
       layout: "inference" (fused projections, unrolled layers: ~2x faster decode on the H100,
         benchmarks/decode.md; compile time grows with depth), "stacked" (`lax.scan`), or
         "auto" (inference on GPU). token_bucket_sizes: see `token_buckets`.
+      num_scheduler_steps: most decodes a step may run (`SchedulerConfig`).
     """
 
     def __init__(self, cfg: ModelConfig, params: Params, *, num_pages: int, page_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  impl: str = "auto", layout: str = "auto",
-                 token_bucket_sizes: tuple[int, ...] = ()) -> None:
+                 token_bucket_sizes: tuple[int, ...] = (), num_scheduler_steps: int = 1) -> None:
         if cfg.sliding_window is not None:
             raise ValueError(f"sliding_window={cfg.sliding_window}: the paged engine does not "
                              "implement sliding-window attention; use `jdecode generate`")
@@ -192,7 +254,8 @@ class ModelRunner:
         self.buckets = token_buckets(max_num_batched_tokens, token_bucket_sizes)
         self.kv_buckets = kv_buckets(self.max_pages, page_size, impl)
         self.cache = init_paged_cache(cfg, num_pages, page_size)
-        self.last_sampled = jnp.zeros(max_num_seqs, jnp.int32)  # [B] the last step's samples
+        # [W, B] the last step's samples per row (`_step`'s burst).
+        self.last_burst = jnp.zeros((num_scheduler_steps, max_num_seqs), jnp.int32)
         self.impl = impl
 
     def bucket(self, num_tokens: int) -> int:
@@ -211,7 +274,8 @@ class ModelRunner:
         logits_at = np.zeros(B, np.int32)
         chunks = out.chunks
         c = len(chunks)
-        longest = max(ch.start + ch.num_tokens for ch in chunks)  # keys of the longest context
+        # Keys of the longest context, after a multi-step row's last decode.
+        longest = max(ch.start + ch.num_tokens + ch.steps - 1 for ch in chunks)
         width = next(w for w in self.kv_buckets if w * ps >= longest)
         tables = np.zeros((B, width), np.int32)  # [B, width] pages past a context are unread
         # Per-chunk Python work is kept to list building; the per-token arithmetic is numpy
@@ -273,39 +337,49 @@ class ModelRunner:
             for b, r in enumerate(reqs):
                 seen[b, r.all_token_ids] = True
         want_lp = num_logprobs and any(num_logprobs.get(r.request_id) is not None for r in reqs)
+        steps = None
+        if out.num_steps > 1:
+            steps = np.zeros(B, np.int32)
+            steps[:len(out.chunks)] = [c.steps for c in out.chunks]
         inputs = (arrays["tokens"], arrays["token_src"], arrays["positions"], arrays["meta"],
                   arrays["logits_at"], arrays["copy_src"], arrays["copy_dst"], sp, seeds,
-                  indices, counters, seen)
+                  indices, counters, seen, steps)
         return transfer.pack(inputs), MAX_LOGPROBS if want_lp else 0
 
-    def launch(self, inputs: transfer.Packed, num_logprobs: int = 0) -> tuple:
-        """Dispatches the jitted step (asynchronously); returns device (sampled, logprobs)."""
-        sampled, logprobs, self.cache = _step_jit(
-            self.params, self.cache, self.last_sampled, inputs.blobs, spec=inputs.spec,
-            cfg=self.cfg, impl=self.impl, num_logprobs=num_logprobs)
-        self.last_sampled = sampled
-        return sampled, logprobs
+    def launch(self, inputs: transfer.Packed, num_logprobs: int = 0, num_steps: int = 1
+               ) -> tuple:
+        """Dispatches the jitted step (asynchronously); returns device (samples [W, B],
+        logprobs). num_steps: decodes of a multi-step plan (`SchedulerOutput.num_steps`)."""
+        if num_steps > self.last_burst.shape[0]:
+            raise ValueError(f"num_steps={num_steps} exceeds this runner's "
+                             f"num_scheduler_steps={self.last_burst.shape[0]}")
+        self.last_burst, logprobs, self.cache = _step_jit(
+            self.params, self.cache, self.last_burst, inputs.blobs, spec=inputs.spec,
+            cfg=self.cfg, impl=self.impl, num_logprobs=num_logprobs, num_steps=num_steps)
+        return self.last_burst, logprobs
 
     def dispatch(self, out: SchedulerOutput, page_tables: dict[str, list[int]],
                  num_logprobs: dict[str, int] | None = None) -> InFlightStep:
         """Packs and dispatches a planned step without waiting for it."""
-        sampled, logprobs = self.launch(*self.step_inputs(out, page_tables, num_logprobs))
+        sampled, logprobs = self.launch(*self.step_inputs(out, page_tables, num_logprobs),
+                                        num_steps=out.num_steps)
         return InFlightStep(out, sampled, logprobs, num_logprobs or {})
 
     @staticmethod
     def collect(step: InFlightStep) -> StepResult:
-        """Waits for a dispatched step; returns the token sampled for every chunk that samples."""
-        sampled = np.asarray(step.sampled)
+        """Waits for a dispatched step; returns the tokens sampled for every chunk that samples."""
+        sampled = np.asarray(step.sampled)  # [W, B]
         logprobs = None if step.logprobs is None else [np.asarray(x) for x in step.logprobs]
         result = StepResult({}, {})
         for b, chunk in enumerate(step.out.chunks):
             if not chunk.samples:
                 continue
             rid = chunk.request.request_id
-            result.tokens[rid] = int(sampled[b])
+            result.tokens[rid] = sampled[:chunk.steps, b].tolist()
             k = step.num_logprobs.get(rid)
             if logprobs is not None and k is not None:
                 chosen, top_ids, top_vals = logprobs
-                result.logprobs[rid] = (float(chosen[b]), top_ids[b, :k].tolist(),
-                                        top_vals[b, :k].tolist())
+                result.logprobs[rid] = [
+                    (float(chosen[j, b]), top_ids[j, b, :k].tolist(), top_vals[j, b, :k].tolist())
+                    for j in range(chunk.steps)]
         return result

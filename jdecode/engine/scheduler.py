@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from collections.abc import Iterator
 
 from jdecode.engine.block_manager import BlockManager
 from jdecode.engine.request import Request, RequestStatus
@@ -34,6 +35,12 @@ class SchedulerConfig:
             decode, so one runs only once it can seat this many waiting sequences (or all that
             wait, or nothing is running): the stall is paid once per group, not per request
             (vLLM v0's delay factor serves the same end). None = max(1, max_num_seqs // 8).
+        num_scheduler_steps: decode steps the device runs per planned step (vLLM's multi-step
+            scheduling). A step whose every chunk is a decode runs up to this many decodes in
+            one launch, each row as many as its max_tokens and max_model_len leave; the host's
+            planning, packing and dispatch are paid once for all of them. A step with a prefill
+            chunk, a preemption or a page copy runs one. Tokens then land in bursts, and a
+            request that stops on EOS or a stop string wastes the rest of its burst.
     """
 
     max_num_seqs: int = 32
@@ -43,11 +50,13 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     max_chunk_tokens: int = 0
     min_prefill_batch: int | None = None
+    num_scheduler_steps: int = 1
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy={self.policy!r}: choose one of {', '.join(POLICIES)}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len",
+                     "num_scheduler_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if self.min_prefill_batch is not None and self.min_prefill_batch <= 0:
@@ -69,6 +78,9 @@ class ScheduledChunk:
       output_index: which output token that sample is (the key of its random stream).
       token_src: -1 when every token of the chunk is on the host; else the chunk is the decode
         of a token still in flight, and this is its row in the previous step's samples.
+      steps: decodes of this row in a multi-step step (`SchedulerConfig.num_scheduler_steps`):
+        the chunk's token, then steps - 1 tokens the device samples and feeds back itself.
+        The row computes positions start .. start + steps - 1 and samples `steps` tokens.
     """
 
     request: Request
@@ -77,6 +89,7 @@ class ScheduledChunk:
     samples: bool = False
     output_index: int = 0
     token_src: int = -1
+    steps: int = 1
 
 
 @dataclasses.dataclass
@@ -92,6 +105,11 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.chunks
+
+    @property
+    def num_steps(self) -> int:
+        """Device decode steps of this step (1 unless multi-step)."""
+        return max((c.steps for c in self.chunks), default=1)
 
 
 @dataclasses.dataclass
@@ -207,8 +225,29 @@ class Scheduler:
             if not self._chunks:
                 self._schedule_running()
         chunks = list(self._chunks.values())
+        copies = self.block_manager.take_copies()
+        if cfg.num_scheduler_steps > 1 and not copies and not self._preempted:
+            self._plan_steps(chunks)
         self._commit(chunks)
-        return SchedulerOutput(chunks, self.block_manager.take_copies(), self._preempted)
+        return SchedulerOutput(chunks, copies, self._preempted)
+
+    def _plan_steps(self, chunks: list[ScheduledChunk]) -> None:
+        """Multi-step: when every chunk is a decode, gives each row as many decodes as its
+        limits allow (at most num_scheduler_steps) and reserves their pages.
+
+        A row whose extra pages are not free runs one decode: looking ahead never preempts.
+        """
+        if not chunks or any(c.num_tokens != 1 or c.start + 1 != c.request.num_tokens_with_pending
+                             for c in chunks):
+            return
+        for chunk in chunks:
+            req = chunk.request
+            steps = min(self.cfg.num_scheduler_steps,
+                        self.cfg.max_model_len - req.num_tokens_with_pending)
+            if req.max_output_tokens is not None:
+                steps = min(steps, req.max_output_tokens - req.num_output_tokens - req.num_pending)
+            if steps > 1 and self.block_manager.allocate_slots(req, steps):
+                chunk.steps = steps
 
     def _commit(self, chunks: list[ScheduledChunk]) -> None:
         """Advances the scheduled requests as if the step had run (vLLM v1 does the same), so the
@@ -218,11 +257,11 @@ class Scheduler:
             end = chunk.start + chunk.num_tokens
             if end > req.num_tokens:  # the decode of the previous step's in-flight sample
                 chunk.token_src = req.sample_slot
-            req.num_computed_tokens = end
+            req.num_computed_tokens = end + chunk.steps - 1
             chunk.samples = end == req.num_tokens_with_pending
             if chunk.samples:
                 chunk.output_index = req.num_output_tokens + req.num_pending
-                req.num_pending += 1
+                req.num_pending += chunk.steps
                 req.sample_slot = b
 
     def _done_when_pending_land(self, req: Request) -> bool:
@@ -336,25 +375,40 @@ class Scheduler:
                 self._chunks[req.request_id] = ScheduledChunk(req, num_cached, n)
                 self._budget -= n
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]
-                           ) -> list[Request]:
-        """Appends the tokens a step sampled (its chunks were committed when it was scheduled).
+    def land(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> Iterator[Request]:
+        """Appends the tokens a step sampled, one at a time (its chunks were committed when it
+        was scheduled).
+
+        Yields each request right after appending one of its tokens, so the caller can apply
+        the stop conditions before the next: a request that finishes (or is aborted) takes no
+        further tokens of its burst.
 
         Args:
             out: the step that ran.
-            sampled: request id -> token, for every chunk with `samples` true.
+            sampled: request id -> its `chunk.steps` tokens, for every chunk with `samples`.
 
-        Returns:
-            Requests that received a new token (the caller checks stop conditions). A request
-            preempted after this step was launched still receives its token: it was computed
-            from pages that were intact then.
+        A request preempted after this step was launched still receives its tokens: they were
+        computed from pages that were intact then.
         """
-        updated = []
         for chunk in out.chunks:
             req = chunk.request
-            if not chunk.samples or req.is_finished:  # finished or aborted while it ran
+            if not chunk.samples:
                 continue
-            req.num_pending -= 1
-            req.append_output(sampled[req.request_id])
-            updated.append(req)
-        return updated
+            for token in sampled[req.request_id]:
+                if req.is_finished:  # finished or aborted while it ran, or by a token before
+                    break
+                req.num_pending -= 1
+                req.append_output(token)
+                yield req
+
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]
+                           ) -> list[Request]:
+        """`land` for a single-step plan: one token per sampling chunk.
+
+        Returns:
+            Requests that received a new token (the caller checks stop conditions).
+        """
+        if out.num_steps != 1:
+            raise ValueError(f"a {out.num_steps}-step plan samples several tokens per row: "
+                             "land it with Scheduler.land")
+        return list(self.land(out, {rid: [t] for rid, t in sampled.items()}))

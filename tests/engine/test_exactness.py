@@ -133,11 +133,14 @@ def test_trace_count_new_mixes_do_not_recompile(rng, make_engine):
 
 
 @pytest.mark.gpu
-def test_pallas_engine_matches_single_request_greedy(rng, make_llm, greedy_reference):
+@pytest.mark.parametrize("num_scheduler_steps", [1, 4])
+def test_pallas_engine_matches_single_request_greedy(rng, make_llm, greedy_reference,
+                                                     num_scheduler_steps):
     import jax
 
     if jax.default_backend() != "gpu":
         pytest.skip("needs the GPU")
     prompts = random_prompts(rng, 6)
-    llm = make_llm(max_num_batched_tokens=16, max_chunk_tokens=5, num_pages=80, impl="pallas")
+    llm = make_llm(max_num_batched_tokens=16, max_chunk_tokens=5, num_pages=80, impl="pallas",
+                   num_scheduler_steps=num_scheduler_steps)
     assert_exact(llm.generate(prompts, GREEDY, use_tqdm=False), prompts, greedy_reference)
