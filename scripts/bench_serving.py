@@ -102,7 +102,8 @@ def online_workload(args, vocab: int, rate: float) -> list[Req]:
 
 
 def warmup(engine: LLMEngine) -> None:
-    """Compiles every token bucket (executables are shared by engines of equal shape)."""
+    """Compiles every token bucket (executables are shared by engines of equal shape), and with
+    multi-step scheduling the multi-step executable of each bucket an all-decode step uses."""
     for i, b in enumerate(engine.runner.buckets):
         n = min(b, engine.max_model_len - 4)
         # A different token per request: a prefix hit would shrink the chunk to a smaller bucket.
@@ -110,6 +111,15 @@ def warmup(engine: LLMEngine) -> None:
                            SamplingParams(max_new_tokens=2, ignore_eos=True))
         while engine.has_unfinished_requests():
             engine.step()
+    burst = engine.args.num_scheduler_steps
+    if burst > 1:
+        seqs = engine.args.max_num_seqs
+        for n in sorted({min(b, seqs) for b in engine.runner.buckets}):  # rows -> bucket
+            for j in range(n):
+                engine.add_request(f"warm-decode{n}-{j}", [j + 1, n],
+                                   SamplingParams(max_new_tokens=burst + 2, ignore_eos=True))
+            while engine.has_unfinished_requests():
+                engine.step()
     engine.block_manager.reset_prefix_cache()
 
 

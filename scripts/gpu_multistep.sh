@@ -15,7 +15,7 @@ PHASE=${PHASE:-probe}
 STEPS=${STEPS:-1 4 8}
 MODEL=${MODEL:-configs/models/llama-3.2-1b.yaml}
 COMMON=(--model "$MODEL" --impl pallas --layout inference --policies continuous --rates ''
-        --num-pages 4096)
+        --num-pages 4096 ${DTYPE:+--dtype $DTYPE})
 export PYTHONPATH=.
 case "$PHASE" in
   probe)

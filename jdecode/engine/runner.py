@@ -2,7 +2,8 @@
 
 The flat token axis is padded to a few buckets and the sequence axis to max_num_seqs, so a new
 mix of prefill chunks and decodes never recompiles (vLLM v1's unified batch). Each bucket
-compiles at most twice: for all-greedy steps and for steps where some request samples.
+compiles at most twice: for all-greedy steps and for steps where some request samples; and with
+multi-step scheduling, the buckets of all-decode steps once more for each.
 """
 
 from __future__ import annotations

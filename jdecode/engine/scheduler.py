@@ -38,9 +38,11 @@ class SchedulerConfig:
         num_scheduler_steps: decode steps the device runs per planned step (vLLM's multi-step
             scheduling). A step whose every chunk is a decode runs up to this many decodes in
             one launch, each row as many as its max_tokens and max_model_len leave; the host's
-            planning, packing and dispatch are paid once for all of them. A step with a prefill
-            chunk, a preemption or a page copy runs one. Tokens then land in bursts, and a
-            request that stops on EOS or a stop string wastes the rest of its burst.
+            planning, packing and read-back are paid once for all of them. A step with a
+            prefill chunk, a preemption or a page copy runs one, and so does a step where a
+            row would end within the burst while requests wait for a seat. Tokens land in
+            bursts, and a request that stops on EOS or a stop string wastes the rest of its
+            burst.
     """
 
     max_num_seqs: int = 32
@@ -97,6 +99,9 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk]
     page_copies: list[tuple[int, int]]  # copy-on-write (src, dst) to apply before the forward
     preempted: list[Request]
+    # Decodes the device runs (1, or num_scheduler_steps for a multi-step plan): the most
+    # chunk.steps, or more, where rows idle once their own count is done.
+    num_steps: int = 1
 
     @property
     def num_batched_tokens(self) -> int:
@@ -105,11 +110,6 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.chunks
-
-    @property
-    def num_steps(self) -> int:
-        """Device decode steps of this step (1 unless multi-step)."""
-        return max((c.steps for c in self.chunks), default=1)
 
 
 @dataclasses.dataclass
@@ -226,28 +226,39 @@ class Scheduler:
                 self._schedule_running()
         chunks = list(self._chunks.values())
         copies = self.block_manager.take_copies()
+        num_steps = 1
         if cfg.num_scheduler_steps > 1 and not copies and not self._preempted:
-            self._plan_steps(chunks)
+            num_steps = self._plan_steps(chunks)
         self._commit(chunks)
-        return SchedulerOutput(chunks, copies, self._preempted)
+        return SchedulerOutput(chunks, copies, self._preempted, num_steps)
 
-    def _plan_steps(self, chunks: list[ScheduledChunk]) -> None:
+    def _plan_steps(self, chunks: list[ScheduledChunk]) -> int:
         """Multi-step: when every chunk is a decode, gives each row as many decodes as its
-        limits allow (at most num_scheduler_steps) and reserves their pages.
+        limits allow (at most num_scheduler_steps) and reserves their pages. Returns the
+        step's decode count: num_scheduler_steps, or 1 for a single decode.
 
-        A row whose extra pages are not free runs one decode: looking ahead never preempts.
+        The device always runs num_scheduler_steps decodes (one executable per token bucket);
+        a row that ends sooner idles for the rest. While requests wait, a step where some row
+        would end within the burst runs one decode instead, so its seat frees at once. A row
+        whose extra pages are not free runs one decode: looking ahead never preempts.
         """
         if not chunks or any(c.num_tokens != 1 or c.start + 1 != c.request.num_tokens_with_pending
                              for c in chunks):
-            return
+            return 1
+        burst = self.cfg.num_scheduler_steps
+        limits = []
         for chunk in chunks:
             req = chunk.request
-            steps = min(self.cfg.num_scheduler_steps,
-                        self.cfg.max_model_len - req.num_tokens_with_pending)
+            steps = min(burst, self.cfg.max_model_len - req.num_tokens_with_pending)
             if req.max_output_tokens is not None:
                 steps = min(steps, req.max_output_tokens - req.num_output_tokens - req.num_pending)
-            if steps > 1 and self.block_manager.allocate_slots(req, steps):
+            limits.append(steps)
+        if self.waiting and min(limits) < burst:
+            return 1
+        for chunk, steps in zip(chunks, limits, strict=True):
+            if steps > 1 and self.block_manager.allocate_slots(chunk.request, steps):
                 chunk.steps = steps
+        return burst if any(c.steps > 1 for c in chunks) else 1
 
     def _commit(self, chunks: list[ScheduledChunk]) -> None:
         """Advances the scheduled requests as if the step had run (vLLM v1 does the same), so the

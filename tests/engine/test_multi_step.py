@@ -115,3 +115,23 @@ def test_scheduler_gives_each_decode_row_what_its_limits_leave():
 def test_num_scheduler_steps_must_be_positive():
     with pytest.raises(ValueError, match="num_scheduler_steps=0 must be > 0"):
         SchedulerConfig(num_scheduler_steps=0)
+
+
+def test_a_waiting_request_gets_the_seat_a_burst_would_hold():
+    """With requests waiting, a step where a row would end within the burst runs one decode,
+    so the seat frees at once; with none waiting the others run their burst."""
+    def plan(waiting: bool):
+        sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=32,
+                                          max_model_len=64, num_scheduler_steps=4),
+                          BlockManager(32, 4))
+        a, b = Request("a", [1, 2, 3]), Request("b", [4, 5, 6])
+        b.max_output_tokens = 2
+        for r in (a, b, *([Request("c", [7, 8])] if waiting else [])):
+            sched.add_request(r)
+        sched.schedule()  # a and b prefill; c waits for a seat
+        return sched.schedule()
+
+    busy, idle = plan(waiting=True), plan(waiting=False)
+    assert busy.num_steps == 1 and [c.steps for c in busy.chunks] == [1, 1]
+    # Without a queue: a runs 4, b the 1 its max_tokens leaves (and idles for the rest).
+    assert idle.num_steps == 4 and [c.steps for c in idle.chunks] == [4, 1]
