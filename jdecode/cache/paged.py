@@ -99,7 +99,8 @@ def paged_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: PagedKVCache,
     L, P, page, K, D = cache.k_pages.shape
     offset = layer * P
     slots = jnp.where(meta.slot_mapping < 0, -1, meta.slot_mapping + offset * page)  # [N]
-    write_impl = "pallas" if impl == "pallas" else "xla"
+    # The write kernel's row block is [K, D]: Triton wants powers of 2 (SmolLM2 has K = 3).
+    write_impl = "pallas" if impl == "pallas" and not K & (K - 1) else "xla"
     k_pool, v_pool = write_kv_pages(cache.k_pages.reshape(L * P, page, K, D),
                                     cache.v_pages.reshape(L * P, page, K, D),
                                     k[0], v[0], slots, impl=write_impl)
