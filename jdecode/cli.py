@@ -436,9 +436,10 @@ def serve(
     ] = None,
     max_request_bytes: Annotated[int | None, typer.Option(
         min=1, help="request bodies larger than this answer 413 (default: 4 MiB)")] = None,
-    num_scheduler_steps: Annotated[int, typer.Option(
+    num_scheduler_steps: Annotated[int | None, typer.Option(
         min=1, help="decodes per launch when a step is all decodes (vLLM's multi-step "
-                    "scheduling): less host time per token, tokens stream in bursts")] = 1,
+                    "scheduling): less host time per token, tokens stream in bursts "
+                    "(default: 4 on a GPU, 1 elsewhere)")] = None,
 ) -> None:
     """OpenAI-compatible server (/v1/completions, /v1/chat/completions, /metrics)."""
     check_model(model)

@@ -421,8 +421,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--num-scheduler-steps", type=int, default=1,
-                    help="decodes per launch of an all-decode step (multi-step scheduling)")
+    ap.add_argument("--num-scheduler-steps", type=int, default=None,
+                    help="decodes per launch of an all-decode step (multi-step scheduling; "
+                         "default: the engine's, 4 on a GPU and 1 elsewhere)")
     ap.add_argument("--num-pages", type=int, default=None)
     ap.add_argument("--policies", default="continuous,static,continuous+chunked",
                     help="run order within each part")

@@ -135,3 +135,12 @@ def test_a_waiting_request_gets_the_seat_a_burst_would_hold():
     assert busy.num_steps == 1 and [c.steps for c in busy.chunks] == [1, 1]
     # Without a queue: a runs 4, b the 1 its max_tokens leaves (and idles for the rest).
     assert idle.num_steps == 4 and [c.steps for c in idle.chunks] == [4, 1]
+
+
+def test_default_is_four_decodes_per_launch_on_a_gpu_and_one_elsewhere(monkeypatch, make_engine):
+    from jdecode.engine import engine as engine_mod
+
+    assert make_engine().args.num_scheduler_steps == 1  # this CPU
+    assert engine_mod.resolve_scheduler_steps(3) == 3
+    monkeypatch.setattr(engine_mod.jax, "default_backend", lambda: "gpu")
+    assert engine_mod.resolve_scheduler_steps(None) == engine_mod.DEFAULT_GPU_SCHEDULER_STEPS == 4
