@@ -95,12 +95,15 @@ def offline(smol_tiny) -> LLM:
 
 
 @contextlib.contextmanager
-def running_server(model: Model, **app_args):
-    """Serves `model` on a free port of 127.0.0.1; yields (base url, AsyncEngine, Server)."""
+def running_server(model: Model, engine_args: dict | None = None, **app_args):
+    """Serves `model` on a free port of 127.0.0.1; yields (base url, AsyncEngine, Server).
+
+    engine_args: `EngineArgs` fields over SERVER_ARGS."""
     # Imported here: the GPU machine has no uvicorn, and its engine tests need no server.
     from jdecode.engine.server import build_app, make_server
 
-    app, core = build_app(LLMEngine(model, EngineArgs(**SERVER_ARGS)), SERVED_NAME, **app_args)
+    engine = LLMEngine(model, EngineArgs(**{**SERVER_ARGS, **(engine_args or {})}))
+    app, core = build_app(engine, SERVED_NAME, **app_args)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

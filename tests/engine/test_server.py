@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from .conftest import SERVED_NAME as NAME
+from .conftest import running_server
 
 
 @pytest.fixture
@@ -181,3 +182,27 @@ def test_metrics_exposes_latencies_and_cache(server, client):
     count = next(line for line in text.splitlines()
                  if line.startswith("jdecode_e2e_request_latency_seconds_count"))
     assert float(count.split()[-1]) >= 1
+
+
+def test_multi_step_server_streams_what_one_decode_per_launch_gives(smol_tiny, offline):
+    """The GPU default (4 decodes per launch): bursts stream the same text, a stop string
+    inside a burst cuts it at the same place, and the usage counts the same tokens."""
+    from jdecode.decoding.sampling import SamplingParams
+
+    ids = offline.model.tokenizer.encode("Once upon a time")
+    full = offline.generate(ids, _greedy(16), use_tqdm=False)[0].outputs[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    assert stop.strip(), f"pick another stop: {stop!r}"
+    want = offline.generate(ids, SamplingParams(max_new_tokens=16, stop=(stop,)),
+                            use_tqdm=False)[0].outputs[0]
+    assert want.finish_reason == "stop"
+    with running_server(smol_tiny, {"num_scheduler_steps": 4}) as (url, core, _):
+        assert core.engine.args.num_scheduler_steps == 4
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        for stop_args, expect in (({}, full), ({"stop": [stop]}, want.text)):
+            chunks = list(client.completions.create(
+                model=NAME, prompt=ids, max_tokens=16, temperature=0, stream=True,
+                stream_options={"include_usage": True}, **stop_args))
+            assert "".join(c.choices[0].text for c in chunks if c.choices) == expect
+        assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+        assert core.engine.num_steps < core.engine.num_generated_tokens
