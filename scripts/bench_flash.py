@@ -29,6 +29,7 @@ from pallas_kernels.flash_attention import (
     hopper_flash_attention,
 )
 from pallas_kernels.flash_attention.hopper import Tweaks
+from pallas_kernels.flash_attention.tuning import sm_count
 from scripts.bench_kernels import check, compile_time, time_calls
 
 BF16 = jnp.bfloat16
@@ -48,11 +49,20 @@ TWEAKS = {
 }
 
 
+# Launch variants of the Hopper kernel, run with --persistent: a CTA per tile, or one CTA per
+# SM looping over tiles (`hopper._kernel`); "mosaic" is whichever `hopper_config` picks.
+def launch_variants() -> dict[str, dict]:
+    return {"mosaic_per_tile": {"ctas": 0, "q_ahead": False},
+            "mosaic_persistent": {"ctas": sm_count(), "q_ahead": False},
+            "mosaic_persistent_q": {"ctas": sm_count(), "q_ahead": True}}
+
+
 def tile_name(bq, bkv, st, pp) -> str:
     return f"mosaic_bq{bq}_bkv{bkv}_s{st}_pp{int(pp)}"
 
 
-def bench_point(d: int, t: int, causal: bool, tiles: bool = False, tweaks: bool = False) -> dict:
+def bench_point(d: int, t: int, causal: bool, tiles: bool = False, tweaks: bool = False,
+                persistent: bool = False) -> dict:
     b = max(1, TOKENS // t)
     ks = jax.random.split(jax.random.key(t + d), 3)
     q = jax.random.normal(ks[0], (b, t, HEADS, d), BF16)
@@ -77,10 +87,14 @@ def bench_point(d: int, t: int, causal: bool, tiles: bool = False, tweaks: bool 
             res[name] = {"error": repr(e)[:600]}
             print(f"  {name}: ERROR {e!r}"[:600])
 
-    record("triton", functools.partial(flash_attention, causal=causal, backend="triton"))
-    record("mosaic", functools.partial(hopper_flash_attention, causal=causal))
+    if not persistent:  # that run compares launches of the Hopper kernel only
+        record("triton", functools.partial(flash_attention, causal=causal, backend="triton"))
+        record("mosaic", functools.partial(hopper_flash_attention, causal=causal))
     record("cudnn", functools.partial(jax.nn.dot_product_attention, is_causal=causal,
                                       implementation="cudnn"))
+    if persistent:
+        for name, kw in launch_variants().items():
+            record(name, functools.partial(hopper_flash_attention, causal=causal, **kw))
     if tweaks:
         for name, tw in TWEAKS.items():
             record(name, functools.partial(hopper_flash_attention, causal=causal, tweaks=tw))
@@ -110,7 +124,7 @@ def markdown(results: dict) -> str:
 
     def tf(p, name):
         r = p.get(name, {})
-        return f"{r['TFLOPs']:.0f}" if "TFLOPs" in r else "error"
+        return f"{r['TFLOPs']:.0f}" if "TFLOPs" in r else ("error" if "error" in r else "-")
 
     for p in results["points"]:
         m, c = p.get("mosaic", {}), p.get("cudnn", {})
@@ -125,6 +139,21 @@ def markdown(results: dict) -> str:
         for p in tweaked:
             lines.append(f"| {p['D']} | {p['causal']} | {p['T']} | {tf(p, 'mosaic')} | "
                          + " | ".join(tf(p, n) for n in TWEAKS) + " |")
+    launched = [p for p in results["points"] if "mosaic_persistent" in p]
+    if launched:
+        lines += ["", ("Hopper launch variants (TFLOP/s): a CTA per tile; one per SM looping "
+                  "over tiles; the same loading each tile's queries during the previous tile "
+                  "(+q):"), "",
+                  ("| D | causal | T | per tile | persistent | persistent +q | best / per tile | "
+                  "best / cuDNN |"), "|---|---|---|---|---|---|---|---|"]
+        for p in launched:
+            names = ("mosaic_per_tile", "mosaic_persistent", "mosaic_persistent_q")
+            got = [p[n]["TFLOPs"] for n in names if "TFLOPs" in p.get(n, {})]
+            base, cud = p.get(names[0], {}), p.get("cudnn", {})
+            gain = f"{max(got) / base['TFLOPs']:.2f}" if "TFLOPs" in base else "-"
+            vs = f"{max(got) / cud['TFLOPs']:.2f}" if got and "TFLOPs" in cud else "-"
+            lines.append(f"| {p['D']} | {p['causal']} | {p['T']} | "
+                         + " | ".join(tf(p, n) for n in names) + f" | {gain} | {vs} |")
     grid = [p for p in results["points"] if any(n.startswith("mosaic_bq") for n in p)]
     for p in grid:
         lines += ["", f"Hopper tiles at D{p['D']} T{p['T']} causal={p['causal']} (TFLOP/s):", "",
@@ -150,6 +179,10 @@ def main():
                     help="D:T:causal points (comma-separated) that also run the tile grid")
     ap.add_argument("--tweaks", action="store_true",
                     help="also time the Hopper kernel's instruction-order variants at every point")
+    ap.add_argument("--persistent", action="store_true",
+                    help="time the Hopper kernel's launches (a CTA per tile, persistent, "
+                    "persistent loading queries ahead) beside cuDNN, instead of the Triton "
+                    "kernel and the default")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     results = {
@@ -176,7 +209,7 @@ def main():
             for t in map(int, args.seqs.split(",")):
                 try:
                     point = bench_point(d, t, causal, tiles=(d, t, int(causal)) in grid,
-                                        tweaks=args.tweaks)
+                                        tweaks=args.tweaks, persistent=args.persistent)
                 except Exception:  # noqa: BLE001 - e.g. out of memory: keep the rest
                     point = {"D": d, "T": t, "causal": causal,
                              "point": {"error": traceback.format_exc()[-1500:]}}

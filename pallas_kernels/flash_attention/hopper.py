@@ -91,13 +91,15 @@ class Scratch(NamedTuple):
     k_free: Any  # [stages] both compute warpgroups are done with a K slot
     v_free: Any  # [stages]
     sched: Any  # the ping-pong rendezvous of the two compute warpgroups
+    o: Any = None  # [COMPUTE_WGS, block_q, D] output tiles, when q's tiles are loaded ahead
 
 
 def scratch_shapes(dtype, d: int, *, block_q: int, block_kv: int, stages: int,
-                   copies_per_block: int = 1, interpret: bool = False):
+                   copies_per_block: int = 1, interpret: bool = False, out_tiles: bool = False):
     """`pl.run_scoped` arguments for a `Scratch`: tiles in the wgmma's swizzled layout; a slot's
     ready barrier completes after `copies_per_block` TMA copies (one per page when K/V are
-    paged) and all their bytes."""
+    paged) and all their bytes. out_tiles: separate output tiles (`Scratch.o`), so the next
+    tile's queries can load while this tile's last blocks and its store run."""
     plgpu = plgpu_module()
     swizzle = 128
     transforms = () if interpret else (plgpu.TilingTransform((8, swizzle // dtype.itemsize)),
@@ -110,7 +112,8 @@ def scratch_shapes(dtype, d: int, *, block_q: int, block_kv: int, stages: int,
         plgpu.SMEM((stages, block_kv, d), dtype, transforms=transforms),
         ring, ring, plgpu.Barrier(num_barriers=COMPUTE_WGS), free, free,
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),
-    )
+    ) + ((plgpu.SMEM((COMPUTE_WGS, block_q, d), dtype, transforms=transforms),) if out_tiles
+         else ())
 
 
 def block_steps(end, full_end, block_kv: int):
@@ -122,11 +125,20 @@ def block_steps(end, full_end, block_kv: int):
 
 def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q_pos,
             sm_scale: float, soft_cap: float | None, block_kv: int, stages: int,
-            pingpong: bool, interpret: bool, tweaks: Tweaks = Tweaks(), has_rows=None):
+            pingpong: bool, interpret: bool, tweaks: Tweaks = Tweaks(), has_rows=None,
+            base=0, setup_registers: bool = True, q_loaded: bool = False, load_next_q=None):
     """A compute warpgroup: loads its [block_q, D] query tile from q_src (GMEM), runs the online
     softmax over kv blocks [0, n_steps) of the ring (blocks [0, n_full) unmasked), hands back
     the slots of blocks [n_steps, cta_steps) that only the other warpgroup reads, and stores
     the normalized output to o_dst.
+
+    base: the ring position of this tile's block 0 (the blocks a persistent CTA streamed for
+    its earlier tiles; block j sits in slot (base + j) % stages). setup_registers=False when
+    the caller, looping over tiles, has raised the register budget once already.
+    q_loaded: the query tile's copy was started earlier (by the previous tile's
+    `load_next_q`); only its barrier is waited for. load_next_q(): starts the next tile's query
+    copy into this warpgroup's query tile; it runs right after the last Q K^T read the tile
+    (which needs `Scratch.o`: the output then leaves through its own tile).
 
     q_pos(shape) -> int32 positions of the rows broadcast over `shape`, or None (non-causal):
     key k is visible to a row at position p when k < kv_len and k <= p.
@@ -135,7 +147,8 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
     """
     plgpu = plgpu_module()
     wg = lax.axis_index("wg")
-    plgpu.set_max_registers(232, action="increase")
+    if setup_registers:
+        set_compute_registers()
 
     def with_layout(x, layout):
         # The GPU interpreter evaluates layout casts through XLA:CPU, which has no rule for them;
@@ -158,7 +171,8 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
 
     @only_with_rows
     def _load_q():
-        plgpu.copy_gmem_to_smem(q_src, q_smem, scr.q_ready.at[wg])
+        if not q_loaded:
+            plgpu.copy_gmem_to_smem(q_src, q_smem, scr.q_ready.at[wg])
         plgpu.barrier_wait(scr.q_ready.at[wg])
 
     row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -172,11 +186,11 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
     fma = tweaks.fma and soft_cap is None
     if tweaks.early_k:
         # Block j's K is waited for during block j - 1's P V (wait_next_k); block 0's here.
-        pl.when(n_steps > 0)(lambda: plgpu.barrier_wait(scr.k_ready.at[0]))
+        pl.when(n_steps > 0)(lambda: plgpu.barrier_wait(scr.k_ready.at[lax.rem(base, stages)]))
 
     def step(j, carry, masked):
         acc, m, l = carry
-        slot = lax.rem(j, stages)
+        slot = lax.rem(base + j, stages)
         if not tweaks.early_k:
             plgpu.barrier_wait(scr.k_ready.at[slot])
 
@@ -195,6 +209,8 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
         else:
             s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
         plgpu.barrier_arrive(scr.k_free.at[slot])
+        if load_next_q is not None:
+            pl.when(j == n_steps - 1)(load_next_q)  # this was the tile's last read of Q
         # fma: s stays raw; the row max is scaled instead and exp2 takes s * c - m in one FMA.
         c = sm_scale * LOG2E
         if not fma:
@@ -230,7 +246,7 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
             if tweaks.early_k:
                 nxt = j + 1
                 pl.when(nxt < n_steps)(
-                    lambda: plgpu.barrier_wait(scr.k_ready.at[lax.rem(nxt, stages)]))
+                    lambda: plgpu.barrier_wait(scr.k_ready.at[lax.rem(base + nxt, stages)]))
 
         if interpret:
             acc = acc + jnp.dot(p, scr.v[slot], preferred_element_type=jnp.float32)
@@ -248,12 +264,14 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
     carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
     carry = lax.fori_loop(n_full, n_steps, functools.partial(step, masked=True), carry)
     acc, m, l = carry
+    if load_next_q is not None:
+        pl.when(n_steps == 0)(load_next_q)  # rows that see no key never read Q
 
     @pl.loop(n_steps, cta_steps)
     def _release(j):
         # Blocks only the other warpgroup needs: hand their slots back in step (each arrival
         # waits for the load, so this warpgroup never counts twice in one phase).
-        slot = lax.rem(j, stages)
+        slot = lax.rem(base + j, stages)
         plgpu.barrier_wait(scr.k_ready.at[slot])
         plgpu.barrier_arrive(scr.k_free.at[slot])
         if pingpong:
@@ -270,112 +288,194 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
 
     @only_with_rows
     def _store():
-        q_smem[...] = out.astype(q_smem.dtype)
+        if scr.o is None:
+            q_smem[...] = out.astype(q_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, o_dst)
+            plgpu.wait_smem_to_gmem(0)
+            return
+        # Its own output tile: the previous tile's store must only have read it, and this
+        # store completes while the next tile runs (the caller waits once at the end).
+        o_smem = scr.o.at[wg]
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        o_smem[...] = out.astype(o_smem.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, o_dst)
-        plgpu.wait_smem_to_gmem(0)
+        plgpu.copy_smem_to_gmem(o_smem, o_dst)
 
 
-def produce(scr: Scratch, issue, *, cta_steps, num_kv_blocks: int, stages: int):
-    """The producer warpgroup: kv blocks [0, cta_steps) into the ring, block j in slot
-    j % stages. issue(j, slot, which) starts the TMA copies of block j's K (which 0) or V
-    (which 1) into that slot, arriving on its ready barrier; a reused slot first waits for
-    both compute warpgroups' release."""
+def set_compute_registers():
+    """A compute warpgroup's register budget (it holds the S and O tiles): once per kernel."""
+    plgpu_module().set_max_registers(232, action="increase")
+
+
+def set_producer_registers():
+    """The producer warpgroup only issues copies: it gives its registers to the compute ones."""
+    plgpu_module().set_max_registers(40, action="decrease")
+
+
+def produce(scr: Scratch, issue, *, cta_steps, stages: int):
+    """The producer warpgroup of a CTA that serves one tile: kv blocks [0, cta_steps) into the
+    ring (`stream`), then the last releases observed (`drain`)."""
+    set_producer_registers()
+    stream(scr, issue, base=0, count=cta_steps, stages=stages)
+    drain(scr, total=cta_steps, stages=stages)
+
+
+def stream(scr: Scratch, issue, *, base, count, stages: int):
+    """A tile's kv blocks [0, count) into the ring at positions base + j: block j goes to slot
+    (base + j) % stages. issue(j, slot, which) starts the TMA copies of block j's K (which 0)
+    or V (which 1) into that slot, arriving on its ready barrier; a slot used before first
+    waits for both compute warpgroups' release of it, so a persistent CTA's producer runs into
+    its next tile while the compute warpgroups finish this one."""
     plgpu = plgpu_module()
-    plgpu.set_max_registers(40, action="decrease")
 
-    def load(j, slot, reuse=False):
+    @pl.loop(0, count)
+    def _stream(j):
+        g = base + j
+        slot = lax.rem(g, stages)
         for which, free in enumerate((scr.k_free, scr.v_free)):
-            if reuse:
-                plgpu.barrier_wait(free.at[slot])
+            pl.when(g >= stages)(lambda free=free: plgpu.barrier_wait(free.at[slot]))
             issue(j, slot, which)
 
-    for i in range(min(stages, num_kv_blocks)):
-        pl.when(i < cta_steps)(functools.partial(load, i, i))
 
-    @pl.loop(stages, jnp.maximum(cta_steps, stages))
-    def _stream(j):
-        load(j, lax.rem(j, stages), reuse=True)
+def drain(scr: Scratch, *, total, stages: int):
+    """Observe the releases of the last blocks streamed (ring positions [total - stages,
+    total)): every completed barrier phase is waited for once (the GPU interpreter checks it;
+    on the card it costs the idle producer nothing)."""
+    plgpu = plgpu_module()
 
-    @pl.loop(jnp.maximum(cta_steps - stages, 0), cta_steps)
-    def _drain(j):
-        # Observe the last releases too: every completed barrier phase is waited for once
-        # (the GPU interpreter checks it; on the card it costs the idle producer nothing).
-        slot = lax.rem(j, stages)
+    @pl.loop(jnp.maximum(total - stages, 0), total)
+    def _drain(g):
+        slot = lax.rem(g, stages)
         plgpu.barrier_wait(scr.k_free.at[slot])
         plgpu.barrier_wait(scr.v_free.at[slot])
 
 
 def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scr: Scratch, *, sm_scale,
-            causal, soft_cap, block_q, block_kv, stages, group, num_q_tiles, num_kv_blocks,
-            pingpong, interpret, tweaks):
-    """One CTA: query rows [tile * 2 * block_q, +2 * block_q) of head h of sequence b.
+            causal, soft_cap, block_q, block_kv, stages, group, num_heads, num_q_tiles,
+            num_tiles, num_ctas, pingpong, interpret, tweaks):
+    """CTA c serves tiles c, c + num_ctas, ...: tile t is query rows [tile * 2 * block_q,
+    +2 * block_q) of head t % H of one sequence (the heads vary fastest, so CTAs running side by
+    side share their kv heads in L2; within a sequence the heaviest causal tiles come first, so
+    the last round is the cheap tiles). With num_ctas == num_tiles each CTA serves one tile.
+
+    Persistent (num_ctas < num_tiles): the ring runs on across a CTA's tiles, so the producer
+    loads the next tile's first K/V blocks while the compute warpgroups finish the current one
+    (its last blocks, the normalization and the output store); a CTA per tile pays that
+    latency, and its launch, on every tile.
 
     q_off_ref, kv_len_ref: [B] int32 in GMEM. q_ref/o_ref: [B, T_pad, H, D]; k_ref, v_ref:
     [B, S_pad, K, D].
     """
-    b = lax.axis_index("batch")
-    h = lax.axis_index("heads")
-    # Heaviest causal tiles (most keys) first: the grid's tail is then the cheap tiles.
-    tile = num_q_tiles - 1 - lax.axis_index("q_seq")
+    cta = lax.axis_index("cta")
     wg = lax.axis_index("wg")
-    q_off = q_off_ref[b]
-    kv_len = kv_len_ref[b]
+    n_mine = lax.div(num_tiles - cta + num_ctas - 1, num_ctas)  # this CTA's tiles
 
-    def steps_of(q_first):
+    def steps_of(q_first, q_off, kv_len):
         """(kv blocks, unmasked blocks) of the query rows [q_first, q_first + block_q)."""
         if causal:
             return block_steps(jnp.minimum(kv_len, q_off + q_first + block_q),
                                jnp.minimum(kv_len, q_off + q_first + 1), block_kv)
         return block_steps(kv_len, kv_len, block_kv)
 
-    tile_first = tile * (COMPUTE_WGS * block_q)
-    # The second compute warpgroup's rows are later: it reads the most blocks of the CTA.
-    cta_steps, _ = steps_of(tile_first + (COMPUTE_WGS - 1) * block_q)
+    def tile_of(i):
+        """(sequence, head, first query row, q_offset, kv_len, the CTA's kv blocks) of the
+        CTA's i-th tile."""
+        t = cta + i * num_ctas
+        h = lax.rem(t, num_heads)
+        rest = lax.div(t, num_heads)
+        tile = num_q_tiles - 1 - lax.rem(rest, num_q_tiles)
+        b = lax.div(rest, num_q_tiles)
+        q_off, kv_len = q_off_ref[b], kv_len_ref[b]
+        tile_first = tile * (COMPUTE_WGS * block_q)
+        # The second compute warpgroup's rows are later: it reads the most blocks of the tile.
+        cta_steps, _ = steps_of(tile_first + (COMPUTE_WGS - 1) * block_q, q_off, kv_len)
+        return b, h, tile_first, q_off, kv_len, cta_steps
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
-        q_first = tile_first + wg * block_q
-        n_steps, n_full = steps_of(q_first)
-        rows = (b, pl.ds(q_first, block_q), h)
+        plgpu = plgpu_module()
+        set_compute_registers()
+        q_ahead = scr.o is not None  # each tile's queries load during the previous tile
 
-        def q_pos(shape, iota):
-            return q_off + q_first + iota(shape, 0)
+        def rows_of(b, h, tile_first):
+            return b, pl.ds(tile_first + wg * block_q, block_q), h
 
-        consume(scr, q_ref.at[rows], o_ref.at[rows], n_steps=n_steps, n_full=n_full,
-                cta_steps=cta_steps, kv_len=kv_len, q_pos=q_pos if causal else None,
-                sm_scale=sm_scale, soft_cap=soft_cap, block_kv=block_kv, stages=stages,
-                pingpong=pingpong, interpret=interpret, tweaks=tweaks)
+        def load_q(i):
+            b, h, tile_first, *_ = tile_of(i)
+            plgpu.copy_gmem_to_smem(q_ref.at[rows_of(b, h, tile_first)], scr.q.at[wg],
+                                    scr.q_ready.at[wg])
+
+        def one_tile(i, base):
+            b, h, tile_first, q_off, kv_len, cta_steps = tile_of(i)
+            q_first = tile_first + wg * block_q
+            n_steps, n_full = steps_of(q_first, q_off, kv_len)
+            rows = rows_of(b, h, tile_first)
+
+            def q_pos(shape, iota):
+                return q_off + q_first + iota(shape, 0)
+
+            def load_next_q():
+                pl.when(i + 1 < n_mine)(lambda: load_q(i + 1))
+
+            consume(scr, q_ref.at[rows], o_ref.at[rows], n_steps=n_steps, n_full=n_full,
+                    cta_steps=cta_steps, kv_len=kv_len, q_pos=q_pos if causal else None,
+                    sm_scale=sm_scale, soft_cap=soft_cap, block_kv=block_kv, stages=stages,
+                    pingpong=pingpong, interpret=interpret, tweaks=tweaks, base=base,
+                    setup_registers=False, q_loaded=q_ahead,
+                    load_next_q=load_next_q if q_ahead else None)
+            return base + cta_steps
+
+        if q_ahead:
+            load_q(0)  # every CTA has at least one tile
+        lax.fori_loop(0, n_mine, one_tile, jnp.int32(0))
+        if q_ahead:
+            plgpu.wait_smem_to_gmem(0)  # the last tile's store
 
     @pl.when(wg == COMPUTE_WGS)
     def _producer():
-        kv_head = lax.div(h, group)
         plgpu = plgpu_module()
+        set_producer_registers()
 
-        def issue(j, slot, which):
-            ref, smem, ready = ((k_ref, scr.k, scr.k_ready), (v_ref, scr.v, scr.v_ready))[which]
-            plgpu.copy_gmem_to_smem(ref.at[b, pl.ds(j * block_kv, block_kv), kv_head],
-                                    smem.at[slot], ready.at[slot])
+        def one_tile(i, base):
+            b, h, _, _, _, cta_steps = tile_of(i)
+            kv_head = lax.div(h, group)
 
-        produce(scr, issue, cta_steps=cta_steps, num_kv_blocks=num_kv_blocks, stages=stages)
+            def issue(j, slot, which):
+                ref, smem, ready = ((k_ref, scr.k, scr.k_ready), (v_ref, scr.v, scr.v_ready))[which]
+                plgpu.copy_gmem_to_smem(ref.at[b, pl.ds(j * block_kv, block_kv), kv_head],
+                                        smem.at[slot], ready.at[slot])
+
+            stream(scr, issue, base=base, count=cta_steps, stages=stages)
+            return base + cta_steps
+
+        total = lax.fori_loop(0, n_mine, one_tile, jnp.int32(0))
+        drain(scr, total=total, stages=stages)
 
 
 def hopper_flash_call(q, k, v, q_offset, kv_lens, *, sm_scale: float, causal: bool,
                       soft_cap: float | None, block_q: int, block_kv: int, stages: int,
-                      pingpong: bool, interpret: bool, tweaks: Tweaks = Tweaks()):
+                      pingpong: bool, interpret: bool, tweaks: Tweaks = Tweaks(),
+                      num_ctas: int | None = None, q_ahead: bool = False):
     """q [B, T_pad, H, D] (T_pad % (2 * block_q) == 0), k/v [B, S_pad, K, D] (S_pad % block_kv
     == 0), q_offset/kv_lens [B] int32 -> [B, T_pad, H, D]. V rows past kv_lens must be finite
-    (`flash_attention` zeroes them): a probability of 0 times NaN is NaN inside the wgmma."""
+    (`flash_attention` zeroes them): a probability of 0 times NaN is NaN inside the wgmma.
+
+    num_ctas: how many CTAs share the B * H * T_pad / (2 * block_q) tiles (persistent: about one
+    per SM); None launches one CTA per tile. q_ahead: a CTA loads each tile's queries while its
+    previous tile finishes, through separate output tiles in shared memory."""
     bsz, t_pad, h, d = q.shape
     group = h // k.shape[2]
     num_q_tiles = t_pad // (COMPUTE_WGS * block_q)
+    num_tiles = bsz * h * num_q_tiles
+    num_ctas = num_tiles if num_ctas is None else max(1, min(num_ctas, num_tiles))
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, causal=causal, soft_cap=soft_cap, block_q=block_q,
-        block_kv=block_kv, stages=stages, group=group, num_q_tiles=num_q_tiles,
-        num_kv_blocks=k.shape[1] // block_kv, pingpong=pingpong, interpret=interpret,
+        block_kv=block_kv, stages=stages, group=group, num_heads=h, num_q_tiles=num_q_tiles,
+        num_tiles=num_tiles, num_ctas=num_ctas, pingpong=pingpong, interpret=interpret,
         tweaks=tweaks)
     scratch = scratch_shapes(q.dtype, d, block_q=block_q, block_kv=block_kv, stages=stages,
-                             interpret=interpret)
+                             interpret=interpret, out_tiles=q_ahead)
 
     def entry(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref):
         pl.run_scoped(
@@ -383,9 +483,8 @@ def hopper_flash_call(q, k, v, q_offset, kv_lens, *, sm_scale: float, causal: bo
                                  Scratch(*refs)),
             *scratch, collective_axes="wg")
 
-    return launch(entry, jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(h, num_q_tiles, bsz),
-                  grid_names=("heads", "q_seq", "batch"), interpret=interpret)(
-        q_offset, kv_lens, q, k, v)
+    return launch(entry, jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(num_ctas,),
+                  grid_names=("cta",), interpret=interpret)(q_offset, kv_lens, q, k, v)
 
 
 def launch(entry, out_type, *, grid, grid_names, interpret: bool):

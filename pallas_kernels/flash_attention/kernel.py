@@ -29,6 +29,7 @@ from pallas_kernels.flash_attention.tuning import (
     flash_config,
     hopper_config,
     resolve_interpret,
+    sm_count,
 )
 
 
@@ -325,14 +326,16 @@ def _mosaic_unsupported(q: jax.Array, mask: jax.Array | None) -> str | None:
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "causal", "soft_cap", "interpret", "block_q", "block_kv",
-                     "stages", "pingpong", "tweaks"),
+                     "stages", "pingpong", "tweaks", "ctas", "q_ahead"),
 )
 def hopper_flash_attention(q, k, v, q_offset=None, kv_lens=None, *, sm_scale=None, causal=True,
                            soft_cap=None, interpret=False, block_q=None, block_kv=None,
-                           stages=None, pingpong=None, tweaks=None):
+                           stages=None, pingpong=None, tweaks=None, ctas=None, q_ahead=None):
     """`flash_attention`'s contract on the Hopper kernel (no mask): pads T and S to its tiles,
     zeroes V past kv_lens, calls it. block_q (rows per compute warpgroup) / block_kv / stages /
-    pingpong / tweaks (`hopper.Tweaks`) override `hopper_config`."""
+    pingpong / tweaks (`hopper.Tweaks`) override `hopper_config`. ctas: how many CTAs share
+    the tiles (0: one per tile; default: one per SM when the config is persistent, else 0).
+    q_ahead: load each tile's queries during the CTA's previous tile (persistent launches)."""
     b, t, _, d = q.shape
     s = k.shape[1]
     cfg = hopper_config(d)
@@ -340,6 +343,13 @@ def hopper_flash_attention(q, k, v, q_offset=None, kv_lens=None, *, sm_scale=Non
     block_kv = min(block_kv or cfg.block_kv, max(64, pl.next_power_of_2(s)))
     stages = stages or cfg.stages
     pingpong = cfg.pingpong if pingpong is None else pingpong
+    q_ahead = cfg.q_ahead if q_ahead is None else q_ahead
+    smem = (2 * (2 if q_ahead else 1) * block_q + 2 * stages * block_kv) * d * q.dtype.itemsize
+    if smem > 227 * 1024:
+        raise ValueError(
+            f"the Hopper flash tiles need {smem // 1024} KB of shared memory (block_q {block_q}, "
+            f"block_kv {block_kv}, stages {stages}, q_ahead {q_ahead}, D {d}); an H100/H200 CTA "
+            "has 227 KB: lower stages or block_kv, or pass q_ahead=False")
     q_offset = jnp.zeros((b,), jnp.int32) if q_offset is None else q_offset.astype(jnp.int32)
     if kv_lens is None:
         kv_lens = jnp.full((b,), s, jnp.int32)
@@ -357,6 +367,8 @@ def hopper_flash_attention(q, k, v, q_offset=None, kv_lens=None, *, sm_scale=Non
         soft_cap=soft_cap, block_q=block_q, block_kv=block_kv, stages=min(stages,
         kp.shape[1] // block_kv), pingpong=pingpong, interpret=interpret,
         tweaks=cfg.tweaks if tweaks is None else tweaks,
+        num_ctas=(sm_count() if cfg.persistent else None) if ctas is None else (ctas or None),
+        q_ahead=q_ahead,
     )
     return out[:, :t]
 

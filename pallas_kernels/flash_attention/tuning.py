@@ -67,6 +67,14 @@ class HopperConfig:
     stages: int
     pingpong: bool
     tweaks: Tweaks = dataclasses.field(default_factory=Tweaks)
+    persistent: bool = False  # about one CTA per SM, each looping over tiles (`hopper._kernel`)
+    q_ahead: bool = False  # a persistent CTA loads the next tile's queries during this tile
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the first device (132 on an H100/H200 SXM), for a
+    persistent grid; 132 where the device does not say."""
+    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
 def hopper_config(head_dim: int) -> HopperConfig:

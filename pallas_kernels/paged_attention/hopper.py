@@ -107,8 +107,7 @@ def _kernel(num_q_ref, pos0_ref, seq_ref, ctx_ref, table_ref, q_ref, k_ref, v_re
                                         smem.at[slot, pl.ds(i * page_size, page_size)],
                                         ready.at[slot])
 
-        max_blocks = table_ref.shape[1] * page_size // block_kv
-        produce(scr, issue, cta_steps=cta_steps, num_kv_blocks=max_blocks, stages=stages)
+        produce(scr, issue, cta_steps=cta_steps, stages=stages)
 
 
 def hopper_ragged_call(q_items, k_pages, v_pages, tables, num_q, pos0, seq, ctx, *, gp: int,
