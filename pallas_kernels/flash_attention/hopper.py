@@ -354,10 +354,13 @@ def drain(scr: Scratch, *, total, stages: int):
 def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scr: Scratch, *, sm_scale,
             causal, soft_cap, block_q, block_kv, stages, group, num_heads, num_q_tiles,
             num_tiles, num_ctas, pingpong, interpret, tweaks):
-    """CTA c serves tiles c, c + num_ctas, ...: tile t is query rows [tile * 2 * block_q,
-    +2 * block_q) of head t % H of one sequence (the heads vary fastest, so CTAs running side by
-    side share their kv heads in L2; within a sequence the heaviest causal tiles come first, so
-    the last round is the cheap tiles). With num_ctas == num_tiles each CTA serves one tile.
+    """Tiles are ranked heaviest first (query tiles from the last, which under a causal mask
+    read the most keys; within one, head fastest, so CTAs running side by side share kv heads
+    in L2). Rank r is query rows [tile * 2 * block_q, +2 * block_q) of head r % H of sequence
+    (r // H) % B. The CTAs take the ranks in rounds of num_ctas, alternating direction (CTA c
+    takes rank k * G + c in even rounds and k * G + G - 1 - c in odd ones), so under a causal
+    mask every CTA's sum of tile costs comes out about equal. With num_ctas == num_tiles each
+    CTA serves one tile.
 
     Persistent (num_ctas < num_tiles): the ring runs on across a CTA's tiles, so the producer
     loads the next tile's first K/V blocks while the compute warpgroups finish the current one
@@ -369,7 +372,11 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scr: Scratch, *, 
     """
     cta = lax.axis_index("cta")
     wg = lax.axis_index("wg")
-    n_mine = lax.div(num_tiles - cta + num_ctas - 1, num_ctas)  # this CTA's tiles
+    rounds, rem = divmod(num_tiles, num_ctas)
+    # The last, partial round goes to the first `rem` CTAs if it runs forward, else the last.
+    in_last = (cta < rem) if rounds % 2 == 0 else (cta >= num_ctas - rem)
+    n_mine = rounds + in_last.astype(jnp.int32)  # this CTA's tiles
+    seq_heads = num_tiles // num_q_tiles  # B * H
 
     def steps_of(q_first, q_off, kv_len):
         """(kv blocks, unmasked blocks) of the query rows [q_first, q_first + block_q)."""
@@ -381,11 +388,10 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scr: Scratch, *, 
     def tile_of(i):
         """(sequence, head, first query row, q_offset, kv_len, the CTA's kv blocks) of the
         CTA's i-th tile."""
-        t = cta + i * num_ctas
-        h = lax.rem(t, num_heads)
-        rest = lax.div(t, num_heads)
-        tile = num_q_tiles - 1 - lax.rem(rest, num_q_tiles)
-        b = lax.div(rest, num_q_tiles)
+        r = i * num_ctas + jnp.where(lax.rem(i, 2) == 0, cta, num_ctas - 1 - cta)
+        tile = num_q_tiles - 1 - lax.div(r, seq_heads)
+        h = lax.rem(r, num_heads)
+        b = lax.rem(lax.div(r, num_heads), seq_heads // num_heads)
         q_off, kv_len = q_off_ref[b], kv_len_ref[b]
         tile_first = tile * (COMPUTE_WGS * block_q)
         # The second compute warpgroup's rows are later: it reads the most blocks of the tile.
