@@ -57,12 +57,20 @@ def launch_variants() -> dict[str, dict]:
             "mosaic_persistent_q": {"ctas": sm_count(), "q_ahead": True}}
 
 
+# FA3's intra-warpgroup overlap (`hopper.Tweaks.overlap`), run with --overlap beside the
+# default Hopper kernel and cuDNN.
+OVERLAP = {
+    "mosaic_overlap": Tweaks(fma=True, fence=True, overlap=True),
+    "mosaic_overlap_nofence": Tweaks(fma=True, overlap=True),
+}
+
+
 def tile_name(bq, bkv, st, pp) -> str:
     return f"mosaic_bq{bq}_bkv{bkv}_s{st}_pp{int(pp)}"
 
 
 def bench_point(d: int, t: int, causal: bool, tiles: bool = False, tweaks: bool = False,
-                persistent: bool = False) -> dict:
+                persistent: bool = False, overlap: bool = False) -> dict:
     b = max(1, TOKENS // t)
     ks = jax.random.split(jax.random.key(t + d), 3)
     q = jax.random.normal(ks[0], (b, t, HEADS, d), BF16)
@@ -88,10 +96,14 @@ def bench_point(d: int, t: int, causal: bool, tiles: bool = False, tweaks: bool 
             print(f"  {name}: ERROR {e!r}"[:600])
 
     if not persistent:  # that run compares launches of the Hopper kernel only
-        record("triton", functools.partial(flash_attention, causal=causal, backend="triton"))
+        if not overlap:
+            record("triton", functools.partial(flash_attention, causal=causal, backend="triton"))
         record("mosaic", functools.partial(hopper_flash_attention, causal=causal))
     record("cudnn", functools.partial(jax.nn.dot_product_attention, is_causal=causal,
                                       implementation="cudnn"))
+    if overlap:
+        for name, tw in OVERLAP.items():
+            record(name, functools.partial(hopper_flash_attention, causal=causal, tweaks=tw))
     if persistent:
         for name, kw in launch_variants().items():
             record(name, functools.partial(hopper_flash_attention, causal=causal, **kw))
@@ -139,6 +151,20 @@ def markdown(results: dict) -> str:
         for p in tweaked:
             lines.append(f"| {p['D']} | {p['causal']} | {p['T']} | {tf(p, 'mosaic')} | "
                          + " | ".join(tf(p, n) for n in TWEAKS) + " |")
+    overlapped = [p for p in results["points"] if any(n in OVERLAP for n in p)]
+    if overlapped:
+        names = ["mosaic", *OVERLAP]
+        lines += ["", "Intra-warpgroup overlap (TFLOP/s; `hopper.Tweaks.overlap`):", "",
+                  "| D | causal | T | " + " | ".join(names) + " | cuDNN | best overlap / mosaic"
+                  " | best overlap / cuDNN |", "|---|---|---|" + "---|" * (len(names) + 3)]
+        for p in overlapped:
+            got = [p[n]["TFLOPs"] for n in OVERLAP if "TFLOPs" in p.get(n, {})]
+            base, cud = p.get("mosaic", {}), p.get("cudnn", {})
+            gain = f"{max(got) / base['TFLOPs']:.2f}" if got and "TFLOPs" in base else "-"
+            vs = f"{max(got) / cud['TFLOPs']:.2f}" if got and "TFLOPs" in cud else "-"
+            lines.append(f"| {p['D']} | {p['causal']} | {p['T']} | "
+                         + " | ".join(tf(p, n) for n in names)
+                         + f" | {tf(p, 'cudnn')} | {gain} | {vs} |")
     launched = [p for p in results["points"] if "mosaic_persistent" in p]
     if launched:
         lines += ["", ("Hopper launch variants (TFLOP/s): a CTA per tile; one per SM looping "
@@ -183,6 +209,9 @@ def main():
                     help="time the Hopper kernel's launches (a CTA per tile, persistent, "
                     "persistent loading queries ahead) beside cuDNN, instead of the Triton "
                     "kernel and the default")
+    ap.add_argument("--overlap", action="store_true",
+                    help="time the Hopper kernel with FA3's intra-warpgroup overlap beside the "
+                    "default and cuDNN (no Triton kernel)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     results = {
@@ -209,7 +238,8 @@ def main():
             for t in map(int, args.seqs.split(",")):
                 try:
                     point = bench_point(d, t, causal, tiles=(d, t, int(causal)) in grid,
-                                        tweaks=args.tweaks, persistent=args.persistent)
+                                        tweaks=args.tweaks, persistent=args.persistent,
+                                        overlap=args.overlap)
                 except Exception:  # noqa: BLE001 - e.g. out of memory: keep the rest
                     point = {"D": d, "T": t, "causal": causal,
                              "point": {"error": traceback.format_exc()[-1500:]}}

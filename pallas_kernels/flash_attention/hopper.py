@@ -77,6 +77,9 @@ class Tweaks:
     fma: bool = False  # scale the logits inside exp2's argument (one FMA), not in a pass of its own
     fence: bool = False  # an optimization barrier: the softmax is done before the ping-pong hand-off
     early_k: bool = False  # wait for the next K block while this block's P V wgmma runs
+    # FA3's intra-warpgroup overlap: block j's Q K^T and block j-1's P V go out together, and
+    # block j's softmax runs while that P V is still on the tensor cores (early_k is moot).
+    overlap: bool = False
 
 
 class Scratch(NamedTuple):
@@ -184,9 +187,32 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
         # runs while the other's matmuls hold the tensor cores.
         pl.when(wg == 1)(rendezvous)
     fma = tweaks.fma and soft_cap is None
-    if tweaks.early_k:
+    if tweaks.early_k and not tweaks.overlap:
         # Block j's K is waited for during block j - 1's P V (wait_next_k); block 0's here.
         pl.when(n_steps > 0)(lambda: plgpu.barrier_wait(scr.k_ready.at[lax.rem(base, stages)]))
+
+    def softmax(s, j, masked, m, l):
+        """Block j's logits s [block_q, block_kv] f32 -> (p in the K/V dtype, the new row max,
+        the new row sum, alpha: the factor for what was accumulated before)."""
+        # fma: s stays raw; the row max is scaled instead and exp2 takes s * c - m in one FMA.
+        c = sm_scale * LOG2E
+        if not fma:
+            s = scale_logits(s, sm_scale, soft_cap)
+        if masked:
+            shape = (block_q, block_kv)
+            k_pos = j * block_kv + iota(shape, 1)
+            visible = k_pos < kv_len
+            if q_pos is not None:
+                visible = visible & (k_pos <= q_pos(shape, iota))
+            s = jnp.where(visible, s, MASK_VALUE)
+        if fma:
+            m_new = jnp.maximum(m, s.max(axis=1) * c)
+            p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        else:
+            m_new = jnp.maximum(m, s.max(axis=1))
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        alpha = jnp.exp2(m - m_new)
+        return p.astype(scr.k.dtype), m_new, l * alpha + p.sum(axis=1), alpha
 
     def step(j, carry, masked):
         acc, m, l = carry
@@ -211,27 +237,8 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
         plgpu.barrier_arrive(scr.k_free.at[slot])
         if load_next_q is not None:
             pl.when(j == n_steps - 1)(load_next_q)  # this was the tile's last read of Q
-        # fma: s stays raw; the row max is scaled instead and exp2 takes s * c - m in one FMA.
-        c = sm_scale * LOG2E
-        if not fma:
-            s = scale_logits(s, sm_scale, soft_cap)
-        if masked:
-            shape = (block_q, block_kv)
-            k_pos = j * block_kv + iota(shape, 1)
-            visible = k_pos < kv_len
-            if q_pos is not None:
-                visible = visible & (k_pos <= q_pos(shape, iota))
-            s = jnp.where(visible, s, MASK_VALUE)
-        if fma:
-            m_new = jnp.maximum(m, s.max(axis=1) * c)
-            p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
-        else:
-            m_new = jnp.maximum(m, s.max(axis=1))
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-        alpha = jnp.exp2(m - m_new)
-        l = l * alpha + p.sum(axis=1)
+        p, m_new, l, alpha = softmax(s, j, masked, m, l)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        p = p.astype(scr.k.dtype)
         if tweaks.fence:
             # Keep the compiler from sinking softmax work past the hand-off below, into the
             # window where the other warpgroup's matmuls should be overlapping it.
@@ -260,10 +267,90 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
         plgpu.barrier_arrive(scr.v_free.at[slot])
         return acc, m_new, l
 
-    carry = (acc, m, l)
-    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-    carry = lax.fori_loop(n_full, n_steps, functools.partial(step, masked=True), carry)
-    acc, m, l = carry
+    def overlapped_block(j, carry, masked, first=False, last=False):
+        """Block j's Q K^T issued with block j-1's P V, then block j's softmax while that P V
+        runs. first (j == 0): no P V yet. last (j == n_steps): only block j-1's P V.
+
+        carry: (acc, m, l, p): acc holds blocks < j - 1 at the row max m of block j - 1, whose
+        probabilities p [block_q, block_kv] (K/V dtype) are not yet in it."""
+        acc, m, l, p_prev = carry
+        slot, prev = lax.rem(base + j, stages), lax.rem(base + j - 1, stages)
+        if pingpong and not first:
+            plgpu.barrier_wait(scr.sched)  # the other warpgroup's matmuls are done
+        if not last:
+            plgpu.barrier_wait(scr.k_ready.at[slot])
+        if not first:
+            plgpu.barrier_wait(scr.v_ready.at[prev])
+        if last:
+            if interpret:
+                acc = acc + jnp.dot(p_prev, scr.v[prev], preferred_element_type=jnp.float32)
+            else:
+                acc = pl.run_state(lambda o_ref: plgpu.wgmma(o_ref, p_prev, scr.v.at[prev]))(
+                    plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(scr.v_free.at[prev])
+            return acc, m, l, p_prev
+
+        def after_qk(s):
+            plgpu.barrier_arrive(scr.k_free.at[slot])
+            p, m_new, l_new, alpha = softmax(s, j, masked, m, l)
+            if tweaks.fence:
+                p, m_new, l_new, alpha = lax.optimization_barrier((p, m_new, l_new, alpha))
+            if pingpong:
+                plgpu.barrier_arrive(scr.sched)  # this softmax is done
+            return p, m_new, l_new, alpha
+
+        if interpret:
+            # Plain dots of the same tiles, in the compiled order of barrier operations.
+            s = jnp.dot(q_smem[...], scr.k[slot].T, preferred_element_type=jnp.float32)
+            if not first:
+                acc = acc + jnp.dot(p_prev, scr.v[prev], preferred_element_type=jnp.float32)
+            if pingpong:
+                rendezvous()
+            p, m_new, l_new, alpha = after_qk(s)
+        else:
+            zeros_s = with_layout(jnp.zeros((block_q, block_kv), jnp.float32),
+                                  plgpu.Layout.WGMMA)
+
+            def mma_softmax(refs):
+                s_ref, o_ref, p_ref, m_ref, l_ref, a_ref = refs
+                plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(scr.k.at[slot], (1, 0)))
+                if not first:
+                    plgpu.wgmma(o_ref, p_ref[...], scr.v.at[prev])
+                if pingpong:
+                    rendezvous()
+                # Q K^T was issued first: with one group left in flight it is done, and the
+                # softmax below overlaps the P V.
+                s = plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if first else 1)
+                p_ref[...], m_ref[...], l_ref[...], a_ref[...] = after_qk(s)
+
+            _, acc, p, m_new, l_new, alpha = pl.run_state(mma_softmax)(
+                (plgpu.ACC.init(zeros_s), plgpu.ACC.init(acc), p_prev, m, l, m))
+        if not first:
+            plgpu.barrier_arrive(scr.v_free.at[prev])
+        if load_next_q is not None:
+            pl.when(j == n_steps - 1)(load_next_q)  # this was the tile's last read of Q
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        return acc, m_new, l_new, p
+
+    if tweaks.overlap:
+        p0 = with_layout(jnp.zeros((block_q, block_kv), scr.k.dtype), plgpu.Layout.WGMMA)
+        carry = (acc, m, l, p0)
+        # Block 0 (masked: whether it needs the mask is only known at run time), the unmasked
+        # blocks, the masked ones, then the last P V; the 0/1-trip loops skip an empty tile.
+        carry = lax.fori_loop(0, jnp.minimum(n_steps, 1), functools.partial(
+            overlapped_block, masked=True, first=True), carry)
+        carry = lax.fori_loop(1, jnp.maximum(n_full, 1), functools.partial(
+            overlapped_block, masked=False), carry)
+        carry = lax.fori_loop(jnp.maximum(n_full, 1), n_steps, functools.partial(
+            overlapped_block, masked=True), carry)
+        carry = lax.fori_loop(jnp.maximum(n_steps, 1), n_steps + 1, functools.partial(
+            overlapped_block, masked=True, last=True), carry)
+        acc, m, l, _ = carry
+    else:
+        carry = (acc, m, l)
+        carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+        carry = lax.fori_loop(n_full, n_steps, functools.partial(step, masked=True), carry)
+        acc, m, l = carry
     if load_next_q is not None:
         pl.when(n_steps == 0)(load_next_q)  # rows that see no key never read Q
 

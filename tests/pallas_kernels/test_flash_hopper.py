@@ -23,17 +23,20 @@ from pallas_kernels.testing import assert_close
 
 pytestmark = pytest.mark.skipif(not mosaic_gpu_available(), reason="no Pallas Mosaic GPU")
 
-# (group, D, dtype, causal, T, S, soft_cap, pingpong, block_kv, tweaks, ctas); 2 kv heads each.
-# The interpreter runs every CTA's three warpgroups as threads: group 2 keeps the GQA mapping
-# checked at about half the interpreter time of group 4 (43 s here). The first case turns
-# every instruction-order tweak on, the second none (its soft cap would bypass `fma`). The
-# first is persistent: 3 CTAs share its 8 tiles (2 sequences x 4 heads), so the K/V ring runs
-# on across tiles of different lengths, and each tile's queries load during the one before
-# (q_ahead); the second launches a CTA per tile.
-ALL_TWEAKS = Tweaks(fma=True, fence=True, early_k=True)
+# (group, D, dtype, causal, T, S, soft_cap, pingpong, block_kv, tweaks, (ctas, q_ahead)); 2 kv
+# heads each. The interpreter runs every CTA's three warpgroups as threads: group 2 keeps the
+# GQA mapping checked at about half the interpreter time of group 4 (43 s here).
+# - The first case is persistent: 3 CTAs share its 8 tiles (2 sequences x 4 heads), so the K/V
+#   ring runs on across tiles of different lengths, and each tile's queries load during the
+#   one before (q_ahead). Its blocks run overlapped (each Q K^T issued with the previous
+#   block's P V), with the fma and fence orders.
+# - The second launches a CTA per tile, one block at a time, with the fence and early_k orders
+#   (its soft cap bypasses fma).
+OVERLAPPED = Tweaks(fma=True, fence=True, overlap=True)
 CASES = [
-    (2, 64, jnp.bfloat16, True, 100, 300, None, True, 64, ALL_TWEAKS, (3, True)),
-    (2, 128, jnp.float16, False, 70, 129, 20.0, False, 64, Tweaks(), (0, False)),
+    (2, 64, jnp.bfloat16, True, 100, 300, None, True, 64, OVERLAPPED, (3, True)),
+    (2, 128, jnp.float16, False, 70, 129, 20.0, False, 64, Tweaks(fence=True, early_k=True),
+     (0, False)),
 ]
 
 
@@ -45,9 +48,9 @@ def mode(interpret, fresh_gpu_interpreter):
     return interpret
 
 
-@pytest.mark.parametrize("group,d,dtype,causal,t,s,cap,pingpong,block_kv,tweaks,ctas", CASES)
+@pytest.mark.parametrize("group,d,dtype,causal,t,s,cap,pingpong,block_kv,tweaks,launch", CASES)
 def test_hopper_matches_reference(rng, mode, group, d, dtype, causal, t, s, cap, pingpong,
-                                  block_kv, tweaks, ctas):
+                                  block_kv, tweaks, launch):
     b, kv = 2, 2
     shapes = [(b, t, group * kv, d), (b, s, kv, d), (b, s, kv, d)]
     q, k, v = (jnp.asarray(rng.standard_normal(x), dtype) for x in shapes)
@@ -57,7 +60,7 @@ def test_hopper_matches_reference(rng, mode, group, d, dtype, causal, t, s, cap,
     k, v = (jnp.where(stale, jnp.nan, x).astype(dtype) for x in (k, v))
     out = hopper_flash_attention(q, k, v, q_offset, kv_lens, causal=causal, soft_cap=cap,
                                  interpret=mode, block_kv=block_kv, pingpong=pingpong,
-                                 tweaks=tweaks, ctas=ctas[0], q_ahead=ctas[1])
+                                 tweaks=tweaks, ctas=launch[0], q_ahead=launch[1])
     ref = flash_attention_reference(q, k, v, causal=causal, q_offset=q_offset, kv_lens=kv_lens,
                                     soft_cap=cap)
     assert out.shape == q.shape and out.dtype == q.dtype
