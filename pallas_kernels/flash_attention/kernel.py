@@ -25,9 +25,11 @@ from pallas_kernels.flash_attention.reference import (
     flash_attention_reference,
 )
 from pallas_kernels.flash_attention.tuning import (
+    HOPPER_SMEM,
     flash_backend,
     flash_config,
     hopper_config,
+    hopper_smem_bytes,
     resolve_interpret,
     sm_count,
 )
@@ -344,8 +346,8 @@ def hopper_flash_attention(q, k, v, q_offset=None, kv_lens=None, *, sm_scale=Non
     stages = stages or cfg.stages
     pingpong = cfg.pingpong if pingpong is None else pingpong
     q_ahead = cfg.q_ahead if q_ahead is None else q_ahead
-    smem = (2 * (2 if q_ahead else 1) * block_q + 2 * stages * block_kv) * d * q.dtype.itemsize
-    if smem > 227 * 1024:
+    smem = hopper_smem_bytes(block_q, block_kv, stages, d, q.dtype.itemsize, q_ahead)
+    if smem > HOPPER_SMEM:
         raise ValueError(
             f"the Hopper flash tiles need {smem // 1024} KB of shared memory (block_q {block_q}, "
             f"block_kv {block_kv}, stages {stages}, q_ahead {q_ahead}, D {d}); an H100/H200 CTA "

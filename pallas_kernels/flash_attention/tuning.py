@@ -71,6 +71,16 @@ class HopperConfig:
     q_ahead: bool = False  # a persistent CTA loads the next tile's queries during this tile
 
 
+HOPPER_SMEM = 227 * 1024  # shared memory one H100/H200 CTA can have
+
+
+def hopper_smem_bytes(block_q: int, block_kv: int, stages: int, d: int, itemsize: int,
+                      q_ahead: bool) -> int:
+    """Shared memory of `hopper.py`'s tiles: two [block_q, D] query tiles (and two output
+    tiles with q_ahead) plus the K and V rings of `stages` [block_kv, D] slots."""
+    return (2 * (2 if q_ahead else 1) * block_q + 2 * stages * block_kv) * d * itemsize
+
+
 def sm_count() -> int:
     """Streaming multiprocessors of the first device (132 on an H100/H200 SXM), for a
     persistent grid; 132 where the device does not say."""
