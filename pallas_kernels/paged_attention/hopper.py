@@ -165,15 +165,23 @@ def hopper_ragged_call(q_items, k_pages, v_pages, tables, num_q, pos0, seq, ctx,
     head's group), pools [P, page, K, D], tables [B, max_pages_pad] (max_pages_pad * page a
     multiple of block_kv), item vectors [W] int32 -> [W, K, 2 * block_q, D].
 
-    num_ctas: how many CTAs share the W * K tiles (persistent: about one per SM); None launches
-    one per tile. Tiles are ranked by the item's context, longest first (a tile's time is
-    about its kv blocks, whether it holds one decode or a chunk's 2 * block_q rows; idle items
-    last). q_ahead: each tile's query rows load during the CTA's previous tile."""
+    num_ctas: how many CTAs share the W * K tiles (persistent: about one per SM), ranked by
+    the item's context, longest first (a guess that a tile's time is about its kv blocks,
+    whether it holds one decode or a chunk's 2 * block_q rows; idle items last). None launches
+    one CTA per tile in the items' order. q_ahead: each tile's query rows load during the
+    CTA's previous tile (persistent only).
+
+    On an H200 the persistent launch lost (bench_kernels --only ragged, bb853f7: 326 us against
+    293 for a CTA per tile on the mixed batch of 28 decodes and 4 chunks), so `ragged.py`
+    launches a CTA per tile: the hardware's dynamic dealing beats this static ranking there."""
     w, num_kv, _, d = q_items.shape
     page_size = k_pages.shape[1]
     num_tiles = w * num_kv
     num_ctas = num_tiles if num_ctas is None else max(1, min(num_ctas, num_tiles))
-    order = jnp.argsort(-jnp.where(num_q > 0, ctx, -1)).astype(jnp.int32)  # [W]
+    if num_ctas < num_tiles:
+        order = jnp.argsort(-jnp.where(num_q > 0, ctx, -1)).astype(jnp.int32)  # [W]
+    else:
+        order = jnp.arange(w, dtype=jnp.int32)
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, block_q=block_q, block_kv=block_kv,
         stages=stages, gp=gp, page_size=page_size, num_kv=num_kv, num_ctas=num_ctas,
