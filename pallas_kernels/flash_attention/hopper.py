@@ -79,6 +79,8 @@ class Tweaks:
     early_k: bool = False  # wait for the next K block while this block's P V wgmma runs
     # FA3's intra-warpgroup overlap: block j's Q K^T and block j-1's P V go out together, and
     # block j's softmax runs while that P V is still on the tensor cores (early_k is moot).
+    # Slower as written on an H200 (bench_flash --overlap, a9d0cf3): 0.84-1.02x the default
+    # with fma alone, ~0.7x with fence too, so it stays off (benchmarks/flash_h200.md).
     overlap: bool = False
 
 
@@ -400,6 +402,14 @@ def set_producer_registers():
     plgpu_module().set_max_registers(40, action="decrease")
 
 
+def produce(scr: Scratch, issue, *, cta_steps, stages: int):
+    """The producer warpgroup of a CTA that serves one tile: kv blocks [0, cta_steps) into the
+    ring (`stream`), then the last releases observed (`drain`)."""
+    set_producer_registers()
+    stream(scr, issue, base=0, count=cta_steps, stages=stages)
+    drain(scr, total=cta_steps, stages=stages)
+
+
 def stream(scr: Scratch, issue, *, base, count, stages: int):
     """A tile's kv blocks [0, count) into the ring at positions base + j: block j goes to slot
     (base + j) % stages. issue(j, slot, which) starts the TMA copies of block j's K (which 0)
@@ -430,30 +440,16 @@ def drain(scr: Scratch, *, total, stages: int):
         plgpu.barrier_wait(scr.v_free.at[slot])
 
 
-def persistent_schedule(num_tiles: int, num_ctas: int):
-    """(this CTA's tile count, rank(i): the rank of its i-th tile) when num_ctas CTAs (a 1-D
-    grid named "cta") share num_tiles tiles ranked heaviest first. They take the ranks in
-    rounds of num_ctas, alternating direction (CTA c takes rank k * G + c in even rounds and
-    k * G + G - 1 - c in odd ones), so every CTA's sum of tile costs comes out about equal."""
-    cta = lax.axis_index("cta")
-    rounds, rem = divmod(num_tiles, num_ctas)
-    # The last, partial round goes to the first `rem` CTAs if it runs forward, else the last.
-    in_last = (cta < rem) if rounds % 2 == 0 else (cta >= num_ctas - rem)
-
-    def rank(i):
-        return i * num_ctas + jnp.where(lax.rem(i, 2) == 0, cta, num_ctas - 1 - cta)
-
-    return rounds + in_last.astype(jnp.int32), rank
-
-
 def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scr: Scratch, *, sm_scale,
             causal, soft_cap, block_q, block_kv, stages, group, num_heads, num_q_tiles,
             num_tiles, num_ctas, pingpong, interpret, tweaks):
     """Tiles are ranked heaviest first (query tiles from the last, which under a causal mask
     read the most keys; within one, head fastest, so CTAs running side by side share kv heads
     in L2). Rank r is query rows [tile * 2 * block_q, +2 * block_q) of head r % H of sequence
-    (r // H) % B. The CTAs deal the ranks out as `persistent_schedule` says. With num_ctas ==
-    num_tiles each CTA serves one tile.
+    (r // H) % B. The CTAs take the ranks in rounds of num_ctas, alternating direction (CTA c
+    takes rank k * G + c in even rounds and k * G + G - 1 - c in odd ones), so under a causal
+    mask every CTA's sum of tile costs comes out about equal. With num_ctas == num_tiles each
+    CTA serves one tile.
 
     Persistent (num_ctas < num_tiles): the ring runs on across a CTA's tiles, so the producer
     loads the next tile's first K/V blocks while the compute warpgroups finish the current one
@@ -463,8 +459,12 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scr: Scratch, *, 
     q_off_ref, kv_len_ref: [B] int32 in GMEM. q_ref/o_ref: [B, T_pad, H, D]; k_ref, v_ref:
     [B, S_pad, K, D].
     """
+    cta = lax.axis_index("cta")
     wg = lax.axis_index("wg")
-    n_mine, rank = persistent_schedule(num_tiles, num_ctas)
+    rounds, rem = divmod(num_tiles, num_ctas)
+    # The last, partial round goes to the first `rem` CTAs if it runs forward, else the last.
+    in_last = (cta < rem) if rounds % 2 == 0 else (cta >= num_ctas - rem)
+    n_mine = rounds + in_last.astype(jnp.int32)  # this CTA's tiles
     seq_heads = num_tiles // num_q_tiles  # B * H
 
     def steps_of(q_first, q_off, kv_len):
@@ -477,7 +477,7 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scr: Scratch, *, 
     def tile_of(i):
         """(sequence, head, first query row, q_offset, kv_len, the CTA's kv blocks) of the
         CTA's i-th tile."""
-        r = rank(i)
+        r = i * num_ctas + jnp.where(lax.rem(i, 2) == 0, cta, num_ctas - 1 - cta)
         tile = num_q_tiles - 1 - lax.div(r, seq_heads)
         h = lax.rem(r, num_heads)
         b = lax.rem(lax.div(r, num_heads), seq_heads // num_heads)

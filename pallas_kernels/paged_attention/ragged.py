@@ -21,12 +21,7 @@ from pallas_kernels.flash_attention.kernel import (
     online_softmax_step,
     scale_logits,
 )
-from pallas_kernels.flash_attention.tuning import (
-    HOPPER_SMEM,
-    hopper_config,
-    hopper_smem_bytes,
-    resolve_interpret,
-)
+from pallas_kernels.flash_attention.tuning import hopper_config, resolve_interpret
 from pallas_kernels.paged_attention.hopper import hopper_ragged_rows, hopper_tokens_per_item
 from pallas_kernels.paged_attention.kernel import (
     check_paged_inputs,
@@ -43,7 +38,6 @@ from pallas_kernels.paged_attention.tuning import (
     UNIFIED_DECODE_MAX_CONTEXT,
     paged_config,
     ragged_backend,
-    ragged_ctas,
 )
 
 
@@ -364,13 +358,10 @@ def _ragged_call(
     row0, num_q, pos0, seq, ctx = ragged_schedule(qsl, ctx_lens, n, block_q, skip=is_decode)
     if backend == "mosaic":
         hopper = hopper_config(d)
-        ctas = ragged_ctas()
         out = hopper_ragged_rows(
             q, k_pages, v_pages, block_tables, (row0, num_q, pos0, seq, ctx), sm_scale=sm_scale,
             soft_cap=soft_cap, block_kv=block_k, stages=num_stages, pingpong=hopper.pingpong,
-            interpret=interpret, tweaks=hopper.tweaks, num_ctas=ctas,
-            q_ahead=ctas is not None and hopper_smem_bytes(
-                hopper.block_q, block_k, num_stages, d, q.dtype.itemsize, True) <= HOPPER_SMEM)
+            interpret=interpret, tweaks=hopper.tweaks)
     else:
         out = _triton_rows(
             q, k_pages, v_pages, block_tables, (row0, num_q, pos0, seq, ctx), qsl[-1],

@@ -98,10 +98,3 @@ def ragged_backend(head_dim: int, dtype, kind: str | None = None) -> str:
     if not any(k in kind for k in _HOPPER):
         return "triton"
     return _HOPPER_RAGGED.get((head_dim, np.dtype(dtype).name), "triton")
-
-
-def ragged_ctas() -> int | None:
-    """CTAs of the Hopper ragged kernel: None, one per (item, kv head) tile. Persistent CTAs
-    (`hopper_ragged_call(num_ctas=...)`) lost on an H200: 326 vs 293 us on bench_kernels'
-    mixed batch (bb853f7)."""
-    return None

@@ -6,9 +6,7 @@ page, and an idle sequence. Pages no sequence owns are NaN (stale pages): the ke
 read them. The two cases cover a ring slot filled by several page copies (page < block_kv) and
 a slot cut from inside one page (page >= block_kv). Both run split_decodes="auto": in the first
 the decode joins the chunk's launch, in the second its context is past unified_max_context and
-it goes to the split-K decode kernel. The first also runs persistent on 2 CTAs (the K/V ring
-and the query loads run on across each CTA's tiles; not the default, which the second runs:
-a CTA per tile).
+it goes to the split-K decode kernel.
 """
 
 from __future__ import annotations
@@ -19,15 +17,14 @@ import numpy as np
 import pytest
 
 from pallas_kernels.flash_attention.hopper import mosaic_gpu_available
-from pallas_kernels.paged_attention import ragged as ragged_module
 from pallas_kernels.paged_attention import ragged_paged_attention, ragged_paged_attention_reference
 from pallas_kernels.paged_attention.tuning import ragged_backend
 from pallas_kernels.testing import assert_close
 
 pytestmark = pytest.mark.skipif(not mosaic_gpu_available(), reason="no Pallas Mosaic GPU")
 
-# (page, block_kv, group, kv heads, unified_max_context, persistent CTAs or None)
-CASES = [(16, 32, 2, 2, 4096, 2), (64, 32, 4, 1, 1, None)]
+# (page, block_kv, group, kv heads, unified_max_context)
+CASES = [(16, 32, 2, 2, 4096), (64, 32, 4, 1, 1)]
 
 
 @pytest.fixture
@@ -38,12 +35,10 @@ def mode(interpret, fresh_gpu_interpreter):
     return interpret
 
 
-@pytest.mark.parametrize("page,block_kv,group,kv_heads,unified_max_context,ctas", CASES)
-def test_hopper_ragged_matches_reference(rng, mode, monkeypatch, page, block_kv, group,
-                                         kv_heads, unified_max_context, ctas):
+@pytest.mark.parametrize("page,block_kv,group,kv_heads,unified_max_context", CASES)
+def test_hopper_ragged_matches_reference(rng, mode, page, block_kv, group, kv_heads,
+                                         unified_max_context):
     d, dtype = 64, jnp.bfloat16
-    if ctas is not None:
-        monkeypatch.setattr(ragged_module, "ragged_ctas", lambda: ctas)
     if not mode:  # compiled: the P V wgmma takes block_kv in multiples of 64
         page, block_kv = 2 * page, 2 * block_kv
     # (q_len, context incl. this step's tokens): a decode one past a page boundary, a chunk
