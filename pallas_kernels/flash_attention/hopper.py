@@ -80,7 +80,7 @@ class Tweaks:
     # FA3's intra-warpgroup overlap: block j's Q K^T and block j-1's P V go out together, and
     # block j's softmax runs while that P V is still on the tensor cores (early_k is moot).
     # Slower as written on an H200 (bench_flash --overlap, a9d0cf3): 0.84-1.02x the default
-    # with fma alone, ~0.7x with fence too, so it stays off (benchmarks/flash_h200.md).
+    # with fma alone, 0.68-0.82x with fence too, so it stays off (benchmarks/flash_h200.md).
     overlap: bool = False
 
 
