@@ -440,6 +440,10 @@ def serve(
         min=1, help="decodes per launch when a step is all decodes (vLLM's multi-step "
                     "scheduling): less host time per token, tokens stream in bursts "
                     "(default: 4 on a GPU, 1 elsewhere)")] = None,
+    warmup: Annotated[bool | None, typer.Option(
+        "--warmup/--no-warmup",
+        help="compile every step shape before listening, so no request waits for a compile "
+             "(default: on a GPU)")] = None,
 ) -> None:
     """OpenAI-compatible server (/v1/completions, /v1/chat/completions, /metrics)."""
     check_model(model)
@@ -453,7 +457,8 @@ def serve(
                    enable_chunked_prefill=enable_chunked_prefill,
                    enable_prefix_caching=enable_prefix_caching, impl=impl,
                    api_key=api_key, chat_template=chat_template,
-                   max_request_bytes=max_request_bytes, num_scheduler_steps=num_scheduler_steps)
+                   max_request_bytes=max_request_bytes, num_scheduler_steps=num_scheduler_steps,
+                   warmup=warmup)
     except (FileNotFoundError, ConfigError, ValueError, TypeError) as e:
         fail(str(e))
 

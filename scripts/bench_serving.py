@@ -101,28 +101,6 @@ def online_workload(args, vocab: int, rate: float) -> list[Req]:
             for t, a, b in zip(np.cumsum(gaps), p, o)]
 
 
-def warmup(engine: LLMEngine) -> None:
-    """Compiles every token bucket (executables are shared by engines of equal shape), and with
-    multi-step scheduling the multi-step executable of each bucket an all-decode step uses."""
-    for i, b in enumerate(engine.runner.buckets):
-        n = min(b, engine.max_model_len - 4)
-        # A different token per request: a prefix hit would shrink the chunk to a smaller bucket.
-        engine.add_request(f"warm{i}", [i + 1] * n,
-                           SamplingParams(max_new_tokens=2, ignore_eos=True))
-        while engine.has_unfinished_requests():
-            engine.step()
-    burst = engine.args.num_scheduler_steps
-    if burst > 1:
-        seqs = engine.args.max_num_seqs
-        for n in sorted({min(b, seqs) for b in engine.runner.buckets}):  # rows -> bucket
-            for j in range(n):
-                engine.add_request(f"warm-decode{n}-{j}", [j + 1, n],
-                                   SamplingParams(max_new_tokens=burst + 2, ignore_eos=True))
-            while engine.has_unfinished_requests():
-                engine.step()
-    engine.block_manager.reset_prefix_cache()
-
-
 def probe_decode(engine: LLMEngine, vocab: int, steps: int, prompt_len: int = 128) -> dict:
     """Full-batch decode: the engine's step (schedule, pack, dispatch, read back, postprocess)
     against the jitted step alone on the same batch. Without async scheduling the difference is
@@ -504,7 +482,7 @@ def main() -> None:
         if policy not in engines:
             t = time.perf_counter()
             engines[policy] = LLMEngine(model, EngineArgs(**engine_args(policy)))
-            warmup(engines[policy])
+            engines[policy].warmup()  # executables are shared by engines of equal shape
             result["setup"][f"warmup {policy}"] = time.perf_counter() - t
             print(clock(), f"warm {policy}: buckets {engines[policy].runner.buckets}, "
                   f"{time.perf_counter() - t:.1f} s", flush=True)

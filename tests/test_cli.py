@@ -341,4 +341,7 @@ def test_serve_passes_access_template_and_size_flags_to_the_server(monkeypatch, 
                                  str(template), "--max-request-bytes", "4096"])
     assert result.exit_code == 0, result.output
     assert (seen["api_key"], seen["chat_template"], seen["max_request_bytes"],
-            seen["impl"]) == ("s3cret", str(template), 4096, "auto")
+            seen["impl"], seen["warmup"]) == ("s3cret", str(template), 4096, "auto", None)
+    result = runner.invoke(app, ["serve", "--no-warmup"])
+    assert result.exit_code == 0, result.output
+    assert seen["warmup"] is False

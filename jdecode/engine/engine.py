@@ -359,6 +359,51 @@ class LLMEngine:
             for s in sids:
                 self._seqs.pop(s, None)
 
+    # ---- warm-up ---------------------------------------------------------------------------
+
+    def warmup(self) -> dict:
+        """Compiles the step executables that plain requests use before the first request
+        needs them (vLLM captures its CUDA graphs at startup for the same reason): a request
+        would otherwise wait seconds for each new step shape, on a GPU ~10-60 s in all.
+
+        Runs throwaway requests through the engine: one prompt per token bucket, then, with
+        multi-step scheduling, full bursts of all-decode steps at every row count's bucket.
+        Then it forgets them: the prefix cache is emptied and the step and scheduler counters
+        start from zero. Not covered (they compile on first use): logprobs requests, and with
+        impl "xla" the block-table widths of contexts longer than the warm-up prompts.
+
+        Returns {"prefill_buckets": token buckets run, "burst_buckets": row buckets run
+        multi-step, "seconds": wall time}.
+        Raises RuntimeError when requests are pending: call it before serving.
+        """
+        if self.has_unfinished_requests():
+            raise RuntimeError("warmup() runs throwaway requests through an idle engine: call "
+                               "it before adding requests")
+        t0 = time.perf_counter()
+        greedy = SamplingParams(max_new_tokens=2, ignore_eos=True)
+        buckets = self.runner.buckets
+        for i, b in enumerate(buckets):
+            # A different token per prompt: a prefix-cache hit would shrink the chunk.
+            n = max(1, min(b, self.max_model_len - 4))
+            self.add_request(f"__warmup-{i}", [i + 1] * n, greedy)
+            self._drain()
+        burst = self.args.num_scheduler_steps
+        rows = sorted({min(b, self.args.max_num_seqs) for b in buckets}) if burst > 1 else []
+        for n in rows:  # n decoding rows land in bucket(n): one burst executable per bucket
+            params = SamplingParams(max_new_tokens=burst + 2, ignore_eos=True)
+            for j in range(n):
+                self.add_request(f"__warmup-decode{n}-{j}", [j + 1, n], params)
+            self._drain()
+        self.block_manager.reset_prefix_cache()
+        self.scheduler.stats = type(self.scheduler.stats)()
+        self.num_steps = self.num_generated_tokens = 0
+        return {"prefill_buckets": len(buckets), "burst_buckets": len(rows),
+                "seconds": time.perf_counter() - t0}
+
+    def _drain(self) -> None:
+        while self.has_unfinished_requests():
+            self.step()
+
     # ---- metrics ---------------------------------------------------------------------------
 
     def stats(self) -> dict:

@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
+import jax
 import jinja2
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -32,6 +33,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from jdecode import console
 from jdecode.engine.async_engine import AsyncEngine
 from jdecode.engine.engine import EngineArgs, LLMEngine, SequenceOutput
 from jdecode.engine.protocol import (
@@ -457,7 +459,8 @@ def make_server(app: FastAPI, core: AsyncEngine, host: str = "127.0.0.1", port: 
 def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8000, *,
           dtype: str = "float32", served_model_name: str | None = None,
           api_key: str | None = None, chat_template: str | None = None,
-          max_request_bytes: int | None = None, **engine_args) -> None:
+          max_request_bytes: int | None = None, warmup: bool | None = None,
+          **engine_args) -> None:
     """Loads a model and serves it until interrupted (`jdecode serve`).
 
     Args:
@@ -467,11 +470,19 @@ def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8000,
         empty = no check).
       chat_template: a jinja file or inline template replacing the model's.
       max_request_bytes: larger request bodies answer 413 (None = DEFAULT_MAX_REQUEST_BYTES).
+      warmup: compile the engine's steps before listening (`LLMEngine.warmup`); None = on a
+        GPU, where each step shape otherwise costs the first request that needs it seconds.
       **engine_args: `EngineArgs` fields (max_num_seqs, max_num_batched_tokens, ...).
     """
     template = load_chat_template(chat_template) if chat_template is not None else None
     loaded: Model = load(model, dtype=dtype)
     engine = LLMEngine(loaded, EngineArgs(**engine_args))
+    if jax.default_backend() == "gpu" if warmup is None else warmup:
+        err = console.stderr()
+        with err.status("compiling the engine's steps (--no-warmup skips this)"):
+            info = engine.warmup()
+        err.print(f"warm-up: {info['prefill_buckets']} token buckets, "
+                  f"{info['burst_buckets']} multi-step buckets in {info['seconds']:.1f} s")
     app, core = build_app(engine, served_model_name or model,
                           api_key=api_key or os.environ.get("JDECODE_API_KEY") or None,
                           chat_template=template,
