@@ -4,13 +4,16 @@ The Triton kernel (`kernel.py`) leaves the H100/H200's tensor cores a third idle
 Pallas lowering has no wgmma pipelining across warpgroups, no TMA and no producer warps. This
 kernel is the FlashAttention-3 layout written for our signature:
 
-- a CTA owns 2 * block_q query rows of one (sequence, query head); two *compute* warpgroups
+- a tile is 2 * block_q query rows of one (sequence, query head); two *compute* warpgroups
   take block_q rows each, a third *producer* warpgroup streams K and V blocks of the kv head
   into a ring of `stages` shared-memory slots with TMA, one mbarrier per slot and direction;
 - each compute warpgroup runs S = Q K^T (wgmma, f32 accumulator), the online softmax in
   registers (base-2, the row max kept in log2 units), then O += P V (wgmma);
 - with `pingpong`, a two-arrival barrier makes the two compute warpgroups alternate: one's
-  softmax overlaps the other's matmuls (FA3's inter-warpgroup schedule).
+  softmax overlaps the other's matmuls (FA3's inter-warpgroup schedule);
+- persistent (the default at D <= 128): about one CTA per SM loops over the tiles, its ring
+  running on across them, so the next tile's K/V (and, with q_ahead, its queries) load while
+  this tile finishes; a CTA per tile paid that latency on every tile.
 
 Features are the Triton kernel's: causal or not, GQA (query head h reads kv head h // group),
 per-sequence `q_offset` (query t sits at position q_offset + t) and `kv_lens`, and a tanh soft
