@@ -120,6 +120,32 @@ def bench_point(d: int, t: int, causal: bool, tiles: bool = False, tweaks: bool 
     return res
 
 
+def tf(p: dict, name: str) -> str:
+    """A variant's TFLOP/s at a point, "error" if it failed, "-" if it did not run."""
+    r = p.get(name, {})
+    return f"{r['TFLOPs']:.0f}" if "TFLOPs" in r else ("error" if "error" in r else "-")
+
+
+def against_base(points: list[dict], title: str, base: str, variants: list[str]) -> list[str]:
+    """Markdown lines: at each point that ran `variants`, their TFLOP/s beside `base` and
+    cuDNN, and the best variant's ratio to each; no lines if none ran."""
+    rows = [p for p in points if any(n in p for n in variants)]
+    if not rows:
+        return []
+    names = [base, *variants]
+    lines = ["", title, "", "| D | causal | T | " + " | ".join(names)
+             + f" | cuDNN | best variant / {base} | best variant / cuDNN |",
+             "|---|---|---|" + "---|" * (len(names) + 3)]
+    for p in rows:
+        got = [p[n]["TFLOPs"] for n in variants if "TFLOPs" in p.get(n, {})]
+        ratios = [f"{max(got) / p[ref]['TFLOPs']:.2f}" if got and "TFLOPs" in p.get(ref, {})
+                  else "-" for ref in (base, "cudnn")]
+        lines.append(f"| {p['D']} | {p['causal']} | {p['T']} | "
+                     + " | ".join(tf(p, n) for n in [*names, "cudnn"])
+                     + " | " + " | ".join(ratios) + " |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     env = results["env"]
     lines = [
@@ -134,10 +160,6 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
 
-    def tf(p, name):
-        r = p.get(name, {})
-        return f"{r['TFLOPs']:.0f}" if "TFLOPs" in r else ("error" if "error" in r else "-")
-
     for p in results["points"]:
         m, c = p.get("mosaic", {}), p.get("cudnn", {})
         ratio = f"{m['TFLOPs'] / c['TFLOPs']:.2f}" if "TFLOPs" in m and "TFLOPs" in c else "-"
@@ -151,35 +173,13 @@ def markdown(results: dict) -> str:
         for p in tweaked:
             lines.append(f"| {p['D']} | {p['causal']} | {p['T']} | {tf(p, 'mosaic')} | "
                          + " | ".join(tf(p, n) for n in TWEAKS) + " |")
-    overlapped = [p for p in results["points"] if any(n in OVERLAP for n in p)]
-    if overlapped:
-        names = ["mosaic", *OVERLAP]
-        lines += ["", "Intra-warpgroup overlap (TFLOP/s; `hopper.Tweaks.overlap`):", "",
-                  "| D | causal | T | " + " | ".join(names) + " | cuDNN | best overlap / mosaic"
-                  " | best overlap / cuDNN |", "|---|---|---|" + "---|" * (len(names) + 3)]
-        for p in overlapped:
-            got = [p[n]["TFLOPs"] for n in OVERLAP if "TFLOPs" in p.get(n, {})]
-            base, cud = p.get("mosaic", {}), p.get("cudnn", {})
-            gain = f"{max(got) / base['TFLOPs']:.2f}" if got and "TFLOPs" in base else "-"
-            vs = f"{max(got) / cud['TFLOPs']:.2f}" if got and "TFLOPs" in cud else "-"
-            lines.append(f"| {p['D']} | {p['causal']} | {p['T']} | "
-                         + " | ".join(tf(p, n) for n in names)
-                         + f" | {tf(p, 'cudnn')} | {gain} | {vs} |")
-    launched = [p for p in results["points"] if "mosaic_persistent" in p]
-    if launched:
-        lines += ["", ("Hopper launch variants (TFLOP/s): a CTA per tile; one per SM looping "
-                  "over tiles; the same loading each tile's queries during the previous tile "
-                  "(+q):"), "",
-                  ("| D | causal | T | per tile | persistent | persistent +q | best / per tile | "
-                  "best / cuDNN |"), "|---|---|---|---|---|---|---|---|"]
-        for p in launched:
-            names = ("mosaic_per_tile", "mosaic_persistent", "mosaic_persistent_q")
-            got = [p[n]["TFLOPs"] for n in names if "TFLOPs" in p.get(n, {})]
-            base, cud = p.get(names[0], {}), p.get("cudnn", {})
-            gain = f"{max(got) / base['TFLOPs']:.2f}" if "TFLOPs" in base else "-"
-            vs = f"{max(got) / cud['TFLOPs']:.2f}" if got and "TFLOPs" in cud else "-"
-            lines.append(f"| {p['D']} | {p['causal']} | {p['T']} | "
-                         + " | ".join(tf(p, n) for n in names) + f" | {gain} | {vs} |")
+    lines += against_base(
+        results["points"], "Intra-warpgroup overlap (TFLOP/s; `hopper.Tweaks.overlap`):",
+        "mosaic", list(OVERLAP))
+    lines += against_base(
+        results["points"], "Hopper launch variants (TFLOP/s): a CTA per tile; one per SM looping "
+        "over tiles; the same loading each tile's queries during the previous tile:",
+        "mosaic_per_tile", ["mosaic_persistent", "mosaic_persistent_q"])
     grid = [p for p in results["points"] if any(n.startswith("mosaic_bq") for n in p)]
     for p in grid:
         lines += ["", f"Hopper tiles at D{p['D']} T{p['T']} causal={p['causal']} (TFLOP/s):", "",
