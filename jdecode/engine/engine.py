@@ -389,8 +389,8 @@ class LLMEngine:
             self._drain()
         burst = self.args.num_scheduler_steps
         rows = sorted({min(b, self.args.max_num_seqs) for b in buckets}) if burst > 1 else []
+        params = SamplingParams(max_new_tokens=burst + 2, ignore_eos=True)
         for n in rows:  # n decoding rows land in bucket(n): one burst executable per bucket
-            params = SamplingParams(max_new_tokens=burst + 2, ignore_eos=True)
             for j in range(n):
                 self.add_request(f"__warmup-decode{n}-{j}", [j + 1, n], params)
             self._drain()
