@@ -69,8 +69,25 @@ def tile_name(bq, bkv, st, pp) -> str:
     return f"mosaic_bq{bq}_bkv{bkv}_s{st}_pp{int(pp)}"
 
 
+def parse_extra(spec: str) -> dict[str, dict]:
+    """--extra "name:block_kv=192,stages=2,q_ahead=0;name2:..." -> {name: hopper kwargs}."""
+    out = {}
+    for item in filter(None, spec.split(";")):
+        name, _, kvs = item.partition(":")
+        kw = {}
+        for kv in filter(None, kvs.split(",")):
+            key, _, val = kv.partition("=")
+            if key not in ("block_q", "block_kv", "stages", "q_ahead", "ctas", "pingpong"):
+                raise SystemExit(f"--extra {item!r}: unknown key {key!r}; use block_q, "
+                                 "block_kv, stages, q_ahead, ctas or pingpong")
+            kw[key] = int(val)
+        out[f"mosaic_x{name}"] = kw
+    return out
+
+
 def bench_point(d: int, t: int, causal: bool, tiles: bool = False, tweaks: bool = False,
-                persistent: bool = False, overlap: bool = False) -> dict:
+                persistent: bool = False, overlap: bool = False,
+                extra: dict[str, dict] | None = None) -> dict:
     b = max(1, TOKENS // t)
     ks = jax.random.split(jax.random.key(t + d), 3)
     q = jax.random.normal(ks[0], (b, t, HEADS, d), BF16)
@@ -107,6 +124,8 @@ def bench_point(d: int, t: int, causal: bool, tiles: bool = False, tweaks: bool 
     if persistent:
         for name, kw in launch_variants().items():
             record(name, functools.partial(hopper_flash_attention, causal=causal, **kw))
+    for name, kw in (extra or {}).items():
+        record(name, functools.partial(hopper_flash_attention, causal=causal, **kw))
     if tweaks:
         for name, tw in TWEAKS.items():
             record(name, functools.partial(hopper_flash_attention, causal=causal, tweaks=tw))
@@ -180,6 +199,9 @@ def markdown(results: dict) -> str:
         results["points"], "Hopper launch variants (TFLOP/s): a CTA per tile; one per SM looping "
         "over tiles; the same loading each tile's queries during the previous tile:",
         "mosaic_per_tile", ["mosaic_persistent", "mosaic_persistent_q"])
+    extra = sorted({n for p in results["points"] for n in p if n.startswith("mosaic_x")})
+    lines += against_base(results["points"], "More Hopper launches (`--extra`, TFLOP/s):",
+                          "mosaic", extra)
     grid = [p for p in results["points"] if any(n.startswith("mosaic_bq") for n in p)]
     for p in grid:
         lines += ["", f"Hopper tiles at D{p['D']} T{p['T']} causal={p['causal']} (TFLOP/s):", "",
@@ -212,7 +234,11 @@ def main():
     ap.add_argument("--overlap", action="store_true",
                     help="time the Hopper kernel with FA3's intra-warpgroup overlap beside the "
                     "default and cuDNN (no Triton kernel)")
+    ap.add_argument("--extra", default="",
+                    help='more Hopper launches, "name:block_kv=192,stages=2,q_ahead=0;..." '
+                    "(keys block_q, block_kv, stages, q_ahead, ctas, pingpong)")
     args = ap.parse_args()
+    extra = parse_extra(args.extra)
     os.makedirs(args.out, exist_ok=True)
     results = {
         "env": {
@@ -239,7 +265,7 @@ def main():
                 try:
                     point = bench_point(d, t, causal, tiles=(d, t, int(causal)) in grid,
                                         tweaks=args.tweaks, persistent=args.persistent,
-                                        overlap=args.overlap)
+                                        overlap=args.overlap, extra=extra)
                 except Exception:  # noqa: BLE001 - e.g. out of memory: keep the rest
                     point = {"D": d, "T": t, "causal": causal,
                              "point": {"error": traceback.format_exc()[-1500:]}}
