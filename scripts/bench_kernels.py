@@ -435,7 +435,9 @@ def bench_ragged(
         return lambda q, kp, vp: ragged_paged_attention(q, kp, vp, tables, ctx, qsl, **kw)
 
     gp = 1 << (h // kv - 1).bit_length()  # the kernel's padded group
-    variants = {"ours_ragged_default": ours()}
+    # "short": what the engine passes for such a step (a chunk, every decode within
+    # UNIFIED_DECODE_MAX_CONTEXT: `PagedMeta.short_decodes`); "auto" cannot know that.
+    variants = {"ours_ragged_default": ours(), "ours_ragged_short": ours(split_decodes="short")}
     # (query rows per program, block_k, warps, stages): the chunk items' launch; decodes go to
     # the split-K decode kernel unless split_decodes=False (one launch serves all, as before).
     for rows, bk, w, st in configs:

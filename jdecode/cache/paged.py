@@ -15,6 +15,7 @@ from flax import struct
 
 from jdecode.config import ModelConfig
 from pallas_kernels.paged_attention import ragged_paged_attention, write_kv_pages
+from pallas_kernels.paged_attention.tuning import UNIFIED_DECODE_MAX_CONTEXT
 
 IMPLS = ("xla", "reference", "pallas")
 
@@ -45,6 +46,24 @@ class PagedMeta:
     # other slots none (the runner's packing). Attention then runs the decode kernel on the
     # rows as they lie, with no ragged launch and no glue (`split_decodes="only"`).
     decodes_only: bool = struct.field(pytree_node=False, default=False)
+    # Static: a step with a chunk (q_len > 1) whose one-token sequences all have contexts of
+    # at most `UNIFIED_DECODE_MAX_CONTEXT`, so the Hopper ragged launch serves them beside the
+    # chunks with no split-K decode launch (`split_decodes="short"`).
+    short_decodes: bool = struct.field(pytree_node=False, default=False)
+
+    @property
+    def split_decodes(self) -> str:
+        """The ragged kernel's split_decodes for this step's layout."""
+        return "only" if self.decodes_only else "short" if self.short_decodes else "auto"
+
+
+def decode_layout(all_one_token: bool, longest_decode: int) -> dict[str, bool]:
+    """PagedMeta's static layout fields for a step the caller packed in slot order: decodes
+    only, or chunks beside decodes (the longest with `longest_decode` keys after the step)
+    short enough to share the chunks' Hopper launch."""
+    if all_one_token:
+        return {"decodes_only": True}
+    return {"short_decodes": longest_decode <= UNIFIED_DECODE_MAX_CONTEXT}
 
 
 def init_paged_cache(cfg: ModelConfig, num_pages: int, page_size: int,
@@ -107,7 +126,7 @@ def paged_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: PagedKVCache,
     tables = meta.block_tables + offset  # [B, max_pages]
     out = ragged_paged_attention(q[0], k_pool, v_pool, tables, meta.context_lens,
                                  meta.query_start_loc, impl=impl,
-                                 split_decodes="only" if meta.decodes_only else "auto")
+                                 split_decodes=meta.split_decodes)
     cache = PagedKVCache(k_pool.reshape(L, P, page, K, D), v_pool.reshape(L, P, page, K, D))
     return out[None], cache
 

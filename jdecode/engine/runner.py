@@ -21,6 +21,7 @@ from jdecode.cache.paged import (
     PagedKVCache,
     PagedMeta,
     copy_pages,
+    decode_layout,
     init_paged_cache,
     make_paged_attend,
 )
@@ -310,10 +311,21 @@ class ModelRunner:
                     # Chunks sit in rows in slot order, so a step of one-token chunks has
                     # the layout decodes_only promises. Only the kernels use it (a static
                     # field: its own executable per bucket), so the XLA path compiles once.
-                    "meta": PagedMeta(slots, tables, context_lens, qsl, decodes_only=(
-                        self.impl == "pallas" and bool((lens == 1).all()))),
+                    "meta": PagedMeta(slots, tables, context_lens, qsl,
+                                      **self.decode_layout(chunks, lens)),
                     "logits_at": logits_at,
                     "copy_src": copies[0], "copy_dst": copies[1]}
+
+    def decode_layout(self, chunks, lens: np.ndarray) -> dict[str, bool]:
+        """PagedMeta's static layout facts for a step's chunks ([C] token counts `lens`):
+        decodes only, or a chunk beside decodes short enough to share its launch. Only the
+        kernels read them (each value is its own executable per bucket), so the XLA path
+        compiles once."""
+        if self.impl != "pallas":
+            return {}
+        # Keys of a one-token row's context after its last step (a multi-step row's too).
+        longest = max((ch.start + ch.steps for ch in chunks if ch.num_tokens == 1), default=0)
+        return decode_layout(bool((lens == 1).all()), longest)
 
     def step_inputs(self, out: SchedulerOutput, page_tables: dict[str, list[int]],
                     num_logprobs: dict[str, int] | None = None) -> tuple[transfer.Packed, int]:

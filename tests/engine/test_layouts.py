@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from jdecode.cache.paged import PagedMeta, decode_layout
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.engine import runner
 from jdecode.engine.runner import token_buckets
+from pallas_kernels.paged_attention.tuning import UNIFIED_DECODE_MAX_CONTEXT
 
 MAX_NEW = 10
 GREEDY = SamplingParams(max_new_tokens=MAX_NEW)
@@ -24,6 +26,18 @@ def test_token_buckets_default_and_custom():
     assert token_buckets(2048, (64, 256, 1024)) == (64, 256, 1024, 2048)
     with pytest.raises(ValueError, match="positive"):
         token_buckets(512, (0, 64))
+
+
+def test_decode_layout_picks_the_ragged_split():
+    # The runner's static facts about a step, and the split_decodes they give the kernel.
+    cap = UNIFIED_DECODE_MAX_CONTEXT
+    cases = [((True, 9), {"decodes_only": True}, "only"),
+             ((False, cap), {"short_decodes": True}, "short"),
+             ((False, 0), {"short_decodes": True}, "short"),  # chunks only
+             ((False, cap + 1), {"short_decodes": False}, "auto")]
+    for args, facts, split in cases:
+        assert decode_layout(*args) == facts, args
+        assert PagedMeta(None, None, None, None, **facts).split_decodes == split, args
 
 
 @pytest.mark.parametrize(("layout", "impl"), [("inference", "xla"), ("stacked", "pallas")])

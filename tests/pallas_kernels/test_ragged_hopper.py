@@ -4,9 +4,10 @@ On CPU it runs in the Mosaic GPU interpreter, whose cost grows with the CTAs (it
 heads), so the batches are small: a decode, a chunk over a cached prefix that ends inside a
 page, and an idle sequence. Pages no sequence owns are NaN (stale pages): the kernel must not
 read them. The two cases cover a ring slot filled by several page copies (page < block_kv) and
-a slot cut from inside one page (page >= block_kv). Both run split_decodes="auto": in the first
-the decode joins the chunk's launch, in the second its context is past unified_max_context and
-it goes to the split-K decode kernel.
+a slot cut from inside one page (page >= block_kv). With split_decodes="auto" the decode joins
+the chunk's launch in the first, and in the second its context is past unified_max_context and
+it goes to the split-K decode kernel. The second again with "short" (the caller's word that no
+decode is that long, here broken): one launch serves every row and must still be right.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from pallas_kernels.testing import assert_close
 
 pytestmark = pytest.mark.skipif(not mosaic_gpu_available(), reason="no Pallas Mosaic GPU")
 
-# (page, block_kv, group, kv heads, unified_max_context)
-CASES = [(16, 32, 2, 2, 4096), (64, 32, 4, 1, 1)]
+# (page, block_kv, group, kv heads, unified_max_context, split_decodes)
+CASES = [(16, 32, 2, 2, 4096, "auto"), (64, 32, 4, 1, 1, "auto"), (64, 32, 4, 1, 1, "short")]
 
 
 @pytest.fixture
@@ -35,9 +36,10 @@ def mode(interpret, fresh_gpu_interpreter):
     return interpret
 
 
-@pytest.mark.parametrize("page,block_kv,group,kv_heads,unified_max_context", CASES)
+@pytest.mark.parametrize("page,block_kv,group,kv_heads,unified_max_context,split_decodes",
+                         CASES)
 def test_hopper_ragged_matches_reference(rng, mode, page, block_kv, group, kv_heads,
-                                         unified_max_context):
+                                         unified_max_context, split_decodes):
     d, dtype = 64, jnp.bfloat16
     if not mode:  # compiled: the P V wgmma takes block_kv in multiples of 64
         page, block_kv = 2 * page, 2 * block_kv
@@ -65,7 +67,8 @@ def test_hopper_ragged_matches_reference(rng, mode, page, block_kv, group, kv_he
     q = jnp.asarray(rng.standard_normal((n, group * kv_heads, d)), dtype)
     args = (q, *pools, jnp.asarray(tables), jnp.asarray(lens, jnp.int32), jnp.asarray(qsl))
     out = ragged_paged_attention(*args, block_k=block_kv, interpret=mode, backend="mosaic",
-                                 unified_max_context=unified_max_context)
+                                 unified_max_context=unified_max_context,
+                                 split_decodes=split_decodes)
     ref = ragged_paged_attention_reference(*args)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert not jnp.any(out[int(qsl[-1]) :]), "padding rows must come back 0"
@@ -84,6 +87,6 @@ def test_ragged_backend_choice_and_errors():
         ragged_paged_attention(q.astype(jnp.bfloat16), bad, bad, *args[3:], backend="mosaic")
     with pytest.raises(ValueError, match="expected 'auto'"):
         ragged_paged_attention(*args, backend="cuda")
-    with pytest.raises(ValueError, match="expected True, False, 'auto' or 'only'"):
+    with pytest.raises(ValueError, match="expected True, False, 'auto', 'short' or 'only'"):
         ragged_paged_attention(*args, split_decodes="yes")
     assert ragged_backend(128, jnp.bfloat16, kind="NVIDIA A100-SXM4-80GB") == "triton"
