@@ -437,7 +437,8 @@ def bench_ragged(
     gp = 1 << (h // kv - 1).bit_length()  # the kernel's padded group
     # "short": what the engine passes for such a step (a chunk, every decode within
     # UNIFIED_DECODE_MAX_CONTEXT: `PagedMeta.short_decodes`); "auto" cannot know that.
-    variants = {"ours_ragged_default": ours(), "ours_ragged_short": ours(split_decodes="short")}
+    variants = {"ours_ragged_default": ours(), "ours_ragged_short": ours(split_decodes="short"),
+                "ours_triton_default": ours(backend="triton")}
     # (query rows per program, block_k, warps, stages): the chunk items' launch; decodes go to
     # the split-K decode kernel unless split_decodes=False (one launch serves all, as before).
     for rows, bk, w, st in configs:

@@ -340,7 +340,7 @@ def hopper_flash_attention(q, k, v, q_offset=None, kv_lens=None, *, sm_scale=Non
     q_ahead: load each tile's queries during the CTA's previous tile (persistent launches)."""
     b, t, _, d = q.shape
     s = k.shape[1]
-    cfg = hopper_config(d)
+    cfg = hopper_config(d, causal=causal, kv_len=s)
     block_q = block_q or cfg.block_q
     block_kv = min(block_kv or cfg.block_kv, max(64, pl.next_power_of_2(s)))
     stages = stages or cfg.stages

@@ -87,10 +87,19 @@ def sm_count() -> int:
     return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
-def hopper_config(head_dim: int) -> HopperConfig:
-    """Tiles of `hopper.py` by head_dim: K and V rings of `stages` [block_kv, D] slots plus two
-    [block_q, D] query tiles (and, with q_ahead, two output tiles) must fit the 227 KB of
-    shared memory."""
+# The shortest key range at which D64 takes 256-key blocks, by causal. On an H200
+# (bench_flash --extra, benchmarks/flash_h200.md runs 7-8): block_kv 256 without q_ahead read
+# 1.02-1.11x the 128-key default at non-causal T 2k-16k, and 1.02-1.03x causal at T >= 8192;
+# at causal T <= 4096 and T 1024 it lost (0.92-0.99x): more of a 256-key block is masked or
+# idle there, and fewer blocks per tile leave the query load exposed.
+LONG_KV_D64 = {False: 2048, True: 8192}
+
+
+def hopper_config(head_dim: int, *, causal: bool = True, kv_len: int = 0) -> HopperConfig:
+    """Tiles of `hopper.py` by head_dim (and, for D64, by causal and the key length): K and V
+    rings of `stages` [block_kv, D] slots plus two [block_q, D] query tiles (and, with
+    q_ahead, two output tiles) must fit the 227 KB of shared memory. The defaults of causal
+    and kv_len give the short-range tiles (the ragged kernel's)."""
     # All three Tweaks on: on an H200 (bench_flash --tweaks, 92a1056) +3-16% at D64, 0-6% at
     # D128 over none, and the best or within 2% of the best single tweak at 8 points.
     tweaks = Tweaks(fma=True, fence=True, early_k=True)
@@ -98,6 +107,8 @@ def hopper_config(head_dim: int) -> HopperConfig:
     # per tile at the 20 points of D 64/128 x causal or not x T 1k-16k, most at short T
     # (D128 causal T1024: 333 -> 419 TFLOP/s), 0.98-1.00x at the long causal points. D256 is
     # not measured: it keeps a CTA per tile.
+    if head_dim <= 64 and kv_len >= LONG_KV_D64[bool(causal)]:
+        return HopperConfig(64, 256, 2, True, tweaks, persistent=True, q_ahead=False)
     if head_dim <= 128:
         return HopperConfig(64, 128, 2, True, tweaks, persistent=True, q_ahead=True)
     return HopperConfig(64, 64, 2, True, tweaks)

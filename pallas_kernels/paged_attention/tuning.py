@@ -81,10 +81,14 @@ def grid_splits(programs: int, num_blocks: int, max_splits: int = 64) -> int:
 
 
 # Where "auto" sends a ragged call's items on Hopper, by (head_dim, dtype name). H200, jax
-# 0.11.2 (benchmarks/paged_attention_h200.md, runs 4-5; 28 decodes at 4096 + 4 chunks of 512,
-# GQA 32/8, page 16): the Mosaic kernel 289.6-324.5 us against the Triton one's 387.1. D64 and
-# f16 run the same kernel but are not measured.
-_HOPPER_RAGGED: dict[tuple[int, str], str] = {(128, "bfloat16"): "mosaic"}
+# 0.11.2 (benchmarks/paged_attention_h200.md; 28 decodes at 4096 + 4 chunks of 512, GQA 32/8,
+# page 16): D128, the Mosaic kernel 289.6-324.5 us against the Triton one's 387.1 (runs 4-5);
+# D64, the Mosaic kernel with decodes joined (what the engine's "short" steps run) against
+# Triton, runs 6 and 11. Its idle launch in an "auto" step of decodes only costs more than
+# Triton's, but the engine sends those steps to the decode kernel alone ("only"). f16 runs
+# the same kernel but is not measured.
+_HOPPER_RAGGED: dict[tuple[int, str], str] = {(128, "bfloat16"): "mosaic",
+                                              (64, "bfloat16"): "mosaic"}
 
 # The longest context a decode may have to join the Mosaic ragged launch (split_decodes="auto"):
 # there it is one CTA's serial read, where the split-K decode kernel spreads it over SMs. At 4096

@@ -32,12 +32,15 @@ pytestmark = pytest.mark.skipif(not mosaic_gpu_available(), reason="no Pallas Mo
 # - The second launches a CTA per tile and overlaps the blocks (each Q K^T issued with the
 #   previous block's P V; measured slower, off by default) without ping-pong; its soft cap
 #   bypasses fma. The third overlaps them with ping-pong, on a small persistent batch.
+# - The fourth is D64's tile for long key ranges (`tuning.LONG_KV_D64`): 256-key blocks, no
+#   q_ahead, persistent; its last block is part padding.
 DEFAULT_TWEAKS = Tweaks(fma=True, fence=True, early_k=True)
 CASES = [
     (2, 64, jnp.bfloat16, True, 100, 300, None, True, 64, DEFAULT_TWEAKS, (3, True)),
     (2, 128, jnp.float16, False, 70, 129, 20.0, False, 64, Tweaks(overlap=True), (0, False)),
     (1, 64, jnp.bfloat16, True, 64, 200, None, True, 64, Tweaks(fma=True, overlap=True),
      (3, True)),
+    (1, 64, jnp.bfloat16, False, 100, 600, None, True, 256, DEFAULT_TWEAKS, (3, False)),
 ]
 
 
