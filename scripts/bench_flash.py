@@ -77,9 +77,10 @@ def parse_extra(spec: str) -> dict[str, dict]:
         kw = {}
         for kv in filter(None, kvs.split(",")):
             key, _, val = kv.partition("=")
-            if key not in ("block_q", "block_kv", "stages", "q_ahead", "ctas", "pingpong"):
+            if key not in ("block_q", "block_kv", "stages", "q_ahead", "ctas", "pingpong",
+                           "split_tail"):
                 raise SystemExit(f"--extra {item!r}: unknown key {key!r}; use block_q, "
-                                 "block_kv, stages, q_ahead, ctas or pingpong")
+                                 "block_kv, stages, q_ahead, ctas, pingpong or split_tail")
             kw[key] = int(val)
         out[f"mosaic_x{name}"] = kw
     return out
@@ -236,7 +237,7 @@ def main():
                     "default and cuDNN (no Triton kernel)")
     ap.add_argument("--extra", default="",
                     help='more Hopper launches, "name:block_kv=192,stages=2,q_ahead=0;..." '
-                    "(keys block_q, block_kv, stages, q_ahead, ctas, pingpong)")
+                    "(keys block_q, block_kv, stages, q_ahead, ctas, pingpong, split_tail)")
     args = ap.parse_args()
     extra = parse_extra(args.extra)
     os.makedirs(args.out, exist_ok=True)

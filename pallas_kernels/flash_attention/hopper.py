@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -100,14 +101,18 @@ class Scratch(NamedTuple):
     v_free: Any  # [stages]
     sched: Any  # the ping-pong rendezvous of the two compute warpgroups
     o: Any = None  # [COMPUTE_WGS, block_q, D] output tiles, when q's tiles are loaded ahead
+    lse: Any = None  # [COMPUTE_WGS, block_q] f32 row log-sum-exps, when a tile's keys are split
 
 
 def scratch_shapes(dtype, d: int, *, block_q: int, block_kv: int, stages: int,
-                   copies_per_block: int = 1, interpret: bool = False, out_tiles: bool = False):
-    """`pl.run_scoped` arguments for a `Scratch`: tiles in the wgmma's swizzled layout; a slot's
-    ready barrier completes after `copies_per_block` TMA copies (one per page when K/V are
-    paged) and all their bytes. out_tiles: separate output tiles (`Scratch.o`), so the next
-    tile's queries can load while this tile's last blocks and its store run."""
+                   copies_per_block: int = 1, interpret: bool = False, out_tiles: bool = False,
+                   lse_tiles: bool = False):
+    """`pl.run_scoped` arguments for a `Scratch` (build it with `Scratch(*refs)`; with lse_tiles
+    and no out_tiles, pass o=None): tiles in the wgmma's swizzled layout; a slot's ready
+    barrier completes after `copies_per_block` TMA copies (one per page when K/V are paged) and
+    all their bytes. out_tiles: separate output tiles (`Scratch.o`), so the next tile's
+    queries can load while this tile's last blocks and its store run. lse_tiles: the rows'
+    log-sum-exps (`Scratch.lse`) for a tile whose keys are split over CTAs."""
     plgpu = plgpu_module()
     swizzle = 128
     transforms = () if interpret else (plgpu.TilingTransform((8, swizzle // dtype.itemsize)),
@@ -121,7 +126,7 @@ def scratch_shapes(dtype, d: int, *, block_q: int, block_kv: int, stages: int,
         ring, ring, plgpu.Barrier(num_barriers=COMPUTE_WGS), free, free,
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),
     ) + ((plgpu.SMEM((COMPUTE_WGS, block_q, d), dtype, transforms=transforms),) if out_tiles
-         else ())
+         else ()) + ((plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32),) if lse_tiles else ())
 
 
 def block_steps(end, full_end, block_kv: int):
@@ -134,11 +139,16 @@ def block_steps(end, full_end, block_kv: int):
 def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q_pos,
             sm_scale: float, soft_cap: float | None, block_kv: int, stages: int,
             pingpong: bool, interpret: bool, tweaks: Tweaks = Tweaks(), has_rows=None,
-            base=0, setup_registers: bool = True, q_loaded: bool = False, load_next_q=None):
+            base=0, setup_registers: bool = True, q_loaded: bool = False, load_next_q=None,
+            kv_first=0, lse_dst=None):
     """A compute warpgroup: loads its [block_q, D] query tile from q_src (GMEM), runs the online
-    softmax over kv blocks [0, n_steps) of the ring (blocks [0, n_full) unmasked), hands back
-    the slots of blocks [n_steps, cta_steps) that only the other warpgroup reads, and stores
-    the normalized output to o_dst.
+    softmax over kv blocks [kv_first, n_steps) of the ring (blocks below n_full unmasked),
+    hands back the slots of the blocks up to kv_first + cta_steps that only the other
+    warpgroup reads, and stores the normalized output to o_dst.
+
+    kv_first: the first key block (a share of a tile whose keys are split over CTAs); its
+    blocks sit in the ring from `base` on. lse_dst: where that share's rows' log-sum-exps
+    (base 2, [block_q] f32) go, for the caller's merge of the shares.
 
     base: the ring position of this tile's block 0 (the blocks a persistent CTA streamed for
     its earlier tiles; block j sits in slot (base + j) % stages). setup_registers=False when
@@ -192,9 +202,12 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
         # runs while the other's matmuls hold the tensor cores.
         pl.when(wg == 1)(rendezvous)
     fma = tweaks.fma and soft_cap is None
+    if tweaks.overlap and not (isinstance(kv_first, int) and kv_first == 0):
+        raise ValueError("Tweaks.overlap does not take a tile's share of keys (kv_first)")
     if tweaks.early_k and not tweaks.overlap:
-        # Block j's K is waited for during block j - 1's P V (wait_next_k); block 0's here.
-        pl.when(n_steps > 0)(lambda: plgpu.barrier_wait(scr.k_ready.at[lax.rem(base, stages)]))
+        # Block j's K is waited for during block j - 1's P V (wait_next_k); the first one's here.
+        pl.when(n_steps > kv_first)(
+            lambda: plgpu.barrier_wait(scr.k_ready.at[lax.rem(base, stages)]))
 
     def softmax(s, j, masked, m, l):
         """Block j's logits s [block_q, block_kv] f32 -> (p in the K/V dtype, the new row max,
@@ -221,7 +234,7 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
 
     def step(j, carry, masked):
         acc, m, l = carry
-        slot = lax.rem(base + j, stages)
+        slot = lax.rem(base + j - kv_first, stages)
         if not tweaks.early_k:
             plgpu.barrier_wait(scr.k_ready.at[slot])
 
@@ -257,8 +270,8 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
         def wait_next_k():
             if tweaks.early_k:
                 nxt = j + 1
-                pl.when(nxt < n_steps)(
-                    lambda: plgpu.barrier_wait(scr.k_ready.at[lax.rem(base + nxt, stages)]))
+                pl.when(nxt < n_steps)(lambda: plgpu.barrier_wait(
+                    scr.k_ready.at[lax.rem(base + nxt - kv_first, stages)]))
 
         if interpret:
             acc = acc + jnp.dot(p, scr.v[slot], preferred_element_type=jnp.float32)
@@ -353,13 +366,15 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
         acc, m, l, _ = carry
     else:
         carry = (acc, m, l)
-        carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+        if not (isinstance(kv_first, int) and kv_first == 0):
+            n_full = jnp.clip(n_full, kv_first, n_steps)
+        carry = lax.fori_loop(kv_first, n_full, functools.partial(step, masked=False), carry)
         carry = lax.fori_loop(n_full, n_steps, functools.partial(step, masked=True), carry)
         acc, m, l = carry
     if load_next_q is not None:
-        pl.when(n_steps == 0)(load_next_q)  # rows that see no key never read Q
+        pl.when(n_steps <= kv_first)(load_next_q)  # rows that see no key never read Q
 
-    @pl.loop(n_steps, cta_steps)
+    @pl.loop(n_steps - kv_first, cta_steps)
     def _release(j):
         # Blocks only the other warpgroup needs: hand their slots back in step (each arrival
         # waits for the load, so this warpgroup never counts twice in one phase).
@@ -378,12 +393,21 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
     l_safe = jnp.where(l == 0.0, 1.0, l)  # a row that saw no key is 0, not NaN
     out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
 
+    def store_lse():
+        # Base 2, as m; a row that saw no key gets m itself (MASK_VALUE): no weight in a merge.
+        lse_smem = scr.lse.at[wg]
+        lse_smem[...] = m + jnp.log2(l_safe)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(lse_smem, lse_dst)
+
     @only_with_rows
     def _store():
         if scr.o is None:
             q_smem[...] = out.astype(q_smem.dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem, o_dst)
+            if lse_dst is not None:
+                store_lse()
             plgpu.wait_smem_to_gmem(0)
             return
         # Its own output tile: the previous tile's store must only have read it, and this
@@ -393,6 +417,8 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
         o_smem[...] = out.astype(o_smem.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, o_dst)
+        if lse_dst is not None:
+            store_lse()
 
 
 def set_compute_registers():
@@ -443,9 +469,9 @@ def drain(scr: Scratch, *, total, stages: int):
         plgpu.barrier_wait(scr.v_free.at[slot])
 
 
-def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scr: Scratch, *, sm_scale,
-            causal, soft_cap, block_q, block_kv, stages, group, num_heads, num_q_tiles,
-            num_tiles, num_ctas, pingpong, interpret, tweaks):
+def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, op_ref, lse_ref, scr: Scratch, *,
+            sm_scale, causal, soft_cap, block_q, block_kv, stages, group, num_heads,
+            num_q_tiles, num_tiles, num_ctas, num_parts, pingpong, interpret, tweaks):
     """Tiles are ranked heaviest first (query tiles from the last, which under a causal mask
     read the most keys; within one, head fastest, so CTAs running side by side share kv heads
     in L2). Rank r is query rows [tile * 2 * block_q, +2 * block_q) of head r % H of sequence
@@ -459,15 +485,29 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scr: Scratch, *, 
     (its last blocks, the normalization and the output store); a CTA per tile pays that
     latency, and its launch, on every tile.
 
+    Split tail (num_parts > 1, non-causal): the last, partial round's `rem` tiles would leave
+    the other CTAs idle for a whole tile. Instead each of those tiles' keys is split into
+    num_parts shares of about equal blocks, CTA c taking share c % num_parts of tail tile
+    c // num_parts after its full rounds. A share's normalized output goes to op_ref and its
+    rows' base-2 log-sum-exps to lse_ref ([rem * num_parts, 2 * block_q] rows), for the
+    caller's merge (`merge_tail`).
+
     q_off_ref, kv_len_ref: [B] int32 in GMEM. q_ref/o_ref: [B, T_pad, H, D]; k_ref, v_ref:
-    [B, S_pad, K, D].
+    [B, S_pad, K, D]; op_ref [rem * num_parts, 2 * block_q, D] and lse_ref: see above (None
+    without a split tail).
     """
     cta = lax.axis_index("cta")
     wg = lax.axis_index("wg")
     rounds, rem = divmod(num_tiles, num_ctas)
-    # The last, partial round goes to the first `rem` CTAs if it runs forward, else the last.
-    in_last = (cta < rem) if rounds % 2 == 0 else (cta >= num_ctas - rem)
-    n_mine = rounds + in_last.astype(jnp.int32)  # this CTA's tiles
+    split = num_parts > 1
+    if split:  # full rounds, then at most one share of a tail tile
+        has_part = cta < rem * num_parts
+        n_mine = rounds + has_part.astype(jnp.int32)
+    else:
+        # The last, partial round goes to the first `rem` CTAs if it runs forward, else the
+        # last.
+        in_last = (cta < rem) if rounds % 2 == 0 else (cta >= num_ctas - rem)
+        n_mine = rounds + in_last.astype(jnp.int32)  # this CTA's tiles
     seq_heads = num_tiles // num_q_tiles  # B * H
 
     def steps_of(q_first, q_off, kv_len):
@@ -479,8 +519,11 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scr: Scratch, *, 
 
     def tile_of(i):
         """(sequence, head, first query row, q_offset, kv_len, the CTA's kv blocks) of the
-        CTA's i-th tile."""
+        CTA's i-th tile (with a split tail, i == rounds is its share's tile, whose kv blocks
+        are all of the tile's: `share`)."""
         r = i * num_ctas + jnp.where(lax.rem(i, 2) == 0, cta, num_ctas - 1 - cta)
+        if split:
+            r = jnp.where(i < rounds, r, rounds * num_ctas + lax.div(cta, num_parts))
         tile = num_q_tiles - 1 - lax.div(r, seq_heads)
         h = lax.rem(r, num_heads)
         b = lax.rem(lax.div(r, num_heads), seq_heads // num_heads)
@@ -489,6 +532,15 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scr: Scratch, *, 
         # The second compute warpgroup's rows are later: it reads the most blocks of the tile.
         cta_steps, _ = steps_of(tile_first + (COMPUTE_WGS - 1) * block_q, q_off, kv_len)
         return b, h, tile_first, q_off, kv_len, cta_steps
+
+    def share():
+        """(first kv block, end block, unmasked end) of this CTA's share of its tail tile
+        (non-causal: both warpgroups read the same blocks); an empty range without one."""
+        *_, kv_len, _ = tile_of(rounds)
+        n, n_full = steps_of(0, 0, kv_len)
+        part = lax.rem(cta, num_parts)
+        lo, hi = part * n // num_parts, (part + 1) * n // num_parts
+        return jnp.where(has_part, lo, 0), jnp.where(has_part, hi, 0), n_full
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
@@ -526,7 +578,19 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scr: Scratch, *, 
 
         if q_ahead:
             load_q(0)  # every CTA has at least one tile
-        lax.fori_loop(0, n_mine, one_tile, jnp.int32(0))
+        base = lax.fori_loop(0, rounds if split else n_mine, one_tile, jnp.int32(0))
+        if split:
+            b, h, tile_first, _, kv_len, _ = tile_of(rounds)
+            lo, hi, n_full = share()
+            rows = pl.ds(wg * block_q, block_q)
+            # Run by every CTA (a CTA without a share has no blocks, loads and stores
+            # nothing), so the two warpgroups' ping-pong rendezvous stay paired.
+            consume(scr, q_ref.at[rows_of(b, h, tile_first)], op_ref.at[cta, rows],
+                    n_steps=hi, n_full=n_full, cta_steps=hi - lo, kv_len=kv_len, q_pos=None,
+                    sm_scale=sm_scale, soft_cap=soft_cap, block_kv=block_kv, stages=stages,
+                    pingpong=pingpong, interpret=interpret, tweaks=tweaks, base=base,
+                    setup_registers=False, q_loaded=q_ahead, has_rows=has_part,
+                    kv_first=lo, lse_dst=lse_ref.at[cta, rows])
         if q_ahead:
             plgpu.wait_smem_to_gmem(0)  # the last tile's store
 
@@ -547,42 +611,104 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, scr: Scratch, *, 
             stream(scr, issue, base=base, count=cta_steps, stages=stages)
             return base + cta_steps
 
-        total = lax.fori_loop(0, n_mine, one_tile, jnp.int32(0))
+        total = lax.fori_loop(0, rounds if split else n_mine, one_tile, jnp.int32(0))
+        if split:
+            b, h, *_ = tile_of(rounds)
+            kv_head = lax.div(h, group)
+            lo, hi, _ = share()
+
+            def issue_share(j, slot, which):
+                ref, smem, ready = ((k_ref, scr.k, scr.k_ready), (v_ref, scr.v, scr.v_ready))[which]
+                plgpu.copy_gmem_to_smem(ref.at[b, pl.ds((lo + j) * block_kv, block_kv), kv_head],
+                                        smem.at[slot], ready.at[slot])
+
+            stream(scr, issue_share, base=total, count=hi - lo, stages=stages)
+            total = total + hi - lo
         drain(scr, total=total, stages=stages)
 
 
 def hopper_flash_call(q, k, v, q_offset, kv_lens, *, sm_scale: float, causal: bool,
                       soft_cap: float | None, block_q: int, block_kv: int, stages: int,
                       pingpong: bool, interpret: bool, tweaks: Tweaks = Tweaks(),
-                      num_ctas: int | None = None, q_ahead: bool = False):
+                      num_ctas: int | None = None, q_ahead: bool = False,
+                      split_tail: bool = False):
     """q [B, T_pad, H, D] (T_pad % (2 * block_q) == 0), k/v [B, S_pad, K, D] (S_pad % block_kv
     == 0), q_offset/kv_lens [B] int32 -> [B, T_pad, H, D]. V rows past kv_lens must be finite
     (`flash_attention` zeroes them): a probability of 0 times NaN is NaN inside the wgmma.
 
     num_ctas: how many CTAs share the B * H * T_pad / (2 * block_q) tiles (persistent: about one
     per SM); None launches one CTA per tile. q_ahead: a CTA loads each tile's queries while its
-    previous tile finishes, through separate output tiles in shared memory."""
+    previous tile finishes, through separate output tiles in shared memory. split_tail: in a
+    persistent non-causal launch whose last round is at most half full, split that round's
+    tiles' keys over the CTAs (`tail_parts`) and merge the shares here."""
     bsz, t_pad, h, d = q.shape
     group = h // k.shape[2]
     num_q_tiles = t_pad // (COMPUTE_WGS * block_q)
     num_tiles = bsz * h * num_q_tiles
     num_ctas = num_tiles if num_ctas is None else max(1, min(num_ctas, num_tiles))
+    num_parts = (tail_parts(num_tiles, num_ctas, k.shape[1] // block_kv)
+                 if split_tail and not causal else 1)
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, causal=causal, soft_cap=soft_cap, block_q=block_q,
         block_kv=block_kv, stages=stages, group=group, num_heads=h, num_q_tiles=num_q_tiles,
-        num_tiles=num_tiles, num_ctas=num_ctas, pingpong=pingpong, interpret=interpret,
-        tweaks=tweaks)
+        num_tiles=num_tiles, num_ctas=num_ctas, num_parts=num_parts, pingpong=pingpong,
+        interpret=interpret, tweaks=tweaks)
+    split = num_parts > 1
     scratch = scratch_shapes(q.dtype, d, block_q=block_q, block_kv=block_kv, stages=stages,
-                             interpret=interpret, out_tiles=q_ahead)
+                             interpret=interpret, out_tiles=q_ahead, lse_tiles=split)
+    out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    if split:
+        shares = (num_tiles % num_ctas) * num_parts
+        out_type += [jax.ShapeDtypeStruct((shares, COMPUTE_WGS * block_q, d), q.dtype),
+                     jax.ShapeDtypeStruct((shares, COMPUTE_WGS * block_q), jnp.float32)]
 
-    def entry(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref):
-        pl.run_scoped(
-            lambda *refs: kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref,
-                                 Scratch(*refs)),
-            *scratch, collective_axes="wg")
+    def entry(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, op_ref=None, lse_ref=None):
+        def body(*refs):
+            scr = Scratch(*refs[:9], o=refs[9] if q_ahead else None,
+                          lse=refs[-1] if split else None)
+            kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, op_ref, lse_ref, scr)
 
-    return launch(entry, jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(num_ctas,),
+        pl.run_scoped(body, *scratch, collective_axes="wg")
+
+    outs = launch(entry, tuple(out_type) if split else out_type[0], grid=(num_ctas,),
                   grid_names=("cta",), interpret=interpret)(q_offset, kv_lens, q, k, v)
+    if not split:
+        return outs
+    return merge_tail(*outs, num_ctas=num_ctas, num_parts=num_parts, num_q_tiles=num_q_tiles)
+
+
+def tail_parts(num_tiles: int, num_ctas: int, max_blocks: int) -> int:
+    """Shares per tile of a persistent launch's last round (1: no split). The round's `rem`
+    tiles would hold one CTA each for a whole tile while the others idle (4 of 132 CTAs at
+    issue 17's long non-causal points: ~3% of the kernel); split into p >= 2 shares of their
+    keys, rem * p CTAs finish it in about 1 / p of a tile. Not for a first round (nothing to
+    hide the merge behind) or tiles of fewer than 2 blocks."""
+    rounds, rem = divmod(num_tiles, num_ctas)
+    if not rem or not rounds:
+        return 1
+    p = min(num_ctas // rem, max_blocks)
+    return p if p >= 2 else 1
+
+
+def merge_tail(out, o_parts, lse_parts, *, num_ctas: int, num_parts: int, num_q_tiles: int):
+    """out [B, T_pad, H, D] with the tail tiles unwritten; o_parts [rem * p, 2 * block_q, D]
+    each share's normalized rows, lse_parts [rem * p, 2 * block_q] their base-2 log-sum-exps
+    -> out with the tail tiles' rows merged in (the flash-decoding combine, in f32)."""
+    bsz, _, h, d = out.shape
+    num_tiles = bsz * h * num_q_tiles
+    rounds, rem = divmod(num_tiles, num_ctas)
+    rows = o_parts.shape[1]
+    lse = lse_parts.reshape(rem, num_parts, rows)
+    w = jnp.exp2(lse - lse.max(axis=1, keepdims=True))  # [rem, p, rows]
+    o = o_parts.reshape(rem, num_parts, rows, d).astype(jnp.float32)
+    merged = (w[..., None] * o).sum(axis=1) / w.sum(axis=1)[..., None]  # [rem, rows, D]
+    # The tail tiles' (sequence, head, rows), as `_kernel.tile_of` ranks them.
+    r = rounds * num_ctas + np.arange(rem)
+    seq_heads = num_tiles // num_q_tiles
+    tile = num_q_tiles - 1 - r // seq_heads
+    b, hh = (r // h) % bsz, r % h
+    t = tile[:, None] * rows + np.arange(rows)[None, :]  # [rem, rows]
+    return out.at[b[:, None], t, hh[:, None]].set(merged.astype(out.dtype))
 
 
 def launch(entry, out_type, *, grid, grid_names, interpret: bool):

@@ -328,16 +328,19 @@ def _mosaic_unsupported(q: jax.Array, mask: jax.Array | None) -> str | None:
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "causal", "soft_cap", "interpret", "block_q", "block_kv",
-                     "stages", "pingpong", "tweaks", "ctas", "q_ahead"),
+                     "stages", "pingpong", "tweaks", "ctas", "q_ahead", "split_tail"),
 )
 def hopper_flash_attention(q, k, v, q_offset=None, kv_lens=None, *, sm_scale=None, causal=True,
                            soft_cap=None, interpret=False, block_q=None, block_kv=None,
-                           stages=None, pingpong=None, tweaks=None, ctas=None, q_ahead=None):
+                           stages=None, pingpong=None, tweaks=None, ctas=None, q_ahead=None,
+                           split_tail=None):
     """`flash_attention`'s contract on the Hopper kernel (no mask): pads T and S to its tiles,
     zeroes V past kv_lens, calls it. block_q (rows per compute warpgroup) / block_kv / stages /
     pingpong / tweaks (`hopper.Tweaks`) override `hopper_config`. ctas: how many CTAs share
     the tiles (0: one per tile; default: one per SM when the config is persistent, else 0).
-    q_ahead: load each tile's queries during the CTA's previous tile (persistent launches)."""
+    q_ahead: load each tile's queries during the CTA's previous tile (persistent launches).
+    split_tail: split the keys of a non-causal persistent launch's last-round tiles over the
+    idle CTAs (`hopper.tail_parts`)."""
     b, t, _, d = q.shape
     s = k.shape[1]
     cfg = hopper_config(d, causal=causal, kv_len=s)
@@ -346,6 +349,7 @@ def hopper_flash_attention(q, k, v, q_offset=None, kv_lens=None, *, sm_scale=Non
     stages = stages or cfg.stages
     pingpong = cfg.pingpong if pingpong is None else pingpong
     q_ahead = cfg.q_ahead if q_ahead is None else q_ahead
+    split_tail = cfg.split_tail if split_tail is None else split_tail
     smem = hopper_smem_bytes(block_q, block_kv, stages, d, q.dtype.itemsize, q_ahead)
     if smem > HOPPER_SMEM:
         raise ValueError(
@@ -370,7 +374,7 @@ def hopper_flash_attention(q, k, v, q_offset=None, kv_lens=None, *, sm_scale=Non
         kp.shape[1] // block_kv), pingpong=pingpong, interpret=interpret,
         tweaks=cfg.tweaks if tweaks is None else tweaks,
         num_ctas=(sm_count() if cfg.persistent else None) if ctas is None else (ctas or None),
-        q_ahead=q_ahead,
+        q_ahead=q_ahead, split_tail=split_tail,
     )
     return out[:, :t]
 

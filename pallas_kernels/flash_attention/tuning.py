@@ -69,6 +69,7 @@ class HopperConfig:
     tweaks: Tweaks = dataclasses.field(default_factory=Tweaks)
     persistent: bool = False  # about one CTA per SM, each looping over tiles (`hopper._kernel`)
     q_ahead: bool = False  # a persistent CTA loads the next tile's queries during this tile
+    split_tail: bool = False  # non-causal: the last round's tiles' keys split over idle CTAs
 
 
 HOPPER_SMEM = 227 * 1024  # shared memory one H100/H200 CTA can have
@@ -107,10 +108,13 @@ def hopper_config(head_dim: int, *, causal: bool = True, kv_len: int = 0) -> Hop
     # per tile at the 20 points of D 64/128 x causal or not x T 1k-16k, most at short T
     # (D128 causal T1024: 333 -> 419 TFLOP/s), 0.98-1.00x at the long causal points. D256 is
     # not measured: it keeps a CTA per tile.
+    # split_tail only acts on non-causal launches whose last round is at most half full.
     if head_dim <= 64 and kv_len >= LONG_KV_D64[bool(causal)]:
-        return HopperConfig(64, 256, 2, True, tweaks, persistent=True, q_ahead=False)
+        return HopperConfig(64, 256, 2, True, tweaks, persistent=True, q_ahead=False,
+                            split_tail=True)
     if head_dim <= 128:
-        return HopperConfig(64, 128, 2, True, tweaks, persistent=True, q_ahead=True)
+        return HopperConfig(64, 128, 2, True, tweaks, persistent=True, q_ahead=True,
+                            split_tail=True)
     return HopperConfig(64, 64, 2, True, tweaks)
 
 
