@@ -677,16 +677,22 @@ def hopper_flash_call(q, k, v, q_offset, kv_lens, *, sm_scale: float, causal: bo
     return merge_tail(*outs, num_ctas=num_ctas, num_parts=num_parts, num_q_tiles=num_q_tiles)
 
 
+# The fewest key blocks a share of a split tile gets: each share pays a query load, an output
+# and lse store and its part of the merge. On an H200 (flash_h200.md run 10) one-block shares
+# (D128 T4096, 32 blocks in 32 shares) read 0.98x no split, ~4-block shares (T16384) 1.02x.
+MIN_SHARE_BLOCKS = 4
+
+
 def tail_parts(num_tiles: int, num_ctas: int, max_blocks: int) -> int:
     """Shares per tile of a persistent launch's last round (1: no split). The round's `rem`
     tiles would hold one CTA each for a whole tile while the others idle (4 of 132 CTAs at
     issue 17's long non-causal points: ~3% of the kernel); split into p >= 2 shares of their
     keys, rem * p CTAs finish it in about 1 / p of a tile. Not for a first round (nothing to
-    hide the merge behind) or tiles of fewer than 2 blocks."""
+    hide the merge behind), nor shares below MIN_SHARE_BLOCKS blocks."""
     rounds, rem = divmod(num_tiles, num_ctas)
     if not rem or not rounds:
         return 1
-    p = min(num_ctas // rem, max_blocks)
+    p = min(num_ctas // rem, max_blocks // MIN_SHARE_BLOCKS)
     return p if p >= 2 else 1
 
 

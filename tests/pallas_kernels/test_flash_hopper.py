@@ -17,7 +17,12 @@ from pallas_kernels.flash_attention import (
     flash_attention_reference,
     hopper_flash_attention,
 )
-from pallas_kernels.flash_attention.hopper import Tweaks, mosaic_gpu_available, tail_parts
+from pallas_kernels.flash_attention.hopper import (
+    MIN_SHARE_BLOCKS,
+    Tweaks,
+    mosaic_gpu_available,
+    tail_parts,
+)
 from pallas_kernels.flash_attention.tuning import flash_backend
 from pallas_kernels.testing import assert_close
 
@@ -33,10 +38,10 @@ pytestmark = pytest.mark.skipif(not mosaic_gpu_available(), reason="no Pallas Mo
 #   previous block's P V; measured slower, off by default) without ping-pong; its soft cap
 #   bypasses fma. The third overlaps them with ping-pong, on a small persistent batch.
 # - The fourth is D64's tile for long key ranges (`tuning.LONG_KV_D64`): 256-key blocks, no
-#   q_ahead, persistent; its last block is part padding. Non-causal with 4 tiles on 3 CTAs,
-#   its last round's tile is split (`hopper.tail_parts`) into 3 shares of one block each.
-# - The fifth splits the last round with q_ahead: 8 tiles on 6 CTAs, the 2 tail tiles' 5 key
-#   blocks in 3 shares each (kv_lens are random, so a share may be short, or empty).
+#   q_ahead, persistent; its last block is part padding.
+# - The fifth splits the last round (`hopper.tail_parts`) with q_ahead: 4 tiles on 3 CTAs, the
+#   tail tile's 12 key blocks in 3 shares of 4 (kv_lens are random, so a share may be short,
+#   or empty).
 DEFAULT_TWEAKS = Tweaks(fma=True, fence=True, early_k=True)
 CASES = [
     (2, 64, jnp.bfloat16, True, 100, 300, None, True, 64, DEFAULT_TWEAKS, (3, True)),
@@ -44,7 +49,7 @@ CASES = [
     (1, 64, jnp.bfloat16, True, 64, 200, None, True, 64, Tweaks(fma=True, overlap=True),
      (3, True)),
     (1, 64, jnp.bfloat16, False, 100, 600, None, True, 256, DEFAULT_TWEAKS, (3, False)),
-    (2, 64, jnp.bfloat16, False, 128, 300, None, True, 64, DEFAULT_TWEAKS, (6, True)),
+    (1, 64, jnp.bfloat16, False, 128, 768, None, True, 64, DEFAULT_TWEAKS, (3, True)),
 ]
 
 
@@ -77,8 +82,8 @@ def test_hopper_matches_reference(rng, mode, group, d, dtype, causal, t, s, cap,
 
 def test_tail_parts():
     # Issue 17's long non-causal D128 points: 4096 tiles on 132 CTAs leave 4 in the last round.
-    assert tail_parts(4096, 132, 32) == 32  # capped by the tiles' key blocks
-    assert tail_parts(4096, 132, 128) == 33
+    assert tail_parts(4096, 132, 32) == 32 // MIN_SHARE_BLOCKS  # shares of >= 4 blocks
+    assert tail_parts(4096, 132, 256) == 33
     assert tail_parts(2048, 132, 32) == 1  # 68 left over: more than half a round
     assert tail_parts(100, 132, 32) == 1  # one partial round, nothing to split into
     assert tail_parts(264, 132, 32) == 1  # no tail
