@@ -13,7 +13,9 @@ kernel is the FlashAttention-3 layout written for our signature:
   softmax overlaps the other's matmuls (FA3's inter-warpgroup schedule);
 - persistent (the default at D <= 128): about one CTA per SM loops over the tiles, its ring
   running on across them, so the next tile's K/V (and, with q_ahead, its queries) load while
-  this tile finishes; a CTA per tile paid that latency on every tile.
+  this tile finishes; a CTA per tile paid that latency on every tile;
+- split tail: when a non-causal launch's last round would leave most CTAs idle, its tiles'
+  keys are split into shares over those CTAs, merged after the kernel by their log-sum-exps.
 
 Features are the Triton kernel's: causal or not, GQA (query head h reads kv head h // group),
 per-sequence `q_offset` (query t sits at position q_offset + t) and `kv_lens`, and a tanh soft
