@@ -601,30 +601,25 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, op_ref, lse_ref, 
         plgpu = plgpu_module()
         set_producer_registers()
 
-        def one_tile(i, base):
-            b, h, _, _, _, cta_steps = tile_of(i)
-            kv_head = lax.div(h, group)
-
+        def issue_from(b, h, first):
+            """`stream`'s issue for blocks first + j of sequence b's kv head for query head h."""
             def issue(j, slot, which):
                 ref, smem, ready = ((k_ref, scr.k, scr.k_ready), (v_ref, scr.v, scr.v_ready))[which]
-                plgpu.copy_gmem_to_smem(ref.at[b, pl.ds(j * block_kv, block_kv), kv_head],
-                                        smem.at[slot], ready.at[slot])
+                plgpu.copy_gmem_to_smem(
+                    ref.at[b, pl.ds((first + j) * block_kv, block_kv), lax.div(h, group)],
+                    smem.at[slot], ready.at[slot])
+            return issue
 
-            stream(scr, issue, base=base, count=cta_steps, stages=stages)
+        def one_tile(i, base):
+            b, h, _, _, _, cta_steps = tile_of(i)
+            stream(scr, issue_from(b, h, 0), base=base, count=cta_steps, stages=stages)
             return base + cta_steps
 
         total = lax.fori_loop(0, rounds if split else n_mine, one_tile, jnp.int32(0))
         if split:
             b, h, *_ = tile_of(rounds)
-            kv_head = lax.div(h, group)
             lo, hi, _ = share()
-
-            def issue_share(j, slot, which):
-                ref, smem, ready = ((k_ref, scr.k, scr.k_ready), (v_ref, scr.v, scr.v_ready))[which]
-                plgpu.copy_gmem_to_smem(ref.at[b, pl.ds((lo + j) * block_kv, block_kv), kv_head],
-                                        smem.at[slot], ready.at[slot])
-
-            stream(scr, issue_share, base=total, count=hi - lo, stages=stages)
+            stream(scr, issue_from(b, h, lo), base=total, count=hi - lo, stages=stages)
             total = total + hi - lo
         drain(scr, total=total, stages=stages)
 
