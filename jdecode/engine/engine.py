@@ -369,8 +369,10 @@ class LLMEngine:
         Runs throwaway requests through the engine: one prompt per token bucket, then, with
         multi-step scheduling, full bursts of all-decode steps at every row count's bucket.
         Then it forgets them: the prefix cache is emptied and the step and scheduler counters
-        start from zero. Not covered (they compile on first use): logprobs requests, and with
-        impl "xla" the block-table widths of contexts longer than the warm-up prompts.
+        start from zero. Not covered (they compile on first use): logprobs requests, with
+        impl "xla" the block-table widths of contexts longer than the warm-up prompts, and with
+        impl "pallas" a step that pairs a chunk with a decode of more than
+        `UNIFIED_DECODE_MAX_CONTEXT` keys (`PagedMeta.short_decodes` false).
 
         Returns {"prefill_buckets": token buckets run, "burst_buckets": row buckets run
         multi-step, "seconds": wall time}.
