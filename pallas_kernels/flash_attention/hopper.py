@@ -38,7 +38,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -204,7 +203,8 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
         # runs while the other's matmuls hold the tensor cores.
         pl.when(wg == 1)(rendezvous)
     fma = tweaks.fma and soft_cap is None
-    if tweaks.overlap and not (isinstance(kv_first, int) and kv_first == 0):
+    from_first_block = isinstance(kv_first, int) and kv_first == 0
+    if tweaks.overlap and not from_first_block:
         raise ValueError("Tweaks.overlap does not take a tile's share of keys (kv_first)")
     if tweaks.early_k and not tweaks.overlap:
         # Block j's K is waited for during block j - 1's P V (wait_next_k); the first one's here.
@@ -368,7 +368,7 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
         acc, m, l, _ = carry
     else:
         carry = (acc, m, l)
-        if not (isinstance(kv_first, int) and kv_first == 0):
+        if not from_first_block:
             n_full = jnp.clip(n_full, kv_first, n_steps)
         carry = lax.fori_loop(kv_first, n_full, functools.partial(step, masked=False), carry)
         carry = lax.fori_loop(n_full, n_steps, functools.partial(step, masked=True), carry)
@@ -510,7 +510,6 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, op_ref, lse_ref, 
         # last.
         in_last = (cta < rem) if rounds % 2 == 0 else (cta >= num_ctas - rem)
         n_mine = rounds + in_last.astype(jnp.int32)  # this CTA's tiles
-    seq_heads = num_tiles // num_q_tiles  # B * H
 
     def steps_of(q_first, q_off, kv_len):
         """(kv blocks, unmasked blocks) of the query rows [q_first, q_first + block_q)."""
@@ -526,19 +525,18 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, op_ref, lse_ref, 
         r = i * num_ctas + jnp.where(lax.rem(i, 2) == 0, cta, num_ctas - 1 - cta)
         if split:
             r = jnp.where(i < rounds, r, rounds * num_ctas + lax.div(cta, num_parts))
-        tile = num_q_tiles - 1 - lax.div(r, seq_heads)
-        h = lax.rem(r, num_heads)
-        b = lax.rem(lax.div(r, num_heads), seq_heads // num_heads)
+        b, h, tile = tile_coords(r, num_heads=num_heads, num_tiles=num_tiles,
+                                 num_q_tiles=num_q_tiles)
         q_off, kv_len = q_off_ref[b], kv_len_ref[b]
         tile_first = tile * (COMPUTE_WGS * block_q)
         # The second compute warpgroup's rows are later: it reads the most blocks of the tile.
         cta_steps, _ = steps_of(tile_first + (COMPUTE_WGS - 1) * block_q, q_off, kv_len)
         return b, h, tile_first, q_off, kv_len, cta_steps
 
-    def share():
-        """(first kv block, end block, unmasked end) of this CTA's share of its tail tile
-        (non-causal: both warpgroups read the same blocks); an empty range without one."""
-        *_, kv_len, _ = tile_of(rounds)
+    def share(kv_len):
+        """(first kv block, end block, unmasked end) of this CTA's share of its tail tile, whose
+        sequence has kv_len keys (non-causal: both warpgroups read the same blocks); an empty
+        range without one."""
         n, n_full = steps_of(0, 0, kv_len)
         part = lax.rem(cta, num_parts)
         lo, hi = part * n // num_parts, (part + 1) * n // num_parts
@@ -583,7 +581,7 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, op_ref, lse_ref, 
         base = lax.fori_loop(0, rounds if split else n_mine, one_tile, jnp.int32(0))
         if split:
             b, h, tile_first, _, kv_len, _ = tile_of(rounds)
-            lo, hi, n_full = share()
+            lo, hi, n_full = share(kv_len)
             rows = pl.ds(wg * block_q, block_q)
             # Run by every CTA (a CTA without a share has no blocks, loads and stores
             # nothing), so the two warpgroups' ping-pong rendezvous stay paired.
@@ -617,8 +615,8 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, op_ref, lse_ref, 
 
         total = lax.fori_loop(0, rounds if split else n_mine, one_tile, jnp.int32(0))
         if split:
-            b, h, *_ = tile_of(rounds)
-            lo, hi, _ = share()
+            b, h, _, _, kv_len, _ = tile_of(rounds)
+            lo, hi, _ = share(kv_len)
             stream(scr, issue_from(b, h, lo), base=total, count=hi - lo, stages=stages)
             total = total + hi - lo
         drain(scr, total=total, stages=stages)
@@ -693,6 +691,15 @@ def tail_parts(num_tiles: int, num_ctas: int, max_blocks: int) -> int:
     return p if p >= 2 else 1
 
 
+def tile_coords(r, *, num_heads: int, num_tiles: int, num_q_tiles: int):
+    """Tile rank(s) r (int32) -> (sequence, head, query tile): the kernel's order, query tiles
+    from the last (heaviest under a causal mask) and, within one, head fastest. One mapping
+    for the kernel's CTAs and for `merge_tail`'s placement of the split tiles."""
+    seq_heads = num_tiles // num_q_tiles  # B * H
+    tile = num_q_tiles - 1 - lax.div(r, seq_heads)
+    return (lax.rem(lax.div(r, num_heads), seq_heads // num_heads), lax.rem(r, num_heads), tile)
+
+
 def merge_tail(out, o_parts, lse_parts, *, num_ctas: int, num_parts: int, num_q_tiles: int):
     """out [B, T_pad, H, D] with the tail tiles unwritten; o_parts [rem * p, 2 * block_q, D]
     each share's normalized rows, lse_parts [rem * p, 2 * block_q] their base-2 log-sum-exps
@@ -705,12 +712,10 @@ def merge_tail(out, o_parts, lse_parts, *, num_ctas: int, num_parts: int, num_q_
     w = jnp.exp2(lse - lse.max(axis=1, keepdims=True))  # [rem, p, rows]
     o = o_parts.reshape(rem, num_parts, rows, d).astype(jnp.float32)
     merged = (w[..., None] * o).sum(axis=1) / w.sum(axis=1)[..., None]  # [rem, rows, D]
-    # The tail tiles' (sequence, head, rows), as `_kernel.tile_of` ranks them.
-    r = rounds * num_ctas + np.arange(rem)
-    seq_heads = num_tiles // num_q_tiles
-    tile = num_q_tiles - 1 - r // seq_heads
-    b, hh = (r // h) % bsz, r % h
-    t = tile[:, None] * rows + np.arange(rows)[None, :]  # [rem, rows]
+    # The tail tiles' (sequence, head, rows): the ranks after the full rounds.
+    b, hh, tile = tile_coords(jnp.arange(rounds * num_ctas, num_tiles, dtype=jnp.int32),
+                              num_heads=h, num_tiles=num_tiles, num_q_tiles=num_q_tiles)
+    t = tile[:, None] * rows + jnp.arange(rows)[None, :]  # [rem, rows]
     return out.at[b[:, None], t, hh[:, None]].set(merged.astype(out.dtype))
 
 
