@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdecode.analysis.profile import device_busy_us
 from jdecode.provenance import git_sha
 from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
 from pallas_kernels.paged_attention import (
@@ -69,33 +70,48 @@ def time_calls(compiled, *args, inner: int = 10, reps: int = 25) -> float:
     return statistics.median(samples)
 
 
-def time_looped(step, tables, *args, inner: int = 20, reps: int = 15) -> tuple[float, float]:
-    """Median seconds per step, with `inner` steps inside one jitted fori_loop.
+def time_looped(step, tables, *args, inner: int = 20, reps: int = 15) -> dict:
+    """Seconds per step, with `inner` steps inside one jitted fori_loop, by wall clock and by
+    device time.
 
     step(table, *args) -> array. Each iteration takes the next of the stacked `tables`
     [R, ...] (block tables over disjoint pages), so repeated steps do not re-read the L2 and
-    the loop body cannot be hoisted. The loop's own control costs are in the figure: they
-    weigh at small sizes, for a kernel and for the same-size read stream alike. (Writing the
-    steps out unrolled does not work: steps that repeat operands are merged by XLA's CSE, and
-    an optimization barrier did not stop that.) Returns (seconds per step, compile seconds).
+    the loop body cannot be hoisted. (Writing the steps out unrolled does not work: steps that
+    repeat operands are merged by XLA's CSE, and an optimization barrier did not stop that.)
+
+    Returns {"s": median wall seconds per step, "compile_s", "device_s": the step's own kernel
+    time per step}. The wall figure carries the loop's control per iteration (XLA's while
+    loop reads its predicate on the host each time), which weighs at small sizes. The device
+    figure is the kernels' summed durations per step under the profiler, less those of the
+    same loop around an empty step (`tables[i]` passed through): the loop's own kernels. It
+    is None where no kernel runs on a device stream (CPU).
     """
     r = tables.shape[0]
 
-    def loop(tables, *args):
-        def body(i, out):
-            return step(tables[i % r], *args)
+    def looped(step):
+        def loop(tables, *args):
+            def body(i, out):
+                return step(tables[i % r], *args)
 
-        first = step(tables[0], *args)
-        return jax.lax.fori_loop(1, inner + 1, body, first)
+            first = step(tables[0], *args)
+            return jax.lax.fori_loop(1, inner + 1, body, first)
 
-    compiled, c = compile_time(loop, tables, *args)
+        return loop
+
+    compiled, c = compile_time(looped(step), tables, *args)
     jax.block_until_ready(compiled(tables, *args))
     samples = []
     for _ in range(reps):
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(tables, *args))
         samples.append((time.perf_counter() - t0) / (inner + 1))
-    return statistics.median(samples), c
+    busy = device_busy_us(lambda: compiled(tables, *args), repeats=3)
+    device_s = None
+    if busy is not None:
+        empty, _ = compile_time(looped(lambda t, *a: t), tables, *args)
+        idle = device_busy_us(lambda: empty(tables, *args), repeats=3) or 0.0
+        device_s = (busy - idle) / (inner + 1) * 1e-6
+    return {"s": statistics.median(samples), "compile_s": c, "device_s": device_s}
 
 
 def rel_err(out, ref) -> float:
@@ -280,9 +296,10 @@ def bench_decode_point(b, ctx_len, h=32, kv=8, d=128, page=16, variants=None, an
         try:
             out = jax.jit(step)(tables[0], *pools)
             point.setdefault("checks", {})[name] = check(name, out, ref)["rel_err"]
-            s, c = time_looped(step, tables, *pools)
-            point[name] = {"us": s * 1e6, "TBps": kv_bytes / s / 1e12, "compile_s": c}
-            print(f"  B{b} ctx{ctx_len} {name}: {s * 1e6:.1f} us  {kv_bytes / s / 1e12:.2f} TB/s")
+            t = time_looped(step, tables, *pools)
+            point[name] = rec = rates(t, kv_bytes)
+            print(f"  B{b} ctx{ctx_len} {name}: {rec['us']:.1f} us  {rec['TBps']:.2f} TB/s"
+                  f"{device_text(rec)}")
         except Exception as e:  # noqa: BLE001
             point[name] = {"error": repr(e)[:500]}
             print(f"  B{b} ctx{ctx_len} {name}: ERROR {e!r}"[:400])
@@ -305,8 +322,22 @@ def bench_decode_point(b, ctx_len, h=32, kv=8, d=128, page=16, variants=None, an
         )
     if anchors or variants is None:
         point["read_same_bytes"] = read_same_bytes(kv_bytes, rotations)
-        print(f"  B{b} ctx{ctx_len} read_same_bytes: {point['read_same_bytes']['TBps']:.2f} TB/s")
+        same = point["read_same_bytes"]
+        print(f"  B{b} ctx{ctx_len} read_same_bytes: {same['TBps']:.2f} TB/s{device_text(same)}")
     return point
+
+
+def rates(t: dict, nbytes: int) -> dict:
+    """A `time_looped` result as us and TB/s of `nbytes` per step, by wall and device time."""
+    rec = {"us": t["s"] * 1e6, "TBps": nbytes / t["s"] / 1e12, "compile_s": t["compile_s"]}
+    if t["device_s"]:
+        rec.update(device_us=t["device_s"] * 1e6, TBps_device=nbytes / t["device_s"] / 1e12)
+    return rec
+
+
+def device_text(rec: dict) -> str:
+    return (f"; device {rec['device_us']:.1f} us {rec['TBps_device']:.2f} TB/s"
+            if "device_us" in rec else "")
 
 
 def read_same_bytes(nbytes: int, rotations: int) -> dict:
@@ -315,9 +346,9 @@ def read_same_bytes(nbytes: int, rotations: int) -> dict:
     fixed costs (launch, loop, tail) weigh more; this is the rate a kernel could reach there."""
     rows = max(1, nbytes // (2 * 8192))
     x = jax.random.normal(jax.random.key(5), (rotations, rows, 8192), BF16)
-    s, _ = time_looped(lambda i, a: jnp.sum(a[i], axis=1, dtype=jnp.float32),
-                       jnp.arange(rotations), x)
-    return {"us": s * 1e6, "TBps": rows * 8192 * 2 / s / 1e12}
+    t = time_looped(lambda i, a: jnp.sum(a[i], axis=1, dtype=jnp.float32),
+                    jnp.arange(rotations), x)
+    return rates(t, rows * 8192 * 2)
 
 
 def bench_decode() -> dict:
@@ -638,34 +669,47 @@ def markdown(results) -> str:
         lines.append("")
     sw = results.get("sweep", [])
     if sw:
+        header = ("| B \\ context | "
+                  + " | ".join(str(c) for c in sorted({p["context"] for p in sw})) + " |")
         lines += [
             "## Decode sweep (ours, default tuning), TB/s",
             "",
-            "| B \\ context | "
-            + " | ".join(str(c) for c in sorted({p["context"] for p in sw}))
-            + " |",
+            header,
             "|---" * (1 + len({p["context"] for p in sw})) + "|",
         ]
         stream = ceil.get("read_stream_TBps")
 
-        def cell(p):
+        def cell(p, key):
             r = p.get("ours")
-            if not (isinstance(r, dict) and "TBps" in r and stream):
-                return fmt(r, "TBps", ".2f")
-            same = p.get("read_same_bytes", {}).get("TBps")
-            extra = f"; {100 * r['TBps'] / same:.0f}% of {same:.2f}" if same else ""
-            return f"{r['TBps']:.2f} ({100 * r['TBps'] / stream:.0f}%{extra})"
+            if not (isinstance(r, dict) and key in r and stream):
+                return fmt(r, key, ".2f")
+            same = p.get("read_same_bytes", {}).get(key)
+            extra = f"; {100 * r[key] / same:.0f}% of {same:.2f}" if same else ""
+            return f"{r[key]:.2f} ({100 * r[key] / stream:.0f}%{extra})"
 
         for b in sorted({p["B"] for p in sw}):
-            lines.append(f"| {b} | " + " | ".join(cell(p) for p in sw if p["B"] == b) + " |")
+            lines.append(f"| {b} | " + " | ".join(cell(p, "TBps") for p in sw if p["B"] == b)
+                         + " |")
         lines += [
             "",
             (
-                "Cells: TB/s of K/V read, 21 steps in one jitted fori_loop (% of the read"
-                " stream above; % of the same-size read stream, a row sum of as many bytes"
-                " timed in the same loop)."
+                "Cells: TB/s of K/V read, 21 steps in one jitted fori_loop, by wall clock (% of"
+                " the read stream above; % of the same-size read stream, a row sum of as many"
+                " bytes timed in the same loop)."
             ),
             "",
+        ]
+        if any("TBps_device" in (p.get("ours") or {}) for p in sw):
+            lines += [("The same steps by device time (the step's kernels' summed durations"
+                       " under the profiler, less the loop's own kernels; the same-size read"
+                       " stream likewise):"), "", header,
+                      "|---" * (1 + len({p["context"] for p in sw})) + "|"]
+            for b in sorted({p["B"] for p in sw}):
+                lines.append(f"| {b} | "
+                             + " | ".join(cell(p, "TBps_device") for p in sw if p["B"] == b)
+                             + " |")
+            lines.append("")
+        lines += [
             "![sweep](kernels_sweep.png)",
             "",
         ]
