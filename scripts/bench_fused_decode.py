@@ -80,6 +80,12 @@ def tile_sweep(k: int, n: int, rows: int, sweep: str = "full") -> list[tuple[Gem
         for bn, warps in itertools.product((4, 8), (4, 8)):
             out.append((dataclasses.replace(base, block_n=bn, num_warps=warps,
                                             weights_first=True), True))
+    elif sweep == "fma":  # the CUDA-core path only, wider: columns x K step x warps
+        out = [(dataclasses.replace(default_tiles(k, rows, True, n), weights_first=False), True)]
+        for bn, bk, warps in itertools.product((2, 4, 8), (512, 1024, 2048), (4, 8, 16)):
+            if bk <= max(512, pl.next_power_of_2(k)):
+                out.append((GemvTiles(block_n=bn, block_k=bk, num_warps=warps, fma=True,
+                                      unroll=-(-k // bk) <= 4), True))
     else:
         out = [(GemvTiles(block_n=32, block_k=256), False), (GemvTiles(block_k=256), True)]
         widest = max(512, pl.next_power_of_2(k))
@@ -163,7 +169,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=0, help="calls per jit (default: the model's)")
     ap.add_argument("--out", default="out")
     ap.add_argument("--part", choices=("gemv", "attention"), default="gemv")
-    ap.add_argument("--sweep", choices=("full", "weights-first", "tc"), default="full",
+    ap.add_argument("--kernels", default="",
+                    help="gemv: only these (qkv_rope,gate_up_swiglu,o_residual,down_residual)")
+    ap.add_argument("--sweep", choices=("full", "weights-first", "tc", "fma"), default="full",
                     help="gemv: which tiles (see tile_sweep)")
     ap.add_argument("--max-len", type=int, default=1024, help="attention: cache slots")
     ap.add_argument("--context", type=int, default=600, help="attention: past tokens")
@@ -220,7 +228,12 @@ def main() -> None:
     }
     rows = []
     best = {}
+    only = set(filter(None, args.kernels.split(",")))
+    if only - set(kernels):
+        raise SystemExit(f"--kernels {args.kernels!r}: pick from {', '.join(kernels)}")
     for name, (k, n, ws, run, want) in kernels.items():
+        if only and name not in only:
+            continue
         with jax.default_matmul_precision("highest"):
             expect = jax.jit(want)(ws[0])
         ws_t = None
