@@ -95,6 +95,13 @@ FMA_MAX_ROWS = 4  # past this many rows the CUDA-core path's per-row work outgro
 # (0.55M) and down (0.88M), ~0 off o (0.33M) and gate/up (1.8M), and added 0.3-3 us to the
 # 1B shape's qkv (6.3M) and gate/up (34M): the early tile's registers cost occupancy.
 WEIGHTS_FIRST_MAX = 1 << 20
+# One-row steps over matrices of at least this many elements take `LARGE_TILES`: 2 columns x
+# up to 2048 of K per program, 4 warps. On the H200 (device time per launch, bench_fused_decode
+# --sweep fma, benchmarks/fused_decode_h200.md) that was the best or within 3% of the best of
+# 27 CUDA-core tiles for all four of the Llama-3.2-1B shape's projections (qkv 6.56 -> 5.42 us,
+# o 4.26 -> 3.90, gate/up 20.99 -> 19.55, down 11.98 -> 10.88), where SmolLM2's smaller
+# matrices (<= 1.8M) kept the 4 x 1024, 8-warp tiles (its gate/up: 3.36 against 3.62).
+LARGE_GEMV = 1 << 22
 
 
 def default_tiles(k: int, rows: int = ROWS, transposed: bool = False, n: int = 0
@@ -104,8 +111,13 @@ def default_tiles(k: int, rows: int = ROWS, transposed: bool = False, n: int = 0
     [N, K] weights at <= FMA_MAX_ROWS rows take the CUDA-core path, 4 columns x 1024 of K per
     program, 8 warps: among the best of every kernel of both model shapes in the H200 sweep
     (benchmarks/fused_decode_h200.md), with `weights_first` for small matrices (see
-    WEIGHTS_FIRST_MAX). Otherwise tensor-core tiles, K steps of up to 256.
+    WEIGHTS_FIRST_MAX); one row over large matrices takes 2 columns x 2048 of K, 4 warps (see
+    LARGE_GEMV). Otherwise tensor-core tiles, K steps of up to 256.
     """
+    if transposed and rows == 1 and n * k >= LARGE_GEMV:
+        bk = min(2048, pl.next_power_of_2(k))
+        return GemvTiles(block_n=2, block_k=bk, num_warps=4, fma=True,
+                         unroll=-(-k // bk) <= 4)
     if transposed and rows <= FMA_MAX_ROWS:
         bk = min(1024, max(16, pl.next_power_of_2(k)))
         unroll = -(-k // bk) <= 4

@@ -38,6 +38,7 @@ from pallas_kernels.fused_decode import (
 )
 from pallas_kernels.fused_decode import reference as ref
 from pallas_kernels.fused_decode.attention import default_splits
+from pallas_kernels.fused_decode.kernel import LARGE_GEMV, default_tiles
 from pallas_kernels.testing import assert_close, jit_for_tests
 
 TINY = "configs/models/tiny.yaml"
@@ -79,9 +80,10 @@ CASES = [(None, False, 1), (None, False, 3), (None, False, 40),
          (GemvTiles(block_n=32, block_k=64, unroll=True), False, 3),
          (GemvTiles(block_k=16), False, 3), (None, True, 3), (GemvTiles(block_k=256), True, 3),
          (GemvTiles(block_n=8, block_k=64, fma=True), True, 3),
-         (GemvTiles(block_n=8, block_k=256, fma=True, unroll=True), True, 1)]
+         (GemvTiles(block_n=8, block_k=256, fma=True, unroll=True), True, 1),
+         (default_tiles(8192, 1, True, 2048), True, 1)]
 CASE_IDS = ["default-1", "default-3", "default-40", "wide-unrolled-3", "bk16-3", "transposed-3",
-            "transposed-bk256-3", "fma-3", "fma-bk256-unrolled-1"]
+            "transposed-bk256-3", "fma-3", "fma-bk256-unrolled-1", "large-1"]
 
 
 def _w(w, transposed):
@@ -187,6 +189,16 @@ def test_fused_gemvs_name_what_does_not_tile(rng):
         gemv_residual(a["a"], a["wo"], a["x"], tiles=GemvTiles(block_k=48))
     with pytest.raises(ValueError, match="transposed=True"):
         gemv_residual(a["a"], a["wo"], a["x"], tiles=GemvTiles(block_n=8, fma=True))
+
+
+def test_default_tiles_by_size_and_rows():
+    """One row over a large matrix takes the narrow, long-K tiles; SmolLM2's sizes and steps of
+    more rows keep the 4-column ones (the H200 sweep behind LARGE_GEMV)."""
+    large = default_tiles(2048, 1, True, LARGE_GEMV // 2048)
+    assert (large.block_n, large.block_k, large.num_warps, large.fma) == (2, 2048, 4, True)
+    assert default_tiles(8192, 1, True, 2048).unroll  # 4 steps of 2048
+    for k, rows, n in ((576, 1, 3072), (2048, 2, 16384), (2047, 1, 2048)):
+        assert default_tiles(k, rows, True, n).block_n == 4, (k, rows, n)
 
 
 def _steps(params, cfg, impl, prompt, lengths, next_tokens):
