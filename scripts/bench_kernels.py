@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdecode.analysis.profile import device_busy_us
+from jdecode.analysis.profile import device_busy_us, kernel_tally
 from jdecode.provenance import git_sha
 from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
 from pallas_kernels.paged_attention import (
@@ -80,11 +80,12 @@ def time_looped(step, tables, *args, inner: int = 20, reps: int = 15) -> dict:
     repeat operands are merged by XLA's CSE, and an optimization barrier did not stop that.)
 
     Returns {"s": median wall seconds per step, "compile_s", "device_s": the step's own kernel
-    time per step}. The wall figure carries the loop's control per iteration (XLA's while
-    loop reads its predicate on the host each time), which weighs at small sizes. The device
-    figure is the kernels' summed durations per step under the profiler, less those of the
-    same loop around an empty step (`tables[i]` passed through): the loop's own kernels. It
-    is None where no kernel runs on a device stream (CPU).
+    time per step, "kernels": the loop's four costliest kernels}. The wall figure carries the
+    loop's control per iteration (XLA's while loop reads its predicate on the host each
+    time), which weighs at small sizes. The device figure is the kernels' summed durations per
+    step under the profiler, less those of the same loop around an empty step (`tables[i]`
+    passed through): the loop's own kernels. It is None where no kernel runs on a device
+    stream (CPU).
     """
     r = tables.shape[0]
 
@@ -105,13 +106,17 @@ def time_looped(step, tables, *args, inner: int = 20, reps: int = 15) -> dict:
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(tables, *args))
         samples.append((time.perf_counter() - t0) / (inner + 1))
-    busy = device_busy_us(lambda: compiled(tables, *args), repeats=3)
-    device_s = None
-    if busy is not None:
+    tally = kernel_tally(lambda: compiled(tables, *args), repeats=3)
+    device_s, top = None, []
+    if tally:
         empty, _ = compile_time(looped(lambda t, *a: t), tables, *args)
         idle = device_busy_us(lambda: empty(tables, *args), repeats=3) or 0.0
+        busy = sum(k["us_per_run"] for k in tally)
         device_s = (busy - idle) / (inner + 1) * 1e-6
-    return {"s": statistics.median(samples), "compile_s": c, "device_s": device_s}
+        top = [{"kernel": k["kernel"][:60], "us_per_call": k["us_per_call"],
+                "calls_per_step": k["calls_per_run"] / (inner + 1)} for k in tally[:4]]
+    return {"s": statistics.median(samples), "compile_s": c, "device_s": device_s,
+            "kernels": top}
 
 
 def rel_err(out, ref) -> float:
@@ -331,7 +336,8 @@ def rates(t: dict, nbytes: int) -> dict:
     """A `time_looped` result as us and TB/s of `nbytes` per step, by wall and device time."""
     rec = {"us": t["s"] * 1e6, "TBps": nbytes / t["s"] / 1e12, "compile_s": t["compile_s"]}
     if t["device_s"]:
-        rec.update(device_us=t["device_s"] * 1e6, TBps_device=nbytes / t["device_s"] / 1e12)
+        rec.update(device_us=t["device_s"] * 1e6, TBps_device=nbytes / t["device_s"] / 1e12,
+                   kernels=t["kernels"])
     return rec
 
 
@@ -357,7 +363,8 @@ def bench_decode(b: int = 32, ctx: int = 4096) -> dict:
     for splits, bk in ((1, 64), (2, 32), (2, 64), (2, 128), (4, 64), (8, 64)):
         variants[f"ours_split{splits}_bk{bk}"] = {"num_splits": splits, "block_k": bk}
     if b < 32:  # few sequences: the split count decides how the grid fills the SMs
-        for splits, bk, stages in ((2, 128, 3), (4, 128, 3), (8, 128, 2), (16, 64, 2)):
+        for splits, bk, stages in ((2, 128, 3), (4, 128, 3), (8, 128, 2), (16, 64, 2),
+                                   (4, 64, 3), (2, 64, 3), (4, 64, 4), (8, 64, 3)):
             variants[f"ours_split{splits}_bk{bk}_st{stages}"] = {
                 "num_splits": splits, "block_k": bk, "num_stages": stages}
     res = bench_decode_point(b, ctx, variants=variants)
