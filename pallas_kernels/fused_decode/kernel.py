@@ -102,19 +102,21 @@ WEIGHTS_FIRST_MAX = 1 << 20
 # o 4.26 -> 3.90, gate/up 20.99 -> 19.55, down 11.98 -> 10.88), where SmolLM2's smaller
 # matrices (<= 1.8M) kept the 4 x 1024, 8-warp tiles (its gate/up: 3.36 against 3.62).
 LARGE_GEMV = 1 << 22
+O_LARGE_TILES = True  # whether `attn_o_residual` takes them too (its programs re-read partials)
 
 
-def default_tiles(k: int, rows: int = ROWS, transposed: bool = False, n: int = 0
-                  ) -> GemvTiles:
+def default_tiles(k: int, rows: int = ROWS, transposed: bool = False, n: int = 0,
+                  large: bool = True) -> GemvTiles:
     """Tiles for a K of k, N of n (0: unknown) and a step of `rows` rows.
 
     [N, K] weights at <= FMA_MAX_ROWS rows take the CUDA-core path, 4 columns x 1024 of K per
     program, 8 warps: among the best of every kernel of both model shapes in the H200 sweep
     (benchmarks/fused_decode_h200.md), with `weights_first` for small matrices (see
     WEIGHTS_FIRST_MAX); one row over large matrices takes 2 columns x 2048 of K, 4 warps (see
-    LARGE_GEMV). Otherwise tensor-core tiles, K steps of up to 256.
+    LARGE_GEMV; `large=False` keeps the 4-column tiles there). Otherwise tensor-core tiles,
+    K steps of up to 256.
     """
-    if transposed and rows == 1 and n * k >= LARGE_GEMV:
+    if large and transposed and rows == 1 and n * k >= LARGE_GEMV:
         bk = min(2048, pl.next_power_of_2(k))
         return GemvTiles(block_n=2, block_k=bk, num_warps=4, fma=True,
                          unroll=-(-k // bk) <= 4)
@@ -608,7 +610,7 @@ def attn_o_residual(parts, lse, w, residual, *, tiles: GemvTiles | None = None,
     if lse.shape[:2] != parts.shape[:2] or k % lse.shape[2]:
         raise ValueError(f"attn_o_residual: lse {lse.shape} must be [B, splits, heads] for "
                          f"parts {parts.shape} [B, splits, heads x head_dim]")
-    tiles = tiles or default_tiles(k, b, transposed, n)
+    tiles = tiles or default_tiles(k, b, transposed, n, large=O_LARGE_TILES)
     if not tiles.fma:  # pipelined, each split's f32 [R, block_k] partials per stage overflow
         tiles = dataclasses.replace(tiles, num_stages=1)  # shared memory (seen on the H200)
     _check("attn_o_residual", parts, k, n, tiles, transposed)
