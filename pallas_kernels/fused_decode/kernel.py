@@ -102,7 +102,11 @@ WEIGHTS_FIRST_MAX = 1 << 20
 # o 4.26 -> 3.90, gate/up 20.99 -> 19.55, down 11.98 -> 10.88), where SmolLM2's smaller
 # matrices (<= 1.8M) kept the 4 x 1024, 8-warp tiles (its gate/up: 3.36 against 3.62).
 LARGE_GEMV = 1 << 22
-O_LARGE_TILES = True  # whether `attn_o_residual` takes them too (its programs re-read partials)
+# Whether `attn_o_residual` takes them too. No: every one of its programs re-reads all of the
+# attention's split partials, and 2 columns per program doubles the programs. In the model
+# (bench_decode, 1B shape, batch 1, same run) the step ran 1098 / 1110 tok/s with the O
+# projection on 4 columns against 1085 / 1095 with it on 2 (1034 / 1041 before LARGE_GEMV).
+O_LARGE_TILES = False
 
 
 def default_tiles(k: int, rows: int = ROWS, transposed: bool = False, n: int = 0,

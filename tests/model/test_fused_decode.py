@@ -199,6 +199,7 @@ def test_default_tiles_by_size_and_rows():
     assert default_tiles(8192, 1, True, 2048).unroll  # 4 steps of 2048
     for k, rows, n in ((576, 1, 3072), (2048, 2, 16384), (2047, 1, 2048)):
         assert default_tiles(k, rows, True, n).block_n == 4, (k, rows, n)
+    assert default_tiles(2048, 1, True, 2048, large=False).block_n == 4  # the O projection's
 
 
 def _steps(params, cfg, impl, prompt, lengths, next_tokens):
