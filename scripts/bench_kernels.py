@@ -367,6 +367,9 @@ def bench_decode(b: int = 32, ctx: int = 4096) -> dict:
                                    (4, 64, 3), (2, 64, 3), (4, 64, 4), (8, 64, 3)):
             variants[f"ours_split{splits}_bk{bk}_st{stages}"] = {
                 "num_splits": splits, "block_k": bk, "num_stages": stages}
+        for splits, bk, stages in ((4, 128, 2), (4, 64, 3), (8, 64, 2), (2, 128, 2)):
+            variants[f"ours_split{splits}_bk{bk}_st{stages}_w8"] = {
+                "num_splits": splits, "block_k": bk, "num_stages": stages, "num_warps": 8}
     res = bench_decode_point(b, ctx, variants=variants)
     ours = {n: r for n, r in res.items() if n.startswith("ours_") and "TBps" in r}
     if ours:  # ranked by device time where the profiler saw the kernels (the GPU)
