@@ -6,7 +6,7 @@ our Triton kernel, our Hopper (Mosaic GPU) kernel, cuDNN through
 Every variant is first checked against the f32 reference. Batch is 16384 // T so each point
 does the same number of query tokens; GQA 32/8, bf16.
 
-    device: BENCH_GIT_SHA=<sha> PYTHONPATH=. python3 scripts/bench_flash.py --out $OUT
+    device: JDECODE_GIT_SHA=<sha> PYTHONPATH=. python3 scripts/bench_flash.py --out $OUT
 Writes flash.json and flash.md under --out after every point.
 """
 
@@ -23,6 +23,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 
+from jdecode.provenance import git_sha
 from pallas_kernels.flash_attention import (
     flash_attention,
     flash_attention_reference,
@@ -246,7 +247,7 @@ def main():
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "device_kind": jax.devices()[0].device_kind,
             "jax": jax.__version__,
-            "git": os.environ.get("BENCH_GIT_SHA", "unknown"),
+            "git": git_sha() or "unknown",
             "command": "PYTHONPATH=. python3 scripts/bench_flash.py " + " ".join(sys.argv[1:]),
         },
         "points": [],

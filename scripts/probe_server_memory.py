@@ -24,6 +24,7 @@ import httpx
 import jax
 
 from jdecode.io.registry import DEFAULT_MODEL
+from jdecode.provenance import git_sha
 
 
 def rss_mb(pid: int) -> float:
@@ -94,14 +95,6 @@ def health_during_huge_prompt(url: str, model: str) -> float:
             httpx.get(url + "/health", timeout=600)
             worst = max(worst, time.perf_counter() - t0)
         return 1e3 * worst
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True,
-                              text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def main(argv: list[str] | None = None) -> None:

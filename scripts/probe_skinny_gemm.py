@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jdecode.analysis.profile import device_busy_us
+from jdecode.provenance import git_sha
 
 BF16 = jnp.bfloat16
 # (name, K, N) of the Llama-3.2-1B shape's projections (gate and up side by side).
@@ -52,7 +53,7 @@ def main():
 
     res = {"env": {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                    "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
-                   "git": os.environ.get("BENCH_GIT_SHA", "unknown")}, "shapes": {}}
+                   "git": git_sha() or "unknown"}, "shapes": {}}
     for name, k, n in SHAPES:
         r = max(2, (256 << 20) // (k * n * 2))
         keys = jax.random.split(jax.random.key(0), r + 1)

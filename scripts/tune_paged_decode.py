@@ -22,6 +22,7 @@ import sys
 
 import jax
 
+from jdecode.provenance import git_sha
 from scripts.bench_kernels import bench_ceilings, bench_decode_point, bench_ragged
 
 # The ragged kernel's chunk items: (query rows per program, block_k, warps, stages).
@@ -113,7 +114,7 @@ def main():
     res = {"env": {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
-        "git": os.environ.get("BENCH_GIT_SHA", "unknown"),
+        "git": git_sha() or "unknown",
         "command": "PYTHONPATH=. python3 scripts/tune_paged_decode.py " + " ".join(sys.argv[1:]),
     }, "points": []}
 
