@@ -686,14 +686,6 @@ def markdown(results) -> str:
         lines.append("")
     sw = results.get("sweep", [])
     if sw:
-        header = ("| B \\ context | "
-                  + " | ".join(str(c) for c in sorted({p["context"] for p in sw})) + " |")
-        lines += [
-            "## Decode sweep (ours, default tuning), TB/s",
-            "",
-            header,
-            "|---" * (1 + len({p["context"] for p in sw})) + "|",
-        ]
         stream = ceil.get("read_stream_TBps")
 
         def cell(p, key):
@@ -704,28 +696,23 @@ def markdown(results) -> str:
             extra = f"; {100 * r[key] / same:.0f}% of {same:.2f}" if same else ""
             return f"{r[key]:.2f} ({100 * r[key] / stream:.0f}%{extra})"
 
-        for b in sorted({p["B"] for p in sw}):
-            lines.append(f"| {b} | " + " | ".join(cell(p, "TBps") for p in sw if p["B"] == b)
-                         + " |")
-        lines += [
-            "",
-            (
-                "Cells: TB/s of K/V read, 21 steps in one jitted fori_loop, by wall clock (% of"
-                " the read stream above; % of the same-size read stream, a row sum of as many"
-                " bytes timed in the same loop)."
-            ),
-            "",
-        ]
+        def table(key):  # a row per batch, a column per context
+            contexts = sorted({p["context"] for p in sw})
+            out = ["| B \\ context | " + " | ".join(map(str, contexts)) + " |",
+                   "|---" * (1 + len(contexts)) + "|"]
+            for b in sorted({p["B"] for p in sw}):
+                out.append(f"| {b} | " + " | ".join(cell(p, key) for p in sw if p["B"] == b)
+                           + " |")
+            return out
+
+        lines += ["## Decode sweep (ours, default tuning), TB/s", "", *table("TBps"), "",
+                  ("Cells: TB/s of K/V read, 21 steps in one jitted fori_loop, by wall clock (% of"
+                   " the read stream above; % of the same-size read stream, a row sum of as many"
+                   " bytes timed in the same loop)."), ""]
         if any("TBps_device" in (p.get("ours") or {}) for p in sw):
             lines += [("The same steps by device time (the step's kernels' summed durations"
                        " under the profiler, less the loop's own kernels; the same-size read"
-                       " stream likewise):"), "", header,
-                      "|---" * (1 + len({p["context"] for p in sw})) + "|"]
-            for b in sorted({p["B"] for p in sw}):
-                lines.append(f"| {b} | "
-                             + " | ".join(cell(p, "TBps_device") for p in sw if p["B"] == b)
-                             + " |")
-            lines.append("")
+                       " stream likewise):"), "", *table("TBps_device"), ""]
         lines += [
             "![sweep](kernels_sweep.png)",
             "",

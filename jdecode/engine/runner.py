@@ -309,8 +309,7 @@ class ModelRunner:
             copies[:, :len(out.page_copies)] = np.asarray(out.page_copies, np.int32).T
         return {"tokens": tokens, "token_src": token_src, "positions": positions,
                     # Chunks sit in rows in slot order, so a step of one-token chunks has
-                    # the layout decodes_only promises. Only the kernels use it (a static
-                    # field: its own executable per bucket), so the XLA path compiles once.
+                    # the layout decodes_only promises.
                     "meta": PagedMeta(slots, tables, context_lens, qsl,
                                       **self.decode_layout(chunks, lens)),
                     "logits_at": logits_at,

@@ -510,6 +510,7 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, op_ref, lse_ref, 
         # last.
         in_last = (cta < rem) if rounds % 2 == 0 else (cta >= num_ctas - rem)
         n_mine = rounds + in_last.astype(jnp.int32)  # this CTA's tiles
+    n_whole = rounds if split else n_mine  # whole tiles, walked by `one_tile`; a share follows
 
     def steps_of(q_first, q_off, kv_len):
         """(kv blocks, unmasked blocks) of the query rows [q_first, q_first + block_q)."""
@@ -578,7 +579,7 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, op_ref, lse_ref, 
 
         if q_ahead:
             load_q(0)  # every CTA has at least one tile
-        base = lax.fori_loop(0, rounds if split else n_mine, one_tile, jnp.int32(0))
+        base = lax.fori_loop(0, n_whole, one_tile, jnp.int32(0))
         if split:
             b, h, tile_first, _, kv_len, _ = tile_of(rounds)
             lo, hi, n_full = share(kv_len)
@@ -613,7 +614,7 @@ def _kernel(q_off_ref, kv_len_ref, q_ref, k_ref, v_ref, o_ref, op_ref, lse_ref, 
             stream(scr, issue_from(b, h, 0), base=base, count=cta_steps, stages=stages)
             return base + cta_steps
 
-        total = lax.fori_loop(0, rounds if split else n_mine, one_tile, jnp.int32(0))
+        total = lax.fori_loop(0, n_whole, one_tile, jnp.int32(0))
         if split:
             b, h, _, _, kv_len, _ = tile_of(rounds)
             lo, hi, _ = share(kv_len)
@@ -674,7 +675,8 @@ def hopper_flash_call(q, k, v, q_offset, kv_lens, *, sm_scale: float, causal: bo
 
 # The fewest key blocks a share of a split tile gets: each share pays a query load, an output
 # and lse store and its part of the merge. On an H200 (flash_h200.md run 10) one-block shares
-# (D128 T4096, 32 blocks in 32 shares) read 0.98x no split, ~4-block shares (T16384) 1.02x.
+# (D128 T4096, 32 blocks in 32 shares) read 0.98x no split, ~4-block shares (T16384) 1.02x;
+# with this floor (run 11) D128 non-causal T4096/8192/16384 read 1.05/1.02/1.01x no split.
 MIN_SHARE_BLOCKS = 4
 
 
