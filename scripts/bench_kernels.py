@@ -497,6 +497,11 @@ def bench_ragged(
         for split in (True, False):
             name = f"ours_mosaic_bk{bk}_{'split' if split else 'one_launch'}"
             variants[name] = ours(backend="mosaic", block_k=bk, split_decodes=split)
+    # Its ring beside the default (block_kv 128, 2 stages), every row in the one launch; a ring
+    # that does not fit shared memory records its error.
+    for bk, st in ((128, 3), (256, 2)):
+        variants[f"ours_mosaic_bk{bk}_s{st}_one_launch"] = ours(
+            backend="mosaic", block_k=bk, num_stages=st, split_decodes=False)
     variants["separate_decode_plus_ragged_prefill"] = separate_ragged
     variants["separate_decode_plus_gather_flash"] = separate_flash
     def record(name, fn, q, ref):
@@ -506,7 +511,16 @@ def bench_ragged(
             res.setdefault("checks", {})[name] = check(name, compiled(q, k_pages, v_pages), ref)
             s = time_calls(compiled, q, k_pages, v_pages)
             res[name] = {"us": s * 1e6, "tokens_per_s": q.shape[0] / s, "compile_s": c}
-            print(f"  {name}: {s * 1e6:.1f} us  {q.shape[0] / s / 1e6:.2f} M tok/s")
+            # Device time: the call's kernels summed under the profiler. The wall figure of
+            # back-to-back calls spreads by up to 8% here between identical launches.
+            tally = kernel_tally(lambda: compiled(q, k_pages, v_pages), repeats=5)
+            if tally:
+                res[name]["device_us"] = sum(k["us_per_run"] for k in tally)
+                res[name]["kernels"] = [
+                    {"kernel": k["kernel"][:60], "us_per_run": k["us_per_run"],
+                     "calls": k["calls_per_run"]} for k in tally[:5]]
+            print(f"  {name}: {s * 1e6:.1f} us  {q.shape[0] / s / 1e6:.2f} M tok/s  "
+                  f"device {fmt(res[name], 'device_us', '.1f')} us")
         except Exception as e:  # noqa: BLE001
             res[name] = {"error": repr(e)[:500]}
             print(f"  {name}: ERROR {e!r}"[:400])
@@ -675,13 +689,16 @@ def markdown(results) -> str:
         lines += [
             f"## Ragged mixed batch: {ra.get('shape')}",
             "",
-            "| variant | us | tokens/s |",
-            "|---|---|---|",
+            "| variant | us | device us | tokens/s | top kernels (device us in one call) |",
+            "|---|---|---|---|---|",
         ]
         for name, r in ra.items():
             if isinstance(r, dict) and ("us" in r or "error" in r) and name != "ours_best":
+                top = "; ".join(f"{k['kernel'][:28]} {k['us_per_run']:.1f}"
+                                for k in (r.get("kernels") or [])[:3])
                 lines.append(
-                    f"| {name} | {fmt(r, 'us', '.1f')} | {fmt(r, 'tokens_per_s', '.3g')} |"
+                    f"| {name} | {fmt(r, 'us', '.1f')} | {fmt(r, 'device_us', '.1f')} | "
+                    f"{fmt(r, 'tokens_per_s', '.3g')} | {top} |"
                 )
         lines.append("")
     sw = results.get("sweep", [])
