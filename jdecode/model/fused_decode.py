@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +125,10 @@ class DecodeParams(Params):
     """
 
     decode_t: tuple = ()  # per layer: (wqkv, wo, w_gate_up, w_down) transposed to [N, K]
+    # What a Params subclass carried besides the weights: `BundledParams.extra`, the Medusa
+    # heads or EAGLE draft that a method reads as `params.extra`. Dropping it when the copies
+    # are added broke those methods on the GPU (their default path adds the copies).
+    extra: Any = None
 
 
 def _fused_unstacked(params: Params) -> bool:
@@ -145,7 +150,11 @@ def with_decode_copies(params: Params) -> Params:
     copies = tuple(tuple(jnp.transpose(w) for w in (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))
                    for lp in params.layers)
     fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(Params)}
-    return DecodeParams(**fields, decode_t=copies)
+    extras = {f.name for f in dataclasses.fields(params)} - set(fields)
+    if extras - {"extra"}:
+        raise TypeError(f"with_decode_copies: {type(params).__name__} carries {sorted(extras)}, "
+                        "which DecodeParams would drop; give DecodeParams those fields")
+    return DecodeParams(**fields, decode_t=copies, extra=getattr(params, "extra", None))
 
 
 def _has_copies(params: Params) -> bool:

@@ -33,6 +33,8 @@ from jdecode.decoding.medusa import (
     plan_lookup,
 )
 from jdecode.decoding.sampling import SamplingArrays, SamplingParams
+from jdecode.model.fused_decode import with_decode_copies
+from jdecode.model.layout import inference_layout
 from jdecode.model.params import init_params
 from jdecode.model.transformer import lm_head
 from pallas_kernels.testing import assert_close, jit_for_tests
@@ -156,6 +158,18 @@ def test_greedy_is_autoregressive_greedy(params, rng, lens):
                   *greedy(len(lens)))
     np.testing.assert_array_equal(got, want)
     assert int(ls.accepted) > int(ls.live_steps), "the heads never helped: the test is weak"
+
+
+def test_heads_survive_the_fused_decode_copies(params, rng):
+    """On the GPU a Generator adds the fused decode step's [N, K] weight copies to every
+    Params (`with_decode_copies`); the heads (`params.extra`) must come along. Dropping them
+    crashed Medusa, blockwise and EAGLE there (stop 37's H200 run)."""
+    fast = with_decode_copies(inference_layout(params))
+    assert fast.extra is params.extra and len(fast.decode_t) == CFG.num_layers
+    prompt, lengths = prompts(rng, (9,))
+    want, _ = run(autoregressive(CFG, MAX_LEN), params, prompt, lengths, *greedy(1))
+    got, _ = run(heads_decoder(CFG, MAX_LEN, PLAN), fast, prompt, lengths, *greedy(1))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_a_root_only_plan_is_the_autoregressive_decoder(params, rng):
