@@ -189,17 +189,16 @@ def hopper_ragged_rows(q, k_pages, v_pages, block_tables, items, num_rows, *, sm
         raise ValueError(f"{gp} query heads per kv head (padded): the Hopper ragged kernel "
                          f"takes at most {block_q // 8}; use backend='triton'")
     tokens = block_q // gp  # per compute warpgroup
-    # The compiled kernel's TMA copies tile q's and o's rows by 8, so N must be a multiple of 8
-    # (the engine's token buckets are; other N pay a pad of q and a slice of o), and read rows
-    # past N as 0. The interpreter would clamp such a slice instead, so it gets the rows.
-    n_pad = n + tokens if interpret else -(-n // 8) * 8
-    q_in = jnp.pad(q, ((0, n_pad - n), (0, 0), (0, 0))) if n_pad > n else q
+    # The compiled kernel's TMA reads rows past N as 0; the interpreter would clamp the slice
+    # instead, so it gets the rows.
+    q_in = jnp.pad(q, ((0, tokens), (0, 0), (0, 0))) if interpret else q
     page_size = k_pages.shape[1]
     tables = pad_block_tables(block_tables, max(1, block_kv // page_size))
     out, side = hopper_ragged_call(
         q_in, k_pages, v_pages, tables, num_q, pos0, row0, seq, ctx, sm_scale=sm_scale,
         soft_cap=soft_cap, block_q=block_q, block_kv=block_kv, stages=stages, pingpong=pingpong,
         interpret=interpret, tweaks=tweaks)
+    out = out[:n]
     # Each sequence's partial warpgroup (an item's half with 0 < valid tokens < tokens): its
     # first row and valid count, by sequence (every other sequence keeps count 0).
     b, num_kv = side.shape[:2]
@@ -210,12 +209,11 @@ def hopper_ragged_rows(q, k_pages, v_pages, block_tables, items, num_rows, *, sm
     p_row = jnp.zeros((b,), jnp.int32).at[at].set(row0 + num_q - rest, mode="drop")
     p_num = jnp.zeros((b,), jnp.int32).at[at].set(rest, mode="drop")
     t = jnp.arange(tokens, dtype=jnp.int32)
-    dest = jnp.where(t[None, :] < p_num[:, None], p_row[:, None] + t, n_pad).reshape(-1)
+    dest = jnp.where(t[None, :] < p_num[:, None], p_row[:, None] + t, n).reshape(-1)
     tiles = side.reshape(b, num_kv, gp, tokens, -1)[:, :, :group].transpose(0, 3, 1, 2, 4)
     out = out.at[dest].set(tiles.reshape(b * tokens, h, -1), mode="drop", unique_indices=True)
     # Padding rows past the last sequence's tokens were never written. A scatter of zeros into
     # them writes only those rows, where a select would read and write all of them.
     rows = jnp.arange(n, dtype=jnp.int32)
-    out = out.at[jnp.where(rows >= num_rows, rows, n_pad)].set(0, mode="drop",
-                                                               unique_indices=True)
-    return out[:n] if n_pad > n else out
+    return out.at[jnp.where(rows >= num_rows, rows, n)].set(0, mode="drop",
+                                                            unique_indices=True)
