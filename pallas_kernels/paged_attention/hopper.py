@@ -10,13 +10,11 @@ rows arrive by one TMA copy straight from q [N, H, D] (rows past N read 0). The 
 a ring slot of block_kv keys with one TMA copy per page (block_kv >= page) or one copy from
 inside a page (block_kv <= page), all arriving on the slot's barrier.
 
-A warpgroup whose tokens are all valid stores each head's rows straight into o [N, H, D], one
-TMA copy each. A partial one (at most one per sequence: its last item's) may not: a copy of
-whole tiles would overwrite the next item's rows, and a copy of n rows needs n known when
-compiling. It stores its tile to a side buffer [B, K, block_q, D] at its sequence instead, and
-the wrapper scatters those rows' valid tokens into the output. (Before, the wrapper gathered
-every item's rows into a packed copy of q and scattered every output row back: two XLA passes
-over q, ~13% of a mixed batch's time on an H200, benchmarks/paged_attention_h200.md run 18.)
+The output leaves through an untiled tile in shared memory, each head's valid tokens in at most
+log2(tokens) + 1 TMA copies of power-of-2 row counts: a copy of the whole tile would overwrite
+the next item's rows. (Before, the wrapper gathered every item's rows into a packed copy of q
+and scattered the outputs back: two XLA passes over q of ~13% of a mixed batch's time on an
+H200, benchmarks/paged_attention_h200.md run 18.)
 
 Pages past a sequence's context are never read: a block's page slots past the context take the
 sequence's first page instead. Rows past the context inside its last page are masked but still
@@ -48,14 +46,14 @@ from pallas_kernels.paged_attention.kernel import pad_block_tables
 
 
 def _kernel(num_q_ref, pos0_ref, row0_ref, seq_ref, ctx_ref, table_ref, q_ref, k_ref, v_ref,
-            o_ref, side_ref, scr: Scratch, *, sm_scale, soft_cap, block_q, block_kv, stages,
-            group, gp, page_size, pingpong, interpret, tweaks):
+            o_ref, scr: Scratch, *, sm_scale, soft_cap, block_q, block_kv, stages, group, gp,
+            page_size, pingpong, interpret, tweaks):
     """One CTA: item w for kv head kh.
 
     num_q/pos0/row0/seq/ctx_ref: [W] int32 (GMEM) the item's valid tokens, the position of its
     first token, that token's row of q, its sequence and that sequence's context.
     table_ref: [B, max_pages_pad] int32. q_ref/o_ref: [N, H, D]; k_ref/v_ref: [P, page, K, D]
-    the pool; side_ref: [B, K, block_q, D] a sequence's partial warpgroup tile.
+    the pool.
     """
     plgpu = plgpu_module()
     w = lax.axis_index("items")
@@ -82,25 +80,28 @@ def _kernel(num_q_ref, pos0_ref, row0_ref, seq_ref, ctx_ref, table_ref, q_ref, k
         # step still launches this kernel over every item slot.
         has_rows = first < num_q
         q_smem = scr.q.at[wg]
-        # Head g's rows of the tile: g * tokens .. + tokens (whole 8-row tiles: tokens >= 8).
-        head_rows = [(q_smem.at[pl.ds(g * tokens, tokens)], kh * group + min(g, group - 1))
-                     for g in range(gp)]
 
         @pl.when(has_rows)
         def _load_q():
-            for tile, head in head_rows:  # a padded head repeats the group's last: dropped
-                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row, tokens), head], tile,
+            for g in range(gp):  # a padded head repeats the group's last: finite rows, dropped
+                head = kh * group + min(g, group - 1)
+                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row, tokens), head],
+                                        q_smem.at[pl.ds(g * tokens, tokens)],
                                         scr.q_ready.at[wg])
 
-        def store():
-            full = num_q - first >= tokens
-
-            @pl.when(full)
-            def _direct():
-                for tile, head in head_rows[:group]:
-                    plgpu.copy_smem_to_gmem(tile, o_ref.at[pl.ds(row, tokens), head])
-
-            pl.when(~full)(lambda: plgpu.copy_smem_to_gmem(q_smem, side_ref.at[seq_ref[w], kh]))
+        def store(out):
+            stage = scr.stage.at[wg]
+            stage[...] = out.astype(stage.dtype)
+            plgpu.commit_smem()
+            n = jnp.clip(num_q - first, 0, tokens)  # this warpgroup's valid tokens
+            for g in range(group):
+                size = tokens
+                while size:  # n's set bits, highest first: rows [off, off + size)
+                    off = n & ~(2 * size - 1)
+                    pl.when(n & size != 0)(functools.partial(
+                        plgpu.copy_smem_to_gmem, stage.at[pl.ds(g * tokens + off, size)],
+                        o_ref.at[pl.ds(row + off, size), kh * group + g]))
+                    size //= 2
             plgpu.wait_smem_to_gmem(0)
 
         def q_pos(shape, iota):
@@ -142,32 +143,31 @@ def hopper_ragged_call(q, k_pages, v_pages, tables, num_q, pos0, row0, seq, ctx,
                        stages: int, pingpong: bool, interpret: bool,
                        tweaks: Tweaks | None = None):
     """q [N, H, D], pools [P, page, K, D], tables [B, max_pages_pad] (max_pages_pad * page a
-    multiple of block_kv), item vectors [W] int32 -> (o [N, H, D]: the rows of full
-    warpgroups, the others as they come (uninitialized); side [B, K, block_q, D]: each
-    sequence's partial warpgroup tile, head-major, where it has one)."""
+    multiple of block_kv), item vectors [W] int32 -> [N, H, D]: the items' valid rows; rows no
+    item covers are left as they come (uninitialized)."""
     h, d = q.shape[1:]
     num_kv, page_size = k_pages.shape[2], k_pages.shape[1]
     group = h // num_kv
     gp = pl.next_power_of_2(group)
+    w = row0.shape[0]
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, block_q=block_q, block_kv=block_kv,
         stages=stages, group=group, gp=gp, page_size=page_size, pingpong=pingpong,
         interpret=interpret, tweaks=tweaks or Tweaks())
     scratch = scratch_shapes(q.dtype, d, block_q=block_q, block_kv=block_kv,
                              stages=stages, copies_per_block=max(1, block_kv // page_size),
-                             interpret=interpret, q_copies=gp)
+                             interpret=interpret, q_copies=gp, stage_tiles=True)
 
     def entry(num_q_ref, pos0_ref, row0_ref, seq_ref, ctx_ref, table_ref, q_ref, k_ref, v_ref,
-              o_ref, side_ref):
+              o_ref):
         pl.run_scoped(
             lambda *refs: kernel(num_q_ref, pos0_ref, row0_ref, seq_ref, ctx_ref, table_ref,
-                                 q_ref, k_ref, v_ref, o_ref, side_ref, Scratch(*refs)),
+                                 q_ref, k_ref, v_ref, o_ref, Scratch(*refs[:9], stage=refs[9])),
             *scratch, collective_axes="wg")
 
-    out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
-                jax.ShapeDtypeStruct((tables.shape[0], num_kv, block_q, d), q.dtype))
-    return launch(entry, out_type, grid=(num_kv, row0.shape[0]), grid_names=("heads", "items"),
-                  interpret=interpret)(num_q, pos0, row0, seq, ctx, tables, q, k_pages, v_pages)
+    return launch(entry, jax.ShapeDtypeStruct(q.shape, q.dtype),
+                  grid=(num_kv, w), grid_names=("heads", "items"), interpret=interpret)(
+        num_q, pos0, row0, seq, ctx, tables, q, k_pages, v_pages)
 
 
 def hopper_tokens_per_item(num_heads: int, num_kv_heads: int, block_q: int = 64) -> int:
@@ -188,30 +188,16 @@ def hopper_ragged_rows(q, k_pages, v_pages, block_tables, items, num_rows, *, sm
     if block_q // gp < 8:
         raise ValueError(f"{gp} query heads per kv head (padded): the Hopper ragged kernel "
                          f"takes at most {block_q // 8}; use backend='triton'")
-    tokens = block_q // gp  # per compute warpgroup
+    tokens = hopper_tokens_per_item(h, k_pages.shape[2], block_q)
     # The compiled kernel's TMA reads rows past N as 0; the interpreter would clamp the slice
     # instead, so it gets the rows.
     q_in = jnp.pad(q, ((0, tokens), (0, 0), (0, 0))) if interpret else q
     page_size = k_pages.shape[1]
     tables = pad_block_tables(block_tables, max(1, block_kv // page_size))
-    out, side = hopper_ragged_call(
+    out = hopper_ragged_call(
         q_in, k_pages, v_pages, tables, num_q, pos0, row0, seq, ctx, sm_scale=sm_scale,
         soft_cap=soft_cap, block_q=block_q, block_kv=block_kv, stages=stages, pingpong=pingpong,
-        interpret=interpret, tweaks=tweaks)
-    out = out[:n]
-    # Each sequence's partial warpgroup (an item's half with 0 < valid tokens < tokens): its
-    # first row and valid count, by sequence (every other sequence keeps count 0).
-    b, num_kv = side.shape[:2]
-    group = h // num_kv
-    rest = num_q - jnp.where(num_q > tokens, tokens, 0)  # the last warpgroup's valid tokens
-    partial = (rest > 0) & (rest < tokens)
-    at = jnp.where(partial, seq, b)  # b: dropped
-    p_row = jnp.zeros((b,), jnp.int32).at[at].set(row0 + num_q - rest, mode="drop")
-    p_num = jnp.zeros((b,), jnp.int32).at[at].set(rest, mode="drop")
-    t = jnp.arange(tokens, dtype=jnp.int32)
-    dest = jnp.where(t[None, :] < p_num[:, None], p_row[:, None] + t, n).reshape(-1)
-    tiles = side.reshape(b, num_kv, gp, tokens, -1)[:, :, :group].transpose(0, 3, 1, 2, 4)
-    out = out.at[dest].set(tiles.reshape(b * tokens, h, -1), mode="drop", unique_indices=True)
+        interpret=interpret, tweaks=tweaks)[:n]
     # Padding rows past the last sequence's tokens were never written. A scatter of zeros into
     # them writes only those rows, where a select would read and write all of them.
     rows = jnp.arange(n, dtype=jnp.int32)
