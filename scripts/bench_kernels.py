@@ -527,9 +527,8 @@ def bench_ragged(
 
     for name, fn in variants.items():
         record(name, fn, q, ref)
-    # The engine pads a step's tokens to a bucket (a power of 2 or the budget: a multiple of 8),
-    # which the Hopper kernel's row tiling needs; 2076 rows cost it a pad of q and a slice of
-    # the output. The same step with 4 padding rows (2080), as the engine would run it:
+    # The engine pads a step's tokens to a bucket (a power of 2 or the budget), with padding
+    # rows that belong to no sequence. The same step with 4 such rows (2080, a multiple of 8):
     pad8 = -n_tok % 8
     q8 = jnp.pad(q, ((0, pad8), (0, 0), (0, 0)))
     ref8 = jnp.pad(ref, ((0, pad8), (0, 0), (0, 0)))
