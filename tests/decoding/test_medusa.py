@@ -163,7 +163,7 @@ def test_greedy_is_autoregressive_greedy(params, rng, lens):
 def test_heads_survive_the_fused_decode_copies(params, rng):
     """On the GPU a Generator adds the fused decode step's [N, K] weight copies to every
     Params (`with_decode_copies`); the heads (`params.extra`) must come along. Dropping them
-    crashed Medusa, blockwise and EAGLE there (stop 37's H200 run)."""
+    crashed Medusa and EAGLE there (stop 37's H200 run; blockwise reads the same heads)."""
     fast = with_decode_copies(inference_layout(params))
     assert fast.extra is params.extra and len(fast.decode_t) == CFG.num_layers
     prompt, lengths = prompts(rng, (9,))
