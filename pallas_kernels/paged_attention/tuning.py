@@ -84,9 +84,9 @@ def grid_splits(programs: int, num_blocks: int, max_splits: int = 64) -> int:
 # 0.11.2 (benchmarks/paged_attention_h200.md; 28 decodes at 4096 + 4 chunks of 512, GQA 32/8,
 # page 16): D128, the Mosaic kernel 289.6-324.5 us against the Triton one's 387.1 (runs 4-5);
 # D64, the Mosaic kernel with decodes joined (what the engine's "short" steps run) against
-# Triton, runs 6, 12 and 13 (1.13-1.19x). Its idle launch in an "auto" step of decodes only costs more than
-# Triton's, but the engine sends those steps to the decode kernel alone ("only"). f16 runs
-# the same kernel but is not measured.
+# Triton, runs 6, 12 and 13 (1.13-1.19x). Its idle launch in an "auto" step of decodes only
+# costs more than Triton's, but the engine sends those steps to the decode kernel alone
+# ("only"). f16 runs the same kernel but is not measured.
 _HOPPER_RAGGED: dict[tuple[int, str], str] = {(128, "bfloat16"): "mosaic",
                                               (64, "bfloat16"): "mosaic"}
 
