@@ -1,7 +1,9 @@
 """A decoder layer's decode step as fused Pallas kernels: the GEMVs with RMSNorm, RoPE, SwiGLU
-and the residual adds fused in (`kernel`), and attention with the cache write (`attention`)."""
+and the residual adds fused in (`kernel`), and attention with the cache write (`attention`;
+`block_attention` for a verify step's T tokens per row)."""
 
 from pallas_kernels.fused_decode.attention import decode_attention
+from pallas_kernels.fused_decode.block_attention import block_attention
 from pallas_kernels.fused_decode.kernel import (
     MAX_ROWS,
     GemvTiles,
@@ -11,5 +13,5 @@ from pallas_kernels.fused_decode.kernel import (
     qkv_rope,
 )
 
-__all__ = ["MAX_ROWS", "GemvTiles", "attn_o_residual", "decode_attention", "gate_up_swiglu",
-           "gemv_residual", "qkv_rope"]
+__all__ = ["MAX_ROWS", "GemvTiles", "attn_o_residual", "block_attention", "decode_attention",
+           "gate_up_swiglu", "gemv_residual", "qkv_rope"]

@@ -99,3 +99,37 @@ def decode_attention_reference(qkv, k_cache, v_cache, positions, *, num_heads: i
     p = jax.nn.softmax(s, axis=-1)
     out = jnp.einsum("bkgs,bskd->bkgd", p, vals.astype(f32), precision=jax.lax.Precision.HIGHEST)
     return out.reshape(b, H * D), k_out, v_out
+
+
+def block_attention_reference(qkv, k_cache, v_cache, slots, past, vis, *, num_heads: int,
+                              num_kv_heads: int):
+    """T new tokens per row against the committed slots [0, past) and the block's own K/V
+    (token t sees token u where vis[b, t, u]), in f32.
+
+    Args:
+      qkv: [B * T, (H + 2K) * D] RoPE'd, token-major per row. k_cache, v_cache: [B, S, K, D].
+      slots: [B, T] int32 where each token's K/V go. past: [B] int32. vis: [B, T, T] bool.
+    Returns:
+      (out [B * T, H * D] f32, k_cache, v_cache) with the block's K/V stored at their slots
+      (nothing past the buffer, as the XLA path's mode="drop").
+    """
+    b, T = slots.shape
+    _, S, K, D = k_cache.shape
+    H, G = num_heads, num_heads // num_kv_heads
+    y = qkv.reshape(b, T, H + 2 * K, D)
+    q, k_new, v_new = y[:, :, :H], y[:, :, H:H + K], y[:, :, H + K:]
+    rows = jnp.arange(b)[:, None]
+    k_out = k_cache.at[rows, slots].set(k_new.astype(k_cache.dtype), mode="drop")
+    v_out = v_cache.at[rows, slots].set(v_new.astype(v_cache.dtype), mode="drop")
+    keys = jnp.concatenate([k_cache, k_new.astype(k_cache.dtype)], 1)  # [B, S + T, K, D]
+    vals = jnp.concatenate([v_cache, v_new.astype(v_cache.dtype)], 1)
+    committed = jnp.arange(S)[None, None] < past[:, None, None]  # [B, 1, S]
+    visible = jnp.concatenate([jnp.broadcast_to(committed, (b, T, S)), vis], 2)  # [B, T, S+T]
+    qg = q.reshape(b, T, K, G, D).astype(f32)
+    s = jnp.einsum("btkgd,bskd->btkgs", qg, keys.astype(f32),
+                   precision=jax.lax.Precision.HIGHEST) * D ** -0.5
+    s = jnp.where(visible[:, :, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    out = jnp.einsum("btkgs,bskd->btkgd", p, vals.astype(f32),
+                     precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(b * T, H * D), k_out, v_out

@@ -23,6 +23,7 @@ from pallas_kernels.fused_decode import (
     gemv_residual,
     qkv_rope,
 )
+from pallas_kernels.fused_decode.block_attention import block_attention
 from pallas_kernels.paged_attention import paged_attention, ragged_paged_attention, write_kv_pages
 
 registration = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
@@ -149,3 +150,22 @@ def test_decode_attention_lowers_to_triton(triton_modules, dtype, splits):
     assert dots, "decode_attention: the scores and values should be tensor-core dots"
     if dtype == jnp.float32:
         assert all("tf32" not in d for d in dots), "decode_attention: f32 dot lowered as TF32"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("rows,tokens", [(1, 4), (2, 24)])
+def test_block_attention_lowers_to_triton(triton_modules, dtype, rows, tokens):
+    """The fused verify step's attention at SmolLM2's heads (9/3, D 64): a chain of 4 in one
+    query tile, and 24 tokens per row in two (72 query rows)."""
+    H, K, D, S = 9, 3, 64, 1024
+    cache = jnp.zeros((rows, S, K, D), dtype)
+    fn = functools.partial(block_attention, num_heads=H, num_kv_heads=K, num_splits=8,
+                           interpret=False)
+    slots = jnp.zeros((rows, tokens), jnp.int32)
+    _lower_for_cuda(fn, jnp.zeros((rows * tokens, (H + 2 * K) * D), dtype), cache, cache, slots,
+                    slots[:, 0], jnp.ones((rows, tokens, tokens), bool))
+    assert triton_modules, "block_attention: no Triton module was lowered"
+    dots = [d for m in triton_modules for d in re.findall(r"tt\.dot\b[^\n]*", m)]
+    assert dots, "block_attention: the scores and values should be tensor-core dots"
+    if dtype == jnp.float32:
+        assert all("tf32" not in d for d in dots), "block_attention: f32 dot lowered as TF32"
