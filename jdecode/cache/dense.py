@@ -36,6 +36,17 @@ class DenseKVCache:
         return self.k[0].shape[1] if self.per_layer else self.k.shape[2]
 
 
+# Scratch slots (a tree's nodes past the root) are added to a cache rounded up to this many
+# slots: the fused step's attention walks the cache in whole blocks of 64
+# (`pallas_kernels.fused_decode.attention.BLOCK_K`) and declines other lengths.
+SLOT_ALIGN = 64
+
+
+def with_scratch(max_len: int, scratch: int) -> int:
+    """Cache slots for max_len tokens plus `scratch` more, rounded up to SLOT_ALIGN."""
+    return -(-(max_len + scratch) // SLOT_ALIGN) * SLOT_ALIGN
+
+
 @struct.dataclass
 class DenseMeta:
     positions: jax.Array  # [B, T] int32 slot each query token writes and attends from

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jdecode.cache.dense import with_scratch
 from jdecode.config import ModelConfig
 from jdecode.decoding import phases
 from jdecode.decoding.acceptance import greedy_tree_accept, sampled_tree_accept
@@ -203,7 +204,7 @@ def window_ngrams(window: jax.Array, out: jax.Array) -> tuple[jax.Array, jax.Arr
 
 @struct.dataclass
 class LookaheadAux:
-    cache: Any  # dense cache [L, B, S + T - 1, K, D] (T - 1 scratch slots for the tree)
+    cache: Any  # dense cache [L, B, S + T - 1 (rounded up, `with_scratch`), K, D]
     window: jax.Array  # [B, N - 1, W] int32 the 2-D window ([:, 0, 0] unused: the root)
     pool: NgramPool
     ctx: jax.Array | None  # [B, S] int32 context (slot = position), pool_from_context only
@@ -238,7 +239,7 @@ def lookahead(cfg: ModelConfig, max_len: int, window: int, ngram: int, guesses: 
     layout = LookaheadLayout(window, ngram, guesses)
     with jax.ensure_compile_time_eval():  # constants, even when built inside a trace
         tree, verify_tree = layout.tree(), layout.verify_tree()
-    base = autoregressive(cfg, max_len + layout.num_nodes - 1, impl)
+    base = autoregressive(cfg, with_scratch(max_len, layout.num_nodes - 1), impl)
     verify_nodes = jnp.asarray(layout.verify_nodes, jnp.int32)
     # Which verification nodes belong to guess g: an empty slot's chain is never accepted.
     guess_of = np.repeat(np.arange(guesses), ngram - 1)

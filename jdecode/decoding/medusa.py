@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jdecode.analysis.spec_cost import expected_tokens_tree
-from jdecode.cache.dense import init_cache
+from jdecode.cache.dense import init_cache, with_scratch
 from jdecode.config import ModelConfig
 from jdecode.decoding import phases
 from jdecode.decoding.acceptance import (
@@ -39,7 +39,7 @@ from jdecode.options import option
 
 @struct.dataclass
 class HeadsAux:
-    cache: Any  # target dense cache [L, B, max_len + N - 1, K, D] (N - 1 scratch slots)
+    cache: Any  # target dense cache [L, B, max_len + N - 1 (rounded up, `with_scratch`), K, D]
     hidden: jax.Array  # [B, E] final-normed hidden at positions - 1: the heads' input
 
 
@@ -108,7 +108,7 @@ def heads_decoder(cfg: ModelConfig, max_len: int, trees: Mapping[int, StaticTree
                              "use the autoregressive method")
         b = prompt.shape[0]
         spec = plan_lookup(trees, b)
-        cache = init_cache(cfg, b, max_len + spec.num_nodes - 1,
+        cache = init_cache(cfg, b, with_scratch(max_len, spec.num_nodes - 1),
                            per_layer=isinstance(params.layers, tuple))
         logits, hidden, cache = phases.prefill(params, cache, prompt, lengths, cfg=cfg, impl=impl)
         state = DecodeState(tokens=jnp.zeros((b,), jnp.int32), positions=lengths, keys=keys,

@@ -13,7 +13,11 @@ import jax.numpy as jnp
 from jdecode.cache.dense import DenseKVCache, DenseMeta, init_cache, make_dense_attend
 from jdecode.config import ModelConfig
 from jdecode.decoding.tree import Tree
-from jdecode.model.fused_decode import fused_decode_reason, fused_decode_step
+from jdecode.model.fused_decode import (
+    fused_decode_reason,
+    fused_decode_step,
+    fused_verify_step,
+)
 from jdecode.model.linear import make_linear
 from jdecode.model.params import Params
 from jdecode.model.transformer import LayerHooks, forward
@@ -48,9 +52,9 @@ def decode_step(params: Params, cache: DenseKVCache, tokens: jax.Array, position
     """One incremental step: tokens [B] at positions [B] -> logits [B, V], hidden [B, E],
     the cache (and, with hooks, their carry).
 
-    With impl="pallas" and no hooks, up to 16 rows over a per-layer dense cache in the inference
-    layout run as fused kernels, five per layer (`jdecode.model.fused_decode`, which says when
-    it is on).
+    With impl="pallas" and no hooks, steps of a few rows (up to 4 by default) over a per-layer
+    dense cache in the inference layout run as fused kernels, five per layer
+    (`jdecode.model.fused_decode`, which says when it is on).
     """
     if (impl == "pallas" and hooks is None
             and fused_decode_reason(params, cache, cfg, tokens.shape[0]) is None):
@@ -70,9 +74,22 @@ def verify(params: Params, cache: DenseKVCache, tokens: jax.Array, positions: ja
       logits [B, T, V] f32, hidden [B, T, E], and the cache with all T slots written (the
       caller rolls back simply by not advancing its lengths past the accepted tokens); with
       hooks, also their carry.
+
+    With impl="pallas", no hooks and JDECODE_FUSED_DECODE=1, a step of up to 64 tokens in all
+    runs as fused kernels (`fused_verify_step`; `fused_decode_reason` says when).
     """
+    if _fused_verify(params, cache, cfg, impl, hooks, tokens.shape):
+        return fused_verify_step(params, cache, tokens, positions, positions, cfg=cfg)
     return forward(params, tokens, positions, cache, DenseMeta(positions), cfg=cfg,
                    attend=make_dense_attend(cfg, impl), linear=make_linear(impl), hooks=hooks)
+
+
+def _fused_verify(params: Params, cache, cfg: ModelConfig, impl: str, hooks, shape) -> bool:
+    """Whether a verify step of tokens `shape` [B, T] takes the fused kernels (T > 1: one
+    token per row is `decode_step`'s, whose fused path is on by default)."""
+    b, t = shape
+    return (impl == "pallas" and hooks is None and t > 1
+            and fused_decode_reason(params, cache, cfg, b * t, tokens=t) is None)
 
 
 def score(params: Params, tokens: jax.Array, *, cfg: ModelConfig, impl: str = "xla",
@@ -119,6 +136,9 @@ def verify_tree(params: Params, cache: DenseKVCache, tokens: jax.Array, position
                          "the window from scratch slots, not positions, so it is not supported "
                          "for sliding-window models; verify a chain with `verify` instead")
     slots = positions[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)  # [B, N]
+    if _fused_verify(params, cache, cfg, impl, hooks, tokens.shape):
+        return fused_verify_step(params, cache, tokens, positions[:, None] + tree.depths, slots,
+                                 tree.ancestors, cfg=cfg)
     return forward(params, tokens, positions[:, None] + tree.depths, cache,
                    DenseMeta(slots, mask=tree.ancestors), cfg=cfg,
                    attend=make_dense_attend(cfg, impl), linear=make_linear(impl), hooks=hooks)

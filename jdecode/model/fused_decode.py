@@ -27,6 +27,13 @@ barriers), for steps of up to 4 rows over the [N, K] copies. It is opt-in: on th
 measured slower than the five kernels (1194 vs 1778 tok/s on the SmolLM2 shape; see the
 layer module's status).
 
+A verify step (T tokens per row: speculative chains, Medusa / EAGLE / lookahead trees) runs
+the same five kernels over its B x T tokens as rows, with `block_attention` in place of
+`decode_attention` (`fused_verify_step`; `phases.verify` and `verify_tree` take it). It is
+opt-in (JDECODE_FUSED_DECODE=1, up to 64 tokens in all) until measured on the card
+(scripts/bench_verify.py): written on 2026-12-04 in a session without a GPU, it has passed
+the Pallas interpreter's tests and lowers to Triton IR on the CPU, and has not been compiled.
+
 It computes the same function as the general path: the kernels keep the model's roundings
 (the attention output is rounded to the model dtype, as the general path stores it), and tests
 compare the two on random weights (tests/model/test_fused_decode.py).
@@ -58,6 +65,7 @@ from pallas_kernels.fused_decode import (
     qkv_rope,
 )
 from pallas_kernels.fused_decode.attention import BLOCK_K, default_splits
+from pallas_kernels.fused_decode.block_attention import block_attention
 from pallas_kernels.fused_decode.kernel import FMA_MAX_ROWS
 from pallas_kernels.fused_decode.layer import barrier_timeouts, decode_layer, new_counters
 
@@ -163,12 +171,23 @@ def _has_copies(params: Params) -> bool:
             and len(params.decode_t) == len(params.layers))
 
 
-def fused_decode_reason(params: Params, cache, cfg: ModelConfig, rows: int) -> str | None:
-    """Why the fused decode step cannot run here, or None when it can (all static checks)."""
+def fused_decode_reason(params: Params, cache, cfg: ModelConfig, rows: int,
+                        tokens: int = 1) -> str | None:
+    """Why the fused step cannot run here, or None when it can (all static checks).
+
+    rows: the step's rows in all (batch x tokens); tokens: per batch row, > 1 for a verify
+    step (`fused_verify_step`).
+    """
     layers = params.layers
     mode = fused_decode_switch()
     if mode == "off":
         return f"off: {ENV_SWITCH}=0"
+    if tokens > 1 and mode == "auto":
+        return (f"a verify step of {tokens} tokens per row: the fused verify step is on only "
+                f"when asked ({ENV_SWITCH}=1) until it is measured on the card")
+    if tokens > 1 and mode == "layer":
+        return (f"{ENV_SWITCH}=layer covers one-token steps; set {ENV_SWITCH}=1 for the fused "
+                "verify step")
     if mode == "auto" and not _has_copies(params):
         return (f"no [N, K] weight copies (with_decode_copies): the step is on by default only "
                 f"with them; set {ENV_SWITCH}=1 to force it")
@@ -221,28 +240,86 @@ def fused_decode_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
     if fused_decode_switch() == "layer":  # `fused_decode_reason` checked copies and rows
         x = _persistent_layers(params, x, ks, vs, positions, cos, sin, cfg=cfg, splits=splits)
     else:
-        x = _five_kernel_layers(params, x, ks, vs, positions, cos, sin, cfg=cfg, splits=splits)
+        def attend(qkv, k, v):
+            # The token's K/V go to slot `position` (nothing past the buffer, as the general
+            # path's mode="drop"); parts [B, splits, H * D] and lse [B, splits, H], f32.
+            return decode_attention(qkv, k, v, positions, num_heads=cfg.num_heads,
+                                    num_kv_heads=cfg.num_kv_heads, num_splits=splits)
+        x = _five_kernel_layers(params, x, ks, vs, cos, sin, attend, cfg=cfg)
     hidden = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
     return lm_head(params, hidden), hidden, DenseKVCache(k=tuple(ks), v=tuple(vs))
 
 
-def _five_kernel_layers(params: Params, x, ks: list, vs: list, positions, cos, sin, *,
-                        cfg: ModelConfig, splits: int) -> jax.Array:
-    """The layers as five kernels each; ks / vs (per-layer caches) are updated in place."""
+def block_visibility(slots: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """[B, T, T] bool: whether token t of a step sees token u's K/V, as the general path's
+    cache would show it (`dense_attend`): u's slot is at most t's, u is the last of the step's
+    tokens written to that slot (a clamped draft window writes slot 0 more than once), and
+    `mask` ([B, T, T] bool, a tree's ancestors) allows it.
+
+    slots: [B, T] int32, where each token's K/V go.
+    """
+    t = slots.shape[1]
+    causal = slots[:, None, :] <= slots[:, :, None]  # [B, query, key]
+    later = jnp.arange(t)[None, :] > jnp.arange(t)[:, None]  # [u, u']: u' comes after u
+    overwritten = jnp.any((slots[:, :, None] == slots[:, None, :]) & later, axis=2)  # [B, T]
+    vis = causal & ~overwritten[:, None, :]
+    return vis if mask is None else vis & mask
+
+
+def fused_verify_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
+                      positions: jax.Array, slots: jax.Array, mask: jax.Array | None = None,
+                      *, cfg: ModelConfig) -> tuple[jax.Array, jax.Array, DenseKVCache]:
+    """A verify step of T tokens per row through the fused kernels: the B x T tokens are the
+    GEMVs' rows, and `block_attention` attends each token to its row's committed cache and to
+    the step's own tokens.
+
+    Args:
+      tokens: [B, T] int32. positions: [B, T] int32, their positions (RoPE). slots: [B, T]
+        int32, their cache slots (= positions for a chain; root + i for a tree's node i).
+      mask: optional [B, T, T] bool, token t may see token u (a tree's ancestors).
+    Returns:
+      logits [B, T, V] f32, hidden [B, T, E] (final-normed), and the cache with the step's
+      K/V written.
+
+    A row's committed cache is its slots below the step's lowest: the step's slots are
+    assumed to start there without gaps (a chain at consecutive positions, a tree at root +
+    i), as every method's are. Unlike the general path, a token whose slot lies past the
+    buffer still sees its own K/V (from registers), as in `fused_decode_step`.
+    """
+    b, t = tokens.shape
+    x = params.embed[tokens.reshape(-1)]  # [B * T, E], token-major per row
+    cos, sin = rope_tables(positions.reshape(-1, 1), cfg)  # [B * T, 1, D/2]
+    cos, sin = cos[:, 0], sin[:, 0]
+    ks, vs = list(cache.k), list(cache.v)
+    past = jnp.min(slots, axis=1)  # [B]
+    vis = block_visibility(slots, mask)
+    splits = default_splits(cache.max_len, b * t, cfg.hidden_size,
+                            cfg.num_heads * cfg.head_dim)
+
+    def attend(qkv, k, v):
+        return block_attention(qkv, k, v, slots, past, vis, num_heads=cfg.num_heads,
+                               num_kv_heads=cfg.num_kv_heads, num_splits=splits)
+    x = _five_kernel_layers(params, x, ks, vs, cos, sin, attend, cfg=cfg)
+    hidden = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    logits = lm_head(params, hidden)
+    return (logits.reshape(b, t, -1), hidden.reshape(b, t, -1),
+            DenseKVCache(k=tuple(ks), v=tuple(vs)))
+
+
+def _five_kernel_layers(params: Params, x, ks: list, vs: list, cos, sin, attend, *,
+                        cfg: ModelConfig) -> jax.Array:
+    """The layers as five kernels each over x [R, E]; ks / vs (per-layer caches) are updated
+    in place. attend(qkv, k, v) -> (parts, lse, k, v) is the step's attention kernel."""
     eps, H, K = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads
     t = _has_copies(params)  # [N, K] copies (`with_decode_copies`): the CUDA-core GEMVs
     for layer, lp in enumerate(params.layers):
         wqkv, wo, w_gate_up, w_down = (params.decode_t[layer] if t else
                                        (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))
         qkv = qkv_rope(x, lp.attn_norm, wqkv, cos, sin, num_heads=H, num_kv_heads=K, eps=eps,
-                       transposed=t)  # [B, (H + 2K) * D]
-        # The token's K/V go to slot `position` (nothing past the buffer, as the general
-        # path's mode="drop"); parts [B, splits, H * D] and lse [B, splits, H], f32.
-        parts, lse, ks[layer], vs[layer] = decode_attention(
-            qkv, ks[layer], vs[layer], positions, num_heads=H, num_kv_heads=K,
-            num_splits=splits)
+                       transposed=t)  # [R, (H + 2K) * D]
+        parts, lse, ks[layer], vs[layer] = attend(qkv, ks[layer], vs[layer])
         x = attn_o_residual(parts, lse, wo, x, transposed=t)
-        act = gate_up_swiglu(x, lp.mlp_norm, w_gate_up, eps=eps, transposed=t)  # [B, F]
+        act = gate_up_swiglu(x, lp.mlp_norm, w_gate_up, eps=eps, transposed=t)  # [R, F]
         x = gemv_residual(act, w_down, x, transposed=t)
     return x
 

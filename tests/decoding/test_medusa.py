@@ -33,7 +33,7 @@ from jdecode.decoding.medusa import (
     plan_lookup,
 )
 from jdecode.decoding.sampling import SamplingArrays, SamplingParams
-from jdecode.model.fused_decode import with_decode_copies
+from jdecode.model.fused_decode import ENV_SWITCH, with_decode_copies
 from jdecode.model.layout import inference_layout
 from jdecode.model.params import init_params
 from jdecode.model.transformer import lm_head
@@ -170,6 +170,30 @@ def test_heads_survive_the_fused_decode_copies(params, rng):
     want, _ = run(autoregressive(CFG, MAX_LEN), params, prompt, lengths, *greedy(1))
     got, _ = run(heads_decoder(CFG, MAX_LEN, PLAN), fast, prompt, lengths, *greedy(1))
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("lens", [(9,), (5, 11)], ids=["batch1-tree", "batch2-chain"])
+def test_the_fused_verify_step_is_lossless(rng, lens, monkeypatch):
+    """JDECODE_FUSED_DECODE=1 (opt-in): Medusa's tree (batch 1) and chain (batch 2) verified
+    by the fused kernels over the [N, K] copies (`fused_verify_step`, here in the Pallas
+    interpreter) emit autoregressive decoding's greedy tokens. 32-wide heads: the kernels'
+    smallest."""
+    monkeypatch.setenv(ENV_SWITCH, "1")
+    cfg = CFG.replace(head_dim=32)
+    w = 0.5 * jax.random.normal(jax.random.key(12), (3, 64, 64)) / 8.0
+    params = bundle(init_params(cfg, jax.random.key(11)), MedusaHeads(w=w, b=jnp.zeros((3, 64))))
+    calls = []
+    real_step = phases.fused_verify_step
+    monkeypatch.setattr(phases, "fused_verify_step",
+                        lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    prompt, lengths = prompts(rng, lens)
+    want, _ = run(autoregressive(cfg, MAX_LEN), params, prompt, lengths, *greedy(len(lens)))
+    fast = with_decode_copies(inference_layout(params))
+    got, ls = run(heads_decoder(cfg, MAX_LEN, PLAN, impl="pallas"), fast, prompt, lengths,
+                  *greedy(len(lens)))
+    assert calls, "the verify steps did not take the fused kernels"
+    np.testing.assert_array_equal(got, want)
+    assert int(ls.accepted) > int(ls.live_steps), "the heads never helped: the test is weak"
 
 
 def test_a_root_only_plan_is_the_autoregressive_decoder(params, rng):

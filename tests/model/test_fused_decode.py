@@ -14,13 +14,16 @@ from functools import partial
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jdecode.cache.dense import init_cache
 from jdecode.config import load_model_config_yaml
 from jdecode.decoding import phases
+from jdecode.decoding.tree import tree_from_parents
 from jdecode.model.fused_decode import (
     ENV_SWITCH,
+    block_visibility,
     fused_decode_reason,
     wants_decode_copies,
     with_decode_copies,
@@ -38,6 +41,7 @@ from pallas_kernels.fused_decode import (
 )
 from pallas_kernels.fused_decode import reference as ref
 from pallas_kernels.fused_decode.attention import default_splits
+from pallas_kernels.fused_decode.block_attention import block_attention
 from pallas_kernels.fused_decode.kernel import LARGE_GEMV, default_tiles
 from pallas_kernels.testing import assert_close, jit_for_tests
 
@@ -178,6 +182,71 @@ def test_decode_attention_names_bad_shapes():
         decode_attention(qkv, cache[:, :100], cache[:, :100], pos, num_heads=6, num_kv_heads=2)
 
 
+# (rows, tokens, splits, dtype, kind): a chain of 4 at batch 2 (a row at position 0: the
+# block alone), a tree, and a clamped draft window (slot 0 written three times) past a query
+# tile (24 tokens x 3 heads: two tiles of 64), and a slot past the buffer.
+BLOCK_CASES = [(2, 4, 3, "float32", "chain"), (1, 5, None, "bfloat16", "tree"),
+               (1, 24, 2, "bfloat16", "window")]
+
+
+@pytest.mark.parametrize("rows,tokens,splits,dtype,kind", BLOCK_CASES,
+                         ids=[c[-1] for c in BLOCK_CASES])
+def test_block_attention_matches_reference(rng, rows, tokens, splits, dtype, kind):
+    H, K, D, S = 6, 2, 64, 256
+
+    def normal(*shape):
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+
+    qkv = normal(rows * tokens, (H + 2 * K) * D)
+    kc, vc = normal(rows, S, K, D), normal(rows, S, K, D)
+    first = jnp.asarray({"chain": [130, 0], "tree": [S - 3], "window": [0]}[kind],
+                        jnp.int32)  # [B]: each row's first slot
+    slots = first[:, None] + jnp.arange(tokens, dtype=jnp.int32)  # [B, T]
+    mask = None
+    if kind == "tree":  # node i's parent (i - 1) // 2: a binary tree; nodes 3, 4 past S
+        parents = jnp.asarray([[-1, 0, 0, 1, 1]], jnp.int32)
+        mask = tree_from_parents(parents, 2).ancestors
+    if kind == "window":
+        slots = jnp.maximum(slots - 2, 0)  # [[0, 0, 0, 1, ...]]
+    vis = block_visibility(slots, mask)
+    past = jnp.min(slots, axis=1)
+    parts, lse, k_out, v_out = block_attention(qkv, kc, vc, slots, past, vis, num_heads=H,
+                                               num_kv_heads=K, num_splits=splits)
+    want, k_want, v_want = ref.block_attention_reference(qkv, kc, vc, slots, past, vis,
+                                                         num_heads=H, num_kv_heads=K)
+    ns = splits or default_splits(S, rows * tokens)
+    chex.assert_shape(parts, (rows * tokens, ns, H * D))
+    chex.assert_shape(lse, (rows * tokens, ns, H))
+    assert_close(ref.merge_splits(parts, lse), want, dtype)
+    chex.assert_trees_all_equal((k_out, v_out), (k_want, v_want))  # the write is a copy
+
+
+def test_block_visibility_is_what_the_cache_would_show():
+    """Causal by slot, a tree's mask on top, and of tokens sharing a slot only the last."""
+    slots = jnp.asarray([[0, 0, 1], [4, 5, 6]], jnp.int32)
+    vis = block_visibility(slots, None)
+    np.testing.assert_array_equal(vis[0], [[0, 1, 0], [0, 1, 0], [0, 1, 1]])
+    np.testing.assert_array_equal(vis[1], np.tril(np.ones((3, 3))))
+    tree = jnp.asarray([[[1, 0, 0], [1, 1, 0], [1, 0, 1]]] * 2, bool)  # node 2's parent is 0
+    np.testing.assert_array_equal(block_visibility(slots, tree)[1], tree[0])
+
+
+def test_block_attention_names_bad_shapes():
+    qkv, cache = jnp.zeros((4, 10 * 64)), jnp.zeros((1, 256, 2, 64))
+    slots, past = jnp.zeros((1, 4), jnp.int32), jnp.zeros((1,), jnp.int32)
+    vis = jnp.ones((1, 4, 4), bool)
+    with pytest.raises(ValueError, match="H=6 and the cache's K=2"):
+        block_attention(qkv[:3], cache, cache, slots, past, vis, num_heads=6, num_kv_heads=2)
+    with pytest.raises(ValueError, match="vis"):
+        block_attention(qkv, cache, cache, slots, past, vis[:, :3], num_heads=6,
+                        num_kv_heads=2)
+    big = jnp.zeros((2, 40), jnp.int32)  # 80 tokens in all
+    with pytest.raises(ValueError, match="exceed the fused step's 64 rows"):
+        block_attention(jnp.zeros((80, 640)), jnp.zeros((2, 256, 2, 64)),
+                        jnp.zeros((2, 256, 2, 64)), big, big[:, 0], jnp.ones((2, 40, 40), bool),
+                        num_heads=6, num_kv_heads=2)
+
+
 def test_fused_gemvs_name_what_does_not_tile(rng):
     a = _inputs(rng, "float32", 65)
     with pytest.raises(ValueError, match="65 rows"):
@@ -245,6 +314,56 @@ def test_fused_step_matches_xla_step(rng, dtype, rows, copies, fused_on):
     assert_close(jnp.stack(got_cache.v), jnp.stack(want_cache.v), dtype, scale=2.0)
 
 
+# (dtype, rows, tokens, kind, copies): each kind of step once, each dtype and weight layout.
+VERIFY_CASES = [("float32", 2, 4, "chain", True), ("bfloat16", 1, 5, "tree", False),
+                ("float32", 2, 4, "window", False)]
+
+
+@pytest.mark.parametrize("dtype,rows,tokens,kind,copies", VERIFY_CASES,
+                         ids=[c[3] for c in VERIFY_CASES])
+def test_fused_verify_step_matches_xla_verify(rng, dtype, rows, tokens, kind, copies,
+                                              fused_on):
+    """`phases.verify` / `verify_tree` with impl="pallas" and the switch on run the fused
+    verify step; logits, hidden states and cache equal the general path's. "window" is the
+    n-gram drafter's window near the start of a sequence (positions clamped to 0, so slot 0
+    is written several times)."""
+    cfg = _fusable_tiny().replace(dtype=dtype)
+    params = inference_layout(init_params(cfg, jax.random.key(int(rng.integers(1 << 30)))))
+    fused = with_decode_copies(params) if copies else params
+    cache = init_cache(cfg, rows, 256, per_layer=True)
+    assert fused_decode_reason(fused, cache, cfg, rows * tokens, tokens=tokens) is None
+    prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (rows, 32)), jnp.int32)
+    lengths = jnp.asarray([20, 7][:rows], jnp.int32)
+    if kind != "window":
+        _, _, cache = jit_for_tests(partial(phases.prefill, cfg=cfg, impl="xla"))(
+            params, cache, prompt, lengths)
+    toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (rows, tokens)), jnp.int32)
+
+    def step(p, impl):
+        if kind == "tree":
+            tree = tree_from_parents(jnp.asarray([[-1, 0, 0, 1, 2]], jnp.int32), 3)
+            fn = partial(phases.verify_tree, tree=tree, cfg=cfg, impl=impl)
+            return jit_for_tests(fn)(p, cache, toks, lengths)
+        pos = lengths[:, None] + jnp.arange(tokens)
+        if kind == "window":
+            pos = jnp.maximum(pos - 20, 0)  # [[0, 1, 2, 3], [0, 0, 0, 0]]
+        return jit_for_tests(partial(phases.verify, cfg=cfg, impl=impl))(p, cache, toks, pos)
+
+    calls = []
+    real_step = phases.fused_verify_step
+    with pytest.MonkeyPatch.context() as mp:  # counts the traces that took the fused step
+        mp.setattr(phases, "fused_verify_step",
+                   lambda *a, **k: calls.append(1) or real_step(*a, **k))
+        got = step(fused, "pallas")
+    want = step(params, "xla")
+    assert calls, "the verify step did not take the fused kernels"
+    chex.assert_trees_all_equal_shapes_and_dtypes(got[:2], want[:2])
+    assert_close(got[0], want[0], dtype, scale=4.0)
+    assert_close(got[1], want[1], dtype, scale=4.0)
+    assert_close(jnp.stack(got[2].k), jnp.stack(want[2].k), dtype, scale=2.0)
+    assert_close(jnp.stack(got[2].v), jnp.stack(want[2].v), dtype, scale=2.0)
+
+
 @pytest.mark.parametrize("dtype,rows", [("bfloat16", 1)])
 def test_layer_kernel_step_matches_xla_step(rng, dtype, rows, monkeypatch):
     """JDECODE_FUSED_DECODE=layer: each layer as one persistent kernel, over the copies."""
@@ -306,6 +425,13 @@ def test_fused_step_declines_what_it_does_not_cover(monkeypatch):
     assert "head_dim" in fused_decode_reason(
         inference_layout(init_params(narrow, jax.random.key(0))),
         init_cache(narrow, 1, 256, per_layer=True), narrow, 1)
+    # A verify step (tokens > 1) only when asked, and not by the layer kernel.
+    assert fused_decode_reason(fast, per_layer, cfg, 4, tokens=4) is None
+    monkeypatch.delenv(ENV_SWITCH)
+    assert "=1" in fused_decode_reason(copied, per_layer, cfg, 4, tokens=4)
+    monkeypatch.setenv(ENV_SWITCH, "layer")
+    assert "one-token" in fused_decode_reason(copied, per_layer, cfg, 4, tokens=4)
+    monkeypatch.setenv(ENV_SWITCH, "1")
     windowed = cfg.replace(sliding_window=64)
     assert "sliding" in fused_decode_reason(fast, per_layer, windowed, 1)
 
