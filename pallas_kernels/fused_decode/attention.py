@@ -70,6 +70,39 @@ def default_splits(max_len: int, rows: int = 1, hidden: int = 0, heads_dim: int 
     return 1 << (ns.bit_length() - 1)
 
 
+def attend_past(kc_ref, vc_ref, b, kv, q, carry, past, split, *, block_k: int, num_splits: int,
+                sm_scale: float):
+    """The online softmax `carry` (acc [M, D], m [M], l [M] f32) of queries q [M, D] taken over
+    split `split`'s share of row b's past slots [0, past), kv head kv, read where they lie in
+    the [B, S, K, D] cache. Masked lanes are not read: no slot at or past `past` is loaded."""
+    lo, full_hi, hi = split_blocks(past, block_k, split, num_splits)
+
+    def body(j, carry, masked):
+        slots = pl.ds(j * block_k, block_k)
+        if masked:
+            valid = j * block_k + jnp.arange(block_k) < past  # [block_k]
+            k = plgpu.load(kc_ref.at[b, slots, kv, :], mask=valid[:, None], other=0)
+            v = plgpu.load(vc_ref.at[b, slots, kv, :], mask=valid[:, None], other=0)
+        else:
+            k = kc_ref[b, slots, kv, :]  # [block_k, D]
+            v = vc_ref[b, slots, kv, :]
+        s = scale_logits(dot_nt(q, k), sm_scale, None)  # [M, block_k]
+        mask = jnp.broadcast_to(valid[None, :], s.shape) if masked else None
+        return online_softmax_step(carry, s, v, mask)
+
+    carry = jax.lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), carry)
+    return jax.lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+
+
+def split_output(acc, m, l):
+    """A split's normalized output [M, D] and base-2 log-sum-exp [M]: o = 0 and lse =
+    MASK_VALUE where the split saw no key, which gives it weight 0 in the merge."""
+    seen = l > 0  # [M]
+    o = acc / jnp.where(seen, l, 1.0)[:, None]
+    lse = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), MASK_VALUE)
+    return o, lse
+
+
 def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_out, *,
                  num_heads: int, group: int, block_k: int, num_splits: int, sm_scale: float,
                  item=None):
@@ -109,28 +142,9 @@ def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_ou
              jnp.where(first, s_new, jnp.full_like(s_new, MASK_VALUE)),
              jnp.where(first, jnp.ones_like(s_new), jnp.zeros_like(s_new)))
 
-    lo, full_hi, hi = split_blocks(past, block_k, split, num_splits)
-
-    def body(j, carry, masked):
-        slots = pl.ds(j * block_k, block_k)
-        if masked:
-            valid = j * block_k + jnp.arange(block_k) < past  # [block_k]
-            # Masked lanes are not read: the slot being written (pos) is never loaded.
-            k = plgpu.load(kc_ref.at[b, slots, kv, :], mask=valid[:, None], other=0)
-            v = plgpu.load(vc_ref.at[b, slots, kv, :], mask=valid[:, None], other=0)
-        else:
-            k = kc_ref[b, slots, kv, :]  # [block_k, D]
-            v = vc_ref[b, slots, kv, :]
-        s = scale_logits(dot_nt(q, k), sm_scale, None)  # [Gp, block_k]
-        mask = jnp.broadcast_to(valid[None, :], s.shape) if masked else None
-        return online_softmax_step(carry, s, v, mask)
-
-    carry = jax.lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), carry)
-    acc, m, l = jax.lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
-
-    seen = l > 0  # [Gp]: an empty split leaves o = 0 and lse = MASK_VALUE (weight 0)
-    o = acc / jnp.where(seen, l, 1.0)[:, None]
-    lse = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), MASK_VALUE)
+    acc, m, l = attend_past(kc_ref, vc_ref, b, kv, q, carry, past, split, block_k=block_k,
+                            num_splits=num_splits, sm_scale=sm_scale)
+    o, lse = split_output(acc, m, l)
     D = q.shape[1]
     head = kv * group + jnp.arange(gp)  # [Gp]
     cols = head[:, None] * D + jnp.arange(D)[None, :]  # [Gp, D]: each row's head's columns

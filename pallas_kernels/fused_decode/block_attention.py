@@ -43,9 +43,13 @@ from pallas_kernels.flash_attention.kernel import (
     scale_logits,
 )
 from pallas_kernels.flash_attention.tuning import resolve_interpret
-from pallas_kernels.fused_decode.attention import BLOCK_K, default_splits
+from pallas_kernels.fused_decode.attention import (
+    BLOCK_K,
+    attend_past,
+    default_splits,
+    split_output,
+)
 from pallas_kernels.fused_decode.kernel import MAX_ROWS, whole_block
-from pallas_kernels.paged_attention.kernel import split_blocks
 
 f32 = jnp.float32
 MAX_QUERY_ROWS = 64  # query rows (tokens x heads of a group) per program tile
@@ -110,30 +114,11 @@ def _block_kernel(past_ref, slots_ref, vis_ref, qkv_ref, kc_ref, vc_ref, o_ref, 
                         other=0) != 0  # [tile, tp]
     s_blk = scale_logits(dot_nt(q, k_blk), sm_scale, None)  # [tile, tp]
     seeded = online_softmax_step(empty, s_blk, v_blk, seen_u & (split == 0))
-    carry = seeded
 
     past = jnp.minimum(past_ref[b], S)  # slots [0, past) hold the row's committed tokens
-    lo, full_hi, hi = split_blocks(past, block_k, split, num_splits)
-
-    def body(j, carry, masked):
-        slots = pl.ds(j * block_k, block_k)
-        if masked:
-            valid = j * block_k + jnp.arange(block_k) < past  # [block_k]
-            k = plgpu.load(kc_ref.at[b, slots, kv, :], mask=valid[:, None], other=0)
-            v = plgpu.load(vc_ref.at[b, slots, kv, :], mask=valid[:, None], other=0)
-        else:
-            k = kc_ref[b, slots, kv, :]  # [block_k, D]
-            v = vc_ref[b, slots, kv, :]
-        s = scale_logits(dot_nt(q, k), sm_scale, None)  # [tile, block_k]
-        mask = jnp.broadcast_to(valid[None, :], s.shape) if masked else None
-        return online_softmax_step(carry, s, v, mask)
-
-    carry = jax.lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), carry)
-    acc, m, l = jax.lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
-
-    seen = l > 0  # [tile]: an empty split leaves o = 0 and lse = MASK_VALUE (weight 0)
-    o = acc / jnp.where(seen, l, 1.0)[:, None]
-    lse = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), MASK_VALUE)
+    acc, m, l = attend_past(kc_ref, vc_ref, b, kv, q, seeded, past, split, block_k=block_k,
+                            num_splits=num_splits, sm_scale=sm_scale)
+    o, lse = split_output(acc, m, l)
     out_row = (b * T + t) * num_splits + split  # [tile]
     o_ref[(out_row * H + head)[:, None] * D + d[None, :]] = o
     lse_ref[out_row * H + head] = lse
