@@ -26,11 +26,22 @@ def git_sha(short: bool = True) -> str:
         return ""
 
 
+# Environment variables that change what runs (and so its speed) without changing the code:
+# the fused decode/verify switch (jdecode.model.fused_decode) and XLA's flags.
+SWITCHES = ("JDECODE_FUSED_DECODE", "XLA_FLAGS")
+
+
+def switches() -> str:
+    """The SWITCHES set in this environment, "NAME=value" joined by spaces ("" when none)."""
+    return " ".join(f"{n}={os.environ[n]}" for n in SWITCHES if os.environ.get(n))
+
+
 def environment() -> dict[str, str]:
-    """Date (UTC), git commit, jax version, backend and device kind, Python version."""
+    """Date (UTC), git commit, jax version, backend and device kind, Python version, and the
+    switches set (`switches`)."""
     import jax
 
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "git_sha": git_sha(), "jax_version": jax.__version__,
             "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "switches": switches()}

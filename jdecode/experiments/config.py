@@ -23,6 +23,7 @@ from jdecode.config import ConfigError, parse_override, read_yaml_mapping
 from jdecode.data.prompts import eval_prompts
 from jdecode.data.tasks import tasks
 from jdecode.decoding import methods
+from jdecode.provenance import switches
 
 BUILTIN_SETS = ("chat", "code", "summarization", "tasks")
 BASELINE = "autoregressive"
@@ -188,11 +189,16 @@ def resolve_prompts(cfg: ExperimentConfig) -> list[Prompt]:
 
 def cell_key(cfg: ExperimentConfig, model: str, entry: MethodEntry, batch: int,
              prompts: list[Prompt]) -> str:
-    """Identity of a cell: everything its numbers depend on (a resumed run skips it)."""
-    blob = json.dumps({"model": model, "dtype": cfg.dtype, "impl": cfg.impl,
-                       "prompts": [dataclasses.astuple(p) for p in prompts],
-                       "max_new_tokens": cfg.max_new_tokens, "chat": cfg.chat,
-                       "temperature": cfg.temperature, "seed": cfg.seed,
-                       "ignore_eos": cfg.ignore_eos, "method": entry.method,
-                       "options": entry.options, "batch": batch}, sort_keys=True)
+    """Identity of a cell: everything its numbers depend on (a resumed run skips it),
+    including the environment's switches (`provenance.switches`) where any is set, so a run
+    with JDECODE_FUSED_DECODE=1 does not resume from one without (keys without them stay as
+    they were)."""
+    ident = {"model": model, "dtype": cfg.dtype, "impl": cfg.impl,
+             "prompts": [dataclasses.astuple(p) for p in prompts],
+             "max_new_tokens": cfg.max_new_tokens, "chat": cfg.chat,
+             "temperature": cfg.temperature, "seed": cfg.seed, "ignore_eos": cfg.ignore_eos,
+             "method": entry.method, "options": entry.options, "batch": batch}
+    if switches():
+        ident["switches"] = switches()
+    blob = json.dumps(ident, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

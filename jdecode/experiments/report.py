@@ -25,7 +25,8 @@ def markdown(cfg: ExperimentConfig, rows: list[dict], command: str) -> str:
              f"{r0['date'][:10]} | {r0['device']} ({r0['backend']}) | jax {r0['jax_version']} | "
              f"git {r0['git_sha'] or '?'} | {r0['dtype']} | impl {r0['impl']} | "
              f"{r0['prompts']} prompts ({', '.join(cfg.prompts)}), {cfg.max_new_tokens} new "
-             f"tokens, temperature {cfg.temperature:g}", "",
+             f"tokens, temperature {cfg.temperature:g}"
+             + (f" | {r0['switches']}" if r0.get("switches") else ""), "",
              f"Command: `{command}`" if command else "", "",
              "Speedup is decode throughput over autoregressive decoding at the same batch size in "
              "the same run; tau is the mean number of tokens a decoding step emits per row "

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from jdecode.cli import app
 from jdecode.config import ConfigError
 from jdecode.experiments import runner
-from jdecode.experiments.config import load_config
+from jdecode.experiments.config import cell_key, load_config, resolve_prompts
+from jdecode.provenance import SWITCHES, environment
 
 GRID = {
     "name": "tiny-grid", "model": "tiny", "chat": False, "max_new_tokens": 10,
@@ -63,6 +64,20 @@ def test_grid_writes_results_and_resumes(experiment, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "run_cell", fail)
     again = runner.run_experiment(load_config(experiment), out, progress=False)
     assert again == rows and len((out / "results.jsonl").read_text().splitlines()) == 6
+
+
+def test_a_switch_in_the_environment_is_part_of_a_cell(experiment, monkeypatch):
+    """A run with JDECODE_FUSED_DECODE set runs other kernels: it must not resume from the
+    cells of a run without it, and its rows name it. Unset, keys stay as they were."""
+    cfg = load_config(experiment)
+    prompts = resolve_prompts(cfg)
+    for name in SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    plain = cell_key(cfg, "tiny", cfg.methods[0], 1, prompts)
+    assert environment()["switches"] == ""
+    monkeypatch.setenv("JDECODE_FUSED_DECODE", "1")
+    assert cell_key(cfg, "tiny", cfg.methods[0], 1, prompts) != plain
+    assert environment()["switches"] == "JDECODE_FUSED_DECODE=1"
 
 
 @pytest.mark.parametrize("change, message", [
