@@ -16,6 +16,7 @@ from jdecode.decoding.tree import Tree
 from jdecode.model.fused_decode import (
     fused_decode_reason,
     fused_decode_step,
+    fused_hooks_reason,
     fused_verify_step,
 )
 from jdecode.model.linear import make_linear
@@ -75,20 +76,23 @@ def verify(params: Params, cache: DenseKVCache, tokens: jax.Array, positions: ja
       caller rolls back simply by not advancing its lengths past the accepted tokens); with
       hooks, also their carry.
 
-    With impl="pallas", no hooks and JDECODE_FUSED_DECODE=1, a step of up to 64 tokens in all
-    runs as fused kernels (`fused_verify_step`; `fused_decode_reason` says when).
+    With impl="pallas", JDECODE_FUSED_DECODE=1 and no `before` hooks, a step of up to 64
+    tokens in all runs as fused kernels (`fused_verify_step`; `fused_decode_reason` says
+    when).
     """
     if _fused_verify(params, cache, cfg, impl, hooks, tokens.shape):
-        return fused_verify_step(params, cache, tokens, positions, positions, cfg=cfg)
+        return fused_verify_step(params, cache, tokens, positions, positions, cfg=cfg,
+                                 hooks=hooks)
     return forward(params, tokens, positions, cache, DenseMeta(positions), cfg=cfg,
                    attend=make_dense_attend(cfg, impl), linear=make_linear(impl), hooks=hooks)
 
 
 def _fused_verify(params: Params, cache, cfg: ModelConfig, impl: str, hooks, shape) -> bool:
     """Whether a verify step of tokens `shape` [B, T] takes the fused kernels (T > 1: one
-    token per row is `decode_step`'s, whose fused path is on by default)."""
+    token per row is `decode_step`'s, whose fused path is on by default). Hooks that only
+    see each layer's output (EAGLE's feature taps) run between the kernels."""
     b, t = shape
-    return (impl == "pallas" and hooks is None and t > 1
+    return (impl == "pallas" and fused_hooks_reason(hooks) is None and t > 1
             and fused_decode_reason(params, cache, cfg, b * t, tokens=t) is None)
 
 
@@ -138,7 +142,7 @@ def verify_tree(params: Params, cache: DenseKVCache, tokens: jax.Array, position
     slots = positions[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)  # [B, N]
     if _fused_verify(params, cache, cfg, impl, hooks, tokens.shape):
         return fused_verify_step(params, cache, tokens, positions[:, None] + tree.depths, slots,
-                                 tree.ancestors, cfg=cfg)
+                                 tree.ancestors, cfg=cfg, hooks=hooks)
     return forward(params, tokens, positions[:, None] + tree.depths, cache,
                    DenseMeta(slots, mask=tree.ancestors), cfg=cfg,
                    attend=make_dense_attend(cfg, impl), linear=make_linear(impl), hooks=hooks)

@@ -29,7 +29,8 @@ layer module's status).
 
 A verify step (T tokens per row: speculative chains, Medusa / EAGLE / lookahead trees) runs
 the same five kernels over its B x T tokens as rows, with `block_attention` in place of
-`decode_attention` (`fused_verify_step`; `phases.verify` and `verify_tree` take it). It is
+`decode_attention` (`fused_verify_step`; `phases.verify` and `verify_tree` take it, with
+layer hooks that only see each layer's output, such as EAGLE's feature taps). It is
 opt-in (JDECODE_FUSED_DECODE=1, up to 64 tokens in all) until measured on the card
 (scripts/bench_verify.py): written on 2026-12-04 in a session without a GPU, it has passed
 the Pallas interpreter's tests and lowers to Triton IR on the CPU, and has not been compiled.
@@ -55,7 +56,7 @@ from jdecode.cache.dense import DenseKVCache
 from jdecode.config import ModelConfig
 from jdecode.model.layers import rms_norm, rope_tables
 from jdecode.model.params import Params
-from jdecode.model.transformer import lm_head
+from jdecode.model.transformer import LayerHooks, lm_head
 from pallas_kernels.fused_decode import (
     MAX_ROWS,
     attn_o_residual,
@@ -268,7 +269,7 @@ def block_visibility(slots: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 def fused_verify_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
                       positions: jax.Array, slots: jax.Array, mask: jax.Array | None = None,
-                      *, cfg: ModelConfig) -> tuple[jax.Array, jax.Array, DenseKVCache]:
+                      *, cfg: ModelConfig, hooks: LayerHooks | None = None) -> tuple:
     """A verify step of T tokens per row through the fused kernels: the B x T tokens are the
     GEMVs' rows, and `block_attention` attends each token to its row's committed cache and to
     the step's own tokens.
@@ -277,9 +278,12 @@ def fused_verify_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
       tokens: [B, T] int32. positions: [B, T] int32, their positions (RoPE). slots: [B, T]
         int32, their cache slots (= positions for a chain; root + i for a tree's node i).
       mask: optional [B, T, T] bool, token t may see token u (a tree's ancestors).
+      hooks: optional layer hooks without `before` (`fused_hooks_reason`): their `after` sees
+        each layer's x [B, T, E] between the kernels, as in the general forward (EAGLE's
+        feature taps).
     Returns:
       logits [B, T, V] f32, hidden [B, T, E] (final-normed), and the cache with the step's
-      K/V written.
+      K/V written; with hooks, also their final carry.
 
     A row's committed cache is its slots below the step's lowest: the step's slots are
     assumed to start there without gaps (a chain at consecutive positions, a tree at root +
@@ -299,28 +303,53 @@ def fused_verify_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
     def attend(qkv, k, v):
         return block_attention(qkv, k, v, slots, past, vis, num_heads=cfg.num_heads,
                                num_kv_heads=cfg.num_kv_heads, num_splits=splits)
-    x = _five_kernel_layers(params, x, ks, vs, cos, sin, attend, cfg=cfg)
+
+    carry = [None if hooks is None else hooks.init(x.reshape(b, t, -1))]
+
+    def after(layer, x_in, x_out):  # the hooks see [B, T, E], the kernels take [B * T, E]
+        carry[0], x_out = hooks.after(carry[0], x_in.reshape(b, t, -1),
+                                      x_out.reshape(b, t, -1), layer)
+        return x_out.reshape(b * t, -1)
+
+    has_after = hooks is not None and hooks.after is not None
+    x = _five_kernel_layers(params, x, ks, vs, cos, sin, attend, cfg=cfg,
+                            after=after if has_after else None)
     hidden = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
     logits = lm_head(params, hidden)
-    return (logits.reshape(b, t, -1), hidden.reshape(b, t, -1),
-            DenseKVCache(k=tuple(ks), v=tuple(vs)))
+    out = (logits.reshape(b, t, -1), hidden.reshape(b, t, -1),
+           DenseKVCache(k=tuple(ks), v=tuple(vs)))
+    return out if hooks is None else (*out, carry[0])
+
+
+def fused_hooks_reason(hooks: LayerHooks | None) -> str | None:
+    """Why the fused steps cannot run these layer hooks, or None when they can: hooks that
+    only look at (or replace) each layer's output run between the kernels, but a `before`
+    hook may skip a layer's tokens or their K/V writes (`LayerControl`), which the kernels
+    do not take."""
+    if hooks is not None and hooks.before is not None:
+        return "layer hooks with `before` (per-token compute or K/V control)"
+    return None
 
 
 def _five_kernel_layers(params: Params, x, ks: list, vs: list, cos, sin, attend, *,
-                        cfg: ModelConfig) -> jax.Array:
+                        cfg: ModelConfig, after=None) -> jax.Array:
     """The layers as five kernels each over x [R, E]; ks / vs (per-layer caches) are updated
-    in place. attend(qkv, k, v) -> (parts, lse, k, v) is the step's attention kernel."""
+    in place. attend(qkv, k, v) -> (parts, lse, k, v) is the step's attention kernel;
+    after(layer, x_in, x_out) -> x, if given, sees each layer's input and output and returns
+    what the next layer takes."""
     eps, H, K = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads
     t = _has_copies(params)  # [N, K] copies (`with_decode_copies`): the CUDA-core GEMVs
     for layer, lp in enumerate(params.layers):
         wqkv, wo, w_gate_up, w_down = (params.decode_t[layer] if t else
                                        (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))
+        x_in = x
         qkv = qkv_rope(x, lp.attn_norm, wqkv, cos, sin, num_heads=H, num_kv_heads=K, eps=eps,
                        transposed=t)  # [R, (H + 2K) * D]
         parts, lse, ks[layer], vs[layer] = attend(qkv, ks[layer], vs[layer])
         x = attn_o_residual(parts, lse, wo, x, transposed=t)
         act = gate_up_swiglu(x, lp.mlp_norm, w_gate_up, eps=eps, transposed=t)  # [R, F]
-        x = gemv_residual(act, w_down, x, transposed=t)
+        x_out = gemv_residual(act, w_down, x, transposed=t)
+        x = x_out if after is None else after(layer, x_in, x_out)
     return x
 
 

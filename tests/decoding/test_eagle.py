@@ -28,6 +28,8 @@ from jdecode.decoding.eagle_draft import (
 from jdecode.decoding.heads import bundle
 from jdecode.decoding.loop import init_loop, run_loop
 from jdecode.decoding.sampling import SamplingArrays, SamplingParams
+from jdecode.model.fused_decode import ENV_SWITCH, with_decode_copies
+from jdecode.model.layout import inference_layout
 from jdecode.model.params import init_params
 from jdecode.model.transformer import collect_hidden
 from jdecode.training.eagle import unrolled_outputs
@@ -47,12 +49,12 @@ def target():
     return init_params(CFG, jax.random.key(31))
 
 
-def oracle(layers: tuple[int, ...]):
+def oracle(layers: tuple[int, ...], head_dim: int = CFG.head_dim):
     """A one-layer target and a draft that copies it: the draft reads the embedding of
     x_{j+1} (its feature input zeroed) through the target's only layer and final norm, so at
     input position j it computes about what the target computes at j + 1 (it lacks x_0 and
     normalizes the embedding first). A strong draft, so trees are accepted deep."""
-    cfg = CFG.replace(num_layers=1)
+    cfg = CFG.replace(num_layers=1, head_dim=head_dim)
     target = init_params(cfg, jax.random.key(34))
     draft = init_draft(target, cfg, jax.random.key(35), num_features=len(layers))
     e = CFG.hidden_size
@@ -146,5 +148,32 @@ def test_greedy_is_autoregressive_greedy(rng, layers, lens):
     cfg = CFG.replace(num_layers=1)
     want, _ = run(autoregressive(cfg, MAX_LEN), params, prompt, lengths)
     got, ls = run(eagle_decoder(cfg, MAX_LEN, PLAN, layers), params, prompt, lengths)
+    np.testing.assert_array_equal(got, want)
+    assert int(ls.accepted) > 1.5 * int(ls.live_steps), "the draft barely helped: weak test"
+
+
+@pytest.mark.parametrize("lens", [(9,), (5, 11)], ids=["batch1-tree", "batch2-chain"])
+def test_the_fused_verify_step_is_lossless(rng, lens, monkeypatch):
+    """JDECODE_FUSED_DECODE=1 (opt-in): the target's verify steps (tree at batch 1, chain at
+    batch 2) run the fused kernels over the [N, K] copies, with EAGLE-3's feature taps as
+    hooks between them, and the output is autoregressive greedy decoding's. 32-wide heads:
+    the kernels' smallest."""
+    monkeypatch.setenv(ENV_SWITCH, "1")
+    layers = (0, 0, 0)
+    params = oracle(layers, head_dim=32)
+    cfg = CFG.replace(num_layers=1, head_dim=32)
+    calls = []
+    real_step = phases.fused_verify_step
+    monkeypatch.setattr(phases, "fused_verify_step",
+                        lambda *a, **k: calls.append(k.get("hooks")) or real_step(*a, **k))
+    prompt = np.zeros((len(lens), T_BUCKET), np.int32)
+    for i, n in enumerate(lens):
+        prompt[i, :n] = rng.integers(0, CFG.vocab_size, n)
+    prompt, lengths = jnp.asarray(prompt), jnp.asarray(lens, jnp.int32)
+    want, _ = run(autoregressive(cfg, MAX_LEN), params, prompt, lengths)
+    fast = with_decode_copies(inference_layout(params))
+    got, ls = run(eagle_decoder(cfg, MAX_LEN, PLAN, layers, impl="pallas"), fast, prompt,
+                  lengths)
+    assert calls and all(h is not None for h in calls), "the verify steps were not fused"
     np.testing.assert_array_equal(got, want)
     assert int(ls.accepted) > 1.5 * int(ls.live_steps), "the draft barely helped: weak test"

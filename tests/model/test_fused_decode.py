@@ -25,11 +25,13 @@ from jdecode.model.fused_decode import (
     ENV_SWITCH,
     block_visibility,
     fused_decode_reason,
+    fused_hooks_reason,
     wants_decode_copies,
     with_decode_copies,
 )
 from jdecode.model.layout import inference_layout
 from jdecode.model.params import init_params
+from jdecode.model.transformer import LayerHooks, collect_hidden
 from pallas_kernels.flash_attention.reference import MASK_VALUE
 from pallas_kernels.fused_decode import (
     GemvTiles,
@@ -324,9 +326,10 @@ VERIFY_CASES = [("float32", 2, 4, "chain", True), ("bfloat16", 1, 5, "tree", Fal
 def test_fused_verify_step_matches_xla_verify(rng, dtype, rows, tokens, kind, copies,
                                               fused_on):
     """`phases.verify` / `verify_tree` with impl="pallas" and the switch on run the fused
-    verify step; logits, hidden states and cache equal the general path's. "window" is the
-    n-gram drafter's window near the start of a sequence (positions clamped to 0, so slot 0
-    is written several times)."""
+    verify step; logits, hidden states, cache and the carry of hooks that collect each
+    layer's output (EAGLE's feature taps) equal the general path's. "window" is the n-gram
+    drafter's window near the start of a sequence (positions clamped to 0, so slot 0 is
+    written several times)."""
     cfg = _fusable_tiny().replace(dtype=dtype)
     params = inference_layout(init_params(cfg, jax.random.key(int(rng.integers(1 << 30)))))
     fused = with_decode_copies(params) if copies else params
@@ -339,15 +342,18 @@ def test_fused_verify_step_matches_xla_verify(rng, dtype, rows, tokens, kind, co
             params, cache, prompt, lengths)
     toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (rows, tokens)), jnp.int32)
 
+    hooks = collect_hidden((-1, 1, 0))  # the embedding and both layers' outputs
+
     def step(p, impl):
         if kind == "tree":
             tree = tree_from_parents(jnp.asarray([[-1, 0, 0, 1, 2]], jnp.int32), 3)
-            fn = partial(phases.verify_tree, tree=tree, cfg=cfg, impl=impl)
+            fn = partial(phases.verify_tree, tree=tree, cfg=cfg, impl=impl, hooks=hooks)
             return jit_for_tests(fn)(p, cache, toks, lengths)
         pos = lengths[:, None] + jnp.arange(tokens)
         if kind == "window":
             pos = jnp.maximum(pos - 20, 0)  # [[0, 1, 2, 3], [0, 0, 0, 0]]
-        return jit_for_tests(partial(phases.verify, cfg=cfg, impl=impl))(p, cache, toks, pos)
+        fn = partial(phases.verify, cfg=cfg, impl=impl, hooks=hooks)
+        return jit_for_tests(fn)(p, cache, toks, pos)
 
     calls = []
     real_step = phases.fused_verify_step
@@ -362,6 +368,8 @@ def test_fused_verify_step_matches_xla_verify(rng, dtype, rows, tokens, kind, co
     assert_close(got[1], want[1], dtype, scale=4.0)
     assert_close(jnp.stack(got[2].k), jnp.stack(want[2].k), dtype, scale=2.0)
     assert_close(jnp.stack(got[2].v), jnp.stack(want[2].v), dtype, scale=2.0)
+    chex.assert_trees_all_equal_shapes_and_dtypes(got[3], want[3])
+    assert_close(got[3], want[3], dtype, scale=2.0)
 
 
 @pytest.mark.parametrize("dtype,rows", [("bfloat16", 1)])
@@ -425,6 +433,9 @@ def test_fused_step_declines_what_it_does_not_cover(monkeypatch):
     assert "head_dim" in fused_decode_reason(
         inference_layout(init_params(narrow, jax.random.key(0))),
         init_cache(narrow, 1, 256, per_layer=True), narrow, 1)
+    # Hooks with `before` (per-token control) stay on the general path; `after` alone runs.
+    assert "before" in fused_hooks_reason(LayerHooks(before=lambda c, x, layer: None))
+    assert fused_hooks_reason(collect_hidden((0,))) is None
     # A verify step (tokens > 1) only when asked, and not by the layer kernel.
     assert fused_decode_reason(fast, per_layer, cfg, 4, tokens=4) is None
     monkeypatch.delenv(ENV_SWITCH)
