@@ -91,19 +91,24 @@ def _block_kernel(past_ref, slots_ref, vis_ref, qkv_ref, kc_ref, vc_ref, o_ref, 
     v_blk = plgpu.load(qkv_ref.at[kv_cols + (H + K + kv) * D], mask=u_real[:, None], other=0)
 
     # The block's K/V into their slots, by one program per (row, kv head). A slot past the
-    # buffer takes nothing (the general path's mode="drop").
+    # buffer takes nothing (the general path's mode="drop"). Unrolled, 8 tokens' loads ahead
+    # of their guarded stores: independent loads can be in flight together, where a loop
+    # would wait out each one's latency in turn (8 bounds the registers they hold).
+    def load(i):  # token i's slot and its K and V, [D] each
+        src = (b * T + i) * width + (H + kv) * D
+        return slots_ref[b * T + i], qkv_ref[pl.ds(src, D)], qkv_ref[pl.ds(src + K * D, D)]
+
+    def store(slot, k_i, v_i):
+        @pl.when(slot < S)
+        def _():
+            kc_out[b, slot, kv, :] = k_i
+            vc_out[b, slot, kv, :] = v_i
+
     @pl.when((qb == 0) & (split == 0))
     def _():
-        def store(i, _):
-            slot = slots_ref[b * T + i]
-            src = (b * T + i) * width + (H + kv) * D
-
-            @pl.when(slot < S)
-            def _():
-                kc_out[b, slot, kv, :] = qkv_ref[pl.ds(src, D)]
-                vc_out[b, slot, kv, :] = qkv_ref[pl.ds(src + K * D, D)]
-            return 0
-        jax.lax.fori_loop(0, T, store, 0)
+        for first in range(0, T, 8):
+            for token in [load(i) for i in range(first, min(T, first + 8))]:
+                store(*token)
 
     # Split 0 seeds its softmax with the block's visible keys; the other splits start empty.
     # Every real query sees at least itself, so split 0 leaves it l > 0.
