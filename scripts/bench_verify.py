@@ -14,7 +14,10 @@ per-layer cache of --max-len slots holding --context past tokens:
   decode  `phases.decode_step`, impl="pallas", the switch unset ("pallas-auto": the fused step
           where it is on by default), the baseline; also the general one-token step.
   verify  `phases.verify` of T tokens per row at positions context..context+T-1, under
-          "pallas-general" and "pallas-fused".
+          "pallas-general" and "pallas-fused", and for steps of 5..N rows also
+          "pallas-fused-fmaN" (--fma-rows): the fused step with its GEMVs kept on CUDA
+          cores, which by default stop at 4 rows (`kernel.FMA_MAX_ROWS`) and give way to
+          tensor-core tiles.
 Each row records the gate's verdict (`fused_decode_reason`: None = fused), the path its trace
 really took (a `qkv_rope` kernel in its jaxpr = fused), the max abs difference of its logits
 from the general path's on the same inputs (recorded, not asserted: bf16 sums in another
@@ -65,6 +68,7 @@ from jdecode.model.fused_decode import (
 from jdecode.model.layout import inference_layout
 from jdecode.model.params import Params, init_params
 from jdecode.provenance import REPO_ROOT, environment
+from pallas_kernels.fused_decode import kernel as gemv_kernel
 
 # The baseline: impl="pallas" with the switch unset, as the Generator decodes by default.
 AUTO = "pallas-auto"
@@ -78,7 +82,18 @@ FUSED_KERNEL = "qkv_rope"
 def variant(name: str) -> Iterator[str]:
     """The impl to trace under for a variant name: AUTO unsets the switch while it holds (a
     JDECODE_FUSED_DECODE in the caller's environment would otherwise make the baseline
-    something else); the others are `impl_variant`'s."""
+    something else); FUSED + "-fmaN" is FUSED with the CUDA-core GEMVs allowed up to N rows
+    (`kernel.FMA_MAX_ROWS`, 4 by default, set while the trace is made: `default_tiles` reads
+    it then); the others are `impl_variant`'s."""
+    if name.startswith(FUSED + "-fma"):
+        limit, before = int(name.removeprefix(FUSED + "-fma")), gemv_kernel.FMA_MAX_ROWS
+        gemv_kernel.FMA_MAX_ROWS = limit
+        try:
+            with impl_variant(FUSED) as impl:
+                yield impl
+        finally:
+            gemv_kernel.FMA_MAX_ROWS = before
+        return
     if name != AUTO:
         with impl_variant(name) as impl:
             yield impl
@@ -125,23 +140,36 @@ def step_fn(cfg: ModelConfig, impl: str, tokens: int) -> Callable:
     return jax.jit(fn, donate_argnums=(1,))
 
 
-def pallas_names(jaxpr) -> set[str]:
-    """Names of the pallas_calls in a jaxpr and its sub-jaxprs (jax 0.10 keeps the name in
-    `name`, others in `name_and_src_info`)."""
-    names = set()
+def sub_jaxprs(eqn) -> Iterator:
+    """The jaxprs nested in an equation's params (a ClosedJaxpr's or a bare Jaxpr)."""
+    for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+            inner = getattr(sub, "jaxpr", sub)
+            if hasattr(inner, "eqns"):
+                yield inner
+
+
+def has_dot(jaxpr) -> bool:
+    """Whether a jaxpr (a kernel body) multiplies with dot_general anywhere, loops included."""
+    return any(e.primitive.name == "dot_general" or any(map(has_dot, sub_jaxprs(e)))
+               for e in jaxpr.eqns)
+
+
+def pallas_kernels(jaxpr) -> dict[str, bool]:
+    """The pallas_calls in a jaxpr and its sub-jaxprs: name -> whether its body uses
+    tensor-core dots (False: the CUDA-core GEMVs). jax 0.10 keeps the name in `name`, others
+    in `name_and_src_info`."""
+    found = {}
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "pallas_call":
             info = eqn.params.get("name_and_src_info")
             name = eqn.params.get("name") or getattr(info, "name", None)
             if name:
-                names.add(str(name))
+                found[str(name)] = has_dot(eqn.params["jaxpr"])
             continue
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr or a Jaxpr
-                if hasattr(inner, "eqns"):
-                    names |= pallas_names(inner)
-    return names
+        for inner in sub_jaxprs(eqn):
+            found |= pallas_kernels(inner)
+    return found
 
 
 def time_steps(step: Callable, params: Params, cache: DenseKVCache, toks: jax.Array,
@@ -184,20 +212,27 @@ def measure(params: Params, cache0: DenseKVCache, cfg: ModelConfig, batch: int, 
     toks = jax.random.randint(jax.random.key(tokens), (batch, tokens), 0, cfg.vocab_size)
     pos = jnp.broadcast_to(context + jnp.arange(tokens, dtype=jnp.int32), (batch, tokens))
     cache = jax.tree_util.tree_map(jnp.copy, cache0)  # donated below; cache0 stays
+    # The fused GEMVs are jitted with their tiles chosen inside (`default_tiles`): their
+    # traces are cached by shape, so a variant that changes FMA_MAX_ROWS must not meet
+    # another's. Clearing before and after every variant keeps each one its own.
+    jax.clear_caches()
     with variant(name) as impl:
         reason = fused_decode_reason(params, cache, cfg, rows=batch * tokens, tokens=tokens)
         step = step_fn(cfg, impl, tokens)
-        kernels = pallas_names(step.trace(params, cache, toks, pos).jaxpr)
+        kernels = pallas_kernels(step.trace(params, cache, toks, pos).jaxpr)
         # The first call traces again (or reuses that trace) inside the context: it must.
         res = time_steps(step, params, cache, toks, pos, args.iters, args.repeats,
                          args.device_time)
+    jax.clear_caches()
     # "unknown": no named pallas_call found (a jax that keeps the name elsewhere).
     path = "fused" if FUSED_KERNEL in kernels else ("general" if kernels else "unknown")
+    gemv = None if FUSED_KERNEL not in kernels else (
+        "tensor cores" if kernels[FUSED_KERNEL] else "CUDA cores")
     if (reason is None) != (path == "fused"):
         print(f"WARNING: B={batch} T={tokens} {name}: the gate says "
               f"{reason or 'fused'} but the trace ran {path}", flush=True)
     return {"batch": batch, "step": "decode" if tokens == 1 else "verify", "tokens": tokens,
-            "variant": name, "reason": reason, "path": path, **res}
+            "variant": name, "reason": reason, "path": path, "gemv": gemv, **res}
 
 
 def main() -> None:
@@ -216,8 +251,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed loops (median)")
     ap.add_argument("--device-time", choices=("auto", "on", "off"), default="auto",
                     help="device time per step from a profile (auto: on the GPU only)")
+    ap.add_argument("--fma-rows", default="8",
+                    help="also time the fused step with the CUDA-core GEMVs allowed up to N "
+                         "rows (a comma list; by default they stop at 4): steps of 5..N rows")
     ap.add_argument("--out", default="out")
     args = ap.parse_args()
+    args.fma_rows = [int(n) for n in args.fma_rows.split(",") if n]
     args.device_time = (args.device_time == "on" or
                         (args.device_time == "auto" and jax.default_backend() == "gpu"))
 
@@ -236,7 +275,8 @@ def main() -> None:
                 notes.append(f"batch {batch} x {tokens} tokens: skipped, context "
                              f"{args.context} + tokens > --max-len {args.max_len}")
                 continue
-            names = (AUTO, GENERAL) if tokens == 1 else (GENERAL, FUSED)
+            fma = [f"{FUSED}-fma{n}" for n in args.fma_rows if n >= batch * tokens > 4]
+            names = (AUTO, GENERAL) if tokens == 1 else (GENERAL, FUSED, *fma)
             group = [measure(params, cache0, cfg, batch, tokens, args.context, n, args)
                      for n in names]
             want = next(r["logits"] for r in group if r["variant"] == GENERAL)
@@ -281,7 +321,8 @@ def markdown(result: dict) -> str:
            f"{result['repeats']} loops of {result['iters']} steps; {timing}. x decode = the "
            "step's time / the baseline decode step's (decode, pallas-auto) of that batch: a "
            "method whose verify step costs x wins only if it accepts more than x tokens per "
-           "step. path: what the trace ran (fused = the fused kernels); reason: "
+           "step. path: what the trace ran (fused = the fused kernels, their GEMVs on tensor or "
+           "CUDA cores); reason: "
            "`fused_decode_reason` (none = fused). max abs diff: logits vs pallas-general's.")
     header = ("| B | step | T | variant | path | wall us | x decode | device us | "
               "x decode (dev) | max abs diff | max abs logit | reason |")
@@ -289,7 +330,8 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(
-            f"| {r['batch']} | {r['step']} | {r['tokens']} | {r['variant']} | {r['path']} | "
+            f"| {r['batch']} | {r['step']} | {r['tokens']} | {r['variant']} | {r['path']}"
+            f"{' (' + r['gemv'] + ')' if r['gemv'] else ''} | "
             f"{r['wall_us']:.1f} | {r['x_decode_wall']:.2f} | {num(r['device_us'], '.1f')} | "
             f"{num(r['x_decode_device'], '.2f')} | {r['max_abs_diff']:.3g} | "
             f"{r['max_abs_logit']:.3g} | {r['reason'] or 'none'} |")
