@@ -16,6 +16,7 @@ from jdecode.model.pallas_dispatch import (
     dense_decode_writing,
     writes_in_kernel,
 )
+from pallas_kernels.fused_decode.attention import BLOCK_K
 
 
 @struct.dataclass
@@ -36,15 +37,11 @@ class DenseKVCache:
         return self.k[0].shape[1] if self.per_layer else self.k.shape[2]
 
 
-# Scratch slots (a tree's nodes past the root) are added to a cache rounded up to this many
-# slots: the fused step's attention walks the cache in whole blocks of 64
-# (`pallas_kernels.fused_decode.attention.BLOCK_K`) and declines other lengths.
-SLOT_ALIGN = 64
-
-
 def with_scratch(max_len: int, scratch: int) -> int:
-    """Cache slots for max_len tokens plus `scratch` more, rounded up to SLOT_ALIGN."""
-    return -(-(max_len + scratch) // SLOT_ALIGN) * SLOT_ALIGN
+    """Cache slots for max_len tokens plus `scratch` more (a tree's nodes past the root),
+    rounded up to whole BLOCK_K blocks: the fused step's attention walks the cache in them
+    and declines other lengths."""
+    return -(-(max_len + scratch) // BLOCK_K) * BLOCK_K
 
 
 @struct.dataclass
