@@ -86,7 +86,8 @@ def _block_kernel(past_ref, slots_ref, vis_ref, qkv_ref, kc_ref, vc_ref, o_ref, 
 
     u = jnp.arange(tp)  # the block's tokens as keys
     u_real = u < T
-    kv_cols = ((b * T + jnp.minimum(u, T - 1)) * width)[:, None] + d[None, :]  # [tp, D]
+    u_in = jnp.minimum(u, T - 1)  # [tp]: padding keys address the last token (masked)
+    kv_cols = ((b * T + u_in) * width)[:, None] + d[None, :]  # [tp, D]
     k_blk = plgpu.load(qkv_ref.at[kv_cols + (H + kv) * D], mask=u_real[:, None], other=0)
     v_blk = plgpu.load(qkv_ref.at[kv_cols + (H + K + kv) * D], mask=u_real[:, None], other=0)
 
@@ -114,7 +115,7 @@ def _block_kernel(past_ref, slots_ref, vis_ref, qkv_ref, kc_ref, vc_ref, o_ref, 
     # Every real query sees at least itself, so split 0 leaves it l > 0.
     empty = (jnp.zeros((tile, D), f32), jnp.full((tile,), MASK_VALUE, f32),
              jnp.zeros((tile,), f32))
-    seen_u = plgpu.load(vis_ref.at[((b * T + t) * T)[:, None] + jnp.minimum(u, T - 1)[None, :]],
+    seen_u = plgpu.load(vis_ref.at[((b * T + t) * T)[:, None] + u_in[None, :]],
                         mask=jnp.broadcast_to(u_real[None, :], (tile, tp)),
                         other=0) != 0  # [tile, tp]
     s_blk = scale_logits(dot_nt(q, k_blk), sm_scale, None)  # [tile, tp]
