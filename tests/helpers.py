@@ -24,3 +24,18 @@ def tiny_model(seed: int, tokenizer=None, **overrides):
 
     cfg = load_model_config_yaml(CONFIG_DIR / "tiny.yaml").replace(**overrides)
     return Model("tiny", cfg, init_params(cfg, jax.random.key(seed)), tokenizer)
+
+
+def spy_fused_verify(monkeypatch) -> list:
+    """Records each trace that takes `phases.fused_verify_step` (the hooks it was given; None
+    without), so a test of the fused verify step fails where it silently falls back."""
+    from jdecode.decoding import phases
+
+    calls, real_step = [], phases.fused_verify_step
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("hooks"))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(phases, "fused_verify_step", spy)
+    return calls

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import spy_fused_verify
 
 from jdecode.config import ModelConfig
 from jdecode.decoding import phases
@@ -162,10 +163,7 @@ def test_the_fused_verify_step_is_lossless(rng, lens, monkeypatch):
     layers = (0, 0, 0)
     params = oracle(layers, head_dim=32)
     cfg = CFG.replace(num_layers=1, head_dim=32)
-    calls = []
-    real_step = phases.fused_verify_step
-    monkeypatch.setattr(phases, "fused_verify_step",
-                        lambda *a, **k: calls.append(k.get("hooks")) or real_step(*a, **k))
+    calls = spy_fused_verify(monkeypatch)
     prompt = np.zeros((len(lens), T_BUCKET), np.int32)
     for i, n in enumerate(lens):
         prompt[i, :n] = rng.integers(0, CFG.vocab_size, n)

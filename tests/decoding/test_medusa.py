@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import spy_fused_verify
 from scipy import stats
 
 from jdecode.analysis.spec_cost import expected_tokens_chain, expected_tokens_tree
@@ -182,10 +183,7 @@ def test_the_fused_verify_step_is_lossless(rng, lens, monkeypatch):
     cfg = CFG.replace(head_dim=32)
     w = 0.5 * jax.random.normal(jax.random.key(12), (3, 64, 64)) / 8.0
     params = bundle(init_params(cfg, jax.random.key(11)), MedusaHeads(w=w, b=jnp.zeros((3, 64))))
-    calls = []
-    real_step = phases.fused_verify_step
-    monkeypatch.setattr(phases, "fused_verify_step",
-                        lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    calls = spy_fused_verify(monkeypatch)
     prompt, lengths = prompts(rng, lens)
     want, _ = run(autoregressive(cfg, MAX_LEN), params, prompt, lengths, *greedy(len(lens)))
     fast = with_decode_copies(inference_layout(params))

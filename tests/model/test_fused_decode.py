@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import spy_fused_verify
 
 from jdecode.cache.dense import init_cache
 from jdecode.config import load_model_config_yaml
@@ -324,7 +325,7 @@ VERIFY_CASES = [("float32", 2, 4, "chain", True), ("bfloat16", 1, 5, "tree", Fal
 @pytest.mark.parametrize("dtype,rows,tokens,kind,copies", VERIFY_CASES,
                          ids=[c[3] for c in VERIFY_CASES])
 def test_fused_verify_step_matches_xla_verify(rng, dtype, rows, tokens, kind, copies,
-                                              fused_on):
+                                              fused_on, monkeypatch):
     """`phases.verify` / `verify_tree` with impl="pallas" and the switch on run the fused
     verify step; logits, hidden states, cache and the carry of hooks that collect each
     layer's output (EAGLE's feature taps) equal the general path's. "window" is the n-gram
@@ -355,12 +356,8 @@ def test_fused_verify_step_matches_xla_verify(rng, dtype, rows, tokens, kind, co
         fn = partial(phases.verify, cfg=cfg, impl=impl, hooks=hooks)
         return jit_for_tests(fn)(p, cache, toks, pos)
 
-    calls = []
-    real_step = phases.fused_verify_step
-    with pytest.MonkeyPatch.context() as mp:  # counts the traces that took the fused step
-        mp.setattr(phases, "fused_verify_step",
-                   lambda *a, **k: calls.append(1) or real_step(*a, **k))
-        got = step(fused, "pallas")
+    calls = spy_fused_verify(monkeypatch)
+    got = step(fused, "pallas")
     want = step(params, "xla")
     assert calls, "the verify step did not take the fused kernels"
     chex.assert_trees_all_equal_shapes_and_dtypes(got[:2], want[:2])
