@@ -1,6 +1,9 @@
-"""Shared test helpers: the one tolerance table every test in the project uses."""
+"""Shared test helpers: the one tolerance table every test in the project uses, and lowering
+for CUDA without a GPU."""
 
 from __future__ import annotations
+
+import contextlib
 
 import jax
 import numpy as np
@@ -42,3 +45,26 @@ def jit_for_tests(fn, **jit_kwargs):
     if jax.default_backend() == "cpu":
         jit_kwargs.setdefault("compiler_options", _FAST_CPU_COMPILE)
     return jax.jit(fn, **jit_kwargs)
+
+
+def abstract_gpu(device_kind: str = "NVIDIA H200", num_cores: int = 132):
+    """A context naming a GPU as the lowering target when none is attached.
+
+    jax >= 0.11 asks the abstract mesh for the GPU's kind when it lowers a Pallas kernel for
+    CUDA without a GPU (Triton wants the compute capability); jax 0.10 lowers without one, so
+    there this is a no-op."""
+    from jax._src import mesh as mesh_lib
+
+    device = getattr(mesh_lib, "AbstractDevice", None)
+    if device is None or not hasattr(jax.sharding, "use_abstract_mesh"):
+        return contextlib.nullcontext()
+    target = device(device_kind=device_kind, num_cores=num_cores, platform="gpu")
+    return jax.sharding.use_abstract_mesh(
+        jax.sharding.AbstractMesh((1,), ("x",), abstract_device=target))
+
+
+def lower_for_cuda(fn, *args):
+    """Lowers jit(fn)(*args) for CUDA on any machine (no GPU needed): a Pallas kernel that
+    cannot lower (Triton's or Mosaic GPU's checks, layout inference) raises here."""
+    with abstract_gpu():
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))

@@ -25,6 +25,7 @@ from pallas_kernels.fused_decode import (
 )
 from pallas_kernels.fused_decode.block_attention import block_attention
 from pallas_kernels.paged_attention import paged_attention, ragged_paged_attention, write_kv_pages
+from pallas_kernels.testing import lower_for_cuda
 
 registration = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
 
@@ -45,10 +46,6 @@ def triton_modules(monkeypatch):
     monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", capture)
     jax.clear_caches()  # the wrappers' jit caches would skip the lowering
     return modules
-
-
-def _lower_for_cuda(fn, *args):
-    jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 
 
 def _kernels(dtype, *, page=16, block_k=None, rows=None):
@@ -82,7 +79,7 @@ def _kernels(dtype, *, page=16, block_k=None, rows=None):
 def test_kernels_lower_to_triton(triton_modules, dtype):
     for name, fn, args in _kernels(dtype, page=16, block_k=128, rows=64):
         triton_modules.clear()
-        _lower_for_cuda(fn, *args)
+        lower_for_cuda(fn, *args)
         assert triton_modules, f"{name}: no Triton module was lowered"
         dots = [d for m in triton_modules for d in re.findall(r"tt\.dot\b[^\n]*", m)]
         if dtype == jnp.float32:
@@ -120,7 +117,7 @@ def test_fused_decode_kernels_lower_to_triton(triton_modules, dtype, path):
     ]
     for name, fn, args in kernels:
         triton_modules.clear()
-        _lower_for_cuda(fn, *args)
+        lower_for_cuda(fn, *args)
         assert triton_modules, f"{name}: no Triton module was lowered"
         dots = [d for m in triton_modules for d in re.findall(r"tt\.dot\b[^\n]*", m)]
         assert bool(dots) != tiles.fma, f"{name}: tensor-core dots {dots} on the {path} path"
@@ -131,7 +128,7 @@ def test_fused_decode_kernels_lower_to_triton(triton_modules, dtype, path):
 @pytest.mark.parametrize("page", [32, 64])
 def test_paged_kernels_lower_for_page_sizes(triton_modules, page):
     for name, fn, args in _kernels(jnp.bfloat16, page=page)[2:4]:
-        _lower_for_cuda(fn, *args)
+        lower_for_cuda(fn, *args)
         assert triton_modules, f"{name}: no Triton module was lowered"
 
 
@@ -143,7 +140,7 @@ def test_decode_attention_lowers_to_triton(triton_modules, dtype, splits):
     cache = jnp.zeros((rows, S, K, D), dtype)
     fn = functools.partial(decode_attention, num_heads=H, num_kv_heads=K, num_splits=splits,
                            interpret=False)
-    _lower_for_cuda(fn, jnp.zeros((rows, (H + 2 * K) * D), dtype), cache, cache,
+    lower_for_cuda(fn, jnp.zeros((rows, (H + 2 * K) * D), dtype), cache, cache,
                     jnp.zeros((rows,), jnp.int32))
     assert triton_modules, "decode_attention: no Triton module was lowered"
     dots = [d for m in triton_modules for d in re.findall(r"tt\.dot\b[^\n]*", m)]
@@ -162,7 +159,7 @@ def test_block_attention_lowers_to_triton(triton_modules, dtype, rows, tokens):
     fn = functools.partial(block_attention, num_heads=H, num_kv_heads=K, num_splits=8,
                            interpret=False)
     slots = jnp.zeros((rows, tokens), jnp.int32)
-    _lower_for_cuda(fn, jnp.zeros((rows * tokens, (H + 2 * K) * D), dtype), cache, cache, slots,
+    lower_for_cuda(fn, jnp.zeros((rows * tokens, (H + 2 * K) * D), dtype), cache, cache, slots,
                     slots[:, 0], jnp.ones((rows, tokens, tokens), bool))
     assert triton_modules, "block_attention: no Triton module was lowered"
     dots = [d for m in triton_modules for d in re.findall(r"tt\.dot\b[^\n]*", m)]
