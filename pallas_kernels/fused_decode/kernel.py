@@ -378,14 +378,21 @@ def _merged(parts_ref, lse_ref, rows: int, num_heads: int, dtype) -> Source:
                 return [row(b) for b in range(rows)]
             return load
 
+        one_head = head_dim % bk == 0  # a K step inside one head: one lse per row
+
         def load(k0):
             mask = _row_mask(rows)[:, None] & (k0 + jnp.arange(bk) < k)[None, :]
             r = tile_rows(rows)
             rid = jnp.minimum(jnp.arange(r), rows - 1)[:, None]  # rows past B: zero parts
+
+            def lse(s):
+                if one_head:  # [R, 1], broadcast: a gather of R values, not R x bk
+                    return lse_ref[(rid * ns + s) * num_heads + k0 // head_dim]
+                return lse_ref[lse_index(rid, s, k0, bk)]
+
             return _merge(ns, lambda s: (
                 plgpu.load(parts_ref.at[pl.ds(0, r), jnp.int32(s), pl.ds(k0, bk)],
-                           mask=mask, other=0),
-                lse_ref[lse_index(rid, s, k0, bk)]), dtype).astype(dtype)
+                           mask=mask, other=0), lse(s)), dtype).astype(dtype)
         return load
 
     return source
@@ -593,6 +600,17 @@ def gemv_residual(a, w, residual, *, tiles: GemvTiles | None = None, transposed:
                    tiles, n // tiles.block_n, interpret, "gemv_residual")
 
 
+def merge_block_k(head_dim: int) -> int:
+    """K step of the tensor-core O projection when it merges split partials: the largest power
+    of two dividing head_dim (head_dim itself for 64 or 128), so a step lies in one head and
+    takes one lse per row and split. Why: at K steps of 256 the merge held every split's
+    [R, 256] partials and per-element lse in registers at once, and ptxas spilled 11-27 KB
+    per thread at 4-8 splits, SmolLM2's verify steps of 5-16 rows among them
+    (scripts/deviceless_check.py, benchmarks/deviceless_h200.md); at one head per step: 128
+    registers, no spill, at 8 splits."""
+    return max(16, min(256, head_dim & -head_dim))
+
+
 @functools.partial(jax.jit, static_argnames=("tiles", "transposed", "interpret"))
 def attn_o_residual(parts, lse, w, residual, *, tiles: GemvTiles | None = None,
                     transposed: bool = False, interpret: bool | None = None) -> jax.Array:
@@ -614,7 +632,10 @@ def attn_o_residual(parts, lse, w, residual, *, tiles: GemvTiles | None = None,
     if lse.shape[:2] != parts.shape[:2] or k % lse.shape[2]:
         raise ValueError(f"attn_o_residual: lse {lse.shape} must be [B, splits, heads] for "
                          f"parts {parts.shape} [B, splits, heads x head_dim]")
-    tiles = tiles or default_tiles(k, b, transposed, n, large=O_LARGE_TILES)
+    if tiles is None:
+        tiles = default_tiles(k, b, transposed, n, large=O_LARGE_TILES)
+        if not tiles.fma and parts.shape[1] > 1:
+            tiles = dataclasses.replace(tiles, block_k=merge_block_k(k // lse.shape[2]))
     if not tiles.fma:  # pipelined, each split's f32 [R, block_k] partials per stage overflow
         tiles = dataclasses.replace(tiles, num_stages=1)  # shared memory (seen on the H200)
     _check("attn_o_residual", parts, k, n, tiles, transposed)
