@@ -23,9 +23,12 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 
 mount_repo() {
   mkdir -p "$ROOT/repo" "$ROOT/proc"
-  # Rebound on every call: the checkout that calls is the one that runs (a worktree, say).
-  if mountpoint -q "$ROOT/repo"; then umount "$ROOT/repo"; fi
-  mount --bind "$REPO" "$ROOT/repo"
+  # The checkout that calls is the one that runs (a worktree, say): rebound when another is
+  # there (a bind mount shows its source's inode).
+  if [ "$(stat -c %d:%i "$ROOT/repo")" != "$(stat -c %d:%i "$REPO")" ]; then
+    if mountpoint -q "$ROOT/repo"; then umount "$ROOT/repo"; fi
+    mount --bind "$REPO" "$ROOT/repo"
+  fi
   mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
 }
 
