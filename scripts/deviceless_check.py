@@ -14,16 +14,13 @@ an abstract H200, at the benchmarks' shapes:
   ragged, the cache write; the Hopper flash and ragged kernels through Mosaic GPU).
 
 Each Triton kernel's module (deduplicated) is then compiled to a cubin for sm_90a by the
-`triton` package, when it is installed, with the launch's num_warps and num_stages, and
-ptxas reports its registers, spills and shared memory. Mosaic GPU kernels are lowered only
-(their layout inference and TMA checks run then); their PTX is made on the card.
-
-The kernels are lowered with the backend and device kind patched to a GPU's, so the same
-dispatch and tuning tables choose them as on the card. Caveats: XLA compiles the Triton IR
-with its own Triton, not the `triton` wheel's: registers and shared memory here are the
-wheel's (close, not equal); and jax must be the card's version for its lowering checks to be
-the card's (`scripts/deviceless_env.sh` builds a jax 0.11.2 environment on Python 3.13 where
-the machine's Python is older).
+`triton` wheel, where it is installed, with the launch's num_warps and num_stages, and
+ptxas reports its registers, spills and shared memory; Mosaic GPU kernels are lowered only.
+The kernels are lowered with dispatch and tuning patched to see an H200, so the launch
+parameters are the card's. What the figures mean and do not: `pallas_kernels/deviceless.py`.
+jax should be the card's version for its lowering checks to be the card's
+(`scripts/deviceless_env.sh` builds jax 0.11.2 on Python 3.13 where the machine's Python is
+older).
 
   PYTHONPATH=. python scripts/deviceless_check.py --out out/deviceless  # deviceless.{json,md}
   PYTHONPATH=. python scripts/deviceless_check.py --only steps --models smollm2-135m
@@ -33,14 +30,9 @@ the machine's Python is older).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import traceback
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -57,113 +49,69 @@ from jdecode.model.fused_decode import impl_variant, with_decode_copies
 from jdecode.model.layout import inference_layout
 from jdecode.model.params import init_params
 from jdecode.provenance import REPO_ROOT, environment
+from pallas_kernels.deviceless import (
+    DEVICE_KIND,
+    NOT_COMPILED,
+    SM,
+    TritonCapture,
+    as_gpu,
+    compile_triton,
+    lower,
+    mosaic_calls,
+    ptxas_binary,
+)
 from pallas_kernels.flash_attention import flash_attention, hopper_flash_attention
-from pallas_kernels.flash_attention import tuning as flash_tuning
 from pallas_kernels.paged_attention import (
     paged_attention,
     ragged_paged_attention,
     write_kv_pages,
 )
-from pallas_kernels.paged_attention import tuning as paged_tuning
-from pallas_kernels.testing import abstract_gpu
-
-DEVICE_KIND = "NVIDIA H200"
-SM = 90  # compute capability of the target
-NOT_COMPILED = "lowered (no triton wheel to compile with)"
-SHARED_LIMIT = 232448  # bytes of shared memory a CTA may use on an H100/H200 (opt-in maximum)
-
-
-@contextlib.contextmanager
-def as_gpu() -> Iterator[None]:
-    """While it holds, dispatch and tuning see an H200: jax.default_backend() says "gpu" (so
-    `resolve_interpret` compiles and the model picks its GPU paths) and the tuning tables read
-    the H200's kind. Lowering goes to CUDA under an abstract H200 (`testing.abstract_gpu`)."""
-    patched = [(jax, "default_backend", lambda: "gpu"),
-               (flash_tuning, "device_kind", lambda: DEVICE_KIND),
-               (paged_tuning, "device_kind", lambda: DEVICE_KIND)]
-    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patched]
-    for mod, name, value in patched:
-        setattr(mod, name, value)
-    try:
-        with abstract_gpu(DEVICE_KIND):
-            yield
-    finally:
-        for mod, name, value in saved:
-            setattr(mod, name, value)
-
-
-class Capture:
-    """Collects each Triton kernel lowered while it is installed: its module text and the
-    launch's name, num_warps, num_stages and grid (from the custom call's backend config)."""
-
-    def __init__(self):
-        from jax._src.pallas.triton import pallas_call_registration as reg
-        self.reg, self.kernels, self._pending = reg, [], []
-
-    def __enter__(self):
-        reg = self.reg
-        self._lower, self._call = reg.lowering.lower_jaxpr_to_triton_module, reg.mlir.custom_call
-
-        def lower(*args, **kwargs):
-            result = self._lower(*args, **kwargs)
-            self._pending.append(result.module.operation.get_asm())
-            return result
-
-        def custom_call(*args, **kwargs):  # mlir's own: every custom call passes through
-            target = kwargs.get("call_target_name", args[0] if args else None)
-            if target == "__gpu$xla.gpu.triton" and self._pending:
-                cfg = kwargs["backend_config"]
-                self.kernels.append({
-                    "name": str(cfg["name"]).strip('"'),
-                    "num_warps": int(str(cfg["num_warps"]).split(":")[0]),
-                    "num_stages": int(str(cfg["num_stages"]).split(":")[0]),
-                    "grid": [int(str(cfg[f"grid_{a}"]).split(":")[0]) for a in "xyz"],
-                    "ttir": self._pending.pop(0),
-                })
-            return self._call(*args, **kwargs)
-
-        reg.lowering.lower_jaxpr_to_triton_module = lower
-        reg.mlir.custom_call = custom_call
-        return self
-
-    def __exit__(self, *exc):
-        self.reg.lowering.lower_jaxpr_to_triton_module = self._lower
-        self.reg.mlir.custom_call = self._call
-
-
-def lower(fn: Callable, *args) -> str:
-    """Lowers jit(fn)(*args) for CUDA; returns the StableHLO text (Mosaic calls are in it)."""
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def abstract(tree):
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
-def step_cases(models: list[str]) -> Iterator[tuple[str, Callable, tuple]]:
-    """(label, fn, abstract args) of the model's steps, as bench_decode / bench_verify time
-    them: fused decode at 1 and 4 rows, fused verify chains of 2..64 tokens at batch 1 and a
-    tree-sized 64, the general path at batch 64."""
-    for name in models:
-        cfg = load_model_config_yaml(REPO_ROOT / "configs" / "models" / f"{name}.yaml")
-        cfg = cfg.replace(dtype="bfloat16")
-        params = jax.eval_shape(
-            lambda c=cfg: with_decode_copies(inference_layout(init_params(c, jax.random.key(0)))))
-        for variant, batch, tokens in [("pallas-fused", 1, 1), ("pallas-fused", 4, 1),
-                                       ("pallas-fused", 1, 2), ("pallas-fused", 1, 5),
-                                       ("pallas-fused", 1, 16), ("pallas-fused", 1, 64),
-                                       ("pallas-fused", 2, 4), ("pallas", 64, 1)]:
-            cache = abstract(jax.eval_shape(partial(init_cache, cfg, batch, 1024, per_layer=True)))
-            toks = jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
+# (impl variant, batch, tokens per row) of the steps lowered: the fused decode step at 1 and
+# 4 rows, fused verify chains of 2..64 tokens at batch 1 (64: a tree's size) and 2 x 4, and
+# the general step at batch 64, as bench_decode and bench_verify time them.
+STEPS = [("pallas-fused", 1, 1), ("pallas-fused", 4, 1), ("pallas-fused", 1, 2),
+         ("pallas-fused", 1, 5), ("pallas-fused", 1, 16), ("pallas-fused", 1, 64),
+         ("pallas-fused", 2, 4), ("pallas", 64, 1)]
+
+
+def model_params(name: str):
+    """(config, abstract inference params with the [N, K] copies) of configs/models/NAME in
+    bf16: shapes only (`jax.eval_shape`), so the 1B shape costs no memory."""
+    cfg = load_model_config_yaml(REPO_ROOT / "configs" / "models" / f"{name}.yaml")
+    cfg = cfg.replace(dtype="bfloat16")
+    params = jax.eval_shape(
+        lambda: with_decode_copies(inference_layout(init_params(cfg, jax.random.key(0)))))
+    return cfg, params
+
+
+def step_case(cfg, params, variant: str, batch: int, tokens: int) -> tuple[Callable, tuple]:
+    """(fn, abstract args) of one step over a 1024-slot per-layer cache: `decode_step` for one
+    token per row, else `verify`, traced under the impl variant (`impl_variant`)."""
+    cache = abstract(jax.eval_shape(partial(init_cache, cfg, batch, 1024, per_layer=True)))
+    toks = jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
+
+    def fn(p, c, t, pos):
+        with impl_variant(variant) as impl:
             if tokens == 1:
-                def fn(p, c, t, pos, cfg=cfg, variant=variant):
-                    with impl_variant(variant) as impl:
-                        return phases.decode_step(p, c, t[:, 0], pos[:, 0], cfg=cfg, impl=impl)
-            else:
-                def fn(p, c, t, pos, cfg=cfg, variant=variant):
-                    with impl_variant(variant) as impl:
-                        return phases.verify(p, c, t, pos, cfg=cfg, impl=impl)
-            yield f"{name} {variant} B{batch} T{tokens}", fn, (params, cache, toks, toks)
+                return phases.decode_step(p, c, t[:, 0], pos[:, 0], cfg=cfg, impl=impl)
+            return phases.verify(p, c, t, pos, cfg=cfg, impl=impl)
+
+    return fn, (params, cache, toks, toks)
+
+
+def step_cases(models: list[str]) -> Iterator[tuple[str, Callable, tuple]]:
+    """(label, fn, abstract args) of every STEPS step of each model."""
+    for name in models:
+        cfg, params = model_params(name)
+        for variant, batch, tokens in STEPS:
+            yield (f"{name} {variant} B{batch} T{tokens}",
+                   *step_case(cfg, params, variant, batch, tokens))
 
 
 def kernel_cases() -> Iterator[tuple[str, Callable, tuple]]:
@@ -201,51 +149,6 @@ def kernel_cases() -> Iterator[tuple[str, Callable, tuple]]:
            (pool, pool, new, new, z(64, dtype=jnp.int32)))
 
 
-def ptxas_binary() -> str | None:
-    """The ptxas that takes the triton wheel's PTX (its own, which knows its PTX version)."""
-    try:
-        import triton
-    except ImportError:
-        return None
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    for name in ("ptxas-blackwell", "ptxas"):
-        if (bin_dir / name).exists():
-            return str(bin_dir / name)
-    return shutil.which("ptxas")
-
-
-def compile_triton(kernel: dict, ptxas: str | None) -> dict:
-    """Compiles one captured module for sm_90a with the triton wheel; its resources from
-    ptxas -v. Returns {"status": ...} with regs, spills and shared bytes where it compiled."""
-    try:
-        import triton
-        from triton.backends.compiler import GPUTarget
-    except ImportError:
-        return {"status": NOT_COMPILED}
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "kernel.ttir"
-        src.write_text(kernel["ttir"])
-        try:
-            compiled = triton.compile(str(src), target=GPUTarget("cuda", SM, 32), options={
-                "num_warps": kernel["num_warps"], "num_stages": kernel["num_stages"]})
-        except Exception as e:  # noqa: BLE001 - a compile error is the finding; keep going
-            return {"status": "compile error", "error": f"{type(e).__name__}: {str(e)[:800]}"}
-        out = {"status": "compiled", "shared_bytes": int(compiled.metadata.shared)}
-        if ptxas:
-            ptx = Path(tmp) / "kernel.ptx"
-            ptx.write_text(compiled.asm["ptx"])
-            info = subprocess.run([ptxas, f"-arch=sm_{SM}a", "-v", str(ptx), "-o", "/dev/null"],
-                                  check=False, capture_output=True, text=True).stderr
-            regs = re.search(r"Used (\d+) registers", info)
-            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
-            out["registers"] = int(regs.group(1)) if regs else None
-            out["spill_store_bytes"] = int(spill.group(1)) if spill else None
-            out["spill_load_bytes"] = int(spill.group(2)) if spill else None
-        if out["shared_bytes"] > SHARED_LIMIT:
-            out["status"] = "over the shared memory limit"
-        return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="steps,kernels", help="steps, kernels or both")
@@ -263,10 +166,10 @@ def main() -> None:
     rows, seen = [], {}
     for label, fn, fargs in cases:
         row = {"case": label}
-        with as_gpu(), Capture() as cap:
+        with as_gpu(), TritonCapture() as cap:
             try:
                 text = lower(fn, *fargs)
-                row["mosaic_calls"] = len(re.findall(r"custom_call @mosaic_gpu", text))
+                row["mosaic_calls"] = mosaic_calls(text)
                 row["lowering"] = "ok"
             except Exception as e:  # noqa: BLE001 - a lowering error is the finding
                 row["lowering"] = f"error: {type(e).__name__}: {str(e)[:300]}"

@@ -1,0 +1,70 @@
+"""The fused steps' Triton kernels compile for sm_90a without register spills (no GPU needed).
+
+The interpreter checks what a kernel computes, not how it compiles. The `triton` wheel
+compiles the Triton IR that Pallas emits to a cubin for the H100/H200 (`pallas_kernels/
+deviceless.py`), and ptxas reports its registers and spills. That is how the O projection's
+split merge was found spilling 11-27 KB per thread at SmolLM2's verify steps of 5 and 2 x 4
+tokens (benchmarks/deviceless_h200.md); these cases keep it from coming back. The steps are
+those of `scripts/deviceless_check.py` that run on the fused path by default or under
+JDECODE_FUSED_DECODE=1 for the methods' verify steps, on abstract params (nothing is
+allocated). XLA compiles the same IR with its own Triton on the card: a proxy, not the card's
+figures.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from jdecode.provenance import REPO_ROOT
+
+triton = pytest.importorskip("triton")
+deviceless = pytest.importorskip("pallas_kernels.deviceless")
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "deviceless_check", REPO_ROOT / "scripts" / "deviceless_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return _script()
+
+
+# (model, batch, tokens per row): the fused decode step at batch 1, and verify steps of 5
+# tokens (n-gram k4), 2 x 4 (a chain at batch 2) and 16, all through the fused kernels.
+STEPS = [("smollm2-135m", 1, 1), ("smollm2-135m", 1, 5), ("smollm2-135m", 2, 4),
+         ("smollm2-135m", 1, 16), ("llama-3.2-1b", 1, 5)]
+
+
+@pytest.mark.parametrize("model,batch,tokens", STEPS)
+def test_fused_step_kernels_compile_without_spills(script, model, batch, tokens):
+    cfg, params = script.model_params(model)
+    fn, args = script.step_case(cfg, params, "pallas-fused", batch, tokens)
+    try:
+        capture = deviceless.TritonCapture()
+    except ImportError as e:
+        pytest.skip(str(e))
+    with deviceless.as_gpu(), capture:
+        deviceless.lower(fn, *args)
+    names = {k["name"] for k in capture.kernels}
+    attention = "decode_attention" if tokens == 1 else "block_attention"
+    assert {"qkv_rope", attention, "attn_o_residual", "gate_up_swiglu",
+            "gemv_residual"} <= names, f"the step did not take the fused kernels: {names}"
+    seen = set()
+    for kernel in capture.kernels:
+        key = (kernel["name"], kernel["ttir"])
+        if key in seen:  # each layer lowers the same five kernels
+            continue
+        seen.add(key)
+        got = deviceless.compile_triton(kernel)
+        assert got["status"] == "compiled", (kernel["name"], got)
+        assert got["spill_store_bytes"] == 0, (
+            f"{kernel['name']} ({kernel['num_warps']} warps, {kernel['num_stages']} stages) "
+            f"spills {got['spill_store_bytes']} bytes per thread at {got['registers']} "
+            f"registers in {model}'s step of {batch} x {tokens} tokens")
