@@ -35,6 +35,10 @@ DEVICE_KIND = "NVIDIA H200"
 SM = 90  # the target's compute capability (sm_90a: wgmma and TMA)
 SHARED_LIMIT = 232448  # bytes of shared memory one CTA may use on an H100/H200
 NOT_COMPILED = "lowered (no triton wheel to compile with)"
+# An H100/H200 SM: 64K 32-bit registers, allocated per warp in units of 256; 228 KB of shared
+# memory, of which the system reserves 1 KB per CTA; at most 64 warps and 32 CTAs.
+SM_REGISTERS, REG_UNIT, SM_SHARED, CTA_RESERVED, SM_WARPS, SM_CTAS = (
+    65536, 256, 233472, 1024, 64, 32)
 TRITON_TARGET = "__gpu$xla.gpu.triton"  # the custom call a Pallas Triton kernel lowers to
 
 
@@ -112,6 +116,16 @@ class TritonCapture:
         self.reg.mlir.custom_call = self._call
 
 
+def ctas_per_sm(registers: int, shared_bytes: int, num_warps: int) -> int:
+    """How many CTAs of a kernel fit on one SM at once (occupancy), from its registers per
+    thread, shared memory per CTA and warps: the least of what the register file, the shared
+    memory, the warp slots and the CTA slots allow."""
+    per_warp = -(-registers * 32 // REG_UNIT) * REG_UNIT
+    by_registers = SM_REGISTERS // per_warp // num_warps
+    by_shared = SM_SHARED // (shared_bytes + CTA_RESERVED)
+    return min(by_registers, by_shared, SM_WARPS // num_warps, SM_CTAS)
+
+
 def ptxas_binary() -> str | None:
     """The ptxas that reads the triton wheel's PTX: the wheel's own (its PTX version is newer
     than some CUDA installs know)."""
@@ -131,7 +145,7 @@ def compile_triton(kernel: dict, ptxas: str | None = None) -> dict:
 
     Returns {"status": "compiled" | "compile error" | "over the shared memory limit" |
     NOT_COMPILED, "shared_bytes", and from `ptxas -v`: "registers", "spill_store_bytes",
-    "spill_load_bytes" (per thread)}."""
+    "spill_load_bytes" (per thread), and "ctas_per_sm" (`ctas_per_sm`)}."""
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -160,6 +174,9 @@ def compile_triton(kernel: dict, ptxas: str | None = None) -> dict:
             out["registers"] = int(regs.group(1)) if regs else None
             out["spill_store_bytes"] = int(spill.group(1)) if spill else None
             out["spill_load_bytes"] = int(spill.group(2)) if spill else None
+            if out["registers"]:
+                out["ctas_per_sm"] = ctas_per_sm(out["registers"], out["shared_bytes"],
+                                                 kernel["num_warps"])
         if out["shared_bytes"] > SHARED_LIMIT:
             out["status"] = "over the shared memory limit"
         return out

@@ -209,13 +209,13 @@ def markdown(result: dict) -> str:
     header = (f"{result.get('date', '')} | jax {result.get('jax_version')} | triton wheel "
               f"{result['triton_wheel']} | git {result.get('git_sha')} | `{result['command']}`")
     columns = ("| case | lowering | Mosaic calls | Triton kernel | warps, stages | grid | status "
-               "| regs | spills (st/ld B) | shared B |")
+               "| regs | spills (st/ld B) | shared B | CTAs/SM |")
     lines = [f"# Kernels compiled for an {result['target']} without a GPU", "", header, "",
-             columns, "|---" * 10 + "|"]
+             columns, "|---" * 11 + "|"]
     for r in result["rows"]:
         head = f"| {r['case']} | {r['lowering']} | {r.get('mosaic_calls', '')} "
         if not r["triton_kernels"]:
-            lines.append(head + "| | | | | | | |")
+            lines.append(head + "| | | | | | | | |")
         names = {}
         for k in r["triton_kernels"]:  # one line per distinct kernel of the case
             if (k["name"], k["id"]) in names:
@@ -225,7 +225,8 @@ def markdown(result: dict) -> str:
                       if k.get("spill_store_bytes") is not None else "")
             lines.append(head + f"| {k['name']} | {k['num_warps']}, {k['num_stages']} | "
                          f"{'x'.join(map(str, k['grid']))} | {k['status']} | "
-                         f"{k.get('registers', '')} | {spills} | {k.get('shared_bytes', '')} |")
+                         f"{k.get('registers', '')} | {spills} | {k.get('shared_bytes', '')} | "
+                         f"{k.get('ctas_per_sm', '')} |")
             head = "| | | "
     return "\n".join(lines) + "\n"
 

@@ -18,9 +18,7 @@ import importlib.util
 import pytest
 
 from jdecode.provenance import REPO_ROOT
-
-triton = pytest.importorskip("triton")
-deviceless = pytest.importorskip("pallas_kernels.deviceless")
+from pallas_kernels import deviceless
 
 
 def _script():
@@ -44,6 +42,7 @@ STEPS = [("smollm2-135m", 1, 1), ("smollm2-135m", 1, 5), ("smollm2-135m", 2, 4),
 
 @pytest.mark.parametrize("model,batch,tokens", STEPS)
 def test_fused_step_kernels_compile_without_spills(script, model, batch, tokens):
+    pytest.importorskip("triton")
     cfg, params = script.model_params(model)
     fn, args = script.step_case(cfg, params, "pallas-fused", batch, tokens)
     try:
@@ -68,3 +67,13 @@ def test_fused_step_kernels_compile_without_spills(script, model, batch, tokens)
             f"{kernel['name']} ({kernel['num_warps']} warps, {kernel['num_stages']} stages) "
             f"spills {got['spill_store_bytes']} bytes per thread at {got['registers']} "
             f"registers in {model}'s step of {batch} x {tokens} tokens")
+
+
+@pytest.mark.parametrize("registers,shared,warps,want", [
+    (128, 106496, 4, 2),  # the paged decode kernel at 4 splits: shared memory binds
+    (40, 4096, 8, 6),     # a one-row GEMV: registers bind (40 x 32 x 8 per CTA)
+    (172, 148480, 4, 1),  # qkv_rope at 64 rows, 3 stages: one CTA per SM
+    (32, 0, 1, 32),       # the cache write: the 32-CTA limit binds
+])
+def test_ctas_per_sm(registers, shared, warps, want):
+    assert deviceless.ctas_per_sm(registers, shared, warps) == want
