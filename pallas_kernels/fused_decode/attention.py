@@ -37,7 +37,7 @@ from pallas_kernels.flash_attention.kernel import (
     scale_logits,
 )
 from pallas_kernels.flash_attention.tuning import resolve_interpret
-from pallas_kernels.fused_decode.kernel import whole_block
+from pallas_kernels.fused_decode.kernel import O_LARGE_TILES, default_tiles, whole_block
 from pallas_kernels.paged_attention.kernel import split_blocks
 
 f32 = jnp.float32
@@ -54,9 +54,11 @@ def default_splits(max_len: int, rows: int = 1, hidden: int = 0, heads_dim: int 
     - Few programs: a step of a few rows has only rows x kv heads programs without splits
       (3 for SmolLM2 at batch 1), each walking the whole context alone. Each split should
       still have about two blocks of a full cache.
-    - The merge: every program of the O projection (`kernel.attn_o_residual`, hidden / 4
-      of them on the CUDA-core path) re-reads every row's partials, ~4 bytes x heads_dim per
-      split. MERGE_BUDGET bounds that traffic (hidden and heads_dim 0: unbounded).
+    - The merge: every program of the O projection (`kernel.attn_o_residual`: hidden / 4
+      of them on the CUDA-core path at up to 4 rows, hidden / 16 on tensor-core tiles past
+      that, as `kernel.default_tiles` gives its columns) re-reads every row's partials, ~4
+      bytes x heads_dim per split. MERGE_BUDGET bounds that traffic (hidden and heads_dim 0:
+      unbounded).
 
     On the H200 at 600 tokens of context in 1024 slots (benchmarks/fused_decode_h200.md, run
     8), attention + O per layer ranked 8 splits best on the SmolLM2 shape (15.6 us against
@@ -64,7 +66,9 @@ def default_splits(max_len: int, rows: int = 1, hidden: int = 0, heads_dim: int 
     run 7 (lse per element, twice the merge traffic) had 4 best: this picks 8 and 4.
     """
     ns = min(MAX_SPLITS, max(1, max_len // block_k // 2))
-    merge_per_split = hidden * heads_dim * rows
+    programs = hidden // default_tiles(heads_dim, rows, True, hidden, large=O_LARGE_TILES
+                                       ).block_n if hidden else 0
+    merge_per_split = programs * 4 * heads_dim * rows
     if merge_per_split:
         ns = min(ns, max(1, MERGE_BUDGET // merge_per_split))
     return 1 << (ns.bit_length() - 1)
