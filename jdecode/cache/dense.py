@@ -76,6 +76,23 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = N
                         written=written if track_writes else None)
 
 
+def last_writers(slots: jax.Array) -> jax.Array:
+    """[B, T] bool: whether token t is the last of its step's tokens written to its slot.
+
+    Why: a clamped draft window (the n-gram drafter near a sequence's start) puts several
+    tokens at slot 0, and XLA's scatter keeps an unspecified one of repeated indices (the
+    CPU, the last). Compiled on an H200 (2026-12-05), the fused verify step's tests failed
+    only in their cases with repeated slots, against references that scattered them all
+    (benchmarks/fused_decode_h200.md). Steps write only their last writers, so every backend
+    keeps the same one, the one `fused_decode.block_visibility` shows.
+
+    slots: [B, T] int32.
+    """
+    t = slots.shape[1]
+    later = jnp.arange(t)[None, :] > jnp.arange(t)[:, None]  # [u, u']: u' comes after u
+    return ~jnp.any((slots[:, :, None] == slots[:, None, :]) & later, axis=2)
+
+
 def dense_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: DenseKVCache,
                  layer: jax.Array | int, meta: DenseMeta, *, impl: str = "xla",
                  sliding_window: int | None = None, write: jax.Array | None = None,
@@ -118,24 +135,27 @@ def dense_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: DenseKVCache,
         out, k_l, v_l = dense_decode_writing(q, k, v, cache.k[layer], cache.v[layer], pos)
         return out, DenseKVCache(k=_put(cache.k, layer, k_l), v=_put(cache.v, layer, v_l))
     scatter = {"mode": "drop", "unique_indices": one, "indices_are_sorted": one}
+    # The slots written: of repeated slots only the last writer's (the others past the
+    # buffer, dropped). The queries keep their positions.
+    wpos = pos if one else jnp.where(last_writers(pos), pos, cache.max_len)
     if cache.per_layer:
-        k_l = cache.k[layer].at[rows, pos].set(k.astype(cache.k[layer].dtype), **scatter)
-        v_l = cache.v[layer].at[rows, pos].set(v.astype(cache.v[layer].dtype), **scatter)
+        k_l = cache.k[layer].at[rows, wpos].set(k.astype(cache.k[layer].dtype), **scatter)
+        v_l = cache.v[layer].at[rows, wpos].set(v.astype(cache.v[layer].dtype), **scatter)
         new = DenseKVCache(k=_put(cache.k, layer, k_l), v=_put(cache.v, layer, v_l))
         k_all, v_all, page_layer = k_l[None], v_l[None], 0  # a free view for the paged kernel
     else:
-        k_all = cache.k.at[layer, rows, pos].set(k.astype(cache.k.dtype), **scatter)
-        v_all = cache.v.at[layer, rows, pos].set(v.astype(cache.v.dtype), **scatter)
+        k_all = cache.k.at[layer, rows, wpos].set(k.astype(cache.k.dtype), **scatter)
+        v_all = cache.v.at[layer, rows, wpos].set(v.astype(cache.v.dtype), **scatter)
         new = DenseKVCache(k_all, v_all)
         k_l, v_l, page_layer = k_all[layer], v_all[layer], layer  # [B, S, K, D]
     kv_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
     if cache.written is not None:
         flags = jnp.ones(pos.shape, bool) if write is None else write  # [B, T]
         if cache.per_layer:
-            written_l = cache.written[layer].at[rows, pos].set(flags, mode="drop")  # [B, S]
+            written_l = cache.written[layer].at[rows, wpos].set(flags, mode="drop")  # [B, S]
             new = new.replace(written=_put(cache.written, layer, written_l))
         else:
-            written = cache.written.at[layer, rows, pos].set(flags, mode="drop")
+            written = cache.written.at[layer, rows, wpos].set(flags, mode="drop")
             new, written_l = new.replace(written=written), written[layer]
         # An unwritten slot holds -1, the empty-slot position: no query sees it.
         kv_pos = jnp.where(written_l, kv_pos, -1)

@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jdecode.cache.dense import DenseKVCache
+from jdecode.cache.dense import DenseKVCache, last_writers
 from jdecode.config import ModelConfig
 from jdecode.model.layers import rms_norm, rope_tables
 from jdecode.model.params import Params
@@ -259,11 +259,8 @@ def block_visibility(slots: jax.Array, mask: jax.Array | None) -> jax.Array:
 
     slots: [B, T] int32, where each token's K/V go.
     """
-    t = slots.shape[1]
     causal = slots[:, None, :] <= slots[:, :, None]  # [B, query, key]
-    later = jnp.arange(t)[None, :] > jnp.arange(t)[:, None]  # [u, u']: u' comes after u
-    overwritten = jnp.any((slots[:, :, None] == slots[:, None, :]) & later, axis=2)  # [B, T]
-    vis = causal & ~overwritten[:, None, :]
+    vis = causal & last_writers(slots)[:, None, :]
     return vis if mask is None else vis & mask
 
 

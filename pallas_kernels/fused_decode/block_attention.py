@@ -17,8 +17,8 @@ What a query sees, per row b:
   general path's cache would hold).
 
 The program of (row, kv head, query block 0, split 0) stores the block's K/V at their slots
-(nothing past the buffer, as the general path's mode="drop"). Every slot it writes is >= past,
-which no program reads.
+(nothing past the buffer, as the general path's mode="drop"; of tokens sharing a slot, the
+last). Every slot it writes is >= past, which no program reads.
 
 Grid: (rows, kv heads, query blocks, splits). A row's T x G queries of one kv head (token
 major: query r is token r // G, head r % G) form tiles of up to 64 rows; the splits share the
@@ -99,8 +99,15 @@ def _block_kernel(past_ref, slots_ref, vis_ref, qkv_ref, kc_ref, vc_ref, o_ref, 
         src = (b * T + i) * width + (H + kv) * D
         return slots_ref[b * T + i], qkv_ref[pl.ds(src, D)], qkv_ref[pl.ds(src + K * D, D)]
 
-    def store(slot, k_i, v_i):
-        @pl.when(slot < S)
+    # Of tokens sharing a slot only the last stores (a clamped draft window repeats slot 0):
+    # one store per slot, so which one lands does not depend on the order the stores of
+    # different warps reach memory.
+    row_slots = plgpu.load(slots_ref.at[b * T + u_in], mask=u_real, other=-1)  # [tp]
+
+    def store(i, slot, k_i, v_i):
+        last = ~jnp.any((row_slots == slot) & (u > i))
+
+        @pl.when((slot < S) & last)
         def _():
             kc_out[b, slot, kv, :] = k_i
             vc_out[b, slot, kv, :] = v_i
@@ -108,8 +115,9 @@ def _block_kernel(past_ref, slots_ref, vis_ref, qkv_ref, kc_ref, vc_ref, o_ref, 
     @pl.when((qb == 0) & (split == 0))
     def _():
         for first in range(0, T, 8):
-            for token in [load(i) for i in range(first, min(T, first + 8))]:
-                store(*token)
+            tokens = range(first, min(T, first + 8))
+            for i, token in zip(tokens, [load(i) for i in tokens], strict=True):
+                store(i, *token)
 
     # Split 0 seeds its softmax with the block's visible keys; the other splits start empty.
     # Every real query sees at least itself, so split 0 leaves it l > 0.
@@ -143,7 +151,8 @@ def block_attention(qkv, k_cache, v_cache, slots, past, vis, *, num_heads: int,
         RoPE applied (`qkv_rope` over B * T rows).
       k_cache, v_cache: [B, S, K, D] one layer's cache, qkv's dtype; S a multiple of block_k.
         Aliased to the outputs (in place inside a jit that owns them).
-      slots: [B, T] int32, the slot each token's K/V goes to (>= past; past the buffer: none).
+      slots: [B, T] int32, the slot each token's K/V goes to (>= past; past the buffer: none;
+        of tokens sharing a slot, the last's).
       past: [B] int32, the row's committed slots [0, past) every token sees.
       vis: [B, T, T] bool, token t sees the K/V of token u (itself included).
       num_splits: split-K partitions of the past; default `default_splits(S, B * T)`.

@@ -119,8 +119,13 @@ def block_attention_reference(qkv, k_cache, v_cache, slots, past, vis, *, num_he
     y = qkv.reshape(b, T, H + 2 * K, D)
     q, k_new, v_new = y[:, :, :H], y[:, :, H:H + K], y[:, :, H + K:]
     rows = jnp.arange(b)[:, None]
-    k_out = k_cache.at[rows, slots].set(k_new.astype(k_cache.dtype), mode="drop")
-    v_out = v_cache.at[rows, slots].set(v_new.astype(v_cache.dtype), mode="drop")
+    # Of tokens sharing a slot the last is stored: the others go past the buffer (dropped),
+    # since a scatter keeps an unspecified one of repeated indices on the GPU.
+    later = jnp.arange(T)[None, :] > jnp.arange(T)[:, None]  # [u, u']
+    overwritten = jnp.any((slots[:, :, None] == slots[:, None, :]) & later, axis=2)  # [B, T]
+    stored = jnp.where(overwritten, S, slots)
+    k_out = k_cache.at[rows, stored].set(k_new.astype(k_cache.dtype), mode="drop")
+    v_out = v_cache.at[rows, stored].set(v_new.astype(v_cache.dtype), mode="drop")
     keys = jnp.concatenate([k_cache, k_new.astype(k_cache.dtype)], 1)  # [B, S + T, K, D]
     vals = jnp.concatenate([v_cache, v_new.astype(v_cache.dtype)], 1)
     committed = jnp.arange(S)[None, None] < past[:, None, None]  # [B, 1, S]

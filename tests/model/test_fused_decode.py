@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from helpers import spy_fused_verify
 
-from jdecode.cache.dense import init_cache
+from jdecode.cache.dense import DenseMeta, dense_attend, init_cache, last_writers
 from jdecode.config import load_model_config_yaml
 from jdecode.decoding import phases
 from jdecode.decoding.tree import tree_from_parents
@@ -232,6 +232,23 @@ def test_block_visibility_is_what_the_cache_would_show():
     np.testing.assert_array_equal(vis[1], np.tril(np.ones((3, 3))))
     tree = jnp.asarray([[[1, 0, 0], [1, 1, 0], [1, 0, 1]]] * 2, bool)  # node 2's parent is 0
     np.testing.assert_array_equal(block_visibility(slots, tree)[1], tree[0])
+
+
+def test_only_the_last_writer_of_a_slot_stores():
+    """Repeated slots (a clamped draft window) keep the last writer's K/V, whatever order a
+    backend's scatter applies repeated indices in: the general path writes only the last
+    writers (the CPU's scatter keeps the last anyway, so the check on the written indices is
+    what this can see here; the compiled window cases check the kernel on the card)."""
+    slots = jnp.asarray([[0, 0, 0, 1], [3, 5, 3, 7]], jnp.int32)
+    np.testing.assert_array_equal(last_writers(slots), [[0, 0, 1, 1], [0, 1, 1, 1]])
+    cache = init_cache(_fusable_tiny(), 2, 64, per_layer=True)
+    k = jnp.arange(2 * 4, dtype=jnp.float32).reshape(2, 4, 1, 1)
+    k = jnp.broadcast_to(k, (2, 4) + cache.k[0].shape[2:]).astype(cache.k[0].dtype)
+    q = jnp.zeros((2, 4, 2 * k.shape[2], k.shape[3]), k.dtype)
+    _, new = dense_attend(q, k, k, cache, 0, DenseMeta(positions=slots))
+    for b, want in ((0, {0: 2, 1: 3}), (1, {3: 2, 5: 1, 7: 3})):  # slot: its last writer
+        for slot, token in want.items():
+            assert float(new.k[0][b, slot, 0, 0]) == float(k[b, token, 0, 0]), (b, slot)
 
 
 def test_block_attention_names_bad_shapes():
