@@ -83,7 +83,7 @@ def last_writers(slots: jax.Array) -> jax.Array:
     tokens at slot 0, and XLA's scatter keeps an unspecified one of repeated indices (the
     CPU, the last). Compiled on an H200 (2026-12-05), the fused verify step's tests failed
     only in their cases with repeated slots, against references that scattered them all
-    (benchmarks/fused_decode_h200.md). Steps write only their last writers, so every backend
+    (benchmarks/verify_h200.md). Steps write only their last writers, so every backend
     keeps the same one, the one `fused_decode.block_visibility` shows.
 
     slots: [B, T] int32.
