@@ -105,7 +105,8 @@ def _block_kernel(past_ref, slots_ref, vis_ref, qkv_ref, kc_ref, vc_ref, o_ref, 
     row_slots = plgpu.load(slots_ref.at[b * T + u_in], mask=u_real, other=-1)  # [tp]
 
     def store(i, slot, k_i, v_i):
-        last = ~jnp.any((row_slots == slot) & (u > i))
+        # (a sum, not jnp.any: Pallas Triton does not lower reduce_or)
+        last = jnp.sum(((row_slots == slot) & (u > i)).astype(jnp.int32)) == 0
 
         @pl.when((slot < S) & last)
         def _():
