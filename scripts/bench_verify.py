@@ -14,10 +14,10 @@ per-layer cache of --max-len slots holding --context past tokens:
   decode  `phases.decode_step`, impl="pallas", the switch unset ("pallas-auto": the fused step
           where it is on by default), the baseline; also the general one-token step.
   verify  `phases.verify` of T tokens per row at positions context..context+T-1, under
-          "pallas-general" and "pallas-fused", and for steps of 5..N rows also
-          "pallas-fused-fmaN" (--fma-rows): the fused step with its GEMVs kept on CUDA
-          cores, which by default stop at 4 rows (`kernel.FMA_MAX_ROWS`) and give way to
-          tensor-core tiles.
+          "pallas-auto" (the path a method gets by default), "pallas-general" and
+          "pallas-fused", and for steps of FMA_MAX_ROWS+1..N rows also "pallas-fused-fmaN"
+          (--fma-rows): the fused step with its GEMVs kept on CUDA cores, which by default
+          stop at `kernel.FMA_MAX_ROWS` rows (5) and give way to tensor-core tiles.
 Each row records the gate's verdict (`fused_decode_reason`: None = fused), the path its trace
 really took (a `qkv_rope` kernel in its jaxpr = fused), the max abs difference of its logits
 from the general path's on the same inputs (recorded, not asserted: bf16 sums in another
@@ -83,7 +83,7 @@ def variant(name: str) -> Iterator[str]:
     """The impl to trace under for a variant name: AUTO unsets the switch while it holds (a
     JDECODE_FUSED_DECODE in the caller's environment would otherwise make the baseline
     something else); FUSED + "-fmaN" is FUSED with the CUDA-core GEMVs allowed up to N rows
-    (`kernel.FMA_MAX_ROWS`, 4 by default, set while the trace is made: `default_tiles` reads
+    (`kernel.FMA_MAX_ROWS`, 5 by default, set while the trace is made: `default_tiles` reads
     it then); the others are `impl_variant`'s."""
     if name.startswith(FUSED + "-fma"):
         limit, before = int(name.removeprefix(FUSED + "-fma")), gemv_kernel.FMA_MAX_ROWS
@@ -253,7 +253,7 @@ def main() -> None:
                     help="device time per step from a profile (auto: on the GPU only)")
     ap.add_argument("--fma-rows", default="8",
                     help="also time the fused step with the CUDA-core GEMVs allowed up to N "
-                         "rows (a comma list; by default they stop at 4): steps of 5..N rows")
+                         "rows (a comma list; by default they stop at kernel.FMA_MAX_ROWS)")
     ap.add_argument("--out", default="out")
     args = ap.parse_args()
     args.fma_rows = [int(n) for n in args.fma_rows.split(",") if n]
@@ -275,15 +275,17 @@ def main() -> None:
                 notes.append(f"batch {batch} x {tokens} tokens: skipped, context "
                              f"{args.context} + tokens > --max-len {args.max_len}")
                 continue
-            fma = [f"{FUSED}-fma{n}" for n in args.fma_rows if n >= batch * tokens > 4]
-            names = (AUTO, GENERAL) if tokens == 1 else (GENERAL, FUSED, *fma)
+            fma = [f"{FUSED}-fma{n}" for n in args.fma_rows
+                   if n >= batch * tokens > gemv_kernel.FMA_MAX_ROWS]
+            # AUTO at T > 1: the path a method gets by default (fused or general by its gate).
+            names = (AUTO, GENERAL) if tokens == 1 else (AUTO, GENERAL, FUSED, *fma)
             group = [measure(params, cache0, cfg, batch, tokens, args.context, n, args)
                      for n in names]
             want = next(r["logits"] for r in group if r["variant"] == GENERAL)
             for r in group:
                 r["max_abs_diff"] = float(np.max(np.abs(r.pop("logits") - want)))
                 r["max_abs_logit"] = float(np.max(np.abs(want)))
-                if r["variant"] == AUTO:
+                if r["variant"] == AUTO and tokens == 1:
                     base = r
                 r["x_decode_wall"] = r["wall_us"] / base["wall_us"]
                 r["x_decode_device"] = (None if r["device_us"] is None

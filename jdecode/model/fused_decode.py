@@ -11,29 +11,31 @@ and `fused_decode_reason` finds nothing against it. A layer is (`pallas_kernels.
 
 The general forward runs the same layer as ~18 kernels at batch 1.
 
-When it is on: by default for steps of up to 4 rows over params that carry [N, K] copies of
-the four matrices (`with_decode_copies`; the Generator adds them on the GPU for models up to
-4 GiB). There the GEMVs run on CUDA cores and the step measured 2.15x the general path on the
-real SmolLM2 (bf16, batch 1; 1.29x at batch 4 on its shape) and 1.15x on the Llama-3.2-1B
-shape, on the H200 (benchmarks/fused_decode_h200.md, run 9). At more rows its tensor-core
-tiles measured slower: at 64 rows of the 1B shape the best tiles of each kernel summed to
-~121 us of device time per layer against ~89 for the general path's kernels (XLA's GEMMs
-and the paged kernel; fused_decode_h200.md, 2026-12-03). So JDECODE_FUSED_DECODE=1 forces it
-on for 1-64 rows (experiments), and 0 turns it off.
+When it is on: by default for steps of up to 5 rows (`FMA_MAX_ROWS`) over params that carry
+[N, K] copies of the four matrices (`with_decode_copies`; the Generator adds them on the GPU
+for models up to 4 GiB). There the GEMVs run on CUDA cores and the step measured 2.15x the
+general path on the real SmolLM2 (bf16, batch 1; 1.29x at batch 4 on its shape) and 1.15x on
+the Llama-3.2-1B shape, on the H200 (benchmarks/fused_decode_h200.md, run 9). At more rows
+its tensor-core tiles measured slower: at 64 rows of the 1B shape the best tiles of each
+kernel summed to ~121 us of device time per layer against ~89 for the general path's kernels
+(XLA's GEMMs and the paged kernel; fused_decode_h200.md, 2026-12-03). So
+JDECODE_FUSED_DECODE=1 forces it on for 1-64 rows (experiments), and 0 turns it off.
 
 JDECODE_FUSED_DECODE=layer runs each layer as one persistent kernel instead of five
 (`pallas_kernels.fused_decode.layer`: the five kernels' code as phases between grid-wide
-barriers), for steps of up to 4 rows over the [N, K] copies. It is opt-in: on the H200 it
+barriers), for steps of up to 5 rows over the [N, K] copies. It is opt-in: on the H200 it
 measured slower than the five kernels (1194 vs 1778 tok/s on the SmolLM2 shape; see the
 layer module's status).
 
 A verify step (T tokens per row: speculative chains, Medusa / EAGLE / lookahead trees) runs
 the same five kernels over its B x T tokens as rows, with `block_attention` in place of
 `decode_attention` (`fused_verify_step`; `phases.verify` and `verify_tree` take it, with
-layer hooks that only see each layer's output, such as EAGLE's feature taps). It is
-opt-in (JDECODE_FUSED_DECODE=1, up to 64 tokens in all) until measured on the card
-(scripts/bench_verify.py): written on 2026-12-04 in a session without a GPU, it has passed
-the Pallas interpreter's tests and lowers to Triton IR on the CPU, and has not been compiled.
+layer hooks that only see each layer's output, such as EAGLE's feature taps). By default
+it takes steps of up to 5 rows in all (batch x tokens: a speculative chain of 4 drafts at
+batch 1), where the H200 measured it at 1.25-1.95 decode steps of device time against the
+general path's 2.4 (SmolLM2 shape, batch 1; benchmarks/verify_h200.md). At 8-64 tokens it
+cost 2.9-4.0 there, so Medusa's and EAGLE's trees keep the general path unless
+JDECODE_FUSED_DECODE=1 forces it (up to 64 tokens in all).
 
 It computes the same function as the general path: the kernels keep the model's roundings
 (the attention output is rounded to the model dtype, as the general path stores it), and tests
@@ -183,9 +185,6 @@ def fused_decode_reason(params: Params, cache, cfg: ModelConfig, rows: int,
     mode = fused_decode_switch()
     if mode == "off":
         return f"off: {ENV_SWITCH}=0"
-    if tokens > 1 and mode == "auto":
-        return (f"a verify step of {tokens} tokens per row: the fused verify step is on only "
-                f"when asked ({ENV_SWITCH}=1) until it is measured on the card")
     if tokens > 1 and mode == "layer":
         return (f"{ENV_SWITCH}=layer covers one-token steps; set {ENV_SWITCH}=1 for the fused "
                 "verify step")
@@ -193,6 +192,9 @@ def fused_decode_reason(params: Params, cache, cfg: ModelConfig, rows: int,
         return (f"no [N, K] weight copies (with_decode_copies): the step is on by default only "
                 f"with them; set {ENV_SWITCH}=1 to force it")
     if mode == "auto" and rows > FMA_MAX_ROWS:
+        # A verify step counts batch x tokens rows: on the H200 the fused one beat the general
+        # path at 2-5 rows (1.25-1.95 decode steps against 2.4) and lost from 8 (2.9-4.0),
+        # benchmarks/verify_h200.md.
         return (f"{rows} rows: by default only steps of <= {FMA_MAX_ROWS} rows, where it "
                 f"measured faster; set {ENV_SWITCH}=1 to force it")
     if mode == "layer" and (not _has_copies(params) or rows > FMA_MAX_ROWS):

@@ -21,9 +21,9 @@ How the work is laid out, and why. The first fused attempt had three kernels per
 - Every program owns a narrow column tile over the whole K: no split-K partials, hence no
   reduction kernel after.
 - Two ways to multiply, chosen by `GemvTiles.fma` (`default_tiles` picks):
-  - **CUDA cores** (the default for <= 4 rows over [N, K] weights): each program multiplies
-    a [4, 1024] tile of weights, contiguous along K, by every row and reduces along K. The
-    tile goes from HBM to registers without shared-memory staging, so all of it is in
+  - **CUDA cores** (the default for <= FMA_MAX_ROWS rows over [N, K] weights): each program
+    multiplies a [4, 1024] tile of weights, contiguous along K, by every row and reduces
+    along K. The tile goes from HBM to registers without shared-memory staging, so all of it is in
     flight at once.
   - **Tensor cores** (more rows, or [K, N] weights): rows form one `dot` tile of 16, 32 or
     64 rows (`tile_rows`), and the K loop is a `fori_loop` that Triton software-pipelines.
@@ -89,7 +89,11 @@ class GemvTiles:
     weights_first: bool = False
 
 
-FMA_MAX_ROWS = 4  # past this many rows the CUDA-core path's per-row work outgrows its gain
+# Past this many rows the CUDA-core path's per-row work outgrows its gain. On the H200
+# (benchmarks/verify_h200.md, SmolLM2 shape, batch 1) a fused verify step of 5 rows cost 1.95
+# decode steps on CUDA cores against 3.55 on tensor-core tiles; at 8 rows 2.94 against 3.65,
+# both behind the general path's 2.4.
+FMA_MAX_ROWS = 5
 # Weights of at most this many elements get `weights_first` by default. On the H200 (device
 # time per launch, benchmarks/fused_decode_h200.md) it took 0.2-0.3 us off SmolLM2's qkv
 # (0.55M) and down (0.88M), ~0 off o (0.33M) and gate/up (1.8M), and added 0.3-3 us to the

@@ -45,7 +45,7 @@ from pallas_kernels.fused_decode import (
 from pallas_kernels.fused_decode import reference as ref
 from pallas_kernels.fused_decode.attention import default_splits
 from pallas_kernels.fused_decode.block_attention import block_attention
-from pallas_kernels.fused_decode.kernel import LARGE_GEMV, default_tiles
+from pallas_kernels.fused_decode.kernel import FMA_MAX_ROWS, LARGE_GEMV, default_tiles
 from pallas_kernels.testing import assert_close, jit_for_tests
 
 TINY = "configs/models/tiny.yaml"
@@ -419,12 +419,18 @@ def test_fused_step_declines_what_it_does_not_cover(monkeypatch):
     monkeypatch.setenv(ENV_SWITCH, "yes")
     with pytest.raises(ValueError, match="'yes'"):
         fused_decode_reason(*ready)
-    # Unset: on only where it measured faster, <= 4 rows over the [N, K] copies.
+    # Unset: on only where it measured faster, <= FMA_MAX_ROWS (5) rows over the [N, K]
+    # copies, a verify step's batch x tokens rows included.
     monkeypatch.delenv(ENV_SWITCH)
     assert "copies" in fused_decode_reason(*ready)
     copied = with_decode_copies(ready[0])
     assert fused_decode_reason(copied, *ready[1:]) is None
     assert "rows" in fused_decode_reason(copied, init_cache(cfg, 8, 256, per_layer=True), cfg, 8)
+    one = init_cache(cfg, 1, 256, per_layer=True)
+    assert fused_decode_reason(copied, one, cfg, FMA_MAX_ROWS, tokens=FMA_MAX_ROWS) is None
+    assert "rows" in fused_decode_reason(copied, one, cfg, FMA_MAX_ROWS + 1,
+                                         tokens=FMA_MAX_ROWS + 1)
+    assert "copies" in fused_decode_reason(ready[0], one, cfg, 4, tokens=4)
     subset = dataclasses.replace(copied, layers=copied.layers[:1])  # stale copies: ignored
     assert "copies" in fused_decode_reason(subset, *ready[1:])
     assert wants_decode_copies(ready[0])  # a tiny model is far under the default size limit
@@ -450,10 +456,10 @@ def test_fused_step_declines_what_it_does_not_cover(monkeypatch):
     # Hooks with `before` (per-token control) stay on the general path; `after` alone runs.
     assert "before" in fused_hooks_reason(LayerHooks(before=lambda c, x, layer: None))
     assert fused_hooks_reason(collect_hidden((0,))) is None
-    # A verify step (tokens > 1) only when asked, and not by the layer kernel.
+    # A verify step (tokens > 1): forced at any rows, by default over the copies at
+    # <= FMA_MAX_ROWS rows (above), and not by the layer kernel.
     assert fused_decode_reason(fast, per_layer, cfg, 4, tokens=4) is None
-    monkeypatch.delenv(ENV_SWITCH)
-    assert "=1" in fused_decode_reason(copied, per_layer, cfg, 4, tokens=4)
+    assert fused_decode_reason(fast, per_layer, cfg, 16, tokens=16) is None
     monkeypatch.setenv(ENV_SWITCH, "layer")
     assert "one-token" in fused_decode_reason(copied, per_layer, cfg, 4, tokens=4)
     monkeypatch.setenv(ENV_SWITCH, "1")
