@@ -17,6 +17,7 @@ from jdecode.model.pallas_dispatch import (
     writes_in_kernel,
 )
 from pallas_kernels.fused_decode.attention import BLOCK_K
+from pallas_kernels.fused_decode.reference import last_writers
 
 
 @struct.dataclass
@@ -74,23 +75,6 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = N
     return DenseKVCache(k=jnp.zeros((cfg.num_layers, *shape), dt),
                         v=jnp.zeros((cfg.num_layers, *shape), dt),
                         written=written if track_writes else None)
-
-
-def last_writers(slots: jax.Array) -> jax.Array:
-    """[B, T] bool: whether token t is the last of its step's tokens written to its slot.
-
-    Why: a clamped draft window (the n-gram drafter near a sequence's start) puts several
-    tokens at slot 0, and XLA's scatter keeps an unspecified one of repeated indices (the
-    CPU, the last). Compiled on an H200 (2026-12-05), the fused verify step's tests failed
-    only in their cases with repeated slots, against references that scattered them all
-    (benchmarks/verify_h200.md). Steps write only their last writers, so every backend
-    keeps the same one, the one `fused_decode.block_visibility` shows.
-
-    slots: [B, T] int32.
-    """
-    t = slots.shape[1]
-    later = jnp.arange(t)[None, :] > jnp.arange(t)[:, None]  # [u, u']: u' comes after u
-    return ~jnp.any((slots[:, :, None] == slots[:, None, :]) & later, axis=2)
 
 
 def dense_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: DenseKVCache,

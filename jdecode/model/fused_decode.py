@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jdecode.cache.dense import DenseKVCache, last_writers
+from jdecode.cache.dense import DenseKVCache
 from jdecode.config import ModelConfig
 from jdecode.model.layers import rms_norm, rope_tables
 from jdecode.model.params import Params
@@ -71,6 +71,7 @@ from pallas_kernels.fused_decode.attention import BLOCK_K, default_splits
 from pallas_kernels.fused_decode.block_attention import block_attention
 from pallas_kernels.fused_decode.kernel import FMA_MAX_ROWS
 from pallas_kernels.fused_decode.layer import barrier_timeouts, decode_layer, new_counters
+from pallas_kernels.fused_decode.reference import last_writers
 
 DTYPES = ("float32", "bfloat16", "float16")
 # "1" turns the fused step on for 1..MAX_ROWS (64) rows, "0" off, "layer" on with one

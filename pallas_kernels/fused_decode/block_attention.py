@@ -18,7 +18,7 @@ What a query sees, per row b:
 
 The program of (row, kv head, query block 0, split 0) stores the block's K/V at their slots
 (nothing past the buffer, as the general path's mode="drop"; of tokens sharing a slot, the
-last). Every slot it writes is >= past, which no program reads.
+last: `reference.last_writers`). Every slot it writes is >= past, which no program reads.
 
 Grid: (rows, kv heads, query blocks, splits). A row's T x G queries of one kv head (token
 major: query r is token r // G, head r % G) form tiles of up to 64 rows; the splits share the

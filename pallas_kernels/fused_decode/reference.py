@@ -101,6 +101,25 @@ def decode_attention_reference(qkv, k_cache, v_cache, positions, *, num_heads: i
     return out.reshape(b, H * D), k_out, v_out
 
 
+def last_writers(slots: jax.Array) -> jax.Array:
+    """[B, T] bool: whether token t is the last of its step's tokens written to its slot.
+
+    Why: a clamped draft window (the n-gram drafter near a sequence's start) puts several
+    tokens at slot 0, and XLA's scatter keeps an unspecified one of repeated indices (the
+    CPU, the last). Compiled on an H200 (2026-12-05), the fused verify step's tests failed
+    only in their cases with repeated slots, against references that scattered them all
+    (benchmarks/verify_h200.md). Steps write only their last writers, so every backend
+    keeps the same one: the general path's scatters (`jdecode.cache.dense.dense_attend`),
+    `block_attention`'s stores and the visibility `jdecode.model.fused_decode.block_visibility`
+    gives its queries.
+
+    slots: [B, T] int32.
+    """
+    t = slots.shape[1]
+    later = jnp.arange(t)[None, :] > jnp.arange(t)[:, None]  # [u, u']: u' comes after u
+    return ~jnp.any((slots[:, :, None] == slots[:, None, :]) & later, axis=2)
+
+
 def block_attention_reference(qkv, k_cache, v_cache, slots, past, vis, *, num_heads: int,
                               num_kv_heads: int):
     """T new tokens per row against the committed slots [0, past) and the block's own K/V
@@ -119,11 +138,8 @@ def block_attention_reference(qkv, k_cache, v_cache, slots, past, vis, *, num_he
     y = qkv.reshape(b, T, H + 2 * K, D)
     q, k_new, v_new = y[:, :, :H], y[:, :, H:H + K], y[:, :, H + K:]
     rows = jnp.arange(b)[:, None]
-    # Of tokens sharing a slot the last is stored: the others go past the buffer (dropped),
-    # since a scatter keeps an unspecified one of repeated indices on the GPU.
-    later = jnp.arange(T)[None, :] > jnp.arange(T)[:, None]  # [u, u']
-    overwritten = jnp.any((slots[:, :, None] == slots[:, None, :]) & later, axis=2)  # [B, T]
-    stored = jnp.where(overwritten, S, slots)
+    # Of tokens sharing a slot the last is stored: the others go past the buffer (dropped).
+    stored = jnp.where(last_writers(slots), slots, S)
     k_out = k_cache.at[rows, stored].set(k_new.astype(k_cache.dtype), mode="drop")
     v_out = v_cache.at[rows, stored].set(v_new.astype(v_cache.dtype), mode="drop")
     keys = jnp.concatenate([k_cache, k_new.astype(k_cache.dtype)], 1)  # [B, S + T, K, D]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from helpers import spy_fused_verify
 
-from jdecode.cache.dense import DenseMeta, dense_attend, init_cache, last_writers
+from jdecode.cache.dense import DenseMeta, dense_attend, init_cache
 from jdecode.config import load_model_config_yaml
 from jdecode.decoding import phases
 from jdecode.decoding.tree import tree_from_parents
@@ -240,7 +240,7 @@ def test_only_the_last_writer_of_a_slot_stores():
     writers (the CPU's scatter keeps the last anyway, so the check on the written indices is
     what this can see here; the compiled window cases check the kernel on the card)."""
     slots = jnp.asarray([[0, 0, 0, 1], [3, 5, 3, 7]], jnp.int32)
-    np.testing.assert_array_equal(last_writers(slots), [[0, 0, 1, 1], [0, 1, 1, 1]])
+    np.testing.assert_array_equal(ref.last_writers(slots), [[0, 0, 1, 1], [0, 1, 1, 1]])
     cache = init_cache(_fusable_tiny(), 2, 64, per_layer=True)
     k = jnp.arange(2 * 4, dtype=jnp.float32).reshape(2, 4, 1, 1)
     k = jnp.broadcast_to(k, (2, 4) + cache.k[0].shape[2:]).astype(cache.k[0].dtype)

@@ -16,17 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.deviceless import mosaic_calls
 from pallas_kernels.flash_attention import hopper_flash_attention
 from pallas_kernels.flash_attention.hopper import mosaic_gpu_available
 from pallas_kernels.paged_attention import ragged_paged_attention
 from pallas_kernels.testing import lower_for_cuda
 
 pytestmark = pytest.mark.skipif(not mosaic_gpu_available(), reason="no Pallas Mosaic GPU")
-
-
-def _mosaic_calls(lowered) -> int:
-    """How many Mosaic GPU custom calls the lowered module holds (0: it fell back)."""
-    return lowered.as_text().count("mosaic_gpu")
 
 
 # (D, causal, T, S, split_tail): the persistent default at both head sizes, causal and not,
@@ -45,7 +41,7 @@ def test_hopper_flash_lowers_for_cuda(d, causal, t, s, split_tail):
     kv = jnp.zeros((1, s, 2, d), jnp.bfloat16)
     fn = functools.partial(hopper_flash_attention, causal=causal, interpret=False,
                            split_tail=split_tail)
-    assert _mosaic_calls(lower_for_cuda(fn, q, kv, kv)) > 0
+    assert mosaic_calls(lower_for_cuda(fn, q, kv, kv).as_text()) > 0  # 0: it fell back
 
 
 # (D, split_decodes): the engine's mixed step (decodes split out to the decode kernel) and
@@ -66,4 +62,4 @@ def test_hopper_ragged_lowers_for_cuda(d, split_decodes):
     q = jnp.zeros((sum(q_lens), heads, d), jnp.bfloat16)
     fn = functools.partial(ragged_paged_attention, block_k=128, interpret=False,
                            backend="mosaic", split_decodes=split_decodes)
-    assert _mosaic_calls(lower_for_cuda(fn, q, pool, pool, tables, lens, qsl)) > 0
+    assert mosaic_calls(lower_for_cuda(fn, q, pool, pool, tables, lens, qsl).as_text()) > 0
