@@ -55,10 +55,10 @@ def default_splits(max_len: int, rows: int = 1, hidden: int = 0, heads_dim: int 
       (3 for SmolLM2 at batch 1), each walking the whole context alone. Each split should
       still have about two blocks of a full cache.
     - The merge: every program of the O projection (`kernel.attn_o_residual`: hidden / 4
-      of them on the CUDA-core path at up to FMA_MAX_ROWS, hidden / 16 on tensor-core tiles past
-      that, as `kernel.default_tiles` gives its columns) re-reads every row's partials, ~4
-      bytes x heads_dim per split. MERGE_BUDGET bounds that traffic (hidden and heads_dim 0:
-      unbounded).
+      of them on the CUDA-core path at up to FMA_MAX_ROWS rows, hidden / 16 on tensor-core
+      tiles past that, as `kernel.default_tiles` gives its columns) re-reads every row's
+      partials, ~4 bytes x heads_dim per split. MERGE_BUDGET bounds that traffic (hidden
+      and heads_dim 0: unbounded).
 
     On the H200 at 600 tokens of context in 1024 slots (benchmarks/fused_decode_h200.md, run
     8), attention + O per layer ranked 8 splits best on the SmolLM2 shape (15.6 us against

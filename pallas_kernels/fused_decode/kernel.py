@@ -23,8 +23,8 @@ How the work is laid out, and why. The first fused attempt had three kernels per
 - Two ways to multiply, chosen by `GemvTiles.fma` (`default_tiles` picks):
   - **CUDA cores** (the default for <= FMA_MAX_ROWS rows over [N, K] weights): each program
     multiplies a [4, 1024] tile of weights, contiguous along K, by every row and reduces
-    along K. The tile goes from HBM to registers without shared-memory staging, so all of it is in
-    flight at once.
+    along K. The tile goes from HBM to registers without shared-memory staging, so all of
+    it is in flight at once.
   - **Tensor cores** (more rows, or [K, N] weights): rows form one `dot` tile of 16, 32 or
     64 rows (`tile_rows`), and the K loop is a `fori_loop` that Triton software-pipelines.
 - Rows are loaded with a mask (nothing is padded in XLA), and so is a K tail that does not
