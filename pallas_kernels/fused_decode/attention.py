@@ -107,6 +107,49 @@ def split_output(acc, m, l):
     return o, lse
 
 
+def query_group(qkv_ref, b, kv, *, num_heads: int, group: int, cache_dtype):
+    """Row b's queries of kv head kv as one tensor-core tile, and the row's new K/V.
+
+    qkv_ref [B, H + 2K, D] (RoPE applied). Returns q [Gp, D] (Gp = max(16, the group rounded
+    up to a power of 2): tl.dot needs >= 16 rows; rows past the group are 0), heads [Gp] bool
+    (the group's real query heads), and k_new, v_new [D] in the cache's dtype, as it will
+    hold them."""
+    K = (qkv_ref.shape[1] - num_heads) // 2
+    gp = max(16, pl.next_power_of_2(group))
+    heads = jnp.arange(gp) < group  # [Gp]
+    q = plgpu.load(qkv_ref.at[b, pl.ds(kv * group, gp), :], mask=heads[:, None],
+                   other=0)  # [Gp, D]
+    k_new = qkv_ref[b, num_heads + kv, :].astype(cache_dtype)  # [D]
+    v_new = qkv_ref[b, num_heads + K + kv, :].astype(cache_dtype)
+    return q, heads, k_new, v_new
+
+
+def seed_carry(q, k_new, v_new, split, sm_scale: float):
+    """The online softmax's start (acc [Gp, D], m [Gp], l [Gp] f32): split 0 starts from the
+    new token alone (m = its logit, l = 1, acc = its value), the others from nothing. The
+    new token takes part from registers, so no program reads the slot being written. The
+    logit is q . k_new in f32, like the dot's accumulation."""
+    s_new = scale_logits(jnp.sum(q.astype(f32) * k_new.astype(f32)[None, :], axis=1),
+                         sm_scale, None)  # [Gp]
+    first = jnp.full(s_new.shape, split == 0)  # [Gp]
+    acc0 = jnp.broadcast_to(v_new.astype(f32)[None, :], q.shape)  # [Gp, D]
+    return (jnp.where(first[:, None], acc0, jnp.zeros_like(acc0)),
+            jnp.where(first, s_new, jnp.full_like(s_new, MASK_VALUE)),
+            jnp.where(first, jnp.ones_like(s_new), jnp.zeros_like(s_new)))
+
+
+def store_split(o_ref, lse_ref, carry, heads, b, kv, split, *, num_heads: int, group: int,
+                num_splits: int):
+    """A split's normalized output and lse into o_ref [B, splits, H * D] and lse_ref
+    [B * splits * H] f32, the layouts the O projection's merge reads."""
+    o, lse = split_output(*carry)
+    D = o.shape[1]
+    head = kv * group + jnp.arange(o.shape[0])  # [Gp]
+    cols = head[:, None] * D + jnp.arange(D)[None, :]  # [Gp, D]: each row's head's columns
+    plgpu.store(o_ref.at[b, split, cols], o, mask=jnp.broadcast_to(heads[:, None], o.shape))
+    plgpu.store(lse_ref.at[(b * num_splits + split) * num_heads + head], lse, mask=heads)
+
+
 def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_out, *,
                  num_heads: int, group: int, block_k: int, num_splits: int, sm_scale: float,
                  item=None):
@@ -117,18 +160,11 @@ def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_ou
         b, kv, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     else:
         b, kv, split = item
-    H = num_heads
-    K = kc_ref.shape[2]
     S = kc_ref.shape[1]
-    gp = max(16, pl.next_power_of_2(group))  # tl.dot needs >= 16 rows
-    heads = jnp.arange(gp) < group  # [Gp]: the group's real query heads
     pos = pos_ref[b]
     past = jnp.minimum(pos, S)  # slots [0, past) hold the row's earlier tokens
-
-    q = plgpu.load(qkv_ref.at[b, pl.ds(kv * group, gp), :], mask=heads[:, None],
-                   other=0)  # [Gp, D] (RoPE applied)
-    k_new = qkv_ref[b, H + kv, :].astype(kc_ref.dtype)  # [D]: as the cache will hold it
-    v_new = qkv_ref[b, H + K + kv, :].astype(vc_ref.dtype)
+    q, heads, k_new, v_new = query_group(qkv_ref, b, kv, num_heads=num_heads, group=group,
+                                         cache_dtype=kc_ref.dtype)
 
     # A position past the buffer writes nothing (the XLA path's mode="drop").
     @pl.when((split == 0) & (pos < S))
@@ -136,24 +172,10 @@ def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_ou
         kc_out[b, pos, kv, :] = k_new
         vc_out[b, pos, kv, :] = v_new
 
-    # Split 0 starts from the new token alone (m = its logit, l = 1, acc = its value); the
-    # others from nothing. The logit is q . k_new in f32, like the dot's accumulation.
-    s_new = scale_logits(jnp.sum(q.astype(f32) * k_new.astype(f32)[None, :], axis=1),
-                         sm_scale, None)  # [Gp]
-    first = jnp.full(s_new.shape, split == 0)  # [Gp]
-    acc0 = jnp.broadcast_to(v_new.astype(f32)[None, :], q.shape)  # [Gp, D]
-    carry = (jnp.where(first[:, None], acc0, jnp.zeros_like(acc0)),
-             jnp.where(first, s_new, jnp.full_like(s_new, MASK_VALUE)),
-             jnp.where(first, jnp.ones_like(s_new), jnp.zeros_like(s_new)))
-
-    acc, m, l = attend_past(kc_ref, vc_ref, b, kv, q, carry, past, split, block_k=block_k,
-                            num_splits=num_splits, sm_scale=sm_scale)
-    o, lse = split_output(acc, m, l)
-    D = q.shape[1]
-    head = kv * group + jnp.arange(gp)  # [Gp]
-    cols = head[:, None] * D + jnp.arange(D)[None, :]  # [Gp, D]: each row's head's columns
-    plgpu.store(o_ref.at[b, split, cols], o, mask=jnp.broadcast_to(heads[:, None], o.shape))
-    plgpu.store(lse_ref.at[(b * num_splits + split) * H + head], lse, mask=heads)
+    carry = attend_past(kc_ref, vc_ref, b, kv, q, seed_carry(q, k_new, v_new, split, sm_scale),
+                        past, split, block_k=block_k, num_splits=num_splits, sm_scale=sm_scale)
+    store_split(o_ref, lse_ref, carry, heads, b, kv, split, num_heads=num_heads, group=group,
+                num_splits=num_splits)
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "num_splits",

@@ -154,3 +154,38 @@ def block_attention_reference(qkv, k_cache, v_cache, slots, past, vis, *, num_he
     out = jnp.einsum("btkgs,bskd->btkgd", p, vals.astype(f32),
                      precision=jax.lax.Precision.HIGHEST)
     return out.reshape(b * T, H * D), k_out, v_out
+
+
+def paged_decode_attention_reference(qkv, k_pages, v_pages, layer: int, context_lens,
+                                     slot_mapping, block_tables, *, num_heads: int,
+                                     num_kv_heads: int):
+    """`paged_decode_attention`'s spec: each row's pages of layer `layer` gathered into a dense
+    cache, then `decode_attention_reference` at position context_len - 1 (the past is the
+    context less the new token), in f32.
+
+    Args:
+      qkv: [B, (H + 2K) * D] RoPE'd. k_pages, v_pages: [L, P, page, K, D]. context_lens,
+        slot_mapping: [B] int32 (slot -1: nothing stored). block_tables: [B, W] int32.
+    Returns:
+      (out [B, H * D] f32, k_pages, v_pages) with each row's new K/V stored at its slot.
+    """
+    L, P, page, K, D = k_pages.shape
+    b, W = block_tables.shape
+    pages = jnp.clip(block_tables, 0, P - 1)
+
+    def dense(pool):  # [B, W * page, K, D], the row's tokens in order
+        return pool[layer][pages].reshape(b, W * page, K, D)
+
+    positions = jnp.maximum(context_lens - 1, 0)
+    out, _, _ = decode_attention_reference(qkv, dense(k_pages), dense(v_pages), positions,
+                                           num_heads=num_heads, num_kv_heads=num_kv_heads)
+    y = qkv.reshape(b, -1, K, D)
+    k_new, v_new = y[:, num_heads // K], y[:, num_heads // K + 1]  # [B, K, D]
+    slot = jnp.where(slot_mapping < 0, P * page, slot_mapping)  # past the pool: dropped
+
+    def store(pool, new):
+        rows = pool[layer].reshape(P * page, K, D).at[slot].set(new.astype(pool.dtype),
+                                                                mode="drop")
+        return pool.at[layer].set(rows.reshape(P, page, K, D))
+
+    return out, store(k_pages, k_new), store(v_pages, v_new)
