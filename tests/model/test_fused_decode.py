@@ -46,6 +46,7 @@ from pallas_kernels.fused_decode import reference as ref
 from pallas_kernels.fused_decode.attention import default_splits
 from pallas_kernels.fused_decode.block_attention import block_attention
 from pallas_kernels.fused_decode.kernel import FMA_MAX_ROWS, LARGE_GEMV, default_tiles
+from pallas_kernels.fused_decode.paged_attention import paged_block_k, paged_decode_attention
 from pallas_kernels.testing import assert_close, jit_for_tests
 
 TINY = "configs/models/tiny.yaml"
@@ -183,6 +184,53 @@ def test_decode_attention_names_bad_shapes():
         decode_attention(qkv, cache, cache, pos, num_heads=4, num_kv_heads=2)
     with pytest.raises(ValueError, match="block_k=64 divides"):
         decode_attention(qkv, cache[:, :100], cache[:, :100], pos, num_heads=6, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("dtype,splits,page", [("float32", None, 4), ("bfloat16", 3, 16),
+                                               ("float32", 2, 128)])
+def test_paged_decode_attention_matches_reference(rng, dtype, splits, page):
+    """Layer 1 of a 2-layer pool, rows with shuffled pages: a context mid-table, the new token
+    alone (context 1), a context ending on a block boundary, a padding row (context 0, no
+    slot) and a multi-step row past its count (its token already stored: no slot). Pages of 4
+    and 16 tokens (several per 64-token block) and of 128 (a block of one page)."""
+    H, K, D, W = 6, 2, 64, 256 // page
+    L, P = 2, 5 * W
+
+    def normal(*shape):
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+
+    rows = 5
+    qkv = normal(rows, (H + 2 * K) * D)
+    kp, vp = normal(L, P, page, K, D), normal(L, P, page, K, D)
+    tables = jnp.asarray(rng.permutation(P)[:rows * W].reshape(rows, W), jnp.int32)
+    ctx = jnp.asarray([131, 1, 65, 0, 200], jnp.int32)
+    pos = jnp.maximum(ctx - 1, 0)
+    slots = tables[jnp.arange(rows), pos // page] * page + pos % page
+    slots = jnp.where(jnp.asarray([True, True, True, False, False]), slots, -1)
+    parts, lse, k_out, v_out = paged_decode_attention(
+        qkv, kp, vp, 1, ctx, slots, tables, num_heads=H, num_kv_heads=K, num_splits=splits)
+    want, k_want, v_want = ref.paged_decode_attention_reference(
+        qkv, kp, vp, 1, ctx, slots, tables, num_heads=H, num_kv_heads=K)
+    ns = splits or default_splits(W * page, rows, block_k=paged_block_k(page))
+    chex.assert_shape(parts, (rows, ns, H * D))
+    assert_close(ref.merge_splits(parts, lse), want, dtype)
+    chex.assert_trees_all_equal((k_out, v_out), (k_want, v_want))  # the stores are copies
+    assert not jnp.array_equal(k_out, kp)  # three rows stored their token
+    chex.assert_trees_all_equal(k_out[0], kp[0])  # another layer's pages are untouched
+
+
+def test_paged_decode_attention_names_bad_shapes():
+    qkv, pool = jnp.zeros((2, 10 * 64)), jnp.zeros((1, 8, 16, 2, 64))
+    ones, tables = jnp.ones((2,), jnp.int32), jnp.zeros((2, 4), jnp.int32)
+    kw = {"num_heads": 6, "num_kv_heads": 2}
+    with pytest.raises(ValueError, match="H=4 heads"):
+        paged_decode_attention(qkv, pool, pool, 0, ones, ones, tables, num_heads=4,
+                               num_kv_heads=2)
+    with pytest.raises(ValueError, match="one per row of qkv"):
+        paged_decode_attention(qkv, pool, pool, 0, ones, ones, tables[:1], **kw)
+    with pytest.raises(ValueError, match="page size 12"):
+        paged_decode_attention(qkv, pool[:, :, :12], pool[:, :, :12], 0, ones, ones, tables,
+                               **kw)
 
 
 # (rows, tokens, splits, dtype, kind): a chain of 4 at batch 2 (a row at position 0: the
