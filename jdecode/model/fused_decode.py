@@ -37,6 +37,12 @@ general path's 2.4 (SmolLM2 shape, batch 1; benchmarks/verify_h200.md). At 8-64 
 cost 2.9-4.0 there, so Medusa's and EAGLE's trees keep the general path unless
 JDECODE_FUSED_DECODE=1 forces it (up to 64 tokens in all).
 
+The engine's decode-only steps of up to 5 rows run the same five kernels over its page pool
+(`fused_paged_decode_step`, with `paged_attention.paged_decode_attention` reading each row's
+past through its block table): the runner adds the copies and gives those steps buckets of
+1, 2, 4 and 5 rows (`jdecode.engine.runner.ModelRunner.decode_buckets`). Not yet timed on a
+card.
+
 It computes the same function as the general path: the kernels keep the model's roundings
 (the attention output is rounded to the model dtype, as the general path stores it), and tests
 compare the two on random weights (tests/model/test_fused_decode.py).
@@ -55,6 +61,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jdecode.cache.dense import DenseKVCache
+from jdecode.cache.paged import PagedKVCache, PagedMeta
 from jdecode.config import ModelConfig
 from jdecode.model.layers import rms_norm, rope_tables
 from jdecode.model.params import Params
@@ -71,6 +78,7 @@ from pallas_kernels.fused_decode.attention import BLOCK_K, default_splits
 from pallas_kernels.fused_decode.block_attention import block_attention
 from pallas_kernels.fused_decode.kernel import FMA_MAX_ROWS
 from pallas_kernels.fused_decode.layer import barrier_timeouts, decode_layer, new_counters
+from pallas_kernels.fused_decode.paged_attention import paged_block_k, paged_decode_attention
 from pallas_kernels.fused_decode.reference import last_writers
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -182,13 +190,69 @@ def fused_decode_reason(params: Params, cache, cfg: ModelConfig, rows: int,
     rows: the step's rows in all (batch x tokens); tokens: per batch row, > 1 for a verify
     step (`fused_verify_step`).
     """
-    layers = params.layers
+    if tokens > 1 and fused_decode_switch() == "layer":
+        return (f"{ENV_SWITCH}=layer covers one-token steps; set {ENV_SWITCH}=1 for the fused "
+                "verify step")
+    reason = _switch_reason(params, rows)
+    if reason is not None:
+        return reason
+    if not isinstance(cache, DenseKVCache) or not cache.per_layer:
+        return "needs a dense cache with per-layer buffers (init_cache(per_layer=True))"
+    if cache.written is not None:
+        return "the cache tracks writes (a method leaves some tokens' K/V out)"
+    reason = _model_reason(params, cfg, rows)
+    if reason is not None:
+        return reason
+    if cache.max_len % BLOCK_K:
+        return f"cache length {cache.max_len} is not a multiple of {BLOCK_K}"
+    return _cache_dtype_reason(cache.k[0].dtype, params)
+
+
+def fused_paged_reason(params: Params, cache, meta, cfg: ModelConfig, rows: int
+                       ) -> str | None:
+    """Why `fused_paged_decode_step` cannot run the engine's step here, or None when it can.
+
+    rows: the step's flat tokens (one per row). meta: its `PagedMeta`; only steps of decodes
+    alone qualify, each slot's token in its row (the runner's packing).
+    """
+    if not isinstance(cache, PagedKVCache) or not isinstance(meta, PagedMeta):
+        return "needs the engine's page pool (PagedKVCache) and its step's PagedMeta"
+    if not meta.decodes_only:
+        return "the step has prefill chunks: only steps of decodes alone (decodes_only)"
+    if rows > meta.context_lens.shape[0]:
+        return f"{rows} rows but {meta.context_lens.shape[0]} sequence slots"
+    return _paged_reason(params, cfg, rows, cache.page_size, cache.k_pages.dtype)
+
+
+def fused_paged_rows(params: Params, cfg: ModelConfig, page_size: int, cache_dtype,
+                     slots: int) -> int:
+    """The most rows (at most `slots`) of an engine's decode-only step that
+    `fused_paged_decode_step` takes, 0 for none: the runner pads those steps to fewer rows
+    than its token buckets."""
+    fits = [r for r in range(1, min(slots, MAX_ROWS) + 1)
+            if _paged_reason(params, cfg, r, page_size, cache_dtype) is None]
+    return max(fits, default=0)
+
+
+def _paged_reason(params: Params, cfg: ModelConfig, rows: int, page_size: int,
+                  cache_dtype) -> str | None:
+    """`fused_paged_reason`'s checks that the step's arrays do not change."""
+    if fused_decode_switch() == "layer":
+        return (f"{ENV_SWITCH}=layer runs the Generator's dense cache only; set "
+                f"{ENV_SWITCH}=1 for the five kernels over pages")
+    reason = _switch_reason(params, rows) or _model_reason(params, cfg, rows)
+    if reason is not None:
+        return reason
+    if page_size & (page_size - 1):
+        return f"page size {page_size} is not a power of 2"
+    return _cache_dtype_reason(jnp.dtype(cache_dtype), params)
+
+
+def _switch_reason(params: Params, rows: int) -> str | None:
+    """What the switch and its default say against a step of `rows` rows."""
     mode = fused_decode_switch()
     if mode == "off":
         return f"off: {ENV_SWITCH}=0"
-    if tokens > 1 and mode == "layer":
-        return (f"{ENV_SWITCH}=layer covers one-token steps; set {ENV_SWITCH}=1 for the fused "
-                "verify step")
     if mode == "auto" and not _has_copies(params):
         return (f"no [N, K] weight copies (with_decode_copies): the step is on by default only "
                 f"with them; set {ENV_SWITCH}=1 to force it")
@@ -201,10 +265,12 @@ def fused_decode_reason(params: Params, cache, cfg: ModelConfig, rows: int,
     if mode == "layer" and (not _has_copies(params) or rows > FMA_MAX_ROWS):
         return (f"{ENV_SWITCH}=layer needs the [N, K] weight copies (with_decode_copies) and "
                 f"<= {FMA_MAX_ROWS} rows (got {rows}); set {ENV_SWITCH}=1 for five kernels")
-    if not isinstance(cache, DenseKVCache) or not cache.per_layer:
-        return "needs a dense cache with per-layer buffers (init_cache(per_layer=True))"
-    if cache.written is not None:
-        return "the cache tracks writes (a method leaves some tokens' K/V out)"
+    return None
+
+
+def _model_reason(params: Params, cfg: ModelConfig, rows: int) -> str | None:
+    """What the model's layout, shapes and dtype say against the kernels."""
+    layers = params.layers
     if not _fused_unstacked(params):
         return "needs the fused, unstacked inference layout (layout.inference_layout)"
     if layers[0].bqkv is not None:
@@ -219,11 +285,13 @@ def fused_decode_reason(params: Params, cache, cfg: ModelConfig, rows: int,
     if D < 32 or D & (D - 1) or E % 16 or F % 16:
         return ("head_dim must be a power of two >= 32, hidden and intermediate sizes "
                 "multiples of 16")
-    if cache.max_len % BLOCK_K:
-        return f"cache length {cache.max_len} is not a multiple of {BLOCK_K}"
-    if cache.k[0].dtype != layers[0].wqkv.dtype:
-        return (f"cache dtype {cache.k[0].dtype} differs from the model's "
-                f"{layers[0].wqkv.dtype}: the attention kernel reads both as one")
+    return None
+
+
+def _cache_dtype_reason(cache_dtype, params: Params) -> str | None:
+    if cache_dtype != params.layers[0].wqkv.dtype:
+        return (f"cache dtype {cache_dtype} differs from the model's "
+                f"{params.layers[0].wqkv.dtype}: the attention kernel reads both as one")
     return None
 
 
@@ -244,14 +312,49 @@ def fused_decode_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
     if fused_decode_switch() == "layer":  # `fused_decode_reason` checked copies and rows
         x = _persistent_layers(params, x, ks, vs, positions, cos, sin, cfg=cfg, splits=splits)
     else:
-        def attend(qkv, k, v):
+        def attend(layer, qkv):
             # The token's K/V go to slot `position` (nothing past the buffer, as the general
             # path's mode="drop"); parts [B, splits, H * D] and lse [B, splits, H], f32.
-            return decode_attention(qkv, k, v, positions, num_heads=cfg.num_heads,
-                                    num_kv_heads=cfg.num_kv_heads, num_splits=splits)
-        x = _five_kernel_layers(params, x, ks, vs, cos, sin, attend, cfg=cfg)
+            parts, lse, ks[layer], vs[layer] = decode_attention(
+                qkv, ks[layer], vs[layer], positions, num_heads=cfg.num_heads,
+                num_kv_heads=cfg.num_kv_heads, num_splits=splits)
+            return parts, lse
+        x = _five_kernel_layers(params, x, cos, sin, attend, cfg=cfg)
     hidden = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
     return lm_head(params, hidden), hidden, DenseKVCache(k=tuple(ks), v=tuple(vs))
+
+
+def fused_paged_decode_step(params: Params, cache: PagedKVCache, tokens: jax.Array,
+                            positions: jax.Array, meta: PagedMeta, *, cfg: ModelConfig
+                            ) -> tuple[jax.Array, PagedKVCache]:
+    """The engine's decode-only step through the fused kernels: N rows, slot b's token in row
+    b (`PagedMeta.decodes_only`), attention over the page pool (`paged_decode_attention`).
+
+    Args:
+      tokens, positions: [N] int32 (N <= the meta's B slots; padding rows: slot -1).
+      meta: the step's PagedMeta; row b reads block_tables[b] and context_lens[b] (its keys
+        after this step) and stores its K/V at slot_mapping[b].
+    Returns:
+      logits [N, V] f32 and the pool with this step's K/V stored.
+    """
+    n = tokens.shape[0]
+    x = params.embed[tokens]  # [N, E]
+    cos, sin = rope_tables(positions[:, None], cfg)  # [N, 1, D/2]
+    cos, sin = cos[:, 0], sin[:, 0]
+    ctx, tables = meta.context_lens[:n], meta.block_tables[:n]  # [N], [N, W]
+    pool = [cache.k_pages, cache.v_pages]
+    splits = default_splits(tables.shape[1] * cache.page_size, n, cfg.hidden_size,
+                            cfg.num_heads * cfg.head_dim, block_k=paged_block_k(cache.page_size))
+
+    def attend(layer, qkv):
+        parts, lse, pool[0], pool[1] = paged_decode_attention(
+            qkv, pool[0], pool[1], layer, ctx, meta.slot_mapping, tables,
+            num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, num_splits=splits)
+        return parts, lse
+
+    x = _five_kernel_layers(params, x, cos, sin, attend, cfg=cfg)
+    hidden = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    return lm_head(params, hidden), PagedKVCache(*pool)
 
 
 def block_visibility(slots: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -300,9 +403,11 @@ def fused_verify_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
     splits = default_splits(cache.max_len, b * t, cfg.hidden_size,
                             cfg.num_heads * cfg.head_dim)
 
-    def attend(qkv, k, v):
-        return block_attention(qkv, k, v, slots, past, vis, num_heads=cfg.num_heads,
-                               num_kv_heads=cfg.num_kv_heads, num_splits=splits)
+    def attend(layer, qkv):
+        parts, lse, ks[layer], vs[layer] = block_attention(
+            qkv, ks[layer], vs[layer], slots, past, vis, num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads, num_splits=splits)
+        return parts, lse
 
     carry = [None if hooks is None else hooks.init(x.reshape(b, t, -1))]
 
@@ -312,7 +417,7 @@ def fused_verify_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
         return x_out.reshape(b * t, -1)
 
     has_after = hooks is not None and hooks.after is not None
-    x = _five_kernel_layers(params, x, ks, vs, cos, sin, attend, cfg=cfg,
+    x = _five_kernel_layers(params, x, cos, sin, attend, cfg=cfg,
                             after=after if has_after else None)
     hidden = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
     logits = lm_head(params, hidden)
@@ -331,10 +436,10 @@ def fused_hooks_reason(hooks: LayerHooks | None) -> str | None:
     return None
 
 
-def _five_kernel_layers(params: Params, x, ks: list, vs: list, cos, sin, attend, *,
-                        cfg: ModelConfig, after=None) -> jax.Array:
-    """The layers as five kernels each over x [R, E]; ks / vs (per-layer caches) are updated
-    in place. attend(qkv, k, v) -> (parts, lse, k, v) is the step's attention kernel;
+def _five_kernel_layers(params: Params, x, cos, sin, attend, *, cfg: ModelConfig,
+                        after=None) -> jax.Array:
+    """The layers as five kernels each over x [R, E]. attend(layer, qkv) -> (parts, lse) is
+    the step's attention kernel, which also stores the layer's K/V in the cache it holds;
     after(layer, x_in, x_out) -> x, if given, sees each layer's input and output and returns
     what the next layer takes."""
     eps, H, K = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads
@@ -345,7 +450,7 @@ def _five_kernel_layers(params: Params, x, ks: list, vs: list, cos, sin, attend,
         x_in = x
         qkv = qkv_rope(x, lp.attn_norm, wqkv, cos, sin, num_heads=H, num_kv_heads=K, eps=eps,
                        transposed=t)  # [R, (H + 2K) * D]
-        parts, lse, ks[layer], vs[layer] = attend(qkv, ks[layer], vs[layer])
+        parts, lse = attend(layer, qkv)
         x = attn_o_residual(parts, lse, wo, x, transposed=t)
         act = gate_up_swiglu(x, lp.mlp_norm, w_gate_up, eps=eps, transposed=t)  # [R, F]
         x_out = gemv_residual(act, w_down, x, transposed=t)
