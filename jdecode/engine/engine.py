@@ -367,15 +367,16 @@ class LLMEngine:
         would otherwise wait seconds for each new step shape, on a GPU ~10-60 s in all.
 
         Runs throwaway requests through the engine: one prompt per token bucket, then, with
-        multi-step scheduling, full bursts of all-decode steps at every row count's bucket.
+        multi-step scheduling, full bursts of all-decode steps at every row count's bucket, and
+        decodes at each of the runner's `decode_buckets` (the fused decode step's).
         Then it forgets them: the prefix cache is emptied and the step and scheduler counters
         start from zero. Not covered (they compile on first use): logprobs requests, with
         impl "xla" the block-table widths of contexts longer than the warm-up prompts, and with
         impl "pallas" a step that pairs a chunk with a decode of more than
         `UNIFIED_DECODE_MAX_CONTEXT` keys (`PagedMeta.short_decodes` false).
 
-        Returns {"prefill_buckets": token buckets run, "burst_buckets": row buckets run
-        multi-step, "seconds": wall time}.
+        Returns {"prefill_buckets": token buckets run, "burst_buckets": row buckets of
+        decode-only steps run, "seconds": wall time}.
         Raises RuntimeError when requests are pending: call it before serving.
         """
         if self.has_unfinished_requests():
@@ -390,7 +391,10 @@ class LLMEngine:
             self.add_request(f"__warmup-{i}", [i + 1] * n, greedy)
             self._drain()
         burst = self.args.num_scheduler_steps
-        rows = sorted({min(b, self.args.max_num_seqs) for b in buckets}) if burst > 1 else []
+        rows = {min(b, self.args.max_num_seqs) for b in buckets} if burst > 1 else set()
+        # Decode-only steps of a few rows have buckets of their own (the fused kernels'), in
+        # one-decode and in multi-step executables.
+        rows = sorted(rows | set(self.runner.decode_buckets))
         params = SamplingParams(max_new_tokens=burst + 2, ignore_eos=True)
         for n in rows:  # n decoding rows land in bucket(n): one burst executable per bucket
             for j in range(n):

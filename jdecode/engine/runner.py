@@ -29,6 +29,13 @@ from jdecode.config import ModelConfig
 from jdecode.decoding.sampling import SamplingArrays, SamplingParams, sample
 from jdecode.engine import transfer
 from jdecode.engine.scheduler import SchedulerOutput
+from jdecode.model.fused_decode import (
+    fused_paged_decode_step,
+    fused_paged_reason,
+    fused_paged_rows,
+    wants_decode_copies,
+    with_decode_copies,
+)
 from jdecode.model.layout import inference_layout
 from jdecode.model.params import Params
 from jdecode.model.transformer import forward
@@ -40,6 +47,8 @@ MIN_TOKEN_BUCKET = 16
 # table of a few pages costs little next to the rest of the step.
 MIN_KV_BUCKET_TOKENS = 64
 MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs
+# Row counts of a decode-only step under the fused kernels' limit (`ModelRunner.decode_buckets`).
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 32)
 
 
 def token_buckets(max_num_batched_tokens: int, sizes: tuple[int, ...] = ()
@@ -123,9 +132,15 @@ def _forward_sample(params: Params, cache: PagedKVCache, tokens, positions, meta
     """
     if seen is not None:  # each row's last token may have been in flight: mark it here
         seen = seen.at[jnp.arange(seen.shape[0]), tokens[logits_at]].set(True)
-    logits, _, cache = forward(params, tokens[None], positions[None], cache, meta, cfg=cfg,
-                               attend=make_paged_attend(impl), logits_at=logits_at[None])
-    logits = logits[0]  # [B, V] f32
+    if impl == "pallas" and fused_paged_reason(params, cache, meta, cfg,
+                                               tokens.shape[0]) is None:
+        # A decode-only step of a few rows (the runner's `decode_buckets`): the fused kernels.
+        logits, cache = fused_paged_decode_step(params, cache, tokens, positions, meta, cfg=cfg)
+        logits = logits[logits_at]  # [B, V] f32: slot b's row (empty slots read row 0)
+    else:
+        logits, _, cache = forward(params, tokens[None], positions[None], cache, meta, cfg=cfg,
+                                   attend=make_paged_attend(impl), logits_at=logits_at[None])
+        logits = logits[0]  # [B, V] f32
 
     def key(seed, index, count):
         return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), index), count)
@@ -249,25 +264,40 @@ class ModelRunner:
                              "implement sliding-window attention; use `jdecode generate`")
         layout, impl = resolve_layout(layout), resolve_impl(impl)
         # A no-op on params already in the inference layout (engines can share one copy).
-        self.params = inference_layout(params) if layout == "inference" else params
+        params = inference_layout(params) if layout == "inference" else params
+        if impl == "pallas" and layout == "inference" and wants_decode_copies(params):
+            # The fused decode step's [N, K] weight copies, as the Generator adds them.
+            params = with_decode_copies(params)
+        self.params = params
         self.cfg = cfg
         self.page_size, self.max_num_seqs = page_size, max_num_seqs
         self.max_pages = -(-max_model_len // page_size)
         self.buckets = token_buckets(max_num_batched_tokens, token_bucket_sizes)
+        # Decode-only steps of up to `fused_rows` rows run the fused kernels
+        # (`fused_paged_decode_step`): they get buckets of their own, powers of two up to it,
+        # since the kernels' cost follows the rows while the general path pads to >= 16.
+        rows = fused_paged_rows(self.params, cfg, page_size, cfg.dtype, max_num_seqs) \
+            if impl == "pallas" else 0
+        self.decode_buckets = token_buckets(rows, DECODE_BUCKETS) if rows else ()
         self.kv_buckets = kv_buckets(self.max_pages, page_size, impl)
         self.cache = init_paged_cache(cfg, num_pages, page_size)
         # [W, B] the last step's samples per row (`_step`'s burst).
         self.last_burst = jnp.zeros((num_scheduler_steps, max_num_seqs), jnp.int32)
         self.impl = impl
 
-    def bucket(self, num_tokens: int) -> int:
+    def bucket(self, num_tokens: int, decodes_only: bool = False) -> int:
+        """The step's padded token count: a decode bucket for a decode-only step that the
+        fused kernels take, else the smallest token bucket that holds it."""
+        if decodes_only and self.decode_buckets and num_tokens <= self.decode_buckets[-1]:
+            return next(b for b in self.decode_buckets if b >= num_tokens)
         return next(b for b in self.buckets if b >= num_tokens)
 
     def pack(self, out: SchedulerOutput, page_tables: dict[str, list[int]]) -> dict:
         """Host arrays for one step (numpy), padded to the token bucket, the block-table width
         bucket and max_num_seqs."""
         ps, B = self.page_size, self.max_num_seqs
-        n = self.bucket(out.num_batched_tokens)
+        # Each chunk has a token at least: as many tokens as chunks means decodes alone.
+        n = self.bucket(out.num_batched_tokens, out.num_batched_tokens == len(out.chunks))
         tokens = np.zeros(n, np.int32)
         positions = np.zeros(n, np.int32)
         slots = np.full(n, -1, np.int32)

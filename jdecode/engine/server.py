@@ -482,7 +482,7 @@ def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8000,
         with err.status("compiling the engine's steps (--no-warmup skips this)"):
             info = engine.warmup()
         err.print(f"warm-up: {info['prefill_buckets']} token buckets, "
-                  f"{info['burst_buckets']} multi-step buckets in {info['seconds']:.1f} s")
+                  f"{info['burst_buckets']} decode-only buckets in {info['seconds']:.1f} s")
     app, core = build_app(engine, served_model_name or model,
                           api_key=api_key or os.environ.get("JDECODE_API_KEY") or None,
                           chat_template=template,
