@@ -17,6 +17,7 @@ from jdecode.config import load_model_config_yaml
 from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.engine import runner
+from jdecode.engine.engine import EngineArgs, LLMEngine
 from jdecode.engine.llm import LLM
 from jdecode.io.registry import Model
 from jdecode.model.fused_decode import (
@@ -124,3 +125,19 @@ def test_fused_paged_step_declines_what_it_does_not_cover(fusable, monkeypatch):
                                          meta(decodes_only=True), cfg, 2)
     monkeypatch.setenv(ENV_SWITCH, "layer")
     assert "dense cache" in fused_paged_reason(params, pool, meta(decodes_only=True), cfg, 2)
+
+
+def test_warmup_compiles_the_decode_buckets(rng, fusable):
+    """After `warmup`, decodes of 1..5 rows (the fused step's buckets) and bursts of 2 compile
+    nothing new."""
+    engine = LLMEngine(fusable, EngineArgs(**SHAPES, num_scheduler_steps=2))
+    info = engine.warmup()
+    assert info["burst_buckets"] == 5  # the token bucket's 8 rows, and decode buckets 1/2/4/5
+    compiled = runner._step_jit._cache_size()
+    for n in (1, 3, 5):
+        for i in range(n):
+            engine.add_request(f"r{n}-{i}", rng.integers(0, 256, 9).tolist(),
+                               SamplingParams(max_new_tokens=4))
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert runner._step_jit._cache_size() == compiled, "a decode compiled a new step shape"
