@@ -10,6 +10,8 @@ an abstract H200, at the benchmarks' shapes:
 - the model's steps (`phases.decode_step`, `phases.verify`) at the SmolLM2-135M and
   Llama-3.2-1B shapes, bf16, on abstract params and caches (nothing is allocated), under the
   fused step and the general path at the row counts the benchmarks time;
+- the engine's decode-only step of 1 and 4 rows over a page pool
+  (`fused_paged_decode_step`, which the runner's decode buckets take by default);
 - the standalone attention kernels at issue 17's benchmark points (flash, paged decode,
   ragged, the cache write; the Hopper flash and ragged kernels through Mosaic GPU).
 
@@ -43,9 +45,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdecode.cache.dense import init_cache
+from jdecode.cache.paged import PagedMeta, init_paged_cache
 from jdecode.config import load_model_config_yaml
 from jdecode.decoding import phases
-from jdecode.model.fused_decode import impl_variant, with_decode_copies
+from jdecode.model.fused_decode import (
+    fused_paged_decode_step,
+    fused_paged_reason,
+    impl_variant,
+    with_decode_copies,
+)
 from jdecode.model.layout import inference_layout
 from jdecode.model.params import init_params
 from jdecode.provenance import REPO_ROOT, environment
@@ -105,13 +113,40 @@ def step_case(cfg, params, variant: str, batch: int, tokens: int) -> tuple[Calla
     return fn, (params, cache, toks, toks)
 
 
+# Rows of the engine's decode-only steps lowered (`engine_case`): its decode buckets 1 and 4.
+ENGINE_ROWS = (1, 4)
+
+
+def engine_case(cfg, params, rows: int, *, page_size: int = 16, slots: int = 64,
+                max_len: int = 1024) -> tuple[Callable, tuple]:
+    """(fn, abstract args) of the engine's decode-only step of `rows` rows through the fused
+    kernels (`fused_paged_decode_step`) over a pool of `slots` sequences of `max_len` tokens
+    in `page_size`-token pages, as the runner packs it (`PagedMeta.decodes_only`)."""
+    pages = slots * max_len // page_size
+    pool = abstract(jax.eval_shape(partial(init_paged_cache, cfg, pages, page_size)))
+    i32 = partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
+    meta = PagedMeta(i32((rows,)), i32((slots, max_len // page_size)), i32((slots,)),
+                     i32((slots + 1,)), decodes_only=True)
+
+    def fn(p, c, t, pos, m):
+        reason = fused_paged_reason(p, c, m, cfg, t.shape[0])
+        if reason is not None:
+            raise ValueError(f"the engine's step would not take the fused kernels: {reason}")
+        return fused_paged_decode_step(p, c, t, pos, m, cfg=cfg)
+
+    return fn, (params, pool, i32((rows,)), i32((rows,)), meta)
+
+
 def step_cases(models: list[str]) -> Iterator[tuple[str, Callable, tuple]]:
-    """(label, fn, abstract args) of every STEPS step of each model."""
+    """(label, fn, abstract args) of every STEPS step and ENGINE_ROWS engine step of each
+    model."""
     for name in models:
         cfg, params = model_params(name)
         for variant, batch, tokens in STEPS:
             yield (f"{name} {variant} B{batch} T{tokens}",
                    *step_case(cfg, params, variant, batch, tokens))
+        for rows in ENGINE_ROWS:
+            yield f"{name} engine fused decode B{rows}", *engine_case(cfg, params, rows)
 
 
 def kernel_cases() -> Iterator[tuple[str, Callable, tuple]]:

@@ -40,11 +40,11 @@ STEPS = [("smollm2-135m", 1, 1), ("smollm2-135m", 1, 5), ("smollm2-135m", 2, 4),
          ("smollm2-135m", 1, 16), ("llama-3.2-1b", 1, 5)]
 
 
-@pytest.mark.parametrize("model,batch,tokens", STEPS)
-def test_fused_step_kernels_compile_without_spills(script, model, batch, tokens):
+def _compile_distinct(fn, args, attention: str, where: str) -> None:
+    """Lowers fn(*args) for an H200, checks that it launched the five fused kernels (with
+    `attention` as its attention kernel), and compiles each distinct one for sm_90a: it must
+    compile, and spill nothing."""
     pytest.importorskip("triton")
-    cfg, params = script.model_params(model)
-    fn, args = script.step_case(cfg, params, "pallas-fused", batch, tokens)
     try:
         capture = deviceless.TritonCapture()
     except ImportError as e:
@@ -52,7 +52,6 @@ def test_fused_step_kernels_compile_without_spills(script, model, batch, tokens)
     with deviceless.as_gpu(), capture:
         deviceless.lower(fn, *args)
     names = {k["name"] for k in capture.kernels}
-    attention = "decode_attention" if tokens == 1 else "block_attention"
     assert {"qkv_rope", attention, "attn_o_residual", "gate_up_swiglu",
             "gemv_residual"} <= names, f"the step did not take the fused kernels: {names}"
     seen = set()
@@ -66,7 +65,24 @@ def test_fused_step_kernels_compile_without_spills(script, model, batch, tokens)
         assert got["spill_store_bytes"] == 0, (
             f"{kernel['name']} ({kernel['num_warps']} warps, {kernel['num_stages']} stages) "
             f"spills {got['spill_store_bytes']} bytes per thread at {got['registers']} "
-            f"registers in {model}'s step of {batch} x {tokens} tokens")
+            f"registers in {where}")
+
+
+@pytest.mark.parametrize("model,batch,tokens", STEPS)
+def test_fused_step_kernels_compile_without_spills(script, model, batch, tokens):
+    cfg, params = script.model_params(model)
+    fn, args = script.step_case(cfg, params, "pallas-fused", batch, tokens)
+    _compile_distinct(fn, args, "decode_attention" if tokens == 1 else "block_attention",
+                      f"{model}'s step of {batch} x {tokens} tokens")
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_engine_fused_decode_kernels_compile_without_spills(script, rows):
+    """The engine's decode-only step over its page pool (`fused_paged_decode_step`, on by
+    default for the runner's decode buckets), SmolLM2 shape, pages of 16 tokens."""
+    cfg, params = script.model_params("smollm2-135m")
+    fn, args = script.engine_case(cfg, params, rows)
+    _compile_distinct(fn, args, "paged_decode_attention", f"the engine's step of {rows} rows")
 
 
 @pytest.mark.parametrize("registers,shared,warps,want", [
