@@ -1,10 +1,17 @@
 """Per-token decode latency of the serving engine (`LLM`, default flags) against `Generator`,
 one request at a time, in the same run. Writes JSON + markdown.
 
-The two are run in alternation, `--repeats` times each, so a shared machine's load falls on
-both alike; the record gives medians and the load average around the run.
+The paths are run in alternation, `--repeats` times each, so a shared machine's load falls
+on all alike; the record gives medians and the load average around the run.
+
+`--engine-impls` times more than one engine: "auto" is the default engine; "pallas-fused" and
+"pallas-general" are impl "pallas" with the fused decode step forced on or off
+(`jdecode.model.fused_decode.impl_variant`; on the GPU the default takes the fused step for
+decode-only steps of up to 5 rows, so a single request decodes through it).
 
   python scripts/bench_engine_latency.py --out benchmarks --tag cpu
+  python scripts/bench_engine_latency.py --engine-impls pallas-fused,pallas-general \
+      --out $OUT --tag h200
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.engine.engine import EngineArgs, LLMEngine
 from jdecode.io.registry import DEFAULT_MODEL, load
+from jdecode.model.fused_decode import impl_variant
 from jdecode.provenance import git_sha
 
 PROMPT = "Tell me about the history of the city of Paris in a few sentences."
@@ -54,7 +62,8 @@ def engine_run(engine: LLMEngine, ids: list[int], new_tokens: int) -> dict:
 
 def machine() -> str:
     try:
-        lscpu = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=5).stdout
+        lscpu = subprocess.run(["lscpu"], check=False, capture_output=True, text=True,
+                               timeout=5).stdout
         name = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines()
                     if line.startswith("Model name"))
     except (OSError, StopIteration, subprocess.SubprocessError):
@@ -62,21 +71,29 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
+def engine_label(impl: str) -> str:
+    return "engine" if impl == "auto" else f"engine {impl}"
+
+
 def markdown(r: dict) -> str:
-    g, e = r["generator"], r["engine"]
-    return "\n".join([
+    g = r["generator"]
+    lines = [
         f"# Engine vs Generator, per-token decode latency: {r['model']} on {r['device']}", "",
         f"{r['date']} | {r['machine']} | jax {r['jax']} | git {r['git_sha'][:10]}", "",
         f"`{r['command']}`", "",
         (f"One request, a {r['prompt_tokens']}-token chat prompt, {r['new_tokens']} new tokens "
          f"(greedy, EOS ignored), {r['repeats']} runs of each in alternation; medians. Load "
          f"average {r['load_before']:.1f} before, {r['load_after']:.1f} after (shared machine)."),
-        "", "| path | ms / token | request wall s |", "|---|---|---|",
-        f"| `Generator` (`jdecode generate`) | {g['ms_per_token']:.1f} | {g['wall_s']:.2f} |",
-        (f"| `LLM` / `serve` engine, default flags | {e['ms_per_token']:.1f} | "
-         f"{e['wall_s']:.2f} |"), "",
-        (f"The engine takes {r['ratio']:.2f}x the Generator's time per token. Engine defaults "
-         f"resolved to: {r['engine_defaults']}."), ""])
+        "", "| path | ms / token | request wall s | x Generator |", "|---|---|---|---|",
+        f"| `Generator` (`jdecode generate`) | {g['ms_per_token']:.1f} | {g['wall_s']:.2f} | 1 |"]
+    for impl in r["engine_impls"]:
+        e = r[engine_label(impl)]
+        what = "default flags" if impl == "auto" else f"impl {impl}"
+        lines.append(f"| `LLM` / `serve` engine, {what} | {e['ms_per_token']:.1f} | "
+                     f"{e['wall_s']:.2f} | {e['ms_per_token'] / g['ms_per_token']:.2f} |")
+    lines += ["", "Engine settings as resolved: " + "; ".join(
+        f"{engine_label(i)}: {r['engine_defaults'][i]}" for i in r["engine_impls"]) + ".", ""]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,31 +103,49 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("benchmarks"))
     ap.add_argument("--tag", default=jax.default_backend())
+    ap.add_argument("--engine-impls", default="auto",
+                    help="comma-separated: auto (the default engine), xla, pallas, "
+                         "pallas-fused, pallas-general")
     args = ap.parse_args(argv)
     load_before = os.getloadavg()[0]
     model = load(args.model)
     gen = Generator(model)
-    engine = LLMEngine(model, EngineArgs())
+    impls = args.engine_impls.split(",")
+    engines = {}
+    for impl in impls:
+        with impl_variant(impl) as resolved:  # the switch holds while the runner is built
+            engines[impl] = LLMEngine(model, EngineArgs(impl=resolved))
     ids = gen.encode(PROMPT, chat=True)
-    generator_run(gen, PROMPT, args.new_tokens)  # compile both before timing
-    engine_run(engine, ids, args.new_tokens)
-    runs: dict[str, list[dict]] = {"generator": [], "engine": []}
+
+    def run_engine(impl: str) -> dict:
+        with impl_variant(impl):  # and while its steps are traced
+            return engine_run(engines[impl], ids, args.new_tokens)
+
+    generator_run(gen, PROMPT, args.new_tokens)  # compile all before timing
+    for impl in impls:
+        run_engine(impl)
+    runs: dict[str, list[dict]] = {"generator": [], **{engine_label(i): [] for i in impls}}
     for _ in range(args.repeats):
         runs["generator"].append(generator_run(gen, PROMPT, args.new_tokens))
-        runs["engine"].append(engine_run(engine, ids, args.new_tokens))
+        for impl in impls:
+            runs[engine_label(impl)].append(run_engine(impl))
     med = {k: {f: statistics.median(r[f] for r in v) for f in ("ms_per_token", "wall_s")}
            for k, v in runs.items()}
-    runner = engine.runner
+    defaults = {}
+    for impl, engine in engines.items():
+        runner = engine.runner
+        defaults[impl] = (f"impl {runner.impl}, max_num_seqs {runner.max_num_seqs}, "
+                          f"token buckets {runner.buckets}, fused decode buckets "
+                          f"{runner.decode_buckets or 'none'}, block-table widths (pages of "
+                          f"{runner.page_size}) {runner.kv_buckets}")
     result = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
         "git_sha": git_sha(short=False), "command": shlex.join(["python", *sys.argv]),
         "model": model.name, "prompt_tokens": len(ids), "new_tokens": args.new_tokens,
         "repeats": args.repeats, "load_before": load_before, "load_after": os.getloadavg()[0],
-        "engine_defaults": (f"impl {runner.impl}, max_num_seqs {runner.max_num_seqs}, "
-                            f"token buckets {runner.buckets}, block-table widths (pages of "
-                            f"{runner.page_size}) {runner.kv_buckets}"),
-        **med, "ratio": med["engine"]["ms_per_token"] / med["generator"]["ms_per_token"],
+        "engine_impls": impls, "engine_defaults": defaults, **med,
+        "ratio": med[engine_label(impls[0])]["ms_per_token"] / med["generator"]["ms_per_token"],
         "runs": runs,
     }
     args.out.mkdir(parents=True, exist_ok=True)
