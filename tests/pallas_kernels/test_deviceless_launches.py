@@ -1,0 +1,97 @@
+"""`deviceless.launches` (kernels per step in an optimized HLO module) and `xla_compile`
+(XLA:GPU for an H200 without a GPU; it needs jax's CUDA plugin, which the deviceless root
+of scripts/deviceless_env.sh has and the CPU suite does not: skipped there)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jdecode.provenance import REPO_ROOT
+from pallas_kernels import deviceless
+
+# The shape of XLA:GPU's optimized HLO text, cut down: a Pallas kernel (its launch name in
+# the backend config), a Triton GEMM and a loop fusion, views that launch nothing, and a
+# while loop whose body launches one fusion per iteration.
+HLO = """HloModule jit_step
+
+%fused_add (p0: f32[4], p1: f32[4]) -> f32[4] {
+  %p0 = f32[4]{0} parameter(0)
+  %p1 = f32[4]{0} parameter(1)
+  ROOT %add = f32[4]{0} add(%p0, %p1)
+}
+
+%body (carry: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %carry = (s32[], f32[4]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%carry), index=0
+  %x = f32[4]{0} get-tuple-element(%carry), index=1
+  %loop_add_fusion = f32[4]{0} fusion(%x, %x), kind=kLoop, calls=%fused_add
+  ROOT %t = (s32[], f32[4]{0}) tuple(%i, %loop_add_fusion)
+}
+
+ENTRY %main.7 (a: bf16[1,576], w: bf16[960,576]) -> (f32[4], (s32[], f32[4])) {
+  %a = bf16[1,576]{1,0} parameter(0), metadata={op_name="a"}
+  %w = bf16[960,576]{1,0} parameter(1)
+  %bitcast.1 = bf16[576]{0} bitcast(%a)
+  %pallas_call.270 = bf16[1,15,64]{2,1,0} custom-call(%a, %w), {PALLAS}
+  %gemm_fusion_dot = f32[4]{0} fusion(%a, %w), kind=kCustom, calls=%fused_add, {GEMM}
+  %loop_add_fusion.1 = f32[4]{0} fusion(%gemm_fusion_dot, %w), kind=kLoop, calls=%fused_add
+  %copy.1 = f32[4]{0} copy(%loop_add_fusion.1)
+  %while.1 = (s32[], f32[4]{0}) while(%init), condition=%cond, body=%body
+  ROOT %tuple.3 = (f32[4]{0}, (s32[], f32[4]{0})) tuple(%copy.1, %while.1)
+}
+""".replace(
+    "{PALLAS}", 'custom_call_target="__gpu$xla.gpu.triton", backend_config={debug = false, '
+    'grid_x = 120 : i32, name = "qkv_rope", num_warps = 8 : i32}').replace(
+    "{GEMM}", 'backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}')
+
+
+def test_launches_counts_kernels_by_kind():
+    assert deviceless.launches(HLO) == {
+        "pallas qkv_rope": 1, "fusion __triton_nested_gemm_fusion": 1, "fusion kLoop": 1,
+        "copy": 1, "loop: fusion kLoop": 1}
+
+
+def test_xla_compile_counts_the_engines_fused_step():
+    """The engine's decode-only step of one row at the SmolLM2 shape compiles to the fused
+    step's five Pallas kernels per layer and a few XLA kernels (embedding, RoPE tables,
+    final norm, LM head, the sample), where the general path's step over the 16-token
+    bucket launched over twice as many (scripts/deviceless_kernels.py)."""
+    try:
+        from jax.experimental import topologies
+
+        topologies.get_topology_desc(platform="cuda", topology_name="",
+                                     target_config=deviceless.H200_TARGET_CONFIG,
+                                     topology="1x1x1")
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"no jax CUDA plugin to compile with ({type(e).__name__})")
+    spec = importlib.util.spec_from_file_location(
+        "deviceless_kernels", REPO_ROOT / "scripts" / "deviceless_kernels.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cfg, params = script.CHECK.model_params("smollm2-135m")
+    fused = script.count(*script.engine_case(cfg, params, 1), "pallas")
+    general = script.count(*script.engine_case(cfg, params, 16), "pallas-general")
+    layers = cfg.num_layers
+    for name in ("qkv_rope", "paged_decode_attention", "attn_o_residual", "gate_up_swiglu",
+                 "gemv_residual"):
+        assert fused["kinds"][f"pallas {name}"] == layers, fused["kinds"]
+    assert fused["kernels"] - 5 * layers <= 12, fused["kinds"]
+    assert general["kernels"] > 2 * fused["kernels"], general["kinds"]
+
+
+def test_xla_compile_names_the_missing_plugin():
+    try:
+        from jax.experimental import topologies
+
+        topologies.get_topology_desc(platform="cuda", topology_name="",
+                                     target_config=deviceless.H200_TARGET_CONFIG,
+                                     topology="1x1x1")
+        pytest.skip("this machine has jax's CUDA plugin")
+    except Exception:  # noqa: BLE001
+        pass
+    with pytest.raises(ImportError, match="jax-cuda13-plugin"):
+        deviceless.xla_compile(lambda x: x + 1, jax.ShapeDtypeStruct((4,), jnp.float32))
