@@ -66,12 +66,13 @@ def dense_decode_writing(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.
     B, _, H, D = q.shape
     S, K = k_cache.shape[1], k_cache.shape[2]
     qkv = jnp.concatenate([q, k.astype(q.dtype), v.astype(q.dtype)], axis=2)  # [B, 1, H+2K, D]
-    # Split-K only while the grid is small: one split needs no merge at all.
+    # Split-K only while the grid is small: one split needs no merge at all, and its output
+    # leaves the kernel in q's dtype (no convert kernel after it).
     splits = grid_splits(B * K, S // BLOCK_K, max_splits=16)
     parts, lse, k_cache, v_cache = decode_attention(
         qkv.reshape(B, (H + 2 * K) * D), k_cache, v_cache, q_pos[:, 0], num_heads=H,
-        num_kv_heads=K, num_splits=splits)
-    out = parts[:, 0] if splits == 1 else merge_splits(parts, lse)  # [B, H * D] f32
+        num_kv_heads=K, num_splits=splits, parts_dtype=q.dtype.name if splits == 1 else None)
+    out = parts[:, 0] if splits == 1 else merge_splits(parts, lse)  # [B, H * D]
     return out.astype(q.dtype).reshape(B, 1, H, D), k_cache, v_cache
 
 

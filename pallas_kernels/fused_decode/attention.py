@@ -140,9 +140,11 @@ def seed_carry(q, k_new, v_new, split, sm_scale: float):
 
 def store_split(o_ref, lse_ref, carry, heads, b, kv, split, *, num_heads: int, group: int,
                 num_splits: int):
-    """A split's normalized output and lse into o_ref [B, splits, H * D] and lse_ref
-    [B * splits * H] f32, the layouts the O projection's merge reads."""
+    """A split's normalized output and lse into o_ref [B, splits, H * D] (f32, or the model
+    dtype for a single split that no merge reads) and lse_ref [B * splits * H] f32, the
+    layouts the O projection's merge reads."""
     o, lse = split_output(*carry)
+    o = o.astype(o_ref.dtype)
     D = o.shape[1]
     head = kv * group + jnp.arange(o.shape[0])  # [Gp]
     cols = head[:, None] * D + jnp.arange(D)[None, :]  # [Gp, D]: each row's head's columns
@@ -179,10 +181,12 @@ def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_ou
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "num_splits",
-                                             "block_k", "num_warps", "num_stages", "interpret"))
+                                             "block_k", "num_warps", "num_stages", "interpret",
+                                             "parts_dtype"))
 def decode_attention(qkv, k_cache, v_cache, positions, *, num_heads: int, num_kv_heads: int,
                      num_splits: int | None = None, block_k: int = BLOCK_K, num_warps: int = 4,
-                     num_stages: int = 2, interpret: bool | None = None):
+                     num_stages: int = 2, interpret: bool | None = None,
+                     parts_dtype: str | None = None):
     """One query per row against its dense cache, with the row's new K/V written in place.
 
     Args:
@@ -193,11 +197,15 @@ def decode_attention(qkv, k_cache, v_cache, positions, *, num_heads: int, num_kv
       positions: [B] int32 slot of each row's token; slots [0, position) are its past.
       num_splits: split-K partitions per (row, kv head); default `default_splits(S, B)`
         (the fused step passes the model's sizes too).
+      parts_dtype: the partials' dtype, f32 by default. With one split the partial is the
+        attention's output, and the general path rounds it to the model dtype: stored so, it
+        needs no convert kernel after this one (one per layer of the general step at batch
+        64, `pallas_dispatch.dense_decode_writing`). Partials that a merge reads stay f32.
 
     Returns:
-      (parts, lse, k_cache, v_cache): parts [B, splits, H * D] f32, each split's normalized
-      output; lse [B, splits, H] f32, each head's base-2 log-sum-exp in it (MASK_VALUE
-      where a split saw no key). Merge with `reference.merge_splits` or, fused with the O
+      (parts, lse, k_cache, v_cache): parts [B, splits, H * D] f32 (or parts_dtype), each
+      split's normalized output; lse [B, splits, H] f32, each head's base-2 log-sum-exp in
+      it (MASK_VALUE where a split saw no key). Merge with `reference.merge_splits` or, fused with the O
       projection, `kernel.attn_o_residual`.
     """
     b, n = qkv.shape
@@ -212,10 +220,14 @@ def decode_attention(qkv, k_cache, v_cache, positions, *, num_heads: int, num_kv
                          f"cache {k_cache.shape} {k_cache.dtype} must have qkv's rows {b} and "
                          f"dtype {qkv.dtype} and a length that block_k={block_k} divides")
     splits = num_splits or default_splits(S, b, block_k=block_k)
+    if parts_dtype is not None and splits > 1 and jnp.dtype(parts_dtype) != f32:
+        raise ValueError(f"parts_dtype={parts_dtype} with {splits} splits: partials that are "
+                         "merged stay f32 (a rounded partial would round the output twice); "
+                         "pass num_splits=1 or leave parts_dtype unset")
     kernel = functools.partial(_attn_kernel, num_heads=H, group=H // K, block_k=block_k,
                                num_splits=splits, sm_scale=D ** -0.5)
     inputs = (positions.astype(jnp.int32), qkv.reshape(b, H + 2 * K, D), k_cache, v_cache)
-    out_shape = (jax.ShapeDtypeStruct((b, splits, H * D), f32),
+    out_shape = (jax.ShapeDtypeStruct((b, splits, H * D), parts_dtype or f32),
                  jax.ShapeDtypeStruct((b * splits * H,), f32),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))

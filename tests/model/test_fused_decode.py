@@ -177,6 +177,23 @@ def test_decode_attention_matches_reference(rng, dtype, rows, splits):
     chex.assert_trees_all_equal((k_out, v_out), (k_want, v_want))  # the write is a copy
 
 
+def test_decode_attention_single_split_in_the_model_dtype(rng):
+    """One split's output stored in bf16 is the f32 partial rounded once (what the general
+    path's convert made of it); split partials that a merge reads must stay f32."""
+    H, K, D, S = 6, 2, 64, 256
+    qkv = jnp.asarray(rng.standard_normal((2, (H + 2 * K) * D)), jnp.bfloat16)
+    kc, vc = (jnp.asarray(rng.standard_normal((2, S, K, D)), jnp.bfloat16) for _ in "kv")
+    pos = jnp.asarray([130, 7], jnp.int32)
+    kw = {"num_heads": H, "num_kv_heads": K, "num_splits": 1}
+    f32_parts = decode_attention(qkv, kc, vc, pos, **kw)[0]
+    bf16_parts = decode_attention(qkv, kc, vc, pos, **kw, parts_dtype="bfloat16")[0]
+    assert bf16_parts.dtype == jnp.bfloat16
+    chex.assert_trees_all_equal(bf16_parts, f32_parts.astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match="stay f32"):
+        decode_attention(qkv, kc, vc, pos, num_heads=H, num_kv_heads=K, num_splits=2,
+                         parts_dtype="bfloat16")
+
+
 def test_decode_attention_names_bad_shapes():
     qkv, cache = jnp.zeros((1, 10 * 64)), jnp.zeros((1, 256, 2, 64))
     pos = jnp.zeros((1,), jnp.int32)
