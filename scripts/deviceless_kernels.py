@@ -13,9 +13,9 @@ allocated):
 - the Generator's decode step (`phases.decode_step` over a 1024-slot per-layer cache), fused
   and general, at 1 and 4 rows, and the default path at 64;
 - the engine's decode-only step (`runner._forward_sample`: one forward over the page pool
-  and a greedy sample, 32 sequence slots, 16-token pages, 2048-token tables), as it ran
-  before the fused path (the general path over the 16-token bucket) and as it runs now (the
-  fused step over the 1- and 4-row decode buckets).
+  and a greedy sample, 32 sequence slots (64 for 64 rows), 16-token pages, 2048-token
+  tables): the fused step over the 1- and 4-row decode buckets, and the general path over
+  16 and 64 rows.
 
   bash scripts/deviceless_env.sh run python scripts/deviceless_kernels.py --out out/kernels
 """
@@ -53,17 +53,21 @@ CHECK = _check_script()  # model_params, step_case, abstract
 GENERATOR = [("fused", "pallas-fused", 1), ("general", "pallas-general", 1),
              ("fused", "pallas-fused", 4), ("general", "pallas-general", 4),
              ("default", "pallas", 64)]
-# (label, impl variant, rows) of the engine's decode-only steps: before this path, every
-# decode-only step of up to 16 rows ran the general path over the 16-token bucket.
-ENGINE = [("general, 16-token bucket (before)", "pallas-general", 16),
-          ("fused, 1-row bucket (default)", "pallas", 1),
-          ("fused, 4-row bucket (default)", "pallas", 4)]
+# (label, impl variant, rows) of the engine's decode-only steps: the fused step over the
+# decode buckets of up to 5 rows, the general path over the token buckets past them (and
+# wherever JDECODE_FUSED_DECODE=0).
+ENGINE = [("fused, 1-row bucket (default)", "pallas", 1),
+          ("fused, 4-row bucket (default)", "pallas", 4),
+          ("general, 16-token bucket", "pallas-general", 16),
+          ("general, 64 rows (default)", "pallas", 64)]
 
 
-def engine_case(cfg, params, rows: int, *, slots: int = 32, page_size: int = 16,
+def engine_case(cfg, params, rows: int, *, slots: int | None = None, page_size: int = 16,
                 max_len: int = 2048):
     """(fn, args) of the engine's decode-only step over `rows` flat tokens: a forward over
-    the page pool and a greedy sample (`runner._forward_sample`), as `_step` runs it."""
+    the page pool and a greedy sample (`runner._forward_sample`), as `_step` runs it, with
+    `slots` sequence slots (default: 32, or `rows` past that, as a full batch packs)."""
+    slots = slots or max(32, rows)
     i32 = partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
     pool = CHECK.abstract(jax.eval_shape(partial(init_paged_cache, cfg, slots * max_len
                                                  // page_size, page_size)))

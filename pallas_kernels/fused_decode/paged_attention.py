@@ -98,11 +98,13 @@ def _paged_attn_kernel(ctx_ref, slot_ref, base_ref, table_ref, qkv_ref, kc_ref, 
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "num_splits",
-                                             "num_warps", "num_stages", "interpret"))
+                                             "block_k", "num_warps", "num_stages", "interpret",
+                                             "parts_dtype"))
 def paged_decode_attention(qkv, k_pages, v_pages, layer, context_lens, slot_mapping,
                            block_tables, *, num_heads: int, num_kv_heads: int,
-                           num_splits: int | None = None, num_warps: int = 4,
-                           num_stages: int = 2, interpret: bool | None = None):
+                           num_splits: int | None = None, block_k: int | None = None,
+                           num_warps: int = 4, num_stages: int = 2,
+                           interpret: bool | None = None, parts_dtype: str | None = None):
     """One query per row against its pages of the pool, with the row's new K/V stored.
 
     Args:
@@ -117,6 +119,10 @@ def paged_decode_attention(qkv, k_pages, v_pages, layer, context_lens, slot_mapp
       block_tables: [B, W] int32 page ids of each row (within the layer's P pages).
       num_splits: split-K partitions per (row, kv head); default `default_splits` over the
         table's W * page slots.
+      block_k: tokens per loop step, a power-of-2 multiple of the page; default
+        `paged_block_k` (the fused step's). The engine's general path passes the paged decode
+        kernel's tuned launch (`paged_attention.tuning.paged_config`).
+      parts_dtype: as `decode_attention`'s: one split's output may leave in the model dtype.
 
     Returns:
       (parts, lse, k_pages, v_pages) as `decode_attention`'s: parts [B, splits, H * D] f32,
@@ -138,9 +144,15 @@ def paged_decode_attention(qkv, k_pages, v_pages, layer, context_lens, slot_mapp
         raise ValueError(f"block_tables {block_tables.shape} must be [{b}, W], context_lens "
                          f"{context_lens.shape} and slot_mapping {slot_mapping.shape} [{b}]: "
                          "one per row of qkv")
-    block_k = paged_block_k(page)
+    block_k = block_k or paged_block_k(page)
+    if block_k % page or block_k & (block_k - 1):
+        raise ValueError(f"block_k {block_k} must be a power-of-2 multiple of the page size "
+                         f"{page}")
     table = pad_block_tables(block_tables, block_k // page)  # [B, W_pad]
     splits = num_splits or default_splits(block_tables.shape[1] * page, b, block_k=block_k)
+    if parts_dtype is not None and splits > 1 and jnp.dtype(parts_dtype) != f32:
+        raise ValueError(f"parts_dtype={parts_dtype} with {splits} splits: partials that are "
+                         "merged stay f32; pass num_splits=1 or leave parts_dtype unset")
     # Contexts past the table are clamped, as the paged decode kernel does under jit.
     ctx = jnp.clip(context_lens.astype(jnp.int32), 0, block_tables.shape[1] * page)
     base = (jnp.asarray(layer, jnp.int32) * (P * page)).reshape(1)
@@ -151,7 +163,7 @@ def paged_decode_attention(qkv, k_pages, v_pages, layer, context_lens, slot_mapp
     pool_spec = pl.BlockSpec((rows, None, D), lambda bi, ki, si: (0, ki, 0))
     inputs = (ctx, slot_mapping.astype(jnp.int32), base, table, qkv.reshape(b, H + 2 * K, D),
               k_pages.reshape(rows, K, D), v_pages.reshape(rows, K, D))
-    out_shape = (jax.ShapeDtypeStruct((b, splits, H * D), f32),
+    out_shape = (jax.ShapeDtypeStruct((b, splits, H * D), parts_dtype or f32),
                  jax.ShapeDtypeStruct((b * splits * H,), f32),
                  jax.ShapeDtypeStruct((rows, K, D), k_pages.dtype),
                  jax.ShapeDtypeStruct((rows, K, D), v_pages.dtype))

@@ -122,3 +122,32 @@ def test_pallas_impl_matches_xla_compiled(heads):
     if jax.default_backend() != "gpu":
         pytest.skip("needs the GPU")
     _pallas_vs_xla(5, heads)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("heads", HEADS)
+def test_decodes_only_step_writes_in_the_attention_kernel(monkeypatch, heads, splits):
+    """A decode-only step (slot b's token in row b, `PagedMeta.decodes_only`) with impl
+    "pallas" runs one kernel that stores the K/V and attends (`paged_decode_writing`): its
+    rows and the pool equal the XLA path's, with one split (the output in the model dtype)
+    and with three (merged). Rows past the four sequences are padding."""
+    from jdecode.cache import paged
+
+    context_lens = [1, PAGE - 1, PAGE + 1, 2 * PAGE + 3]
+    cache, meta, q, k, v = random_case(6, context_lens, [1] * 4, n_pad=6, b_pad=7,
+                                       heads=heads)
+    meta = meta.replace(decodes_only=True)
+    assert paged.writes_in_kernel(jnp.asarray(q), cache, meta)
+    monkeypatch.setattr(paged, "decode_num_splits", lambda *a: splits)
+    calls = []
+    real = paged.paged_decode_attention
+    monkeypatch.setattr(paged, "paged_decode_attention",
+                        lambda *a, **kw: calls.append(kw["num_splits"]) or real(*a, **kw))
+    with jax.default_matmul_precision("highest"):
+        want, want_cache = jax.jit(paged_attend)(q, k, v, cache, jnp.int32(1), meta)
+    got, got_cache = jax.jit(partial(paged_attend, impl="pallas"))(q, k, v, cache,
+                                                                   jnp.int32(1), meta)
+    assert calls == [splits]
+    assert_close(got[:, :4], want[:, :4], "float32")
+    np.testing.assert_array_equal(got_cache.k_pages, want_cache.k_pages)
+    np.testing.assert_array_equal(got_cache.v_pages, want_cache.v_pages)
