@@ -59,7 +59,7 @@ def test_xla_compile_counts_the_engines_fused_step():
     """The engine's decode-only step of one row at the SmolLM2 shape compiles to the fused
     step's five Pallas kernels per layer and a few XLA kernels (embedding, RoPE tables,
     final norm, LM head, the sample), where the general path's step over the 16-token
-    bucket launched over twice as many (scripts/deviceless_kernels.py)."""
+    bucket launches at least two more per layer (scripts/deviceless_kernels.py)."""
     try:
         from jax.experimental import topologies
 
@@ -80,7 +80,7 @@ def test_xla_compile_counts_the_engines_fused_step():
                  "gemv_residual"):
         assert fused["kinds"][f"pallas {name}"] == layers, fused["kinds"]
     assert fused["kernels"] - 5 * layers <= 12, fused["kinds"]
-    assert general["kernels"] > 2 * fused["kernels"], general["kinds"]
+    assert general["kernels"] >= fused["kernels"] + 2 * layers, general["kinds"]
 
 
 def test_xla_compile_names_the_missing_plugin():
