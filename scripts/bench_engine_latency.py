@@ -12,6 +12,11 @@ decode-only steps of up to 5 rows, so a single request decodes through it).
   python scripts/bench_engine_latency.py --out benchmarks --tag cpu
   python scripts/bench_engine_latency.py --engine-impls pallas-fused,pallas-general \
       --out $OUT --tag h200
+  python scripts/bench_engine_latency.py --model configs/models/smollm2-135m.yaml \
+      --dtype bfloat16 --engine-impls pallas-fused,pallas-general --out $OUT --tag shape
+
+A model config (random weights, no tokenizer) gets a prompt of `--prompt-tokens` token ids
+in place of the chat prompt.
 """
 
 from __future__ import annotations
@@ -41,11 +46,12 @@ from jdecode.provenance import git_sha
 PROMPT = "Tell me about the history of the city of Paris in a few sentences."
 
 
-def generator_run(gen: Generator, prompt: str, new_tokens: int) -> dict:
-    """One request: decode ms per token (prefill excluded) and the request's wall time."""
+def generator_run(gen: Generator, prompt: str | list[int], new_tokens: int) -> dict:
+    """One request: decode ms per token (prefill excluded) and the request's wall time.
+    prompt: chat text, or token ids (a model without a tokenizer)."""
     sp = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     t0 = time.perf_counter()
-    stats = gen.generate([prompt], sp, chat=True)[0].stats
+    stats = gen.generate([prompt], sp, chat=isinstance(prompt, str))[0].stats
     return {"ms_per_token": 1e3 / stats["decode_tok_s"], "wall_s": time.perf_counter() - t0}
 
 
@@ -81,7 +87,7 @@ def markdown(r: dict) -> str:
         f"# Engine vs Generator, per-token decode latency: {r['model']} on {r['device']}", "",
         f"{r['date']} | {r['machine']} | jax {r['jax']} | git {r['git_sha'][:10]}", "",
         f"`{r['command']}`", "",
-        (f"One request, a {r['prompt_tokens']}-token chat prompt, {r['new_tokens']} new tokens "
+        (f"One request, a {r['prompt_tokens']}-token prompt, {r['new_tokens']} new tokens "
          f"(greedy, EOS ignored), {r['repeats']} runs of each in alternation; medians. Load "
          f"average {r['load_before']:.1f} before, {r['load_after']:.1f} after (shared machine)."),
         "", "| path | ms / token | request wall s | x Generator |", "|---|---|---|---|",
@@ -99,6 +105,9 @@ def markdown(r: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--dtype", default="float32", help="weights' dtype (load's)")
+    ap.add_argument("--prompt-tokens", type=int, default=45,
+                    help="prompt length for a model without a tokenizer (a model config)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("benchmarks"))
@@ -108,25 +117,29 @@ def main(argv: list[str] | None = None) -> None:
                          "pallas-fused, pallas-general")
     args = ap.parse_args(argv)
     load_before = os.getloadavg()[0]
-    model = load(args.model)
+    model = load(args.model, dtype=args.dtype)
     gen = Generator(model)
     impls = args.engine_impls.split(",")
     engines = {}
     for impl in impls:
         with impl_variant(impl) as resolved:  # the switch holds while the runner is built
             engines[impl] = LLMEngine(model, EngineArgs(impl=resolved))
-    ids = gen.encode(PROMPT, chat=True)
+    if model.tokenizer is None:  # a model config: random weights, a prompt of token ids
+        ids = [1 + i % (model.cfg.vocab_size - 1) for i in range(args.prompt_tokens)]
+        prompt: str | list[int] = ids
+    else:
+        ids, prompt = gen.encode(PROMPT, chat=True), PROMPT
 
     def run_engine(impl: str) -> dict:
         with impl_variant(impl):  # and while its steps are traced
             return engine_run(engines[impl], ids, args.new_tokens)
 
-    generator_run(gen, PROMPT, args.new_tokens)  # compile all before timing
+    generator_run(gen, prompt, args.new_tokens)  # compile all before timing
     for impl in impls:
         run_engine(impl)
     runs: dict[str, list[dict]] = {"generator": [], **{engine_label(i): [] for i in impls}}
     for _ in range(args.repeats):
-        runs["generator"].append(generator_run(gen, PROMPT, args.new_tokens))
+        runs["generator"].append(generator_run(gen, prompt, args.new_tokens))
         for impl in impls:
             runs[engine_label(impl)].append(run_engine(impl))
     med = {k: {f: statistics.median(r[f] for r in v) for f in ("ms_per_token", "wall_s")}
