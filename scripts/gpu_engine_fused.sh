@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The engine's decode on the GPU (issue 16: the engine is on the default path), for the
+# changes of 2026-12-05 that no card has run yet (benchmarks/deviceless_kernels_h200.md):
+#
+#   tests    the new kernels and paths compiled: paged_decode_attention against its
+#            reference, the general path's decode-only write-in-kernel against XLA, the fused
+#            engine's greedy against single-request greedy, the Pallas engine's exactness.
+#   latency  one request's decode ms per token: the engine with the fused decode step (the
+#            default for steps of up to 5 decodes) and without it, beside the Generator, on
+#            the SmolLM2 and Llama-3.2-1B shapes (bf16, random weights).
+#   probe    the 64-sequence decode probe (bench_serving.py, multi-step 4) of the 1B shape,
+#            alternating this tree with a copy where patches/engine-decode-writing-off.patch
+#            puts back the separate cache write and decode kernel.
+#
+#   device: OUT=$OUT STAGE=tests,latency,probe bash scripts/gpu_engine_fused.sh
+# Each stage has its own timeout so one slow stage cannot take the others' results with it.
+set -u
+export PYTHONPATH=.:${PYTHONPATH:-}
+export JDECODE_GIT_SHA=${JDECODE_GIT_SHA:-unknown}
+OUT=$(realpath -m "${OUT:-out}"); STAGE=${STAGE:-tests,latency,probe}; mkdir -p "$OUT"
+stage() { [[ ",$STAGE," == *",$1,"* ]]; }
+if stage tests; then
+  JAX_DEFAULT_MATMUL_PRECISION=highest timeout 420 python3 -m pytest -q -p no:cacheprovider \
+    tests/model/test_fused_decode.py -k "paged or single_split or decode_attention" \
+    tests/cache/test_paged.py tests/engine/test_fused_decode_engine.py \
+    tests/engine/test_exactness.py 2>&1 | tail -8
+fi
+if stage latency; then
+  for m in smollm2-135m llama-3.2-1b; do
+    timeout 240 python3 scripts/bench_engine_latency.py --model configs/models/$m.yaml \
+      --dtype bfloat16 --new-tokens 128 --repeats 3 \
+      --engine-impls pallas-fused,pallas-general --out "$OUT/latency" --tag "h200_$m" \
+      2>&1 | grep -E "^\| "
+  done
+fi
+if stage probe; then
+  before=/tmp/jd_before
+  rm -rf "$before" && mkdir -p "$before" && cp -r . "$before" 2>/dev/null
+  (cd "$before" && patch -p1 -s < patches/engine-decode-writing-off.patch) || exit 1
+  probe() {  # $1: tree, $2: tag
+    (cd "$1" && timeout 200 python3 scripts/bench_serving.py \
+      --model configs/models/llama-3.2-1b.yaml --impl pallas --layout inference \
+      --policies continuous --rates '' --num-pages 4096 --skip-offline --probe-steps 50 \
+      --num-scheduler-steps 4 --out "$OUT/probe/$2" --tag "$2" 2>&1 | tail -4)
+  }
+  probe . writing_1; probe "$before" separate_1; probe . writing_2; probe "$before" separate_2
+fi
