@@ -400,6 +400,7 @@ class LLMEngine:
             for j in range(n):
                 self.add_request(f"__warmup-decode{n}-{j}", [j + 1, n], params)
             self._drain()
+        self.runner.apply_copies([])  # the copy-on-write executable (copies nothing here)
         self.block_manager.reset_prefix_cache()
         self.scheduler.stats = type(self.scheduler.stats)()
         self.num_steps = self.num_generated_tokens = 0

@@ -157,9 +157,8 @@ def _forward_sample(params: Params, cache: PagedKVCache, tokens, positions, meta
 
 
 def _step(params: Params, cache: PagedKVCache, prev_burst, tokens, token_src, positions,
-          meta: PagedMeta, logits_at, copy_src, copy_dst, sp: SamplingArrays, seeds, indices,
-          counters, seen, steps, *, cfg: ModelConfig, impl: str, num_logprobs: int,
-          num_steps: int):
+          meta: PagedMeta, logits_at, sp: SamplingArrays, seeds, indices, counters, seen, steps,
+          *, cfg: ModelConfig, impl: str, num_logprobs: int, num_steps: int):
     """One engine step on device: one forward, or `num_steps` decodes of a decode-only batch.
 
     Args:
@@ -169,7 +168,8 @@ def _step(params: Params, cache: PagedKVCache, prev_burst, tokens, token_src, po
       token_src: [N] int32: -1, or the row of `prev_burst` whose last sample is this token (a
         token still in flight when the step was planned; its host entry in `tokens` is 0).
       meta: the ragged batch over B sequence slots. logits_at: [B] flat row of each slot's
-        last token. copy_src, copy_dst: [C] copy-on-write pages (dst -1 = none).
+        last token. (Copy-on-write page copies run before, in a call of their own:
+        `ModelRunner.apply_copies`.)
       sp: [B] sampling parameters. seeds, indices, counters: [B] uint32/int32 key material
         (counters: the output index of each row's first sample).
       seen: [B, V] bool or None (repetition penalty), without the tokens still in flight: all
@@ -189,7 +189,6 @@ def _step(params: Params, cache: PagedKVCache, prev_burst, tokens, token_src, po
         vocab = seen.shape[1]  # out of range: dropped
         seen = seen.at[jnp.arange(b)[:, None], jnp.where(src[:, None] >= 0, burst, vocab)
                        ].set(True, mode="drop")
-    cache = copy_pages(cache, copy_src, copy_dst)
     run = functools.partial(_forward_sample, params, sp=sp, seeds=seeds, indices=indices,
                             logits_at=logits_at, cfg=cfg, impl=impl, num_logprobs=num_logprobs)
     if steps is None:
@@ -239,6 +238,10 @@ def _packed_step(params: Params, cache: PagedKVCache, prev_burst, blobs, *,
 # The cache (argument 1) is donated: XLA updates the pool in place instead of copying it.
 _step_jit = jax.jit(_packed_step, donate_argnums=(1,),
                     static_argnames=("spec", "cfg", "impl", "num_logprobs", "num_steps"))
+# Copy-on-write in a call of its own, only for the steps that have copies (forks writing
+# into a shared partial page): inside the step it cost every step a gather of [L, B] pages
+# and two scatters that dropped them (3 kernels, ~12 MB for SmolLM2's pool at 32 slots).
+_copy_jit = jax.jit(copy_pages, donate_argnums=(0,))
 
 
 class ModelRunner:
@@ -334,16 +337,12 @@ class ModelRunner:
             pages = page_tables[ch.request.request_id][:width]
             tables[b, :len(pages)] = pages
         slots[:total] = tables[owner, pos // ps] * ps + pos % ps
-        copies = np.full((2, B), -1, np.int32)
-        if out.page_copies:
-            copies[:, :len(out.page_copies)] = np.asarray(out.page_copies, np.int32).T
         return {"tokens": tokens, "token_src": token_src, "positions": positions,
                     # Chunks sit in rows in slot order, so a step of one-token chunks has
                     # the layout decodes_only promises.
                     "meta": PagedMeta(slots, tables, context_lens, qsl,
                                       **self.decode_layout(chunks, lens)),
-                    "logits_at": logits_at,
-                    "copy_src": copies[0], "copy_dst": copies[1]}
+                    "logits_at": logits_at}
 
     def decode_layout(self, chunks, lens: np.ndarray) -> dict[str, bool]:
         """PagedMeta's static layout facts for a step's chunks ([C] token counts `lens`):
@@ -384,8 +383,7 @@ class ModelRunner:
             steps = np.zeros(B, np.int32)
             steps[:len(out.chunks)] = [c.steps for c in out.chunks]
         inputs = (arrays["tokens"], arrays["token_src"], arrays["positions"], arrays["meta"],
-                  arrays["logits_at"], arrays["copy_src"], arrays["copy_dst"], sp, seeds,
-                  indices, counters, seen, steps)
+                  arrays["logits_at"], sp, seeds, indices, counters, seen, steps)
         return transfer.pack(inputs), MAX_LOGPROBS if want_lp else 0
 
     def launch(self, inputs: transfer.Packed, num_logprobs: int = 0, num_steps: int = 1
@@ -400,9 +398,23 @@ class ModelRunner:
             cfg=self.cfg, impl=self.impl, num_logprobs=num_logprobs, num_steps=num_steps)
         return self.last_burst, logprobs
 
+    def apply_copies(self, copies: list[tuple[int, int]]) -> None:
+        """Dispatches copy-on-write page copies (src, dst), at most max_num_seqs of them (the
+        scheduler plans one per sequence at most), padded to that many: one executable."""
+        B = self.max_num_seqs
+        if len(copies) > B:
+            raise ValueError(f"{len(copies)} page copies in one step: at most max_num_seqs={B}")
+        pairs = np.full((2, B), -1, np.int32)
+        if copies:
+            pairs[:, :len(copies)] = np.asarray(copies, np.int32).T
+        self.cache = _copy_jit(self.cache, pairs[0], pairs[1])
+
     def dispatch(self, out: SchedulerOutput, page_tables: dict[str, list[int]],
                  num_logprobs: dict[str, int] | None = None) -> InFlightStep:
-        """Packs and dispatches a planned step without waiting for it."""
+        """Packs and dispatches a planned step (after its page copies, if any) without
+        waiting for it."""
+        if out.page_copies:
+            self.apply_copies(out.page_copies)
         sampled, logprobs = self.launch(*self.step_inputs(out, page_tables, num_logprobs),
                                         num_steps=out.num_steps)
         return InFlightStep(out, sampled, logprobs, num_logprobs or {})
