@@ -125,11 +125,13 @@ def xla_compile(fn: Callable, *args, donate_argnums: tuple[int, ...] = ()) -> st
         return jax.jit(fn, donate_argnums=donate_argnums).lower(*placed).compile().as_text()
 
 
-# Instructions that launch nothing: views, tuples, parameters (`launches`).
+# Instructions that launch nothing (`launches`): views, tuples, parameters, and the "done"
+# halves of asynchronous pairs (their "start" is the launch).
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
-         "opt-barrier", "add-dependency", "partition-id", "replica-id", "domain"}
+         "opt-barrier", "add-dependency", "partition-id", "replica-id", "domain",
+         "async-done", "async-update", "fusion-done", "copy-done"}
 # Instructions that run other computations, whose launches count instead of theirs.
-_CONTAINERS = {"call", "while", "conditional", "async-start", "async-done", "async-update"}
+_CONTAINERS = {"call", "while", "conditional", "async-start"}
 
 
 def launches(hlo_text: str) -> dict[str, int]:

@@ -276,9 +276,10 @@ class ModelRunner:
         self.page_size, self.max_num_seqs = page_size, max_num_seqs
         self.max_pages = -(-max_model_len // page_size)
         self.buckets = token_buckets(max_num_batched_tokens, token_bucket_sizes)
-        # Decode-only steps of up to `fused_rows` rows run the fused kernels
-        # (`fused_paged_decode_step`): they get buckets of their own, powers of two up to it,
-        # since the kernels' cost follows the rows while the general path pads to >= 16.
+        # Decode-only steps of as many rows as the fused kernels take here (5 by default on
+        # the GPU, `fused_paged_rows`) run them (`fused_paged_decode_step`) and get buckets of
+        # their own, powers of two up to that count: the kernels' cost follows the rows,
+        # where the general path pads to the 16-token bucket at least.
         rows = fused_paged_rows(self.params, cfg, page_size, cfg.dtype, max_num_seqs) \
             if impl == "pallas" else 0
         self.decode_buckets = token_buckets(rows, DECODE_BUCKETS) if rows else ()

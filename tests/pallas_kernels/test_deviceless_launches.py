@@ -41,6 +41,8 @@ ENTRY %main.7 (a: bf16[1,576], w: bf16[960,576]) -> (f32[4], (s32[], f32[4])) {
   %loop_add_fusion.1 = f32[4]{0} fusion(%gemm_fusion_dot, %w), kind=kLoop, calls=%fused_add
   %copy.1 = f32[4]{0} copy(%loop_add_fusion.1)
   %while.1 = (s32[], f32[4]{0}) while(%init), condition=%cond, body=%body
+  %fusion-start = ((f32[4]), f32[4], u32[]) fusion-start(%copy.1), kind=kLoop, calls=%fused_add
+  %fusion-done = f32[4]{0} fusion-done(%fusion-start)
   ROOT %tuple.3 = (f32[4]{0}, (s32[], f32[4]{0})) tuple(%copy.1, %while.1)
 }
 """.replace(
@@ -52,7 +54,7 @@ ENTRY %main.7 (a: bf16[1,576], w: bf16[960,576]) -> (f32[4], (s32[], f32[4])) {
 def test_launches_counts_kernels_by_kind():
     assert deviceless.launches(HLO) == {
         "pallas qkv_rope": 1, "fusion __triton_nested_gemm_fusion": 1, "fusion kLoop": 1,
-        "copy": 1, "loop: fusion kLoop": 1}
+        "copy": 1, "loop: fusion kLoop": 1, "fusion-start": 1}  # an async pair launches once
 
 
 def test_xla_compile_counts_the_engines_fused_step():
