@@ -14,9 +14,13 @@ figures.
 from __future__ import annotations
 
 import importlib.util
+from functools import partial
 
+import jax
+import jax.numpy as jnp
 import pytest
 
+from jdecode.cache.paged import PagedMeta, init_paged_cache, paged_attend
 from jdecode.provenance import REPO_ROOT
 from pallas_kernels import deviceless
 
@@ -83,6 +87,32 @@ def test_engine_fused_decode_kernels_compile_without_spills(script, rows):
     cfg, params = script.model_params("smollm2-135m")
     fn, args = script.engine_case(cfg, params, rows)
     _compile_distinct(fn, args, "paged_decode_attention", f"the engine's step of {rows} rows")
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "llama-3.2-1b"])
+def test_engine_general_decode_attention_compiles_without_spills(script, model):
+    """The engine's decode-only step of 64 sequences on the general path: its attention
+    kernel stores K/V too (`paged_decode_writing`, with the paged decode kernel's launch)."""
+    pytest.importorskip("triton")
+    cfg, _ = script.model_params(model)
+    n, slots, pages = 64, 64, 64 * 2048 // 16
+    z = partial(jax.ShapeDtypeStruct, dtype=jnp.bfloat16)
+    i32 = partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
+    pool = script.abstract(jax.eval_shape(partial(init_paged_cache, cfg, pages, 16)))
+    meta = PagedMeta(i32((n,)), i32((slots, 128)), i32((slots,)), i32((slots + 1,)),
+                     decodes_only=True)
+    H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    args = (z((1, n, H, D)), z((1, n, K, D)), z((1, n, K, D)), pool, i32(()), meta)
+    try:
+        capture = deviceless.TritonCapture()
+    except ImportError as e:
+        pytest.skip(str(e))
+    with deviceless.as_gpu(), capture:
+        deviceless.lower(partial(paged_attend, impl="pallas"), *args)
+    assert [k["name"] for k in capture.kernels] == ["paged_decode_attention"]
+    got = deviceless.compile_triton(capture.kernels[0])
+    assert got["status"] == "compiled", got
+    assert got["spill_store_bytes"] == 0, got
 
 
 @pytest.mark.parametrize("registers,shared,warps,want", [
