@@ -93,14 +93,28 @@ device_description_str: "NVIDIA H200"
 """
 
 
+def h200_topology():
+    """One H200 as a device topology of jax's CUDA plugin (no GPU needed); ImportError,
+    naming the fix, where the plugin is missing."""
+    from jax.experimental import topologies
+
+    try:
+        return topologies.get_topology_desc(platform="cuda", topology_name="",
+                                            target_config=H200_TARGET_CONFIG,
+                                            topology="1x1x1")
+    except Exception as e:  # noqa: BLE001 - the plugin's absence is reported, not raised raw
+        raise ImportError(f"no deviceless CUDA topology ({type(e).__name__}: {e}); install "
+                          "jax-cuda13-plugin (scripts/deviceless_env.sh setup does)") from e
+
+
 def xla_compile(fn: Callable, *args, donate_argnums: tuple[int, ...] = ()) -> str:
     """Compiles jit(fn)(*args) with XLA:GPU for an H200 that is not there, and returns the
     optimized HLO text: the kernels XLA would launch (fusions, GEMMs, the Pallas kernels'
     custom calls), in order.
 
     Needs jax's CUDA plugin (jax-cuda13-plugin and -pjrt, with the nvcc and nvvm wheels), not
-    a GPU: the plugin builds a device topology from `H200_TARGET_CONFIG`
-    (`jax.experimental.topologies`), and arguments placed on it compile for it. Without a
+    a GPU: the plugin builds a device topology from `H200_TARGET_CONFIG` (`h200_topology`),
+    and arguments placed on it compile for it. Without a
     card XLA does not autotune, so GEMM tiles are its heuristics', not the card's; the
     fusions and the kernel count are what the card's compiler makes of the same program,
     autotuning aside. args: arrays or ShapeDtypeStructs (pytrees), dispatched as on the card
@@ -109,14 +123,7 @@ def xla_compile(fn: Callable, *args, donate_argnums: tuple[int, ...] = ()) -> st
     from jax.experimental import topologies
     from jax.sharding import NamedSharding, PartitionSpec
 
-    try:
-        topology = topologies.get_topology_desc(
-            platform="cuda", topology_name="", target_config=H200_TARGET_CONFIG,
-            topology="1x1x1")
-    except Exception as e:  # noqa: BLE001 - the plugin's absence is reported, not raised raw
-        raise ImportError(f"no deviceless CUDA topology ({type(e).__name__}: {e}); install "
-                          "jax-cuda13-plugin (scripts/deviceless_env.sh setup does)") from e
-    mesh = topologies.make_mesh(topology, (1,), ("x",))
+    mesh = topologies.make_mesh(h200_topology(), (1,), ("x",))
     sharding = NamedSharding(mesh, PartitionSpec())
     placed = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)

@@ -44,19 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdecode.cache.dense import init_cache
-from jdecode.cache.paged import PagedMeta, init_paged_cache
-from jdecode.config import load_model_config_yaml
-from jdecode.decoding import phases
-from jdecode.model.fused_decode import (
-    fused_paged_decode_step,
-    fused_paged_reason,
-    impl_variant,
-    with_decode_copies,
-)
-from jdecode.model.layout import inference_layout
-from jdecode.model.params import init_params
-from jdecode.provenance import REPO_ROOT, environment
+from jdecode.analysis.deviceless_cases import engine_fused_case, model_params, step_case
+from jdecode.provenance import environment
 from pallas_kernels.deviceless import (
     DEVICE_KIND,
     NOT_COMPILED,
@@ -75,11 +64,6 @@ from pallas_kernels.paged_attention import (
     write_kv_pages,
 )
 
-
-def abstract(tree):
-    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
-
-
 # (impl variant, batch, tokens per row) of the steps lowered: the fused decode step at 1 and
 # 4 rows, fused verify chains of 2..64 tokens at batch 1 (64: a tree's size) and 2 x 4, and
 # the general step at batch 64, as bench_decode and bench_verify time them.
@@ -88,53 +72,9 @@ STEPS = [("pallas-fused", 1, 1), ("pallas-fused", 4, 1), ("pallas-fused", 1, 2),
          ("pallas-fused", 2, 4), ("pallas", 64, 1)]
 
 
-def model_params(name: str):
-    """(config, abstract inference params with the [N, K] copies) of configs/models/NAME in
-    bf16: shapes only (`jax.eval_shape`), so the 1B shape costs no memory."""
-    cfg = load_model_config_yaml(REPO_ROOT / "configs" / "models" / f"{name}.yaml")
-    cfg = cfg.replace(dtype="bfloat16")
-    params = jax.eval_shape(
-        lambda: with_decode_copies(inference_layout(init_params(cfg, jax.random.key(0)))))
-    return cfg, params
-
-
-def step_case(cfg, params, variant: str, batch: int, tokens: int) -> tuple[Callable, tuple]:
-    """(fn, abstract args) of one step over a 1024-slot per-layer cache: `decode_step` for one
-    token per row, else `verify`, traced under the impl variant (`impl_variant`)."""
-    cache = abstract(jax.eval_shape(partial(init_cache, cfg, batch, 1024, per_layer=True)))
-    toks = jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
-
-    def fn(p, c, t, pos):
-        with impl_variant(variant) as impl:
-            if tokens == 1:
-                return phases.decode_step(p, c, t[:, 0], pos[:, 0], cfg=cfg, impl=impl)
-            return phases.verify(p, c, t, pos, cfg=cfg, impl=impl)
-
-    return fn, (params, cache, toks, toks)
-
-
-# Rows of the engine's decode-only steps lowered (`engine_case`): its decode buckets 1 and 4.
+# Rows of the engine's decode-only steps lowered (`engine_fused_case`): its decode buckets
+# 1 and 4.
 ENGINE_ROWS = (1, 4)
-
-
-def engine_case(cfg, params, rows: int, *, page_size: int = 16, slots: int = 64,
-                max_len: int = 1024) -> tuple[Callable, tuple]:
-    """(fn, abstract args) of the engine's decode-only step of `rows` rows through the fused
-    kernels (`fused_paged_decode_step`) over a pool of `slots` sequences of `max_len` tokens
-    in `page_size`-token pages, as the runner packs it (`PagedMeta.decodes_only`)."""
-    pages = slots * max_len // page_size
-    pool = abstract(jax.eval_shape(partial(init_paged_cache, cfg, pages, page_size)))
-    i32 = partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
-    meta = PagedMeta(i32((rows,)), i32((slots, max_len // page_size)), i32((slots,)),
-                     i32((slots + 1,)), decodes_only=True)
-
-    def fn(p, c, t, pos, m):
-        reason = fused_paged_reason(p, c, m, cfg, t.shape[0])
-        if reason is not None:
-            raise ValueError(f"the engine's step would not take the fused kernels: {reason}")
-        return fused_paged_decode_step(p, c, t, pos, m, cfg=cfg)
-
-    return fn, (params, pool, i32((rows,)), i32((rows,)), meta)
 
 
 def step_cases(models: list[str]) -> Iterator[tuple[str, Callable, tuple]]:
@@ -146,7 +86,8 @@ def step_cases(models: list[str]) -> Iterator[tuple[str, Callable, tuple]]:
             yield (f"{name} {variant} B{batch} T{tokens}",
                    *step_case(cfg, params, variant, batch, tokens))
         for rows in ENGINE_ROWS:
-            yield f"{name} engine fused decode B{rows}", *engine_case(cfg, params, rows)
+            yield (f"{name} engine fused decode B{rows}",
+                   *engine_fused_case(cfg, params, rows))
 
 
 def kernel_cases() -> Iterator[tuple[str, Callable, tuple]]:

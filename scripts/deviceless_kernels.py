@@ -12,10 +12,10 @@ allocated):
 
 - the Generator's decode step (`phases.decode_step` over a 1024-slot per-layer cache), fused
   and general, at 1 and 4 rows, and the default path at 64;
-- the engine's decode-only step (`runner._forward_sample`: one forward over the page pool
-  and a greedy sample, 32 sequence slots (64 for 64 rows), 16-token pages, 2048-token
-  tables): the fused step over the 1- and 4-row decode buckets, and the general path over
-  16 and 64 rows.
+- the engine's decode-only step (`deviceless_cases.engine_forward_case`: one forward over
+  the page pool and a greedy sample, 32 sequence slots (64 for 64 rows), 16-token pages,
+  2048-token tables): the fused step over the 1- and 4-row decode buckets, and the general
+  path over 16 and 64 rows.
 
   bash scripts/deviceless_env.sh run python scripts/deviceless_kernels.py --out out/kernels
 """
@@ -23,32 +23,19 @@ allocated):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
-from functools import partial
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
+from jdecode.analysis.deviceless_cases import (
+    count_kernels,
+    engine_forward_case,
+    model_params,
+    step_case,
+)
+from jdecode.provenance import environment
+from pallas_kernels.deviceless import DEVICE_KIND
 
-from jdecode.cache.paged import PagedMeta, init_paged_cache
-from jdecode.decoding.sampling import SamplingArrays, SamplingParams
-from jdecode.engine import runner
-from jdecode.model.fused_decode import impl_variant
-from jdecode.provenance import REPO_ROOT, environment
-from pallas_kernels.deviceless import DEVICE_KIND, launches, xla_compile
-
-
-def _check_script():
-    spec = importlib.util.spec_from_file_location(
-        "deviceless_check", REPO_ROOT / "scripts" / "deviceless_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-CHECK = _check_script()  # model_params, step_case, abstract
 # (label, impl variant, rows) of the Generator's steps.
 GENERATOR = [("fused", "pallas-fused", 1), ("general", "pallas-general", 1),
              ("fused", "pallas-fused", 4), ("general", "pallas-general", 4),
@@ -60,32 +47,6 @@ ENGINE = [("fused, 1-row bucket (default)", "pallas", 1),
           ("fused, 4-row bucket (default)", "pallas", 4),
           ("general, 16-token bucket", "pallas-general", 16),
           ("general, 64 rows (default)", "pallas", 64)]
-
-
-def engine_case(cfg, params, rows: int, *, slots: int | None = None, page_size: int = 16,
-                max_len: int = 2048):
-    """(fn, args) of the engine's decode-only step over `rows` flat tokens: a forward over
-    the page pool and a greedy sample (`runner._forward_sample`), as `_step` runs it, with
-    `slots` sequence slots (default: 32, or `rows` past that, as a full batch packs)."""
-    slots = slots or max(32, rows)
-    i32 = partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
-    pool = CHECK.abstract(jax.eval_shape(partial(init_paged_cache, cfg, slots * max_len
-                                                 // page_size, page_size)))
-    meta = PagedMeta(i32((rows,)), i32((slots, max_len // page_size)), i32((slots,)),
-                     i32((slots + 1,)), decodes_only=True)
-    sp = SamplingArrays.from_params([SamplingParams()] * slots, slots, specialize_greedy=True)
-    fn = partial(runner._forward_sample, cfg=cfg, impl="pallas", num_logprobs=0, seen=None)
-    u32 = jax.ShapeDtypeStruct((slots,), jnp.uint32)
-    args = (params, pool, i32((rows,)), i32((rows,)), meta, i32((slots,)), sp, u32,
-            i32((slots,)), i32((slots,)))
-    return fn, args
-
-
-def count(fn, args, variant: str) -> dict:
-    with impl_variant(variant):  # the switch holds while the step is traced
-        text = xla_compile(fn, *args, donate_argnums=(1,))
-    kinds = launches(text)
-    return {"kernels": sum(kinds.values()), "kinds": kinds}
 
 
 def markdown(result: dict) -> str:
@@ -113,15 +74,14 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for name in args.models.split(","):
-        cfg, params = CHECK.model_params(name)
-        cases = [("Generator decode", label, variant, n,
-                  CHECK.step_case(cfg, params, variant, n, 1))
+        cfg, params = model_params(name)
+        cases = [("Generator decode", label, variant, n, step_case(cfg, params, variant, n, 1))
                  for label, variant, n in GENERATOR]
-        cases += [("engine decode-only", label, variant, n, engine_case(cfg, params, n))
-                  for label, variant, n in ENGINE]
+        cases += [("engine decode-only", label, variant, n,
+                   engine_forward_case(cfg, params, n)) for label, variant, n in ENGINE]
         for step, label, variant, n, (fn, fargs) in cases:
             row = {"model": name, "step": step, "path": label, "variant": variant, "rows": n,
-                   **count(fn, fargs, variant)}
+                   **count_kernels(fn, fargs, variant)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = {**environment(), "command": "python " + " ".join(sys.argv),

@@ -13,30 +13,15 @@ figures.
 
 from __future__ import annotations
 
-import importlib.util
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from jdecode.cache.paged import PagedMeta, init_paged_cache, paged_attend
-from jdecode.provenance import REPO_ROOT
+from jdecode.analysis import deviceless_cases as cases
+from jdecode.cache.paged import paged_attend
 from pallas_kernels import deviceless
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location(
-        "deviceless_check", REPO_ROOT / "scripts" / "deviceless_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def script():
-    return _script()
-
 
 # (model, batch, tokens per row): the fused decode step at batch 1, and verify steps of 5
 # tokens (n-gram k4), 2 x 4 (a chain at batch 2) and 16, all through the fused kernels.
@@ -73,36 +58,33 @@ def _compile_distinct(fn, args, attention: str, where: str) -> None:
 
 
 @pytest.mark.parametrize("model,batch,tokens", STEPS)
-def test_fused_step_kernels_compile_without_spills(script, model, batch, tokens):
-    cfg, params = script.model_params(model)
-    fn, args = script.step_case(cfg, params, "pallas-fused", batch, tokens)
+def test_fused_step_kernels_compile_without_spills(model, batch, tokens):
+    cfg, params = cases.model_params(model)
+    fn, args = cases.step_case(cfg, params, "pallas-fused", batch, tokens)
     _compile_distinct(fn, args, "decode_attention" if tokens == 1 else "block_attention",
                       f"{model}'s step of {batch} x {tokens} tokens")
 
 
 @pytest.mark.parametrize("rows", [1, 4])
-def test_engine_fused_decode_kernels_compile_without_spills(script, rows):
+def test_engine_fused_decode_kernels_compile_without_spills(rows):
     """The engine's decode-only step over its page pool (`fused_paged_decode_step`, on by
     default for the runner's decode buckets), SmolLM2 shape, pages of 16 tokens."""
-    cfg, params = script.model_params("smollm2-135m")
-    fn, args = script.engine_case(cfg, params, rows)
+    cfg, params = cases.model_params("smollm2-135m")
+    fn, args = cases.engine_fused_case(cfg, params, rows)
     _compile_distinct(fn, args, "paged_decode_attention", f"the engine's step of {rows} rows")
 
 
 @pytest.mark.parametrize("model", ["smollm2-135m", "llama-3.2-1b"])
-def test_engine_general_decode_attention_compiles_without_spills(script, model):
+def test_engine_general_decode_attention_compiles_without_spills(model):
     """The engine's decode-only step of 64 sequences on the general path: its attention
     kernel stores K/V too (`paged_decode_writing`, with the paged decode kernel's launch)."""
     pytest.importorskip("triton")
-    cfg, _ = script.model_params(model)
-    n, slots, pages = 64, 64, 64 * 2048 // 16
+    cfg, _ = cases.model_params(model)
+    n = 64
+    pool, meta = cases.engine_pool(cfg, n, slots=n)
     z = partial(jax.ShapeDtypeStruct, dtype=jnp.bfloat16)
-    i32 = partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
-    pool = script.abstract(jax.eval_shape(partial(init_paged_cache, cfg, pages, 16)))
-    meta = PagedMeta(i32((n,)), i32((slots, 128)), i32((slots,)), i32((slots + 1,)),
-                     decodes_only=True)
     H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    args = (z((1, n, H, D)), z((1, n, K, D)), z((1, n, K, D)), pool, i32(()), meta)
+    args = (z((1, n, H, D)), z((1, n, K, D)), z((1, n, K, D)), pool, cases.i32(()), meta)
     try:
         capture = deviceless.TritonCapture()
     except ImportError as e:

@@ -4,13 +4,11 @@ of scripts/deviceless_env.sh has and the CPU suite does not: skipped there)."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import jax
 import jax.numpy as jnp
 import pytest
 
-from jdecode.provenance import REPO_ROOT
+from jdecode.analysis import deviceless_cases as cases
 from pallas_kernels import deviceless
 
 # The shape of XLA:GPU's optimized HLO text, cut down: a Pallas kernel (its launch name in
@@ -57,26 +55,24 @@ def test_launches_counts_kernels_by_kind():
         "copy": 1, "loop: fusion kLoop": 1, "fusion-start": 1}  # an async pair launches once
 
 
+def _has_cuda_plugin() -> bool:
+    try:
+        deviceless.h200_topology()
+    except ImportError:
+        return False
+    return True
+
+
 def test_xla_compile_counts_the_engines_fused_step():
     """The engine's decode-only step of one row at the SmolLM2 shape compiles to the fused
     step's five Pallas kernels per layer and a few XLA kernels (embedding, RoPE tables,
     final norm, LM head, the sample), where the general path's step over the 16-token
     bucket launches at least two more per layer (scripts/deviceless_kernels.py)."""
-    try:
-        from jax.experimental import topologies
-
-        topologies.get_topology_desc(platform="cuda", topology_name="",
-                                     target_config=deviceless.H200_TARGET_CONFIG,
-                                     topology="1x1x1")
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"no jax CUDA plugin to compile with ({type(e).__name__})")
-    spec = importlib.util.spec_from_file_location(
-        "deviceless_kernels", REPO_ROOT / "scripts" / "deviceless_kernels.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    cfg, params = script.CHECK.model_params("smollm2-135m")
-    fused = script.count(*script.engine_case(cfg, params, 1), "pallas")
-    general = script.count(*script.engine_case(cfg, params, 16), "pallas-general")
+    if not _has_cuda_plugin():
+        pytest.skip("no jax CUDA plugin to compile with")
+    cfg, params = cases.model_params("smollm2-135m")
+    fused = cases.count_kernels(*cases.engine_forward_case(cfg, params, 1), "pallas")
+    general = cases.count_kernels(*cases.engine_forward_case(cfg, params, 16), "pallas-general")
     layers = cfg.num_layers
     for name in ("qkv_rope", "paged_decode_attention", "attn_o_residual", "gate_up_swiglu",
                  "gemv_residual"):
@@ -86,14 +82,7 @@ def test_xla_compile_counts_the_engines_fused_step():
 
 
 def test_xla_compile_names_the_missing_plugin():
-    try:
-        from jax.experimental import topologies
-
-        topologies.get_topology_desc(platform="cuda", topology_name="",
-                                     target_config=deviceless.H200_TARGET_CONFIG,
-                                     topology="1x1x1")
+    if _has_cuda_plugin():
         pytest.skip("this machine has jax's CUDA plugin")
-    except Exception:  # noqa: BLE001
-        pass
     with pytest.raises(ImportError, match="jax-cuda13-plugin"):
         deviceless.xla_compile(lambda x: x + 1, jax.ShapeDtypeStruct((4,), jnp.float32))
