@@ -107,6 +107,15 @@ def split_output(acc, m, l):
     return o, lse
 
 
+def check_parts_dtype(parts_dtype: str | None, splits: int) -> None:
+    """Only one split's output may leave in the model dtype: partials that are merged stay
+    f32 (a rounded partial would round the output twice)."""
+    if parts_dtype is not None and splits > 1 and jnp.dtype(parts_dtype) != f32:
+        raise ValueError(f"parts_dtype={parts_dtype} with {splits} splits: partials that are "
+                         "merged stay f32 (a rounded partial would round the output twice); "
+                         "pass num_splits=1 or leave parts_dtype unset")
+
+
 def query_group(qkv_ref, b, kv, *, num_heads: int, group: int, cache_dtype):
     """Row b's queries of kv head kv as one tensor-core tile, and the row's new K/V.
 
@@ -205,8 +214,8 @@ def decode_attention(qkv, k_cache, v_cache, positions, *, num_heads: int, num_kv
     Returns:
       (parts, lse, k_cache, v_cache): parts [B, splits, H * D] f32 (or parts_dtype), each
       split's normalized output; lse [B, splits, H] f32, each head's base-2 log-sum-exp in
-      it (MASK_VALUE where a split saw no key). Merge with `reference.merge_splits` or, fused with the O
-      projection, `kernel.attn_o_residual`.
+      it (MASK_VALUE where a split saw no key). Merge with `reference.merge_splits` or,
+      fused with the O projection, `kernel.attn_o_residual`.
     """
     b, n = qkv.shape
     _, S, K, D = k_cache.shape
@@ -220,10 +229,7 @@ def decode_attention(qkv, k_cache, v_cache, positions, *, num_heads: int, num_kv
                          f"cache {k_cache.shape} {k_cache.dtype} must have qkv's rows {b} and "
                          f"dtype {qkv.dtype} and a length that block_k={block_k} divides")
     splits = num_splits or default_splits(S, b, block_k=block_k)
-    if parts_dtype is not None and splits > 1 and jnp.dtype(parts_dtype) != f32:
-        raise ValueError(f"parts_dtype={parts_dtype} with {splits} splits: partials that are "
-                         "merged stay f32 (a rounded partial would round the output twice); "
-                         "pass num_splits=1 or leave parts_dtype unset")
+    check_parts_dtype(parts_dtype, splits)
     kernel = functools.partial(_attn_kernel, num_heads=H, group=H // K, block_k=block_k,
                                num_splits=splits, sm_scale=D ** -0.5)
     inputs = (positions.astype(jnp.int32), qkv.reshape(b, H + 2 * K, D), k_cache, v_cache)

@@ -37,13 +37,14 @@ from pallas_kernels.flash_attention.kernel import dot_nt, online_softmax_step, s
 from pallas_kernels.flash_attention.tuning import resolve_interpret
 from pallas_kernels.fused_decode.attention import (
     BLOCK_K,
+    check_parts_dtype,
     default_splits,
     query_group,
     seed_carry,
     store_split,
 )
 from pallas_kernels.fused_decode.kernel import whole_block
-from pallas_kernels.paged_attention.kernel import pad_block_tables, split_blocks
+from pallas_kernels.paged_attention.kernel import load_kv_block, pad_block_tables, split_blocks
 
 f32 = jnp.float32
 
@@ -72,19 +73,15 @@ def _paged_attn_kernel(ctx_ref, slot_ref, base_ref, table_ref, qkv_ref, kc_ref, 
         kc_out[base + slot, :] = k_new
         vc_out[base + slot, :] = v_new
 
-    pages_per_block = block_k // page_size
-    tok = jnp.arange(block_k)
+    load = functools.partial(load_kv_block, table_ref=table_ref, block_k=block_k,
+                             page_size=page_size, first_row=base, num_pages=layer_pages)
 
     def body(j, carry, masked):
-        ids = table_ref[j * pages_per_block + tok // page_size]  # [block_k] page of each token
-        # Entries past the context may be padding or stale: clipped into the layer's pages so
-        # the load stays in bounds; those tokens are masked below.
-        rows = base + jnp.clip(ids, 0, layer_pages - 1) * page_size + tok % page_size
-        k, v = kc_ref[rows], vc_ref[rows]  # [block_k, D]
+        k, v = load(kc_ref, j=j), load(vc_ref, j=j)  # [block_k, D], the layer's pages
         s = scale_logits(dot_nt(q, k), sm_scale, None)  # [Gp, block_k]
         mask = None
         if masked:
-            valid = j * block_k + tok < past  # [block_k]
+            valid = j * block_k + jnp.arange(block_k) < past  # [block_k]
             v = jnp.where(valid[:, None], v, jnp.zeros_like(v))  # 0 * stale garbage stays 0
             mask = jnp.broadcast_to(valid[None, :], s.shape)
         return online_softmax_step(carry, s, v, mask)
@@ -150,9 +147,7 @@ def paged_decode_attention(qkv, k_pages, v_pages, layer, context_lens, slot_mapp
                          f"{page}")
     table = pad_block_tables(block_tables, block_k // page)  # [B, W_pad]
     splits = num_splits or default_splits(block_tables.shape[1] * page, b, block_k=block_k)
-    if parts_dtype is not None and splits > 1 and jnp.dtype(parts_dtype) != f32:
-        raise ValueError(f"parts_dtype={parts_dtype} with {splits} splits: partials that are "
-                         "merged stay f32; pass num_splits=1 or leave parts_dtype unset")
+    check_parts_dtype(parts_dtype, splits)
     # Contexts past the table are clamped, as the paged decode kernel does under jit.
     ctx = jnp.clip(context_lens.astype(jnp.int32), 0, block_tables.shape[1] * page)
     base = (jnp.asarray(layer, jnp.int32) * (P * page)).reshape(1)

@@ -29,7 +29,8 @@ from pallas_kernels.paged_attention.reference import (
 from pallas_kernels.paged_attention.tuning import decode_num_splits, paged_config
 
 
-def load_kv_block(pages_ref, table_ref, j, block_k: int, page_size: int) -> jax.Array:
+def load_kv_block(pages_ref, table_ref, j, block_k: int, page_size: int, first_row=None,
+                  num_pages: int | None = None) -> jax.Array:
     """Gathers the j-th block of a sequence's tokens for one kv head: [block_k, D].
 
     pages_ref [P * page, D] is the pool seen through one kv head, one row per token slot;
@@ -39,13 +40,17 @@ def load_kv_block(pages_ref, table_ref, j, block_k: int, page_size: int) -> jax.
     [pages, page, D] gather reshaped to [block_k, D] reached 2.20 with the same launch
     parameters. Entries past the context may be padding (-1, stale ids): clipped into range so
     the load stays in bounds; the caller masks those tokens.
+
+    first_row, num_pages: the pages the table indexes are those from row first_row on, that
+    many (default: the whole ref, from row 0). The fused step's `paged_decode_attention`
+    sees all layers' pools as one ref and reads one layer's.
     """
     pages_per_block = block_k // page_size
-    num_pages = pages_ref.shape[0] // page_size
+    num_pages = num_pages or pages_ref.shape[0] // page_size
     tok = jnp.arange(block_k)
     ids = table_ref[j * pages_per_block + tok // page_size]  # [block_k], page of each token
     rows = jnp.clip(ids, 0, num_pages - 1) * page_size + tok % page_size
-    return pages_ref[rows]
+    return pages_ref[rows if first_row is None else first_row + rows]
 
 
 def token_rows(pages: jax.Array) -> jax.Array:
