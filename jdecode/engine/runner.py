@@ -125,9 +125,10 @@ class StepResult:
 def _forward_sample(params: Params, cache: PagedKVCache, tokens, positions, meta: PagedMeta,
                     logits_at, sp: SamplingArrays, seeds, indices, counters, seen, *,
                     cfg: ModelConfig, impl: str, num_logprobs: int):
-    """One forward over the flat tokens, and one sample per sequence slot.
+    """One forward over the flat tokens, and one sample per sequence slot given: S slots,
+    which `_step` cuts to those that can hold a chunk.
 
-    Returns sampled [B] int32, logprobs (chosen [B], top ids [B, k], top values [B, k]) or
+    Returns sampled [S] int32, logprobs (chosen [S], top ids [S, k], top values [S, k]) or
     None, the cache, and `seen` with each row's input token marked.
     """
     if seen is not None:  # each row's last token may have been in flight: mark it here
@@ -182,37 +183,51 @@ def _step(params: Params, cache: PagedKVCache, prev_burst, tokens, token_src, po
     """
     TRACE_COUNTS["step"] += 1
     width, b = prev_burst.shape
+    n = tokens.shape[0]
     tokens = jnp.where(token_src >= 0, prev_burst[-1, jnp.maximum(token_src, 0)], tokens)
+    # Only the first S = min(N, B) slots can hold a chunk: chunks take slots 0..C-1 in order
+    # (`ModelRunner.pack`) and each has a token. The LM head, the sampler (a sort of [rows, V]
+    # when a row samples) and the logprobs run on those S rows, not on all max_num_seqs slots:
+    # a one-request decode step of a 256-slot engine sorted 256 x V logits to use one row.
+    s = min(n, b)
+    logits_at, seeds, indices, counters = (x[:s] for x in (logits_at, seeds, indices, counters))
+    sp = jax.tree.map(lambda x: x[:s], sp)
+    seen = None if seen is None else seen[:s]
+
+    def to_slots(x):  # [S, ...] per live slot -> [B, ...] (the rest zero)
+        return jnp.zeros((b, *x.shape[1:]), x.dtype).at[:s].set(x)
+
     if seen is not None:  # the in-flight samples the host could not mark
-        src = token_src[logits_at]  # [B]
-        burst = prev_burst[:, jnp.maximum(src, 0)].T  # [B, W]
+        src = token_src[logits_at]  # [S]
+        burst = prev_burst[:, jnp.maximum(src, 0)].T  # [S, W]
         vocab = seen.shape[1]  # out of range: dropped
-        seen = seen.at[jnp.arange(b)[:, None], jnp.where(src[:, None] >= 0, burst, vocab)
+        seen = seen.at[jnp.arange(s)[:, None], jnp.where(src[:, None] >= 0, burst, vocab)
                        ].set(True, mode="drop")
     run = functools.partial(_forward_sample, params, sp=sp, seeds=seeds, indices=indices,
                             logits_at=logits_at, cfg=cfg, impl=impl, num_logprobs=num_logprobs)
     if steps is None:
         sampled, logprobs, cache, _ = run(cache, tokens, positions, meta, counters=counters,
                                           seen=seen)
-        logprobs = None if logprobs is None else jax.tree.map(lambda x: x[None], logprobs)
-        return jnp.broadcast_to(sampled, (width, b)), logprobs, cache
+        logprobs = None if logprobs is None else jax.tree.map(
+            lambda x: to_slots(x)[None], logprobs)
+        return jnp.broadcast_to(to_slots(sampled), (width, b)), logprobs, cache
 
-    n = tokens.shape[0]
     page_size = cache.page_size
-    live = steps > 0  # [B]
+    steps = steps[:s]
+    live = steps > 0  # [S]
 
-    def token_rows(x):  # [B] per slot -> [N] per flat row (slot b's token is row b)
-        return jnp.zeros(n, x.dtype).at[jnp.arange(b)].set(x, mode="drop")
+    def token_rows(x):  # [S] per slot -> [N] per flat row (slot b's token is row b)
+        return jnp.zeros(n, x.dtype).at[jnp.arange(s)].set(x)
 
     def decode(carry, j):
         cache, toks, seen, last = carry
         # A row past its count recomputes its last position without writing it (slot -1).
-        active = j < steps  # [B]
-        advance = jnp.where(live, jnp.minimum(j, steps - 1), 0)  # [B]
+        active = j < steps  # [S]
+        advance = jnp.where(live, jnp.minimum(j, steps - 1), 0)  # [S]
         pos = positions + token_rows(advance)  # [N]
         page = meta.block_tables[jnp.minimum(jnp.arange(n), b - 1), pos // page_size]  # [N]
         slots = jnp.where(token_rows(active), page * page_size + pos % page_size, -1)
-        m = meta.replace(slot_mapping=slots, context_lens=meta.context_lens + advance)
+        m = meta.replace(slot_mapping=slots, context_lens=meta.context_lens + to_slots(advance))
         sampled, logprobs, cache, seen = run(cache, toks, pos, m, counters=counters + j,
                                              seen=seen)
         # Each live row's sample is its next input token; out of range (n) drops the rest.
@@ -221,8 +236,11 @@ def _step(params: Params, cache: PagedKVCache, prev_burst, tokens, token_src, po
         return (cache, toks, seen, last), (last, logprobs)
 
     (cache, _, _, last), (burst, logprobs) = jax.lax.scan(
-        decode, (cache, tokens, seen, prev_burst[-1]), jnp.arange(num_steps))
-    burst = jnp.concatenate([burst, jnp.broadcast_to(last, (width - num_steps, b))])
+        decode, (cache, tokens, seen, prev_burst[-1, :s]), jnp.arange(num_steps))
+    burst = jnp.concatenate([burst, jnp.broadcast_to(last, (width - num_steps, s))])
+    burst = jnp.zeros((width, b), burst.dtype).at[:, :s].set(burst)  # [W, B]
+    if logprobs is not None:  # [num_steps, S, ...] -> [num_steps, B, ...]
+        logprobs = jax.tree.map(lambda x: jax.vmap(to_slots)(x), logprobs)
     return burst, logprobs, cache
 
 

@@ -5,6 +5,7 @@ steps."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from jdecode.decoding.sampling import SamplingParams
@@ -75,6 +76,38 @@ def test_multi_step_equals_single_step_sampling_penalty_and_logprobs(rng, make_l
     assert comparable(got[4][1]) == comparable(got[1][1])
     assert got[4][0].num_steps < got[1][0].num_steps
     assert all(len(c.logprobs) == len(c.token_ids) for o in got[4][1] for c in o.outputs)
+
+
+def test_sampling_runs_on_the_slots_a_step_can_fill(rng, make_llm, monkeypatch):
+    """A step of N tokens samples min(N, max_num_seqs) slots, not all of them (chunks take
+    slots 0..C-1 and each has a token): with 4-token decode buckets beside 8 slots, seeded
+    sampling with a penalty and logprobs, one decode per launch and bursts of 3, gives what
+    engines whose buckets hold every slot give."""
+    from jdecode.engine import runner
+
+    rows, real = [], runner.sample
+    monkeypatch.setattr(runner, "sample", lambda logits, *a: rows.append(logits.shape[0])
+                        or real(logits, *a))
+    prompts = prompts_of(rng, 3)
+    params = [SamplingParams(max_new_tokens=7, temperature=0.9, top_p=0.8, seed=s,
+                             repetition_penalty=1.3) for s in range(3)]
+    full = runs(make_llm, prompts, params, steps=(1, 3), logprobs=2,
+                max_num_batched_tokens=64)
+    assert set(rows) == {8}  # buckets of 16 and 64 tokens: every slot
+    rows.clear()
+    cut = runs(make_llm, prompts, params, steps=(1, 3), logprobs=2,
+               max_num_batched_tokens=64, token_buckets=(4,))
+    assert 4 in rows  # the decodes' new 4-token bucket (the 64's were traced above)
+    for s in (1, 3):
+        # Tokens exactly; logprobs to float noise (the LM head runs on fewer rows).
+        for a, b in zip(cut[s][1], full[s][1], strict=True):
+            a, b = a.outputs[0], b.outputs[0]
+            assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text,
+                                                              b.finish_reason), s
+            for x, y in zip(a.logprobs, b.logprobs, strict=True):
+                assert x.token_id == y.token_id and list(x.top) == list(y.top), s
+                np.testing.assert_allclose([x.logprob, *x.top.values()],
+                                           [y.logprob, *y.top.values()], rtol=0, atol=1e-5)
 
 
 def test_scheduler_gives_each_decode_row_what_its_limits_leave():
