@@ -3,12 +3,24 @@ path): stable seeds and tiny random models."""
 
 from __future__ import annotations
 
+import importlib.util
 import zlib
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def seed_of(name: str) -> int:
     """A stable 31-bit seed from a name (a test id, a module, a variant)."""
     return zlib.crc32(name.encode()) % 2**31
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_model(seed: int, tokenizer=None, **overrides):

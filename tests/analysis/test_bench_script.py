@@ -1,22 +1,12 @@
 """scripts/bench_roofline.py end to end on the tiny model (CPU): JSON, markdown and plot."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_roofline",
-                                                  ROOT / "scripts" / "bench_roofline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_script
 
 
 def test_bench_roofline_writes_its_record(tmp_path):
-    bench = load_script()
+    bench = load_script("bench_roofline")
     assert bench.parse_shapes("1x2048,64x1024") == [(1, 2048), (64, 1024)]
     assert bench.parse_shapes("none") == []
     # the GPU's default layout (fused projections, unrolled layers, per-layer cache), on CPU

@@ -1,17 +1,8 @@
 """scripts/spec_plan.py: per-batch tree/chain/off plans from measured experiment rows."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("spec_plan", ROOT / "scripts" / "spec_plan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_script
 
 
 def row(method, label, batch, tau, speedup, **options):
@@ -30,7 +21,7 @@ def test_plans_choose_per_batch_and_write_options(tmp_path, capsys):
             row("autoregressive", "autoregressive", 1, 1.0, 1.0)]
     path = tmp_path / "results.jsonl"
     path.write_text("\n".join(map(json.dumps, rows)))
-    plan = load_script().plans(rows)
+    plan = load_script("spec_plan").plans(rows)
     assert set(plan) == {"medusa", "blockwise"}
     medusa = plan["medusa"]
     assert {b: v["choice"] for b, v in medusa["batches"].items()} == {1: "m64", 64: "m8",
