@@ -26,6 +26,19 @@ def git_sha(short: bool = True) -> str:
         return ""
 
 
+def machine() -> str:
+    """The host's CPU model and core count ("<model>, <n> cores"): what a host-side figure
+    depends on."""
+    try:
+        lscpu = subprocess.run(["lscpu"], check=False, capture_output=True, text=True,
+                               timeout=5).stdout
+        name = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines()
+                    if line.startswith("Model name"))
+    except (OSError, StopIteration, subprocess.SubprocessError):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
+
+
 # Environment variables that change what runs (and so its speed) without changing the code:
 # the fused decode/verify switch (jdecode.model.fused_decode) and XLA's flags.
 SWITCHES = ("JDECODE_FUSED_DECODE", "XLA_FLAGS")

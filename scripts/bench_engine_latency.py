@@ -26,10 +26,8 @@ import datetime
 import itertools
 import json
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +39,7 @@ from jdecode.decoding.sampling import SamplingParams
 from jdecode.engine.engine import EngineArgs, LLMEngine
 from jdecode.io.registry import DEFAULT_MODEL, load
 from jdecode.model.fused_decode import impl_variant
-from jdecode.provenance import git_sha
+from jdecode.provenance import git_sha, machine
 
 PROMPT = "Tell me about the history of the city of Paris in a few sentences."
 
@@ -64,17 +62,6 @@ def engine_run(engine: LLMEngine, ids: list[int], new_tokens: int) -> dict:
         stamps.extend(time.perf_counter() for _ in engine.step())
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
     return {"ms_per_token": 1e3 * statistics.median(gaps), "wall_s": time.perf_counter() - t0}
-
-
-def machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], check=False, capture_output=True, text=True,
-                               timeout=5).stdout
-        name = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines()
-                    if line.startswith("Model name"))
-    except (OSError, StopIteration, subprocess.SubprocessError):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def engine_label(impl: str) -> str:

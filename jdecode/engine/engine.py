@@ -17,7 +17,7 @@ import jax
 
 from jdecode.decoding.sampling import SamplingParams, stop_prefix_len
 from jdecode.engine.block_manager import BlockManager
-from jdecode.engine.request import InvalidRequest, Request, RequestStatus
+from jdecode.engine.request import InvalidRequest, Request, RequestStatus, TokenIds
 from jdecode.engine.runner import MAX_LOGPROBS, InFlightStep, ModelRunner
 from jdecode.engine.scheduler import Scheduler, SchedulerConfig
 from jdecode.io.registry import Model
@@ -103,7 +103,7 @@ class SequenceOutput:
     index: int  # which of the n sequences
     new_token_ids: list[int]
     delta_text: str
-    token_ids: list[int]
+    token_ids: TokenIds  # the tokens so far: a snapshot, list(...) for a list
     text: str
     finished: bool
     finish_reason: str | None
@@ -313,7 +313,7 @@ class LLMEngine:
         req = seq.req
         return SequenceOutput(
             request_id=seq.user_id, index=req.index, new_token_ids=[], delta_text="",
-            token_ids=list(req.output_token_ids), text=seq.text, finished=True,
+            token_ids=req.output_so_far(), text=seq.text, finished=True,
             finish_reason=RequestStatus.FINISHED_ABORTED.finish_reason, logprobs=None,
             num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
             error=error)
@@ -327,16 +327,17 @@ class LLMEngine:
             status = RequestStatus.FINISHED_STOPPED
         elif seq.detok is not None:
             seq.pending += seq.detok.add([token])
-            hit = min(((seq.pending.find(s), s) for s in sp.stop if s in seq.pending),
-                      default=None)
-            if hit is not None:
+            hit = sp.stop and min(((seq.pending.find(s), s) for s in sp.stop
+                                   if s in seq.pending), default=None)
+            if hit:
                 seq.pending = seq.pending[:hit[0]]
                 status = RequestStatus.FINISHED_STOPPED
         if status is None and (req.num_output_tokens >= sp.max_new_tokens
                                or req.num_tokens >= self.max_model_len):
             status = RequestStatus.FINISHED_LENGTH
         # Hold back the tail that might be the start of a stop string until it is decided.
-        hold = 0 if status is not None else stop_prefix_len(seq.pending, sp.stop)
+        hold = 0 if status is not None or not sp.stop else stop_prefix_len(seq.pending,
+                                                                           sp.stop)
         cut = max(0, len(seq.pending) - hold)
         delta, seq.pending = seq.pending[:cut], seq.pending[cut:]
         seq.text += delta
@@ -347,7 +348,7 @@ class LLMEngine:
         logprobs = seq.logprobs[-1:] if seq.num_logprobs is not None else None
         return SequenceOutput(
             request_id=seq.user_id, index=req.index, new_token_ids=[token],
-            delta_text=delta, token_ids=list(req.output_token_ids), text=seq.text,
+            delta_text=delta, token_ids=req.output_so_far(), text=seq.text,
             finished=status is not None, finish_reason=status.finish_reason if status else None,
             logprobs=logprobs, num_prompt_tokens=req.num_prompt_tokens,
             num_cached_tokens=req.num_cached_tokens)

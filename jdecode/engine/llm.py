@@ -109,7 +109,9 @@ class LLM:
                     for out in engine.step():
                         res = results[out.request_id]
                         comp = res.outputs[out.index]
-                        comp.text, comp.token_ids = out.text, out.token_ids
+                        comp.text = out.text
+                        if out.finished:  # a list of its own, once per sequence
+                            comp.token_ids = list(out.token_ids)
                         comp.finish_reason = out.finish_reason
                         res.num_cached_tokens = max(res.num_cached_tokens,
                                                     out.num_cached_tokens)

@@ -163,3 +163,22 @@ def test_stop_prefix_len_matches_brute_force(rng):
         stops = ["".join(rng.choice(list("abc"), size=int(rng.integers(1, 8))))
                  for _ in range(int(rng.integers(1, 4)))]
         assert stop_prefix_len(text, stops) == brute(text, stops), (text, stops)
+
+
+def test_outputs_token_ids_are_snapshots(rng, make_engine, greedy_reference):
+    """Each step's output carries the tokens so far without copying them (`TokenIds`): a
+    snapshot that later tokens leave as it was, equal to the list it shows."""
+    prompt = prompts_of(rng, 1)[0]
+    engine = make_engine()
+    engine.add_request("a", prompt, SamplingParams(max_new_tokens=6))
+    outs = []
+    while engine.has_unfinished_requests():
+        outs.extend(engine.step())
+    ref = greedy_reference(prompt)[:6]
+    assert [list(o.token_ids) for o in outs] == [ref[:i + 1] for i in range(6)]
+    first, last = outs[0].token_ids, outs[-1].token_ids
+    assert first == ref[:1] and ref[:1] == first and first != ref[:2] and last == tuple(ref)
+    assert len(first) == 1 and first[-1] == ref[0] and last[1:3] == ref[1:3]
+    with pytest.raises(IndexError, match="out of range for 1 tokens"):
+        first[1]
+    assert repr(first) == repr(ref[:1])
