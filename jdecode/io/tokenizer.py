@@ -120,22 +120,17 @@ def _compile_template(source: str) -> jinja2.Template:
 class IncrementalDetokenizer:
     """Turns a growing token list into text deltas without splitting a UTF-8 character.
 
-    Decodes a short window before the new tokens (byte-level BPE merges can change the text
-    of a boundary) and holds back output while it ends in U+FFFD, an incomplete character.
+    `tokenizers`' own streaming decoder (`DecodeStream`, in Rust) does the work: it decodes a
+    short window before each new token (byte-level BPE merges can change the text of a
+    boundary) and holds output back while it would end in an incomplete character. It took
+    about half the host time per token of the Python window this class had before.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
-        self.tok, self.skip = tokenizer, skip_special_tokens
-        self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
+        self.backend = tokenizer.backend
+        self.stream = decoders.DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def add(self, new_ids: Sequence[int]) -> str:
         """Appends tokens; returns the text that became final."""
-        self.ids.extend(int(t) for t in new_ids)
-        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
-        full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return full[len(prefix):]
-        return ""
+        parts = [self.stream.step(self.backend, int(t)) for t in new_ids]
+        return "".join(p for p in parts if p is not None)
