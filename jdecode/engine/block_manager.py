@@ -190,7 +190,9 @@ class BlockManager:
         cow = (num_new_tokens > 0 and start % ps != 0
                and self.ref_counts[pages[start // ps]] > 1)
         # Cached pages sitting in the free queue leave it when touched.
-        available = self.num_free_pages - sum(1 for p in cached_pages if self.ref_counts[p] == 0)
+        available = self.num_free_pages
+        if cached_pages:
+            available -= sum(1 for p in cached_pages if self.ref_counts[p] == 0)
         if num_new_pages + cow > available:
             return False
         pages = self.req_pages.setdefault(rid, pages)
