@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,3 +184,21 @@ def test_outputs_token_ids_are_snapshots(rng, make_engine, greedy_reference):
     with pytest.raises(IndexError, match="out of range for 1 tokens"):
         first[1]
     assert repr(first) == repr(ref[:1])
+
+
+def test_host_bench_times_the_engine_without_the_device(tmp_path):
+    """scripts/bench_engine_host.py on the tiny model: its launch stub runs no device step, the
+    engine still lands every token, and the record names its phases."""
+    from helpers import load_script
+
+    bench = load_script("bench_engine_host")
+    tiny = str(Path(__file__).parents[2] / "configs/models/tiny.yaml")
+    res = bench.main(["--model", tiny, "--batch", "4",
+                      "--num-scheduler-steps", "1,2", "--steps", "6", "--prompt-len", "8",
+                      "--output-len", "0,5", "--out", str(tmp_path)])
+    assert [(p["batch"], p["num_scheduler_steps"], p["output_len"]) for p in res["probes"]] == [
+        (4, 1, 0), (4, 1, 5), (4, 2, 0), (4, 2, 5)]
+    for p in res["probes"]:
+        assert p["decodes_per_step"] == p["num_scheduler_steps"]  # every row decoded each step
+        assert p["ms_per_decode_step"] > 0 and set(p["phases_ms"]) == set(bench.PHASES)
+    assert "| 4 | 2 | 5 |" in (tmp_path / "engine_host_cpu.md").read_text()
