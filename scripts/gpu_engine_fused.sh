@@ -11,13 +11,16 @@
 #   probe    the 64-sequence decode probe (bench_serving.py, multi-step 4) of the 1B shape,
 #            alternating this tree with a copy where patches/engine-decode-writing-off.patch
 #            puts back the separate cache write and decode kernel.
+#   host     the engine's host work per decode step on this machine's CPU with no device work
+#            (bench_engine_host.py, benchmarks/engine_host_cpu.md), and the 64-sequence probe
+#            of the SmolLM2 shape, whose device step is short enough for the host to bound it.
 #
-#   device: OUT=$OUT STAGE=tests,latency,probe bash scripts/gpu_engine_fused.sh
+#   device: OUT=$OUT STAGE=tests,latency,probe,host bash scripts/gpu_engine_fused.sh
 # Each stage has its own timeout so one slow stage cannot take the others' results with it.
 set -u
 export PYTHONPATH=.:${PYTHONPATH:-}
 export JDECODE_GIT_SHA=${JDECODE_GIT_SHA:-unknown}
-OUT=$(realpath -m "${OUT:-out}"); STAGE=${STAGE:-tests,latency,probe}; mkdir -p "$OUT"
+OUT=$(realpath -m "${OUT:-out}"); STAGE=${STAGE:-tests,latency,probe,host}; mkdir -p "$OUT"
 stage() { [[ ",$STAGE," == *",$1,"* ]]; }
 if stage tests; then
   JAX_DEFAULT_MATMUL_PRECISION=highest timeout 420 python3 -m pytest -q -p no:cacheprovider \
@@ -44,4 +47,13 @@ if stage probe; then
       --num-scheduler-steps 4 --out "$OUT/probe/$2" --tag "$2" 2>&1 | tail -4)
   }
   probe . writing_1; probe "$before" separate_1; probe . writing_2; probe "$before" separate_2
+fi
+if stage host; then
+  timeout 150 python3 scripts/bench_engine_host.py --model configs/models/smollm2-135m.yaml \
+    --batch 64 --num-scheduler-steps 1,4 --output-len 0,1000 --out "$OUT/host" --tag h200_host \
+    2>&1 | grep -E "^\| "
+  timeout 200 python3 scripts/bench_serving.py --model configs/models/smollm2-135m.yaml \
+    --impl pallas --layout inference --policies continuous --rates '' --num-pages 4096 \
+    --skip-offline --probe-steps 50 --num-scheduler-steps 4 --out "$OUT/probe_smol" \
+    --tag smol_shape 2>&1 | tail -4
 fi
