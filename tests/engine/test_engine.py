@@ -186,16 +186,25 @@ def test_outputs_token_ids_are_snapshots(rng, make_engine, greedy_reference):
     assert repr(first) == repr(ref[:1])
 
 
-def test_host_bench_times_the_engine_without_the_device(tmp_path):
+def test_host_bench_times_the_engine_without_the_device(tmp_path, monkeypatch):
     """scripts/bench_engine_host.py on the tiny model: its launch stub runs no device step, the
-    engine still lands every token, and the record names its phases."""
-    from helpers import load_script
+    engine still lands every token, the record names its phases, and the server streams
+    every token asked for to its clients (a process of their own)."""
+    import importlib
 
-    bench = load_script("bench_engine_host")
+    from helpers import SCRIPTS
+
+    # Imported as a module (not loaded by path): the clients' process unpickles its function.
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    bench = importlib.import_module("bench_engine_host")
     tiny = str(Path(__file__).parents[2] / "configs/models/tiny.yaml")
     res = bench.main(["--model", tiny, "--batch", "4",
                       "--num-scheduler-steps", "1,2", "--steps", "6", "--prompt-len", "8",
-                      "--output-len", "0,5", "--out", str(tmp_path)])
+                      "--output-len", "0,5", "--server", "--server-tokens", "8",
+                      "--server-stack", "plain", "--out", str(tmp_path)])
+    assert [(p["num_scheduler_steps"], p["stack"]) for p in res["server"]] == [
+        (1, "asyncio + h11"), (2, "asyncio + h11")]
+    assert all(p["output_tok_s"] > 0 and p["engine_steps"] > 0 for p in res["server"])
     assert [(p["batch"], p["num_scheduler_steps"], p["output_len"]) for p in res["probes"]] == [
         (4, 1, 0), (4, 1, 5), (4, 2, 0), (4, 2, 5)]
     for p in res["probes"]:
