@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -173,11 +172,21 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", use_cache: b
 
     cache_dir = checkpoint.cache_dir_for(path, dtype)
     if use_cache and (cache_dir / "meta.json").exists():
-        reader, fields = open_gguf(path)
-        cfg = gguf_config(reader, fields, dtype)
+        meta = checkpoint.restore_meta(cache_dir)
+        if meta is None:  # a cache without the metadata: read it from the GGUF
+            reader, fields = open_gguf(path)
+            cfg = gguf_config(reader, fields, dtype)
+            tok = Tokenizer.from_gguf_fields(fields)
+        else:
+            cfg, tok = meta
         try:
             params = checkpoint.restore_params(cache_dir / "params", cfg)
-            return Model(name_or_path, cfg, params, Tokenizer.from_gguf_fields(fields))
+            if meta is None:
+                try:  # so the next load skips the GGUF's metadata too
+                    checkpoint.save_meta(cache_dir, path, cfg, tok)
+                except OSError as e:
+                    log.warning("could not cache the metadata in %s: %s", cache_dir, e)
+            return Model(name_or_path, cfg, params, tok)
         except (ValueError, OSError) as e:  # a damaged cache: convert again
             log.warning("ignoring the param cache in %s (%s); converting %s again",
                         cache_dir, str(e).splitlines()[0], path)
@@ -185,7 +194,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", use_cache: b
     if use_cache:
         try:
             checkpoint.save_params(cache_dir / "params", params)
-            (cache_dir / "meta.json").write_text(json.dumps({"source": str(path)}))
+            checkpoint.save_meta(cache_dir, path, cfg, tok)
             checkpoint.announce_once(cache_dir)
         except OSError as e:  # a read-only home must not break loading
             log.warning("could not cache converted params in %s: %s", cache_dir, e)

@@ -13,7 +13,7 @@ from hf_checkpoints import COMMON, make_checkpoint
 from safetensors.numpy import load_file, save_file
 
 from jdecode.config import ConfigError
-from jdecode.io import gguf_loader
+from jdecode.io import checkpoint, gguf_loader
 from jdecode.io.gguf_loader import unpermute_qk
 from jdecode.io.registry import load
 from jdecode.io.safetensors_loader import load_hf_checkpoint
@@ -180,6 +180,41 @@ def test_orbax_cache_second_load_is_identical(gguf_file, monkeypatch, tmp_path):
     second = load(str(gguf_file))
     assert second.cfg == first.cfg
     assert_same_params(second.params, first.params)
+
+
+def test_cached_load_skips_the_gguf_metadata(gguf_file, monkeypatch, tmp_path):
+    """A cached load takes the config and tokenizer from the cache (meta.json, tokenizer.json)
+    without opening the GGUF; a cache written before that (no format in meta.json) reads the
+    GGUF once and is upgraded."""
+    monkeypatch.setenv("JDECODE_CACHE", str(tmp_path))
+    first = load(str(gguf_file))
+    (cache,) = (tmp_path / "params").iterdir()
+    real_open = gguf_loader.open_gguf
+    opened = []
+
+    def counting_open(path):
+        opened.append(path)
+        return real_open(path)
+
+    monkeypatch.setattr(gguf_loader, "open_gguf", counting_open)
+    second = load(str(gguf_file))
+    assert opened == [] and second.cfg == first.cfg
+    assert_same_params(second.params, first.params)
+    t1, t2 = first.tokenizer, second.tokenizer
+    assert (t2.bos_id, t2.eos_ids, t2.add_bos, t2.chat_template, t2.vocab_size) == (
+        t1.bos_id, t1.eos_ids, t1.add_bos, t1.chat_template, t1.vocab_size)
+    for text in ("a cat", "hot tea in a boat", " ehst aoin!"):
+        assert t2.encode(text) == t1.encode(text)
+        assert t2.decode(t1.encode(text)) == t1.decode(t1.encode(text))
+    (cache / "meta.json").write_text(json.dumps({"source": str(gguf_file)}))  # an old cache
+    third = load(str(gguf_file))
+    assert len(opened) == 1 and third.cfg == first.cfg
+    assert json.loads((cache / "meta.json").read_text())["format"] == checkpoint.META_FORMAT
+    load(str(gguf_file))
+    assert len(opened) == 1  # upgraded: the GGUF is not read again
+    (cache / "tokenizer.json").write_text("not json")  # damaged: read the GGUF instead
+    assert load(str(gguf_file)).tokenizer.encode("a cat") == t1.encode("a cat")
+    assert len(opened) == 2
 
 
 def test_load_config_reads_the_shape_without_weights(llama_dir, gguf_file, monkeypatch):

@@ -100,3 +100,18 @@ def test_streaming_in_uneven_chunks(smol, rng):
         i += n
     assert "\ufffd" not in "".join(out)
     assert "".join(out) == tok.decode(ids) == text
+
+
+def test_the_cached_tokenizer_json_is_the_same_tokenizer(smol):
+    """The param cache keeps the GGUF's tokenizer as tokenizers' own JSON
+    (`checkpoint.save_meta`): read back, it gives the same ids and text on every string."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = smol.tokenizer
+    again = HFTokenizer.from_str(tok.backend.to_str())
+    for s in STRINGS:
+        ids = tok.backend.encode(s, add_special_tokens=False).ids
+        assert again.encode(s, add_special_tokens=False).ids == ids, s
+        assert again.decode(ids, skip_special_tokens=False) == tok.backend.decode(
+            ids, skip_special_tokens=False), s
+    assert again.get_vocab(with_added_tokens=True) == tok.backend.get_vocab(True)
