@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from jdecode.config import ModelConfig
+from pallas_kernels.fused_decode.attention import merged_output, single_split_dtype
 from pallas_kernels.fused_decode.paged_attention import paged_decode_attention
-from pallas_kernels.fused_decode.reference import merge_splits
 from pallas_kernels.paged_attention import ragged_paged_attention, write_kv_pages
 from pallas_kernels.paged_attention.tuning import (
     UNIFIED_DECODE_MAX_CONTEXT,
@@ -172,9 +172,9 @@ def paged_decode_writing(q: jax.Array, k: jax.Array, v: jax.Array, cache: PagedK
         qkv.reshape(n, -1), cache.k_pages, cache.v_pages, layer, meta.context_lens[:n],
         meta.slot_mapping, tables, num_heads=H, num_kv_heads=K, num_splits=splits,
         block_k=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        parts_dtype=q.dtype.name if splits == 1 else None)
-    out = parts[:, 0] if splits == 1 else merge_splits(parts, lse)  # [N, H * D]
-    return out.astype(q.dtype).reshape(1, n, H, D), PagedKVCache(k_pool, v_pool)
+        parts_dtype=single_split_dtype(splits, q.dtype))
+    out = merged_output(parts, lse, q.dtype)  # [N, H * D]
+    return out.reshape(1, n, H, D), PagedKVCache(k_pool, v_pool)
 
 
 def make_paged_attend(impl: str = "xla"):

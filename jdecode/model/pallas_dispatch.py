@@ -15,8 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.flash_attention import flash_attention
-from pallas_kernels.fused_decode.attention import BLOCK_K, decode_attention
-from pallas_kernels.fused_decode.reference import merge_splits
+from pallas_kernels.fused_decode.attention import (
+    BLOCK_K,
+    decode_attention,
+    merged_output,
+    single_split_dtype,
+)
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.paged_attention.tuning import grid_splits
 
@@ -71,9 +75,9 @@ def dense_decode_writing(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.
     splits = grid_splits(B * K, S // BLOCK_K, max_splits=16)
     parts, lse, k_cache, v_cache = decode_attention(
         qkv.reshape(B, (H + 2 * K) * D), k_cache, v_cache, q_pos[:, 0], num_heads=H,
-        num_kv_heads=K, num_splits=splits, parts_dtype=q.dtype.name if splits == 1 else None)
-    out = parts[:, 0] if splits == 1 else merge_splits(parts, lse)  # [B, H * D]
-    return out.astype(q.dtype).reshape(B, 1, H, D), k_cache, v_cache
+        num_kv_heads=K, num_splits=splits, parts_dtype=single_split_dtype(splits, q.dtype))
+    out = merged_output(parts, lse, q.dtype)  # [B, H * D]
+    return out.reshape(B, 1, H, D), k_cache, v_cache
 
 
 def attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,

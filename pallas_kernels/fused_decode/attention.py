@@ -38,6 +38,7 @@ from pallas_kernels.flash_attention.kernel import (
 )
 from pallas_kernels.flash_attention.tuning import resolve_interpret
 from pallas_kernels.fused_decode.kernel import O_LARGE_TILES, default_tiles, whole_block
+from pallas_kernels.fused_decode.reference import merge_splits
 from pallas_kernels.paged_attention.kernel import split_blocks
 
 f32 = jnp.float32
@@ -114,6 +115,20 @@ def check_parts_dtype(parts_dtype: str | None, splits: int) -> None:
         raise ValueError(f"parts_dtype={parts_dtype} with {splits} splits: partials that are "
                          "merged stay f32 (a rounded partial would round the output twice); "
                          "pass num_splits=1 or leave parts_dtype unset")
+
+
+def single_split_dtype(splits: int, dtype) -> str | None:
+    """The `parts_dtype` a caller that wants its output in `dtype` asks for: `dtype` when one
+    split (no merge, so no convert kernel after the attention kernel), else None (f32
+    partials, merged by `merged_output`)."""
+    return jnp.dtype(dtype).name if splits == 1 else None
+
+
+def merged_output(parts: jax.Array, lse: jax.Array, dtype) -> jax.Array:
+    """The attention output [B, H * D] in `dtype` from a decode kernel's (parts, lse): one
+    split's part as it left the kernel, else `reference.merge_splits` of the partials."""
+    out = parts[:, 0] if parts.shape[1] == 1 else merge_splits(parts, lse)
+    return out.astype(dtype)
 
 
 def query_group(qkv_ref, b, kv, *, num_heads: int, group: int, cache_dtype):
