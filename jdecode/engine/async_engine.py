@@ -104,13 +104,7 @@ class AsyncEngine:
     # ---- the engine thread -----------------------------------------------------------------
 
     def _send(self, request_id: str, item: Any) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, q = target
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, item)
-            except RuntimeError:  # the event loop is closed: the server is shutting down
-                self._streams.pop(request_id, None)
+        self._send_all([(request_id, item)])
 
     def _send_all(self, items: list[tuple[str, Any]]) -> None:
         """`_send` for a step's (request id, item) pairs, in order, with one wake-up per event
