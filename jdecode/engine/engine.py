@@ -336,8 +336,7 @@ class LLMEngine:
                                or req.num_tokens >= self.max_model_len):
             status = RequestStatus.FINISHED_LENGTH
         # Hold back the tail that might be the start of a stop string until it is decided.
-        hold = 0 if status is not None or not sp.stop else stop_prefix_len(seq.pending,
-                                                                           sp.stop)
+        hold = 0 if status is not None else stop_prefix_len(seq.pending, sp.stop)
         cut = max(0, len(seq.pending) - hold)
         delta, seq.pending = seq.pending[:cut], seq.pending[cut:]
         seq.text += delta

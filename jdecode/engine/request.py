@@ -30,7 +30,7 @@ class RequestStatus(enum.Enum):
 
 
 class TokenIds(Sequence):
-    """The first n tokens of an append-only list, as a read-only snapshot made in O(1).
+    """An append-only list's tokens now, as a read-only snapshot made in O(1).
 
     Why: the engine's output for every new token carries the sequence's tokens so far. A list
     copy per token cost O(length): at 64 sequences of 1000 output tokens, ~0.3 ms of host time
@@ -41,8 +41,8 @@ class TokenIds(Sequence):
 
     __slots__ = ("_ids", "_n")
 
-    def __init__(self, ids: list[int], n: int | None = None) -> None:
-        self._ids, self._n = ids, len(ids) if n is None else n
+    def __init__(self, ids: list[int]) -> None:
+        self._ids, self._n = ids, len(ids)
 
     def __len__(self) -> int:
         return self._n

@@ -132,7 +132,5 @@ class IncrementalDetokenizer:
 
     def add(self, new_ids: Sequence[int]) -> str:
         """Appends tokens; returns the text that became final."""
-        if len(new_ids) == 1:  # the engine's case: one token per call
-            return self.stream.step(self.backend, int(new_ids[0])) or ""
-        parts = [self.stream.step(self.backend, int(t)) for t in new_ids]
+        parts = (self.stream.step(self.backend, int(t)) for t in new_ids)
         return "".join(p for p in parts if p is not None)
