@@ -68,18 +68,26 @@ def host_launch(runner, vocab: int, rng: np.random.Generator):
     return launch
 
 
+def stubbed_engine(model, batch: int, burst: int, max_len: int, rng: np.random.Generator
+                   ) -> LLMEngine:
+    """An engine of `batch` sequence slots and pages for sequences of `max_len` tokens, whose
+    runner's launch is `host_launch`."""
+    engine = LLMEngine(model, EngineArgs(max_num_seqs=batch, num_scheduler_steps=burst,
+                                         max_model_len=max_len + 8,
+                                         num_pages=batch * (max_len // 16 + 2)))
+    engine.runner.launch = host_launch(engine.runner, model.cfg.vocab_size, rng)
+    return engine
+
+
 def probe(model, batch: int, burst: int, steps: int, prompt_len: int, seed: int,
           output_len: int = 0) -> dict:
     """ms per decode step (one token per sequence) of each host phase, at `batch` sequences
     decoding, with `burst` decodes per launch, timed once each sequence has `output_len`
     tokens (per-token work that grows with the output shows there)."""
     max_new = output_len + (steps + 4) * burst
-    engine = LLMEngine(model, EngineArgs(max_num_seqs=batch, num_scheduler_steps=burst,
-                                         max_model_len=prompt_len + max_new + 8,
-                                         num_pages=batch * ((prompt_len + max_new) // 16 + 2)))
     rng = np.random.default_rng(seed)
+    engine = stubbed_engine(model, batch, burst, prompt_len + max_new, rng)
     runner = engine.runner
-    runner.launch = host_launch(runner, model.cfg.vocab_size, rng)
     spent: collections.Counter = collections.Counter()
     engine.scheduler.schedule = timed(engine.scheduler.schedule, spent, "schedule")
     runner.step_inputs = timed(runner.step_inputs, spent, "step_inputs")
@@ -156,12 +164,8 @@ def probe_server(model, batch: int, burst: int, max_tokens: int, prompt_len: int
 
     from jdecode.engine.server import Server, build_app
 
-    engine = LLMEngine(model, EngineArgs(max_num_seqs=batch, num_scheduler_steps=burst,
-                                         max_model_len=prompt_len + max_tokens + 8,
-                                         num_pages=batch * ((prompt_len + max_tokens) // 16
-                                                            + 2)))
     rng = np.random.default_rng(seed)
-    engine.runner.launch = host_launch(engine.runner, model.cfg.vocab_size, rng)
+    engine = stubbed_engine(model, batch, burst, prompt_len + max_tokens, rng)
     app, core = build_app(engine, "bench")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
