@@ -113,7 +113,15 @@ def check_model(model: str, overrides: list[str] | tuple[str, ...] = ()) -> None
         fail(str(e))
 
 
+def compile_cache() -> None:
+    """Executables from the run before, where the shapes match (`io.compile_cache`)."""
+    from jdecode.io.compile_cache import enable_compile_cache
+
+    enable_compile_cache()
+
+
 def load_model(model: str, dtype: str, overrides: list[str] | tuple[str, ...] = ()):
+    compile_cache()
     try:
         return registry.load(model, dtype=dtype, overrides=tuple(overrides))
     except (FileNotFoundError, ConfigError, ValueError, TypeError) as e:
@@ -339,6 +347,7 @@ def experiment(
     except ConfigError as e:
         fail(str(e))
     out_dir = Path(out or f"experiments/{cfg.name}")
+    compile_cache()
     command = "jdecode experiment " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else ""
     try:
         rows = run_experiment(cfg, out_dir, progress=not as_json, command=command)
@@ -447,6 +456,7 @@ def serve(
 ) -> None:
     """OpenAI-compatible server (/v1/completions, /v1/chat/completions, /metrics)."""
     check_model(model)
+    compile_cache()
     from jdecode.engine.server import serve as run_server
 
     try:
