@@ -103,17 +103,21 @@ class Scratch(NamedTuple):
     sched: Any  # the ping-pong rendezvous of the two compute warpgroups
     o: Any = None  # [COMPUTE_WGS, block_q, D] output tiles, when q's tiles are loaded ahead
     lse: Any = None  # [COMPUTE_WGS, block_q] f32 row log-sum-exps, when a tile's keys are split
+    # [COMPUTE_WGS, block_q, D] untiled output tiles, for a caller's `store` that copies out
+    # row ranges no 8-row tile boundary aligns (the ragged kernel's valid tokens).
+    stage: Any = None
 
 
 def scratch_shapes(dtype, d: int, *, block_q: int, block_kv: int, stages: int,
                    copies_per_block: int = 1, interpret: bool = False, out_tiles: bool = False,
-                   lse_tiles: bool = False):
+                   lse_tiles: bool = False, q_copies: int = 1, stage_tiles: bool = False):
     """`pl.run_scoped` arguments for a `Scratch` (build it with `Scratch(*refs)`; with lse_tiles
     and no out_tiles, pass o=None): tiles in the wgmma's swizzled layout; a slot's ready
     barrier completes after `copies_per_block` TMA copies (one per page when K/V are paged) and
-    all their bytes. out_tiles: separate output tiles (`Scratch.o`), so the next tile's
-    queries can load while this tile's last blocks and its store run. lse_tiles: the rows'
-    log-sum-exps (`Scratch.lse`) for a tile whose keys are split over CTAs."""
+    all their bytes, a query tile's after `q_copies`. out_tiles: separate output tiles
+    (`Scratch.o`), so the next tile's queries can load while this tile's last blocks and its
+    store run. lse_tiles: the rows' log-sum-exps (`Scratch.lse`) for a tile whose keys are
+    split over CTAs. stage_tiles: untiled output tiles (`Scratch.stage`, after the others)."""
     plgpu = plgpu_module()
     swizzle = 128
     transforms = () if interpret else (plgpu.TilingTransform((8, swizzle // dtype.itemsize)),
@@ -124,10 +128,11 @@ def scratch_shapes(dtype, d: int, *, block_q: int, block_kv: int, stages: int,
         plgpu.SMEM((COMPUTE_WGS, block_q, d), dtype, transforms=transforms),
         plgpu.SMEM((stages, block_kv, d), dtype, transforms=transforms),
         plgpu.SMEM((stages, block_kv, d), dtype, transforms=transforms),
-        ring, ring, plgpu.Barrier(num_barriers=COMPUTE_WGS), free, free,
+        ring, ring, plgpu.Barrier(num_arrivals=q_copies, num_barriers=COMPUTE_WGS), free, free,
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),
     ) + ((plgpu.SMEM((COMPUTE_WGS, block_q, d), dtype, transforms=transforms),) if out_tiles
-         else ()) + ((plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32),) if lse_tiles else ())
+         else ()) + ((plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32),) if lse_tiles else ()
+                     ) + ((plgpu.SMEM((COMPUTE_WGS, block_q, d), dtype),) if stage_tiles else ())
 
 
 def block_steps(end, full_end, block_kv: int):
@@ -141,7 +146,7 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
             sm_scale: float, soft_cap: float | None, block_kv: int, stages: int,
             pingpong: bool, interpret: bool, tweaks: Tweaks = Tweaks(), has_rows=None,
             base=0, setup_registers: bool = True, q_loaded: bool = False, load_next_q=None,
-            kv_first=0, lse_dst=None):
+            kv_first=0, lse_dst=None, store=None, on_q_ready=None):
     """A compute warpgroup: loads its [block_q, D] query tile from q_src (GMEM), runs the online
     softmax over kv blocks [kv_first, n_steps) of the ring (blocks below n_full unmasked),
     hands back the slots of the blocks up to kv_first + cta_steps that only the other
@@ -163,6 +168,10 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
     key k is visible to a row at position p when k < kv_len and k <= p.
     has_rows: a bool scalar; where false (a tile past a ragged item's tokens, with n_steps 0),
     the query tile is neither loaded nor its output stored: the caller drops those rows.
+    store(out): stores the normalized [block_q, D] f32 output in the caller's way (o_dst and
+    lse_dst are then unused), and has finished reading shared memory when it returns.
+    on_q_ready(): runs once the query tile's copies have landed, before its first read (a
+    caller that stages the rows elsewhere moves them into the tile here).
     """
     plgpu = plgpu_module()
     wg = lax.axis_index("wg")
@@ -193,6 +202,8 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
         if not q_loaded:
             plgpu.copy_gmem_to_smem(q_src, q_smem, scr.q_ready.at[wg])
         plgpu.barrier_wait(scr.q_ready.at[wg])
+        if on_q_ready is not None:
+            on_q_ready()
 
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     m = with_layout(jnp.full((block_q,), MASK_VALUE, jnp.float32), row_layout)
@@ -404,6 +415,9 @@ def consume(scr: Scratch, q_src, o_dst, *, n_steps, n_full, cta_steps, kv_len, q
 
     @only_with_rows
     def _store():
+        if store is not None:
+            store(out)
+            return
         if scr.o is None:
             q_smem[...] = out.astype(q_smem.dtype)
             plgpu.commit_smem()

@@ -3,15 +3,22 @@
 
 A work item is up to `2 * block_q // Gp` consecutive query tokens of one sequence (Gp the query
 heads per kv head, padded to a power of 2). A CTA serves one item for one kv head: its rows are
-(token, head) pairs, token-major, so the Gp query heads that share a kv head share every K/V
+(head, token) pairs over the Gp query heads that share the kv head, so they share every K/V
 load, and a decode (one token) is an item of Gp valid rows. Each compute warpgroup takes
-block_q rows. The producer fills a ring slot of block_kv keys with one TMA copy per page
-(block_kv >= page) or one copy from inside a page (block_kv <= page), all arriving on the slot's
-barrier.
+block_q rows: its `block_q // Gp` tokens, head-major (row g * tokens + t), so that each head's
+rows arrive by one TMA copy straight from q [N, H, D] (rows past N read 0), into an untiled
+staging tile and from there through registers into the swizzled one: a TMA copy into a
+swizzled tile needs a row offset provably a multiple of 8, and an item starts at any row
+(run 18 of benchmarks/paged_attention_h200.md; Mosaic's layout inference). The producer fills
+a ring slot of block_kv keys with one TMA copy per page (block_kv >= page) or one copy from
+inside a page (block_kv <= page), all arriving on the slot's barrier.
 
-The wrapper packs each item's query rows into [W, K, 2 * block_q, D] (a gather of about
-N * H * D elements) and scatters the outputs back: a TMA store of a whole tile would otherwise
-overwrite the next sequence's rows.
+The output leaves through an untiled tile in shared memory, each head's valid tokens in at most
+log2(tokens) + 1 TMA copies of power-of-2 row counts: a copy of the whole tile would overwrite
+the next item's rows. (Before, the wrapper gathered every item's rows into a packed copy of q
+and scattered the outputs back: two XLA passes over q of ~13% of a mixed batch's time on an
+H200, benchmarks/paged_attention_h200.md run 18. Without them the mixed batch ran 1.27x the
+best separate calls at D128 and 1.07x at D64 on an H100, run 19.)
 
 Pages past a sequence's context are never read: a block's page slots past the context take the
 sequence's first page instead. Rows past the context inside its last page are masked but still
@@ -42,14 +49,15 @@ from pallas_kernels.flash_attention.hopper import (
 from pallas_kernels.paged_attention.kernel import pad_block_tables
 
 
-def _kernel(num_q_ref, pos0_ref, seq_ref, ctx_ref, table_ref, q_ref, k_ref, v_ref, o_ref,
-            scr: Scratch, *, sm_scale, soft_cap, block_q, block_kv, stages, gp, page_size,
-            pingpong, interpret, tweaks):
+def _kernel(num_q_ref, pos0_ref, row0_ref, seq_ref, ctx_ref, table_ref, q_ref, k_ref, v_ref,
+            o_ref, scr: Scratch, *, sm_scale, soft_cap, block_q, block_kv, stages, group, gp,
+            page_size, pingpong, interpret, tweaks):
     """One CTA: item w for kv head kh.
 
-    num_q/pos0/seq/ctx_ref: [W] int32 (GMEM) the item's valid tokens, the position of its first
-    token, its sequence and that sequence's context. table_ref: [B, max_pages_pad] int32.
-    q_ref/o_ref: [W, K, 2 * block_q, D]; k_ref/v_ref: [P, page, K, D] the pool.
+    num_q/pos0/row0/seq/ctx_ref: [W] int32 (GMEM) the item's valid tokens, the position of its
+    first token, that token's row of q, its sequence and that sequence's context.
+    table_ref: [B, max_pages_pad] int32. q_ref/o_ref: [N, H, D]; k_ref/v_ref: [P, page, K, D]
+    the pool.
     """
     plgpu = plgpu_module()
     w = lax.axis_index("items")
@@ -71,18 +79,56 @@ def _kernel(num_q_ref, pos0_ref, seq_ref, ctx_ref, table_ref, q_ref, k_ref, v_re
     def _compute():
         first = wg * tokens
         n_steps, n_full = steps_of(first)
-        rows = (w, kh, pl.ds(wg * block_q, block_q))
+        row = row0_ref[w] + first  # q's and o's row of this warpgroup's first token
+        # Idle items (and a decode item's second warpgroup) move no query rows: an all-decode
+        # step still launches this kernel over every item slot.
+        has_rows = first < num_q
+        q_smem = scr.q.at[wg]
+
+        stage = scr.stage.at[wg]
+
+        # A TMA copy into the swizzled query tile would tile q's GMEM rows by 8 too, and needs
+        # the row offset provably a multiple of 8 (Mosaic's layout inference); an item starts
+        # at any row. So each head's rows land in the untiled stage, and move into the tile
+        # through registers once they are in.
+        @pl.when(has_rows)
+        def _load_q():
+            for g in range(gp):  # a padded head repeats the group's last: finite rows, dropped
+                head = kh * group + min(g, group - 1)
+                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row, tokens), head],
+                                        stage.at[pl.ds(g * tokens, tokens)],
+                                        scr.q_ready.at[wg])
+
+        def to_tile():
+            if interpret:
+                q_smem[...] = stage[...]
+            else:
+                # Bank conflicts: a one-off 16 KB move per tile.
+                q_smem[...] = plgpu.load(stage, (), layout=plgpu.Layout.WGMMA, optimized=False)
+            plgpu.commit_smem()  # the wgmma reads the tile through the async proxy
+
+        def store(out):
+            stage[...] = out.astype(stage.dtype)
+            plgpu.commit_smem()
+            n = jnp.clip(num_q - first, 0, tokens)  # this warpgroup's valid tokens
+            for g in range(group):
+                size = tokens
+                while size:  # n's set bits, highest first: rows [off, off + size)
+                    off = n & ~(2 * size - 1)
+                    pl.when(n & size != 0)(functools.partial(
+                        plgpu.copy_smem_to_gmem, stage.at[pl.ds(g * tokens + off, size)],
+                        o_ref.at[pl.ds(row + off, size), kh * group + g]))
+                    size //= 2
+            plgpu.wait_smem_to_gmem(0)
 
         def q_pos(shape, iota):
-            return pos0 + first + lax.div(iota(shape, 0), gp)  # row r is token r // Gp
+            return pos0 + first + lax.rem(iota(shape, 0), tokens)  # row r is token r % tokens
 
-        consume(scr, q_ref.at[rows], o_ref.at[rows], n_steps=n_steps, n_full=n_full,
-                cta_steps=cta_steps, kv_len=ctx, q_pos=q_pos, sm_scale=sm_scale,
-                soft_cap=soft_cap, block_kv=block_kv, stages=stages, pingpong=pingpong,
-                interpret=interpret, tweaks=tweaks,
-                # Idle items (and a decode item's second warpgroup) move no query rows: an
-                # all-decode step still launches this kernel over every item slot.
-                has_rows=first < num_q)
+        consume(scr, None, None, n_steps=n_steps, n_full=n_full, cta_steps=cta_steps,
+                kv_len=ctx, q_pos=q_pos, sm_scale=sm_scale, soft_cap=soft_cap,
+                block_kv=block_kv, stages=stages, pingpong=pingpong, interpret=interpret,
+                tweaks=tweaks, has_rows=has_rows, q_loaded=True, store=store,
+                on_q_ready=to_tile)
 
     @pl.when(wg == COMPUTE_WGS)
     def _producer():
@@ -110,32 +156,36 @@ def _kernel(num_q_ref, pos0_ref, seq_ref, ctx_ref, table_ref, q_ref, k_ref, v_re
         produce(scr, issue, cta_steps=cta_steps, stages=stages)
 
 
-def hopper_ragged_call(q_items, k_pages, v_pages, tables, num_q, pos0, seq, ctx, *, gp: int,
+def hopper_ragged_call(q, k_pages, v_pages, tables, num_q, pos0, row0, seq, ctx, *,
                        sm_scale: float, soft_cap: float | None, block_q: int, block_kv: int,
                        stages: int, pingpong: bool, interpret: bool,
                        tweaks: Tweaks | None = None):
-    """q_items [W, K, 2 * block_q, D] (row r: token r // gp of the item, head r % gp of the kv
-    head's group), pools [P, page, K, D], tables [B, max_pages_pad] (max_pages_pad * page a
-    multiple of block_kv), item vectors [W] int32 -> [W, K, 2 * block_q, D]."""
-    w, num_kv, _, d = q_items.shape
-    page_size = k_pages.shape[1]
+    """q [N, H, D], pools [P, page, K, D], tables [B, max_pages_pad] (max_pages_pad * page a
+    multiple of block_kv), item vectors [W] int32 -> [N, H, D]: the items' valid rows; rows no
+    item covers are left as they come (uninitialized)."""
+    h, d = q.shape[1:]
+    num_kv, page_size = k_pages.shape[2], k_pages.shape[1]
+    group = h // num_kv
+    gp = pl.next_power_of_2(group)
+    w = row0.shape[0]
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, block_q=block_q, block_kv=block_kv,
-        stages=stages, gp=gp, page_size=page_size, pingpong=pingpong, interpret=interpret,
-        tweaks=tweaks or Tweaks())
-    scratch = scratch_shapes(q_items.dtype, d, block_q=block_q, block_kv=block_kv,
+        stages=stages, group=group, gp=gp, page_size=page_size, pingpong=pingpong,
+        interpret=interpret, tweaks=tweaks or Tweaks())
+    scratch = scratch_shapes(q.dtype, d, block_q=block_q, block_kv=block_kv,
                              stages=stages, copies_per_block=max(1, block_kv // page_size),
-                             interpret=interpret)
+                             interpret=interpret, q_copies=gp, stage_tiles=True)
 
-    def entry(num_q_ref, pos0_ref, seq_ref, ctx_ref, table_ref, q_ref, k_ref, v_ref, o_ref):
+    def entry(num_q_ref, pos0_ref, row0_ref, seq_ref, ctx_ref, table_ref, q_ref, k_ref, v_ref,
+              o_ref):
         pl.run_scoped(
-            lambda *refs: kernel(num_q_ref, pos0_ref, seq_ref, ctx_ref, table_ref, q_ref, k_ref,
-                                 v_ref, o_ref, Scratch(*refs)),
+            lambda *refs: kernel(num_q_ref, pos0_ref, row0_ref, seq_ref, ctx_ref, table_ref,
+                                 q_ref, k_ref, v_ref, o_ref, Scratch(*refs[:9], stage=refs[9])),
             *scratch, collective_axes="wg")
 
-    return launch(entry, jax.ShapeDtypeStruct(q_items.shape, q_items.dtype),
+    return launch(entry, jax.ShapeDtypeStruct(q.shape, q.dtype),
                   grid=(num_kv, w), grid_names=("heads", "items"), interpret=interpret)(
-        num_q, pos0, seq, ctx, tables, q_items, k_pages, v_pages)
+        num_q, pos0, row0, seq, ctx, tables, q, k_pages, v_pages)
 
 
 def hopper_tokens_per_item(num_heads: int, num_kv_heads: int, block_q: int = 64) -> int:
@@ -143,34 +193,31 @@ def hopper_tokens_per_item(num_heads: int, num_kv_heads: int, block_q: int = 64)
     return COMPUTE_WGS * block_q // pl.next_power_of_2(num_heads // num_kv_heads)
 
 
-def hopper_ragged_rows(q, k_pages, v_pages, block_tables, items, *, sm_scale: float,
+def hopper_ragged_rows(q, k_pages, v_pages, block_tables, items, num_rows, *, sm_scale: float,
                        soft_cap: float | None, block_kv: int, stages: int, pingpong: bool,
                        interpret: bool, tweaks: Tweaks | None = None, block_q: int = 64):
     """The rows of `items` (`ragged_schedule`'s (row0, num_q, pos0, seq, ctx), cut at
     `hopper_tokens_per_item` tokens) through the Hopper kernel: q [N, H, D] -> [N, H, D], rows
-    no item covers 0."""
+    from num_rows on 0. Rows below num_rows that no item covers (decodes the caller serves
+    elsewhere) are left unwritten."""
     row0, num_q, pos0, seq, ctx = items
-    n, h, d = q.shape
-    num_kv = k_pages.shape[2]
-    group = h // num_kv
-    gp = pl.next_power_of_2(group)
-    tokens = hopper_tokens_per_item(h, num_kv, block_q)
-    w = row0.shape[0]
-    t = jnp.arange(tokens, dtype=jnp.int32)
-    # Rows past an item's valid tokens belong to the next sequence (or are padding): they are
-    # computed with this item's positions and dropped on the way back.
-    idx = jnp.minimum(row0[:, None] + t, n - 1)  # [W, tokens]
-    qg = q.reshape(n, num_kv, group, d)
-    if gp > group:
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - group), (0, 0)))
-    q_items = qg[idx].transpose(0, 2, 1, 3, 4).reshape(w, num_kv, tokens * gp, d)
+    n, h = q.shape[:2]
+    gp = pl.next_power_of_2(h // k_pages.shape[2])
+    if block_q // gp < 8:
+        raise ValueError(f"{gp} query heads per kv head (padded): the Hopper ragged kernel "
+                         f"takes at most {block_q // 8}; use backend='triton'")
+    tokens = hopper_tokens_per_item(h, k_pages.shape[2], block_q)
+    # The compiled kernel's TMA reads rows past N as 0; the interpreter would clamp the slice
+    # instead, so it gets the rows.
+    q_in = jnp.pad(q, ((0, tokens), (0, 0), (0, 0))) if interpret else q
     page_size = k_pages.shape[1]
     tables = pad_block_tables(block_tables, max(1, block_kv // page_size))
     out = hopper_ragged_call(
-        q_items, k_pages, v_pages, tables, num_q, pos0, seq, ctx, gp=gp, sm_scale=sm_scale,
+        q_in, k_pages, v_pages, tables, num_q, pos0, row0, seq, ctx, sm_scale=sm_scale,
         soft_cap=soft_cap, block_q=block_q, block_kv=block_kv, stages=stages, pingpong=pingpong,
-        interpret=interpret, tweaks=tweaks)  # [W, K, tokens * Gp, D]
-    out = out.reshape(w, num_kv, tokens, gp, d)[:, :, :, :group]
-    out = out.transpose(0, 2, 1, 3, 4).reshape(w * tokens, h, d)
-    dest = jnp.where(t[None, :] < num_q[:, None], row0[:, None] + t, n).reshape(-1)  # n: dropped
-    return jnp.zeros_like(q).at[dest].set(out, mode="drop", unique_indices=True)
+        interpret=interpret, tweaks=tweaks)[:n]
+    # Padding rows past the last sequence's tokens were never written. A scatter of zeros into
+    # them writes only those rows, where a select would read and write all of them.
+    rows = jnp.arange(n, dtype=jnp.int32)
+    return out.at[jnp.where(rows >= num_rows, rows, n)].set(0, mode="drop",
+                                                            unique_indices=True)

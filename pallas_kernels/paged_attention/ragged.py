@@ -302,8 +302,9 @@ def _mosaic_unsupported(q: jax.Array, k_pages: jax.Array) -> str | None:
         return why
     if page_size % 8 or page_size & (page_size - 1):
         return f"page_size {page_size} (it needs a power of 2 of at least 8 tokens)"
-    if pl.next_power_of_2(q.shape[1] // num_kv) > 64:
-        return f"{q.shape[1] // num_kv} query heads per kv head (at most 64)"
+    if pl.next_power_of_2(q.shape[1] // num_kv) > 8:
+        # Each head's query rows are one TMA copy into an 8-row tile of the 64-row query tile.
+        return f"{q.shape[1] // num_kv} query heads per kv head (at most 8)"
     return None
 
 
@@ -367,7 +368,8 @@ def _ragged_call(
     if backend == "mosaic":
         hopper = hopper_config(d)
         out = hopper_ragged_rows(
-            q, k_pages, v_pages, block_tables, (row0, num_q, pos0, seq, ctx), sm_scale=sm_scale,
+            q, k_pages, v_pages, block_tables, (row0, num_q, pos0, seq, ctx), qsl[-1],
+            sm_scale=sm_scale,
             soft_cap=soft_cap, block_kv=block_k, stages=num_stages, pingpong=hopper.pingpong,
             interpret=interpret, tweaks=hopper.tweaks)
     else:

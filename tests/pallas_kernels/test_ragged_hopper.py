@@ -25,7 +25,10 @@ from pallas_kernels.testing import assert_close
 pytestmark = pytest.mark.skipif(not mosaic_gpu_available(), reason="no Pallas Mosaic GPU")
 
 # (page, block_kv, group, kv heads, unified_max_context, split_decodes)
-CASES = [(16, 32, 2, 2, 4096, "auto"), (64, 32, 4, 1, 1, "auto"), (64, 32, 4, 1, 1, "short")]
+CASES = [(16, 32, 2, 2, 4096, "auto"), (64, 32, 4, 1, 1, "auto"), (64, 32, 4, 1, 1, "short"),
+         # 3 query heads per kv head (SmolLM2's 9/3), padded to 4: the padded head's rows are
+         # loaded (a copy of the last head's) and never stored.
+         (16, 32, 3, 1, 4096, "short")]
 
 
 @pytest.fixture
@@ -85,6 +88,10 @@ def test_ragged_backend_choice_and_errors():
     with pytest.raises(ValueError, match=r"page_size 12"):
         bad = jnp.zeros((4, 12, 2, 64), jnp.bfloat16)
         ragged_paged_attention(q.astype(jnp.bfloat16), bad, bad, *args[3:], backend="mosaic")
+    with pytest.raises(ValueError, match=r"16 query heads per kv head \(at most 8\)"):
+        wide = jnp.zeros((4, 32, 64), jnp.bfloat16)
+        ragged_paged_attention(wide, pool.astype(wide.dtype), pool.astype(wide.dtype),
+                               *args[3:], backend="mosaic")
     with pytest.raises(ValueError, match="expected 'auto'"):
         ragged_paged_attention(*args, backend="cuda")
     with pytest.raises(ValueError, match="expected True, False, 'auto', 'short' or 'only'"):
