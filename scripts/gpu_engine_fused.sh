@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The engine's decode on the GPU (issue 16: the engine is on the default path), for the
-# changes of 2026-12-05 that no card has run yet (benchmarks/deviceless_kernels_h200.md):
+# The engine's decode on the GPU (issue 16: the engine is on the default path): the fused
+# engine step, the write-in-kernel decode and the host's share (first run on a card on
+# 2026-12-05, an H100: benchmarks/engine_decode_h200.md):
 #
 #   tests    the new kernels and paths compiled: paged_decode_attention against its
 #            reference, the general path's decode-only write-in-kernel against XLA, the fused
@@ -8,19 +9,22 @@
 #   latency  one request's decode ms per token: the engine with the fused decode step (the
 #            default for steps of up to 5 decodes) and without it, beside the Generator, on
 #            the SmolLM2 and Llama-3.2-1B shapes (bf16, random weights).
-#   probe    the 64-sequence decode probe (bench_serving.py, multi-step 4) of the 1B shape,
-#            alternating this tree with a copy where patches/engine-decode-writing-off.patch
-#            puts back the separate cache write and decode kernel.
+#   probe    the 64-sequence decode probe (bench_serving.py, multi-step 4) of the 1B shape.
+#            (Its A/B against the separate cache write ran on an H100 on 2026-12-05 and kept
+#            the write in the kernel: benchmarks/engine_decode_h200.md.)
 #   host     the engine's host work per decode step on this machine's CPU with no device work
 #            (bench_engine_host.py, benchmarks/engine_host_cpu.md), and the 64-sequence probe
 #            of the SmolLM2 shape, whose device step is short enough for the host to bound it.
 #
 #   device: OUT=$OUT STAGE=tests,latency,probe,host bash scripts/gpu_engine_fused.sh
-# Each stage has its own timeout so one slow stage cannot take the others' results with it.
+# The four stages took ~13 min there: give each device call two at most. Each stage has its own timeout so one slow stage cannot take the others' results with it.
 set -u
 export PYTHONPATH=.:${PYTHONPATH:-}
 export JDECODE_GIT_SHA=${JDECODE_GIT_SHA:-unknown}
 OUT=$(realpath -m "${OUT:-out}"); STAGE=${STAGE:-tests,latency,probe,host}; mkdir -p "$OUT"
+# A device call brings back only a few files from $OUT (2026-12-05: 8; the rest were left
+# out), so every stage writes under RAW and one archive of it goes to $OUT at the end.
+RAW=$(mktemp -d); trap 'tar czf "$OUT/gpu_engine_fused.tgz" -C "$RAW" .' EXIT
 stage() { [[ ",$STAGE," == *",$1,"* ]]; }
 if stage tests; then
   JAX_DEFAULT_MATMUL_PRECISION=highest timeout 420 python3 -m pytest -q -p no:cacheprovider \
@@ -32,28 +36,22 @@ if stage latency; then
   for m in smollm2-135m llama-3.2-1b; do
     timeout 240 python3 scripts/bench_engine_latency.py --model configs/models/$m.yaml \
       --dtype bfloat16 --new-tokens 128 --repeats 3 \
-      --engine-impls pallas-fused,pallas-general --out "$OUT/latency" --tag "h200_$m" \
+      --engine-impls pallas-fused,pallas-general --out "$RAW/latency" --tag "$m" \
       2>&1 | grep -E "^\| "
   done
 fi
 if stage probe; then
-  before=/tmp/jd_before
-  rm -rf "$before" && mkdir -p "$before" && cp -r . "$before" 2>/dev/null
-  (cd "$before" && patch -p1 -s < patches/engine-decode-writing-off.patch) || exit 1
-  probe() {  # $1: tree, $2: tag
-    (cd "$1" && timeout 200 python3 scripts/bench_serving.py \
-      --model configs/models/llama-3.2-1b.yaml --impl pallas --layout inference \
-      --policies continuous --rates '' --num-pages 4096 --skip-offline --probe-steps 50 \
-      --num-scheduler-steps 4 --out "$OUT/probe/$2" --tag "$2" 2>&1 | tail -4)
-  }
-  probe . writing_1; probe "$before" separate_1; probe . writing_2; probe "$before" separate_2
+  timeout 200 python3 scripts/bench_serving.py --model configs/models/llama-3.2-1b.yaml \
+    --impl pallas --layout inference --policies continuous --rates '' --num-pages 4096 \
+    --skip-offline --probe-steps 50 --num-scheduler-steps 4 --out "$RAW/probe" --tag probe \
+    2>&1 | tail -4
 fi
 if stage host; then
   timeout 150 python3 scripts/bench_engine_host.py --model configs/models/smollm2-135m.yaml \
-    --batch 64 --num-scheduler-steps 1,4 --output-len 0,1000 --out "$OUT/host" --tag h200_host \
+    --batch 64 --num-scheduler-steps 1,4 --output-len 0,1000 --out "$RAW/host" --tag host \
     2>&1 | grep -E "^\| "
   timeout 200 python3 scripts/bench_serving.py --model configs/models/smollm2-135m.yaml \
     --impl pallas --layout inference --policies continuous --rates '' --num-pages 4096 \
-    --skip-offline --probe-steps 50 --num-scheduler-steps 4 --out "$OUT/probe_smol" \
+    --skip-offline --probe-steps 50 --num-scheduler-steps 4 --out "$RAW/probe_smol" \
     --tag smol_shape 2>&1 | tail -4
 fi
