@@ -5,7 +5,6 @@ Shared by the offline `LLM` API and the server. Stop conditions and detokenizati
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 import logging
@@ -97,7 +96,8 @@ class Logprob:
 
 @dataclasses.dataclass
 class SequenceOutput:
-    """What one step produced for one sequence (a streaming delta), plus its state so far."""
+    """What one step produced for one sequence (a streaming delta: one token, or a multi-step
+    burst of several), plus its state so far."""
 
     request_id: str  # the user's request id (shared by the n siblings)
     index: int  # which of the n sequences
@@ -123,6 +123,18 @@ class _Seq:
         self.text = ""  # final text (stop strings cut)
         self.pending = ""  # text held back while it could still become a stop string
         self.logprobs: list[Logprob] = []
+
+
+class _Burst:
+    """The tokens one step landed for one sequence, gathered into its one output."""
+
+    __slots__ = ("seq", "tokens", "deltas", "status")
+
+    def __init__(self, seq: _Seq) -> None:
+        self.seq = seq
+        self.tokens: list[int] = []
+        self.deltas: list[str] = []
+        self.status: RequestStatus | None = None
 
 
 class LLMEngine:
@@ -280,13 +292,16 @@ class LLMEngine:
     def _complete(self, step: InFlightStep) -> list[SequenceOutput]:
         """Reads a step's samples back, appends them and applies the stop conditions.
 
-        A multi-step step lands several tokens per sequence: each gets its own output, in
-        order, and a sequence that stops takes none of the rest of its burst.
+        One output per sequence that received tokens: a multi-step step lands several tokens
+        per sequence, and they come as one output (its `new_token_ids`, `delta_text` and
+        `logprobs` hold the burst, in order). A sequence that stops takes none of the rest of
+        its burst. Why one: an output per token cost the engine's host and the server's loop
+        their largest per-token share (benchmarks/engine_host_cpu.md).
         """
         result = self.runner.collect(step)
         now = time.monotonic()
-        outputs = []
-        landed: collections.Counter[str] = collections.Counter()  # tokens landed per sequence
+        outputs: list[SequenceOutput] = []
+        burst: _Burst | None = None  # the sequence whose tokens are landing (they come in a row)
         for req in self.scheduler.land(step.out, result.tokens):
             seq = self._seqs.get(req.request_id)
             if seq is None:  # a sibling failed earlier in this loop and took its group along
@@ -295,16 +310,25 @@ class LLMEngine:
             if req.first_token_time is None:
                 req.first_token_time = now
             token = req.output_token_ids[-1]
-            i = landed[req.request_id]
-            landed[req.request_id] += 1
+            if burst is None or burst.seq is not seq:
+                if burst is not None:
+                    outputs.append(self._output(burst))
+                burst = _Burst(seq)
             try:
                 if req.request_id in result.logprobs:
-                    chosen, top_ids, top_vals = result.logprobs[req.request_id][i]
+                    chosen, top_ids, top_vals = result.logprobs[req.request_id][len(burst.tokens)]
                     seq.logprobs.append(Logprob(token, chosen, dict(zip(top_ids, top_vals))))
-                outputs.append(self._postprocess(seq, token, now))
+                delta, burst.status = self._postprocess(seq, token, now)
+                burst.tokens.append(token)
+                burst.deltas.append(delta)
             except Exception as e:  # this request's failure ends this request only
                 log.exception("request %s failed in post-processing", seq.user_id)
+                if burst.tokens:
+                    outputs.append(self._output(burst))
                 outputs.append(self._fail(seq, f"{type(e).__name__}: {e}"))
+                burst = None
+        if burst is not None:
+            outputs.append(self._output(burst))
         return outputs
 
     def _fail(self, seq: _Seq, error: str) -> SequenceOutput:
@@ -318,8 +342,11 @@ class LLMEngine:
             num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
             error=error)
 
-    def _postprocess(self, seq: _Seq, token: int, now: float) -> SequenceOutput:
-        """Detokenizes the new token and applies the stop conditions."""
+    def _postprocess(self, seq: _Seq, token: int, now: float
+                     ) -> tuple[str, RequestStatus | None]:
+        """Detokenizes the new token and applies the stop conditions (finishing the request
+        on one). Returns the text that became final and the status the request finished with
+        (None: it goes on)."""
         req = seq.req
         sp: SamplingParams = req.sampling_params
         status = None
@@ -344,13 +371,19 @@ class LLMEngine:
             self.scheduler.finish_request(req.request_id, status)
             req.finish_time = now
             self._finish_group(seq)
-        logprobs = seq.logprobs[-1:] if seq.num_logprobs is not None else None
+        return delta, status
+
+    @staticmethod
+    def _output(burst: _Burst) -> SequenceOutput:
+        seq, status = burst.seq, burst.status
+        req = seq.req
+        n = len(burst.tokens)
         return SequenceOutput(
-            request_id=seq.user_id, index=req.index, new_token_ids=[token],
-            delta_text=delta, token_ids=req.output_so_far(), text=seq.text,
+            request_id=seq.user_id, index=req.index, new_token_ids=burst.tokens,
+            delta_text="".join(burst.deltas), token_ids=req.output_so_far(), text=seq.text,
             finished=status is not None, finish_reason=status.finish_reason if status else None,
-            logprobs=logprobs, num_prompt_tokens=req.num_prompt_tokens,
-            num_cached_tokens=req.num_cached_tokens)
+            logprobs=seq.logprobs[-n:] if seq.num_logprobs is not None else None,
+            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens)
 
     def _finish_group(self, seq: _Seq) -> None:
         sids = self._groups.get(seq.user_id, [])

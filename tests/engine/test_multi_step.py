@@ -177,3 +177,31 @@ def test_default_is_four_decodes_per_launch_on_a_gpu_and_one_elsewhere(monkeypat
     assert engine_mod.resolve_scheduler_steps(3) == 3
     monkeypatch.setattr(engine_mod.jax, "default_backend", lambda: "gpu")
     assert engine_mod.resolve_scheduler_steps(None) == engine_mod.DEFAULT_GPU_SCHEDULER_STEPS == 4
+
+
+def test_a_burst_comes_as_one_output_per_sequence(rng, make_engine, greedy_reference):
+    """With 4 decodes per launch a step gives each sequence one output holding its burst:
+    the outputs' new tokens, in order, are the sequence's tokens, each with its logprob; a
+    stop token inside a burst ends the sequence's last output, which holds no token after it."""
+    engine = make_engine(num_scheduler_steps=4)
+    prompts = prompts_of(rng, 3)
+    stop = greedy_reference(prompts[1])[5]  # mid-burst: the burst after the prefill's token
+    for i, p in enumerate(prompts):
+        sp = SamplingParams(max_new_tokens=10, stop_token_ids=(stop,) if i == 1 else ())
+        engine.add_request(f"r{i}", p, sp, logprobs=1)
+    seen: dict[str, list] = {f"r{i}": [] for i in range(3)}
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        assert len({o.request_id for o in outs}) == len(outs), "one output per sequence"
+        for o in outs:
+            assert len(o.logprobs) == len(o.new_token_ids) >= 1
+            assert [lp.token_id for lp in o.logprobs] == o.new_token_ids
+            seen[o.request_id].append(o)
+    for rid, outs in seen.items():
+        tokens = [t for o in outs for t in o.new_token_ids]
+        assert tokens == list(outs[-1].token_ids), rid
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1]), rid
+        assert max(len(o.new_token_ids) for o in outs) == 4, rid  # bursts did land together
+    want = greedy_reference(prompts[1])
+    assert list(seen["r1"][-1].token_ids) == want[:want.index(stop) + 1]
+    assert seen["r1"][-1].finish_reason == "stop"
