@@ -62,7 +62,9 @@ def engine_run(engine: LLMEngine, ids: list[int], new_tokens: int) -> dict:
     t0 = time.perf_counter()
     stamps = []
     while engine.has_unfinished_requests():
-        stamps.extend(time.perf_counter() for _ in engine.step())
+        outs = engine.step()
+        now = time.perf_counter()
+        stamps.extend(now for out in outs for _ in out.new_token_ids)  # a stamp per token
     decode_ms = 1e3 * (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
     return {"ms_per_token": decode_ms, "wall_s": time.perf_counter() - t0}
 

@@ -199,8 +199,9 @@ def run(engine: LLMEngine, reqs: list[Req], desc: str, deadline: float) -> dict:
         outs = engine.step()
         t = time.perf_counter() - t0
         for out in outs:
-            times[out.request_id].append(t)
-            seen_tokens.add(out.new_token_ids[-1])
+            # A token each: a multi-step burst comes as one output of several tokens.
+            times[out.request_id].extend([t] * len(out.new_token_ids))
+            seen_tokens.update(out.new_token_ids)
             bar.update(out.finished)
     duration = time.perf_counter() - t0
     bar.close()

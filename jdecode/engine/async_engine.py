@@ -188,6 +188,8 @@ class AsyncEngine:
             m.ttft.observe(now - self._start.get(out.request_id, now))
         else:
             m.itl.observe(now - last)
+        for _ in range(len(out.new_token_ids) - 1):  # the rest of a multi-step burst came with it
+            m.itl.observe(0.0)
         self._last_token[key] = now
         if out.finished:
             self._last_token.pop(key, None)
