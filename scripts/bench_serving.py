@@ -432,6 +432,12 @@ def main() -> None:
             raise SystemExit(f"--policies: {p!r} is unknown; choose from {', '.join(POLICIES)}, "
                              f"each optionally with {SYNC_SUFFIX}")
     rates = parse_rates(args.rates)
+    if any(not 0 < r < float("inf") for r, _ in rates):
+        raise SystemExit(f"--rates {args.rates!r}: each rate is a finite number of requests per "
+                         "second above 0 (Poisson arrivals), or a multiple like 0.5x")
+    if args.long_prompt < 1:
+        raise SystemExit(f"--long-prompt {args.long_prompt}: give at least 1 token (and "
+                         "--long-fraction 0 for no long prompts)")
     if any(rel for _, rel in rates) and ("continuous" not in policies or args.skip_offline):
         raise SystemExit("--rates with an x suffix needs the offline continuous run: add "
                          "continuous to --policies or give absolute rates")
