@@ -11,7 +11,12 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import numpy as np
+
 from jdecode.engine.request import Request
+
+_NO_PAGES = np.zeros(0, np.int32)
+_NO_PAGES.flags.writeable = False
 
 
 def hash_page(parent: bytes | None, tokens: Sequence[int]) -> bytes:
@@ -52,6 +57,10 @@ class BlockManager:
         # Front = next page handed out. Insertion order is the eviction (LRU) order.
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_pages))
         self.req_pages: dict[str, list[int]] = {}
+        # req_pages again as int32 arrays (capacity doubling), kept in step with every change:
+        # the runner copies a step's block-table rows from them. From the lists, numpy's
+        # per-element conversion cost ~3 us a row at 1000 tokens (engine_host_cpu.md).
+        self._arrays: dict[str, np.ndarray] = {}
         # Pages [0, n) of a request already offered to the prefix cache.
         self._num_hashed: dict[str, int] = {}
         # (src, dst) page copies the runner must apply before the next forward (copy-on-write).
@@ -75,6 +84,27 @@ class BlockManager:
     def page_ids(self, request_id: str) -> list[int]:
         """The request's page table (logical page i -> physical page id)."""
         return self.req_pages.get(request_id, [])
+
+    def page_array(self, request_id: str) -> np.ndarray:
+        """`page_ids` as an int32 array: a read-only view, valid until the request's pages
+        next change."""
+        n = len(self.req_pages.get(request_id, ()))
+        if not n:
+            return _NO_PAGES
+        view = self._arrays[request_id][:n]
+        view.flags.writeable = False
+        return view
+
+    def _mirror(self, rid: str, first: int) -> None:
+        """Brings the request's array up to its list from index `first` on."""
+        pages = self.req_pages[rid]
+        arr = self._arrays.get(rid)
+        if arr is None or len(arr) < len(pages):
+            grown = np.zeros(max(16, 2 * len(pages)), np.int32)
+            if arr is not None:
+                grown[:first] = arr[:first]
+            arr = self._arrays[rid] = grown
+        arr[first:len(pages)] = pages[first:]
 
     def pages_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
@@ -196,6 +226,7 @@ class BlockManager:
         if num_new_pages + cow > available:
             return False
         pages = self.req_pages.setdefault(rid, pages)
+        first = len(pages)  # the array changes from here (or from a copied page, below)
         for page in cached_pages:
             self._touch(page)
             pages.append(page)
@@ -207,8 +238,11 @@ class BlockManager:
             self.ref_counts[src] -= 1  # stays >= 1: another sequence still shares it
             pages[i] = dst
             self.pending_copies.append((src, dst))
+            first = min(first, i)
         for _ in range(num_new_pages):
             pages.append(self._pop_free())
+        if first < len(pages):
+            self._mirror(rid, first)
         return True
 
     def fork(self, parent: Request, child: Request) -> None:
@@ -219,6 +253,8 @@ class BlockManager:
         for page in pages:
             self.ref_counts[page] += 1
         self.req_pages[child.request_id] = pages
+        if pages:
+            self._mirror(child.request_id, 0)
         self._num_hashed[child.request_id] = self._num_hashed.get(parent.request_id, 0)
 
     def free(self, req: Request) -> None:
@@ -228,6 +264,7 @@ class BlockManager:
             return
         self._cache_computed_pages(req)
         pages = self.req_pages.pop(rid)
+        self._arrays.pop(rid, None)
         self._num_hashed.pop(rid, None)
         # Reverse order: the prefix's tail is freed first, so it is evicted before its head.
         for page in reversed(pages):
@@ -248,6 +285,8 @@ class BlockManager:
             for p in pages:
                 refs[p] += 1
         assert refs == self.ref_counts, "ref counts differ from the page tables"
+        for rid, pages in self.req_pages.items():
+            assert self.page_array(rid).tolist() == pages, f"{rid}'s page array is stale"
         assert all(r >= 0 for r in self.ref_counts)
         used = sum(r > 0 for r in self.ref_counts)
         assert used + self.num_free_pages == self.num_pages, "free + used != total"

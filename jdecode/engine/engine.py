@@ -278,7 +278,8 @@ class LLMEngine:
         out = self.scheduler.schedule()
         launched = None
         if not out.is_empty:
-            page_tables = {c.request.request_id: self.block_manager.page_ids(c.request.request_id)
+            bm = self.block_manager
+            page_tables = {c.request.request_id: bm.page_array(c.request.request_id)
                            for c in out.chunks}
             want = {sid: s.num_logprobs for sid, s in self._seqs.items()
                     if s.num_logprobs is not None}

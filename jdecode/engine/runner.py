@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -314,7 +315,7 @@ class ModelRunner:
             return next(b for b in self.decode_buckets if b >= num_tokens)
         return next(b for b in self.buckets if b >= num_tokens)
 
-    def pack(self, out: SchedulerOutput, page_tables: dict[str, list[int]]) -> dict:
+    def pack(self, out: SchedulerOutput, page_tables: dict[str, Sequence[int]]) -> dict:
         """Host arrays for one step (numpy), padded to the token bucket, the block-table width
         bucket and max_num_seqs."""
         ps, B = self.page_size, self.max_num_seqs
@@ -374,7 +375,7 @@ class ModelRunner:
         longest = max((ch.start + ch.steps for ch in chunks if ch.num_tokens == 1), default=0)
         return decode_layout(bool((lens == 1).all()), longest)
 
-    def step_inputs(self, out: SchedulerOutput, page_tables: dict[str, list[int]],
+    def step_inputs(self, out: SchedulerOutput, page_tables: dict[str, Sequence[int]],
                     num_logprobs: dict[str, int] | None = None) -> tuple[transfer.Packed, int]:
         """Host arguments of one step, packed for one transfer, and how many top logprobs it
         returns."""
@@ -431,7 +432,7 @@ class ModelRunner:
             pairs[:, :len(copies)] = np.asarray(copies, np.int32).T
         self.cache = _copy_jit(self.cache, pairs[0], pairs[1])
 
-    def dispatch(self, out: SchedulerOutput, page_tables: dict[str, list[int]],
+    def dispatch(self, out: SchedulerOutput, page_tables: dict[str, Sequence[int]],
                  num_logprobs: dict[str, int] | None = None) -> InFlightStep:
         """Packs and dispatches a planned step (after its page copies, if any) without
         waiting for it."""

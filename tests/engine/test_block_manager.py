@@ -143,6 +143,26 @@ def test_fork_shares_pages_and_copies_the_partial_page_on_write():
     bm.check_invariants()
 
 
+def test_page_arrays_follow_the_page_tables():
+    """The int32 arrays the runner copies block-table rows from equal the page lists through
+    growth past their capacity, a copy-on-write page swap and a free; views are read-only."""
+    bm = BlockManager(num_pages=64, page_size=2)
+    parent = make("p", list(range(41)))
+    compute(bm, parent, 3)  # a partial second page: the fork point
+    child = parent.make_child("c", 1)
+    bm.fork(parent, child)
+    child.num_computed_tokens = 3
+    assert bm.allocate_slots(child, 1)  # writes into the shared page: swapped for a copy
+    assert bm.page_array("c").tolist() == bm.page_ids("c") != bm.page_ids("p")
+    compute(bm, parent, 37)  # 20 pages: past the array's first capacity (16)
+    assert bm.page_array("p").tolist() == bm.page_ids("p") and len(bm.page_ids("p")) == 20
+    with pytest.raises(ValueError, match="read-only"):
+        bm.page_array("p")[0] = 5
+    bm.free(parent)
+    assert bm.page_array("p").size == 0
+    bm.check_invariants()
+
+
 def test_fork_at_a_page_boundary_needs_no_copy():
     bm = BlockManager(num_pages=8, page_size=4)
     parent = make("p", list(range(9)))
