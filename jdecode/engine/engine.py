@@ -354,7 +354,7 @@ class LLMEngine:
         if token in seq.stop_ids:  # the stop token is kept in token_ids but not in the text
             status = RequestStatus.FINISHED_STOPPED
         elif seq.detok is not None:
-            seq.pending += seq.detok.add([token])
+            seq.pending += seq.detok.step(token)
             hit = sp.stop and min(((seq.pending.find(s), s) for s in sp.stop
                                    if s in seq.pending), default=None)
             if hit:
