@@ -18,6 +18,7 @@ from jdecode.io.checkpoint import cache_root
 
 ENV = "JDECODE_COMPILE_CACHE"  # a directory, or 0 / off to leave the cache off
 OFF = ("0", "off", "false", "no")
+MAX_BYTES = 4 << 30  # the cache's size on disk at most
 
 
 def enable_compile_cache() -> Path | None:
@@ -39,4 +40,6 @@ def enable_compile_cache() -> Path | None:
     path = Path(setting) if setting else cache_root() / "xla"
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    # Bounded: jax evicts the least recently used entries past this (unbounded by default).
+    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path

@@ -8,7 +8,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from jdecode.io.compile_cache import ENV, enable_compile_cache
+from jdecode.io.compile_cache import ENV, MAX_BYTES, enable_compile_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def no_cache_dir():
     """jax's cache settings cleared for one test and put back after (the session's own
     cache, conftest's, must outlive it). Nothing compiles in between."""
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_compilation_cache_max_size")
     before = {k: getattr(jax.config, k) for k in keys}
     jax.config.update("jax_compilation_cache_dir", None)
     yield
@@ -31,6 +32,7 @@ def test_default_is_under_jdecode_cache(no_cache_dir, monkeypatch, tmp_path):
     assert enable_compile_cache() == tmp_path / "xla"
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
     assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+    assert jax.config.jax_compilation_cache_max_size == MAX_BYTES
 
 
 def test_env_names_the_directory_or_turns_it_off(no_cache_dir, monkeypatch, tmp_path):
