@@ -16,6 +16,10 @@
 #            (bench_engine_host.py, benchmarks/engine_host_cpu.md), and the 64-sequence probe
 #            of the SmolLM2 shape, whose device step is short enough for the host to bound it.
 #
+#   ragged   the engine's mixed-batch attention against separate calls, D128 and D64
+#            (bench_kernels.py --only ragged,ragged_d64; benchmarks/paged_attention_h200.md,
+#            run 19 ran it on an H100 only). Not in the default STAGE.
+#
 #   device: OUT=$OUT STAGE=tests,latency,probe,host bash scripts/gpu_engine_fused.sh
 # The four stages took ~13 min there: give each device call two at most. Each stage has its own timeout so one slow stage cannot take the others' results with it.
 set -u
@@ -54,4 +58,8 @@ if stage host; then
     --impl pallas --layout inference --policies continuous --rates '' --num-pages 4096 \
     --skip-offline --probe-steps 50 --num-scheduler-steps 4 --out "$RAW/probe_smol" \
     --tag smol_shape 2>&1 | tail -4
+fi
+if stage ragged; then
+  timeout 240 python3 scripts/bench_kernels.py --only ragged,ragged_d64 --out "$RAW/ragged" \
+    2>&1 | grep -E "ours_ragged_short|separate_decode_plus_gather_flash"
 fi
