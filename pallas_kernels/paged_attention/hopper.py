@@ -188,6 +188,12 @@ def hopper_ragged_call(q, k_pages, v_pages, tables, num_q, pos0, row0, seq, ctx,
         num_q, pos0, row0, seq, ctx, tables, q, k_pages, v_pages)
 
 
+def hopper_max_group(block_q: int = 64) -> int:
+    """The most query heads per kv head (after padding to a power of 2) the kernel takes: each
+    head's rows of a warpgroup are one TMA copy into the [block_q, D] tile, at least 8 rows."""
+    return block_q // 8
+
+
 def hopper_tokens_per_item(num_heads: int, num_kv_heads: int, block_q: int = 64) -> int:
     """Query tokens per work item: two compute warpgroups of block_q (token, head) rows."""
     return COMPUTE_WGS * block_q // pl.next_power_of_2(num_heads // num_kv_heads)
@@ -203,9 +209,9 @@ def hopper_ragged_rows(q, k_pages, v_pages, block_tables, items, num_rows, *, sm
     row0, num_q, pos0, seq, ctx = items
     n, h = q.shape[:2]
     gp = pl.next_power_of_2(h // k_pages.shape[2])
-    if block_q // gp < 8:
+    if gp > hopper_max_group(block_q):
         raise ValueError(f"{gp} query heads per kv head (padded): the Hopper ragged kernel "
-                         f"takes at most {block_q // 8}; use backend='triton'")
+                         f"takes at most {hopper_max_group(block_q)}; use backend='triton'")
     tokens = hopper_tokens_per_item(h, k_pages.shape[2], block_q)
     # The compiled kernel's TMA reads rows past N as 0; the interpreter would clamp the slice
     # instead, so it gets the rows.

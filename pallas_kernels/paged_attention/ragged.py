@@ -22,7 +22,11 @@ from pallas_kernels.flash_attention.kernel import (
     scale_logits,
 )
 from pallas_kernels.flash_attention.tuning import hopper_config, resolve_interpret
-from pallas_kernels.paged_attention.hopper import hopper_ragged_rows, hopper_tokens_per_item
+from pallas_kernels.paged_attention.hopper import (
+    hopper_max_group,
+    hopper_ragged_rows,
+    hopper_tokens_per_item,
+)
 from pallas_kernels.paged_attention.kernel import (
     check_paged_inputs,
     load_kv_block,
@@ -302,9 +306,8 @@ def _mosaic_unsupported(q: jax.Array, k_pages: jax.Array) -> str | None:
         return why
     if page_size % 8 or page_size & (page_size - 1):
         return f"page_size {page_size} (it needs a power of 2 of at least 8 tokens)"
-    if pl.next_power_of_2(q.shape[1] // num_kv) > 8:
-        # Each head's query rows are one TMA copy into an 8-row tile of the 64-row query tile.
-        return f"{q.shape[1] // num_kv} query heads per kv head (at most 8)"
+    if pl.next_power_of_2(q.shape[1] // num_kv) > hopper_max_group():
+        return f"{q.shape[1] // num_kv} query heads per kv head (at most {hopper_max_group()})"
     return None
 
 
