@@ -3,7 +3,10 @@ kernels it replaces, per layer of one batch-1 decode step, at several grid sizes
 
 Every layer of the model's shape gets its own random weights and cache (so weights stream
 from HBM, as in the model); one jit runs all layers, caches donated and threaded through, and
-the time per layer is the median over repetitions divided by the layer count. Each variant is
+the time per layer is the median over repetitions divided by the layer count. On the GPU also
+per layer: the device span (the jit's first kernel's start to its last one's end, launch gaps
+included: `device_span_us`), which ranks variants where the wall time, dispatch included,
+spreads, and the kernels' summed durations (`device_busy_us`, gaps not counted). Each variant is
 first run once and checked: its output against the five kernels' and its barrier timeouts at
 0 (a grid larger than fits on the device shows up there, and is not timed).
 
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdecode.analysis.measure import time_fn
+from jdecode.analysis.profile import device_busy_us, device_span_us
 from jdecode.config import load_model_config_yaml
 from jdecode.model.layers import rope_tables
 from jdecode.provenance import environment
@@ -44,8 +48,8 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--context", type=int, default=600)
     ap.add_argument("--variants", default="1x8n,1x8,4x4n,4x4,2x8",
-                    help="programs per SM x warps [b GEMV rows per item] [n: no prefetch], "
-                    "comma-separated")
+                    help="programs per SM x warps [b GEMV rows per item] [n: no prefetch] "
+                    "[a: barriers poll with atomics], comma-separated")
     ap.add_argument("--out", default="out")
     args = ap.parse_args()
     cfg = load_model_config_yaml(args.model if args.model.endswith(".yaml")
@@ -82,39 +86,47 @@ def main() -> None:
             new.append((kc, vc))
         return new, (x, jnp.zeros((), jnp.int32))
 
-    def persistent(caches, x, programs, warps, bn, prefetch):
+    def persistent(caches, x, programs, warps, bn, prefetch, poll):
         counters, new = new_counters(L), []
         for i, (w, (kc, vc)) in enumerate(zip(layers, caches)):
             x, kc, vc, counters = decode_layer(
                 x, pos, cos, sin, kc, vc, counters, i, w["attn_norm"], w["wqkv"], w["wo"],
                 w["mlp_norm"], w["wgu"], w["wd"], num_heads=H, num_kv_heads=K, eps=eps,
                 num_splits=ns, num_programs=programs, num_warps=warps, block_n=bn,
-                prefetch=prefetch)
+                prefetch=prefetch, poll=poll)
             new.append((kc, vc))
         return new, (x, barrier_timeouts(counters))
 
-    def timed(fn) -> float:
+    def timed(fn) -> dict:
+        """us per layer: wall (median, dispatch included), device span and busy (None off the
+        GPU)."""
         step = jax.jit(fn, donate_argnums=0)
         state = [[(jnp.copy(k), jnp.copy(v)) for k, v in caches]]
 
         def call():
             state[0], out = step(state[0], x0)
             return out
-        return time_fn(call, repeats=15, warmup=1) / L * 1e6
+        wall = time_fn(call, repeats=15, warmup=1) / L * 1e6
+        span, busy = device_span_us(call, 5), device_busy_us(call, 5)
+        return {"us_per_layer": wall,
+                "span_us_per_layer": None if span is None else span / L,
+                "busy_us_per_layer": None if busy is None else busy / L}
 
     sms = int(getattr(jax.devices()[0], "core_count", 0) or 132)
     want, _ = jax.jit(lambda c: five(c, x0)[1])(caches)
-    rows = [{"variant": "five kernels", "us_per_layer": timed(five)}]
-    print(f"five kernels: {rows[0]['us_per_layer']:.2f} us/layer", flush=True)
+    rows = [{"variant": "five kernels", **timed(five)}]
+    print(json.dumps(rows[0]), flush=True)
     for v in args.variants.split(","):
-        prefetch = not v.endswith("n")
-        per_sm, rest = v.rstrip("n").split("x")
+        flags = v[len(v.rstrip("na")):]
+        prefetch, poll = "n" not in flags, "atomic" if "a" in flags else "load"
+        per_sm, rest = v.rstrip("na").split("x")
         warps, bn = (int(t) for t in (rest.split("b") + ["4"])[:2])
         programs = int(per_sm) * sms
-        run = partial(persistent, programs=programs, warps=warps, bn=bn, prefetch=prefetch)
+        run = partial(persistent, programs=programs, warps=warps, bn=bn, prefetch=prefetch,
+                      poll=poll)
         got, timeouts = jax.jit(lambda c, run=run: run(c, x0)[1])(caches)
         row = {"variant": f"layer kernel, {programs} programs x {warps} warps, {bn} rows/item"
-                          f", prefetch {'on' if prefetch else 'off'}",
+                          f", prefetch {'on' if prefetch else 'off'}, {poll} polls",
                "barrier_timeouts": int(timeouts)}
         try:
             assert_close(got, want, dt.name, scale=2.0)
@@ -123,7 +135,7 @@ def main() -> None:
             row["matches_five_kernels"] = False
             row["mismatch"] = str(e)[:300]
         if row["barrier_timeouts"] == 0 and row["matches_five_kernels"]:
-            row["us_per_layer"] = timed(run)
+            row.update(timed(run))
         print(json.dumps(row), flush=True)
         rows.append(row)
     weight_mb = sum(int(np.prod(a.shape)) * dt.itemsize for a in layers[0].values()) / 1e6
@@ -132,12 +144,19 @@ def main() -> None:
               "weight_mb_per_layer": weight_mb, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"bench_layer_kernel_{Path(args.model).stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"bench_layer_kernel_{Path(args.model).stem}.json").write_text(
+        json.dumps(result, indent=1))
     print(f"\n{args.model}: {weight_mb:.1f} MB of weights per layer, {ns} splits")
-    print("| variant | us / layer | timeouts | matches |\n|---|---|---|---|")
+
+    def us(r, key):
+        return "" if r.get(key) is None else f"{r[key]:.2f}"
+
+    print("| variant | wall us / layer | device span us / layer | kernels' us / layer | "
+          "timeouts | matches |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r.get('us_per_layer', float('nan')):.2f} | "
-              f"{r.get('barrier_timeouts', '')} | {r.get('matches_five_kernels', '')} |")
+        print(f"| {r['variant']} | {us(r, 'us_per_layer')} | {us(r, 'span_us_per_layer')} | "
+              f"{us(r, 'busy_us_per_layer')} | {r.get('barrier_timeouts', '')} | "
+              f"{r.get('matches_five_kernels', '')} |")
 
 
 if __name__ == "__main__":

@@ -268,6 +268,26 @@ def device_busy_us(run: Callable[[], object], repeats: int = 10) -> float | None
     return sum(d for _, _, d in kernels) * 1e-3 / repeats if kernels else None
 
 
+def device_span_us(run: Callable[[], object], repeats: int = 10) -> float | None:
+    """Median device microseconds per run of `run` from its first kernel's start to its last
+    kernel's end: the kernels and the gaps between them, without the host's dispatch before
+    the first. None where no kernel ran on a device stream, or where the runs did not launch
+    equally many kernels (each run must be the same jitted step).
+
+    Why beside `device_busy_us`: a kernel that waits on the one before it pays a launch gap
+    outside its duration (~1.4 us on the H200, scripts/probe_pdl.py), so summed durations
+    flatter a chain of small kernels against one kernel that does their work."""
+    import numpy as np
+
+    kernels = sorted(_stream_trace(run, repeats), key=lambda k: k[1])
+    if not kernels or len(kernels) % repeats:
+        return None
+    per = len(kernels) // repeats
+    spans = [max(s + d for _, s, d in kernels[i:i + per]) - kernels[i][1]
+             for i in range(0, len(kernels), per)]
+    return float(np.median(spans)) * 1e-3
+
+
 def kernel_tally(run: Callable[[], object], repeats: int = 10, top: int | None = None
                  ) -> list[dict]:
     """The kernels (the `top` ones, or all) by device time per run of `run`, most first:

@@ -72,6 +72,7 @@ from pallas_kernels.fused_decode.kernel import (
 f32, i32 = jnp.float32, jnp.int32
 PHASES = 5
 ERROR_SLOT = PHASES - 1  # counters[layer, :ERROR_SLOT] are the barriers; this slot, timeouts
+POLLS = ("load", "atomic")  # how a barrier waits (`_grid_barrier`)
 MAX_SPIN = 1 << 18  # polls before a barrier gives up (~0.2 s: thousands of phases, so a bug)
 INTERPRET_PROGRAMS = 3  # the interpreter's P: enough to leave programs with unequal items
 
@@ -93,18 +94,32 @@ def default_programs(interpret: bool) -> int:
     return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
-def _grid_barrier(cnt_ref, layer, k: int, num_programs: int) -> None:
-    """Wait until all programs have arrived at barrier k of this layer."""
+def _grid_barrier(cnt_ref, layer, k: int, num_programs: int, poll: str = "load") -> None:
+    """Wait until all programs have arrived at barrier k of this layer.
+
+    poll="load" (default) waits with plain volatile loads of the counter and makes one
+    acquire atomic once it reads P; poll="atomic" polls with the atomic itself. Why: an atomic
+    is a read-modify-write that the L2 serializes on the counter's line, so P programs that
+    poll with it queue their polls ahead of the late programs' arrivals; a load does not.
+    The acquire that orders the next phase's reads after every arrival's release is the final
+    atomic: all arrivals are atomic adds, one release sequence, which it reads the end of.
+    """
     plgpu.debug_barrier()  # every thread's stores of the phase are issued before the arrival
     arrived = plgpu.atomic_add(cnt_ref, (layer, k), 1) + 1  # acq_rel at GPU scope
 
     def waiting(c):
         return (c[0] < num_programs) & (c[1] < MAX_SPIN)
 
-    def poll(c):
+    def poll_atomic(c):
         return plgpu.atomic_add(cnt_ref, (layer, k), 0), c[1] + 1
 
-    seen, _ = jax.lax.while_loop(waiting, poll, (arrived, jnp.int32(0)))
+    def poll_load(c):
+        return plgpu.load(cnt_ref.at[layer, k], volatile=True), c[1] + 1
+
+    body = poll_load if poll == "load" else poll_atomic
+    seen, _ = jax.lax.while_loop(waiting, body, (arrived, jnp.int32(0)))
+    if poll == "load":
+        seen = plgpu.atomic_add(cnt_ref, (layer, k), 0)  # the acquire (see above)
 
     @pl.when(seen < num_programs)
     def _():
@@ -117,7 +132,7 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
                   vc_ref, wo_ref, mlp_norm_ref, wgu_ref, wd_ref, cnt_ref,
                   out_ref, kc_out, vc_out, cnt_out, qkv_s, parts_s, lse_s, mid_s, act_s, *,
                   rows: int, num_heads: int, num_kv_heads: int, eps: float, num_splits: int,
-                  num_programs: int, block_n: int, prefetch: bool, phased: bool):
+                  num_programs: int, block_n: int, prefetch: bool, phased: bool, poll: str):
     del cnt_ref  # aliased to cnt_out, which the barriers use
     # The layer (its counter row) is data, not a constant: every layer is then the same
     # kernel, compiled once.
@@ -138,7 +153,7 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
         def run():
             first = ahead(jnp.minimum(pid, n_items - 1)) if ahead else None  # read-only
             if k and not phased:
-                _grid_barrier(cnt_out, layer, k - 1, P)
+                _grid_barrier(cnt_out, layer, k - 1, P, poll)
             if ahead is None:
                 @pl.loop(pid, n_items, step=P)
                 def _(i):
@@ -190,12 +205,12 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "eps",
                                              "num_splits", "num_programs", "num_warps",
-                                             "block_n", "prefetch", "interpret"))
+                                             "block_n", "prefetch", "poll", "interpret"))
 def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn_norm, wqkv_t,
                  wo_t, mlp_norm, w_gate_up_t, w_down_t, *, num_heads: int,
                  num_kv_heads: int, eps: float, num_splits: int, num_programs: int | None = None,
                  num_warps: int = 8, block_n: int = 4, prefetch: bool = True,
-                 interpret: bool | None = None):
+                 poll: str = "load", interpret: bool | None = None):
     """One layer of the decode step (the five fused kernels' function) in one launch.
 
     Args:
@@ -212,6 +227,8 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
         divide D/2, E and F.
       prefetch: issue each GEMV item's weight loads one item ahead, and each phase's first
         item's before the barrier that precedes it (K loops of up to 4 steps).
+      poll: how a barrier waits, "load" (volatile loads, then one acquire atomic) or
+        "atomic" (the atomic itself, as until 2026-12-05): `_grid_barrier`.
       num_programs: the persistent grid; default one per SM (3 in the interpreter). More
         than fit on the device at once would leave the barriers waiting on programs that
         cannot start: they give up after MAX_SPIN polls and count it (`barrier_timeouts`).
@@ -239,11 +256,13 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
     if (D // 2) % block_n or E % block_n or F % block_n:
         raise ValueError(f"decode_layer: block_n={block_n} must divide D/2={D // 2}, E={E} "
                          f"and F={F}: pick a power of two that does (4 always does)")
+    if poll not in POLLS:
+        raise ValueError(f"decode_layer: poll={poll!r}; pick one of {POLLS}")
     interpret = resolve_interpret(interpret)
     P = num_programs or default_programs(interpret)
     kernel = functools.partial(
         _layer_kernel, rows=b, num_heads=H, num_kv_heads=K, eps=eps, num_splits=num_splits,
-        num_programs=P, block_n=block_n, prefetch=prefetch, phased=interpret)
+        num_programs=P, block_n=block_n, prefetch=prefetch, phased=interpret, poll=poll)
     inputs = (jnp.asarray(layer, i32).reshape(1), positions.astype(i32), x, attn_norm, wqkv_t,
               cos.astype(f32), sin.astype(f32), k_cache, v_cache, wo_t, mlp_norm, w_gate_up_t,
               w_down_t, counters)

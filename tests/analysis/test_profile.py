@@ -14,6 +14,7 @@ from jdecode.analysis.profile import (
     CATEGORIES,
     categorize,
     device_busy_us,
+    device_span_us,
     hlo_matmuls,
     hlo_op_functions,
     kernel_tally,
@@ -195,3 +196,15 @@ def test_kernel_tally_sums_per_kernel_name(monkeypatch):
                        "us_per_call": 5.0}
     assert rows[2]["us_per_call"] == 1.0 and rows[2]["calls_per_run"] == 1.0
     assert [r["kernel"] for r in kernel_tally(lambda: None, repeats=2, top=1)] == ["gemm"]
+
+
+def test_device_span_counts_the_gaps_between_a_runs_kernels(monkeypatch):
+    """Per run: the first kernel's start to the last one's end (gaps included, the host's
+    time between runs not); the median over runs. Runs of unequal kernel counts: None."""
+    trace = [("b", 1000, 500), ("a", 0, 400),  # run 1: 0..1500 (gap 400..1000 counted)
+             ("a", 9000, 400), ("b", 9600, 400)]  # run 2: 9000..10000
+    monkeypatch.setattr(profile_module, "_stream_trace", lambda run, repeats: trace)
+    assert device_span_us(lambda: None, repeats=2) == pytest.approx(1.25)
+    assert device_span_us(lambda: None, repeats=3) is None
+    monkeypatch.setattr(profile_module, "_stream_trace", lambda run, repeats: [])
+    assert device_span_us(lambda: None, repeats=2) is None

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The persistent layer kernel (pallas_kernels/fused_decode/layer.py) on the card, issue 16:
+#
+#   layer  bench_layer_kernel.py on the SmolLM2 and Llama-3.2-1B shapes: the five kernels
+#          against the layer kernel's grids, its barriers polling with loads (the default
+#          since 2026-12-05) or with atomics ("a"), by device span per layer.
+#   model  bench_decode.py at batch 1, the five kernels against the layer kernel in the model
+#          (JDECODE_FUSED_DECODE=layer through --impl pallas-layer).
+#   tests  the layer kernel's tests compiled (barriers on).
+#
+#   device: OUT=$OUT STAGE=layer,model bash scripts/gpu_layer_kernel.sh
+# A device call brings back at most 8 files: everything goes into one archive.
+set -u
+export PYTHONPATH=.:${PYTHONPATH:-}
+export JDECODE_GIT_SHA=${JDECODE_GIT_SHA:-unknown}
+OUT=$(realpath -m "${OUT:-out}"); STAGE=${STAGE:-layer,model}; mkdir -p "$OUT"
+VARIANTS=${VARIANTS:-1x8a,1x8,4x4a,4x4,2x8}
+RAW=$(mktemp -d); trap 'tar czf "$OUT/gpu_layer_kernel.tgz" -C "$RAW" .' EXIT
+stage() { [[ ",$STAGE," == *",$1,"* ]]; }
+if stage tests; then
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/model/test_fused_decode.py \
+    -k layer 2>&1 | tail -4
+fi
+if stage layer; then
+  for m in ${LAYER_MODELS:-smollm2-135m}; do
+    timeout ${LAYER_TIMEOUT:-240} python3 scripts/bench_layer_kernel.py --model $m \
+      --variants "$VARIANTS" --out "$RAW/layer" 2>&1 | grep -E "^\| |^[a-z].*MB"
+  done
+fi
+if stage model; then
+  for m in ${MODEL_MODELS:-smollm2-135m}; do
+    timeout 200 python3 scripts/bench_decode.py --model $m --dtype bfloat16 --batch 1 \
+      --impl pallas-fused,pallas-layer --layers fused-unstacked --new-tokens 128 \
+      --out "$RAW/model_$m" 2>&1 | grep -E "^\| " | head -8
+  done
+fi
