@@ -72,7 +72,8 @@ from pallas_kernels.fused_decode.kernel import (
 f32, i32 = jnp.float32, jnp.int32
 PHASES = 5
 ERROR_SLOT = PHASES - 1  # counters[layer, :ERROR_SLOT] are the barriers; this slot, timeouts
-POLLS = ("load", "atomic")  # how a barrier waits (`_grid_barrier`)
+POLLS = ("load", "sleep", "atomic")  # how a barrier waits (`_grid_barrier`)
+SLEEP_NS = 64  # "sleep" polls: the pause between two loads
 MAX_SPIN = 1 << 18  # polls before a barrier gives up (~0.2 s: thousands of phases, so a bug)
 INTERPRET_PROGRAMS = 3  # the interpreter's P: enough to leave programs with unequal items
 
@@ -98,9 +99,11 @@ def _grid_barrier(cnt_ref, layer, k: int, num_programs: int, poll: str = "load")
     """Wait until all programs have arrived at barrier k of this layer.
 
     poll="load" (default) waits with plain volatile loads of the counter and makes one
-    acquire atomic once it reads P; poll="atomic" polls with the atomic itself. Why: an atomic
-    is a read-modify-write that the L2 serializes on the counter's line, so P programs that
-    poll with it queue their polls ahead of the late programs' arrivals; a load does not.
+    acquire atomic once it reads P; "sleep" pauses SLEEP_NS between those loads;
+    poll="atomic" polls with the atomic itself. Why: an atomic is a read-modify-write that
+    the L2 serializes on the counter's line, so P programs that poll with it queue their
+    polls ahead of the late programs' arrivals; a load does not, and every warp of every
+    program polls (Triton runs the scalar load in all of them), which a pause thins out.
     The acquire that orders the next phase's reads after every arrival's release is the final
     atomic: all arrivals are atomic adds, one release sequence, which it reads the end of.
     """
@@ -114,12 +117,23 @@ def _grid_barrier(cnt_ref, layer, k: int, num_programs: int, poll: str = "load")
         return plgpu.atomic_add(cnt_ref, (layer, k), 0), c[1] + 1
 
     def poll_load(c):
-        return plgpu.load(cnt_ref.at[layer, k], volatile=True), c[1] + 1
+        if poll == "load":
+            return plgpu.load(cnt_ref.at[layer, k], volatile=True), c[1] + 1
+        # The value passes through the pause, so the pause is not dropped; as a [1] vector,
+        # since Triton's inline asm takes no scalar operand.
+        seen = plgpu.load(cnt_ref.at[layer, pl.ds(k, 1)], volatile=True)  # [1]
+        seen, = plgpu.elementwise_inline_asm(
+            f"nanosleep.u32 {SLEEP_NS};\n\tmov.b32 $0, $1;", args=[seen], constraints="=r,r",
+            pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(seen.shape, seen.dtype)])
+        return jnp.max(seen), c[1] + 1
 
-    body = poll_load if poll == "load" else poll_atomic
+    body = poll_atomic if poll == "atomic" else poll_load
     seen, _ = jax.lax.while_loop(waiting, body, (arrived, jnp.int32(0)))
-    if poll == "load":
-        seen = plgpu.atomic_add(cnt_ref, (layer, k), 0)  # the acquire (see above)
+    if poll != "atomic":
+        # The acquire (see above), once the loads have seen every arrival. `seen` must stay
+        # the loop's: a load is no effect to jax, so a loop whose result went unused would be
+        # dropped from the kernel, and the barrier with it.
+        seen = jnp.where(seen < num_programs, seen, plgpu.atomic_add(cnt_ref, (layer, k), 0))
 
     @pl.when(seen < num_programs)
     def _():
@@ -227,8 +241,9 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
         divide D/2, E and F.
       prefetch: issue each GEMV item's weight loads one item ahead, and each phase's first
         item's before the barrier that precedes it (K loops of up to 4 steps).
-      poll: how a barrier waits, "load" (volatile loads, then one acquire atomic) or
-        "atomic" (the atomic itself, as until 2026-12-05): `_grid_barrier`.
+      poll: how a barrier waits, "load" (volatile loads, then one acquire atomic), "sleep"
+        (the same with a pause between loads) or "atomic" (the atomic itself, as until
+        2026-12-05): `_grid_barrier`.
       num_programs: the persistent grid; default one per SM (3 in the interpreter). More
         than fit on the device at once would leave the barriers waiting on programs that
         cannot start: they give up after MAX_SPIN polls and count it (`barrier_timeouts`).
