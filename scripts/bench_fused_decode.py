@@ -97,10 +97,13 @@ def tile_sweep(k: int, n: int, rows: int, sweep: str = "full") -> list[tuple[Gem
 
 
 def attention_sweep(cfg, B: int, dt, L: int, max_len: int, context: int, splits: list[int],
-                    o_block_n: list[int], rnd) -> dict:
+                    o_block_n: list[int], rnd, launches: list[tuple[int, int, int]] = ()
+                    ) -> dict:
     """Microseconds per layer of the fused attention pair at each split count and O column
     tile (0: the default tiles), and of the general path's pieces, for one step at `context`
-    past tokens in a max_len-slot cache."""
+    past tokens in a max_len-slot cache. `launches`: (block_k, warps, stages) of
+    `decode_attention` to time at each split count (default O tiles), with the attention
+    kernel's own device time per launch beside the pair's."""
     E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     x = rnd(B, E)
     qkvs = [rnd(B, (H + 2 * K) * D) for _ in range(L)]
@@ -109,11 +112,12 @@ def attention_sweep(cfg, B: int, dt, L: int, max_len: int, context: int, splits:
     rows = jnp.arange(B)
     caches = [(rnd(B, max_len, K, D), rnd(B, max_len, K, D)) for _ in range(L)]
 
-    def fused(caches, ns, tiles):
+    def fused(caches, ns, tiles, launch=()):
         out, new = [], []
+        kw = dict(zip(("block_k", "num_warps", "num_stages"), launch))
         for qkv, w, (kc, vc) in zip(qkvs, wo_t, caches):
             parts, lse, kc, vc = decode_attention(qkv, kc, vc, pos, num_heads=H,
-                                                  num_kv_heads=K, num_splits=ns)
+                                                  num_kv_heads=K, num_splits=ns, **kw)
             out.append(attn_o_residual(parts, lse, w, x, tiles=tiles, transposed=True))
             new.append((kc, vc))
         return new, out
@@ -129,7 +133,7 @@ def attention_sweep(cfg, B: int, dt, L: int, max_len: int, context: int, splits:
             new.append((kc, vc))
         return new, out
 
-    def timed(fn) -> float:
+    def timed(fn, kernel: str | None = None):
         step = jax.jit(fn, donate_argnums=0)
         state = [[(jnp.copy(k), jnp.copy(v)) for k, v in caches]]
 
@@ -138,7 +142,10 @@ def attention_sweep(cfg, B: int, dt, L: int, max_len: int, context: int, splits:
             return out
         us = per_call_us(call, (), L)
         busy = device_busy_us(call, 3)  # all kernels of a call, on the GPU
-        return us if busy is None else busy / L
+        us = us if busy is None else busy / L
+        if kernel is None:
+            return us
+        return us, kernel_device_us(call, (kernel,), 3).get(kernel)
 
     # The reference answer: the merged output of every split count must agree with it.
     want = jax.jit(lambda c: general(c)[1])(caches)
@@ -156,6 +163,17 @@ def attention_sweep(cfg, B: int, dt, L: int, max_len: int, context: int, splits:
                 result["splits_us"][ns] = us
             print(f"fused attention + o, {ns:2d} splits, o block_n {bn or 'default'}: "
                   f"{us:7.2f} us", flush=True)
+    result["launches"] = []
+    for ns, (bk, warps, stages) in itertools.product(splits, launches):
+        run = partial(fused, ns=ns, tiles=None, launch=(bk, warps, stages))
+        got = jax.jit(lambda c, run=run: run(c)[1])(caches)
+        assert_close(got, want, dt.name, scale=2.0)
+        pair, attn = timed(run, "decode_attention")
+        result["launches"].append({"splits": ns, "block_k": bk, "num_warps": warps,
+                                   "num_stages": stages, "pair_us": pair, "attention_us": attn})
+        print(f"attention {ns:2d} splits, block_k {bk:3d}, {warps} warps, {stages} stages: "
+              f"pair {pair:7.2f} us, attention kernel "
+              f"{'-' if attn is None else f'{attn:.2f}'} us", flush=True)
     result["general_us"] = us = timed(general)
     print(f"general scatter + paged + o      {us:7.2f} us", flush=True)
     return result
@@ -176,6 +194,9 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=1024, help="attention: cache slots")
     ap.add_argument("--context", type=int, default=600, help="attention: past tokens")
     ap.add_argument("--splits", default="1,2,4,8,16", help="attention: split counts")
+    ap.add_argument("--launches", default="",
+                    help="attention: decode_attention launches to time, block_k:warps:stages, "
+                    "comma-separated (e.g. 64:4:2,32:2:2)")
     ap.add_argument("--o-block-n", default="0",
                     help="attention: the O projection's block_n values (0: default tiles)")
     args = ap.parse_args()
@@ -195,7 +216,9 @@ def main() -> None:
     if args.part == "attention":
         splits = [int(s) for s in args.splits.split(",")]
         o_bn = [int(s) for s in args.o_block_n.split(",")]
-        res = attention_sweep(cfg, B, dt, L, args.max_len, args.context, splits, o_bn, rnd)
+        launches = [tuple(int(v) for v in t.split(":")) for t in args.launches.split(",") if t]
+        res = attention_sweep(cfg, B, dt, L, args.max_len, args.context, splits, o_bn, rnd,
+                              launches)
         (out / f"bench_fused_decode_{args.model}_attention_b{B}.json").write_text(
             json.dumps({**meta, **res}, indent=2))
         return
