@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=600)
     ap.add_argument("--variants", default="1x8n,1x8,4x4n,4x4,2x8",
                     help="programs per SM x warps [b GEMV rows per item] [n: no prefetch] "
-                    "[a: barriers poll with atomics, s: with paused loads], comma-separated")
+                    "[l: barriers poll with loads], comma-separated")
     ap.add_argument("--out", default="out")
     args = ap.parse_args()
     cfg = load_model_config_yaml(args.model if args.model.endswith(".yaml")
@@ -117,10 +117,9 @@ def main() -> None:
     rows = [{"variant": "five kernels", **timed(five)}]
     print(json.dumps(rows[0]), flush=True)
     for v in args.variants.split(","):
-        flags = v[len(v.rstrip("nas")):]
-        poll = "atomic" if "a" in flags else "sleep" if "s" in flags else "load"
-        prefetch = "n" not in flags
-        per_sm, rest = v.rstrip("nas").split("x")
+        flags = v[len(v.rstrip("nl")):]
+        prefetch, poll = "n" not in flags, "load" if "l" in flags else "atomic"
+        per_sm, rest = v.rstrip("nl").split("x")
         warps, bn = (int(t) for t in (rest.split("b") + ["4"])[:2])
         programs = int(per_sm) * sms
         run = partial(persistent, programs=programs, warps=warps, bn=bn, prefetch=prefetch,

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The persistent layer kernel (pallas_kernels/fused_decode/layer.py) on the card, issue 16:
 #
-#   layer  bench_layer_kernel.py on the SmolLM2 and Llama-3.2-1B shapes: the five kernels
-#          against the layer kernel's grids, its barriers polling with loads (the default
-#          since 2026-12-05) or with atomics ("a"), by device span per layer.
+#   layer  bench_layer_kernel.py (the SmolLM2 shape; LAYER_MODELS adds others): the five
+#          kernels against the layer kernel's grids, its barriers polling with atomics (the
+#          default) or with loads ("l"), by device span per layer. An H100 ran it on
+#          2026-12-05: benchmarks/fused_decode_h200.md.
 #   model  bench_decode.py at batch 1, the five kernels against the layer kernel in the model
 #          (JDECODE_FUSED_DECODE=layer through --impl pallas-layer).
 #   tests  the layer kernel's tests compiled (barriers on).
@@ -14,7 +15,7 @@ set -u
 export PYTHONPATH=.:${PYTHONPATH:-}
 export JDECODE_GIT_SHA=${JDECODE_GIT_SHA:-unknown}
 OUT=$(realpath -m "${OUT:-out}"); STAGE=${STAGE:-layer,model}; mkdir -p "$OUT"
-VARIANTS=${VARIANTS:-1x8a,1x8,4x4a,4x4,2x8}
+VARIANTS=${VARIANTS:-1x8,1x8l,4x4,4x4l}
 RAW=$(mktemp -d); trap 'tar czf "$OUT/gpu_layer_kernel.tgz" -C "$RAW" .' EXIT
 stage() { [[ ",$STAGE," == *",$1,"* ]]; }
 if stage tests; then

@@ -72,8 +72,7 @@ from pallas_kernels.fused_decode.kernel import (
 f32, i32 = jnp.float32, jnp.int32
 PHASES = 5
 ERROR_SLOT = PHASES - 1  # counters[layer, :ERROR_SLOT] are the barriers; this slot, timeouts
-POLLS = ("load", "sleep", "atomic")  # how a barrier waits (`_grid_barrier`)
-SLEEP_NS = 64  # "sleep" polls: the pause between two loads
+POLLS = ("atomic", "load")  # how a barrier waits (`_grid_barrier`)
 MAX_SPIN = 1 << 18  # polls before a barrier gives up (~0.2 s: thousands of phases, so a bug)
 INTERPRET_PROGRAMS = 3  # the interpreter's P: enough to leave programs with unequal items
 
@@ -95,17 +94,16 @@ def default_programs(interpret: bool) -> int:
     return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
-def _grid_barrier(cnt_ref, layer, k: int, num_programs: int, poll: str = "load") -> None:
+def _grid_barrier(cnt_ref, layer, k: int, num_programs: int, poll: str = "atomic") -> None:
     """Wait until all programs have arrived at barrier k of this layer.
 
-    poll="load" (default) waits with plain volatile loads of the counter and makes one
-    acquire atomic once it reads P; "sleep" pauses SLEEP_NS between those loads;
-    poll="atomic" polls with the atomic itself. Why: an atomic is a read-modify-write that
-    the L2 serializes on the counter's line, so P programs that poll with it queue their
-    polls ahead of the late programs' arrivals; a load does not, and every warp of every
-    program polls (Triton runs the scalar load in all of them), which a pause thins out.
-    The acquire that orders the next phase's reads after every arrival's release is the final
-    atomic: all arrivals are atomic adds, one release sequence, which it reads the end of.
+    poll="atomic" (default) polls with the atomic itself; "load" waits with volatile loads of
+    the counter and makes one acquire atomic once it reads P. The loads were meant to spare
+    the L2 the serialized read-modify-writes of P polling programs, but they were slower on an
+    H100 (2026-12-05, `scripts/bench_layer_kernel.py`, SmolLM2 shape, device span per layer:
+    24.1 vs 21.7 us at 132 programs x 8 warps, 25.1 vs 18.2 at 528 x 4; the five kernels
+    17.1): every warp of every program polls (Triton runs a scalar load in all of them), and
+    the acquire costs one more round trip. A 64 ns pause between loads changed nothing.
     """
     plgpu.debug_barrier()  # every thread's stores of the phase are issued before the arrival
     arrived = plgpu.atomic_add(cnt_ref, (layer, k), 1) + 1  # acq_rel at GPU scope
@@ -117,22 +115,14 @@ def _grid_barrier(cnt_ref, layer, k: int, num_programs: int, poll: str = "load")
         return plgpu.atomic_add(cnt_ref, (layer, k), 0), c[1] + 1
 
     def poll_load(c):
-        if poll == "load":
-            return plgpu.load(cnt_ref.at[layer, k], volatile=True), c[1] + 1
-        # The value passes through the pause, so the pause is not dropped; as a [1] vector,
-        # since Triton's inline asm takes no scalar operand.
-        seen = plgpu.load(cnt_ref.at[layer, pl.ds(k, 1)], volatile=True)  # [1]
-        seen, = plgpu.elementwise_inline_asm(
-            f"nanosleep.u32 {SLEEP_NS};\n\tmov.b32 $0, $1;", args=[seen], constraints="=r,r",
-            pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(seen.shape, seen.dtype)])
-        return jnp.max(seen), c[1] + 1
+        return plgpu.load(cnt_ref.at[layer, k], volatile=True), c[1] + 1
 
     body = poll_atomic if poll == "atomic" else poll_load
     seen, _ = jax.lax.while_loop(waiting, body, (arrived, jnp.int32(0)))
     if poll != "atomic":
-        # The acquire (see above), once the loads have seen every arrival. `seen` must stay
-        # the loop's: a load is no effect to jax, so a loop whose result went unused would be
-        # dropped from the kernel, and the barrier with it.
+        # The acquire, once the loads have seen every arrival (all arrivals are atomic adds,
+        # one release sequence, whose end it reads). `seen` must stay the loop's: a load is no
+        # effect to jax, so a loop whose result went unused is dropped, barrier and all.
         seen = jnp.where(seen < num_programs, seen, plgpu.atomic_add(cnt_ref, (layer, k), 0))
 
     @pl.when(seen < num_programs)
@@ -224,7 +214,7 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
                  wo_t, mlp_norm, w_gate_up_t, w_down_t, *, num_heads: int,
                  num_kv_heads: int, eps: float, num_splits: int, num_programs: int | None = None,
                  num_warps: int = 8, block_n: int = 4, prefetch: bool = True,
-                 poll: str = "load", interpret: bool | None = None):
+                 poll: str = "atomic", interpret: bool | None = None):
     """One layer of the decode step (the five fused kernels' function) in one launch.
 
     Args:
@@ -241,9 +231,8 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
         divide D/2, E and F.
       prefetch: issue each GEMV item's weight loads one item ahead, and each phase's first
         item's before the barrier that precedes it (K loops of up to 4 steps).
-      poll: how a barrier waits, "load" (volatile loads, then one acquire atomic), "sleep"
-        (the same with a pause between loads) or "atomic" (the atomic itself, as until
-        2026-12-05): `_grid_barrier`.
+      poll: how a barrier waits, "atomic" (polls with the atomic) or "load" (volatile loads,
+        then one acquire atomic; slower on an H100): `_grid_barrier`.
       num_programs: the persistent grid; default one per SM (3 in the interpreter). More
         than fit on the device at once would leave the barriers waiting on programs that
         cannot start: they give up after MAX_SPIN polls and count it (`barrier_timeouts`).
