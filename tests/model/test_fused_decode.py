@@ -43,7 +43,7 @@ from pallas_kernels.fused_decode import (
     qkv_rope,
 )
 from pallas_kernels.fused_decode import reference as ref
-from pallas_kernels.fused_decode.attention import default_splits
+from pallas_kernels.fused_decode.attention import BLOCK_K, default_splits, walk_block_k
 from pallas_kernels.fused_decode.block_attention import block_attention
 from pallas_kernels.fused_decode.kernel import FMA_MAX_ROWS, LARGE_GEMV, default_tiles
 from pallas_kernels.fused_decode.paged_attention import paged_block_k, paged_decode_attention
@@ -155,10 +155,12 @@ def test_attn_o_residual_matches_reference(rng, dtype, tiles, transposed, rows):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("rows,splits", [(1, None), (2, 1), (4, 3)])
-def test_decode_attention_matches_reference(rng, dtype, rows, splits):
+@pytest.mark.parametrize("rows,splits,block_k", [(1, None, 64), (2, 1, 64), (4, 3, 64),
+                                                 (4, 8, 128)])
+def test_decode_attention_matches_reference(rng, dtype, rows, splits, block_k):
     """Against f32 attention over [past | new token], at positions mid-cache, 0 (the new token
-    alone), past the buffer (attends, writes nothing) and at a block boundary."""
+    alone), past the buffer (attends, writes nothing) and at a block boundary (64; mid-block
+    for 128-slot blocks, the fused step's `walk_block_k`, with splits that see no block)."""
     H, K, D, S = 6, 2, 64, 256
 
     def normal(*shape):
@@ -167,7 +169,8 @@ def test_decode_attention_matches_reference(rng, dtype, rows, splits):
     qkv, kc, vc = normal(rows, (H + 2 * K) * D), normal(rows, S, K, D), normal(rows, S, K, D)
     positions = jnp.asarray([130, 0, S + 5, 64][:rows], jnp.int32)
     parts, lse, k_out, v_out = decode_attention(qkv, kc, vc, positions, num_heads=H,
-                                                num_kv_heads=K, num_splits=splits)
+                                                num_kv_heads=K, num_splits=splits,
+                                                block_k=block_k)
     want, k_want, v_want = ref.decode_attention_reference(qkv, kc, vc, positions,
                                                           num_heads=H, num_kv_heads=K)
     ns = splits or default_splits(S, rows)
@@ -192,6 +195,10 @@ def test_decode_attention_single_split_in_the_model_dtype(rng):
     with pytest.raises(ValueError, match="stay f32"):
         decode_attention(qkv, kc, vc, pos, num_heads=H, num_kv_heads=K, num_splits=2,
                          parts_dtype="bfloat16")
+
+
+def test_the_fused_step_walks_128_slot_blocks_where_the_cache_allows():
+    assert (walk_block_k(1024), walk_block_k(256), walk_block_k(192)) == (128, 128, BLOCK_K)
 
 
 def test_decode_attention_names_bad_shapes():
