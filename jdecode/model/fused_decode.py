@@ -74,7 +74,7 @@ from pallas_kernels.fused_decode import (
     gemv_residual,
     qkv_rope,
 )
-from pallas_kernels.fused_decode.attention import BLOCK_K, default_splits, walk_block_k
+from pallas_kernels.fused_decode.attention import BLOCK_K, default_splits
 from pallas_kernels.fused_decode.block_attention import block_attention
 from pallas_kernels.fused_decode.kernel import FMA_MAX_ROWS
 from pallas_kernels.fused_decode.layer import barrier_timeouts, decode_layer, new_counters
@@ -317,8 +317,7 @@ def fused_decode_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
             # path's mode="drop"); parts [B, splits, H * D] and lse [B, splits, H], f32.
             parts, lse, ks[layer], vs[layer] = decode_attention(
                 qkv, ks[layer], vs[layer], positions, num_heads=cfg.num_heads,
-                num_kv_heads=cfg.num_kv_heads, num_splits=splits,
-                block_k=walk_block_k(cache.max_len))
+                num_kv_heads=cfg.num_kv_heads, num_splits=splits)
             return parts, lse
         x = _five_kernel_layers(params, x, cos, sin, attend, cfg=cfg)
     hidden = rms_norm(x, params.final_norm, cfg.rms_norm_eps)

@@ -75,21 +75,6 @@ def default_splits(max_len: int, rows: int = 1, hidden: int = 0, heads_dim: int 
     return 1 << (ns.bit_length() - 1)
 
 
-def walk_block_k(max_len: int) -> int:
-    """The slots a program of the fused step's attention loads per loop step: 128 where the
-    cache's length allows, else BLOCK_K.
-
-    Why: at batch 1 a program walks a chain of dependent loads, and fewer, larger blocks
-    shorten it. On an H100 at 600 past tokens in 1024 slots (benchmarks/fused_decode_h200.md,
-    2026-12-05) 128-slot blocks at the same split count took attention + O per layer from
-    6.75 to 6.29 us on the SmolLM2 shape (8 splits) and from 11.06 to 10.60 on the
-    Llama-3.2-1B shape (8 splits; 11.17 at its default 4, 64-slot blocks); 32-slot blocks
-    and 1-2 warps were slower. The split count stays `default_splits`'s, which counts
-    BLOCK_K-slot blocks.
-    """
-    return 128 if max_len % 128 == 0 else BLOCK_K
-
-
 def attend_past(kc_ref, vc_ref, b, kv, q, carry, past, split, *, block_k: int, num_splits: int,
                 sm_scale: float):
     """The online softmax `carry` (acc [M, D], m [M], l [M] f32) of queries q [M, D] taken over

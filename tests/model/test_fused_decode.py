@@ -43,7 +43,7 @@ from pallas_kernels.fused_decode import (
     qkv_rope,
 )
 from pallas_kernels.fused_decode import reference as ref
-from pallas_kernels.fused_decode.attention import BLOCK_K, default_splits, walk_block_k
+from pallas_kernels.fused_decode.attention import default_splits
 from pallas_kernels.fused_decode.block_attention import block_attention
 from pallas_kernels.fused_decode.kernel import FMA_MAX_ROWS, LARGE_GEMV, default_tiles
 from pallas_kernels.fused_decode.paged_attention import paged_block_k, paged_decode_attention
@@ -160,7 +160,7 @@ def test_attn_o_residual_matches_reference(rng, dtype, tiles, transposed, rows):
 def test_decode_attention_matches_reference(rng, dtype, rows, splits, block_k):
     """Against f32 attention over [past | new token], at positions mid-cache, 0 (the new token
     alone), past the buffer (attends, writes nothing) and at a block boundary (64; mid-block
-    for 128-slot blocks, the fused step's `walk_block_k`, with splits that see no block)."""
+    for 128-slot blocks, with splits that see no block)."""
     H, K, D, S = 6, 2, 64, 256
 
     def normal(*shape):
@@ -195,10 +195,6 @@ def test_decode_attention_single_split_in_the_model_dtype(rng):
     with pytest.raises(ValueError, match="stay f32"):
         decode_attention(qkv, kc, vc, pos, num_heads=H, num_kv_heads=K, num_splits=2,
                          parts_dtype="bfloat16")
-
-
-def test_the_fused_step_walks_128_slot_blocks_where_the_cache_allows():
-    assert (walk_block_k(1024), walk_block_k(256), walk_block_k(192)) == (128, 128, BLOCK_K)
 
 
 def test_decode_attention_names_bad_shapes():
