@@ -37,7 +37,12 @@ from pallas_kernels.fused_decode import (
     qkv_rope,
 )
 from pallas_kernels.fused_decode.attention import default_splits
-from pallas_kernels.fused_decode.layer import barrier_timeouts, decode_layer, new_counters
+from pallas_kernels.fused_decode.layer import (
+    barrier_timeouts,
+    decode_layer,
+    new_counters,
+    phase_breakdown,
+)
 from pallas_kernels.testing import assert_close
 
 
@@ -49,7 +54,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=600)
     ap.add_argument("--variants", default="1x8n,1x8,4x4n,4x4,2x8",
                     help="programs per SM x warps [b GEMV rows per item] [n: no prefetch] "
-                    "[l: barriers poll with loads], comma-separated")
+                    "[l: barriers poll with loads] [t: traced, with each phase's and "
+                    "barrier's time], comma-separated")
     ap.add_argument("--out", default="out")
     args = ap.parse_args()
     cfg = load_model_config_yaml(args.model if args.model.endswith(".yaml")
@@ -86,16 +92,18 @@ def main() -> None:
             new.append((kc, vc))
         return new, (x, jnp.zeros((), jnp.int32))
 
-    def persistent(caches, x, programs, warps, bn, prefetch, poll):
-        counters, new = new_counters(L), []
+    def persistent(caches, x, programs, warps, bn, prefetch, poll, trace=False):
+        counters, new, stamps = new_counters(L), [], []
         for i, (w, (kc, vc)) in enumerate(zip(layers, caches)):
-            x, kc, vc, counters = decode_layer(
+            x, kc, vc, counters, *st = decode_layer(
                 x, pos, cos, sin, kc, vc, counters, i, w["attn_norm"], w["wqkv"], w["wo"],
                 w["mlp_norm"], w["wgu"], w["wd"], num_heads=H, num_kv_heads=K, eps=eps,
                 num_splits=ns, num_programs=programs, num_warps=warps, block_n=bn,
-                prefetch=prefetch, poll=poll)
+                prefetch=prefetch, poll=poll, trace=trace)
             new.append((kc, vc))
-        return new, (x, barrier_timeouts(counters))
+            stamps += st
+        out = (x, barrier_timeouts(counters))
+        return new, out + ((jnp.stack(stamps),) if trace else ())
 
     def timed(fn) -> dict:
         """us per layer: wall (median, dispatch included), device span and busy (None off the
@@ -117,17 +125,21 @@ def main() -> None:
     rows = [{"variant": "five kernels", **timed(five)}]
     print(json.dumps(rows[0]), flush=True)
     for v in args.variants.split(","):
-        flags = v[len(v.rstrip("nl")):]
+        flags = v[len(v.rstrip("nlt")):]
         prefetch, poll = "n" not in flags, "load" if "l" in flags else "atomic"
-        per_sm, rest = v.rstrip("nl").split("x")
+        trace = "t" in flags
+        per_sm, rest = v.rstrip("nlt").split("x")
         warps, bn = (int(t) for t in (rest.split("b") + ["4"])[:2])
         programs = int(per_sm) * sms
         run = partial(persistent, programs=programs, warps=warps, bn=bn, prefetch=prefetch,
-                      poll=poll)
-        got, timeouts = jax.jit(lambda c, run=run: run(c, x0)[1])(caches)
+                      poll=poll, trace=trace)
+        got, timeouts, *stamps = jax.jit(lambda c, run=run: run(c, x0)[1])(caches)
         row = {"variant": f"layer kernel, {programs} programs x {warps} warps, {bn} rows/item"
-                          f", prefetch {'on' if prefetch else 'off'}, {poll} polls",
+                          f", prefetch {'on' if prefetch else 'off'}, {poll} polls"
+                          f"{', traced' if trace else ''}",
                "barrier_timeouts": int(timeouts)}
+        if stamps:  # where one call's time went, medians over the layers (`phase_breakdown`)
+            row["phases_us"] = phase_breakdown(np.asarray(stamps[0]))
         try:
             assert_close(got, want, dt.name, scale=2.0)
             row["matches_five_kernels"] = True
@@ -157,6 +169,18 @@ def main() -> None:
         print(f"| {r['variant']} | {us(r, 'us_per_layer')} | {us(r, 'span_us_per_layer')} | "
               f"{us(r, 'busy_us_per_layer')} | {r.get('barrier_timeouts', '')} | "
               f"{r.get('matches_five_kernels', '')} |")
+    names = ("qkv", "attention", "o", "gate_up", "down")
+    for r in rows:
+        if "phases_us" not in r:
+            continue
+        b = r["phases_us"]
+        print(f"\n{r['variant']}: ramp {b['ramp']:.2f} us, total {b['total']:.2f} us (medians "
+              "over layers)\n| phase | work (median program) | critical | barrier after: "
+              "release, skew |\n|---|---|---|---|")
+        for k, name in enumerate(names):
+            after = (f"{b['release'][k]:.2f}, {b['skew'][k]:.2f}" if k < len(b["release"])
+                     else "")
+            print(f"| {name} | {b['work'][k]:.2f} | {b['critical'][k]:.2f} | {after} |")
 
 
 if __name__ == "__main__":

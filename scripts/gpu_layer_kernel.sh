@@ -15,7 +15,7 @@ set -u
 export PYTHONPATH=.:${PYTHONPATH:-}
 export JDECODE_GIT_SHA=${JDECODE_GIT_SHA:-unknown}
 OUT=$(realpath -m "${OUT:-out}"); STAGE=${STAGE:-layer,model}; mkdir -p "$OUT"
-VARIANTS=${VARIANTS:-1x8,1x8l,4x4,4x4l}
+VARIANTS=${VARIANTS:-1x8,4x4,1x8t,4x4t}
 RAW=$(mktemp -d); trap 'tar czf "$OUT/gpu_layer_kernel.tgz" -C "$RAW" .' EXIT
 stage() { [[ ",$STAGE," == *",$1,"* ]]; }
 if stage tests; then

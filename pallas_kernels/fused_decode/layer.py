@@ -73,6 +73,7 @@ f32, i32 = jnp.float32, jnp.int32
 PHASES = 5
 ERROR_SLOT = PHASES - 1  # counters[layer, :ERROR_SLOT] are the barriers; this slot, timeouts
 POLLS = ("atomic", "load")  # how a barrier waits (`_grid_barrier`)
+TRACE_SLOTS = 2 * PHASES  # a traced program's clock stamps: start, (arrive, release) x 4, end
 MAX_SPIN = 1 << 18  # polls before a barrier gives up (~0.2 s: thousands of phases, so a bug)
 INTERPRET_PROGRAMS = 3  # the interpreter's P: enough to leave programs with unequal items
 
@@ -94,8 +95,10 @@ def default_programs(interpret: bool) -> int:
     return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
-def _grid_barrier(cnt_ref, layer, k: int, num_programs: int, poll: str = "atomic") -> None:
-    """Wait until all programs have arrived at barrier k of this layer.
+def _grid_barrier(cnt_ref, layer, k: int, num_programs: int, poll: str = "atomic",
+                  stamp=None) -> None:
+    """Wait until all programs have arrived at barrier k of this layer. stamp(when, after),
+    if given, records the arrival (when=0) and the release (1) as they happen (`_stamp`).
 
     poll="atomic" (default) polls with the atomic itself; "load" waits with volatile loads of
     the counter and makes one acquire atomic once it reads P. The loads were meant to spare
@@ -107,6 +110,8 @@ def _grid_barrier(cnt_ref, layer, k: int, num_programs: int, poll: str = "atomic
     """
     plgpu.debug_barrier()  # every thread's stores of the phase are issued before the arrival
     arrived = plgpu.atomic_add(cnt_ref, (layer, k), 1) + 1  # acq_rel at GPU scope
+    if stamp:
+        stamp(0, arrived)
 
     def waiting(c):
         return (c[0] < num_programs) & (c[1] < MAX_SPIN)
@@ -129,14 +134,61 @@ def _grid_barrier(cnt_ref, layer, k: int, num_programs: int, poll: str = "atomic
     def _():
         plgpu.atomic_add(cnt_ref, (layer, ERROR_SLOT), 1)
 
+    if stamp:
+        stamp(1, seen)
     plgpu.debug_barrier()  # no thread reads the next phase's inputs before the poll is done
+
+
+def _stamp(trace_ref, pid, slot: int, after) -> None:
+    """Stores the GPU's global nanosecond clock (its low 32 bits) at trace_ref[pid, slot].
+
+    Triton treats inline asm as pure: the clock read is placed by its data alone, so it takes
+    `after` (a value the stamped event produced, e.g. an atomic's result) as an operand it
+    does not read, which keeps it from moving above that event."""
+    dep = jnp.full((1,), after, i32)  # [1]: Triton's inline asm takes no scalar operand
+    now, = plgpu.elementwise_inline_asm(
+        "{ .reg .u64 %gt; mov.u64 %gt, %globaltimer; cvt.u32.u64 $0, %gt; }", args=[dep],
+        constraints="=r,r", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct((1,), i32)])
+    plgpu.store(trace_ref.at[pid, pl.ds(slot, 1)], now)
+
+
+def phase_breakdown(trace) -> dict:
+    """Where a traced layer kernel's time went (`decode_layer(trace=True)`), in us.
+
+    trace: [P, TRACE_SLOTS] (or [layers, P, TRACE_SLOTS]: medians over layers) of the low 32
+    bits of ns clock stamps: start, then per barrier k < PHASES - 1 its arrival and its
+    release, then the end. Returns per phase k "work" (the median program's time from its
+    release of barrier k - 1, or its start, to its next arrival), "critical" (the first
+    program's start of the phase to the last arrival at its end), per barrier "release"
+    (the last arrival to the median program's release: what the barrier itself costs) and
+    "skew" (the median arrival to the last), and "ramp" (the first program's start to the
+    last's) and "total" (the first start to the last end)."""
+    import numpy as np
+
+    t = np.asarray(trace, np.int64)
+    if t.ndim == 3:
+        per = [phase_breakdown(x) for x in t]
+        return {k: (float(np.median([p[k] for p in per])) if not isinstance(per[0][k], list)
+                    else [float(np.median([p[k][i] for p in per]))
+                          for i in range(len(per[0][k]))]) for k in per[0]}
+    t = (t - t[:, :1].min()) % (1 << 32) * 1e-3  # us since the first start; the clock wraps
+    start, end = t[:, 0], t[:, -1]
+    arrive, release = t[:, 1:-1:2], t[:, 2:-1:2]  # [P, PHASES - 1]
+    begins = np.concatenate([start[:, None], release], axis=1)  # [P, PHASES]
+    ends = np.concatenate([arrive, end[:, None]], axis=1)
+    return {"work": list(np.median(ends - begins, axis=0)),
+            "critical": list(ends.max(axis=0) - begins.min(axis=0)),
+            "release": list(np.median(release - arrive.max(axis=0), axis=0)),
+            "skew": list(arrive.max(axis=0) - np.median(arrive, axis=0)),
+            "ramp": float(start.max() - start.min()), "total": float(end.max() - start.min())}
 
 
 def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, sin_ref, kc_ref,
                   vc_ref, wo_ref, mlp_norm_ref, wgu_ref, wd_ref, cnt_ref,
-                  out_ref, kc_out, vc_out, cnt_out, qkv_s, parts_s, lse_s, mid_s, act_s, *,
-                  rows: int, num_heads: int, num_kv_heads: int, eps: float, num_splits: int,
-                  num_programs: int, block_n: int, prefetch: bool, phased: bool, poll: str):
+                  out_ref, kc_out, vc_out, cnt_out, qkv_s, parts_s, lse_s, mid_s, act_s,
+                  trace_ref=None, *, rows: int, num_heads: int, num_kv_heads: int, eps: float,
+                  num_splits: int, num_programs: int, block_n: int, prefetch: bool,
+                  phased: bool, poll: str):
     del cnt_ref  # aliased to cnt_out, which the barriers use
     # The layer (its counter row) is data, not a constant: every layer is then the same
     # kernel, compiled once.
@@ -145,6 +197,8 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
     D = qkv_s.shape[2]
     E, F = x_ref.shape[1], act_s.shape[1]
     pid = pl.program_id(1 if phased else 0)
+    if trace_ref is not None:
+        _stamp(trace_ref, pid, 0, pid)
 
     def phase(k: int, n_items: int, run_item, load_ahead=None) -> None:
         """Program pid's items of phase k: pid, pid + P, ... < n_items, after barrier k - 1.
@@ -157,7 +211,9 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
         def run():
             first = ahead(jnp.minimum(pid, n_items - 1)) if ahead else None  # read-only
             if k and not phased:
-                _grid_barrier(cnt_out, layer, k - 1, P, poll)
+                stamp = None if trace_ref is None else (
+                    lambda when, after: _stamp(trace_ref, pid, 2 * k - 1 + when, after))
+                _grid_barrier(cnt_out, layer, k - 1, P, poll, stamp)
             if ahead is None:
                 @pl.loop(pid, n_items, step=P)
                 def _(i):
@@ -205,16 +261,21 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
         act_s, wd_ref, mid_s, out_ref, rows=rows, tiles=t_f, transposed=True, item=i,
         weights=w),
         gemv_ahead(wd_ref, lambda i: residual_cols(i, t_f), F, t_f))
+    if trace_ref is not None:  # the end: an atomic after the last phase's stores, stamped
+        plgpu.debug_barrier()
+        done = plgpu.atomic_add(cnt_out, (layer, ERROR_SLOT), 0)
+        _stamp(trace_ref, pid, TRACE_SLOTS - 1, done)
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "eps",
                                              "num_splits", "num_programs", "num_warps",
-                                             "block_n", "prefetch", "poll", "interpret"))
+                                             "block_n", "prefetch", "poll", "trace",
+                                             "interpret"))
 def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn_norm, wqkv_t,
                  wo_t, mlp_norm, w_gate_up_t, w_down_t, *, num_heads: int,
                  num_kv_heads: int, eps: float, num_splits: int, num_programs: int | None = None,
                  num_warps: int = 8, block_n: int = 4, prefetch: bool = True,
-                 poll: str = "atomic", interpret: bool | None = None):
+                 poll: str = "atomic", trace: bool = False, interpret: bool | None = None):
     """One layer of the decode step (the five fused kernels' function) in one launch.
 
     Args:
@@ -233,13 +294,19 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
         item's before the barrier that precedes it (K loops of up to 4 steps).
       poll: how a barrier waits, "atomic" (polls with the atomic) or "load" (volatile loads,
         then one acquire atomic; slower on an H100): `_grid_barrier`.
+      trace: also return each program's clock stamps, [P, TRACE_SLOTS] int32 (GPU only;
+        `phase_breakdown` reads them).
       num_programs: the persistent grid; default one per SM (3 in the interpreter). More
         than fit on the device at once would leave the barriers waiting on programs that
         cannot start: they give up after MAX_SPIN polls and count it (`barrier_timeouts`).
 
     Returns:
-      (x_out [B, E], k_cache, v_cache, counters), as the five kernels in sequence give them.
+      (x_out [B, E], k_cache, v_cache, counters), as the five kernels in sequence give them,
+      and with trace=True the stamps after them.
     """
+    if trace and resolve_interpret(interpret):
+        raise ValueError("decode_layer: trace=True reads the GPU's clock; the interpreter "
+                         "has none (run it on the GPU, or pass trace=False)")
     b, E = x.shape
     H, K = num_heads, num_kv_heads
     D = k_cache.shape[3]
@@ -280,8 +347,10 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
                  jax.ShapeDtypeStruct((b * num_splits * H,), f32),
                  jax.ShapeDtypeStruct((b, E), x.dtype),
                  jax.ShapeDtypeStruct((b, F), x.dtype))
+    if trace:
+        out_shape += (jax.ShapeDtypeStruct((P, TRACE_SLOTS), i32),)
     grid = (PHASES, P) if interpret else (P,)
-    out, k_cache, v_cache, counters, *_ = pl.pallas_call(
+    out, k_cache, v_cache, counters, *rest = pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=[whole_block(a) for a in inputs],
@@ -292,4 +361,6 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
         interpret=interpret,
         name="decode_layer",
     )(*inputs)
+    if trace:
+        return out, k_cache, v_cache, counters, rest[-1]
     return out, k_cache, v_cache, counters

@@ -595,3 +595,25 @@ def test_decode_layer_matches_the_five_kernels(rng, dtype, rows):
     for out, expected in ((got, want), (k_got, k_want), (v_got, v_want)):
         assert_close(out, expected, dtype)
     assert int(barrier_timeouts(counters)) == 0
+
+
+def test_phase_breakdown_reads_a_layer_kernels_stamps():
+    """Two programs' stamps (ns, low 32 bits, one wrapping past 2**32): start, (arrival,
+    release) at each of the 4 barriers, end; the breakdown in us, and medians over layers."""
+    from pallas_kernels.fused_decode.layer import TRACE_SLOTS, decode_layer, phase_breakdown
+
+    a = [0, 1000, 1500, 2000, 2600, 3000, 3500, 4000, 4500, 6000]
+    b = [200, 1200, 1600, 2400, 2700, 3100, 3600, 4200, 4600, 5000]
+    trace = np.asarray([a, b], np.int64) + (1 << 32) - 300  # b's stamps wrap
+    got = phase_breakdown(trace % (1 << 32))
+    assert len(a) == TRACE_SLOTS
+    np.testing.assert_allclose(got["work"], [1.0, 0.65, 0.4, 0.55, 0.95])
+    np.testing.assert_allclose(got["critical"], [1.2, 0.9, 0.5, 0.7, 1.5])
+    np.testing.assert_allclose(got["release"], [0.35, 0.25, 0.45, 0.35])
+    np.testing.assert_allclose(got["skew"], [0.1, 0.2, 0.05, 0.1])
+    assert got["ramp"] == pytest.approx(0.2) and got["total"] == pytest.approx(6.0)
+    layers = phase_breakdown(np.stack([trace, trace]) % (1 << 32))
+    assert layers["total"] == pytest.approx(6.0) and layers["work"][0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="the interpreter has none"):
+        decode_layer(*[None] * 14, num_heads=4, num_kv_heads=2, eps=1e-5, num_splits=2,
+                     trace=True, interpret=True)

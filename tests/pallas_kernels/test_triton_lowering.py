@@ -186,3 +186,22 @@ def test_layer_kernel_barriers_wait_in_loops(triton_modules, poll):
     assert module.count("scf.while") == PHASES - 1
     volatile = len(re.findall(r"tt\.load[^\n]*isVolatile = true", module))
     assert volatile == (0 if poll == "atomic" else PHASES - 1)
+    assert "globaltimer" not in module  # no clock reads unless traced
+
+
+def test_a_traced_layer_kernel_reads_the_clock_at_each_stamp(triton_modules):
+    """trace=True: one clock read per stamp (start, arrival and release at each barrier,
+    end), and the stamps as a [P, TRACE_SLOTS] output."""
+    from pallas_kernels.fused_decode.layer import TRACE_SLOTS, decode_layer, new_counters
+
+    E, H, K, D, F, S = 64, 4, 2, 16, 128, 128
+    z = functools.partial(jnp.zeros, dtype=jnp.float32)
+    fn = functools.partial(decode_layer, num_heads=H, num_kv_heads=K, eps=1e-5, num_splits=2,
+                           num_programs=8, trace=True, interpret=False)
+    lowered = lower_for_cuda(fn, z((1, E)), jnp.zeros((1,), jnp.int32), z((1, D // 2)),
+                             z((1, D // 2)), z((1, S, K, D)), z((1, S, K, D)), new_counters(2),
+                             jnp.int32(0), z(E), z(((H + 2 * K) * D, E)), z((E, H * D)), z(E),
+                             z((2 * F, E)), z((E, F)))
+    (module,) = triton_modules
+    assert module.count("globaltimer") == TRACE_SLOTS
+    assert lowered.out_info[-1].shape == (8, TRACE_SLOTS)
