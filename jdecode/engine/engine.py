@@ -350,24 +350,30 @@ class LLMEngine:
         (None: it goes on)."""
         req = seq.req
         sp: SamplingParams = req.sampling_params
+        stops = sp.stop
         status = None
         if token in seq.stop_ids:  # the stop token is kept in token_ids but not in the text
             status = RequestStatus.FINISHED_STOPPED
         elif seq.detok is not None:
             seq.pending += seq.detok.step(token)
-            hit = sp.stop and min(((seq.pending.find(s), s) for s in sp.stop
-                                   if s in seq.pending), default=None)
+            hit = stops and min(((seq.pending.find(s), s) for s in stops
+                                 if s in seq.pending), default=None)
             if hit:
                 seq.pending = seq.pending[:hit[0]]
                 status = RequestStatus.FINISHED_STOPPED
-        if status is None and (req.num_output_tokens >= sp.max_new_tokens
-                               or req.num_tokens >= self.max_model_len):
+        # len() of the lists, not their properties: this runs once per token (the engine's
+        # largest per-token share of host time, benchmarks/engine_host_cpu.md).
+        if status is None and (len(req.output_token_ids) >= sp.max_new_tokens
+                               or len(req.all_token_ids) >= self.max_model_len):
             status = RequestStatus.FINISHED_LENGTH
-        # Hold back the tail that might be the start of a stop string until it is decided.
-        hold = 0 if status is not None else stop_prefix_len(seq.pending, sp.stop)
-        cut = max(0, len(seq.pending) - hold)
-        delta, seq.pending = seq.pending[:cut], seq.pending[cut:]
-        seq.text += delta
+        if stops and status is None:
+            # Hold back the tail that might be the start of a stop string until it is decided.
+            cut = len(seq.pending) - stop_prefix_len(seq.pending, stops)
+            delta, seq.pending = seq.pending[:cut], seq.pending[cut:]
+        else:
+            delta, seq.pending = seq.pending, ""
+        if delta:
+            seq.text += delta
         if status is not None:
             self.scheduler.finish_request(req.request_id, status)
             req.finish_time = now

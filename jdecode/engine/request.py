@@ -21,12 +21,17 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-                        RequestStatus.FINISHED_ABORTED)
+        # Identity against module constants: `in` a tuple of members compares with Enum's
+        # __eq__, and the engine asks this once per token.
+        return self is _STOPPED or self is _LENGTH or self is _ABORTED
 
     @property
     def finish_reason(self) -> str | None:
         return self.value if self.finished else None
+
+
+_STOPPED, _LENGTH, _ABORTED = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                               RequestStatus.FINISHED_ABORTED)
 
 
 class TokenIds(Sequence):
