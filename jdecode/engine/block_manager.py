@@ -210,9 +210,17 @@ class BlockManager:
         if cached_pages and pages:
             raise ValueError(f"request {rid!r} already holds pages; prefix hits only apply to "
                              "a request's first allocation")
+        ps = self.page_size
         if pages:
             self._cache_computed_pages(req)
-        ps = self.page_size
+            # Most decode steps: the tokens fit the pages held and their page is not shared
+            # with a fork, so nothing changes (what the general path below would conclude; it
+            # runs for every running sequence every step).
+            start = req.num_computed_tokens
+            if start + num_new_tokens <= len(pages) * ps and (
+                    num_new_tokens == 0 or start % ps == 0
+                    or self.ref_counts[pages[start // ps]] == 1):
+                return True
         start = req.num_computed_tokens + len(cached_pages) * ps
         end = start + num_new_tokens
         num_new_pages = max(0, self.pages_needed(end) - len(pages) - len(cached_pages))
