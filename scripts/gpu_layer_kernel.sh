@@ -5,6 +5,10 @@
 #          kernels against the layer kernel's grids, its barriers polling with atomics (the
 #          default) or with loads ("l"), by device span per layer. An H100 ran it on
 #          2026-12-05: benchmarks/fused_decode_h200.md.
+#   attn   the fused step's attention with strided shares whose first blocks load before
+#          the position (decode_attention(preload=1|2), not yet timed on a card) against
+#          its default, on the SmolLM2 and 1B shapes (bench_fused_decode.py --part attention).
+#          Variants with "p" in the layer stage do the same inside the layer kernel.
 #   model  bench_decode.py at batch 1, the five kernels against the layer kernel in the model
 #          (JDECODE_FUSED_DECODE=layer through --impl pallas-layer).
 #   tests  the layer kernel's tests compiled (barriers on).
@@ -26,6 +30,13 @@ if stage layer; then
   for m in ${LAYER_MODELS:-smollm2-135m}; do
     timeout ${LAYER_TIMEOUT:-240} python3 scripts/bench_layer_kernel.py --model $m \
       --variants "$VARIANTS" --out "$RAW/layer" 2>&1 | grep -E "^\| |^[a-z].*MB"
+  done
+fi
+if stage attn; then
+  for m in smollm2-135m llama-3.2-1b; do
+    timeout 200 python3 scripts/bench_fused_decode.py --model $m --part attention \
+      --splits 4,8 --launches 64:4:2,64:4:2:1,64:4:2:2 --out "$RAW/attn" 2>&1 \
+      | grep -E "^attention|^fused|^general"
   done
 fi
 if stage model; then
