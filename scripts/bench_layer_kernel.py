@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=600)
     ap.add_argument("--variants", default="1x8n,1x8,4x4n,4x4,2x8",
                     help="programs per SM x warps [b GEMV rows per item] [n: no prefetch] "
-                    "[l: barriers poll with loads] [t: traced, with each phase's and "
+                    "[t: traced, with each phase's and "
                     "barrier's time] [p: attention's strided shares, 2 blocks preloaded], "
                     "comma-separated")
     ap.add_argument("--out", default="out")
@@ -93,14 +93,14 @@ def main() -> None:
             new.append((kc, vc))
         return new, (x, jnp.zeros((), jnp.int32))
 
-    def persistent(caches, x, programs, warps, bn, prefetch, poll, trace=False, preload=0):
+    def persistent(caches, x, programs, warps, bn, prefetch, trace=False, preload=0):
         counters, new, stamps = new_counters(L), [], []
         for i, (w, (kc, vc)) in enumerate(zip(layers, caches)):
             x, kc, vc, counters, *st = decode_layer(
                 x, pos, cos, sin, kc, vc, counters, i, w["attn_norm"], w["wqkv"], w["wo"],
                 w["mlp_norm"], w["wgu"], w["wd"], num_heads=H, num_kv_heads=K, eps=eps,
                 num_splits=ns, num_programs=programs, num_warps=warps, block_n=bn,
-                prefetch=prefetch, poll=poll, trace=trace, attn_preload=preload)
+                prefetch=prefetch, trace=trace, attn_preload=preload)
             new.append((kc, vc))
             stamps += st
         out = (x, barrier_timeouts(counters))
@@ -126,17 +126,16 @@ def main() -> None:
     rows = [{"variant": "five kernels", **timed(five)}]
     print(json.dumps(rows[0]), flush=True)
     for v in args.variants.split(","):
-        flags = v[len(v.rstrip("nltp")):]
-        prefetch, poll = "n" not in flags, "load" if "l" in flags else "atomic"
-        trace, preload = "t" in flags, 2 if "p" in flags else 0
-        per_sm, rest = v.rstrip("nltp").split("x")
+        flags = v[len(v.rstrip("ntp")):]
+        prefetch, trace, preload = "n" not in flags, "t" in flags, 2 if "p" in flags else 0
+        per_sm, rest = v.rstrip("ntp").split("x")
         warps, bn = (int(t) for t in (rest.split("b") + ["4"])[:2])
         programs = int(per_sm) * sms
         run = partial(persistent, programs=programs, warps=warps, bn=bn, prefetch=prefetch,
-                      poll=poll, trace=trace, preload=preload)
+                      trace=trace, preload=preload)
         got, timeouts, *stamps = jax.jit(lambda c, run=run: run(c, x0)[1])(caches)
         row = {"variant": f"layer kernel, {programs} programs x {warps} warps, {bn} rows/item"
-                          f", prefetch {'on' if prefetch else 'off'}, {poll} polls"
+                          f", prefetch {'on' if prefetch else 'off'}"
                           f"{', traced' if trace else ''}"
                           f"{', attention preloads 2 blocks' if preload else ''}",
                "barrier_timeouts": int(timeouts)}

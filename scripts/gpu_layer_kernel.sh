@@ -2,9 +2,9 @@
 # The persistent layer kernel (pallas_kernels/fused_decode/layer.py) on the card, issue 16:
 #
 #   layer  bench_layer_kernel.py (the SmolLM2 shape; LAYER_MODELS adds others): the five
-#          kernels against the layer kernel's grids, its barriers polling with atomics (the
-#          default) or with loads ("l"), by device span per layer. An H100 ran it on
-#          2026-12-05: benchmarks/fused_decode_h200.md.
+#          kernels against the layer kernel's grids by device span per layer; "t" variants
+#          trace where each phase's time goes, "p" preload attention's first blocks. An H100
+#          ran it on 2026-12-05: benchmarks/fused_decode_h200.md.
 #   attn   the fused step's attention with strided shares whose first blocks load before
 #          the position (decode_attention(preload=1|2), not yet timed on a card) against
 #          its default, on the SmolLM2 and 1B shapes (bench_fused_decode.py --part attention).

@@ -41,6 +41,13 @@ warps per SM drew level with the five kernels, no better. Loading each GEMV item
 one item ahead (`prefetch`, and each phase's first item before its barrier) showed no gain
 beyond the benchmark's run-to-run spread. A win would need deeper pipelining (several items
 in flight per program) tuned by device time per kernel.
+
+Where the time goes (H100, 2026-12-05, `trace=True` and `phase_breakdown`): a barrier costs
+~0.35 us from the last arrival to the release; a layer is the sum of its five phases'
+critical paths (qkv 3.0, attention 5.1, o 3.5, gate/up 3.5, down 2.4 us at 528 programs x 4
+warps, against 17.2 us per layer for the five kernels): the slowest program of each phase,
+not the barriers, sets the pace, and attention's 24 items (8 splits x 3 kv heads), each a
+chain of dependent loads, are the longest phase.
 """
 
 from __future__ import annotations
@@ -72,7 +79,6 @@ from pallas_kernels.fused_decode.kernel import (
 f32, i32 = jnp.float32, jnp.int32
 PHASES = 5
 ERROR_SLOT = PHASES - 1  # counters[layer, :ERROR_SLOT] are the barriers; this slot, timeouts
-POLLS = ("atomic", "load")  # how a barrier waits (`_grid_barrier`)
 TRACE_SLOTS = 2 * PHASES  # a traced program's clock stamps: start, (arrive, release) x 4, end
 MAX_SPIN = 1 << 18  # polls before a barrier gives up (~0.2 s: thousands of phases, so a bug)
 INTERPRET_PROGRAMS = 3  # the interpreter's P: enough to leave programs with unequal items
@@ -95,18 +101,16 @@ def default_programs(interpret: bool) -> int:
     return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
-def _grid_barrier(cnt_ref, layer, k: int, num_programs: int, poll: str = "atomic",
-                  stamp=None) -> None:
+def _grid_barrier(cnt_ref, layer, k: int, num_programs: int, stamp=None) -> None:
     """Wait until all programs have arrived at barrier k of this layer. stamp(when, after),
     if given, records the arrival (when=0) and the release (1) as they happen (`_stamp`).
 
-    poll="atomic" (default) polls with the atomic itself; "load" waits with volatile loads of
-    the counter and makes one acquire atomic once it reads P. The loads were meant to spare
-    the L2 the serialized read-modify-writes of P polling programs, but they were slower on an
-    H100 (2026-12-05, `scripts/bench_layer_kernel.py`, SmolLM2 shape, device span per layer:
-    24.1 vs 21.7 us at 132 programs x 8 warps, 25.1 vs 18.2 at 528 x 4; the five kernels
-    17.1): every warp of every program polls (Triton runs a scalar load in all of them), and
-    the acquire costs one more round trip. A 64 ns pause between loads changed nothing.
+    The polls are the atomic itself. Polling with volatile loads and one acquire atomic after
+    them was slower on an H100 (2026-12-05, benchmarks/fused_decode_h200.md; device span per
+    layer of the SmolLM2 shape 24.1 vs 21.7 us at 132 programs x 8 warps, 25.1 vs 18.2 at
+    528 x 4): every warp polls (Triton runs a scalar load in all of them) and the acquire is
+    one more round trip. (A loop of loads must keep its result in use: a load is no effect
+    to jax, and a loop whose result goes unused is dropped, barrier and all.)
     """
     plgpu.debug_barrier()  # every thread's stores of the phase are issued before the arrival
     arrived = plgpu.atomic_add(cnt_ref, (layer, k), 1) + 1  # acq_rel at GPU scope
@@ -116,19 +120,10 @@ def _grid_barrier(cnt_ref, layer, k: int, num_programs: int, poll: str = "atomic
     def waiting(c):
         return (c[0] < num_programs) & (c[1] < MAX_SPIN)
 
-    def poll_atomic(c):
+    def poll(c):
         return plgpu.atomic_add(cnt_ref, (layer, k), 0), c[1] + 1
 
-    def poll_load(c):
-        return plgpu.load(cnt_ref.at[layer, k], volatile=True), c[1] + 1
-
-    body = poll_atomic if poll == "atomic" else poll_load
-    seen, _ = jax.lax.while_loop(waiting, body, (arrived, jnp.int32(0)))
-    if poll != "atomic":
-        # The acquire, once the loads have seen every arrival (all arrivals are atomic adds,
-        # one release sequence, whose end it reads). `seen` must stay the loop's: a load is no
-        # effect to jax, so a loop whose result went unused is dropped, barrier and all.
-        seen = jnp.where(seen < num_programs, seen, plgpu.atomic_add(cnt_ref, (layer, k), 0))
+    seen, _ = jax.lax.while_loop(waiting, poll, (arrived, jnp.int32(0)))
 
     @pl.when(seen < num_programs)
     def _():
@@ -188,7 +183,7 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
                   out_ref, kc_out, vc_out, cnt_out, qkv_s, parts_s, lse_s, mid_s, act_s,
                   trace_ref=None, *, rows: int, num_heads: int, num_kv_heads: int, eps: float,
                   num_splits: int, num_programs: int, block_n: int, prefetch: bool,
-                  phased: bool, poll: str, attn_preload: int):
+                  phased: bool, attn_preload: int):
     del cnt_ref  # aliased to cnt_out, which the barriers use
     # The layer (its counter row) is data, not a constant: every layer is then the same
     # kernel, compiled once.
@@ -213,7 +208,7 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
             if k and not phased:
                 stamp = None if trace_ref is None else (
                     lambda when, after: _stamp(trace_ref, pid, 2 * k - 1 + when, after))
-                _grid_barrier(cnt_out, layer, k - 1, P, poll, stamp)
+                _grid_barrier(cnt_out, layer, k - 1, P, stamp)
             if ahead is None:
                 @pl.loop(pid, n_items, step=P)
                 def _(i):
@@ -269,14 +264,13 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "eps",
                                              "num_splits", "num_programs", "num_warps",
-                                             "block_n", "prefetch", "poll", "trace",
-                                             "attn_preload", "interpret"))
+                                             "block_n", "prefetch", "trace", "attn_preload",
+                                             "interpret"))
 def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn_norm, wqkv_t,
                  wo_t, mlp_norm, w_gate_up_t, w_down_t, *, num_heads: int,
                  num_kv_heads: int, eps: float, num_splits: int, num_programs: int | None = None,
                  num_warps: int = 8, block_n: int = 4, prefetch: bool = True,
-                 poll: str = "atomic", trace: bool = False, attn_preload: int = 0,
-                 interpret: bool | None = None):
+                 trace: bool = False, attn_preload: int = 0, interpret: bool | None = None):
     """One layer of the decode step (the five fused kernels' function) in one launch.
 
     Args:
@@ -293,8 +287,6 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
         divide D/2, E and F.
       prefetch: issue each GEMV item's weight loads one item ahead, and each phase's first
         item's before the barrier that precedes it (K loops of up to 4 steps).
-      poll: how a barrier waits, "atomic" (polls with the atomic) or "load" (volatile loads,
-        then one acquire atomic; slower on an H100): `_grid_barrier`.
       attn_preload: the attention phase's `decode_attention(preload=...)` (0: contiguous).
       trace: also return each program's clock stamps, [P, TRACE_SLOTS] int32 (GPU only;
         `phase_breakdown` reads them).
@@ -329,13 +321,11 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
     if (D // 2) % block_n or E % block_n or F % block_n:
         raise ValueError(f"decode_layer: block_n={block_n} must divide D/2={D // 2}, E={E} "
                          f"and F={F}: pick a power of two that does (4 always does)")
-    if poll not in POLLS:
-        raise ValueError(f"decode_layer: poll={poll!r}; pick one of {POLLS}")
     interpret = resolve_interpret(interpret)
     P = num_programs or default_programs(interpret)
     kernel = functools.partial(
         _layer_kernel, rows=b, num_heads=H, num_kv_heads=K, eps=eps, num_splits=num_splits,
-        num_programs=P, block_n=block_n, prefetch=prefetch, phased=interpret, poll=poll,
+        num_programs=P, block_n=block_n, prefetch=prefetch, phased=interpret,
         attn_preload=attn_preload)
     inputs = (jnp.asarray(layer, i32).reshape(1), positions.astype(i32), x, attn_norm, wqkv_t,
               cos.astype(f32), sin.astype(f32), k_cache, v_cache, wo_t, mlp_norm, w_gate_up_t,
