@@ -35,7 +35,7 @@ fi
 if stage attn; then
   for m in smollm2-135m llama-3.2-1b; do
     timeout 200 python3 scripts/bench_fused_decode.py --model $m --part attention \
-      --splits 4,8 --launches 64:4:2,64:4:2:1,64:4:2:2 --out "$RAW/attn" 2>&1 \
+      --splits 4,8,16 --launches 64:4:2,64:4:2:1,64:4:2:2 --out "$RAW/attn" 2>&1 \
       | grep -E "^attention|^fused|^general"
   done
 fi
