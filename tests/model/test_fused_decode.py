@@ -225,6 +225,8 @@ def test_decode_attention_names_bad_shapes():
         decode_attention(qkv, cache, cache, pos, num_heads=4, num_kv_heads=2)
     with pytest.raises(ValueError, match="block_k=64 divides"):
         decode_attention(qkv, cache[:, :100], cache[:, :100], pos, num_heads=6, num_kv_heads=2)
+    with pytest.raises(ValueError, match="preload=-1"):
+        decode_attention(qkv, cache, cache, pos, num_heads=6, num_kv_heads=2, preload=-1)
 
 
 @pytest.mark.parametrize("dtype,splits,page", [("float32", None, 4), ("bfloat16", 3, 16),
