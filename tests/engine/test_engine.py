@@ -211,3 +211,53 @@ def test_host_bench_times_the_engine_without_the_device(tmp_path, monkeypatch):
         assert p["decodes_per_step"] == p["num_scheduler_steps"]  # every row decoded each step
         assert p["ms_per_decode_step"] > 0 and set(p["phases_ms"]) == set(bench.PHASES)
     assert "| 4 | 2 | 5 |" in (tmp_path / "engine_host_cpu.md").read_text()
+
+
+def test_the_runner_reuses_sampling_arrays_only_for_the_same_rows(rng, make_engine,
+                                                                   monkeypatch):
+    """A step's sampling arrays are the last step's while its rows' SamplingParams are the
+    same objects in the same order, and are stacked afresh when a request joins or leaves:
+    every step's arrays equal `SamplingArrays.from_params` of its rows."""
+    from jdecode.decoding.sampling import SamplingArrays
+
+    engine = make_engine(max_num_batched_tokens=64)
+    runner, used = engine.runner, []
+    step_inputs = runner.step_inputs
+
+    def check(out):
+        want = SamplingArrays.from_params([c.request.sampling_params for c in out.chunks],
+                                          runner.max_num_seqs, specialize_greedy=True)
+        got = runner._sampling[1]
+        for field in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+        assert got.all_greedy == want.all_greedy
+        return got
+
+    two_rows = []
+
+    def checked(out, *args, **kwargs):
+        result = step_inputs(out, *args, **kwargs)
+        used.append(id(check(out)))
+        if len(out.chunks) == 2 and not two_rows:
+            two_rows.append((out, args, kwargs))
+        return result
+
+    monkeypatch.setattr(runner, "step_inputs", checked)
+    a, b, c = prompts_of(rng, 3)
+    engine.add_request("a", a, SamplingParams(max_new_tokens=6, temperature=0.8, seed=1))
+    engine.add_request("b", b, SamplingParams(max_new_tokens=12, top_k=5, temperature=1.0,
+                                              seed=2))
+    for _ in range(3):
+        engine.step()
+    engine.add_request("c", c, SamplingParams(max_new_tokens=4))  # greedy, joins mid-way
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert len(set(used)) < len(used)  # steady steps reused their arrays
+    assert len(set(used)) >= 3  # joins and departures restacked them
+    # The same rows but another request in one of them (one left as another joined): new
+    # arrays, though the count is the same.
+    out, args, kwargs = two_rows[0]
+    step_inputs(out, *args, **kwargs)
+    out.chunks[0].request.sampling_params = SamplingParams(max_new_tokens=3, temperature=0.3)
+    step_inputs(out, *args, **kwargs)
+    check(out)
