@@ -1,7 +1,9 @@
 """Decode throughput of jdecode's jitted generation loop against the HBM ceiling of this run.
 
-GPU (random weights of a real shape):
+GPU (random weights of a real shape; a config path takes a model's shape where its name
+would load its real weights):
   PYTHONPATH=. python3 scripts/bench_decode.py --model llama-3.2-1b --batch 1,64 --out $OUT
+  PYTHONPATH=. python3 scripts/bench_decode.py --model configs/models/smollm2-135m.yaml ...
 CPU (the real default model, against HF transformers in the same run):
   python scripts/bench_decode.py --model smollm2-135m --batch 1 --new-tokens 64 --hf --out out/
 Writes bench_decode.json and bench_decode.md under --out.
@@ -156,9 +158,10 @@ def main() -> None:
         model = load(args.model, dtype=args.dtype or "float32")
         weights = "real"
     else:
-        cfg = load_model_config_yaml(f"configs/models/{args.model}.yaml")
+        path = args.model if args.model.endswith(".yaml") else f"configs/models/{args.model}.yaml"
+        cfg = load_model_config_yaml(path)
         cfg = cfg.replace(dtype=args.dtype or cfg.dtype)
-        model = Model(args.model, cfg, init_params(cfg, jax.random.key(0)), None)
+        model = Model(Path(path).stem, cfg, init_params(cfg, jax.random.key(0)), None)
         weights = "random"
     cfg = model.cfg
     itemsize = jnp.dtype(cfg.dtype).itemsize

@@ -97,11 +97,11 @@ def tile_sweep(k: int, n: int, rows: int, sweep: str = "full") -> list[tuple[Gem
 
 
 def attention_sweep(cfg, B: int, dt, L: int, max_len: int, context: int, splits: list[int],
-                    o_block_n: list[int], rnd, launches: list[tuple[int, int, int]] = ()
+                    o_block_n: list[int], rnd, launches: list[tuple[int, ...]] = ()
                     ) -> dict:
     """Microseconds per layer of the fused attention pair at each split count and O column
     tile (0: the default tiles), and of the general path's pieces, for one step at `context`
-    past tokens in a max_len-slot cache. `launches`: (block_k, warps, stages) of
+    past tokens in a max_len-slot cache. `launches`: (block_k, warps, stages[, preload]) of
     `decode_attention` to time at each split count (default O tiles), with the attention
     kernel's own device time per launch beside the pair's."""
     E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim

@@ -41,7 +41,9 @@ if stage attn; then
 fi
 if stage model; then
   for m in ${MODEL_MODELS:-smollm2-135m}; do
-    timeout 200 python3 scripts/bench_decode.py --model $m --dtype bfloat16 --batch 1 \
+    # A config path: random weights of the shape (the name would load the real model).
+    timeout 200 python3 scripts/bench_decode.py --model configs/models/$m.yaml \
+      --dtype bfloat16 --batch 1 \
       --impl pallas-fused,pallas-layer --layers fused-unstacked --new-tokens 128 \
       --out "$RAW/model_$m" 2>&1 | grep -E "^\| " | head -8
   done
