@@ -215,7 +215,9 @@ class BlockManager:
             self._cache_computed_pages(req)
             # Most decode steps: the tokens fit the pages held and their page is not shared
             # with a fork, so nothing changes (what the general path below would conclude; it
-            # runs for every running sequence every step).
+            # runs for every running sequence every step). Tested here, before the general
+            # path's page count: returning after it instead (num_new_pages == 0, no copy) made
+            # the schedule phase ~10% slower at 64 sequences (engine_host_cpu.md).
             start = req.num_computed_tokens
             if start + num_new_tokens <= len(pages) * ps and (
                     num_new_tokens == 0 or start % ps == 0
