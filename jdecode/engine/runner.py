@@ -308,7 +308,7 @@ class ModelRunner:
         self.last_burst = jnp.zeros((num_scheduler_steps, max_num_seqs), jnp.int32)
         self.impl = impl
         # The last step's sampling rows: (its SamplingParams, their arrays, any penalty).
-        self._sampling: tuple[list, SamplingArrays, bool] = ([], None, False)
+        self._sampling: tuple[list, SamplingArrays | None, bool] = ([], None, False)
 
     def bucket(self, num_tokens: int, decodes_only: bool = False) -> int:
         """The step's padded token count: a decode bucket for a decode-only step that the
