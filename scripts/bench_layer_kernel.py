@@ -81,13 +81,13 @@ def main() -> None:
     cos, sin = (t[:, 0] for t in rope_tables(pos[:, None], cfg))
     ns = default_splits(S, B, E, H * D)
 
-    def five(caches, x):
+    def five(caches, x, splits=None):
         new = []
         for w, (kc, vc) in zip(layers, caches):
             qkv = qkv_rope(x, w["attn_norm"], w["wqkv"], cos, sin, num_heads=H, num_kv_heads=K,
                            eps=eps, transposed=True)
             parts, lse, kc, vc = decode_attention(qkv, kc, vc, pos, num_heads=H,
-                                                  num_kv_heads=K, num_splits=ns)
+                                                  num_kv_heads=K, num_splits=splits or ns)
             x = attn_o_residual(parts, lse, w["wo"], x, transposed=True)
             act = gate_up_swiglu(x, w["mlp_norm"], w["wgu"], eps=eps, transposed=True)
             x = gemv_residual(act, w["wd"], x, transposed=True)
@@ -124,7 +124,15 @@ def main() -> None:
                 "busy_us_per_layer": None if busy is None else busy / L}
 
     sms = int(getattr(jax.devices()[0], "core_count", 0) or 132)
-    want, _ = jax.jit(lambda c: five(c, x0)[1])(caches)
+    wants = {}  # the five kernels' output at each split count: the reference a variant of
+    # that many splits must match (other counts round differently, and 30 bf16 layers
+    # amplify that past the tolerance)
+
+    def want(splits):
+        if splits not in wants:
+            wants[splits] = jax.jit(lambda c: five(c, x0, splits)[1])(caches)[0]
+        return wants[splits]
+
     rows = [{"variant": "five kernels", **timed(five)}]
     print(json.dumps(rows[0]), flush=True)
     for v in args.variants.split(","):
@@ -148,7 +156,7 @@ def main() -> None:
         if stamps:  # where one call's time went, medians over the layers (`phase_breakdown`)
             row["phases_us"] = phase_breakdown(np.asarray(stamps[0]))
         try:
-            assert_close(got, want, dt.name, scale=2.0)
+            assert_close(got, want(splits), dt.name, scale=2.0)
             row["matches_five_kernels"] = True
         except AssertionError as e:
             row["matches_five_kernels"] = False
