@@ -56,8 +56,8 @@ def main() -> None:
     ap.add_argument("--variants", default="1x8n,1x8,4x4n,4x4,2x8",
                     help="programs per SM x warps [b GEMV rows per item] [s attention "
                     "splits] [n: no prefetch] [t: traced, with each phase's and "
-                    "barrier's time] [p: attention's strided shares, 2 blocks preloaded] "
-                    "[m: the last split merges (attn_merge)], comma-separated, e.g. 4x4s16m")
+                    "barrier's time] [p: attention's strided shares, 2 blocks preloaded], "
+                    "comma-separated, e.g. 4x4s16t")
     ap.add_argument("--out", default="out")
     args = ap.parse_args()
     cfg = load_model_config_yaml(args.model if args.model.endswith(".yaml")
@@ -95,14 +95,14 @@ def main() -> None:
         return new, (x, jnp.zeros((), jnp.int32))
 
     def persistent(caches, x, programs, warps, bn, prefetch, trace=False, preload=0,
-                   merge=False, splits=None):
-        counters, new, stamps = new_counters(L, B * K if merge else 0), [], []
+                   splits=None):
+        counters, new, stamps = new_counters(L), [], []
         for i, (w, (kc, vc)) in enumerate(zip(layers, caches)):
             x, kc, vc, counters, *st = decode_layer(
                 x, pos, cos, sin, kc, vc, counters, i, w["attn_norm"], w["wqkv"], w["wo"],
                 w["mlp_norm"], w["wgu"], w["wd"], num_heads=H, num_kv_heads=K, eps=eps,
                 num_splits=splits or ns, num_programs=programs, num_warps=warps, block_n=bn,
-                prefetch=prefetch, trace=trace, attn_preload=preload, attn_merge=merge)
+                prefetch=prefetch, trace=trace, attn_preload=preload)
             new.append((kc, vc))
             stamps += st
         out = (x, barrier_timeouts(counters))
@@ -136,22 +136,21 @@ def main() -> None:
     rows = [{"variant": "five kernels", **timed(five)}]
     print(json.dumps(rows[0]), flush=True)
     for v in args.variants.split(","):
-        parsed = re.fullmatch(r"(\d+)x(\d+)(?:b(\d+))?(?:s(\d+))?([ntpm]*)", v)
+        parsed = re.fullmatch(r"(\d+)x(\d+)(?:b(\d+))?(?:s(\d+))?([ntp]*)", v)
         if not parsed:
-            raise SystemExit(f"--variants: {v!r} is not PxW[bN][sN][ntpm] (e.g. 4x4s16m)")
+            raise SystemExit(f"--variants: {v!r} is not PxW[bN][sN][ntp] (e.g. 4x4s16t)")
         per_sm, warps, bn, splits, flags = parsed.groups()
         warps, bn, splits = int(warps), int(bn or 4), int(splits or ns)
         prefetch, trace, preload = "n" not in flags, "t" in flags, 2 if "p" in flags else 0
-        merge = "m" in flags
         programs = int(per_sm) * sms
         run = partial(persistent, programs=programs, warps=warps, bn=bn, prefetch=prefetch,
-                      trace=trace, preload=preload, merge=merge, splits=splits)
+                      trace=trace, preload=preload, splits=splits)
         got, timeouts, *stamps = jax.jit(lambda c, run=run: run(c, x0)[1])(caches)
         row = {"variant": f"layer kernel, {programs} programs x {warps} warps, {bn} rows/item"
                           f", prefetch {'on' if prefetch else 'off'}"
                           f"{', traced' if trace else ''}"
                           f"{', attention preloads 2 blocks' if preload else ''}"
-                          f", {splits} splits{', merged by the last' if merge else ''}",
+                          f", {splits} splits",
                "barrier_timeouts": int(timeouts)}
         if stamps:  # where one call's time went, medians over the layers (`phase_breakdown`)
             row["phases_us"] = phase_breakdown(np.asarray(stamps[0]))

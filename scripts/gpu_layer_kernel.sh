@@ -12,9 +12,6 @@
 #   model  bench_decode.py at batch 1, the five kernels against the layer kernel in the model
 #          (JDECODE_FUSED_DECODE=layer through --impl pallas-layer).
 #   tests  the layer kernel's tests compiled (barriers on).
-#   merge_model  bench_decode.py at batch 1, alternating twice: the five kernels and the
-#          layer kernel as committed, then a copy of the tree with the layer kernel's
-#          attention merged by the last split (LAYER_ATTN_MERGE, LAYER_SPLITS=$MERGE_SPLITS).
 #
 #   device: OUT=$OUT STAGE=layer,model bash scripts/gpu_layer_kernel.sh
 # A device call brings back at most 8 files: everything goes into one archive.
@@ -40,23 +37,6 @@ if stage attn; then
     timeout 200 python3 scripts/bench_fused_decode.py --model $m --part attention \
       --splits 4,8,16 --launches 64:4:2,64:4:2:1,64:4:2:2 --out "$RAW/attn" 2>&1 \
       | grep -E "^attention|^fused|^general"
-  done
-fi
-if stage merge_model; then
-  ALT=$(mktemp -d); cp -r jdecode pallas_kernels scripts configs pyproject.toml "$ALT"/
-  sed -i -e 's/^LAYER_ATTN_MERGE = False/LAYER_ATTN_MERGE = True/' \
-    -e "s/^LAYER_SPLITS: int | None = None/LAYER_SPLITS: int | None = ${MERGE_SPLITS:-16}/" \
-    "$ALT/jdecode/model/fused_decode.py"
-  grep -n "^LAYER_" "$ALT/jdecode/model/fused_decode.py"
-  for r in 1 2; do
-    for tree in . "$ALT"; do
-      impls=$([ "$tree" = . ] && echo pallas-fused,pallas-layer || echo pallas-layer)
-      tag=$([ "$tree" = . ] && echo base || echo merge)
-      (cd "$tree" && PYTHONPATH=. timeout 200 python3 scripts/bench_decode.py \
-        --model configs/models/smollm2-135m.yaml --dtype bfloat16 --batch 1 --impl "$impls" \
-        --layers fused-unstacked --new-tokens 128 --out "$RAW/merge_model/${tag}_$r" 2>&1 \
-        | grep -E "^\| " | tail -3)
-    done
   done
 fi
 if stage model; then

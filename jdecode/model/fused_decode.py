@@ -458,27 +458,16 @@ def _five_kernel_layers(params: Params, x, cos, sin, attend, *, cfg: ModelConfig
     return x
 
 
-# The layer kernel's attention phase: the last split of each (row, kv head) merges the partials
-# (`decode_layer(attn_merge=True)`), and LAYER_SPLITS (None: the five kernels' count) splits.
-# Not yet timed in the model (2026-12-05): scripts/gpu_layer_kernel.sh, stage layer_merge.
-LAYER_ATTN_MERGE = False
-LAYER_SPLITS: int | None = None
-
-
 def _persistent_layers(params: Params, x, ks: list, vs: list, positions, cos, sin, *,
                        cfg: ModelConfig, splits: int) -> jax.Array:
     """The layers as one persistent kernel each (`decode_layer`); ks / vs updated in place."""
-    merge = LAYER_ATTN_MERGE
-    splits = LAYER_SPLITS or splits
-    # the step's grid-barrier counters, and with merge one per (row, kv head) after them
-    counters = new_counters(len(params.layers), x.shape[0] * cfg.num_kv_heads if merge else 0)
+    counters = new_counters(len(params.layers))  # the step's grid-barrier counters
     for layer, lp in enumerate(params.layers):
         wqkv, wo, w_gate_up, w_down = params.decode_t[layer]
         x, ks[layer], vs[layer], counters = decode_layer(
             x, positions, cos, sin, ks[layer], vs[layer], counters, layer, lp.attn_norm, wqkv,
             wo, lp.mlp_norm, w_gate_up, w_down, num_heads=cfg.num_heads,
-            num_kv_heads=cfg.num_kv_heads, eps=cfg.rms_norm_eps, num_splits=splits,
-            attn_merge=merge)
+            num_kv_heads=cfg.num_kv_heads, eps=cfg.rms_norm_eps, num_splits=splits)
     # A barrier that gave up (a grid not all resident, e.g. a GPU shared through MPS) left the
     # step's output wrong: make that visible as NaN logits, not plausible tokens.
     return jnp.where(barrier_timeouts(counters) > 0, jnp.nan, x)

@@ -227,65 +227,13 @@ def store_split(o_ref, lse_ref, carry, heads, b, kv, split, *, num_heads: int, g
     plgpu.store(lse_ref.at[(b * num_splits + split) * num_heads + head], lse, mask=heads)
 
 
-def merge_partials(load_split, num_splits: int):
-    """Split partials merged online, one split's pair live at a time: load_split(s) gives split
-    s's normalized output [M, D] and base-2 lse [M]; returns the merged (output, lse), f32.
-    The order and arithmetic are those of the O projection's merge (`kernel._merge`)."""
-    num, m = load_split(0)
-    den = jnp.ones_like(m)
-    for s in range(1, num_splits):
-        o, lse = load_split(s)
-        m_new = jnp.maximum(m, lse)
-        keep, w = jnp.exp2(m - m_new), jnp.exp2(lse - m_new)
-        num, den, m = num * keep[:, None] + w[:, None] * o, den * keep + w, m_new
-    return num / den[:, None], m + jnp.log2(den)
-
-
-def merge_if_last(parts_ref, lse_ref, out_ref, out_lse_ref, arrive, b, kv, *, num_heads: int,
-                  group: int, num_splits: int) -> None:
-    """After a split's `store_split`: the split that finishes last for (row b, kv head kv)
-    merges all the splits' partials into out_ref [B, 1, H * D] and out_lse_ref [B * H] (f32, a
-    one-split output), so the O projection reads one partial instead of merging them.
-
-    arrive() bumps the pair's counter and returns its value before the bump; the split that
-    sees num_splits - 1 is the last. On the GPU it is a CTA barrier (every thread's partial
-    stores issued first) and an atomic, acq_rel at GPU scope, as in the layer kernel's grid
-    barrier: the last split's acquire (its atomic, then the CTA barrier that shares the
-    result) orders the other splits' stores before its loads, as CUTLASS's split-K semaphore
-    does with plain loads after its acquire."""
-    arrived = arrive()
-
-    @pl.when(arrived == num_splits - 1)
-    def _():
-        D = parts_ref.shape[2] // num_heads
-        gp = max(1, pl.next_power_of_2(group))
-        heads = jnp.arange(gp) < group  # [Gp]
-        # Rows past the group are masked, not clamped: a clamped row would alias a real
-        # head's columns, and the interpreter's masked store writes every index it is given.
-        head = kv * group + jnp.arange(gp)  # [Gp]
-        cols = head[:, None] * D + jnp.arange(D)[None, :]  # [Gp, D]
-        mask = jnp.broadcast_to(heads[:, None], cols.shape)
-
-        def load_split(s):
-            o = plgpu.load(parts_ref.at[b, s, cols], mask=mask, other=0)
-            lse = plgpu.load(lse_ref.at[(b * num_splits + s) * num_heads + head], mask=heads,
-                             other=MASK_VALUE)
-            return o, lse
-
-        o, lse = merge_partials(load_split, num_splits)
-        plgpu.store(out_ref.at[b, 0, cols], o.astype(out_ref.dtype), mask=mask)
-        plgpu.store(out_lse_ref.at[b * num_heads + head], lse, mask=heads)
-
-
 def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_out, *,
                  num_heads: int, group: int, block_k: int, num_splits: int, sm_scale: float,
-                 item=None, preload: int = 0, merge=None):
+                 item=None, preload: int = 0):
     """qkv_ref [B, H + 2K, D]; o_ref [B, splits, H * D] and lse_ref [B * splits * H] f32,
     the layouts the O projection's merge reads. item: (row, kv head, split) when a persistent
     kernel runs this (`layer`), else the program's ids. preload > 0: the strided share with
-    that many blocks loaded first (`attend_strided`, `preload_count`); 0: contiguous.
-    merge: None, or (out_ref, out_lse_ref, arrive) for `merge_if_last`: the last split of a
-    (row, kv head) merges the partials there (arrive(b, kv) bumps the pair's counter)."""
+    that many blocks loaded first (`attend_strided`, `preload_count`); 0: contiguous."""
     if item is None:
         b, kv, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     else:
@@ -314,10 +262,6 @@ def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_ou
                             num_splits=num_splits, sm_scale=sm_scale)
     store_split(o_ref, lse_ref, carry, heads, b, kv, split, num_heads=num_heads, group=group,
                 num_splits=num_splits)
-    if merge is not None:
-        out_ref, out_lse_ref, arrive = merge
-        merge_if_last(o_ref, lse_ref, out_ref, out_lse_ref, lambda: arrive(b, kv), b, kv,
-                      num_heads=num_heads, group=group, num_splits=num_splits)
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "num_splits",

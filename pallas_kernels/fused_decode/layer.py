@@ -84,11 +84,9 @@ MAX_SPIN = 1 << 18  # polls before a barrier gives up (~0.2 s: thousands of phas
 INTERPRET_PROGRAMS = 3  # the interpreter's P: enough to leave programs with unequal items
 
 
-def new_counters(num_layers: int, merge_pairs: int = 0) -> jax.Array:
-    """[layers, PHASES + merge_pairs] int32 zeros: the barrier counters of one step's layer
-    kernels, and with `decode_layer(attn_merge=True)` one per (row, kv head) after them
-    (merge_pairs = rows x kv heads): the attention splits' arrivals (`merge_if_last`)."""
-    return jnp.zeros((num_layers, PHASES + merge_pairs), i32)
+def new_counters(num_layers: int) -> jax.Array:
+    """[layers, PHASES] int32 zeros: the barrier counters of one step's layer kernels."""
+    return jnp.zeros((num_layers, PHASES), i32)
 
 
 def barrier_timeouts(counters: jax.Array) -> jax.Array:
@@ -183,12 +181,10 @@ def phase_breakdown(trace) -> dict:
 def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, sin_ref, kc_ref,
                   vc_ref, wo_ref, mlp_norm_ref, wgu_ref, wd_ref, cnt_ref,
                   out_ref, kc_out, vc_out, cnt_out, qkv_s, parts_s, lse_s, mid_s, act_s,
-                  *rest, rows: int, num_heads: int, num_kv_heads: int, eps: float,
+                  trace_ref=None, *, rows: int, num_heads: int, num_kv_heads: int, eps: float,
                   num_splits: int, num_programs: int, block_n: int, prefetch: bool,
-                  phased: bool, attn_preload: int, attn_merge: bool, trace: bool):
+                  phased: bool, attn_preload: int):
     del cnt_ref  # aliased to cnt_out, which the barriers use
-    merged_s, merged_lse = rest[:2] if attn_merge else (None, None)
-    trace_ref = rest[-1] if trace else None
     # The layer (its counter row) is data, not a constant: every layer is then the same
     # kernel, compiled once.
     layer = layer_ref[0]
@@ -244,23 +240,12 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
         x_ref, attn_norm_ref, wqkv_ref, cos_ref, sin_ref, qkv_s, rows=rows, rotated=H + K,
         head_dim=D, eps=eps, tiles=t_e, transposed=True, item=i, weights=w),
         gemv_ahead(wqkv_ref, lambda i: qkv_cols(i, t_e, D), E, t_e))
-    merge = None
-    if attn_merge:  # the last split of each (row, kv head) merges; O reads one partial
-        def arrive(b, kv):
-            slot = PHASES + b * K + kv
-            if phased:  # the interpreter: programs in order, atomics on a slice
-                return plgpu.atomic_add(cnt_out, (pl.ds(layer, 1), pl.ds(slot, 1)),
-                                        jnp.ones((1, 1), i32))[0, 0]
-            plgpu.debug_barrier()  # every thread's partial stores are issued before the bump
-            return plgpu.atomic_add(cnt_out, (layer, slot), 1)  # acq_rel at GPU scope
-        merge = (merged_s, merged_lse, arrive)
     phase(1, rows * K * ns, lambda i, w: _attn_kernel(
         pos_ref, qkv_s, kc_ref, vc_ref, parts_s, lse_s, kc_out, vc_out, num_heads=H,
         group=H // K, block_k=BLOCK_K, num_splits=ns, sm_scale=D ** -0.5,
-        item=(i // (K * ns), i // ns % K, i % ns), preload=attn_preload, merge=merge))
-    o_parts, o_lse = (merged_s, merged_lse) if attn_merge else (parts_s, lse_s)
+        item=(i // (K * ns), i // ns % K, i % ns), preload=attn_preload))
     phase(2, E // t_a.block_n, lambda i, w: _residual_kernel(
-        o_parts, o_lse, wo_ref, x_ref, mid_s, rows=rows, tiles=t_a, transposed=True,
+        parts_s, lse_s, wo_ref, x_ref, mid_s, rows=rows, tiles=t_a, transposed=True,
         num_heads=H, item=i, weights=w),
         gemv_ahead(wo_ref, lambda i: residual_cols(i, t_a), H * D, t_a))
     phase(3, F // t_e.block_n, lambda i, w: _swiglu_kernel(
@@ -280,13 +265,12 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "eps",
                                              "num_splits", "num_programs", "num_warps",
                                              "block_n", "prefetch", "trace", "attn_preload",
-                                             "attn_merge", "interpret"))
+                                             "interpret"))
 def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn_norm, wqkv_t,
                  wo_t, mlp_norm, w_gate_up_t, w_down_t, *, num_heads: int,
                  num_kv_heads: int, eps: float, num_splits: int, num_programs: int | None = None,
                  num_warps: int = 8, block_n: int = 4, prefetch: bool = True,
-                 trace: bool = False, attn_preload: int = 0, attn_merge: bool = False,
-                 interpret: bool | None = None):
+                 trace: bool = False, attn_preload: int = 0, interpret: bool | None = None):
     """One layer of the decode step (the five fused kernels' function) in one launch.
 
     Args:
@@ -294,8 +278,8 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
       cos, sin: [B, D/2] RoPE tables of the positions.
       k_cache, v_cache: [B, S, K, D] this layer's cache (aliased: updated in place in a jit
         that owns them).
-      counters: `new_counters(L)` (`new_counters(L, B * K)` with attn_merge), this step's; row
-        `layer` (an int32 scalar, L > layer >= 0) is this kernel's.
+      counters: `new_counters(L)`, this step's; row `layer` (an int32 scalar, L > layer >= 0)
+        is this kernel's.
       attn_norm, mlp_norm: [E]. wqkv_t [(H + 2K) D, E], wo_t [E, H D], w_gate_up_t [2F, E],
         w_down_t [E, F]: the [N, K] copies (`jdecode.model.fused_decode.with_decode_copies`).
       num_splits: attention's split-K partitions (`attention.default_splits`).
@@ -304,11 +288,6 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
       prefetch: issue each GEMV item's weight loads one item ahead, and each phase's first
         item's before the barrier that precedes it (K loops of up to 4 steps).
       attn_preload: the attention phase's `decode_attention(preload=...)` (0: contiguous).
-      attn_merge: the last attention split of each (row, kv head) merges the splits'
-        partials (`attention.merge_if_last`, a counter per pair), so the O phase reads one
-        partial instead of every program of it merging all splits. Why: attention was the
-        longest phase (24 items of 2 blocks each at 8 splits on the SmolLM2 shape, H100);
-        with the merge done once, more and shorter splits cost the O phase nothing.
       trace: also return each program's clock stamps, [P, TRACE_SLOTS] int32 (GPU only;
         `phase_breakdown` reads them).
       num_programs: the persistent grid; default one per SM (3 in the interpreter). More
@@ -336,11 +315,9 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
                          f"w_gate_up_t {w_gate_up_t.shape}, w_down_t {w_down_t.shape} must be "
                          f"the [N, K] copies for E={E}, H={H}, K={K}, D={D}, F={F}, and the "
                          f"cache {k_cache.shape} [B, S, K, D] with S a multiple of {BLOCK_K}")
-    slots = PHASES + (b * K if attn_merge else 0)
-    if counters.ndim != 2 or counters.shape[1] < slots or counters.dtype != i32:
+    if counters.shape[1:] != (PHASES,) or counters.dtype != i32:
         raise ValueError(f"decode_layer: counters {counters.shape} {counters.dtype} must be "
-                         f"new_counters(L{', B * K' if attn_merge else ''}), at least "
-                         f"[L, {slots}] int32")
+                         "new_counters(L)")
     if (D // 2) % block_n or E % block_n or F % block_n:
         raise ValueError(f"decode_layer: block_n={block_n} must divide D/2={D // 2}, E={E} "
                          f"and F={F}: pick a power of two that does (4 always does)")
@@ -349,7 +326,7 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
     kernel = functools.partial(
         _layer_kernel, rows=b, num_heads=H, num_kv_heads=K, eps=eps, num_splits=num_splits,
         num_programs=P, block_n=block_n, prefetch=prefetch, phased=interpret,
-        attn_preload=attn_preload, attn_merge=attn_merge, trace=trace)
+        attn_preload=attn_preload)
     inputs = (jnp.asarray(layer, i32).reshape(1), positions.astype(i32), x, attn_norm, wqkv_t,
               cos.astype(f32), sin.astype(f32), k_cache, v_cache, wo_t, mlp_norm, w_gate_up_t,
               w_down_t, counters)
@@ -363,9 +340,6 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
                  jax.ShapeDtypeStruct((b * num_splits * H,), f32),
                  jax.ShapeDtypeStruct((b, E), x.dtype),
                  jax.ShapeDtypeStruct((b, F), x.dtype))
-    if attn_merge:  # the merged attention: one split's (parts, lse)
-        out_shape += (jax.ShapeDtypeStruct((b, 1, H * D), f32),
-                      jax.ShapeDtypeStruct((b * H,), f32))
     if trace:
         out_shape += (jax.ShapeDtypeStruct((P, TRACE_SLOTS), i32),)
     grid = (PHASES, P) if interpret else (P,)

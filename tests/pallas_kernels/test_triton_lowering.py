@@ -187,26 +187,6 @@ def test_layer_kernel_barriers_wait_in_loops(triton_modules):
     assert "globaltimer" not in module  # no clock reads unless traced
 
 
-def test_layer_kernel_attention_merge_adds_one_arrival(triton_modules):
-    """attn_merge=True: one more atomic than without (each attention split's arrival at its
-    (row, kv head) counter; the barriers' are unchanged), with a CTA barrier before it (the
-    split's stores issued before it arrives)."""
-    from pallas_kernels.fused_decode.layer import decode_layer, new_counters
-
-    E, H, K, D, F, S = 64, 6, 2, 16, 128, 128
-    z = functools.partial(jnp.zeros, dtype=jnp.float32)
-    for merge in (False, True):
-        fn = functools.partial(decode_layer, num_heads=H, num_kv_heads=K, eps=1e-5,
-                               num_splits=4, num_programs=8, attn_merge=merge, interpret=False)
-        lower_for_cuda(fn, z((1, E)), jnp.zeros((1,), jnp.int32), z((1, D // 2)),
-                       z((1, D // 2)), z((1, S, K, D)), z((1, S, K, D)),
-                       new_counters(2, K if merge else 0), jnp.int32(0), z(E),
-                       z(((H + 2 * K) * D, E)), z((E, H * D)), z(E), z((2 * F, E)), z((E, F)))
-    plain, merged = triton_modules
-    assert merged.count("tt.atomic_rmw") == plain.count("tt.atomic_rmw") + 1
-    assert merged.count("gpu.barrier") > plain.count("gpu.barrier")
-
-
 def test_a_traced_layer_kernel_reads_the_clock_at_each_stamp(triton_modules):
     """trace=True: one clock read per stamp (start, arrival and release at each barrier,
     end), and the stamps as a [P, TRACE_SLOTS] output."""
