@@ -101,7 +101,7 @@ def attention_sweep(cfg, B: int, dt, L: int, max_len: int, context: int, splits:
                     ) -> dict:
     """Microseconds per layer of the fused attention pair at each split count and O column
     tile (0: the default tiles), and of the general path's pieces, for one step at `context`
-    past tokens in a max_len-slot cache. `launches`: (block_k, warps, stages[, preload]) of
+    past tokens in a max_len-slot cache. `launches`: (block_k, warps, stages) of
     `decode_attention` to time at each split count (default O tiles), with the attention
     kernel's own device time per launch beside the pair's."""
     E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -114,7 +114,7 @@ def attention_sweep(cfg, B: int, dt, L: int, max_len: int, context: int, splits:
 
     def fused(caches, ns, tiles, launch=()):
         out, new = [], []
-        kw = dict(zip(("block_k", "num_warps", "num_stages", "preload"), launch))
+        kw = dict(zip(("block_k", "num_warps", "num_stages"), launch))
         for qkv, w, (kc, vc) in zip(qkvs, wo_t, caches):
             parts, lse, kc, vc = decode_attention(qkv, kc, vc, pos, num_heads=H,
                                                   num_kv_heads=K, num_splits=ns, **kw)
@@ -164,17 +164,14 @@ def attention_sweep(cfg, B: int, dt, L: int, max_len: int, context: int, splits:
             print(f"fused attention + o, {ns:2d} splits, o block_n {bn or 'default'}: "
                   f"{us:7.2f} us", flush=True)
     result["launches"] = []
-    for ns, launch in itertools.product(splits, launches):
-        bk, warps, stages, preload = (tuple(launch) + (0,))[:4]
-        run = partial(fused, ns=ns, tiles=None, launch=(bk, warps, stages, preload))
+    for ns, (bk, warps, stages) in itertools.product(splits, launches):
+        run = partial(fused, ns=ns, tiles=None, launch=(bk, warps, stages))
         got = jax.jit(lambda c, run=run: run(c)[1])(caches)
         assert_close(got, want, dt.name, scale=2.0)
         pair, attn = timed(run, "decode_attention")
         result["launches"].append({"splits": ns, "block_k": bk, "num_warps": warps,
-                                   "num_stages": stages, "preload": preload, "pair_us": pair,
-                                   "attention_us": attn})
-        print(f"attention {ns:2d} splits, block_k {bk:3d}, {warps} warps, {stages} stages, "
-              f"preload {preload}: "
+                                   "num_stages": stages, "pair_us": pair, "attention_us": attn})
+        print(f"attention {ns:2d} splits, block_k {bk:3d}, {warps} warps, {stages} stages: "
               f"pair {pair:7.2f} us, attention kernel "
               f"{'-' if attn is None else f'{attn:.2f}'} us", flush=True)
     result["general_us"] = us = timed(general)
@@ -198,8 +195,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=600, help="attention: past tokens")
     ap.add_argument("--splits", default="1,2,4,8,16", help="attention: split counts")
     ap.add_argument("--launches", default="",
-                    help="attention: decode_attention launches to time, "
-                    "block_k:warps:stages[:preload], comma-separated (e.g. 64:4:2,64:4:2:2)")
+                    help="attention: decode_attention launches to time, block_k:warps:stages, "
+                    "comma-separated (e.g. 64:4:2,32:2:2)")
     ap.add_argument("--o-block-n", default="0",
                     help="attention: the O projection's block_n values (0: default tiles)")
     args = ap.parse_args()

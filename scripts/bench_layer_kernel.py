@@ -56,8 +56,7 @@ def main() -> None:
     ap.add_argument("--variants", default="1x8n,1x8,4x4n,4x4,2x8",
                     help="programs per SM x warps [b GEMV rows per item] [s attention "
                     "splits] [n: no prefetch] [t: traced, with each phase's and "
-                    "barrier's time] [p: attention's strided shares, 2 blocks preloaded], "
-                    "comma-separated, e.g. 4x4s16t")
+                    "barrier's time], comma-separated, e.g. 4x4s16t")
     ap.add_argument("--out", default="out")
     args = ap.parse_args()
     cfg = load_model_config_yaml(args.model if args.model.endswith(".yaml")
@@ -94,15 +93,14 @@ def main() -> None:
             new.append((kc, vc))
         return new, (x, jnp.zeros((), jnp.int32))
 
-    def persistent(caches, x, programs, warps, bn, prefetch, trace=False, preload=0,
-                   splits=None):
+    def persistent(caches, x, programs, warps, bn, prefetch, trace=False, splits=None):
         counters, new, stamps = new_counters(L), [], []
         for i, (w, (kc, vc)) in enumerate(zip(layers, caches)):
             x, kc, vc, counters, *st = decode_layer(
                 x, pos, cos, sin, kc, vc, counters, i, w["attn_norm"], w["wqkv"], w["wo"],
                 w["mlp_norm"], w["wgu"], w["wd"], num_heads=H, num_kv_heads=K, eps=eps,
                 num_splits=splits or ns, num_programs=programs, num_warps=warps, block_n=bn,
-                prefetch=prefetch, trace=trace, attn_preload=preload)
+                prefetch=prefetch, trace=trace)
             new.append((kc, vc))
             stamps += st
         out = (x, barrier_timeouts(counters))
@@ -136,20 +134,19 @@ def main() -> None:
     rows = [{"variant": "five kernels", **timed(five)}]
     print(json.dumps(rows[0]), flush=True)
     for v in args.variants.split(","):
-        parsed = re.fullmatch(r"(\d+)x(\d+)(?:b(\d+))?(?:s(\d+))?([ntp]*)", v)
+        parsed = re.fullmatch(r"(\d+)x(\d+)(?:b(\d+))?(?:s(\d+))?([nt]*)", v)
         if not parsed:
-            raise SystemExit(f"--variants: {v!r} is not PxW[bN][sN][ntp] (e.g. 4x4s16t)")
+            raise SystemExit(f"--variants: {v!r} is not PxW[bN][sN][nt] (e.g. 4x4s16t)")
         per_sm, warps, bn, splits, flags = parsed.groups()
         warps, bn, splits = int(warps), int(bn or 4), int(splits or ns)
-        prefetch, trace, preload = "n" not in flags, "t" in flags, 2 if "p" in flags else 0
+        prefetch, trace = "n" not in flags, "t" in flags
         programs = int(per_sm) * sms
         run = partial(persistent, programs=programs, warps=warps, bn=bn, prefetch=prefetch,
-                      trace=trace, preload=preload, splits=splits)
+                      trace=trace, splits=splits)
         got, timeouts, *stamps = jax.jit(lambda c, run=run: run(c, x0)[1])(caches)
         row = {"variant": f"layer kernel, {programs} programs x {warps} warps, {bn} rows/item"
                           f", prefetch {'on' if prefetch else 'off'}"
                           f"{', traced' if trace else ''}"
-                          f"{', attention preloads 2 blocks' if preload else ''}"
                           f", {splits} splits",
                "barrier_timeouts": int(timeouts)}
         if stamps:  # where one call's time went, medians over the layers (`phase_breakdown`)

@@ -3,12 +3,10 @@
 #
 #   layer  bench_layer_kernel.py (the SmolLM2 shape; LAYER_MODELS adds others): the five
 #          kernels against the layer kernel's grids by device span per layer; "t" variants
-#          trace where each phase's time goes, "p" preload attention's first blocks. An H100
+#          trace where each phase's time goes, "s16" runs attention at 16 splits. An H100
 #          ran it on 2026-12-05: benchmarks/fused_decode_h200.md.
-#   attn   the fused step's attention with strided shares whose first blocks load before
-#          the position (decode_attention(preload=1|2), not yet timed on a card) against
-#          its default, on the SmolLM2 and 1B shapes (bench_fused_decode.py --part attention).
-#          Variants with "p" in the layer stage do the same inside the layer kernel.
+#   attn   the fused step's attention + O at 4, 8 and 16 splits by device time, on the
+#          SmolLM2 and 1B shapes (bench_fused_decode.py --part attention).
 #   model  bench_decode.py at batch 1, the five kernels against the layer kernel in the model
 #          (JDECODE_FUSED_DECODE=layer through --impl pallas-layer).
 #   tests  the layer kernel's tests compiled (barriers on).
@@ -35,7 +33,7 @@ fi
 if stage attn; then
   for m in smollm2-135m llama-3.2-1b; do
     timeout 200 python3 scripts/bench_fused_decode.py --model $m --part attention \
-      --splits 4,8,16 --launches 64:4:2,64:4:2:1,64:4:2:2 --out "$RAW/attn" 2>&1 \
+      --splits 4,8,16 --out "$RAW/attn" 2>&1 \
       | grep -E "^attention|^fused|^general"
   done
 fi

@@ -99,57 +99,6 @@ def attend_past(kc_ref, vc_ref, b, kv, q, carry, past, split, *, block_k: int, n
     return jax.lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
 
 
-def preload_count(max_len: int, num_splits: int, block_k: int, preload: int) -> int:
-    """How many of a split's strided blocks (`attend_strided`) can be loaded before the row's
-    length is known: `preload`, as far as every split's j-th block, (split + j * splits)
-    * block_k, lies inside the max_len-slot cache."""
-    return max(0, min(preload, max_len // (num_splits * block_k)))
-
-
-def preload_blocks(kc_ref, vc_ref, b, kv, split, count: int, *, block_k: int,
-                   num_splits: int) -> list:
-    """The K and V blocks [block_k, D] split `split` takes first in `attend_strided`, read
-    whole: their addresses do not depend on the row's length, so these loads go out with the
-    query's instead of after the length has come back."""
-    out = []
-    for j in range(count):
-        slots = pl.ds((split + j * num_splits) * block_k, block_k)
-        out.append((kc_ref[b, slots, kv, :], vc_ref[b, slots, kv, :]))
-    return out
-
-
-def attend_strided(kc_ref, vc_ref, b, kv, q, carry, past, split, preloaded, *, block_k: int,
-                   num_splits: int, sm_scale: float):
-    """`attend_past` over a strided share: split s takes blocks s, s + splits, s + 2 splits,
-    ... below `past`, the first len(preloaded) of them already loaded (`preload_blocks`).
-
-    Why: at batch 1 a split has one or two blocks, and its time is a chain of dependent
-    loads (the row's length, then its blocks). With a share that does not depend on the
-    length, the first blocks' loads need not wait for it. A preloaded block was read whole:
-    its slots at or past `past` may hold anything, so their values are zeroed and their
-    logits masked (a block wholly past it changes nothing)."""
-    nb = (past + block_k - 1) // block_k  # blocks holding past slots
-    n = jnp.maximum(0, (nb - split + num_splits - 1) // num_splits)  # this split's share
-
-    def step(j, carry, block=None):
-        first = (split + j * num_splits) * block_k
-        valid = first + jnp.arange(block_k) < past  # [block_k]
-        if block is None:
-            k = plgpu.load(kc_ref.at[b, pl.ds(first, block_k), kv, :], mask=valid[:, None],
-                           other=0)
-            v = plgpu.load(vc_ref.at[b, pl.ds(first, block_k), kv, :], mask=valid[:, None],
-                           other=0)
-        else:
-            k, v = block
-            v = jnp.where(valid[:, None], v, jnp.zeros_like(v))
-        s = scale_logits(dot_nt(q, k), sm_scale, None)  # [M, block_k]
-        return online_softmax_step(carry, s, v, jnp.broadcast_to(valid[None, :], s.shape))
-
-    for j, block in enumerate(preloaded):
-        carry = step(j, carry, block)
-    return jax.lax.fori_loop(len(preloaded), n, step, carry)
-
-
 def split_output(acc, m, l):
     """A split's normalized output [M, D] and base-2 log-sum-exp [M]: o = 0 and lse =
     MASK_VALUE where the split saw no key, which gives it weight 0 in the merge."""
@@ -229,19 +178,15 @@ def store_split(o_ref, lse_ref, carry, heads, b, kv, split, *, num_heads: int, g
 
 def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_out, *,
                  num_heads: int, group: int, block_k: int, num_splits: int, sm_scale: float,
-                 item=None, preload: int = 0):
+                 item=None):
     """qkv_ref [B, H + 2K, D]; o_ref [B, splits, H * D] and lse_ref [B * splits * H] f32,
     the layouts the O projection's merge reads. item: (row, kv head, split) when a persistent
-    kernel runs this (`layer`), else the program's ids. preload > 0: the strided share with
-    that many blocks loaded first (`attend_strided`, `preload_count`); 0: contiguous."""
+    kernel runs this (`layer`), else the program's ids."""
     if item is None:
         b, kv, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     else:
         b, kv, split = item
     S = kc_ref.shape[1]
-    count = preload_count(S, num_splits, block_k, preload) if preload else 0
-    preloaded = preload_blocks(kc_ref, vc_ref, b, kv, split, count, block_k=block_k,
-                               num_splits=num_splits)  # before the row's length is read
     pos = pos_ref[b]
     past = jnp.minimum(pos, S)  # slots [0, past) hold the row's earlier tokens
     q, heads, k_new, v_new = query_group(qkv_ref, b, kv, num_heads=num_heads, group=group,
@@ -253,24 +198,19 @@ def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_ou
         kc_out[b, pos, kv, :] = k_new
         vc_out[b, pos, kv, :] = v_new
 
-    carry = seed_carry(q, k_new, v_new, split, sm_scale)
-    if preload:
-        carry = attend_strided(kc_ref, vc_ref, b, kv, q, carry, past, split, preloaded,
-                               block_k=block_k, num_splits=num_splits, sm_scale=sm_scale)
-    else:
-        carry = attend_past(kc_ref, vc_ref, b, kv, q, carry, past, split, block_k=block_k,
-                            num_splits=num_splits, sm_scale=sm_scale)
+    carry = attend_past(kc_ref, vc_ref, b, kv, q, seed_carry(q, k_new, v_new, split, sm_scale),
+                        past, split, block_k=block_k, num_splits=num_splits, sm_scale=sm_scale)
     store_split(o_ref, lse_ref, carry, heads, b, kv, split, num_heads=num_heads, group=group,
                 num_splits=num_splits)
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "num_splits",
                                              "block_k", "num_warps", "num_stages", "interpret",
-                                             "parts_dtype", "preload"))
+                                             "parts_dtype"))
 def decode_attention(qkv, k_cache, v_cache, positions, *, num_heads: int, num_kv_heads: int,
                      num_splits: int | None = None, block_k: int = BLOCK_K, num_warps: int = 4,
                      num_stages: int = 2, interpret: bool | None = None,
-                     parts_dtype: str | None = None, preload: int = 0):
+                     parts_dtype: str | None = None):
     """One query per row against its dense cache, with the row's new K/V written in place.
 
     Args:
@@ -285,10 +225,6 @@ def decode_attention(qkv, k_cache, v_cache, positions, *, num_heads: int, num_kv
         attention's output, and the general path rounds it to the model dtype: stored so, it
         needs no convert kernel after this one (one per layer of the general step at batch
         64, `pallas_dispatch.dense_decode_writing`). Partials that a merge reads stay f32.
-      preload: 0 (default) splits each row's past into contiguous runs; n > 0 gives split s
-        blocks s, s + splits, ... and loads its first n before the row's position is read
-        (`attend_strided`). Not timed on a card yet (2026-12-05): an experiment for issue
-        16, `scripts/bench_fused_decode.py --part attention --launches 64:4:2:2`.
 
     Returns:
       (parts, lse, k_cache, v_cache): parts [B, splits, H * D] f32 (or parts_dtype), each
@@ -309,11 +245,8 @@ def decode_attention(qkv, k_cache, v_cache, positions, *, num_heads: int, num_kv
                          f"dtype {qkv.dtype} and a length that block_k={block_k} divides")
     splits = num_splits or default_splits(S, b, block_k=block_k)
     check_parts_dtype(parts_dtype, splits)
-    if preload < 0:
-        raise ValueError(f"decode_attention: preload={preload}; pass 0 (contiguous shares) or "
-                         "the number of strided blocks to load first")
     kernel = functools.partial(_attn_kernel, num_heads=H, group=H // K, block_k=block_k,
-                               num_splits=splits, sm_scale=D ** -0.5, preload=preload)
+                               num_splits=splits, sm_scale=D ** -0.5)
     inputs = (positions.astype(jnp.int32), qkv.reshape(b, H + 2 * K, D), k_cache, v_cache)
     out_shape = (jax.ShapeDtypeStruct((b, splits, H * D), parts_dtype or f32),
                  jax.ShapeDtypeStruct((b * splits * H,), f32),

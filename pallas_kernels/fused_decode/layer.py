@@ -47,7 +47,12 @@ Where the time goes (H100, 2026-12-05, `trace=True` and `phase_breakdown`): a ba
 critical paths (qkv 3.0, attention 5.1, o 3.5, gate/up 3.5, down 2.4 us at 528 programs x 4
 warps, against 17.2 us per layer for the five kernels): the slowest program of each phase,
 not the barriers, sets the pace, and attention's 24 items (8 splits x 3 kv heads), each a
-chain of dependent loads, are the longest phase.
+chain of dependent loads, are the longest phase. Tried against that chain on an H100 and taken
+out (2026-12-05, stop 45): strided shares whose first blocks load before the row's position
+(no gain), and the last split of each (row, kv head) merging the partials through an atomic
+counter (at 16 splits attention's critical path grew 3.8 -> 5.9 us while O's shrank only
+4.2 -> 2.9). 16 splits without it: 17.8 us per layer, against 18.1 at 8 and 17.2 for the
+five kernels.
 """
 
 from __future__ import annotations
@@ -183,7 +188,7 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
                   out_ref, kc_out, vc_out, cnt_out, qkv_s, parts_s, lse_s, mid_s, act_s,
                   trace_ref=None, *, rows: int, num_heads: int, num_kv_heads: int, eps: float,
                   num_splits: int, num_programs: int, block_n: int, prefetch: bool,
-                  phased: bool, attn_preload: int):
+                  phased: bool):
     del cnt_ref  # aliased to cnt_out, which the barriers use
     # The layer (its counter row) is data, not a constant: every layer is then the same
     # kernel, compiled once.
@@ -243,7 +248,7 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
     phase(1, rows * K * ns, lambda i, w: _attn_kernel(
         pos_ref, qkv_s, kc_ref, vc_ref, parts_s, lse_s, kc_out, vc_out, num_heads=H,
         group=H // K, block_k=BLOCK_K, num_splits=ns, sm_scale=D ** -0.5,
-        item=(i // (K * ns), i // ns % K, i % ns), preload=attn_preload))
+        item=(i // (K * ns), i // ns % K, i % ns)))
     phase(2, E // t_a.block_n, lambda i, w: _residual_kernel(
         parts_s, lse_s, wo_ref, x_ref, mid_s, rows=rows, tiles=t_a, transposed=True,
         num_heads=H, item=i, weights=w),
@@ -264,13 +269,12 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "eps",
                                              "num_splits", "num_programs", "num_warps",
-                                             "block_n", "prefetch", "trace", "attn_preload",
-                                             "interpret"))
+                                             "block_n", "prefetch", "trace", "interpret"))
 def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn_norm, wqkv_t,
                  wo_t, mlp_norm, w_gate_up_t, w_down_t, *, num_heads: int,
                  num_kv_heads: int, eps: float, num_splits: int, num_programs: int | None = None,
                  num_warps: int = 8, block_n: int = 4, prefetch: bool = True,
-                 trace: bool = False, attn_preload: int = 0, interpret: bool | None = None):
+                 trace: bool = False, interpret: bool | None = None):
     """One layer of the decode step (the five fused kernels' function) in one launch.
 
     Args:
@@ -287,7 +291,6 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
         divide D/2, E and F.
       prefetch: issue each GEMV item's weight loads one item ahead, and each phase's first
         item's before the barrier that precedes it (K loops of up to 4 steps).
-      attn_preload: the attention phase's `decode_attention(preload=...)` (0: contiguous).
       trace: also return each program's clock stamps, [P, TRACE_SLOTS] int32 (GPU only;
         `phase_breakdown` reads them).
       num_programs: the persistent grid; default one per SM (3 in the interpreter). More
@@ -325,8 +328,7 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
     P = num_programs or default_programs(interpret)
     kernel = functools.partial(
         _layer_kernel, rows=b, num_heads=H, num_kv_heads=K, eps=eps, num_splits=num_splits,
-        num_programs=P, block_n=block_n, prefetch=prefetch, phased=interpret,
-        attn_preload=attn_preload)
+        num_programs=P, block_n=block_n, prefetch=prefetch, phased=interpret)
     inputs = (jnp.asarray(layer, i32).reshape(1), positions.astype(i32), x, attn_norm, wqkv_t,
               cos.astype(f32), sin.astype(f32), k_cache, v_cache, wo_t, mlp_norm, w_gate_up_t,
               w_down_t, counters)

@@ -155,15 +155,12 @@ def test_attn_o_residual_matches_reference(rng, dtype, tiles, transposed, rows):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("rows,splits,block_k,preload", [
-    (1, None, 64, 0), (2, 1, 64, 0), (4, 3, 64, 0), (4, 8, 128, 0),
-    (4, 2, 64, 2), (4, 3, 64, 2), (1, None, 64, 1)])
-def test_decode_attention_matches_reference(rng, dtype, rows, splits, block_k, preload):
+@pytest.mark.parametrize("rows,splits,block_k", [(1, None, 64), (2, 1, 64), (4, 3, 64),
+                                                 (4, 8, 128)])
+def test_decode_attention_matches_reference(rng, dtype, rows, splits, block_k):
     """Against f32 attention over [past | new token], at positions mid-cache, 0 (the new token
     alone), past the buffer (attends, writes nothing) and at a block boundary (64; mid-block
-    for 128-slot blocks, with splits that see no block). preload: strided shares whose first
-    blocks are read whole before the position (2 with 3 splits fits only 1 in 256 slots),
-    including blocks wholly past the row's tokens."""
+    for 128-slot blocks, with splits that see no block)."""
     H, K, D, S = 6, 2, 64, 256
 
     def normal(*shape):
@@ -173,7 +170,7 @@ def test_decode_attention_matches_reference(rng, dtype, rows, splits, block_k, p
     positions = jnp.asarray([130, 0, S + 5, 64][:rows], jnp.int32)
     parts, lse, k_out, v_out = decode_attention(qkv, kc, vc, positions, num_heads=H,
                                                 num_kv_heads=K, num_splits=splits,
-                                                block_k=block_k, preload=preload)
+                                                block_k=block_k)
     want, k_want, v_want = ref.decode_attention_reference(qkv, kc, vc, positions,
                                                           num_heads=H, num_kv_heads=K)
     ns = splits or default_splits(S, rows)
@@ -183,11 +180,9 @@ def test_decode_attention_matches_reference(rng, dtype, rows, splits, block_k, p
     chex.assert_trees_all_equal((k_out, v_out), (k_want, v_want))  # the write is a copy
 
 
-@pytest.mark.parametrize("preload", [0, 2])
-def test_decode_attention_ignores_slots_past_the_position(rng, preload):
+def test_decode_attention_ignores_slots_past_the_position(rng):
     """Slots at or past a row's position may hold anything (a stale or unwritten cache): NaN
-    there must not reach the output, whether the blocks over them were read masked
-    (contiguous shares) or whole (preloaded strided shares, whose values get zeroed)."""
+    there must not reach the output (the blocks over them are read masked)."""
     H, K, D, S, rows = 6, 2, 64, 256, 3
     qkv = jnp.asarray(rng.standard_normal((rows, (H + 2 * K) * D)), jnp.float32)
     kc, vc = (jnp.asarray(rng.standard_normal((rows, S, K, D)), jnp.float32) for _ in "kv")
@@ -197,7 +192,7 @@ def test_decode_attention_ignores_slots_past_the_position(rng, preload):
                                           num_kv_heads=K)[0]
     kc, vc = (jnp.where(stale, jnp.nan, c) for c in (kc, vc))
     parts, lse, _, _ = decode_attention(qkv, kc, vc, positions, num_heads=H, num_kv_heads=K,
-                                        num_splits=2, preload=preload)
+                                        num_splits=2)
     assert_close(ref.merge_splits(parts, lse), want, "float32")
 
 
@@ -225,8 +220,6 @@ def test_decode_attention_names_bad_shapes():
         decode_attention(qkv, cache, cache, pos, num_heads=4, num_kv_heads=2)
     with pytest.raises(ValueError, match="block_k=64 divides"):
         decode_attention(qkv, cache[:, :100], cache[:, :100], pos, num_heads=6, num_kv_heads=2)
-    with pytest.raises(ValueError, match="preload=-1"):
-        decode_attention(qkv, cache, cache, pos, num_heads=6, num_kv_heads=2, preload=-1)
 
 
 @pytest.mark.parametrize("dtype,splits,page", [("float32", None, 4), ("bfloat16", 3, 16),
@@ -582,8 +575,8 @@ def test_fused_greedy_equals_xla_on_the_real_model_f32(request, fused_on):
         [r.token_ids for r in slow.generate(prompts, sp)]
 
 
-@pytest.mark.parametrize("dtype,rows,preload", [("float32", 3, 0), ("float32", 2, 2)])
-def test_decode_layer_matches_the_five_kernels(rng, dtype, rows, preload):
+@pytest.mark.parametrize("dtype,rows", [("float32", 3)])
+def test_decode_layer_matches_the_five_kernels(rng, dtype, rows):
     """The persistent layer kernel (interpreter: its phases in order, no barriers) against the
     five kernels run one after another, on the same random layer; the cache write too. The
     same arithmetic in one XLA program instead of five may contract differently (1e-7 in f32),
@@ -603,16 +596,14 @@ def test_decode_layer_matches_the_five_kernels(rng, dtype, rows, preload):
     qkv = qkv_rope(a["x"], a["norm"], w["wqkv"], a["cos"], a["sin"], num_heads=H,
                    num_kv_heads=K, eps=1e-5, transposed=True)
     parts, lse, k_want, v_want = decode_attention(qkv, kc, vc, positions, num_heads=H,
-                                                  num_kv_heads=K, num_splits=ns,
-                                                  preload=preload)
+                                                  num_kv_heads=K, num_splits=ns)
     mid = attn_o_residual(parts, lse, w["wo"], a["x"], transposed=True)
     act = gate_up_swiglu(mid, mlp_norm, w["wgu"], eps=1e-5, transposed=True)
     want = gemv_residual(act, w["wd"], mid, transposed=True)
 
     counters = new_counters(2)
     got, k_got, v_got, counters = jit_for_tests(partial(
-        decode_layer, num_heads=H, num_kv_heads=K, eps=1e-5, num_splits=ns,
-        attn_preload=preload))(
+        decode_layer, num_heads=H, num_kv_heads=K, eps=1e-5, num_splits=ns))(
         a["x"], positions, a["cos"], a["sin"], kc, vc, counters, 1, a["norm"], w["wqkv"],
         w["wo"], mlp_norm, w["wgu"], w["wd"])
     chex.assert_shape(got, (rows, E))
