@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdecode.analysis.measure import measure_ceilings
+from jdecode.analysis.profile import device_span_us
 from jdecode.cache.dense import init_cache
 from jdecode.config import load_model_config_yaml
 from jdecode.decoding import phases
@@ -43,8 +44,14 @@ def kv_bytes_per_step(cfg, batch: int, context: float, itemsize: int) -> float:
     return 2 * cfg.num_layers * batch * context * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
-def bare_loop_tok_s(model: Model, batch: int, prompt_len: int, new: int, impl: str) -> float:
-    """Anchor: decode_step in a bare fori_loop (greedy argmax, no stop checks or bookkeeping)."""
+def bare_loop(model: Model, batch: int, prompt_len: int, new: int, impl: str) -> dict:
+    """Anchor: decode_step in a bare fori_loop (greedy argmax, no stop checks or bookkeeping).
+
+    Returns {"tok_s": by wall clock, "step_us": device us per step (the loop's first kernel's
+    start to its last one's end over `new` steps, gaps included; None off the GPU)}. Why the
+    second: one dispatch runs all steps, so it carries no host time, and it resolves 1-2%
+    between kernel variants where wall tok/s of the Generator spread by ~5% between runs
+    (benchmarks/fused_decode_h200.md)."""
     cfg = model.cfg
     max_len = -(-(prompt_len + new + 1) // 256) * 256
     per_layer = isinstance(model.params.layers, tuple)
@@ -74,7 +81,14 @@ def bare_loop_tok_s(model: Model, batch: int, prompt_len: int, new: int, impl: s
         cache, out = loop(model.params, cache, tok)
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t0)
-    return batch * new / statistics.median(times)
+    state = [cache]  # re-run on the donated cache: each run rewrites the same slots
+
+    def again():
+        state[0], out = loop(model.params, state[0], tok)
+        return out
+    span = device_span_us(again, repeats=3)
+    return {"tok_s": batch * new / statistics.median(times),
+            "step_us": None if span is None else span / new}
 
 
 def parse_loop_variant(name: str) -> dict:
@@ -188,8 +202,9 @@ def main() -> None:
                        achieved_tb_s=ours["decode_tok_s"] / batch * step_bytes / 1e12)
             if args.bare and loop == args.loops.split(",")[0]:  # once per layout and impl
                 with impl_variant(impl) as bare_impl:
-                    row["bare_loop_tok_s"] = bare_loop_tok_s(model, batch, args.prompt_len,
-                                                             args.new_tokens, bare_impl)
+                    bare = bare_loop(model, batch, args.prompt_len, args.new_tokens, bare_impl)
+                row["bare_loop_tok_s"], row["bare_loop_device_step_us"] = (
+                    bare["tok_s"], bare["step_us"])
             if args.hf and batch == 1:
                 row["hf_transformers_tok_s"] = hf_tok_s(args.model, args.prompt_len,
                                                         args.new_tokens)
@@ -212,12 +227,14 @@ def main() -> None:
              "", (f"Ceiling = batch x read-stream bandwidth ({read_bw / 1e12:.2f} TB/s, measured "
              "in this run) / (weight bytes + live KV bytes per step)."), "",
              ("| layers | impl | loop | batch | tok/s | ceiling tok/s | % of ceiling | TB/s | prefill ms | "
-             "bare loop tok/s | HF tok/s |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "bare loop tok/s | bare loop device us/step | HF tok/s |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['layers']} | {r['impl']} | {r['loop']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['ceiling_tok_s']:.1f} "
             f"| {r['pct_of_ceiling']:.1f} | {r['achieved_tb_s']:.3f} | {r['prefill_ms']:.1f} | "
             f"{r.get('bare_loop_tok_s', float('nan')):.1f} | "
+            f"{r.get('bare_loop_device_step_us') or float('nan'):.2f} | "
             f"{r.get('hf_transformers_tok_s', float('nan')):.1f} |")
     (out / "bench_decode.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

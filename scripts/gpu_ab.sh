@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# A same-run A/B of one source edit in the decode step, on the card: the tree as committed
+# ("base") against a copy with `sed -e "$SED" "$FILE"` applied ("edit"), alternating ROUNDS
+# times, each a bench_decode.py run with the bare-loop anchor, whose device us per step
+# (one dispatch for all steps: no host time) resolves 1-2% where the Generator's wall tok/s
+# spreads by ~5% between runs. The sed must change FILE (checked), or nothing is timed.
+#
+#   device: OUT=$OUT FILE=pallas_kernels/fused_decode/attention.py \
+#     SED='s|max_len // block_k // 2|max_len // block_k|' MODELS=smollm2-135m bash scripts/gpu_ab.sh
+#
+# Env: MODELS (configs/models/<m>.yaml, random weights of the shape), IMPL (pallas-fused),
+# LAYERS (fused-unstacked), BATCH (1), NEW (128), PROMPT (512), ROUNDS (2).
+# Writes one archive, gpu_ab.tgz (a device call brings back a few files only), with each
+# run's bench_decode.{json,md} and summary.md: device us per step per run.
+set -u
+export PYTHONPATH=.:${PYTHONPATH:-}
+export JDECODE_GIT_SHA=${JDECODE_GIT_SHA:-unknown}
+OUT=$(realpath -m "${OUT:-out}"); mkdir -p "$OUT"
+: "${FILE:?FILE= the source file to edit}" "${SED:?SED= the sed expression}"
+RAW=$(mktemp -d); trap 'tar czf "$OUT/gpu_ab.tgz" -C "$RAW" .' EXIT
+ALT=$(mktemp -d)
+cp -r jdecode pallas_kernels scripts configs pyproject.toml "$ALT"/
+sed -i -e "$SED" "$ALT/$FILE"
+if cmp -s "$FILE" "$ALT/$FILE"; then
+  echo "gpu_ab.sh: SED left $FILE unchanged; nothing to compare" | tee "$RAW/summary.md"
+  exit 2
+fi
+diff -u "$FILE" "$ALT/$FILE" | tee "$RAW/edit.diff"
+echo "| model | round | tree | bare loop device us/step | bare loop tok/s | Generator tok/s |" \
+  > "$RAW/summary.md"
+echo "|---|---|---|---|---|---|" >> "$RAW/summary.md"
+for m in ${MODELS:-smollm2-135m}; do
+  for r in $(seq "${ROUNDS:-2}"); do
+    for tree in base edit; do
+      dir=$([ $tree = base ] && pwd || echo "$ALT")
+      res="$RAW/${m}_${tree}_$r"
+      (cd "$dir" && timeout 240 python3 scripts/bench_decode.py \
+        --model "configs/models/$m.yaml" --dtype bfloat16 --batch "${BATCH:-1}" \
+        --prompt-len "${PROMPT:-512}" --new-tokens "${NEW:-128}" --impl "${IMPL:-pallas-fused}" \
+        --layers "${LAYERS:-fused-unstacked}" --bare --out "$res" > "$res.log" 2>&1)
+      python3 - "$res/bench_decode.json" "$m" "$r" "$tree" >> "$RAW/summary.md" <<'EOF'
+import json, sys
+path, m, r, tree = sys.argv[1:]
+try:
+    row = json.load(open(path))["rows"][0]
+    step = row.get("bare_loop_device_step_us")
+    print(f"| {m} | {r} | {tree} | {'-' if step is None else f'{step:.2f}'} | "
+          f"{row['bare_loop_tok_s']:.1f} | {row['decode_tok_s']:.1f} |")
+except (OSError, KeyError, IndexError, ValueError) as e:
+    print(f"| {m} | {r} | {tree} | failed: {type(e).__name__} | | |")
+EOF
+    done
+  done
+done
+cat "$RAW/summary.md"
