@@ -33,7 +33,7 @@ from jdecode.decoding import phases
 from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.io.registry import KNOWN_MODELS, Model, load
-from jdecode.model.fused_decode import impl_variant
+from jdecode.model.fused_decode import impl_variant, wants_decode_copies, with_decode_copies
 from jdecode.model.layout import fuse_projections, unstack_layers
 from jdecode.model.params import init_params, param_bytes
 from jdecode.provenance import git_sha
@@ -53,13 +53,16 @@ def bare_loop(model: Model, batch: int, prompt_len: int, new: int, impl: str) ->
     between kernel variants where wall tok/s of the Generator spread by ~5% between runs
     (benchmarks/fused_decode_h200.md)."""
     cfg = model.cfg
+    params = model.params
+    if impl == "pallas" and wants_decode_copies(params):  # as the Generator does: without
+        params = with_decode_copies(params)  # the [N, K] copies the fused step stays off
     max_len = -(-(prompt_len + new + 1) // 256) * 256
     per_layer = isinstance(model.params.layers, tuple)
     cache = init_cache(cfg, batch, max_len, per_layer=per_layer)
     prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, cfg.vocab_size)
     lengths = jnp.full((batch,), prompt_len, jnp.int32)
     logits, _, cache = jax.jit(partial(phases.prefill, cfg=cfg, impl=impl))(
-        model.params, cache, prompt, lengths)
+        params, cache, prompt, lengths)
 
     @partial(jax.jit, donate_argnums=(1,))
     def loop(params, cache, tok):
@@ -71,20 +74,20 @@ def bare_loop(model: Model, batch: int, prompt_len: int, new: int, impl: str) ->
         return jax.lax.fori_loop(0, new, body, (cache, tok))
 
     tok = jnp.argmax(logits, -1).astype(jnp.int32)
-    cache, out = loop(model.params, cache, tok)  # compile + warm up
+    cache, out = loop(params, cache, tok)  # compile + warm up
     jax.block_until_ready(out)
     times = []
     for _ in range(3):
         cache = init_cache(cfg, batch, max_len, per_layer=per_layer)
         jax.block_until_ready(cache)
         t0 = time.perf_counter()
-        cache, out = loop(model.params, cache, tok)
+        cache, out = loop(params, cache, tok)
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t0)
     state = [cache]  # re-run on the donated cache: each run rewrites the same slots
 
     def again():
-        state[0], out = loop(model.params, state[0], tok)
+        state[0], out = loop(params, state[0], tok)
         return out
     span = device_span_us(again, repeats=3)
     return {"tok_s": batch * new / statistics.median(times),
