@@ -53,8 +53,8 @@ def default_splits(max_len: int, rows: int = 1, hidden: int = 0, heads_dim: int 
     """Splits per (row, kv head), a power of two: as many as pay, by two costs.
 
     - Few programs: a step of a few rows has only rows x kv heads programs without splits
-      (3 for SmolLM2 at batch 1), each walking the whole context alone. Each split should
-      still have about two blocks of a full cache.
+      (3 for SmolLM2 at batch 1), each walking the whole context alone: up to one split
+      per block of a full cache.
     - The merge: every program of the O projection (`kernel.attn_o_residual`: hidden / 4
       of them on the CUDA-core path at up to FMA_MAX_ROWS rows, hidden / 16 on tensor-core
       tiles past that, as `kernel.default_tiles` gives its columns) re-reads every row's
@@ -64,9 +64,16 @@ def default_splits(max_len: int, rows: int = 1, hidden: int = 0, heads_dim: int 
     On the H200 at 600 tokens of context in 1024 slots (benchmarks/fused_decode_h200.md, run
     8), attention + O per layer ranked 8 splits best on the SmolLM2 shape (15.6 us against
     21.6 at 4 and 19.8 at 16) and left 2-16 within 29-33 us on the Llama-3.2-1B shape, where
-    run 7 (lse per element, twice the merge traffic) had 4 best: this picks 8 and 4.
+    run 7 (lse per element, twice the merge traffic) had 4 best. The rule then gave a split
+    two blocks of a full cache, so the Generator's 768-slot cache of a 512-token prompt got 4
+    splits. By device time on an H100 (2026-12-05, stop 45) the SmolLM2 pair ran 7.39 / 6.75
+    / 6.52 us at 4 / 8 / 16 splits, and one split per block won in the model: the bare decode
+    loop's device us per step 488.2 / 488.6 against 511.2 / 511.7 (8 vs 4 splits, 768 slots;
+    Generator 1960 / 1958 against 1871 / 1875 tok/s) and 517.3 against 524.1 (16 vs 8, 1280
+    slots); `scripts/gpu_ab.sh`, benchmarks/fused_decode_h200.md. The 1B shape stays at 4
+    (MERGE_BUDGET).
     """
-    ns = min(MAX_SPLITS, max(1, max_len // block_k // 2))
+    ns = min(MAX_SPLITS, max(1, max_len // block_k))
     programs = hidden // default_tiles(heads_dim, rows, True, hidden, large=O_LARGE_TILES
                                        ).block_n if hidden else 0
     merge_per_split = programs * 4 * heads_dim * rows
