@@ -33,7 +33,7 @@ from jdecode.decoding import phases
 from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.io.registry import KNOWN_MODELS, Model, load
-from jdecode.model.fused_decode import impl_variant, wants_decode_copies, with_decode_copies
+from jdecode.model.fused_decode import impl_variant
 from jdecode.model.layout import fuse_projections, unstack_layers
 from jdecode.model.params import init_params, param_bytes
 from jdecode.provenance import git_sha
@@ -53,9 +53,9 @@ def bare_loop(model: Model, batch: int, prompt_len: int, new: int, impl: str) ->
     between kernel variants where wall tok/s of the Generator spread by ~5% between runs
     (benchmarks/fused_decode_h200.md)."""
     cfg = model.cfg
-    params = model.params
-    if impl == "pallas" and wants_decode_copies(params):  # as the Generator does: without
-        params = with_decode_copies(params)  # the [N, K] copies the fused step stays off
+    # The params as the Generator holds them (the fused step's [N, K] copies where it adds
+    # them): the bare loop times the step the Generator runs, not the general path.
+    params = Generator(model, impl=impl, layout="stacked").params
     max_len = -(-(prompt_len + new + 1) // 256) * 256
     per_layer = isinstance(model.params.layers, tuple)
     cache = init_cache(cfg, batch, max_len, per_layer=per_layer)
