@@ -11,6 +11,15 @@ and `fused_decode_reason` finds nothing against it. A layer is (`pallas_kernels.
 
 The general forward runs the same layer as ~18 kernels at batch 1.
 
+Over the [N, K] copies at <= FMA_MAX_ROWS rows, with no layer hook, the last two are one:
+
+  mlp_accumulate    RMSNorm + gate/up + SwiGLU + down, each program's share of the down
+                    projection added into an f32 accumulator by atomics; the residual add
+                    is left pending and the next layer's qkv_rope and attn_o_residual (or
+                    `settle`, after the last layer) form it as they read x
+
+so a layer is four kernels (`_four_kernel_layers`; FUSED_MLP switches it).
+
 When it is on: by default for steps of up to 5 rows (`FMA_MAX_ROWS`) over params that carry
 [N, K] copies of the four matrices (`with_decode_copies`; the Generator adds them on the GPU
 for models up to 4 GiB). There the GEMVs run on CUDA cores and the step measured 2.15x the

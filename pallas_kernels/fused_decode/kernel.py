@@ -11,6 +11,9 @@ layer's four projections are four kernels, and everything elementwise rides alon
   gate_up_swiglu:  RMSNorm (prologue) -> x @ [w_gate | w_up] -> silu(gate) * up (epilogue)
   gemv_residual:   a @ w -> + residual (epilogue); the down projection
   attn_o_residual: merge of attention's split-K partials (prologue) -> a @ wo -> + residual
+  mlp_accumulate:  gate_up_swiglu, then each program's features' share of the down product
+                   added into an f32 accumulator (atomics), the residual add left to the
+                   next layer's readers: the MLP in one kernel
 
 Attention between them, with the cache write, is `attention.decode_attention`.
 
