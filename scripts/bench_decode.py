@@ -33,6 +33,7 @@ from jdecode.decoding import phases
 from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.io.registry import KNOWN_MODELS, Model, load
+from jdecode.model.attention import resolve_impl
 from jdecode.model.fused_decode import impl_variant
 from jdecode.model.layout import fuse_projections, unstack_layers
 from jdecode.model.params import init_params, param_bytes
@@ -53,6 +54,7 @@ def bare_loop(model: Model, batch: int, prompt_len: int, new: int, impl: str) ->
     between kernel variants where wall tok/s of the Generator spread by ~5% between runs
     (benchmarks/fused_decode_h200.md)."""
     cfg = model.cfg
+    impl = resolve_impl(impl)  # "auto" as the Generator resolves it: the steps take a concrete one
     # The params as the Generator holds them (the fused step's [N, K] copies where it adds
     # them): the bare loop times the step the Generator runs, not the general path.
     params = Generator(model, impl=impl, layout="stacked").params
