@@ -11,15 +11,6 @@ and `fused_decode_reason` finds nothing against it. A layer is (`pallas_kernels.
 
 The general forward runs the same layer as ~18 kernels at batch 1.
 
-Over the [N, K] copies at <= FMA_MAX_ROWS rows, with no layer hook, the last two are one:
-
-  mlp_accumulate    RMSNorm + gate/up + SwiGLU + down, each program's share of the down
-                    projection added into an f32 accumulator by atomics; the residual add
-                    is left pending and the next layer's qkv_rope and attn_o_residual (or
-                    `settle`, after the last layer) form it as they read x
-
-so a layer is four kernels (`_four_kernel_layers`; FUSED_MLP switches it).
-
 When it is on: by default for steps of up to 5 rows (`FMA_MAX_ROWS`) over params that carry
 [N, K] copies of the four matrices (`with_decode_copies`; the Generator adds them on the GPU
 for models up to 4 GiB). There the GEMVs run on CUDA cores and the step measured 2.15x the
@@ -85,12 +76,7 @@ from pallas_kernels.fused_decode import (
 )
 from pallas_kernels.fused_decode.attention import BLOCK_K, default_splits
 from pallas_kernels.fused_decode.block_attention import block_attention
-from pallas_kernels.fused_decode.kernel import (
-    FMA_MAX_ROWS,
-    mlp_accumulate,
-    new_mlp_acc,
-    settle,
-)
+from pallas_kernels.fused_decode.kernel import FMA_MAX_ROWS
 from pallas_kernels.fused_decode.layer import barrier_timeouts, decode_layer, new_counters
 from pallas_kernels.fused_decode.paged_attention import paged_block_k, paged_decode_attention
 from pallas_kernels.fused_decode.reference import last_writers
@@ -103,10 +89,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 ENV_SWITCH = "JDECODE_FUSED_DECODE"
 # The copies double the four matrices' memory: past this size the default leaves them out.
 DEFAULT_COPY_LIMIT = 4 << 30
-# Whether a layer's MLP runs as one kernel (`mlp_accumulate`, its residual add pending into
-# the next layer's kernels) where it can: the CUDA-core path (the [N, K] copies, <= FMA_MAX_ROWS
-# rows) with no hook between the layers. TODO(timing): A/B on the card.
-FUSED_MLP = True
 # Benchmarks' impl names for the two decode paths under impl="pallas" (see `impl_variant`).
 VARIANTS = {"pallas-fused": "1", "pallas-general": "0", "pallas-layer": "layer"}
 
@@ -462,8 +444,6 @@ def _five_kernel_layers(params: Params, x, cos, sin, attend, *, cfg: ModelConfig
     what the next layer takes."""
     eps, H, K = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads
     t = _has_copies(params)  # [N, K] copies (`with_decode_copies`): the CUDA-core GEMVs
-    if t and FUSED_MLP and after is None and x.shape[0] <= FMA_MAX_ROWS:
-        return _four_kernel_layers(params, x, cos, sin, attend, cfg=cfg)
     for layer, lp in enumerate(params.layers):
         wqkv, wo, w_gate_up, w_down = (params.decode_t[layer] if t else
                                        (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))
@@ -476,28 +456,6 @@ def _five_kernel_layers(params: Params, x, cos, sin, attend, *, cfg: ModelConfig
         x_out = gemv_residual(act, w_down, x, transposed=t)
         x = x_out if after is None else after(layer, x_in, x_out)
     return x
-
-
-def _four_kernel_layers(params: Params, x, cos, sin, attend, *, cfg: ModelConfig
-                        ) -> jax.Array:
-    """`_five_kernel_layers` with each MLP as one kernel (`mlp_accumulate`): its output stays
-    pending in an f32 accumulator, which the next layer's QKV and O kernels add to x as they
-    read it (and `settle` after the last layer). Layer l adds into slot l % 2 and clears the
-    other, which layer l's own kernels read before it."""
-    eps, H, K = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads
-    acc = new_mlp_acc(*x.shape)  # [2, R, Ep] f32
-    for layer, lp in enumerate(params.layers):
-        wqkv, wo, w_gate_up, _ = params.decode_t[layer]
-        # Layer 0's input has nothing pending (both slots are zero).
-        pending = {} if layer == 0 else {"acc": acc, "acc_slot": (layer - 1) % 2}
-        qkv = qkv_rope(x, lp.attn_norm, wqkv, cos, sin, num_heads=H, num_kv_heads=K, eps=eps,
-                       transposed=True, **pending)  # [R, (H + 2K) * D]
-        parts, lse = attend(layer, qkv)
-        x = attn_o_residual(parts, lse, wo, x, transposed=True, **pending)
-        # w_down as the model stores it, [F, E]: each program reads its features' rows.
-        acc = mlp_accumulate(x, lp.mlp_norm, w_gate_up, lp.w_down, acc, eps=eps,
-                             slot=layer % 2)
-    return settle(x, acc, (len(params.layers) - 1) % 2)
 
 
 def _persistent_layers(params: Params, x, ks: list, vs: list, positions, cos, sin, *,

@@ -11,13 +11,9 @@ from pallas_kernels.fused_decode.kernel import (
     attn_o_residual,
     gate_up_swiglu,
     gemv_residual,
-    mlp_accumulate,
-    new_mlp_acc,
     qkv_rope,
-    settle,
 )
 from pallas_kernels.fused_decode.paged_attention import paged_decode_attention
 
 __all__ = ["MAX_ROWS", "GemvTiles", "attn_o_residual", "block_attention", "decode_attention",
-           "gate_up_swiglu", "gemv_residual", "mlp_accumulate", "new_mlp_acc",
-           "paged_decode_attention", "qkv_rope", "settle"]
+           "gate_up_swiglu", "gemv_residual", "paged_decode_attention", "qkv_rope"]

@@ -11,9 +11,6 @@ layer's four projections are four kernels, and everything elementwise rides alon
   gate_up_swiglu:  RMSNorm (prologue) -> x @ [w_gate | w_up] -> silu(gate) * up (epilogue)
   gemv_residual:   a @ w -> + residual (epilogue); the down projection
   attn_o_residual: merge of attention's split-K partials (prologue) -> a @ wo -> + residual
-  mlp_accumulate:  gate_up_swiglu, then each program's features' share of the down product
-                   added into an f32 accumulator (atomics), the residual add left to the
-                   next layer's readers: the MLP in one kernel
 
 Attention between them, with the cache write, is `attention.decode_attention`.
 
@@ -221,40 +218,7 @@ def _k_loop(load_a: Callable[[jax.Array], jax.Array], w_ref, cols: list, k: int,
     return list(_run_k_steps(body, accs, k, tiles))
 
 
-# A residual stream with an MLP output still pending: (acc_ref, slot), where acc_ref
-# [2, B, Ep] f32 holds in its slot the sum that `mlp_accumulate` added and not yet rounded.
-# The stream's value is then round(x + round(acc[slot])), which every reader forms itself.
-Pending = tuple[Any, int] | None
-
-
-def _settle(x: jax.Array, acc: jax.Array | None, dtype) -> jax.Array:
-    """x (f32 values of the model dtype) plus a pending f32 sum, rounded as the down
-    projection and its residual add round (`gemv_residual`); x itself without one."""
-    return x if acc is None else _round(x + _round(acc, dtype), dtype)
-
-
-def _pending_rows(pending: Pending, rows: int, cols, limit: int | None = None):
-    """The pending sum's [R, bn] tile of columns `cols` (see `_load_rows`), or None."""
-    if pending is None:
-        return None
-    acc_ref, slot = pending
-    mask = _row_mask(rows)[:, None]
-    if limit is not None:
-        mask = mask & (cols.start + jnp.arange(cols.size) < limit)[None, :]
-    # One indexer: Triton lowers one per load, not a chain of `.at` views (see `_load_k`).
-    return plgpu.load(acc_ref.at[jnp.int32(slot), pl.ds(0, tile_rows(rows)), cols], mask=mask,
-                      other=0)
-
-
-def _load_stream(x_ref, rows: int, cols, limit: int | None = None,
-                 pending: Pending = None) -> jax.Array:
-    """The residual stream's [R, bn] tile of columns `cols` as f32 (`_load_rows`, settled
-    with a pending MLP output)."""
-    xs = _load_rows(x_ref, rows, cols, limit).astype(f32)
-    return _settle(xs, _pending_rows(pending, rows, cols, limit), x_ref.dtype)
-
-
-def _normed_loader(x_ref, norm_ref, rows: int, eps: float, bk: int, pending: Pending = None
+def _normed_loader(x_ref, norm_ref, rows: int, eps: float, bk: int
                    ) -> Callable[[jax.Array], jax.Array]:
     """A loader of RMSNorm(x)[:, k0:k0+bk] in x's dtype, HF's arithmetic (see `_k_loop`).
 
@@ -265,14 +229,14 @@ def _normed_loader(x_ref, norm_ref, rows: int, eps: float, bk: int, pending: Pen
     dtype = x_ref.dtype
 
     def sumsq(i, ss):
-        xs = _load_stream(x_ref, rows, pl.ds(i * bk, bk), e, pending)
+        xs = _load_rows(x_ref, rows, pl.ds(i * bk, bk), e).astype(f32)
         return ss + jnp.sum(xs * xs, axis=1)
 
     ss = jax.lax.fori_loop(0, -(-e // bk), sumsq, jnp.zeros((tile_rows(rows),), f32))
     inv = jax.lax.rsqrt(ss / e + eps)[:, None]  # [R, 1]
 
     def load(k0):
-        xs = _load_stream(x_ref, rows, pl.ds(k0, bk), e, pending)
+        xs = _load_rows(x_ref, rows, pl.ds(k0, bk), e).astype(f32)
         w = _load_k(norm_ref, k0, bk)
         return (w[None, :] * _round(xs * inv, dtype)).astype(dtype)
 
@@ -335,32 +299,21 @@ def _row_chunk(ref, b: int, k0, bk: int) -> jax.Array:
     return _load_k(ref, k0, bk, row)
 
 
-def _stream_chunk(x_ref, b: int, k0, bk: int, pending: Pending = None) -> jax.Array:
-    """`_row_chunk` of the residual stream, settled with a pending MLP output."""
-    acc = None
-    if pending is not None:
-        acc_ref, slot = pending
-        acc = _load_k(acc_ref, k0, bk, jnp.int32(slot), jnp.asarray(b, jnp.int32))
-        # The padding past E (acc is [2, B, Ep]) must read as past K: zero.
-        acc = jnp.where(k0 + jnp.arange(bk) < x_ref.shape[1], acc, 0)
-    return _settle(_row_chunk(x_ref, b, k0, bk), acc, x_ref.dtype)
-
-
-def _normed_rows_loader(x_ref, norm_ref, rows: int, eps: float, bk: int,
-                        pending: Pending = None) -> Callable[[jax.Array], list]:
+def _normed_rows_loader(x_ref, norm_ref, rows: int, eps: float, bk: int
+                        ) -> Callable[[jax.Array], list]:
     """`_normed_loader` for `_fma_loop`: a list of the rows' normed [bk] chunks, f32."""
     e = x_ref.shape[1]
     dtype = x_ref.dtype
     steps = -(-e // bk)
     invs = []
     for b in range(rows):
-        chunks = (_stream_chunk(x_ref, b, jnp.int32(i * bk), bk, pending) for i in range(steps))
+        chunks = (_row_chunk(x_ref, b, jnp.int32(i * bk), bk) for i in range(steps))
         ss = sum(jnp.sum(c * c) for c in chunks)
         invs.append(jax.lax.rsqrt(ss / e + eps))
 
     def load(k0):
         w = _load_k(norm_ref, k0, bk)
-        return [_round(w * _round(_stream_chunk(x_ref, b, k0, bk, pending) * inv, dtype), dtype)
+        return [_round(w * _round(_row_chunk(x_ref, b, k0, bk) * inv, dtype), dtype)
                 for b, inv in enumerate(invs)]
 
     return load
@@ -383,11 +336,11 @@ def _plain(a_ref, rows: int) -> Source:
     return source
 
 
-def _normed(x_ref, norm_ref, rows: int, eps: float, pending: Pending = None) -> Source:
-    """RMSNorm(x) of x_ref [B, E] (settled with a pending MLP output), HF's arithmetic."""
+def _normed(x_ref, norm_ref, rows: int, eps: float) -> Source:
+    """RMSNorm(x) of x_ref [B, E], HF's arithmetic."""
     def source(fma: bool, bk: int):
         make = _normed_rows_loader if fma else _normed_loader
-        return make(x_ref, norm_ref, rows, eps, bk, pending)
+        return make(x_ref, norm_ref, rows, eps, bk)
 
     return source
 
@@ -517,17 +470,16 @@ def qkv_cols(item, tiles: GemvTiles, head_dim: int) -> list:
 
 def _qkv_kernel(x_ref, norm_ref, w_ref, cos_ref, sin_ref, o_ref, *, rows: int, rotated: int,
                 head_dim: int, eps: float, tiles: GemvTiles, transposed: bool, item=None,
-                weights=None, pending: Pending = None):
+                weights=None):
     """o_ref [B, H + 2K, D]; item: the work item when a persistent kernel runs this (`layer`),
-    else the program's id; weights: its tiles loaded ahead (`fma_weights`); pending: x's
-    MLP output not yet added (`mlp_accumulate`)."""
+    else the program's id; weights: its tiles loaded ahead (`fma_weights`)."""
     bh = tiles.block_n
     half = head_dim // 2
     p = pl.program_id(0) if item is None else item
     head, sub = _qkv_head_sub(p, tiles, head_dim)
     cols = qkv_cols(p, tiles, head_dim)
     y1, y2 = (_round(y, x_ref.dtype) for y in _matmul(
-        _normed(x_ref, norm_ref, rows, eps, pending), w_ref, cols, k=x_ref.shape[1], rows=rows,
+        _normed(x_ref, norm_ref, rows, eps), w_ref, cols, k=x_ref.shape[1], rows=rows,
         tiles=tiles, transposed=transposed, weights=weights))
     c = _load_rows(cos_ref, rows, pl.ds(sub * bh, bh))  # [R, bh] f32
     s = _load_rows(sin_ref, rows, pl.ds(sub * bh, bh))
@@ -540,18 +492,16 @@ def _qkv_kernel(x_ref, norm_ref, w_ref, cos_ref, sin_ref, o_ref, *, rows: int, r
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "eps", "tiles",
-                                             "transposed", "acc_slot", "interpret"))
+                                             "transposed", "interpret"))
 def qkv_rope(x, norm_w, wqkv, cos, sin, *, num_heads: int, num_kv_heads: int, eps: float,
-             tiles: GemvTiles | None = None, transposed: bool = False, acc=None,
-             acc_slot: int = 0, interpret: bool | None = None) -> jax.Array:
+             tiles: GemvTiles | None = None, transposed: bool = False,
+             interpret: bool | None = None) -> jax.Array:
     """RMSNorm(x) @ wqkv with RoPE applied to the Q and K heads.
 
     Args:
       x: [B, E] residual stream (B <= MAX_ROWS). norm_w: [E]. wqkv: [E, (H + 2K) * D], columns
         [Q heads | K heads | V heads] ([(H + 2K) * D, E] when transposed). cos, sin: [B, D/2]
         f32 tables of the rows' positions.
-      acc, acc_slot: the previous layer's MLP output, still pending (`mlp_accumulate`): the
-        stream is then round(x + round(acc[acc_slot, :, :E])), formed in the prologue.
     Returns:
       [B, (H + 2K) * D] in x.dtype (see `reference.qkv_rope_reference`).
     """
@@ -562,14 +512,9 @@ def qkv_rope(x, norm_w, wqkv, cos, sin, *, num_heads: int, num_kv_heads: int, ep
     _check("qkv_rope", x, e, D // 2, tiles, transposed)
     kernel = functools.partial(_qkv_kernel, rows=b, rotated=num_heads + num_kv_heads,
                                head_dim=D, eps=eps, tiles=tiles, transposed=transposed)
-    inputs = (x, norm_w, wqkv, cos.astype(f32), sin.astype(f32))
-    if acc is not None:
-        _check_acc("qkv_rope", acc, x)
-        inputs += (acc,)
-        kernel = _with_pending(kernel, acc_slot)
     # A program per (head, column tile of its first half): it also owns the second half's.
     # Written [B, heads, D] (what attention indexes), returned [B, heads x D]: the same bytes.
-    out = _launch(kernel, inputs,
+    out = _launch(kernel, (x, norm_w, wqkv, cos.astype(f32), sin.astype(f32)),
                   jax.ShapeDtypeStruct((b, n // D, D), x.dtype), tiles, n // tiles.block_n // 2,
                   interpret, "qkv_rope")
     return out.reshape(b, n)
@@ -623,7 +568,7 @@ def residual_cols(item, tiles: GemvTiles) -> list:
 
 
 def _residual_kernel(*refs, rows: int, tiles: GemvTiles, transposed: bool, num_heads: int = 0,
-                     item=None, weights=None, pending: Pending = None):
+                     item=None, weights=None):
     if num_heads:  # `attn_o_residual`: the attention's split partials, merged in the prologue
         parts_ref, lse_ref, w_ref, res_ref, o_ref = refs
         source = _merged(parts_ref, lse_ref, rows, num_heads, res_ref.dtype)
@@ -635,7 +580,7 @@ def _residual_kernel(*refs, rows: int, tiles: GemvTiles, transposed: bool, num_h
     (y,) = _matmul(source, w_ref, [col], k=k, rows=rows, tiles=tiles, transposed=transposed,
                    weights=weights)
     dtype = res_ref.dtype
-    res = _load_stream(res_ref, rows, col, pending=pending)
+    res = _load_rows(res_ref, rows, col).astype(f32)
     _store_rows(o_ref, rows, col, _round(res + _round(y, dtype), dtype))
 
 
@@ -670,10 +615,9 @@ def merge_block_k(head_dim: int) -> int:
     return max(16, min(256, head_dim & -head_dim))
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "transposed", "acc_slot", "interpret"))
+@functools.partial(jax.jit, static_argnames=("tiles", "transposed", "interpret"))
 def attn_o_residual(parts, lse, w, residual, *, tiles: GemvTiles | None = None,
-                    transposed: bool = False, acc=None, acc_slot: int = 0,
-                    interpret: bool | None = None) -> jax.Array:
+                    transposed: bool = False, interpret: bool | None = None) -> jax.Array:
     """residual + merge(parts, lse) @ w: the O projection with attention's split-K merge as its
     prologue, so the merge costs no kernel of its own.
 
@@ -684,7 +628,6 @@ def attn_o_residual(parts, lse, w, residual, *, tiles: GemvTiles | None = None,
       parts: [B, splits, K] f32 and lse [B, splits, H] f32 from `attention.decode_attention`
         (B <= MAX_ROWS), K = H x head_dim.
       w: [K, N] ([N, K] when transposed). residual: [B, N] in the model dtype.
-      acc, acc_slot: the residual's pending MLP output, as in `qkv_rope`.
     Returns:
       [B, N] in residual.dtype (see `reference.attn_o_residual_reference`).
     """
@@ -702,154 +645,6 @@ def attn_o_residual(parts, lse, w, residual, *, tiles: GemvTiles | None = None,
     _check("attn_o_residual", parts, k, n, tiles, transposed)
     kernel = functools.partial(_residual_kernel, rows=b, tiles=tiles, transposed=transposed,
                                num_heads=lse.shape[2])
-    inputs = (parts, lse.reshape(-1), w, residual)
-    if acc is not None:
-        _check_acc("attn_o_residual", acc, residual)
-        inputs += (acc,)
-        kernel = _with_pending(kernel, acc_slot)
-    return _launch(kernel, inputs,
+    return _launch(kernel, (parts, lse.reshape(-1), w, residual),
                    jax.ShapeDtypeStruct((b, n), residual.dtype), tiles, n // tiles.block_n,
                    interpret, "attn_o_residual")
-
-
-# --- RMSNorm -> gate/up -> SwiGLU -> down, summed across programs ---------------------------
-
-# Columns of the down projection's partial sum per K step of `mlp_accumulate`'s epilogue (and
-# the unit its accumulator's last axis is padded to): one masked tile covers SmolLM2's 576.
-MLP_OUT_BLOCK = 2048
-# Features (of F) per program of `mlp_accumulate`. Why 8: SmolLM2's F = 1536 then gives 192
-# programs, more than the 132 SMs, each streaming 27 KB; TODO(timing) pick from a sweep.
-MLP_BLOCK_N = 8
-
-
-def _with_pending(kernel, slot: int):
-    """kernel(*in_refs, o_ref) taking one more input, the accumulator of a pending MLP
-    output (`Pending`), after its others."""
-    def run(*refs):
-        *ins, acc_ref, o_ref = refs
-        return kernel(*ins, o_ref, pending=(acc_ref, slot))
-    return run
-
-
-def mlp_acc_shape(rows: int, hidden: int) -> tuple[int, int, int]:
-    """[2, rows, Ep] of `mlp_accumulate`'s accumulator: two slots (a layer adds into one
-    while the next layer's readers of the other are done), E padded to whole output blocks
-    (the padding holds zeros)."""
-    bo = min(pl.next_power_of_2(hidden), MLP_OUT_BLOCK)
-    return 2, rows, -(-hidden // bo) * bo
-
-
-def new_mlp_acc(rows: int, hidden: int) -> jax.Array:
-    """A zeroed accumulator for a step's `mlp_accumulate` calls (`mlp_acc_shape`)."""
-    return jnp.zeros(mlp_acc_shape(rows, hidden), f32)
-
-
-def _check_acc(name: str, acc, x) -> None:
-    want = mlp_acc_shape(*x.shape)
-    if acc.shape != want or acc.dtype != f32:
-        raise ValueError(f"{name}: accumulator {acc.shape} {acc.dtype}, expected {want} "
-                         "float32 for this x: make it with new_mlp_acc(rows, hidden)")
-
-
-def settle(x: jax.Array, acc: jax.Array, slot: int) -> jax.Array:
-    """The residual stream x [B, E] with the MLP output pending in acc[slot] added, rounded
-    as `gemv_residual` rounds: what the kernels' readers form in their prologues, for a
-    reader outside them (the final norm)."""
-    pending = acc[slot, :, :x.shape[1]].astype(x.dtype).astype(f32)
-    return (x.astype(f32) + pending).astype(x.dtype)
-
-
-def _mlp_kernel(x_ref, norm_ref, wgu_ref, wd_ref, acc_ref, o_ref, *, rows: int, eps: float,
-                tiles: GemvTiles, slot: int):
-    """o_ref (acc_ref, aliased) [2, B, Ep] f32: adds this program's features' share of the
-    down projection into slot `slot`; program 0 also zeroes the other slot."""
-    del acc_ref  # aliased to o_ref: the adds read it there
-    p = pl.program_id(0)
-    e, F, dtype = x_ref.shape[1], wd_ref.shape[0], x_ref.dtype
-    bn, bo = tiles.block_n, min(pl.next_power_of_2(e), MLP_OUT_BLOCK)
-    out_steps = o_ref.shape[2] // bo
-    cols = swiglu_cols(p, tiles, F)
-    weights = fma_weights(wgu_ref, cols, e, tiles) if tiles.weights_first else None
-    # The down tile's loads go out before the gate/up product's arithmetic: they do not
-    # depend on it, so their HBM latency overlaps it. [bn, bo] per output step, zero past E.
-    wd = [plgpu.load(wd_ref.at[pl.ds(p * bn, bn), pl.ds(j * bo, bo)],
-                     mask=(j * bo + jnp.arange(bo) < e)[None, :], other=0)
-          for j in range(out_steps)]
-    gate, up = (_round(y, dtype) for y in _matmul(
-        _normed(x_ref, norm_ref, rows, eps), wgu_ref, cols, k=e, rows=rows, tiles=tiles,
-        transposed=True, weights=weights))
-    act = _round(_round(jax.nn.silu(gate), dtype) * up, dtype)  # [R, bn], as stored by
-    rid = jnp.arange(tile_rows(rows))[:, None]                   # `gate_up_swiglu`
-    for b in range(rows):
-        a = jnp.sum(jnp.where(rid == b, act, 0), axis=0)  # [bn]: row b
-        for j, w in enumerate(wd):
-            part = jnp.sum(a[:, None] * w.astype(f32), axis=0)  # [bo]
-            plgpu.atomic_add(o_ref, (pl.ds(slot, 1), pl.ds(b, 1), pl.ds(j * bo, bo)),
-                             part[None, None, :])
-
-    @pl.when(p == 0)
-    def _():
-        for b in range(rows):
-            for j in range(out_steps):
-                plgpu.store(o_ref.at[pl.ds(1 - slot, 1), pl.ds(b, 1), pl.ds(j * bo, bo)],
-                            jnp.zeros((1, 1, bo), f32))
-
-
-def mlp_tiles(e: int, f: int, rows: int) -> GemvTiles:
-    """`mlp_accumulate`'s tiles: the CUDA-core GEMV tiles of gate/up (`default_tiles`, 4-column
-    tiles) on MLP_BLOCK_N features per program."""
-    return dataclasses.replace(default_tiles(e, rows, True, 2 * f, large=False),
-                               block_n=MLP_BLOCK_N)
-
-
-@functools.partial(jax.jit, static_argnames=("eps", "slot", "tiles", "interpret"))
-def mlp_accumulate(x, norm_w, w_gate_up, w_down, acc, *, eps: float, slot: int,
-                   tiles: GemvTiles | None = None, interpret: bool | None = None) -> jax.Array:
-    """acc[slot] += (silu(RMSNorm(x) @ w_gate) * (RMSNorm(x) @ w_up)) @ w_down, in f32, and
-    acc[1 - slot] = 0: a layer's whole MLP in one kernel, its residual add left pending.
-
-    Why: the MLP as `gate_up_swiglu` then `gemv_residual` is two launches, and at SmolLM2's
-    size a launch, not the bytes, is what a kernel costs (module docstring). Here each
-    program owns `tiles.block_n` features: it computes their SwiGLU activations from its
-    gate/up columns, multiplies them by the same features' rows of w_down, and adds that
-    [B, E] share of the output into acc with atomics, so no program waits for another. The
-    sum stays f32 and unrounded; the next layer's `qkv_rope` and `attn_o_residual` (given
-    acc) and `settle` round it as `gemv_residual` would: the activations and the product are
-    rounded to the model dtype, then the residual add. Only the f32 summation order differs
-    from the two kernels (and between runs: atomics land in any order).
-
-    Args:
-      x: [B, E] (B <= FMA_MAX_ROWS), the MLP's input and residual. norm_w: [E].
-      w_gate_up: [2F, E], gate rows first (the [N, K] copy). w_down: [F, E] (as the model
-        stores it: each feature's output weights contiguous).
-      acc: [2, B, Ep] f32 (`new_mlp_acc`), updated in place inside a jit. slot: 0 or 1;
-        the caller's readers of acc[1 - slot] must have run (a layer's kernels all follow
-        the previous MLP's).
-    Returns:
-      acc updated (see `reference.mlp_accumulate_reference`).
-    """
-    b, e = x.shape
-    F = w_down.shape[0]
-    tiles = tiles or mlp_tiles(e, F, b)
-    if b > FMA_MAX_ROWS or w_gate_up.shape != (2 * F, e) or w_down.shape != (F, e):
-        raise ValueError(f"mlp_accumulate: x {x.shape}, w_gate_up {w_gate_up.shape}, w_down "
-                         f"{w_down.shape}: wants <= {FMA_MAX_ROWS} rows, w_gate_up [2F, E] "
-                         "([N, K] copy) and w_down [F, E]; run more rows through "
-                         "gate_up_swiglu + gemv_residual")
-    if slot not in (0, 1):
-        raise ValueError(f"mlp_accumulate: slot {slot}; the accumulator has slots 0 and 1")
-    _check_acc("mlp_accumulate", acc, x)
-    _check("mlp_accumulate", x, e, F, tiles, True)
-    kernel = functools.partial(_mlp_kernel, rows=b, eps=eps, tiles=tiles, slot=slot)
-    inputs = (x, norm_w, w_gate_up, w_down, acc)
-    return pl.pallas_call(
-        kernel,
-        grid=(F // tiles.block_n,),
-        in_specs=[whole_block(a) for a in inputs],
-        out_specs=whole_block(acc),
-        out_shape=jax.ShapeDtypeStruct(acc.shape, f32),
-        input_output_aliases={4: 0},
-        compiler_params=_params(tiles),
-        interpret=resolve_interpret(interpret),
-        name="mlp_accumulate",
-    )(*inputs)

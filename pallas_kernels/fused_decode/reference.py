@@ -189,14 +189,3 @@ def paged_decode_attention_reference(qkv, k_pages, v_pages, layer: int, context_
         return pool.at[layer].set(rows.reshape(P, page, K, D))
 
     return out, store(k_pages, k_new), store(v_pages, v_new)
-
-
-def mlp_accumulate_reference(x, norm_w, w_gate_up, w_down, acc, *, eps: float, slot: int
-                             ) -> jax.Array:
-    """acc [2, B, Ep] with slot `slot` plus the MLP's f32 product (SwiGLU activations rounded
-    to the model dtype, as stored between the two kernels) and the other slot zeroed:
-    x [B, E], w_gate_up [E, 2F] (gate first), w_down [F, E]."""
-    act = gate_up_swiglu_reference(x, norm_w, w_gate_up, eps=eps)
-    y = jnp.dot(act, w_down, preferred_element_type=f32, precision=jax.lax.Precision.HIGHEST)
-    y = jnp.pad(y, ((0, 0), (0, acc.shape[2] - y.shape[1])))
-    return acc.at[slot].add(y).at[1 - slot].set(0)

@@ -45,14 +45,7 @@ from pallas_kernels.fused_decode import (
 from pallas_kernels.fused_decode import reference as ref
 from pallas_kernels.fused_decode.attention import default_splits
 from pallas_kernels.fused_decode.block_attention import block_attention
-from pallas_kernels.fused_decode.kernel import (
-    FMA_MAX_ROWS,
-    LARGE_GEMV,
-    default_tiles,
-    mlp_accumulate,
-    new_mlp_acc,
-    settle,
-)
+from pallas_kernels.fused_decode.kernel import FMA_MAX_ROWS, LARGE_GEMV, default_tiles
 from pallas_kernels.fused_decode.paged_attention import paged_block_k, paged_decode_attention
 from pallas_kernels.testing import assert_close, jit_for_tests
 
@@ -356,84 +349,6 @@ def test_block_attention_names_bad_shapes():
         block_attention(jnp.zeros((80, 640)), jnp.zeros((2, 256, 2, 64)),
                         jnp.zeros((2, 256, 2, 64)), big, big[:, 0], jnp.ones((2, 40, 40), bool),
                         num_heads=6, num_kv_heads=2)
-
-
-# (tiles, rows): the default (one unrolled K step), a looped K (3 steps of 64) on 4 features
-# per program, and 16 features per program.
-MLP_CASES = [(None, 1), (None, 3), (GemvTiles(block_n=4, block_k=64, num_warps=4, fma=True), 2),
-             (GemvTiles(block_n=16, block_k=256, fma=True, unroll=True), 5)]
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("tiles,rows", MLP_CASES, ids=["default-1", "default-3", "looped-2",
-                                                       "wide-5"])
-def test_mlp_accumulate_matches_reference(rng, dtype, tiles, rows):
-    """The one-kernel MLP adds its f32 product into one slot (over what it holds), zeroes the
-    other, and leaves the padding past E at zero; settled, it is the two kernels' output."""
-    a = _inputs(rng, dtype, rows)
-    E = a["x"].shape[1]
-    acc = new_mlp_acc(rows, E)
-    assert acc.shape == (2, rows, 256)  # E = 192, padded to a power of two
-    held = jnp.asarray(rng.standard_normal((rows, E)), jnp.float32)
-    acc = acc.at[0, :, :E].set(held).at[1, :, :E].set(held)
-    for slot in (0, 1):
-        got = mlp_accumulate(a["x"], a["norm"], a["wgu"].T, a["wd"], acc, eps=1e-5, slot=slot,
-                             tiles=tiles)
-        want = ref.mlp_accumulate_reference(a["x"], a["norm"], a["wgu"], a["wd"], acc,
-                                            eps=1e-5, slot=slot)
-        chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
-        # The product's inputs (the SwiGLU activations) are rounded to the model dtype as in
-        # `gate_up_swiglu`, whose tolerance this shares.
-        assert_close(got, want, dtype, scale=2.0 if dtype == "bfloat16" else 1.0)
-        assert not jnp.any(got[1 - slot]) and not jnp.any(got[:, :, E:])
-    two = gemv_residual(gate_up_swiglu(a["x"], a["norm"], a["wgu"].T, eps=1e-5, transposed=True),
-                        a["wd"].T, a["x"], transposed=True)
-    one = settle(a["x"], mlp_accumulate(a["x"], a["norm"], a["wgu"].T, a["wd"],
-                                        new_mlp_acc(rows, E), eps=1e-5, slot=1, tiles=tiles), 1)
-    chex.assert_trees_all_equal_shapes_and_dtypes(one, two)
-    assert_close(one, two, dtype)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("transposed,rows", [(True, 1), (True, 3), (False, 3)])
-def test_readers_settle_a_pending_mlp_output(rng, dtype, transposed, rows):
-    """qkv_rope and attn_o_residual given the accumulator read x as `settle` forms it, on the
-    CUDA-core path (the copies) and the tensor-core one, bit for bit."""
-    a = _inputs(rng, dtype, rows)
-    E, n = a["x"].shape[1], a["H"] * a["D"]
-    slot = 1
-    acc = new_mlp_acc(rows, E).at[slot, :, :E].set(
-        jnp.asarray(rng.standard_normal((rows, E)), jnp.float32))
-    x = settle(a["x"], acc, slot)
-    kw = {"num_heads": a["H"], "num_kv_heads": a["K"], "eps": 1e-5, "transposed": transposed}
-    w = _w(a["wqkv"], transposed)
-    chex.assert_trees_all_equal(
-        qkv_rope(a["x"], a["norm"], w, a["cos"], a["sin"], acc=acc, acc_slot=slot, **kw),
-        qkv_rope(x, a["norm"], w, a["cos"], a["sin"], **kw))
-    parts = jnp.asarray(rng.standard_normal((rows, 2, n)), jnp.float32)
-    lse = jnp.asarray(rng.standard_normal((rows, 2, a["H"])), jnp.float32)
-    wo = _w(a["wo"], transposed)
-    chex.assert_trees_all_equal(
-        attn_o_residual(parts, lse, wo, a["x"], transposed=transposed, acc=acc, acc_slot=slot),
-        attn_o_residual(parts, lse, wo, x, transposed=transposed))
-
-
-def test_mlp_accumulate_names_what_it_does_not_take(rng):
-    a = _inputs(rng, "float32", 3)
-    acc = new_mlp_acc(3, 192)
-    with pytest.raises(ValueError, match="new_mlp_acc"):
-        mlp_accumulate(a["x"], a["norm"], a["wgu"].T, a["wd"], acc[:, :2], eps=1e-5, slot=0)
-    with pytest.raises(ValueError, match="new_mlp_acc"):
-        qkv_rope(a["x"], a["norm"], a["wqkv"], a["cos"], a["sin"], num_heads=a["H"],
-                 num_kv_heads=a["K"], eps=1e-5, acc=acc.astype(jnp.bfloat16))
-    with pytest.raises(ValueError, match="slots 0 and 1"):
-        mlp_accumulate(a["x"], a["norm"], a["wgu"].T, a["wd"], acc, eps=1e-5, slot=2)
-    with pytest.raises(ValueError, match=r"\[2F, E\]"):  # gate/up given [E, 2F]
-        mlp_accumulate(a["x"], a["norm"], a["wgu"], a["wd"], acc, eps=1e-5, slot=0)
-    big = _inputs(rng, "float32", FMA_MAX_ROWS + 1)
-    with pytest.raises(ValueError, match="gate_up_swiglu"):
-        mlp_accumulate(big["x"], big["norm"], big["wgu"].T, big["wd"],
-                       new_mlp_acc(FMA_MAX_ROWS + 1, 192), eps=1e-5, slot=0)
 
 
 def test_fused_gemvs_name_what_does_not_tile(rng):
