@@ -541,6 +541,8 @@ def qkv_rope(x, norm_w, wqkv, cos, sin, *, num_heads: int, num_kv_heads: int, ep
       x: [B, E] residual stream (B <= MAX_ROWS). norm_w: [E]. wqkv: [E, (H + 2K) * D], columns
         [Q heads | K heads | V heads] ([(H + 2K) * D, E] when transposed). cos, sin: [B, D/2]
         f32 tables of the rows' positions.
+      prefetch: optional, the weights of the kernel that runs next, loaded into L2 as this
+        one runs (`_launch`).
     Returns:
       [B, (H + 2K) * D] in x.dtype (see `reference.qkv_rope_reference`).
     """
@@ -587,6 +589,8 @@ def gate_up_swiglu(x, norm_w, w_gate_up, *, eps: float, tiles: GemvTiles | None 
     Args:
       x: [B, E] (B <= MAX_ROWS). norm_w: [E]. w_gate_up: [E, 2F], gate columns first ([2F, E]
         when transposed).
+      prefetch: optional, the weights of the kernel that runs next, loaded into L2 as this
+        one runs (`_launch`).
     Returns:
       [B, F] in x.dtype (see `reference.gate_up_swiglu_reference`).
     """
@@ -632,6 +636,8 @@ def gemv_residual(a, w, residual, *, tiles: GemvTiles | None = None, transposed:
     Args:
       a: [B, K] (B <= MAX_ROWS). w: [K, N] ([N, K] when transposed). residual: [B, N], a's
         dtype.
+      prefetch: optional, the weights of the kernel that runs next, loaded into L2 as this
+        one runs (`_launch`).
     Returns:
       [B, N] in residual.dtype (see `reference.gemv_residual_reference`).
     """
@@ -669,6 +675,8 @@ def attn_o_residual(parts, lse, w, residual, *, tiles: GemvTiles | None = None,
       parts: [B, splits, K] f32 and lse [B, splits, H] f32 from `attention.decode_attention`
         (B <= MAX_ROWS), K = H x head_dim.
       w: [K, N] ([N, K] when transposed). residual: [B, N] in the model dtype.
+      prefetch: optional, the weights of the kernel that runs next, loaded into L2 as this
+        one runs (`_launch`).
     Returns:
       [B, N] in residual.dtype (see `reference.attn_o_residual_reference`).
     """

@@ -351,6 +351,27 @@ def test_block_attention_names_bad_shapes():
                         num_heads=6, num_kv_heads=2)
 
 
+@pytest.mark.parametrize("transposed", [True, False])
+def test_prefetch_changes_no_output(rng, transposed):
+    """A GEMV that loads the next kernel's weights ahead (`prefetch`, any size: the last
+    programs' shares are masked) returns what it returns without."""
+    a = _inputs(rng, "bfloat16", 2)
+    ahead = a["wd"][:, :150]  # 48000 elements: no program count divides it into powers of 2
+    kw = {"num_heads": a["H"], "num_kv_heads": a["K"], "eps": 1e-5, "transposed": transposed}
+    calls = [
+        lambda **p: qkv_rope(a["x"], a["norm"], _w(a["wqkv"], transposed), a["cos"], a["sin"],
+                             **kw, **p),
+        lambda **p: gate_up_swiglu(a["x"], a["norm"], _w(a["wgu"], transposed), eps=1e-5,
+                                   transposed=transposed, **p),
+        lambda **p: gemv_residual(a["act"], _w(a["wd"], transposed), a["x"],
+                                  transposed=transposed, **p),
+        lambda **p: attn_o_residual(
+            jnp.ones((2, 2, a["H"] * a["D"]), jnp.float32), jnp.zeros((2, 2, a["H"])),
+            _w(a["wo"], transposed), a["x"], transposed=transposed, **p)]
+    for call in calls:
+        chex.assert_trees_all_equal(call(prefetch=ahead), call())
+
+
 def test_fused_gemvs_name_what_does_not_tile(rng):
     a = _inputs(rng, "float32", 65)
     with pytest.raises(ValueError, match="65 rows"):
