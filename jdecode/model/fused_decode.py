@@ -91,8 +91,13 @@ ENV_SWITCH = "JDECODE_FUSED_DECODE"
 DEFAULT_COPY_LIMIT = 4 << 30
 # Whether each GEMV loads the next GEMV's weights into L2 as it runs (`prefetch`: qkv_rope
 # the O projection's, O gate/up's, gate/up down's, down the next layer's QKV), where they
-# fit (kernel.PREFETCH_MAX). TODO(timing): A/B on the card.
-PREFETCH = True
+# fit (kernel.PREFETCH_MAX). Hypothesis: a GEMV here costs its launch and its first loads'
+# HBM latency more than its bytes, and L2 hits would shorten the second. Off until timed: it
+# compiles for sm_90a without spills and matches in the interpreter, but has not run on a
+# card yet. The A/B that decides it (benchmarks/fused_decode_h200.md, stop 46):
+#   OUT=$OUT FILE=jdecode/model/fused_decode.py SED='s|^PREFETCH = False|PREFETCH = True|'
+#   MODELS="smollm2-135m llama-3.2-1b" bash scripts/gpu_ab.sh
+PREFETCH = False
 # Benchmarks' impl names for the two decode paths under impl="pallas" (see `impl_variant`).
 VARIANTS = {"pallas-fused": "1", "pallas-general": "0", "pallas-layer": "layer"}
 
