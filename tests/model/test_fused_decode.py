@@ -439,6 +439,23 @@ def test_fused_step_matches_xla_step(rng, dtype, rows, copies, fused_on):
     assert_close(jnp.stack(got_cache.v), jnp.stack(want_cache.v), dtype, scale=2.0)
 
 
+def test_fused_step_with_prefetch_is_the_same_step(rng, fused_on, monkeypatch):
+    """PREFETCH (each GEMV loading the next one's weights ahead) changes no logit or cache
+    entry of the fused step, over the copies (CUDA-core GEMVs)."""
+    from jdecode.model import fused_decode
+
+    cfg = _fusable_tiny().replace(dtype="bfloat16")
+    params = with_decode_copies(inference_layout(
+        init_params(cfg, jax.random.key(int(rng.integers(1 << 30))))))
+    prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 16)), jnp.int32)
+    lengths = jnp.asarray([16, 9], jnp.int32)
+    nxt = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 2)), jnp.int32)
+    monkeypatch.setattr(fused_decode, "PREFETCH", False)
+    want = _steps(params, cfg, "pallas", prompt, lengths, nxt)
+    monkeypatch.setattr(fused_decode, "PREFETCH", True)
+    chex.assert_trees_all_equal(_steps(params, cfg, "pallas", prompt, lengths, nxt), want)
+
+
 # (dtype, rows, tokens, kind, copies): each kind of step once, each dtype and weight layout.
 VERIFY_CASES = [("float32", 2, 4, "chain", True), ("bfloat16", 1, 5, "tree", False),
                 ("float32", 2, 4, "window", False)]
