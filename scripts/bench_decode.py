@@ -33,7 +33,6 @@ from jdecode.decoding import phases
 from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.io.registry import KNOWN_MODELS, Model, load
-from jdecode.model.attention import resolve_impl
 from jdecode.model.fused_decode import impl_variant
 from jdecode.model.layout import fuse_projections, unstack_layers
 from jdecode.model.params import init_params, param_bytes
@@ -54,12 +53,13 @@ def bare_loop(model: Model, batch: int, prompt_len: int, new: int, impl: str) ->
     between kernel variants where wall tok/s of the Generator spread by ~5% between runs
     (benchmarks/fused_decode_h200.md)."""
     cfg = model.cfg
-    impl = resolve_impl(impl)  # "auto" as the Generator resolves it: the steps take a concrete one
     # The params as the Generator holds them (the fused step's [N, K] copies where it adds
-    # them): the bare loop times the step the Generator runs, not the general path.
-    params = Generator(model, impl=impl, layout="stacked").params
+    # them), and its impl ("auto" resolved: the steps take a concrete one): the bare loop
+    # times the step the Generator runs, not the general path.
+    gen = Generator(model, impl=impl, layout="stacked")
+    params, impl = gen.params, gen.impl
     max_len = -(-(prompt_len + new + 1) // 256) * 256
-    per_layer = isinstance(model.params.layers, tuple)
+    per_layer = isinstance(params.layers, tuple)
     cache = init_cache(cfg, batch, max_len, per_layer=per_layer)
     prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, cfg.vocab_size)
     lengths = jnp.full((batch,), prompt_len, jnp.int32)

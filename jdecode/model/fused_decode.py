@@ -461,8 +461,9 @@ def _five_kernel_layers(params: Params, x, cos, sin, attend, *, cfg: ModelConfig
     n = len(params.layers)
     for layer, lp in enumerate(params.layers):
         wqkv, wo, w_gate_up, w_down = weights(layer)
-        ahead = (wo, w_gate_up, w_down, weights(layer + 1)[0] if layer + 1 < n else None)
-        pf = ahead if PREFETCH else (None,) * 4
+        # Each kernel's prefetch: the next GEMV's weights (the last down has none after it).
+        pf = ((wo, w_gate_up, w_down, weights(layer + 1)[0] if layer + 1 < n else None)
+              if PREFETCH else (None,) * 4)
         x_in = x
         qkv = qkv_rope(x, lp.attn_norm, wqkv, cos, sin, num_heads=H, num_kv_heads=K, eps=eps,
                        transposed=t, prefetch=pf[0])  # [R, (H + 2K) * D]

@@ -429,18 +429,12 @@ def whole_block(a) -> pl.BlockSpec:
 PREFETCH_MAX = 1 << 22
 
 
-def prefetch_share(n: int, grid: int) -> int:
-    """Elements of an n-element prefetch that each of `grid` programs loads (a power of two:
-    the last programs' shares are masked past n)."""
-    return pl.next_power_of_2(-(-n // grid))
-
-
 def _prefetching(kernel, n: int, grid: int):
     """kernel with one more input, the flat n-element weights of the kernel that runs next,
     and one more output, [grid] f32: program p loads its share of those weights first, runs
     kernel, then stores its share's sum, so the loads count (a load whose value nobody uses
     is dropped). What it buys: the next kernel finds its weights in L2 instead of HBM."""
-    share = prefetch_share(n, grid)
+    share = pl.next_power_of_2(-(-n // grid))  # a power of two: the last shares are masked
 
     def run(*refs):
         *ins, pf_ref, o_ref, sink_ref = refs
