@@ -89,15 +89,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 ENV_SWITCH = "JDECODE_FUSED_DECODE"
 # The copies double the four matrices' memory: past this size the default leaves them out.
 DEFAULT_COPY_LIMIT = 4 << 30
-# Whether each GEMV loads the next GEMV's weights into L2 as it runs (`prefetch`: qkv_rope
-# the O projection's, O gate/up's, gate/up down's, down the next layer's QKV), where they
-# fit (kernel.PREFETCH_MAX). Hypothesis: a GEMV here costs its launch and its first loads'
-# HBM latency more than its bytes, and L2 hits would shorten the second. Off until timed: it
-# compiles for sm_90a without spills and matches in the interpreter, but has not run on a
-# card yet. The A/B that decides it (benchmarks/fused_decode_h200.md, stop 46):
-#   OUT=$OUT FILE=jdecode/model/fused_decode.py SED='s|^PREFETCH = False|PREFETCH = True|'
-#   MODELS="smollm2-135m llama-3.2-1b" bash scripts/gpu_ab.sh
-PREFETCH = False
 # Benchmarks' impl names for the two decode paths under impl="pallas" (see `impl_variant`).
 VARIANTS = {"pallas-fused": "1", "pallas-general": "0", "pallas-layer": "layer"}
 
@@ -453,25 +444,16 @@ def _five_kernel_layers(params: Params, x, cos, sin, attend, *, cfg: ModelConfig
     what the next layer takes."""
     eps, H, K = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads
     t = _has_copies(params)  # [N, K] copies (`with_decode_copies`): the CUDA-core GEMVs
-
-    def weights(layer):
-        lp = params.layers[layer]
-        return (params.decode_t[layer] if t else (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))
-
-    n = len(params.layers)
     for layer, lp in enumerate(params.layers):
-        wqkv, wo, w_gate_up, w_down = weights(layer)
-        # Each kernel's prefetch: the next GEMV's weights (the last down has none after it).
-        pf = ((wo, w_gate_up, w_down, weights(layer + 1)[0] if layer + 1 < n else None)
-              if PREFETCH else (None,) * 4)
+        wqkv, wo, w_gate_up, w_down = (params.decode_t[layer] if t else
+                                       (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))
         x_in = x
         qkv = qkv_rope(x, lp.attn_norm, wqkv, cos, sin, num_heads=H, num_kv_heads=K, eps=eps,
-                       transposed=t, prefetch=pf[0])  # [R, (H + 2K) * D]
+                       transposed=t)  # [R, (H + 2K) * D]
         parts, lse = attend(layer, qkv)
-        x = attn_o_residual(parts, lse, wo, x, transposed=t, prefetch=pf[1])
-        act = gate_up_swiglu(x, lp.mlp_norm, w_gate_up, eps=eps, transposed=t,
-                             prefetch=pf[2])  # [R, F]
-        x_out = gemv_residual(act, w_down, x, transposed=t, prefetch=pf[3])
+        x = attn_o_residual(parts, lse, wo, x, transposed=t)
+        act = gate_up_swiglu(x, lp.mlp_norm, w_gate_up, eps=eps, transposed=t)  # [R, F]
+        x_out = gemv_residual(act, w_down, x, transposed=t)
         x = x_out if after is None else after(layer, x_in, x_out)
     return x
 

@@ -424,52 +424,19 @@ def whole_block(a) -> pl.BlockSpec:
     return pl.BlockSpec(a.shape, lambda *_: zeros)
 
 
-# The most elements of a next kernel's weights that a GEMV loads ahead (`prefetch`): 8 MB of
-# bf16, a sixth of the H100's and H200's 50 MB L2.
-PREFETCH_MAX = 1 << 22
-
-
-def _prefetching(kernel, n: int, grid: int):
-    """kernel with one more input, the flat n-element weights of the kernel that runs next,
-    and one more output, [grid] f32: program p loads its share of those weights first, runs
-    kernel, then stores its share's sum, so the loads count (a load whose value nobody uses
-    is dropped). What it buys: the next kernel finds its weights in L2 instead of HBM."""
-    share = pl.next_power_of_2(-(-n // grid))  # a power of two: the last shares are masked
-
-    def run(*refs):
-        *ins, pf_ref, o_ref, sink_ref = refs
-        p = pl.program_id(0)
-        v = plgpu.load(pf_ref.at[pl.ds(p * share, share)],
-                       mask=p * share + jnp.arange(share) < n, other=0)
-        kernel(*ins, o_ref)
-        plgpu.store(sink_ref.at[pl.ds(p, 1)], jnp.sum(v.astype(f32), keepdims=True))
-    return run
-
-
 def _launch(kernel, inputs: tuple, out_shape: jax.ShapeDtypeStruct, tiles: GemvTiles,
-            grid: int, interpret: bool | None, name: str,
-            prefetch: jax.Array | None = None) -> jax.Array:
-    """A 1-D grid of `kernel` over whole-array inputs, writing disjoint columns of one output.
-
-    prefetch: the next kernel's weights (any shape), which the programs load into L2 as they
-    run (`_prefetching`); None, or more than PREFETCH_MAX elements: nothing is loaded ahead.
-    """
-    if prefetch is not None and prefetch.size <= PREFETCH_MAX:
-        flat = prefetch.reshape(-1)  # a bitcast in XLA
-        kernel = _prefetching(kernel, flat.size, grid)
-        inputs = (*inputs, flat)
-        out_shape = (out_shape, jax.ShapeDtypeStruct((grid,), f32))
-    out = pl.pallas_call(
+            grid: int, interpret: bool | None, name: str) -> jax.Array:
+    """A 1-D grid of `kernel` over whole-array inputs, writing disjoint columns of one output."""
+    return pl.pallas_call(
         kernel,
         grid=(grid,),
         in_specs=[whole_block(a) for a in inputs],
-        out_specs=jax.tree_util.tree_map(whole_block, out_shape),
+        out_specs=whole_block(out_shape),
         out_shape=out_shape,
         compiler_params=_params(tiles),
         interpret=resolve_interpret(interpret),
         name=name,
     )(*inputs)
-    return out[0] if isinstance(out, tuple) else out
 
 
 def _check(name: str, x, k: int, n: int, tiles: GemvTiles, transposed: bool) -> None:
@@ -527,7 +494,7 @@ def _qkv_kernel(x_ref, norm_ref, w_ref, cos_ref, sin_ref, o_ref, *, rows: int, r
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "eps", "tiles",
                                              "transposed", "interpret"))
 def qkv_rope(x, norm_w, wqkv, cos, sin, *, num_heads: int, num_kv_heads: int, eps: float,
-             tiles: GemvTiles | None = None, transposed: bool = False, prefetch=None,
+             tiles: GemvTiles | None = None, transposed: bool = False,
              interpret: bool | None = None) -> jax.Array:
     """RMSNorm(x) @ wqkv with RoPE applied to the Q and K heads.
 
@@ -535,8 +502,6 @@ def qkv_rope(x, norm_w, wqkv, cos, sin, *, num_heads: int, num_kv_heads: int, ep
       x: [B, E] residual stream (B <= MAX_ROWS). norm_w: [E]. wqkv: [E, (H + 2K) * D], columns
         [Q heads | K heads | V heads] ([(H + 2K) * D, E] when transposed). cos, sin: [B, D/2]
         f32 tables of the rows' positions.
-      prefetch: optional, the weights of the kernel that runs next, loaded into L2 as this
-        one runs (`_launch`).
     Returns:
       [B, (H + 2K) * D] in x.dtype (see `reference.qkv_rope_reference`).
     """
@@ -551,7 +516,7 @@ def qkv_rope(x, norm_w, wqkv, cos, sin, *, num_heads: int, num_kv_heads: int, ep
     # Written [B, heads, D] (what attention indexes), returned [B, heads x D]: the same bytes.
     out = _launch(kernel, (x, norm_w, wqkv, cos.astype(f32), sin.astype(f32)),
                   jax.ShapeDtypeStruct((b, n // D, D), x.dtype), tiles, n // tiles.block_n // 2,
-                  interpret, "qkv_rope", prefetch)
+                  interpret, "qkv_rope")
     return out.reshape(b, n)
 
 
@@ -576,15 +541,12 @@ def _swiglu_kernel(x_ref, norm_ref, w_ref, o_ref, *, rows: int, eps: float, tile
 
 @functools.partial(jax.jit, static_argnames=("eps", "tiles", "transposed", "interpret"))
 def gate_up_swiglu(x, norm_w, w_gate_up, *, eps: float, tiles: GemvTiles | None = None,
-                   transposed: bool = False, prefetch=None,
-                   interpret: bool | None = None) -> jax.Array:
+                   transposed: bool = False, interpret: bool | None = None) -> jax.Array:
     """silu(RMSNorm(x) @ w_gate) * (RMSNorm(x) @ w_up).
 
     Args:
       x: [B, E] (B <= MAX_ROWS). norm_w: [E]. w_gate_up: [E, 2F], gate columns first ([2F, E]
         when transposed).
-      prefetch: optional, the weights of the kernel that runs next, loaded into L2 as this
-        one runs (`_launch`).
     Returns:
       [B, F] in x.dtype (see `reference.gate_up_swiglu_reference`).
     """
@@ -595,7 +557,7 @@ def gate_up_swiglu(x, norm_w, w_gate_up, *, eps: float, tiles: GemvTiles | None 
     kernel = functools.partial(_swiglu_kernel, rows=b, eps=eps, tiles=tiles,
                                transposed=transposed)
     return _launch(kernel, (x, norm_w, w_gate_up), jax.ShapeDtypeStruct((b, F), x.dtype), tiles,
-                   F // tiles.block_n, interpret, "gate_up_swiglu", prefetch)
+                   F // tiles.block_n, interpret, "gate_up_swiglu")
 
 
 # --- a @ w + residual -----------------------------------------------------------------------
@@ -624,14 +586,12 @@ def _residual_kernel(*refs, rows: int, tiles: GemvTiles, transposed: bool, num_h
 
 @functools.partial(jax.jit, static_argnames=("tiles", "transposed", "interpret"))
 def gemv_residual(a, w, residual, *, tiles: GemvTiles | None = None, transposed: bool = False,
-                  prefetch=None, interpret: bool | None = None) -> jax.Array:
+                  interpret: bool | None = None) -> jax.Array:
     """residual + a @ w, the product rounded to the model dtype before the add.
 
     Args:
       a: [B, K] (B <= MAX_ROWS). w: [K, N] ([N, K] when transposed). residual: [B, N], a's
         dtype.
-      prefetch: optional, the weights of the kernel that runs next, loaded into L2 as this
-        one runs (`_launch`).
     Returns:
       [B, N] in residual.dtype (see `reference.gemv_residual_reference`).
     """
@@ -641,7 +601,7 @@ def gemv_residual(a, w, residual, *, tiles: GemvTiles | None = None, transposed:
     _check("gemv_residual", a, k, n, tiles, transposed)
     kernel = functools.partial(_residual_kernel, rows=b, tiles=tiles, transposed=transposed)
     return _launch(kernel, (a, w, residual), jax.ShapeDtypeStruct((b, n), residual.dtype),
-                   tiles, n // tiles.block_n, interpret, "gemv_residual", prefetch)
+                   tiles, n // tiles.block_n, interpret, "gemv_residual")
 
 
 def merge_block_k(head_dim: int) -> int:
@@ -657,8 +617,7 @@ def merge_block_k(head_dim: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("tiles", "transposed", "interpret"))
 def attn_o_residual(parts, lse, w, residual, *, tiles: GemvTiles | None = None,
-                    transposed: bool = False, prefetch=None,
-                    interpret: bool | None = None) -> jax.Array:
+                    transposed: bool = False, interpret: bool | None = None) -> jax.Array:
     """residual + merge(parts, lse) @ w: the O projection with attention's split-K merge as its
     prologue, so the merge costs no kernel of its own.
 
@@ -669,8 +628,6 @@ def attn_o_residual(parts, lse, w, residual, *, tiles: GemvTiles | None = None,
       parts: [B, splits, K] f32 and lse [B, splits, H] f32 from `attention.decode_attention`
         (B <= MAX_ROWS), K = H x head_dim.
       w: [K, N] ([N, K] when transposed). residual: [B, N] in the model dtype.
-      prefetch: optional, the weights of the kernel that runs next, loaded into L2 as this
-        one runs (`_launch`).
     Returns:
       [B, N] in residual.dtype (see `reference.attn_o_residual_reference`).
     """
@@ -690,4 +647,4 @@ def attn_o_residual(parts, lse, w, residual, *, tiles: GemvTiles | None = None,
                                num_heads=lse.shape[2])
     return _launch(kernel, (parts, lse.reshape(-1), w, residual),
                    jax.ShapeDtypeStruct((b, n), residual.dtype), tiles, n // tiles.block_n,
-                   interpret, "attn_o_residual", prefetch)
+                   interpret, "attn_o_residual")

@@ -351,27 +351,6 @@ def test_block_attention_names_bad_shapes():
                         num_heads=6, num_kv_heads=2)
 
 
-@pytest.mark.parametrize("transposed", [True, False])
-def test_prefetch_changes_no_output(rng, transposed):
-    """A GEMV that loads the next kernel's weights ahead (`prefetch`, any size: the last
-    programs' shares are masked) returns what it returns without."""
-    a = _inputs(rng, "bfloat16", 2)
-    ahead = a["wd"][:, :150]  # 48000 elements: no program count divides it into powers of 2
-    kw = {"num_heads": a["H"], "num_kv_heads": a["K"], "eps": 1e-5, "transposed": transposed}
-    calls = [
-        lambda **p: qkv_rope(a["x"], a["norm"], _w(a["wqkv"], transposed), a["cos"], a["sin"],
-                             **kw, **p),
-        lambda **p: gate_up_swiglu(a["x"], a["norm"], _w(a["wgu"], transposed), eps=1e-5,
-                                   transposed=transposed, **p),
-        lambda **p: gemv_residual(a["act"], _w(a["wd"], transposed), a["x"],
-                                  transposed=transposed, **p),
-        lambda **p: attn_o_residual(
-            jnp.ones((2, 2, a["H"] * a["D"]), jnp.float32), jnp.zeros((2, 2, a["H"])),
-            _w(a["wo"], transposed), a["x"], transposed=transposed, **p)]
-    for call in calls:
-        chex.assert_trees_all_equal(call(prefetch=ahead), call())
-
-
 def test_fused_gemvs_name_what_does_not_tile(rng):
     a = _inputs(rng, "float32", 65)
     with pytest.raises(ValueError, match="65 rows"):
@@ -437,23 +416,6 @@ def test_fused_step_matches_xla_step(rng, dtype, rows, copies, fused_on):
     # table's bf16 tolerance (seen once), hence 2x for the caches as for the logits' 4x.
     assert_close(jnp.stack(got_cache.k), jnp.stack(want_cache.k), dtype, scale=2.0)
     assert_close(jnp.stack(got_cache.v), jnp.stack(want_cache.v), dtype, scale=2.0)
-
-
-def test_fused_step_with_prefetch_is_the_same_step(rng, fused_on, monkeypatch):
-    """PREFETCH (each GEMV loading the next one's weights ahead) changes no logit or cache
-    entry of the fused step, over the copies (CUDA-core GEMVs)."""
-    from jdecode.model import fused_decode
-
-    cfg = _fusable_tiny().replace(dtype="bfloat16")
-    params = with_decode_copies(inference_layout(
-        init_params(cfg, jax.random.key(int(rng.integers(1 << 30))))))
-    prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 16)), jnp.int32)
-    lengths = jnp.asarray([16, 9], jnp.int32)
-    nxt = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 2)), jnp.int32)
-    monkeypatch.setattr(fused_decode, "PREFETCH", False)
-    want = _steps(params, cfg, "pallas", prompt, lengths, nxt)
-    monkeypatch.setattr(fused_decode, "PREFETCH", True)
-    chex.assert_trees_all_equal(_steps(params, cfg, "pallas", prompt, lengths, nxt), want)
 
 
 # (dtype, rows, tokens, kind, copies): each kind of step once, each dtype and weight layout.
