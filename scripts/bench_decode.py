@@ -36,7 +36,7 @@ from jdecode.io.registry import KNOWN_MODELS, Model, load
 from jdecode.model.fused_decode import impl_variant
 from jdecode.model.layout import fuse_projections, unstack_layers
 from jdecode.model.params import init_params, param_bytes
-from jdecode.provenance import git_sha
+from jdecode.provenance import git_sha, switches
 
 
 def kv_bytes_per_step(cfg, batch: int, context: float, itemsize: int) -> float:
@@ -216,12 +216,14 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     sha = git_sha()  # JDECODE_GIT_SHA when the device copy's .git is stale
+    flags = " ".join([f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                      if not isinstance(v, bool)] + [f"--{k}" for k, v in vars(args).items()
+                                                     if v is True])
+    # The switches set (XLA_FLAGS, JDECODE_FUSED_DECODE) lead the command: it re-runs as run.
+    command = " ".join(filter(None, (switches(), "python scripts/bench_decode.py", flags)))
     result = {
         "date": datetime.date.today().isoformat(), "device": hw.name, "jax_version": jax.__version__,
-        "command": "python scripts/bench_decode.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if not isinstance(v, bool)) + "".join(
-            f" --{k}" for k, v in vars(args).items() if v is True),
+        "command": command,
         "git_sha": sha, "model": args.model, "weights": weights, "dtype": cfg.dtype,
         "param_bytes": param_bytes(cfg), "ceilings": hw.measured, "rows": rows}
     out = Path(args.out)

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # A same-run A/B of one source edit in the decode step, on the card: the tree as committed
-# ("base") against a copy with `sed -e "$SED" "$FILE"` applied ("edit"), alternating ROUNDS
+# ("base") against a copy with `sed -e "$SED" "$FILE"` applied ("edit"), or against the same
+# tree run with EDIT_ENV's assignments in its environment (or both), alternating ROUNDS
 # times, each a bench_decode.py run with the bare-loop anchor, whose device us per step
 # (one dispatch for all steps: no host time) resolves 1-2% where the Generator's wall tok/s
 # spreads by ~5% between runs. The sed must change FILE (checked), or nothing is timed.
 #
 #   device: OUT=$OUT FILE=pallas_kernels/fused_decode/attention.py \
 #     SED='s|max_len // block_k // 2|max_len // block_k|' MODELS=smollm2-135m bash scripts/gpu_ab.sh
+#   device: OUT=$OUT EDIT_ENV='XLA_FLAGS=--xla_gpu_enable_triton_gemm=false' \
+#     MODELS=llama-3.2-1b BATCH=64 IMPL=auto bash scripts/gpu_ab.sh
 #
 # Env: MODELS (configs/models/<m>.yaml, random weights of the shape), IMPL (pallas-fused),
 # LAYERS (fused-unstacked), BATCH (1), NEW (128), PROMPT (512), ROUNDS (2).
@@ -16,16 +19,28 @@ set -u
 export PYTHONPATH=.:${PYTHONPATH:-}
 export JDECODE_GIT_SHA=${JDECODE_GIT_SHA:-unknown}
 OUT=$(realpath -m "${OUT:-out}"); mkdir -p "$OUT"
-: "${FILE:?FILE= the source file to edit}" "${SED:?SED= the sed expression}"
+EDIT_ENV=${EDIT_ENV:-}  # e.g. 'XLA_FLAGS=--xla_gpu_enable_triton_gemm=false', words of NAME=VALUE
+if [ -z "$EDIT_ENV" ] && [ -z "${SED:-}" ]; then
+  echo "gpu_ab.sh: give FILE= and SED= (a source edit) or EDIT_ENV= (an environment edit)" >&2
+  exit 2
+fi
+for a in $EDIT_ENV; do
+  case $a in [A-Za-z_]*=*) ;; *) echo "gpu_ab.sh: EDIT_ENV word '$a' is not NAME=VALUE" >&2
+    exit 2 ;; esac
+done
 RAW=$(mktemp -d); trap 'tar czf "$OUT/gpu_ab.tgz" -C "$RAW" .' EXIT
 ALT=$(mktemp -d)
 cp -r jdecode pallas_kernels scripts configs pyproject.toml "$ALT"/
-sed -i -e "$SED" "$ALT/$FILE"
-if cmp -s "$FILE" "$ALT/$FILE"; then
-  echo "gpu_ab.sh: SED left $FILE unchanged; nothing to compare" | tee "$RAW/summary.md"
-  exit 2
+if [ -n "${SED:-}" ]; then
+  : "${FILE:?FILE= the source file that SED edits}"
+  sed -i -e "$SED" "$ALT/$FILE"
+  if cmp -s "$FILE" "$ALT/$FILE"; then
+    echo "gpu_ab.sh: SED left $FILE unchanged; nothing to compare" | tee "$RAW/summary.md"
+    exit 2
+  fi
+  diff -u "$FILE" "$ALT/$FILE" | tee "$RAW/edit.diff"
 fi
-diff -u "$FILE" "$ALT/$FILE" | tee "$RAW/edit.diff"
+[ -z "$EDIT_ENV" ] || echo "edit env: $EDIT_ENV" | tee -a "$RAW/edit.diff"
 echo "| model | round | tree | bare loop device us/step | bare loop tok/s | Generator tok/s |" \
   > "$RAW/summary.md"
 echo "|---|---|---|---|---|---|" >> "$RAW/summary.md"
@@ -33,8 +48,10 @@ for m in ${MODELS:-smollm2-135m}; do
   for r in $(seq "${ROUNDS:-2}"); do
     for tree in base edit; do
       dir=$([ $tree = base ] && pwd || echo "$ALT")
+      env=$([ $tree = base ] || echo "$EDIT_ENV")
       res="$RAW/${m}_${tree}_$r"
-      (cd "$dir" && timeout 240 python3 scripts/bench_decode.py \
+      # shellcheck disable=SC2086  # env: NAME=VALUE words, split on purpose
+      (cd "$dir" && env $env timeout 240 python3 scripts/bench_decode.py \
         --model "configs/models/$m.yaml" --dtype bfloat16 --batch "${BATCH:-1}" \
         --prompt-len "${PROMPT:-512}" --new-tokens "${NEW:-128}" --impl "${IMPL:-pallas-fused}" \
         --layers "${LAYERS:-fused-unstacked}" --bare --out "$res" > "$res.log" 2>&1)
