@@ -47,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -94,14 +94,6 @@ class GemvTiles:
 # decode steps on CUDA cores against 3.55 on tensor-core tiles; at 8 rows 2.94 against 3.65,
 # both behind the general path's 2.4.
 FMA_MAX_ROWS = 5
-# The CUDA-core GEMVs after an RMSNorm (qkv_rope, gate_up_swiglu) multiply by the row's 1/rms
-# after the dot, not before it: sum_k w[k] * g[k] * x[k], then * 1/rms. Why: the sum of
-# squares and the dot are then two independent reductions that overlap, where before the dot
-# waited for the statistic's cross-warp reduction, its rsqrt and the normed row. The products
-# skip the model dtype's two roundings of the normed row (x * 1/rms, then * g), so in bf16 they
-# differ from HF's arithmetic by about that rounding (the reference tests' tolerance); in f32
-# only by the order of the products.
-LATE_NORM = True
 # Weights of at most this many elements get `weights_first` by default. On the H200 (device
 # time per launch, benchmarks/fused_decode_h200.md) it took 0.2-0.3 us off SmolLM2's qkv
 # (0.55M) and down (0.88M), ~0 off o (0.33M) and gate/up (1.8M), and added 0.3-3 us to the
@@ -266,19 +258,15 @@ def fma_weights(w_ref, cols: list, k: int, tiles: GemvTiles) -> tuple:
                  for i in range(prefetch_steps(k, tiles)))
 
 
-def _fma_loop(load_rows: Callable[[jax.Array], list] | RowScaled, w_ref, cols: list, k: int,
+def _fma_loop(load_rows: Callable[[jax.Array], list], w_ref, cols: list, k: int,
               tiles: GemvTiles, rows: int, weights: tuple | None = None) -> list[jax.Array]:
-    """`_k_loop` on CUDA cores: w_ref [N, K]; load_rows(k0) gives the B rows' [bk] f32 chunks
-    (a `RowScaled` loader's products are scaled per row after the K loop).
+    """`_k_loop` on CUDA cores: w_ref [N, K]; load_rows(k0) gives the B rows' [bk] f32 chunks.
 
     Each weight tile [bn, bk] is multiplied by every row and reduced along K (contiguous, so
     within a thread and then a warp). weights: the tiles `fma_weights` loaded ahead (else
     each step loads its own). Returns [R, bn] f32 per column tile, zero past row B.
     """
     bk, bn = tiles.block_k, tiles.block_n
-    scales = None
-    if isinstance(load_rows, RowScaled):
-        load_rows, scales = load_rows
 
     def step(i, accs, ws=None):
         xs = load_rows(i * bk)
@@ -295,8 +283,6 @@ def _fma_loop(load_rows: Callable[[jax.Array], list] | RowScaled, w_ref, cols: l
             accs = step(jnp.int32(i), accs, ws)
     else:
         accs = _run_k_steps(step, accs, k, tiles)
-    if scales is not None:
-        accs = tuple(tuple(a * sc for a, sc in zip(acc, scales)) for acc in accs)
     rid = jnp.arange(tile_rows(rows))[:, None]
     tiles_out = []
     for acc in accs:  # rows into one [R, bn] tile, for the shared epilogues
@@ -313,18 +299,9 @@ def _row_chunk(ref, b: int, k0, bk: int) -> jax.Array:
     return _load_k(ref, k0, bk, row)
 
 
-class RowScaled(NamedTuple):
-    """A CUDA-core loader whose chunks still want a per-row factor, which `_fma_loop` applies
-    to the products (see LATE_NORM)."""
-
-    load: Callable[[jax.Array], list]  # k0 -> the rows' [bk] f32 chunks
-    scales: list  # per row, an f32 scalar
-
-
 def _normed_rows_loader(x_ref, norm_ref, rows: int, eps: float, bk: int
-                        ) -> Callable[[jax.Array], list] | RowScaled:
-    """`_normed_loader` for `_fma_loop`: a list of the rows' normed [bk] chunks, f32; with
-    LATE_NORM the chunks of g * x, with 1/rms per row left for after the dot."""
+                        ) -> Callable[[jax.Array], list]:
+    """`_normed_loader` for `_fma_loop`: a list of the rows' normed [bk] chunks, f32."""
     e = x_ref.shape[1]
     dtype = x_ref.dtype
     steps = -(-e // bk)
@@ -333,12 +310,6 @@ def _normed_rows_loader(x_ref, norm_ref, rows: int, eps: float, bk: int
         chunks = (_row_chunk(x_ref, b, jnp.int32(i * bk), bk) for i in range(steps))
         ss = sum(jnp.sum(c * c) for c in chunks)
         invs.append(jax.lax.rsqrt(ss / e + eps))
-
-    if LATE_NORM:
-        def scaled(k0):
-            w = _load_k(norm_ref, k0, bk)
-            return [w * _row_chunk(x_ref, b, k0, bk) for b in range(rows)]
-        return RowScaled(scaled, invs)
 
     def load(k0):
         w = _load_k(norm_ref, k0, bk)
