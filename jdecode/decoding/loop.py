@@ -27,20 +27,34 @@ class LoopState:
     done: jax.Array  # [B] bool
     max_new: jax.Array  # [B] int32 per-request max_new_tokens
     stop_ids: jax.Array  # [B, S] int32 stop token ids, -1 padded
-    steps: jax.Array  # [] int32 decoder steps taken
-    accepted: jax.Array  # [] int32 tokens emitted by live rows' steps
-    live_steps: jax.Array  # [] int32 row-steps of live rows (accepted / this = mean length)
+    # [3] int32: decoder steps taken, tokens emitted by live rows' steps, row-steps of live
+    # rows (accepted / live_steps = mean length). One array, not three scalars: XLA:GPU
+    # updates each loop-carried scalar in a kernel of its own, every step.
+    counts: jax.Array
+
+    @property
+    def steps(self) -> jax.Array:  # [] int32
+        return self.counts[0]
+
+    @property
+    def accepted(self) -> jax.Array:  # [] int32
+        return self.counts[1]
+
+    @property
+    def live_steps(self) -> jax.Array:  # [] int32
+        return self.counts[2]
 
 
 def _record(ls: LoopState, tokens: jax.Array, num: jax.Array) -> LoopState:
     """Appends the first `num[b]` of tokens [B, K] to each live row, stopping at a stop id."""
     out, n_out, done = ls.out, ls.n_out, ls.done
-    rows = jnp.arange(out.shape[0])
+    cols = jnp.arange(out.shape[1])[None, :]  # [1, N]
     for j in range(tokens.shape[1]):  # K is small and static: unrolled
         tok = tokens[:, j]
         valid = (j < num) & ~done
-        # Invalid writes go to index N, which mode="drop" discards.
-        out = out.at[rows, jnp.where(valid, n_out, out.shape[1])].set(tok, mode="drop")
+        # A select over the buffer, not a scatter: on XLA:GPU one small kernel, where a
+        # scatter with dropped out-of-range writes became three (bounds, select, update).
+        out = jnp.where(valid[:, None] & (cols == n_out[:, None]), tok[:, None], out)
         n_out = n_out + valid
         is_stop = (tok[:, None] == ls.stop_ids).any(-1)
         done = done | (valid & (is_stop | (n_out >= ls.max_new)))
@@ -55,8 +69,7 @@ def init_loop(decoder: Decoder, params, prompt, lengths, sampling, keys, max_new
     b = prompt.shape[0]
     ls = LoopState(dec=dec, out=jnp.zeros((b, max_out), jnp.int32),
                    n_out=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool),
-                   max_new=max_new, stop_ids=stop_ids, steps=jnp.zeros((), jnp.int32),
-                   accepted=jnp.zeros((), jnp.int32), live_steps=jnp.zeros((), jnp.int32))
+                   max_new=max_new, stop_ids=stop_ids, counts=jnp.zeros((3,), jnp.int32))
     return _record(ls, dec.tokens[:, None], jnp.ones((b,), jnp.int32))
 
 
@@ -84,10 +97,10 @@ def run_loop(decoder: Decoder, params, ls: LoopState, limit: jax.Array, block: i
         dec, so = decoder.step(params, ls.dec)
         live = ~ls.done
         ls = _record(dataclasses.replace(ls, dec=dec), so.tokens, so.num_accepted)
-        return dataclasses.replace(
-            ls, steps=ls.steps + 1,
-            accepted=ls.accepted + jnp.where(live, so.num_accepted, 0).sum(),
-            live_steps=ls.live_steps + live.sum())
+        step_counts = jnp.stack([jnp.ones((), jnp.int32),
+                                 jnp.where(live, so.num_accepted, 0).sum(dtype=jnp.int32),
+                                 live.sum(dtype=jnp.int32)])
+        return dataclasses.replace(ls, counts=ls.counts + step_counts)
 
     if block > 1:
         width = jax.eval_shape(decoder.step, params, ls.dec)[1].tokens.shape[1]
