@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # A same-run A/B of one source edit in the decode step, on the card: the tree as committed
 # ("base") against a copy with `sed -e "$SED" "$FILE"` applied ("edit"), or against the same
-# tree run with EDIT_ENV's assignments in its environment (or both), alternating ROUNDS
-# times, each a bench_decode.py run with the bare-loop anchor, whose device us per step
-# (one dispatch for all steps: no host time) resolves 1-2% where the Generator's wall tok/s
-# spreads by ~5% between runs. The sed must change FILE (checked), or nothing is timed.
+# tree run with EDIT_ENV's assignments in its environment, or against a copy with OVERLAY's
+# files laid over it (e.g. the previous commit's version of a rewritten file; any of these
+# together), alternating ROUNDS times, each a bench_decode.py run with the bare-loop anchor,
+# whose device us per step (one dispatch for all steps: no host time) resolves 1-2% where
+# the Generator's wall tok/s spreads by ~5% between runs. The sed must change FILE (checked), or nothing is timed.
 #
 #   device: OUT=$OUT FILE=pallas_kernels/fused_decode/attention.py \
 #     SED='s|max_len // block_k // 2|max_len // block_k|' MODELS=smollm2-135m bash scripts/gpu_ab.sh
 #   device: OUT=$OUT EDIT_ENV='XLA_FLAGS=--xla_gpu_enable_triton_gemm=false' \
 #     MODELS=llama-3.2-1b BATCH=64 IMPL=auto bash scripts/gpu_ab.sh
+#   here: mkdir -p out/old/jdecode/decoding && git show HEAD~1:jdecode/decoding/loop.py \
+#     > out/old/jdecode/decoding/loop.py
+#   device (carry out/old, which git ignores): OUT=$OUT OVERLAY=out/old bash scripts/gpu_ab.sh
+#     (where the edit is outside the step, as here, the Generator's tok/s is the figure:
+#     the bare loop runs the step alone)
 #
 # Env: MODELS (configs/models/<m>.yaml, random weights of the shape), IMPL (pallas-fused),
 # LAYERS (fused-unstacked), BATCH (1), NEW (128), PROMPT (512), ROUNDS (2).
@@ -20,8 +26,10 @@ export PYTHONPATH=.:${PYTHONPATH:-}
 export JDECODE_GIT_SHA=${JDECODE_GIT_SHA:-unknown}
 OUT=$(realpath -m "${OUT:-out}"); mkdir -p "$OUT"
 EDIT_ENV=${EDIT_ENV:-}  # e.g. 'XLA_FLAGS=--xla_gpu_enable_triton_gemm=false', words of NAME=VALUE
-if [ -z "$EDIT_ENV" ] && [ -z "${SED:-}" ]; then
-  echo "gpu_ab.sh: give FILE= and SED= (a source edit) or EDIT_ENV= (an environment edit)" >&2
+OVERLAY=${OVERLAY:-}  # a folder of files laid over the edit tree by relative path
+if [ -z "$EDIT_ENV" ] && [ -z "${SED:-}" ] && [ -z "$OVERLAY" ]; then
+  echo "gpu_ab.sh: give FILE= and SED= (a source edit), OVERLAY= (a folder of replacement" \
+    "files) or EDIT_ENV= (an environment edit)" >&2
   exit 2
 fi
 for a in $EDIT_ENV; do
@@ -39,6 +47,16 @@ if [ -n "${SED:-}" ]; then
     exit 2
   fi
   diff -u "$FILE" "$ALT/$FILE" | tee "$RAW/edit.diff"
+fi
+if [ -n "$OVERLAY" ]; then
+  [ -d "$OVERLAY" ] || { echo "gpu_ab.sh: OVERLAY=$OVERLAY is not a folder" >&2; exit 2; }
+  cp -r "$OVERLAY"/. "$ALT"/
+  for f in $(cd "$OVERLAY" && find . -type f); do diff -u "$f" "$ALT/$f"; done \
+    | tee -a "$RAW/edit.diff"
+  if [ ! -s "$RAW/edit.diff" ]; then
+    echo "gpu_ab.sh: OVERLAY matches the tree; nothing to compare" | tee "$RAW/summary.md"
+    exit 2
+  fi
 fi
 [ -z "$EDIT_ENV" ] || echo "edit env: $EDIT_ENV" | tee -a "$RAW/edit.diff"
 echo "| model | round | tree | bare loop device us/step | bare loop tok/s | Generator tok/s |" \
