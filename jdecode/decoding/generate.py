@@ -42,6 +42,13 @@ GREEDY = SamplingParams()  # the default: greedy, 64 new tokens
 LOOP_BLOCK = 4
 
 
+@jax.jit
+def _host_view(out, n_out, done, counts):
+    """Copies of what the host reads after a chunk: the next chunk's call donates the loop
+    state, so the host reads these while that chunk runs."""
+    return jnp.copy(out), jnp.copy(n_out), jnp.copy(done), jnp.copy(counts)
+
+
 def next_pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
@@ -259,35 +266,51 @@ class Generator:
         texts, emitted, sent, streamed = [""] * n, [0] * n, [0] * n, [0] * n
         stopped_by_string = [False] * n
         t1 = time.perf_counter()
+        # One chunk ahead: each chunk is dispatched before the host reads the one before it
+        # (through `_host_view`'s copies), so the device decodes while the host detokenizes
+        # and the next call is dispatched. Waiting for a chunk before dispatching the next
+        # left the device idle for the dispatch of an executable with hundreds of parameter
+        # buffers at every chunk (`jdecode generate` streams every 8 steps). Once every row is
+        # done a dispatched chunk exits at once; a row stopped by a stop string (found on the
+        # host) runs on for one chunk, whose tokens are ignored.
+        view = _host_view(ls.out, ls.n_out, ls.done, ls.counts)
+        ls = exe.loop(self.params, ls, jnp.int32(chunk_steps))
         while True:
-            out, n_out, done = jax.device_get((ls.out, ls.n_out, ls.done))
-            done = np.array(done)  # a writable copy: device_get can return a read-only view
+            out, n_out, done, counts = jax.device_get(view)
+            # A writable copy (device_get can return a read-only view); rows stopped by a
+            # stop string stay done although the chunk in flight does not know it yet.
+            done = np.array(done) | np.array(stopped_by_string + [False] * (len(done) - n))
             deltas = []
+            newly_stopped = False
             for i in range(n):
+                if stopped_by_string[i]:  # its tokens past the stop string are ignored
+                    deltas.append("")
+                    continue
                 new = out[i, emitted[i]:n_out[i]].tolist()
                 emitted[i] = int(n_out[i])
-                if detoks[i] and not stopped_by_string[i]:
+                if detoks[i]:
                     texts[i] += detoks[i].add(new)
                 hit = next((s for s in sampling[i].stop if s in texts[i]), None)
-                if hit is not None and not stopped_by_string[i]:
+                if hit is not None:
                     texts[i], stopped_by_string[i] = texts[i][:texts[i].index(hit)], True
-                    done[i] = True
+                    done[i] = newly_stopped = True
                 # Hold back a tail that may be the start of a stop string: once streamed, text
                 # cannot be taken back if the next tokens complete the stop string.
                 end = len(texts[i]) if done[i] else len(texts[i]) - stop_prefix_len(
                     texts[i], sampling[i].stop)
                 deltas.append(texts[i][sent[i]:end])
                 sent[i] = max(sent[i], end)
-            if any(stopped_by_string):
-                ls = dataclasses.replace(ls, done=jnp.asarray(done))
-            if done[:n].all() or int(jax.device_get(ls.steps)) >= max_out:  # a safety bound
+            if done[:n].all() or int(counts[0]) >= max_out:  # counts[0]: steps; a safety bound
                 break
             yield deltas, None
             streamed = [a + len(d) for a, d in zip(streamed, deltas)]
+            if newly_stopped:  # the chunk after the one in flight skips those rows
+                ls = dataclasses.replace(ls, done=ls.done | jnp.asarray(done))
+            view = _host_view(ls.out, ls.n_out, ls.done, ls.counts)
             ls = exe.loop(self.params, ls, jnp.int32(chunk_steps))
         t_decode = time.perf_counter() - t1
         results = []
-        steps, accepted, live_steps = jax.device_get((ls.steps, ls.accepted, ls.live_steps))
+        steps, accepted, live_steps = (int(c) for c in counts)
         total_new = int(sum(emitted))
         for i in range(n):
             toks = out[i, :emitted[i]].tolist()

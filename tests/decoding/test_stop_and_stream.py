@@ -88,3 +88,23 @@ def test_stream_matches_the_text_when_the_budget_ends_mid_character(smol_generat
                                         chunk_steps=1))
     (result,) = chunks[-1][1]
     assert "".join(d[0] for d, _ in chunks) == result.text
+
+
+def test_a_row_stopped_by_a_string_mid_stream_leaves_the_other_rows_as_they_were(
+        smol_generator):
+    # The loop runs one chunk ahead of the host, so the stopped row decodes one more chunk
+    # before it learns it is done: those tokens must not reach its result or its deltas, and
+    # the other row must not notice.
+    sp = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
+    plain = smol_generator.generate([FRANCE, FRANCE], [sp, sp], chat=True)
+    cut = plain[0].text.index("France is")
+    stop = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True, stop=("France is",))
+    chunks = list(smol_generator.stream([FRANCE, FRANCE], [stop, sp], chat=True,
+                                        chunk_steps=2))
+    stopped, other = chunks[-1][1]
+    assert stopped.finish_reason == "stop" and stopped.text == plain[0].text[:cut]
+    assert stopped.token_ids == plain[0].token_ids[:len(stopped.token_ids)]
+    assert len(stopped.token_ids) < MAX_NEW
+    assert other.token_ids == plain[1].token_ids and other.text == plain[1].text
+    assert "".join(d[0] for d, _ in chunks) == stopped.text
+    assert "".join(d[1] for d, _ in chunks) == other.text
