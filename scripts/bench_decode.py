@@ -106,21 +106,23 @@ def parse_loop_variant(name: str) -> dict:
 
 
 def ours_tok_s(model: Model, batch: int, prompt_len: int, new: int, impl: str,
-               loop: str = "greedy4") -> dict:
+               loop: str = "greedy4", chunk_steps: int | None = None) -> dict:
     with impl_variant(impl) as run_impl:  # the variant holds while the generator traces
         gen = Generator(model, impl=run_impl, layout="stacked",  # keep the layout chosen here
                         **parse_loop_variant(loop))
-        return _time_generator(gen, model, batch, prompt_len, new)
+        return _time_generator(gen, model, batch, prompt_len, new, chunk_steps)
 
 
-def _time_generator(gen: Generator, model: Model, batch: int, prompt_len: int, new: int
-                    ) -> dict:
+def _time_generator(gen: Generator, model: Model, batch: int, prompt_len: int, new: int,
+                    chunk_steps: int | None = None) -> dict:
+    """chunk_steps: decode in dispatches of that many steps, as streaming does (`jdecode
+    generate` streams every 8); None: one dispatch for the whole decode."""
     rng = np.random.default_rng(0)
     sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
     runs = []
     for i in range(4):  # the first run compiles; report the median of the rest
         prompts = rng.integers(0, model.cfg.vocab_size, (batch, prompt_len)).tolist()
-        res = gen.generate(prompts, sp)
+        res = gen.generate(prompts, sp, chunk_steps=chunk_steps)
         assert all(len(r.token_ids) == new for r in res), "a row stopped early"
         if i:
             runs.append(res[0].stats)
@@ -170,6 +172,9 @@ def main() -> None:
     ap.add_argument("--layers", default="stacked",
                     help="comma-separated layouts: stacked (lax.scan), unstacked (unrolled), "
                     "fused-stacked, fused-unstacked (Q/K/V and gate/up concatenated)")
+    ap.add_argument("--chunk-steps", type=int, default=0,
+                    help="the Generator decodes in dispatches of this many steps, as "
+                    "streaming does (`jdecode generate`: 8); 0: one dispatch")
     ap.add_argument("--out", default="out")
     args = ap.parse_args()
 
@@ -197,7 +202,8 @@ def main() -> None:
             params = unstack_layers(params)
         model = dataclasses.replace(stacked, params=params)
         for batch in map(int, args.batch.split(",")):
-            ours = ours_tok_s(model, batch, args.prompt_len, args.new_tokens, impl, loop)
+            ours = ours_tok_s(model, batch, args.prompt_len, args.new_tokens, impl, loop,
+                              args.chunk_steps or None)
             # Mean live context over the decode: prompt + half the new tokens.
             ctx = args.prompt_len + args.new_tokens / 2
             step_bytes = param_bytes(cfg) + kv_bytes_per_step(cfg, batch, ctx, itemsize)
