@@ -18,7 +18,8 @@
 #     the bare loop runs the step alone)
 #
 # Env: MODELS (configs/models/<m>.yaml, random weights of the shape), IMPL (pallas-fused),
-# LAYERS (fused-unstacked), BATCH (1), NEW (128), PROMPT (512), ROUNDS (2).
+# LAYERS (fused-unstacked), BATCH (1), NEW (128), PROMPT (512), ROUNDS (2), CHUNK (0: the
+# Generator decodes in one dispatch; 8: in dispatches of 8 steps, as `jdecode generate`).
 # Writes one archive, gpu_ab.tgz (a device call brings back a few files only), with each
 # run's bench_decode.{json,md} and summary.md: device us per step per run.
 set -u
@@ -72,7 +73,8 @@ for m in ${MODELS:-smollm2-135m}; do
       (cd "$dir" && env $env timeout 240 python3 scripts/bench_decode.py \
         --model "configs/models/$m.yaml" --dtype bfloat16 --batch "${BATCH:-1}" \
         --prompt-len "${PROMPT:-512}" --new-tokens "${NEW:-128}" --impl "${IMPL:-pallas-fused}" \
-        --layers "${LAYERS:-fused-unstacked}" --bare --out "$res" > "$res.log" 2>&1)
+        --layers "${LAYERS:-fused-unstacked}" --chunk-steps "${CHUNK:-0}" --bare \
+        --out "$res" > "$res.log" 2>&1)
       python3 - "$res/bench_decode.json" "$m" "$r" "$tree" >> "$RAW/summary.md" <<'EOF'
 import json, sys
 path, m, r, tree = sys.argv[1:]
