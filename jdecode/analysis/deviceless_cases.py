@@ -18,6 +18,9 @@ from jdecode.cache.dense import init_cache
 from jdecode.cache.paged import PagedMeta, init_paged_cache
 from jdecode.config import load_model_config_yaml
 from jdecode.decoding import phases
+from jdecode.decoding.autoregressive import autoregressive
+from jdecode.decoding.generate import LOOP_BLOCK
+from jdecode.decoding.loop import init_loop, run_loop
 from jdecode.decoding.sampling import SamplingArrays, SamplingParams
 from jdecode.engine import runner
 from jdecode.model.fused_decode import (
@@ -61,6 +64,21 @@ def step_case(cfg, params, variant: str, batch: int, tokens: int) -> tuple[Calla
             return phases.verify(p, c, t, pos, cfg=cfg, impl=impl)
 
     return fn, (params, cache, toks, toks)
+
+
+def generate_loop_case(cfg, params, batch: int, *, prompt: int = 512, max_len: int = 768,
+                       max_out: int = 128) -> tuple[Callable, tuple]:
+    """(fn, abstract args) of the Generator's decode loop (`run_loop` around the
+    autoregressive decoder, groups of `LOOP_BLOCK` steps, all-greedy) after a `prompt`-token
+    prefill: what `Generator.generate` dispatches once per call. Its launches hold two step
+    bodies, the group's and the remainder's (`run_loop`)."""
+    dec = autoregressive(cfg, max_len, "pallas")
+    sp = SamplingArrays.from_params([SamplingParams()] * batch, batch, specialize_greedy=True)
+    keys = jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.zeros((batch,), jnp.uint32)))
+    ls = jax.eval_shape(partial(init_loop, dec, max_out=max_out), params,
+                        i32((batch, prompt)), i32((batch,)), sp, keys, i32((batch,)),
+                        i32((batch, 1)))
+    return partial(run_loop, dec, block=LOOP_BLOCK), (params, ls, i32(()))
 
 
 def engine_pool(cfg, rows: int, slots: int, page_size: int = 16, max_len: int = 2048):

@@ -86,3 +86,19 @@ def test_xla_compile_names_the_missing_plugin():
         pytest.skip("this machine has jax's CUDA plugin")
     with pytest.raises(ImportError, match="jax-cuda13-plugin"):
         deviceless.xla_compile(lambda x: x + 1, jax.ShapeDtypeStruct((4,), jnp.float32))
+
+
+def test_the_generate_loop_adds_few_kernels_to_the_step():
+    """The Generator's loop launches at most 7 kernels per step besides the decode step's
+    own: the greedy sample's 2 and 5 of its own (output write, stop checks, counters,
+    positions, the group's index). Its own were 9 before the loop's state was laid out for
+    XLA:GPU (stop 48; ~4.5 us a token on an H100)."""
+    if not _has_cuda_plugin():
+        pytest.skip("no jax CUDA plugin to compile with")
+    cfg, params = cases.model_params("smollm2-135m")
+    step = cases.count_kernels(*cases.step_case(cfg, params, "pallas-fused", 1, 1),
+                               "pallas-fused")
+    loop = cases.count_kernels(*cases.generate_loop_case(cfg, params, 1), "pallas-fused")
+    # Two step bodies (the group's and the remainder's) and a couple of launches outside.
+    extra = loop["kernels"] - 2 * step["kernels"]
+    assert extra <= 2 * 7 + 2, (extra, loop["kinds"], step["kinds"])
