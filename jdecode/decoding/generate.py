@@ -255,26 +255,27 @@ class Generator:
                 jnp.asarray(max_new_arr), jnp.asarray(stop_ids))
         exe = self._executables(batch, t_bucket, max_len, max_out, n_stop, track_seen, args)
 
+        # One chunk ahead: each chunk is dispatched before the host reads the one before it
+        # (through `_host_view`'s copies), so the device decodes while the host detokenizes
+        # and the next call is dispatched; the first is dispatched while the prefill runs.
+        # Waiting for a chunk before dispatching the next left the device idle for the
+        # dispatch of an executable with hundreds of parameter buffers at every chunk
+        # (`jdecode generate` streams every 8 steps). Once every row is done a dispatched
+        # chunk exits at once; a row stopped by a stop string (found on the host) runs on
+        # for one chunk, whose tokens are ignored.
         t0 = time.perf_counter()
         ls: LoopState = exe.init(*args)  # dispatched asynchronously
+        view = _host_view(ls.out, ls.n_out, ls.done, ls.counts)
+        ls = exe.loop(self.params, ls, jnp.int32(chunk_steps))
         if on_prefill is not None:
-            wait_reporting(ls.n_out, lambda s: on_prefill(int(lengths[:n].sum()), s))
-        ls.n_out.block_until_ready()
+            wait_reporting(view[1], lambda s: on_prefill(int(lengths[:n].sum()), s))
+        view[1].block_until_ready()  # the prefill's end (and its first token's)
         t_prefill = time.perf_counter() - t0
         detoks = [IncrementalDetokenizer(self.model.tokenizer) if self.model.tokenizer else None
                   for _ in range(n)]
         texts, emitted, sent, streamed = [""] * n, [0] * n, [0] * n, [0] * n
         stopped_by_string = [False] * n
         t1 = time.perf_counter()
-        # One chunk ahead: each chunk is dispatched before the host reads the one before it
-        # (through `_host_view`'s copies), so the device decodes while the host detokenizes
-        # and the next call is dispatched. Waiting for a chunk before dispatching the next
-        # left the device idle for the dispatch of an executable with hundreds of parameter
-        # buffers at every chunk (`jdecode generate` streams every 8 steps). Once every row is
-        # done a dispatched chunk exits at once; a row stopped by a stop string (found on the
-        # host) runs on for one chunk, whose tokens are ignored.
-        view = _host_view(ls.out, ls.n_out, ls.done, ls.counts)
-        ls = exe.loop(self.params, ls, jnp.int32(chunk_steps))
         while True:
             out, n_out, done, counts = jax.device_get(view)
             # A writable copy (device_get can return a read-only view); rows stopped by a
