@@ -5,7 +5,8 @@
 # files laid over it (e.g. the previous commit's version of a rewritten file; any of these
 # together), alternating ROUNDS times, each a bench_decode.py run with the bare-loop anchor,
 # whose device us per step (one dispatch for all steps: no host time) resolves 1-2% where
-# the Generator's wall tok/s spreads by ~5% between runs. The sed must change FILE (checked), or nothing is timed.
+# the Generator's wall tok/s spreads by ~5% between runs. The sed must change FILE, and the
+# overlay some file (checked), or nothing is timed.
 #
 #   device: OUT=$OUT FILE=pallas_kernels/fused_decode/attention.py \
 #     SED='s|max_len // block_k // 2|max_len // block_k|' MODELS=smollm2-135m bash scripts/gpu_ab.sh

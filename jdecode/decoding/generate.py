@@ -263,10 +263,13 @@ class Generator:
         # (`jdecode generate` streams every 8 steps). Once every row is done a dispatched
         # chunk exits at once; a row stopped by a stop string (found on the host) runs on
         # for one chunk, whose tokens are ignored.
+        def ahead(ls: LoopState) -> tuple[tuple, LoopState]:
+            """The host's copies of ls, then the next chunk from ls (which donates it)."""
+            view = _host_view(ls.out, ls.n_out, ls.done, ls.counts)
+            return view, exe.loop(self.params, ls, jnp.int32(chunk_steps))
+
         t0 = time.perf_counter()
-        ls: LoopState = exe.init(*args)  # dispatched asynchronously
-        view = _host_view(ls.out, ls.n_out, ls.done, ls.counts)
-        ls = exe.loop(self.params, ls, jnp.int32(chunk_steps))
+        view, ls = ahead(exe.init(*args))  # both dispatched asynchronously
         if on_prefill is not None:
             wait_reporting(view[1], lambda s: on_prefill(int(lengths[:n].sum()), s))
         view[1].block_until_ready()  # the prefill's end (and its first token's)
@@ -307,11 +310,10 @@ class Generator:
             streamed = [a + len(d) for a, d in zip(streamed, deltas)]
             if newly_stopped:  # the chunk after the one in flight skips those rows
                 ls = dataclasses.replace(ls, done=ls.done | jnp.asarray(done))
-            view = _host_view(ls.out, ls.n_out, ls.done, ls.counts)
-            ls = exe.loop(self.params, ls, jnp.int32(chunk_steps))
+            view, ls = ahead(ls)
         t_decode = time.perf_counter() - t1
         results = []
-        steps, accepted, live_steps = (int(c) for c in counts)
+        steps, accepted, live_steps = counts
         total_new = int(sum(emitted))
         for i in range(n):
             toks = out[i, :emitted[i]].tolist()
