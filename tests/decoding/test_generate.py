@@ -4,6 +4,7 @@ retraces, top-k 1 is greedy, and seeds decide sampled tokens row by row."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import numpy as np
 import pytest
@@ -67,6 +68,29 @@ def test_batch_gives_each_prompt_its_solo_tokens(gen, rng):
         assert len(r.token_ids) == MAX_NEW and r.finish_reason == "length"
     # The prompts continue differently, so a row mix-up could not pass.
     assert len({tuple(r.token_ids) for r in batched}) == len(ps)
+
+
+@pytest.mark.parametrize("interval_s, limits", [
+    (1e9, [1, 2, 4, 8]),  # doubling; the last chunk ends at the token budget after 4 steps
+    (1e-9, [1] * 11),  # an interval no step fits in keeps the first size (11 steps: the 12th
+    # token is the prefill's)
+    (0.0, [1] * 11),  # 0: fixed chunks
+])
+def test_stream_chunks_double_until_one_takes_the_interval(gen, rng, monkeypatch, interval_s,
+                                                            limits):
+    (prompt,) = prompts(rng, [6])
+    sp = SamplingParams(max_new_tokens=MAX_NEW)
+    (alone,) = gen.generate([prompt], sp)  # compiled, and the tokens to match
+    asked = []
+    for key, exe in list(gen._compiled.items()):
+        def loop_recording(params, ls, limit, run=exe.loop):
+            asked.append(int(limit))
+            return run(params, ls, limit)
+        monkeypatch.setitem(gen._compiled, key, dataclasses.replace(exe, loop=loop_recording))
+    chunks = list(gen.stream([prompt], sp, chunk_steps=1, stream_interval_s=interval_s))
+    assert chunks[-1][1][0].token_ids == alone.token_ids
+    assert len(chunks) == len(limits) + 1  # a yield after the prefill and after every chunk
+    assert asked == limits
 
 
 def test_per_row_max_new_tokens(gen, rng):

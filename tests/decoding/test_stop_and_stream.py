@@ -92,9 +92,8 @@ def test_stream_matches_the_text_when_the_budget_ends_mid_character(smol_generat
 
 def test_a_row_stopped_by_a_string_mid_stream_leaves_the_other_rows_as_they_were(
         smol_generator):
-    # The loop runs one chunk ahead of the host, so the stopped row decodes one more chunk
-    # before it learns it is done: those tokens must not reach its result or its deltas, and
-    # the other row must not notice.
+    # A stop string is found on the host after a chunk: the stopped row's tokens past it
+    # must not reach its result or its deltas, and the other row must not notice.
     sp = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
     plain = smol_generator.generate([FRANCE, FRANCE], [sp, sp], chat=True)
     cut = plain[0].text.index("France is")
