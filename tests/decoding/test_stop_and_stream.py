@@ -62,7 +62,8 @@ def test_max_new_tokens_ends_with_length(smol_generator, france):
 def test_stream_deltas_concatenate_to_the_text_without_split_characters(
         smol, smol_generator, prompt):
     sp = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
-    chunks = list(smol_generator.stream([prompt], sp, chat=True, chunk_steps=1))
+    chunks = list(smol_generator.stream([prompt], sp, chat=True, chunk_steps=1,
+                                        stream_interval_s=0))
     deltas = [d[0] for d, _ in chunks]
     (result,) = chunks[-1][1]
     # These answers are CJK, whose characters span several byte-level tokens.
@@ -74,7 +75,8 @@ def test_stream_deltas_concatenate_to_the_text_without_split_characters(
 
 def test_stream_with_stop_string_stops_the_deltas_too(smol_generator, france):
     sp = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True, stop=("France is",))
-    chunks = list(smol_generator.stream([FRANCE], sp, chat=True, chunk_steps=1))
+    chunks = list(smol_generator.stream([FRANCE], sp, chat=True, chunk_steps=1,
+                                        stream_interval_s=0))
     (result,) = chunks[-1][1]
     assert result.finish_reason == "stop"
     assert "".join(d[0] for d, _ in chunks) == result.text == \
@@ -85,7 +87,7 @@ def test_stream_matches_the_text_when_the_budget_ends_mid_character(smol_generat
     # The answer's first character, お, spans two tokens: 3 tokens end inside the second one.
     sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
     chunks = list(smol_generator.stream(["Say hello in Japanese."], sp, chat=True,
-                                        chunk_steps=1))
+                                        chunk_steps=1, stream_interval_s=0))
     (result,) = chunks[-1][1]
     assert "".join(d[0] for d, _ in chunks) == result.text
 
@@ -99,7 +101,7 @@ def test_a_row_stopped_by_a_string_mid_stream_leaves_the_other_rows_as_they_were
     cut = plain[0].text.index("France is")
     stop = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True, stop=("France is",))
     chunks = list(smol_generator.stream([FRANCE, FRANCE], [stop, sp], chat=True,
-                                        chunk_steps=2))
+                                        chunk_steps=2, stream_interval_s=0))
     stopped, other = chunks[-1][1]
     assert stopped.finish_reason == "stop" and stopped.text == plain[0].text[:cut]
     assert stopped.token_ids == plain[0].token_ids[:len(stopped.token_ids)]
