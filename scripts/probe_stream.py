@@ -137,6 +137,36 @@ def main() -> None:
     parts["scalar_put_ms"] = median_ms(lambda: jnp.int32(8).block_until_ready(), 20)
     res["parts"] = parts
 
+    # The loop call's fixed cost, piece by piece: a jit over the same parameter leaves that
+    # reads one element of each, the same over one leaf, the loop state passed through with
+    # donation (the cache's buffers), and a while loop that runs no iteration.
+    leaves = jax.tree.leaves(gen.params)
+    one_each = jax.jit(lambda ps: sum(jnp.ravel(x)[0].astype(jnp.float32) for x in ps))
+    first = jax.jit(lambda ps: jnp.ravel(ps[0])[0].astype(jnp.float32))
+    one_leaf = [leaves[0]]
+    passthrough = jax.jit(lambda ls: jax.tree.map(lambda x: x, ls), donate_argnums=0)
+    no_iteration = jax.jit(lambda x, n: jax.lax.while_loop(lambda c: c[1] < n, lambda c: (
+        c[0] + 1, c[1] + 1), (x, jnp.int32(0)))[0])
+    zero, x0 = jnp.int32(0), jnp.zeros((), jnp.float32)
+    for f, a in ((one_each, (leaves,)), (first, (one_leaf,)), (no_iteration, (x0, zero))):
+        jax.block_until_ready(f(*a))
+    dispatch = {
+        f"jit_reading_{len(leaves)}_leaves_ms": median_ms(
+            lambda: one_each(leaves).block_until_ready(), 50),
+        "jit_reading_1_leaf_ms": median_ms(lambda: first(one_leaf).block_until_ready(), 50),
+        "while_loop_no_iteration_ms": median_ms(
+            lambda: no_iteration(x0, zero).block_until_ready(), 50),
+    }
+    fresh()
+    state["ls"] = jax.block_until_ready(passthrough(state["ls"]))
+
+    def donate():
+        state["ls"] = passthrough(state["ls"])
+        jax.block_until_ready(state["ls"])
+    dispatch[f"jit_donating_loop_state_{len(jax.tree.leaves(state['ls']))}_leaves_ms"] = \
+        median_ms(donate, 50)
+    res["dispatch"] = dispatch
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe_stream.json").write_text(json.dumps(res, indent=1))
@@ -146,7 +176,7 @@ def main() -> None:
     for c, ms in wall.items():
         print(f"| {c} | {ms:.2f} | {args.new_tokens / ms * 1e3:.1f} |")
     print("| part | ms |\n|---|---|")
-    for k, v in parts.items():
+    for k, v in {**parts, **dispatch}.items():
         print(f"| {k} | {v:.3f} |")
 
 
