@@ -115,8 +115,8 @@ def ours_tok_s(model: Model, batch: int, prompt_len: int, new: int, impl: str,
 
 def _time_generator(gen: Generator, model: Model, batch: int, prompt_len: int, new: int,
                     chunk_steps: int | None = None) -> dict:
-    """chunk_steps: decode in dispatches of that many steps, as streaming does (`jdecode
-    generate` streams every 8); None: one dispatch for the whole decode."""
+    """chunk_steps: decode in chunks as streaming does, the first of that many steps (`jdecode
+    generate`: 8); None: one dispatch for the whole decode."""
     rng = np.random.default_rng(0)
     sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
     runs = []
@@ -173,8 +173,8 @@ def main() -> None:
                     help="comma-separated layouts: stacked (lax.scan), unstacked (unrolled), "
                     "fused-stacked, fused-unstacked (Q/K/V and gate/up concatenated)")
     ap.add_argument("--chunk-steps", type=int, default=0,
-                    help="the Generator decodes in dispatches of this many steps, as "
-                    "streaming does (`jdecode generate`: 8); 0: one dispatch")
+                    help="the Generator decodes in chunks as streaming does, the first of "
+                    "this many steps (`jdecode generate`: 8); 0: one dispatch")
     ap.add_argument("--out", default="out")
     args = ap.parse_args()
 
@@ -228,7 +228,8 @@ def main() -> None:
     # The switches set (XLA_FLAGS, JDECODE_FUSED_DECODE) lead the command: it re-runs as run.
     command = " ".join(filter(None, (switches(), "python scripts/bench_decode.py", flags)))
     result = {
-        "date": datetime.date.today().isoformat(), "device": hw.name, "jax_version": jax.__version__,
+        "date": datetime.date.today().isoformat(), "device": hw.name,
+        "jax_version": jax.__version__,
         "command": command,
         "git_sha": sha, "model": args.model, "weights": weights, "dtype": cfg.dtype,
         "param_bytes": param_bytes(cfg), "ceilings": hw.measured, "rows": rows}
@@ -239,12 +240,13 @@ def main() -> None:
              f"{result['date']} | {hw.name} | jax {jax.__version__} | `{result['command']}`",
              "", (f"Ceiling = batch x read-stream bandwidth ({read_bw / 1e12:.2f} TB/s, measured "
              "in this run) / (weight bytes + live KV bytes per step)."), "",
-             ("| layers | impl | loop | batch | tok/s | ceiling tok/s | % of ceiling | TB/s | prefill ms | "
-             "bare loop tok/s | bare loop device us/step | HF tok/s |"),
+             ("| layers | impl | loop | batch | tok/s | ceiling tok/s | % of ceiling | TB/s | "
+              "prefill ms | bare loop tok/s | bare loop device us/step | HF tok/s |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['layers']} | {r['impl']} | {r['loop']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['ceiling_tok_s']:.1f} "
+            f"| {r['layers']} | {r['impl']} | {r['loop']} | {r['batch']} "
+            f"| {r['decode_tok_s']:.1f} | {r['ceiling_tok_s']:.1f} "
             f"| {r['pct_of_ceiling']:.1f} | {r['achieved_tb_s']:.3f} | {r['prefill_ms']:.1f} | "
             f"{r.get('bare_loop_tok_s', float('nan')):.1f} | "
             f"{r.get('bare_loop_device_step_us') or float('nan'):.2f} | "

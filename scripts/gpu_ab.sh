@@ -20,7 +20,7 @@
 #
 # Env: MODELS (configs/models/<m>.yaml, random weights of the shape), IMPL (pallas-fused),
 # LAYERS (fused-unstacked), BATCH (1), NEW (128), PROMPT (512), ROUNDS (2), CHUNK (0: the
-# Generator decodes in one dispatch; 8: in dispatches of 8 steps, as `jdecode generate`).
+# Generator decodes in one dispatch; 8: in chunks from 8 steps up, as `jdecode generate`).
 # Writes one archive, gpu_ab.tgz (a device call brings back a few files only), with each
 # run's bench_decode.{json,md} and summary.md: device us per step per run.
 set -u

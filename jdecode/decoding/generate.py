@@ -343,8 +343,8 @@ class Generator:
                  chunk_steps: int | None = None,
                  on_prefill: Callable[[int, float], None] | None = None
                  ) -> list[GenerationResult]:
-        """Runs to completion. Without streaming, the whole decode is one dispatch per
-        `chunk_steps` (default: all steps at once). on_prefill: see `stream`."""
+        """Runs to completion: the whole decode in one dispatch, or (chunk_steps) in chunks as
+        `stream` makes them, the first of chunk_steps steps. on_prefill: see `stream`."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         for _, results in self.stream(prompts, sampling, chat, chunk_steps or 1 << 30,
