@@ -27,7 +27,6 @@ import numpy as np
 
 from jdecode.analysis.measure import measure_ceilings
 from jdecode.analysis.profile import device_span_us
-from jdecode.cache.dense import init_cache
 from jdecode.config import load_model_config_yaml
 from jdecode.decoding import phases
 from jdecode.decoding.generate import Generator
@@ -59,8 +58,7 @@ def bare_loop(model: Model, batch: int, prompt_len: int, new: int, impl: str) ->
     gen = Generator(model, impl=impl, layout="stacked")
     params, impl = gen.params, gen.impl
     max_len = -(-(prompt_len + new + 1) // 256) * 256
-    per_layer = isinstance(params.layers, tuple)
-    cache = init_cache(cfg, batch, max_len, per_layer=per_layer)
+    cache = phases.decode_cache(params, cfg, batch, max_len, impl)  # the Generator's layout
     prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, cfg.vocab_size)
     lengths = jnp.full((batch,), prompt_len, jnp.int32)
     logits, _, cache = jax.jit(partial(phases.prefill, cfg=cfg, impl=impl))(
@@ -80,7 +78,7 @@ def bare_loop(model: Model, batch: int, prompt_len: int, new: int, impl: str) ->
     jax.block_until_ready(out)
     times = []
     for _ in range(3):
-        cache = init_cache(cfg, batch, max_len, per_layer=per_layer)
+        cache = phases.decode_cache(params, cfg, batch, max_len, impl)
         jax.block_until_ready(cache)
         t0 = time.perf_counter()
         cache, out = loop(params, cache, tok)

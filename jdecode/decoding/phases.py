@@ -24,6 +24,25 @@ from jdecode.model.params import Params
 from jdecode.model.transformer import LayerHooks, forward
 
 
+def decode_cache(params: Params, cfg: ModelConfig, rows: int, max_len: int, impl: str = "xla",
+                 track_writes: bool = False) -> DenseKVCache:
+    """The zeroed dense cache of a decoder whose steps take `rows` rows one token at a time.
+
+    The layout follows the params': stacked [L, ...] K and V for the scan layout, one buffer
+    per layer for the unrolled one, except where `decode_step` will take the fused kernels:
+    they index a stacked pair by layer, and the pair is two leaves where per-layer buffers
+    are 2L. Each leaf of the loop state costs every call of the Generator's loop ~8.5 us of
+    host time on an H100 (its donation and its output), with the device idle: ~0.5 ms a call
+    for SmolLM2's 60 buffers (benchmarks/fused_decode_h200.md, stop 49).
+    """
+    per_layer = isinstance(params.layers, tuple)
+    if per_layer and impl == "pallas":
+        stacked = jax.eval_shape(lambda: init_cache(cfg, rows, max_len,
+                                                    track_writes=track_writes))
+        per_layer = fused_decode_reason(params, stacked, cfg, rows) is not None
+    return init_cache(cfg, rows, max_len, per_layer=per_layer, track_writes=track_writes)
+
+
 def prefill(params: Params, cache: DenseKVCache, tokens: jax.Array, lengths: jax.Array, *,
             cfg: ModelConfig, impl: str = "xla", hooks: LayerHooks | None = None) -> tuple:
     """Fills the cache from right-padded prompts.
@@ -53,9 +72,9 @@ def decode_step(params: Params, cache: DenseKVCache, tokens: jax.Array, position
     """One incremental step: tokens [B] at positions [B] -> logits [B, V], hidden [B, E],
     the cache (and, with hooks, their carry).
 
-    With impl="pallas" and no hooks, steps of a few rows (up to 4 by default) over a per-layer
-    dense cache in the inference layout run as fused kernels, five per layer
-    (`jdecode.model.fused_decode`, which says when it is on).
+    With impl="pallas" and no hooks, steps of a few rows (up to 4 by default) over a dense
+    cache (stacked or per-layer: `decode_cache`) with params in the inference layout run as
+    fused kernels, five per layer (`jdecode.model.fused_decode`, which says when it is on).
     """
     if (impl == "pallas" and hooks is None
             and fused_decode_reason(params, cache, cfg, tokens.shape[0]) is None):

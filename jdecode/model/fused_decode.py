@@ -53,7 +53,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -196,8 +196,11 @@ def fused_decode_reason(params: Params, cache, cfg: ModelConfig, rows: int,
     reason = _switch_reason(params, rows)
     if reason is not None:
         return reason
-    if not isinstance(cache, DenseKVCache) or not cache.per_layer:
-        return "needs a dense cache with per-layer buffers (init_cache(per_layer=True))"
+    if not isinstance(cache, DenseKVCache):
+        return "needs a dense cache (init_cache)"
+    if not cache.per_layer and fused_decode_switch() == "layer":
+        return (f"{ENV_SWITCH}=layer needs a cache with per-layer buffers "
+                "(init_cache(per_layer=True))")
     if cache.written is not None:
         return "the cache tracks writes (a method leaves some tokens' K/V out)"
     reason = _model_reason(params, cfg, rows)
@@ -205,7 +208,7 @@ def fused_decode_reason(params: Params, cache, cfg: ModelConfig, rows: int,
         return reason
     if cache.max_len % BLOCK_K:
         return f"cache length {cache.max_len} is not a multiple of {BLOCK_K}"
-    return _cache_dtype_reason(cache.k[0].dtype, params)
+    return _cache_dtype_reason((cache.k[0] if cache.per_layer else cache.k).dtype, params)
 
 
 def fused_paged_reason(params: Params, cache, meta, cfg: ModelConfig, rows: int
@@ -306,22 +309,43 @@ def fused_decode_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
     x = params.embed[tokens]  # [B, E]
     cos, sin = rope_tables(positions[:, None], cfg)  # [B, 1, D/2]
     cos, sin = cos[:, 0], sin[:, 0]
-    ks, vs = list(cache.k), list(cache.v)
     splits = default_splits(cache.max_len, tokens.shape[0], cfg.hidden_size,
                             cfg.num_heads * cfg.head_dim)
-    if fused_decode_switch() == "layer":  # `fused_decode_reason` checked copies and rows
+    if fused_decode_switch() == "layer":  # `fused_decode_reason` checked copies, rows, layout
+        ks, vs = list(cache.k), list(cache.v)
         x = _persistent_layers(params, x, ks, vs, positions, cos, sin, cfg=cfg, splits=splits)
+        cache = DenseKVCache(k=tuple(ks), v=tuple(vs))
     else:
-        def attend(layer, qkv):
-            # The token's K/V go to slot `position` (nothing past the buffer, as the general
-            # path's mode="drop"); parts [B, splits, H * D] and lse [B, splits, H], f32.
-            parts, lse, ks[layer], vs[layer] = decode_attention(
-                qkv, ks[layer], vs[layer], positions, num_heads=cfg.num_heads,
-                num_kv_heads=cfg.num_kv_heads, num_splits=splits)
-            return parts, lse
+        # The token's K/V go to slot `position` (nothing past the buffer, as the general
+        # path's mode="drop"); parts [B, splits, H * D] and lse [B, splits, H], f32.
+        attend, written = _layer_attention(cache, lambda qkv, k, v, layer: decode_attention(
+            qkv, k, v, positions, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+            num_splits=splits, layer=layer))
         x = _five_kernel_layers(params, x, cos, sin, attend, cfg=cfg)
+        cache = written()
     hidden = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
-    return lm_head(params, hidden), hidden, DenseKVCache(k=tuple(ks), v=tuple(vs))
+    return lm_head(params, hidden), hidden, cache
+
+
+def _layer_attention(cache: DenseKVCache, kernel: Callable):
+    """(attend, written): `attend(layer, qkv)` for `_five_kernel_layers` over the dense cache,
+    and `written()`, the cache after the layers ran. kernel(qkv, k, v, layer) is one layer's
+    attention, returning (parts, lse, k, v): over that layer's buffers (layer=None) for a
+    per-layer cache, or over the stacked [L, ...] pair with `layer` an index into it, which
+    each call updates in place (`attention.cache_lead`)."""
+    if cache.per_layer:
+        ks, vs = list(cache.k), list(cache.v)
+
+        def attend(layer, qkv):
+            parts, lse, ks[layer], vs[layer] = kernel(qkv, ks[layer], vs[layer], None)
+            return parts, lse
+        return attend, lambda: DenseKVCache(k=tuple(ks), v=tuple(vs))
+    kv = [cache.k, cache.v]
+
+    def attend_stacked(layer, qkv):
+        parts, lse, kv[0], kv[1] = kernel(qkv, kv[0], kv[1], layer)
+        return parts, lse
+    return attend_stacked, lambda: DenseKVCache(k=kv[0], v=kv[1])
 
 
 def fused_paged_decode_step(params: Params, cache: PagedKVCache, tokens: jax.Array,
@@ -397,17 +421,13 @@ def fused_verify_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
     x = params.embed[tokens.reshape(-1)]  # [B * T, E], token-major per row
     cos, sin = rope_tables(positions.reshape(-1, 1), cfg)  # [B * T, 1, D/2]
     cos, sin = cos[:, 0], sin[:, 0]
-    ks, vs = list(cache.k), list(cache.v)
     past = jnp.min(slots, axis=1)  # [B]
     vis = block_visibility(slots, mask)
     splits = default_splits(cache.max_len, b * t, cfg.hidden_size,
                             cfg.num_heads * cfg.head_dim)
-
-    def attend(layer, qkv):
-        parts, lse, ks[layer], vs[layer] = block_attention(
-            qkv, ks[layer], vs[layer], slots, past, vis, num_heads=cfg.num_heads,
-            num_kv_heads=cfg.num_kv_heads, num_splits=splits)
-        return parts, lse
+    attend, written = _layer_attention(cache, lambda qkv, k, v, layer: block_attention(
+        qkv, k, v, slots, past, vis, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+        num_splits=splits, layer=layer))
 
     carry = [None if hooks is None else hooks.init(x.reshape(b, t, -1))]
 
@@ -421,8 +441,7 @@ def fused_verify_step(params: Params, cache: DenseKVCache, tokens: jax.Array,
                             after=after if has_after else None)
     hidden = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
     logits = lm_head(params, hidden)
-    out = (logits.reshape(b, t, -1), hidden.reshape(b, t, -1),
-           DenseKVCache(k=tuple(ks), v=tuple(vs)))
+    out = (logits.reshape(b, t, -1), hidden.reshape(b, t, -1), written())
     return out if hooks is None else (*out, carry[0])
 
 

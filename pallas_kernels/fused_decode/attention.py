@@ -82,22 +82,47 @@ def default_splits(max_len: int, rows: int = 1, hidden: int = 0, heads_dim: int 
     return 1 << (ns.bit_length() - 1)
 
 
+def cache_lead(layer: int | None) -> tuple:
+    """The index before a row's in a cache ref: () for one layer's [B, S, K, D] buffer, (layer,)
+    for the stacked [L, B, S, K, D] one, which every layer's call takes whole and updates in
+    place. Why stacked: each buffer is a leaf of the loop state that every call of the
+    Generator's loop donates, ~8.5 us of host time apiece on an H100 (60 for SmolLM2's 30
+    layers; benchmarks/fused_decode_h200.md, stop 49). A static index: Triton lowers one
+    indexer per load, so the layer joins the row's index rather than a `.at` view (as an
+    array: Pallas' masked loads take no Python int there)."""
+    return () if layer is None else (jnp.asarray(layer, jnp.int32),)
+
+
+def check_cache(k_cache, v_cache, layer: int | None, name: str) -> tuple:
+    """(B, S, K, D) of one layer's cache: k_cache [B, S, K, D], or [L, B, S, K, D] with
+    0 <= layer < L."""
+    want = 4 if layer is None else 5
+    if k_cache.ndim != want or k_cache.shape != v_cache.shape or (
+            layer is not None and not 0 <= layer < k_cache.shape[0]):
+        raise ValueError(f"{name}: k_cache {k_cache.shape} and v_cache {v_cache.shape} must be "
+                         "one layer's [B, S, K, D], or [L, B, S, K, D] with 0 <= layer < L "
+                         f"(layer={layer})")
+    return k_cache.shape[-4:]
+
+
 def attend_past(kc_ref, vc_ref, b, kv, q, carry, past, split, *, block_k: int, num_splits: int,
-                sm_scale: float):
+                sm_scale: float, layer: int | None = None):
     """The online softmax `carry` (acc [M, D], m [M], l [M] f32) of queries q [M, D] taken over
     split `split`'s share of row b's past slots [0, past), kv head kv, read where they lie in
-    the [B, S, K, D] cache. Masked lanes are not read: no slot at or past `past` is loaded."""
+    the [B, S, K, D] cache (or layer `layer` of an [L, B, S, K, D] one). Masked lanes are not
+    read: no slot at or past `past` is loaded."""
     lo, full_hi, hi = split_blocks(past, block_k, split, num_splits)
+    lead = cache_lead(layer)
 
     def body(j, carry, masked):
-        slots = pl.ds(j * block_k, block_k)
+        at = (*lead, b, pl.ds(j * block_k, block_k), kv, slice(None))
         if masked:
             valid = j * block_k + jnp.arange(block_k) < past  # [block_k]
-            k = plgpu.load(kc_ref.at[b, slots, kv, :], mask=valid[:, None], other=0)
-            v = plgpu.load(vc_ref.at[b, slots, kv, :], mask=valid[:, None], other=0)
+            k = plgpu.load(kc_ref.at[at], mask=valid[:, None], other=0)
+            v = plgpu.load(vc_ref.at[at], mask=valid[:, None], other=0)
         else:
-            k = kc_ref[b, slots, kv, :]  # [block_k, D]
-            v = vc_ref[b, slots, kv, :]
+            k = kc_ref[at]  # [block_k, D]
+            v = vc_ref[at]
         s = scale_logits(dot_nt(q, k), sm_scale, None)  # [M, block_k]
         mask = jnp.broadcast_to(valid[None, :], s.shape) if masked else None
         return online_softmax_step(carry, s, v, mask)
@@ -185,15 +210,16 @@ def store_split(o_ref, lse_ref, carry, heads, b, kv, split, *, num_heads: int, g
 
 def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_out, *,
                  num_heads: int, group: int, block_k: int, num_splits: int, sm_scale: float,
-                 item=None):
+                 item=None, layer: int | None = None):
     """qkv_ref [B, H + 2K, D]; o_ref [B, splits, H * D] and lse_ref [B * splits * H] f32,
     the layouts the O projection's merge reads. item: (row, kv head, split) when a persistent
-    kernel runs this (`layer`), else the program's ids."""
+    kernel runs this (`layer`), else the program's ids. layer: see `cache_lead`."""
     if item is None:
         b, kv, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     else:
         b, kv, split = item
-    S = kc_ref.shape[1]
+    lead = cache_lead(layer)
+    S = kc_ref.shape[-3]
     pos = pos_ref[b]
     past = jnp.minimum(pos, S)  # slots [0, past) hold the row's earlier tokens
     q, heads, k_new, v_new = query_group(qkv_ref, b, kv, num_heads=num_heads, group=group,
@@ -202,29 +228,31 @@ def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_ou
     # A position past the buffer writes nothing (the XLA path's mode="drop").
     @pl.when((split == 0) & (pos < S))
     def _():
-        kc_out[b, pos, kv, :] = k_new
-        vc_out[b, pos, kv, :] = v_new
+        kc_out[(*lead, b, pos, kv, slice(None))] = k_new
+        vc_out[(*lead, b, pos, kv, slice(None))] = v_new
 
     carry = attend_past(kc_ref, vc_ref, b, kv, q, seed_carry(q, k_new, v_new, split, sm_scale),
-                        past, split, block_k=block_k, num_splits=num_splits, sm_scale=sm_scale)
+                        past, split, block_k=block_k, num_splits=num_splits, sm_scale=sm_scale,
+                        layer=layer)
     store_split(o_ref, lse_ref, carry, heads, b, kv, split, num_heads=num_heads, group=group,
                 num_splits=num_splits)
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "num_splits",
                                              "block_k", "num_warps", "num_stages", "interpret",
-                                             "parts_dtype"))
+                                             "parts_dtype", "layer"))
 def decode_attention(qkv, k_cache, v_cache, positions, *, num_heads: int, num_kv_heads: int,
                      num_splits: int | None = None, block_k: int = BLOCK_K, num_warps: int = 4,
                      num_stages: int = 2, interpret: bool | None = None,
-                     parts_dtype: str | None = None):
+                     parts_dtype: str | None = None, layer: int | None = None):
     """One query per row against its dense cache, with the row's new K/V written in place.
 
     Args:
       qkv: [B, (H + 2K) * D] this step's queries, keys and values, RoPE applied (`qkv_rope`).
       k_cache, v_cache: [B, S, K, D] one layer's cache, qkv's dtype; S a multiple of block_k.
-        Aliased to the outputs: inside a jit that owns them (the decode step does) the update
-        is in place, otherwise XLA copies them first.
+        Or, with `layer`, the stacked [L, B, S, K, D] cache, of which this call reads and
+        writes layer `layer` only. Aliased to the outputs: inside a jit that owns them (the
+        decode step does) the update is in place, otherwise XLA copies them first.
       positions: [B] int32 slot of each row's token; slots [0, position) are its past.
       num_splits: split-K partitions per (row, kv head); default `default_splits(S, B)`
         (the fused step passes the model's sizes too).
@@ -240,20 +268,20 @@ def decode_attention(qkv, k_cache, v_cache, positions, *, num_heads: int, num_kv
       fused with the O projection, `kernel.attn_o_residual`.
     """
     b, n = qkv.shape
-    _, S, K, D = k_cache.shape
+    rows, S, K, D = check_cache(k_cache, v_cache, layer, "decode_attention")
     H = num_heads
-    if K != num_kv_heads or n != (H + 2 * K) * D or k_cache.shape != v_cache.shape:
+    if K != num_kv_heads or n != (H + 2 * K) * D:
         raise ValueError(f"qkv {qkv.shape} must be [B, (H + 2K) * D] for H={H} heads and the "
                          f"cache's K={K}, D={D} (k_cache {k_cache.shape}, v_cache "
                          f"{v_cache.shape}, num_kv_heads={num_kv_heads})")
-    if H % K or S % block_k or k_cache.shape[0] != b or k_cache.dtype != qkv.dtype:
+    if H % K or S % block_k or rows != b or k_cache.dtype != qkv.dtype:
         raise ValueError(f"decode_attention: heads {H} must be a multiple of kv heads {K}, the "
                          f"cache {k_cache.shape} {k_cache.dtype} must have qkv's rows {b} and "
                          f"dtype {qkv.dtype} and a length that block_k={block_k} divides")
     splits = num_splits or default_splits(S, b, block_k=block_k)
     check_parts_dtype(parts_dtype, splits)
     kernel = functools.partial(_attn_kernel, num_heads=H, group=H // K, block_k=block_k,
-                               num_splits=splits, sm_scale=D ** -0.5)
+                               num_splits=splits, sm_scale=D ** -0.5, layer=layer)
     inputs = (positions.astype(jnp.int32), qkv.reshape(b, H + 2 * K, D), k_cache, v_cache)
     out_shape = (jax.ShapeDtypeStruct((b, splits, H * D), parts_dtype or f32),
                  jax.ShapeDtypeStruct((b * splits * H,), f32),

@@ -46,6 +46,8 @@ from pallas_kernels.flash_attention.tuning import resolve_interpret
 from pallas_kernels.fused_decode.attention import (
     BLOCK_K,
     attend_past,
+    cache_lead,
+    check_cache,
     default_splits,
     split_output,
 )
@@ -65,13 +67,14 @@ def query_tile(tokens: int, group: int) -> tuple[int, int]:
 
 def _block_kernel(past_ref, slots_ref, vis_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out,
                   vc_out, *, num_heads: int, group: int, tokens: int, tile: int, block_k: int,
-                  num_splits: int, sm_scale: float):
+                  num_splits: int, sm_scale: float, layer: int | None = None):
     """qkv_ref [B * T * (H + 2K) * D] flat; slots_ref [B * T], vis_ref [B * T * T] int32 flat;
     o_ref [B * T * splits * H * D] and lse_ref [B * T * splits * H] f32 flat (a row per token).
     Flat refs take [rows, cols] index arrays: each query row gathers its token's head."""
     b, kv, qb, split = (pl.program_id(i) for i in range(4))
     H, T, G = num_heads, tokens, group
-    S, K, D = kc_ref.shape[1], kc_ref.shape[2], kc_ref.shape[3]
+    S, K, D = kc_ref.shape[-3:]
+    lead = cache_lead(layer)
     width = (H + 2 * K) * D  # one token's qkv
     tp = max(16, pl.next_power_of_2(T))  # the block's keys as one dot tile
 
@@ -110,8 +113,8 @@ def _block_kernel(past_ref, slots_ref, vis_ref, qkv_ref, kc_ref, vc_ref, o_ref, 
 
         @pl.when((slot < S) & last)
         def _():
-            kc_out[b, slot, kv, :] = k_i
-            vc_out[b, slot, kv, :] = v_i
+            kc_out[(*lead, b, slot, kv, slice(None))] = k_i
+            vc_out[(*lead, b, slot, kv, slice(None))] = v_i
 
     @pl.when((qb == 0) & (split == 0))
     def _():
@@ -132,7 +135,7 @@ def _block_kernel(past_ref, slots_ref, vis_ref, qkv_ref, kc_ref, vc_ref, o_ref, 
 
     past = jnp.minimum(past_ref[b], S)  # slots [0, past) hold the row's committed tokens
     acc, m, l = attend_past(kc_ref, vc_ref, b, kv, q, seeded, past, split, block_k=block_k,
-                            num_splits=num_splits, sm_scale=sm_scale)
+                            num_splits=num_splits, sm_scale=sm_scale, layer=layer)
     o, lse = split_output(acc, m, l)
     out_row = (b * T + t) * num_splits + split  # [tile]
     o_ref[(out_row * H + head)[:, None] * D + d[None, :]] = o
@@ -140,10 +143,12 @@ def _block_kernel(past_ref, slots_ref, vis_ref, qkv_ref, kc_ref, vc_ref, o_ref, 
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "num_splits",
-                                             "block_k", "num_warps", "num_stages", "interpret"))
+                                             "block_k", "num_warps", "num_stages", "interpret",
+                                             "layer"))
 def block_attention(qkv, k_cache, v_cache, slots, past, vis, *, num_heads: int,
                     num_kv_heads: int, num_splits: int | None = None, block_k: int = BLOCK_K,
-                    num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
+                    num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None,
+                    layer: int | None = None):
     """T new tokens per row against the row's committed cache and each other, with the tokens'
     K/V written in place.
 
@@ -151,7 +156,8 @@ def block_attention(qkv, k_cache, v_cache, slots, past, vis, *, num_heads: int,
       qkv: [B * T, (H + 2K) * D] the step's queries, keys and values, token-major per row,
         RoPE applied (`qkv_rope` over B * T rows).
       k_cache, v_cache: [B, S, K, D] one layer's cache, qkv's dtype; S a multiple of block_k.
-        Aliased to the outputs (in place inside a jit that owns them).
+        Or, with `layer`, the stacked [L, B, S, K, D] cache (`attention.cache_lead`). Aliased
+        to the outputs (in place inside a jit that owns them).
       slots: [B, T] int32, the slot each token's K/V goes to (>= past; past the buffer: none;
         of tokens sharing a slot, the last's).
       past: [B] int32, the row's committed slots [0, past) every token sees.
@@ -164,15 +170,15 @@ def block_attention(qkv, k_cache, v_cache, slots, past, vis, *, num_heads: int,
       key). Merge as `decode_attention`'s (`kernel.attn_o_residual`).
     """
     b, T = slots.shape
-    _, S, K, D = k_cache.shape
+    rows, S, K, D = check_cache(k_cache, v_cache, layer, "block_attention")
     H = num_heads
     if (qkv.shape != (b * T, (H + 2 * K) * D) or K != num_kv_heads
-            or k_cache.shape != v_cache.shape or past.shape != (b,) or vis.shape != (b, T, T)):
+            or past.shape != (b,) or vis.shape != (b, T, T)):
         raise ValueError(f"block_attention: qkv {qkv.shape} must be [B * T, (H + 2K) * D] for "
                          f"slots {slots.shape} = [B, T], H={H} and the cache's K={K}, D={D} "
                          f"(num_kv_heads={num_kv_heads}, v_cache {v_cache.shape}); past "
                          f"{past.shape} must be [B] and vis {vis.shape} [B, T, T]")
-    if H % K or S % block_k or k_cache.shape[0] != b or k_cache.dtype != qkv.dtype:
+    if H % K or S % block_k or rows != b or k_cache.dtype != qkv.dtype:
         raise ValueError(f"block_attention: heads {H} must be a multiple of kv heads {K}, the "
                          f"cache {k_cache.shape} {k_cache.dtype} must have {b} rows, qkv's "
                          f"dtype {qkv.dtype} and a length that block_k={block_k} divides")
@@ -182,7 +188,8 @@ def block_attention(qkv, k_cache, v_cache, slots, past, vis, *, num_heads: int,
     splits = num_splits or default_splits(S, b * T, block_k=block_k)
     tile, q_blocks = query_tile(T, H // K)
     kernel = functools.partial(_block_kernel, num_heads=H, group=H // K, tokens=T, tile=tile,
-                               block_k=block_k, num_splits=splits, sm_scale=D ** -0.5)
+                               block_k=block_k, num_splits=splits, sm_scale=D ** -0.5,
+                               layer=layer)
     inputs = (past.astype(jnp.int32), slots.reshape(-1).astype(jnp.int32),
               vis.reshape(-1).astype(jnp.int32), qkv.reshape(-1), k_cache, v_cache)
     out_shape = (jax.ShapeDtypeStruct((b * T * splits * H * D,), f32),

@@ -45,7 +45,7 @@ from pallas_kernels.fused_decode import (
 from pallas_kernels.fused_decode import reference as ref
 from pallas_kernels.fused_decode.attention import default_splits
 from pallas_kernels.fused_decode.block_attention import block_attention
-from pallas_kernels.fused_decode.kernel import FMA_MAX_ROWS, LARGE_GEMV, default_tiles
+from pallas_kernels.fused_decode.kernel import FMA_MAX_ROWS, LARGE_GEMV, MAX_ROWS, default_tiles
 from pallas_kernels.fused_decode.paged_attention import paged_block_k, paged_decode_attention
 from pallas_kernels.testing import assert_close, jit_for_tests
 
@@ -308,6 +308,32 @@ def test_block_attention_matches_reference(rng, rows, tokens, splits, dtype, kin
     chex.assert_trees_all_equal((k_out, v_out), (k_want, v_want))  # the write is a copy
 
 
+def test_attention_kernels_on_a_stacked_cache_read_and_write_their_layer_only(rng):
+    """`layer` indexes an [L, B, S, K, D] cache: the same outputs as the call on that layer's
+    buffer alone, that layer written as that call writes it, the others as they were."""
+    H, K, D, S, L, layer, rows = 6, 2, 64, 256, 3, 1, 2
+    qkv = jnp.asarray(rng.standard_normal((rows * 2, (H + 2 * K) * D)), jnp.float32)
+    kc, vc = (jnp.asarray(rng.standard_normal((L, rows, S, K, D)), jnp.float32) for _ in "kv")
+    slots = jnp.asarray([[130, 131], [64, 65]], jnp.int32)
+    vis = block_visibility(slots, None)
+    calls = {
+        "decode": lambda k, v, **kw: decode_attention(
+            qkv[:rows], k, v, slots[:, 0], num_heads=H, num_kv_heads=K, num_splits=2, **kw),
+        "block": lambda k, v, **kw: block_attention(
+            qkv, k, v, slots, slots[:, 0], vis, num_heads=H, num_kv_heads=K, num_splits=2,
+            **kw)}
+    for name, call in calls.items():
+        *out, k_one, v_one = call(kc[layer], vc[layer])
+        *got, k_all, v_all = call(kc, vc, layer=layer)
+        chex.assert_trees_all_equal(got, out)
+        chex.assert_trees_all_equal((k_all, v_all), (kc.at[layer].set(k_one),
+                                                     vc.at[layer].set(v_one)))
+        assert not jnp.array_equal(k_one, kc[layer]), name  # the call wrote its slots
+    with pytest.raises(ValueError, match="0 <= layer < L"):
+        decode_attention(qkv[:rows], kc, vc, slots[:, 0], num_heads=H, num_kv_heads=K,
+                         layer=L)
+
+
 def test_block_visibility_is_what_the_cache_would_show():
     """Causal by slot, a tree's mask on top, and of tokens sharing a slot only the last."""
     slots = jnp.asarray([[0, 0, 1], [4, 5, 6]], jnp.int32)
@@ -375,9 +401,11 @@ def test_default_tiles_by_size_and_rows():
     assert default_tiles(2048, 1, True, 2048, large=False).block_n == 4  # the O projection's
 
 
-def _steps(params, cfg, impl, prompt, lengths, next_tokens):
+def _steps(params, cfg, impl, prompt, lengths, next_tokens, cache=None):
     """Prefill, then one decode step per column of next_tokens [B, N]: [N, B, V] logits."""
-    cache = init_cache(cfg, prompt.shape[0], 256, per_layer=isinstance(params.layers, tuple))
+    if cache is None:
+        cache = init_cache(cfg, prompt.shape[0], 256,
+                           per_layer=isinstance(params.layers, tuple))
     prefill = jit_for_tests(partial(phases.prefill, cfg=cfg, impl="xla"))
     decode = jit_for_tests(partial(phases.decode_step, cfg=cfg, impl=impl))
     _, _, cache = prefill(params, cache, prompt, lengths)
@@ -391,13 +419,18 @@ def _steps(params, cfg, impl, prompt, lengths, next_tokens):
 
 # Each dtype meets each row count and each weight layout once (the full product repeated
 # the same kernels at ~10 s a case in CI).
-@pytest.mark.parametrize("dtype,rows,copies", [("float32", 1, False), ("bfloat16", 40, False),
-                                               ("float32", 3, True), ("bfloat16", 1, True)])
-def test_fused_step_matches_xla_step(rng, dtype, rows, copies, fused_on):
-    """copies: the [N, K] weight copies, with which up to 4 rows take the CUDA-core GEMVs."""
+@pytest.mark.parametrize("dtype,rows,copies,stacked", [
+    ("float32", 1, False, False), ("bfloat16", 40, False, False), ("float32", 3, True, False),
+    ("bfloat16", 1, True, False), ("float32", 2, True, True)])
+def test_fused_step_matches_xla_step(rng, dtype, rows, copies, stacked, fused_on):
+    """copies: the [N, K] weight copies, with which up to 4 rows take the CUDA-core GEMVs.
+    stacked: the cache a decoder builds for the fused step (`phases.decode_cache`), one
+    [L, ...] buffer per K and V, which each layer's attention kernel indexes."""
     cfg = _fusable_tiny().replace(dtype=dtype)
     params = inference_layout(init_params(cfg, jax.random.key(int(rng.integers(1 << 30)))))
-    cache = init_cache(cfg, rows, 256, per_layer=True)
+    cache = (phases.decode_cache(params, cfg, rows, 256, "pallas") if stacked
+             else init_cache(cfg, rows, 256, per_layer=True))
+    assert cache.per_layer != stacked
     assert fused_decode_reason(params, cache, cfg, rows) is None
     prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (rows, 32)), jnp.int32)
     lengths = jnp.asarray(rng.integers(1, 33, rows), jnp.int32)
@@ -407,13 +440,14 @@ def test_fused_step_matches_xla_step(rng, dtype, rows, copies, fused_on):
         lp = params.layers[0]
         chex.assert_trees_all_equal(tuple(w.T for w in fused.decode_t[0]),
                                     (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))
-    got, got_cache = _steps(fused, cfg, "pallas", prompt, lengths, nxt)
+    got, got_cache = _steps(fused, cfg, "pallas", prompt, lengths, nxt, cache)
     want, want_cache = _steps(params, cfg, "xla", prompt, lengths, nxt)
     # Logits sum over the hidden size of values within tolerance (as test_pallas_integration).
     assert_close(got, want, dtype, scale=4.0)
     # Past layer 0 the K/V come from activations that both paths round to bf16 after sums in
     # different orders; over 40 rows x 3 steps one element in a million lands ~1.2x past the
     # table's bf16 tolerance (seen once), hence 2x for the caches as for the logits' 4x.
+    assert got_cache.per_layer != stacked  # the step kept the layout it was given
     assert_close(jnp.stack(got_cache.k), jnp.stack(want_cache.k), dtype, scale=2.0)
     assert_close(jnp.stack(got_cache.v), jnp.stack(want_cache.v), dtype, scale=2.0)
 
@@ -494,6 +528,20 @@ def _fusable_tiny():
     return load_model_config_yaml(TINY).replace(head_dim=32)
 
 
+def test_a_decoder_stacks_its_cache_where_the_fused_step_takes_it(fused_on):
+    """`phases.decode_cache`: [L, ...] K and V where the fused step will run (fewer leaves
+    for the loop state), one buffer per layer where the general path runs over unrolled
+    params, and the scan layout's stacked cache as ever."""
+    cfg = _fusable_tiny()
+    params = init_params(cfg, jax.random.key(0))
+    fast = inference_layout(params)
+    assert not phases.decode_cache(fast, cfg, 2, 256, "pallas").per_layer
+    assert phases.decode_cache(fast, cfg, 2, 256, "xla").per_layer
+    assert phases.decode_cache(fast, cfg, MAX_ROWS + 1, 256, "pallas").per_layer
+    assert phases.decode_cache(fast, cfg, 2, 256, "pallas", track_writes=True).per_layer
+    assert not phases.decode_cache(params, cfg, 2, 256, "pallas").per_layer
+
+
 def test_fused_step_declines_what_it_does_not_cover(monkeypatch):
     cfg = _fusable_tiny()
     ready = (inference_layout(init_params(cfg, jax.random.key(0))),
@@ -528,7 +576,8 @@ def test_fused_step_declines_what_it_does_not_cover(monkeypatch):
     fast = inference_layout(params)
     per_layer = init_cache(cfg, 1, 256, per_layer=True)
     assert "inference layout" in fused_decode_reason(params, per_layer, cfg, 1)
-    assert "per-layer" in fused_decode_reason(fast, init_cache(cfg, 1, 256), cfg, 1)
+    stacked = init_cache(cfg, 1, 256)  # [L, ...]: the five kernels index it by layer
+    assert fused_decode_reason(fast, stacked, cfg, 1) is None
     assert "tracks writes" in fused_decode_reason(
         fast, init_cache(cfg, 1, 256, per_layer=True, track_writes=True), cfg, 1)
     assert "rows" in fused_decode_reason(fast, init_cache(cfg, 65, 256, per_layer=True), cfg,
@@ -546,6 +595,7 @@ def test_fused_step_declines_what_it_does_not_cover(monkeypatch):
     assert fused_decode_reason(fast, per_layer, cfg, 16, tokens=16) is None
     monkeypatch.setenv(ENV_SWITCH, "layer")
     assert "one-token" in fused_decode_reason(copied, per_layer, cfg, 4, tokens=4)
+    assert "per-layer" in fused_decode_reason(copied, stacked, cfg, 1)
     monkeypatch.setenv(ENV_SWITCH, "1")
     windowed = cfg.replace(sliding_window=64)
     assert "sliding" in fused_decode_reason(fast, per_layer, windowed, 1)
