@@ -72,7 +72,7 @@ def generate_loop_case(cfg, params, batch: int, *, prompt: int = 512, max_len: i
     autoregressive decoder, groups of `LOOP_BLOCK` steps, all-greedy) after a `prompt`-token
     prefill: what `Generator.generate` dispatches once per call. Its launches hold two step
     bodies, the group's and the remainder's (`run_loop`)."""
-    dec = autoregressive(cfg, max_len, "pallas")
+    dec = autoregressive(cfg, max_len, "pallas", stacked_cache=True)  # as the plain method
     sp = SamplingArrays.from_params([SamplingParams()] * batch, batch, specialize_greedy=True)
     keys = jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.zeros((batch,), jnp.uint32)))
     ls = jax.eval_shape(partial(init_loop, dec, max_out=max_out), params,

@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jdecode.cache.dense import init_cache
 from jdecode.config import ModelConfig
 from jdecode.decoding import phases
 from jdecode.decoding.base import Decoder, DecodeState, StepOutput, mark_seen, sample_next
@@ -35,18 +36,26 @@ def start_state(logits: jax.Array, prompt: jax.Array, lengths: jax.Array, sampli
 
 
 def autoregressive(cfg: ModelConfig, max_len: int, impl: str = "xla",
-                   track_writes: bool = False) -> Decoder:
+                   track_writes: bool = False, stacked_cache: bool = False) -> Decoder:
     """One token per step. `aux` is the dense cache [L, B, max_len, K, D].
 
     Args:
       cfg: model config. max_len: cache slots per sequence (prompt bucket + new tokens).
       impl: attention implementation ("xla" or "pallas"). track_writes: a cache that tracks
         which tokens stored K/V (for methods built on this one whose layers leave tokens out).
+      stacked_cache: the cache `phases.decode_cache` picks (stacked where the fused step runs
+        every step, fewer leaves for each loop call). Off, the cache follows the params'
+        layout: methods built on this decoder run other passes over its cache (verify
+        blocks, trees, hooks), whose paths were measured over per-layer buffers.
     """
 
     def init(params, prompt, lengths, sampling, keys, track_seen=False):
         b = prompt.shape[0]
-        cache = phases.decode_cache(params, cfg, b, max_len, impl, track_writes)
+        if stacked_cache:
+            cache = phases.decode_cache(params, cfg, b, max_len, impl, track_writes)
+        else:
+            cache = init_cache(cfg, b, max_len, per_layer=isinstance(params.layers, tuple),
+                               track_writes=track_writes)
         logits, _, cache = phases.prefill(params, cache, prompt, lengths, cfg=cfg, impl=impl)
         return start_state(logits, prompt, lengths, sampling, keys, cache, track_seen,
                            cfg.vocab_size)
@@ -73,4 +82,5 @@ class AutoregressiveOptions:
 @register("autoregressive", AutoregressiveOptions, lossless=True,
           summary="one token per step over the dense KV cache (the baseline)")
 def build_autoregressive(model: Model, opts: AutoregressiveOptions, impl: str) -> MethodBuild:
-    return MethodBuild(model, lambda cfg, max_len: autoregressive(cfg, max_len, impl))
+    return MethodBuild(model, lambda cfg, max_len: autoregressive(cfg, max_len, impl,
+                                                                  stacked_cache=True))

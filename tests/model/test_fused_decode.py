@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 from helpers import spy_fused_verify
 
-from jdecode.cache.dense import DenseMeta, dense_attend, init_cache
+from jdecode.cache.dense import DenseKVCache, DenseMeta, dense_attend, init_cache
 from jdecode.config import load_model_config_yaml
-from jdecode.decoding import phases
+from jdecode.decoding import methods, phases
+from jdecode.decoding.sampling import SamplingArrays, SamplingParams
 from jdecode.decoding.tree import tree_from_parents
+from jdecode.io.registry import Model
 from jdecode.model.fused_decode import (
     ENV_SWITCH,
     block_visibility,
@@ -540,6 +542,17 @@ def test_a_decoder_stacks_its_cache_where_the_fused_step_takes_it(fused_on):
     assert phases.decode_cache(fast, cfg, MAX_ROWS + 1, 256, "pallas").per_layer
     assert phases.decode_cache(fast, cfg, 2, 256, "pallas", track_writes=True).per_layer
     assert not phases.decode_cache(params, cfg, 2, 256, "pallas").per_layer
+    # The plain method's decoder takes it; a method's own passes keep per-layer buffers.
+    sp = SamplingArrays.from_params([SamplingParams()] * 2, 2, specialize_greedy=True)
+    args = (jnp.ones((2, 8), jnp.int32), jnp.full((2,), 8, jnp.int32), sp,
+            jax.vmap(jax.random.key)(jnp.zeros((2,), jnp.uint32)))
+    fast_model = Model("tiny", cfg, with_decode_copies(fast), None)
+    for method, per_layer in (("autoregressive", False), ("speculative", True)):
+        built = methods.build(method, fast_model, impl="pallas")
+        state = jax.eval_shape(built.decoder_fn(cfg, 256).init, built.model.params, *args)
+        (cache,) = [c for c in jax.tree.leaves(state.aux, is_leaf=lambda c: isinstance(
+            c, DenseKVCache)) if isinstance(c, DenseKVCache)]
+        assert cache.per_layer == per_layer, method
 
 
 def test_fused_step_declines_what_it_does_not_cover(monkeypatch):
