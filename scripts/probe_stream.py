@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import parse_loop_variant
 
+from jdecode.analysis.measure import time_fn
 from jdecode.config import load_model_config_yaml
 from jdecode.decoding.generate import STREAM_INTERVAL_S, Generator
 from jdecode.decoding.sampling import SamplingParams
@@ -41,12 +42,8 @@ from jdecode.provenance import git_sha
 
 
 def median_ms(fn, n: int) -> float:
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(ts)
+    """`time_fn`'s median in ms, without its warm-up calls (each caller warms up its own)."""
+    return 1e3 * time_fn(fn, repeats=n, warmup=0)
 
 
 def main() -> None:
@@ -114,6 +111,8 @@ def main() -> None:
     gen._compiled[next(iter(gen._compiled))] = exe
     state["args"] = captured["args"]
 
+    # A fresh limit scalar per call, as `stream` passed before it cached them (7585704): the
+    # loop_* figures include its put (scalar_put_ms).
     def loop_call(limit: int, wait: bool):
         def f():
             t = time.perf_counter()
