@@ -40,13 +40,8 @@ JDECODE_FUSED_DECODE=1 forces it (up to 64 tokens in all).
 The engine's decode-only steps of up to 5 rows run the same five kernels over its page pool
 (`fused_paged_decode_step`, with `paged_attention.paged_decode_attention` reading each row's
 past through its block table): the runner adds the copies and gives those steps buckets of
-1, 2, 4 and 5 rows (`jdecode.engine.runner.ModelRunner.decode_buckets`). On an H100 a
-128-token request through the engine took 0.075 s on the SmolLM2 shape and 0.144 on the 1B
-shape with these steps, against 0.106 and 0.181 on the general path, level with the
-Generator (benchmarks/engine_decode_h200.md, stop 43).
-
-The kernels read the copies stacked over the layers (`DecodeWeights`), each layer's at a
-static offset, so the params that a call passes are a few arrays, not five per layer.
+1, 2, 4 and 5 rows (`jdecode.engine.runner.ModelRunner.decode_buckets`). Not yet timed on a
+card.
 
 It computes the same function as the general path: the kernels keep the model's roundings
 (the attention output is rounded to the model dtype, as the general path stores it), and tests
@@ -138,28 +133,6 @@ def wants_decode_copies(params: Params) -> bool:
 
 
 @struct.dataclass
-class DecodeWeights:
-    """What the fused kernels read of every layer, stacked over the layers: the norms and
-    [N, K] copies of the four matrices. Stacked because each array is a leaf of every jit call
-    that takes the params (the Generator's loop and init, each engine launch), and each leaf
-    cost ~2.3 us of host time per call on an H100 (the 120 per-layer copies and 60 norms of
-    SmolLM2: benchmarks/fused_decode_h200.md, stop 49); the kernels read layer l's at a static
-    offset (`layer_block`). A call whose fused step reads only these leaves the per-layer
-    `Params.layers` unused, and jit drops unused arguments from what it passes."""
-
-    attn_norm: jax.Array  # [L, E]
-    wqkv: jax.Array  # [L, (H + 2K) D, E]
-    wo: jax.Array  # [L, E, H D]
-    mlp_norm: jax.Array  # [L, E]
-    w_gate_up: jax.Array  # [L, 2F, E]
-    w_down: jax.Array  # [L, E, F]
-
-    @property
-    def num_layers(self) -> int:
-        return self.wqkv.shape[0]
-
-
-@struct.dataclass
 class DecodeParams(Params):
     """Params plus [N, K] copies of each layer's four matrices, for the fused decode step.
 
@@ -171,7 +144,7 @@ class DecodeParams(Params):
     again: copies of another layer count are ignored, but same-count copies are trusted.
     """
 
-    decode_t: DecodeWeights | None = None  # the layers' norms and [N, K] copies, stacked
+    decode_t: tuple = ()  # per layer: (wqkv, wo, w_gate_up, w_down) transposed to [N, K]
     # What a Params subclass carried besides the weights: `BundledParams.extra`, the Medusa
     # heads or EAGLE draft that a method reads as `params.extra`. Dropping it when the copies
     # are added broke those methods on the GPU (their default path adds the copies).
@@ -194,14 +167,8 @@ def with_decode_copies(params: Params) -> Params:
     """
     if isinstance(params, DecodeParams) or not _fused_unstacked(params):
         return params
-    layers = params.layers
-    copies = DecodeWeights(
-        attn_norm=jnp.stack([lp.attn_norm for lp in layers]),
-        wqkv=jnp.stack([jnp.transpose(lp.wqkv) for lp in layers]),
-        wo=jnp.stack([jnp.transpose(lp.wo) for lp in layers]),
-        mlp_norm=jnp.stack([lp.mlp_norm for lp in layers]),
-        w_gate_up=jnp.stack([jnp.transpose(lp.w_gate_up) for lp in layers]),
-        w_down=jnp.stack([jnp.transpose(lp.w_down) for lp in layers]))
+    copies = tuple(tuple(jnp.transpose(w) for w in (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))
+                   for lp in params.layers)
     fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(Params)}
     extras = {f.name for f in dataclasses.fields(params)} - set(fields)
     if extras - {"extra"}:
@@ -213,8 +180,7 @@ def with_decode_copies(params: Params) -> Params:
 def _has_copies(params: Params) -> bool:
     """Params carrying [N, K] copies, one per layer (a layer subset's stale copies do not)."""
     return (isinstance(params, DecodeParams) and isinstance(params.layers, tuple)
-            and params.decode_t is not None
-            and params.decode_t.num_layers == len(params.layers))
+            and len(params.decode_t) == len(params.layers))
 
 
 def fused_decode_reason(params: Params, cache, cfg: ModelConfig, rows: int,
@@ -498,16 +464,15 @@ def _five_kernel_layers(params: Params, x, cos, sin, attend, *, cfg: ModelConfig
     eps, H, K = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads
     t = _has_copies(params)  # [N, K] copies (`with_decode_copies`): the CUDA-core GEMVs
     for layer, lp in enumerate(params.layers):
-        # The stacked copies with the layer's index, or this layer's own [K, N] weights.
-        w, at = (params.decode_t, layer) if t else (lp, None)
+        wqkv, wo, w_gate_up, w_down = (params.decode_t[layer] if t else
+                                       (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))
         x_in = x
-        qkv = qkv_rope(x, w.attn_norm, w.wqkv, cos, sin, num_heads=H, num_kv_heads=K, eps=eps,
-                       transposed=t, layer=at)  # [R, (H + 2K) * D]
+        qkv = qkv_rope(x, lp.attn_norm, wqkv, cos, sin, num_heads=H, num_kv_heads=K, eps=eps,
+                       transposed=t)  # [R, (H + 2K) * D]
         parts, lse = attend(layer, qkv)
-        x = attn_o_residual(parts, lse, w.wo, x, transposed=t, layer=at)
-        act = gate_up_swiglu(x, w.mlp_norm, w.w_gate_up, eps=eps, transposed=t,
-                             layer=at)  # [R, F]
-        x_out = gemv_residual(act, w.w_down, x, transposed=t, layer=at)
+        x = attn_o_residual(parts, lse, wo, x, transposed=t)
+        act = gate_up_swiglu(x, lp.mlp_norm, w_gate_up, eps=eps, transposed=t)  # [R, F]
+        x_out = gemv_residual(act, w_down, x, transposed=t)
         x = x_out if after is None else after(layer, x_in, x_out)
     return x
 
@@ -516,13 +481,12 @@ def _persistent_layers(params: Params, x, ks: list, vs: list, positions, cos, si
                        cfg: ModelConfig, splits: int) -> jax.Array:
     """The layers as one persistent kernel each (`decode_layer`); ks / vs updated in place."""
     counters = new_counters(len(params.layers))  # the step's grid-barrier counters
-    w = params.decode_t  # stacked: each layer's kernel reads its own (`layer_block`)
-    for layer in range(len(params.layers)):
+    for layer, lp in enumerate(params.layers):
+        wqkv, wo, w_gate_up, w_down = params.decode_t[layer]
         x, ks[layer], vs[layer], counters = decode_layer(
-            x, positions, cos, sin, ks[layer], vs[layer], counters, layer, w.attn_norm, w.wqkv,
-            w.wo, w.mlp_norm, w.w_gate_up, w.w_down, num_heads=cfg.num_heads,
-            num_kv_heads=cfg.num_kv_heads, eps=cfg.rms_norm_eps, num_splits=splits,
-            weights_layer=layer)
+            x, positions, cos, sin, ks[layer], vs[layer], counters, layer, lp.attn_norm, wqkv,
+            wo, lp.mlp_norm, w_gate_up, w_down, num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads, eps=cfg.rms_norm_eps, num_splits=splits)
     # A barrier that gave up (a grid not all resident, e.g. a GPU shared through MPS) left the
     # step's output wrong: make that visible as NaN logits, not plausible tokens.
     return jnp.where(barrier_timeouts(counters) > 0, jnp.nan, x)

@@ -424,31 +424,13 @@ def whole_block(a) -> pl.BlockSpec:
     return pl.BlockSpec(a.shape, lambda *_: zeros)
 
 
-def layer_block(a, layer: int | None) -> pl.BlockSpec:
-    """`whole_block`, or with `layer` that layer of a stacked [L, ...] array, which the kernel
-    sees as one layer's [...]. Why stacked: each weight is a leaf of every jit call that takes
-    the params, ~2.3 us of host time apiece on an H100 (302 per-layer leaves for SmolLM2's
-    fused step; benchmarks/fused_decode_h200.md, stop 49). A static index: the layer's offset
-    is a constant of its kernel."""
-    if layer is None:
-        return whole_block(a)
-    if not 0 <= layer < a.shape[0]:
-        raise ValueError(f"layer {layer} of a stacked array {a.shape}: it must be in "
-                         f"[0, {a.shape[0]})")
-    rest = (0,) * (len(a.shape) - 1)
-    return pl.BlockSpec((None, *a.shape[1:]), lambda *_: (layer, *rest))
-
-
 def _launch(kernel, inputs: tuple, out_shape: jax.ShapeDtypeStruct, tiles: GemvTiles,
-            grid: int, interpret: bool | None, name: str, layer: int | None = None,
-            stacked: tuple[int, ...] = ()) -> jax.Array:
-    """A 1-D grid of `kernel` over whole-array inputs, writing disjoint columns of one output;
-    with `layer`, the inputs at `stacked` are [L, ...] arrays of which it reads that layer."""
+            grid: int, interpret: bool | None, name: str) -> jax.Array:
+    """A 1-D grid of `kernel` over whole-array inputs, writing disjoint columns of one output."""
     return pl.pallas_call(
         kernel,
         grid=(grid,),
-        in_specs=[layer_block(a, layer if i in stacked else None)
-                  for i, a in enumerate(inputs)],
+        in_specs=[whole_block(a) for a in inputs],
         out_specs=whole_block(out_shape),
         out_shape=out_shape,
         compiler_params=_params(tiles),
@@ -468,18 +450,6 @@ def _check(name: str, x, k: int, n: int, tiles: GemvTiles, transposed: bool) -> 
     if bk < 16 or bk & (bk - 1) or n % bn:
         raise ValueError(f"{name}: N {n} does not tile by block_n={bn}, or block_k={bk} is not "
                          "a power of two >= 16: pick a block_n that divides N")
-
-
-def _check_stacked(name: str, layer: int | None, norm_w, w) -> None:
-    """A layer's weights: w 2-D and norm_w 1-D, or with `layer` both stacked ([L, ...],
-    the same L)."""
-    lead = 0 if layer is None else 1
-    if w.ndim != 2 + lead or (norm_w is not None and (
-            norm_w.ndim != 1 + lead or lead and norm_w.shape[0] != w.shape[0])):
-        shapes = f"w {w.shape}" + ("" if norm_w is None else f" and norm_w {norm_w.shape}")
-        raise ValueError(f"{name}: {shapes} with layer={layer}: pass one layer's weights "
-                         "([K, N] or [N, K], a norm [E]) without `layer`, or every layer's "
-                         "stacked ([L, ...]) with it")
 
 
 # --- RMSNorm -> QKV -> RoPE -----------------------------------------------------------------
@@ -522,24 +492,21 @@ def _qkv_kernel(x_ref, norm_ref, w_ref, cos_ref, sin_ref, o_ref, *, rows: int, r
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "eps", "tiles",
-                                             "transposed", "interpret", "layer"))
+                                             "transposed", "interpret"))
 def qkv_rope(x, norm_w, wqkv, cos, sin, *, num_heads: int, num_kv_heads: int, eps: float,
              tiles: GemvTiles | None = None, transposed: bool = False,
-             interpret: bool | None = None, layer: int | None = None) -> jax.Array:
+             interpret: bool | None = None) -> jax.Array:
     """RMSNorm(x) @ wqkv with RoPE applied to the Q and K heads.
 
     Args:
       x: [B, E] residual stream (B <= MAX_ROWS). norm_w: [E]. wqkv: [E, (H + 2K) * D], columns
         [Q heads | K heads | V heads] ([(H + 2K) * D, E] when transposed). cos, sin: [B, D/2]
         f32 tables of the rows' positions.
-      layer: norm_w and wqkv are every layer's, stacked ([L, E] and [L, ...]); the call reads
-        this one's (`layer_block`).
     Returns:
       [B, (H + 2K) * D] in x.dtype (see `reference.qkv_rope_reference`).
     """
     b, e = x.shape
-    _check_stacked("qkv_rope", layer, norm_w, wqkv)
-    n = wqkv.shape[-2 if transposed else -1]
+    n = wqkv.shape[0 if transposed else 1]
     D = n // (num_heads + 2 * num_kv_heads)
     tiles = tiles or default_tiles(e, b, transposed, n)
     _check("qkv_rope", x, e, D // 2, tiles, transposed)
@@ -549,7 +516,7 @@ def qkv_rope(x, norm_w, wqkv, cos, sin, *, num_heads: int, num_kv_heads: int, ep
     # Written [B, heads, D] (what attention indexes), returned [B, heads x D]: the same bytes.
     out = _launch(kernel, (x, norm_w, wqkv, cos.astype(f32), sin.astype(f32)),
                   jax.ShapeDtypeStruct((b, n // D, D), x.dtype), tiles, n // tiles.block_n // 2,
-                  interpret, "qkv_rope", layer, stacked=(1, 2))
+                  interpret, "qkv_rope")
     return out.reshape(b, n)
 
 
@@ -572,29 +539,25 @@ def _swiglu_kernel(x_ref, norm_ref, w_ref, o_ref, *, rows: int, eps: float, tile
     _store_rows(o_ref, rows, cols[0], _round(jax.nn.silu(gate), dtype) * up)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "tiles", "transposed", "interpret",
-                                             "layer"))
+@functools.partial(jax.jit, static_argnames=("eps", "tiles", "transposed", "interpret"))
 def gate_up_swiglu(x, norm_w, w_gate_up, *, eps: float, tiles: GemvTiles | None = None,
-                   transposed: bool = False, interpret: bool | None = None,
-                   layer: int | None = None) -> jax.Array:
+                   transposed: bool = False, interpret: bool | None = None) -> jax.Array:
     """silu(RMSNorm(x) @ w_gate) * (RMSNorm(x) @ w_up).
 
     Args:
       x: [B, E] (B <= MAX_ROWS). norm_w: [E]. w_gate_up: [E, 2F], gate columns first ([2F, E]
         when transposed).
-      layer: norm_w and w_gate_up are stacked [L, ...]; the call reads this layer's.
     Returns:
       [B, F] in x.dtype (see `reference.gate_up_swiglu_reference`).
     """
     b, e = x.shape
-    _check_stacked("gate_up_swiglu", layer, norm_w, w_gate_up)
-    F = w_gate_up.shape[-2 if transposed else -1] // 2
+    F = w_gate_up.shape[0 if transposed else 1] // 2
     tiles = tiles or default_tiles(e, b, transposed, 2 * F)
     _check("gate_up_swiglu", x, e, F, tiles, transposed)
     kernel = functools.partial(_swiglu_kernel, rows=b, eps=eps, tiles=tiles,
                                transposed=transposed)
     return _launch(kernel, (x, norm_w, w_gate_up), jax.ShapeDtypeStruct((b, F), x.dtype), tiles,
-                   F // tiles.block_n, interpret, "gate_up_swiglu", layer, stacked=(1, 2))
+                   F // tiles.block_n, interpret, "gate_up_swiglu")
 
 
 # --- a @ w + residual -----------------------------------------------------------------------
@@ -621,26 +584,24 @@ def _residual_kernel(*refs, rows: int, tiles: GemvTiles, transposed: bool, num_h
     _store_rows(o_ref, rows, col, _round(res + _round(y, dtype), dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "transposed", "interpret", "layer"))
+@functools.partial(jax.jit, static_argnames=("tiles", "transposed", "interpret"))
 def gemv_residual(a, w, residual, *, tiles: GemvTiles | None = None, transposed: bool = False,
-                  interpret: bool | None = None, layer: int | None = None) -> jax.Array:
+                  interpret: bool | None = None) -> jax.Array:
     """residual + a @ w, the product rounded to the model dtype before the add.
 
     Args:
       a: [B, K] (B <= MAX_ROWS). w: [K, N] ([N, K] when transposed). residual: [B, N], a's
         dtype.
-      layer: w is stacked [L, ...]; the call reads this layer's.
     Returns:
       [B, N] in residual.dtype (see `reference.gemv_residual_reference`).
     """
     b, k = a.shape
-    _check_stacked("gemv_residual", layer, None, w)
-    n = w.shape[-2 if transposed else -1]
+    n = w.shape[0 if transposed else 1]
     tiles = tiles or default_tiles(k, b, transposed, n)
     _check("gemv_residual", a, k, n, tiles, transposed)
     kernel = functools.partial(_residual_kernel, rows=b, tiles=tiles, transposed=transposed)
     return _launch(kernel, (a, w, residual), jax.ShapeDtypeStruct((b, n), residual.dtype),
-                   tiles, n // tiles.block_n, interpret, "gemv_residual", layer, stacked=(1,))
+                   tiles, n // tiles.block_n, interpret, "gemv_residual")
 
 
 def merge_block_k(head_dim: int) -> int:
@@ -654,10 +615,9 @@ def merge_block_k(head_dim: int) -> int:
     return max(16, min(256, head_dim & -head_dim))
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "transposed", "interpret", "layer"))
+@functools.partial(jax.jit, static_argnames=("tiles", "transposed", "interpret"))
 def attn_o_residual(parts, lse, w, residual, *, tiles: GemvTiles | None = None,
-                    transposed: bool = False, interpret: bool | None = None,
-                    layer: int | None = None) -> jax.Array:
+                    transposed: bool = False, interpret: bool | None = None) -> jax.Array:
     """residual + merge(parts, lse) @ w: the O projection with attention's split-K merge as its
     prologue, so the merge costs no kernel of its own.
 
@@ -668,13 +628,11 @@ def attn_o_residual(parts, lse, w, residual, *, tiles: GemvTiles | None = None,
       parts: [B, splits, K] f32 and lse [B, splits, H] f32 from `attention.decode_attention`
         (B <= MAX_ROWS), K = H x head_dim.
       w: [K, N] ([N, K] when transposed). residual: [B, N] in the model dtype.
-      layer: w is stacked [L, ...]; the call reads this layer's.
     Returns:
       [B, N] in residual.dtype (see `reference.attn_o_residual_reference`).
     """
     b, _, k = parts.shape
-    _check_stacked("attn_o_residual", layer, None, w)
-    n = w.shape[-2 if transposed else -1]
+    n = w.shape[0 if transposed else 1]
     if lse.shape[:2] != parts.shape[:2] or k % lse.shape[2]:
         raise ValueError(f"attn_o_residual: lse {lse.shape} must be [B, splits, heads] for "
                          f"parts {parts.shape} [B, splits, heads x head_dim]")
@@ -689,4 +647,4 @@ def attn_o_residual(parts, lse, w, residual, *, tiles: GemvTiles | None = None,
                                num_heads=lse.shape[2])
     return _launch(kernel, (parts, lse.reshape(-1), w, residual),
                    jax.ShapeDtypeStruct((b, n), residual.dtype), tiles, n // tiles.block_n,
-                   interpret, "attn_o_residual", layer, stacked=(2,))
+                   interpret, "attn_o_residual")

@@ -74,7 +74,6 @@ from pallas_kernels.fused_decode.kernel import (
     _swiglu_kernel,
     default_tiles,
     fma_weights,
-    layer_block,
     prefetch_steps,
     qkv_cols,
     residual_cols,
@@ -270,14 +269,12 @@ def _layer_kernel(layer_ref, pos_ref, x_ref, attn_norm_ref, wqkv_ref, cos_ref, s
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "eps",
                                              "num_splits", "num_programs", "num_warps",
-                                             "block_n", "prefetch", "trace", "interpret",
-                                             "weights_layer"))
+                                             "block_n", "prefetch", "trace", "interpret"))
 def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn_norm, wqkv_t,
                  wo_t, mlp_norm, w_gate_up_t, w_down_t, *, num_heads: int,
                  num_kv_heads: int, eps: float, num_splits: int, num_programs: int | None = None,
                  num_warps: int = 8, block_n: int = 4, prefetch: bool = True,
-                 trace: bool = False, interpret: bool | None = None,
-                 weights_layer: int | None = None):
+                 trace: bool = False, interpret: bool | None = None):
     """One layer of the decode step (the five fused kernels' function) in one launch.
 
     Args:
@@ -289,9 +286,6 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
         is this kernel's.
       attn_norm, mlp_norm: [E]. wqkv_t [(H + 2K) D, E], wo_t [E, H D], w_gate_up_t [2F, E],
         w_down_t [E, F]: the [N, K] copies (`jdecode.model.fused_decode.with_decode_copies`).
-        Or all six stacked over the layers ([L, ...], as `with_decode_copies` keeps them),
-        with `weights_layer` the one to read (`kernel.layer_block`; static, where `layer`,
-        the counters' row, may be traced).
       num_splits: attention's split-K partitions (`attention.default_splits`).
       block_n: weight rows per GEMV work item (the five kernels' default is 4); it must
         divide D/2, E and F.
@@ -313,16 +307,6 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
     b, E = x.shape
     H, K = num_heads, num_kv_heads
     D = k_cache.shape[3]
-    weights = (attn_norm, wqkv_t, wo_t, mlp_norm, w_gate_up_t, w_down_t)
-    stacked = weights_layer is not None
-    if any(w.ndim != (2 if i % 3 else 1) + stacked for i, w in enumerate(weights)):
-        raise ValueError(f"decode_layer: weights {[w.shape for w in weights]} with "
-                         f"weights_layer={weights_layer}: pass one layer's (norms [E], "
-                         "matrices [N, K]) without it, or all six stacked over the layers "
-                         "with it")
-    if stacked:
-        attn_norm, wqkv_t, wo_t, mlp_norm, w_gate_up_t, w_down_t = (
-            jax.ShapeDtypeStruct(w.shape[1:], w.dtype) for w in weights)  # shapes, for checks
     F = w_down_t.shape[1]
     if not 1 <= b <= FMA_MAX_ROWS:
         raise ValueError(f"decode_layer: {b} rows; it covers 1..{FMA_MAX_ROWS} (the CUDA-core "
@@ -345,11 +329,9 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
     kernel = functools.partial(
         _layer_kernel, rows=b, num_heads=H, num_kv_heads=K, eps=eps, num_splits=num_splits,
         num_programs=P, block_n=block_n, prefetch=prefetch, phased=interpret)
-    attn_norm, wqkv_t, wo_t, mlp_norm, w_gate_up_t, w_down_t = weights
     inputs = (jnp.asarray(layer, i32).reshape(1), positions.astype(i32), x, attn_norm, wqkv_t,
               cos.astype(f32), sin.astype(f32), k_cache, v_cache, wo_t, mlp_norm, w_gate_up_t,
               w_down_t, counters)
-    weight_inputs = (3, 4, 9, 10, 11, 12)
     out_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
@@ -366,8 +348,7 @@ def decode_layer(x, positions, cos, sin, k_cache, v_cache, counters, layer, attn
     out, k_cache, v_cache, counters, *rest = pl.pallas_call(
         kernel,
         grid=grid,
-        in_specs=[layer_block(a, weights_layer if i in weight_inputs else None)
-                  for i, a in enumerate(inputs)],
+        in_specs=[whole_block(a) for a in inputs],
         out_specs=[whole_block(s) for s in out_shape],
         out_shape=out_shape,
         input_output_aliases={7: 1, 8: 2, 13: 3},

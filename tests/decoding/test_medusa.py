@@ -166,7 +166,7 @@ def test_heads_survive_the_fused_decode_copies(params, rng):
     Params (`with_decode_copies`); the heads (`params.extra`) must come along. Dropping them
     crashed Medusa and EAGLE there (stop 37's H200 run; blockwise reads the same heads)."""
     fast = with_decode_copies(inference_layout(params))
-    assert fast.extra is params.extra and fast.decode_t.num_layers == CFG.num_layers
+    assert fast.extra is params.extra and len(fast.decode_t) == CFG.num_layers
     prompt, lengths = prompts(rng, (9,))
     want, _ = run(autoregressive(CFG, MAX_LEN), params, prompt, lengths, *greedy(1))
     got, _ = run(heads_decoder(CFG, MAX_LEN, PLAN), fast, prompt, lengths, *greedy(1))

@@ -336,42 +336,6 @@ def test_attention_kernels_on_a_stacked_cache_read_and_write_their_layer_only(rn
                          layer=L)
 
 
-@pytest.mark.parametrize("transposed", [True, False], ids=["nk", "kn"])
-def test_gemvs_on_stacked_weights_read_their_layer(rng, transposed):
-    """`layer` indexes weights (and norms) stacked over the layers, as `with_decode_copies`
-    keeps them: each layer's call equals the call on that layer's arrays alone, and layers
-    of different weights give different outputs (the index is not ignored)."""
-    layers = [_inputs(rng, "float32", 3) for _ in range(3)]
-    a = layers[0]
-    kw = {"transposed": transposed}
-
-    def stack(name):
-        return jnp.stack([_w(x[name], transposed) if x[name].ndim == 2 else x[name]
-                          for x in layers])
-
-    norm, wqkv, wo, wgu, wd = (stack(n) for n in ("norm", "wqkv", "wo", "wgu", "wd"))
-    parts = jnp.asarray(rng.standard_normal((3, 2, a["H"] * a["D"])), jnp.float32)
-    lse = jnp.asarray(rng.standard_normal((3, 2, a["H"])), jnp.float32)
-    calls = {
-        "qkv": lambda n, w, **k: qkv_rope(a["x"], n, w, a["cos"], a["sin"], num_heads=a["H"],
-                                          num_kv_heads=a["K"], eps=1e-5, **kw, **k),
-        "gate_up": lambda n, w, **k: gate_up_swiglu(a["x"], n, w, eps=1e-5, **kw, **k),
-        "down": lambda n, w, **k: gemv_residual(a["act"], w, a["x"], **kw, **k),
-        "o": lambda n, w, **k: attn_o_residual(parts, lse, w, a["x"], **kw, **k)}
-    weights = {"qkv": wqkv, "gate_up": wgu, "down": wd, "o": wo}
-    for name, call in calls.items():
-        outs = []
-        for layer in range(3):
-            got = call(norm, weights[name], layer=layer)
-            chex.assert_trees_all_equal(got, call(norm[layer], weights[name][layer]))
-            outs.append(got)
-        assert not jnp.array_equal(outs[0], outs[1]), name
-    with pytest.raises(ValueError, match="stacked"):
-        gemv_residual(a["act"], wd[0], a["x"], layer=0, **kw)  # one layer's, with a layer
-    with pytest.raises(ValueError, match="in \\[0, 3\\)"):
-        gemv_residual(a["act"], wd, a["x"], layer=3, **kw)
-
-
 def test_block_visibility_is_what_the_cache_would_show():
     """Causal by slot, a tree's mask on top, and of tokens sharing a slot only the last."""
     slots = jnp.asarray([[0, 0, 1], [4, 5, 6]], jnp.int32)
@@ -475,13 +439,9 @@ def test_fused_step_matches_xla_step(rng, dtype, rows, copies, stacked, fused_on
     nxt = jnp.asarray(rng.integers(0, cfg.vocab_size, (rows, 3)), jnp.int32)
     fused = with_decode_copies(params) if copies else params
     if copies:
-        # Every layer's norms and transposed matrices, stacked in layer order.
-        t = fused.decode_t
-        for layer, lp in enumerate(params.layers):
-            chex.assert_trees_all_equal(
-                (t.attn_norm[layer], t.wqkv[layer].T, t.wo[layer].T, t.mlp_norm[layer],
-                 t.w_gate_up[layer].T, t.w_down[layer].T),
-                (lp.attn_norm, lp.wqkv, lp.wo, lp.mlp_norm, lp.w_gate_up, lp.w_down))
+        lp = params.layers[0]
+        chex.assert_trees_all_equal(tuple(w.T for w in fused.decode_t[0]),
+                                    (lp.wqkv, lp.wo, lp.w_gate_up, lp.w_down))
     got, got_cache = _steps(fused, cfg, "pallas", prompt, lengths, nxt, cache)
     want, want_cache = _steps(params, cfg, "xla", prompt, lengths, nxt)
     # Logits sum over the hidden size of values within tolerance (as test_pallas_integration).
@@ -714,21 +674,6 @@ def test_decode_layer_matches_the_five_kernels(rng, dtype, rows):
     for out, expected in ((got, want), (k_got, k_want), (v_got, v_want)):
         assert_close(out, expected, dtype)
     assert int(barrier_timeouts(counters)) == 0
-    # The six weights stacked over two layers (as `with_decode_copies` keeps them), this one
-    # second: the kernel reads layer 1's and gives the same as with its own arrays.
-    other = {k: v[::-1] for k, v in w.items()}
-    stacked = [jnp.stack(p) for p in ((a["norm"][::-1], a["norm"]),
-                                      (other["wqkv"], w["wqkv"]), (other["wo"], w["wo"]),
-                                      (a["norm"], mlp_norm), (other["wgu"], w["wgu"]),
-                                      (other["wd"], w["wd"]))]
-
-    def layer_one(x, pos, cos, sin, kc, vc, counters, *weights):
-        return decode_layer(x, pos, cos, sin, kc, vc, counters, 1, *weights, num_heads=H,
-                            num_kv_heads=K, eps=1e-5, num_splits=ns, weights_layer=1)
-
-    again = jit_for_tests(layer_one)(a["x"], positions, a["cos"], a["sin"], kc, vc,
-                                     new_counters(2), *stacked)
-    chex.assert_trees_all_equal(again[:3], (got, k_got, v_got))
 
 
 def test_phase_breakdown_reads_a_layer_kernels_stamps():

@@ -93,24 +93,18 @@ FUSED_PATHS = {"kn-tensor": (False, GemvTiles()), "nk-tensor": (True, GemvTiles(
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("path", list(FUSED_PATHS) + ["nk-fma-stacked"])
+@pytest.mark.parametrize("path", list(FUSED_PATHS))
 def test_fused_decode_kernels_lower_to_triton(triton_modules, dtype, path):
-    """SmolLM2's shape: hidden 576 and 9/3 heads are not powers of two; only the tiles are.
-    "-stacked": the weights and norms of 2 layers stacked, the call reading layer 1 (what
-    the fused step passes, `DecodeWeights`)."""
-    stacked = path.endswith("-stacked")
-    transposed, tiles = FUSED_PATHS[path.removesuffix("-stacked")]
+    """SmolLM2's shape: hidden 576 and 9/3 heads are not powers of two; only the tiles are."""
+    transposed, tiles = FUSED_PATHS[path]
     E, H, K, D, F, rows = 576, 9, 3, 64, 1536, 3
-    lead = (2,) if stacked else ()
 
     def w(k, n):  # a weight as the kernels take it
-        return jnp.zeros((*lead, *((n, k) if transposed else (k, n))), dtype)
+        return jnp.zeros((n, k) if transposed else (k, n), dtype)
 
-    x, norm = jnp.zeros((rows, E), dtype), jnp.zeros((*lead, E), dtype)
-    half = jnp.zeros((rows, D // 2))
+    x, norm, half = jnp.zeros((rows, E), dtype), jnp.zeros(E, dtype), jnp.zeros((rows, D // 2))
     parts = jnp.zeros((rows, 4, H * D))  # attention's split partials, f32
-    kw = {"transposed": transposed, "tiles": tiles, "interpret": False,
-          "layer": 1 if stacked else None}
+    kw = {"transposed": transposed, "tiles": tiles, "interpret": False}
     kernels = [
         ("qkv_rope", functools.partial(qkv_rope, num_heads=H, num_kv_heads=K, eps=1e-5, **kw),
          (x, norm, w(E, (H + 2 * K) * D), half, half)),
