@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The decode benchmark over several versions of the tree in one run, each from its own copy:
+# compile time, Generator tok/s and the bare loop's device us per step, side by side.
+#
+# Why beside gpu_ab.sh: that runs its base from the checkout and its edit from a copy, always
+# base first; a change that moves compile time (static per-layer kernels, say) needs every
+# tree run the same way. Here each tree runs from a fresh copy under /tmp, in the order
+# given and then reversed (ROUNDS times), so neither place nor order favours one.
+#
+#   here: mkdir -p out/stk/jdecode/model && git show <rev>:jdecode/model/fused_decode.py \
+#     > out/stk/jdecode/model/fused_decode.py
+#   device (carry out/stk, which git ignores):
+#     OUT=$OUT TREES="A B C" OVERLAY_B=out/stk FILE_C=jdecode/decoding/autoregressive.py \
+#       SED_C='s|stacked_cache=True))|stacked_cache=False))|' \
+#       MODELS="smollm2-135m llama-3.2-1b" bash scripts/gpu_trees.sh
+#
+# Env: TREES (names, "A B"); per tree X: OVERLAY_X (a folder laid over its copy by relative
+# path), FILE_X and SED_X (`sed -e "$SED_X"` on one file, which must change); a tree with
+# neither is the checkout as it is. MODELS (configs/models/<m>.yaml, random weights of the
+# shape), IMPL (auto), LAYERS (fused-unstacked), BATCH (1), NEW (128), PROMPT (512), CHUNK
+# (0: one dispatch), ROUNDS (1: one pass in order and one reversed), BARE (1: time the bare
+# loop too). Writes trees.tgz (every run's bench_decode.{json,md} and log, the edits, and
+# summary.md) under OUT.
+set -u
+OUT=$(realpath -m "${OUT:-out}"); mkdir -p "$OUT"
+export JDECODE_GIT_SHA=${JDECODE_GIT_SHA:-unknown}
+RAW=$(mktemp -d); trap 'tar czf "$OUT/trees.tgz" -C "$RAW" .' EXIT
+read -r -a trees <<< "${TREES:-A B}"
+for t in "${trees[@]}"; do
+  dir="/tmp/jdecode-tree-$t"; rm -rf "$dir"; mkdir -p "$dir"
+  cp -r jdecode pallas_kernels scripts configs pyproject.toml "$dir"/
+  overlay=$(eval echo "\${OVERLAY_$t:-}"); file=$(eval echo "\${FILE_$t:-}")
+  sed_expr=$(eval echo "\"\${SED_$t:-}\"")
+  if [ -n "$overlay" ]; then
+    [ -d "$overlay" ] || { echo "gpu_trees.sh: OVERLAY_$t=$overlay is not a folder" >&2; exit 2; }
+    cp -r "$overlay"/. "$dir"/
+  fi
+  if [ -n "$sed_expr" ]; then
+    : "${file:?FILE_$t= the file that SED_$t edits}"
+    sed -i -e "$sed_expr" "$dir/$file"
+  fi
+  diff -ru jdecode "$dir/jdecode" > "$RAW/$t.diff"; diff -ru pallas_kernels \
+    "$dir/pallas_kernels" >> "$RAW/$t.diff"
+  if [ -n "$overlay$sed_expr" ] && [ ! -s "$RAW/$t.diff" ]; then
+    echo "gpu_trees.sh: tree $t's edits change nothing" >&2; exit 2
+  fi
+done
+order=("${trees[@]}")
+reversed=(); for ((i = ${#trees[@]} - 1; i >= 0; i--)); do reversed+=("${trees[i]}"); done
+echo "| model | tree | pass | compile s | Generator tok/s | bare loop device us/step |" \
+  > "$RAW/summary.md"
+echo "|---|---|---|---|---|---|" >> "$RAW/summary.md"
+bare=$([ "${BARE:-1}" = 1 ] && echo --bare)
+for m in ${MODELS:-smollm2-135m}; do
+  for r in $(seq "${ROUNDS:-1}"); do
+    for pass in forward reversed; do
+      if [ $pass = forward ]; then seq_=("${order[@]}"); else seq_=("${reversed[@]}"); fi
+      for t in "${seq_[@]}"; do
+        dir="/tmp/jdecode-tree-$t"; res="$RAW/${m}_${t}_${r}_$pass"
+        # shellcheck disable=SC2086  # $bare: one word or none
+        (cd "$dir" && PYTHONPATH="$dir" timeout 300 python3 scripts/bench_decode.py \
+          --model "configs/models/$m.yaml" --dtype bfloat16 --batch "${BATCH:-1}" \
+          --prompt-len "${PROMPT:-512}" --new-tokens "${NEW:-128}" --impl "${IMPL:-auto}" \
+          --layers "${LAYERS:-fused-unstacked}" --chunk-steps "${CHUNK:-0}" $bare \
+          --out "$res" > "$res.log" 2>&1)
+        python3 - "$res/bench_decode.json" "$m" "$t" "$r $pass" >> "$RAW/summary.md" <<'EOF'
+import json, sys
+path, m, t, p = sys.argv[1:]
+try:
+    row = json.load(open(path))["rows"][0]
+    step = row.get("bare_loop_device_step_us")
+    print(f"| {m} | {t} | {p} | {row['compile_s']:.2f} | {row['decode_tok_s']:.1f} | "
+          f"{'-' if step is None else f'{step:.2f}'} |")
+except (OSError, KeyError, IndexError, ValueError) as e:
+    print(f"| {m} | {t} | {p} | failed: {type(e).__name__} | | |")
+EOF
+      done
+    done
+  done
+done
+cat "$RAW/summary.md"
