@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Self
@@ -107,7 +108,8 @@ def h200_topology():
                           "jax-cuda13-plugin (scripts/deviceless_env.sh setup does)") from e
 
 
-def xla_compile(fn: Callable, *args, donate_argnums: tuple[int, ...] = ()) -> str:
+def xla_compile(fn: Callable, *args, donate_argnums: tuple[int, ...] = (),
+                timings: dict | None = None) -> str:
     """Compiles jit(fn)(*args) with XLA:GPU for an H200 that is not there, and returns the
     optimized HLO text: the kernels XLA would launch (fusions, GEMMs, the Pallas kernels'
     custom calls), in order.
@@ -119,7 +121,9 @@ def xla_compile(fn: Callable, *args, donate_argnums: tuple[int, ...] = ()) -> st
     fusions and the kernel count are what the card's compiler makes of the same program,
     autotuning aside. args: arrays or ShapeDtypeStructs (pytrees), dispatched as on the card
     (`gpu_dispatch`); donate_argnums as jax.jit's (donate what the real call donates, or
-    XLA copies every buffer a kernel updates in place)."""
+    XLA copies every buffer a kernel updates in place). timings: a dict that receives the
+    seconds spent lowering ("lower_s": tracing and the kernels' lowering to Triton IR) and
+    compiling ("compile_s")."""
     from jax.experimental import topologies
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -129,7 +133,13 @@ def xla_compile(fn: Callable, *args, donate_argnums: tuple[int, ...] = ()) -> st
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
     # The mesh's abstract view names the H200 too: Pallas asks it for the compute capability.
     with gpu_dispatch(), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        return jax.jit(fn, donate_argnums=donate_argnums).lower(*placed).compile().as_text()
+        t0 = time.perf_counter()
+        lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*placed)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        if timings is not None:
+            timings.update(lower_s=t1 - t0, compile_s=time.perf_counter() - t1)
+        return compiled.as_text()
 
 
 # Instructions that launch nothing (`launches`): views, tuples, parameters, and the "done"

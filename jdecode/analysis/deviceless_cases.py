@@ -67,12 +67,14 @@ def step_case(cfg, params, variant: str, batch: int, tokens: int) -> tuple[Calla
 
 
 def generate_loop_case(cfg, params, batch: int, *, prompt: int = 512, max_len: int = 768,
-                       max_out: int = 128) -> tuple[Callable, tuple]:
+                       max_out: int = 128, stacked_cache: bool = True
+                       ) -> tuple[Callable, tuple]:
     """(fn, abstract args) of the Generator's decode loop (`run_loop` around the
     autoregressive decoder, groups of `LOOP_BLOCK` steps, all-greedy) after a `prompt`-token
     prefill: what `Generator.generate` dispatches once per call. Its launches hold two step
-    bodies, the group's and the remainder's (`run_loop`)."""
-    dec = autoregressive(cfg, max_len, "pallas", stacked_cache=True)  # as the plain method
+    bodies, the group's and the remainder's (`run_loop`). stacked_cache: the plain method's
+    (True), or per-layer buffers."""
+    dec = autoregressive(cfg, max_len, "pallas", stacked_cache=stacked_cache)
     sp = SamplingArrays.from_params([SamplingParams()] * batch, batch, specialize_greedy=True)
     keys = jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.zeros((batch,), jnp.uint32)))
     ls = jax.eval_shape(partial(init_loop, dec, max_out=max_out), params,
