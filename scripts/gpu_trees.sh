@@ -14,9 +14,10 @@
 #       SED_C='s|stacked_cache=True))|stacked_cache=False))|' \
 #       MODELS="smollm2-135m llama-3.2-1b" bash scripts/gpu_trees.sh
 #
-# Env: TREES (names, "A B"); per tree X: OVERLAY_X (a folder laid over its copy by relative
-# path), FILE_X and SED_X (`sed -e "$SED_X"` on one file, which must change); a tree with
-# neither is the checkout as it is. MODELS (configs/models/<m>.yaml, random weights of the
+# Env: TREES (names, "A B"); per tree X: PATCH_X (a patch applied to its copy with
+# `patch -p1`, e.g. one of patches/), OVERLAY_X (a folder laid over its copy by relative
+# path), FILE_X and SED_X (`sed -e "$SED_X"` on one file, which must change), applied in that
+# order; a tree with none is the checkout as it is. MODELS (configs/models/<m>.yaml, random weights of the
 # shape), IMPL (auto), LAYERS (fused-unstacked), BATCH (1), NEW (128), PROMPT (512), CHUNK
 # (0: one dispatch), ROUNDS (1: one pass in order and one reversed), BARE (1: time the bare
 # loop too). Writes trees.tgz (every run's bench_decode.{json,md} and log, the edits, and
@@ -30,7 +31,11 @@ for t in "${trees[@]}"; do
   dir="/tmp/jdecode-tree-$t"; rm -rf "$dir"; mkdir -p "$dir"
   cp -r jdecode pallas_kernels scripts configs pyproject.toml "$dir"/
   overlay=$(eval echo "\${OVERLAY_$t:-}"); file=$(eval echo "\${FILE_$t:-}")
-  sed_expr=$(eval echo "\"\${SED_$t:-}\"")
+  sed_expr=$(eval echo "\"\${SED_$t:-}\""); patch_=$(eval echo "\${PATCH_$t:-}")
+  if [ -n "$patch_" ]; then
+    patch -d "$dir" -p1 -s < "$patch_" || { echo "gpu_trees.sh: PATCH_$t=$patch_ does not" \
+      "apply" >&2; exit 2; }
+  fi
   if [ -n "$overlay" ]; then
     [ -d "$overlay" ] || { echo "gpu_trees.sh: OVERLAY_$t=$overlay is not a folder" >&2; exit 2; }
     cp -r "$overlay"/. "$dir"/
@@ -41,7 +46,7 @@ for t in "${trees[@]}"; do
   fi
   diff -ru jdecode "$dir/jdecode" > "$RAW/$t.diff"; diff -ru pallas_kernels \
     "$dir/pallas_kernels" >> "$RAW/$t.diff"
-  if [ -n "$overlay$sed_expr" ] && [ ! -s "$RAW/$t.diff" ]; then
+  if [ -n "$patch_$overlay$sed_expr" ] && [ ! -s "$RAW/$t.diff" ]; then
     echo "gpu_trees.sh: tree $t's edits change nothing" >&2; exit 2
   fi
 done
