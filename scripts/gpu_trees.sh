@@ -14,8 +14,8 @@
 #       SED_C='s|stacked_cache=True))|stacked_cache=False))|' \
 #       MODELS="smollm2-135m llama-3.2-1b" bash scripts/gpu_trees.sh
 #
-# Env: TREES (names, "A B"); per tree X: PATCH_X (a patch applied to its copy with
-# `patch -p1`, e.g. one of patches/), OVERLAY_X (a folder laid over its copy by relative
+# Env: TREES (names, "A B"); per tree X: PATCH_X (patches applied to its copy in order with
+# `patch -p1`, e.g. of patches/; space-separated), OVERLAY_X (a folder laid over its copy by relative
 # path), FILE_X and SED_X (`sed -e "$SED_X"` on one file, which must change), applied in that
 # order; a tree with none is the checkout as it is. MODELS (configs/models/<m>.yaml, random weights of the
 # shape), IMPL (auto), LAYERS (fused-unstacked), BATCH (1), NEW (128), PROMPT (512), CHUNK
@@ -29,13 +29,13 @@ RAW=$(mktemp -d); trap 'tar czf "$OUT/trees.tgz" -C "$RAW" .' EXIT
 read -r -a trees <<< "${TREES:-A B}"
 for t in "${trees[@]}"; do
   dir="/tmp/jdecode-tree-$t"; rm -rf "$dir"; mkdir -p "$dir"
-  cp -r jdecode pallas_kernels scripts configs pyproject.toml "$dir"/
+  cp -r jdecode pallas_kernels scripts configs tests pyproject.toml "$dir"/
   overlay=$(eval echo "\${OVERLAY_$t:-}"); file=$(eval echo "\${FILE_$t:-}")
   sed_expr=$(eval echo "\"\${SED_$t:-}\""); patch_=$(eval echo "\${PATCH_$t:-}")
-  if [ -n "$patch_" ]; then
-    patch -d "$dir" -p1 -s < "$patch_" || { echo "gpu_trees.sh: PATCH_$t=$patch_ does not" \
-      "apply" >&2; exit 2; }
-  fi
+  for p in $patch_; do
+    patch -d "$dir" -p1 -s -t < "$p" || { echo "gpu_trees.sh: PATCH_$t's $p does not apply" >&2
+      exit 2; }
+  done
   if [ -n "$overlay" ]; then
     [ -d "$overlay" ] || { echo "gpu_trees.sh: OVERLAY_$t=$overlay is not a folder" >&2; exit 2; }
     cp -r "$overlay"/. "$dir"/
