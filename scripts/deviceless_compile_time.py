@@ -21,14 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import jax
 
-from jdecode.analysis.deviceless_cases import generate_loop_case, model_params
-from jdecode.provenance import environment
-from pallas_kernels.deviceless import DEVICE_KIND, xla_compile
+from jdecode.analysis.deviceless_cases import generate_loop_case, model_params, write_record
+from pallas_kernels.deviceless import xla_compile
 
 
 def markdown(result: dict) -> str:
@@ -67,13 +64,7 @@ def main() -> None:
                    "pallas_calls": text.count("__gpu$xla.gpu.triton"), "runs": runs}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    result = {**environment(), "command": "python " + " ".join(sys.argv),
-              "target": DEVICE_KIND, "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compile_time.json").write_text(json.dumps(result, indent=1))
-    (out / "compile_time.md").write_text(markdown(result))
-    print(markdown(result))
+    write_record(rows, args.out, "compile_time", markdown)
 
 
 if __name__ == "__main__":

@@ -24,17 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 from jdecode.analysis.deviceless_cases import (
     count_kernels,
     engine_forward_case,
     model_params,
     step_case,
+    write_record,
 )
-from jdecode.provenance import environment
-from pallas_kernels.deviceless import DEVICE_KIND
 
 # (label, impl variant, rows) of the Generator's steps.
 GENERATOR = [("fused", "pallas-fused", 1), ("general", "pallas-general", 1),
@@ -84,13 +81,7 @@ def main() -> None:
                    **count_kernels(fn, fargs, variant)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    result = {**environment(), "command": "python " + " ".join(sys.argv),
-              "target": DEVICE_KIND, "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.json").write_text(json.dumps(result, indent=1))
-    (out / "kernels.md").write_text(markdown(result))
-    print(markdown(result))
+    write_record(rows, args.out, "kernels", markdown)
 
 
 if __name__ == "__main__":

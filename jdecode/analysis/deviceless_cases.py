@@ -8,8 +8,11 @@ shapes are abstract (`jax.eval_shape`): nothing is allocated, so the 1B shape co
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +34,8 @@ from jdecode.model.fused_decode import (
 )
 from jdecode.model.layout import inference_layout
 from jdecode.model.params import init_params
-from jdecode.provenance import REPO_ROOT
-from pallas_kernels.deviceless import launches, xla_compile
+from jdecode.provenance import REPO_ROOT, environment
+from pallas_kernels.deviceless import DEVICE_KIND, launches, xla_compile
 
 i32 = partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
 
@@ -132,3 +135,16 @@ def count_kernels(fn, args, variant: str) -> dict:
         text = xla_compile(fn, *args, donate_argnums=(1,))
     kinds = launches(text)
     return {"kernels": sum(kinds.values()), "kinds": kinds}
+
+
+def write_record(rows: list, out: str, name: str, markdown: Callable[[dict], str]) -> dict:
+    """A deviceless script's record: provenance, its command line, the target and its rows,
+    written as NAME.json and NAME.md (`markdown(record)`) under `out`; the table is printed."""
+    record = {**environment(), "command": "python " + " ".join(sys.argv),
+              "target": DEVICE_KIND, "rows": rows}
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"{name}.json").write_text(json.dumps(record, indent=1))
+    (path / f"{name}.md").write_text(markdown(record))
+    print(markdown(record))
+    return record
