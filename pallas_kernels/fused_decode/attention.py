@@ -82,25 +82,38 @@ def default_splits(max_len: int, rows: int = 1, hidden: int = 0, heads_dim: int 
     return 1 << (ns.bit_length() - 1)
 
 
-def cache_lead(layer: int | None) -> tuple:
-    """The index before a row's in a cache ref: () for one layer's [B, S, K, D] buffer, (layer,)
-    for the stacked [L, B, S, K, D] one, which every layer's call takes whole and updates in
-    place. Why stacked: each buffer is a leaf of the loop state that every call of the
-    Generator's loop donates, ~8.5 us of host time apiece on an H100 (60 for SmolLM2's 30
-    layers; benchmarks/fused_decode_h200.md, stop 49). A static index: Triton lowers one
-    indexer per load, so the layer joins the row's index rather than a `.at` view (as an
-    array: Pallas' masked loads take no Python int there). Its cost: each layer's call is a
-    kernel of its own to compile, ~1 s more for the 1B shape's Generator and 3-4 s for
-    SmolLM2's on an H200 (stop 50)."""
+def cache_lead(layer) -> tuple:
+    """The index before a row's in a cache ref: () for one layer's [B, S, K, D] buffer,
+    (layer,) for the stacked [L, B, S, K, D] one, which every layer's call takes whole and
+    updates in place. Why stacked: each buffer is a leaf of the loop state that every call of
+    the Generator's loop donates, ~8.5 us of host time apiece on an H100 (60 for SmolLM2's 30
+    layers; benchmarks/fused_decode_h200.md, stop 49). layer: the int32 scalar the kernel
+    read from its layer operand (`layer_operand`), so that one compiled kernel serves every
+    layer: as a constant of the kernel, each layer's call compiled as a kernel of its own,
+    1-4 s more per Generator compile on an H200 (stop 50). Triton lowers one indexer per
+    load, so the layer joins the row's index rather than a `.at` view."""
     return () if layer is None else (jnp.asarray(layer, jnp.int32),)
 
 
-def check_cache(k_cache, v_cache, layer: int | None, name: str) -> tuple:
+def layer_operand(layer) -> jax.Array:
+    """The layer index (an int or int32 scalar) as a kernel's [1] int32 operand."""
+    return jnp.asarray(layer, jnp.int32).reshape(1)
+
+
+def reading_layer(kernel):
+    """A kernel over a stacked cache: its first ref is the layer operand, whose value it
+    passes to `kernel` as `layer` (see `cache_lead`)."""
+    def run(layer_ref, *refs):
+        kernel(*refs, layer=layer_ref[0])
+    return run
+
+
+def check_cache(k_cache, v_cache, layer, name: str) -> tuple:
     """(B, S, K, D) of one layer's cache: k_cache [B, S, K, D], or [L, B, S, K, D] with
-    0 <= layer < L."""
+    0 <= layer < L (checked where layer is a Python int; a traced one is not seen)."""
     want = 4 if layer is None else 5
     if k_cache.ndim != want or k_cache.shape != v_cache.shape or (
-            layer is not None and not 0 <= layer < k_cache.shape[0]):
+            isinstance(layer, int) and not 0 <= layer < k_cache.shape[0]):
         raise ValueError(f"{name}: k_cache {k_cache.shape} and v_cache {v_cache.shape} must be "
                          "one layer's [B, S, K, D], or [L, B, S, K, D] with 0 <= layer < L "
                          f"(layer={layer})")
@@ -240,20 +253,28 @@ def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_ou
                 num_splits=num_splits)
 
 
+def decode_attention(qkv, k_cache, v_cache, positions, *, layer=None, **kw):
+    """`_decode_attention`, with a Python int `layer` checked against the stacked cache
+    first (inside the jit it is an operand, whose value the checks do not see)."""
+    check_cache(k_cache, v_cache, layer, "decode_attention")
+    return _decode_attention(qkv, k_cache, v_cache, positions, layer, **kw)
+
+
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "num_splits",
                                              "block_k", "num_warps", "num_stages", "interpret",
-                                             "parts_dtype", "layer"))
-def decode_attention(qkv, k_cache, v_cache, positions, *, num_heads: int, num_kv_heads: int,
-                     num_splits: int | None = None, block_k: int = BLOCK_K, num_warps: int = 4,
-                     num_stages: int = 2, interpret: bool | None = None,
-                     parts_dtype: str | None = None, layer: int | None = None):
+                                             "parts_dtype"))
+def _decode_attention(qkv, k_cache, v_cache, positions, layer=None, *, num_heads: int,
+                      num_kv_heads: int, num_splits: int | None = None, block_k: int = BLOCK_K,
+                      num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None,
+                      parts_dtype: str | None = None):
     """One query per row against its dense cache, with the row's new K/V written in place.
 
     Args:
       qkv: [B, (H + 2K) * D] this step's queries, keys and values, RoPE applied (`qkv_rope`).
       k_cache, v_cache: [B, S, K, D] one layer's cache, qkv's dtype; S a multiple of block_k.
-        Or, with `layer`, the stacked [L, B, S, K, D] cache, of which this call reads and
-        writes layer `layer` only. Aliased to the outputs: inside a jit that owns them (the
+        Or, with `layer` (an int or int32 scalar, an operand of the kernel: one compiled
+        kernel for every layer), the stacked [L, B, S, K, D] cache, of which this call reads
+        and writes layer `layer` only. Aliased to the outputs: inside a jit that owns them (the
         decode step does) the update is in place, otherwise XLA copies them first.
       positions: [B] int32 slot of each row's token; slots [0, position) are its past.
       num_splits: split-K partitions per (row, kv head); default `default_splits(S, B)`
@@ -283,8 +304,12 @@ def decode_attention(qkv, k_cache, v_cache, positions, *, num_heads: int, num_kv
     splits = num_splits or default_splits(S, b, block_k=block_k)
     check_parts_dtype(parts_dtype, splits)
     kernel = functools.partial(_attn_kernel, num_heads=H, group=H // K, block_k=block_k,
-                               num_splits=splits, sm_scale=D ** -0.5, layer=layer)
+                               num_splits=splits, sm_scale=D ** -0.5)
     inputs = (positions.astype(jnp.int32), qkv.reshape(b, H + 2 * K, D), k_cache, v_cache)
+    aliases = {2: 2, 3: 3}
+    if layer is not None:  # the layer operand goes first (`reading_layer`)
+        kernel, inputs, aliases = reading_layer(kernel), (layer_operand(layer), *inputs), {
+            3: 2, 4: 3}
     out_shape = (jax.ShapeDtypeStruct((b, splits, H * D), parts_dtype or f32),
                  jax.ShapeDtypeStruct((b * splits * H,), f32),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
@@ -295,7 +320,7 @@ def decode_attention(qkv, k_cache, v_cache, positions, *, num_heads: int, num_kv
         in_specs=[whole_block(a) for a in inputs],
         out_specs=[whole_block(s) for s in out_shape],
         out_shape=out_shape,
-        input_output_aliases={2: 2, 3: 3},
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=resolve_interpret(interpret),
         name="decode_attention",

@@ -49,6 +49,8 @@ from pallas_kernels.fused_decode.attention import (
     cache_lead,
     check_cache,
     default_splits,
+    layer_operand,
+    reading_layer,
     split_output,
 )
 from pallas_kernels.fused_decode.kernel import MAX_ROWS, whole_block
@@ -142,13 +144,18 @@ def _block_kernel(past_ref, slots_ref, vis_ref, qkv_ref, kc_ref, vc_ref, o_ref, 
     lse_ref[out_row * H + head] = lse
 
 
+def block_attention(qkv, k_cache, v_cache, slots, past, vis, *, layer=None, **kw):
+    """`_block_attention`, with a Python int `layer` checked against the stacked cache first
+    (inside the jit it is an operand, whose value the checks do not see)."""
+    check_cache(k_cache, v_cache, layer, "block_attention")
+    return _block_attention(qkv, k_cache, v_cache, slots, past, vis, layer, **kw)
+
+
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "num_splits",
-                                             "block_k", "num_warps", "num_stages", "interpret",
-                                             "layer"))
-def block_attention(qkv, k_cache, v_cache, slots, past, vis, *, num_heads: int,
-                    num_kv_heads: int, num_splits: int | None = None, block_k: int = BLOCK_K,
-                    num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None,
-                    layer: int | None = None):
+                                             "block_k", "num_warps", "num_stages", "interpret"))
+def _block_attention(qkv, k_cache, v_cache, slots, past, vis, layer=None, *, num_heads: int,
+                     num_kv_heads: int, num_splits: int | None = None, block_k: int = BLOCK_K,
+                     num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
     """T new tokens per row against the row's committed cache and each other, with the tokens'
     K/V written in place.
 
@@ -188,10 +195,13 @@ def block_attention(qkv, k_cache, v_cache, slots, past, vis, *, num_heads: int,
     splits = num_splits or default_splits(S, b * T, block_k=block_k)
     tile, q_blocks = query_tile(T, H // K)
     kernel = functools.partial(_block_kernel, num_heads=H, group=H // K, tokens=T, tile=tile,
-                               block_k=block_k, num_splits=splits, sm_scale=D ** -0.5,
-                               layer=layer)
+                               block_k=block_k, num_splits=splits, sm_scale=D ** -0.5)
     inputs = (past.astype(jnp.int32), slots.reshape(-1).astype(jnp.int32),
               vis.reshape(-1).astype(jnp.int32), qkv.reshape(-1), k_cache, v_cache)
+    aliases = {4: 2, 5: 3}
+    if layer is not None:  # the layer operand goes first (`attention.reading_layer`)
+        kernel, inputs, aliases = reading_layer(kernel), (layer_operand(layer), *inputs), {
+            5: 2, 6: 3}
     out_shape = (jax.ShapeDtypeStruct((b * T * splits * H * D,), f32),
                  jax.ShapeDtypeStruct((b * T * splits * H,), f32),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
@@ -202,7 +212,7 @@ def block_attention(qkv, k_cache, v_cache, slots, past, vis, *, num_heads: int,
         in_specs=[whole_block(a) for a in inputs],
         out_specs=[whole_block(s) for s in out_shape],
         out_shape=out_shape,
-        input_output_aliases={4: 2, 5: 3},
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=resolve_interpret(interpret),
         name="block_attention",
