@@ -34,8 +34,9 @@ def decode_cache(params: Params, cfg: ModelConfig, rows: int, max_len: int, impl
     are 2L. Each leaf of the loop state costs every call of the Generator's loop ~8.5 us of
     host time on an H100 (its donation and its output), with the device idle: ~0.5 ms a call
     for SmolLM2's 60 buffers (benchmarks/fused_decode_h200.md, stop 49). On an H200 the 1B
-    shape then ran 1% faster and SmolLM2 level, and each compiled 1-4 s longer: the kernels
-    take the layer as a constant (`attention.cache_lead`; stop 50).
+    shape then ran 1% faster and SmolLM2 level, and each compiled 1-4 s longer while the
+    kernels took the layer as a constant (stop 50); they read it from an operand now, one
+    compiled kernel for every layer (`attention.cache_lead`; stop 51).
     """
     per_layer = isinstance(params.layers, tuple)
     if per_layer and impl == "pallas":
