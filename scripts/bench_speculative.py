@@ -44,7 +44,6 @@ from jdecode.analysis.spec_cost import (
     choose_k_calibrated,
     expected_speedup,
 )
-from jdecode.cache.dense import init_cache
 from jdecode.data.prompts import eval_prompts
 from jdecode.decoding import generate as generate_mod
 from jdecode.decoding import phases
@@ -157,9 +156,11 @@ def step_costs(cfg, params, impl: str, batch: int, context: int, ts: list[int],
     a verify pass). Each figure is `inner` passes in one dispatch (a fori_loop threading the
     cache), divided by `inner`: on the GPU a single call of a 135M model's pass costs its
     dispatch (1.91 ms on an H100 against 0.71 ms per step in a loop, stop 49), which made
-    the isolated cost model's c and verify_cost ratios of dispatch times."""
+    the isolated cost model's c and verify_cost ratios of dispatch times. Each pass runs over
+    the cache its method builds: t = 1 over the plain method's (`phases.decode_cache`,
+    stacked where the fused step runs), t > 1 over the params' layout, as the speculative
+    methods' verify passes do (`phases.layout_cache`)."""
     max_len = -(-(context + max(ts) + 1) // 256) * 256
-    per_layer = isinstance(params.layers, tuple)
     out = {}
     for t in sorted(set(ts)):
         tokens = jax.random.randint(jax.random.key(t), (batch, t), 0, cfg.vocab_size)
@@ -175,7 +176,9 @@ def step_costs(cfg, params, impl: str, batch: int, context: int, ts: list[int],
         # constants compiled into the executable).
         passes = jax.jit(lambda p, cache, tokens, pos: jax.lax.fori_loop(
             0, inner, lambda _, c: one(p, c, tokens, pos), cache), donate_argnums=1)
-        state = {"cache": init_cache(cfg, batch, max_len, per_layer=per_layer)}
+        cache = (phases.decode_cache(params, cfg, batch, max_len, impl) if t == 1
+                 else phases.layout_cache(params, cfg, batch, max_len))
+        state = {"cache": cache}
 
         def run(passes=passes, tokens=tokens, pos=pos):
             state["cache"] = passes(params, state["cache"], tokens, pos)

@@ -7,7 +7,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jdecode.cache.dense import init_cache
 from jdecode.config import ModelConfig
 from jdecode.decoding import phases
 from jdecode.decoding.base import Decoder, DecodeState, StepOutput, mark_seen, sample_next
@@ -51,11 +50,8 @@ def autoregressive(cfg: ModelConfig, max_len: int, impl: str = "xla",
 
     def init(params, prompt, lengths, sampling, keys, track_seen=False):
         b = prompt.shape[0]
-        if stacked_cache:
-            cache = phases.decode_cache(params, cfg, b, max_len, impl, track_writes)
-        else:
-            cache = init_cache(cfg, b, max_len, per_layer=isinstance(params.layers, tuple),
-                               track_writes=track_writes)
+        cache = (phases.decode_cache(params, cfg, b, max_len, impl, track_writes) if stacked_cache
+                 else phases.layout_cache(params, cfg, b, max_len, track_writes))
         logits, _, cache = phases.prefill(params, cache, prompt, lengths, cfg=cfg, impl=impl)
         return start_state(logits, prompt, lengths, sampling, keys, cache, track_seen,
                            cfg.vocab_size)

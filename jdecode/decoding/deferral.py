@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jdecode.cache.dense import DenseMeta, init_cache, make_dense_attend
+from jdecode.cache.dense import DenseMeta, make_dense_attend
 from jdecode.config import ModelConfig
+from jdecode.decoding import phases
 from jdecode.io import artifacts
 from jdecode.io.registry import Model
 from jdecode.model.linear import make_linear
@@ -82,7 +83,7 @@ def answer_stats(params: Params, tokens: jax.Array, prompt_lens: jax.Array,
     # Answer token j sits at position prompt_len + j; the step before it predicted it.
     at = jnp.clip(prompt_lens[:, None] - 1 + j[None], 0, t - 1)  # [B, N]
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    cache = init_cache(cfg, b, t, per_layer=isinstance(params.layers, tuple))
+    cache = phases.layout_cache(params, cfg, b, t)
     logits, hidden, _ = forward(params, tokens, positions, cache, DenseMeta(positions), cfg=cfg,
                                 attend=make_dense_attend(cfg, impl), logits_at=at,
                                 linear=make_linear(impl))

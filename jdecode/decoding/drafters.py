@@ -13,7 +13,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jdecode.cache.dense import init_cache
 from jdecode.config import ModelConfig
 from jdecode.decoding import phases
 from jdecode.decoding.sampling import SamplingArrays, filter_logits
@@ -85,8 +84,7 @@ def model_drafter(cfg: ModelConfig, max_len: int, impl: str = "xla", with_probs:
     """
 
     def init(params, prompt, lengths):
-        cache = init_cache(cfg, prompt.shape[0], max_len,
-                           per_layer=isinstance(params.layers, tuple))  # unstacked layout
+        cache = phases.layout_cache(params, cfg, prompt.shape[0], max_len)
         _, _, cache = phases.prefill(params, cache, prompt, lengths, cfg=cfg, impl=impl)
         return cache
 

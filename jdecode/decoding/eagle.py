@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jdecode.cache.dense import init_cache, with_scratch
+from jdecode.cache.dense import with_scratch
 from jdecode.config import ModelConfig
 from jdecode.decoding import phases
 from jdecode.decoding.acceptance import AcceptFn, accept_step, sampled_tree_accept
@@ -191,8 +191,7 @@ def eagle_decoder(cfg: ModelConfig, max_len: int, shapes: Mapping[int, TreeShape
                              "use the autoregressive method")
         b, shape = prompt.shape[0], plan_lookup(shapes, prompt.shape[0])
         rows = jnp.arange(b)
-        cache = init_cache(cfg, b, with_scratch(max_len, shape.nodes - 1),
-                           per_layer=isinstance(params.layers, tuple))
+        cache = phases.layout_cache(params, cfg, b, with_scratch(max_len, shape.nodes - 1))
         # Every prompt position's features feed the draft.
         logits, _, cache, carry = phases.prefill(params, cache, prompt, lengths, cfg=cfg,
                                                  impl=impl, hooks=hooks)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jdecode.analysis.spec_cost import expected_tokens_tree
-from jdecode.cache.dense import init_cache, with_scratch
+from jdecode.cache.dense import with_scratch
 from jdecode.config import ModelConfig
 from jdecode.decoding import phases
 from jdecode.decoding.acceptance import (
@@ -108,8 +108,7 @@ def heads_decoder(cfg: ModelConfig, max_len: int, trees: Mapping[int, StaticTree
                              "use the autoregressive method")
         b = prompt.shape[0]
         spec = plan_lookup(trees, b)
-        cache = init_cache(cfg, b, with_scratch(max_len, spec.num_nodes - 1),
-                           per_layer=isinstance(params.layers, tuple))
+        cache = phases.layout_cache(params, cfg, b, with_scratch(max_len, spec.num_nodes - 1))
         logits, hidden, cache = phases.prefill(params, cache, prompt, lengths, cfg=cfg, impl=impl)
         state = DecodeState(tokens=jnp.zeros((b,), jnp.int32), positions=lengths, keys=keys,
                             sampling=sampling, seen=None, aux=HeadsAux(cache, hidden))

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jdecode.cache.dense import DenseKVCache, init_cache
+from jdecode.cache.dense import DenseKVCache
 from jdecode.config import ModelConfig
 from jdecode.decoding import phases
 from jdecode.decoding.autoregressive import autoregressive, start_state
@@ -192,7 +192,7 @@ def mod_decoder(cfg: ModelConfig, max_len: int, impl: str = "xla", mode: str = "
     def init(params, prompt, lengths, sampling, keys, track_seen=False):
         target, routers, _ = params
         b, t = prompt.shape
-        cache = init_cache(cfg, b, max_len, per_layer=isinstance(target.layers, tuple))
+        cache = phases.layout_cache(target, cfg, b, max_len)
         valid = jnp.arange(t)[None] < lengths[:, None]  # [B, T]
         logits, _, cache, sums = phases.prefill(target, cache, prompt, lengths, cfg=cfg,
                                                 impl=impl,

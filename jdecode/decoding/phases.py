@@ -24,6 +24,16 @@ from jdecode.model.params import Params
 from jdecode.model.transformer import LayerHooks, forward
 
 
+def layout_cache(params: Params, cfg: ModelConfig, rows: int, max_len: int,
+                 track_writes: bool = False) -> DenseKVCache:
+    """The zeroed dense cache laid out as the params are: stacked [L, ...] K and V for the
+    scan layout, one buffer per layer for the unrolled one (so each layer's K/V is written and
+    read in place). The cache of every pass but the plain method's fused decode loop
+    (`decode_cache`): prefill, verify blocks, trees and hooked layers were measured over it."""
+    return init_cache(cfg, rows, max_len, per_layer=isinstance(params.layers, tuple),
+                      track_writes=track_writes)
+
+
 def decode_cache(params: Params, cfg: ModelConfig, rows: int, max_len: int, impl: str = "xla",
                  track_writes: bool = False) -> DenseKVCache:
     """The zeroed dense cache of a decoder whose steps take `rows` rows one token at a time.
@@ -38,12 +48,12 @@ def decode_cache(params: Params, cfg: ModelConfig, rows: int, max_len: int, impl
     kernels took the layer as a constant (stop 50); they read it from an operand now, one
     compiled kernel for every layer (`attention.cache_lead`; stop 51).
     """
-    per_layer = isinstance(params.layers, tuple)
-    if per_layer and impl == "pallas":
+    if isinstance(params.layers, tuple) and impl == "pallas":
         stacked = jax.eval_shape(lambda: init_cache(cfg, rows, max_len,
                                                     track_writes=track_writes))
-        per_layer = fused_decode_reason(params, stacked, cfg, rows) is not None
-    return init_cache(cfg, rows, max_len, per_layer=per_layer, track_writes=track_writes)
+        if fused_decode_reason(params, stacked, cfg, rows) is None:
+            return init_cache(cfg, rows, max_len, track_writes=track_writes)
+    return layout_cache(params, cfg, rows, max_len, track_writes)
 
 
 def prefill(params: Params, cache: DenseKVCache, tokens: jax.Array, lengths: jax.Array, *,
