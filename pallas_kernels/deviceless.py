@@ -109,7 +109,7 @@ def h200_topology():
 
 
 def xla_compile(fn: Callable, *args, donate_argnums: tuple[int, ...] = (),
-                timings: dict | None = None) -> str:
+                timings: dict | None = None, compiler_options: dict | None = None) -> str:
     """Compiles jit(fn)(*args) with XLA:GPU for an H200 that is not there, and returns the
     optimized HLO text: the kernels XLA would launch (fusions, GEMMs, the Pallas kernels'
     custom calls), in order.
@@ -123,7 +123,8 @@ def xla_compile(fn: Callable, *args, donate_argnums: tuple[int, ...] = (),
     (`gpu_dispatch`); donate_argnums as jax.jit's (donate what the real call donates, or
     XLA copies every buffer a kernel updates in place). timings: a dict that receives the
     seconds spent lowering ("lower_s": tracing and the kernels' lowering to Triton IR) and
-    compiling ("compile_s")."""
+    compiling ("compile_s"). compiler_options: XLA options for this executable, as the
+    Generator passes its loop's (`generate.loop_compiler_options`)."""
     from jax.experimental import topologies
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -136,7 +137,7 @@ def xla_compile(fn: Callable, *args, donate_argnums: tuple[int, ...] = (),
         t0 = time.perf_counter()
         lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*placed)
         t1 = time.perf_counter()
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=compiler_options)
         if timings is not None:
             timings.update(lower_s=t1 - t0, compile_s=time.perf_counter() - t1)
         return compiled.as_text()

@@ -32,11 +32,15 @@ from jdecode.analysis.deviceless_cases import (
     step_case,
     write_record,
 )
+from jdecode.decoding.generate import loop_compiler_options
 
-# (label, impl variant, rows) of the Generator's steps.
-GENERATOR = [("fused", "pallas-fused", 1), ("general", "pallas-general", 1),
-             ("fused", "pallas-fused", 4), ("general", "pallas-general", 4),
-             ("default", "pallas", 64)]
+# (label, impl variant, rows, XLA options) of the Generator's steps: at 64 rows with the
+# options its loop compiles with there (cuBLAS GEMMs, `generate.loop_compiler_options`) and
+# without them (XLA's Triton GEMMs, as before stop 51).
+GENERATOR = [("fused", "pallas-fused", 1, {}), ("general", "pallas-general", 1, {}),
+             ("fused", "pallas-fused", 4, {}), ("general", "pallas-general", 4, {}),
+             ("default", "pallas", 64, loop_compiler_options(64, "gpu")),
+             ("default, Triton GEMMs", "pallas", 64, {})]
 # (label, impl variant, rows) of the engine's decode-only steps: the fused step over the
 # decode buckets of up to 5 rows, the general path over the token buckets past them (and
 # wherever JDECODE_FUSED_DECODE=0).
@@ -72,13 +76,13 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         cfg, params = model_params(name)
-        cases = [("Generator decode", label, variant, n, step_case(cfg, params, variant, n, 1))
-                 for label, variant, n in GENERATOR]
-        cases += [("engine decode-only", label, variant, n,
+        cases = [("Generator decode", label, variant, n, opts,
+                  step_case(cfg, params, variant, n, 1)) for label, variant, n, opts in GENERATOR]
+        cases += [("engine decode-only", label, variant, n, {},
                    engine_forward_case(cfg, params, n)) for label, variant, n in ENGINE]
-        for step, label, variant, n, (fn, fargs) in cases:
+        for step, label, variant, n, opts, (fn, fargs) in cases:
             row = {"model": name, "step": step, "path": label, "variant": variant, "rows": n,
-                   **count_kernels(fn, fargs, variant)}
+                   "compiler_options": opts, **count_kernels(fn, fargs, variant, opts or None)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     write_record(rows, args.out, "kernels", markdown)
