@@ -614,6 +614,14 @@ def test_fused_step_declines_what_it_does_not_cover(monkeypatch):
     assert "sliding" in fused_decode_reason(fast, per_layer, windowed, 1)
 
 
+def _real_prompts(smol) -> list[list[int]]:
+    """The real-model tests' four chat prompts, as token ids."""
+    questions = ["What is the capital of France?", "Name three primary colors.",
+                 "Write a haiku about the sea.", "What is 12 times 12?"]
+    return [smol.tokenizer.encode(smol.tokenizer.apply_chat_template(
+        [{"role": "user", "content": q}])) for q in questions]
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_fused_greedy_equals_xla_on_the_real_model_f32(request, fused_on):
@@ -624,10 +632,7 @@ def test_fused_greedy_equals_xla_on_the_real_model_f32(request, fused_on):
     from jdecode.decoding.generate import Generator
     from jdecode.decoding.sampling import SamplingParams
 
-    questions = ["What is the capital of France?", "Name three primary colors.",
-                 "Write a haiku about the sea.", "What is 12 times 12?"]
-    prompts = [smol.tokenizer.encode(smol.tokenizer.apply_chat_template(
-        [{"role": "user", "content": q}])) for q in questions]
+    prompts = _real_prompts(smol)
     sp = SamplingParams(max_new_tokens=32)
     fast = Generator(smol, impl="pallas", layout="inference")
     slow = Generator(smol, impl="xla", layout="inference")
@@ -636,6 +641,27 @@ def test_fused_greedy_equals_xla_on_the_real_model_f32(request, fused_on):
             [r.token_ids for r in slow.generate(batch, sp)]
     assert [r.token_ids for r in fast.generate(prompts, sp)] == \
         [r.token_ids for r in slow.generate(prompts, sp)]
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_cublas_loop_greedy_equals_xla_on_the_real_model_f32(request, monkeypatch):
+    """The same acceptance at 64 rows, where the Generator's loop compiles for cuBLAS
+    (`generate.loop_compiler_options`): against the XLA path with XLA's own GEMMs."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs the GPU")
+    smol = request.getfixturevalue("smol")
+    from jdecode.decoding import generate as generate_mod
+    from jdecode.decoding.sampling import SamplingParams
+
+    prompts = _real_prompts(smol)
+    rows = 16 * prompts  # 64 rows; each prompt at several batch positions
+    sp = SamplingParams(max_new_tokens=32)
+    assert generate_mod.loop_compiler_options(len(rows), "gpu"), "64 rows: the cuBLAS loop"
+    fast = generate_mod.Generator(smol, impl="pallas", layout="inference").generate(rows, sp)
+    monkeypatch.setattr(generate_mod, "CUBLAS_MIN_ROWS", None)
+    slow = generate_mod.Generator(smol, impl="xla", layout="inference").generate(rows, sp)
+    assert [r.token_ids for r in fast] == [r.token_ids for r in slow]
 
 
 @pytest.mark.parametrize("dtype,rows", [("float32", 3)])
