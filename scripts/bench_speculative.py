@@ -172,12 +172,15 @@ def step_costs(cfg, params, impl: str, batch: int, context: int, ts: list[int],
                                           impl=impl)[2]
             return phases.verify(p, cache, tokens, pos, cfg=cfg, impl=impl)[2]
 
-        # The params, tokens and positions are arguments (closed over, they would be
-        # constants compiled into the executable).
-        passes = jax.jit(lambda p, cache, tokens, pos: jax.lax.fori_loop(
-            0, inner, lambda _, c: one(p, c, tokens, pos), cache), donate_argnums=1)
         cache = (phases.decode_cache(params, cfg, batch, max_len, impl) if t == 1
                  else phases.layout_cache(params, cfg, batch, max_len))
+        # The params, tokens and positions are arguments (closed over, they would be
+        # constants compiled into the executable); the XLA options are the Generator's loop's
+        # at this batch (cuBLAS from 64 rows).
+        passes = jax.jit(lambda p, cache, tokens, pos: jax.lax.fori_loop(
+            0, inner, lambda _, c: one(p, c, tokens, pos), cache), donate_argnums=1).lower(
+            params, cache, tokens, pos).compile(
+            compiler_options=generate_mod.loop_compiler_options(batch, jax.default_backend()))
         state = {"cache": cache}
 
         def run(passes=passes, tokens=tokens, pos=pos):
