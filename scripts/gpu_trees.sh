@@ -17,7 +17,9 @@
 # Env: TREES (names, "A B"); per tree X: PATCH_X (patches applied to its copy in order with
 # `patch -p1`, e.g. of patches/; space-separated), OVERLAY_X (a folder laid over its copy by relative
 # path), FILE_X and SED_X (`sed -e "$SED_X"` on one file, which must change), applied in that
-# order; a tree with none is the checkout as it is. MODELS (configs/models/<m>.yaml, random weights of the
+# order; a tree with none is the checkout as it is. ENV_X: environment settings for tree X's
+# runs, shell words (`VAR=value ...`; quote a value with spaces: ENV_B='XLA_FLAGS="--a --b"'):
+# a tree may be the same code under other flags. They are recorded in its diff file. MODELS (configs/models/<m>.yaml, random weights of the
 # shape), IMPL (auto), LAYERS (fused-unstacked), BATCH (1), NEW (128), PROMPT (512), CHUNK
 # (0: one dispatch), ROUNDS (1: one pass in order and one reversed), BARE (1: time the bare
 # loop too). Writes trees.tgz (every run's bench_decode.{json,md} and log, the edits, and
@@ -46,6 +48,8 @@ for t in "${trees[@]}"; do
   fi
   diff -ru jdecode "$dir/jdecode" > "$RAW/$t.diff"; diff -ru pallas_kernels \
     "$dir/pallas_kernels" >> "$RAW/$t.diff"
+  env_name="ENV_$t"
+  if [ -n "${!env_name:-}" ]; then echo "# ENV_$t: ${!env_name}" >> "$RAW/$t.diff"; fi
   if [ -n "$patch_$overlay$sed_expr" ] && [ ! -s "$RAW/$t.diff" ]; then
     echo "gpu_trees.sh: tree $t's edits change nothing" >&2; exit 2
   fi
@@ -63,7 +67,8 @@ for m in ${MODELS:-smollm2-135m}; do
       for t in "${seq_[@]}"; do
         dir="/tmp/jdecode-tree-$t"; res="$RAW/${m}_${t}_${r}_$pass"
         # shellcheck disable=SC2086  # $bare: one word or none
-        (cd "$dir" && PYTHONPATH="$dir" timeout 300 python3 scripts/bench_decode.py \
+        env_name="ENV_$t"; eval "tree_env=(${!env_name:-})"
+        (cd "$dir" && env "${tree_env[@]}" PYTHONPATH="$dir" timeout 300 python3 scripts/bench_decode.py \
           --model "configs/models/$m.yaml" --dtype bfloat16 --batch "${BATCH:-1}" \
           --prompt-len "${PROMPT:-512}" --new-tokens "${NEW:-128}" --impl "${IMPL:-auto}" \
           --layers "${LAYERS:-fused-unstacked}" --chunk-steps "${CHUNK:-0}" $bare \
