@@ -88,7 +88,7 @@ def cache_lead(layer) -> tuple:
     updates in place. Why stacked: each buffer is a leaf of the loop state that every call of
     the Generator's loop donates, ~8.5 us of host time apiece on an H100 (60 for SmolLM2's 30
     layers; benchmarks/fused_decode_h200.md, stop 49). layer: the int32 scalar the kernel
-    read from its layer operand (`layer_operand`), so that one compiled kernel serves every
+    read from its layer operand (`on_layer`), so that one compiled kernel serves every
     layer: as a constant of the kernel, each layer's call compiled as a kernel of its own,
     1-4 s more per Generator compile on an H200 (stop 50). As the operand, an H100 compiled
     the Generator 1.5-4 s faster for SmolLM2 at ~0.7% more step time (the scalar load ahead
@@ -97,17 +97,18 @@ def cache_lead(layer) -> tuple:
     return () if layer is None else (jnp.asarray(layer, jnp.int32),)
 
 
-def layer_operand(layer) -> jax.Array:
-    """The layer index (an int or int32 scalar) as a kernel's [1] int32 operand."""
-    return jnp.asarray(layer, jnp.int32).reshape(1)
+def on_layer(kernel, inputs: tuple, aliases: dict, layer) -> tuple:
+    """(kernel, inputs, input_output_aliases) of a pallas_call over layer `layer` (an int or
+    int32 scalar) of a stacked cache: the layer goes first as a [1] int32 operand, whose value
+    the wrapped kernel passes to `kernel` as `layer` (see `cache_lead`), so every input and
+    each alias shifts by one. Unchanged where layer is None (one layer's buffers)."""
+    if layer is None:
+        return kernel, inputs, aliases
 
-
-def reading_layer(kernel):
-    """A kernel over a stacked cache: its first ref is the layer operand, whose value it
-    passes to `kernel` as `layer` (see `cache_lead`)."""
     def run(layer_ref, *refs):
         kernel(*refs, layer=layer_ref[0])
-    return run
+    return (run, (jnp.asarray(layer, jnp.int32).reshape(1), *inputs),
+            {i + 1: o for i, o in aliases.items()})
 
 
 def check_cache(k_cache, v_cache, layer, name: str) -> tuple:
@@ -308,10 +309,7 @@ def _decode_attention(qkv, k_cache, v_cache, positions, layer=None, *, num_heads
     kernel = functools.partial(_attn_kernel, num_heads=H, group=H // K, block_k=block_k,
                                num_splits=splits, sm_scale=D ** -0.5)
     inputs = (positions.astype(jnp.int32), qkv.reshape(b, H + 2 * K, D), k_cache, v_cache)
-    aliases = {2: 2, 3: 3}
-    if layer is not None:  # the layer operand goes first (`reading_layer`)
-        kernel, inputs, aliases = reading_layer(kernel), (layer_operand(layer), *inputs), {
-            3: 2, 4: 3}
+    kernel, inputs, aliases = on_layer(kernel, inputs, {2: 2, 3: 3}, layer)
     out_shape = (jax.ShapeDtypeStruct((b, splits, H * D), parts_dtype or f32),
                  jax.ShapeDtypeStruct((b * splits * H,), f32),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),

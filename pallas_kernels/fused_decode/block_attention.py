@@ -49,8 +49,7 @@ from pallas_kernels.fused_decode.attention import (
     cache_lead,
     check_cache,
     default_splits,
-    layer_operand,
-    reading_layer,
+    on_layer,
     split_output,
 )
 from pallas_kernels.fused_decode.kernel import MAX_ROWS, whole_block
@@ -198,10 +197,7 @@ def _block_attention(qkv, k_cache, v_cache, slots, past, vis, layer=None, *, num
                                block_k=block_k, num_splits=splits, sm_scale=D ** -0.5)
     inputs = (past.astype(jnp.int32), slots.reshape(-1).astype(jnp.int32),
               vis.reshape(-1).astype(jnp.int32), qkv.reshape(-1), k_cache, v_cache)
-    aliases = {4: 2, 5: 3}
-    if layer is not None:  # the layer operand goes first (`attention.reading_layer`)
-        kernel, inputs, aliases = reading_layer(kernel), (layer_operand(layer), *inputs), {
-            5: 2, 6: 3}
+    kernel, inputs, aliases = on_layer(kernel, inputs, {4: 2, 5: 3}, layer)
     out_shape = (jax.ShapeDtypeStruct((b * T * splits * H * D,), f32),
                  jax.ShapeDtypeStruct((b * T * splits * H,), f32),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
