@@ -29,7 +29,7 @@ from jdecode.analysis.measure import measure_ceilings
 from jdecode.analysis.profile import device_span_us
 from jdecode.config import load_model_config_yaml
 from jdecode.decoding import phases
-from jdecode.decoding.generate import Generator, loop_compiler_options
+from jdecode.decoding.generate import Generator, compile_loop
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.io.registry import KNOWN_MODELS, Model, load
 from jdecode.model.fused_decode import impl_variant
@@ -74,9 +74,8 @@ def bare_loop(model: Model, batch: int, prompt_len: int, new: int, impl: str) ->
 
     tok = jnp.argmax(logits, -1).astype(jnp.int32)
     # Compiled with the XLA options the Generator's loop takes at this batch (cuBLAS GEMMs
-    # from 64 rows, `loop_compiler_options`).
-    loop = jax.jit(run, donate_argnums=(1,)).lower(params, cache, tok).compile(
-        compiler_options=loop_compiler_options(batch, jax.default_backend()))
+    # from 64 rows, `compile_loop`).
+    loop = compile_loop(jax.jit(run, donate_argnums=(1,)), batch, params, cache, tok)
     cache, out = loop(params, cache, tok)  # warm up
     jax.block_until_ready(out)
     times = []

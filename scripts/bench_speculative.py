@@ -177,10 +177,11 @@ def step_costs(cfg, params, impl: str, batch: int, context: int, ts: list[int],
         # The params, tokens and positions are arguments (closed over, they would be
         # constants compiled into the executable); the XLA options are the Generator's loop's
         # at this batch (cuBLAS from 64 rows).
-        passes = jax.jit(lambda p, cache, tokens, pos: jax.lax.fori_loop(
-            0, inner, lambda _, c: one(p, c, tokens, pos), cache), donate_argnums=1).lower(
-            params, cache, tokens, pos).compile(
-            compiler_options=generate_mod.loop_compiler_options(batch, jax.default_backend()))
+        def inner_passes(p, cache, tokens, pos):
+            return jax.lax.fori_loop(0, inner, lambda _, c: one(p, c, tokens, pos), cache)
+
+        passes = generate_mod.compile_loop(jax.jit(inner_passes, donate_argnums=1), batch,
+                                           params, cache, tokens, pos)
         state = {"cache": cache}
 
         def run(passes=passes, tokens=tokens, pos=pos):

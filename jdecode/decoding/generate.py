@@ -60,6 +60,14 @@ def loop_compiler_options(batch: int, backend: str) -> dict:
     return {"xla_gpu_enable_triton_gemm": False}
 
 
+def compile_loop(jitted, batch: int, *args):
+    """`jitted` (a jax.jit of a decode loop over `batch` rows) lowered for args and compiled
+    with `loop_compiler_options` for this backend: the Generator's loop, and the benchmarks'
+    loops that time the same step."""
+    return jitted.lower(*args).compile(
+        compiler_options=loop_compiler_options(batch, jax.default_backend()))
+
+
 STREAM_INTERVAL_S = 0.05
 """`stream` grows its chunks (doubling from `chunk_steps`) until one takes about this long:
 every chunk is a call of the loop executable, and on the GPU that call waits for its while
@@ -206,8 +214,7 @@ class Generator:
             # The loop state (cache included) is donated: updated in place every chunk.
             loop = jax.jit(partial(run_loop, decoder, block=self.loop_block),
                            donate_argnums=(1,))
-            loop_c = loop.lower(self.params, ls_shape, jnp.int32(0)).compile(
-                compiler_options=loop_compiler_options(batch, jax.default_backend()))
+            loop_c = compile_loop(loop, batch, self.params, ls_shape, jnp.int32(0))
             self._compiled[key] = _Compiled(init_c, loop_c, time.perf_counter() - t0)
         return self._compiled[key]
 
