@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from jdecode.config import ModelConfig
-from jdecode.model.attention import attention, causal_attention_tiled
+from jdecode.model.attention import APPLIES_ROPE, attention, causal_attention_tiled
+from jdecode.model.layers import apply_rope
 from jdecode.model.pallas_dispatch import (
     dense_decode_pallas,
     dense_decode_writing,
@@ -80,7 +81,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = N
 def dense_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: DenseKVCache,
                  layer: jax.Array | int, meta: DenseMeta, *, impl: str = "xla",
                  sliding_window: int | None = None, write: jax.Array | None = None,
-                 prompt: bool = False
+                 prompt: bool = False, rope: tuple | None = None
                  ) -> tuple[jax.Array, DenseKVCache]:
     """Writes K/V of this step at their positions, then attends over the whole buffer.
 
@@ -97,6 +98,9 @@ def dense_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: DenseKVCache,
       prompt: the step is a whole prompt at positions 0..T-1 (prefill). Each query then sees
         only keys this step wrote, so the XLA path attends over them alone, tile by tile
         (`causal_attention_tiled`), instead of over the whole buffer.
+      rope: (cos, sin) [B, T, D/2] when q and k are not yet rotated (`APPLIES_ROPE`): the
+        writing decode kernel rotates them inside, every other path first, as the layer
+        would have.
     Returns:
       out [B, T, H, D] and the cache with this layer updated.
     """
@@ -116,8 +120,11 @@ def dense_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: DenseKVCache,
             and writes_in_kernel(q, cache.k[layer])):
         # The kernel stores K/V itself, so the two scatters per layer go: +1.6% at batch 16
         # and 64 and +6% at batch 1 (general path) on the 1B shape, H200 (fused_decode_h200.md).
-        out, k_l, v_l = dense_decode_writing(q, k, v, cache.k[layer], cache.v[layer], pos)
+        out, k_l, v_l = dense_decode_writing(q, k, v, cache.k[layer], cache.v[layer], pos,
+                                             rope)
         return out, DenseKVCache(k=_put(cache.k, layer, k_l), v=_put(cache.v, layer, v_l))
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     scatter = {"mode": "drop", "unique_indices": one, "indices_are_sorted": one}
     # The slots written: of repeated slots only the last writer's (the others past the
     # buffer, dropped). The queries keep their positions.
@@ -187,4 +194,6 @@ def _put(buffers: tuple, layer: int, value: jax.Array) -> tuple:
 def make_dense_attend(cfg: ModelConfig, impl: str = "xla", prompt: bool = False):
     """The model's AttendFn for a dense cache with a chosen attention implementation
     (`prompt`: the step is a whole prompt from position 0, see `dense_attend`)."""
-    return partial(dense_attend, impl=impl, sliding_window=cfg.sliding_window, prompt=prompt)
+    attend = partial(dense_attend, impl=impl, sliding_window=cfg.sliding_window, prompt=prompt)
+    setattr(attend, APPLIES_ROPE, True)  # see dense_attend's `rope`
+    return attend

@@ -29,6 +29,10 @@ def resolve_impl(impl: str) -> str:
 # attend(q [B,T,H,D], k [B,T,K,D], v [B,T,K,D], cache, layer int32[], meta)
 #   -> (out [B,T,H,D], cache): writes this layer's new K/V into `cache` and attends.
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any, jax.Array, Any], tuple[jax.Array, Any]]
+# An AttendFn with this attribute set true also takes q and k before RoPE, with
+# rope=(cos, sin) ([B, T, D/2], `layers.rope_tables`), and rotates them itself: where its
+# kernel can do it inside (`dense_attend`), the step runs no RoPE kernel of its own.
+APPLIES_ROPE = "applies_rope"
 
 
 class HasPositions(Protocol):

@@ -19,6 +19,7 @@ from pallas_kernels.fused_decode.attention import (
     BLOCK_K,
     decode_attention,
     merged_output,
+    rope_table,
     single_split_dtype,
 )
 from pallas_kernels.paged_attention import paged_attention
@@ -56,14 +57,19 @@ def writes_in_kernel(q: jax.Array, k_cache: jax.Array) -> bool:
 
 
 def dense_decode_writing(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
-                         v_cache: jax.Array, q_pos: jax.Array
+                         v_cache: jax.Array, q_pos: jax.Array, rope: tuple | None = None
                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One-token attention that also stores the token's K/V in its slot, in one kernel.
 
     Args:
-      q: [B, 1, H, D]; k, v: [B, 1, K, D] RoPE applied. k_cache, v_cache: [B, S, K, D] one
-        layer's cache, not yet written this step (see `writes_in_kernel`). q_pos: [B, 1]
-        int32, each token's slot; a slot past S writes nothing (the scatter's mode="drop").
+      q: [B, 1, H, D]; k, v: [B, 1, K, D] RoPE applied, or, with rope, not yet. k_cache,
+        v_cache: [B, S, K, D] one layer's cache, not yet written this step (see
+        `writes_in_kernel`). q_pos: [B, 1] int32, each token's slot; a slot past S writes
+        nothing (the scatter's mode="drop").
+      rope: optional (cos, sin), each [B, 1, D/2] (`layers.rope_tables`): the kernel rotates
+        q and k itself. Then q, k and v, slices of one QKV projection's output, go to the
+        kernel as that output is (XLA folds the concatenate of its own slices away), and the
+        step has no RoPE-and-pack kernel before each layer's attention.
     Returns:
       out [B, 1, H, D] in q's dtype, k_cache, v_cache.
     """
@@ -73,9 +79,11 @@ def dense_decode_writing(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.
     # Split-K only while the grid is small: one split needs no merge at all, and its output
     # leaves the kernel in q's dtype (no convert kernel after it).
     splits = grid_splits(B * K, S // BLOCK_K, max_splits=16)
+    table = None if rope is None else rope_table(rope[0][:, 0], rope[1][:, 0])  # [B, 2, D]
     parts, lse, k_cache, v_cache = decode_attention(
         qkv.reshape(B, (H + 2 * K) * D), k_cache, v_cache, q_pos[:, 0], num_heads=H,
-        num_kv_heads=K, num_splits=splits, parts_dtype=single_split_dtype(splits, q.dtype))
+        num_kv_heads=K, num_splits=splits, parts_dtype=single_split_dtype(splits, q.dtype),
+        rope=table)
     out = merged_output(parts, lse, q.dtype)  # [B, H * D]
     return out.reshape(B, 1, H, D), k_cache, v_cache
 

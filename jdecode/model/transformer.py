@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jdecode.config import ModelConfig
-from jdecode.model.attention import AttendFn
+from jdecode.model.attention import APPLIES_ROPE, AttendFn
 from jdecode.model.layers import apply_rope, rms_norm, rope_tables, swiglu_mlp
 from jdecode.model.linear import LinearFn, xla_linear
 from jdecode.model.params import LayerParams, Params
@@ -120,11 +120,12 @@ def decoder_layer(x: jax.Array, lp: LayerParams, cos: jax.Array, sin: jax.Array,
             q = _project(h, lp.wq, lp.bq, H, D, linear)  # [B, T, H, D]
             k = _project(h, lp.wk, lp.bk, K, D, linear)  # [B, T, K, D]
             v = _project(h, lp.wv, lp.bv, K, D, linear)  # [B, T, K, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if write_kv is None:
-            out, cache = attend(q, k, v, cache, layer, meta)  # [B, T, H, D]
+        kw = {} if write_kv is None else {"write": write_kv}
+        if getattr(attend, APPLIES_ROPE, False):  # it rotates q and k, in its kernel if it can
+            kw["rope"] = (cos, sin)
         else:
-            out, cache = attend(q, k, v, cache, layer, meta, write=write_kv)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out, cache = attend(q, k, v, cache, layer, meta, **kw)  # [B, T, H, D]
         with jax.named_scope("o_proj"):  # names the op for the profiler's attribution
             x = x + linear(out.reshape(*out.shape[:2], H * D), lp.wo)
     with jax.named_scope("mlp"):

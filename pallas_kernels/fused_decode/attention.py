@@ -181,21 +181,48 @@ def merged_output(parts: jax.Array, lse: jax.Array, dtype) -> jax.Array:
     return out.astype(dtype)
 
 
-def query_group(qkv_ref, b, kv, *, num_heads: int, group: int, cache_dtype):
+def rope_table(cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """[B, 2, D] f32 from RoPE's tables cos, sin [B, D/2] (`layers.rope_tables`): row 0
+    [cos, cos], row 1 [-sin, sin], so that rope(x) = x * row 0 + rotate(x) * row 1, where
+    rotate(x) swaps x's halves (`_roped`)."""
+    cos, sin = cos.astype(f32), sin.astype(f32)
+    return jnp.stack([jnp.concatenate([cos, cos], -1), jnp.concatenate([-sin, sin], -1)], 1)
+
+
+def _roped(x, x_swapped, cos, sin, dtype):
+    """HF's rotate-half RoPE of x [..., D] in f32, given x with its halves swapped and a
+    `rope_table`'s rows cos, sin [D], rounded to `dtype` as `layers.apply_rope` rounds it."""
+    return (x.astype(f32) * cos + x_swapped.astype(f32) * sin).astype(dtype)
+
+
+def query_group(qkv_ref, b, kv, *, num_heads: int, group: int, cache_dtype, rope_ref=None):
     """Row b's queries of kv head kv as one tensor-core tile, and the row's new K/V.
 
-    qkv_ref [B, H + 2K, D] (RoPE applied). Returns q [Gp, D] (Gp = max(16, the group rounded
-    up to a power of 2): tl.dot needs >= 16 rows; rows past the group are 0), heads [Gp] bool
-    (the group's real query heads), and k_new, v_new [D] in the cache's dtype, as it will
-    hold them."""
+    qkv_ref [B, H + 2K, D], RoPE applied, or, with rope_ref ([B, 2, D] f32, `rope_table`),
+    not yet: then the queries and the new key are rotated here, as `layers.apply_rope` does
+    (f32, rounded to qkv's dtype), so that no kernel before this one has to. Returns q [Gp, D]
+    (Gp = max(16, the group rounded up to a power of 2): tl.dot needs >= 16 rows; rows past
+    the group are 0), heads [Gp] bool (the group's real query heads), and k_new, v_new [D] in
+    the cache's dtype, as it will hold them."""
     K = (qkv_ref.shape[1] - num_heads) // 2
     gp = max(16, pl.next_power_of_2(group))
     heads = jnp.arange(gp) < group  # [Gp]
     q = plgpu.load(qkv_ref.at[b, pl.ds(kv * group, gp), :], mask=heads[:, None],
                    other=0)  # [Gp, D]
-    k_new = qkv_ref[b, num_heads + kv, :].astype(cache_dtype)  # [D]
+    k_new = qkv_ref[b, num_heads + kv, :]  # [D]
+    if rope_ref is not None:
+        D = q.shape[1]
+        # The halves swapped: a second load of the same row with its columns rotated by D/2
+        # (an index array: Triton gathers it lane by lane from L1).
+        swap = (jnp.arange(D) + D // 2) % D  # [D]
+        head = jnp.minimum(kv * group + jnp.arange(gp), num_heads - 1)  # [Gp], in range
+        q_swapped = plgpu.load(qkv_ref.at[b, head[:, None], swap[None, :]],
+                               mask=heads[:, None], other=0)  # [Gp, D]
+        cos, sin = rope_ref[b, 0, :], rope_ref[b, 1, :]  # [D] each
+        q = _roped(q, q_swapped, cos, sin, q.dtype)
+        k_new = _roped(k_new, qkv_ref[b, num_heads + kv, swap], cos, sin, k_new.dtype)
     v_new = qkv_ref[b, num_heads + K + kv, :].astype(cache_dtype)
-    return q, heads, k_new, v_new
+    return q, heads, k_new.astype(cache_dtype), v_new
 
 
 def seed_carry(q, k_new, v_new, split, sm_scale: float):
@@ -228,10 +255,11 @@ def store_split(o_ref, lse_ref, carry, heads, b, kv, split, *, num_heads: int, g
 
 def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_out, *,
                  num_heads: int, group: int, block_k: int, num_splits: int, sm_scale: float,
-                 item=None, layer: int | None = None):
+                 item=None, layer: int | None = None, rope_ref=None):
     """qkv_ref [B, H + 2K, D]; o_ref [B, splits, H * D] and lse_ref [B * splits * H] f32,
     the layouts the O projection's merge reads. item: (row, kv head, split) when a persistent
-    kernel runs this (`layer`), else the program's ids. layer: see `cache_lead`."""
+    kernel runs this (`layer`), else the program's ids. layer: see `cache_lead`. rope_ref:
+    see `query_group`."""
     if item is None:
         b, kv, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     else:
@@ -241,7 +269,7 @@ def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_ou
     pos = pos_ref[b]
     past = jnp.minimum(pos, S)  # slots [0, past) hold the row's earlier tokens
     q, heads, k_new, v_new = query_group(qkv_ref, b, kv, num_heads=num_heads, group=group,
-                                         cache_dtype=kc_ref.dtype)
+                                         cache_dtype=kc_ref.dtype, rope_ref=rope_ref)
 
     # A position past the buffer writes nothing (the XLA path's mode="drop").
     @pl.when((split == 0) & (pos < S))
@@ -256,30 +284,44 @@ def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_ou
                 num_splits=num_splits)
 
 
-def decode_attention(qkv, k_cache, v_cache, positions, *, layer=None, **kw):
+def taking_rope(kernel):
+    """`_attn_kernel` with a rope table: its refs (pos, qkv, k, v, rope, *outputs), the table
+    passed on as `rope_ref`."""
+    def run(pos_ref, qkv_ref, kc_ref, vc_ref, rope_ref, *out_refs, **kw):
+        kernel(pos_ref, qkv_ref, kc_ref, vc_ref, *out_refs, rope_ref=rope_ref, **kw)
+    return run
+
+
+def decode_attention(qkv, k_cache, v_cache, positions, *, layer=None, rope=None, **kw):
     """`_decode_attention`, with a Python int `layer` checked against the stacked cache
     first (inside the jit it is an operand, whose value the checks do not see)."""
     check_cache(k_cache, v_cache, layer, "decode_attention")
-    return _decode_attention(qkv, k_cache, v_cache, positions, layer, **kw)
+    return _decode_attention(qkv, k_cache, v_cache, positions, layer, rope, **kw)
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "num_splits",
                                              "block_k", "num_warps", "num_stages", "interpret",
                                              "parts_dtype"))
-def _decode_attention(qkv, k_cache, v_cache, positions, layer=None, *, num_heads: int,
+def _decode_attention(qkv, k_cache, v_cache, positions, layer=None, rope=None, *,
+                      num_heads: int,
                       num_kv_heads: int, num_splits: int | None = None, block_k: int = BLOCK_K,
                       num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None,
                       parts_dtype: str | None = None):
     """One query per row against its dense cache, with the row's new K/V written in place.
 
     Args:
-      qkv: [B, (H + 2K) * D] this step's queries, keys and values, RoPE applied (`qkv_rope`).
+      qkv: [B, (H + 2K) * D] this step's queries, keys and values, RoPE applied (`qkv_rope`),
+        or, with `rope`, not yet.
       k_cache, v_cache: [B, S, K, D] one layer's cache, qkv's dtype; S a multiple of block_k.
         Or, with `layer` (an int or int32 scalar, an operand of the kernel: one compiled
         kernel for every layer), the stacked [L, B, S, K, D] cache, of which this call reads
         and writes layer `layer` only. Aliased to the outputs: inside a jit that owns them (the
         decode step does) the update is in place, otherwise XLA copies them first.
       positions: [B] int32 slot of each row's token; slots [0, position) are its past.
+      rope: optional [B, 2, D] f32 (`rope_table`): the kernel rotates the queries and the new
+        key itself (f32, rounded to qkv's dtype, as `layers.apply_rope`), so that qkv can be
+        the QKV projection's output as it is: the general path's step at many rows otherwise
+        runs a kernel per layer that applies RoPE and packs q, k and v for this one.
       num_splits: split-K partitions per (row, kv head); default `default_splits(S, B)`
         (the fused step passes the model's sizes too).
       parts_dtype: the partials' dtype, f32 by default. With one split the partial is the
@@ -300,6 +342,9 @@ def _decode_attention(qkv, k_cache, v_cache, positions, layer=None, *, num_heads
         raise ValueError(f"qkv {qkv.shape} must be [B, (H + 2K) * D] for H={H} heads and the "
                          f"cache's K={K}, D={D} (k_cache {k_cache.shape}, v_cache "
                          f"{v_cache.shape}, num_kv_heads={num_kv_heads})")
+    if rope is not None and rope.shape != (b, 2, D):
+        raise ValueError(f"decode_attention: rope {rope.shape} must be [B, 2, D] = "
+                         f"[{b}, 2, {D}] (`rope_table` of the rows' cos and sin)")
     if H % K or S % block_k or rows != b or k_cache.dtype != qkv.dtype:
         raise ValueError(f"decode_attention: heads {H} must be a multiple of kv heads {K}, the "
                          f"cache {k_cache.shape} {k_cache.dtype} must have qkv's rows {b} and "
@@ -309,6 +354,8 @@ def _decode_attention(qkv, k_cache, v_cache, positions, layer=None, *, num_heads
     kernel = functools.partial(_attn_kernel, num_heads=H, group=H // K, block_k=block_k,
                                num_splits=splits, sm_scale=D ** -0.5)
     inputs = (positions.astype(jnp.int32), qkv.reshape(b, H + 2 * K, D), k_cache, v_cache)
+    if rope is not None:  # after the caches, so the aliases stand
+        kernel, inputs = taking_rope(kernel), (*inputs, rope.astype(f32))
     kernel, inputs, aliases = on_layer(kernel, inputs, {2: 2, 3: 3}, layer)
     out_shape = (jax.ShapeDtypeStruct((b, splits, H * D), parts_dtype or f32),
                  jax.ShapeDtypeStruct((b * splits * H,), f32),

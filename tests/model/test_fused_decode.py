@@ -215,6 +215,41 @@ def test_decode_attention_single_split_in_the_model_dtype(rng):
                          parts_dtype="bfloat16")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_attention_rotates_q_and_k_itself(rng, dtype):
+    """With a rope table the kernel takes q and k before RoPE and rotates them as
+    `layers.apply_rope` does (f32, rounded to the model dtype): the output and the stored key
+    are those of the same call on rotated input. GQA groups of 3 (SmolLM2's) and a stacked
+    cache's layer operand, so the swapped-halves load of a padded group is exercised."""
+    from jdecode.model.layers import apply_rope
+    from pallas_kernels.fused_decode.attention import rope_table
+
+    L, rows, H, K, D, S = 2, 3, 6, 2, 64, 256
+
+    def normal(*shape):
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+
+    qkv, kc, vc = normal(rows, H + 2 * K, D), normal(L, rows, S, K, D), normal(L, rows, S, K, D)
+    positions = jnp.asarray([130, 0, S + 5], jnp.int32)
+    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(
+        1.0 / 10000.0 ** (np.arange(0, D, 2) / D), jnp.float32)  # [B, D/2]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    q, k = (apply_rope(x[:, None], cos[:, None], sin[:, None])[:, 0]
+            for x in (qkv[:, :H], qkv[:, H:H + K]))
+    rotated = jnp.concatenate([q, k, qkv[:, H + K:]], axis=1)
+    kw = {"num_heads": H, "num_kv_heads": K, "num_splits": 2, "layer": 1}
+    want = decode_attention(rotated.reshape(rows, -1), kc, vc, positions, **kw)
+    got = decode_attention(qkv.reshape(rows, -1), kc, vc, positions, **kw,
+                           rope=rope_table(cos, sin))
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+    # f32: the kernel's products may contract differently from XLA's (1 ulp); bf16 rounds.
+    for g, w in zip(got, want):
+        assert_close(g, w, dtype)
+    with pytest.raises(ValueError, match=r"rope \(3, 2, 32\) must be \[B, 2, D\]"):
+        decode_attention(qkv.reshape(rows, -1), kc, vc, positions, **kw,
+                         rope=rope_table(cos[:, :16], sin[:, :16]))
+
+
 def test_decode_attention_names_bad_shapes():
     qkv, cache = jnp.zeros((1, 10 * 64)), jnp.zeros((1, 256, 2, 64))
     pos = jnp.zeros((1,), jnp.int32)

@@ -17,6 +17,7 @@ import pytest
 from jdecode.cache.dense import DenseMeta, dense_attend, init_cache
 from jdecode.config import load_model_config_yaml
 from jdecode.decoding import phases
+from jdecode.model.layers import apply_rope, rope_tables
 from jdecode.model.layout import inference_layout
 from jdecode.model.params import init_params
 from pallas_kernels.testing import assert_close, jit_for_tests
@@ -96,6 +97,23 @@ def test_decode_writes_kv_in_kernel(batch, rng):
     assert_close(got[0][live], want[0][live], "float32")
     np.testing.assert_array_equal(got[1], want[1])  # the stores are exact copies
     np.testing.assert_array_equal(got[2], want[2])
+
+    # q and k before RoPE, with the tables: the kernel rotates them, the XLA path first.
+    cos, sin = rope_tables(meta.positions, cfg)  # [B, 1, D/2]
+    rope_ = (cos, sin)
+
+    def run_unrotated(impl):
+        out, new = jit_for_tests(partial(dense_attend, layer=0, impl=impl))(
+            q, k, v, cache, meta=meta, rope=rope_)
+        return out, new.k[0], new.v[0]
+
+    rotated = jit_for_tests(partial(dense_attend, layer=0, impl="xla"))(
+        apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, cache, meta=meta)
+    for impl in ("pallas", "xla"):
+        got = run_unrotated(impl)
+        assert_close(got[0][live], rotated[0][live], "float32")
+        assert_close(got[1], rotated[1].k[0], "float32")  # 1 ulp: products may contract
+        np.testing.assert_array_equal(got[2], rotated[1].v[0])
 
 
 @pytest.fixture(autouse=True)

@@ -97,6 +97,36 @@ def test_engine_general_decode_attention_compiles_without_spills(model):
     assert got["spill_store_bytes"] == 0, got
 
 
+@pytest.mark.parametrize("model", ["smollm2-135m", "llama-3.2-1b"])
+def test_generator_general_decode_attention_with_rope_compiles_without_spills(model):
+    """The Generator's decode step of 64 rows on the general path: its attention kernel
+    stores K/V and rotates q and k itself (`dense_attend` with `rope`)."""
+    pytest.importorskip("triton")
+    from jdecode.cache.dense import DenseMeta, dense_attend, init_cache
+    from jdecode.model.layers import rope_tables
+
+    cfg, _ = cases.model_params(model)
+    n, H, K, D = 64, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    cache = cases.abstract(jax.eval_shape(partial(init_cache, cfg, n, 768, per_layer=True)))
+    z = partial(jax.ShapeDtypeStruct, dtype=jnp.bfloat16)
+
+    def step(q, k, v, cache, pos):
+        return dense_attend(q, k, v, cache, 0, DenseMeta(pos), impl="pallas",
+                            rope=rope_tables(pos, cfg))
+
+    try:
+        capture = deviceless.TritonCapture()
+    except ImportError as e:
+        pytest.skip(str(e))
+    with deviceless.as_gpu(), capture:
+        deviceless.lower(step, z((n, 1, H, D)), z((n, 1, K, D)), z((n, 1, K, D)), cache,
+                         cases.i32((n, 1)))
+    assert [k["name"] for k in capture.kernels] == ["decode_attention"]
+    got = deviceless.compile_triton(capture.kernels[0])
+    assert got["status"] == "compiled", got
+    assert got["spill_store_bytes"] == 0, got
+
+
 @pytest.mark.parametrize("registers,shared,warps,want", [
     (128, 106496, 4, 2),  # the paged decode kernel at 4 splits: shared memory binds
     (40, 4096, 8, 6),     # a one-row GEMV: registers bind (40 x 32 x 8 per CTA)
