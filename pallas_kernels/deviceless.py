@@ -124,7 +124,7 @@ def xla_compile(fn: Callable, *args, donate_argnums: tuple[int, ...] = (),
     XLA copies every buffer a kernel updates in place). timings: a dict that receives the
     seconds spent lowering ("lower_s": tracing and the kernels' lowering to Triton IR) and
     compiling ("compile_s"). compiler_options: XLA options for this executable, as the
-    Generator passes its loop's (`generate.loop_compiler_options`)."""
+    Generator passes its loop's (`compile_options.step_compiler_options`)."""
     from jax.experimental import topologies
     from jax.sharding import NamedSharding, PartitionSpec
 

@@ -136,7 +136,8 @@ def probe_decode(engine: LLMEngine, vocab: int, steps: int, prompt_len: int = 12
     tables = {c.request.request_id: engine.block_manager.page_ids(c.request.request_id)
               for c in out.chunks}
     inputs, k = engine.runner.step_inputs(out, tables)
-    launch = lambda: engine.runner.launch(inputs, k, num_steps=out.num_steps)[0]
+    options = engine.runner.step_options(out)  # the executable engine.step ran
+    launch = lambda: engine.runner.launch(inputs, k, num_steps=out.num_steps, options=options)[0]
     per = out.num_steps  # decode steps per launch
     t = time.perf_counter()
     for _ in range(steps):

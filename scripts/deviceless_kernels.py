@@ -32,14 +32,14 @@ from jdecode.analysis.deviceless_cases import (
     step_case,
     write_record,
 )
-from jdecode.decoding.generate import loop_compiler_options
+from jdecode.model.compile_options import step_compiler_options
 
 # (label, impl variant, rows, XLA options) of the Generator's steps: at 64 rows with the
-# options its loop compiles with there (cuBLAS GEMMs, `generate.loop_compiler_options`) and
+# options its loop compiles with there (cuBLAS GEMMs, `compile_options.step_compiler_options`) and
 # without them (XLA's Triton GEMMs, as before stop 51).
 GENERATOR = [("fused", "pallas-fused", 1, {}), ("general", "pallas-general", 1, {}),
              ("fused", "pallas-fused", 4, {}), ("general", "pallas-general", 4, {}),
-             ("default", "pallas", 64, loop_compiler_options(64, "gpu")),
+             ("default", "pallas", 64, step_compiler_options(64, "gpu")),
              ("default, Triton GEMMs", "pallas", 64, {})]
 # (label, impl variant, rows) of the engine's decode-only steps: the fused step over the
 # decode buckets of up to 5 rows, the general path over the token buckets past them (and

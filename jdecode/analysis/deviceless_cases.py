@@ -131,7 +131,7 @@ def count_kernels(fn, args, variant: str, compiler_options: dict | None = None) 
     """{"kernels": launches of one step, "kinds": by kind} of fn(*args) compiled by XLA:GPU
     for an H200 (`deviceless.xla_compile`; its argument 1, the cache, donated as in the real
     calls), traced under the impl variant, with these XLA options (e.g. the Generator's loop
-    options at its batch, `generate.loop_compiler_options`)."""
+    options at its batch, `compile_options.step_compiler_options`)."""
     with impl_variant(variant):  # the switch holds while the step is traced
         text = xla_compile(fn, *args, donate_argnums=(1,), compiler_options=compiler_options)
     kinds = launches(text)

@@ -25,6 +25,7 @@ from jdecode.decoding.sampling import SamplingArrays, SamplingParams, stop_prefi
 from jdecode.io.registry import Model
 from jdecode.io.tokenizer import IncrementalDetokenizer
 from jdecode.model.attention import resolve_impl
+from jdecode.model.compile_options import step_compiler_options
 from jdecode.model.fused_decode import wants_decode_copies, with_decode_copies
 from jdecode.model.layout import inference_layout
 from jdecode.model.params import Params
@@ -40,32 +41,14 @@ GREEDY = SamplingParams()  # the default: greedy, 64 new tokens
 # Steps per fixed-trip-count group of the decode loop (run_loop's `block`): measured on the
 # H100 in benchmarks/decode.md.
 LOOP_BLOCK = 4
-# From this many rows the decode loop's GEMMs are cuBLAS's, not XLA's Triton GEMMs
-# (`loop_compiler_options`); None keeps XLA's choice at every batch.
-CUBLAS_MIN_ROWS: int | None = 64
-
-
-def loop_compiler_options(batch: int, backend: str) -> dict:
-    """XLA options of the decode loop's executable for `batch` rows: on the GPU from
-    `CUBLAS_MIN_ROWS` rows, cuBLAS for every GEMM (`xla_gpu_enable_triton_gemm` off).
-
-    Why: XLA's autotuner times each GEMM alone, and at 64 rows picks split-K Triton GEMMs
-    whose f32 partials the next fusions read back; cuBLAS reduces its own partials and folds
-    the residual adds into its epilogues. On an H100 the 1B shape's batch-64 step took 2.1-2.5%
-    less (benchmarks/fused_decode_h200.md, stop 47) and the 8-32-row steps 1.4-6.5% more
-    (stop 48), hence the threshold. Per executable, not XLA_FLAGS: a library must not change
-    how its user's other programs compile. Below the threshold, and off the GPU, nothing."""
-    if backend != "gpu" or CUBLAS_MIN_ROWS is None or batch < CUBLAS_MIN_ROWS:
-        return {}
-    return {"xla_gpu_enable_triton_gemm": False}
 
 
 def compile_loop(jitted, batch: int, *args):
     """`jitted` (a jax.jit of a decode loop over `batch` rows) lowered for args and compiled
-    with `loop_compiler_options` for this backend: the Generator's loop, and the benchmarks'
-    loops that time the same step."""
+    with `compile_options.step_compiler_options` for this backend: the Generator's loop, and
+    the benchmarks' loops that time the same step."""
     return jitted.lower(*args).compile(
-        compiler_options=loop_compiler_options(batch, jax.default_backend()))
+        compiler_options=step_compiler_options(batch, jax.default_backend()))
 
 
 STREAM_INTERVAL_S = 0.05

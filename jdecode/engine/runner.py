@@ -30,6 +30,7 @@ from jdecode.config import ModelConfig
 from jdecode.decoding.sampling import SamplingArrays, SamplingParams, sample
 from jdecode.engine import transfer
 from jdecode.engine.scheduler import SchedulerOutput
+from jdecode.model.compile_options import step_compiler_options
 from jdecode.model.fused_decode import (
     fused_paged_decode_step,
     fused_paged_reason,
@@ -253,10 +254,17 @@ def _packed_step(params: Params, cache: PagedKVCache, prev_burst, blobs, *,
                  impl=impl, num_logprobs=num_logprobs, num_steps=num_steps)
 
 
-# One jit for every runner: engines with equal shapes (tests, benchmarks) share executables.
-# The cache (argument 1) is donated: XLA updates the pool in place instead of copying it.
-_step_jit = jax.jit(_packed_step, donate_argnums=(1,),
-                    static_argnames=("spec", "cfg", "impl", "num_logprobs", "num_steps"))
+@functools.cache
+def _step_jit_with(options: tuple[tuple[str, object], ...]):
+    """The jitted step whose executables compile with these XLA options (sorted (name, value)
+    pairs, `ModelRunner.step_options`). One jit per set of options for every runner: engines
+    with equal shapes (tests, benchmarks) share executables. The cache (argument 1) is
+    donated: XLA updates the pool in place instead of copying it."""
+    return jax.jit(_packed_step, donate_argnums=(1,), compiler_options=dict(options) or None,
+                   static_argnames=("spec", "cfg", "impl", "num_logprobs", "num_steps"))
+
+
+_step_jit = _step_jit_with(())  # XLA's own choices: every step but the wide decode-only ones
 # Copy-on-write in a call of its own, only for the steps that have copies (forks writing
 # into a shared partial page): inside the step it cost every step a gather of [L, B] pages
 # and two scatters that dropped them (3 kernels, ~12 MB for SmolLM2's pool at 32 slots).
@@ -307,6 +315,7 @@ class ModelRunner:
         # [W, B] the last step's samples per row (`_step`'s burst).
         self.last_burst = jnp.zeros((num_scheduler_steps, max_num_seqs), jnp.int32)
         self.impl = impl
+        self.backend = jax.default_backend()  # `step_options` decides by it
         # The last step's sampling rows: (its SamplingParams, their arrays, any penalty).
         self._sampling: tuple[list, SamplingArrays | None, bool] = ([], None, False)
 
@@ -316,6 +325,17 @@ class ModelRunner:
         if decodes_only and self.decode_buckets and num_tokens <= self.decode_buckets[-1]:
             return next(b for b in self.decode_buckets if b >= num_tokens)
         return next(b for b in self.buckets if b >= num_tokens)
+
+    def step_options(self, out: SchedulerOutput) -> tuple[tuple[str, object], ...]:
+        """XLA options of the executable that runs `out` (`launch`'s `options`): a decode-only
+        step is a decode step of its bucket's rows, compiled as the Generator compiles its loop
+        at that many rows (`compile_options.step_compiler_options`: cuBLAS GEMMs from 64 rows
+        on the GPU). A step with a prefill chunk keeps XLA's choices: its GEMMs have the
+        chunk's rows, where the two were not compared."""
+        if out.num_batched_tokens != len(out.chunks):
+            return ()
+        rows = self.bucket(out.num_batched_tokens, decodes_only=True)
+        return tuple(sorted(step_compiler_options(rows, self.backend).items()))
 
     def pack(self, out: SchedulerOutput, page_tables: dict[str, Sequence[int]]) -> dict:
         """Host arrays for one step (numpy), padded to the token bucket, the block-table width
@@ -417,14 +437,15 @@ class ModelRunner:
                   arrays["logits_at"], sp, seeds, indices, counters, seen, steps)
         return transfer.pack(inputs), MAX_LOGPROBS if want_lp else 0
 
-    def launch(self, inputs: transfer.Packed, num_logprobs: int = 0, num_steps: int = 1
-               ) -> tuple:
+    def launch(self, inputs: transfer.Packed, num_logprobs: int = 0, num_steps: int = 1,
+               options: tuple[tuple[str, object], ...] = ()) -> tuple:
         """Dispatches the jitted step (asynchronously); returns device (samples [W, B],
-        logprobs). num_steps: decodes of a multi-step plan (`SchedulerOutput.num_steps`)."""
+        logprobs). num_steps: decodes of a multi-step plan (`SchedulerOutput.num_steps`).
+        options: the step's XLA options (`step_options` of its plan)."""
         if num_steps > self.last_burst.shape[0]:
             raise ValueError(f"num_steps={num_steps} exceeds this runner's "
                              f"num_scheduler_steps={self.last_burst.shape[0]}")
-        self.last_burst, logprobs, self.cache = _step_jit(
+        self.last_burst, logprobs, self.cache = _step_jit_with(options)(
             self.params, self.cache, self.last_burst, inputs.blobs, spec=inputs.spec,
             cfg=self.cfg, impl=self.impl, num_logprobs=num_logprobs, num_steps=num_steps)
         return self.last_burst, logprobs
@@ -447,7 +468,7 @@ class ModelRunner:
         if out.page_copies:
             self.apply_copies(out.page_copies)
         sampled, logprobs = self.launch(*self.step_inputs(out, page_tables, num_logprobs),
-                                        num_steps=out.num_steps)
+                                        num_steps=out.num_steps, options=self.step_options(out))
         return InFlightStep(out, sampled, logprobs, num_logprobs or {})
 
     @staticmethod

@@ -193,24 +193,13 @@ def test_on_prefill_hook_gets_the_prompt_tokens(gen, rng):
     assert all(n == 9 and s >= 0 for n, s in calls)  # a tiny prefill may finish at once
 
 
-def test_wide_gpu_batches_compile_their_loop_for_cublas():
-    from jdecode.decoding import generate as generate_mod
-
-    wide = generate_mod.CUBLAS_MIN_ROWS
-    assert generate_mod.loop_compiler_options(wide, "gpu") == {
-        "xla_gpu_enable_triton_gemm": False}
-    # Below the threshold XLA's Triton GEMMs measured faster; off the GPU the flag is moot.
-    assert generate_mod.loop_compiler_options(wide // 2, "gpu") == {}
-    assert generate_mod.loop_compiler_options(wide, "cpu") == {}
-
-
 @pytest.mark.gpu
 def test_cublas_loop_gives_the_triton_loops_tokens(monkeypatch):
     """The loop compiled for cuBLAS (64 rows) decodes the same greedy tokens as XLA's choice,
     f32 at highest precision: only the GEMMs' summation order differs."""
     import jax
 
-    from jdecode.decoding import generate as generate_mod
+    from jdecode.model import compile_options
 
     if jax.default_backend() != "gpu":
         pytest.skip("needs the GPU")
@@ -223,6 +212,6 @@ def test_cublas_loop_gives_the_triton_loops_tokens(monkeypatch):
         cublas = cublas_gen.generate(ps, sp)
         (exe,) = cublas_gen._compiled.values()
         assert "cublas" in exe.loop.as_text(), "the 64-row loop's GEMMs are not cuBLAS calls"
-        monkeypatch.setattr(generate_mod, "CUBLAS_MIN_ROWS", None)
+        monkeypatch.setattr(compile_options, "CUBLAS_MIN_ROWS", None)
         triton = Generator(model, max_seq_len=64).generate(ps, sp)
     assert [r.token_ids for r in cublas] == [r.token_ids for r in triton]

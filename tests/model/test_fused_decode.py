@@ -682,19 +682,20 @@ def test_fused_greedy_equals_xla_on_the_real_model_f32(request, fused_on):
 @pytest.mark.slow
 def test_cublas_loop_greedy_equals_xla_on_the_real_model_f32(request, monkeypatch):
     """The same acceptance at 64 rows, where the Generator's loop compiles for cuBLAS
-    (`generate.loop_compiler_options`): against the XLA path with XLA's own GEMMs."""
+    (`compile_options.step_compiler_options`): against the XLA path with XLA's own GEMMs."""
     if jax.default_backend() != "gpu":
         pytest.skip("needs the GPU")
     smol = request.getfixturevalue("smol")
     from jdecode.decoding import generate as generate_mod
     from jdecode.decoding.sampling import SamplingParams
+    from jdecode.model import compile_options
 
     prompts = _real_prompts(smol)
     rows = 16 * prompts  # 64 rows; each prompt at several batch positions
     sp = SamplingParams(max_new_tokens=32)
-    assert generate_mod.loop_compiler_options(len(rows), "gpu"), "64 rows: the cuBLAS loop"
+    assert compile_options.step_compiler_options(len(rows), "gpu"), "64 rows: the cuBLAS loop"
     fast = generate_mod.Generator(smol, impl="pallas", layout="inference").generate(rows, sp)
-    monkeypatch.setattr(generate_mod, "CUBLAS_MIN_ROWS", None)
+    monkeypatch.setattr(compile_options, "CUBLAS_MIN_ROWS", None)
     slow = generate_mod.Generator(smol, impl="xla", layout="inference").generate(rows, sp)
     assert [r.token_ids for r in fast] == [r.token_ids for r in slow]
 

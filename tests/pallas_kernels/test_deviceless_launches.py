@@ -106,16 +106,16 @@ def test_the_generate_loop_adds_few_kernels_to_the_step():
 
 def test_the_wide_generate_loop_calls_cublas_for_every_gemm():
     """At 64 rows the Generator compiles its loop with XLA's Triton GEMMs off
-    (`generate.loop_compiler_options`): every projection becomes a cuBLAS call, and the
+    (`compile_options.step_compiler_options`): every projection becomes a cuBLAS call, and the
     residual adds that XLA left as loop fusions after its Triton GEMMs go into cuBLAS's
     epilogues (at least one kernel a layer fewer)."""
     if not _has_cuda_plugin():
         pytest.skip("no jax CUDA plugin to compile with")
-    from jdecode.decoding.generate import loop_compiler_options
+    from jdecode.model.compile_options import step_compiler_options
 
     cfg, params = cases.model_params("llama-3.2-1b")
     fn, args = cases.generate_loop_case(cfg, params, 64)
-    cublas = cases.count_kernels(fn, args, "pallas", loop_compiler_options(64, "gpu"))["kinds"]
+    cublas = cases.count_kernels(fn, args, "pallas", step_compiler_options(64, "gpu"))["kinds"]
     triton = cases.count_kernels(fn, args, "pallas")["kinds"]
     gemms = 2 * (4 * cfg.num_layers + 1)  # two step bodies: 4 projections a layer, the head
     assert cublas.get("loop: custom-call __cublas$lt$matmul") == gemms, cublas
