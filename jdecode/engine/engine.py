@@ -408,12 +408,14 @@ class LLMEngine:
 
         Runs throwaway requests through the engine: one prompt per token bucket, then, with
         multi-step scheduling, full bursts of all-decode steps at every row count's bucket, and
-        decodes at each of the runner's `decode_buckets` (the fused decode step's).
-        Then it forgets them: the prefix cache is emptied and the step and scheduler counters
-        start from zero. Not covered (they compile on first use): logprobs requests, with
-        impl "xla" the block-table widths of contexts longer than the warm-up prompts, and with
-        impl "pallas" a step that pairs a chunk with a decode of more than
-        `UNIFIED_DECODE_MAX_CONTEXT` keys (`PagedMeta.short_decodes` false).
+        decodes at each of the runner's `decode_buckets` (the fused decode step's); all of it
+        twice, greedy and sampled, since an all-greedy step compiles without the sampler
+        (`SamplingArrays.from_params(specialize_greedy=True)`) and a step with a sampled row
+        with it. Then it forgets them: the prefix cache is emptied and the step and scheduler
+        counters start from zero. Not covered (they compile on first use): logprobs requests,
+        repetition penalties, with impl "xla" the block-table widths of contexts longer than
+        the warm-up prompts, and with impl "pallas" a step that pairs a chunk with a decode of
+        more than `UNIFIED_DECODE_MAX_CONTEXT` keys (`PagedMeta.short_decodes` false).
 
         Returns {"prefill_buckets": token buckets run, "burst_buckets": row buckets of
         decode-only steps run, "seconds": wall time}.
@@ -423,23 +425,26 @@ class LLMEngine:
             raise RuntimeError("warmup() runs throwaway requests through an idle engine: call "
                                "it before adding requests")
         t0 = time.perf_counter()
-        greedy = SamplingParams(max_new_tokens=2, ignore_eos=True)
         buckets = self.runner.buckets
-        for i, b in enumerate(buckets):
-            # A different token per prompt: a prefix-cache hit would shrink the chunk.
-            n = max(1, min(b, self.max_model_len - 4))
-            self.add_request(f"__warmup-{i}", [i + 1] * n, greedy)
-            self._drain()
         burst = self.args.num_scheduler_steps
         rows = {min(b, self.args.max_num_seqs) for b in buckets} if burst > 1 else set()
         # Decode-only steps of a few rows have buckets of their own (the fused kernels'), in
         # one-decode and in multi-step executables.
         rows = sorted(rows | set(self.runner.decode_buckets))
-        params = SamplingParams(max_new_tokens=burst + 2, ignore_eos=True)
-        for n in rows:  # n decoding rows land in bucket(n): one burst executable per bucket
-            for j in range(n):
-                self.add_request(f"__warmup-decode{n}-{j}", [j + 1, n], params)
-            self._drain()
+        for kind, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+            prefill = SamplingParams(max_new_tokens=2, temperature=temperature, seed=0,
+                                     ignore_eos=True)
+            for i, b in enumerate(buckets):
+                # A different prompt each time: a prefix-cache hit would shrink the chunk.
+                n = max(1, min(b, self.max_model_len - 4))
+                token = i + 1 + (len(buckets) if temperature else 0)
+                self.add_request(f"__warmup-{kind}-{i}", [token] * n, prefill)
+                self._drain()
+            params = dataclasses.replace(prefill, max_new_tokens=burst + 2)
+            for n in rows:  # n decoding rows land in bucket(n): one burst executable each
+                for j in range(n):
+                    self.add_request(f"__warmup-{kind}-decode{n}-{j}", [j + 1, n], params)
+                self._drain()
         self.runner.apply_copies([])  # the copy-on-write executable (copies nothing here)
         self.block_manager.reset_prefix_cache()
         self.scheduler.stats = type(self.scheduler.stats)()

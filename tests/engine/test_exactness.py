@@ -108,7 +108,12 @@ def test_n_greedy_siblings_share_pages_and_match(rng, make_llm, greedy_reference
     assert llm.engine.block_manager.num_used_pages == 0
 
 
-def test_trace_count_new_mixes_do_not_recompile(rng, make_engine):
+@pytest.mark.parametrize("impl,burst", [("xla", 1), ("pallas", 4)])
+def test_trace_count_new_mixes_do_not_recompile(rng, make_engine, impl, burst):
+    """After one greedy and one sampling workload, new mixes of arrivals compile nothing.
+    impl "pallas" with bursts of 4 is the GPU's default engine (there the decode-only steps
+    are executables of their own, `PagedMeta.decodes_only`); on the CPU its kernels are
+    interpreted, which traces the same step."""
     from jdecode.engine.runner import TRACE_COUNTS
 
     def workload(seed):
@@ -120,14 +125,18 @@ def test_trace_count_new_mixes_do_not_recompile(rng, make_engine):
             arrivals.setdefault(s, []).append((f"r{i}", p))
         return arrivals
 
-    engine = make_engine(max_num_batched_tokens=16, num_pages=80)
-    # Warm: the only bucket (16) compiles at most twice, for all-greedy and sampling steps.
-    run_engine(engine, workload(0))
-    run_engine(make_engine(max_num_batched_tokens=16, num_pages=80), workload(4),
-               SamplingParams(max_new_tokens=3, temperature=0.3))
+    shape = {"max_num_batched_tokens": 16, "num_pages": 80, "impl": impl,
+             "num_scheduler_steps": burst}
+    # Warm: the only bucket (16) compiles for all-greedy and for sampling steps, each as a
+    # mixed step, and with impl "pallas" as a decode-only step of one decode and of a burst.
+    # The sampling run decodes long enough to take both decode-only kinds (with 3 new tokens
+    # it took only bursts, and on the GPU a later single sampled decode compiled anew).
+    run_engine(make_engine(**shape), workload(0))
+    run_engine(make_engine(**shape), workload(4),
+               SamplingParams(max_new_tokens=10, temperature=0.3))
     before = TRACE_COUNTS["step"]
     for seed in (1, 2, 3):
-        run_engine(make_engine(max_num_batched_tokens=16, num_pages=80), workload(seed),
+        run_engine(make_engine(**shape), workload(seed),
                    SamplingParams(max_new_tokens=int(5 + seed), temperature=0.5 * seed))
     assert TRACE_COUNTS["step"] == before
 

@@ -25,22 +25,25 @@ def test_warmup_compiles_every_step_shape_and_forgets_its_requests(rng, make_eng
     compiled = runner._step_jit._cache_size()
 
     # Prompts of 3 to 60 tokens, alone and 8 at a time: every token bucket, single and
-    # multi-step decodes at several row counts. Those of 17..32 tokens (the reference's
-    # bucket) must also come out as single-request greedy decoding.
+    # multi-step decodes at several row counts, greedy and then sampled (a step with a sampled
+    # row is an executable of its own). Greedy ones of 17..32 tokens (the reference's bucket)
+    # must also come out as single-request greedy decoding.
     prompts = prompts_of(rng, 1, 20, 20) + prompts_of(rng, 4, 3, 16) + prompts_of(rng, 4, 17, 32)
     prompts += prompts_of(rng, 1, 60, 60)
-    for batch in (prompts[:1], prompts[1:9], prompts[9:]):
-        ids = {f"r{i}": p for i, p in enumerate(batch)}
-        for rid, p in ids.items():
-            engine.add_request(rid, p, SamplingParams(max_new_tokens=4))
-        done = {}
-        while engine.has_unfinished_requests():
-            done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
-        assert done.keys() == ids.keys()
-        for rid, p in ids.items():
-            if 17 <= len(p) <= 32:
-                assert done[rid] == greedy_reference(p, 4), rid
-    assert runner._step_jit._cache_size() == compiled, "a request compiled a new step shape"
+    for sp in (SamplingParams(max_new_tokens=4), SamplingParams(max_new_tokens=4,
+                                                                 temperature=0.8, seed=3)):
+        for batch in (prompts[:1], prompts[1:9], prompts[9:]):
+            ids = {f"r{i}": p for i, p in enumerate(batch)}
+            for rid, p in ids.items():
+                engine.add_request(rid, p, sp)
+            done = {}
+            while engine.has_unfinished_requests():
+                done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+            assert done.keys() == ids.keys()
+            for rid, p in ids.items():
+                if 17 <= len(p) <= 32 and sp.temperature == 0:
+                    assert done[rid] == greedy_reference(p, 4), rid
+        assert runner._step_jit._cache_size() == compiled, f"{sp} compiled a new step shape"
 
     engine.add_request("pending", prompts[0], SamplingParams(max_new_tokens=2))
     with pytest.raises(RuntimeError, match="before adding requests"):
