@@ -63,7 +63,7 @@ def host_launch(runner, vocab: int, rng: np.random.Generator):
     """A `ModelRunner.launch` that runs nothing: [W, B] random token ids, on the host."""
     width, b = runner.last_burst.shape
 
-    def launch(inputs, num_logprobs: int = 0, num_steps: int = 1):
+    def launch(inputs, num_logprobs: int = 0, num_steps: int = 1, options=()):
         return rng.integers(0, vocab, (width, b), dtype=np.int32), None
     return launch
 

@@ -41,13 +41,15 @@ GENERATOR = [("fused", "pallas-fused", 1, {}), ("general", "pallas-general", 1, 
              ("fused", "pallas-fused", 4, {}), ("general", "pallas-general", 4, {}),
              ("default", "pallas", 64, step_compiler_options(64, "gpu")),
              ("default, Triton GEMMs", "pallas", 64, {})]
-# (label, impl variant, rows) of the engine's decode-only steps: the fused step over the
-# decode buckets of up to 5 rows, the general path over the token buckets past them (and
-# wherever JDECODE_FUSED_DECODE=0).
-ENGINE = [("fused, 1-row bucket (default)", "pallas", 1),
-          ("fused, 4-row bucket (default)", "pallas", 4),
-          ("general, 16-token bucket", "pallas-general", 16),
-          ("general, 64 rows (default)", "pallas", 64)]
+# (label, impl variant, rows, XLA options) of the engine's decode-only steps: the fused step
+# over the decode buckets of up to 5 rows, the general path over the token buckets past them
+# (and wherever JDECODE_FUSED_DECODE=0); at 64 rows with the options the runner compiles that
+# step with (`ModelRunner.step_options`, cuBLAS GEMMs, since stop 52) and without them.
+ENGINE = [("fused, 1-row bucket (default)", "pallas", 1, {}),
+          ("fused, 4-row bucket (default)", "pallas", 4, {}),
+          ("general, 16-token bucket", "pallas-general", 16, {}),
+          ("general, 64 rows (default)", "pallas", 64, step_compiler_options(64, "gpu")),
+          ("general, 64 rows, Triton GEMMs", "pallas", 64, {})]
 
 
 def markdown(result: dict) -> str:
@@ -78,8 +80,8 @@ def main() -> None:
         cfg, params = model_params(name)
         cases = [("Generator decode", label, variant, n, opts,
                   step_case(cfg, params, variant, n, 1)) for label, variant, n, opts in GENERATOR]
-        cases += [("engine decode-only", label, variant, n, {},
-                   engine_forward_case(cfg, params, n)) for label, variant, n in ENGINE]
+        cases += [("engine decode-only", label, variant, n, opts,
+                   engine_forward_case(cfg, params, n)) for label, variant, n, opts in ENGINE]
         for step, label, variant, n, opts, (fn, fargs) in cases:
             row = {"model": name, "step": step, "path": label, "variant": variant, "rows": n,
                    "compiler_options": opts, **count_kernels(fn, fargs, variant, opts or None)}
