@@ -14,7 +14,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from jdecode.config import ModelConfig
-from pallas_kernels.fused_decode.attention import merged_output, single_split_dtype
+from jdecode.model.attention import APPLIES_ROPE
+from jdecode.model.layers import apply_rope
+from pallas_kernels.fused_decode.attention import merged_output, rope_table, single_split_dtype
 from pallas_kernels.fused_decode.paged_attention import paged_decode_attention
 from pallas_kernels.paged_attention import ragged_paged_attention, write_kv_pages
 from pallas_kernels.paged_attention.tuning import (
@@ -104,8 +106,8 @@ def copy_pages(cache: PagedKVCache, src: jax.Array, dst: jax.Array) -> PagedKVCa
 
 
 def paged_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: PagedKVCache,
-                 layer: jax.Array, meta: PagedMeta, *, impl: str = "xla"
-                 ) -> tuple[jax.Array, PagedKVCache]:
+                 layer: jax.Array, meta: PagedMeta, *, impl: str = "xla",
+                 rope: tuple | None = None) -> tuple[jax.Array, PagedKVCache]:
     """The model's AttendFn over a paged cache: write this step's K/V, then ragged attention.
 
     The stacked pool [L, P, ...] is viewed as one pool of L * P pages (a free reshape), and
@@ -113,9 +115,11 @@ def paged_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: PagedKVCache,
     it, while offsetting the slots and block tables costs nothing.
 
     Args:
-      q: [1, N, H, D]; k, v: [1, N, K, D] flat tokens (RoPE applied). layer: int32 scalar.
-      cache: the stacked pool. meta: this step's ragged batch.
+      q: [1, N, H, D]; k, v: [1, N, K, D] flat tokens (RoPE applied, or, with rope, not yet).
+      layer: int32 scalar. cache: the stacked pool. meta: this step's ragged batch.
       impl: "xla"/"reference" (plain jnp) or "pallas" (the kernels).
+      rope: (cos, sin) [1, N, D/2] when q and k are not yet rotated (`APPLIES_ROPE`): the
+        writing decode kernel rotates them inside, every other path first.
     Returns:
       out [1, N, H, D] (padding rows 0, or their own token's value in a decode-only step:
       `paged_decode_writing`) and the cache with this layer's new K/V.
@@ -124,7 +128,9 @@ def paged_attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: PagedKVCache,
         raise ValueError(f"paged attention impl={impl!r}; choose one of {', '.join(IMPLS)}")
     L, P, page, K, D = cache.k_pages.shape
     if impl == "pallas" and writes_in_kernel(q, cache, meta):
-        return paged_decode_writing(q, k, v, cache, layer, meta)
+        return paged_decode_writing(q, k, v, cache, layer, meta, rope)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     offset = layer * P
     slots = jnp.where(meta.slot_mapping < 0, -1, meta.slot_mapping + offset * page)  # [N]
     # The write kernel's row block is [K, D]: Triton wants powers of 2 (SmolLM2 has K = 3).
@@ -149,7 +155,8 @@ def writes_in_kernel(q: jax.Array, cache: PagedKVCache, meta: PagedMeta) -> bool
 
 
 def paged_decode_writing(q: jax.Array, k: jax.Array, v: jax.Array, cache: PagedKVCache,
-                         layer: jax.Array, meta: PagedMeta) -> tuple[jax.Array, PagedKVCache]:
+                         layer: jax.Array, meta: PagedMeta, rope: tuple | None = None
+                         ) -> tuple[jax.Array, PagedKVCache]:
     """A decode-only step's attention that also stores the tokens' K/V, in one kernel per
     layer (`paged_decode_attention`), with the paged decode kernel's tuned launch.
 
@@ -160,17 +167,23 @@ def paged_decode_writing(q: jax.Array, k: jax.Array, v: jax.Array, cache: PagedK
     Generator's dense cache measured +1.6% at batch 64 (benchmarks/fused_decode_h200.md).
 
     Args: as `paged_attend`'s, for a step `writes_in_kernel` accepts. A padding row (slot
-    -1, context 0) attends to its own token alone, where the ragged path leaves it 0.
+    -1, context 0) attends to its own token alone, where the ragged path leaves it 0. With
+    rope the kernel rotates q and k itself (`paged_decode_attention(rope=)`): q, k and v are
+    then slices of the QKV projection's output, and the kernel reads that output as it is.
     """
     _, n, H, D = q.shape
     page, K = cache.page_size, cache.k_pages.shape[3]
-    qkv = jnp.concatenate([q[0], k[0].astype(q.dtype), v[0].astype(q.dtype)], axis=1)
+    # Joined on the heads axis before dropping the leading 1: XLA folds a concatenate of its
+    # operand's own slices in order away, but not once each slice is bitcast (`q[0]`), so the
+    # kernel reads the QKV projection's output itself instead of a packed copy.
+    qkv = jnp.concatenate([q, k.astype(q.dtype), v.astype(q.dtype)], axis=2)  # [1, N, H+2K, D]
     cfg = paged_config(page, D, q.dtype)
     tables = meta.block_tables[:n]  # [N, W]: row b is slot b's
     splits = decode_num_splits(n, K, -(-tables.shape[1] * page // cfg.block_k), cfg)
+    table = None if rope is None else rope_table(rope[0][0], rope[1][0])  # [N, 2, D]
     parts, lse, k_pool, v_pool = paged_decode_attention(
         qkv.reshape(n, -1), cache.k_pages, cache.v_pages, layer, meta.context_lens[:n],
-        meta.slot_mapping, tables, num_heads=H, num_kv_heads=K, num_splits=splits,
+        meta.slot_mapping, tables, table, num_heads=H, num_kv_heads=K, num_splits=splits,
         block_k=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         parts_dtype=single_split_dtype(splits, q.dtype))
     out = merged_output(parts, lse, q.dtype)  # [N, H * D]
@@ -179,4 +192,6 @@ def paged_decode_writing(q: jax.Array, k: jax.Array, v: jax.Array, cache: PagedK
 
 def make_paged_attend(impl: str = "xla"):
     """The model's AttendFn for a paged cache with a chosen implementation."""
-    return partial(paged_attend, impl=impl)
+    attend = partial(paged_attend, impl=impl)
+    setattr(attend, APPLIES_ROPE, True)  # see paged_attend's `rope`
+    return attend

@@ -284,11 +284,12 @@ def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_ou
                 num_splits=num_splits)
 
 
-def taking_rope(kernel):
-    """`_attn_kernel` with a rope table: its refs (pos, qkv, k, v, rope, *outputs), the table
-    passed on as `rope_ref`."""
-    def run(pos_ref, qkv_ref, kc_ref, vc_ref, rope_ref, *out_refs, **kw):
-        kernel(pos_ref, qkv_ref, kc_ref, vc_ref, *out_refs, rope_ref=rope_ref, **kw)
+def taking_rope(kernel, num_inputs: int):
+    """A kernel taking a rope table (`query_group`'s rope_ref) after its `num_inputs` inputs:
+    its refs (*inputs, rope, *outputs), the table passed on as `rope_ref`. After the inputs, so
+    the caches' aliases stand."""
+    def run(*refs, **kw):
+        kernel(*refs[:num_inputs], *refs[num_inputs + 1:], rope_ref=refs[num_inputs], **kw)
     return run
 
 
@@ -355,7 +356,7 @@ def _decode_attention(qkv, k_cache, v_cache, positions, layer=None, rope=None, *
                                num_splits=splits, sm_scale=D ** -0.5)
     inputs = (positions.astype(jnp.int32), qkv.reshape(b, H + 2 * K, D), k_cache, v_cache)
     if rope is not None:  # after the caches, so the aliases stand
-        kernel, inputs = taking_rope(kernel), (*inputs, rope.astype(f32))
+        kernel, inputs = taking_rope(kernel, len(inputs)), (*inputs, rope.astype(f32))
     kernel, inputs, aliases = on_layer(kernel, inputs, {2: 2, 3: 3}, layer)
     out_shape = (jax.ShapeDtypeStruct((b, splits, H * D), parts_dtype or f32),
                  jax.ShapeDtypeStruct((b * splits * H,), f32),

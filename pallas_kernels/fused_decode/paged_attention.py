@@ -42,6 +42,7 @@ from pallas_kernels.fused_decode.attention import (
     query_group,
     seed_carry,
     store_split,
+    taking_rope,
 )
 from pallas_kernels.fused_decode.kernel import whole_block
 from pallas_kernels.paged_attention.kernel import load_kv_block, pad_block_tables, split_blocks
@@ -57,16 +58,18 @@ def paged_block_k(page_size: int) -> int:
 
 def _paged_attn_kernel(ctx_ref, slot_ref, base_ref, table_ref, qkv_ref, kc_ref, vc_ref, o_ref,
                        lse_ref, kc_out, vc_out, *, num_heads: int, group: int, block_k: int,
-                       page_size: int, layer_pages: int, num_splits: int, sm_scale: float):
+                       page_size: int, layer_pages: int, num_splits: int, sm_scale: float,
+                       rope_ref=None):
     """ctx_ref, slot_ref [B] int32; base_ref [1] int32 (the layer's first row);
     table_ref [W_pad] row b's block table; qkv_ref [B, H + 2K, D]; kc_ref, vc_ref (and the
-    aliased kc_out, vc_out) [L * P * page, D], the pool through kv head `kv`."""
+    aliased kc_out, vc_out) [L * P * page, D], the pool through kv head `kv`. rope_ref: see
+    `query_group`."""
     b, kv, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     base = base_ref[0]
     slot = slot_ref[b]
     past = jnp.maximum(ctx_ref[b] - 1, 0)  # the new token is the context's last
     q, heads, k_new, v_new = query_group(qkv_ref, b, kv, num_heads=num_heads, group=group,
-                                         cache_dtype=kc_ref.dtype)
+                                         cache_dtype=kc_ref.dtype, rope_ref=rope_ref)
 
     @pl.when((split == 0) & (slot >= 0))
     def _():
@@ -98,14 +101,15 @@ def _paged_attn_kernel(ctx_ref, slot_ref, base_ref, table_ref, qkv_ref, kc_ref, 
                                              "block_k", "num_warps", "num_stages", "interpret",
                                              "parts_dtype"))
 def paged_decode_attention(qkv, k_pages, v_pages, layer, context_lens, slot_mapping,
-                           block_tables, *, num_heads: int, num_kv_heads: int,
+                           block_tables, rope=None, *, num_heads: int, num_kv_heads: int,
                            num_splits: int | None = None, block_k: int | None = None,
                            num_warps: int = 4, num_stages: int = 2,
                            interpret: bool | None = None, parts_dtype: str | None = None):
     """One query per row against its pages of the pool, with the row's new K/V stored.
 
     Args:
-      qkv: [B, (H + 2K) * D] this step's queries, keys and values, RoPE applied (`qkv_rope`).
+      qkv: [B, (H + 2K) * D] this step's queries, keys and values, RoPE applied (`qkv_rope`),
+        or, with `rope`, not yet.
       k_pages, v_pages: [L, P, page, K, D] the stacked pool, qkv's dtype. Aliased to the
         outputs: inside a jit that owns the pool (the engine's step donates it) the update is
         in place.
@@ -114,6 +118,9 @@ def paged_decode_attention(qkv, k_pages, v_pages, layer, context_lens, slot_mapp
         (0: a padding row; it attends to its own token only).
       slot_mapping: [B] int32 page * page_size + offset where the new K/V go, -1 for none.
       block_tables: [B, W] int32 page ids of each row (within the layer's P pages).
+      rope: optional [B, 2, D] f32 (`attention.rope_table`): the kernel rotates the queries
+        and the new key itself, as `decode_attention(rope=)` does, so that the engine's
+        decode-only step runs no RoPE-and-pack kernel per layer before this one.
       num_splits: split-K partitions per (row, kv head); default `default_splits` over the
         table's W * page slots.
       block_k: tokens per loop step, a power-of-2 multiple of the page; default
@@ -141,6 +148,9 @@ def paged_decode_attention(qkv, k_pages, v_pages, layer, context_lens, slot_mapp
         raise ValueError(f"block_tables {block_tables.shape} must be [{b}, W], context_lens "
                          f"{context_lens.shape} and slot_mapping {slot_mapping.shape} [{b}]: "
                          "one per row of qkv")
+    if rope is not None and rope.shape != (b, 2, D):
+        raise ValueError(f"paged_decode_attention: rope {rope.shape} must be [B, 2, D] = "
+                         f"[{b}, 2, {D}] (`rope_table` of the rows' cos and sin)")
     block_k = block_k or paged_block_k(page)
     if block_k % page or block_k & (block_k - 1):
         raise ValueError(f"block_k {block_k} must be a power-of-2 multiple of the page size "
@@ -165,6 +175,9 @@ def paged_decode_attention(qkv, k_pages, v_pages, layer, context_lens, slot_mapp
     in_specs = [whole_block(ctx), whole_block(inputs[1]), whole_block(base),
                 pl.BlockSpec((None, table.shape[1]), lambda bi, ki, si: (bi, 0)),
                 whole_block(inputs[4]), pool_spec, pool_spec]
+    if rope is not None:  # after the pool, so the aliases stand
+        kernel, inputs = taking_rope(kernel, len(inputs)), (*inputs, rope.astype(f32))
+        in_specs.append(whole_block(inputs[-1]))
     parts, lse, k_rows, v_rows = pl.pallas_call(
         kernel,
         grid=(b, K, splits),

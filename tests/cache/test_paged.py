@@ -151,3 +151,33 @@ def test_decodes_only_step_writes_in_the_attention_kernel(monkeypatch, heads, sp
     assert_close(got[:, :4], want[:, :4], "float32")
     np.testing.assert_array_equal(got_cache.k_pages, want_cache.k_pages)
     np.testing.assert_array_equal(got_cache.v_pages, want_cache.v_pages)
+
+
+@pytest.mark.parametrize("heads", HEADS)
+def test_paged_attend_rotates_unroped_q_and_k(heads):
+    """`make_paged_attend` is marked `APPLIES_ROPE`: given q and k before RoPE with
+    rope=(cos, sin), the decode-only kernel (which rotates them inside) and the XLA ragged path
+    (which rotates them first) both equal the XLA path on rotated input."""
+    from jdecode.cache.paged import make_paged_attend
+    from jdecode.model.attention import APPLIES_ROPE
+    from jdecode.model.layers import apply_rope
+
+    context_lens = [1, PAGE - 1, PAGE + 1, 2 * PAGE + 3]
+    cache, meta, q, k, v = random_case(6, context_lens, [1] * 4, n_pad=6, b_pad=7,
+                                       heads=heads)
+    meta = meta.replace(decodes_only=True)
+    positions = jnp.maximum(jnp.asarray(context_lens + [0, 0], jnp.int32) - 1, 0)  # [N]
+    angles = positions.astype(jnp.float32)[None, :, None] * jnp.asarray(
+        1.0 / 10000.0 ** (np.arange(0, D, 2) / D), jnp.float32)  # [1, N, D/2]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    assert getattr(make_paged_attend("pallas"), APPLIES_ROPE)
+    layer = jnp.int32(1)
+    with jax.default_matmul_precision("highest"):
+        want, want_cache = jax.jit(paged_attend)(
+            apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, cache, layer, meta)
+        for impl in ("xla", "pallas"):
+            got, got_cache = jax.jit(partial(paged_attend, impl=impl))(
+                q, k, v, cache, layer, meta, rope=(cos, sin))
+            assert_close(got[:, :4], want[:, :4], "float32")
+            assert_close(got_cache.k_pages, want_cache.k_pages, "float32")
+            np.testing.assert_array_equal(got_cache.v_pages, want_cache.v_pages)

@@ -292,6 +292,48 @@ def test_paged_decode_attention_matches_reference(rng, dtype, splits, page):
     chex.assert_trees_all_equal(k_out[0], kp[0])  # another layer's pages are untouched
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_paged_decode_attention_rotates_q_and_k_itself(rng, dtype):
+    """With a rope table the paged kernel takes q and k before RoPE and rotates them as
+    `layers.apply_rope` does: the output and the stored pages are those of the same call on
+    rotated input. GQA groups of 3 (SmolLM2's), layer 1 of 2, a padding row (no slot)."""
+    from jdecode.model.layers import apply_rope
+    from pallas_kernels.fused_decode.attention import rope_table
+
+    H, K, D, page, W = 6, 2, 64, 16, 8
+    L, P, rows = 2, 4 * W, 3
+
+    def normal(*shape):
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+
+    qkv = normal(rows, H + 2 * K, D)
+    kp, vp = normal(L, P, page, K, D), normal(L, P, page, K, D)
+    tables = jnp.asarray(rng.permutation(P)[:rows * W].reshape(rows, W), jnp.int32)
+    ctx = jnp.asarray([77, 1, 0], jnp.int32)
+    pos = jnp.maximum(ctx - 1, 0)
+    slots = tables[jnp.arange(rows), pos // page] * page + pos % page
+    slots = jnp.where(ctx > 0, slots, -1)
+    angles = pos.astype(jnp.float32)[:, None] * jnp.asarray(
+        1.0 / 10000.0 ** (np.arange(0, D, 2) / D), jnp.float32)  # [B, D/2]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    q, k = (apply_rope(x[:, None], cos[:, None], sin[:, None])[:, 0]
+            for x in (qkv[:, :H], qkv[:, H:H + K]))
+    rotated = jnp.concatenate([q, k, qkv[:, H + K:]], axis=1)
+    kw = {"num_heads": H, "num_kv_heads": K, "num_splits": 2}
+    want = paged_decode_attention(rotated.reshape(rows, -1), kp, vp, 1, ctx, slots, tables,
+                                  **kw)
+    got = paged_decode_attention(qkv.reshape(rows, -1), kp, vp, 1, ctx, slots, tables,
+                                 rope_table(cos, sin), **kw)
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+    # f32: the kernel's products may contract differently from XLA's (1 ulp); bf16 rounds.
+    for g, w in zip(got, want):
+        assert_close(g, w, dtype)
+    assert not jnp.array_equal(got[2], kp)  # two rows stored their rotated key
+    with pytest.raises(ValueError, match=r"rope \(3, 2, 32\) must be \[B, 2, D\]"):
+        paged_decode_attention(qkv.reshape(rows, -1), kp, vp, 1, ctx, slots, tables,
+                               rope_table(cos[:, :16], sin[:, :16]), **kw)
+
+
 def test_paged_decode_attention_names_bad_shapes():
     qkv, pool = jnp.zeros((2, 10 * 64)), jnp.zeros((1, 8, 16, 2, 64))
     ones, tables = jnp.ones((2,), jnp.int32), jnp.zeros((2, 4), jnp.int32)
