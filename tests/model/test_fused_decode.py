@@ -215,15 +215,27 @@ def test_decode_attention_single_split_in_the_model_dtype(rng):
                          parts_dtype="bfloat16")
 
 
+def _rotated_qkv(qkv, positions, num_heads: int, num_kv_heads: int):
+    """(qkv [B, H + 2K, D] with its queries and keys rotated by `layers.apply_rope` at each
+    row's position [B], and the rows' `rope_table`), for the kernels that rotate them."""
+    from jdecode.model.layers import apply_rope
+    from pallas_kernels.fused_decode.attention import rope_table
+
+    H, K, D = num_heads, num_kv_heads, qkv.shape[-1]
+    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(
+        1.0 / 10000.0 ** (np.arange(0, D, 2) / D), jnp.float32)  # [B, D/2]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    q, k = (apply_rope(x[:, None], cos[:, None], sin[:, None])[:, 0]
+            for x in (qkv[:, :H], qkv[:, H:H + K]))
+    return jnp.concatenate([q, k, qkv[:, H + K:]], axis=1), rope_table(cos, sin)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_decode_attention_rotates_q_and_k_itself(rng, dtype):
     """With a rope table the kernel takes q and k before RoPE and rotates them as
     `layers.apply_rope` does (f32, rounded to the model dtype): the output and the stored key
     are those of the same call on rotated input. GQA groups of 3 (SmolLM2's) and a stacked
     cache's layer operand, so the swapped-halves load of a padded group is exercised."""
-    from jdecode.model.layers import apply_rope
-    from pallas_kernels.fused_decode.attention import rope_table
-
     L, rows, H, K, D, S = 2, 3, 6, 2, 64, 256
 
     def normal(*shape):
@@ -231,23 +243,17 @@ def test_decode_attention_rotates_q_and_k_itself(rng, dtype):
 
     qkv, kc, vc = normal(rows, H + 2 * K, D), normal(L, rows, S, K, D), normal(L, rows, S, K, D)
     positions = jnp.asarray([130, 0, S + 5], jnp.int32)
-    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(
-        1.0 / 10000.0 ** (np.arange(0, D, 2) / D), jnp.float32)  # [B, D/2]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    q, k = (apply_rope(x[:, None], cos[:, None], sin[:, None])[:, 0]
-            for x in (qkv[:, :H], qkv[:, H:H + K]))
-    rotated = jnp.concatenate([q, k, qkv[:, H + K:]], axis=1)
+    rotated, table = _rotated_qkv(qkv, positions, H, K)
     kw = {"num_heads": H, "num_kv_heads": K, "num_splits": 2, "layer": 1}
     want = decode_attention(rotated.reshape(rows, -1), kc, vc, positions, **kw)
-    got = decode_attention(qkv.reshape(rows, -1), kc, vc, positions, **kw,
-                           rope=rope_table(cos, sin))
+    got = decode_attention(qkv.reshape(rows, -1), kc, vc, positions, **kw, rope=table)
     chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
     # f32: the kernel's products may contract differently from XLA's (1 ulp); bf16 rounds.
     for g, w in zip(got, want):
         assert_close(g, w, dtype)
     with pytest.raises(ValueError, match=r"rope \(3, 2, 32\) must be \[B, 2, D\]"):
         decode_attention(qkv.reshape(rows, -1), kc, vc, positions, **kw,
-                         rope=rope_table(cos[:, :16], sin[:, :16]))
+                         rope=table[:, :, :32])
 
 
 def test_decode_attention_names_bad_shapes():
@@ -297,9 +303,6 @@ def test_paged_decode_attention_rotates_q_and_k_itself(rng, dtype):
     """With a rope table the paged kernel takes q and k before RoPE and rotates them as
     `layers.apply_rope` does: the output and the stored pages are those of the same call on
     rotated input. GQA groups of 3 (SmolLM2's), layer 1 of 2, a padding row (no slot)."""
-    from jdecode.model.layers import apply_rope
-    from pallas_kernels.fused_decode.attention import rope_table
-
     H, K, D, page, W = 6, 2, 64, 16, 8
     L, P, rows = 2, 4 * W, 3
 
@@ -313,17 +316,12 @@ def test_paged_decode_attention_rotates_q_and_k_itself(rng, dtype):
     pos = jnp.maximum(ctx - 1, 0)
     slots = tables[jnp.arange(rows), pos // page] * page + pos % page
     slots = jnp.where(ctx > 0, slots, -1)
-    angles = pos.astype(jnp.float32)[:, None] * jnp.asarray(
-        1.0 / 10000.0 ** (np.arange(0, D, 2) / D), jnp.float32)  # [B, D/2]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    q, k = (apply_rope(x[:, None], cos[:, None], sin[:, None])[:, 0]
-            for x in (qkv[:, :H], qkv[:, H:H + K]))
-    rotated = jnp.concatenate([q, k, qkv[:, H + K:]], axis=1)
+    rotated, table = _rotated_qkv(qkv, pos, H, K)
     kw = {"num_heads": H, "num_kv_heads": K, "num_splits": 2}
     want = paged_decode_attention(rotated.reshape(rows, -1), kp, vp, 1, ctx, slots, tables,
                                   **kw)
     got = paged_decode_attention(qkv.reshape(rows, -1), kp, vp, 1, ctx, slots, tables,
-                                 rope_table(cos, sin), **kw)
+                                 table, **kw)
     chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
     # f32: the kernel's products may contract differently from XLA's (1 ulp); bf16 rounds.
     for g, w in zip(got, want):
@@ -331,7 +329,7 @@ def test_paged_decode_attention_rotates_q_and_k_itself(rng, dtype):
     assert not jnp.array_equal(got[2], kp)  # two rows stored their rotated key
     with pytest.raises(ValueError, match=r"rope \(3, 2, 32\) must be \[B, 2, D\]"):
         paged_decode_attention(qkv.reshape(rows, -1), kp, vp, 1, ctx, slots, tables,
-                               rope_table(cos[:, :16], sin[:, :16]), **kw)
+                               table[:, :, :32], **kw)
 
 
 def test_paged_decode_attention_names_bad_shapes():
