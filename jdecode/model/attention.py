@@ -31,7 +31,8 @@ def resolve_impl(impl: str) -> str:
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any, jax.Array, Any], tuple[jax.Array, Any]]
 # An AttendFn with this attribute set true also takes q and k before RoPE, with
 # rope=(cos, sin) ([B, T, D/2], `layers.rope_tables`), and rotates them itself: where its
-# kernel can do it inside (`dense_attend`), the step runs no RoPE kernel of its own.
+# kernel can do it inside (`dense_attend`'s and `paged_attend`'s one-token writing kernels),
+# the step runs no RoPE kernel of its own.
 APPLIES_ROPE = "applies_rope"
 
 

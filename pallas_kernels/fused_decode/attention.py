@@ -123,6 +123,13 @@ def check_cache(k_cache, v_cache, layer, name: str) -> tuple:
     return k_cache.shape[-4:]
 
 
+def check_rope(rope, rows: int, head_dim: int, name: str) -> None:
+    """An optional rope table (`rope_table`) must be [rows, 2, head_dim]: one per query row."""
+    if rope is not None and rope.shape != (rows, 2, head_dim):
+        raise ValueError(f"{name}: rope {rope.shape} must be [B, 2, D] = [{rows}, 2, "
+                         f"{head_dim}] (`rope_table` of the rows' cos and sin)")
+
+
 def attend_past(kc_ref, vc_ref, b, kv, q, carry, past, split, *, block_k: int, num_splits: int,
                 sm_scale: float, layer: int | None = None):
     """The online softmax `carry` (acc [M, D], m [M], l [M] f32) of queries q [M, D] taken over
@@ -343,9 +350,7 @@ def _decode_attention(qkv, k_cache, v_cache, positions, layer=None, rope=None, *
         raise ValueError(f"qkv {qkv.shape} must be [B, (H + 2K) * D] for H={H} heads and the "
                          f"cache's K={K}, D={D} (k_cache {k_cache.shape}, v_cache "
                          f"{v_cache.shape}, num_kv_heads={num_kv_heads})")
-    if rope is not None and rope.shape != (b, 2, D):
-        raise ValueError(f"decode_attention: rope {rope.shape} must be [B, 2, D] = "
-                         f"[{b}, 2, {D}] (`rope_table` of the rows' cos and sin)")
+    check_rope(rope, b, D, "decode_attention")
     if H % K or S % block_k or rows != b or k_cache.dtype != qkv.dtype:
         raise ValueError(f"decode_attention: heads {H} must be a multiple of kv heads {K}, the "
                          f"cache {k_cache.shape} {k_cache.dtype} must have qkv's rows {b} and "

@@ -38,6 +38,7 @@ from pallas_kernels.flash_attention.tuning import resolve_interpret
 from pallas_kernels.fused_decode.attention import (
     BLOCK_K,
     check_parts_dtype,
+    check_rope,
     default_splits,
     query_group,
     seed_carry,
@@ -148,9 +149,7 @@ def paged_decode_attention(qkv, k_pages, v_pages, layer, context_lens, slot_mapp
         raise ValueError(f"block_tables {block_tables.shape} must be [{b}, W], context_lens "
                          f"{context_lens.shape} and slot_mapping {slot_mapping.shape} [{b}]: "
                          "one per row of qkv")
-    if rope is not None and rope.shape != (b, 2, D):
-        raise ValueError(f"paged_decode_attention: rope {rope.shape} must be [B, 2, D] = "
-                         f"[{b}, 2, {D}] (`rope_table` of the rows' cos and sin)")
+    check_rope(rope, b, D, "paged_decode_attention")
     block_k = block_k or paged_block_k(page)
     if block_k % page or block_k & (block_k - 1):
         raise ValueError(f"block_k {block_k} must be a power-of-2 multiple of the page size "
