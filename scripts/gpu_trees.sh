@@ -24,6 +24,15 @@
 # (0: one dispatch), ROUNDS (1: one pass in order and one reversed), BARE (1: time the bare
 # loop too). Writes trees.tgz (every run's bench_decode.{json,md} and log, the edits, and
 # summary.md) under OUT.
+#
+# SERVING (bench_serving.py's arguments but --model, --out and --tag): each run is the
+# engine's serving benchmark instead, and the summary reads its probe (engine step, device
+# busy) and its offline continuous run (output tok/s, TTFT). E.g. the engine's 16-sequence
+# decode probe of a patched tree against this one, A B then B A:
+#   OUT=$OUT TREES="A B" PATCH_B=patches/x.patch MODELS="llama-3.2-1b" SERVING="--impl pallas \
+#     --layout inference --policies continuous --rates '' --num-pages 4096 --max-num-seqs 16 \
+#     --token-buckets 16,64 --skip-offline --probe-steps 50 --num-scheduler-steps 4" \
+#     bash scripts/gpu_trees.sh
 set -u
 OUT=$(realpath -m "${OUT:-out}"); mkdir -p "$OUT"
 export JDECODE_GIT_SHA=${JDECODE_GIT_SHA:-unknown}
@@ -56,9 +65,15 @@ for t in "${trees[@]}"; do
 done
 order=("${trees[@]}")
 reversed=(); for ((i = ${#trees[@]} - 1; i >= 0; i--)); do reversed+=("${trees[i]}"); done
-echo "| model | tree | pass | compile s | Generator tok/s | bare loop device us/step |" \
-  > "$RAW/summary.md"
-echo "|---|---|---|---|---|---|" >> "$RAW/summary.md"
+if [ -n "${SERVING:-}" ]; then
+  echo "| model | tree | pass | warmup s | probe engine step ms | probe device busy ms |\
+ offline output tok/s | offline TTFT p50 / p99 s |" > "$RAW/summary.md"
+  echo "|---|---|---|---|---|---|---|---|" >> "$RAW/summary.md"
+else
+  echo "| model | tree | pass | compile s | prefill ms | Generator tok/s |\
+ bare loop device us/step |" > "$RAW/summary.md"
+  echo "|---|---|---|---|---|---|---|" >> "$RAW/summary.md"
+fi
 bare=$([ "${BARE:-1}" = 1 ] && echo --bare)
 for m in ${MODELS:-smollm2-135m}; do
   for r in $(seq "${ROUNDS:-1}"); do
@@ -68,19 +83,40 @@ for m in ${MODELS:-smollm2-135m}; do
         dir="/tmp/jdecode-tree-$t"; res="$RAW/${m}_${t}_${r}_$pass"
         # shellcheck disable=SC2086  # $bare: one word or none
         env_name="ENV_$t"; eval "tree_env=(${!env_name:-})"
-        (cd "$dir" && env "${tree_env[@]}" PYTHONPATH="$dir" timeout 300 python3 scripts/bench_decode.py \
-          --model "configs/models/$m.yaml" --dtype bfloat16 --batch "${BATCH:-1}" \
-          --prompt-len "${PROMPT:-512}" --new-tokens "${NEW:-128}" --impl "${IMPL:-auto}" \
-          --layers "${LAYERS:-fused-unstacked}" --chunk-steps "${CHUNK:-0}" $bare \
-          --out "$res" > "$res.log" 2>&1)
-        python3 - "$res/bench_decode.json" "$m" "$t" "$r $pass" >> "$RAW/summary.md" <<'EOF'
+        if [ -n "${SERVING:-}" ]; then
+          tag="${m}_${t}_${r}_$pass"
+          eval "serving_args=($SERVING)"  # shell words, as ENV_X
+          (cd "$dir" && env "${tree_env[@]}" PYTHONPATH="$dir" timeout 500 python3 \
+            scripts/bench_serving.py --model "configs/models/$m.yaml" "${serving_args[@]}" \
+            --out "$res" --tag "$tag" > "$res.log" 2>&1)
+          json="$res/serving_$tag.json"
+        else
+          (cd "$dir" && env "${tree_env[@]}" PYTHONPATH="$dir" timeout 300 python3 \
+            scripts/bench_decode.py --model "configs/models/$m.yaml" --dtype bfloat16 \
+            --batch "${BATCH:-1}" --prompt-len "${PROMPT:-512}" --new-tokens "${NEW:-128}" \
+            --impl "${IMPL:-auto}" --layers "${LAYERS:-fused-unstacked}" \
+            --chunk-steps "${CHUNK:-0}" $bare --out "$res" > "$res.log" 2>&1)
+          json="$res/bench_decode.json"
+        fi
+        python3 - "$json" "$m" "$t" "$r $pass" >> "$RAW/summary.md" <<'EOF'
 import json, sys
 path, m, t, p = sys.argv[1:]
+def f(x, fmt):
+    return "-" if x is None else format(x, fmt)
 try:
-    row = json.load(open(path))["rows"][0]
-    step = row.get("bare_loop_device_step_us")
-    print(f"| {m} | {t} | {p} | {row['compile_s']:.2f} | {row['decode_tok_s']:.1f} | "
-          f"{'-' if step is None else f'{step:.2f}'} |")
+    res = json.load(open(path))
+    if "rows" in res:  # bench_decode
+        row = res["rows"][0]
+        print(f"| {m} | {t} | {p} | {row['compile_s']:.2f} | {row['prefill_ms']:.2f} | "
+              f"{row['decode_tok_s']:.1f} | {f(row.get('bare_loop_device_step_us'), '.2f')} |")
+    else:  # bench_serving
+        pr, off = res.get("probe") or {}, res["offline"].get("continuous", {})
+        warm = sum(v for k, v in res["setup"].items() if k.startswith("warmup"))
+        ttft = (f"{off['ttft_p50_s']:.3f} / {off['ttft_p99_s']:.3f}" if "ttft_p50_s" in off
+                else "-")
+        print(f"| {m} | {t} | {p} | {warm:.1f} | {f(pr.get('engine_step_ms'), '.4f')} | "
+              f"{f(pr.get('device_busy_ms'), '.4f')} | {f(off.get('output_tok_s'), '.0f')} | "
+              f"{ttft} |")
 except (OSError, KeyError, IndexError, ValueError) as e:
     print(f"| {m} | {t} | {p} | failed: {type(e).__name__} | | |")
 EOF
