@@ -273,8 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         stem = args.out / f"engine_host_{args.tag}"
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(markdown(result))
+        Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        Path(f"{stem}.md").write_text(markdown(result))
     return result
 
 

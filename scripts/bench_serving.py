@@ -369,10 +369,10 @@ def markdown(result: dict) -> str:
 
 def write(result: dict, stem: Path) -> None:
     """Rewrites the JSON, markdown and plot (called after every run)."""
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    stem.with_suffix(".md").write_text(markdown(result))
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
+    Path(f"{stem}.md").write_text(markdown(result))
     if any("output_tok_s" in r for rows in result["online"].values() for r in rows):
-        plot(result, stem.with_suffix(".png"))
+        plot(result, Path(f"{stem}.png"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> None:
               "re-raises the signal)."), ""]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"server_memory_{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text("\n".join(lines))
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -211,6 +212,38 @@ def test_host_bench_times_the_engine_without_the_device(tmp_path, monkeypatch):
         assert p["decodes_per_step"] == p["num_scheduler_steps"]  # every row decoded each step
         assert p["ms_per_decode_step"] > 0 and set(p["phases_ms"]) == set(bench.PHASES)
     assert "| 4 | 2 | 5 |" in (tmp_path / "engine_host_cpu.md").read_text()
+
+
+def test_serving_bench_runs_and_names_its_files_by_the_whole_tag(tmp_path):
+    """scripts/bench_serving.py on the tiny model, offline and probe: the record holds both,
+    and its files carry the whole tag. A tag with dots (a model's name, "llama-3.2-1b") once
+    lost everything after its first dot to `Path.with_suffix`, so runs of one model's trees
+    wrote over each other."""
+    import subprocess
+    import sys
+
+    from helpers import SCRIPTS
+
+    root = Path(__file__).parents[2]
+    tag = "tiny-0.5_A"
+    run = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_serving.py"), "--model",
+         str(root / "configs/models/tiny.yaml"), "--policies", "continuous", "--rates", "",
+         "--num-requests", "6", "--max-prompt", "48", "--max-output", "8",
+         "--max-model-len", "256", "--long-prompt", "64", "--max-num-seqs", "4",
+         "--token-buckets", "4,64", "--probe-steps", "3", "--out", str(tmp_path),
+         "--tag", tag], capture_output=True, text=True, cwd=root, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads((tmp_path / f"serving_{tag}.json").read_text())
+    assert res["offline"]["continuous"]["output_tok_s"] > 0
+    assert res["probe"]["batch"] == 4 and res["probe"]["engine_step_ms"] > 0
+    md = tmp_path / f"serving_{tag}.md"
+    md.unlink()
+    replot = subprocess.run([sys.executable, str(SCRIPTS / "bench_serving.py"), "--replot",
+                             str(tmp_path / f"serving_{tag}.json")], capture_output=True,
+                            text=True, cwd=root, timeout=120)
+    assert replot.returncode == 0, replot.stderr[-3000:]
+    assert "## Offline" in md.read_text()
 
 
 def test_the_runner_reuses_sampling_arrays_only_for_the_same_rows(rng, make_engine,
