@@ -25,3 +25,24 @@ def test_bench_roofline_writes_its_record(tmp_path):
     assert abs(saved["xla_cross_check"]["decode"]["flop_ratio"] - 1) < 0.03
     assert "| decode | xla | 2 | 1 | 32 |" in (tmp_path / "bench_roofline.md").read_text()
     assert (tmp_path / "roofline_measured.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tune_decode_attention_checks_every_launch_of_both_caches(tmp_path):
+    """scripts/tune_decode_attention.py on the tiny model in interpret mode: each launch of
+    the dense and the paged kernel is checked against its reference before it would be timed
+    (nothing is timed on CPU), a launch the kernel rejects is recorded, not fatal, and the
+    record names the case."""
+    tune = load_script("tune_decode_attention")
+    common = ["--model", "tiny", "--batch", "2", "--context", "40", "--layers", "2",
+              "--warps", "4", "--stages", "2", "--out", str(tmp_path)]
+    paged = tune.main(["--cache", "paged", "--max-len", "64", "--block-k", "8,16,32",
+                       "--splits", "1,2", *common])
+    rows = {(r["block_k"], r["splits"]): r for r in paged["rows"]}
+    assert set(rows) == {(b, s) for b in (8, 16, 32) for s in (1, 2)}
+    assert all("page size" in rows[8, s]["error"] for s in (1, 2))  # block_k < the page
+    assert not any("error" in rows[b, s] for b in (16, 32) for s in (1, 2))
+    dense = tune.main(["--cache", "dense", "--max-len", "128", "--block-k", "64", *common])
+    (row,) = dense["rows"]
+    assert "error" not in row and row["splits"] >= 1 and dense["best"] is None  # untimed
+    saved = json.loads((tmp_path / "tune_decode_attention_paged_tiny_b2.json").read_text())
+    assert saved["cache"] == "paged" and saved["page"] == 16
