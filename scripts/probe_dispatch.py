@@ -63,7 +63,8 @@ def main() -> None:
     inputs, k = runner.step_inputs(out, tables)
     on_device = inputs._replace(blobs=jax.device_put(inputs.blobs))
     n = args.steps
-    launch = lambda x: runner.launch(x, k, options=runner.step_options(out))[0]
+    options = runner.step_options(out)  # the executable the engine would run, chosen once
+    launch = lambda x: runner.launch(x, k, options=options)[0]
     jax.block_until_ready([launch(inputs), launch(on_device)])  # compiled, warm
     leaves = {"params": len(jax.tree.leaves(runner.params)),
               "cache": len(jax.tree.leaves(runner.cache)),

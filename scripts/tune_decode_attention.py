@@ -50,9 +50,26 @@ from jdecode.config import load_model_config_yaml
 from jdecode.provenance import environment
 from pallas_kernels.fused_decode import decode_attention, paged_decode_attention
 from pallas_kernels.fused_decode import reference as ref
-from pallas_kernels.fused_decode.attention import merged_output, rope_table, single_split_dtype
+from pallas_kernels.fused_decode.attention import (
+    BLOCK_K,
+    merged_output,
+    rope_table,
+    single_split_dtype,
+)
 from pallas_kernels.paged_attention.tuning import decode_num_splits, grid_splits, paged_config
 from pallas_kernels.testing import assert_close
+
+
+def threaded(fn, state):
+    """call() running jit(fn) on `state`, donated, and keeping its result for the next call.
+    Why: the kernels write their caches in place, so with the caches donated and threaded
+    through the calls no copy runs before a launch and leaves its cache in the L2."""
+    run, box = jax.jit(fn, donate_argnums=0), [state]
+
+    def call():
+        box[0] = run(box[0])
+        return box[0]
+    return call
 
 
 def dense_case(args, B, H, K, D, L, rnd):
@@ -69,19 +86,12 @@ def dense_case(args, B, H, K, D, L, rnd):
         assert_close(merged_output(parts, lse, jnp.float32), want, "bfloat16")
 
     def step(kw):
-        # Caches donated and threaded through the calls (the kernel writes them in place),
-        # so no copy runs before a launch and leaves its cache in the L2.
-        run = jax.jit(lambda cs: [decode_attention(q, kc, vc, pos, **kw)[2:]
-                                  for q, (kc, vc) in zip(qkvs, cs)], donate_argnums=0)
-        state = [[(jnp.copy(k), jnp.copy(v)) for k, v in caches]]
+        return threaded(lambda cs: [decode_attention(q, kc, vc, pos, **kw)[2:]
+                                    for q, (kc, vc) in zip(qkvs, cs)],
+                        [(jnp.copy(k), jnp.copy(v)) for k, v in caches])
 
-        def call():
-            state[0] = run(state[0])
-            return state[0]
-        return call
-
-    def splits(block_k):  # the Generator's rule (model/pallas_dispatch.py), over 64-slot blocks
-        return grid_splits(B * K, args.max_len // 64, max_splits=16)
+    def splits(block_k):  # the Generator's rule (model/pallas_dispatch.py), over its blocks
+        return grid_splits(B * K, args.max_len // BLOCK_K, max_splits=16)
     return check, step, "decode_attention", splits
 
 
@@ -116,13 +126,7 @@ def paged_case(args, B, H, K, D, L, rnd):
                 _, _, kp, vp = paged_decode_attention(q, kp, vp, layer, lens, slots, tables,
                                                       table, **kw)
             return kp, vp
-        run = jax.jit(layers, donate_argnums=0)
-        state = [tuple(jnp.copy(p) for p in pools)]
-
-        def call():
-            state[0] = run(state[0])
-            return state[0]
-        return call
+        return threaded(layers, tuple(jnp.copy(p) for p in pools))
 
     cfg = paged_config(page, D, jnp.bfloat16)
 
