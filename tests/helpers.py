@@ -38,6 +38,18 @@ def tiny_model(seed: int, tokenizer=None, **overrides):
     return Model("tiny", cfg, init_params(cfg, jax.random.key(seed)), tokenizer)
 
 
+def rope_at(positions, head_dim: int):
+    """RoPE's (cos, sin) [..., D/2] at `positions` [B, T] for heads of `head_dim`, from the
+    model's own `layers.rope_tables` (tiny.yaml's theta, no scaling): for kernel tests whose
+    shapes are not a model's."""
+    from jdecode.config import load_model_config_yaml
+    from jdecode.io.registry import CONFIG_DIR
+    from jdecode.model.layers import rope_tables
+
+    cfg = load_model_config_yaml(CONFIG_DIR / "tiny.yaml").replace(head_dim=head_dim)
+    return rope_tables(positions, cfg)
+
+
 def spy_fused_verify(monkeypatch) -> list:
     """Records each trace that takes `phases.fused_verify_step` (the hooks it was given; None
     without), so a test of the fused verify step fails where it silently falls back."""

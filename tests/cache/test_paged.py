@@ -158,6 +158,8 @@ def test_paged_attend_rotates_unroped_q_and_k(heads):
     """`make_paged_attend` is marked `APPLIES_ROPE`: given q and k before RoPE with
     rope=(cos, sin), the decode-only kernel (which rotates them inside) and the XLA ragged path
     (which rotates them first) both equal the XLA path on rotated input."""
+    from helpers import rope_at
+
     from jdecode.cache.paged import make_paged_attend
     from jdecode.model.attention import APPLIES_ROPE
     from jdecode.model.layers import apply_rope
@@ -167,9 +169,7 @@ def test_paged_attend_rotates_unroped_q_and_k(heads):
                                        heads=heads)
     meta = meta.replace(decodes_only=True)
     positions = jnp.maximum(jnp.asarray(context_lens + [0, 0], jnp.int32) - 1, 0)  # [N]
-    angles = positions.astype(jnp.float32)[None, :, None] * jnp.asarray(
-        1.0 / 10000.0 ** (np.arange(0, D, 2) / D), jnp.float32)  # [1, N, D/2]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    cos, sin = rope_at(positions[None], D)  # [1, N, D/2] each
     assert getattr(make_paged_attend("pallas"), APPLIES_ROPE)
     layer = jnp.int32(1)
     with jax.default_matmul_precision("highest"):

@@ -218,13 +218,13 @@ def test_decode_attention_single_split_in_the_model_dtype(rng):
 def _rotated_qkv(qkv, positions, num_heads: int, num_kv_heads: int):
     """(qkv [B, H + 2K, D] with its queries and keys rotated by `layers.apply_rope` at each
     row's position [B], and the rows' `rope_table`), for the kernels that rotate them."""
+    from helpers import rope_at
+
     from jdecode.model.layers import apply_rope
     from pallas_kernels.fused_decode.attention import rope_table
 
     H, K, D = num_heads, num_kv_heads, qkv.shape[-1]
-    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(
-        1.0 / 10000.0 ** (np.arange(0, D, 2) / D), jnp.float32)  # [B, D/2]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    cos, sin = (x[:, 0] for x in rope_at(positions[:, None], D))  # [B, D/2] each
     q, k = (apply_rope(x[:, None], cos[:, None], sin[:, None])[:, 0]
             for x in (qkv[:, :H], qkv[:, H:H + K]))
     return jnp.concatenate([q, k, qkv[:, H + K:]], axis=1), rope_table(cos, sin)
