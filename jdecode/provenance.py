@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -58,3 +59,15 @@ def environment() -> dict[str, str]:
             "git_sha": git_sha(), "jax_version": jax.__version__,
             "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
             "python": platform.python_version(), "switches": switches()}
+
+
+def write_record(stem: Path | str, result: dict, markdown: str) -> tuple[Path, Path]:
+    """Write a benchmark's record beside its table: `<stem>.json` and `<stem>.md`.
+
+    Why not `Path(stem).with_suffix(".json")`: that cuts a tag at its first dot (a run tagged
+    `llama-3.2-1b_A` wrote `..._llama-3.json`, and one model's runs overwrote each other).
+    """
+    js, md = Path(f"{stem}.json"), Path(f"{stem}.md")
+    js.write_text(json.dumps(result, indent=2) + "\n")
+    md.write_text(markdown)
+    return js, md

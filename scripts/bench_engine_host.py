@@ -42,7 +42,7 @@ import numpy as np
 from jdecode.decoding.sampling import SamplingParams
 from jdecode.engine.engine import EngineArgs, LLMEngine
 from jdecode.io.registry import DEFAULT_MODEL, load
-from jdecode.provenance import environment, machine
+from jdecode.provenance import environment, machine, write_record
 
 PHASES = ("schedule", "step_inputs", "launch", "complete")
 
@@ -273,8 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         stem = args.out / f"engine_host_{args.tag}"
-        Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-        Path(f"{stem}.md").write_text(markdown(result))
+        write_record(stem, result, markdown(result))
     return result
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shlex
 import statistics
@@ -38,7 +37,7 @@ from jdecode.decoding.sampling import SamplingParams
 from jdecode.engine.engine import EngineArgs, LLMEngine
 from jdecode.io.registry import DEFAULT_MODEL, load
 from jdecode.model.fused_decode import impl_variant
-from jdecode.provenance import git_sha, machine
+from jdecode.provenance import git_sha, machine, write_record
 
 PROMPT = "Tell me about the history of the city of Paris in a few sentences."
 
@@ -155,8 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"engine_latency_{args.tag}"
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(f"{stem}.md").write_text(markdown(result))
+    write_record(stem, result, markdown(result))
     print(markdown(result))
 
 

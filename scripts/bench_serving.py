@@ -44,7 +44,7 @@ from jdecode.decoding.sampling import SamplingParams
 from jdecode.engine.engine import EngineArgs, LLMEngine
 from jdecode.engine.runner import resolve_layout
 from jdecode.io.registry import Model
-from jdecode.provenance import git_sha
+from jdecode.provenance import git_sha, write_record
 
 POLICIES = {
     "static": {"policy": "static"},
@@ -369,8 +369,7 @@ def markdown(result: dict) -> str:
 
 def write(result: dict, stem: Path) -> None:
     """Rewrites the JSON, markdown and plot (called after every run)."""
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
-    Path(f"{stem}.md").write_text(markdown(result))
+    write_record(stem, result, markdown(result))
     if any("output_tok_s" in r for rows in result["online"].values() for r in rows):
         plot(result, Path(f"{stem}.png"))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
-import json
 import os
 import shlex
 import socket
@@ -24,7 +23,7 @@ import httpx
 import jax
 
 from jdecode.io.registry import DEFAULT_MODEL
-from jdecode.provenance import git_sha
+from jdecode.provenance import git_sha, write_record
 
 
 def rss_mb(pid: int) -> float:
@@ -164,8 +163,7 @@ def main(argv: list[str] | None = None) -> None:
               "re-raises the signal)."), ""]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"server_memory_{args.tag}"
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(f"{stem}.md").write_text("\n".join(lines))
+    write_record(stem, result, "\n".join(lines))
     print("\n".join(lines))
 
 
