@@ -6,7 +6,7 @@ loop runs any of them without knowing which. Method state lives in `DecodeState.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -61,6 +61,39 @@ def by_batch(choose: Callable[[int], Decoder]) -> Decoder:
         return choose(state.tokens.shape[0]).step(params, state)
 
     return Decoder(init=init, step=step)
+
+
+def plan_lookup(plan: Mapping[int, Any], batch: int) -> Any:
+    """The entry of the largest batch key <= batch (the smallest key below it)."""
+    keys = sorted(plan)
+    return plan[max([k for k in keys if k <= batch], default=keys[0])]
+
+
+def parse_plan(plan: Mapping | None, default: int, what: str) -> dict[int, int]:
+    """A `{batch size: value}` option as ints, with `default` from batch 1 unless given."""
+    out = {1: default}
+    for key, value in (plan or {}).items():
+        try:
+            batch, value = int(key), int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}={dict(plan)}: give integer batch sizes and values, e.g. "
+                             "{1: 64, 16: 8, 64: 1}") from None
+        if batch < 1 or value < 1:
+            raise ValueError(f"{what}={dict(plan)}: batch sizes and values must be >= 1")
+        out[batch] = value
+    return out
+
+
+def parse_k_plan(plan: Mapping | None, default: int, what: str = "k_by_batch"
+                 ) -> dict[int, int]:
+    """A `{batch size: k}` option of a chain method (0 = plain decoding at that size) as
+    ints, with `default` from batch 1 unless given."""
+    for batch, k in (plan or {}).items():
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"{what}={dict(plan)}: batch {batch} maps to {k!r}; give k >= 0 "
+                             "(0 = plain decoding)")
+    nodes = parse_plan({b: k + 1 for b, k in (plan or {}).items()}, default + 1, what)
+    return {batch: n - 1 for batch, n in nodes.items()}
 
 
 def split_keys(keys: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 
 from jdecode.decoding.acceptance import sampled_tree_accept
+from jdecode.decoding.base import parse_k_plan
 from jdecode.decoding.medusa import (
     acceptance_describe,
     chain_tree,
     heads_decoder,
     load_for_method,
-    parse_plan,
 )
 from jdecode.decoding.methods import MethodBuild, register
 from jdecode.io.registry import Model
@@ -44,10 +44,7 @@ class BlockwiseOptions:
             object.__setattr__(self, "k_by_batch", dict(MEASURED_K_PLAN))
         if self.k < 0:
             raise ValueError(f"k={self.k}: propose 0 (every head) or a positive count")
-        for batch, k in self.k_by_batch.items():
-            if not (isinstance(k, int) and k >= 0):
-                raise ValueError(f"k_by_batch={self.k_by_batch}: batch {batch} maps to {k!r}; "
-                                 "give k >= 0 (0 = plain decoding)")
+        parse_k_plan(self.k_by_batch, 0)
 
 
 @register("blockwise", BlockwiseOptions, lossless=True,
@@ -56,10 +53,8 @@ class BlockwiseOptions:
 def build_blockwise(model: Model, opts: BlockwiseOptions, impl: str) -> MethodBuild:
     model, accuracy = load_for_method(model, opts.heads, opts.k, 1)
     k = len(accuracy)
-    # A chain of depth k verifies k + 1 tokens: the plan speaks in nodes, k_by_batch in k.
-    nodes = parse_plan({b: v + 1 for b, v in opts.k_by_batch.items()}, k + 1,
-                       "k_by_batch")
-    trees = {batch: chain_tree(min(n - 1, k)) for batch, n in nodes.items()}
+    trees = {batch: chain_tree(min(kb, k))
+             for batch, kb in parse_k_plan(opts.k_by_batch, k).items()}
     return MethodBuild(model, lambda cfg, max_len: heads_decoder(cfg, max_len, trees, impl,
                                                                 sampled_tree_accept),
                        describe=acceptance_describe(trees, accuracy))

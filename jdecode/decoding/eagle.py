@@ -26,7 +26,15 @@ from jdecode.config import ModelConfig
 from jdecode.decoding import phases
 from jdecode.decoding.acceptance import AcceptFn, accept_step, sampled_tree_accept
 from jdecode.decoding.autoregressive import autoregressive
-from jdecode.decoding.base import Decoder, DecodeState, StepOutput, by_batch, sample_next
+from jdecode.decoding.base import (
+    Decoder,
+    DecodeState,
+    StepOutput,
+    by_batch,
+    parse_plan,
+    plan_lookup,
+    sample_next,
+)
 from jdecode.decoding.eagle_draft import (
     DraftKV,
     DraftMeta,
@@ -40,7 +48,7 @@ from jdecode.decoding.eagle_draft import (
     slot_attend,
     with_draft,
 )
-from jdecode.decoding.medusa import MEASURED_PLAN, parse_plan, plan_lookup
+from jdecode.decoding.medusa import MEASURED_PLAN
 from jdecode.decoding.methods import MethodBuild, register
 from jdecode.decoding.tree import commit_path, tree_from_parents
 from jdecode.io.registry import Model

@@ -29,7 +29,15 @@ from jdecode.decoding.acceptance import (
     typical_tree_accept,
 )
 from jdecode.decoding.autoregressive import autoregressive
-from jdecode.decoding.base import Decoder, DecodeState, StepOutput, by_batch, sample_next
+from jdecode.decoding.base import (
+    Decoder,
+    DecodeState,
+    StepOutput,
+    by_batch,
+    parse_plan,
+    plan_lookup,
+    sample_next,
+)
 from jdecode.decoding.heads import bundle, head_logits, load_heads, rank_accuracy
 from jdecode.decoding.methods import MethodBuild, register
 from jdecode.decoding.tree import StaticTree, commit_path
@@ -75,12 +83,6 @@ def medusa_tree(accuracy: Sequence[Sequence[float]], num_nodes: int) -> StaticTr
 def chain_tree(depth: int) -> StaticTree:
     """The chain of top-1 candidates, depth nodes below the root (blockwise decoding)."""
     return StaticTree.from_paths([(0,) * d for d in range(1, depth + 1)])
-
-
-def plan_lookup(plan: Mapping[int, Any], batch: int) -> Any:
-    """The entry of the largest batch key <= batch (the smallest key below it)."""
-    keys = sorted(plan)
-    return plan[max([k for k in keys if k <= batch], default=keys[0])]
 
 
 def heads_decoder(cfg: ModelConfig, max_len: int, trees: Mapping[int, StaticTree],
@@ -154,21 +156,6 @@ def heads_decoder(cfg: ModelConfig, max_len: int, trees: Mapping[int, StaticTree
 # bound by bytes rather than launches, keeps trees paying to larger batches: measure it and
 # pass its own plan (or {} for the tree at every batch size).
 MEASURED_PLAN = {4: 1}
-
-
-def parse_plan(plan: Mapping | None, default: int, what: str) -> dict[int, int]:
-    """A `{batch size: value}` option as ints, with `default` from batch 1 unless given."""
-    out = {1: default}
-    for key, value in (plan or {}).items():
-        try:
-            batch, value = int(key), int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{what}={dict(plan)}: give integer batch sizes and values, e.g. "
-                             "{1: 64, 16: 8, 64: 1}") from None
-        if batch < 1 or value < 1:
-            raise ValueError(f"{what}={dict(plan)}: batch sizes and values must be >= 1")
-        out[batch] = value
-    return out
 
 
 def acceptance_describe(trees: Mapping[int, StaticTree], accuracy: Sequence[Sequence[float]]):

@@ -20,6 +20,7 @@ from jdecode.analysis.spec_cost import expected_tokens_chain, expected_tokens_tr
 from jdecode.config import ModelConfig
 from jdecode.decoding import phases
 from jdecode.decoding.autoregressive import autoregressive
+from jdecode.decoding.base import parse_plan, plan_lookup
 from jdecode.decoding.blockwise import MEASURED_K_PLAN, BlockwiseOptions
 from jdecode.decoding.eagle import EagleOptions
 from jdecode.decoding.heads import MedusaHeads, bundle, head_logits, init_heads
@@ -30,8 +31,6 @@ from jdecode.decoding.medusa import (
     chain_tree,
     heads_decoder,
     medusa_tree,
-    parse_plan,
-    plan_lookup,
 )
 from jdecode.decoding.sampling import SamplingArrays, SamplingParams
 from jdecode.model.fused_decode import ENV_SWITCH, with_decode_copies
