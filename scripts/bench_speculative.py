@@ -328,8 +328,9 @@ def main() -> None:
         gens = {("none", 0): ar_gen}
         for name, (_, with_ngram, draft_opt) in draft_models.items():
             for k in ks_of[name]:  # resolved through the method registry, as users do
+                # k at every batch size ({}), not the method's default plan: this measures it.
                 gens[(name, k)] = Generator(target, impl=impl, method="speculative", options={
-                    "draft": draft_opt, "k": k, "with_ngram": with_ngram})
+                    "draft": draft_opt, "k": k, "with_ngram": with_ngram, "k_by_batch": {}})
         # The first token of each row comes from prefill: the loop decodes the rest.
         num_tokens = args.max_new_tokens - 1
         cal = calibrate(gens, prompts, batch, sp, args.compile_workers, args.probe_prompts)

@@ -21,7 +21,14 @@ from jdecode.analysis.spec_cost import expected_tokens
 from jdecode.config import ModelConfig
 from jdecode.decoding import phases
 from jdecode.decoding.autoregressive import autoregressive
-from jdecode.decoding.base import Decoder, StepOutput, split_keys
+from jdecode.decoding.base import (
+    Decoder,
+    StepOutput,
+    by_batch,
+    parse_k_plan,
+    plan_lookup,
+    split_keys,
+)
 from jdecode.decoding.draft_model import load_draft
 from jdecode.decoding.drafters import (
     Drafter,
@@ -338,6 +345,17 @@ def acceptance_stats(mean_accepted: float, k: int) -> dict[str, float]:
             "alpha": 0.5 * (lo + hi)}
 
 
+# Plain decoding from batch 16 up, unless told otherwise (vLLM's "disable by batch size"): on
+# the default model (f32) n-gram and distilled drafts ran at 0.99-1.03x of plain decoding at
+# batch 16 and 0.73-0.77x at 64 on an H200 (2026-11-30), and 0.66-0.67x at 16 on an H100
+# once the decode step was fast (2026-12-06; benchmarks/speculative.md). That run also lost
+# at batch 1 (0.84-0.87x), where a larger model, whose step costs its bytes, is what
+# speculation is for: the plan keeps batch 1-15 speculating. Measure a model's own plan
+# (`scripts/bench_speculative.py` prints the cost model's k per batch size, 0 = off) and pass
+# it, or {} for k at every batch size.
+MEASURED_K_PLAN = {16: 0}
+
+
 @dataclasses.dataclass(frozen=True)
 class SpeculativeOptions:
     draft: str = option("ngram", "ngram (prompt lookup), self:E[:EXITS] (the target's first E "
@@ -347,6 +365,10 @@ class SpeculativeOptions:
     max_ngram: int = option(3, "longest context suffix prompt lookup matches")
     with_ngram: bool = option(False, "a model draft gives way to prompt lookup where a 2+-gram "
                               "matches")
+    k_by_batch: dict | None = option(  # noqa: RUF009 (`option` returns a field)
+        None, "batch size -> k from that size up, e.g. {4: 2, 16: 0} (0 = plain decoding); "
+        "null = the plan measured for the default model, plain decoding from batch 16 "
+        "({16: 0}); {} = k at every size")
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -354,16 +376,44 @@ class SpeculativeOptions:
                              "autoregressive method)")
         if self.max_ngram < 1:
             raise ValueError(f"max_ngram={self.max_ngram} must be >= 1")
+        if self.k_by_batch is None:
+            object.__setattr__(self, "k_by_batch", dict(MEASURED_K_PLAN))
+        parse_k_plan(self.k_by_batch, self.k)
+
+
+def on_target(decoder: Decoder) -> Decoder:
+    """`decoder` (the target's own) taking a speculative model's params (target, draft): what
+    a batch size whose plan says k = 0 runs, so that it costs what plain decoding does."""
+    return Decoder(init=lambda params, *args, **kwargs: decoder.init(params[0], *args, **kwargs),
+                   step=lambda params, state: decoder.step(params[0], state))
 
 
 @register("speculative", SpeculativeOptions, lossless=True,
           summary="a draft (prompt lookup or a small model) proposes k tokens, the target "
                   "verifies them in one pass (Leviathan et al. 2023)")
 def build_speculative_method(model: Model, opts: SpeculativeOptions, impl: str) -> MethodBuild:
+    plan = parse_k_plan(opts.k_by_batch, opts.k)  # batch size -> k, 0 = plain decoding
+    draft: str | Model = opts.draft
     try:
-        model, decoder_fn = build_speculative(model, opts.draft, opts.k, impl, opts.max_ngram,
-                                              with_ngram=opts.with_ngram)
+        if draft != "ngram" and not draft.startswith("self:"):
+            draft = load_draft(draft, model)  # once, for every k of the plan
+        # At least one build even where the plan never speculates: it checks the draft.
+        builds = {k: build_speculative(model, draft, k, impl, opts.max_ngram,
+                                       with_ngram=opts.with_ngram)
+                  for k in sorted(set(plan.values()) - {0}) or [opts.k]}
     except FileNotFoundError as e:  # neither "ngram" nor a loadable path
         raise ValueError(f"draft={opts.draft!r}: {e}") from None
-    return MethodBuild(model, decoder_fn,
-                       describe=lambda stats: acceptance_stats(stats["mean_accepted"], opts.k))
+    spec_model = next(iter(builds.values()))[0]  # (target params, draft params)
+    impl = resolve_impl(impl)
+
+    def decoder_fn(cfg: ModelConfig, max_len: int) -> Decoder:
+        decoders = {k: fn(cfg, max_len) for k, (_, fn) in builds.items()}
+        plain = on_target(autoregressive(cfg, max_len, impl))
+        return by_batch(lambda b: decoders[k] if (k := plan_lookup(plan, b)) else plain)
+
+    def describe(stats: dict) -> dict:
+        k = plan_lookup(plan, int(stats.get("batch", 1)))
+        return {**acceptance_stats(stats["mean_accepted"], k), "k": k} if k else \
+            {"mean_accepted": stats["mean_accepted"], "k": 0}
+
+    return MethodBuild(spec_model, decoder_fn, describe=describe)

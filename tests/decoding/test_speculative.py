@@ -13,7 +13,7 @@ from scipy import stats
 
 from jdecode.cache.dense import init_cache
 from jdecode.config import ModelConfig
-from jdecode.decoding import phases
+from jdecode.decoding import methods, phases
 from jdecode.decoding.autoregressive import autoregressive
 from jdecode.decoding.drafters import (
     Drafter,
@@ -26,7 +26,14 @@ from jdecode.decoding.drafters import (
 )
 from jdecode.decoding.loop import init_loop, run_loop
 from jdecode.decoding.sampling import SamplingArrays, SamplingParams
-from jdecode.decoding.speculative import accept_tokens, sampled_accept, speculative
+from jdecode.decoding.speculative import (
+    MEASURED_K_PLAN,
+    SpeculativeOptions,
+    accept_tokens,
+    sampled_accept,
+    speculative,
+)
+from jdecode.io.registry import Model
 from jdecode.model.params import init_params
 from pallas_kernels.testing import assert_close, jit_for_tests
 
@@ -315,3 +322,37 @@ def test_sampling_generation_runs(models, prompts, draft):
     out, ls = generate(f"{draft}-False", decoder, params, *prompts, temperature=1.0)
     assert out.min() >= 0 and out.max() < CFG.vocab_size
     assert int(ls.live_steps) < int(ls.accepted)
+
+
+def test_the_plan_decodes_plainly_where_it_says_k_0(models, prompts, greedy_reference):
+    """`k_by_batch` (the method's per-batch plan): batch 3 under {3: 0} runs the target's own
+    decoder, one token a step, and batch 1 speculates; both give the greedy tokens."""
+    model = Model("tiny-spec", CFG, models[0], None)
+    built = methods.build("speculative", model, {"draft": "ngram", "k": K,
+                                                 "k_by_batch": {3: 0}}, impl="xla")
+    decoder = built.decoder_fn(CFG, MAX_LEN)
+    got, ls = generate("plan-b3", decoder, built.model.params, *prompts)
+    np.testing.assert_array_equal(got, greedy_reference)
+    assert int(ls.accepted) == int(ls.live_steps)  # one token per row-step
+
+    ls1, _ = start("plan-b1", decoder, built.model.params, prompts[0][:1], prompts[1][:1])
+    _, out = jax.eval_shape(decoder.step, built.model.params, ls1.dec)
+    assert out.tokens.shape == (1, K + 1)  # batch 1: a draft of K and the bonus token
+    ls3, _ = start("plan-b3", decoder, built.model.params, *prompts)
+    _, out = jax.eval_shape(decoder.step, built.model.params, ls3.dec)
+    assert out.tokens.shape == (3, 1)
+    got1 = generate("plan-b1", decoder, built.model.params, prompts[0][:1], prompts[1][:1])[0]
+    np.testing.assert_array_equal(got1, greedy_reference[:1])
+
+    assert built.describe({"batch": 3, "mean_accepted": 1.0}) == {"mean_accepted": 1.0, "k": 0}
+    one = built.describe({"batch": 1, "mean_accepted": 2.0})
+    assert one["k"] == K and one["acceptance_rate"] == pytest.approx(1 / K)
+
+
+def test_the_default_plan_and_bad_plans():
+    assert SpeculativeOptions().k_by_batch == MEASURED_K_PLAN == {16: 0}
+    assert SpeculativeOptions(k_by_batch={}).k_by_batch == {}  # k at every batch size
+    with pytest.raises(ValueError, match=r"batch 4 maps to -1; give k >= 0"):
+        SpeculativeOptions(k_by_batch={4: -1})
+    with pytest.raises(ValueError, match="integer batch sizes"):
+        SpeculativeOptions(k_by_batch={"many": 0})
