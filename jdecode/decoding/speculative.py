@@ -278,10 +278,13 @@ def speculative_model(target: Model, draft_params: Any) -> Model:
     return dataclasses.replace(target, params=(target.params, draft_params))
 
 
+DecoderFn = Callable[[ModelConfig, int], Decoder]
+
+
 def build_speculative(target: Model, draft: str | Model, k: int, impl: str = "auto",
                       max_ngram: int = 3, greedy: bool = False, with_ngram: bool = False,
                       accept: ChainAcceptFn = exact_accept, draft_probs: bool = False
-                      ) -> tuple[Model, Callable[[ModelConfig, int], Decoder]]:
+                      ) -> tuple[Model, DecoderFn]:
     """What `Generator` needs to decode `target` speculatively.
 
     Args:
@@ -296,20 +299,31 @@ def build_speculative(target: Model, draft: str | Model, k: int, impl: str = "au
     Returns:
       (model, decoder_fn): pass both to `Generator(model, decoder_fn=...)`.
     """
+    model, decoder_fn_for = speculative_parts(target, draft, impl, max_ngram, greedy,
+                                              with_ngram, accept, draft_probs)
+    return model, decoder_fn_for(k)
+
+
+def speculative_parts(target: Model, draft: str | Model, impl: str = "auto",
+                      max_ngram: int = 3, greedy: bool = False, with_ngram: bool = False,
+                      accept: ChainAcceptFn = exact_accept, draft_probs: bool = False
+                      ) -> tuple[Model, Callable[[int], DecoderFn]]:
+    """`build_speculative` for any k: (model, decoder_fn_for(k)), the draft loaded and checked
+    once (a per-batch plan's several k share it). Args as `build_speculative`'s."""
     impl = resolve_impl(impl)
     if isinstance(draft, str) and draft.startswith("self:"):
         heads, drafter_fn = build_self_draft(target, draft, impl)
         return speculative_model(target, heads), \
-            lambda cfg, max_len: speculative(cfg, drafter_fn(cfg, max_len), k, max_len, impl,
-                                             greedy)
+            lambda k: lambda cfg, max_len: speculative(cfg, drafter_fn(cfg, max_len), k,
+                                                       max_len, impl, greedy)
     if isinstance(draft, str) and draft == "ngram":
         if draft_probs:
             raise ValueError("draft=ngram: prompt lookup has no distribution for a deferral "
                              "rule to read; draft with a model (a `jdecode train draft` "
                              "artifact, an HF directory or a .gguf)")
         return speculative_model(target, None), \
-            lambda cfg, max_len: speculative(cfg, ngram_drafter(max_len, max_ngram), k, max_len,
-                                             impl, greedy, accept)
+            lambda k: lambda cfg, max_len: speculative(cfg, ngram_drafter(max_len, max_ngram),
+                                                       k, max_len, impl, greedy, accept)
     if isinstance(draft, str):
         draft = load_draft(draft, target)
     if draft.cfg.vocab_size != target.cfg.vocab_size:
@@ -321,12 +335,14 @@ def build_speculative(target: Model, draft: str | Model, k: int, impl: str = "au
                          "rule to read; turn with_ngram off")
     dcfg = draft.cfg
 
-    def decoder_fn(cfg: ModelConfig, max_len: int) -> Decoder:
-        drafter = (ngram_model_drafter(dcfg, max_len, impl, max_ngram) if with_ngram
-                   else model_drafter(dcfg, max_len, impl, draft_probs))
-        return speculative(cfg, drafter, k, max_len, impl, greedy, accept)
+    def decoder_fn_for(k: int) -> DecoderFn:
+        def decoder_fn(cfg: ModelConfig, max_len: int) -> Decoder:
+            drafter = (ngram_model_drafter(dcfg, max_len, impl, max_ngram) if with_ngram
+                       else model_drafter(dcfg, max_len, impl, draft_probs))
+            return speculative(cfg, drafter, k, max_len, impl, greedy, accept)
+        return decoder_fn
 
-    return speculative_model(target, draft.params), decoder_fn
+    return speculative_model(target, draft.params), decoder_fn_for
 
 
 def acceptance_stats(mean_accepted: float, k: int) -> dict[str, float]:
@@ -393,21 +409,14 @@ def on_target(decoder: Decoder) -> Decoder:
                   "verifies them in one pass (Leviathan et al. 2023)")
 def build_speculative_method(model: Model, opts: SpeculativeOptions, impl: str) -> MethodBuild:
     plan = parse_k_plan(opts.k_by_batch, opts.k)  # batch size -> k, 0 = plain decoding
-    draft: str | Model = opts.draft
     try:
-        if draft != "ngram" and not draft.startswith("self:"):
-            draft = load_draft(draft, model)  # once, for every k of the plan
-        # At least one build even where the plan never speculates: it checks the draft.
-        builds = {k: build_speculative(model, draft, k, impl, opts.max_ngram,
-                                       with_ngram=opts.with_ngram)
-                  for k in sorted(set(plan.values()) - {0}) or [opts.k]}
+        spec_model, decoder_fn_for = speculative_parts(model, opts.draft, impl, opts.max_ngram,
+                                                       with_ngram=opts.with_ngram)
     except FileNotFoundError as e:  # neither "ngram" nor a loadable path
         raise ValueError(f"draft={opts.draft!r}: {e}") from None
-    spec_model = next(iter(builds.values()))[0]  # (target params, draft params)
-    impl = resolve_impl(impl)
 
     def decoder_fn(cfg: ModelConfig, max_len: int) -> Decoder:
-        decoders = {k: fn(cfg, max_len) for k, (_, fn) in builds.items()}
+        decoders = {k: decoder_fn_for(k)(cfg, max_len) for k in set(plan.values()) - {0}}
         plain = on_target(autoregressive(cfg, max_len, impl))
         return by_batch(lambda b: decoders[k] if (k := plan_lookup(plan, b)) else plain)
 
