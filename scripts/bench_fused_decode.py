@@ -82,8 +82,8 @@ def tile_sweep(k: int, n: int, rows: int, sweep: str = "full") -> list[tuple[Gem
                                             weights_first=True), True))
     elif sweep == "fma":  # the CUDA-core path only, wider: columns x K step x warps
         out = [(dataclasses.replace(default_tiles(k, rows, True, n), weights_first=False), True)]
-        for bn, bk, warps in itertools.product((2, 4, 8), (512, 1024, 2048), (4, 8, 16)):
-            if bk <= max(512, pl.next_power_of_2(k)):
+        for bn, bk, warps in itertools.product((2, 4, 8), (256, 512, 1024, 2048), (4, 8, 16)):
+            if bk <= max(512, pl.next_power_of_2(k)) and bk * bn >= 32 * warps:
                 out.append((GemvTiles(block_n=bn, block_k=bk, num_warps=warps, fma=True,
                                       unroll=-(-k // bk) <= 4), True))
     else:
