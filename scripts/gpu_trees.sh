@@ -33,6 +33,13 @@
 #     --layout inference --policies continuous --rates '' --num-pages 4096 --max-num-seqs 16 \
 #     --token-buckets 16,64 --skip-offline --probe-steps 50 --num-scheduler-steps 4" \
 #     bash scripts/gpu_trees.sh
+#
+# VERIFY (bench_verify.py's arguments but --model and --out): each run is the verify-step
+# benchmark instead (random weights of the shape, batch 1 unless given), and the summary
+# gives the default path's (pallas-auto) device us per step at each tokens-per-row T, with
+# its multiple of the same run's decode step. E.g. a patch's verify steps against this tree:
+#   OUT=$OUT TREES="A B" PATCH_B=patches/multi-row-tiles.patch VERIFY="--tokens 2,3,5 \
+#     --fma-rows ''" bash scripts/gpu_trees.sh
 set -u
 OUT=$(realpath -m "${OUT:-out}"); mkdir -p "$OUT"
 export JDECODE_GIT_SHA=${JDECODE_GIT_SHA:-unknown}
@@ -65,7 +72,11 @@ for t in "${trees[@]}"; do
 done
 order=("${trees[@]}")
 reversed=(); for ((i = ${#trees[@]} - 1; i >= 0; i--)); do reversed+=("${trees[i]}"); done
-if [ -n "${SERVING:-}" ]; then
+if [ -n "${VERIFY:-}" ]; then
+  echo "| model | tree | pass | pallas-auto device us per step at T tokens per row (x decode) |" \
+    > "$RAW/summary.md"
+  echo "|---|---|---|---|" >> "$RAW/summary.md"
+elif [ -n "${SERVING:-}" ]; then
   echo "| model | tree | pass | warmup s | probe engine step ms | probe device busy ms |\
  offline output tok/s | offline TTFT p50 / p99 s |" > "$RAW/summary.md"
   echo "|---|---|---|---|---|---|---|---|" >> "$RAW/summary.md"
@@ -83,7 +94,13 @@ for m in ${MODELS:-smollm2-135m}; do
         dir="/tmp/jdecode-tree-$t"; res="$RAW/${m}_${t}_${r}_$pass"
         # shellcheck disable=SC2086  # $bare: one word or none
         env_name="ENV_$t"; eval "tree_env=(${!env_name:-})"
-        if [ -n "${SERVING:-}" ]; then
+        if [ -n "${VERIFY:-}" ]; then
+          eval "verify_args=($VERIFY)"  # shell words, as ENV_X
+          (cd "$dir" && env "${tree_env[@]}" PYTHONPATH="$dir" timeout 300 python3 \
+            scripts/bench_verify.py --model "$m" "${verify_args[@]}" --out "$res" \
+            > "$res.log" 2>&1)
+          json="$res/bench_verify.json"
+        elif [ -n "${SERVING:-}" ]; then
           tag="${m}_${t}_${r}_$pass"
           eval "serving_args=($SERVING)"  # shell words, as ENV_X
           (cd "$dir" && env "${tree_env[@]}" PYTHONPATH="$dir" timeout 500 python3 \
@@ -105,7 +122,12 @@ def f(x, fmt):
     return "-" if x is None else format(x, fmt)
 try:
     res = json.load(open(path))
-    if "rows" in res:  # bench_decode
+    if "rows" in res and res["rows"] and "x_decode_device" in res["rows"][0]:  # bench_verify
+        cells = [f"T={r['tokens']}: {f(r['device_us'], '.1f')}"
+                 + ("" if r["tokens"] == 1 else f" ({f(r['x_decode_device'], '.2f')})")
+                 for r in res["rows"] if r["variant"] == "pallas-auto" and r["batch"] == 1]
+        print(f"| {m} | {t} | {p} | {'; '.join(cells)} |")
+    elif "rows" in res:  # bench_decode
         row = res["rows"][0]
         print(f"| {m} | {t} | {p} | {row['compile_s']:.2f} | {row['prefill_ms']:.2f} | "
               f"{row['decode_tok_s']:.1f} | {f(row.get('bare_loop_device_step_us'), '.2f')} |")
