@@ -106,6 +106,16 @@ WEIGHTS_FIRST_MAX = 1 << 20
 # o 4.26 -> 3.90, gate/up 20.99 -> 19.55, down 11.98 -> 10.88), where SmolLM2's smaller
 # matrices (<= 1.8M) kept the 4 x 1024, 8-warp tiles (its gate/up: 3.36 against 3.62).
 LARGE_GEMV = 1 << 22
+# (columns per program, warps) of the CUDA-core tiles for steps of MULTI_ROW_MIN..FMA_MAX_ROWS
+# rows (a verify step, or a batch of a few rows): half the columns and warps of the one-row
+# tiles. On an H100 (device time per launch, bench_fused_decode --batch 5 --sweep fma,
+# benchmarks/verify_h200.md stop 55) the SmolLM2 shape's gate/up took 7.28 us on them against
+# 10.11 on the one-row tiles, its down 3.62 against 4.48: the best of 36 tiles for both. In
+# the model (bench_verify, batch 1, same run, stop 56) the step of T = 3 / 4 / 5 tokens was
+# 5 / 7 / 9% shorter on the SmolLM2 shape and 12 / - / 19% on the 1B shape; at T = 2 it was
+# 0.4% and 2.9% longer, so 2 rows keep the one-row tiles.
+MULTI_ROW_TILES = (2, 4)
+MULTI_ROW_MIN = 3
 # Whether `attn_o_residual` takes them too. No: every one of its programs re-reads all of the
 # attention's split partials, and 2 columns per program doubles the programs. In the model
 # (bench_decode, 1B shape, batch 1, same run) the step ran 1098 / 1110 tok/s with the O
@@ -121,8 +131,8 @@ def default_tiles(k: int, rows: int = ROWS, transposed: bool = False, n: int = 0
     program, 8 warps: among the best of every kernel of both model shapes in the H200 sweep
     (benchmarks/fused_decode_h200.md), with `weights_first` for small matrices (see
     WEIGHTS_FIRST_MAX); one row over large matrices takes 2 columns x 2048 of K, 4 warps (see
-    LARGE_GEMV; `large=False` keeps the 4-column tiles there). Otherwise tensor-core tiles,
-    K steps of up to 256.
+    LARGE_GEMV; `large=False` keeps the 4-column tiles there); MULTI_ROW_MIN..FMA_MAX_ROWS
+    rows take MULTI_ROW_TILES. Otherwise tensor-core tiles, K steps of up to 256.
     """
     if large and transposed and rows == 1 and n * k >= LARGE_GEMV:
         bk = min(2048, pl.next_power_of_2(k))
@@ -131,7 +141,8 @@ def default_tiles(k: int, rows: int = ROWS, transposed: bool = False, n: int = 0
     if transposed and rows <= FMA_MAX_ROWS:
         bk = min(1024, max(16, pl.next_power_of_2(k)))
         unroll = -(-k // bk) <= 4
-        return GemvTiles(block_n=4, block_k=bk, num_warps=8, fma=True, unroll=unroll,
+        bn, warps = MULTI_ROW_TILES if rows >= MULTI_ROW_MIN else (4, 8)
+        return GemvTiles(block_n=bn, block_k=bk, num_warps=warps, fma=True, unroll=unroll,
                          weights_first=unroll and 0 < n * k <= WEIGHTS_FIRST_MAX)
     return GemvTiles(block_k=min(256, max(16, pl.next_power_of_2(k))))
 

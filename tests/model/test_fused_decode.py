@@ -47,7 +47,14 @@ from pallas_kernels.fused_decode import (
 from pallas_kernels.fused_decode import reference as ref
 from pallas_kernels.fused_decode.attention import default_splits
 from pallas_kernels.fused_decode.block_attention import block_attention
-from pallas_kernels.fused_decode.kernel import FMA_MAX_ROWS, LARGE_GEMV, MAX_ROWS, default_tiles
+from pallas_kernels.fused_decode.kernel import (
+    FMA_MAX_ROWS,
+    LARGE_GEMV,
+    MAX_ROWS,
+    MULTI_ROW_MIN,
+    MULTI_ROW_TILES,
+    default_tiles,
+)
 from pallas_kernels.fused_decode.paged_attention import paged_block_k, paged_decode_attention
 from pallas_kernels.testing import assert_close, jit_for_tests
 
@@ -468,14 +475,23 @@ def test_fused_gemvs_name_what_does_not_tile(rng):
 
 
 def test_default_tiles_by_size_and_rows():
-    """One row over a large matrix takes the narrow, long-K tiles; SmolLM2's sizes and steps of
-    more rows keep the 4-column ones (the H200 sweep behind LARGE_GEMV)."""
+    """One row over a large matrix takes the narrow, long-K tiles; SmolLM2's sizes keep the
+    4-column, 8-warp ones (the H200 sweep behind LARGE_GEMV), and so do steps of 2 rows;
+    steps of MULTI_ROW_MIN..FMA_MAX_ROWS rows take MULTI_ROW_TILES (stop 55's sweep at 5 rows,
+    stop 56's verify steps), the O projection's included."""
     large = default_tiles(2048, 1, True, LARGE_GEMV // 2048)
     assert (large.block_n, large.block_k, large.num_warps, large.fma) == (2, 2048, 4, True)
     assert default_tiles(8192, 1, True, 2048).unroll  # 4 steps of 2048
-    for k, rows, n in ((576, 1, 3072), (2048, 2, 16384), (2047, 1, 2048)):
-        assert default_tiles(k, rows, True, n).block_n == 4, (k, rows, n)
+    for k, rows, n in ((576, 1, 3072), (2047, 1, 2048), (576, 2, 3072), (2048, 2, 16384)):
+        few = default_tiles(k, rows, True, n)
+        assert few.fma and (few.block_n, few.num_warps) == (4, 8), (k, rows, n)
+    assert MULTI_ROW_MIN == 3 and MULTI_ROW_TILES != (4, 8)
+    for k, rows, n, large_ in ((576, 3, 3072, True), (2048, FMA_MAX_ROWS, 16384, True),
+                               (576, MULTI_ROW_MIN, 576, False)):
+        multi = default_tiles(k, rows, True, n, large=large_)
+        assert multi.fma and (multi.block_n, multi.num_warps) == MULTI_ROW_TILES, (k, rows, n)
     assert default_tiles(2048, 1, True, 2048, large=False).block_n == 4  # the O projection's
+    assert not default_tiles(576, FMA_MAX_ROWS + 1, True, 3072).fma  # tensor cores past them
 
 
 def _steps(params, cfg, impl, prompt, lengths, next_tokens, cache=None):
