@@ -56,8 +56,9 @@ def default_splits(max_len: int, rows: int = 1, hidden: int = 0, heads_dim: int 
       (3 for SmolLM2 at batch 1), each walking the whole context alone: up to one split
       per block of a full cache.
     - The merge: every program of the O projection (`kernel.attn_o_residual`: hidden / 4
-      of them on the CUDA-core path at up to FMA_MAX_ROWS rows, hidden / 16 on tensor-core
-      tiles past that, as `kernel.default_tiles` gives its columns) re-reads every row's
+      of them on the CUDA-core path at 1-2 rows, hidden / 2 at MULTI_ROW_MIN..FMA_MAX_ROWS,
+      hidden / 16 on tensor-core tiles past that, as `kernel.default_tiles` gives its
+      columns) re-reads every row's
       partials, ~4 bytes x heads_dim per split. MERGE_BUDGET bounds that traffic (hidden
       and heads_dim 0: unbounded).
 
