@@ -8,8 +8,8 @@ This lowers every kernel the benchmarks and the model's fused steps launch, for 
 an abstract H200, at the benchmarks' shapes:
 
 - the model's steps (`phases.decode_step`, `phases.verify`) at the SmolLM2-135M and
-  Llama-3.2-1B shapes, bf16, on abstract params and caches (nothing is allocated), under the
-  fused step and the general path at the row counts the benchmarks time;
+  Llama-3.2-1B shapes, bf16 (or `--dtypes`), on abstract params and caches (nothing is
+  allocated), under the fused step and the general path at the row counts the benchmarks time;
 - the engine's decode-only step of 1 and 4 rows over a page pool
   (`fused_paged_decode_step`, which the runner's decode buckets take by default);
 - the standalone attention kernels at issue 17's benchmark points (flash, paged decode,
@@ -26,6 +26,7 @@ older).
 
   PYTHONPATH=. python scripts/deviceless_check.py --out out/deviceless  # deviceless.{json,md}
   PYTHONPATH=. python scripts/deviceless_check.py --only steps --models smollm2-135m
+  PYTHONPATH=. python scripts/deviceless_check.py --only steps --dtypes float32  # f32 steps
   bash scripts/deviceless_env.sh run python scripts/deviceless_check.py --out out/deviceless
 """
 
@@ -77,17 +78,20 @@ STEPS = [("pallas-fused", 1, 1), ("pallas-fused", 4, 1), ("pallas-fused", 1, 2),
 ENGINE_ROWS = (1, 4)
 
 
-def step_cases(models: list[str]) -> Iterator[tuple[str, Callable, tuple]]:
+def step_cases(models: list[str], dtypes: tuple[str, ...] = ("bfloat16",)
+               ) -> Iterator[tuple[str, Callable, tuple]]:
     """(label, fn, abstract args) of every STEPS step and ENGINE_ROWS engine step of each
-    model."""
+    model in each dtype (labels name a dtype other than bf16)."""
     for name in models:
-        cfg, params = model_params(name)
-        for variant, batch, tokens in STEPS:
-            yield (f"{name} {variant} B{batch} T{tokens}",
-                   *step_case(cfg, params, variant, batch, tokens))
-        for rows in ENGINE_ROWS:
-            yield (f"{name} engine fused decode B{rows}",
-                   *engine_fused_case(cfg, params, rows))
+        for dtype in dtypes:
+            cfg, params = model_params(name, dtype)
+            tag = "" if dtype == "bfloat16" else f" {dtype}"
+            for variant, batch, tokens in STEPS:
+                yield (f"{name}{tag} {variant} B{batch} T{tokens}",
+                       *step_case(cfg, params, variant, batch, tokens))
+            for rows in ENGINE_ROWS:
+                yield (f"{name}{tag} engine fused decode B{rows}",
+                       *engine_fused_case(cfg, params, rows))
 
 
 def kernel_cases() -> Iterator[tuple[str, Callable, tuple]]:
@@ -129,12 +133,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="steps,kernels", help="steps, kernels or both")
     ap.add_argument("--models", default="smollm2-135m,llama-3.2-1b")
+    ap.add_argument("--dtypes", default="bfloat16",
+                    help="the steps' dtypes, e.g. bfloat16,float32 (SmolLM2's config is f32: "
+                         "its kernels spill where bf16's do not, benchmarks/"
+                         "engine_decode_h200.md stop 56)")
     ap.add_argument("--out", default="out/deviceless")
     args = ap.parse_args()
     parts = set(args.only.split(","))
+    dtypes = tuple(args.dtypes.split(","))
+    for dtype in dtypes:
+        if dtype not in ("bfloat16", "float32", "float16"):
+            raise SystemExit(f"--dtypes: {dtype!r} is not one of bfloat16, float32, float16")
     cases = []
     if "steps" in parts:
-        cases += list(step_cases(args.models.split(",")))
+        cases += list(step_cases(args.models.split(","), dtypes))
     if "kernels" in parts:
         cases += list(kernel_cases())
 

@@ -44,11 +44,12 @@ def abstract(tree):
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
-def model_params(name: str):
+def model_params(name: str, dtype: str = "bfloat16"):
     """(config, abstract inference params with the [N, K] copies) of configs/models/NAME in
-    bf16."""
+    `dtype` (bf16 by default, as the benchmarks time the shapes; SmolLM2's config, which
+    users get, says float32)."""
     cfg = load_model_config_yaml(REPO_ROOT / "configs" / "models" / f"{name}.yaml")
-    cfg = cfg.replace(dtype="bfloat16")
+    cfg = cfg.replace(dtype=dtype)
     params = jax.eval_shape(
         lambda: with_decode_copies(inference_layout(init_params(cfg, jax.random.key(0)))))
     return cfg, params
