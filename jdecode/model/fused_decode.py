@@ -78,7 +78,7 @@ from pallas_kernels.fused_decode import (
 )
 from pallas_kernels.fused_decode.attention import BLOCK_K, default_splits
 from pallas_kernels.fused_decode.block_attention import block_attention
-from pallas_kernels.fused_decode.kernel import FMA_MAX_ROWS
+from pallas_kernels.fused_decode.kernel import F32_MAX_ROWS, FMA_MAX_ROWS
 from pallas_kernels.fused_decode.layer import barrier_timeouts, decode_layer, new_counters
 from pallas_kernels.fused_decode.paged_attention import paged_block_k, paged_decode_attention
 from pallas_kernels.fused_decode.reference import last_writers
@@ -286,6 +286,9 @@ def _model_reason(params: Params, cfg: ModelConfig, rows: int) -> str | None:
         return f"{rows} rows: the kernels take one tile of at most {MAX_ROWS}"
     if layers[0].wqkv.dtype.name not in DTYPES or params.embed.dtype != layers[0].wqkv.dtype:
         return f"dtype {layers[0].wqkv.dtype.name} is not one of {DTYPES}"
+    if layers[0].wqkv.dtype.itemsize == 4 and rows > F32_MAX_ROWS:
+        return (f"{rows} rows of float32: the kernels' tiles past {F32_MAX_ROWS} overflow "
+                "the GPU's shared memory; use bfloat16 or fewer rows")
     D, E, F = cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
     if D < 32 or D & (D - 1) or E % 16 or F % 16:
         return ("head_dim must be a power of two >= 32, hidden and intermediate sizes "

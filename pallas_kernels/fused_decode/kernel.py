@@ -59,6 +59,11 @@ from pallas_kernels.flash_attention.tuning import resolve_interpret
 f32 = jnp.float32
 ROWS = 16  # the smallest tensor-core tile of rows (tl.dot needs >= 16)
 MAX_ROWS = 64  # a step's rows form one tile of ROWS..MAX_ROWS rows (`tile_rows`)
+# Rows of a 4-byte (f32) step at most. Past 32 the tile is 64 rows, and qkv_rope and
+# gate_up_swiglu stage 258 KB of shared memory on tensor-core tiles, over an H100's or
+# H200's 227 KB (compiled for sm_90a without a card, stop 56, benchmarks/deviceless_h200.md;
+# both model shapes; bf16 stages 145 KB).
+F32_MAX_ROWS = 32
 
 
 def tile_rows(rows: int) -> int:

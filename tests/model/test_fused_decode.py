@@ -48,6 +48,7 @@ from pallas_kernels.fused_decode import reference as ref
 from pallas_kernels.fused_decode.attention import default_splits
 from pallas_kernels.fused_decode.block_attention import block_attention
 from pallas_kernels.fused_decode.kernel import (
+    F32_MAX_ROWS,
     FMA_MAX_ROWS,
     LARGE_GEMV,
     MAX_ROWS,
@@ -686,6 +687,15 @@ def test_fused_step_declines_what_it_does_not_cover(monkeypatch):
         fast, init_cache(cfg, 1, 256, per_layer=True, track_writes=True), cfg, 1)
     assert "rows" in fused_decode_reason(fast, init_cache(cfg, 65, 256, per_layer=True), cfg,
                                          65)
+    # f32 past F32_MAX_ROWS rows: the tiles would overflow the card's shared memory.
+    assert fast.layers[0].wqkv.dtype == jnp.float32
+    wide = init_cache(cfg, 1, 256, per_layer=True)
+    assert fused_decode_reason(fast, wide, cfg, F32_MAX_ROWS, tokens=F32_MAX_ROWS) is None
+    assert "float32" in fused_decode_reason(fast, wide, cfg, F32_MAX_ROWS + 1,
+                                            tokens=F32_MAX_ROWS + 1)
+    half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), fast)
+    wide16 = init_cache(cfg.replace(dtype="bfloat16"), 1, 256, per_layer=True)
+    assert fused_decode_reason(half, wide16, cfg, MAX_ROWS, tokens=MAX_ROWS) is None
     narrow = load_model_config_yaml(TINY)  # 16-wide heads
     assert "head_dim" in fused_decode_reason(
         inference_layout(init_params(narrow, jax.random.key(0))),
