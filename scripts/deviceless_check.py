@@ -11,7 +11,8 @@ an abstract H200, at the benchmarks' shapes:
   Llama-3.2-1B shapes, bf16 (or `--dtypes`), on abstract params and caches (nothing is
   allocated), under the fused step and the general path at the row counts the benchmarks time;
 - the engine's decode-only step of 1 and 4 rows over a page pool
-  (`fused_paged_decode_step`, which the runner's decode buckets take by default);
+  (`fused_paged_decode_step`, which the runner's decode buckets take by default), and of 64
+  rows (the general path's forward and sample, `runner._forward_sample`);
 - the standalone attention kernels at issue 17's benchmark points (flash, paged decode,
   ragged, the cache write; the Hopper flash and ragged kernels through Mosaic GPU).
 
@@ -45,7 +46,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdecode.analysis.deviceless_cases import engine_fused_case, model_params, step_case
+from jdecode.analysis.deviceless_cases import (
+    engine_forward_case,
+    engine_fused_case,
+    model_params,
+    step_case,
+)
 from jdecode.provenance import environment
 from pallas_kernels.deviceless import (
     DEVICE_KIND,
@@ -74,8 +80,10 @@ STEPS = [("pallas-fused", 1, 1), ("pallas-fused", 4, 1), ("pallas-fused", 1, 2),
 
 
 # Rows of the engine's decode-only steps lowered (`engine_fused_case`): its decode buckets
-# 1 and 4.
+# 1 and 4; and of its general decode-only step (`engine_forward_case`, the writing paged
+# kernel under `paged_config`'s launch): a full batch of 64.
 ENGINE_ROWS = (1, 4)
+ENGINE_GENERAL_ROWS = (64,)
 
 
 def step_cases(models: list[str], dtypes: tuple[str, ...] = ("bfloat16",)
@@ -92,6 +100,9 @@ def step_cases(models: list[str], dtypes: tuple[str, ...] = ("bfloat16",)
             for rows in ENGINE_ROWS:
                 yield (f"{name}{tag} engine fused decode B{rows}",
                        *engine_fused_case(cfg, params, rows))
+            for rows in ENGINE_GENERAL_ROWS:
+                yield (f"{name}{tag} engine general decode B{rows}",
+                       *engine_forward_case(cfg, params, rows))
 
 
 def kernel_cases() -> Iterator[tuple[str, Callable, tuple]]:
