@@ -52,6 +52,7 @@ from jdecode.analysis.deviceless_cases import (
     model_params,
     step_case,
 )
+from jdecode.config import DTYPES
 from jdecode.provenance import environment
 from pallas_kernels.deviceless import (
     DEVICE_KIND,
@@ -153,8 +154,8 @@ def main() -> None:
     parts = set(args.only.split(","))
     dtypes = tuple(args.dtypes.split(","))
     for dtype in dtypes:
-        if dtype not in ("bfloat16", "float32", "float16"):
-            raise SystemExit(f"--dtypes: {dtype!r} is not one of bfloat16, float32, float16")
+        if dtype not in DTYPES:
+            raise SystemExit(f"--dtypes: {dtype!r} is not one of {', '.join(DTYPES)}")
     cases = []
     if "steps" in parts:
         cases += list(step_cases(args.models.split(","), dtypes))
