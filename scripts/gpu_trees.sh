@@ -38,7 +38,7 @@
 # benchmark instead (random weights of the shape, batch 1 unless given), and the summary
 # gives the default path's (pallas-auto) device us per step at each tokens-per-row T, with
 # its multiple of the same run's decode step. E.g. a patch's verify steps against this tree:
-#   OUT=$OUT TREES="A B" PATCH_B=patches/multi-row-tiles.patch VERIFY="--tokens 2,3,5 \
+#   OUT=$OUT TREES="A B" PATCH_B=patches/x.patch VERIFY="--tokens 2,3,5 \
 #     --fma-rows ''" bash scripts/gpu_trees.sh
 set -u
 OUT=$(realpath -m "${OUT:-out}"); mkdir -p "$OUT"
