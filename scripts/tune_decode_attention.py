@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdecode.analysis.profile import device_busy_us, kernel_device_us
-from jdecode.config import load_model_config_yaml
+from jdecode.config import DTYPES, load_model_config_yaml
 from jdecode.provenance import environment
 from pallas_kernels.fused_decode import decode_attention, paged_decode_attention
 from pallas_kernels.fused_decode import reference as ref
@@ -62,11 +62,17 @@ from pallas_kernels.fused_decode.attention import (
 from pallas_kernels.paged_attention.tuning import decode_num_splits, grid_splits, paged_config
 from pallas_kernels.testing import assert_close
 
+# The check before timing catches a launch that computes garbage, at bf16's tolerance in every
+# dtype: on the card an f32 reference's dots run at XLA's default (TF32) precision, so f32's
+# own 1e-5 would reject correct launches.
+CHECK_TOLERANCE = "bfloat16"
 
-def merged(parts, lse):
-    """The layer's output [B, H * D] bf16 as its caller forms it (`merged_output`): with
-    splits, a merge kernel after the attention's, which the step pays for too."""
-    return merged_output(parts, lse, jnp.bfloat16)
+
+def merged(parts, lse, dtype):
+    """The layer's output [B, H * D] in the model's dtype as its caller forms it
+    (`merged_output`): with splits, a merge kernel after the attention's, which the step pays
+    for too."""
+    return merged_output(parts, lse, dtype)
 
 
 def threaded(fn, state):
@@ -92,15 +98,15 @@ def dense_case(args, B, H, K, D, L, rnd):
     def check(kw):
         parts, lse, _, _ = jax.jit(lambda q, kc, vc: decode_attention(q, kc, vc, pos, **kw))(
             qkvs[0], *caches[0])
-        assert_close(merged_output(parts, lse, jnp.float32), want, "bfloat16")
+        assert_close(merged_output(parts, lse, jnp.float32), want, CHECK_TOLERANCE)
 
     def step(kw):
         def layers(state):
             cs, _ = state
             outs = [decode_attention(q, kc, vc, pos, **kw) for q, (kc, vc) in zip(qkvs, cs)]
-            return ([o[2:] for o in outs], [merged(*o[:2]) for o in outs])
+            return ([o[2:] for o in outs], [merged(*o[:2], args.dtype) for o in outs])
         return threaded(layers, ([(jnp.copy(k), jnp.copy(v)) for k, v in caches],
-                                 [jnp.zeros((B, H * D), jnp.bfloat16)] * L))
+                                 [jnp.zeros((B, H * D), args.dtype)] * L))
 
     def splits(block_k):  # the Generator's rule (model/pallas_dispatch.py), over its blocks
         return grid_splits(B * K, args.max_len // BLOCK_K, max_splits=16)
@@ -129,7 +135,7 @@ def paged_case(args, B, H, K, D, L, rnd):
     def check(kw):
         parts, lse, _, _ = jax.jit(lambda q, kp, vp: paged_decode_attention(
             q, kp, vp, 0, lens, slots, tables, table, **kw))(qkvs[0], *pools)
-        assert_close(merged_output(parts, lse, jnp.float32), want, "bfloat16")
+        assert_close(merged_output(parts, lse, jnp.float32), want, CHECK_TOLERANCE)
 
     def step(kw):
         def layers(state):
@@ -138,12 +144,12 @@ def paged_case(args, B, H, K, D, L, rnd):
             for layer, q in enumerate(qkvs):
                 parts, lse, kp, vp = paged_decode_attention(q, kp, vp, layer, lens, slots,
                                                             tables, table, **kw)
-                outs.append(merged(parts, lse))
+                outs.append(merged(parts, lse, args.dtype))
             return (kp, vp), outs
         return threaded(layers, (tuple(jnp.copy(p) for p in pools),
-                                 [jnp.zeros((B, H * D), jnp.bfloat16)] * L))
+                                 [jnp.zeros((B, H * D), args.dtype)] * L))
 
-    cfg = paged_config(page, D, jnp.bfloat16)
+    cfg = paged_config(page, D, args.dtype)
 
     def splits(block_k):  # the engine's rule (cache/paged.py)
         return decode_num_splits(B, K, -(-W * page // block_k), cfg)
@@ -168,8 +174,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--splits", default="auto",
                     help="'auto' (the caller's rule) or split counts to try, e.g. 1,2")
     ap.add_argument("--repeats", type=int, default=5, help="profiled runs per variant")
+    ap.add_argument("--dtype", default="bfloat16", choices=DTYPES,
+                    help="of q and the K/V (SmolLM2's config says float32: what the engine runs)")
     ap.add_argument("--out", default="out")
     args = ap.parse_args(argv)
+    args.dtype = jnp.dtype(args.dtype)
 
     cfg = load_model_config_yaml(f"configs/models/{args.model}.yaml")
     B, H, K, D = args.batch, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -180,10 +189,10 @@ def main(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng(0)
 
     def rnd(*shape):
-        return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(jnp.bfloat16)
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(args.dtype)
 
     check, step, kernel, rule = CASES[args.cache](args, B, H, K, D, L, rnd)
-    kv_bytes = 2 * B * args.context * K * D * 2  # per layer, read
+    kv_bytes = 2 * B * args.context * K * D * args.dtype.itemsize  # per layer, read
     rows = []
     for bk, warps, stages in itertools.product(
             *(map(int, a.split(",")) for a in (args.block_k, args.warps, args.stages))):
@@ -191,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
                        else [int(s) for s in args.splits.split(",")]):
             kw = {"num_heads": H, "num_kv_heads": K, "num_splits": splits, "block_k": bk,
                   "num_warps": warps, "num_stages": stages,
-                  "parts_dtype": single_split_dtype(splits, jnp.bfloat16)}
+                  "parts_dtype": single_split_dtype(splits, args.dtype)}
             row = {"block_k": bk, "warps": warps, "stages": stages, "splits": splits}
             label = f"block_k {bk} warps {warps} stages {stages} splits {splits}"
             try:
@@ -219,11 +228,13 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {**environment(), "command": " ".join(sys.argv), "cache": args.cache,
-            "model": args.model, "batch": B, "context": args.context, "max_len": args.max_len,
+            "model": args.model, "dtype": args.dtype.name, "batch": B, "context": args.context,
+            "max_len": args.max_len,
             "page": args.page if args.cache == "paged" else None, "layers": L,
             "kv_bytes_per_layer": kv_bytes}
     result = {**meta, "rows": rows, "best": best}
-    (out / f"tune_decode_attention_{args.cache}_{args.model}_b{B}.json").write_text(
+    suffix = "" if args.dtype == jnp.bfloat16 else f"_{args.dtype.name}"
+    (out / f"tune_decode_attention_{args.cache}_{args.model}_b{B}{suffix}.json").write_text(
         json.dumps(result, indent=2))
     return result
 
