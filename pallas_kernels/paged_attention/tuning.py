@@ -30,8 +30,9 @@ def paged_config(page_size: int, head_dim: int, dtype, kind: str | None = None) 
     (benchmarks/paged_decode_tuning.md; GQA 32/8 D128 bf16, page 16): block_k 128, 4 warps,
     2 stages is within 3% of the best of 75 launch configurations at B32 S4096 (3.83 TB/s,
     read stream 4.36) and the best or near it at B8/B64 and S16k. The best 8-warp config
-    there is 4% behind (3.70 vs 3.85 TB/s), the best block_k 256 one 9% (3.51). Ragged 28 decodes + 4 chunks of 512 (H100): 64 rows per program
-    509 us, 32 rows 1246 us, 16 rows 1695 us (block_k 64).
+    there is 4% behind (3.70 vs 3.85 TB/s), the best block_k 256 one 9% (3.51). Ragged 28
+    decodes + 4 chunks of 512 (H100): 64 rows per program 509 us, 32 rows 1246 us, 16 rows
+    1695 us (block_k 64).
     """
     kind = device_kind() if kind is None else kind
     del dtype  # same choice for f32/bf16/f16 so far
