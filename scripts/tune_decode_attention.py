@@ -68,13 +68,6 @@ from pallas_kernels.testing import assert_close
 CHECK_TOLERANCE = "bfloat16"
 
 
-def merged(parts, lse, dtype):
-    """The layer's output [B, H * D] in the model's dtype as its caller forms it
-    (`merged_output`): with splits, a merge kernel after the attention's, which the step pays
-    for too."""
-    return merged_output(parts, lse, dtype)
-
-
 def threaded(fn, state):
     """call() running jit(fn) on `state`, donated, and keeping its result for the next call.
     Why: the kernels write their caches in place, so with the caches donated and threaded
@@ -104,7 +97,9 @@ def dense_case(args, B, H, K, D, L, rnd):
         def layers(state):
             cs, _ = state
             outs = [decode_attention(q, kc, vc, pos, **kw) for q, (kc, vc) in zip(qkvs, cs)]
-            return ([o[2:] for o in outs], [merged(*o[:2], args.dtype) for o in outs])
+            # The output as the caller forms it: with splits, a merge kernel the step pays too.
+            return ([o[2:] for o in outs],
+                    [merged_output(*o[:2], args.dtype) for o in outs])
         return threaded(layers, ([(jnp.copy(k), jnp.copy(v)) for k, v in caches],
                                  [jnp.zeros((B, H * D), args.dtype)] * L))
 
@@ -144,7 +139,7 @@ def paged_case(args, B, H, K, D, L, rnd):
             for layer, q in enumerate(qkvs):
                 parts, lse, kp, vp = paged_decode_attention(q, kp, vp, layer, lens, slots,
                                                             tables, table, **kw)
-                outs.append(merged(parts, lse, args.dtype))
+                outs.append(merged_output(parts, lse, args.dtype))  # with splits, a merge too
             return (kp, vp), outs
         return threaded(layers, (tuple(jnp.copy(p) for p in pools),
                                  [jnp.zeros((B, H * D), args.dtype)] * L))

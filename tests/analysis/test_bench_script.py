@@ -46,8 +46,8 @@ def test_tune_decode_attention_checks_every_launch_of_both_caches(tmp_path):
     assert "error" not in row and row["splits"] >= 1 and dense["best"] is None  # untimed
     saved = json.loads((tmp_path / "tune_decode_attention_paged_tiny_b2.json").read_text())
     assert saved["cache"] == "paged" and saved["page"] == 16
-    # --dtype float32 (the engine's SmolLM2 dtype): checked, 4-byte K/V
-    # counted, and written beside the bf16 record instead of over it.
+    # --dtype float32 (the engine's SmolLM2 dtype): checked, 4-byte K/V counted, and written
+    # beside the bf16 record instead of over it.
     f32 = tune.main(["--cache", "paged", "--max-len", "64", "--block-k", "16", "--splits", "1",
                      "--dtype", "float32", *common])
     assert not any("error" in r for r in f32["rows"]) and len(f32["rows"]) == 1
