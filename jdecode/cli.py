@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from jdecode import __version__
-from jdecode.config import DTYPES, ConfigError
+from jdecode.config import DTYPE_CHOICES, ConfigError
 from jdecode.console import OneLineErrors, PrefillNotice, fail, stderr, stdout
 from jdecode.io import registry
 from jdecode.provenance import git_sha
@@ -61,8 +61,9 @@ Seed = Annotated[int | None, typer.Option(
     min=0, max=2**32 - 1, help="random seed for sampling (default: a fresh one per run)")]
 Stop = Annotated[list[str] | None, typer.Option(
     help="stop when the output contains this string (repeatable)")]
-Dtype = Annotated[str, typer.Option(callback=choice(*DTYPES),
-                                    help=f"compute dtype: {', '.join(DTYPES)}")]
+Dtype = Annotated[str, typer.Option(
+    callback=choice(*DTYPE_CHOICES), help=f"compute dtype: {', '.join(DTYPE_CHOICES)} (auto: "
+    "bfloat16 on a GPU or TPU, float32 on CPU; a model config keeps its own)")]
 Impl = Annotated[str, typer.Option(
     callback=choice(*IMPLS), help="attention implementation: auto (Pallas kernels on GPU, XLA "
     "on CPU), xla, pallas or reference")]
@@ -224,7 +225,7 @@ def generate(
         help="wrap the prompt in the model's chat template")] = False,
     max_new_tokens: MaxNewTokens = 64, temperature: Temperature = 0.0, top_k: TopK = 0,
     top_p: TopP = 1.0, min_p: MinP = 0.0, repetition_penalty: RepetitionPenalty = 1.0,
-    seed: Seed = None, stop: Stop = None, dtype: Dtype = "float32", impl: Impl = "auto",
+    seed: Seed = None, stop: Stop = None, dtype: Dtype = "auto", impl: Impl = "auto",
     max_seq_len: MaxSeqLen = None,
     method: Annotated[str | None, typer.Option(
         help="decoding method (`jdecode methods` lists them); default autoregressive")] = None,
@@ -368,7 +369,7 @@ def chat(
                       ] = None,
     max_new_tokens: MaxNewTokens = 256, temperature: Temperature = 0.0, top_k: TopK = 0,
     top_p: TopP = 1.0, min_p: MinP = 0.0, repetition_penalty: RepetitionPenalty = 1.0,
-    seed: Seed = None, stop: Stop = None, dtype: Dtype = "float32", impl: Impl = "auto",
+    seed: Seed = None, stop: Stop = None, dtype: Dtype = "auto", impl: Impl = "auto",
     max_seq_len: MaxSeqLen = None,
 ) -> None:
     """Multi-turn chat with the model's chat template: /reset clears the conversation, /exit
@@ -411,7 +412,7 @@ def serve(
     model: ModelOpt = registry.DEFAULT_MODEL,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="port to listen on")] = 8000,
-    dtype: Dtype = "float32",
+    dtype: Dtype = "auto",
     served_model_name: Annotated[str | None, typer.Option(
         help="the model name clients send (default: --model)")] = None,
     max_num_seqs: Annotated[int, typer.Option(

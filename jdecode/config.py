@@ -11,6 +11,8 @@ from typing import Any
 import yaml
 
 DTYPES = ("float32", "bfloat16", "float16")
+# What loading accepts: `auto` picks one of DTYPES for the backend (`io/registry.resolve_dtype`).
+DTYPE_CHOICES = ("auto", *DTYPES)
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 

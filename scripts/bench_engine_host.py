@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--tag", default="cpu")
     args = ap.parse_args(argv)
-    model = load(args.model)
+    model = load(args.model, dtype="float32")  # as its recorded runs: not auto
     probes = [probe(model, b, w, args.steps, args.prompt_len, args.seed, n)
               for b in map(int, args.batch.split(","))
               for w in map(int, args.num_scheduler_steps.split(","))

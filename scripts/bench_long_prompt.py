@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--tag", default="cpu")
     args = ap.parse_args()
 
-    model = load(args.model)
+    model = load(args.model, dtype="float32")  # as its recorded runs: not auto
     gen = Generator(model)
     hf = None if args.no_hf else hf_model(args.model)
     if hf is not None:

@@ -263,7 +263,7 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    target = load(args.model)
+    target = load(args.model, dtype="float32")  # as its recorded runs: not auto
     tok = target.tokenizer
     prompts = [(kind, tok.encode(tok.apply_chat_template([{"role": "user", "content": text}])))
                for kind, text in eval_prompts()[:args.num_prompts]]

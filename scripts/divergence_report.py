@@ -42,7 +42,7 @@ def main() -> None:
     run = Path(args.run)
     rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
     cfg = parse_config(rows[0]["config"] | {"model": args.model}, "results.jsonl")
-    model = load(args.model)
+    model = load(args.model, dtype="float32")  # as its recorded runs: not auto
     gen = Generator(model)
     prompts = [gen.encode(p.text, chat=cfg.chat) if p.text is not None else list(p.token_ids)
                for p in resolve_prompts(cfg)]

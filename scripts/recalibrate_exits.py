@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="artifact directory, or a .tgz to write")
     args = ap.parse_args()
 
-    model = load(args.model)
+    model = load(args.model, dtype="float32")  # as its recorded runs: not auto
     heads, manifest = load_exits(args.artifact, model)
     naive = manifest["metrics"]["calibration"]
     # The prompts the trainer's corpus holds out (its val split), so the text is the target's

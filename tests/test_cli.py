@@ -196,7 +196,7 @@ def test_model_names_may_hold_dots(tmp_path, monkeypatch):
 # -- 14: flags checked before loading; fast --help -----------------------------------------
 @pytest.mark.parametrize("args,message", [
     (["--method", "beam"], "beam"),
-    (["--dtype", "f8"], "Invalid value for '--dtype': 'f8': choose one of float32"),
+    (["--dtype", "f8"], "Invalid value for '--dtype': 'f8': choose one of auto, float32"),
     (["--impl", "cuda"], "Invalid value for '--impl'"),
     (["--max-new-tokens", "0"], "Invalid value for '--max-new-tokens'"),
     (["--config", "no-such.yaml"], "decoding config 'no-such.yaml' does not exist"),
@@ -267,6 +267,16 @@ def load_cfg():
     from jdecode.config import load_model_config_yaml
 
     return load_model_config_yaml(registry.CONFIG_DIR / "tiny.yaml")
+
+
+def test_dtype_defaults_to_auto(fake_generate, monkeypatch):
+    # auto: the backend picks (bf16 on a GPU, f32 on CPU; tests/io/test_loaders.py)
+    stub, asked = registry.load, []
+    monkeypatch.setattr(registry, "load", lambda *a, **k: asked.append(k["dtype"]) or stub())
+    for extra in ([], ["--dtype", "bfloat16"]):
+        result = runner.invoke(app, ["generate", "hi", *extra])
+        assert result.exit_code == 0, result.output
+    assert asked == ["auto", "bfloat16"]
 
 
 def test_prompt_from_stdin_file_and_system(fake_generate, tmp_path):

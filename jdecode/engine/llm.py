@@ -49,11 +49,12 @@ class LLM:
     Args:
       model: a loaded `Model`, a known name (default SmolLM2-135M-Instruct), an HF directory or
         a .gguf file.
-      dtype: parameter dtype when loading by name.
+      dtype: parameter dtype when loading by name; auto = bfloat16 on a GPU or TPU, float32 on
+        CPU (`io.registry.resolve_dtype`).
       **engine_args: `EngineArgs` fields (max_num_seqs, max_num_batched_tokens, page_size, ...).
     """
 
-    def __init__(self, model: Model | str = DEFAULT_MODEL, *, dtype: str = "float32",
+    def __init__(self, model: Model | str = DEFAULT_MODEL, *, dtype: str = "auto",
                  **engine_args) -> None:
         self.model = model if isinstance(model, Model) else load(model, dtype=dtype)
         self.engine = LLMEngine(self.model, EngineArgs(**engine_args))

@@ -477,7 +477,7 @@ def make_server(app: FastAPI, core: AsyncEngine, host: str = "127.0.0.1", port: 
 
 
 def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8000, *,
-          dtype: str = "float32", served_model_name: str | None = None,
+          dtype: str = "auto", served_model_name: str | None = None,
           api_key: str | None = None, chat_template: str | None = None,
           max_request_bytes: int | None = None, warmup: bool | None = None,
           **engine_args) -> None:
@@ -485,7 +485,8 @@ def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8000,
 
     Args:
       model: a known name, HF directory or .gguf file. host, port: where to listen.
-      dtype: parameter dtype. served_model_name: the name clients pass as `model`.
+      dtype: parameter dtype (auto: `io.registry.resolve_dtype`).
+      served_model_name: the name clients pass as `model`.
       api_key: bearer token wanted on every /v1 route; None reads $JDECODE_API_KEY (unset or
         empty = no check).
       chat_template: a jinja file or inline template replacing the model's.

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jdecode.config import ConfigError, ModelConfig, load_model_config_yaml
+from jdecode.config import DTYPE_CHOICES, ConfigError, ModelConfig, load_model_config_yaml
 from jdecode.io.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -113,9 +113,11 @@ def load_config(name_or_path: str, overrides: tuple[str, ...] = (), dtype: str |
     yaml_path = model_config_path(name_or_path)
     if yaml_path is not None:
         cfg = load_model_config_yaml(yaml_path, overrides)
+        dtype = resolve_dtype(dtype, cfg.dtype)
         return cfg if dtype is None else cfg.replace(dtype=dtype)
     check_model(name_or_path, overrides)
     path = resolve_model_path(name_or_path)
+    dtype = resolve_dtype(dtype)
     if path.is_dir():
         from jdecode.io.safetensors_loader import read_hf_config
 
@@ -123,6 +125,28 @@ def load_config(name_or_path: str, overrides: tuple[str, ...] = (), dtype: str |
     from jdecode.io.gguf_loader import gguf_config, open_gguf
 
     return gguf_config(*open_gguf(path), dtype or "float32")
+
+
+def resolve_dtype(dtype: str | None, config_dtype: str | None = None) -> str | None:
+    """The compute dtype `dtype` means; `auto` (the default of `load`, `LLM`, `jdecode
+    serve/generate/chat`) follows vLLM's `--dtype auto`.
+
+    A model config (YAML) keeps the dtype it names (`config_dtype`). A checkpoint, whose
+    weights are f32 after conversion (GGUF dequantized, HF upcast), runs bfloat16 on a GPU or
+    TPU, as vLLM runs an f32 checkpoint in half precision: f32 there reads twice the bytes per
+    step and misses the bf16-only kernels (the Pallas GEMV). On CPU it stays float32, where
+    XLA gains nothing from bf16 matmuls and the HF parity tests hold.
+    None means "the config's own" for `random_model` and `load_config`.
+    """
+    if dtype is None or dtype != "auto":
+        if dtype is not None and dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"dtype={dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+        return dtype
+    if config_dtype is not None:
+        return config_dtype
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def random_model(config: str | Path, overrides: tuple[str, ...] = (), dtype: str | None = None,
@@ -141,16 +165,20 @@ def random_model(config: str | Path, overrides: tuple[str, ...] = (), dtype: str
         raise ConfigError(f"model config {str(config)!r} does not exist: pass a YAML path or "
                           f"a name in configs/models/: {', '.join(config_names())}")
     cfg = load_model_config_yaml(path, overrides)
+    dtype = resolve_dtype(dtype, cfg.dtype)
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
     log.warning("%s: random weights (a config, not a checkpoint)", config)
     return Model(str(config), cfg, init_params(cfg, jax.random.key(seed)), None)
 
 
-def load(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", use_cache: bool = True,
+def load(name_or_path: str = DEFAULT_MODEL, dtype: str = "auto", use_cache: bool = True,
          overrides: tuple[str, ...] = ()) -> Model:
     """Loads a model by name (`smollm2-135m`), HF directory, `.gguf` file, or a model config
     (`configs/models/<name>.yaml` or a YAML path: random weights).
+
+    `dtype`: float32, bfloat16, float16 or auto (`resolve_dtype`: a config's own dtype; a
+    checkpoint in bfloat16 on a GPU or TPU and in float32 on CPU).
 
     GGUF weights are dequantized once and cached with orbax under `~/.cache/jdecode/params`
     (`JDECODE_CACHE` moves it; see `io/checkpoint.py`). `overrides` (`key=value`) apply to
@@ -158,10 +186,12 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", use_cache: b
     """
     from jdecode.io import checkpoint
 
+    dtype = "auto" if dtype is None else dtype
     if model_config_path(name_or_path) is not None:
         return random_model(name_or_path, overrides, dtype)
     check_model(name_or_path, overrides)
     path = resolve_model_path(name_or_path)
+    dtype = resolve_dtype(dtype)
     if path.is_dir():
         from jdecode.io.safetensors_loader import load_hf_checkpoint
 

@@ -243,3 +243,37 @@ def test_param_cache_is_announced_once(gguf_file, monkeypatch, tmp_path, caplog)
     with caplog.at_level("WARNING"):
         load(str(gguf_file), dtype="bfloat16")  # a second cache entry: not said again
     assert not [r for r in caplog.records if "cached the converted params" in r.msg]
+
+
+@pytest.mark.parametrize("backend, expected", [("cpu", "float32"), ("gpu", "bfloat16"),
+                                               ("tpu", "bfloat16")])
+def test_auto_dtype_loads_a_checkpoint_in_the_backends_dtype(gguf_file, llama_dir, monkeypatch,
+                                                            tmp_path, backend, expected):
+    # `auto` is the default of load / LLM / the CLI: an f32 checkpoint runs bf16 on an
+    # accelerator (vLLM's rule) and f32 on CPU. The backend is faked; the params are real.
+    monkeypatch.setenv("JDECODE_CACHE", str(tmp_path))
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    for path in (str(gguf_file), str(llama_dir[0])):
+        m = load(path)
+        assert m.cfg.dtype == expected, path
+        assert {leaf.dtype.name for leaf in jax.tree.leaves(m.params)} == {expected}, path
+
+
+def test_auto_dtype_keeps_a_model_configs_own(monkeypatch):
+    from jdecode.io import registry
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert registry.load_config("llama-3.2-1b", dtype="auto").dtype == "bfloat16"
+    assert registry.load_config("tiny", dtype="auto").dtype == "float32"  # as tiny.yaml says
+    m = load("tiny", overrides=("dtype=bfloat16",))  # default auto: not forced to f32
+    assert m.cfg.dtype == "bfloat16" and m.params.embed.dtype.name == "bfloat16"
+    assert load("tiny", dtype="float16").params.embed.dtype.name == "float16"
+
+
+def test_unknown_dtype_is_named_with_the_choices():
+    from jdecode.io import registry
+
+    with pytest.raises(ConfigError, match=r"dtype='fp8'.*auto, float32, bfloat16, float16"):
+        registry.resolve_dtype("fp8")
+    with pytest.raises(ConfigError, match="dtype='half'"):
+        load("tiny", dtype="half")
