@@ -288,7 +288,7 @@ def generate(
     s = r.stats
     err = stderr()
     err.print(f"\n[dim]prefill {s['prefill_ms']:.1f} ms | decode {s['decode_tok_s']:.1f} tok/s | "
-              f"{s['num_tokens']} tokens | finish: {r.finish_reason} | "
+              f"{s['num_tokens']} tokens | finish: {r.finish_reason} | {m.cfg.dtype} | "
               f"compile {s['compile_s']:.1f} s[/]", highlight=False)
     if spec.name != "autoregressive":
         extra = " | ".join(f"{k} {v:.3g}" for k, v in gen.describe(s).items()

@@ -276,6 +276,7 @@ def test_dtype_defaults_to_auto(fake_generate, monkeypatch):
     for extra in ([], ["--dtype", "bfloat16"]):
         result = runner.invoke(app, ["generate", "hi", *extra])
         assert result.exit_code == 0, result.output
+        assert "| float32 |" in result.output  # the stub's dtype: the stats line names it
     assert asked == ["auto", "bfloat16"]
 
 
