@@ -51,7 +51,7 @@ def test_warmup_compiles_every_step_shape_and_forgets_its_requests(rng, make_eng
 
 
 @pytest.mark.parametrize("flag,want", [(None, False), (True, True), (False, False)])
-def test_serve_warms_up_by_default_only_on_a_gpu(monkeypatch, tiny, flag, want):
+def test_serve_warms_up_by_default_only_on_a_gpu(monkeypatch, capsys, tiny, flag, want):
     """`jdecode serve`'s --warmup/--no-warmup; the default (None) is on only where JAX runs on
     a GPU (this machine: CPU). The listening itself is stubbed out."""
     from jdecode.engine import server
@@ -65,3 +65,4 @@ def test_serve_warms_up_by_default_only_on_a_gpu(monkeypatch, tiny, flag, want):
     server.serve("tiny", warmup=flag, max_num_seqs=2, max_model_len=32, num_pages=16,
                  page_size=4)
     assert bool(calls) is want
+    assert "tiny: float32 on cpu" in capsys.readouterr().err  # the dtype auto chose, named
