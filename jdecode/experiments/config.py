@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from jdecode import options as opts_lib
-from jdecode.config import ConfigError, parse_override, read_yaml_mapping
+from jdecode.config import DTYPES, ConfigError, parse_override, read_yaml_mapping
 from jdecode.data.prompts import eval_prompts
 from jdecode.data.tasks import tasks
 from jdecode.decoding import methods
@@ -47,7 +47,8 @@ class ExperimentConfig:
     name: str = opts_lib.option("experiment", "names the output directory and the tables")
     model: str | tuple[str, ...] = opts_lib.option(
         "smollm2-135m", "model name, HF dir, .gguf or configs/models YAML (or a list)")
-    dtype: str = opts_lib.option("float32", "float32, bfloat16 or float16")
+    dtype: str = opts_lib.option("float32", "float32, bfloat16 or float16 (not auto: cells "
+                                 "resume across machines)")
     impl: str = opts_lib.option("auto", "attention implementation: auto, xla or pallas")
     prompts: tuple[str, ...] = opts_lib.option(
         ("chat", "code", "summarization"),
@@ -122,6 +123,9 @@ def parse_config(raw: dict[str, Any], where: str) -> ExperimentConfig:
         parsed.append(dataclasses.replace(e, options=dict(e.options or {})))
     cfg = opts_lib.parse(ExperimentConfig, raw, f"experiment {where}")
     cfg = dataclasses.replace(cfg, methods=tuple(parsed))
+    if cfg.dtype not in DTYPES:  # not `auto`: a resumed run must not mix a CPU's and a GPU's
+        raise ConfigError(f"{where}: dtype={cfg.dtype!r}: an experiment names its dtype, "
+                          f"one of {', '.join(DTYPES)}")
     for name in cfg.prompts:
         if name not in BUILTIN_SETS and not Path(name).is_file():
             raise ConfigError(f"{where}: prompt set {name!r} is neither built in "

@@ -91,6 +91,7 @@ def test_a_switch_in_the_environment_is_part_of_a_cell(experiment, monkeypatch):
     ({"prompts": ["poems"]}, "prompt set 'poems' is neither built in (chat, code, summarization, "
                              "tasks) nor a JSONL file"),
     ({"batch_sizes": [0]}, "batch_sizes=[0]: give batch sizes >= 1"),
+    ({"dtype": "auto"}, "dtype='auto': an experiment names its dtype, one of float32, bfloat16"),
 ])
 def test_bad_configs_are_one_line_errors(tmp_path, monkeypatch, change, message):
     monkeypatch.chdir(tmp_path)
