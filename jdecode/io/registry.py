@@ -117,7 +117,7 @@ def load_config(name_or_path: str, overrides: tuple[str, ...] = (), dtype: str |
         return cfg if dtype is None else cfg.replace(dtype=dtype)
     check_model(name_or_path, overrides)
     path = resolve_model_path(name_or_path)
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, saved_half=saved_half_dtype(path) if path.is_dir() else None)
     if path.is_dir():
         from jdecode.io.safetensors_loader import read_hf_config
 
@@ -127,16 +127,18 @@ def load_config(name_or_path: str, overrides: tuple[str, ...] = (), dtype: str |
     return gguf_config(*open_gguf(path), dtype or "float32")
 
 
-def resolve_dtype(dtype: str | None, config_dtype: str | None = None) -> str | None:
+def resolve_dtype(dtype: str | None, config_dtype: str | None = None,
+                  saved_half: str | None = None) -> str | None:
     """The compute dtype `dtype` means; `auto` (the default of `load`, `LLM`, `jdecode
     serve/generate/chat`) follows vLLM's `--dtype auto`.
 
     A model config (YAML) keeps the dtype it names (`config_dtype`). A checkpoint, whose
-    weights are f32 after conversion (GGUF dequantized, HF upcast), runs bfloat16 on a GPU or
-    TPU, as vLLM runs an f32 checkpoint in half precision: f32 there reads twice the bytes per
-    step and misses the bf16-only kernels (the Pallas GEMV). On CPU it stays float32, where
-    XLA gains nothing from bf16 matmuls and the HF parity tests hold.
-    None means "the config's own" for `random_model` and `load_config`.
+    weights are f32 after conversion (GGUF dequantized, HF upcast), runs in half precision on
+    a GPU or TPU: the half dtype it was saved in (`saved_half`, from an HF config.json), else
+    bfloat16, whose range an f32 checkpoint's activations fit where float16's may not. f32
+    there reads twice the bytes per step and misses the half-precision kernels (the Pallas
+    GEMV). On CPU it stays float32, where XLA gains nothing from bf16 matmuls and the HF
+    parity tests hold. None means "the config's own" for `random_model` and `load_config`.
     """
     if dtype is None or dtype != "auto":
         if dtype is not None and dtype not in DTYPE_CHOICES:
@@ -146,7 +148,21 @@ def resolve_dtype(dtype: str | None, config_dtype: str | None = None) -> str | N
         return config_dtype
     import jax
 
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return "float32" if jax.default_backend() == "cpu" else saved_half or "bfloat16"
+
+
+def saved_half_dtype(path: Path) -> str | None:
+    """float16 or bfloat16 where an HF checkpoint's config.json says it was saved so (newer
+    transformers write `dtype`, older `torch_dtype`); None for f32, GGUF files or no
+    readable config (the loader then names what is wrong)."""
+    import json
+
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    saved = raw.get("dtype", raw.get("torch_dtype")) if isinstance(raw, dict) else None
+    return saved if saved in ("float16", "bfloat16") else None
 
 
 def random_model(config: str | Path, overrides: tuple[str, ...] = (), dtype: str | None = None,
@@ -191,7 +207,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str = "auto", use_cache: bool
         return random_model(name_or_path, overrides, dtype)
     check_model(name_or_path, overrides)
     path = resolve_model_path(name_or_path)
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, saved_half=saved_half_dtype(path) if path.is_dir() else None)
     if path.is_dir():
         from jdecode.io.safetensors_loader import load_hf_checkpoint
 

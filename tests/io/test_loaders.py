@@ -277,3 +277,23 @@ def test_unknown_dtype_is_named_with_the_choices():
         registry.resolve_dtype("fp8")
     with pytest.raises(ConfigError, match="dtype='half'"):
         load("tiny", dtype="half")
+
+
+@pytest.mark.parametrize("key, saved, on_gpu", [
+    ("torch_dtype", "float16", "float16"), ("dtype", "bfloat16", "bfloat16"),
+    ("torch_dtype", "float32", "bfloat16")])
+def test_auto_dtype_keeps_an_hf_checkpoints_half_dtype(llama_dir, monkeypatch, tmp_path, key,
+                                                      saved, on_gpu):
+    # vLLM's auto: an f16 checkpoint runs f16 on a GPU (not bf16); on CPU f32 as ever.
+    import shutil
+
+    from jdecode.io import registry
+
+    ckpt = shutil.copytree(llama_dir[0], tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())  # one of the two keys, as saved
+    config = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}
+    (ckpt / "config.json").write_text(json.dumps({**config, key: saved}))
+    for backend, expected in (("gpu", on_gpu), ("cpu", "float32")):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert registry.load_config(str(ckpt), dtype="auto").dtype == expected
+        assert load(str(ckpt)).params.embed.dtype.name == expected
