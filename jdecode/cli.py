@@ -63,7 +63,8 @@ Stop = Annotated[list[str] | None, typer.Option(
     help="stop when the output contains this string (repeatable)")]
 Dtype = Annotated[str, typer.Option(
     callback=choice(*DTYPE_CHOICES), help=f"compute dtype: {', '.join(DTYPE_CHOICES)} (auto: "
-    "bfloat16 on a GPU or TPU, float32 on CPU; a model config keeps its own)")]
+    "bf16, or an HF checkpoint's saved f16, on a GPU or TPU; f32 on CPU; a model config keeps "
+    "its own)")]
 Impl = Annotated[str, typer.Option(
     callback=choice(*IMPLS), help="attention implementation: auto (Pallas kernels on GPU, XLA "
     "on CPU), xla, pallas or reference")]
