@@ -140,7 +140,7 @@ def resolve_dtype(dtype: str | None, config_dtype: str | None = None,
     GEMV). On CPU it stays float32, where XLA gains nothing from bf16 matmuls and the HF
     parity tests hold. None means "the config's own" for `random_model` and `load_config`.
     """
-    if dtype is None or dtype != "auto":
+    if dtype != "auto":
         if dtype is not None and dtype not in DTYPE_CHOICES:
             raise ConfigError(f"dtype={dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
         return dtype
@@ -194,7 +194,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str = "auto", use_cache: bool
     (`configs/models/<name>.yaml` or a YAML path: random weights).
 
     `dtype`: float32, bfloat16, float16 or auto (`resolve_dtype`: a config's own dtype; a
-    checkpoint in bfloat16 on a GPU or TPU and in float32 on CPU).
+    checkpoint in half precision on a GPU or TPU and in float32 on CPU).
 
     GGUF weights are dequantized once and cached with orbax under `~/.cache/jdecode/params`
     (`JDECODE_CACHE` moves it; see `io/checkpoint.py`). `overrides` (`key=value`) apply to
