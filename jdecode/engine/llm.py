@@ -49,8 +49,8 @@ class LLM:
     Args:
       model: a loaded `Model`, a known name (default SmolLM2-135M-Instruct), an HF directory or
         a .gguf file.
-      dtype: parameter dtype when loading by name; auto = bfloat16 on a GPU or TPU, float32 on
-        CPU (`io.registry.resolve_dtype`).
+      dtype: parameter dtype when loading by name; auto = half precision on a GPU or TPU,
+        float32 on CPU (`io.registry.resolve_dtype`).
       **engine_args: `EngineArgs` fields (max_num_seqs, max_num_batched_tokens, page_size, ...).
     """
 

@@ -117,14 +117,14 @@ def load_config(name_or_path: str, overrides: tuple[str, ...] = (), dtype: str |
         return cfg if dtype is None else cfg.replace(dtype=dtype)
     check_model(name_or_path, overrides)
     path = resolve_model_path(name_or_path)
-    dtype = resolve_dtype(dtype, saved_half=saved_half_dtype(path) if path.is_dir() else None)
     if path.is_dir():
-        from jdecode.io.safetensors_loader import read_hf_config
+        from jdecode.io.safetensors_loader import read_hf_config, saved_half_dtype
 
+        dtype = resolve_dtype(dtype, saved_half=saved_half_dtype(path))
         return read_hf_config(path, dtype or "float32")
     from jdecode.io.gguf_loader import gguf_config, open_gguf
 
-    return gguf_config(*open_gguf(path), dtype or "float32")
+    return gguf_config(*open_gguf(path), resolve_dtype(dtype) or "float32")
 
 
 def resolve_dtype(dtype: str | None, config_dtype: str | None = None,
@@ -134,11 +134,12 @@ def resolve_dtype(dtype: str | None, config_dtype: str | None = None,
 
     A model config (YAML) keeps the dtype it names (`config_dtype`). A checkpoint, whose
     weights are f32 after conversion (GGUF dequantized, HF upcast), runs in half precision on
-    a GPU or TPU: the half dtype it was saved in (`saved_half`, from an HF config.json), else
-    bfloat16, whose range an f32 checkpoint's activations fit where float16's may not. f32
-    there reads twice the bytes per step and misses the half-precision kernels (the Pallas
-    GEMV). On CPU it stays float32, where XLA gains nothing from bf16 matmuls and the HF
-    parity tests hold. None means "the config's own" for `random_model` and `load_config`.
+    a GPU or TPU: the half dtype it was saved in (`saved_half`: an HF config.json's, read by
+    `safetensors_loader.saved_half_dtype`), else bfloat16, whose range an f32 checkpoint's
+    activations fit where float16's may not. f32 there reads twice the bytes per step and
+    misses the half-precision kernels (the Pallas GEMV). On CPU it stays float32, where XLA
+    gains nothing from bf16 matmuls and the HF parity tests hold. None means "the config's
+    own" for `random_model` and `load_config`.
     """
     if dtype != "auto":
         if dtype is not None and dtype not in DTYPE_CHOICES:
@@ -149,20 +150,6 @@ def resolve_dtype(dtype: str | None, config_dtype: str | None = None,
     import jax
 
     return "float32" if jax.default_backend() == "cpu" else saved_half or "bfloat16"
-
-
-def saved_half_dtype(path: Path) -> str | None:
-    """float16 or bfloat16 where an HF checkpoint's config.json says it was saved so (newer
-    transformers write `dtype`, older `torch_dtype`); None for f32, GGUF files or no
-    readable config (the loader then names what is wrong)."""
-    import json
-
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    saved = raw.get("dtype", raw.get("torch_dtype")) if isinstance(raw, dict) else None
-    return saved if saved in ("float16", "bfloat16") else None
 
 
 def random_model(config: str | Path, overrides: tuple[str, ...] = (), dtype: str | None = None,
@@ -207,15 +194,16 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str = "auto", use_cache: bool
         return random_model(name_or_path, overrides, dtype)
     check_model(name_or_path, overrides)
     path = resolve_model_path(name_or_path)
-    dtype = resolve_dtype(dtype, saved_half=saved_half_dtype(path) if path.is_dir() else None)
     if path.is_dir():
-        from jdecode.io.safetensors_loader import load_hf_checkpoint
+        from jdecode.io.safetensors_loader import load_hf_checkpoint, saved_half_dtype
 
+        dtype = resolve_dtype(dtype, saved_half=saved_half_dtype(path))
         cfg, params = load_hf_checkpoint(path, dtype)
         tok = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
         return Model(name_or_path, cfg, params, tok)
     from jdecode.io.gguf_loader import gguf_config, load_gguf, open_gguf
 
+    dtype = resolve_dtype(dtype)
     cache_dir = checkpoint.cache_dir_for(path, dtype)
     if use_cache and (cache_dir / "meta.json").exists():
         meta = checkpoint.restore_meta(cache_dir)

@@ -49,6 +49,16 @@ def read_hf_config(path: Path, dtype: str = "float32") -> ModelConfig:
                           "model") from None
 
 
+def saved_half_dtype(path: Path) -> str | None:
+    """float16 or bfloat16 where the checkpoint's config.json says it was saved so (newer
+    transformers write `dtype`, older `torch_dtype`); None for f32, or without a config.json
+    (`read_hf_config` names that)."""
+    file = path / "config.json"
+    raw = read_json(file) if file.is_file() else None
+    saved = raw.get("dtype", raw.get("torch_dtype")) if isinstance(raw, dict) else None
+    return saved if saved in ("float16", "bfloat16") else None
+
+
 def open_safetensors(file: Path):
     """A safe_open handle; a truncated or corrupt file is a ConfigError naming it."""
     try:
