@@ -131,13 +131,14 @@ def load_model(model: str, dtype: str, overrides: list[str] | tuple[str, ...] = 
 
 
 def sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed, max_new_tokens,
-                    stop):
+                    stop, ignore_eos=False):
     from jdecode.decoding.sampling import SamplingParams
 
     try:
         return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                               repetition_penalty=repetition_penalty, seed=seed,
-                              max_new_tokens=max_new_tokens, stop=tuple(stop or ()))
+                              max_new_tokens=max_new_tokens, stop=tuple(stop or ()),
+                              ignore_eos=ignore_eos)
     except ValueError as e:
         fail(flags_named(str(e)))
 
@@ -228,6 +229,9 @@ def generate(
     top_p: TopP = 1.0, min_p: MinP = 0.0, repetition_penalty: RepetitionPenalty = 1.0,
     seed: Seed = None, stop: Stop = None, dtype: Dtype = "auto", impl: Impl = "auto",
     max_seq_len: MaxSeqLen = None,
+    ignore_eos: Annotated[bool, typer.Option(
+        "--ignore-eos", help="generate all --max-new-tokens tokens, past the end-of-sequence "
+        "token (for timing; --stop strings still stop)")] = False,
     method: Annotated[str | None, typer.Option(
         help="decoding method (`jdecode methods` lists them); default autoregressive")] = None,
     config: Annotated[str | None, typer.Option(
@@ -255,7 +259,7 @@ def generate(
         fail(str(e))
     check_model(model, model_overrides)
     sp = sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed,
-                         max_new_tokens, stop)
+                         max_new_tokens, stop, ignore_eos)
     m = load_model(model, dtype, model_overrides)
     notice = PrefillNotice(stderr())
     try:

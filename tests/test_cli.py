@@ -149,6 +149,22 @@ def test_generate_chat_json_on_the_default_model(smol, smol_generator, smol_cach
     assert out["model"] == "smollm2-135m" and out["config"]["num_layers"] == 30
 
 
+def test_generate_ignore_eos_runs_past_the_end_of_sequence(smol, smol_generator, smol_cache,
+                                                           monkeypatch):
+    prompt, n = "What is the capital of France?", 16
+    (eos,) = smol_generator.generate(prompt, SamplingParams(max_new_tokens=n), chat=True)
+    assert eos.finish_reason == "stop" and len(eos.token_ids) < n  # else the test shows nothing
+    (expected,) = smol_generator.generate(
+        prompt, SamplingParams(max_new_tokens=n, ignore_eos=True), chat=True)
+    monkeypatch.setenv("JDECODE_CACHE", str(smol_cache))
+    result = runner.invoke(app, ["generate", prompt, "--chat", "--max-new-tokens", str(n),
+                                 "--ignore-eos", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["token_ids"] == expected.token_ids and len(out["token_ids"]) == n
+    assert out["token_ids"][:len(eos.token_ids)] == eos.token_ids
+    assert out["finish_reason"] == "length" and out["stats"]["num_tokens"] == n
+
 # -- 12: corrupt or truncated checkpoints --------------------------------------------------
 @pytest.mark.parametrize("size", [1000, 5_000_000])
 def test_truncated_gguf_is_one_line_naming_the_file(smol_path, tmp_path, size):
