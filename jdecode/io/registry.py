@@ -112,9 +112,7 @@ def load_config(name_or_path: str, overrides: tuple[str, ...] = (), dtype: str |
     config.json, or a GGUF file's metadata (dtype: the checkpoint's is f32 after conversion)."""
     yaml_path = model_config_path(name_or_path)
     if yaml_path is not None:
-        cfg = load_model_config_yaml(yaml_path, overrides)
-        dtype = resolve_dtype(dtype, cfg.dtype)
-        return cfg if dtype is None else cfg.replace(dtype=dtype)
+        return yaml_config(yaml_path, overrides, dtype)
     check_model(name_or_path, overrides)
     path = resolve_model_path(name_or_path)
     if path.is_dir():
@@ -152,6 +150,13 @@ def resolve_dtype(dtype: str | None, config_dtype: str | None = None,
     return "float32" if jax.default_backend() == "cpu" else saved_half or "bfloat16"
 
 
+def yaml_config(path: Path, overrides: tuple[str, ...], dtype: str | None) -> ModelConfig:
+    """A model config (YAML) with `overrides` applied, in `dtype` (auto and None: its own)."""
+    cfg = load_model_config_yaml(path, overrides)
+    dtype = resolve_dtype(dtype, cfg.dtype)
+    return cfg if dtype is None else cfg.replace(dtype=dtype)
+
+
 def random_model(config: str | Path, overrides: tuple[str, ...] = (), dtype: str | None = None,
                  seed: int = 0) -> Model:
     """A model of a config's shape with random weights (benchmarks, analysis, tests).
@@ -167,10 +172,7 @@ def random_model(config: str | Path, overrides: tuple[str, ...] = (), dtype: str
     if path is None:
         raise ConfigError(f"model config {str(config)!r} does not exist: pass a YAML path or "
                           f"a name in configs/models/: {', '.join(config_names())}")
-    cfg = load_model_config_yaml(path, overrides)
-    dtype = resolve_dtype(dtype, cfg.dtype)
-    if dtype is not None:
-        cfg = cfg.replace(dtype=dtype)
+    cfg = yaml_config(path, overrides, dtype)
     log.warning("%s: random weights (a config, not a checkpoint)", config)
     return Model(str(config), cfg, init_params(cfg, jax.random.key(seed)), None)
 
