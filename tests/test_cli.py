@@ -165,6 +165,7 @@ def test_generate_ignore_eos_runs_past_the_end_of_sequence(smol, smol_generator,
     assert out["token_ids"][:len(eos.token_ids)] == eos.token_ids
     assert out["finish_reason"] == "length" and out["stats"]["num_tokens"] == n
 
+
 # -- 12: corrupt or truncated checkpoints --------------------------------------------------
 @pytest.mark.parametrize("size", [1000, 5_000_000])
 def test_truncated_gguf_is_one_line_naming_the_file(smol_path, tmp_path, size):

@@ -498,11 +498,10 @@ def serve(model: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8000,
     template = load_chat_template(chat_template) if chat_template is not None else None
     loaded: Model = load(model, dtype=dtype)
     engine = LLMEngine(loaded, EngineArgs(**engine_args))
-    err = console.stderr()
+    err, backend = console.stderr(), jax.default_backend()
     # dtype auto depends on the backend, so say what it chose (as vLLM logs its dtype).
-    err.print(f"{served_model_name or model}: {loaded.cfg.dtype} on {jax.default_backend()}",
-              highlight=False)
-    if jax.default_backend() == "gpu" if warmup is None else warmup:
+    err.print(f"{served_model_name or model}: {loaded.cfg.dtype} on {backend}", highlight=False)
+    if backend == "gpu" if warmup is None else warmup:
         with err.status("compiling the engine's steps (--no-warmup skips this)"):
             info = engine.warmup()
         err.print(f"warm-up: {info['prefill_buckets']} token buckets, "
