@@ -46,7 +46,7 @@ setup() {
   local reqs=("jax==$JAX_VERSION" "jaxlib==$JAX_VERSION" "triton==3.9.0" flax optax
     orbax-checkpoint chex numpy pyyaml safetensors tokenizers gguf jinja2 rich tqdm typer
     matplotlib fastapi uvicorn prometheus-client pytest pytest-timeout hypothesis httpx scipy
-    openai sentencepiece)
+    openai)
   local platforms=(--platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
   # The host's pip fetches for the root's Python; the root's own pip has no registry access.
