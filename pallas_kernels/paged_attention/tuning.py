@@ -18,6 +18,8 @@ class PagedConfig:
     num_stages: int
     block_rows: int  # ragged kernel: query rows (tokens x heads of a group) per program
     ragged_block_k: int  # ragged kernel: tokens per inner-loop step
+    # Decode programs an SM the split rule aims for (`decode_num_splits` with num_splits 0).
+    programs_per_sm: int = 2
 
 
 _HOPPER = ("H100", "H200", "H800")
@@ -35,15 +37,24 @@ def paged_config(page_size: int, head_dim: int, dtype, kind: str | None = None) 
     1695 us (block_k 64).
     """
     kind = device_kind() if kind is None else kind
-    del dtype  # same choice for f32/bf16/f16 so far
+    # f32 K/V of head_dim <= 64: 64-token blocks and a grid of about four decode programs an
+    # SM. Why: SmolLM2's f32 writing decode kernel (64 rows, GQA 9/3 D64: 192 programs) on an
+    # H100 (stop 62, benchmarks/engine_decode_h200.md) took 46.8 us a layer at context 328 and
+    # 204.2 at 2000 with 128-token blocks and 1 split (the bf16 launch), 39.0 and 162.5 (with
+    # the merge) with 64-token blocks and 2 splits, the best of 36 launches at 328; in the
+    # engine's 64-sequence probe the step's device time fell 9% (2.46 -> 2.24 ms). bf16 at the
+    # same shape stays best on the bf16 launch (12.8 us; 2 splits 13.2-13.6). D128 in f32 spills
+    # at every block size on 4 warps (stop 57) and is not timed: it keeps the bf16 launch.
+    f32_short = np.dtype(dtype).itemsize >= 4 and head_dim <= 64
     if any(h in kind for h in _HOPPER):
         return PagedConfig(
-            block_k=max(page_size, 128),
+            block_k=max(page_size, 64 if f32_short else 128),
             num_splits=0,
             num_warps=4,
             num_stages=2,
             block_rows=64,
             ragged_block_k=max(page_size, 64),
+            programs_per_sm=4 if f32_short else 2,
         )
     # Interpret mode (CPU): few, small loop steps.
     return PagedConfig(
@@ -60,23 +71,24 @@ def decode_num_splits(batch: int, num_kv_heads: int, num_blocks: int, cfg: Paged
     """Split-K partitions for the decode grid (batch, kv_heads, splits).
 
     With few sequences the grid is too small to keep every SM streaming: split each context
-    into the largest power of 2 that keeps the grid at or below about two programs per SM,
-    but keep >= 2 blocks of work per split. On an H200 (132 SMs; tune_paged_decode.py) this
+    into the largest power of 2 that keeps the grid at or below about `cfg.programs_per_sm`
+    programs per SM (2; 4 for f32 at D <= 64 on Hopper, see `paged_config`), but keep >= 2
+    blocks of work per split. On an H200 (132 SMs; tune_paged_decode.py) this
     is 1 at B32 (3.83 TB/s; 2 splits 3.70), 4 at B8 (2.61 at S4096, 3.81 at S16k; 5 splits,
     the former rule, 3.13) and 32 at B1 (S32k); a power of 2 also divides the context's
     power-of-2 block count evenly.
     """
     if cfg.num_splits:
         return max(1, min(cfg.num_splits, num_blocks))
-    return grid_splits(batch * num_kv_heads, num_blocks)
+    return grid_splits(batch * num_kv_heads, num_blocks, per_sm=cfg.programs_per_sm)
 
 
-def grid_splits(programs: int, num_blocks: int, max_splits: int = 64) -> int:
+def grid_splits(programs: int, num_blocks: int, max_splits: int = 64, per_sm: int = 2) -> int:
     """The rule of `decode_num_splits` for any grid of (programs x splits) over num_blocks
-    blocks of context: the largest power of 2 keeping it at about two programs per SM or
+    blocks of context: the largest power of 2 keeping it at about `per_sm` programs per SM or
     fewer, with >= 2 blocks per split."""
     num_sms = getattr(jax.devices()[0], "core_count", None) or 132
-    want = max(1, 2 * num_sms // max(1, programs))
+    want = max(1, per_sm * num_sms // max(1, programs))
     want = 1 << (want.bit_length() - 1)  # largest power of 2 <= want
     return max(1, min(want, num_blocks // 2, max_splits))
 

@@ -74,15 +74,19 @@ def test_engine_fused_decode_kernels_compile_without_spills(rows):
     _compile_distinct(fn, args, "paged_decode_attention", f"the engine's step of {rows} rows")
 
 
-@pytest.mark.parametrize("model", ["smollm2-135m", "llama-3.2-1b"])
-def test_engine_general_decode_attention_compiles_without_spills(model):
+@pytest.mark.parametrize("model,dtype", [("smollm2-135m", "bfloat16"),
+                                         ("llama-3.2-1b", "bfloat16"),
+                                         ("smollm2-135m", "float32")])
+def test_engine_general_decode_attention_compiles_without_spills(model, dtype):
     """The engine's decode-only step of 64 sequences on the general path: its attention
-    kernel stores K/V too (`paged_decode_writing`, with the paged decode kernel's launch)."""
+    kernel stores K/V too (`paged_decode_writing`, with the paged decode kernel's launch).
+    SmolLM2 also in float32 (`--dtype float32`): its bf16 launch, 128-token blocks, held 255
+    registers and spilled 272 bytes a thread at f32 (stop 56), its own 64-token one none."""
     pytest.importorskip("triton")
-    cfg, _ = cases.model_params(model)
+    cfg, _ = cases.model_params(model, dtype)
     n = 64
     pool, meta = cases.engine_pool(cfg, n, slots=n)
-    z = partial(jax.ShapeDtypeStruct, dtype=jnp.bfloat16)
+    z = partial(jax.ShapeDtypeStruct, dtype=jnp.dtype(dtype))
     H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     args = (z((1, n, H, D)), z((1, n, K, D)), z((1, n, K, D)), pool, cases.i32(()), meta)
     try:

@@ -80,6 +80,15 @@ def test_tuning_tables():
     hopper = paged_config(16, 128, jnp.bfloat16, "NVIDIA H200")
     assert hopper.block_k % 16 == 0 and hopper.num_splits == 0
     assert paged_config(64, 128, jnp.bfloat16, "cpu").block_k == 64
+    # f32 at D <= 64 on Hopper: 64-token blocks and a grid of about 4 programs an SM (2 splits
+    # for SmolLM2's 64 rows x 3 KV heads, where bf16 takes 1); bf16 and f32 D128 keep theirs.
+    f32 = paged_config(16, 64, jnp.float32, "NVIDIA H100 80GB HBM3")
+    bf16 = paged_config(16, 64, jnp.bfloat16, "NVIDIA H100 80GB HBM3")
+    assert (f32.block_k, f32.programs_per_sm, bf16.block_k, bf16.programs_per_sm) == (64, 4,
+                                                                                       128, 2)
+    assert paged_config(16, 128, jnp.float32, "NVIDIA H200") == hopper
+    if (getattr(jax.devices()[0], "core_count", None) or 132) == 132:
+        assert (decode_num_splits(64, 3, 32, f32), decode_num_splits(64, 3, 16, bf16)) == (2, 1)
     # Grid-size heuristic: few sequences get many splits, a full grid gets few, never more
     # than half the blocks.
     many = decode_num_splits(1, 8, 256, hopper)

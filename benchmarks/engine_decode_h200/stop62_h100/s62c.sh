@@ -1,0 +1,9 @@
+export JDECODE_GIT_SHA="$(cat out/sha)+f32tune"
+nvidia-smi --query-gpu=name --format=csv,noheader
+date -u
+OUT=$OUT TREES="A B" OVERLAY_A=out/old MODELS=smollm2-135m SERVING="--impl pallas --layout inference --policies continuous --rates '' --num-pages 4096 --token-buckets 64 --max-num-batched-tokens 512 --skip-offline --probe-steps 50 --num-scheduler-steps 4" timeout 380 bash scripts/gpu_trees.sh > $OUT/serving.log 2>&1
+tail -4 $OUT/serving.log
+tar xzf $OUT/trees.tgz -O ./summary.md 2>/dev/null
+date -u
+timeout 170 python3 -m pytest -m gpu -q -p no:cacheprovider tests/cache/test_paged.py tests/engine/test_exactness.py tests/engine/test_step_options.py tests/pallas_kernels/test_paged_attention.py 2>&1 | tail -8
+date -u
