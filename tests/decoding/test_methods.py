@@ -4,6 +4,7 @@ autoregressive greedy tokens exactly; unknown methods, options and values are on
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import jax
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 import jdecode
 from jdecode.cli import app
 from jdecode.config import ConfigError
+from jdecode.decoding import generate as generate_module
 from jdecode.decoding import methods
 from jdecode.decoding.cllm import consistency_weights
 from jdecode.decoding.draft_model import draft_from_target, draft_weights
@@ -107,11 +109,37 @@ def reference(smol_generator):
     return r.token_ids
 
 
+def generator_key(*args, **kwargs) -> str:
+    """The arguments of `Generator(*args, **kwargs)`, defaults filled in, as a string."""
+    bound = inspect.signature(Generator).bind(*args, **kwargs)
+    bound.apply_defaults()
+    named = dict(bound.arguments)
+    model, options = named.pop("model"), named.pop("options")
+    # As the Generator reads them: a mapping (API, experiment) or the parsed options (CLI).
+    options = methods.parse_options(methods.get(named["method"]), options)
+    return json.dumps([id(model), named, repr(options)], sort_keys=True, default=repr)
+
+
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_method_runs_alike_through_api_cli_and_experiment(name, smol, smol_cache, reference,
-                                                          tmp_path, monkeypatch):
+                                                          smol_generator, tmp_path, monkeypatch):
     opts = RECIPES[name](smol, tmp_path) if callable(RECIPES[name]) else RECIPES[name]
     sp = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+    # The three paths share the Generator their arguments name, so its steps compile once, not
+    # three times (a fresh Generator re-traces them: ~2 s of CI each). Each path still parses
+    # its own options and makes its own generate call; one whose arguments differed would get
+    # its own Generator, and the test asserts below that none did.
+    built = {generator_key(smol): smol_generator}  # the experiment's baseline: the plain one
+    keys = []  # the arguments each path built (or took) its Generator with
+
+    def shared(*args, **kwargs):
+        keys.append(key := generator_key(*args, **kwargs))
+        if key not in built:
+            built[key] = Generator(*args, **kwargs)
+        return built[key]
+
+    monkeypatch.setattr(generate_module, "Generator", shared)  # the API's and CLI's lookup
+    monkeypatch.setattr("jdecode.experiments.runner.Generator", shared)
     (api,) = jdecode.generate(smol, PROMPT, sp, chat=True, method=name, **opts)
 
     monkeypatch.setattr(registry, "load", lambda *a, **k: smol)  # the CLI loads nothing new
@@ -136,6 +164,11 @@ def test_method_runs_alike_through_api_cli_and_experiment(name, smol, smol_cache
     outputs = json.loads((tmp_path / "out" / "outputs" / f"{row['cell']}.json").read_text())
 
     assert api.token_ids == cli["token_ids"] == outputs["tokens"][0]
+    # API, CLI and experiment built the method's Generator with equal arguments (the
+    # experiment's baseline, the plain Generator, aside).
+    plain = generator_key(smol)
+    method_keys = [k for k in keys if k != plain] if name != "autoregressive" else keys
+    assert len(method_keys) >= 3 and len(set(method_keys)) == 1, "\n".join(method_keys)
     if methods.get(name).lossless:
         assert api.token_ids == reference
         assert row["exact_prompts"] == 1
