@@ -129,7 +129,8 @@ def test_method_runs_alike_through_api_cli_and_experiment(name, smol, smol_cache
     # three times (a fresh Generator re-traces them: ~2 s of CI each). Each path still parses
     # its own options and makes its own generate call; one whose arguments differed would get
     # its own Generator, and the test asserts below that none did.
-    built = {generator_key(smol): smol_generator}  # the experiment's baseline: the plain one
+    plain = generator_key(smol)  # the experiment's baseline, the session's plain Generator
+    built = {plain: smol_generator}
     keys = []  # the arguments each path built (or took) its Generator with
 
     def shared(*args, **kwargs):
@@ -166,7 +167,6 @@ def test_method_runs_alike_through_api_cli_and_experiment(name, smol, smol_cache
     assert api.token_ids == cli["token_ids"] == outputs["tokens"][0]
     # API, CLI and experiment built the method's Generator with equal arguments (the
     # experiment's baseline, the plain Generator, aside).
-    plain = generator_key(smol)
     method_keys = [k for k in keys if k != plain] if name != "autoregressive" else keys
     assert len(method_keys) >= 3 and len(set(method_keys)) == 1, "\n".join(method_keys)
     if methods.get(name).lossless:
