@@ -36,16 +36,18 @@ def _gpu_plugin_installed() -> bool:
     return spec is not None and any(pkgutil.iter_modules(spec.submodule_search_locations or []))
 
 
-# On a CPU-only install, XLA:CPU's LLVM runs at -O0 instead of -O3. Most of the suite's time
-# goes to compiling executables that then run once or a few times (interpreted kernels, tiny
-# models, each test's own Generator), so the compile is the cost and the optimizer does not
-# pay for itself: on the 2-core dev machine the fused engine warm-up test took 65 s instead of
-# 87, test_flash_hopper.py 80 instead of 96; the real model's HF parity file, which runs
-# longer than it compiles, 62 instead of 54. What a test checks does not change: the program
-# XLA optimizes is the same, LLVM does not reassociate floats without fast math at any level
-# (at most a multiply-add is fused or not: the last bit), and the GEMMs are library calls. Not
-# where a plugin is installed: XLA_FLAGS reach every backend in the process, and GPU tests (and the
-# deviceless H200 compiles) must see the compiler users get. A level already set wins.
+# On a CPU-only install, XLA:CPU's LLVM runs at -O0 instead of -O3 for every executable (as
+# `pallas_kernels.testing.jit_for_tests` already did for the interpreted kernels'). Most of
+# the suite's time goes to compiling executables that then run once or a few times
+# (interpreted kernels, tiny models, each test's own Generator), so the compile is the cost
+# and the optimizer does not pay for itself: on the 2-core dev machine the fused engine
+# warm-up test took 65 s instead of 87, test_flash_hopper.py 80 instead of 96; the real
+# model's HF parity file, which runs longer than it compiles, 62 instead of 54. What a test
+# checks does not change: the program XLA optimizes is the same, LLVM does not reassociate
+# floats without fast math at any level (at most a multiply-add is fused or not: the last
+# bit), and the GEMMs are library calls. Not where a plugin is installed: XLA_FLAGS reach
+# every backend in the process, and GPU tests (and the deviceless H200 compiles) must see the
+# compiler users get. A level already set in XLA_FLAGS wins.
 if not _gpu_plugin_installed() and "xla_backend_optimization_level" not in os.environ.get(
         "XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = " ".join(
