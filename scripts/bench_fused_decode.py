@@ -59,8 +59,10 @@ def per_call_us(fn, args, calls: int, reps: int = 15) -> float:
     return time_fn(lambda: fn(*args), repeats=reps, warmup=1) / calls * 1e6
 
 
-def tile_sweep(k: int, n: int, rows: int, sweep: str = "full") -> list[tuple[GemvTiles, bool]]:
-    """(tiles, transposed) variants of a [k, n]-column problem.
+def tile_sweep(k: int, n: int, rows: int, sweep: str = "full", model_n: int = 0
+               ) -> list[tuple[GemvTiles, bool]]:
+    """(tiles, transposed) variants of a [k, n]-column problem (model_n: the N the model's
+    kernel passes `default_tiles`, when not n: the whole QKV or gate|up width).
 
     full: tensor-core tiles on weights as stored ([K, N]) and on [N, K] weights, then the
     CUDA-core (fma) path on [N, K] weights over columns x K step x warps (its K loop unrolled
@@ -74,10 +76,11 @@ def tile_sweep(k: int, n: int, rows: int, sweep: str = "full") -> list[tuple[Gem
         out += [(GemvTiles(block_n=bn, block_k=128, num_warps=4, num_stages=4), False)
                 for bn in (16, 32)]
         out += [(GemvTiles(block_n=bn, block_k=128), True) for bn in (16, 32)]
-    elif sweep == "weights-first":
-        base = dataclasses.replace(default_tiles(k, rows, True), weights_first=False)
+    elif sweep == "weights-first":  # around the default tiles (n: the large ones too)
+        base = dataclasses.replace(default_tiles(k, rows, True, model_n or n),
+                                   weights_first=False)
         out = [(base, True), (dataclasses.replace(base, weights_first=True), True)]
-        for bn, warps in itertools.product((4, 8), (4, 8)):
+        for bn, warps in itertools.product((1, 2, 4, 8), (4, 8)):
             out.append((dataclasses.replace(base, block_n=bn, num_warps=warps,
                                             weights_first=True), True))
     elif sweep == "fma":  # the CUDA-core path only, wider: columns x K step x warps
@@ -260,7 +263,8 @@ def main() -> None:
         with jax.default_matmul_precision("highest"):
             expect = jax.jit(want)(ws[0])
         ws_t = None
-        for tiles, tr in tile_sweep(k, n, B, args.sweep):
+        model_n = {"qkv_rope": (H + 2 * K) * D, "gate_up_swiglu": 2 * F}.get(name, 0)
+        for tiles, tr in tile_sweep(k, n, B, args.sweep, model_n):
             if tr and ws_t is None:
                 ws_t = [w.T.copy() for w in ws]  # [N, K] copies, made once
             layer_ws = ws_t if tr else ws
