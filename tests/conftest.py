@@ -36,22 +36,41 @@ def _gpu_plugin_installed() -> bool:
     return spec is not None and any(pkgutil.iter_modules(spec.submodule_search_locations or []))
 
 
-# On a CPU-only install, XLA:CPU's LLVM runs at -O0 instead of -O3 for every executable (as
-# `pallas_kernels.testing.jit_for_tests` already did for the interpreted kernels'). Most of
-# the suite's time goes to compiling executables that then run once or a few times
-# (interpreted kernels, tiny models, each test's own Generator), so the compile is the cost
-# and the optimizer does not pay for itself: on the 2-core dev machine the fused engine
-# warm-up test took 65 s instead of 87, test_flash_hopper.py 80 instead of 96; the real
-# model's HF parity file, which runs longer than it compiles, 62 instead of 54. What a test
-# checks does not change: the program XLA optimizes is the same, LLVM does not reassociate
-# floats without fast math at any level (at most a multiply-add is fused or not: the last
-# bit), and the GEMMs are library calls. Not where a plugin is installed: XLA_FLAGS reach
-# every backend in the process, and GPU tests (and the deviceless H200 compiles) must see the
-# compiler users get. A level already set in XLA_FLAGS wins.
-if not _gpu_plugin_installed() and "xla_backend_optimization_level" not in os.environ.get(
-        "XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = " ".join(
-        filter(None, [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]))
+# XLA:CPU's optimization effort, chosen per test on a CPU-only install. Most of the suite's
+# time goes to compiling executables that then run once or a few times (interpreted kernels,
+# tiny models, each test's own Generator or training step): there the compile is the cost,
+# and LLVM at -O0 (`jax_disable_most_optimizations`, read at each compile) pays for itself.
+# Tests on the real default model are the other way round: its steps run at -O0 3.4x slower
+# (12 tokens of the 135M model in 1.8 s against 0.53 s) for no shorter compile. On the 2-core
+# dev machine the full suite took 1228 s with -O0 for every test and 1173-1176 s chosen per
+# test as here (stop 64). So a test that uses the `smol` fixture (the real weights)
+# compiles with the default effort, every other at -O0. It is set before the test's
+# fixtures are, so a module fixture that trains or generates for its tests compiles at their
+# level, and in the environment, so the Python subprocesses a test starts (scripts, the CLI)
+# get it when their jax is imported.
+# What a test checks does not change with the level: the program XLA optimizes is the same,
+# LLVM does not reassociate floats without fast math at any level (at most a multiply-add is
+# fused or not: the last bit), and the GEMMs are library calls. Not where a device plugin is
+# installed (the GPU machine: GPU tests and the deviceless H200 compiles must see the compiler
+# users get), and not when the caller chose a level in XLA_FLAGS.
+_PICK_CPU_EFFORT = not _gpu_plugin_installed() and \
+    "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")
+REAL_MODEL_FIXTURE = "smol"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """-O0 for this test's compiles unless it runs the real model (see _PICK_CPU_EFFORT)."""
+    if not _PICK_CPU_EFFORT:
+        return
+    import jax
+
+    fast_compile = REAL_MODEL_FIXTURE not in item.fixturenames
+    jax.config.update("jax_disable_most_optimizations", fast_compile)
+    if fast_compile:
+        os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+    else:
+        os.environ.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
 
 
 @pytest.fixture(scope="session", autouse=True)
