@@ -3,6 +3,7 @@ default model (SmolLM2-135M) plus its HF transformers twin, each loaded once per
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -130,11 +131,50 @@ def smol_generator(smol):
     return Generator(smol)
 
 
+_GGUF_READERS: dict = {}  # (path, args) -> gguf.GGUFReader, for `hf_gguf_loads`
+_GGUF_NAME_MAPS: dict = {}  # (arch, layers) -> gguf.TensorNameMap
+
+
+@contextlib.contextmanager
+def hf_gguf_loads():
+    """While open, transformers' GGUF loads parse each file once per session and build
+    llama.cpp's tensor name table once per (arch, layers): gguf's own objects, reused.
+
+    Why: transformers calls `gguf.GGUFReader` on the same file for the config, the weights and
+    the tokenizer (~7 s each on the 2-core machine: the 49k-token vocabulary is read field by
+    field), and `get_tensor_name_map` once per tensor (272 of them, ~8 s in all).
+    `test_default_model.py` with `test_tokenizer.py` alone: 61 s -> 46 s (stop 65). The
+    objects are the ones gguf returns, unchanged, so what transformers builds from them is
+    what it builds without the reuse. Only around the HF loads of the installed (read-only)
+    default model, so no other test gets a reader of a file it rewrote.
+    """
+    import gguf
+
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    def reader(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in _GGUF_READERS:
+            _GGUF_READERS[key] = real_reader(path, *args, **kwargs)
+        return _GGUF_READERS[key]
+
+    def name_map(*args):
+        if args not in _GGUF_NAME_MAPS:
+            _GGUF_NAME_MAPS[args] = real_map(*args)
+        return _GGUF_NAME_MAPS[args]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", reader)
+        mp.setattr(gguf, "get_tensor_name_map", name_map)
+        yield
+
+
 @pytest.fixture(scope="session")
 def hf_smol_tokenizer(smol_path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(smol_path.parent, gguf_file=smol_path.name)
+    with hf_gguf_loads():
+        return AutoTokenizer.from_pretrained(smol_path.parent, gguf_file=smol_path.name)
 
 
 @pytest.fixture(scope="session")
@@ -143,6 +183,7 @@ def hf_smol(smol_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(smol_path.parent, gguf_file=smol_path.name,
-                                                 dtype=torch.float32)
+    with hf_gguf_loads():
+        model = AutoModelForCausalLM.from_pretrained(smol_path.parent, gguf_file=smol_path.name,
+                                                     dtype=torch.float32)
     return model.eval()
