@@ -4,6 +4,7 @@ default model (SmolLM2-135M) plus its HF transformers twin, each loaded once per
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from pathlib import Path
@@ -139,8 +140,12 @@ def smol_generator(smol):
     return Generator(smol)
 
 
-_GGUF_READERS: dict = {}  # (path, args) -> gguf.GGUFReader, for `hf_gguf_loads`
-_GGUF_NAME_MAPS: dict = {}  # (arch, layers) -> gguf.TensorNameMap
+@functools.cache
+def _gguf_once():
+    """(GGUFReader, get_tensor_name_map) memoized for the session, for `hf_gguf_loads`."""
+    import gguf
+
+    return functools.cache(gguf.GGUFReader), functools.cache(gguf.get_tensor_name_map)
 
 
 @contextlib.contextmanager
@@ -158,19 +163,7 @@ def hf_gguf_loads():
     """
     import gguf
 
-    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
-
-    def reader(path, *args, **kwargs):
-        key = (str(path), args, tuple(sorted(kwargs.items())))
-        if key not in _GGUF_READERS:
-            _GGUF_READERS[key] = real_reader(path, *args, **kwargs)
-        return _GGUF_READERS[key]
-
-    def name_map(*args):
-        if args not in _GGUF_NAME_MAPS:
-            _GGUF_NAME_MAPS[args] = real_map(*args)
-        return _GGUF_NAME_MAPS[args]
-
+    reader, name_map = _gguf_once()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gguf, "GGUFReader", reader)
         mp.setattr(gguf, "get_tensor_name_map", name_map)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jdecode.config import ConfigError, ModelConfig
@@ -97,8 +98,6 @@ def stack_layers(ws: list[np.ndarray]) -> jax.Array:
     reuse its allocator's memory). SmolLM2's first load (GGUF to params, f32): 16.3-19.2 s
     before, 10.6-16.8 s after, five runs each (stop 65). On a GPU the two run there.
     """
-    import jax.numpy as jnp
-
     stacked = jnp.stack([jnp.asarray(w) for w in ws])
     return jnp.swapaxes(stacked, 1, 2) if stacked.ndim == 3 else stacked
 
