@@ -128,16 +128,19 @@ def test_fused_paged_step_declines_what_it_does_not_cover(fusable, monkeypatch):
 
 
 def test_warmup_compiles_the_decode_buckets(rng, fusable):
-    """After `warmup`, decodes of 1..5 rows (the fused step's buckets) and bursts of 2 compile
-    nothing new."""
-    # One layer: which step shapes warm-up compiles does not depend on the depth, and each
-    # layer's interpreted kernels are most of the CPU compile (full suites on the 2-core dev
-    # machine: 103 s on two layers, 86-92 s on one; 51 s alone on one).
+    """After `warmup`, decodes of 1..3 rows (the fused step's buckets, the last of them the
+    slot count, not a power of two) and bursts of 2 compile nothing new."""
+    # One layer and three slots: which step shapes warm-up compiles does not depend on the
+    # depth or on how many buckets there are, and each interpreted executable is seconds of
+    # CPU compile (on the 2-core dev machine, alone: 49 s on 8 slots, whose buckets are
+    # 1/2/4/5 and the token bucket's 8 rows; full suites: 103 s on two layers, 86-92 s on one).
     cfg = fusable.cfg.replace(num_layers=1)
     shallow = Model("tiny-d32-1layer", cfg, init_params(cfg, jax.random.key(11)), None)
-    engine = LLMEngine(shallow, EngineArgs(**SHAPES, num_scheduler_steps=2))
+    engine = LLMEngine(shallow, EngineArgs(**{**SHAPES, "max_num_seqs": 3},
+                                           num_scheduler_steps=2))
+    assert engine.runner.decode_buckets == (1, 2, 3)
     info = engine.warmup()
-    assert info["burst_buckets"] == 5  # the token bucket's 8 rows, and decode buckets 1/2/4/5
+    assert info["burst_buckets"] == 3  # decode buckets 1/2/3; the token bucket's rows are 3
     compiled = runner._step_jit._cache_size()
     for n in (1, 3, 5):
         for i in range(n):
