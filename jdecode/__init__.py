@@ -34,12 +34,14 @@ def generate(model, prompts, sampling=None, chat: bool = False, impl: str = "aut
 
     `model` is a Model or a name/path; `method` a registered decoding method (`jdecode
     methods`) and `options` its options, e.g. `generate(m, p, method="speculative", k=4)`.
+    Calls with the same Model, impl, method and options reuse one Generator and its compiled
+    steps (`decoding.generate.shared_generator`); a name or path loads the model anew.
     """
-    from jdecode.decoding.generate import Generator
+    from jdecode.decoding.generate import shared_generator
     from jdecode.decoding.sampling import SamplingParams
     from jdecode.io.registry import load
 
     if isinstance(model, str):
         model = load(model)
-    return Generator(model, impl=impl, method=method, options=options).generate(
+    return shared_generator(model, impl, method, options).generate(
         prompts, sampling or SamplingParams(), chat=chat)

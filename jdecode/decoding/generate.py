@@ -361,3 +361,30 @@ class Generator:
             if results is not None:
                 return results
         raise AssertionError("stream ended without results")
+
+
+def shared_generator(model: Model, impl: str = "auto", method: str = "autoregressive",
+                     options: Any = None) -> Generator:
+    """The Generator that `jdecode.generate` runs: the one it last built for this `model` if
+    that was built with the same impl, method and options from the same params, tokenizer
+    and config, else a new one, which replaces it (`Model.shared_generator`).
+
+    Why: a Generator compiles its executables per instance, so a fresh one per call traced
+    and compiled them again (~2 s a call on the tiny model on a 2-core CPU, against ~0 for a
+    reused one; more on the real model). One per model, not more: on the GPU a Generator
+    holds its own inference-layout copy of the weights, so the old one is dropped before
+    the new one is built. Options are compared by value (their repr), artifacts named by a
+    path by that path: a file rewritten in place is not read again; build a `Generator` to
+    hold one explicitly.
+    """
+    opts = methods.parse_options(methods.get(method), options)  # bad options: a ConfigError
+    key = (impl, method, repr(opts))
+    sources = (model.params, model.tokenizer, model.cfg)  # compared by identity
+    cached = model.shared_generator
+    if cached is not None and cached[0] == key and all(a is b for a, b in zip(cached[1],
+                                                                                sources)):
+        return cached[2]
+    model.shared_generator = None  # release the old copies before building the new ones
+    gen = Generator(model, impl=impl, method=method, options=opts)
+    model.shared_generator = (key, sources, gen)
+    return gen

@@ -38,6 +38,13 @@ class Model:
     cfg: ModelConfig
     params: Params
     tokenizer: Tokenizer | None
+    # The Generator `jdecode.generate` last built for this model, with what it was built from
+    # (`decoding.generate.shared_generator`). Not an argument, not copied by
+    # dataclasses.replace (a replaced model has other params), not compared or printed. The
+    # Generator refers back to the model, so a model dropped after a call is freed by Python's
+    # cycle collector (gc.collect() frees its device memory at once), not on its last `del`.
+    shared_generator: tuple | None = dataclasses.field(default=None, init=False, repr=False,
+                                                       compare=False)
 
 
 class ModelNotFoundError(FileNotFoundError):

@@ -215,3 +215,40 @@ def test_cublas_loop_gives_the_triton_loops_tokens(monkeypatch):
         monkeypatch.setattr(compile_options, "CUBLAS_MIN_ROWS", None)
         triton = Generator(model, max_seq_len=64).generate(ps, sp)
     assert [r.token_ids for r in cublas] == [r.token_ids for r in triton]
+
+
+def test_api_calls_share_one_generator_per_model_and_arguments(rng):
+    """`jdecode.generate` reuses the Generator it built for the same model, impl, method and
+    options (a second call traces nothing), gives the tokens a fresh Generator gives, and
+    builds anew when the method, its options or the model's params differ."""
+    import jdecode
+
+    model = tiny_model(seed_of("shared"))
+    prompt = rng.integers(0, 256, 6).tolist()
+    sp = SamplingParams(max_new_tokens=MAX_NEW)
+    (first,) = jdecode.generate(model, prompt, sp)
+    built = model.shared_generator[2]
+    before = collections.Counter(loop.TRACE_COUNTS)
+    (again,) = jdecode.generate(model, prompt, sp)
+    assert collections.Counter(loop.TRACE_COUNTS) == before, "a repeated call traced again"
+    assert model.shared_generator[2] is built
+    (fresh,) = Generator(model).generate([prompt], sp)
+    assert first.token_ids == again.token_ids == fresh.token_ids
+
+    jdecode.generate(model, prompt, sp, method="speculative", k=2)
+    spec = model.shared_generator[2]
+    assert spec is not built and spec.method == "speculative"
+    jdecode.generate(model, prompt, sp, method="speculative", k=2)
+    assert model.shared_generator[2] is spec
+    jdecode.generate(model, prompt, sp, method="speculative", k=3)
+    assert model.shared_generator[2] is not spec
+
+    swapped = dataclasses.replace(model)  # a replaced model starts without one
+    assert swapped.shared_generator is None
+    jdecode.generate(model, prompt, sp)
+    plain = model.shared_generator[2]
+    model.params = tiny_model(seed_of("other")).params  # the same call on other weights
+    (other,) = jdecode.generate(model, prompt, sp)
+    assert model.shared_generator[2] is not plain
+    assert other.token_ids == Generator(model).generate([prompt], sp)[0].token_ids
+    assert other.token_ids != first.token_ids  # other weights, other tokens

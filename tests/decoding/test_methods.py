@@ -140,6 +140,9 @@ def test_method_runs_alike_through_api_cli_and_experiment(name, smol, smol_cache
         return built[key]
 
     monkeypatch.setattr(generate_module, "Generator", shared)  # the API's and CLI's lookup
+    # The API reuses the Generator an earlier call on this session's model left
+    # (`shared_generator`): start without one, so this test's API call builds its own here.
+    monkeypatch.setattr(smol, "shared_generator", None)
     monkeypatch.setattr("jdecode.experiments.runner.Generator", shared)
     (api,) = jdecode.generate(smol, PROMPT, sp, chat=True, method=name, **opts)
 
