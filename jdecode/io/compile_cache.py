@@ -18,7 +18,9 @@ from jdecode.io.checkpoint import cache_root
 
 ENV = "JDECODE_COMPILE_CACHE"  # a directory, or 0 / off to leave the cache off
 OFF = ("0", "off", "false", "no")
-MAX_BYTES = 4 << 30  # the cache's size on disk at most
+MAX_BYTES = 4 << 30  # the cache's size on disk at most, as each process finds it
+KEEP = 0.75  # a cache past MAX_BYTES is cut to this share of it, oldest executables first
+SUFFIX = "-cache"  # jax's name for an executable's file (jax._src.lru_cache); "-atime" beside
 
 
 def enable_compile_cache() -> Path | None:
@@ -40,10 +42,40 @@ def enable_compile_cache() -> Path | None:
     path = Path(setting) if setting else cache_root() / "xla"
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    # Bounded: jax evicts the least recently used entries past this (unbounded by default).
-    # The price: with a bound, each write first stats and reads every entry's files (stop 65,
-    # 2-core machine: 20 small compiles took 0.73 s into an empty cache, 7.5 s into one of
-    # 3000 entries). A `generate` run writes ~8 entries, so a cache has to serve hundreds of
-    # distinct runs before it shows.
-    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+    # Bounded here, once per process (`prune`), not by jax: given a size (the config
+    # jax_compilation_cache_max_size), jax stats and reads every entry's files at each write
+    # to find what to evict, and locks the directory at each read (stop 65, 2-core machine:
+    # 20 small compiles took 0.73 s into an empty cache, 7.5 s into one of 3000 entries; a
+    # `generate` run writes ~8 entries, so the cost grew with use). -1: jax neither evicts
+    # nor locks.
+    jax.config.update("jax_compilation_cache_max_size", -1)
+    prune(path)
     return path
+
+
+def prune(path: Path, max_bytes: int = MAX_BYTES) -> list[Path]:
+    """Deletes the oldest executables (by the time they were written) when the cache at `path`
+    holds more than `max_bytes`, down to KEEP of it, with the access-time files jax writes
+    beside them when it evicts by itself; returns the deleted executables. Another process
+    reading one as it goes gets a cache miss and compiles."""
+    entries = []
+    try:
+        with os.scandir(path) as it:
+            for e in it:
+                if e.name.endswith(SUFFIX) and e.is_file():
+                    st = e.stat()
+                    entries.append((st.st_mtime, st.st_size, Path(e.path)))
+    except FileNotFoundError:  # a cache not yet written
+        return []
+    total = sum(size for _, size, _ in entries)
+    if total <= max_bytes:
+        return []
+    deleted = []
+    for _, size, file in sorted(entries, key=lambda e: e[0]):
+        if total <= KEEP * max_bytes:
+            break
+        for f in (file, file.with_name(file.name.removesuffix(SUFFIX) + "-atime")):
+            f.unlink(missing_ok=True)
+        total -= size
+        deleted.append(file)
+    return deleted

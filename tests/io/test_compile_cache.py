@@ -8,7 +8,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from jdecode.io.compile_cache import ENV, MAX_BYTES, enable_compile_cache
+from jdecode.io.compile_cache import ENV, KEEP, enable_compile_cache, prune
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,7 +32,7 @@ def test_default_is_under_jdecode_cache(no_cache_dir, monkeypatch, tmp_path):
     assert enable_compile_cache() == tmp_path / "xla"
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
     assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
-    assert jax.config.jax_compilation_cache_max_size == MAX_BYTES
+    assert jax.config.jax_compilation_cache_max_size == -1  # bounded by `prune`, not per write
 
 
 def test_env_names_the_directory_or_turns_it_off(no_cache_dir, monkeypatch, tmp_path):
@@ -75,3 +75,22 @@ def test_a_second_process_finds_the_executable(tmp_path):
     assert any((tmp_path / "xla").iterdir()), "the first run wrote nothing"
     (v1, hits1), (v2, hits2) = (r.stdout.split() for r in runs)
     assert v1 == v2 and int(hits1) == 0 and int(hits2) >= 1
+
+
+def test_prune_deletes_the_oldest_executables_past_the_bound(tmp_path):
+    """Past the bound, the oldest-written executables go first (with jax's access-time files),
+    down to KEEP of it; under it, nothing is deleted."""
+    sizes = [100, 200, 300, 400]  # written in this order, one second apart
+    for i, size in enumerate(sizes):
+        f = tmp_path / f"k{i}-cache"
+        f.write_bytes(b"x" * size)
+        (tmp_path / f"k{i}-atime").write_bytes(b"t")
+        os.utime(f, (1000 + i, 1000 + i))
+    (tmp_path / "notes.txt").write_bytes(b"y" * 5000)  # not an executable: never counted
+    assert prune(tmp_path, max_bytes=1000) == []  # 1000 bytes: at the bound, kept
+    deleted = prune(tmp_path, max_bytes=900)  # over: down to KEEP * 900 = 675
+    assert KEEP == 0.75
+    # 1000 bytes -> 900 -> 700 -> 400: three go, the newest stays
+    assert [p.name for p in deleted] == ["k0-cache", "k1-cache", "k2-cache"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k3-atime", "k3-cache", "notes.txt"]
+    assert prune(tmp_path / "absent") == []
