@@ -57,7 +57,8 @@ def prune(path: Path, max_bytes: int = MAX_BYTES) -> list[Path]:
     """Deletes the oldest executables (by the time they were written) when the cache at `path`
     holds more than `max_bytes`, down to KEEP of it, with the access-time files jax writes
     beside them when it evicts by itself; returns the deleted executables. Another process
-    reading one as it goes gets a cache miss and compiles."""
+    reading one as it goes gets a cache miss and compiles. A cache it cannot read or an entry
+    it cannot delete is left as it is: a cache is never a reason for a run to fail."""
     entries = []
     try:
         with os.scandir(path) as it:
@@ -65,7 +66,7 @@ def prune(path: Path, max_bytes: int = MAX_BYTES) -> list[Path]:
                 if e.name.endswith(SUFFIX) and e.is_file():
                     st = e.stat()
                     entries.append((st.st_mtime, st.st_size, Path(e.path)))
-    except FileNotFoundError:  # a cache not yet written
+    except OSError:  # not written yet, or not ours to read
         return []
     total = sum(size for _, size, _ in entries)
     if total <= max_bytes:
@@ -74,8 +75,11 @@ def prune(path: Path, max_bytes: int = MAX_BYTES) -> list[Path]:
     for _, size, file in sorted(entries, key=lambda e: e[0]):
         if total <= KEEP * max_bytes:
             break
-        for f in (file, file.with_name(file.name.removesuffix(SUFFIX) + "-atime")):
-            f.unlink(missing_ok=True)
+        try:
+            for f in (file, file.with_name(file.name.removesuffix(SUFFIX) + "-atime")):
+                f.unlink(missing_ok=True)
+        except OSError:
+            continue
         total -= size
         deleted.append(file)
     return deleted

@@ -94,3 +94,4 @@ def test_prune_deletes_the_oldest_executables_past_the_bound(tmp_path):
     assert [p.name for p in deleted] == ["k0-cache", "k1-cache", "k2-cache"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k3-atime", "k3-cache", "notes.txt"]
     assert prune(tmp_path / "absent") == []
+    assert prune(tmp_path / "notes.txt") == []  # not a directory: nothing to do, no error
