@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from jdecode.io.compile_cache import ATIME_SUFFIX, SUFFIX  # noqa: E402
 from jdecode.provenance import environment, machine, write_record  # noqa: E402
 
 CHILD = """
@@ -40,12 +41,12 @@ print(t1 - t0, time.perf_counter() - t1)
 
 def fill(path: Path, entries: int, size: int) -> None:
     """`entries` fake executables of `size` bytes, each with the access-time file that jax's
-    own eviction reads (jax._src.lru_cache's file names)."""
+    own eviction reads."""
     path.mkdir(parents=True)
     blob = os.urandom(size)
     for i in range(entries):
-        (path / f"fake{i:06d}-cache").write_bytes(blob)
-        (path / f"fake{i:06d}-atime").write_bytes((1000 + i).to_bytes(8, "little"))
+        (path / f"fake{i:06d}{SUFFIX}").write_bytes(blob)
+        (path / f"fake{i:06d}{ATIME_SUFFIX}").write_bytes((1000 + i).to_bytes(8, "little"))
 
 
 def run(bound: str, cache: Path, compiles: int) -> tuple[float, float]:

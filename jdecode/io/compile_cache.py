@@ -20,7 +20,9 @@ ENV = "JDECODE_COMPILE_CACHE"  # a directory, or 0 / off to leave the cache off
 OFF = ("0", "off", "false", "no")
 MAX_BYTES = 4 << 30  # the cache's size on disk at most, as each process finds it
 KEEP = 0.75  # a cache past MAX_BYTES is cut to this share of it, oldest executables first
-SUFFIX = "-cache"  # jax's name for an executable's file (jax._src.lru_cache); "-atime" beside
+# jax's file names (jax._src.lru_cache): <key>-cache, the executable, and, where jax evicts by
+# itself, <key>-atime beside it, its last use.
+SUFFIX, ATIME_SUFFIX = "-cache", "-atime"
 
 
 def enable_compile_cache() -> Path | None:
@@ -76,7 +78,7 @@ def prune(path: Path, max_bytes: int = MAX_BYTES) -> list[Path]:
         if total <= KEEP * max_bytes:
             break
         try:
-            for f in (file, file.with_name(file.name.removesuffix(SUFFIX) + "-atime")):
+            for f in (file, file.with_name(file.name.removesuffix(SUFFIX) + ATIME_SUFFIX)):
                 f.unlink(missing_ok=True)
         except OSError:
             continue
