@@ -160,7 +160,8 @@ def gguf_file(llama_dir, tmp_path_factory):
 
 def test_gguf_loads_the_same_params_as_safetensors(llama_dir, gguf_file, monkeypatch, tmp_path):
     monkeypatch.setenv("JDECODE_CACHE", str(tmp_path))
-    from_gguf = load(str(gguf_file), use_cache=False)
+    # dtype named: "auto" means bf16 on a GPU, while load_hf_checkpoint's default is f32.
+    from_gguf = load(str(gguf_file), dtype="float32", use_cache=False)
     cfg, ref = load_hf_checkpoint(llama_dir[0])
     assert from_gguf.cfg == cfg.replace(rms_norm_eps=from_gguf.cfg.rms_norm_eps)
     assert from_gguf.cfg.rms_norm_eps == pytest.approx(cfg.rms_norm_eps)
