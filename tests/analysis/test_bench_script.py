@@ -1,4 +1,4 @@
-"""scripts/bench_roofline.py end to end on the tiny model (CPU): JSON, markdown and plot."""
+"""Benchmark scripts end to end on the tiny model (CPU): each writes its JSON and markdown."""
 
 import json
 
@@ -25,6 +25,17 @@ def test_bench_roofline_writes_its_record(tmp_path):
     assert abs(saved["xla_cross_check"]["decode"]["flop_ratio"] - 1) < 0.03
     assert "| decode | xla | 2 | 1 | 32 |" in (tmp_path / "bench_roofline.md").read_text()
     assert (tmp_path / "roofline_measured.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_api_calls_writes_both_paths(tmp_path):
+    result = load_script("bench_api_calls").main(
+        ["--model", "configs/models/tiny.yaml", "--calls", "2", "--new-tokens", "3",
+         "--out", str(tmp_path), "--tag", "t"])
+    rows = result["seconds_per_call"]
+    assert set(rows) == {"fresh Generator per call", "jdecode.generate"}
+    assert all(len(ts) == 2 and min(ts) > 0 for ts in rows.values())
+    assert json.loads((tmp_path / "api_calls_t.json").read_text())["seconds_per_call"] == rows
+    assert "| jdecode.generate |" in (tmp_path / "api_calls_t.md").read_text()
 
 
 def test_tune_decode_attention_checks_every_launch_of_both_caches(tmp_path):
