@@ -1,7 +1,9 @@
-"""Benchmark scripts end to end on the tiny model (CPU): each writes its JSON and markdown."""
+"""Benchmark scripts on the tiny model (CPU): each writes its JSON and markdown; and the
+helpers that cut `profile_decode`'s trace to the decode loop."""
 
 import json
 
+import pytest
 from helpers import load_script
 
 
@@ -65,3 +67,19 @@ def test_tune_decode_attention_checks_every_launch_of_both_caches(tmp_path):
     assert f32["kv_bytes_per_layer"] == 2 * paged["kv_bytes_per_layer"]
     assert json.loads((tmp_path / "tune_decode_attention_paged_tiny_b2_float32.json")
                       .read_text())["dtype"] == "float32"
+
+
+def test_profile_decode_counts_only_the_loops_kernels():
+    prof = load_script("profile_decode")
+    # (name, start ns, duration ns): a prefill kernel before the loop's window, one that
+    # runs past its end, and two steps' kernels inside it
+    events = [("prefill_gemm", 0, 50), ("attn", 100, 6), ("gemv", 110, 2), ("attn", 120, 4),
+              ("after", 128, 10)]
+    inside = prof.in_window(events, 100, 130)
+    assert [e[0] for e in inside] == ["attn", "gemv", "attn"]
+    rows = prof.kernel_table(inside, steps=2)
+    assert [r["kernel"] for r in rows] == ["attn", "gemv"]
+    assert rows[0]["calls_per_step"] == 1.0
+    assert rows[0]["us_per_step"] == pytest.approx(1e-3 * 10 / 2)
+    assert rows[0]["us_per_call"] == pytest.approx(1e-3 * 10 / 2)
+    assert rows[1]["calls_per_step"] == 0.5
