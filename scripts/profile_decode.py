@@ -80,12 +80,16 @@ def in_window(events: list[tuple[str, int, int]], first: int, last: int
     return [e for e in events if e[1] >= first and e[1] + e[2] <= last]
 
 
+def per_step(calls: int, seconds: float, steps: int) -> dict:
+    """A tally entry as the tables print it: calls and device us per step, us per call."""
+    return dict(calls_per_step=calls / steps, us_per_step=1e6 * seconds / steps,
+                us_per_call=1e6 * seconds / calls)
+
+
 def kernel_table(kernels: list[tuple[str, int, int]], steps: int) -> list[dict]:
-    """Per kernel name (cut to 60 characters): calls and device us per step, us per call;
-    the costliest first."""
+    """Per kernel name (cut to 60 characters), `per_step`; the costliest first."""
     by_kernel = tally([(name[:60], start, dur) for name, start, dur in kernels])
-    return [dict(kernel=k, calls_per_step=c / steps, us_per_step=1e6 * t / steps,
-                 us_per_call=1e6 * t / c)
+    return [dict(kernel=k, **per_step(c, t, steps))
             for k, (c, t) in sorted(by_kernel.items(), key=lambda kv: -kv[1][1])]
 
 
@@ -157,12 +161,10 @@ def main() -> None:
         device_busy_ms_per_step=sum(r["us_per_step"] for r in kernel_rows) / 1e3,
         kernels=kernel_rows,  # the decode loop's, per step
         call_kernels=kernel_table(kernels, steps),  # the whole call's (prefill too), per step
-        groups=[dict(function=f, kind=kind, last_op=last, calls_per_step=c / steps,
-                     us_per_step=1e6 * t / steps, us_per_call=1e6 * t / c)
+        groups=[dict(function=f, kind=kind, last_op=last, **per_step(c, t, steps))
                 for (f, kind, last), (c, t) in sorted(groups.items(), key=lambda kv: -kv[1][1])],
         top_ops=[dict(op=k, function=ops.get(k, ('', ''))[1], op_name=ops.get(k, ('', ''))[0][-90:],
-                      calls_per_step=c / steps, us_per_step=1e6 * t / steps,
-                      us_per_call=1e6 * t / c) for k, (c, t) in top])
+                      **per_step(c, t, steps)) for k, (c, t) in top])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"profile_decode_{args.model}_{cfg.dtype}_{args.impl}_b{args.batch}.json").write_text(json.dumps(result, indent=2))
