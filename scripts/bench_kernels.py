@@ -80,12 +80,13 @@ def time_looped(step, tables, *args, inner: int = 20, reps: int = 15) -> dict:
     repeat operands are merged by XLA's CSE, and an optimization barrier did not stop that.)
 
     Returns {"s": median wall seconds per step, "compile_s", "device_s": the step's own kernel
-    time per step, "kernels": the loop's four costliest kernels}. The wall figure carries the
-    loop's control per iteration (XLA's while loop reads its predicate on the host each
-    time), which weighs at small sizes. The device figure is the kernels' summed durations per
-    step under the profiler, less those of the same loop around an empty step (`tables[i]`
-    passed through): the loop's own kernels. It is None where no kernel runs on a device
-    stream (CPU).
+    time per step, "kernels": the loop's four costliest kernels, each with its "launch" (grid,
+    registers, shared memory, occupancy: `jdecode.analysis.profile.parse_launch`)}. The wall
+    figure carries the loop's control per iteration (XLA's while loop reads its predicate on
+    the host each time), which weighs at small sizes. The device figure is the kernels'
+    summed durations per step under the profiler, less those of the same loop around an empty
+    step (`tables[i]` passed through): the loop's own kernels. It is None where no kernel runs
+    on a device stream (CPU).
     """
     r = tables.shape[0]
 
@@ -114,7 +115,8 @@ def time_looped(step, tables, *args, inner: int = 20, reps: int = 15) -> dict:
         busy = sum(k["us_per_run"] for k in tally)
         device_s = (busy - idle) / (inner + 1) * 1e-6
         top = [{"kernel": k["kernel"][:60], "us_per_call": k["us_per_call"],
-                "calls_per_step": k["calls_per_run"] / (inner + 1)} for k in tally[:4]]
+                "calls_per_step": k["calls_per_run"] / (inner + 1), "launch": k["launch"]}
+               for k in tally[:4]]
     return {"s": statistics.median(samples), "compile_s": c, "device_s": device_s,
             "kernels": top}
 
@@ -518,7 +520,7 @@ def bench_ragged(
                 res[name]["device_us"] = sum(k["us_per_run"] for k in tally)
                 res[name]["kernels"] = [
                     {"kernel": k["kernel"][:60], "us_per_run": k["us_per_run"],
-                     "calls": k["calls_per_run"]} for k in tally[:5]]
+                     "calls": k["calls_per_run"], "launch": k["launch"]} for k in tally[:5]]
             print(f"  {name}: {s * 1e6:.1f} us  {q.shape[0] / s / 1e6:.2f} M tok/s  "
                   f"device {fmt(res[name], 'device_us', '.1f')} us")
         except Exception as e:  # noqa: BLE001

@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jdecode.analysis.profile import hlo_op_functions, stream_kernels
+from jdecode.analysis.profile import hlo_op_functions, stream_kernels, stream_launches
 from jdecode.config import load_model_config_yaml
 from jdecode.decoding.generate import Generator
 from jdecode.decoding.sampling import SamplingParams
@@ -86,10 +86,13 @@ def per_step(calls: int, seconds: float, steps: int) -> dict:
                 us_per_call=1e6 * seconds / calls)
 
 
-def kernel_table(kernels: list[tuple[str, int, int]], steps: int) -> list[dict]:
-    """Per kernel name (cut to 60 characters), `per_step`; the costliest first."""
+def kernel_table(kernels: list[tuple[str, int, int]], steps: int,
+                 launches: dict[str, dict] | None = None) -> list[dict]:
+    """Per kernel name (cut to 60 characters), `per_step`, and its "launch" (grid, registers,
+    shared memory, occupancy) where `launches` (`stream_launches`) has it; costliest first."""
     by_kernel = tally([(name[:60], start, dur) for name, start, dur in kernels])
-    return [dict(kernel=k, **per_step(c, t, steps))
+    cut = {name[:60]: launch for name, launch in (launches or {}).items()}
+    return [dict(kernel=k, **per_step(c, t, steps), launch=cut.get(k, {}))
             for k, (c, t) in sorted(by_kernel.items(), key=lambda kv: -kv[1][1])]
 
 
@@ -128,10 +131,10 @@ def main() -> None:
         events = [e for e in loop_events(trace, "run_loop")
                   if ops.get(e[0], ("", ""))[1] != "<container>"]
         try:
-            kernels = stream_kernels(trace)
+            kernels, launches = stream_kernels(trace), stream_launches(trace)
         except Exception as e:  # noqa: BLE001 - the per-kernel view is an addition
             print(f"device_kernels: {e!r}")
-            kernels = []
+            kernels, launches = [], {}
     steps = res[0].stats["decode_steps"]
     per_op = tally(events)
     busy = sum(d for _, _, d in events) * 1e-9
@@ -140,7 +143,7 @@ def main() -> None:
     # The stream view spans the whole generate call, prefill included; only the kernels inside
     # the loop's window are the decode steps' (with command buffers on, the op view above sees
     # one command_buffer op per ~150 kernels, so this is the only per-kernel view of a step).
-    kernel_rows = kernel_table(in_window(kernels, first, last), steps)
+    kernel_rows = kernel_table(in_window(kernels, first, last), steps, launches)
     span = (last - first) * 1e-9
     top = sorted(per_op.items(), key=lambda kv: -kv[1][1])[:args.top]
     # The same op in every layer has its own name (fusion.12, fusion.13, ...): group them by
@@ -160,27 +163,32 @@ def main() -> None:
         device_kernels_per_step=sum(r["calls_per_step"] for r in kernel_rows),
         device_busy_ms_per_step=sum(r["us_per_step"] for r in kernel_rows) / 1e3,
         kernels=kernel_rows,  # the decode loop's, per step
-        call_kernels=kernel_table(kernels, steps),  # the whole call's (prefill too), per step
+        # the whole call's (prefill too), per step
+        call_kernels=kernel_table(kernels, steps, launches),
         groups=[dict(function=f, kind=kind, last_op=last, **per_step(c, t, steps))
                 for (f, kind, last), (c, t) in sorted(groups.items(), key=lambda kv: -kv[1][1])],
         top_ops=[dict(op=k, function=ops.get(k, ('', ''))[1], op_name=ops.get(k, ('', ''))[0][-90:],
                       **per_step(c, t, steps)) for k, (c, t) in top])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"profile_decode_{args.model}_{cfg.dtype}_{args.impl}_b{args.batch}.json").write_text(json.dumps(result, indent=2))
+    name = f"profile_decode_{args.model}_{cfg.dtype}_{args.impl}_b{args.batch}.json"
+    (out / name).write_text(json.dumps(result, indent=2))
     print(json.dumps(result["per_step"]))
     for r in result["groups"][:args.top]:
-        print(f"{r['us_per_step']:8.1f} us/step {r['calls_per_step']:6.1f}x {r['us_per_call']:7.1f} us"
-              f"  {r['function']:<22} {r['kind']:<36} {r['last_op']}")
+        print(f"{r['us_per_step']:8.1f} us/step {r['calls_per_step']:6.1f}x "
+              f"{r['us_per_call']:7.1f} us  {r['function']:<22} {r['kind']:<36} {r['last_op']}")
     print(f"device stream kernels in the loop: {result['device_kernels_per_step']:.1f}/step, "
           f"{result['device_busy_ms_per_step']:.3f} ms busy/step")
     for r in kernel_rows[:args.top]:
+        ln = r["launch"]
+        grid = (f"{ln.get('ctas', '?')} CTAs x {ln.get('threads', '?')} threads, "
+                f"{ln.get('ctas_per_sm', '?')} an SM") if ln else ""
         print(f"{r['us_per_step']:8.1f} us/step {r['calls_per_step']:6.1f}x "
-              f"{r['us_per_call']:7.2f} us  {r['kernel']}")
+              f"{r['us_per_call']:7.2f} us  {r['kernel']}  {grid}")
     print("top single ops:")
     for r in result["top_ops"][:10]:
-        print(f"{r['us_per_step']:8.1f} us/step {r['calls_per_step']:5.1f}x {r['us_per_call']:7.1f} us"
-              f"  {r['function']:<22} {r['op']:<40} {r['op_name']}")
+        print(f"{r['us_per_step']:8.1f} us/step {r['calls_per_step']:5.1f}x "
+              f"{r['us_per_call']:7.1f} us  {r['function']:<22} {r['op']:<40} {r['op_name']}")
 
 
 if __name__ == "__main__":

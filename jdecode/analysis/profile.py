@@ -219,6 +219,62 @@ def stream_kernels(data) -> list[tuple[str, int, int]]:
     return out
 
 
+# Hopper's (and Ampere's) resident-thread limit per SM: what CUPTI's occupancy is a share of.
+MAX_THREADS_PER_SM = 2048
+
+
+def parse_launch(details: str) -> dict:
+    """The launch of a kernel from its trace stat `kernel_details`, which XLA's CUPTI collector
+    writes as "regs:R static_shared:S dynamic_shared:D grid:X,Y,Z block:X,Y,Z occ_pct:P".
+
+    -> {"regs", "smem_bytes" (static + dynamic), "ctas", "threads" (per CTA), "occ_pct",
+    "ctas_per_sm"}: the fields found, numbers only ({} for an empty text). ctas_per_sm is how
+    many CTAs the occupancy lets an SM hold at once (occ_pct of MAX_THREADS_PER_SM). Why: a
+    grid's waves (ctas / (ctas_per_sm * SMs)) tell a streaming kernel's per-program ramp from
+    its read rate, and the trace already carries them.
+    """
+    fields = dict(kv.split(":", 1) for kv in details.split() if ":" in kv)
+    out: dict = {}
+
+    def dims(key):
+        return math.prod(int(x) for x in fields[key].split(","))
+
+    if "regs" in fields:
+        out["regs"] = int(fields["regs"])
+    if "static_shared" in fields or "dynamic_shared" in fields:
+        out["smem_bytes"] = (int(fields.get("static_shared", 0))
+                             + int(fields.get("dynamic_shared", 0)))
+    if "grid" in fields:
+        out["ctas"] = dims("grid")
+    if "block" in fields:
+        out["threads"] = dims("block")
+    if "occ_pct" in fields:
+        out["occ_pct"] = float(fields["occ_pct"])
+        if out.get("threads"):
+            out["ctas_per_sm"] = round(out["occ_pct"] / 100 * MAX_THREADS_PER_SM
+                                       / out["threads"], 2)
+    return out
+
+
+def stream_launches(data) -> dict[str, dict]:
+    """Kernel name -> `parse_launch` of its first launch on a trace's device stream lines
+    (a kernel whose trace carries no `kernel_details` is left out)."""
+    out: dict[str, dict] = {}
+    for plane in data.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            for ev in line.events:
+                if ev.name in out:
+                    continue
+                details = dict(ev.stats).get("kernel_details")
+                if details:
+                    out[ev.name] = parse_launch(str(details))
+    return out
+
+
 def _profiled(run: Callable[[], object], repeats: int):
     """The profiler's trace (`jax.profiler.ProfileData`) of `repeats` runs of `run`, or None
     when it wrote none. Raises ImportError where this jax has no ProfileData."""
@@ -293,18 +349,23 @@ def kernel_tally(run: Callable[[], object], repeats: int = 10, top: int | None =
     """The kernels (the `top` ones, or all) by device time per run of `run`, most first:
     name, launches per run, device us per run and per launch. Empty where nothing runs on a
     device stream (CPU) or this jax cannot read traces. Kernel names, not HLO ops: Pallas
-    kernels appear under their own names (see `stream_kernels`)."""
+    kernels appear under their own names (see `stream_kernels`). "launch": the kernel's grid,
+    registers, shared memory and occupancy (`parse_launch`; {} where the trace has none)."""
     try:
-        kernels = _stream_trace(run, repeats)
+        data = _profiled(run, repeats)
     except ImportError:  # no jax.profiler.ProfileData
+        return []
+    if data is None:
         return []
     calls: collections.Counter = collections.Counter()
     ns: collections.Counter = collections.Counter()
-    for name, _, dur in kernels:
+    for name, _, dur in stream_kernels(data):
         calls[name] += 1
         ns[name] += dur
+    launches = stream_launches(data)
     return [{"kernel": k, "calls_per_run": calls[k] / repeats,
-             "us_per_run": ns[k] * 1e-3 / repeats, "us_per_call": ns[k] * 1e-3 / calls[k]}
+             "us_per_run": ns[k] * 1e-3 / repeats, "us_per_call": ns[k] * 1e-3 / calls[k],
+             "launch": launches.get(k, {})}
             for k, _ in ns.most_common(top)]
 
 

@@ -83,3 +83,6 @@ def test_profile_decode_counts_only_the_loops_kernels():
     assert rows[0]["us_per_step"] == pytest.approx(1e-3 * 10 / 2)
     assert rows[0]["us_per_call"] == pytest.approx(1e-3 * 10 / 2)
     assert rows[1]["calls_per_step"] == 0.5
+    # each row carries its kernel's launch where the trace named one
+    rows = prof.kernel_table(inside, steps=2, launches={"attn": {"ctas": 256}})
+    assert [r["launch"] for r in rows] == [{"ctas": 256}, {}]

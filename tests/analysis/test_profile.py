@@ -19,8 +19,10 @@ from jdecode.analysis.profile import (
     hlo_op_functions,
     kernel_tally,
     matmul_category,
+    parse_launch,
     profile_breakdown,
     stream_kernels,
+    stream_launches,
 )
 from jdecode.analysis.roofline import analyze
 from jdecode.config import load_model_config_yaml
@@ -184,18 +186,52 @@ def test_device_busy_is_none_without_device_streams():
     assert device_busy_us(lambda: f(x), repeats=2) is None
 
 
+def _device_trace(kernels):
+    """A fake `ProfileData` with one device stream of (name, start, duration[, details])."""
+    events = [NS(name=k[0], start_ns=k[1], duration_ns=k[2],
+                 stats=[("kernel_details", k[3])] if len(k) > 3 else [])
+              for k in kernels]
+    return NS(planes=[NS(name="/device:GPU:0",
+                         lines=[NS(name="Stream #13(Compute)", events=events)])])
+
+
 def test_kernel_tally_sums_per_kernel_name(monkeypatch):
     """Launches and device time per run, by kernel name, the largest first; `top` keeps the
-    first ones."""
-    trace = [("gemm", 0, 4000), ("norm", 5, 1000), ("gemm", 9, 6000), ("norm", 12, 1000),
-             ("attn", 20, 3000)]
-    monkeypatch.setattr(profile_module, "_stream_trace", lambda run, repeats: trace)
+    first ones; each row carries its kernel's launch where the trace has one."""
+    details = ("regs:40 static_shared:0 dynamic_shared:98304 grid:8,8,4 block:128,1,1 "
+               "occ_pct:12.5")
+    trace = _device_trace([("gemm", 0, 4000, details), ("norm", 5, 1000), ("gemm", 9, 6000),
+                           ("norm", 12, 1000), ("attn", 20, 3000)])
+    monkeypatch.setattr(profile_module, "_profiled", lambda run, repeats: trace)
     rows = kernel_tally(lambda: None, repeats=2)
     assert [r["kernel"] for r in rows] == ["gemm", "attn", "norm"]
     assert rows[0] == {"kernel": "gemm", "calls_per_run": 1.0, "us_per_run": 5.0,
-                       "us_per_call": 5.0}
+                       "us_per_call": 5.0,
+                       "launch": {"regs": 40, "smem_bytes": 98304, "ctas": 256, "threads": 128,
+                                  "occ_pct": 12.5, "ctas_per_sm": 2.0}}
     assert rows[2]["us_per_call"] == 1.0 and rows[2]["calls_per_run"] == 1.0
+    assert rows[2]["launch"] == {}
     assert [r["kernel"] for r in kernel_tally(lambda: None, repeats=2, top=1)] == ["gemm"]
+    monkeypatch.setattr(profile_module, "_profiled", lambda run, repeats: None)
+    assert kernel_tally(lambda: None, repeats=2) == []
+
+
+def test_parse_launch_reads_xlas_kernel_details():
+    """XLA's CUPTI text -> numbers; CTAs an SM from the occupancy (a share of 2048 threads);
+    missing fields are left out, not guessed."""
+    full = parse_launch("regs:168 static_shared:1024 dynamic_shared:65536 grid:132,1,1 "
+                        "block:384,1,1 occ_pct:18.75")
+    assert full == {"regs": 168, "smem_bytes": 66560, "ctas": 132, "threads": 384,
+                    "occ_pct": 18.75, "ctas_per_sm": 1.0}
+    assert parse_launch("regs:32 grid:2,3,1") == {"regs": 32, "ctas": 6}
+    assert parse_launch("occ_pct:50") == {"occ_pct": 50.0}  # no block: no CTAs an SM
+    assert parse_launch("") == {}
+
+
+def test_stream_launches_keeps_each_kernels_first_launch():
+    trace = _device_trace([("a", 0, 10, "grid:4,1,1 block:64,1,1"), ("a", 20, 10, "grid:8,1,1"),
+                           ("b", 40, 5)])
+    assert stream_launches(trace) == {"a": {"ctas": 4, "threads": 64}}
 
 
 def test_device_span_counts_the_gaps_between_a_runs_kernels(monkeypatch):
