@@ -288,8 +288,11 @@ def bundled_paged_step(q, k_t, v_t, table, ctx):
     return bundled.paged_attention(q * q.shape[-1] ** -0.5, k_t, v_t, table, ctx)
 
 
-def bench_decode_point(b, ctx_len, h=32, kv=8, d=128, page=16, variants=None, anchors=True):
-    """One decode shape: every variant's TB/s (K/V bytes actually attended / time)."""
+def bench_decode_point(b, ctx_len, h=32, kv=8, d=128, page=16, variants=None, anchors=True,
+                       read_same=None):
+    """One decode shape: every variant's TB/s (K/V bytes actually attended / time). The
+    same-size read stream is timed too where read_same says so (default: with the anchors,
+    or when only the default variant runs)."""
     kv_bytes = 2 * b * ctx_len * kv * d * 2
     rotations = max(1, min(32, math.ceil(256e6 / kv_bytes)))  # >= 256 MB touched: beats L2
     key = jax.random.key(ctx_len + b)
@@ -327,7 +330,7 @@ def bench_decode_point(b, ctx_len, h=32, kv=8, d=128, page=16, variants=None, an
         record(
             "xla_gather", lambda t, kp, vp: xla_gather_decode(q, kp, vp, t, ctx), k_pages, v_pages
         )
-    if anchors or variants is None:
+    if read_same if read_same is not None else (anchors or variants is None):
         point["read_same_bytes"] = read_same_bytes(kv_bytes, rotations)
         same = point["read_same_bytes"]
         print(f"  B{b} ctx{ctx_len} read_same_bytes: {same['TBps']:.2f} TB/s{device_text(same)}")
@@ -341,6 +344,13 @@ def rates(t: dict, nbytes: int) -> dict:
         rec.update(device_us=t["device_s"] * 1e6, TBps_device=nbytes / t["device_s"] / 1e12,
                    kernels=t["kernels"])
     return rec
+
+
+def launch_text(rec: dict) -> str:
+    """A result's costliest kernel's launch ("256, 2, 128"), or "-" where none was traced."""
+    launch = ((rec.get("kernels") or [{}])[0]).get("launch") or {}
+    return ", ".join(str(launch.get(k, "?")) for k in ("ctas", "ctas_per_sm", "regs")) \
+        if launch else "-"
 
 
 def device_text(rec: dict) -> str:
@@ -380,6 +390,31 @@ def bench_decode(b: int = 32, ctx: int = 4096) -> dict:
     for page in (32, 64) if b == 32 else ():
         p = bench_decode_point(32, 4096, page=page, anchors=False)
         res[f"ours_page{page}"] = p.get("ours")
+    return res
+
+
+# (splits, block_k, warps) of the hand-pipelined loop (`prefetch=True`, `attend_prefetched`)
+# at B8 S4096. Compiled for sm_90a without a card (triton 3.9, `scripts/deviceless_check.py`'s
+# compiler): registers / CTAs an SM / K/V bytes in flight an SM: bk64 w4 200 / 2 / 64 KB,
+# bk64 w8 128 / 2 / 64 KB, bk128 w8 190 / 1 / 64 KB, bk32 w2 222 / 4 / 64 KB, bk32 w4
+# 134 / 3 / 48 KB; none spills. bk128 w4 spills (255 registers): left out.
+PREFETCH_LAUNCHES = ((4, 64, 4), (8, 64, 4), (4, 64, 8), (4, 128, 8), (8, 32, 2), (4, 32, 4))
+
+
+def bench_decode_prefetch(b: int = 8, ctx: int = 4096) -> dict:
+    """The default launch against the hand-pipelined loop's (PREFETCH_LAUNCHES), same run,
+    with the same-size read stream; each variant's top kernel carries its launch (grid,
+    registers, occupancy)."""
+    print(f"paged decode B{b} S{ctx}: default against prefetch=True launches")
+    variants = {"ours_default": {}}
+    for splits, bk, warps in PREFETCH_LAUNCHES:
+        variants[f"ours_pf_split{splits}_bk{bk}_w{warps}"] = {
+            "prefetch": True, "num_splits": splits, "block_k": bk, "num_warps": warps}
+    res = bench_decode_point(b, ctx, variants=variants, anchors=False, read_same=True)
+    ours = {n: r for n, r in res.items() if n.startswith("ours_") and "TBps" in r}
+    if ours:
+        best = max(ours, key=lambda n: ours[n].get("TBps_device", ours[n]["TBps"]))
+        res["ours_best"] = {"config": best, **ours[best]}
     return res
 
 
@@ -675,14 +710,16 @@ def markdown(results) -> str:
         if "ours_best" in fl:
             lines.append(f"\nbest of ours: {fl['ours_best']['config']}")
         lines.append("")
-    for de in (results.get(k, {}) for k in ("decode", "decode_b8", "decode_b8_8k")):
+    for de in (results.get(k, {}) for k in ("decode", "decode_b8", "decode_b8_8k",
+                                            "decode_b8_pf")):
         if not de or "B" not in de:
             continue
         lines += [
             f"## Paged decode B{de['B']} S{de['context']} H32 KV8 D128 bf16, page 16",
             "",
-            "| variant | us | TB/s | device us | TB/s by device time | compile s |",
-            "|---|---|---|---|---|---|",
+            "| variant | us | TB/s | device us | TB/s by device time | compile s | top kernel's "
+            "launch: CTAs, CTAs an SM, registers |",
+            "|---|---|---|---|---|---|---|",
         ]
         for name, r in de.items():
             if isinstance(r, dict) and ("us" in r or "error" in r):
@@ -690,7 +727,7 @@ def markdown(results) -> str:
                 lines.append(
                     f"| {name} | {fmt(r, 'us', '.1f')} | {fmt(r, 'TBps', '.2f')} | "
                     f"{fmt(r, 'device_us', '.1f')} | {fmt(r, 'TBps_device', '.2f')} | "
-                    f"{compile_s} |"
+                    f"{compile_s} | {launch_text(r)} |"
                 )
         if "ours_best" in de:
             lines.append(f"\nbest of ours: {de['ours_best']['config']}")
@@ -778,6 +815,7 @@ def main():
         # The bar's hardest points (few sequences, short context): the launch grid, timed.
         "decode_b8": functools.partial(bench_decode, 8, 4096),
         "decode_b8_8k": functools.partial(bench_decode, 8, 8192),
+        "decode_b8_pf": bench_decode_prefetch,
         "ragged": bench_ragged,
         # The default models' head size (Llama-3.2-1B, SmolLM2: D64), without the Triton grid.
         "ragged_d64": functools.partial(bench_ragged, d=64, configs=()),

@@ -45,12 +45,59 @@ def load_kv_block(pages_ref, table_ref, j, block_k: int, page_size: int, first_r
     many (default: the whole ref, from row 0). The fused step's `paged_decode_attention`
     sees all layers' pools as one ref and reads one layer's.
     """
-    pages_per_block = block_k // page_size
-    num_pages = num_pages or pages_ref.shape[0] // page_size
-    tok = jnp.arange(block_k)
-    ids = table_ref[j * pages_per_block + tok // page_size]  # [block_k], page of each token
-    rows = jnp.clip(ids, 0, num_pages - 1) * page_size + tok % page_size
+    rows = block_rows(table_ref, j, block_k, page_size,
+                      num_pages or pages_ref.shape[0] // page_size)
     return pages_ref[rows if first_row is None else first_row + rows]
+
+
+def block_rows(table_ref, j, block_k: int, page_size: int, num_pages: int) -> jax.Array:
+    """[block_k] int32: the pool row of each token of the j-th block (`load_kv_block`'s
+    addressing), page ids clipped into [0, num_pages)."""
+    tok = jnp.arange(block_k)
+    ids = table_ref[j * (block_k // page_size) + tok // page_size]  # page of each token
+    return jnp.clip(ids, 0, num_pages - 1) * page_size + tok % page_size
+
+
+def attend_prefetched(q, k_ref, v_ref, table_ref, ctx, lo, hi, carry, *, sm_scale: float,
+                      soft_cap: float | None, block_k: int, page_size: int):
+    """The online softmax over blocks [lo, hi) with block j + 1's K and V loads, and block
+    j + 2's page ids, issued before block j's math: a software pipeline through registers.
+
+    Why: Triton's own pipeliner (num_stages) does not overlap this loop's loads with its math.
+    Compiled for sm_90a (triton 3.9, B8 S4096), the K/V copies of block j + 1 go out after
+    block j's dots, into the one shared-memory buffer those dots read, and the loop's head
+    waits for all of them, because their addresses come from a table load in the same
+    iteration. So each program alternates loading and computing, and only its neighbours on
+    the SM fill the gaps. Here a load's registers are not read until the next iteration, so
+    the warp runs this block's math while they are in flight (the GPU stalls on a load's
+    result, not its issue). Run with num_stages=1: nothing is left for Triton to pipeline.
+
+    A block past hi (the last iteration's next, or the one after) reads pool row 0 for every
+    token: one row, from cache after the first lane, where a clipped block would read a
+    whole block's bytes again. Tokens at or past ctx are masked and their V zeroed, as in the
+    two loops of `_decode_kernel`.
+    """
+    num_pages = k_ref.shape[0] // page_size
+    table_blocks = table_ref.shape[0] // (block_k // page_size)  # padded: a whole block each
+
+    def rows_of(j):  # [block_k]; row 0 past the split
+        rows = block_rows(table_ref, jnp.minimum(j, table_blocks - 1), block_k, page_size,
+                          num_pages)
+        return jnp.where(j < hi, rows, 0)
+
+    def body(j, state):
+        carry, k, v, rows_next = state
+        s = scale_logits(dot_nt(q, k), sm_scale, soft_cap)  # [Gp, block_k]
+        k_next, v_next = k_ref[rows_next], v_ref[rows_next]  # block j + 1, in flight below
+        rows_after = rows_of(j + 2)
+        valid = j * block_k + jnp.arange(block_k) < ctx  # [block_k]
+        v = jnp.where(valid[:, None], v, jnp.zeros_like(v))  # 0 * stale values stays 0
+        carry = online_softmax_step(carry, s, v, jnp.broadcast_to(valid[None, :], s.shape))
+        return carry, k_next, v_next, rows_after
+
+    rows = rows_of(lo)
+    state = (carry, k_ref[rows], v_ref[rows], rows_of(lo + 1))
+    return jax.lax.fori_loop(lo, hi, body, state)[0]
 
 
 def token_rows(pages: jax.Array) -> jax.Array:
@@ -84,6 +131,7 @@ def _decode_kernel(
     page_size: int,
     num_splits: int,
     group: int,
+    prefetch: bool = False,
 ):
     b, kv, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     ctx = ctx_ref[b]
@@ -114,8 +162,13 @@ def _decode_kernel(
         jnp.full((gp,), MASK_VALUE, jnp.float32),
         jnp.zeros((gp,), jnp.float32),
     )
-    carry = jax.lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), carry)
-    acc, m, l = jax.lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+    if prefetch:
+        acc, m, l = attend_prefetched(q, k_ref, v_ref, table_ref, ctx, lo, hi, carry,
+                                      sm_scale=sm_scale, soft_cap=soft_cap, block_k=block_k,
+                                      page_size=page_size)
+    else:
+        carry = jax.lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), carry)
+        acc, m, l = jax.lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
     if num_splits == 1:
         (o_ref,) = out_refs
         plgpu.store(o_ref.at[rows, :], finish_softmax(acc, l).astype(o_ref.dtype),
@@ -189,6 +242,7 @@ def paged_attention(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    prefetch: bool = False,
     interpret: bool | None = None,
     impl: str = "pallas",
 ) -> jax.Array:
@@ -205,7 +259,11 @@ def paged_attention(
       num_splits: split-K partitions per sequence (flash-decoding); default from the grid size
         (`tuning.decode_num_splits`).
       block_k: tokens per loop step, a power-of-2 multiple of page_size; default from tuning.
-      num_warps, num_stages: Triton launch parameters; default from tuning.
+      num_warps, num_stages: Triton launch parameters; default from tuning (num_stages 1
+        with prefetch).
+      prefetch: pipeline the loop by hand (`attend_prefetched`: the next block's K/V load
+        while this block's math runs) instead of by Triton's num_stages. Off by default: not
+        yet timed on a card.
       interpret: Pallas interpreter; None = interpret unless the backend is GPU.
       impl: "pallas"; "xla" (gather the pages, dense attention in the input dtype);
         "reference" (the same in f32 at HIGHEST precision: the spec).
@@ -248,7 +306,8 @@ def paged_attention(
         block_k=block_k,
         num_splits=num_splits,
         num_warps=num_warps or cfg.num_warps,
-        num_stages=num_stages or cfg.num_stages,
+        num_stages=num_stages or (1 if prefetch else cfg.num_stages),
+        prefetch=bool(prefetch),
         interpret=resolve_interpret(interpret),
     )
 
@@ -262,6 +321,7 @@ def paged_attention(
         "num_splits",
         "num_warps",
         "num_stages",
+        "prefetch",
         "interpret",
     ),
 )
@@ -278,6 +338,7 @@ def _paged_call(
     num_splits,
     num_warps,
     num_stages,
+    prefetch,
     interpret,
 ):
     b, h, d = q.shape
@@ -292,6 +353,7 @@ def _paged_call(
         page_size=page_size,
         num_splits=num_splits,
         group=h // num_kv,
+        prefetch=prefetch,
     )
     pool_spec = pl.BlockSpec((num_pages * page_size, None, d), lambda bi, ki, si: (0, ki, 0))
     in_specs = [

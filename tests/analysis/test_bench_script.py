@@ -86,3 +86,27 @@ def test_profile_decode_counts_only_the_loops_kernels():
     # each row carries its kernel's launch where the trace named one
     rows = prof.kernel_table(inside, steps=2, launches={"attn": {"ctas": 256}})
     assert [r["launch"] for r in rows] == [{"ctas": 256}, {}]
+
+
+def test_bench_kernels_decode_table_names_each_variants_launch():
+    """The paged decode table carries each variant's top kernel's launch (CTAs, CTAs an SM,
+    registers) from the profiler, "-" where nothing was traced (CPU), and errors stay rows;
+    the prefetch section's launches each name a variant."""
+    bench = load_script("bench_kernels")
+    launch = {"ctas": 256, "ctas_per_sm": 2.0, "regs": 128, "threads": 128}
+    point = {"B": 8, "context": 4096,
+             "ours_default": {"us": 40.0, "TBps": 3.36, "device_us": 39.4, "TBps_device": 3.41,
+                              "compile_s": 1.2, "kernels": [{"kernel": "paged_attention_decode",
+                                                             "launch": launch}]},
+             "ours_pf_split4_bk64_w4": {"us": 41.0, "TBps": 3.27, "compile_s": 1.0},
+             "ours_pf_split8_bk32_w2": {"error": "RuntimeError('x')"},
+             "ours_best": {"config": "ours_default"}}
+    env = {"date": "2026-12-08", "device_kind": "NVIDIA H200", "jax": "0.11.2", "git": "abc",
+           "command": "bench_kernels.py --only decode_b8_pf"}
+    text = bench.markdown({"env": env, "decode_b8_pf": point})
+    assert "| ours_default | 40.0 | 3.36 | 39.4 | 3.41 | 1.2 | 256, 2.0, 128 |" in text
+    assert "| ours_pf_split4_bk64_w4 | 41.0 | 3.27 | error | error | 1.0 | - |" in text
+    assert "| ours_pf_split8_bk32_w2 | error |" in text
+    assert "best of ours: ours_default" in text
+    names = {f"ours_pf_split{s}_bk{bk}_w{w}" for s, bk, w in bench.PREFETCH_LAUNCHES}
+    assert len(names) == len(bench.PREFETCH_LAUNCHES) and "ours_pf_split4_bk64_w4" in names

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -76,6 +77,41 @@ def test_paged_decode_matches_reference(rng, interpret, page, group, d, dtype, n
     ref = jit_for_tests(paged_attention_reference)(q, k_pages, v_pages, tables, ctx)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("page,group,d,dtype,num_splits,block_k", [
+    (16, 4, 64, jnp.float32, 1, 16),  # one split: every block of the table, one per loop step
+    (16, 4, 128, jnp.bfloat16, 3, 32),  # uneven splits, two pages a block
+    (32, 8, 64, jnp.float32, 2, 32),  # GQA 8, one page a block
+])
+def test_paged_decode_prefetch_matches_reference(rng, interpret, page, group, d, dtype,
+                                                 num_splits, block_k):
+    """The hand-pipelined loop (`attend_prefetched`): at every page boundary, with splits
+    that hold no block (context 1), the last iteration's and the one-after's blocks read past
+    the split, and stale pages poisoned with NaN, it equals the reference (and the default
+    loop)."""
+    kv_heads, max_pages = 2 if group < 8 else 1, 4
+    lens = [1, page - 1, page, page + 1, 2 * page + 3, max_pages * page]
+    num_pages = 2 * max_pages * len(lens)
+    tables, used = _tables(rng, lens, page, max_pages, num_pages)
+    k_pages, v_pages = (
+        _poison_unused(x, used) for x in _pool(rng, num_pages, page, kv_heads, d, dtype)
+    )
+    q = jnp.asarray(rng.standard_normal((len(lens), group * kv_heads, d)), dtype)
+    ctx = jnp.asarray(lens, jnp.int32)
+
+    def kernel(*args, prefetch):
+        return paged_attention(*args, num_splits=num_splits, block_k=block_k,
+                               prefetch=prefetch, soft_cap=30.0, interpret=interpret)
+
+    out = jit_for_tests(lambda *a: kernel(*a, prefetch=True))(q, k_pages, v_pages, tables, ctx)
+    ref = jit_for_tests(lambda *a: paged_attention_reference(*a, soft_cap=30.0))(
+        q, k_pages, v_pages, tables, ctx)
+    chex.assert_shape(out, q.shape)
+    chex.assert_type(out, dtype)
+    assert_close(out, ref, dtype)
+    plain = jit_for_tests(lambda *a: kernel(*a, prefetch=False))(q, k_pages, v_pages, tables, ctx)
+    assert_close(out, plain, dtype)
 
 
 def test_paged_decode_default_tuning_and_soft_cap(rng, interpret):

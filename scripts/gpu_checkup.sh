@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One device call that does what a stop without a card leaves owed (issues 16 and 17): device
+# machines came to few stops (none at 65, 66 and 68), and a fresh one costs ~5 minutes of a
+# session's 30, so the checks a session wants first go in one call, each stage with its own
+# timeout so one slow stage cannot take the others' results with it:
+#
+#   b8       paged decode at B8 S4096, the one point under issue 17's bar (80% of 85%):
+#            bench_kernels.py --only ceilings,decode_b8_pf, the default launch against the
+#            hand-pipelined loop's (`paged_attention(prefetch=True)`, PREFETCH_LAUNCHES) and
+#            the same-size read stream, each with its kernel's grid, registers and occupancy
+#            (`parse_launch`). (decode_b8, the 20-launch grid of runs 15-17, is its own call.)
+#   profile  where the default decode step's time goes per kernel, the decode loop only
+#            (profile_decode.py): the Llama-3.2-1B shape at batch 64, SmolLM2's at batch 1.
+#   api      repeated `jdecode.generate` calls on one Model against fresh Generators
+#            (bench_api_calls.py, SmolLM2 shape, bf16).
+#
+#   tests    `pytest -m gpu tests`: every kernel compiled against its reference (the two
+#            server test files are left out where the image lacks `openai`; they hold no
+#            GPU test). The real-model tests skip unless the model was brought. Not in the
+#            default STAGE (stop 67 ran it on an H100 at 3dc3aa1): give it a call of its own
+#            after a kernel changes.
+#
+#   device: OUT=$OUT JDECODE_GIT_SHA=$(cat out/sha) bash scripts/gpu_checkup.sh
+#   (before the call, here: git rev-parse --short HEAD > out/sha, and carry ["out/sha"])
+#
+# The default stages' timeouts add up to 520 s of a call's 600 (how long they take together
+# has not been seen yet). Results: $OUT/gpu_checkup.tgz (a device call brings back only a few
+# files, so every stage writes under RAW and one archive goes to $OUT), and the log's tail.
+set -u
+export PYTHONPATH=.:${PYTHONPATH:-}
+export JDECODE_GIT_SHA=${JDECODE_GIT_SHA:-unknown} BENCH_GIT_SHA=${JDECODE_GIT_SHA:-unknown}
+OUT=$(realpath -m "${OUT:-out}"); STAGE=${STAGE:-b8,profile,api}; mkdir -p "$OUT"
+RAW=$(mktemp -d); trap 'tar czf "$OUT/gpu_checkup.tgz" -C "$RAW" .' EXIT
+stage() { [[ ",$STAGE," == *",$1,"* ]]; }
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+tag=$(case "$card" in *H200*) echo h200 ;; *H100*) echo h100 ;; *) echo gpu ;; esac)
+echo "gpu_checkup: $card ($tag), sha $JDECODE_GIT_SHA, stages $STAGE" | tee "$RAW/card.txt"
+python3 -c "import jax; print('jax', jax.__version__)" | tee -a "$RAW/card.txt"
+
+if stage tests; then
+  ignore=()
+  python3 -c "import openai" 2>/dev/null || ignore=(
+    --ignore=tests/engine/test_server.py --ignore=tests/engine/test_server_hardening.py)
+  timeout 500 python3 -m pytest -m gpu -q -p no:cacheprovider tests "${ignore[@]}" \
+    > "$RAW/tests.log" 2>&1
+  echo "tests rc=$?"; tail -4 "$RAW/tests.log"
+fi
+if stage b8; then
+  timeout 220 python3 scripts/bench_kernels.py --out "$RAW/b8" --only ceilings,decode_b8_pf \
+    > "$RAW/b8.log" 2>&1
+  echo "b8 rc=$?"; grep -E "read_same_bytes|B8 ctx4096 ours|check .*FAILED" "$RAW/b8.log"
+fi
+if stage profile; then
+  for spec in "llama-3.2-1b 64" "smollm2-135m 1"; do
+    set -- $spec
+    timeout 100 python3 scripts/profile_decode.py --model "$1" --dtype bfloat16 --batch "$2" \
+      --impl auto --new-tokens 64 --out "$RAW/profile" > "$RAW/profile_$1_b$2.log" 2>&1
+    echo "profile $1 b$2 rc=$?"; grep -E '"span_ms"|device stream kernels' "$RAW/profile_$1_b$2.log"
+  done
+fi
+if stage api; then
+  timeout 100 python3 scripts/bench_api_calls.py --model configs/models/smollm2-135m.yaml \
+    --dtype bfloat16 --out "$RAW/api" --tag "$tag" > "$RAW/api.log" 2>&1
+  echo "api rc=$?"; tail -4 "$RAW/api.log"
+fi
