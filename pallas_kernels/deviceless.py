@@ -270,6 +270,42 @@ def ctas_per_sm(registers: int, shared_bytes: int, num_warps: int) -> int:
     return min(by_registers, by_shared, SM_WARPS // num_warps, SM_CTAS)
 
 
+_RING = re.compile(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x([^,]+),")
+_WAIT = re.compile(r"ttg\.async_wait\b.*\{num = (\d+)")
+
+
+def pipelining(ttgir: str) -> dict:
+    """What Triton's software pipeliner made of a kernel's loops, read from its TTGIR:
+
+    - "rings": each buffer it allocated for async copies, as "slots x tile" (e.g.
+      "1x128x128xbf16"). One slot means a load into it can only go out once the math has
+      read the slot's last tile: no load overlaps the loop's math inside one program.
+    - "loop_waits": the `num` of every async wait inside a loop (how many copy groups may
+      stay in flight past it; 0 waits for all).
+    - "loop_tensor_loads": tensor loads inside loops that are not async copies (registers).
+
+    Why: which launch parameters a kernel can take is measured on the card, but whether its
+    loop overlaps loads with math at all is decided here, and a session without a card can
+    read it (benchmarks/paged_attention_h200.md, stop 68: the paged decode kernel's rings
+    had one slot at every num_stages the tuning grid tried).
+    """
+    rings, waits, loads, depth = [], [], 0, []
+    for line in ttgir.splitlines():
+        indent = len(line) - len(line.lstrip())
+        while depth and indent <= depth[-1] and line.strip().startswith("}"):
+            depth.pop()
+        if m := _RING.search(line):
+            rings.append(f"{m.group(1)}x{m.group(2).strip()}")
+        if depth:
+            if m := _WAIT.search(line):
+                waits.append(int(m.group(1)))
+            if " tt.load " in line and "tensor<" in line:
+                loads += 1
+        if "scf.for " in line and line.rstrip().endswith("{"):
+            depth.append(indent)
+    return {"rings": rings, "loop_waits": waits, "loop_tensor_loads": loads}
+
+
 def ptxas_binary() -> str | None:
     """The ptxas that reads the triton wheel's PTX: the wheel's own (its PTX version is newer
     than some CUDA installs know)."""
@@ -288,8 +324,9 @@ def compile_triton(kernel: dict, ptxas: str | None = None) -> dict:
     """Compiles one captured kernel (`TritonCapture.kernels`) for sm_90a with the triton wheel.
 
     Returns {"status": "compiled" | "compile error" | "over the shared memory limit" |
-    NOT_COMPILED, "shared_bytes", and from `ptxas -v`: "registers", "spill_store_bytes",
-    "spill_load_bytes" (per thread), and "ctas_per_sm" (`ctas_per_sm`)}."""
+    NOT_COMPILED, "shared_bytes", "pipelining" (`pipelining` of its TTGIR), and from
+    `ptxas -v`: "registers", "spill_store_bytes", "spill_load_bytes" (per thread), and
+    "ctas_per_sm" (`ctas_per_sm`)}."""
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -307,7 +344,8 @@ def compile_triton(kernel: dict, ptxas: str | None = None) -> dict:
                 "enable_fp_fusion": True})
         except Exception as e:  # noqa: BLE001 - a compile error is the finding; keep going
             return {"status": "compile error", "error": f"{type(e).__name__}: {str(e)[:800]}"}
-        out = {"status": "compiled", "shared_bytes": int(compiled.metadata.shared)}
+        out = {"status": "compiled", "shared_bytes": int(compiled.metadata.shared),
+               "pipelining": pipelining(compiled.asm["ttgir"])}
         if ptxas:
             ptx = Path(tmp) / "kernel.ptx"
             ptx.write_text(compiled.asm["ptx"])

@@ -213,9 +213,12 @@ def markdown(result: dict) -> str:
     header = (f"{result.get('date', '')} | jax {result.get('jax_version')} | triton wheel "
               f"{result['triton_wheel']} | git {result.get('git_sha')} | `{result['command']}`")
     columns = ("| case | lowering | Mosaic calls | Triton kernel | warps, stages | grid | status "
-               "| regs | spills (st/ld B) | shared B | CTAs/SM |")
+               "| regs | spills (st/ld B) | shared B | CTAs/SM | async-copy rings; loop waits |")
     lines = [f"# Kernels compiled for an {result['target']} without a GPU", "", header, "",
-             columns, "|---" * 11 + "|"]
+             "Rings: the buffers Triton's pipeliner made, slots x tile (one slot: no load "
+             "overlaps the loop's math in a program); loop waits: how many copy groups each "
+             "wait in a loop leaves in flight (`deviceless.pipelining`).", "",
+             columns, "|---" * 12 + "|"]
     for r in result["rows"]:
         head = f"| {r['case']} | {r['lowering']} | {r.get('mosaic_calls', '')} "
         if not r["triton_kernels"]:
@@ -227,10 +230,14 @@ def markdown(result: dict) -> str:
             names[(k["name"], k["id"])] = True
             spills = (f"{k.get('spill_store_bytes')}/{k.get('spill_load_bytes')}"
                       if k.get("spill_store_bytes") is not None else "")
+            pipe = k.get("pipelining") or {}
+            rings = ", ".join(pipe.get("rings", [])) or "none"
+            waits = ",".join(map(str, pipe.get("loop_waits", []))) or "-"
             lines.append(head + f"| {k['name']} | {k['num_warps']}, {k['num_stages']} | "
                          f"{'x'.join(map(str, k['grid']))} | {k['status']} | "
                          f"{k.get('registers', '')} | {spills} | {k.get('shared_bytes', '')} | "
-                         f"{k.get('ctas_per_sm', '')} |")
+                         f"{k.get('ctas_per_sm', '')} | {rings if pipe else ''}"
+                         f"{'; ' + waits if pipe else ''} |")
             head = "| | | "
     return "\n".join(lines) + "\n"
 

@@ -122,3 +122,45 @@ def test_the_wide_generate_loop_calls_cublas_for_every_gemm():
     assert not any("gemm" in k for k in cublas if "cublas" not in k), cublas
     assert triton.get("loop: fusion __triton_nested_gemm_fusion") == gemms, triton
     assert sum(triton.values()) - sum(cublas.values()) >= 2 * cfg.num_layers, (triton, cublas)
+
+
+# TTGIR cut down from the paged decode kernel compiled for sm_90a (triton 3.9): a one-slot
+# ring per operand, a loop that waits for every copy and issues the next block's after its
+# math, a nested region inside the loop (a reduction), and a second loop of register loads.
+TTGIR = """module {
+  tt.func public @kernel() {
+    %0 = ttg.local_alloc : () -> !ttg.memdesc<1x128x128xbf16, #shared, #smem, mutable> loc(#l)
+    %1 = ttg.local_alloc : () -> !ttg.memdesc<3x64xi32, #shared1, #smem, mutable> loc(#l)
+    %2 = ttg.local_alloc %q : (tensor<16x128xbf16, #b>) -> !ttg.memdesc<16x128xbf16, #s> loc(#l)
+    %3 = ttg.async_wait %t {num = 0 : i32} loc(#l)
+    %4:2 = scf.for %i = %a to %b step %c iter_args(%x = %y, %t = %u) -> (f32, i32)  : i32 {
+      %5 = ttg.async_wait %t {num = 2 : i32} loc(#l)
+      %6 = "tt.reduce"(%s) <{axis = 1 : i32}> ({
+      ^bb0(%p: f32, %q: f32):
+        tt.reduce.return %p : f32 loc(#l)
+      }) : (tensor<16x128xf32, #mma>) -> tensor<16xf32> loc(#l)
+      %7 = ttg.async_copy_global_to_local %p, %0 : tensor<128x128x!tt.ptr<bf16>, #b> loc(#l)
+      %8 = ttg.async_wait %t {num = 1 : i32} loc(#l)
+      scf.yield %x, %t : f32, i32 loc(#l)
+    } loc(#l)
+    %9 = ttg.async_wait {num = 0 : i32} loc(#l)
+    %10:2 = scf.for %i = %a to %b step %c iter_args(%k = %y) -> (f32)  : i32 {
+      %11 = tt.load %ptrs : tensor<64x128x!tt.ptr<bf16>, #b> loc(#l)
+      %12 = tt.load %ptr : !tt.ptr<i32> loc(#l)
+      scf.yield %k : f32 loc(#l)
+    } loc(#l)
+    tt.return loc(#l)
+  }
+}
+"""
+
+
+def test_pipelining_reads_rings_and_loop_waits():
+    """Rings are the pipeliner's empty-allocated buffers (not a tile copied into shared
+    memory); waits and register loads count only inside loops, nested regions included."""
+    assert deviceless.pipelining(TTGIR) == {
+        "rings": ["1x128x128xbf16", "3x64xi32"],
+        "loop_waits": [2, 1],  # the waits before and after the loops are not the loop's
+        "loop_tensor_loads": 1,  # the scalar load is not a tensor load
+    }
+    assert deviceless.pipelining("") == {"rings": [], "loop_waits": [], "loop_tensor_loads": 0}
