@@ -9,6 +9,13 @@
 #            hand-pipelined loop's (`paged_attention(prefetch=True)`, PREFETCH_LAUNCHES) and
 #            the same-size read stream, each with its kernel's grid, registers and occupancy
 #            (`parse_launch`). (decode_b8, the 20-launch grid of runs 15-17, is its own call.)
+#   attn     the Generator's batch-64 attention of the Llama-3.2-1B shape (27-30 us of every
+#            layer, ~26% of the step) with Triton's pipelining against the loop pipelined by
+#            hand (`decode_attention(prefetch=True)`), by device time per layer
+#            (tune_decode_attention.py --prefetch 0,1). If the hand loop wins, the model-level
+#            A/B is: OUT=$OUT FILE=pallas_kernels/fused_decode/attention.py SED='s|^PREFETCH
+#            = False|PREFETCH = True|' MODELS=llama-3.2-1b BATCH=64 IMPL=auto bash
+#            scripts/gpu_ab.sh (its own call).
 #   profile  where the default decode step's time goes per kernel, the decode loop only
 #            (profile_decode.py): the Llama-3.2-1B shape at batch 64, SmolLM2's at batch 1.
 #   api      repeated `jdecode.generate` calls on one Model against fresh Generators
@@ -23,21 +30,30 @@
 #   device: OUT=$OUT JDECODE_GIT_SHA=$(cat out/sha) bash scripts/gpu_checkup.sh
 #   (before the call, here: git rev-parse --short HEAD > out/sha, and carry ["out/sha"])
 #
-# The default stages' timeouts add up to 520 s of a call's 600 (how long they take together
-# has not been seen yet). Results: $OUT/gpu_checkup.tgz (a device call brings back only a few
-# files, so every stage writes under RAW and one archive goes to $OUT), and the log's tail.
+# The default stages' timeouts add up to 560 s of a call's 600, and a stage that could run
+# past TOTAL_S (570) from where the call is is skipped, so the archive is always written (how
+# long the stages take has not been seen yet). Results: $OUT/gpu_checkup.tgz (a device call
+# brings back only a few files, so every stage writes under RAW and one archive goes to
+# $OUT), and the log's tail.
 set -u
 export PYTHONPATH=.:${PYTHONPATH:-}
 export JDECODE_GIT_SHA=${JDECODE_GIT_SHA:-unknown} BENCH_GIT_SHA=${JDECODE_GIT_SHA:-unknown}
-OUT=$(realpath -m "${OUT:-out}"); STAGE=${STAGE:-b8,profile,api}; mkdir -p "$OUT"
+OUT=$(realpath -m "${OUT:-out}"); STAGE=${STAGE:-b8,attn,api,profile}; mkdir -p "$OUT"
 RAW=$(mktemp -d); trap 'tar czf "$OUT/gpu_checkup.tgz" -C "$RAW" .' EXIT
-stage() { [[ ",$STAGE," == *",$1,"* ]]; }
+TOTAL_S=${TOTAL_S:-570}
+# stage NAME SECONDS: asked for, and its timeout still fits the call's budget.
+stage() {
+  [[ ",$STAGE," == *",$1,"* ]] || return 1
+  if [ $((SECONDS + $2)) -gt "$TOTAL_S" ]; then
+    echo "$1: skipped, ${2}s would pass ${TOTAL_S}s at ${SECONDS}s"; return 1
+  fi
+}
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 tag=$(case "$card" in *H200*) echo h200 ;; *H100*) echo h100 ;; *) echo gpu ;; esac)
 echo "gpu_checkup: $card ($tag), sha $JDECODE_GIT_SHA, stages $STAGE" | tee "$RAW/card.txt"
 python3 -c "import jax; print('jax', jax.__version__)" | tee -a "$RAW/card.txt"
 
-if stage tests; then
+if stage tests 500; then
   ignore=()
   python3 -c "import openai" 2>/dev/null || ignore=(
     --ignore=tests/engine/test_server.py --ignore=tests/engine/test_server_hardening.py)
@@ -45,21 +61,28 @@ if stage tests; then
     > "$RAW/tests.log" 2>&1
   echo "tests rc=$?"; tail -4 "$RAW/tests.log"
 fi
-if stage b8; then
-  timeout 220 python3 scripts/bench_kernels.py --out "$RAW/b8" --only ceilings,decode_b8_pf \
+if stage b8 170; then
+  timeout 170 python3 scripts/bench_kernels.py --out "$RAW/b8" --only ceilings,decode_b8_pf \
     > "$RAW/b8.log" 2>&1
   echo "b8 rc=$?"; grep -E "read_same_bytes|B8 ctx4096 ours|check .*FAILED" "$RAW/b8.log"
 fi
-if stage profile; then
-  for spec in "llama-3.2-1b 64" "smollm2-135m 1"; do
-    set -- $spec
-    timeout 100 python3 scripts/profile_decode.py --model "$1" --dtype bfloat16 --batch "$2" \
-      --impl auto --new-tokens 64 --out "$RAW/profile" > "$RAW/profile_$1_b$2.log" 2>&1
-    echo "profile $1 b$2 rc=$?"; grep -E '"span_ms"|device stream kernels' "$RAW/profile_$1_b$2.log"
-  done
+if stage attn 150; then
+  timeout 150 python3 scripts/tune_decode_attention.py --model llama-3.2-1b --batch 64 \
+    --block-k 64,128 --warps 4,8 --stages 2 --prefetch 0,1 --out "$RAW/attn" \
+    > "$RAW/attn.log" 2>&1
+  echo "attn rc=$?"; grep -E "us device|best" "$RAW/attn.log"
 fi
-if stage api; then
-  timeout 100 python3 scripts/bench_api_calls.py --model configs/models/smollm2-135m.yaml \
+if stage api 70; then
+  timeout 70 python3 scripts/bench_api_calls.py --model configs/models/smollm2-135m.yaml \
     --dtype bfloat16 --out "$RAW/api" --tag "$tag" > "$RAW/api.log" 2>&1
   echo "api rc=$?"; tail -4 "$RAW/api.log"
 fi
+for spec in "llama-3.2-1b 64" "smollm2-135m 1"; do
+  if stage profile 90; then
+    set -- $spec
+    timeout 90 python3 scripts/profile_decode.py --model "$1" --dtype bfloat16 --batch "$2" \
+      --impl auto --new-tokens 64 --out "$RAW/profile" > "$RAW/profile_$1_b$2.log" 2>&1
+    echo "profile $1 b$2 rc=$?"
+    grep -E '"span_ms"|device stream kernels' "$RAW/profile_$1_b$2.log"
+  fi
+done

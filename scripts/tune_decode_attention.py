@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--block-k", default="64,128,256")
     ap.add_argument("--warps", default="2,4,8")
     ap.add_argument("--stages", default="2,3,4")
+    ap.add_argument("--prefetch", default="0",
+                    help="dense: 0 (Triton pipelines by num_stages), 1 (the loop pipelined by "
+                         "hand, `attend_past_prefetched`; stages are then 1) or 0,1")
     ap.add_argument("--splits", default="auto",
                     help="'auto' (the caller's rule) or split counts to try, e.g. 1,2")
     ap.add_argument("--repeats", type=int, default=5, help="profiled runs per variant")
@@ -186,18 +189,28 @@ def main(argv: list[str] | None = None) -> dict:
     def rnd(*shape):
         return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(args.dtype)
 
+    prefetch = sorted({bool(int(x)) for x in args.prefetch.split(",")})
+    if args.cache == "paged" and True in prefetch:
+        raise SystemExit("--prefetch 1 is the dense kernel's (decode_attention); the paged "
+                         "one has no hand-pipelined loop: pass --prefetch 0 or --cache dense")
     check, step, kernel, rule = CASES[args.cache](args, B, H, K, D, L, rnd)
     kv_bytes = 2 * B * args.context * K * D * args.dtype.itemsize  # per layer, read
     rows = []
-    for bk, warps, stages in itertools.product(
-            *(map(int, a.split(",")) for a in (args.block_k, args.warps, args.stages))):
+    launches = dict.fromkeys(  # with prefetch nothing is left for Triton to pipeline: stages 1
+        (bk, warps, 1 if pf else stages, pf) for pf, bk, warps, stages in itertools.product(
+            prefetch, *(map(int, a.split(",")) for a in (args.block_k, args.warps, args.stages))))
+    for bk, warps, stages, pf in launches:
         for splits in ([rule(bk)] if args.splits == "auto"
                        else [int(s) for s in args.splits.split(",")]):
             kw = {"num_heads": H, "num_kv_heads": K, "num_splits": splits, "block_k": bk,
                   "num_warps": warps, "num_stages": stages,
                   "parts_dtype": single_split_dtype(splits, args.dtype)}
-            row = {"block_k": bk, "warps": warps, "stages": stages, "splits": splits}
-            label = f"block_k {bk} warps {warps} stages {stages} splits {splits}"
+            if pf:
+                kw["prefetch"] = True
+            row = {"block_k": bk, "warps": warps, "stages": stages, "splits": splits,
+                   "prefetch": pf}
+            label = (f"block_k {bk} warps {warps} stages {stages} splits {splits}"
+                     f"{' prefetch' if pf else ''}")
             try:
                 check(kw)
                 call = step(kw)

@@ -46,6 +46,13 @@ BLOCK_K = 64  # cache slots per loop step; the dense cache's length is a multipl
 MAX_SPLITS = 16
 # Bytes of partials the O projection's programs re-read in all, at most (see default_splits).
 MERGE_BUDGET = 20 << 20
+# The hand-pipelined past loop (`attend_past_prefetched`) for decode_attention calls that do
+# not say: off until a card times it. Compiled for sm_90a (triton 3.9), the default loop's
+# K/V rings have one slot and each iteration waits for all copies (`deviceless.pipelining`),
+# so no program overlaps its loads with its math. The A/B:
+#   OUT=$OUT FILE=pallas_kernels/fused_decode/attention.py SED='s|^PREFETCH = False|PREFETCH
+#   = True|' MODELS=llama-3.2-1b BATCH=64 IMPL=auto bash scripts/gpu_ab.sh
+PREFETCH = False
 
 
 def default_splits(max_len: int, rows: int = 1, hidden: int = 0, heads_dim: int = 0,
@@ -132,13 +139,16 @@ def check_rope(rope, rows: int, head_dim: int, name: str) -> None:
 
 
 def attend_past(kc_ref, vc_ref, b, kv, q, carry, past, split, *, block_k: int, num_splits: int,
-                sm_scale: float, layer: int | None = None):
+                sm_scale: float, layer: int | None = None, prefetch: bool = False):
     """The online softmax `carry` (acc [M, D], m [M], l [M] f32) of queries q [M, D] taken over
     split `split`'s share of row b's past slots [0, past), kv head kv, read where they lie in
     the [B, S, K, D] cache (or layer `layer` of an [L, B, S, K, D] one). Masked lanes are not
-    read: no slot at or past `past` is loaded."""
+    read: no slot at or past `past` is loaded. prefetch: `attend_past_prefetched`'s loop."""
     lo, full_hi, hi = split_blocks(past, block_k, split, num_splits)
     lead = cache_lead(layer)
+    if prefetch:
+        return attend_past_prefetched(kc_ref, vc_ref, (*lead, b), kv, q, carry, past, lo, hi,
+                                      block_k=block_k, sm_scale=sm_scale)
 
     def body(j, carry, masked):
         at = (*lead, b, pl.ds(j * block_k, block_k), kv, slice(None))
@@ -155,6 +165,37 @@ def attend_past(kc_ref, vc_ref, b, kv, q, carry, past, split, *, block_k: int, n
 
     carry = jax.lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), carry)
     return jax.lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+
+
+def attend_past_prefetched(kc_ref, vc_ref, row, kv, q, carry, past, lo, hi, *, block_k: int,
+                           sm_scale: float):
+    """`attend_past` over blocks [lo, hi) with block j + 1's K and V loads issued before
+    block j's math: a software pipeline through registers (the paged kernel's
+    `paged_attention.kernel.attend_prefetched`, over the dense cache: no table).
+
+    row: the cache index before the slot axis ((b,) or (layer, b)). A load's registers are
+    read in the next iteration only, so the warp runs this block's math while they are in
+    flight. Slots at or past `past`, and the block after the last, are masked off the load
+    (nothing is read); their logits are masked and their V is 0. Run with num_stages=1.
+    """
+    slots = kc_ref.shape[-3]
+
+    def load(j):  # [block_k, D] each; the block start stays in the cache (a masked block)
+        valid = (j * block_k + jnp.arange(block_k) < past) & (j < hi)
+        at = (*row, pl.ds(jnp.minimum(j * block_k, slots - block_k), block_k), kv,
+              slice(None))
+        return (plgpu.load(kc_ref.at[at], mask=valid[:, None], other=0),
+                plgpu.load(vc_ref.at[at], mask=valid[:, None], other=0))
+
+    def body(j, state):
+        carry, k, v = state
+        s = scale_logits(dot_nt(q, k), sm_scale, None)  # [M, block_k]
+        k_next, v_next = load(j + 1)  # in flight during the softmax and P V below
+        valid = j * block_k + jnp.arange(block_k) < past  # [block_k]
+        carry = online_softmax_step(carry, s, v, jnp.broadcast_to(valid[None, :], s.shape))
+        return carry, k_next, v_next
+
+    return jax.lax.fori_loop(lo, hi, body, (carry, *load(lo)))[0]
 
 
 def split_output(acc, m, l):
@@ -263,7 +304,7 @@ def store_split(o_ref, lse_ref, carry, heads, b, kv, split, *, num_heads: int, g
 
 def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_out, *,
                  num_heads: int, group: int, block_k: int, num_splits: int, sm_scale: float,
-                 item=None, layer: int | None = None, rope_ref=None):
+                 item=None, layer: int | None = None, rope_ref=None, prefetch: bool = False):
     """qkv_ref [B, H + 2K, D]; o_ref [B, splits, H * D] and lse_ref [B * splits * H] f32,
     the layouts the O projection's merge reads. item: (row, kv head, split) when a persistent
     kernel runs this (`layer`), else the program's ids. layer: see `cache_lead`. rope_ref:
@@ -287,7 +328,7 @@ def _attn_kernel(pos_ref, qkv_ref, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_ou
 
     carry = attend_past(kc_ref, vc_ref, b, kv, q, seed_carry(q, k_new, v_new, split, sm_scale),
                         past, split, block_k=block_k, num_splits=num_splits, sm_scale=sm_scale,
-                        layer=layer)
+                        layer=layer, prefetch=prefetch)
     store_split(o_ref, lse_ref, carry, heads, b, kv, split, num_heads=num_heads, group=group,
                 num_splits=num_splits)
 
@@ -310,12 +351,13 @@ def decode_attention(qkv, k_cache, v_cache, positions, *, layer=None, rope=None,
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "num_splits",
                                              "block_k", "num_warps", "num_stages", "interpret",
-                                             "parts_dtype"))
+                                             "parts_dtype", "prefetch"))
 def _decode_attention(qkv, k_cache, v_cache, positions, layer=None, rope=None, *,
                       num_heads: int,
                       num_kv_heads: int, num_splits: int | None = None, block_k: int = BLOCK_K,
-                      num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None,
-                      parts_dtype: str | None = None):
+                      num_warps: int = 4, num_stages: int | None = None,
+                      interpret: bool | None = None, parts_dtype: str | None = None,
+                      prefetch: bool | None = None):
     """One query per row against its dense cache, with the row's new K/V written in place.
 
     Args:
@@ -333,6 +375,8 @@ def _decode_attention(qkv, k_cache, v_cache, positions, layer=None, rope=None, *
         runs a kernel per layer that applies RoPE and packs q, k and v for this one.
       num_splits: split-K partitions per (row, kv head); default `default_splits(S, B)`
         (the fused step passes the model's sizes too).
+      prefetch: the past loop pipelined by hand (`attend_past_prefetched`); None: PREFETCH.
+      num_stages: Triton's; default 2, or 1 with prefetch (nothing left to pipeline).
       parts_dtype: the partials' dtype, f32 by default. With one split the partial is the
         attention's output, and the general path rounds it to the model dtype: stored so, it
         needs no convert kernel after this one (one per layer of the general step at batch
@@ -358,8 +402,10 @@ def _decode_attention(qkv, k_cache, v_cache, positions, layer=None, rope=None, *
                          f"dtype {qkv.dtype} and a length that block_k={block_k} divides")
     splits = num_splits or default_splits(S, b, block_k=block_k)
     check_parts_dtype(parts_dtype, splits)
+    prefetch = PREFETCH if prefetch is None else bool(prefetch)
+    num_stages = num_stages or (1 if prefetch else 2)
     kernel = functools.partial(_attn_kernel, num_heads=H, group=H // K, block_k=block_k,
-                               num_splits=splits, sm_scale=D ** -0.5)
+                               num_splits=splits, sm_scale=D ** -0.5, prefetch=prefetch)
     inputs = (positions.astype(jnp.int32), qkv.reshape(b, H + 2 * K, D), k_cache, v_cache)
     if rope is not None:  # after the caches, so the aliases stand
         kernel, inputs = taking_rope(kernel, len(inputs)), (*inputs, rope.astype(f32))

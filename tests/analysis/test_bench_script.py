@@ -54,9 +54,14 @@ def test_tune_decode_attention_checks_every_launch_of_both_caches(tmp_path):
     assert set(rows) == {(b, s) for b in (8, 16) for s in (1, 2)}
     assert all("page size" in rows[8, s]["error"] for s in (1, 2))  # block_k < the page
     assert not any("error" in rows[16, s] for s in (1, 2))
-    dense = tune.main(["--cache", "dense", "--max-len", "128", "--block-k", "64", *common])
-    (row,) = dense["rows"]
-    assert "error" not in row and row["splits"] >= 1 and dense["best"] is None  # untimed
+    dense = tune.main(["--cache", "dense", "--max-len", "128", "--block-k", "64",
+                       "--prefetch", "0,1", *common])
+    plain, pf = dense["rows"]  # the hand-pipelined loop is checked too, at 1 stage
+    assert not plain["prefetch"] and plain["stages"] == 2 and pf["prefetch"] and pf["stages"] == 1
+    assert not any("error" in r for r in (plain, pf)) and plain["splits"] >= 1
+    assert dense["best"] is None  # untimed
+    with pytest.raises(SystemExit, match="--prefetch 1 is the dense kernel's"):
+        tune.main(["--cache", "paged", "--max-len", "64", "--prefetch", "1", *common])
     saved = json.loads((tmp_path / "tune_decode_attention_paged_tiny_b2.json").read_text())
     assert saved["cache"] == "paged" and saved["page"] == 16
     # --dtype float32 (the engine's SmolLM2 dtype): checked, 4-byte K/V counted, and written

@@ -190,6 +190,29 @@ def test_decode_attention_matches_reference(rng, dtype, rows, splits, block_k):
     chex.assert_trees_all_equal((k_out, v_out), (k_want, v_want))  # the write is a copy
 
 
+@pytest.mark.parametrize("dtype,splits,block_k", [("bfloat16", 3, 64), ("float32", 8, 128)])
+def test_decode_attention_prefetch_matches_reference(rng, dtype, splits, block_k):
+    """The hand-pipelined past loop (`attend_past_prefetched`): the positions of
+    test_decode_attention_matches_reference (mid-cache, 0, past the buffer, a block boundary;
+    splits that see no block), with NaN in every slot at or past a row's position: masked
+    loads read none of them, the next block's included."""
+    H, K, D, S, rows = 6, 2, 64, 256, 4
+
+    def normal(*shape):
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+
+    qkv, kc, vc = normal(rows, (H + 2 * K) * D), normal(rows, S, K, D), normal(rows, S, K, D)
+    positions = jnp.asarray([130, 0, S + 5, 64], jnp.int32)
+    want = ref.decode_attention_reference(qkv, kc, vc, positions, num_heads=H,
+                                          num_kv_heads=K)[0]
+    stale = (jnp.arange(S)[None, :] >= positions[:, None])[:, :, None, None]  # [B, S, 1, 1]
+    kc, vc = (jnp.where(stale, jnp.nan, c).astype(dtype) for c in (kc, vc))
+    parts, lse, _, _ = decode_attention(qkv, kc, vc, positions, num_heads=H, num_kv_heads=K,
+                                        num_splits=splits, block_k=block_k, prefetch=True)
+    chex.assert_shape(parts, (rows, splits, H * D))
+    assert_close(ref.merge_splits(parts, lse), want, dtype)
+
+
 def test_decode_attention_ignores_slots_past_the_position(rng):
     """Slots at or past a row's position may hold anything (a stale or unwritten cache): NaN
     there must not reach the output (the blocks over them are read masked)."""
