@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warps", default="2,4,8")
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--prefetch", default="0",
-                    help="dense: 0 (Triton pipelines by num_stages), 1 (the loop pipelined by "
-                         "hand, `attend_past_prefetched`; stages are then 1) or 0,1")
+                    help="0 (Triton pipelines by num_stages), 1 (the loop pipelined by hand: "
+                         "the kernels' prefetch=True; stages are then 1) or 0,1")
     ap.add_argument("--splits", default="auto",
                     help="'auto' (the caller's rule) or split counts to try, e.g. 1,2")
     ap.add_argument("--repeats", type=int, default=5, help="profiled runs per variant")
@@ -190,9 +190,6 @@ def main(argv: list[str] | None = None) -> dict:
         return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(args.dtype)
 
     prefetch = sorted({bool(int(x)) for x in args.prefetch.split(",")})
-    if args.cache == "paged" and True in prefetch:
-        raise SystemExit("--prefetch 1 is the dense kernel's (decode_attention); the paged "
-                         "one has no hand-pipelined loop: pass --prefetch 0 or --cache dense")
     check, step, kernel, rule = CASES[args.cache](args, B, H, K, D, L, rnd)
     kv_bytes = 2 * B * args.context * K * D * args.dtype.itemsize  # per layer, read
     rows = []

@@ -46,7 +46,12 @@ from pallas_kernels.fused_decode.attention import (
     taking_rope,
 )
 from pallas_kernels.fused_decode.kernel import whole_block
-from pallas_kernels.paged_attention.kernel import load_kv_block, pad_block_tables, split_blocks
+from pallas_kernels.paged_attention.kernel import (
+    attend_prefetched,
+    load_kv_block,
+    pad_block_tables,
+    split_blocks,
+)
 
 f32 = jnp.float32
 
@@ -60,7 +65,7 @@ def paged_block_k(page_size: int) -> int:
 def _paged_attn_kernel(ctx_ref, slot_ref, base_ref, table_ref, qkv_ref, kc_ref, vc_ref, o_ref,
                        lse_ref, kc_out, vc_out, *, num_heads: int, group: int, block_k: int,
                        page_size: int, layer_pages: int, num_splits: int, sm_scale: float,
-                       rope_ref=None):
+                       rope_ref=None, prefetch: bool = False):
     """ctx_ref, slot_ref [B] int32; base_ref [1] int32 (the layer's first row);
     table_ref [W_pad] row b's block table; qkv_ref [B, H + 2K, D]; kc_ref, vc_ref (and the
     aliased kc_out, vc_out) [L * P * page, D], the pool through kv head `kv`. rope_ref: see
@@ -92,20 +97,26 @@ def _paged_attn_kernel(ctx_ref, slot_ref, base_ref, table_ref, qkv_ref, kc_ref, 
 
     lo, full_hi, hi = split_blocks(past, block_k, split, num_splits)
     carry = seed_carry(q, k_new, v_new, split, sm_scale)
-    carry = jax.lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), carry)
-    carry = jax.lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+    if prefetch:  # the loop pipelined by hand (see `attend_prefetched`)
+        carry = attend_prefetched(q, kc_ref, vc_ref, table_ref, past, lo, hi, carry,
+                                  sm_scale=sm_scale, soft_cap=None, block_k=block_k,
+                                  page_size=page_size, first_row=base, num_pages=layer_pages)
+    else:
+        carry = jax.lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), carry)
+        carry = jax.lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
     store_split(o_ref, lse_ref, carry, heads, b, kv, split, num_heads=num_heads, group=group,
                 num_splits=num_splits)
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "num_splits",
                                              "block_k", "num_warps", "num_stages", "interpret",
-                                             "parts_dtype"))
+                                             "parts_dtype", "prefetch"))
 def paged_decode_attention(qkv, k_pages, v_pages, layer, context_lens, slot_mapping,
                            block_tables, rope=None, *, num_heads: int, num_kv_heads: int,
                            num_splits: int | None = None, block_k: int | None = None,
-                           num_warps: int = 4, num_stages: int = 2,
-                           interpret: bool | None = None, parts_dtype: str | None = None):
+                           num_warps: int = 4, num_stages: int | None = None,
+                           interpret: bool | None = None, parts_dtype: str | None = None,
+                           prefetch: bool = False):
     """One query per row against its pages of the pool, with the row's new K/V stored.
 
     Args:
@@ -128,6 +139,9 @@ def paged_decode_attention(qkv, k_pages, v_pages, layer, context_lens, slot_mapp
         `paged_block_k` (the fused step's). The engine's general path passes the paged decode
         kernel's tuned launch (`paged_attention.tuning.paged_config`).
       parts_dtype: as `decode_attention`'s: one split's output may leave in the model dtype.
+      prefetch: the loop pipelined by hand (`paged_attention.kernel.attend_prefetched`: the
+        next block's K/V load during this block's math); off until timed on a card.
+      num_stages: Triton's; default 2, or 1 with prefetch.
 
     Returns:
       (parts, lse, k_pages, v_pages) as `decode_attention`'s: parts [B, splits, H * D] f32,
@@ -160,9 +174,10 @@ def paged_decode_attention(qkv, k_pages, v_pages, layer, context_lens, slot_mapp
     # Contexts past the table are clamped, as the paged decode kernel does under jit.
     ctx = jnp.clip(context_lens.astype(jnp.int32), 0, block_tables.shape[1] * page)
     base = (jnp.asarray(layer, jnp.int32) * (P * page)).reshape(1)
+    num_stages = num_stages or (1 if prefetch else 2)
     kernel = functools.partial(_paged_attn_kernel, num_heads=H, group=H // K, block_k=block_k,
                                page_size=page, layer_pages=P, num_splits=splits,
-                               sm_scale=D ** -0.5)
+                               sm_scale=D ** -0.5, prefetch=bool(prefetch))
     rows = L * P * page
     pool_spec = pl.BlockSpec((rows, None, D), lambda bi, ki, si: (0, ki, 0))
     inputs = (ctx, slot_mapping.astype(jnp.int32), base, table, qkv.reshape(b, H + 2 * K, D),

@@ -59,7 +59,8 @@ def block_rows(table_ref, j, block_k: int, page_size: int, num_pages: int) -> ja
 
 
 def attend_prefetched(q, k_ref, v_ref, table_ref, ctx, lo, hi, carry, *, sm_scale: float,
-                      soft_cap: float | None, block_k: int, page_size: int):
+                      soft_cap: float | None, block_k: int, page_size: int, first_row=None,
+                      num_pages: int | None = None):
     """The online softmax over blocks [lo, hi) with block j + 1's K and V loads, and block
     j + 2's page ids, issued before block j's math: a software pipeline through registers.
 
@@ -75,15 +76,17 @@ def attend_prefetched(q, k_ref, v_ref, table_ref, ctx, lo, hi, carry, *, sm_scal
     A block past hi (the last iteration's next, or the one after) reads pool row 0 for every
     token: one row, from cache after the first lane, where a clipped block would read a
     whole block's bytes again. Tokens at or past ctx are masked and their V zeroed, as in the
-    two loops of `_decode_kernel`.
+    two loops of `_decode_kernel`. first_row, num_pages: as `load_kv_block`'s (the pages the
+    table indexes start at row first_row of the refs).
     """
-    num_pages = k_ref.shape[0] // page_size
+    num_pages = num_pages or k_ref.shape[0] // page_size
     table_blocks = table_ref.shape[0] // (block_k // page_size)  # padded: a whole block each
 
-    def rows_of(j):  # [block_k]; row 0 past the split
+    def rows_of(j):  # [block_k] rows of the refs; the first page's first row past the split
         rows = block_rows(table_ref, jnp.minimum(j, table_blocks - 1), block_k, page_size,
                           num_pages)
-        return jnp.where(j < hi, rows, 0)
+        rows = jnp.where(j < hi, rows, 0)
+        return rows if first_row is None else first_row + rows
 
     def body(j, state):
         carry, k, v, rows_next = state

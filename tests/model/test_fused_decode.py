@@ -296,13 +296,15 @@ def test_decode_attention_names_bad_shapes():
         decode_attention(qkv, cache[:, :100], cache[:, :100], pos, num_heads=6, num_kv_heads=2)
 
 
-@pytest.mark.parametrize("dtype,splits,page", [("float32", None, 4), ("bfloat16", 3, 16),
-                                               ("float32", 2, 128)])
-def test_paged_decode_attention_matches_reference(rng, dtype, splits, page):
+@pytest.mark.parametrize("dtype,splits,page,prefetch", [
+    ("float32", None, 4, False), ("bfloat16", 3, 16, False), ("float32", 2, 128, False),
+    ("bfloat16", 3, 16, True), ("float32", 2, 4, True)])
+def test_paged_decode_attention_matches_reference(rng, dtype, splits, page, prefetch):
     """Layer 1 of a 2-layer pool, rows with shuffled pages: a context mid-table, the new token
     alone (context 1), a context ending on a block boundary, a padding row (context 0, no
     slot) and a multi-step row past its count (its token already stored: no slot). Pages of 4
-    and 16 tokens (several per 64-token block) and of 128 (a block of one page)."""
+    and 16 tokens (several per 64-token block) and of 128 (a block of one page). prefetch: the
+    loop pipelined by hand (`attend_prefetched`, reading layer 1's rows of the pool)."""
     H, K, D, W = 6, 2, 64, 256 // page
     L, P = 2, 5 * W
 
@@ -318,7 +320,8 @@ def test_paged_decode_attention_matches_reference(rng, dtype, splits, page):
     slots = tables[jnp.arange(rows), pos // page] * page + pos % page
     slots = jnp.where(jnp.asarray([True, True, True, False, False]), slots, -1)
     parts, lse, k_out, v_out = paged_decode_attention(
-        qkv, kp, vp, 1, ctx, slots, tables, num_heads=H, num_kv_heads=K, num_splits=splits)
+        qkv, kp, vp, 1, ctx, slots, tables, num_heads=H, num_kv_heads=K, num_splits=splits,
+        prefetch=prefetch)
     want, k_want, v_want = ref.paged_decode_attention_reference(
         qkv, kp, vp, 1, ctx, slots, tables, num_heads=H, num_kv_heads=K)
     ns = splits or default_splits(W * page, rows, block_k=paged_block_k(page))
