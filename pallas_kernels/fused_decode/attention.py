@@ -189,8 +189,8 @@ def attend_past_prefetched(kc_ref, vc_ref, row, kv, q, carry, past, lo, hi, *, b
 
     def body(j, state):
         carry, k, v = state
+        k_next, v_next = load(j + 1)  # in flight during this block's math below
         s = scale_logits(dot_nt(q, k), sm_scale, None)  # [M, block_k]
-        k_next, v_next = load(j + 1)  # in flight during the softmax and P V below
         valid = j * block_k + jnp.arange(block_k) < past  # [block_k]
         carry = online_softmax_step(carry, s, v, jnp.broadcast_to(valid[None, :], s.shape))
         return carry, k_next, v_next

@@ -90,9 +90,9 @@ def attend_prefetched(q, k_ref, v_ref, table_ref, ctx, lo, hi, carry, *, sm_scal
 
     def body(j, state):
         carry, k, v, rows_next = state
-        s = scale_logits(dot_nt(q, k), sm_scale, soft_cap)  # [Gp, block_k]
         k_next, v_next = k_ref[rows_next], v_ref[rows_next]  # block j + 1, in flight below
         rows_after = rows_of(j + 2)
+        s = scale_logits(dot_nt(q, k), sm_scale, soft_cap)  # [Gp, block_k]
         valid = j * block_k + jnp.arange(block_k) < ctx  # [block_k]
         v = jnp.where(valid[:, None], v, jnp.zeros_like(v))  # 0 * stale values stays 0
         carry = online_softmax_step(carry, s, v, jnp.broadcast_to(valid[None, :], s.shape))
