@@ -21,6 +21,10 @@
 #   api      repeated `jdecode.generate` calls on one Model against fresh Generators
 #            (bench_api_calls.py, SmolLM2 shape, bf16).
 #
+#   flash    issue 17's three flash misses (D128 non-causal, T 2048/4096/16384: 0.97-0.99x
+#            cuDNN, within the two kernels' run-to-run swing) with the Hopper kernel and
+#            cuDNN timed in turns, 7 rounds (bench_flash.py --rounds). Not in the default
+#            STAGE: a call of its own, or in place of profile.
 #   tests    `pytest -m gpu tests`: every kernel compiled against its reference (the two
 #            server test files are left out where the image lacks `openai`; they hold no
 #            GPU test). The real-model tests skip unless the model was brought. Not in the
@@ -76,6 +80,11 @@ if stage api 70; then
   timeout 70 python3 scripts/bench_api_calls.py --model configs/models/smollm2-135m.yaml \
     --dtype bfloat16 --out "$RAW/api" --tag "$tag" > "$RAW/api.log" 2>&1
   echo "api rc=$?"; tail -4 "$RAW/api.log"
+fi
+if stage flash 200; then
+  timeout 200 python3 scripts/bench_flash.py --dims 128 --causal 0 --seqs 2048,4096,16384 \
+    --grid "" --rounds 7 --out "$RAW/flash" > "$RAW/flash.log" 2>&1
+  echo "flash rc=$?"; grep -E "rounds in turns|mosaic:|cudnn:" "$RAW/flash.log"
 fi
 for spec in "llama-3.2-1b 64" "smollm2-135m 1"; do
   if stage profile 90; then

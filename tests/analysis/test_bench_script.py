@@ -113,3 +113,23 @@ def test_bench_kernels_decode_table_names_each_variants_launch():
     assert "best of ours: ours_default" in text
     names = {f"ours_pf_split{s}_bk{bk}_w{w}" for s, bk, w in bench.PREFETCH_LAUNCHES}
     assert len(names) == len(bench.PREFETCH_LAUNCHES) and "ours_pf_split4_bk64_w4" in names
+
+
+def test_bench_flash_times_two_kernels_in_turns():
+    """`interleaved`: every round times both, the order reversed every other round, so a
+    clock that drifts during the run weighs on both alike; the ratio is the median of the
+    rounds' ratios. With every call 10% slower than the last, it reads 2.01 for a true 2,
+    where all of one then all of the other would read 2 * 1.1 ** 4 = 2.93."""
+    bench = load_script("bench_flash")
+    calls, clock = [], [1.0]
+
+    def time_one(name):  # "slow" takes twice "fast"'s time; every call 10% slower than the last
+        calls.append(name)
+        clock[0] *= 1.1
+        return clock[0] * (2.0 if name == "slow" else 1.0) * 1e-3
+
+    r = bench.interleaved({"fast": "fast", "slow": "slow"}, 4, time_one)
+    assert calls == ["fast", "slow", "slow", "fast", "fast", "slow", "slow", "fast"]
+    assert r["rounds"] == 4 and len(r["ms"]["fast"]) == len(r["ms"]["slow"]) == 4
+    assert r["ratio"]["slow"] == pytest.approx(2.0, rel=0.01)
+    assert r["median_ms"]["slow"] > r["median_ms"]["fast"]
