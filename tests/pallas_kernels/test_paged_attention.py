@@ -47,6 +47,21 @@ def _poison_unused(pages, used):
     return jnp.where(jnp.asarray(keep)[:, None, None, None], pages, jnp.nan).astype(pages.dtype)
 
 
+def _decode_batch(rng, lens_of, page, group, d, dtype):
+    """(q, k_pages, v_pages, tables, ctx) of one decode step: a sequence per length of
+    lens_of(max_pages) on random disjoint pages of 4-page tables, 2 kv heads (1 for GQA 8),
+    pages no sequence owns poisoned with NaN."""
+    kv_heads, max_pages = 2 if group < 8 else 1, 4
+    lens = lens_of(max_pages)
+    num_pages = 2 * max_pages * len(lens)
+    tables, used = _tables(rng, lens, page, max_pages, num_pages)
+    k_pages, v_pages = (
+        _poison_unused(x, used) for x in _pool(rng, num_pages, page, kv_heads, d, dtype)
+    )
+    q = jnp.asarray(rng.standard_normal((len(lens), group * kv_heads, d)), dtype)
+    return q, k_pages, v_pages, tables, jnp.asarray(lens, jnp.int32)
+
+
 # (page_size, group, head_dim, dtype, num_splits): page sizes 16/32/64, GQA 1/4/8, both head
 # dims, f32/bf16, with and without split-K (3 splits do not divide the blocks evenly).
 DECODE_CASES = [
@@ -59,16 +74,10 @@ DECODE_CASES = [
 
 @pytest.mark.parametrize("page,group,d,dtype,num_splits", DECODE_CASES)
 def test_paged_decode_matches_reference(rng, interpret, page, group, d, dtype, num_splits):
-    kv_heads, max_pages = 2 if group < 8 else 1, 4
     # Lengths at every page boundary: 1, page-1, page, page+1, and a full table.
-    lens = [1, page - 1, page, page + 1, max_pages * page]
-    num_pages = 2 * max_pages * len(lens)
-    tables, used = _tables(rng, lens, page, max_pages, num_pages)
-    k_pages, v_pages = (
-        _poison_unused(x, used) for x in _pool(rng, num_pages, page, kv_heads, d, dtype)
-    )
-    q = jnp.asarray(rng.standard_normal((len(lens), group * kv_heads, d)), dtype)
-    ctx = jnp.asarray(lens, jnp.int32)
+    q, k_pages, v_pages, tables, ctx = _decode_batch(
+        rng, lambda max_pages: [1, page - 1, page, page + 1, max_pages * page], page, group, d,
+        dtype)
 
     def kernel(*args):
         return paged_attention(*args, num_splits=num_splits, block_k=page, interpret=interpret)
@@ -90,15 +99,9 @@ def test_paged_decode_prefetch_matches_reference(rng, interpret, page, group, d,
     that hold no block (context 1), the last iteration's and the one-after's blocks read past
     the split, and stale pages poisoned with NaN, it equals the reference (and the default
     loop)."""
-    kv_heads, max_pages = 2 if group < 8 else 1, 4
-    lens = [1, page - 1, page, page + 1, 2 * page + 3, max_pages * page]
-    num_pages = 2 * max_pages * len(lens)
-    tables, used = _tables(rng, lens, page, max_pages, num_pages)
-    k_pages, v_pages = (
-        _poison_unused(x, used) for x in _pool(rng, num_pages, page, kv_heads, d, dtype)
-    )
-    q = jnp.asarray(rng.standard_normal((len(lens), group * kv_heads, d)), dtype)
-    ctx = jnp.asarray(lens, jnp.int32)
+    q, k_pages, v_pages, tables, ctx = _decode_batch(
+        rng, lambda max_pages: [1, page - 1, page, page + 1, 2 * page + 3, max_pages * page],
+        page, group, d, dtype)
 
     def kernel(*args, prefetch):
         return paged_attention(*args, num_splits=num_splits, block_k=block_k,
