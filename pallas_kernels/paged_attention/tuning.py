@@ -35,6 +35,12 @@ def paged_config(page_size: int, head_dim: int, dtype, kind: str | None = None) 
     there is 4% behind (3.70 vs 3.85 TB/s), the best block_k 256 one 9% (3.51). Ragged 28
     decodes + 4 chunks of 512 (H100): 64 rows per program 509 us, 32 rows 1246 us, 16 rows
     1695 us (block_k 64).
+
+    What num_stages did there: compiled for sm_90a (stop 68, benchmarks/deviceless_h200.md),
+    the decode kernel's K/V buffers have one slot at 2, 3 and 4 stages alike (the extra stages
+    go to the block table's ids), so those launches differ in when the ids load, not in how
+    many K/V blocks are in flight. `paged_attention(prefetch=True)` is the loop that keeps one
+    in flight; it is not in this table until a card has timed it.
     """
     kind = device_kind() if kind is None else kind
     # f32 K/V of head_dim <= 64: 64-token blocks and a grid of about four decode programs an
