@@ -47,9 +47,11 @@ MAX_SPLITS = 16
 # Bytes of partials the O projection's programs re-read in all, at most (see default_splits).
 MERGE_BUDGET = 20 << 20
 # The hand-pipelined past loop (`attend_past_prefetched`) for decode_attention calls that do
-# not say: off until a card times it. Compiled for sm_90a (triton 3.9), the default loop's
+# not say: off until a card times it. Compiled for sm_90a (triton 3.9), the default launch's
 # K/V rings have one slot and each iteration waits for all copies (`deviceless.pipelining`),
-# so no program overlaps its loads with its math. The A/B:
+# so no program overlaps its loads with its math. (At 3 stages Triton double-buffers them;
+# timed at batch 64 of the 1B shape that was 1.5% faster, within the spread, stop 36 in
+# benchmarks/fused_decode_h200.md: expect little there.) The A/B:
 #   OUT=$OUT FILE=pallas_kernels/fused_decode/attention.py SED='s|^PREFETCH = False|PREFETCH
 #   = True|' MODELS=llama-3.2-1b BATCH=64 IMPL=auto bash scripts/gpu_ab.sh
 PREFETCH = False
