@@ -400,17 +400,26 @@ def bench_decode(b: int = 32, ctx: int = 4096) -> dict:
 # 48 KB (at 4 and 8 splits); none spills. bk128 w4 spills 5.8 KB and bk64 w8 fits one CTA an SM (152
 # registers): left out.
 PREFETCH_LAUNCHES = ((4, 64, 4), (8, 64, 4), (4, 128, 8), (8, 32, 2), (4, 32, 4), (8, 32, 4))
+# (splits, block_k, warps, stages) where Triton's own pipeliner double-buffers this kernel's
+# K/V: from 5 stages on (2 slots, 3 copy groups left in flight at the loop's wait; at 2-4
+# stages, every launch the grids of runs 15-17 timed, one slot). Compiled as above: bk32
+# 127 registers / 4 CTAs an SM, bk64 128 / 2, bk128 163 / 1 (173 KB of shared memory).
+DEEP_STAGE_LAUNCHES = ((4, 64, 4, 5), (8, 64, 4, 5), (8, 32, 4, 5), (4, 128, 4, 5))
 
 
 def bench_decode_prefetch(b: int = 8, ctx: int = 4096) -> dict:
-    """The default launch against the hand-pipelined loop's (PREFETCH_LAUNCHES), same run,
-    with the same-size read stream; each variant's top kernel carries its launch (grid,
-    registers, occupancy)."""
-    print(f"paged decode B{b} S{ctx}: default against prefetch=True launches")
+    """The default launch against the launches whose loop keeps a block in flight during the
+    math, same run, with the same-size read stream: the hand-pipelined loop's
+    (PREFETCH_LAUNCHES) and Triton's own at 5 stages (DEEP_STAGE_LAUNCHES). Each variant's
+    top kernel carries its launch (grid, registers, occupancy)."""
+    print(f"paged decode B{b} S{ctx}: default against prefetch=True and 5-stage launches")
     variants = {"ours_default": {}}
     for splits, bk, warps in PREFETCH_LAUNCHES:
         variants[f"ours_pf_split{splits}_bk{bk}_w{warps}"] = {
             "prefetch": True, "num_splits": splits, "block_k": bk, "num_warps": warps}
+    for splits, bk, warps, stages in DEEP_STAGE_LAUNCHES:
+        variants[f"ours_split{splits}_bk{bk}_w{warps}_st{stages}"] = {
+            "num_splits": splits, "block_k": bk, "num_warps": warps, "num_stages": stages}
     res = bench_decode_point(b, ctx, variants=variants, anchors=False, read_same=True)
     ours = {n: r for n, r in res.items() if n.startswith("ours_") and "TBps" in r}
     if ours:

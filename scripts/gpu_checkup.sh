@@ -6,8 +6,9 @@
 #
 #   b8       paged decode at B8 S4096, the one point under issue 17's bar (80% of 85%):
 #            bench_kernels.py --only ceilings,decode_b8_pf, the default launch against the
-#            hand-pipelined loop's (`paged_attention(prefetch=True)`, PREFETCH_LAUNCHES) and
-#            the same-size read stream, each with its kernel's grid, registers and occupancy
+#            hand-pipelined loop's (`paged_attention(prefetch=True)`, PREFETCH_LAUNCHES),
+#            Triton's own double-buffered one at 5 stages (DEEP_STAGE_LAUNCHES) and the
+#            same-size read stream, each with its kernel's grid, registers and occupancy
 #            (`parse_launch`). (decode_b8, the 20-launch grid of runs 15-17, is its own call.)
 #   attn     the Generator's batch-64 attention of the Llama-3.2-1B shape (27-30 us of every
 #            layer, ~26% of the step) with Triton's pipelining against the loop pipelined by

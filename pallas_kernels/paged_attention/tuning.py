@@ -39,8 +39,9 @@ def paged_config(page_size: int, head_dim: int, dtype, kind: str | None = None) 
     What num_stages did there: compiled for sm_90a (stop 68, benchmarks/deviceless_h200.md),
     the decode kernel's K/V buffers have one slot at 2, 3 and 4 stages alike (the extra stages
     go to the block table's ids), so those launches differ in when the ids load, not in how
-    many K/V blocks are in flight. `paged_attention(prefetch=True)` is the loop that keeps one
-    in flight; it is not in this table until a card has timed it.
+    many K/V blocks are in flight. From 5 stages on Triton double-buffers them, and
+    `paged_attention(prefetch=True)` keeps a block in flight by hand; neither is in this
+    table until a card has timed it (bench_kernels.py --only decode_b8_pf).
     """
     kind = device_kind() if kind is None else kind
     # f32 K/V of head_dim <= 64: 64-token blocks and a grid of about four decode programs an
