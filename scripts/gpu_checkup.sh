@@ -11,12 +11,17 @@
 #            same-size read stream, each with its kernel's grid, registers and occupancy
 #            (`parse_launch`). (decode_b8, the 20-launch grid of runs 15-17, is its own call.)
 #   attn     the Generator's batch-64 attention of the Llama-3.2-1B shape (27-30 us of every
-#            layer, ~26% of the step) with Triton's pipelining against the loop pipelined by
-#            hand (`decode_attention(prefetch=True)`), by device time per layer
-#            (tune_decode_attention.py --prefetch 0,1). If the hand loop wins, the model-level
+#            layer, ~26% of the step): the default (2 stages: one-slot rings), Triton's
+#            double-buffered 3 stages, and the loop pipelined by hand
+#            (`decode_attention(prefetch=True)`), by device time per layer
+#            (tune_decode_attention.py --stages 2,3 --prefetch 0,1). If the hand loop wins, the
+#            model-level
 #            A/B is: OUT=$OUT FILE=pallas_kernels/fused_decode/attention.py SED='s|^PREFETCH
 #            = False|PREFETCH = True|' MODELS=llama-3.2-1b BATCH=64 IMPL=auto bash
 #            scripts/gpu_ab.sh (its own call).
+#   attn_paged  the same for the engine's kernel (`paged_decode_attention`) at its 64-row
+#            decode step (context 328, 16-token pages), where Triton double-buffers from 5
+#            stages on. Not in the default STAGE.
 #   profile  where the default decode step's time goes per kernel, the decode loop only
 #            (profile_decode.py): the Llama-3.2-1B shape at batch 64, SmolLM2's at batch 1.
 #   api      repeated `jdecode.generate` calls on one Model against fresh Generators
@@ -73,9 +78,15 @@ if stage b8 170; then
 fi
 if stage attn 150; then
   timeout 150 python3 scripts/tune_decode_attention.py --model llama-3.2-1b --batch 64 \
-    --block-k 64,128 --warps 4,8 --stages 2 --prefetch 0,1 --out "$RAW/attn" \
+    --block-k 64,128 --warps 4 --stages 2,3 --prefetch 0,1 --out "$RAW/attn" \
     > "$RAW/attn.log" 2>&1
   echo "attn rc=$?"; grep -E "us device|best" "$RAW/attn.log"
+fi
+if stage attn_paged 150; then
+  timeout 150 python3 scripts/tune_decode_attention.py --cache paged --model llama-3.2-1b \
+    --batch 64 --context 328 --max-len 2048 --block-k 64,128 --warps 4 --stages 2,5 \
+    --prefetch 0,1 --out "$RAW/attn_paged" > "$RAW/attn_paged.log" 2>&1
+  echo "attn_paged rc=$?"; grep -E "us device|best" "$RAW/attn_paged.log"
 fi
 if stage api 70; then
   timeout 70 python3 scripts/bench_api_calls.py --model configs/models/smollm2-135m.yaml \
