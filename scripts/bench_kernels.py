@@ -369,6 +369,15 @@ def read_same_bytes(nbytes: int, rotations: int) -> dict:
     return rates(t, rows * 8192 * 2)
 
 
+def mark_best_of_ours(res: dict) -> None:
+    """res["ours_best"]: the fastest of a decode point's "ours_*" variants with its config
+    name, ranked by device time where the profiler saw the kernels (the GPU), else wall."""
+    ours = {n: r for n, r in res.items() if n.startswith("ours_") and "TBps" in r}
+    if ours:
+        best = max(ours, key=lambda n: ours[n].get("TBps_device", ours[n]["TBps"]))
+        res["ours_best"] = {"config": best, **ours[best]}
+
+
 def bench_decode(b: int = 32, ctx: int = 4096) -> dict:
     print(f"paged decode B{b} S{ctx} H32 KV8 D128 bf16 page 16")
     variants = {"ours_default": {}}
@@ -383,10 +392,7 @@ def bench_decode(b: int = 32, ctx: int = 4096) -> dict:
             variants[f"ours_split{splits}_bk{bk}_st{stages}_w8"] = {
                 "num_splits": splits, "block_k": bk, "num_stages": stages, "num_warps": 8}
     res = bench_decode_point(b, ctx, variants=variants)
-    ours = {n: r for n, r in res.items() if n.startswith("ours_") and "TBps" in r}
-    if ours:  # ranked by device time where the profiler saw the kernels (the GPU)
-        best = max(ours, key=lambda n: ours[n].get("TBps_device", ours[n]["TBps"]))
-        res["ours_best"] = {"config": best, **ours[best]}
+    mark_best_of_ours(res)
     for page in (32, 64) if b == 32 else ():
         p = bench_decode_point(32, 4096, page=page, anchors=False)
         res[f"ours_page{page}"] = p.get("ours")
@@ -421,10 +427,7 @@ def bench_decode_prefetch(b: int = 8, ctx: int = 4096) -> dict:
         variants[f"ours_split{splits}_bk{bk}_w{warps}_st{stages}"] = {
             "num_splits": splits, "block_k": bk, "num_warps": warps, "num_stages": stages}
     res = bench_decode_point(b, ctx, variants=variants, anchors=False, read_same=True)
-    ours = {n: r for n, r in res.items() if n.startswith("ours_") and "TBps" in r}
-    if ours:
-        best = max(ours, key=lambda n: ours[n].get("TBps_device", ours[n]["TBps"]))
-        res["ours_best"] = {"config": best, **ours[best]}
+    mark_best_of_ours(res)
     return res
 
 

@@ -203,20 +203,23 @@ def matmul_category(cfg, mm: dict, shares_input: bool) -> str | None:
     return None
 
 
+def _stream_events(data):
+    """Every event on a trace's device stream lines (not the host plane, and not a device
+    plane's derived lines, which repeat the stream's kernels)."""
+    for plane in data.planes:
+        if plane.name.startswith("/device:"):
+            for line in plane.lines:
+                if line.name.startswith("Stream"):
+                    yield from line.events
+
+
 def stream_kernels(data) -> list[tuple[str, int, int]]:
     """(kernel name, start_ns, duration_ns) of every kernel on a trace's device stream lines.
 
     Unlike the HLO-op view of `_trace_events`, this includes kernels that carry no HLO op
     (Pallas custom calls, named by the kernel itself, e.g. gate_up_swiglu), of every module.
     """
-    out = []
-    for plane in data.planes:
-        if not plane.name.startswith("/device:"):
-            continue
-        for line in plane.lines:
-            if line.name.startswith("Stream"):
-                out += [(ev.name, ev.start_ns, ev.duration_ns) for ev in line.events]
-    return out
+    return [(ev.name, ev.start_ns, ev.duration_ns) for ev in _stream_events(data)]
 
 
 # Hopper's (and Ampere's) resident-thread limit per SM: what CUPTI's occupancy is a share of.
@@ -260,18 +263,9 @@ def stream_launches(data) -> dict[str, dict]:
     """Kernel name -> `parse_launch` of its first launch on a trace's device stream lines
     (a kernel whose trace carries no `kernel_details` is left out)."""
     out: dict[str, dict] = {}
-    for plane in data.planes:
-        if not plane.name.startswith("/device:"):
-            continue
-        for line in plane.lines:
-            if not line.name.startswith("Stream"):
-                continue
-            for ev in line.events:
-                if ev.name in out:
-                    continue
-                details = dict(ev.stats).get("kernel_details")
-                if details:
-                    out[ev.name] = parse_launch(str(details))
+    for ev in _stream_events(data):
+        if ev.name not in out and (details := dict(ev.stats).get("kernel_details")):
+            out[ev.name] = parse_launch(str(details))
     return out
 
 

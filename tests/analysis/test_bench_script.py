@@ -111,6 +111,11 @@ def test_bench_kernels_decode_table_names_each_variants_launch():
     assert "| ours_pf_split4_bk64_w4 | 41.0 | 3.27 | error | error | 1.0 | - |" in text
     assert "| ours_pf_split8_bk32_w2 | error |" in text
     assert "best of ours: ours_default" in text
+    # the best is ranked by device time where one was traced, and errors are not ranked
+    res = {"ours_a": {"TBps": 3.0, "TBps_device": 3.2}, "ours_b": {"TBps": 3.1,
+           "TBps_device": 3.1}, "ours_c": {"error": "x"}, "anchor": {"TBps": 9.0}}
+    bench.mark_best_of_ours(res)
+    assert res["ours_best"] == {"config": "ours_a", "TBps": 3.0, "TBps_device": 3.2}
     names = {f"ours_pf_split{s}_bk{bk}_w{w}" for s, bk, w in bench.PREFETCH_LAUNCHES}
     assert len(names) == len(bench.PREFETCH_LAUNCHES) and "ours_pf_split4_bk64_w4" in names
 
