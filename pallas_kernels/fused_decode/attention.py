@@ -344,11 +344,16 @@ def taking_rope(kernel, num_inputs: int):
     return run
 
 
-def decode_attention(qkv, k_cache, v_cache, positions, *, layer=None, rope=None, **kw):
+def decode_attention(qkv, k_cache, v_cache, positions, *, layer=None, rope=None,
+                     prefetch: bool | None = None, **kw):
     """`_decode_attention`, with a Python int `layer` checked against the stacked cache
-    first (inside the jit it is an operand, whose value the checks do not see)."""
+    first (inside the jit it is an operand, whose value the checks do not see), and
+    prefetch=None read as PREFETCH here, outside the jit: a static argument, so a changed
+    PREFETCH compiles anew instead of hitting the jit's cache."""
     check_cache(k_cache, v_cache, layer, "decode_attention")
-    return _decode_attention(qkv, k_cache, v_cache, positions, layer, rope, **kw)
+    prefetch = PREFETCH if prefetch is None else bool(prefetch)
+    return _decode_attention(qkv, k_cache, v_cache, positions, layer, rope, prefetch=prefetch,
+                             **kw)
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "num_splits",
@@ -359,7 +364,7 @@ def _decode_attention(qkv, k_cache, v_cache, positions, layer=None, rope=None, *
                       num_kv_heads: int, num_splits: int | None = None, block_k: int = BLOCK_K,
                       num_warps: int = 4, num_stages: int | None = None,
                       interpret: bool | None = None, parts_dtype: str | None = None,
-                      prefetch: bool | None = None):
+                      prefetch: bool = False):
     """One query per row against its dense cache, with the row's new K/V written in place.
 
     Args:
@@ -377,7 +382,8 @@ def _decode_attention(qkv, k_cache, v_cache, positions, layer=None, rope=None, *
         runs a kernel per layer that applies RoPE and packs q, k and v for this one.
       num_splits: split-K partitions per (row, kv head); default `default_splits(S, B)`
         (the fused step passes the model's sizes too).
-      prefetch: the past loop pipelined by hand (`attend_past_prefetched`); None: PREFETCH.
+      prefetch: the past loop pipelined by hand (`attend_past_prefetched`); `decode_attention`
+        passes PREFETCH for None.
       num_stages: Triton's; default 2, or 1 with prefetch (nothing left to pipeline).
       parts_dtype: the partials' dtype, f32 by default. With one split the partial is the
         attention's output, and the general path rounds it to the model dtype: stored so, it
@@ -404,7 +410,6 @@ def _decode_attention(qkv, k_cache, v_cache, positions, layer=None, rope=None, *
                          f"dtype {qkv.dtype} and a length that block_k={block_k} divides")
     splits = num_splits or default_splits(S, b, block_k=block_k)
     check_parts_dtype(parts_dtype, splits)
-    prefetch = PREFETCH if prefetch is None else bool(prefetch)
     num_stages = num_stages or (1 if prefetch else 2)
     kernel = functools.partial(_attn_kernel, num_heads=H, group=H // K, block_k=block_k,
                                num_splits=splits, sm_scale=D ** -0.5, prefetch=prefetch)

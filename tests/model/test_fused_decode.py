@@ -213,6 +213,32 @@ def test_decode_attention_prefetch_matches_reference(rng, dtype, splits, block_k
     assert_close(ref.merge_splits(parts, lse), want, dtype)
 
 
+def test_decode_attention_prefetch_default_follows_PREFETCH(rng, monkeypatch):
+    """prefetch=None takes the module's PREFETCH when called, not when first compiled: the
+    same shapes traced with PREFETCH off and then on take the hand loop the second time."""
+    from pallas_kernels.fused_decode import attention as attention_mod
+
+    taken = []
+    real = attention_mod.attend_past_prefetched
+
+    def spy(*args, **kw):
+        taken.append(True)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(attention_mod, "attend_past_prefetched", spy)
+    H, K, D, S, rows = 6, 2, 64, 128, 1
+    qkv = jnp.asarray(rng.standard_normal((rows, (H + 2 * K) * D)), jnp.float32)
+    kc, vc = (jnp.asarray(rng.standard_normal((rows, S, K, D)), jnp.float32) for _ in "kv")
+    pos = jnp.asarray([70], jnp.int32)
+    outs = []
+    for flag in (False, True):
+        monkeypatch.setattr(attention_mod, "PREFETCH", flag)
+        outs.append(decode_attention(qkv, kc, vc, pos, num_heads=H, num_kv_heads=K,
+                                     num_splits=1)[0])
+        assert bool(taken) == flag
+    assert_close(outs[1], outs[0], "float32")
+
+
 def test_decode_attention_ignores_slots_past_the_position(rng):
     """Slots at or past a row's position may hold anything (a stale or unwritten cache): NaN
     there must not reach the output (the blocks over them are read masked)."""
