@@ -14,11 +14,10 @@
 #            layer, ~26% of the step): the default (2 stages: one-slot rings), Triton's
 #            double-buffered 3 stages, and the loop pipelined by hand
 #            (`decode_attention(prefetch=True)`), by device time per layer
-#            (tune_decode_attention.py --stages 2,3 --prefetch 0,1). If the hand loop wins, the
-#            model-level
-#            A/B is: OUT=$OUT FILE=pallas_kernels/fused_decode/attention.py SED='s|^PREFETCH
-#            = False|PREFETCH = True|' MODELS=llama-3.2-1b BATCH=64 IMPL=auto bash
-#            scripts/gpu_ab.sh (its own call).
+#            (tune_decode_attention.py --stages 2,3 --prefetch 0,1). If the hand loop wins,
+#            the model-level A/B is: OUT=$OUT FILE=pallas_kernels/fused_decode/attention.py
+#            SED='s|^PREFETCH = False|PREFETCH = True|' MODELS=llama-3.2-1b BATCH=64
+#            IMPL=auto bash scripts/gpu_ab.sh (its own call).
 #   attn_paged  the same for the engine's kernel (`paged_decode_attention`) at its 64-row
 #            decode step (context 328, 16-token pages), where Triton double-buffers from 5
 #            stages on. Not in the default STAGE.
