@@ -226,7 +226,7 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         head = f"| {r['case']} | {r['lowering']} | {r.get('mosaic_calls', '')} "
         if not r["triton_kernels"]:
-            lines.append(head + "| | | | | | | | |")
+            lines.append(head + "| | | | | | | | | |")
         names = {}
         for k in r["triton_kernels"]:  # one line per distinct kernel of the case
             if (k["name"], k["id"]) in names:

@@ -138,3 +138,24 @@ def test_bench_flash_times_two_kernels_in_turns():
     assert r["rounds"] == 4 and len(r["ms"]["fast"]) == len(r["ms"]["slow"]) == 4
     assert r["ratio"]["slow"] == pytest.approx(2.0, rel=0.01)
     assert r["median_ms"]["slow"] > r["median_ms"]["fast"]
+
+
+def test_deviceless_check_table_rows_have_the_headers_columns():
+    """Every row of deviceless_check's table, a case without Triton kernels (Mosaic only)
+    included, has as many cells as the header, the pipelining column among them."""
+    check = load_script("deviceless_check")
+    kernel = {"name": "paged_attention_decode", "num_warps": 4, "num_stages": 2,
+              "grid": [8, 8, 4], "id": "k1", "status": "compiled", "registers": 128,
+              "spill_store_bytes": 8, "spill_load_bytes": 4, "shared_bytes": 106496,
+              "ctas_per_sm": 2, "pipelining": {"rings": ["1x128x128xbf16"], "loop_waits": [0],
+                                               "loop_tensor_loads": 2}}
+    result = {"date": "d", "jax_version": "0.11.2", "triton_wheel": "3.9.0", "git_sha": "s",
+              "command": "c", "target": "NVIDIA H200",
+              "rows": [{"case": "flash mosaic", "lowering": "ok", "mosaic_calls": 1,
+                        "triton_kernels": []},
+                       {"case": "paged decode B8 S4096", "lowering": "ok", "mosaic_calls": 0,
+                        "triton_kernels": [kernel]}]}
+    table = [ln for ln in check.markdown(result).splitlines() if ln.startswith("|")]
+    assert len(table) == 4  # header, rule, two rows
+    assert len({ln.count("|") for ln in table}) == 1
+    assert table[3].endswith("| 1x128x128xbf16; 0 |")
